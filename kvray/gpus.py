@@ -1,0 +1,81 @@
+"""Published GPU figures (dense, no 2:4 sparsity) and forgiving name matching against NVML names.
+
+Sources are listed per row in docs/gpus.md. ``memory_gib`` is the marketed capacity read as GiB
+(an "80GB" H100 reports 81,559 MiB through NVML); bandwidth is GB/s (10^9 bytes/s).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kvray.errors import KvrayInputError
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory_gib: float
+    bandwidth_gbps: float  # 10^9 bytes per second
+    bf16_tflops: float  # dense tensor-core, also fp16
+    fp8_tflops: float | None  # dense, None where the card has no fp8 tensor cores
+    ray_accelerator_type: str  # Ray's accelerator_type resource name
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+    def tflops(self, dtype: str) -> float:
+        if dtype == "fp8" and self.fp8_tflops:
+            return self.fp8_tflops
+        if dtype == "fp32":
+            return self.bf16_tflops / 2  # TF32 tensor-core rate is half the bf16 rate on these parts
+        return self.bf16_tflops
+
+
+GPUS: dict[str, GpuSpec] = {
+    g.name: g
+    for g in (
+        GpuSpec("A100-40GB-SXM", 40, 1555, 312, None, "A100", ("a100 sxm4 40gb", "a100 40gb", "a100")),
+        GpuSpec("A100-80GB-SXM", 80, 2039, 312, None, "A100", ("a100 sxm4 80gb", "a100 80gb sxm")),
+        GpuSpec("A100-80GB-PCIe", 80, 1935, 312, None, "A100", ("a100 80gb pcie", "a100 pcie 80gb")),
+        GpuSpec("H100-SXM", 80, 3350, 989, 1979, "H100", ("h100 80gb hbm3", "h100 sxm5", "h100 sxm", "h100")),
+        GpuSpec("H100-PCIe", 80, 2000, 756, 1513, "H100", ("h100 pcie",)),
+        GpuSpec("H200", 141, 4800, 989, 1979, "H200", ("h200 sxm", "h200 nvl", "h200")),
+        GpuSpec("L4", 24, 300, 121, 242, "L4", ("l4",)),
+        GpuSpec("L40S", 48, 864, 362, 733, "L40S", ("l40s",)),
+        GpuSpec("RTX-4090", 24, 1008, 165, 330, "RTX", ("geforce rtx 4090", "rtx 4090", "4090")),
+        GpuSpec("RTX-3090", 24, 936, 71, None, "RTX", ("geforce rtx 3090", "rtx 3090", "3090")),
+    )
+}
+
+
+def _norm(text: str) -> str:
+    text = text.lower().replace("nvidia", " ").replace("-", " ").replace("_", " ")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def match_gpu(name: str) -> GpuSpec | None:
+    """The spec for a table name ("H100-SXM"), a Ray type ("H100") or an NVML name; None if unknown."""
+    norm = _norm(name)
+    for spec in GPUS.values():
+        if norm == _norm(spec.name):
+            return spec
+    # Longest alias first so "h100 pcie" beats "h100" and "a100 80gb pcie" beats "a100".
+    candidates = [(alias, spec) for spec in GPUS.values() for alias in spec.aliases]
+    for alias, spec in sorted(candidates, key=lambda c: -len(c[0])):
+        if alias == norm or re.search(rf"(^| ){re.escape(alias)}( |$)", norm):
+            return spec
+    # NVML spells A100 names "A100-SXM4-80GB": all the words of an alias present, in any order.
+    for alias, spec in sorted(candidates, key=lambda c: -len(c[0])):
+        if len(alias.split()) > 1 and set(alias.split()) <= set(norm.split()):
+            return spec
+    return None
+
+
+def get_gpu(name: str) -> GpuSpec:
+    spec = match_gpu(name)
+    if spec is None:
+        raise KvrayInputError(f"unknown GPU {name!r} (known: {', '.join(GPUS)})")
+    return spec

@@ -1,0 +1,85 @@
+"""The CLI as a user runs it: a real subprocess, one line and exit 2 on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def kvray(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "kvray.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_info_json_fields():
+    out = kvray("info", "meta-llama/Meta-Llama-3-8B", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["num_layers"] == 32 and data["num_kv_heads"] == 8 and data["head_dim"] == 128
+    assert data["attention"] == "gqa" and data["sliding_window"] is None
+    assert data["params"] == 8_030_261_248 and data["weights_bytes"] == 2 * 8_030_261_248
+    assert data["kv_bytes_per_token"] == 131_072 and data["kv_bytes_per_token_paged"] == 131_072
+
+
+def test_info_tables_and_mistral_window():
+    out = kvray("info", "mistralai/Mistral-7B-v0.1", "--dtype", "fp16")
+    assert out.returncode == 0 and "sliding window 4096" in out.stdout and "H100-SXM" in out.stdout
+    data = json.loads(kvray("info", "mistralai/Mistral-7B-v0.1", "--json").stdout)
+    assert data["sliding_window"] == 4096
+
+
+def test_env_without_gpu_is_clean():
+    out = kvray("env", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["libraries"]["transformers"] and data["python"]
+    if not data["gpus"]:
+        assert data["gpu_note"]
+    assert "Traceback" not in kvray("env").stderr
+
+
+def test_check_readable():
+    out = kvray("check", "facebook/opt-1.3b", "--concurrency", "64", "--seq-len", "4096", "--gpu", "L4")
+    assert out.returncode == 0 and "high" in out.stdout and "reduce concurrency" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["info", "nobody/nothing"], "bundled:"),
+        (["info", "gpt2", "--dtype", "int3"], "unknown dtype"),
+        (["check", "gpt2", "--concurrency", "0"], "must be positive"),
+        (["check", "gpt2", "--seq-len", "-5"], "must be positive"),
+        (["check", "gpt2", "--gpu", "Z100"], "known: A100"),
+        (["check", "gpt2", "--bogus"], "No such option"),
+        (["check", "gpt2", "--concurrency", "many"], "--concurrency"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, needle):
+    out = kvray(*args)
+    assert out.returncode == 2
+    assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in out.stderr
+
+
+def test_malformed_local_config_names_the_key(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    out = kvray("info", str(tmp_path))
+    assert out.returncode == 2 and "num_hidden_layers" in out.stderr
+
+
+def test_help_and_info_do_not_import_heavy_libraries():
+    code = (
+        "import sys, io, contextlib\n"
+        "from kvray.cli import app\n"
+        "for argv in (['--help'], ['info', 'facebook/opt-1.3b', '--json']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try: app(argv, standalone_mode=False)\n"
+        "        except SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
