@@ -21,6 +21,10 @@ class BackendRun:
 
     traces: list[RunTrace]
     kv_measured_bytes: int | None = None  # bytes actually held by the KV cache at its peak, if observable
+    # Memory figures the backend knows better than a process-level tracker (sim predictions, a server's
+    # own metrics); the runner merges them over what its MemoryTracker saw.
+    memory: dict[str, int | float | None] = field(default_factory=dict)
+    simulated: bool = False  # True when timestamps and memory are predictions, not measurements
     extra: dict[str, Any] = field(default_factory=dict)
 
 
