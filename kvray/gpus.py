@@ -17,9 +17,10 @@ class GpuSpec:
     name: str
     memory_gib: float
     bandwidth_gbps: float  # 10^9 bytes per second
-    bf16_tflops: float  # dense tensor-core, also fp16
+    bf16_tflops: float  # dense tensor-core, also fp16 (fp32 accumulate on GeForce parts)
     fp8_tflops: float | None  # dense, None where the card has no fp8 tensor cores
-    ray_accelerator_type: str  # Ray's accelerator_type resource name
+    fp32_tflops: float  # CUDA-core fp32: what PyTorch uses for fp32 matmuls (TF32 is off by default)
+    ray_accelerator_type: str  # the accelerator_type Ray derives from the NVML name
     aliases: tuple[str, ...] = ()
 
     @property
@@ -27,26 +28,30 @@ class GpuSpec:
         return int(self.memory_gib * 2**30)
 
     def tflops(self, dtype: str) -> float:
+        """Dense peak for matmuls in ``dtype`` ("fp32", "fp16", "bf16", "fp8")."""
         if dtype == "fp8" and self.fp8_tflops:
             return self.fp8_tflops
         if dtype == "fp32":
-            return self.bf16_tflops / 2  # TF32 tensor-core rate is half the bf16 rate on these parts
+            return self.fp32_tflops
         return self.bf16_tflops
 
 
+# name, memory GB, bandwidth GB/s, bf16, fp8, fp32 TFLOP/s (dense), Ray type, NVML-name aliases.
 GPUS: dict[str, GpuSpec] = {
     g.name: g
     for g in (
-        GpuSpec("A100-40GB-SXM", 40, 1555, 312, None, "A100", ("a100 sxm4 40gb", "a100 40gb", "a100")),
-        GpuSpec("A100-80GB-SXM", 80, 2039, 312, None, "A100", ("a100 sxm4 80gb", "a100 80gb sxm")),
-        GpuSpec("A100-80GB-PCIe", 80, 1935, 312, None, "A100", ("a100 80gb pcie", "a100 pcie 80gb")),
-        GpuSpec("H100-SXM", 80, 3350, 989, 1979, "H100", ("h100 80gb hbm3", "h100 sxm5", "h100 sxm", "h100")),
-        GpuSpec("H100-PCIe", 80, 2000, 756, 1513, "H100", ("h100 pcie",)),
-        GpuSpec("H200", 141, 4800, 989, 1979, "H200", ("h200 sxm", "h200 nvl", "h200")),
-        GpuSpec("L4", 24, 300, 121, 242, "L4", ("l4",)),
-        GpuSpec("L40S", 48, 864, 362, 733, "L40S", ("l40s",)),
-        GpuSpec("RTX-4090", 24, 1008, 165, 330, "RTX", ("geforce rtx 4090", "rtx 4090", "4090")),
-        GpuSpec("RTX-3090", 24, 936, 71, None, "RTX", ("geforce rtx 3090", "rtx 3090", "3090")),
+        GpuSpec("A100-40GB-SXM", 40, 1555, 312, None, 19.5, "A100", ("a100 sxm4 40gb", "a100 40gb", "a100")),
+        GpuSpec("A100-80GB-SXM", 80, 2039, 312, None, 19.5, "A100", ("a100 sxm4 80gb", "a100 80gb sxm")),
+        GpuSpec("A100-80GB-PCIe", 80, 1935, 312, None, 19.5, "A100", ("a100 80gb pcie", "a100 pcie 80gb")),
+        GpuSpec("H100-SXM", 80, 3350, 989, 1979, 67, "H100", ("h100 80gb hbm3", "h100 sxm5", "h100 sxm", "h100")),
+        GpuSpec("H100-PCIe", 80, 2000, 756, 1513, 51, "H100", ("h100 pcie",)),
+        GpuSpec("H100-NVL", 94, 3900, 835, 1671, 60, "H100", ("h100 nvl",)),
+        GpuSpec("H200", 141, 4800, 989, 1979, 67, "H200", ("h200 sxm", "h200")),
+        GpuSpec("H200-NVL", 141, 4800, 835, 1671, 60, "H200", ("h200 nvl",)),
+        GpuSpec("L4", 24, 300, 121, 242.5, 30.3, "L4", ("l4",)),
+        GpuSpec("L40S", 48, 864, 362, 733, 91.6, "L40S", ("l40s",)),
+        GpuSpec("RTX-4090", 24, 1008, 165, 330, 82.6, "GeForce-RTX-4090", ("geforce rtx 4090", "rtx 4090", "4090")),
+        GpuSpec("RTX-3090", 24, 936, 71, None, 35.6, "GeForce-RTX-3090", ("geforce rtx 3090", "rtx 3090", "3090")),
     )
 }
 

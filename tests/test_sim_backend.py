@@ -1,0 +1,117 @@
+"""The sim backend through the real runner: predicted traces become the same metrics the predictor gives."""
+
+import pytest
+
+from kvray.backends import get_backend
+from kvray.backends.base import Backend
+from kvray.kvmath import kv_bytes_sequence
+from kvray.resolve import resolve_geometry
+from kvray.runner import run_cell
+from kvray.simulate import Efficiency, predict_cell
+from kvray.spec import Cell, Workload, make_options
+
+MODEL = "meta-llama/Meta-Llama-3-8B"
+
+
+@pytest.fixture(autouse=True)
+def no_calibration_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVRAY_CALIBRATION", str(tmp_path / "absent.json"))
+
+
+@pytest.fixture(scope="module")
+def backend():
+    b = get_backend("sim")
+    yield b
+    b.close()
+
+
+def cell(workload, hardware="H100-SXM", model=MODEL, **options):
+    return Cell(model=model, backend="sim", workload=workload, hardware=hardware, options=make_options(**options))
+
+
+def test_protocol_and_device_info(backend):
+    assert isinstance(backend, Backend) and backend.simulated is True
+    backend.load(cell(Workload.uniform(1, 8, 2), hardware="NVIDIA L40S"))
+    info = backend.device_info()
+    assert info == {"name": "L40S", "memory_bytes": 48 * 2**30, "simulated": True, "accelerator_type": "L40S"}
+
+
+@pytest.mark.parametrize(("hardware", "gpu"), [("H100-SXM", "H100-SXM"), ("any", "H100-SXM"), ("RTX 4090", "RTX-4090")])
+def test_metrics_from_predicted_traces_equal_the_prediction(backend, hardware, gpu):
+    result = run_cell(backend, cell(Workload.uniform(4, 512, 16), hardware=hardware))
+    assert result.status == "ok", result.reason
+    assert result.simulated is True and result.hardware["name"] == gpu
+    pred = predict_cell(resolve_geometry(MODEL), gpu, 4, 512, 16)
+    m = result.metrics
+    assert m["ttft_s_p50"] == pytest.approx(pred.ttft_s, rel=1e-9)
+    assert m["tpot_s_p50"] == pytest.approx(pred.tpot_s, rel=1e-9)
+    assert m["itl_s_mean"] == pytest.approx(pred.tpot_s, rel=1e-9)
+    assert m["e2e_s_p50"] == pytest.approx(pred.e2e_s, rel=1e-9)
+    assert m["output_tps"] == pytest.approx(pred.output_tps, rel=1e-9)
+    assert m["queue_s_max"] == 0.0 and m["requests_ok"] == 4
+    mem = result.memory
+    assert mem["weights_bytes"] == pred.weights_bytes
+    assert mem["kv_predicted_bytes"] == pred.kv_bytes
+    assert mem["peak_allocated_bytes"] == pred.peak_allocated_bytes
+    assert mem["predicted_total_bytes"] == pred.total_bytes and mem["fits"] is True
+    assert mem["kv_measured_bytes"] is None
+    row = result.to_row()
+    assert row["simulated"] is True and row["hardware"] == gpu and row["tpot_s_p50"] == m["tpot_s_p50"]
+
+
+def test_repeats_are_identical_and_warmup_is_discarded(backend):
+    result = run_cell(backend, Cell(model=MODEL, backend="sim", workload=Workload.uniform(2, 64, 4), repeats=3))
+    assert result.status == "ok" and len(result.traces) == 6
+    assert {t.repeat for t in result.traces} == {0, 1, 2}
+    assert result.metrics["ttft_s_std"] == 0.0
+
+
+def test_oversize_cell_is_oom_with_sizes(backend):
+    result = run_cell(backend, cell(Workload.uniform(64, 8192, 16), hardware="L4"))
+    assert result.status == "oom"
+    assert "predicted out of memory on L4" in result.reason and "64 requests" in result.reason
+    assert result.memory["oom_attempted_bytes"] > 24 * 2**30
+    assert result.simulated is True and result.hardware["name"] == "L4"
+    assert run_cell(backend, cell(Workload.uniform(64, 8192, 16), hardware="H200")).status == "ok"
+
+
+def test_paged_layout_option_rounds_blocks_and_skips_padding(backend):
+    g = resolve_geometry(MODEL)
+    mixed = Workload.mixed([100, 100, 100, 3000], gen_toks=8)
+    hf = run_cell(backend, cell(mixed))
+    paged = run_cell(backend, cell(mixed, layout="paged", block_size=32))
+    assert hf.status == paged.status == "ok"
+    per_token = kv_bytes_sequence(g, 1, "bf16")
+    assert hf.memory["kv_predicted_bytes"] == 4 * 3007 * per_token
+    assert paged.memory["kv_predicted_bytes"] == (3 * 4 + 94) * 32 * per_token  # ceil(107/32)=4, ceil(3007/32)=94
+    assert paged.metrics["ttft_s_p50"] < hf.metrics["ttft_s_p50"]
+    assert paged.extra["sim"]["layout"] == "paged"
+
+
+def test_arrivals_queue_like_the_hf_backend(backend):
+    # Requests 10 ms apart: the first batch (one request) takes longer, so the others wait and batch together.
+    result = run_cell(backend, cell(Workload.uniform(3, 2048, 64, arrival_gap_s=0.01)))
+    traces = sorted(result.traces, key=lambda t: t.request_id)
+    assert traces[0].start_s == 0.0
+    assert traces[1].start_s == traces[2].start_s == pytest.approx(traces[0].end_s)
+    assert result.metrics["queue_s_max"] > 0 and result.extra["sim"]["batches"] == 2
+
+
+def test_efficiency_options_override(backend):
+    slow = run_cell(backend, cell(Workload.uniform(1, 64, 8), eta_memory=0.45))
+    base = predict_cell(resolve_geometry(MODEL), "H100-SXM", 1, 64, 8, eff=Efficiency(0.7, 0.9))
+    assert slow.metrics["tpot_s_p50"] == pytest.approx(2 * base.tpot_s, rel=1e-9)
+    assert slow.extra["sim"]["efficiency_source"] == "cell options"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"hardware": "Z100"}, "unknown GPU"),
+        ({"layout": "ring"}, "unknown layout"),
+        ({"model": "nobody/x"}, "nobody/x"),
+    ],
+)
+def test_bad_cells_are_errors_not_crashes(backend, kwargs, needle):
+    result = run_cell(backend, cell(Workload.uniform(1, 8, 2), **kwargs))
+    assert result.status == "error" and needle in result.reason
