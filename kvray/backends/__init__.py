@@ -11,6 +11,10 @@ REGISTRY: dict[str, str] = {
     "hf": "kvray.backends.hf:HFBackend",
     "synthetic": "kvray.backends.synthetic:SyntheticBackend",
     "sim": "kvray.backends.sim:SimBackend",
+    "hf-paged": "kvray.backends.hf_paged:HFPagedBackend",
+    "vllm": "kvray.backends.vllm:VLLMBackend",
+    "openai": "kvray.backends.openai:OpenAIBackend",
+    "ollama": "kvray.backends.ollama:OllamaBackend",
 }
 
 

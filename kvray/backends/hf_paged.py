@@ -1,0 +1,301 @@
+"""Hugging Face transformers in-process with continuous batching and paged attention (transformers ≥ 5).
+
+The same model and prompts as the ``hf`` backend (it inherits loading and seeded random prompts), but
+served by transformers' continuous-batching manager: each request is added when it arrives, admitted
+into the running batch as soon as the scheduler has room, and its KV lives in fixed-size blocks of a
+cache allocated once up front — the paged-KV design vLLM uses, inside one Python process.
+
+What is recorded beyond the traces:
+  start_s         when the scheduler admitted the request (transformers' ``lifespan[0]``), so queue_s is real
+  token times     transformers' own per-token timestamps (``record_timestamps``), same perf_counter clock
+  kv_reserved_bytes  the cache tensor allocated up front (what the engine holds whatever the load)
+  kv_measured_bytes  peak bytes of blocks in use, sampled every ~5 ms from the cache's free-block count
+  kv_predicted_bytes kvray's paged prediction with the engine's block size
+  extra["paged_cache"]  block size, block count, bytes per block, capacity in tokens
+  extra["kv_timeline"]  usage / running / waiting over time, as for servers
+
+The manager (and its cache) persists across runs of cells with the same model and knobs, so warmup
+pays the start-up once. Cell options: block_size (tokens per page; transformers' default 256),
+num_blocks, kv_cache_memory_bytes (the pool size; CPU default 256 MiB, as the vllm backend uses on CPU, since
+a CPU has no "free GPU memory" to size from), max_memory_percent (CUDA), max_batch_tokens (CPU default 512:
+the CPU attention path builds a dense mask of max_batch_tokens × cache tokens), max_num_seqs, prefix_sharing
+(False: random prompts share nothing and retained blocks would blur "used"), timeout_s (600),
+sample_interval_s (0.005).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kvray.backends.base import BackendRun
+from kvray.backends.hf import HFBackend
+from kvray.errors import KvrayInputError
+from kvray.kvmath import cached_positions, kv_bytes_batch, kv_bytes_per_token, normalize_dtype
+from kvray.spec import Cell, RequestSpec
+from kvray.trace import RunTrace
+
+DEFAULTS: dict[str, Any] = {
+    "block_size": None,
+    "num_blocks": None,
+    "kv_cache_memory_bytes": None,
+    "max_memory_percent": None,
+    "max_batch_tokens": None,
+    "max_num_seqs": None,
+    "prefix_sharing": False,
+    "timeout_s": 600.0,
+    "sample_interval_s": 0.005,
+}
+CPU_KV_CACHE_MEMORY_BYTES = 256 * 2**20  # the same default pool as the vllm backend on CPU
+CPU_MAX_BATCH_TOKENS = 512
+_DEFAULT_PAGE_SIZE = 256  # transformers' ContinuousBatchingConfig.page_size default
+
+
+def paged_options(cell: Cell) -> dict[str, Any]:
+    opts = {**DEFAULTS, **{k: v for k, v in cell.option_dict.items() if k in DEFAULTS}}
+    for key in ("block_size", "num_blocks", "max_batch_tokens", "max_num_seqs"):
+        if opts[key] is not None and int(opts[key]) < 1:
+            raise KvrayInputError(f"hf-paged: {key} must be >= 1, got {opts[key]}")
+    if opts["block_size"] is not None and int(opts["block_size"]) < 4:
+        raise KvrayInputError("hf-paged: block_size must be at least 4 tokens")
+    if opts["kv_cache_memory_bytes"] is not None and int(opts["kv_cache_memory_bytes"]) <= 0:
+        raise KvrayInputError("hf-paged: kv_cache_memory_bytes must be positive")
+    if opts["max_memory_percent"] is not None and not 0 < float(opts["max_memory_percent"]) <= 1:
+        raise KvrayInputError("hf-paged: max_memory_percent must be in (0, 1]")
+    return opts
+
+
+class _KVSampler:
+    """Samples the paged cache's blocks in use (and the scheduler's queues) on a daemon thread."""
+
+    def __init__(self, manager: Any, t0: float, interval_s: float, repeat: int):
+        self.manager, self.t0, self.interval_s, self.repeat = manager, t0, interval_s, repeat
+        self.peak_used = 0
+        self.points: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="kvray-paged-kv", daemon=True)
+
+    def sample(self) -> None:
+        bp = self.manager.batch_processor
+        if bp is None:
+            return
+        cache = bp.cache
+        try:  # the generation thread mutates these structures; a torn read is skipped
+            usable = cache.num_sectors * cache.bytes_per_sector
+            used = int(usable - cache.compute_free_capacity(relative=False))
+            running = len(bp.scheduler.active_requests)
+            waiting = len(bp.scheduler.waiting_requests)
+        except (RuntimeError, AttributeError, KeyError, IndexError):
+            return
+        self.peak_used = max(self.peak_used, used)
+        point = {"repeat": self.repeat, "t_s": round(time.perf_counter() - self.t0, 6),
+                 "kv_usage": used / usable if usable else None, "running": running, "waiting": waiting,
+                 "preemptions": None}  # fmt: skip
+        last = self.points[-1] if self.points else None
+        if last is None or any(last[k] != point[k] for k in ("kv_usage", "running", "waiting")):
+            self.points.append(point)  # changes only: a 5 ms sampler would otherwise flood the dataset
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> _KVSampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class HFPagedBackend(HFBackend):
+    """transformers continuous batching over a paged KV cache, requests admitted as they arrive."""
+
+    name = "hf-paged"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.manager: Any = None
+        self._manager_key: tuple[Any, ...] | None = None
+        self._timeline_cell: str | None = None
+        self._timeline: list[dict[str, Any]] = []
+
+    def load(self, cell: Cell) -> None:
+        paged_options(cell)
+        super().load(cell)  # a different model closes the old one, and with it the manager
+
+    def close(self) -> None:
+        self._stop_manager()
+        super().close()
+
+    def free_memory(self) -> None:
+        self._stop_manager()
+        super().free_memory()
+
+    def _stop_manager(self) -> None:
+        manager, self.manager, self._manager_key = self.manager, None, None
+        if manager is None:
+            return
+        try:
+            manager.stop(block=True, timeout=10)
+        finally:
+            with contextlib.suppress(Exception):
+                manager.destroy()
+
+    def _num_blocks(self, opts: dict[str, Any], page_size: int) -> int | None:
+        if opts["num_blocks"] is not None:
+            return int(opts["num_blocks"])
+        space = opts["kv_cache_memory_bytes"]
+        if space is None and self.device == "cpu" and opts["max_memory_percent"] is None:
+            space = CPU_KV_CACHE_MEMORY_BYTES
+        if space is None:
+            return None  # CUDA: transformers sizes the cache from free memory
+        if self.geometry is None:
+            raise KvrayInputError("hf-paged: this architecture's KV size is unknown; pass num_blocks explicitly")
+        per_block = page_size * kv_bytes_per_token(self.geometry, self.dtype, "paged")
+        return max(int(space) // int(per_block), 1)
+
+    def _ensure_manager(self, cell: Cell, temperature: float) -> Any:
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        opts = paged_options(cell)
+        page_size = int(opts["block_size"] or _DEFAULT_PAGE_SIZE)
+        num_blocks = self._num_blocks(opts, page_size)
+        max_batch_tokens = opts["max_batch_tokens"] or (CPU_MAX_BATCH_TOKENS if self.device == "cpu" else None)
+        key = (self._key, page_size, num_blocks, opts["max_memory_percent"], max_batch_tokens,
+               opts["max_num_seqs"], bool(opts["prefix_sharing"]), temperature)  # fmt: skip
+        if key == self._manager_key and self.manager is not None and self.manager.is_running():
+            return self.manager
+        self._stop_manager()
+        cb_kwargs: dict[str, Any] = {"page_size": page_size, "allow_block_sharing": bool(opts["prefix_sharing"])}
+        for name, value in (("num_blocks", num_blocks), ("max_memory_percent", opts["max_memory_percent"]),
+                            ("max_batch_tokens", max_batch_tokens),
+                            ("max_requests_per_batch", opts["max_num_seqs"])):  # fmt: skip
+            if value is not None:
+                cb_kwargs[name] = value
+        sampling: dict[str, Any] = {"do_sample": temperature > 0}
+        if temperature > 0:
+            sampling["temperature"] = temperature
+        gen_config = GenerationConfig(eos_token_id=-1, pad_token_id=self._pad_id, max_new_tokens=1, **sampling)
+        manager = self.model.init_continuous_batching(
+            generation_config=gen_config, continuous_batching_config=ContinuousBatchingConfig(**cb_kwargs)
+        )
+        manager.start()
+        deadline = time.monotonic() + 120
+        while manager.batch_processor is None:  # the cache is created on the generation thread
+            if not manager.is_running() or time.monotonic() > deadline:
+                error = manager.background_thread_status.fatal_error
+                raise RuntimeError(f"hf-paged: the continuous-batching manager did not start ({error})")
+            time.sleep(0.01)
+        self.manager, self._manager_key = manager, key
+        return manager
+
+    def cache_info(self) -> dict[str, Any]:
+        """The paged cache the engine allocated: block size, blocks, bytes, capacity in tokens."""
+        cache = self.manager.batch_processor.cache
+        page_size = int(self.manager.continuous_batching_config.page_size)
+        usable = int(cache.num_sectors * cache.bytes_per_sector)
+        bytes_per_block = usable // cache.num_blocks if cache.num_blocks else None
+        return {
+            "block_size": page_size,
+            "num_blocks": int(cache.num_blocks),
+            "bytes_per_block": bytes_per_block,
+            "kv_cache_memory_bytes": usable,
+            "allocated_bytes": int(cache.cache_tensor.numel() * cache.cache_tensor.element_size()),
+            "kv_cache_size_tokens": int(cache.num_blocks) * page_size,
+            "max_batch_tokens": int(cache.max_batch_tokens),
+            "cache_dtype": self.dtype,
+        }
+
+    def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
+        if self.model is None:
+            self.load(cell)
+        if cell.kv_dtype and normalize_dtype(cell.kv_dtype) != self.dtype:
+            raise KvrayInputError(f"hf-paged caches KV in the model dtype ({self.dtype}), not {cell.kv_dtype}")
+        opts = paged_options(cell)
+        manager = self._ensure_manager(cell, max((r.temperature for r in requests), default=0.0))
+        info = self.cache_info()
+        for r in requests:
+            need = math.ceil((r.prompt_toks + r.gen_toks) / info["block_size"])
+            if need > info["num_blocks"]:
+                raise MemoryError(
+                    f"hf-paged: can't allocate memory: a request of {r.prompt_toks + r.gen_toks} tokens needs {need} "
+                    f"blocks, the cache has {info['num_blocks']} (raise num_blocks or kv_cache_memory_bytes)"
+                )
+        prompts = self._prompts(cell, requests, repeat)
+        pending = sorted(requests, key=lambda r: (r.arrival_s, r.id))
+        by_name = {f"{cell.cell_id}-{repeat}-{r.id}": r for r in requests}
+        names = {r.id: name for name, r in by_name.items()}
+        outputs: dict[str, Any] = {}
+        deadline = time.monotonic() + float(opts["timeout_s"])
+        t0 = time.perf_counter()
+        with _KVSampler(manager, t0, float(opts["sample_interval_s"]), repeat) as sampler:
+            while len(outputs) < len(requests):
+                now = time.perf_counter() - t0
+                while pending and pending[0].arrival_s <= now:
+                    r = pending.pop(0)
+                    manager.add_request(prompts[r.id].tolist(), request_id=names[r.id], max_new_tokens=r.gen_toks,
+                                        record_timestamps=True, eos_token_id=-1)  # fmt: skip
+                wait = 0.01 if not pending else max(min(0.01, pending[0].arrival_s - now), 0.0)
+                result = manager.get_result(timeout=wait) if wait > 0 else None
+                if result is not None and result.is_finished() and result.request_id in by_name:
+                    outputs[result.request_id] = result
+                if not manager.is_running() and len(outputs) < len(requests):
+                    error = manager.background_thread_status.fatal_error
+                    self._stop_manager()
+                    raise RuntimeError(f"hf-paged: the generation loop stopped: {error}")
+                if time.monotonic() > deadline:
+                    self._stop_manager()
+                    raise RuntimeError(f"hf-paged: {len(requests) - len(outputs)} requests unfinished after "
+                                       f"{opts['timeout_s']} s")  # fmt: skip
+        traces = [self._trace(by_name[name], out, t0, repeat) for name, out in outputs.items()]
+        memory: dict[str, int | float | None] = {
+            "weights_bytes": self.weights_bytes,
+            "kv_reserved_bytes": info["allocated_bytes"],
+            "kv_used_peak_bytes": sampler.peak_used,
+            "kv_usage_peak": sampler.peak_used / info["kv_cache_memory_bytes"],
+        }
+        if self.geometry is not None:
+            positions = [cached_positions(r.prompt_toks, r.gen_toks) for r in requests]
+            memory["kv_predicted_bytes"] = kv_bytes_batch(self.geometry, positions, self.dtype, "paged",
+                                                          info["block_size"])  # fmt: skip
+        extra: dict[str, Any] = {"paged_cache": info}
+        if repeat >= 0:
+            if self._timeline_cell != cell.cell_id:
+                self._timeline_cell, self._timeline = cell.cell_id, []
+            self._timeline.extend(sampler.points)
+            extra["kv_timeline"] = list(self._timeline)
+        return BackendRun(
+            traces=sorted(traces, key=lambda t: t.request_id),
+            kv_measured_bytes=sampler.peak_used,
+            memory=memory,
+            extra=extra,
+        )
+
+    @staticmethod
+    def _trace(r: RequestSpec, out: Any, t0: float, repeat: int) -> RunTrace:
+        times = [t - t0 for t in (out.timestamps or [])]
+        generated = len(out.generated_tokens)
+        admitted = out.lifespan[0] - t0 if out.lifespan[0] > 0 else r.arrival_s
+        end = times[-1] if times else (out.lifespan[1] - t0 if out.lifespan[1] > 0 else admitted)
+        error = out.error
+        if error is None and generated != r.gen_toks:
+            error = f"generated {generated} of {r.gen_toks} tokens"
+        return RunTrace(
+            request_id=r.id,
+            repeat=repeat,
+            arrival_s=r.arrival_s,
+            start_s=max(admitted, r.arrival_s),
+            token_times_s=times,
+            end_s=end,
+            prompt_toks=len(out.prompt_ids) or r.prompt_toks,
+            output_toks=generated,
+            status="ok" if error is None else "error",
+            error=error,
+        )

@@ -1,0 +1,254 @@
+"""Ollama over its native API: streamed ``/api/generate`` with Ollama's own timings beside the client's.
+
+Each request is sent at its arrival offset (``raw`` mode, so no chat template changes the prompt) and its
+NDJSON stream read line by line: a line with ``response`` text is one chunk, stamped when it arrives; the
+final ``done`` line carries Ollama's counts and durations (nanoseconds), kept per request in
+``extra["ollama_requests"]``:
+  prompt_eval_count / prompt_eval_duration   prompt tokens evaluated and how long that took
+  eval_count / eval_duration                 output tokens and how long decoding took
+  load_duration, total_duration              model load (if it was not loaded) and the whole request
+Output tokens are ``eval_count`` (never the number of chunks); chunks are reconciled to it as in the
+openai backend. The trace's ``start_s`` is when Ollama began evaluating the prompt — the stream's end minus
+``prompt_eval_duration + eval_duration`` — so a model load or a wait for one of Ollama's
+``OLLAMA_NUM_PARALLEL`` slots (both inside ``total_duration``) shows as queue_s; ``prompt_toks`` is
+``prompt_eval_count`` (a prompt prefix Ollama still had cached is not re-evaluated and not counted).
+
+Ollama cannot be told to ignore EOS, so a request may stop early: such traces stay "ok" with their real
+token count (option ``allow_short_output``, default True here). ``num_ctx`` — the context, hence the KV
+cache, Ollama allocates per sequence — is sent as an option when given and reported as
+``extra["kv_context_tokens"]``; ``/api/ps`` after the run gives the loaded model's size and VRAM share.
+
+Prompts are exactly ``prompt_toks`` tokens when option ``tokenizer`` names the model's Hugging Face
+tokenizer; otherwise they are ``prompt_toks`` random words and the count Ollama reports is recorded.
+
+Cell options: host (required, e.g. http://127.0.0.1:11434), served_model (default: the cell's model),
+num_ctx, tokenizer, timeout_s (300), allow_short_output (True), keep_alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvray.backends.base import BackendRun
+from kvray.backends.openai import (
+    Chunk,
+    PromptBuilder,
+    StreamError,
+    _http_reason,
+    load_tokenizer,
+    request_seed,
+    root_url,
+    run_async,
+    token_times,
+)
+from kvray.errors import KvrayInputError
+from kvray.spec import Cell, RequestSpec
+from kvray.trace import RunTrace
+
+_NS = 1e-9
+_WORDS = ("time", "river", "stone", "light", "garden", "window", "number", "city", "paper", "music", "forest",
+          "engine", "silver", "market", "winter", "bridge", "letter", "planet", "signal", "orange")  # fmt: skip
+
+
+@dataclass
+class OllamaSettings:
+    host: str
+    served_model: str | None = None
+    num_ctx: int | None = None
+    tokenizer: str | None = None
+    timeout_s: float = 300.0
+    allow_short_output: bool = True
+    keep_alive: str | None = None
+
+    @classmethod
+    def from_cell(cls, cell: Cell) -> OllamaSettings:
+        opts = cell.option_dict
+        if not opts.get("host"):
+            raise KvrayInputError("the ollama backend needs a server address (--host / option host)")
+        settings = cls(**{k: v for k, v in opts.items() if k in cls.__dataclass_fields__})
+        root_url(settings.host)
+        if settings.num_ctx is not None and int(settings.num_ctx) < 1:
+            raise KvrayInputError(f"ollama: num_ctx must be >= 1, got {settings.num_ctx}")
+        if float(settings.timeout_s) <= 0:
+            raise KvrayInputError("ollama: timeout_s must be positive")
+        return settings
+
+    @property
+    def root(self) -> str:
+        return root_url(self.host)
+
+
+class OllamaBackend:
+    """Benchmarks a running Ollama server through ``/api/generate``."""
+
+    name = "ollama"
+    simulated = False
+    oom_precheck = False
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.settings: OllamaSettings | None = None
+        self.prompts: PromptBuilder | None = None
+        self._tokenizer_name: str | None = None
+
+    def load(self, cell: Cell) -> None:
+        self.settings = OllamaSettings.from_cell(cell)
+        if self.settings.tokenizer and self.settings.tokenizer != self._tokenizer_name:
+            self.prompts = PromptBuilder(load_tokenizer(self.settings.tokenizer))
+            self._tokenizer_name = self.settings.tokenizer
+        elif not self.settings.tokenizer:
+            self.prompts, self._tokenizer_name = None, None
+
+    def _prompt(self, n_tokens: int, seed: int) -> str:
+        if self.prompts is not None:
+            return self.prompts.make(n_tokens, seed)
+        rng = random.Random(seed)
+        return " ".join(rng.choice(_WORDS) + str(rng.randrange(100)) for _ in range(n_tokens))
+
+    def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
+        self.load(cell)
+        return run_async(self._run(cell, requests, repeat))
+
+    async def _run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
+        import httpx
+
+        assert self.settings is not None
+        prompts = {r.id: self._prompt(r.prompt_toks, request_seed(cell, repeat, r.id)) for r in requests}
+        limits = httpx.Limits(max_connections=len(requests) + 2)
+        timeout = httpx.Timeout(self.settings.timeout_s, connect=min(self.settings.timeout_s, 30.0))
+        model = self.settings.served_model or cell.model
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+            t0 = time.perf_counter()
+            results = await asyncio.gather(
+                *(
+                    self._request(client, model, r, prompts[r.id], t0, repeat, request_seed(cell, repeat, r.id) % 2**31)
+                    for r in requests
+                )
+            )
+            ps = await self._ps(client, model)
+        extra: dict[str, Any] = {
+            "served_model": model,
+            "ollama_requests": [timing for _, timing in results if timing],
+        }
+        if self.settings.num_ctx is not None:
+            extra["kv_context_tokens"] = int(self.settings.num_ctx)
+        elif ps.get("context_length"):
+            extra["kv_context_tokens"] = int(ps["context_length"])
+        memory: dict[str, int | float | None] = {}
+        if ps:
+            extra["ollama_ps"] = ps
+            memory["server_model_bytes"] = ps.get("size")
+            memory["server_vram_bytes"] = ps.get("size_vram")
+        return BackendRun(traces=[trace for trace, _ in results], memory=memory, extra=extra)
+
+    async def _ps(self, client: Any, model: str) -> dict[str, Any]:
+        """The running-model entry of ``/api/ps`` for ``model`` ({} when absent or unreachable)."""
+        assert self.settings is not None
+        try:
+            response = await client.get(f"{self.settings.root}/api/ps", timeout=10.0)
+            for entry in response.json().get("models", []):
+                if entry.get("name") == model or entry.get("model") == model:
+                    keys = ("name", "size", "size_vram", "context_length", "expires_at", "details")
+                    return {k: entry[k] for k in keys if k in entry}
+        except Exception:
+            pass
+        return {}
+
+    async def _request(self, client: Any, model: str, r: RequestSpec, prompt: str, t0: float, repeat: int,
+                       seed: int) -> tuple[RunTrace, dict[str, Any] | None]:  # fmt: skip
+        assert self.settings is not None
+        settings = self.settings
+        delay = t0 + r.arrival_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent_s = time.perf_counter() - t0
+        chunks: list[Chunk] = []
+        final: dict[str, Any] = {}
+        options: dict[str, Any] = {"num_predict": r.gen_toks, "temperature": r.temperature, "seed": seed}
+        if settings.num_ctx is not None:
+            options["num_ctx"] = int(settings.num_ctx)
+        body: dict[str, Any] = {"model": model, "prompt": prompt, "stream": True, "raw": True, "options": options}
+        if settings.keep_alive is not None:
+            body["keep_alive"] = settings.keep_alive
+
+        async def stream() -> None:
+            async with client.stream("POST", f"{settings.root}/api/generate", json=body) as response:
+                if response.status_code != 200:
+                    text = (await response.aread()).decode(errors="replace").strip()
+                    with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                        text = str(json.loads(text).get("error", text))
+                    raise StreamError(f"HTTP {response.status_code}: {text[:200]}")
+                async for line in response.aiter_lines():
+                    t = time.perf_counter() - t0
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise StreamError(f"malformed stream: invalid JSON line {line[:80]!r}") from None
+                    if not isinstance(event, dict):
+                        raise StreamError(f"malformed stream: line is not an object: {line[:80]!r}")
+                    if event.get("error"):
+                        raise StreamError(f"server error in stream: {str(event['error'])[:200]}")
+                    text = event.get("response") or ""
+                    if text:
+                        chunks.append(Chunk(t, str(text), None))
+                    if event.get("done"):
+                        final.update(event)
+                        final["_t"] = t
+                        return
+
+        def failed(reason: str) -> tuple[RunTrace, None]:
+            end = time.perf_counter() - t0
+            trace = RunTrace(r.id, repeat, r.arrival_s, sent_s, [c.t_s for c in chunks], end, r.prompt_toks,
+                             len(chunks), status="error", error=reason)  # fmt: skip
+            return trace, None
+
+        try:
+            await asyncio.wait_for(stream(), settings.timeout_s)
+        except Exception as exc:
+            return failed(_http_reason(exc, settings.timeout_s))
+        if not final:
+            return failed("malformed stream: it ended without a done line")
+        n_out = final.get("eval_count")
+        if not isinstance(n_out, int):
+            return failed("malformed stream: the done line has no eval_count")
+        end_s = float(final["_t"])
+        counts = [1] * len(chunks)  # Ollama streams one token per line; eval_count reconciles the rest
+        times = token_times(chunks, counts, n_out, end_s)
+        # Ollama began evaluating the prompt prompt_eval + eval before the end; before that it was loading the
+        # model or waiting for a parallel slot (both inside total_duration).
+        busy_s = sum(float(final.get(k) or 0) for k in ("prompt_eval_duration", "eval_duration")) * _NS
+        start_s = min(max(sent_s, end_s - busy_s), times[0] if times else end_s)
+        prompt_toks = final.get("prompt_eval_count")
+        trace = RunTrace(r.id, repeat, r.arrival_s, start_s, times, times[-1] if times else end_s,
+                         int(prompt_toks) if isinstance(prompt_toks, int) else r.prompt_toks, n_out)  # fmt: skip
+        if n_out != r.gen_toks and not (settings.allow_short_output and 0 < n_out < r.gen_toks):
+            trace.status = "error"
+            trace.error = f"ollama returned {n_out} of {r.gen_toks} tokens (done_reason {final.get('done_reason')!r})"
+        timing = {
+            "request_id": r.id,
+            "repeat": repeat,
+            "done_reason": final.get("done_reason"),
+            "prompt_eval_count": final.get("prompt_eval_count"),
+            "eval_count": n_out,
+            **{f"{k}_s": float(final[k]) * _NS for k in ("total_duration", "load_duration", "prompt_eval_duration",
+                                                          "eval_duration") if isinstance(final.get(k), int | float)},
+            "client_ttft_s": (times[0] - r.arrival_s) if times else None,
+            "client_e2e_s": end_s - r.arrival_s,
+        }  # fmt: skip
+        return trace, timing
+
+    def device_info(self) -> dict[str, Any]:
+        return {"name": "remote", "server": self.settings.root if self.settings else None}
+
+    def close(self) -> None:
+        self.settings = None

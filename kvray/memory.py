@@ -1,0 +1,162 @@
+"""Peak memory around a cell's measured runs, and what counts as running out of it.
+
+``MemoryTracker`` records a baseline (weights loaded, warmup done) on entry and peaks on exit:
+  CUDA  torch's allocator peaks (``reset_peak_memory_stats`` → ``max_memory_allocated/reserved``) plus the
+        device's used memory as NVML sees it (all processes, CUDA context included), sampled every ~10 ms
+  CPU   the process RSS, sampled every ~10 ms (no allocator peak counter exists for the CPU)
+Sampling runs in a daemon thread, so a generate loop in the main thread is never blocked by it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from types import TracebackType
+from typing import Any
+
+SAMPLE_INTERVAL_S = 0.01
+
+# Messages of allocation failures that are not typed as OOM errors (CPU allocators, NCCL, cuBLAS).
+_OOM_PATTERNS = (
+    "can't allocate memory",
+    "out of memory",
+    "cannot allocate memory",
+    "failed to allocate",
+)
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """True for torch.OutOfMemoryError (CUDA), MemoryError and the CPU allocator's RuntimeError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        return any(p in text for p in _OOM_PATTERNS)
+    return False
+
+
+def attempted_bytes(exc: BaseException) -> int | None:
+    """The allocation size an OOM message names ("tried to allocate 1.50 GiB" / "… 123456 bytes")."""
+    text = str(exc)
+    m = re.search(r"allocate (?:memory: you tried to allocate )?([\d.]+)\s*(bytes|[KMGT]i?B)", text)
+    if not m:
+        return None
+    scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    scale.update({"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12})
+    return int(float(m.group(1)) * scale.get(m.group(2), 1))
+
+
+def free_memory(device: str = "cpu") -> None:
+    """Give back what a failed run left behind, so the next cell starts clean."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _nvml_handle(device: str) -> Any:
+    """NVML handle of a torch CUDA device, matched by UUID (torch and NVML indices may disagree)."""
+    import pynvml
+    import torch
+
+    pynvml.nvmlInit()
+    index = torch.device(device).index or 0
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid is not None:
+        with contextlib.suppress(Exception):  # an older driver or a MIG slice: fall back to the index
+            return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+class MemoryTracker:
+    """``with MemoryTracker("cuda:0") as mem: …``; then ``mem.figures()`` gives the memory columns."""
+
+    def __init__(self, device: str = "cpu", interval_s: float = SAMPLE_INTERVAL_S):
+        self.device = device
+        self.interval_s = interval_s
+        self.is_cuda = device.startswith("cuda")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._read: Any = None  # the sampled quantity: NVML device used, or process RSS
+        self._baseline_sample = 0
+        self._peak_sample = 0
+        self._baseline_allocated: int | None = None
+        self._peak_allocated: int | None = None
+        self._peak_reserved: int | None = None
+
+    def __enter__(self) -> MemoryTracker:
+        if self.is_cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._baseline_allocated = torch.cuda.memory_allocated(self.device)
+            try:
+                import pynvml
+
+                handle = _nvml_handle(self.device)
+                self._read = lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+            except Exception:  # no NVML: the allocator figures still stand
+                self._read = None
+        else:
+            import psutil
+
+            process = psutil.Process()
+            self._read = lambda: int(process.memory_info().rss)
+        if self._read is not None:
+            self._baseline_sample = self._peak_sample = self._read()
+            self._thread = threading.Thread(target=self._sample, name="kvray-memory", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                value = self._read()
+            except Exception:
+                return
+            if value > self._peak_sample:
+                self._peak_sample = value
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._read is not None:
+            with contextlib.suppress(Exception):
+                self._peak_sample = max(self._peak_sample, self._read())
+        if self.is_cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            self._peak_allocated = torch.cuda.max_memory_allocated(self.device)
+            self._peak_reserved = torch.cuda.max_memory_reserved(self.device)
+
+    def figures(self) -> dict[str, int | None]:
+        """The tracker's memory columns (documented in docs/metrics.md)."""
+        if self.is_cuda:
+            nvml = self._read is not None
+            return {
+                "baseline_bytes": self._baseline_allocated,
+                "peak_allocated_bytes": self._peak_allocated,
+                "peak_reserved_bytes": self._peak_reserved,
+                "nvml_baseline_used_bytes": self._baseline_sample if nvml else None,
+                "nvml_peak_used_bytes": self._peak_sample if nvml else None,
+                "rss_peak_bytes": None,
+            }
+        return {
+            "baseline_bytes": self._baseline_sample,
+            "peak_allocated_bytes": None,
+            "peak_reserved_bytes": None,
+            "nvml_baseline_used_bytes": None,
+            "nvml_peak_used_bytes": None,
+            "rss_peak_bytes": self._peak_sample,
+        }

@@ -1,0 +1,170 @@
+"""Prometheus ``/metrics`` of an inference server: parse the text format, read vLLM's KV figures.
+
+vLLM exports its own view of the KV cache — usage fraction, running / waiting requests, preemptions and,
+in ``vllm:cache_config_info``, the cache geometry it allocated — which is the ground truth a paged
+engine's memory cannot be measured from outside. ``MetricsPoller`` samples it while a cell runs and
+keeps a timeline; servers without ``/metrics`` (404) simply yield no timeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+# vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; the first name present wins.
+KV_USAGE_NAMES = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+PREEMPTIONS = ("vllm:num_preemptions_total", "vllm:num_preemptions")
+CACHE_CONFIG = "vllm:cache_config_info"
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)(?:\s+\S+)?$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def parse(text: str) -> list[Sample]:
+    """Samples of a Prometheus text exposition (comments and malformed lines skipped)."""
+    samples = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        labels = {k: bytes(v, "utf-8").decode("unicode_escape") for k, v in _LABEL.findall(m.group(3) or "")}
+        try:
+            value = float(m.group(4))
+        except ValueError:
+            continue
+        samples.append(Sample(m.group(1), labels, value))
+    return samples
+
+
+def _total(samples: list[Sample], names: tuple[str, ...] | str) -> float | None:
+    """Sum over label sets (engines) of the first of ``names`` that is present."""
+    for name in (names,) if isinstance(names, str) else names:
+        values = [s.value for s in samples if s.name == name]
+        if values:
+            return float(sum(values))
+    return None
+
+
+def kv_snapshot(samples: list[Sample]) -> dict[str, float | None]:
+    """{kv_usage (0–1), running, waiting, preemptions} — None for what the server does not export."""
+    usages = []
+    for name in KV_USAGE_NAMES:
+        usages = [s.value for s in samples if s.name == name]
+        if usages:
+            break
+    return {
+        "kv_usage": max(usages) if usages else None,
+        "running": _total(samples, RUNNING),
+        "waiting": _total(samples, WAITING),
+        "preemptions": _total(samples, PREEMPTIONS),
+    }
+
+
+def _number(text: str | None) -> int | float | None:
+    if text is None or text in ("None", ""):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() else value
+
+
+def cache_config(samples: list[Sample]) -> dict[str, Any]:
+    """vLLM's allocated KV cache from ``vllm:cache_config_info`` labels (empty dict when absent).
+
+    Keys: block_size, num_gpu_blocks, kv_cache_memory_bytes, kv_cache_size_tokens, gpu_memory_utilization,
+    cache_dtype, enable_prefix_caching — numbers parsed, the rest as vLLM wrote them.
+    """
+    info = next((s.labels for s in samples if s.name == CACHE_CONFIG), None)
+    if info is None:
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("block_size", "num_gpu_blocks", "kv_cache_memory_bytes", "kv_cache_size_tokens"):
+        value = _number(info.get(key))
+        out[key] = int(value) if value is not None else None
+    out["gpu_memory_utilization"] = _number(info.get("gpu_memory_utilization"))
+    out["cache_dtype"] = info.get("cache_dtype")
+    out["enable_prefix_caching"] = info.get("enable_prefix_caching")
+    if out["kv_cache_size_tokens"] is None and out["num_gpu_blocks"] and out["block_size"]:
+        out["kv_cache_size_tokens"] = out["num_gpu_blocks"] * out["block_size"]
+    return out
+
+
+class MetricsPoller:
+    """Scrapes ``url`` every ``interval_s`` on the running event loop; ``points`` is the KV timeline.
+
+    Each point: {t_s (on the caller's clock, relative to ``t0``), kv_usage, running, waiting, preemptions}.
+    A 404 or a connection failure on the first scrape disables polling (the server has no metrics).
+    """
+
+    def __init__(self, client: Any, url: str, t0: float, interval_s: float = 0.25, repeat: int = 0):
+        self.client = client
+        self.url = url
+        self.t0 = t0
+        self.interval_s = interval_s
+        self.repeat = repeat
+        self.points: list[dict[str, Any]] = []
+        self.available: bool | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def scrape(self) -> list[Sample] | None:
+        try:
+            response = await self.client.get(self.url, timeout=max(self.interval_s * 4, 2.0))
+        except Exception:
+            return None
+        if response.status_code != 200:
+            return None
+        return parse(response.text)
+
+    async def _loop(self) -> None:
+        while True:
+            t = time.perf_counter() - self.t0
+            samples = await self.scrape()
+            if samples is None:
+                if self.available is None:
+                    self.available = False
+                    return
+            else:
+                self.available = True
+                snap = kv_snapshot(samples)
+                if any(v is not None for v in snap.values()):
+                    self.points.append({"repeat": self.repeat, "t_s": round(t, 6), **snap})
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        """One last scrape (the state right after the run), then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.available:
+            samples = await self.scrape()
+            if samples is not None:
+                snap = kv_snapshot(samples)
+                self.points.append({"repeat": self.repeat, "t_s": round(time.perf_counter() - self.t0, 6), **snap})
+
+
+def peak(points: list[dict[str, Any]], key: str) -> float | None:
+    values = [p[key] for p in points if p.get(key) is not None and not math.isnan(p[key])]
+    return max(values) if values else None

@@ -1,0 +1,170 @@
+"""Start, health-check and stop a local inference server process (vLLM, ``transformers serve``).
+
+A server runs in its own process group with its output in a log file, so stopping it takes its engine
+workers with it and a failed start can be explained from the log's last lines instead of hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvray.errors import KvrayInputError
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or never became healthy; the message ends with the last lines of its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class ServerProcess:
+    """One server: ``start()`` launches ``command`` and waits for ``health_url`` to answer 200."""
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        health_url: str,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        name: str = "server",
+    ):
+        self.command = list(command)
+        self.health_url = health_url
+        self.base_url = health_url.rsplit("/", 1)[0]  # scheme://host:port of a server whose health is /health
+        self.env = env
+        self.name = name
+        self.log_path = log_path or Path(tempfile.mkdtemp(prefix="kvray-server-")) / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_s: float | None = None
+
+    def start(self, timeout_s: float = 300.0) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        import atexit
+
+        env = {**os.environ, **(self.env or {})}
+        t0 = time.perf_counter()
+        atexit.register(self.stop)  # a crashed or interrupted kvray must not leave a server behind
+        with open(self.log_path, "wb") as log:
+            try:
+                self.proc = subprocess.Popen(
+                    self.command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            except FileNotFoundError:
+                raise KvrayInputError(f"cannot start {self.name}: {self.command[0]!r} not found") from None
+        try:
+            self.wait_healthy(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.perf_counter() - t0
+        return self
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ServerStartError(
+                    f"{self.name} exited with code {self.proc.returncode} during start-up; log {self.log_path}:\n"
+                    + tail(self.log_path)
+                )
+            try:
+                if httpx.get(self.health_url, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerStartError(
+                    f"{self.name} not healthy at {self.health_url} after {timeout_s:.0f} s; log {self.log_path}:\n"
+                    + tail(self.log_path)
+                )
+            time.sleep(0.5)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def pids(self) -> list[int]:
+        """The server and its children (engine core, workers), for memory accounting."""
+        if not self.running:
+            return []
+        assert self.proc is not None
+        import psutil
+
+        try:
+            parent = psutil.Process(self.proc.pid)
+            return [parent.pid, *(c.pid for c in parent.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the whole server process tree (None once it has gone)."""
+        import psutil
+
+        total, seen = 0, False
+        for pid in self.pids():
+            try:
+                total += psutil.Process(pid).memory_info().rss
+                seen = True
+            except psutil.Error:
+                continue
+        return total if seen else None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM to the process group, SIGKILL after ``grace_s``."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def transformers_serve_command(
+    model_dir: str | Path,
+    port: int,
+    host: str = "127.0.0.1",
+    continuous_batching: bool = False,
+    device: str = "cpu",
+    executable: str = "transformers",
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``transformers serve`` (transformers ≥ 5) pinned to one model on ``host:port``."""
+    cmd = [executable, "serve", str(model_dir), "--host", host, "--port", str(port), "--device", device]
+    cmd.append("--continuous-batching" if continuous_batching else "--no-continuous-batching")
+    return cmd + list(extra)

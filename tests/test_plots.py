@@ -1,0 +1,219 @@
+"""Figures from a crafted dataset (two GPU types, repeats, OOM / skipped / refused / error cells, columns
+missing) and from empty and partial ones — checked by what the written SVG and PNG contain."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from test_findings import MODEL, result, uniform_traces, write_crafted
+
+from kvray.plots import FIGURES, make_figures
+from kvray.spec import Cell, Workload
+from kvray.store import DatasetWriter
+
+SVG_NS = "{http://www.w3.org/2000/svg}"
+
+
+def svg_of(path: Path) -> ET.Element:
+    return ET.parse(path.with_suffix(".svg")).getroot()
+
+
+def svg_text(path: Path) -> str:
+    """Every text element of the SVG (svg.fonttype none keeps text as text), joined."""
+    return " ".join("".join(t.itertext()) for t in svg_of(path).iter(f"{SVG_NS}text"))
+
+
+def group_ids(path: Path) -> set[str]:
+    return {g.get("id", "") for g in svg_of(path).iter(f"{SVG_NS}g")}
+
+
+def markers_in(path: Path, gid_prefix: str) -> int:
+    """Markers (<use> elements) drawn inside the groups whose id starts with ``gid_prefix``."""
+    root = svg_of(path)
+    return sum(
+        len(list(g.iter(f"{SVG_NS}use"))) for g in root.iter(f"{SVG_NS}g") if g.get("id", "").startswith(gid_prefix)
+    )
+
+
+def png_dpi(path: Path) -> float:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    i = data.index(b"pHYs")
+    ppm_x, _, unit = struct.unpack(">IIB", data[i + 4 : i + 13])
+    assert unit == 1  # pixels per metre
+    return ppm_x * 0.0254
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory):
+    out = write_crafted(tmp_path_factory.mktemp("crafted"))
+    return out, {r.name: r for r in make_figures(out)}
+
+
+def test_every_figure_in_both_formats_at_300_dpi(crafted):
+    out, figs = crafted
+    assert tuple(figs) == FIGURES
+    for name, fig in figs.items():
+        assert [p.name for p in fig.paths] == [f"{name}.png", f"{name}.svg"]
+        assert all(p.parent == out / "figures" and p.stat().st_size > 5000 for p in fig.paths)
+        assert png_dpi(fig.paths[0]) == pytest.approx(300, abs=0.5)
+        assert not fig.empty and not any(n.startswith("could not draw") for n in fig.notes), (name, fig.notes)
+
+
+def test_titles_carry_model_dtype_backend_hardware(crafted):
+    _, figs = crafted
+    for name in FIGURES[:6]:
+        text = svg_text(figs[name].paths[0])
+        for needle in (MODEL, "bf16", "hf", "A100-40GB-SXM, H100-SXM"):
+            assert needle in text, (name, needle)
+
+
+def test_fig1_memory_series_capacity_and_oom_markers(crafted):
+    _, figs = crafted
+    fig = figs["fig1_mem_vs_concurrency"]
+    path = fig.paths[0]
+    assert fig.series == ["A100-40GB-SXM", "H100-SXM"]
+    ids = group_ids(path)
+    # Both GPUs: peak, baseline and predicted KV; measured KV only where the dataset has it (H100, index 1).
+    assert {"peak-0", "peak-1", "weights-0", "weights-1", "kv_predicted-0", "kv_predicted-1"} <= ids
+    assert "kv_measured-1" in ids and "kv_measured-0" not in ids
+    # OOM boundary: A100 ran out at 32 and skipped 64; H100 ran out at 64 — all marked on the axis.
+    assert fig.oom_markers == 3
+    assert markers_in(path, "oom-marker-oom-0") == 1 and markers_in(path, "oom-marker-oom-1") == 1
+    assert markers_in(path, "oom-marker-skipped_after_oom-0") == 1
+    assert {"oom-boundary-0", "oom-boundary-1"} <= ids
+    text = svg_text(path)
+    assert "H100-SXM memory 80 GiB" in text and "A100-40GB-SXM memory 40 GiB" in text
+    assert "measured peak" in text and "predicted KV" in text and "skipped after OOM" in text
+    # The error cell is noted, never drawn as a result or a tick.
+    assert any("failed with an error" in n for n in fig.notes)
+    assert ">3<" not in ET.tostring(svg_of(path), encoding="unicode").replace(" ", "")
+
+
+def test_fig2_repeats_as_error_bars(crafted):
+    _, figs = crafted
+    fig = figs["fig2_tps_vs_concurrency"]
+    assert fig.series == ["A100-40GB-SXM", "H100-SXM"] and fig.oom_markers == 3
+    assert any("min–max of output throughput over 3 repeats" in n for n in fig.notes)
+    assert {"tps-0", "tps-1", "tpot-0", "tpot-1"} <= group_ids(fig.paths[0])
+
+
+def test_fig3_loglog_fit_labels_and_refused_marker(crafted):
+    _, figs = crafted
+    fig = figs["fig3_latency_vs_seqlen"]
+    text = svg_text(fig.paths[0])
+    assert text.count("1.50") >= 2  # TTFT ∝ L^1.50 on both GPUs, by construction
+    assert fig.oom_markers == 1 and markers_in(fig.paths[0], "oom-marker-refused-0") == 3  # one per panel
+    assert "refused (predicted OOM)" in text
+
+
+def test_fig4_memory_vs_seqlen(crafted):
+    _, figs = crafted
+    fig = figs["fig4_mem_vs_seqlen"]
+    assert fig.oom_markers == 1 and {"kv_predicted-0", "kv_predicted-1", "capacity"} <= group_ids(fig.paths[0])
+
+
+def test_fig5_short_requests_alone_vs_mixed(crafted):
+    _, figs = crafted
+    fig = figs["fig5_mixed_lengths_latency"]
+    assert sorted(fig.series) == ["A100-40GB-SXM", "H100-SXM"]
+    ids = group_ids(fig.paths[0])
+    assert {"bar-alone-ttft_s-0", "bar-mixed-ttft_s-0", "bar-alone-e2e_s-1", "bar-mixed-e2e_s-1"} <= ids
+    text = svg_text(fig.paths[0])
+    assert "×26.0" in text  # TTFT of the short requests, mixed / alone, by construction
+    assert "3 × 128 tok alone" in text and "1 × 4096 tok (mixed)" in text
+
+
+def test_fig6_cross_hardware_marks_cells_that_did_not_fit(crafted):
+    _, figs = crafted
+    fig = figs["fig6_cross_hardware"]
+    assert fig.series == ["A100-40GB-SXM", "H100-SXM"]
+    assert fig.oom_markers == 2  # exp1 c32 and exp2 p4096 ran on H100 only
+    marks = [g for g in svg_of(fig.paths[0]).iter(f"{SVG_NS}g") if g.get("id") == "oom-marker"]
+    assert len(marks) == 3 * 2 and all("OOM" in "".join(g.itertext()) for g in marks)  # in each of three panels
+    text = svg_text(fig.paths[0])
+    assert "exp1 c32 p512" in text and "throughput per GB of KV" in text
+
+
+def test_fig7_kv_scatter_and_error_per_cell(crafted):
+    _, figs = crafted
+    fig = figs["fig7_kv_predicted_vs_measured"]
+    assert fig.series == ["H100-SXM"]
+    assert markers_in(fig.paths[0], "kv-points-1") == 14 and markers_in(fig.paths[0], "kv-error-1") == 14
+    assert "identity" in group_ids(fig.paths[0])
+    assert any("no measured KV recorded for: A100-40GB-SXM" in n for n in fig.notes)
+    assert any("mean |error| 2.00%" in n for n in fig.notes)
+
+
+def test_empty_dataset_gives_figures_that_say_what_is_missing(tmp_path):
+    figs = {r.name: r for r in make_figures(tmp_path)}
+    assert tuple(figs) == FIGURES
+    for name, fig in figs.items():
+        assert fig.empty and fig.paths[1].is_file() and "missing-data" in group_ids(fig.paths[0]), name
+    assert "No exp1 cells in this dataset" in svg_text(figs["fig1_mem_vs_concurrency"].paths[0])
+    assert "at least two hardware types" in svg_text(figs["fig6_cross_hardware"].paths[0])
+
+
+def test_partial_dataset_without_memory_columns_or_traces(tmp_path):
+    """Cells with metrics but no memory figures and no traces (e.g. a remote server without metrics)."""
+    writer = DatasetWriter(tmp_path, tables=False)
+    for c in (1, 2, 4):
+        r = result(
+            Cell(MODEL, Workload.uniform(c, 256, 8), experiment="exp1"),
+            "H100",
+            "ok",
+            uniform_traces(c, 256, 8, 0.01, 0.01, 0),
+            {},
+        )
+        r.traces = []  # keep the summary metrics, drop the per-request rows
+        writer.append(r)
+    figs = {f.name: f for f in make_figures(tmp_path)}
+    fig1 = figs["fig1_mem_vs_concurrency"]
+    assert not fig1.empty and any("not in the dataset: measured peak memory" in n for n in fig1.notes)
+    assert figs["fig2_tps_vs_concurrency"].series == ["H100-SXM"]
+    assert any("one repeat per cell" in n for n in figs["fig2_tps_vs_concurrency"].notes)
+    fig7 = figs["fig7_kv_predicted_vs_measured"]
+    assert fig7.empty and "kv_measured_bytes, kv_predicted_bytes" in fig7.notes[0]
+
+
+def test_one_failing_figure_does_not_stop_the_others(tmp_path, monkeypatch):
+    import kvray.plots as plots
+
+    def broken(view, out_dir):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(plots, "fig2_tps_vs_concurrency", broken)
+    figs = {f.name: f for f in make_figures(write_crafted(tmp_path / "d"))}
+    failed = figs["fig2_tps_vs_concurrency"]
+    assert failed.empty and failed.notes == ["could not draw: boom"] and failed.paths[0].is_file()
+    assert "could not be drawn" in svg_text(failed.paths[0]) and "boom" in svg_text(failed.paths[0])
+    assert not figs["fig1_mem_vs_concurrency"].empty and len(figs) == len(FIGURES)
+
+
+def test_plot_command_needs_neither_ray_nor_torch(crafted, tmp_path):
+    out, _ = crafted
+    code = (
+        "import sys\n"
+        "from kvray.cli import main\n"
+        f"try: main(['plot', {str(out)!r}, '--out', {str(tmp_path)!r}])\n"
+        "except SystemExit as e: assert e.code == 0, e.code\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert "fig1_mem_vs_concurrency: 2 series, 3 OOM cell(s) marked" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.{e}" for n in FIGURES for e in ("png", "svg"))
+
+
+def test_plot_command_on_a_missing_folder_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvray.cli", "plot", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "is not a results folder" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
