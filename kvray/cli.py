@@ -319,6 +319,7 @@ def bench(
         model, prompt_toks, gen_toks, concurrency, mixed, arrival_gap_s, dtype, weights, device, backend,
         warmup, repeats, [*(option or []), *server_options(vllm_python, base_url, api_key_env, host)],
     )  # fmt: skip
+    _check_server_options(cell)
     engine = get_backend(backend)
     try:
         result = run_cell(engine, cell, check_oom=not no_check_oom)
@@ -406,8 +407,12 @@ def plot(
 ) -> None:
     """Regenerate every figure from a results folder alone (no Ray, no torch): fig1 … fig7, PNG + SVG."""
     from kvray.plots import make_figures
+    from kvray.plots_server import has_server_data, make_server_figures
 
-    _print_figures(make_figures(results_dir, out))
+    figures = make_figures(results_dir, out)
+    if has_server_data(results_dir):  # exp4 / paged engines: fig8 backend comparison, fig9 KV timeline
+        figures += make_server_figures(results_dir, out)
+    _print_figures(figures)
 
 
 @app.command()
@@ -661,6 +666,22 @@ def exp3(
 
 
 # --- exp4 and server flags: static vs paged KV, in-process vs servers (kvray/backends/{hf_paged,vllm,openai,ollama}.py)
+
+
+def _check_server_options(cell: Any) -> None:
+    """A server backend's URL, API-key variable and knobs, checked before anything starts (exit 2 if bad)."""
+    if cell.backend == "openai":
+        from kvray.backends.openai import HTTPSettings
+
+        HTTPSettings.from_cell(cell)
+    elif cell.backend == "ollama":
+        from kvray.backends.ollama import OllamaSettings
+
+        OllamaSettings.from_cell(cell)
+    elif cell.backend == "vllm":
+        from kvray.backends.vllm import vllm_launcher
+
+        vllm_launcher(cell.option_dict)
 
 
 @app.command(cls=_SpaceListCommand)

@@ -3,8 +3,11 @@
 ``MemoryTracker`` records a baseline (weights loaded, warmup done) on entry and peaks on exit:
   CUDA  torch's allocator peaks (``reset_peak_memory_stats`` → ``max_memory_allocated/reserved``) plus the
         device's used memory as NVML sees it (all processes, CUDA context included), sampled every ~10 ms
-  CPU   the process RSS, sampled every ~10 ms (no allocator peak counter exists for the CPU)
-Sampling runs in a daemon thread, so a generate loop in the main thread is never blocked by it.
+  CPU   the process's peak RSS. On Linux the kernel keeps it exactly (VmHWM in /proc/self/status, reset by
+        writing "5" to /proc/self/clear_refs), so nothing is sampled; elsewhere RSS is sampled every ~10 ms
+Sampling runs in a daemon thread, so a generate loop in the main thread is never blocked by it. The kernel's
+high-water mark is preferred on CPU because it misses no spike and costs nothing: a 10 ms sampling thread
+competing for the GIL measurably slowed a CPU generate loop (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -74,6 +77,29 @@ def _nvml_handle(device: str) -> Any:
     return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
+def _status_bytes(field: str) -> int | None:
+    """A "kB" line of /proc/self/status (VmRSS, VmHWM) in bytes, or None off Linux."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    hwm, rss = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 2**20  # the reset really happened
+
+
 class MemoryTracker:
     """``with MemoryTracker("cuda:0") as mem: …``; then ``mem.figures()`` gives the memory columns."""
 
@@ -84,6 +110,7 @@ class MemoryTracker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._read: Any = None  # the sampled quantity: NVML device used, or process RSS
+        self._hwm = False  # CPU peak from the kernel's high-water mark instead of sampling
         self._baseline_sample = 0
         self._peak_sample = 0
         self._baseline_allocated: int | None = None
@@ -104,6 +131,9 @@ class MemoryTracker:
                 self._read = lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
             except Exception:  # no NVML: the allocator figures still stand
                 self._read = None
+        elif reset_rss_peak():
+            self._hwm = True
+            self._baseline_sample = self._peak_sample = _status_bytes("VmRSS") or 0
         else:
             import psutil
 
@@ -133,6 +163,8 @@ class MemoryTracker:
         if self._read is not None:
             with contextlib.suppress(Exception):
                 self._peak_sample = max(self._peak_sample, self._read())
+        if self._hwm:
+            self._peak_sample = max(self._peak_sample, _status_bytes("VmHWM") or 0)
         if self.is_cuda:
             import torch
 

@@ -98,12 +98,13 @@ def fig8_backend_compare(cells: Any, out_dir: Path) -> FigureResult:
         ax_lat.plot(x, part["e2e_s_p99"].astype(float) * 1e3, color=colour, marker=mark, linestyle="--",
                     markerfacecolor="white", label=f"{backend} E2E")  # fmt: skip
         kv = [kv_reserved_used(r) for _, r in part.iterrows()]
-        if any(r for r, _ in kv):
-            ax_kv.plot(x, [(r or math.nan) / 2**20 for r, _ in kv], color=colour, linestyle="--",
-                       label=f"{backend} reserved")  # fmt: skip
+        if any(r for r, _ in kv):  # hollow markers, staggered sizes: equal pools stay visible as rings
+            ax_kv.plot(x, [(r or math.nan) / 2**20 for r, _ in kv], color=colour, linestyle="--", marker=mark,
+                       markerfacecolor="none", markersize=5 + 3 * i, label=f"{backend} reserved")  # fmt: skip
             ax_kv.plot(x, [(u or math.nan) / 2**20 for _, u in kv], color=colour, marker=mark,
                        label=f"{backend} used")  # fmt: skip
         result.series.append(backend)
+    ticks = sorted({float(c) for c in ok["concurrency"]})
     for ax, title, ylabel in (
         (ax_mem, "peak memory", "MiB"),
         (ax_tps, "output throughput", "tokens/s"),
@@ -113,14 +114,21 @@ def fig8_backend_compare(cells: Any, out_dir: Path) -> FigureResult:
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("concurrent requests")
-        ax.set_xscale("log", base=2)
+        if len(ticks) > 1 and ticks[-1] / ticks[0] >= 4:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.legend(fontsize=6.5)
     for ax in (ax_lat, ax_kv):
         ax.set_yscale("log")
     first = ok.iloc[0]
+    model = Path(str(first["model"])).name if Path(str(first["model"])).is_absolute() else first["model"]
     style.figure_title(fig, "Static vs paged KV, in-process vs server",
-                       f"{first['model']} · {first['dtype']} · prompt {first['prompt_toks']} · gen {first['gen_toks']}")  # fmt: skip
+                       f"{model} · {first['dtype']} · prompt {first['prompt_toks']} · gen {first['gen_toks']}")  # fmt: skip
+    fig.subplots_adjust(top=0.78, wspace=0.32)
     result.notes = [f"memory of {b}: {d}" for b, d in sources.items()]
+    result.notes.append("KV used: peak of the samples taken during the run (vLLM's /metrics, hf-paged's cache); "
+                        "a run shorter than a scrape may have none")  # fmt: skip
     failed = rows[rows["status"] != "ok"]
     if len(failed):
         result.notes.append(f"{len(failed)} cells not ok (not drawn): "
@@ -170,15 +178,27 @@ def fig9_kv_timeline(records: list[dict[str, Any]], out_dir: Path) -> FigureResu
             values = [p[key] if p.get(key) is not None else math.nan for p in points]
             twin.step(t, values, where="post", color=style.color(j + 1), linestyle="--", label=key)
         twin.set_ylabel("requests")
+        twin.grid(False)
         conc = len(rec["cell"]["workload"]["requests"])
         ax.set_title(f"{backend}: {conc} requests")
         handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(handles, [str(h.get_label()) for h in handles], fontsize=6.5, loc="upper right")
+        ax.legend(handles, [str(h.get_label()) for h in handles], fontsize=6.5, loc="center right")
         result.series.append(backend)
     style.figure_title(fig, "KV cache usage during a run", "first measured repeat of the largest cell per backend")
+    fig.subplots_adjust(top=0.78, wspace=0.45)
     result.caption = "How full the KV pool gets and how many requests run or wait, sampled during the run."
     result.paths = style.save(fig, out_dir, name)
     return result
+
+
+def has_server_data(results_dir: str | Path) -> bool:
+    """True when a results folder holds exp4 cells or KV timelines — what fig8 / fig9 draw."""
+    from kvray.store import read_results
+
+    return any(
+        r["cell"].get("experiment") == "exp4" or (r.get("extra") or {}).get("kv_timeline")
+        for r in read_results(results_dir)
+    )
 
 
 def make_server_figures(results_dir: str | Path, out_dir: str | Path | None = None) -> list[FigureResult]:

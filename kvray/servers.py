@@ -19,6 +19,32 @@ from typing import Any
 
 from kvray.errors import KvrayInputError
 
+# Runs detached (double fork: not a child of kvray, so a Ray worker's exit cannot take it down first) and blocks
+# on a pipe whose write end only kvray holds; when kvray exits by any means, even SIGKILL, the read returns and
+# the server's whole process group — API server, engine core, workers — is terminated.
+_GUARDIAN = """
+import os, signal, sys, time
+if os.fork():
+    os._exit(0)
+pgid = int(sys.argv[1])
+try:
+    sys.stdin.buffer.read()
+except Exception:
+    pass
+for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 0.0)):
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        break
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            sys.exit(0)
+        time.sleep(0.2)
+"""
+
 
 class ServerStartError(RuntimeError):
     """The server exited or never became healthy; the message ends with the last lines of its log."""
@@ -57,6 +83,7 @@ class ServerProcess:
         self.log_path = log_path or Path(tempfile.mkdtemp(prefix="kvray-server-")) / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_s: float | None = None
+        self._guard_fd: int | None = None  # write end of the guardian's pipe
 
     def start(self, timeout_s: float = 300.0) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +99,7 @@ class ServerProcess:
                 )
             except FileNotFoundError:
                 raise KvrayInputError(f"cannot start {self.name}: {self.command[0]!r} not found") from None
+        self._start_guardian(self.proc.pid)
         try:
             self.wait_healthy(timeout_s)
         except BaseException:
@@ -79,6 +107,18 @@ class ServerProcess:
             raise
         self.startup_s = time.perf_counter() - t0
         return self
+
+    def _start_guardian(self, pgid: int) -> None:
+        import sys
+
+        read_fd, write_fd = os.pipe()
+        os.set_inheritable(write_fd, False)
+        try:
+            subprocess.run([sys.executable, "-c", _GUARDIAN, str(pgid)], stdin=read_fd, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True, check=True, timeout=30)  # fmt: skip
+        finally:
+            os.close(read_fd)
+        self._guard_fd = write_fd
 
     def wait_healthy(self, timeout_s: float) -> None:
         import httpx
@@ -133,19 +173,34 @@ class ServerProcess:
         return total if seen else None
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM to the process group, SIGKILL after ``grace_s``."""
+        """SIGTERM to the process group, SIGKILL after ``grace_s``; the guardian then exits on its own."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
+        guard_fd, self._guard_fd = self._guard_fd, None
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
+            self._stop_group(proc, grace_s)
+        finally:
+            if guard_fd is not None:
+                os.close(guard_fd)
+
+    @staticmethod
+    def _stop_group(proc: subprocess.Popen[bytes] | None, grace_s: float) -> None:
+        """The whole group: an engine core can outlive its API server, so wait for the group, not the leader."""
+        if proc is None:
             return
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        pgid = proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, or its zombie keeps the group "alive"
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
 
     def __enter__(self) -> ServerProcess:

@@ -32,7 +32,7 @@ from typing import Any
 
 from kvray.errors import KvrayInputError
 from kvray.job import Job
-from kvray.plan import GroupKey, group_cells, plan_cells, skip_reason
+from kvray.plan import GroupKey, group_cells, group_key, plan_cells, skip_reason
 from kvray.spec import Cell
 from kvray.trace import STATUSES, CellResult
 from kvray.workers import import_ray
@@ -398,7 +398,7 @@ class _Sweep:
             if status is not None:
                 self._finish(cell.cell_id, status)  # its row was written before the worker went
             elif retry and self.attempts[cell.cell_id] < self.job.max_attempts:
-                self.queues[_group_of(cell)].appendleft(cell)
+                self.queues[group_key(cell)].appendleft(cell)
             else:
                 n = self.attempts[cell.cell_id]
                 reason = f"{why} (after {n} attempt{'s' if n != 1 else ''})"
@@ -434,6 +434,7 @@ class _Sweep:
                 self._start(slot)
             return
         slot.start_failures, slot.ever_ready, slot.state, slot.ready_ref = 0, True, "idle", None
+        slot.info["ready_s"] = round(time.monotonic() - self.t0, 3)  # since the run started
         if self.workers_ready_s is None and all(s.ever_ready for s in self.slots):
             self.workers_ready_s = round(time.monotonic() - self.t0, 3)
         self.ray.get(self.collector.add_worker.remote(dict(slot.info)), timeout=RPC_TIMEOUT_S)
@@ -456,21 +457,21 @@ class _Sweep:
         slot.state, slot.cell, slot.ref = "idle", None, None
         self._finish(cell.cell_id, summary["status"])
         if summary["status"] == "oom":
-            self.oomed.setdefault((_group_of(cell), slot.hardware_name), []).append(cell)
+            self.oomed.setdefault((group_key(cell), slot.hardware_name), []).append(cell)
 
     def _retry_or_fail(self, slot: _Slot, cell: Cell, why: str) -> None:
         status = self.ray.get(self.collector.status.remote(cell.cell_id), timeout=RPC_TIMEOUT_S)
         if status is not None:
             self._finish(cell.cell_id, status)
         elif self.attempts[cell.cell_id] < self.job.max_attempts:
-            self.queues[_group_of(cell)].appendleft(cell)
+            self.queues[group_key(cell)].appendleft(cell)
         else:
             self._write(CellResult(cell=cell, status="error", reason=why, hardware={"name": slot.hardware_name}))
 
     # -- the loop --
 
     def run(self) -> dict[str, Any]:
-        t0 = self.t0 = time.monotonic()
+        self.t0 = time.monotonic()
         cells = plan_cells(self.job, sorted(self.cluster.gpus_by_type))
         check_hardware(cells, self.cluster)
         run_record = {
@@ -485,7 +486,7 @@ class _Sweep:
             "cells_planned": len(cells),
         }
         self.collector = self._collector(run_record)
-        done = set(self.ray.get(self.collector.done_ids.remote(), timeout=RPC_TIMEOUT_S))
+        done = self._done_ids()
         todo = [c for c in cells if c.cell_id not in done]
         already = len(cells) - len(todo)
         self.view = _View(len(cells), self.job.name, self.progress)
@@ -499,26 +500,47 @@ class _Sweep:
             raise
         finally:
             self.view.stop()
+            record = self._close(outcome, already, len(todo))
+        return record
+
+    def _close(self, outcome: str, already: int, to_run: int) -> dict[str, Any]:
+        """Stop the workers, write the final tables and the run's record; quiet when a failure is on its way out."""
+        record: dict[str, Any] = {}
+        try:
             for slot in self.slots:
                 if slot.state != "retired":
                     self._forget(slot, ended="finished" if outcome == "finished" else "stopped")
             summary = {
                 "outcome": outcome,
                 "cells_already_done": already,
-                "cells_to_run": len(todo),
+                "cells_to_run": to_run,
                 "statuses_this_run": dict(self.statuses),
-                "wall_s": round(time.monotonic() - t0, 3),
+                "wall_s": round(time.monotonic() - self.t0, 3),
                 "workers_ready_s": self.workers_ready_s,
+                "workers_planned": len(self.slots),
             }
-            record: dict[str, Any] = self.ray.get(self.collector.finish.remote(summary), timeout=RPC_TIMEOUT_S)
+            record = self.ray.get(self.collector.finish.remote(summary), timeout=RPC_TIMEOUT_S)
             self.ray.kill(self.collector, no_restart=True)
+        except Exception:
+            if outcome == "finished":
+                raise
         return record
+
+    def _done_ids(self) -> set[str]:
+        """Cells with a row. Read here (the collector shares this node), so workers start beside the collector."""
+        from ray.util.client import ray as client
+
+        if client.is_connected():  # a Ray-client driver: the folder lives on the cluster
+            return set(self.ray.get(self.collector.done_ids.remote(), timeout=RPC_TIMEOUT_S))
+        from kvray.store import read_results
+
+        return {r["cell_id"] for r in read_results(self.out_dir)}
 
     def _sweep(self, todo: list[Cell], already: int) -> None:
         for group, members in group_cells(todo).items():
             self.queues[group] = deque(members)
         by_placement = Counter(placement(c, self.cluster) for c in todo)
-        for p in self.group_placement_init():
+        for p in self._init_placements():
             for _ in range(min(capacity(p, self.cluster, self.job), by_placement[p])):
                 self.slots.append(_Slot(index=len(self.slots), placement=p))
         for slot in self.slots:
@@ -546,7 +568,7 @@ class _Sweep:
             self._check_timeouts()
             self.view.update(already + len(self.finished), self.slots)
 
-    def group_placement_init(self) -> list[Placement]:
+    def _init_placements(self) -> list[Placement]:
         seen: list[Placement] = []
         for group, queue in self.queues.items():
             p = placement(queue[0], self.cluster)
@@ -570,18 +592,11 @@ class _Sweep:
             if slot.state == "busy" and now - slot.started > self.job.cell_timeout_s:
                 self._worker_failed(slot, f"timed out after {self.job.cell_timeout_s:g} s", retry=False)
             elif slot.state == "starting" and now - slot.started > WORKER_START_TIMEOUT_S:
-                slot.start_failures = MAX_START_FAILURES - 1
                 self.start_errors.append(
                     f"worker {slot.index} ({slot.placement.label()}) did not start within {WORKER_START_TIMEOUT_S:g} s"
                 )
                 self._forget(slot)
                 slot.state = "retired"
-
-
-def _group_of(cell: Cell) -> GroupKey:
-    from kvray.plan import group_key
-
-    return group_key(cell)
 
 
 # --- the public entry point --------------------------------------------------------------------------
@@ -612,13 +627,12 @@ def run_job(
     if not resume:
         from kvray.store import read_results
 
-        if read_results(out):
-            ids = {c.cell_id for c in plan_cells(job)}
-            if any(r["cell_id"] in ids for r in read_results(out)):
-                raise KvrayInputError(
-                    f"{out} already holds results of this job; rerun with --resume (the default) to finish "
-                    "the job, or choose another --output"
-                )
+        ids = {c.cell_id for c in plan_cells(job)}
+        if any(r["cell_id"] in ids for r in read_results(out)):
+            raise KvrayInputError(
+                f"{out} already holds results of this job; rerun with --resume (the default) to finish "
+                "the job, or choose another --output"
+            )
     out.mkdir(parents=True, exist_ok=True)
     started = connect(address, dashboard)
     try:

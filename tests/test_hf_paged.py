@@ -45,7 +45,9 @@ def test_exact_counts_admission_times_and_paged_kv_that_matches_the_prediction(b
     assert result.memory["kv_rel_error"] == 0.0
     # the pool is reserved up front whatever the load: default 256 MiB on CPU, far above what was used
     assert info["kv_cache_memory_bytes"] == 256 * 2**20
-    assert result.memory["kv_reserved_bytes"] >= info["kv_cache_memory_bytes"] > 100 * result.memory["kv_used_peak_bytes"]
+    assert (
+        result.memory["kv_reserved_bytes"] >= info["kv_cache_memory_bytes"] > 100 * result.memory["kv_used_peak_bytes"]
+    )
     timeline = result.extra["kv_timeline"]
     assert {p["repeat"] for p in timeline} == {0, 1}  # measured repeats only, warmup left out
     assert max(p["running"] for p in timeline) >= 2 and max(p["kv_usage"] for p in timeline) > 0

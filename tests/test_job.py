@@ -52,7 +52,7 @@ def test_quickstart_is_small_and_covers_the_three_experiments():
     cells = plan_cells(job)
     assert job.models == ["kvray/tiny-llama"] and job.weights == "random"
     assert {c.experiment for c in cells} == {"exp1", "exp2", "exp3"}
-    assert len(cells) <= 12 and max(c.concurrency * c.workload.max_seq_len for c in cells) <= 4096
+    assert len(cells) <= 12 and max(c.concurrency * c.workload.max_seq_len for c in cells) <= 8192
 
 
 def test_plan_is_deterministic_and_merges_duplicates(tmp_path):
@@ -93,7 +93,12 @@ def test_job_round_trips_through_its_dict():
 
 
 def test_hardware_list_plans_each_cell_per_type_and_each_uses_types_present():
-    base = {"name": "hw", "models": ["kvray/tiny-llama"], "backends": ["sim"], "grid": {"prompt_toks": [8], "gen_toks": [2]}}
+    base = {
+        "name": "hw",
+        "models": ["kvray/tiny-llama"],
+        "backends": ["sim"],
+        "grid": {"prompt_toks": [8], "gen_toks": [2]},
+    }
     listed = job_from_dict({**base, "hardware": ["H100-SXM", "L4"]})
     assert sorted(c.hardware for c in plan_cells(listed)) == ["H100-SXM", "L4"]
     each = job_from_dict({**base, "hardware": "each"})

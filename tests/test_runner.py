@@ -88,3 +88,38 @@ def test_real_allocation_failure_is_oom_and_the_next_cell_runs(tmp_path: Path):
     assert "can't allocate memory" in out["reason"] and "8 requests × 4098 tokens" in out["reason"]
     assert out["memory"]["oom_attempted_bytes"] >= 2**30  # the attempted size is recorded
     assert out["after"] == "ok" and out["after_traces"] == 2
+
+
+def test_memory_tracker_catches_a_short_cpu_spike_and_ignores_earlier_ones(monkeypatch):
+    import time
+
+    import numpy as np
+
+    from kvray import memory
+
+    before = np.ones(96 * 2**20 // 8)  # a spike before the cell must not count
+    del before
+    with memory.MemoryTracker("cpu") as tracked:
+        spike = np.ones(48 * 2**20 // 8)  # 48 MiB touched and freed at once
+        del spike
+    figures = tracked.figures()
+    assert 40 * 2**20 <= figures["rss_peak_bytes"] - figures["baseline_bytes"] < 90 * 2**20
+    assert figures["peak_allocated_bytes"] is None and figures["nvml_peak_used_bytes"] is None
+
+    monkeypatch.setattr(memory, "reset_rss_peak", lambda: False)  # no kernel peak counter: sampling thread
+    with memory.MemoryTracker("cpu") as sampled:
+        held = np.ones(48 * 2**20 // 8)
+        time.sleep(0.1)
+        del held
+    figures = sampled.figures()
+    assert figures["rss_peak_bytes"] - figures["baseline_bytes"] >= 40 * 2**20
+
+
+def test_oom_errors_are_recognised_with_their_sizes():
+    from kvray.memory import attempted_bytes, is_oom_error
+
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes.")
+    assert is_oom_error(cpu) and attempted_bytes(cpu) == 2**31
+    cuda = type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 1.50 GiB.")
+    assert is_oom_error(cuda) and attempted_bytes(cuda) == int(1.5 * 2**30)
+    assert is_oom_error(MemoryError()) and not is_oom_error(ValueError("allocate"))

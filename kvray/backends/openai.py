@@ -25,7 +25,8 @@ While a cell runs, Prometheus ``/metrics`` is scraped (when the server has it) i
 
 Cell options: base_url (required), api_key_env (name of the environment variable holding the key; the key
 itself is never stored), endpoint ("completions" | "chat"), served_model, tokenizer, server_flavor,
-timeout_s (per request, 300), metrics_url, metrics_interval_s (0.1), allow_short_output (False).
+timeout_s (per request, 300), metrics_url, metrics_interval_s (0.1), allow_short_output (False),
+extra_body (a JSON object merged into every request, e.g. '{"top_k": 1}').
 Failures — refused connection, timeout, HTTP error status, malformed stream — become per-request traces
 with ``status="error"`` and the reason, never an exception.
 """
@@ -112,6 +113,15 @@ class HTTPSettings:
             raise KvrayInputError(f"the {cell.backend} backend needs a server URL (--base-url / option base_url)")
         known = set(cls.__dataclass_fields__) - {"extra_body"}
         settings = cls(**{k: v for k, v in opts.items() if k in known})
+        extra = opts.get("extra_body")
+        if extra is not None:  # a JSON object (text on the command line) merged into every request body
+            try:
+                body = json.loads(extra) if isinstance(extra, str) else extra
+            except json.JSONDecodeError:
+                body = None
+            if not isinstance(body, dict):
+                raise KvrayInputError(f"option extra_body must be a JSON object, got {extra!r}")
+            settings.extra_body = body
         settings.check()
         return settings
 
