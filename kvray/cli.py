@@ -952,9 +952,13 @@ def launch(
     address: Annotated[
         str | None, typer.Option("--address", help="dashboard URL of an existing cluster, http://HOST:8265")
     ] = None,
-    output: Annotated[str | None, typer.Option("--output", help="local results folder (default results/<job name>)")] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="local results folder (default results/<job name>)")
+    ] = None,
     down: Annotated[bool, typer.Option("--down", help="tear the --cluster down afterwards")] = False,
-    timeout_s: Annotated[float, typer.Option("--timeout-s", help="give up (and stop the job) after this long")] = 3600.0,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", help="give up (and stop the job) after this long")
+    ] = 3600.0,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="skip figures and report at the end")] = False,
 ) -> int:
     """Run JOB on a Ray cluster through the Jobs API and bring its dataset back here."""

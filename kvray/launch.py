@@ -95,8 +95,19 @@ def unpack_dataset(logs: str, out_dir: str | Path) -> list[str]:
 
 def entrypoint(job_name: str, extra_args: list[str]) -> str:
     """The shell command the cluster runs: the sweep, then the dataset printed for the launcher."""
-    run = ["python", "-m", "kvray.cli", "run", job_name, "--address", "auto", "--output", REMOTE_OUTPUT, "--no-plots",
-           *extra_args]  # fmt: skip  (figures are drawn locally, from the dataset that comes back)
+    run = [
+        "python",
+        "-m",
+        "kvray.cli",
+        "run",
+        job_name,
+        "--address",
+        "auto",
+        "--output",
+        REMOTE_OUTPUT,
+        "--no-plots",
+        *extra_args,
+    ]  # fmt: skip  (figures are drawn locally, from the dataset that comes back)
     pack = ["python", "-m", "kvray.launch", "pack", REMOTE_OUTPUT]
     return f"{shlex.join(run)}; status=$?; {shlex.join(pack)}; exit $status"
 

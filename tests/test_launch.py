@@ -46,7 +46,7 @@ def ray_head(tmp_path_factory):
     """A real head node on 127.0.0.1, in its own process group so the test can stop exactly it."""
     gcs_port, dash_port = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")  # noqa: SIM115 - lives as long as the head
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
            "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true"]  # fmt: skip
@@ -112,7 +112,9 @@ def test_launch_against_a_real_head_returns_the_dataset(ray_head, tmp_path):
 def test_launch_rejects_bad_targets(tmp_path):
     job = tmp_path / "j.yaml"
     job.write_text(SIM_JOB)
-    both = subprocess.run([sys.executable, "-m", "kvray.cli", "launch", "--job", str(job)], capture_output=True, text=True)
+    both = subprocess.run(
+        [sys.executable, "-m", "kvray.cli", "launch", "--job", str(job)], capture_output=True, text=True
+    )
     assert both.returncode == 2 and "exactly one of" in both.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "kvray.cli", "launch", "--job", str(job), "--address", "127.0.0.1:8265"],
@@ -125,4 +127,6 @@ def test_launch_rejects_bad_targets(tmp_path):
         [sys.executable, "-m", "kvray.cli", "launch", "--job", str(job), "--cluster", str(cluster)],
         capture_output=True, text=True,
     )  # fmt: skip
-    assert rejected.returncode == 2 and "validator" in rejected.stderr and len(rejected.stderr.strip().splitlines()) == 1
+    assert (
+        rejected.returncode == 2 and "validator" in rejected.stderr and len(rejected.stderr.strip().splitlines()) == 1
+    )
