@@ -730,11 +730,6 @@ def exp4(
     common = _common(model, chosen, dtype, kv_dtype, weights, device, hardware, warmup, repeats, options)
     job = exp4_job(common, prompt_toks, gen_toks, concurrency)
     _run_experiment(job, [], output_dir, address, cluster, dry_run, as_json, no_plots, no_check_oom, verbose, progress)
-    if not dry_run and not no_plots:
-        from kvray.plots_server import make_server_figures
-        from kvray.sweep import default_output_dir
-
-        _print_figures(make_server_figures(output_dir or default_output_dir(job)))
 
 
 # --- predict / calibrate (the simulator) ---------------------------------------------------------------

@@ -107,9 +107,25 @@ def entrypoint(job_name: str, extra_args: list[str]) -> str:
         REMOTE_OUTPUT,
         "--no-plots",
         *extra_args,
-    ]  # fmt: skip  (figures are drawn locally, from the dataset that comes back)
+    ]  # --no-plots: figures are drawn locally, from the dataset that comes back
     pack = ["python", "-m", "kvray.launch", "pack", REMOTE_OUTPUT]
     return f"{shlex.join(run)}; status=$?; {shlex.join(pack)}; exit $status"
+
+
+def _submit_when_agent_ready(client: Any, wait_s: float = 90.0, **kwargs: Any) -> str:
+    """Submit, retrying while the head's job agent is still starting.
+
+    A freshly started (or busy) head answers 500 "No available agent to submit job" until its
+    dashboard agent registers; Ray itself says "please try again later", so we do, for a while.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return str(client.submit_job(**kwargs))
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def submit(
@@ -128,7 +144,8 @@ def submit(
     env_vars.update({k: os.environ[k] for k in FORWARDED_SECRETS if os.environ.get(k)})
     with tempfile.TemporaryDirectory(prefix="kvray-job-") as workdir:
         (Path(workdir) / job_path.name).write_bytes(job_path.read_bytes())
-        job_id = client.submit_job(
+        job_id = _submit_when_agent_ready(
+            client,
             entrypoint=entrypoint(job_path.name, extra_args or []),
             runtime_env={
                 "working_dir": workdir,

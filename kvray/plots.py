@@ -448,8 +448,8 @@ def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
             repeats_seen = max(repeats_seen, len(per_repeat))
             mean = float(r["output_tps"])
             if len(per_repeat) > 1:
-                lows.append(mean - min(per_repeat))
-                highs.append(max(per_repeat) - mean)
+                lows.append(max(0.0, mean - min(per_repeat)))  # ≥ 0: float noise on equal repeats
+                highs.append(max(0.0, max(per_repeat) - mean))
             else:
                 lows.append(0.0)
                 highs.append(0.0)

@@ -26,6 +26,7 @@ EXPERIMENTS = {
     "exp1": ("Exp1 — concurrency sweep", ("fig1_mem_vs_concurrency", "fig2_tps_vs_concurrency")),
     "exp2": ("Exp2 — sequence-length sweep", ("fig3_latency_vs_seqlen", "fig4_mem_vs_seqlen")),
     "exp3": ("Exp3 — mixed lengths (tail latency)", ("fig5_mixed_lengths_latency",)),
+    "exp4": ("Exp4 — static vs paged KV, in-process vs server", ("fig8_backend_compare", "fig9_kv_timeline")),
 }
 FINDING_TITLES = {
     "memory_slope": "Memory per extra concurrent request",
@@ -59,6 +60,11 @@ def make_report(results_dir: str | Path, figures: bool = True) -> ReportPaths:
     cells, traces, manifest = load_dataset(out)
     view = prepare(cells, traces)
     fig_results = plot_view(view, out / FIGURES_DIR) if figures else []
+    if figures:
+        from kvray.plots_server import has_server_data, make_server_figures
+
+        if has_server_data(out):  # exp4 / paged engines: fig8 backend comparison, fig9 KV timeline
+            fig_results += make_server_figures(out)
     findings = compute_findings(view)
     blocks = build_blocks(view, manifest, findings, fig_results, out)
     md_path, html_path = out / REPORT_MD, out / REPORT_HTML
@@ -298,7 +304,10 @@ def build_blocks(
         if not len(rows):
             blocks.append(Block("p", f"No {exp} cells in this dataset (`kvray {exp} --help`)."))
         else:
-            sort = ("workload", "concurrency", "prompt_toks") if exp != "exp2" else ("prompt_toks", "concurrency")
+            sort = {
+                "exp2": ("prompt_toks", "concurrency"),
+                "exp4": ("backend", "concurrency", "prompt_toks"),
+            }.get(exp, ("workload", "concurrency", "prompt_toks"))
             blocks.append(cell_table(view, rows, sort))
             ooms = rows[rows["status"].isin(OOM_STATUSES) & rows["reason"].astype(bool)]
             if len(ooms):
@@ -327,7 +336,7 @@ def build_blocks(
         blocks.append(Block("h2", "Other cells"))
         blocks.append(cell_table(view, others, ("experiment", "workload", "concurrency", "prompt_toks")))
     blocks.append(Block("h2", "Across hardware and KV prediction"))
-    for name in FIGURES[5:]:
+    for name in FIGURES[5:]:  # fig6 cross-hardware, fig7 KV predicted vs measured
         blocks += figure_blocks(name)
     blocks.append(Block("h2", "Definitions"))
     blocks.append(

@@ -263,6 +263,8 @@ class _View:
     def stop(self) -> None:
         if self.enabled:
             self.live.stop()
+            if not self.live.console.is_terminal:  # a log file: end the last frame's line
+                self.live.console.line()
 
 
 class _Sweep:

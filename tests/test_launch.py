@@ -68,7 +68,7 @@ def ray_head(tmp_path_factory):
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
@@ -130,3 +130,33 @@ def test_launch_rejects_bad_targets(tmp_path):
     assert (
         rejected.returncode == 2 and "validator" in rejected.stderr and len(rejected.stderr.strip().splitlines()) == 1
     )
+
+
+def test_submit_retries_only_while_the_job_agent_is_starting(monkeypatch):
+    from kvray import launch
+
+    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+
+    class Head:
+        calls = 0
+
+        def submit_job(self, **kwargs):
+            self.calls += 1
+            if self.calls < 3:
+                raise RuntimeError("Request failed with status code 500: No available agent to submit job")
+            return "raysubmit_1"
+
+    head = Head()
+    assert launch._submit_when_agent_ready(head, entrypoint="x") == "raysubmit_1" and head.calls == 3
+
+    class Broken:
+        calls = 0
+
+        def submit_job(self, **kwargs):
+            self.calls += 1
+            raise RuntimeError("Request failed with status code 400: bad runtime_env")
+
+    broken = Broken()
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        launch._submit_when_agent_ready(broken, entrypoint="x")
+    assert broken.calls == 1

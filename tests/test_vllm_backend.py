@@ -140,6 +140,15 @@ def test_exp4_runs_hf_hf_paged_and_vllm_and_draws_fig8(vllm, model_dir, tmp_path
     assert set(figures["fig9_kv_timeline"].series) == {"hf-paged", "vllm"}
     for f in figures.values():
         assert not f.empty and all(p.is_file() and p.stat().st_size > 0 for p in f.paths)
+    from kvray.report import make_report  # the report has an exp4 section that embeds both figures
+
+    paths = make_report(tmp_path / "exp4")
+    md, page = paths.markdown.read_text(), paths.html.read_text()
+    exp4 = md[md.index("## Exp4") :]
+    assert "![fig8_backend_compare](figures/fig8_backend_compare.png)" in exp4
+    assert "![fig9_kv_timeline](figures/fig9_kv_timeline.png)" in exp4
+    assert '<img alt="fig8_backend_compare" src="data:image/png;base64,' in page
+    assert "Other cells" not in md  # exp4 rows sit in their own table
 
 
 def test_a_missing_vllm_python_is_an_input_error(tmp_path):
