@@ -108,11 +108,16 @@ def cache_config(samples: list[Sample]) -> dict[str, Any]:
     return out
 
 
+SCRAPE_TIMEOUT_S = 10.0
+
+
 class MetricsPoller:
     """Scrapes ``url`` every ``interval_s`` on the running event loop; ``points`` is the KV timeline.
 
     Each point: {t_s (on the caller's clock, relative to ``t0``), kv_usage, running, waiting, preemptions}.
-    A 404 or a connection failure on the first scrape disables polling (the server has no metrics).
+    A server that answers the first scrape with an error status or refuses the connection has no metrics:
+    polling stops. A scrape that merely times out (a busy server streaming tokens on a loaded machine) is
+    skipped and polling goes on — giving up there would lose the whole cell's timeline.
     """
 
     def __init__(self, client: Any, url: str, t0: float, interval_s: float = 0.25, repeat: int = 0):
@@ -124,22 +129,32 @@ class MetricsPoller:
         self.points: list[dict[str, Any]] = []
         self.available: bool | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def scrape(self) -> list[Sample] | None:
-        try:
-            response = await self.client.get(self.url, timeout=max(self.interval_s * 4, 2.0))
+        samples, _ = await self._scrape()
+        return samples
+
+    async def _scrape(self) -> tuple[list[Sample] | None, bool]:
+        """(samples or None, whether the failure says the server has no metrics at all)."""
+        import httpx
+
+        try:  # generous: on a loaded machine a late answer is still a sample of the run
+            response = await self.client.get(self.url, timeout=max(self.interval_s * 4, SCRAPE_TIMEOUT_S))
+        except httpx.TimeoutException:
+            return None, False
         except Exception:
-            return None
+            return None, True
         if response.status_code != 200:
-            return None
-        return parse(response.text)
+            return None, True
+        return parse(response.text), False
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             t = time.perf_counter() - self.t0
-            samples = await self.scrape()
+            samples, absent = await self._scrape()
             if samples is None:
-                if self.available is None:
+                if self.available is None and absent:
                     self.available = False
                     return
             else:
@@ -153,14 +168,18 @@ class MetricsPoller:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        """One last scrape (the state right after the run), then stop."""
+        """Let a scrape in flight land (it was asked for during the run), one last scrape (the state right
+        after the run), then stop."""
+        self._stopping = True
         if self._task is not None:
+            await asyncio.wait({self._task}, timeout=SCRAPE_TIMEOUT_S)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if self.available:
+        if self.available is not False:
             samples = await self.scrape()
             if samples is not None:
+                self.available = True
                 snap = kv_snapshot(samples)
                 self.points.append({"repeat": self.repeat, "t_s": round(time.perf_counter() - self.t0, 6), **snap})
 

@@ -45,11 +45,18 @@ def _free_port() -> int:
 def ray_head(tmp_path_factory):
     """A real head node on 127.0.0.1, in its own process group so the test can stop exactly it."""
     gcs_port, dash_port = _free_port(), _free_port()
+    # Every other port a head binds gets a free one too: the suite's own local Ray already holds the
+    # defaults (the dashboard agent's 52365 above all), and an agent that cannot bind leaves the Jobs API
+    # answering "No available agent to submit job" for ever.
+    ports = {flag: _free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port",
+             "--node-manager-port", "--object-manager-port")}  # fmt: skip
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")  # noqa: SIM115 - lives as long as the head
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-           "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true"]  # fmt: skip
+           "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true",
+           *(f"{flag}={port}" for flag, port in ports.items())]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash_port}"
     import httpx
