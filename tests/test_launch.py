@@ -75,7 +75,7 @@ def ray_head(tmp_path_factory):
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=3)  # then SIGKILL: a test head has nothing to drain
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()

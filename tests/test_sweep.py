@@ -119,7 +119,9 @@ def test_killed_worker_is_replaced_and_no_row_is_lost_or_doubled(ray_session, tm
     job = synthetic_job(
         "kill",
         workers=2,
-        options={"ttft_s": 0.05, "tpot_s": 0.05},  # ~0.2 s a cell
+        # ~0.4 s a cell: after the kill ≥ 13 cells (≥ 2.6 s on the other worker) remain for a replacement to
+        # share — with nothing left to do, a dead worker is (rightly) not replaced
+        options={"ttft_s": 0.1, "tpot_s": 0.1},
         grid={"prompt_toks": [8, 16, 32, 64], "gen_toks": [4], "concurrency": [1, 2, 3, 4]},
     )
     out = tmp_path / "out"
@@ -129,7 +131,7 @@ def test_killed_worker_is_replaced_and_no_row_is_lost_or_doubled(ray_session, tm
     killed = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and killed is None:
-        if len(read_results(out)) >= 3:
+        if len(read_results(out)) >= 2:
             names = sorted(a for a in ray.util.list_named_actors() if a.startswith(WORKER_NAME_PREFIX))
             if names:
                 killed = names[0]
