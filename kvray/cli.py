@@ -407,12 +407,9 @@ def plot(
 ) -> None:
     """Regenerate every figure from a results folder alone (no Ray, no torch): fig1 … fig7, PNG + SVG."""
     from kvray.plots import make_figures
-    from kvray.plots_server import has_server_data, make_server_figures
+    from kvray.plots_server import server_figures_if_any
 
-    figures = make_figures(results_dir, out)
-    if has_server_data(results_dir):  # exp4 / paged engines: fig8 backend comparison, fig9 KV timeline
-        figures += make_server_figures(results_dir, out)
-    _print_figures(figures)
+    _print_figures(make_figures(results_dir, out) + server_figures_if_any(results_dir, out))
 
 
 @app.command()

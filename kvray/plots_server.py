@@ -210,3 +210,9 @@ def make_server_figures(results_dir: str | Path, out_dir: str | Path | None = No
     cells, _ = frames_from_records(records)
     with style.styled():
         return [fig8_backend_compare(cells, target), fig9_kv_timeline(records, target)]
+
+
+def server_figures_if_any(results_dir: str | Path, out_dir: str | Path | None = None) -> list[FigureResult]:
+    """fig8 and fig9 when the folder holds exp4 cells or KV timelines, else none: unlike fig1–fig7 they only
+    concern paged engines and servers, so a folder without them gets no "missing data" figures."""
+    return make_server_figures(results_dir, out_dir) if has_server_data(results_dir) else []

@@ -54,17 +54,13 @@ def make_all(output_dir: str | Path, figures: bool = True) -> ReportPaths:
 
 def make_report(results_dir: str | Path, figures: bool = True) -> ReportPaths:
     from kvray.plots import FIGURES_DIR, plot_view
+    from kvray.plots_server import server_figures_if_any
     from kvray.store import load_dataset
 
     out = Path(results_dir)
     cells, traces, manifest = load_dataset(out)
     view = prepare(cells, traces)
-    fig_results = plot_view(view, out / FIGURES_DIR) if figures else []
-    if figures:
-        from kvray.plots_server import has_server_data, make_server_figures
-
-        if has_server_data(out):  # exp4 / paged engines: fig8 backend comparison, fig9 KV timeline
-            fig_results += make_server_figures(out)
+    fig_results = plot_view(view, out / FIGURES_DIR) + server_figures_if_any(out) if figures else []
     findings = compute_findings(view)
     blocks = build_blocks(view, manifest, findings, fig_results, out)
     md_path, html_path = out / REPORT_MD, out / REPORT_HTML
