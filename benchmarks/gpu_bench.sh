@@ -52,7 +52,7 @@ rm -f "$OUT/.last.json"
 "$PY" - "$OUT" <<'EOF'
 import sys
 
-from kvray.store import load_dataset
+from kvray.data.store import load_dataset
 
 cells, _, _ = load_dataset(sys.argv[1])
 GIB = 2**30

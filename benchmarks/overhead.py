@@ -15,7 +15,7 @@ import statistics
 import time
 
 from kvray.backends.hf import TORCH_DTYPES, HFBackend
-from kvray.runner import run_cell
+from kvray.bench.runner import run_cell
 from kvray.spec import Cell, Workload
 
 

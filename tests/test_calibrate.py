@@ -6,13 +6,13 @@ import random
 import pytest
 
 from kvray.backends.sim import SimBackend
-from kvray.calibrate import calibrate
+from kvray.analysis.calibrate import calibrate
 from kvray.errors import KvrayInputError
-from kvray.resolve import resolve_geometry
-from kvray.runner import run_cell
-from kvray.simulate import predict_cell
+from kvray.model.resolve import resolve_geometry
+from kvray.bench.runner import run_cell
+from kvray.sim.simulate import predict_cell
 from kvray.spec import Cell, Workload, make_options
-from kvray.store import DatasetWriter
+from kvray.data.store import DatasetWriter
 
 NVML_NAMES = {"H100-SXM": "NVIDIA H100 80GB HBM3", "L4": "NVIDIA L4"}
 

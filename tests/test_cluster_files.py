@@ -21,7 +21,7 @@ def test_ray_validator_accepts_cluster_file(path):
     validate_config(prepare_config(cfg))  # raises on any schema violation
     # kvray's own settings live under metadata, which Ray does not interpret.
     assert set(cfg["metadata"]) == {"kvray"}
-    from kvray.gpus import get_gpu
+    from kvray.hardware.gpus import get_gpu
 
     accel_types = {
         key.split(":", 1)[1]

@@ -20,8 +20,8 @@ SCRIPT = textwrap.dedent(
     import ray
     from ray.cluster_utils import Cluster
     from kvray.errors import KvrayInputError
-    from kvray.job import load_job
-    from kvray.sweep import run_job
+    from kvray.plan.job import load_job
+    from kvray.sweep.driver import run_job
 
     job_path, out = sys.argv[1], sys.argv[2]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
@@ -75,7 +75,7 @@ def _run(tmp_path, hardware: str) -> dict:
 def test_each_runs_every_cell_on_every_gpu_type_and_rows_line_up(tmp_path):
     outcome = _run(tmp_path, "each")
     assert outcome["ok"], outcome
-    from kvray.store import load_dataset
+    from kvray.data.store import load_dataset
 
     cells, _, manifest = load_dataset(tmp_path / "out")
     assert len(cells) == 8 and cells["cell_id"].is_unique and set(cells["status"]) == {"ok"}

@@ -13,8 +13,8 @@ import pytest
 from ray_fixtures import ray_session  # noqa: F401
 
 from kvray.errors import KvrayInputError
-from kvray.experiments import Common, exp1_job, exp2_job, exp3_job, hardware_arg
-from kvray.plan import plan_cells
+from kvray.plan.experiments import Common, exp1_job, exp2_job, exp3_job, hardware_arg
+from kvray.plan.planner import plan_cells
 
 
 def kvray(*args: str) -> subprocess.CompletedProcess:
@@ -169,10 +169,10 @@ def test_real_tiny_model_run_ends_in_figures_and_report(ray_session, tmp_path): 
     the command line and ends in the figures and the report, whose numbers must be the dataset's."""
     from dataclasses import replace
 
-    from kvray.findings import compute_findings, prepare
-    from kvray.metrics import describe
-    from kvray.store import load_dataset
-    from kvray.sweep import run_job
+    from kvray.analysis.findings import compute_findings, prepare
+    from kvray.measure.metrics import describe
+    from kvray.data.store import load_dataset
+    from kvray.sweep.driver import run_job
 
     out = str(tmp_path / "tiny")
     common = Common(model="kvray/tiny-llama", dtype="fp32", device="cpu", warmup=0, repeats=2)
@@ -258,8 +258,8 @@ def test_real_tiny_model_run_ends_in_figures_and_report(ray_session, tmp_path): 
 
 def test_job_file_for_a_remote_cluster_round_trips(tmp_path):
     """--cluster / --address http://… ship the experiment as a job file: the same cells come back from it."""
-    from kvray.experiments import write_job_file
-    from kvray.job import load_job
+    from kvray.plan.experiments import write_job_file
+    from kvray.plan.job import load_job
 
     job, _ = exp3_job(Common(hardware=["A100", "H100"], repeats=2), 128, 1024, 32)
     loaded = load_job(write_job_file(job, tmp_path))

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvray.findings import compute_findings, mixed_pairs, prepare, short_hardware
-from kvray.metrics import summarize
+from kvray.analysis.findings import compute_findings, mixed_pairs, prepare, short_hardware
+from kvray.measure.metrics import summarize
 from kvray.spec import Cell, Workload
-from kvray.store import DatasetWriter, load_dataset
-from kvray.trace import CellResult, RunTrace
+from kvray.data.store import DatasetWriter, load_dataset
+from kvray.measure.trace import CellResult, RunTrace
 
 MODEL = "facebook/opt-1.3b"
 GIB = 2**30

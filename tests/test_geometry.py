@@ -6,8 +6,8 @@ import pytest
 from tiny_models import TINY_CONFIGS, build_model, tiny_config
 
 from kvray.errors import KvrayInputError
-from kvray.geometry import geometry_from_config
-from kvray.resolve import BUNDLED_DIR, bundled_models, resolve_geometry
+from kvray.model.geometry import geometry_from_config
+from kvray.model.resolve import BUNDLED_DIR, bundled_models, resolve_geometry
 
 
 def _shrink(cfg: dict) -> dict:

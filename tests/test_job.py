@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvray.errors import KvrayInputError
-from kvray.job import Grid, Job, job_from_dict, load_job
-from kvray.plan import plan_cells
+from kvray.plan.job import Grid, Job, job_from_dict, load_job
+from kvray.plan.planner import plan_cells
 
 JOBS = Path(__file__).parent.parent / "jobs"
 

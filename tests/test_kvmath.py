@@ -5,15 +5,15 @@ import torch
 from tiny_models import build_model, tiny_config
 
 from kvray.errors import KvrayInputError
-from kvray.geometry import geometry_from_config
-from kvray.kvmath import (
+from kvray.model.geometry import geometry_from_config
+from kvray.model.kvmath import (
     cached_positions,
     kv_bytes_batch,
     kv_bytes_per_token,
     kv_bytes_sequence,
     normalize_dtype,
 )
-from kvray.resolve import resolve_geometry
+from kvray.model.resolve import resolve_geometry
 
 
 def _cache_bytes(cache) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvray.launch import BEGIN, END, pack_dataset, ray_auth_headers, unpack_dataset
+from kvray.sweep.launch import BEGIN, END, pack_dataset, ray_auth_headers, unpack_dataset
 
 VENV_BIN = Path(sys.executable).parent
 SIM_JOB = """
@@ -105,7 +105,7 @@ def test_launch_against_a_real_head_returns_the_dataset(ray_head, tmp_path):
         capture_output=True, text=True, env=env, timeout=400,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    from kvray.store import load_dataset
+    from kvray.data.store import load_dataset
 
     cells, traces, manifest = load_dataset(out)
     assert len(cells) == 4 and set(cells["status"]) == {"ok"} and cells["cell_id"].is_unique
@@ -140,7 +140,7 @@ def test_launch_rejects_bad_targets(tmp_path):
 
 
 def test_submit_retries_only_while_the_job_agent_is_starting(monkeypatch):
-    from kvray import launch
+    from kvray.sweep import launch
 
     monkeypatch.setattr(launch.time, "sleep", lambda s: None)
 

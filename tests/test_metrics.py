@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from kvray.metrics import describe, itl_gaps, request_metrics, summarize, throughput
-from kvray.trace import RunTrace
+from kvray.measure.metrics import describe, itl_gaps, request_metrics, summarize, throughput
+from kvray.measure.trace import RunTrace
 
 
 def trace(rid=0, repeat=0, arrival=0.0, start=0.0, tokens=(1.0, 1.5, 2.0), prompt=10, status="ok"):

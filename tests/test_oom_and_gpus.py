@@ -2,7 +2,7 @@ import pytest
 
 import kvray
 from kvray.errors import KvrayInputError
-from kvray.gpus import get_gpu, match_gpu
+from kvray.hardware.gpus import get_gpu, match_gpu
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,11 @@ from servers_fixtures import FakeOpenAIServer, build_tiny_model_dir, start_trans
 from kvray.backends.hf import HFBackend
 from kvray.backends.hf_paged import HFPagedBackend
 from kvray.backends.openai import Chunk, OpenAIBackend, PromptBuilder, load_tokenizer, token_times
-from kvray.metrics import itl_gaps
-from kvray.runner import run_cell
-from kvray.servers import free_port
+from kvray.measure.metrics import itl_gaps
+from kvray.bench.runner import run_cell
+from kvray.servers.process import free_port
 from kvray.spec import Cell, Workload, make_options
-from kvray.store import DatasetWriter
+from kvray.data.store import DatasetWriter
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,7 @@ def test_a_server_never_outlives_kvray_even_when_kvray_is_killed(tmp_path):
     port = free_port()
     script = f"""
 import sys, time
-from kvray.servers import ServerProcess
+from kvray.servers.process import ServerProcess
 # a leader with a grandchild, like vLLM's API server and its engine core
 cmd = ["bash", "-c", "{sys.executable} -m http.server {port} --bind 127.0.0.1 & sleep 600 & wait"]
 server = ServerProcess(cmd, "http://127.0.0.1:{port}/", name="fake").start(30)
@@ -301,7 +301,7 @@ time.sleep(600)
 
 
 def test_server_figures_of_a_folder_without_server_data_say_what_is_missing(tmp_path):
-    from kvray.plots_server import has_server_data, make_server_figures
+    from kvray.figures.server import has_server_data, make_server_figures
 
     (tmp_path / "empty").mkdir()
     assert not has_server_data(tmp_path / "empty")

@@ -1,7 +1,7 @@
 """The planner: groups share one model load, run small to large, and an OOM skips only cells that outgrow it."""
 
-from kvray.job import job_from_dict
-from kvray.plan import group_cells, group_key, outgrows, plan_cells, predicted_bytes, skip_reason
+from kvray.plan.job import job_from_dict
+from kvray.plan.planner import group_cells, group_key, outgrows, plan_cells, predicted_bytes, skip_reason
 from kvray.spec import Cell, Workload
 
 

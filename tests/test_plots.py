@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from test_findings import MODEL, result, uniform_traces, write_crafted
 
-from kvray.plots import FIGURES, make_figures
+from kvray.figures.plots import FIGURES, make_figures
 from kvray.spec import Cell, Workload
-from kvray.store import DatasetWriter
+from kvray.data.store import DatasetWriter
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 
@@ -182,7 +182,7 @@ def test_partial_dataset_without_memory_columns_or_traces(tmp_path):
 
 
 def test_one_failing_figure_does_not_stop_the_others(tmp_path, monkeypatch):
-    import kvray.plots as plots
+    import kvray.figures.plots as plots
 
     def broken(view, out_dir):
         raise ValueError("boom")

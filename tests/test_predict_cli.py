@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from kvray.cli import main
-from kvray.resolve import resolve_geometry
-from kvray.simulate import Efficiency, predict_cell
+from kvray.model.resolve import resolve_geometry
+from kvray.sim.simulate import Efficiency, predict_cell
 
 
 @pytest.fixture(autouse=True)
@@ -76,9 +76,9 @@ def test_predict_imports_no_torch():
 
 def test_calibrate_command_writes_the_file_predict_reads(kvray, tmp_path):
     from kvray.backends.sim import SimBackend
-    from kvray.runner import run_cell
+    from kvray.bench.runner import run_cell
     from kvray.spec import Cell, Workload, make_options
-    from kvray.store import DatasetWriter
+    from kvray.data.store import DatasetWriter
 
     writer = DatasetWriter(tmp_path / "res", tables=False)
     for c in (1, 8):

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from kvray import prometheus
-from kvray.prometheus import MetricsPoller
+from kvray.servers import prometheus
+from kvray.servers.prometheus import MetricsPoller
 
 METRICS = (
     "# TYPE vllm:kv_cache_usage_perc gauge\n"

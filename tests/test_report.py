@@ -11,9 +11,9 @@ import sys
 import pytest
 from test_findings import ACT_PER_REQUEST, KV_BIAS, KV_PER_TOKEN, write_crafted
 
-from kvray.plots import FIGURES
+from kvray.figures.plots import FIGURES
 from kvray.report import make_report
-from kvray.style import human_bytes
+from kvray.figures.style import human_bytes
 
 
 @pytest.fixture(scope="module")

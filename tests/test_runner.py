@@ -10,7 +10,7 @@ from tiny_models import tiny_config, write_model_dir
 
 from kvray.backends import get_backend
 from kvray.backends.hf import HFBackend
-from kvray.runner import MEMORY_KEYS, run_cell, run_cells
+from kvray.bench.runner import MEMORY_KEYS, run_cell, run_cells
 from kvray.spec import Cell, Workload, make_options
 
 
@@ -55,7 +55,7 @@ CHILD = textwrap.dedent(
     import json, resource, sys
     import psutil
     from kvray.backends.hf import HFBackend
-    from kvray.runner import run_cell
+    from kvray.bench.runner import run_cell
     from kvray.spec import Cell, Workload
 
     model = sys.argv[1]
@@ -95,7 +95,7 @@ def test_memory_tracker_catches_a_short_cpu_spike_and_ignores_earlier_ones(monke
 
     import numpy as np
 
-    from kvray import memory
+    from kvray.measure import memory
 
     before = np.ones(96 * 2**20 // 8)  # a spike before the cell must not count
     del before
@@ -116,7 +116,7 @@ def test_memory_tracker_catches_a_short_cpu_spike_and_ignores_earlier_ones(monke
 
 
 def test_oom_errors_are_recognised_with_their_sizes():
-    from kvray.memory import attempted_bytes, is_oom_error
+    from kvray.measure.memory import attempted_bytes, is_oom_error
 
     cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes.")
     assert is_oom_error(cpu) and attempted_bytes(cpu) == 2**31

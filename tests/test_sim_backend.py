@@ -4,10 +4,10 @@ import pytest
 
 from kvray.backends import get_backend
 from kvray.backends.base import Backend
-from kvray.kvmath import kv_bytes_sequence
-from kvray.resolve import resolve_geometry
-from kvray.runner import run_cell
-from kvray.simulate import Efficiency, predict_cell
+from kvray.model.kvmath import kv_bytes_sequence
+from kvray.model.resolve import resolve_geometry
+from kvray.bench.runner import run_cell
+from kvray.sim.simulate import Efficiency, predict_cell
 from kvray.spec import Cell, Workload, make_options
 
 MODEL = "meta-llama/Meta-Llama-3-8B"

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvray.gpus import GPUS, get_gpu
-from kvray.kvmath import kv_bytes_sequence
-from kvray.oom import RUNTIME_OVERHEAD_BYTES, activation_bytes
-from kvray.resolve import resolve_geometry
-from kvray.simulate import Efficiency, predict_cell, simulate
+from kvray.hardware.gpus import GPUS, get_gpu
+from kvray.model.kvmath import kv_bytes_sequence
+from kvray.model.oom import RUNTIME_OVERHEAD_BYTES, activation_bytes
+from kvray.model.resolve import resolve_geometry
+from kvray.sim.simulate import Efficiency, predict_cell, simulate
 from kvray.spec import RequestSpec
 
 EFF = Efficiency(0.7, 0.9)

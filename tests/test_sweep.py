@@ -16,11 +16,11 @@ from ray_fixtures import ray_session  # noqa: F401
 from tiny_models import tiny_config, write_model_dir
 
 from kvray.errors import KvrayInputError
-from kvray.job import job_from_dict
-from kvray.plan import plan_cells
-from kvray.store import CELLS_JSONL, read_results
-from kvray.sweep import WORKER_NAME_PREFIX, last_run, run_job, status_counts
-from kvray.workers import limit_memory
+from kvray.plan.job import job_from_dict
+from kvray.plan.planner import plan_cells
+from kvray.data.store import CELLS_JSONL, read_results
+from kvray.sweep.driver import WORKER_NAME_PREFIX, last_run, run_job, status_counts
+from kvray.sweep.workers import limit_memory
 
 
 def synthetic_job(name, models=("kvray/tiny-llama",), **overrides):

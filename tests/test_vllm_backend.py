@@ -17,14 +17,14 @@ from kvray.backends.hf_paged import HFPagedBackend
 from kvray.backends.openai import OpenAIBackend
 from kvray.backends.vllm import VLLMBackend, vllm_launcher
 from kvray.errors import KvrayInputError
-from kvray.experiments import Common, exp4_job
-from kvray.kvmath import kv_bytes_per_token
-from kvray.plan import plan_cells
-from kvray.prometheus import cache_config, kv_snapshot, parse
-from kvray.resolve import resolve_geometry
-from kvray.runner import run_cell
+from kvray.plan.experiments import Common, exp4_job
+from kvray.model.kvmath import kv_bytes_per_token
+from kvray.plan.planner import plan_cells
+from kvray.servers.prometheus import cache_config, kv_snapshot, parse
+from kvray.model.resolve import resolve_geometry
+from kvray.bench.runner import run_cell
 from kvray.spec import Cell, Workload, make_options
-from kvray.store import DatasetWriter, read_results
+from kvray.data.store import DatasetWriter, read_results
 
 pytestmark = pytest.mark.vllm
 
@@ -116,7 +116,7 @@ def test_the_openai_backend_on_vllm_counts_what_the_in_process_backend_counts(vl
 
 
 def test_exp4_runs_hf_hf_paged_and_vllm_and_draws_fig8(vllm, model_dir, tmp_path):
-    from kvray.plots_server import has_server_data, make_server_figures
+    from kvray.figures.server import has_server_data, make_server_figures
 
     common = Common(model=str(model_dir), backends=["hf", "hf-paged", "vllm"], dtype="fp32", device="cpu",
                     warmup=1, repeats=1, options={"vllm_python": vllm_python(), "metrics_interval_s": 0.02})  # fmt: skip

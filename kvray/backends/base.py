@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from kvray.measure.trace import RunTrace
 from kvray.spec import Cell, RequestSpec
-from kvray.trace import RunTrace
 
 
 @dataclass

@@ -23,9 +23,9 @@ from typing import Any
 
 from kvray.backends.base import BackendRun
 from kvray.errors import KvrayInputError
-from kvray.kvmath import cached_positions, kv_bytes_batch, normalize_dtype
+from kvray.measure.trace import RunTrace
+from kvray.model.kvmath import cached_positions, kv_bytes_batch, normalize_dtype
 from kvray.spec import Cell, RequestSpec
-from kvray.trace import RunTrace
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _CONFIG_KEYS_NOT_KWARGS = ("model_type", "_name_or_path", "transformers_version")
@@ -116,8 +116,8 @@ class HFBackend:
         import torch
         import transformers
 
-        from kvray.geometry import geometry_from_config
-        from kvray.resolve import load_config
+        from kvray.model.geometry import geometry_from_config
+        from kvray.model.resolve import load_config
 
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
         model: Any
@@ -174,13 +174,13 @@ class HFBackend:
         device = self.device
         self.model = None
         self._key = None
-        from kvray.memory import free_memory
+        from kvray.measure.memory import free_memory
 
         free_memory(device)
 
     def free_memory(self) -> None:
         """After an OOM: drop what the failed run left and keep the model for the next cell."""
-        from kvray.memory import free_memory
+        from kvray.measure.memory import free_memory
 
         free_memory(self.device)
 
@@ -321,7 +321,7 @@ def device_info(device: str) -> dict[str, Any]:
     try:
         import pynvml
 
-        from kvray.memory import _nvml_handle
+        from kvray.measure.memory import _nvml_handle
 
         handle = _nvml_handle(device)
         name = pynvml.nvmlDeviceGetName(handle)

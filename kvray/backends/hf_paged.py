@@ -35,9 +35,9 @@ from typing import Any
 from kvray.backends.base import BackendRun
 from kvray.backends.hf import HFBackend
 from kvray.errors import KvrayInputError
-from kvray.kvmath import cached_positions, kv_bytes_batch, kv_bytes_per_token, normalize_dtype
+from kvray.measure.trace import RunTrace
+from kvray.model.kvmath import cached_positions, kv_bytes_batch, kv_bytes_per_token, normalize_dtype
 from kvray.spec import Cell, RequestSpec
-from kvray.trace import RunTrace
 
 DEFAULTS: dict[str, Any] = {
     "block_size": None,

@@ -49,8 +49,8 @@ from kvray.backends.openai import (
     token_times,
 )
 from kvray.errors import KvrayInputError
+from kvray.measure.trace import RunTrace
 from kvray.spec import Cell, RequestSpec
-from kvray.trace import RunTrace
 
 _NS = 1e-9
 _WORDS = ("time", "river", "stone", "light", "garden", "window", "number", "city", "paper", "music", "forest",

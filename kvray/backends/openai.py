@@ -46,8 +46,8 @@ from typing import Any, TypeVar
 
 from kvray.backends.base import BackendRun
 from kvray.errors import KvrayInputError
+from kvray.measure.trace import RunTrace
 from kvray.spec import Cell, RequestSpec
-from kvray.trace import RunTrace
 
 ENDPOINTS = ("completions", "chat")
 FLAVORS = ("auto", "vllm", "transformers", "openai")
@@ -366,7 +366,7 @@ class OpenAIBackend:
     async def run_async(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
         import httpx
 
-        from kvray.prometheus import MetricsPoller, cache_config, peak
+        from kvray.servers.prometheus import MetricsPoller, cache_config, peak
 
         assert self.settings is not None and self.prompts is not None
         settings = self.settings
@@ -527,8 +527,8 @@ def used_kv_bytes(cache: dict[str, Any], usage: float | None) -> int | None:
 
 def predicted_paged_bytes(cell: Cell, cache: dict[str, Any]) -> int | None:
     """kvray's paged-layout prediction for the cell's workload with the server's block size and KV dtype."""
-    from kvray.kvmath import cached_positions, kv_bytes_batch
-    from kvray.resolve import resolve_geometry
+    from kvray.model.kvmath import cached_positions, kv_bytes_batch
+    from kvray.model.resolve import resolve_geometry
 
     block_size = cache.get("block_size")
     if not block_size:
@@ -544,7 +544,7 @@ def predicted_paged_bytes(cell: Cell, cache: dict[str, Any]) -> int | None:
 
 def cache_dtype(server_dtype: str | None, model_dtype: str) -> str:
     """The KV dtype a server reports ("auto" means the model's dtype)."""
-    from kvray.kvmath import normalize_dtype
+    from kvray.model.kvmath import normalize_dtype
 
     if not server_dtype or server_dtype == "auto":
         return normalize_dtype(model_dtype)

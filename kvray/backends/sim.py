@@ -18,14 +18,13 @@ from typing import Any
 
 from kvray.backends.base import BackendRun
 from kvray.errors import KvrayInputError
-from kvray.geometry import ModelGeometry
-from kvray.gpus import GpuSpec, get_gpu
-from kvray.kvmath import DEFAULT_BLOCK_SIZE, LAYOUTS, normalize_dtype
-from kvray.simulate import DEFAULT_GPU, Efficiency, MemoryPrediction, efficiency_for, simulate
+from kvray.hardware.gpus import GpuSpec, get_gpu
+from kvray.measure.trace import RunTrace
+from kvray.model.geometry import ModelGeometry
+from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, LAYOUTS, normalize_dtype
+from kvray.sim.simulate import DEFAULT_GPU, Efficiency, MemoryPrediction, efficiency_for, simulate
 from kvray.spec import Cell, RequestSpec
-from kvray.trace import RunTrace
-
-GIB = 2**30
+from kvray.units import GIB
 
 
 class SimulatedOutOfMemory(MemoryError):
@@ -58,7 +57,7 @@ class SimBackend:
         self.gpu: GpuSpec = get_gpu(DEFAULT_GPU)
 
     def load(self, cell: Cell) -> None:
-        from kvray.resolve import resolve_geometry
+        from kvray.model.resolve import resolve_geometry
 
         self.gpu = gpu_of(cell)
         _layout(cell)

@@ -21,8 +21,8 @@ from typing import Any
 
 from kvray.backends.base import BackendRun
 from kvray.errors import KvrayInputError
+from kvray.measure.trace import RunTrace
 from kvray.spec import Cell, RequestSpec
-from kvray.trace import RunTrace
 
 DEFAULTS: dict[str, Any] = {
     "ttft_s": 0.05,

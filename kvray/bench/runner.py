@@ -1,0 +1,210 @@
+"""Run one cell on a backend: OOM pre-check, load, warmup, measured repeats under a MemoryTracker, metrics.
+
+``run_cell`` is the single entry point every caller uses (``kvray bench``, Ray workers, the simulator),
+and it never raises for the cell's own failure: a CellResult with status ok | oom | error | refused comes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from kvray.backends.base import BackendRun
+from kvray.measure.memory import MemoryTracker, attempted_bytes, is_oom_error
+from kvray.measure.metrics import summarize
+from kvray.measure.trace import CellResult, RunTrace
+from kvray.spec import Cell
+from kvray.units import first_line, human_bytes
+
+# Memory columns every CellResult carries (None where a backend or device cannot tell).
+MEMORY_KEYS = (
+    "baseline_bytes",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "nvml_baseline_used_bytes",
+    "nvml_peak_used_bytes",
+    "rss_peak_bytes",
+    "weights_bytes",
+    "kv_measured_bytes",
+    "kv_predicted_bytes",
+    "kv_rel_error",
+    "activation_peak_bytes",
+)
+
+
+@lru_cache(maxsize=1)
+def _library_versions() -> dict[str, str | None]:
+    """Package metadata scans take milliseconds each; versions cannot change within a process."""
+    from kvray.hardware.env import library_versions
+
+    return library_versions()
+
+
+def _is_simulated(backend: Any) -> bool:
+    return bool(getattr(backend, "simulated", False))
+
+
+def predicted_kv_bytes(cell: Cell) -> int | None:
+    """KV bytes of the cell's workload as one static hf batch (None when the model's geometry is unknown)."""
+    from kvray.model.kvmath import cached_positions, kv_bytes_batch
+    from kvray.model.resolve import resolve_geometry
+
+    try:
+        g = resolve_geometry(cell.model)
+        wl = cell.workload
+        positions = [cached_positions(r.prompt_toks, wl.gen_toks) for r in wl.requests]
+        return kv_bytes_batch(g, positions, cell.kv_dtype or cell.dtype, "hf")
+    except Exception:
+        return None
+
+
+def _oom_refusal(backend: Any, cell: Cell) -> str | None:
+    """The reason to refuse a high-risk cell, or None when it may run."""
+    from kvray.model.oom import check_oom_risk
+
+    available = None
+    probe = getattr(backend, "memory_available_bytes", None)
+    if callable(probe):
+        available = probe(cell)
+    gpu = cell.hardware if cell.hardware not in ("any", "", "cpu") and available is None else None
+    risk = check_oom_risk(
+        cell.model,
+        cell.concurrency,
+        cell.workload.max_seq_len,
+        dtype=cell.dtype,
+        gpu=gpu,
+        kv_dtype=cell.kv_dtype,
+        available_bytes=available,
+    )
+    if risk["risk_level"] != "high":
+        return None
+    recs = "; ".join(risk["recommendations"])
+    return (
+        f"refused: OOM risk high — estimated {risk['total_estimated_gb']:.2f} GiB (weights "
+        f"{risk['weights_gb']:.2f}, KV {risk['kv_gb']:.2f}, activations {risk['activation_gb']:.2f}) of "
+        f"{risk['available_gb']:.2f} GiB on {risk['device']}; max concurrency {risk['max_concurrency']}"
+        + (f"; {recs}" if recs else "")
+        + " (run with --no-check-oom / check_oom=False to try anyway)"
+    )
+
+
+def _device_of(backend: Any) -> str:
+    device = getattr(backend, "device", None)
+    return device if isinstance(device, str) and device else "cpu"
+
+
+def run_cell(backend: Any, cell: Cell, check_oom: bool = True) -> CellResult:
+    """Measure one cell. Warmup runs are discarded; ``cell.repeats`` runs are measured and pooled."""
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    t_start = time.perf_counter()
+    result = CellResult(cell=cell, status="ok", started_at=started_at)
+    runs: list[BackendRun] = []
+    tracker: MemoryTracker | None = None
+    failure: tuple[str, str] | None = None
+    oom_size: int | None = None
+    try:
+        result.versions = dict(_library_versions())
+        if check_oom and not _is_simulated(backend) and getattr(backend, "oom_precheck", True):
+            refusal = _oom_refusal(backend, cell)
+            if refusal:
+                failure = ("refused", refusal)
+        if failure is None:
+            backend.load(cell)
+            requests = cell.workload.requests
+            for i in range(cell.warmup):
+                backend.run(cell, requests, repeat=-1 - i)
+            tracker = MemoryTracker(_device_of(backend))
+            with tracker:
+                for repeat in range(cell.repeats):
+                    runs.append(backend.run(cell, requests, repeat=repeat))
+    except Exception as exc:  # the cell's own failure: recorded, never raised
+        if is_oom_error(exc):
+            oom_size = attempted_bytes(exc)
+            failure = ("oom", f"out of memory: {first_line(exc)}")
+        else:
+            failure = ("error", first_line(exc))
+    if failure is not None and failure[0] == "oom":
+        cleanup = getattr(backend, "free_memory", None)
+        if callable(cleanup):
+            with contextlib.suppress(Exception):
+                cleanup()
+    try:
+        result.hardware = backend.device_info()
+    except Exception:
+        result.hardware = {"name": "cpu"}
+
+    traces: list[RunTrace] = [t for run in runs for t in run.traces]
+    result.traces = traces
+    result.simulated = _is_simulated(backend) or any(run.simulated for run in runs)
+    if traces:
+        result.metrics = summarize(traces)
+    result.memory = _memory(cell, runs, tracker, oom_size)
+    if result.memory.get("weights_bytes") is None and isinstance(getattr(backend, "weights_bytes", None), int):
+        result.memory["weights_bytes"] = backend.weights_bytes
+    for run in runs:
+        result.extra.update(run.extra)
+    if failure is not None:
+        result.status, result.reason = failure
+        if result.status == "oom":
+            result.reason = _oom_reason(result.reason, cell, result.memory)
+    elif traces and not any(t.status == "ok" for t in traces):
+        result.status, result.reason = "error", next((t.error for t in traces if t.error), "every request failed")
+    result.duration_s = time.perf_counter() - t_start
+    return result
+
+
+def _memory(cell: Cell, runs: list[BackendRun], tracker: MemoryTracker | None, oom_size: int | None) -> dict[str, Any]:
+    memory: dict[str, Any] = dict.fromkeys(MEMORY_KEYS)
+    if tracker is not None:
+        memory.update(tracker.figures())
+    measured = [r.kv_measured_bytes for r in runs if r.kv_measured_bytes is not None]
+    memory["kv_measured_bytes"] = max(measured) if measured else None
+    for run in runs:  # the backend knows better than the process-level tracker; peaks over repeats
+        for key, value in run.memory.items():
+            if value is None:
+                memory.setdefault(key, None)
+            elif key.startswith("kv_") and isinstance(memory.get(key), int | float):
+                memory[key] = max(memory[key], value)
+            else:
+                memory[key] = value
+    if memory["kv_predicted_bytes"] is None and not any("kv_predicted_bytes" in r.memory for r in runs):
+        memory["kv_predicted_bytes"] = predicted_kv_bytes(cell)
+    kv_m, kv_p = memory["kv_measured_bytes"], memory["kv_predicted_bytes"]
+    memory["kv_rel_error"] = (kv_m - kv_p) / kv_p if kv_m is not None and kv_p else None
+    peak, base = memory["peak_allocated_bytes"], memory["baseline_bytes"]
+    if peak is not None and base is not None and tracker is not None and tracker.is_cuda:
+        memory["activation_peak_bytes"] = peak - base - (kv_m or 0)
+    if oom_size is not None:
+        memory["oom_attempted_bytes"] = oom_size
+    return memory
+
+
+def _oom_reason(reason: str | None, cell: Cell, memory: dict[str, Any]) -> str:
+    """The failure plus the sizes that were attempted, so the OOM boundary can be read off the dataset."""
+    wl = cell.workload
+    parts = [reason or "out of memory", f"{wl.concurrency} requests × {wl.max_seq_len} tokens"]
+    if memory.get("kv_predicted_bytes"):
+        parts.append(f"predicted KV {human_bytes(memory['kv_predicted_bytes'])}")
+    if memory.get("oom_attempted_bytes"):
+        parts.append(f"allocation attempted {human_bytes(memory['oom_attempted_bytes'])}")
+    return "; ".join(parts)
+
+
+def run_cells(
+    backend: Any,
+    cells: Iterable[Cell],
+    on_result: Callable[[CellResult], None] | None = None,
+    check_oom: bool = True,
+) -> list[CellResult]:
+    """Run cells in order on one backend (the model stays loaded between cells that share it)."""
+    results = []
+    for cell in cells:
+        result = run_cell(backend, cell, check_oom=check_oom)
+        if on_result is not None:
+            on_result(result)
+        results.append(result)
+    return results

@@ -1,0 +1,148 @@
+"""The dataset on disk: written as results arrive, never corrupt, resumable, readable without Ray or torch.
+
+Layout of an output folder:
+  cells.jsonl      one CellResult.to_dict() per line — the source of truth, append-only, fsync'ed
+  cells.parquet    flat rows (CellResult.to_row), regenerated atomically from cells.jsonl
+  cells.csv        the same rows as CSV
+  traces.parquet   one row per request (RunTrace fields + per-request metrics), list column token_times_s
+  traces.csv       the same, token_times_s as a JSON list
+  manifest.json    job, kvray version, workers' environments (written atomically)
+
+A line is appended with a single write of the whole line; a crash can at worst leave a partial last line,
+which the next writer truncates and the loader ignores. Each cell_id appears at most once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kvray.measure.trace import CellResult
+
+CELLS_JSONL = "cells.jsonl"
+MANIFEST = "manifest.json"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every complete line of cells.jsonl (a torn last line is skipped), last record per cell_id wins."""
+    path = Path(out_dir) / CELLS_JSONL
+    if not path.is_file():
+        return []
+    by_id: dict[str, dict[str, Any]] = {}
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn line from a crash mid-write
+        by_id[record["cell_id"]] = record
+    return list(by_id.values())
+
+
+class DatasetWriter:
+    """Appends CellResults to an output folder and keeps the flat tables current."""
+
+    def __init__(self, out_dir: str | Path, tables: bool = True):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tables = tables
+        self._path = self.out_dir / CELLS_JSONL
+        self._repair_tail()
+        self._ids = {r["cell_id"] for r in read_results(self.out_dir)}
+
+    def _repair_tail(self) -> None:
+        """Cut a torn last line so the next append starts on a line boundary."""
+        if not self._path.is_file():
+            return
+        data = self._path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            with open(self._path, "r+b") as fh:
+                fh.truncate(keep)
+
+    @property
+    def done_ids(self) -> set[str]:
+        return set(self._ids)
+
+    def append(self, result: CellResult) -> bool:
+        """Write one result; False (and nothing written) if this cell_id is already in the dataset."""
+        if result.cell_id in self._ids:
+            return False
+        line = (json.dumps(result.to_dict(), default=_json_default) + "\n").encode()
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._ids.add(result.cell_id)
+        if self.tables:
+            self.write_tables()
+        return True
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        write_json_atomic(self.out_dir / MANIFEST, manifest)
+
+    def write_tables(self) -> None:
+        """Regenerate cells/traces parquet + csv from cells.jsonl (each file replaced atomically)."""
+        cells, traces = frames_from_records(read_results(self.out_dir))
+        for name, frame in (("cells", cells), ("traces", traces)):
+            csv_frame = frame.copy()
+            if "token_times_s" in csv_frame:
+                csv_frame["token_times_s"] = csv_frame["token_times_s"].map(json.dumps)
+            _atomic_write_bytes(self.out_dir / f"{name}.csv", csv_frame.to_csv(index=False).encode())
+            tmp = self.out_dir / f".{name}.parquet.tmp{os.getpid()}"
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, self.out_dir / f"{name}.parquet")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    return str(obj)
+
+
+def trace_rows(result: CellResult) -> list[dict[str, Any]]:
+    """Per-request rows for the traces table (token times as a list column, metrics defined in measure.metrics)."""
+    from kvray.measure.metrics import request_metrics
+
+    return [{"cell_id": result.cell_id, **t.to_dict(), **request_metrics(t)} for t in result.traces]
+
+
+def frames_from_records(records: list[dict[str, Any]]) -> tuple[Any, Any]:
+    """(cells DataFrame of flat rows, traces DataFrame) from CellResult dicts."""
+    import pandas as pd
+
+    results = [CellResult.from_dict(r) for r in records]
+    cells = pd.DataFrame([r.to_row() for r in results])
+    traces = pd.DataFrame([row for r in results for row in trace_rows(r)])
+    return cells, traces
+
+
+def load_dataset(out_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """(cells, traces, manifest) of an output folder, from cells.jsonl so a half-written sweep loads too."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        from kvray.errors import KvrayInputError
+
+        raise KvrayInputError(f"{out} is not a results folder")
+    cells, traces = frames_from_records(read_results(out))
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    return cells, traces, manifest

@@ -1,0 +1,1 @@
+"""What a measurement records (RunTrace, CellResult), how metrics are computed from it, and memory trackers."""

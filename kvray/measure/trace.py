@@ -1,0 +1,138 @@
+"""What a cell produced: per-request RunTraces and the CellResult that carries them.
+
+Times in a RunTrace are seconds on one monotonic clock (``time.perf_counter``), relative to the start
+of the repeat that produced it, so traces from different backends and machines compare directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kvray.spec import Cell
+
+STATUSES = ("ok", "oom", "error", "skipped_after_oom", "refused")
+FINAL_STATUSES = STATUSES  # every status is final: a resumed sweep does not rerun any of them
+
+
+@dataclass
+class RunTrace:
+    """One request's life: arrival → entered the engine → each output token → end.
+
+    ``token_times_s`` has one entry per output token. Tokens delivered together in one chunk (an HTTP
+    stream event carrying k tokens) share that chunk's timestamp; the metric code splits the gap.
+    """
+
+    request_id: int
+    repeat: int
+    arrival_s: float
+    start_s: float
+    token_times_s: list[float]
+    end_s: float
+    prompt_toks: int
+    output_toks: int
+    status: str = "ok"  # "ok" | "error" | "oom"
+    error: str | None = None
+
+    @property
+    def first_token_s(self) -> float | None:
+        return self.token_times_s[0] if self.token_times_s else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunTrace:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class CellResult:
+    """Everything one cell yields; ``to_row`` flattens it into one dataset row."""
+
+    cell: Cell
+    status: str
+    reason: str | None = None
+    traces: list[RunTrace] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    # baseline_bytes (weights loaded), peak_allocated_bytes, peak_reserved_bytes, nvml_peak_used_bytes,
+    # rss_peak_bytes, kv_measured_bytes, kv_predicted_bytes, kv_rel_error …
+    memory: dict[str, float | int | None] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=lambda: {"name": "cpu"})
+    versions: dict[str, str | None] = field(default_factory=dict)
+    simulated: bool = False
+    started_at: str = ""  # ISO-8601 UTC
+    duration_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # backend specifics: vLLM cache info, KV timeline…
+
+    @property
+    def cell_id(self) -> str:
+        return self.cell.cell_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cell": self.cell.to_dict(),
+            "cell_id": self.cell_id,
+            "status": self.status,
+            "reason": self.reason,
+            "traces": [t.to_dict() for t in self.traces],
+            "metrics": self.metrics,
+            "memory": self.memory,
+            "hardware": self.hardware,
+            "versions": self.versions,
+            "simulated": self.simulated,
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CellResult:
+        return cls(
+            cell=Cell.from_dict(d["cell"]),
+            status=d["status"],
+            reason=d.get("reason"),
+            traces=[RunTrace.from_dict(t) for t in d.get("traces", [])],
+            metrics=d.get("metrics", {}),
+            memory=d.get("memory", {}),
+            hardware=d.get("hardware", {"name": "cpu"}),
+            versions=d.get("versions", {}),
+            simulated=bool(d.get("simulated", False)),
+            started_at=d.get("started_at", ""),
+            duration_s=float(d.get("duration_s", 0.0)),
+            extra=d.get("extra", {}),
+        )
+
+    def to_row(self) -> dict[str, Any]:
+        """One flat dataset row: identity, shape, status, hardware, memory and every metric as columns."""
+        c = self.cell
+        row: dict[str, Any] = {
+            "cell_id": self.cell_id,
+            "experiment": c.experiment,
+            "model": c.model,
+            "backend": c.backend,
+            "dtype": c.dtype,
+            "kv_dtype": c.kv_dtype or c.dtype,
+            "weights": c.weights,
+            "device": c.device,
+            "hardware_requested": c.hardware,
+            "workload": c.workload.kind,
+            "concurrency": c.concurrency,
+            "prompt_toks": c.prompt_toks,
+            "gen_toks": c.gen_toks,
+            "prompt_toks_list": ",".join(str(r.prompt_toks) for r in c.workload.requests),
+            "warmup": c.warmup,
+            "repeats": c.repeats,
+            "status": self.status,
+            "reason": self.reason,
+            "simulated": self.simulated,
+            "hardware": self.hardware.get("name", "cpu"),
+            "hardware_memory_bytes": self.hardware.get("memory_bytes"),
+            "accelerator_type": self.hardware.get("accelerator_type"),
+            "node_id": self.hardware.get("node_id"),
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
+        }
+        row.update({k: v for k, v in self.memory.items()})
+        row.update(self.metrics)
+        return row

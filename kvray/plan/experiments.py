@@ -1,0 +1,230 @@
+"""The seed's three experiments as Jobs, so ``kvray exp1/2/3`` run through the same Ray path as ``kvray run``.
+
+exp1  concurrency sweep: N equal requests of ``prompt_toks`` for each N in ``concurrency``
+exp2  sequence-length sweep: ``concurrency`` requests of each prompt length in ``seqlens``
+exp3  mixed lengths: ``n_short`` short requests alone, then the same short requests beside ``n_long``
+      long ones in one batch — the short requests' TTFT/E2E show what the long ones cost them
+
+A prompt length the model cannot hold (prompt + generated tokens beyond its positions) is dropped from an
+exp2 sweep with a note, and is an error for exp1/exp3, whose shape needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvray.errors import KvrayInputError
+from kvray.plan.job import Grid, Job
+
+EXPERIMENTS = ("exp1", "exp2", "exp3", "exp4")
+
+
+@dataclass
+class Common:
+    """Flags every experiment command takes."""
+
+    model: str = "facebook/opt-1.3b"
+    backends: list[str] = field(default_factory=lambda: ["hf"])
+    dtype: str = "bf16"
+    kv_dtype: str | None = None
+    weights: str = "random"
+    device: str = "auto"
+    hardware: str | list[str] = "any"  # any | each | GPU types
+    warmup: int = 1
+    repeats: int = 3
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+
+def job_name(experiment: str, model: str) -> str:
+    """exp1-facebook--opt-1.3b: a folder name that says what was run."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.strip("/").replace("/", "--")).strip("-.") or "model"
+    return f"{experiment}-{slug}"
+
+
+def hardware_arg(values: list[str] | tuple[str, ...] | str | None) -> str | list[str]:
+    """``--hardware`` values: nothing or ``any`` → "any"; ``each`` → "each"; else the list of types."""
+    items = [values] if isinstance(values, str) else list(values or [])
+    items = [v.strip() for item in items for v in item.split(",") if v.strip()]
+    if not items or items == ["any"]:
+        return "any"
+    if items == ["each"]:
+        return "each"
+    if "any" in items or "each" in items:
+        raise KvrayInputError(f"--hardware takes 'any', 'each' or GPU types, not a mix: {' '.join(items)}")
+    return items
+
+
+def _max_positions(model: str) -> int:
+    from kvray.model.resolve import resolve_geometry
+
+    return int(resolve_geometry(model).max_position_embeddings)
+
+
+def _positive(flag: str, values: list[int]) -> None:
+    if not values:
+        raise KvrayInputError(f"{flag} needs at least one value")
+    bad = [v for v in values if v <= 0]
+    if bad:
+        raise KvrayInputError(f"{flag} values must be positive, got {bad[0]}")
+
+
+def _job(experiment: str, common: Common, grids: list[Grid]) -> Job:
+    job = Job(
+        name=common.name or job_name(experiment, common.model),
+        models=[common.model],
+        grids=grids,
+        backends=list(common.backends),
+        dtypes=[common.dtype],
+        weights=common.weights,
+        kv_dtype=common.kv_dtype,
+        device=common.device,
+        hardware=common.hardware,
+        warmup=common.warmup,
+        repeats=common.repeats,
+        experiment=experiment,
+        options=dict(common.options),
+        description=f"kvray {experiment}",
+        source=f"kvray {experiment}",
+    )
+    return job.validate()
+
+
+def exp1_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64, concurrency: list[int] | None = None) -> Job:
+    concurrency = sorted(set(concurrency or [1, 2, 4, 8]))
+    _positive("--concurrency", concurrency)
+    _positive("--prompt-toks", [prompt_toks])
+    _positive("--gen-toks", [gen_toks])
+    return _job(
+        "exp1", common, [Grid(gen_toks=(gen_toks,), prompt_toks=(prompt_toks,), concurrency=tuple(concurrency))]
+    )
+
+
+def exp2_job(
+    common: Common, seqlens: list[int] | None = None, gen_toks: int = 64, concurrency: int = 1
+) -> tuple[Job, list[str]]:
+    """The job and notes (prompt lengths dropped because the model cannot hold them)."""
+    seqlens = sorted(set(seqlens or [128, 512, 1024, 2048, 4096]))
+    _positive("--seqlens", seqlens)
+    _positive("--gen-toks", [gen_toks])
+    _positive("--concurrency", [concurrency])
+    limit = _max_positions(common.model)
+    fits = [s for s in seqlens if s + gen_toks - 1 <= limit]
+    notes = []
+    dropped = [s for s in seqlens if s not in fits]
+    if dropped:
+        notes.append(
+            f"dropped --seqlens {' '.join(map(str, dropped))}: prompt + {gen_toks} generated tokens exceed "
+            f"{common.model}'s {limit} positions"
+        )
+    if not fits:
+        raise KvrayInputError(
+            f"no --seqlens value fits {common.model}'s {limit} positions with {gen_toks} "
+            f"generated tokens (largest possible prompt: {limit - gen_toks + 1})"
+        )
+    grid = Grid(gen_toks=(gen_toks,), prompt_toks=tuple(fits), concurrency=(concurrency,))
+    return _job("exp2", common, [grid]), notes
+
+
+def exp3_job(
+    common: Common, short: int = 128, long: int = 4096, gen_toks: int = 64, n_short: int = 3, n_long: int = 1
+) -> tuple[Job, list[str]]:
+    """Short requests alone (uniform) and the same short requests batched with long ones (mixed).
+
+    A ``long`` the model cannot hold becomes the longest prompt it can (with a note): the seed's
+    ``--long 4096`` on a 2048-position OPT still measures "long beside short"."""
+    _positive("--short", [short])
+    _positive("--long", [long])
+    _positive("--gen-toks", [gen_toks])
+    _positive("--n-short", [n_short])
+    _positive("--n-long", [n_long])
+    limit = _max_positions(common.model)
+    notes = []
+    if long + gen_toks - 1 > limit:
+        longest = limit - gen_toks + 1
+        notes.append(
+            f"--long {long} + {gen_toks} generated tokens exceed {common.model}'s {limit} positions: "
+            f"using --long {longest}, the longest prompt it holds"
+        )
+        long = longest
+    if short + gen_toks - 1 > limit:
+        raise KvrayInputError(
+            f"--short {short} + {gen_toks} generated tokens exceed {common.model}'s {limit} positions"
+        )
+    if long <= short:
+        raise KvrayInputError(f"--long ({long}) must be longer than --short ({short})")
+    grids = [
+        Grid(gen_toks=(gen_toks,), prompt_toks=(short,), concurrency=(n_short,)),
+        Grid(gen_toks=(gen_toks,), mixed=(tuple([short] * n_short + [long] * n_long),)),
+    ]
+    return _job("exp3", common, grids), notes
+
+
+def exp4_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64,
+             concurrency: list[int] | None = None) -> Job:  # fmt: skip
+    """exp4, static vs paged KV and in-process vs server: exp1's workload on each of ``common.backends``
+    (default hf, hf-paged, vllm), drawn by fig8_backend_compare (kvray/plots_server.py)."""
+    concurrency = sorted(set(concurrency or [1, 4, 16, 64]))
+    _positive("--concurrency", concurrency)
+    _positive("--prompt-toks", [prompt_toks])
+    _positive("--gen-toks", [gen_toks])
+    if prompt_toks + gen_toks - 1 > (limit := _max_positions(common.model)):
+        raise KvrayInputError(f"--prompt-toks {prompt_toks} + {gen_toks} generated tokens exceed {common.model}'s "
+                              f"{limit} positions")  # fmt: skip
+    grid = Grid(gen_toks=(gen_toks,), prompt_toks=(prompt_toks,), concurrency=tuple(concurrency))
+    return _job("exp4", common, [grid])
+
+
+def dry_run_rows(job: Job) -> list[dict[str, Any]]:
+    """Each cell the job would run, with the memory the pre-flight OOM check predicts for it."""
+    from kvray.hardware.gpus import match_gpu
+    from kvray.model.oom import check_oom_risk
+    from kvray.plan.planner import plan_cells
+
+    rows = []
+    for cell in plan_cells(job):
+        wl = cell.workload
+        spec = match_gpu(cell.hardware) if cell.hardware not in ("any", "each") else None
+        risk = check_oom_risk(
+            cell.model,
+            wl.concurrency,
+            wl.max_seq_len,
+            dtype=cell.dtype,
+            gpu=spec.name if spec else None,
+            kv_dtype=cell.kv_dtype,
+        )
+        rows.append(
+            {
+                "cell_id": cell.cell_id,
+                "experiment": cell.experiment,
+                "backend": cell.backend,
+                "hardware": cell.hardware,
+                "device": risk["device"],
+                "workload": wl.kind,
+                "concurrency": wl.concurrency,
+                "prompt_toks": ",".join(str(r.prompt_toks) for r in wl.requests)
+                if wl.kind == "mixed"
+                else wl.prompt_toks,
+                "gen_toks": wl.gen_toks,
+                "weights_gb": risk["weights_gb"],
+                "kv_gb": risk["kv_gb"],
+                "activation_gb": risk["activation_gb"],
+                "total_estimated_gb": risk["total_estimated_gb"],
+                "available_gb": risk["available_gb"],
+                "risk_level": risk["risk_level"],
+            }
+        )
+    return rows
+
+
+def write_job_file(job: Job, directory: str | Path) -> Path:
+    """The job as ``<name>.yaml`` in ``directory``: what ``kvray launch`` ships to a remote cluster."""
+    import yaml
+
+    path = Path(directory) / f"{job.name}.yaml"
+    path.write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+    return path

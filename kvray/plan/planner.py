@@ -1,0 +1,162 @@
+"""The planner: a Job becomes cells, cells become groups that one worker can run with one model load.
+
+Cells carry deterministic ids (``Cell.cell_id``), so a rerun of the same job finds its finished cells in
+the dataset. Within a group cells go from small to large predicted memory (KV + activations), so the
+first out-of-memory marks the boundary and every later cell that needs at least as much on every axis
+(``outgrows``) is recorded ``skipped_after_oom`` instead of being run into the same wall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from kvray.plan.job import Job
+from kvray.spec import Cell, Workload, make_options
+
+PAGED_BACKENDS = ("vllm", "hf-paged")
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """Cells that share a loaded model and a placement: one worker runs them without reloading."""
+
+    model: str
+    backend: str
+    dtype: str
+    weights: str
+    device: str
+    hardware: str
+
+    def label(self) -> str:
+        where = "" if self.hardware == "any" else f" on {self.hardware}"
+        return f"{self.model} {self.backend} {self.dtype}{where}"
+
+
+def group_key(cell: Cell) -> GroupKey:
+    return GroupKey(cell.model, cell.backend, cell.dtype, cell.weights, cell.device, cell.hardware)
+
+
+def hardware_targets(job: Job, hardware_types: Sequence[str] | None = None) -> list[str]:
+    """Where the job's cells go: ["any"], the listed types, or (``each``) every type present."""
+    if job.hardware == "any":
+        return ["any"]
+    if job.hardware == "each":
+        return sorted(set(hardware_types)) if hardware_types else ["any"]
+    return list(job.hardware)
+
+
+def plan_cells(job: Job, hardware_types: Sequence[str] | None = None) -> list[Cell]:
+    """Every cell of the job, in a deterministic order, each once (overlapping grids are merged).
+
+    ``hardware_types`` are the accelerator types present, used by ``hardware: each``.
+    """
+    options = make_options(**job.options)
+    cells: dict[str, Cell] = {}
+    for model in job.models:
+        for backend in job.backends:
+            for dtype in job.dtypes:
+                for hardware in hardware_targets(job, hardware_types):
+                    for grid in job.grids:
+                        experiment = job.experiment if grid.experiment is None else grid.experiment
+                        for workload in _workloads(grid):
+                            cell = Cell(
+                                model=model,
+                                workload=workload,
+                                backend=backend,
+                                dtype=dtype,
+                                weights=job.weights,
+                                device=job.device,
+                                warmup=job.warmup,
+                                repeats=job.repeats,
+                                kv_dtype=job.kv_dtype,
+                                hardware=hardware,
+                                experiment=experiment,
+                                options=options,
+                            )
+                            cells.setdefault(cell.cell_id, cell)
+    return list(cells.values())
+
+
+def _workloads(grid: Any) -> Iterable[Workload]:
+    for gap in grid.arrival_gap_s:
+        for gen in grid.gen_toks:
+            for prompt in grid.prompt_toks:
+                for concurrency in grid.concurrency:
+                    yield Workload.uniform(concurrency, prompt, gen, arrival_gap_s=gap)
+            for lengths in grid.mixed:
+                yield Workload.mixed(list(lengths), gen, arrival_gap_s=gap)
+
+
+@lru_cache(maxsize=64)
+def _geometry(model: str) -> Any:
+    from kvray.model.resolve import resolve_geometry
+
+    return resolve_geometry(model)
+
+
+def predicted_bytes(cell: Cell) -> int:
+    """KV plus prefill activations the cell needs beside the weights — the order cells run in.
+
+    Falls back to tokens in flight when the model's geometry is unknown, which orders the same way.
+    """
+    from kvray.model.kvmath import cached_positions, kv_bytes_batch
+    from kvray.model.oom import activation_bytes
+
+    wl = cell.workload
+    try:
+        g = _geometry(cell.model)
+    except Exception:
+        return wl.concurrency * wl.max_seq_len
+    layout = "paged" if cell.backend in PAGED_BACKENDS or cell.option_dict.get("layout") == "paged" else "hf"
+    positions = [cached_positions(r.prompt_toks, r.gen_toks) for r in wl.requests]
+    kv = kv_bytes_batch(g, positions, cell.kv_dtype or cell.dtype, layout)
+    return int(kv + activation_bytes(g, wl.concurrency, wl.prompt_toks, cell.dtype))
+
+
+def _size_order(cell: Cell) -> tuple[Any, ...]:
+    wl = cell.workload
+    return (predicted_bytes(cell), wl.concurrency, wl.prompt_toks, wl.gen_toks, cell.cell_id)
+
+
+def group_cells(cells: Iterable[Cell]) -> dict[GroupKey, list[Cell]]:
+    """Cells by group, groups in first-seen order, each group's cells from small to large memory."""
+    groups: dict[GroupKey, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(group_key(cell), []).append(cell)
+    return {key: sorted(members, key=_size_order) for key, members in groups.items()}
+
+
+def _arrival_gap_s(wl: Workload) -> float:
+    return wl.requests[1].arrival_s - wl.requests[0].arrival_s if len(wl.requests) > 1 else 0.0
+
+
+def outgrows(cell: Cell, oomed: Cell) -> bool:
+    """True when ``cell`` needs at least what ``oomed`` needed on every axis, so it would run out too.
+
+    Same group, KV dtype and options; at least as many requests, the longest prompts at least as long
+    (compared longest to longest), at least as many generated tokens, arriving no more spread out.
+    """
+    if group_key(cell) != group_key(oomed) or cell.kv_dtype != oomed.kv_dtype or cell.options != oomed.options:
+        return False
+    a, b = oomed.workload, cell.workload
+    if len(b.requests) < len(a.requests) or b.gen_toks < a.gen_toks:
+        return False
+    if _arrival_gap_s(b) > _arrival_gap_s(a):
+        return False
+    longest_a = sorted((r.prompt_toks for r in a.requests), reverse=True)
+    longest_b = sorted((r.prompt_toks for r in b.requests), reverse=True)
+    return all(pb >= pa for pa, pb in zip(longest_a, longest_b, strict=False))
+
+
+def skip_reason(cell: Cell, oomed: Iterable[Cell], hardware_name: str) -> str | None:
+    """Why ``cell`` is not run after an OOM on the same hardware, or None when it should run."""
+    for prior in oomed:
+        if outgrows(cell, prior):
+            return (
+                f"skipped after OOM: needs at least what cell {prior.cell_id} ({prior.label()}) needed, "
+                f"which ran out of memory on {hardware_name}"
+            )
+    return None

@@ -1,0 +1,452 @@
+"""A roofline predictor: latency, throughput and memory of a cell on any GPU in the table, without a GPU.
+
+Each forward pass takes the longest of three roofs (see docs/simulator.md):
+
+    compute  = FLOPs / (peak TFLOP/s × η_compute)
+    memory   = bytes moved / (bandwidth × η_memory)
+    overhead = num_layers × layer_overhead_s      (kernel launches and Python; 0 unless calibrated)
+
+Prefill FLOPs are 2 × matmul parameters × tokens plus the attention term 4 × layers × B × P² × d (quadratic
+in the prompt); prefill bytes are the weights plus the KV written. A decode step reads the weights and the
+whole KV cache at its current context, so the context grows every step. Requests are served with the same
+static-batching queue as the HF backend: when the engine is free, every request that has arrived forms the
+next batch, padded to its longest prompt (``hf`` layout) or not padded with KV in blocks (``paged``).
+
+Defaults η_compute 0.7 and η_memory 0.9 are llm-analysis's; ``kvray calibrate`` fits them per GPU and layout
+from measured cells and stores them in a JSON file this module reads (``KVRAY_CALIBRATION`` overrides it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import accumulate
+from pathlib import Path
+from typing import Any, Protocol
+
+from kvray.errors import KvrayInputError
+from kvray.hardware.gpus import GpuSpec, get_gpu
+from kvray.model.geometry import ModelGeometry
+from kvray.model.kvmath import (
+    DEFAULT_BLOCK_SIZE,
+    LAYOUTS,
+    dtype_bytes,
+    kv_bytes_sequence,
+    layer_positions,
+    normalize_dtype,
+)
+from kvray.model.oom import RUNTIME_OVERHEAD_BYTES, activation_bytes
+
+DEFAULT_GPU = "H100-SXM"  # what hardware "any" simulates
+DEFAULT_ETA_COMPUTE = 0.7  # llm-analysis's default flops efficiency
+DEFAULT_ETA_MEMORY = 0.9  # llm-analysis's default memory efficiency
+CALIBRATION_ENV = "KVRAY_CALIBRATION"
+
+
+class RequestLike(Protocol):
+    """What the scheduler needs of a request (kvray.spec.RequestSpec fits)."""
+
+    @property
+    def prompt_toks(self) -> int: ...
+    @property
+    def gen_toks(self) -> int: ...
+    @property
+    def arrival_s(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """The fraction of peak a real engine reaches, plus a per-layer fixed cost per forward pass."""
+
+    eta_compute: float = DEFAULT_ETA_COMPUTE
+    eta_memory: float = DEFAULT_ETA_MEMORY
+    layer_overhead_s: float = 0.0
+    source: str = "defaults"
+
+    def __post_init__(self) -> None:
+        if not (self.eta_compute > 0 and self.eta_memory > 0 and self.layer_overhead_s >= 0):
+            raise KvrayInputError(
+                f"efficiencies must be positive and overhead >= 0, got η_compute {self.eta_compute}, "
+                f"η_memory {self.eta_memory}, layer overhead {self.layer_overhead_s}"
+            )
+
+    def describe(self) -> str:
+        text = f"η_compute {self.eta_compute:.3g}, η_memory {self.eta_memory:.3g}"
+        if self.layer_overhead_s:
+            text += f", layer overhead {self.layer_overhead_s * 1e6:.3g} µs"
+        return f"{text} ({self.source})"
+
+
+# --- calibration file (written by kvray.analysis.calibrate, read here) -----------------------------------------
+
+
+def calibration_path() -> Path:
+    env = os.environ.get(CALIBRATION_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvray" / "calibration.json"
+
+
+def load_calibration(path: str | Path | None = None) -> dict[str, Any]:
+    """The calibration file's content ({"entries": {gpu: {layout: {...}}}}), empty when absent or unreadable."""
+    p = Path(path) if path is not None else calibration_path()
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {"version": 1, "entries": {}}
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        return {"version": 1, "entries": {}}
+    return data
+
+
+def efficiency_for(gpu: GpuSpec, layout: str = "hf", path: str | Path | None = None) -> Efficiency:
+    """Calibrated efficiencies for this GPU and KV layout when the calibration file has them, else defaults."""
+    p = Path(path) if path is not None else calibration_path()
+    entry = load_calibration(p)["entries"].get(gpu.name, {}).get(layout)
+    if not entry:
+        return Efficiency()
+    try:
+        return Efficiency(
+            float(entry["eta_compute"]),
+            float(entry["eta_memory"]),
+            float(entry.get("layer_overhead_s", 0.0)),
+            source=f"calibrated from {entry.get('rows', '?')} rows, {p}",
+        )
+    except (KeyError, TypeError, ValueError, KvrayInputError):
+        return Efficiency()
+
+
+# --- FLOPs and bytes of one forward pass ----------------------------------------------------------------
+
+
+def matmul_params(g: ModelGeometry) -> tuple[int, int]:
+    """(parameters multiplied per token in the layers, parameters of the LM head).
+
+    Active parameters (MoE: only the experts a token visits) minus lookup-only tables: an untied input
+    embedding and learned position embeddings cost no FLOPs. The LM head runs on one token per sequence
+    in prefill (generate keeps only the last logits) and on every token in decode.
+    """
+    head = g.vocab_size * g.hidden_size
+    lookup = 0 if g.tie_word_embeddings else head  # untied: the input embedding is a separate, unmultiplied table
+    if g.model_type == "opt":
+        lookup += (g.max_position_embeddings + 2) * g.hidden_size
+    elif g.model_type == "gpt2":
+        lookup += g.max_position_embeddings * g.hidden_size
+    layers = g.active_params - lookup - head
+    return max(layers, 0), head
+
+
+def _attention_width(g: ModelGeometry) -> int:
+    """heads × (query-key dim + value dim): FLOPs per query-key pair per layer is twice this."""
+    if g.kv_lora_rank is not None:
+        assert g.qk_nope_head_dim is not None and g.qk_rope_head_dim is not None and g.v_head_dim is not None
+        return g.num_attention_heads * (g.qk_nope_head_dim + g.qk_rope_head_dim + g.v_head_dim)
+    return g.num_attention_heads * 2 * g.head_dim
+
+
+def attention_flops(g: ModelGeometry, queries: int, keys: int) -> float:
+    """QKᵀ and AV over all layers for ``queries`` queries each scoring ``keys`` keys (window-capped per layer)."""
+    width = _attention_width(g)
+    return float(sum(2 * queries * layer_positions(g, layer, keys) * width for layer in range(g.num_layers)))
+
+
+@dataclass(frozen=True)
+class PassCost:
+    flops: float
+    bytes: float
+
+
+def prefill_cost(g: ModelGeometry, prompt_lengths: Sequence[int], dtype: str, kv_dtype: str, layout: str,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> PassCost:  # fmt: skip
+    """One prefill pass over a batch: hf pads every row to the longest prompt, paged runs each as it is.
+
+    Attention is counted over the full P×P square (4·layers·B·P²·d, the published roofline formula), an
+    upper bound for causal kernels that skip the masked half.
+    """
+    body, head = matmul_params(g)
+    rows = [max(prompt_lengths)] * len(prompt_lengths) if layout == "hf" else list(prompt_lengths)
+    flops = sum(2.0 * body * p + 2.0 * head + attention_flops(g, p, p) for p in rows)
+    kv_written = sum(kv_bytes_sequence(g, p, kv_dtype, layout, block_size) for p in rows)
+    return PassCost(flops, g.weights_bytes(dtype_bytes(dtype)) + kv_written)
+
+
+def decode_step_cost(g: ModelGeometry, contexts: Sequence[int], dtype: str, kv_dtype: str, layout: str,
+                     block_size: int = DEFAULT_BLOCK_SIZE) -> PassCost:  # fmt: skip
+    """One decode step: every row adds one token at context ``contexts[i]`` (positions after the write).
+
+    Bytes are all the weights plus the whole KV cache read at that context; FLOPs are 2 × params per row
+    plus attention over the context.
+    """
+    body, head = matmul_params(g)
+    flops, kv_read = 0.0, 0.0
+    for c, n in Counter(contexts).items():  # hf rows share one padded context: cost it once
+        flops += n * (2.0 * (body + head) + attention_flops(g, 1, c))
+        kv_read += n * kv_bytes_sequence(g, c, kv_dtype, layout, block_size)
+    return PassCost(flops, g.weights_bytes(dtype_bytes(dtype)) + kv_read)
+
+
+def batch_passes(g: ModelGeometry, prompts: Sequence[int], gens: Sequence[int], dtype: str, kv_dtype: str,
+                 layout: str, block_size: int = DEFAULT_BLOCK_SIZE) -> list[PassCost]:  # fmt: skip
+    """The forward passes of one static batch: the prefill, then max(gens) − 1 decode steps.
+
+    The prefill yields every row's first token; decode step k yields token k + 1. An hf batch keeps every
+    row (padded to the longest prompt) until the longest generation ends; a paged request leaves the batch
+    once it has its own tokens.
+    """
+    passes = [prefill_cost(g, prompts, dtype, kv_dtype, layout, block_size)]
+    p_max = max(prompts)
+    for k in range(1, max(gens)):
+        if layout == "hf":
+            contexts = [p_max + k] * len(prompts)
+        else:
+            contexts = [p + k for p, n in zip(prompts, gens, strict=True) if k < n]
+        passes.append(decode_step_cost(g, contexts, dtype, kv_dtype, layout, block_size))
+    return passes
+
+
+def roofs_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency) -> tuple[float, float, float]:
+    """(compute, memory, overhead) seconds of one pass; the pass takes the largest."""
+    compute = cost.flops / (gpu.tflops(dtype) * 1e12 * eff.eta_compute)
+    memory = cost.bytes / (gpu.bandwidth_gbps * 1e9 * eff.eta_memory)
+    return compute, memory, g.num_layers * eff.layer_overhead_s
+
+
+def pass_time_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency) -> float:
+    return max(roofs_s(cost, g, gpu, dtype, eff))
+
+
+def bound_of(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency) -> str:
+    """Which roof limits the pass: "compute", "memory" or "overhead"."""
+    roofs = roofs_s(cost, g, gpu, dtype, eff)
+    return ("compute", "memory", "overhead")[roofs.index(max(roofs))]
+
+
+# --- memory ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    weights_bytes: int
+    kv_bytes: int  # at the batch's largest point (every sequence at its final length)
+    activation_bytes: int
+    overhead_bytes: int  # CUDA context and allocator slack, outside torch's allocated counter
+    capacity_bytes: int
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        """What torch.cuda.max_memory_allocated would report: weights + KV + activations."""
+        return self.weights_bytes + self.kv_bytes + self.activation_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.peak_allocated_bytes + self.overhead_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.capacity_bytes
+
+
+def batch_memory(g: ModelGeometry, gpu: GpuSpec, batch: Sequence[RequestLike], dtype: str, kv_dtype: str,
+                 layout: str, block_size: int = DEFAULT_BLOCK_SIZE) -> MemoryPrediction:  # fmt: skip
+    """Weights + KV of the batch at its end + the prefill activation peak, against the GPU's memory.
+
+    hf: every row is padded to the longest prompt and runs the longest generation, so each holds
+    max(P) + max(G) − 1 positions. paged: each request holds its own P + G − 1 positions in whole blocks.
+    """
+    p_max, g_max = max(r.prompt_toks for r in batch), max(r.gen_toks for r in batch)
+    if layout == "hf":
+        kv = len(batch) * kv_bytes_sequence(g, p_max + g_max - 1, kv_dtype, "hf")
+        act = activation_bytes(g, len(batch), p_max, dtype)
+    else:
+        kv = sum(kv_bytes_sequence(g, r.prompt_toks + r.gen_toks - 1, kv_dtype, "paged", block_size) for r in batch)
+        act = activation_bytes(g, len(batch), math.ceil(sum(r.prompt_toks for r in batch) / len(batch)), dtype)
+    weights = g.weights_bytes(dtype_bytes(dtype))
+    return MemoryPrediction(weights, kv, act, RUNTIME_OVERHEAD_BYTES, gpu.memory_bytes)
+
+
+# --- the static-batching schedule ---------------------------------------------------------------------
+
+
+@dataclass
+class RequestTiming:
+    """Predicted life of one request, seconds from the start of the run (RunTrace's fields)."""
+
+    index: int  # position in the request list
+    arrival_s: float
+    start_s: float
+    token_times_s: list[float]
+    end_s: float
+    batch: int
+
+
+@dataclass
+class Schedule:
+    timings: list[RequestTiming]
+    batches: list[list[int]]  # request indices per batch, in serving order
+    memory: list[MemoryPrediction]  # per batch
+    prefill_bound: list[str]
+    decode_bound: list[str]  # of each batch's last decode step ("" when it generates one token)
+
+    @property
+    def peak_memory(self) -> MemoryPrediction:
+        return max(self.memory, key=lambda m: m.total_bytes)
+
+
+def form_batches(
+    requests: Sequence[RequestLike], batch_time_s: Callable[[list[int]], float]
+) -> list[tuple[float, list[int]]]:
+    """Static batching: when the engine is free, every arrived request joins the next batch.
+
+    ``batch_time_s(indices)`` is how long a batch occupies the engine. Returns (start_s, indices) per batch.
+    """
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
+    out: list[tuple[float, list[int]]] = []
+    free_at, pos = 0.0, 0
+    while pos < len(order):
+        now = max(free_at, requests[order[pos]].arrival_s)
+        batch = []
+        while pos < len(order) and requests[order[pos]].arrival_s <= now:
+            batch.append(order[pos])
+            pos += 1
+        out.append((now, batch))
+        free_at = now + batch_time_s(batch)
+    return out
+
+
+def simulate(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dtype: str = "bf16",
+             kv_dtype: str | None = None, layout: str = "hf", block_size: int = DEFAULT_BLOCK_SIZE,
+             eff: Efficiency | None = None) -> Schedule:  # fmt: skip
+    """Predicted per-request timestamps and per-batch memory of serving ``requests`` on ``gpu``."""
+    if not requests:
+        raise KvrayInputError("nothing to simulate: no requests")
+    if layout not in LAYOUTS:
+        raise KvrayInputError(f"unknown KV layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    dtype = normalize_dtype(dtype)
+    kv_dtype = normalize_dtype(kv_dtype or dtype)
+    eff = eff or Efficiency()
+    plans: dict[tuple[int, ...], tuple[list[float], str, str]] = {}
+
+    def plan(batch: list[int]) -> tuple[list[float], str, str]:
+        """Token times relative to batch start (the batch's longest generation), and the bounds."""
+        key = tuple(batch)
+        if key not in plans:
+            prompts = [requests[i].prompt_toks for i in batch]
+            gens = [requests[i].gen_toks for i in batch]
+            passes = batch_passes(g, prompts, gens, dtype, kv_dtype, layout, block_size)
+            times = list(accumulate(pass_time_s(c, g, gpu, dtype, eff) for c in passes))
+            last = bound_of(passes[-1], g, gpu, dtype, eff) if len(passes) > 1 else ""
+            plans[key] = (times, bound_of(passes[0], g, gpu, dtype, eff), last)
+        return plans[key]
+
+    batches = form_batches(requests, lambda b: plan(b)[0][-1])
+    timings: list[RequestTiming | None] = [None] * len(requests)
+    memory, prefill_bound, decode_bound = [], [], []
+    for number, (start, batch) in enumerate(batches):
+        times, pre_bound, dec_bound = plan(batch)
+        for i in batch:
+            own = [start + t for t in times[: requests[i].gen_toks]]
+            timings[i] = RequestTiming(i, requests[i].arrival_s, start, own, own[-1], number)
+        memory.append(batch_memory(g, gpu, [requests[i] for i in batch], dtype, kv_dtype, layout, block_size))
+        prefill_bound.append(pre_bound)
+        decode_bound.append(dec_bound)
+    done = [t for t in timings if t is not None]
+    return Schedule(done, [b for _, b in batches], memory, prefill_bound, decode_bound)
+
+
+# --- one uniform cell -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """The predicted figures of one uniform cell (all requests arrive together, one static batch).
+
+    ttft_s, tpot_s and e2e_s follow kvray/metrics.py's definitions applied to the predicted timestamps.
+    """
+
+    model: str
+    gpu: str
+    dtype: str
+    kv_dtype: str
+    layout: str
+    concurrency: int
+    prompt_toks: int
+    gen_toks: int
+    ttft_s: float
+    tpot_s: float  # NaN for one generated token
+    e2e_s: float
+    output_tps: float
+    weights_bytes: int
+    kv_bytes: int
+    activation_bytes: int
+    peak_allocated_bytes: int
+    total_bytes: int  # peak allocated + runtime overhead
+    capacity_bytes: int
+    fits: bool
+    prefill_bound: str
+    decode_bound: str
+    eta_compute: float
+    eta_memory: float
+    layer_overhead_s: float
+    efficiency_source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Req:
+    prompt_toks: int
+    gen_toks: int
+    arrival_s: float = 0.0
+
+
+def predict_cell(g: ModelGeometry, gpu: str | GpuSpec, concurrency: int, prompt_toks: int, gen_toks: int,
+                 dtype: str = "bf16", kv_dtype: str | None = None, layout: str = "hf",
+                 block_size: int = DEFAULT_BLOCK_SIZE, eff: Efficiency | None = None) -> Prediction:  # fmt: skip
+    """TTFT, TPOT, E2E, output tokens/s and peak memory of ``concurrency`` equal requests on ``gpu``.
+
+    ``eff`` defaults to the calibrated values for this GPU and layout when present, else η defaults.
+    """
+    if concurrency <= 0 or prompt_toks <= 0 or gen_toks <= 0:
+        raise KvrayInputError(
+            f"concurrency, prompt and generated tokens must be positive, got {concurrency}, {prompt_toks}, {gen_toks}"
+        )
+    spec = gpu if isinstance(gpu, GpuSpec) else get_gpu(DEFAULT_GPU if gpu == "any" else gpu)
+    eff = eff or efficiency_for(spec, layout)
+    dtype = normalize_dtype(dtype)
+    kv_dtype = normalize_dtype(kv_dtype or dtype)
+    schedule = simulate(g, spec, [_Req(prompt_toks, gen_toks)] * concurrency, dtype, kv_dtype, layout, block_size, eff)
+    times = schedule.timings[0].token_times_s
+    ttft, e2e = times[0], times[-1]
+    tpot = (e2e - ttft) / (gen_toks - 1) if gen_toks > 1 else float("nan")
+    mem = schedule.peak_memory
+    return Prediction(
+        model=g.name,
+        gpu=spec.name,
+        dtype=dtype,
+        kv_dtype=kv_dtype,
+        layout=layout,
+        concurrency=concurrency,
+        prompt_toks=prompt_toks,
+        gen_toks=gen_toks,
+        ttft_s=ttft,
+        tpot_s=tpot,
+        e2e_s=e2e,
+        output_tps=concurrency * gen_toks / e2e,
+        weights_bytes=mem.weights_bytes,
+        kv_bytes=mem.kv_bytes,
+        activation_bytes=mem.activation_bytes,
+        peak_allocated_bytes=mem.peak_allocated_bytes,
+        total_bytes=mem.total_bytes,
+        capacity_bytes=mem.capacity_bytes,
+        fits=mem.fits,
+        prefill_bound=schedule.prefill_bound[0],
+        decode_bound=schedule.decode_bound[0],
+        eta_compute=eff.eta_compute,
+        eta_memory=eff.eta_memory,
+        layer_overhead_s=eff.layer_overhead_s,
+        efficiency_source=eff.source,
+    )

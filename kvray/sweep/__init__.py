@@ -1,0 +1,1 @@
+"""Everything that touches Ray: the sweep driver, worker actors, the collector, placement, cluster launch."""

@@ -1,0 +1,118 @@
+"""The collector actor: the one writer of a sweep's output folder.
+
+Workers send each CellResult as it finishes; the collector appends it at once through
+``kvray.data.store.DatasetWriter`` (whole line or nothing, each cell_id at most once) and answers whether it
+was new, so a retried cell can never produce a second row. The flat tables (parquet, csv) are regenerated
+by a background thread at most every ``tables_every_s`` and at the end — never while a worker waits for its
+acknowledgement — because cells.jsonl, fsync'ed per row, is the truth.
+It also keeps manifest.json: the job file, kvray's version, and each run with its workers' environments.
+
+Plain Python; the driver wraps it with ``ray.remote`` and pins it to the driver's node.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kvray.data.store import MANIFEST, DatasetWriter, read_results
+from kvray.measure.trace import CellResult
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Collector:
+    def __init__(self, out_dir: str, job: dict[str, Any], run: dict[str, Any], tables_every_s: float = 5.0):
+        from kvray import __version__
+
+        self.out_dir = Path(out_dir)
+        self.writer = DatasetWriter(self.out_dir, tables=False)
+        self._status = {r["cell_id"]: r["status"] for r in read_results(self.out_dir)}
+        self.tables_every_s = tables_every_s
+        self._dirty = False
+        self._tables_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh_tables, name="kvray-tables", daemon=True)
+        self.appended = 0
+        self.duplicates = 0
+        previous = _read_manifest(self.out_dir)
+        self.manifest: dict[str, Any] = {
+            "kvray_version": __version__,
+            "created_at": previous.get("created_at", now_iso()),
+            "job": job,
+            "runs": [*previous.get("runs", []), {"started_at": now_iso(), **run, "workers": []}],
+        }
+        self.writer.write_manifest(self.manifest)
+        self._thread.start()
+
+    @property
+    def _run(self) -> dict[str, Any]:
+        run: dict[str, Any] = self.manifest["runs"][-1]
+        return run
+
+    def done_ids(self) -> list[str]:
+        return sorted(self.writer.done_ids)
+
+    def status(self, cell_id: str) -> str | None:
+        """The status of the cell's row, or None when it has none."""
+        return self._status.get(cell_id)
+
+    def append(self, result: dict[str, Any]) -> bool:
+        """Write one CellResult (as ``to_dict``); False when its cell already has a row."""
+        written = self.writer.append(CellResult.from_dict(result))
+        if written:
+            self._status[result["cell_id"]] = result["status"]
+            self.appended += 1
+            self._dirty = True
+        else:
+            self.duplicates += 1
+        return written
+
+    def write_tables(self) -> None:
+        with self._tables_lock:
+            self._dirty = False
+            self.writer.write_tables()
+
+    def _refresh_tables(self) -> None:
+        while not self._stop.wait(self.tables_every_s):
+            if self._dirty:
+                try:
+                    self.write_tables()
+                except Exception:  # a table is a convenience; cells.jsonl is complete regardless
+                    self._dirty = True
+
+    def add_worker(self, info: dict[str, Any]) -> None:
+        self._run["workers"].append(info)
+        self.writer.write_manifest(self.manifest)
+
+    def update_worker(self, worker_id: str, stats: dict[str, Any]) -> None:
+        for info in self._run["workers"]:
+            if info.get("worker_id") == worker_id:
+                info.update(stats)
+        self.writer.write_manifest(self.manifest)
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Final tables and manifest; returns this run's record."""
+        self._stop.set()
+        self._thread.join(timeout=60)
+        if self._dirty or not (self.out_dir / "cells.parquet").exists():
+            self.write_tables()
+        self._run.update(summary, finished_at=now_iso(), rows_appended=self.appended, duplicates=self.duplicates)
+        self.writer.write_manifest(self.manifest)
+        return dict(self._run)
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
