@@ -51,10 +51,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from kvray.backends import get_backend
-    from kvray.plan.planner import plan_cells
     from kvray.bench.runner import run_cells
     from kvray.data.store import read_results
-    from kvray.sweep.driver import last_run, run_job, start_local_ray
+    from kvray.plan.planner import plan_cells
+    from kvray.sweep import last_run, run_job, start_local_ray
 
     job = build_job(args.cells, args.cell_s, args.models)
     cells = plan_cells(job)  # type: ignore[arg-type]

@@ -2,8 +2,8 @@
 
 The report is built once as a list of blocks (headings, paragraphs, tables, figures) and rendered twice,
 so the Markdown and the HTML always say the same thing. The HTML embeds every figure as base64 PNG:
-one file to mail or attach to a review. Every number comes from kvray/findings.py, the same views the
-figures draw.
+one file to mail or attach to a review. Every number comes from kvray.analysis (the findings, and the
+views the figures draw).
 
 ``make_all(output_dir)`` is what ``kvray run`` and the exp commands call at the end: figures, then report.
 """
@@ -13,12 +13,25 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kvray.analysis.findings import OOM_STATUSES, Finding, View, compute_findings, experiment_rows, mixed_pairs, prepare
+from kvray.analysis.findings import Finding, compute_findings
+from kvray.analysis.views import (
+    MIXED_STATS,
+    OOM_STATUSES,
+    PEAK_COLUMNS,
+    View,
+    as_number,
+    experiment_rows,
+    first_value,
+    mixed_pairs,
+    prepare,
+    simulated_mask,
+)
 from kvray.units import human_bytes
 
 REPORT_MD = "report.md"
@@ -43,7 +56,7 @@ FINDING_TITLES = {
 class ReportPaths:
     markdown: Path
     html: Path
-    figures: list[Any] = field(default_factory=list)  # kvray.figures.plots.FigureResult
+    figures: list[Any] = field(default_factory=list)  # kvray.figures.common.FigureResult
     findings: list[Finding] = field(default_factory=list)
 
 
@@ -55,8 +68,7 @@ def make_all(output_dir: str | Path, figures: bool = True) -> ReportPaths:
 
 def make_report(results_dir: str | Path, figures: bool = True) -> ReportPaths:
     from kvray.data.store import load_dataset
-    from kvray.figures.plots import FIGURES_DIR, plot_view
-    from kvray.figures.server import server_figures_if_any
+    from kvray.figures import FIGURES_DIR, plot_view, server_figures_if_any
 
     out = Path(results_dir)
     cells, traces, manifest = load_dataset(out)
@@ -84,37 +96,23 @@ class Block:
     svg: Path | None = None
 
 
+# A table cell: the value formatted, or "—" where the row has no number.
+
+
 def _fmt_bytes(v: Any) -> str:
-    return human_bytes(float(v)) if _num(v) else "—"
+    return human_bytes(float(v)) if as_number(v) is not None else "—"
 
 
 def _fmt_ms(v: Any) -> str:
-    return f"{float(v) * 1e3:,.1f}" if _num(v) else "—"
+    return f"{float(v) * 1e3:,.1f}" if as_number(v) is not None else "—"
 
 
 def _fmt_num(v: Any, digits: int = 1) -> str:
-    return f"{float(v):,.{digits}f}" if _num(v) else "—"
+    return f"{float(v):,.{digits}f}" if as_number(v) is not None else "—"
 
 
 def _fmt_pct(v: Any) -> str:
-    return f"{float(v):+.2%}" if _num(v) else "—"
-
-
-def _num(v: Any) -> bool:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return False
-    return not math.isnan(f)
-
-
-def _peak(row: Any) -> Any:
-    from kvray.analysis.findings import PEAK_COLUMNS
-
-    for col, _ in PEAK_COLUMNS:
-        if _num(row.get(col)):
-            return row[col]
-    return None
+    return f"{float(v):+.2%}" if as_number(v) is not None else "—"
 
 
 CELL_COLUMNS: tuple[tuple[str, Any], ...] = (
@@ -122,7 +120,7 @@ CELL_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("prompt", lambda r: str(r["prompt_toks_list"]) if r["workload"] == "mixed" else f"{int(r['prompt_toks'])}"),
     ("gen", lambda r: f"{int(r['gen_toks'])}"),
     ("status", lambda r: str(r["status"])),
-    ("peak mem", lambda r: _fmt_bytes(_peak(r))),
+    ("peak mem", lambda r: _fmt_bytes(first_value(r, PEAK_COLUMNS)[0])),
     ("KV measured", lambda r: _fmt_bytes(r["kv_measured_bytes"])),
     ("KV predicted", lambda r: _fmt_bytes(r["kv_predicted_bytes"])),
     ("KV error", lambda r: _fmt_pct(r["kv_rel_error"])),
@@ -152,7 +150,7 @@ def environment_blocks(view: View, manifest: dict[str, Any]) -> list[Block]:
     for hw, part in cells.groupby("hardware", dropna=False):
         cap = part["capacity_bytes"].dropna()
         acc = part["accelerator_type"].dropna() if "accelerator_type" in part else part["hardware"].iloc[:0]
-        sim = part["simulated"].fillna(False).astype(bool)
+        sim = simulated_mask(part)
         rows.append(
             [
                 str(hw),
@@ -215,17 +213,16 @@ def mixed_table(view: View) -> Block | None:
         return None
     rows = []
     for p in pairs:
-        for stat in ("ttft_s_p50", "ttft_s_p99", "e2e_s_p50", "e2e_s_p99"):
-            alone, mixed = p.alone.get(stat, math.nan), p.mixed.get(stat, math.nan)
-            name = stat.replace("_s_", " ").upper().replace("P", "p")
+        for stat in MIXED_STATS:
+            ratio = p.ratio(stat)
             rows.append(
                 [
                     p.series,
                     f"{p.n_short} × {p.short_toks} + {p.n_long} × {p.long_toks}",
-                    name,
-                    _fmt_ms(alone),
-                    _fmt_ms(mixed),
-                    f"×{mixed / alone:.2f}" if alone else "—",
+                    stat.replace("_s_", " ").upper().replace("P", "p"),
+                    _fmt_ms(p.alone.get(stat, math.nan)),
+                    _fmt_ms(p.mixed.get(stat, math.nan)),
+                    f"×{ratio:.2f}" if ratio == ratio else "—",
                 ]
             )
     return Block(
@@ -233,11 +230,51 @@ def mixed_table(view: View) -> Block | None:
     )
 
 
+# How each experiment's cell table is sorted (after the series).
+TABLE_SORT = {
+    "exp2": ("prompt_toks", "concurrency"),
+    "exp4": ("backend", "concurrency", "prompt_toks"),
+}
+DEFINITIONS = (
+    "TTFT = first token − arrival (includes queueing); TPOT = (end − first token) / (output − 1); "
+    "E2E = end − arrival; output tok/s = output tokens / makespan, mean over repeats (docs/metrics.md).",
+    "Latency percentiles pool the successful requests of all repeats.",
+    "Peak memory: torch max_memory_allocated on a GPU, process RSS peak on a CPU; KV error = "
+    "(measured − predicted) / predicted KV bytes.",
+    "OOM cells: oom (ran out), skipped_after_oom (larger than one that ran out), refused (pre-flight check "
+    "predicted OOM) — the boundary is a result.",
+)
+
+
 def build_blocks(
     view: View, manifest: dict[str, Any], findings: list[Finding], figures: list[Any], out: Path
 ) -> list[Block]:
-    from kvray.figures.plots import FIGURES, FIGURES_DIR
+    """The whole report: summary, environment, findings, a section per experiment, the rest, definitions."""
+    from kvray.figures import FIGURES
 
+    cells = view.cells
+    blocks = summary_blocks(view, manifest, out)
+    blocks += environment_blocks(view, manifest) if len(cells) else []
+    blocks += findings_blocks(findings)
+    figure = _figure_blocks(figures, out)
+    for exp, (heading, fig_names) in EXPERIMENTS.items():
+        blocks += experiment_blocks(view, exp, heading)
+        for name in fig_names:
+            blocks += figure(name)
+    others = cells[~cells["experiment"].isin(list(EXPERIMENTS))] if len(cells) else cells
+    if len(others):
+        blocks.append(Block("h2", "Other cells"))
+        blocks.append(cell_table(view, others, ("experiment", "workload", "concurrency", "prompt_toks")))
+    blocks.append(Block("h2", "Across hardware and KV prediction"))
+    for name in FIGURES[5:]:  # fig6 cross-hardware, fig7 KV predicted vs measured
+        blocks += figure(name)
+    blocks.append(Block("h2", "Definitions"))
+    blocks.append(Block("ul", items=list(DEFINITIONS)))
+    return blocks
+
+
+def summary_blocks(view: View, manifest: dict[str, Any], out: Path) -> list[Block]:
+    """Title, what the dataset holds, and what it lacks (columns, measurements: simulated cells)."""
     cells = view.cells
     job: dict[str, Any] = manifest["job"] if isinstance(manifest.get("job"), dict) else {}
     title = f"kvray report — {job.get('name') or out.resolve().name}"
@@ -255,7 +292,7 @@ def build_blocks(
         blocks.append(Block("p", "The dataset is empty: run `kvray run JOB` or `kvray exp1 …` first."))
     if view.missing_columns:
         blocks.append(Block("p", "Columns not in this dataset (shown as —): " + ", ".join(view.missing_columns) + "."))
-    simulated = cells["simulated"].fillna(False).astype(bool) if len(cells) else None
+    simulated = simulated_mask(cells) if len(cells) else None
     if simulated is not None and simulated.any():
         blocks.append(
             Block(
@@ -264,16 +301,13 @@ def build_blocks(
                 "roofline model): their times and memory are predictions, not measurements.",
             )
         )
-    blocks += environment_blocks(view, manifest) if len(cells) else []
+    return blocks
 
-    blocks.append(Block("h2", "Findings"))
-    if findings:
-        for key, heading in FINDING_TITLES.items():
-            texts = [f.text for f in findings if f.key == key]
-            if texts:
-                blocks.append(Block("h3", heading))
-                blocks.append(Block("ul", items=texts))
-    else:
+
+def findings_blocks(findings: list[Finding]) -> list[Block]:
+    """The findings grouped under FINDING_TITLES, in that order; a sentence when there is none."""
+    blocks = [Block("h2", "Findings")]
+    if not findings:
         blocks.append(
             Block(
                 "p",
@@ -281,6 +315,46 @@ def build_blocks(
                 "or exp3, or cells with measured and predicted KV).",
             )
         )
+    for key, heading in FINDING_TITLES.items():
+        texts = [f.text for f in findings if f.key == key]
+        if texts:
+            blocks.append(Block("h3", heading))
+            blocks.append(Block("ul", items=texts))
+    return blocks
+
+
+def experiment_blocks(view: View, exp: str, heading: str) -> list[Block]:
+    """An experiment's section before its figures: every cell, the cells that did not fit and why, and for
+    exp3 the short requests alone vs mixed."""
+    rows = experiment_rows(view, exp)
+    blocks = [Block("h2", heading)]
+    if not len(rows):
+        return blocks + [Block("p", f"No {exp} cells in this dataset (`kvray {exp} --help`).")]
+    blocks.append(cell_table(view, rows, TABLE_SORT.get(exp, ("workload", "concurrency", "prompt_toks"))))
+    ooms = rows[rows["status"].isin(OOM_STATUSES) & rows["reason"].astype(bool)]
+    if len(ooms):
+        blocks.append(Block("p", "Cells that did not fit (the reason each gave):"))
+        blocks.append(
+            Block(
+                "ul",
+                items=[
+                    f"{view.series_label(r) + ': ' if view.series_keys else ''}{r['status']} at c={int(r['concurrency'])}"
+                    f" × {r['prompt_toks_list'] if r['workload'] == 'mixed' else int(r['prompt_toks'])} prompt tokens"
+                    f" — {str(r['reason'])[:240]}"
+                    for _, r in ooms.head(8).iterrows()
+                ],
+            )
+        )
+    table = mixed_table(view) if exp == "exp3" else None
+    if table is not None:
+        blocks.append(Block("h3", "Short requests: alone vs batched with long ones"))
+        blocks.append(table)
+    return blocks
+
+
+def _figure_blocks(figures: list[Any], out: Path) -> Callable[[str], list[Block]]:
+    """A function: figure name → its block (PNG, SVG link, the figure's notes as caption), none if not on disk."""
+    from kvray.figures import FIGURES_DIR
 
     by_name = {f.name: f for f in figures}
     fig_dir = out / FIGURES_DIR
@@ -293,62 +367,7 @@ def build_blocks(
         caption = name + (": " + "; ".join(result.notes) if result is not None and result.notes else "")
         return [Block("figure", caption, path=png, svg=svg if svg.is_file() else None)]
 
-    for exp, (heading, fig_names) in EXPERIMENTS.items():
-        rows = experiment_rows(view, exp)
-        blocks.append(Block("h2", heading))
-        if not len(rows):
-            blocks.append(Block("p", f"No {exp} cells in this dataset (`kvray {exp} --help`)."))
-        else:
-            sort = {
-                "exp2": ("prompt_toks", "concurrency"),
-                "exp4": ("backend", "concurrency", "prompt_toks"),
-            }.get(exp, ("workload", "concurrency", "prompt_toks"))
-            blocks.append(cell_table(view, rows, sort))
-            ooms = rows[rows["status"].isin(OOM_STATUSES) & rows["reason"].astype(bool)]
-            if len(ooms):
-                blocks.append(Block("p", "Cells that did not fit (the reason each gave):"))
-                blocks.append(
-                    Block(
-                        "ul",
-                        items=[
-                            f"{view.series_label(r) + ': ' if view.series_keys else ''}{r['status']} at c={int(r['concurrency'])}"
-                            f" × {r['prompt_toks_list'] if r['workload'] == 'mixed' else int(r['prompt_toks'])} prompt tokens"
-                            f" — {str(r['reason'])[:240]}"
-                            for _, r in ooms.head(8).iterrows()
-                        ],
-                    )
-                )
-            if exp == "exp3":
-                mt = mixed_table(view)
-                if mt is not None:
-                    blocks.append(Block("h3", "Short requests: alone vs batched with long ones"))
-                    blocks.append(mt)
-        for name in fig_names:
-            blocks += figure_blocks(name)
-
-    others = cells[~cells["experiment"].isin(list(EXPERIMENTS))] if len(cells) else cells
-    if len(others):
-        blocks.append(Block("h2", "Other cells"))
-        blocks.append(cell_table(view, others, ("experiment", "workload", "concurrency", "prompt_toks")))
-    blocks.append(Block("h2", "Across hardware and KV prediction"))
-    for name in FIGURES[5:]:  # fig6 cross-hardware, fig7 KV predicted vs measured
-        blocks += figure_blocks(name)
-    blocks.append(Block("h2", "Definitions"))
-    blocks.append(
-        Block(
-            "ul",
-            items=[
-                "TTFT = first token − arrival (includes queueing); TPOT = (end − first token) / (output − 1); "
-                "E2E = end − arrival; output tok/s = output tokens / makespan, mean over repeats (docs/metrics.md).",
-                "Latency percentiles pool the successful requests of all repeats.",
-                "Peak memory: torch max_memory_allocated on a GPU, process RSS peak on a CPU; KV error = "
-                "(measured − predicted) / predicted KV bytes.",
-                "OOM cells: oom (ran out), skipped_after_oom (larger than one that ran out), refused (pre-flight check "
-                "predicted OOM) — the boundary is a result.",
-            ],
-        )
-    )
-    return blocks
+    return figure_blocks
 
 
 # ---------------------------------------------------------------- rendering

@@ -18,8 +18,7 @@ NUM_GPUS = 4  # logical: actors get CUDA_VISIBLE_DEVICES 0..3, torch still sees 
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[Any]:
-    from kvray.sweep.driver import ray_is_running, start_local_ray
-    from kvray.sweep.workers import import_ray
+    from kvray.sweep.ray_env import import_ray, ray_is_running, start_local_ray
 
     started = False
     if not ray_is_running():

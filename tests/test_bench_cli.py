@@ -99,3 +99,22 @@ def test_bad_flags_exit_2_with_one_line(args, needle, opt_dir, tmp_path):
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr and not (tmp_path / "never").exists()
+
+
+def test_bench_cell_is_built_and_checked_from_plain_arguments(opt_dir, monkeypatch):
+    """kvray/bench/cell.py: the Cell `kvray bench` runs, validated whole before any model loads."""
+    from kvray.bench.cell import bench_cell
+    from kvray.errors import KvrayInputError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cell = bench_cell(opt_dir, mixed=[4, 4, 20], gen_toks=3, dtype="float32", options={"b": 2, "a": None})
+    assert cell.workload.kind == "mixed" and [r.prompt_toks for r in cell.workload.requests] == [4, 4, 20]
+    assert cell.dtype == "fp32" and cell.options == (("b", 2),)
+    assert cell.device != "auto"  # the hf backend pins the device it will run on, so the row says where
+    # A server may serve a model kvray cannot resolve; an in-process backend may not.
+    served = bench_cell("nobody/served-only", backend="openai", options={"base_url": "http://127.0.0.1:9"})
+    assert served.model == "nobody/served-only" and served.backend == "openai"
+    with pytest.raises(KvrayInputError, match="unknown model"):
+        bench_cell("nobody/served-only", backend="hf")
+    with pytest.raises(KvrayInputError, match="needs a server URL"):
+        bench_cell(opt_dir, prompt_toks=8, gen_toks=2, backend="openai")

@@ -5,14 +5,14 @@ import random
 
 import pytest
 
-from kvray.backends.sim import SimBackend
 from kvray.analysis.calibrate import calibrate
+from kvray.backends.sim import SimBackend
+from kvray.bench.runner import run_cell
+from kvray.data.store import DatasetWriter
 from kvray.errors import KvrayInputError
 from kvray.model.resolve import resolve_geometry
-from kvray.bench.runner import run_cell
 from kvray.sim.simulate import predict_cell
 from kvray.spec import Cell, Workload, make_options
-from kvray.data.store import DatasetWriter
 
 NVML_NAMES = {"H100-SXM": "NVIDIA H100 80GB HBM3", "L4": "NVIDIA L4"}
 

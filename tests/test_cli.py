@@ -83,3 +83,76 @@ def test_help_and_info_do_not_import_heavy_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_info_asks_the_oom_module_what_fits():
+    from kvray.hardware.gpus import GPUS
+    from kvray.model.oom import kv_tokens_that_fit, model_summary
+    from kvray.model.resolve import resolve_geometry
+
+    data = json.loads(kvray("info", "mistralai/Mistral-7B-v0.1", "--dtype", "fp16", "--json").stdout)
+    g = resolve_geometry("mistralai/Mistral-7B-v0.1")
+    assert data == json.loads(json.dumps(model_summary(g, "fp16")))
+    fits = data["kv_tokens_fitting_beside_weights"]
+    assert set(fits) == set(GPUS) and fits["H100-SXM"] == kv_tokens_that_fit(g, "H100-SXM", "fp16") > 0
+    # 90% of memory, less weights and the runtime's 0.5 GiB, over 128 KiB of fp16 KV per token
+    spec = GPUS["H100-SXM"]
+    assert fits["H100-SXM"] == int((0.9 * spec.memory_bytes - data["weights_bytes"] - 2**29) // 131_072)
+    assert kv_tokens_that_fit(resolve_geometry("meta-llama/Llama-3.1-70B"), "L4") == 0  # weights alone too big
+
+
+def test_help_and_json_paths_import_no_rendering_or_data_libraries():
+    """`kvray --help` and `kvray info … --json` are the cold-start paths benchmarks/cli_startup.py times."""
+    code = (
+        "import sys, io, contextlib\n"
+        "from kvray.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: main(sys.argv[1:])\n"
+        "    except SystemExit: pass\n"
+        "print(sorted(m for m in ('rich', 'pandas', 'numpy', 'yaml', 'matplotlib') if m in sys.modules))\n"
+    )
+    for argv in (["--help"], ["info", "facebook/opt-1.3b", "--json"]):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+        assert out.stdout.strip() == "[]", (argv, out.stdout, out.stderr)
+
+
+SHARED_EXP_FLAGS = ("--model", "--dtype", "--kv-dtype", "--weights", "--hardware", "--device", "--warmup",
+                    "--repeats", "--option", "--output-dir", "--address", "--cluster", "--dry-run", "--json",
+                    "--no-plots", "--no-check-oom", "--verbose", "--progress")  # fmt: skip
+SERVER_FLAGS = ("--vllm-python", "--base-url", "--api-key-env", "--host")
+
+
+@pytest.mark.parametrize(
+    ("command", "own"),
+    [
+        ("exp1", ("--prompt-toks", "--gen-toks", "--concurrency", "--backend")),
+        ("exp2", ("--seqlens", "--gen-toks", "--concurrency", "--backend")),
+        ("exp3", ("--short", "--long", "--gen-toks", "--n-short", "--n-long", "--backend")),
+        ("exp4", ("--backends", "--prompt-toks", "--gen-toks", "--concurrency", *SERVER_FLAGS)),
+    ],
+)
+def test_exp_help_lists_the_shared_flags_and_its_own(capsys, command, own):
+    from kvray.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"Usage: kvray {command} [OPTIONS]")
+    for flag in (*SHARED_EXP_FLAGS, *own):
+        assert f"{flag} " in text or f"{flag}," in text or f"{flag}/" in text, flag
+
+
+def test_bare_kvray_prints_the_help_and_exits_2():
+    out = kvray()
+    assert out.returncode == 2 and "Commands:" in out.stdout and "exp4" in out.stdout
+    assert out.stderr == ""
+
+
+def test_shared_flags_cannot_be_redeclared():
+    from kvray.cli.options import ExperimentFlags, experiment_command
+
+    def exp9(flags: ExperimentFlags, dtype: str = "fp32") -> None: ...
+
+    with pytest.raises(TypeError, match="redeclares shared experiment flags: dtype"):
+        experiment_command(exp9)

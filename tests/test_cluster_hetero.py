@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     from ray.cluster_utils import Cluster
     from kvray.errors import KvrayInputError
     from kvray.plan.job import load_job
-    from kvray.sweep.driver import run_job
+    from kvray.sweep import run_job
 
     job_path, out = sys.argv[1], sys.argv[2]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})

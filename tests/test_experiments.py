@@ -170,9 +170,9 @@ def test_real_tiny_model_run_ends_in_figures_and_report(ray_session, tmp_path): 
     from dataclasses import replace
 
     from kvray.analysis.findings import compute_findings, prepare
-    from kvray.measure.metrics import describe
     from kvray.data.store import load_dataset
-    from kvray.sweep.driver import run_job
+    from kvray.measure.metrics import describe
+    from kvray.sweep import run_job
 
     out = str(tmp_path / "tiny")
     common = Common(model="kvray/tiny-llama", dtype="fp32", device="cpu", warmup=0, repeats=2)
@@ -301,3 +301,36 @@ def test_run_command_ends_with_figures_and_report(ray_session, tmp_path):  # noq
     (out / "report.md").unlink()
     run_cli("run", str(job_file), "--output", str(out), "--no-plots")
     assert not (out / "figures").exists() and not (out / "report.md").exists()
+
+
+def test_submit_chooses_local_or_remote_from_the_run_settings(tmp_path, monkeypatch):
+    """kvray/sweep/submit.py: a dashboard URL or a cluster file goes through the Jobs API as a job file;
+    anything else runs here. No Ray starts in this test: both paths are replaced."""
+    import kvray.sweep.driver
+    import kvray.sweep.launch
+    from kvray.plan.job import load_job
+    from kvray.sweep.submit import RunSettings, submit_job
+
+    assert not any(RunSettings(address=a).remote for a in ("local", "auto", "ray://10.0.0.1:10001"))
+    assert RunSettings(address="http://head:8265").remote and RunSettings(cluster="cluster/a100.yaml").remote
+    calls = []
+
+    def fake_launch(job_file, output, address=None, cluster=None, extra_args=None, log=None, **_):
+        calls.append(("launch", load_job(job_file).name, output, address, cluster, extra_args))
+        return "SUCCEEDED", []
+
+    def fake_run_job(job, output_dir=None, address="local", check_oom=True, progress=True, **_):
+        calls.append(("run_job", job.name, output_dir, address, check_oom, progress))
+        return tmp_path / "here"
+
+    monkeypatch.setattr(kvray.sweep.launch, "launch", fake_launch)
+    monkeypatch.setattr(kvray.sweep.driver, "run_job", fake_run_job)
+    job = exp1_job(Common(), 16, 4, [1, 2])
+    remote = submit_job(job, RunSettings(address="https://head:8265", check_oom=False))
+    assert remote.remote_status == "SUCCEEDED" and str(remote.output_dir) == "results/exp1-facebook--opt-1.3b"
+    local = submit_job(job, RunSettings(output_dir=tmp_path / "out", address="auto", progress=False))
+    assert local.remote_status is None and local.output_dir == tmp_path / "here"
+    assert calls == [
+        ("launch", job.name, "results/exp1-facebook--opt-1.3b", "https://head:8265", None, ["--no-check-oom"]),
+        ("run_job", job.name, tmp_path / "out", "auto", True, False),
+    ]

@@ -11,6 +11,7 @@ from kvray.model.kvmath import (
     kv_bytes_batch,
     kv_bytes_per_token,
     kv_bytes_sequence,
+    max_tokens_in,
     normalize_dtype,
 )
 from kvray.model.resolve import resolve_geometry
@@ -62,10 +63,16 @@ def test_paged_rounds_each_request_up_to_blocks_and_hf_pads_to_longest():
 
 
 def test_vllm_cpu_reference_point():
-    # vLLM CPU: 2 layers, 1 KV head × 64 dims, fp32 → 1,024 B/token; 1 GiB = 1,048,576 tokens.
+    # The model the vLLM CPU tests serve: 2 layers, 1 KV head × 64 dims, fp32. Per token: 2 layers × 2 (K, V)
+    # × 1 head × 64 × 4 B = 1,024 B; a 1 GiB pool holds 2^30 / 1,024 = 1,048,576 tokens = 8,192 of vLLM's
+    # 128-token CPU blocks (tests/test_vllm_backend.py checks the live server against the same arithmetic).
     g = geometry_from_config(tiny_config("llama-gqa", num_key_value_heads=1, head_dim=64))
+    assert (g.num_layers, g.num_kv_heads, g.head_dim) == (2, 1, 64)
     assert kv_bytes_per_token(g, "fp32", "paged") == 1024
-    assert 2**30 // kv_bytes_per_token(g, "fp32", "paged") == 1_048_576
+    assert max_tokens_in(g, 2**30, "fp32", "paged") == 1_048_576
+    assert max_tokens_in(g, 2**30 - 1, "fp32", "paged") == 1_048_575  # a partial token does not fit
+    assert kv_bytes_sequence(g, 1_048_576, "fp32", "paged", block_size=128) == 2**30  # 8,192 whole blocks
+    assert kv_bytes_sequence(g, 1_048_577, "fp32", "paged", block_size=128) == 2**30 + 128 * 1024  # one more
 
 
 def test_dtype_names():

@@ -167,3 +167,23 @@ def test_a_cycle_is_caught(bad_tree: Path) -> None:
     assert import_cycles(without_package_inits(import_graph(bad_tree))) == [
         ["kvray.figures.style", "kvray.model.kvmath"]
     ]
+
+
+def test_the_documented_python_api_is_importable_from_kvray() -> None:
+    """README: ``from kvray import load_job, job_from_dict, plan_cells, run_job, check_oom_risk``, lazily."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kvray\n"
+        "assert not {'torch', 'ray', 'pandas', 'transformers'} & set(sys.modules), 'import kvray is not light'\n"
+        "from kvray import load_job, job_from_dict, plan_cells, run_job, check_oom_risk\n"
+        "job = job_from_dict({'name': 'api', 'models': ['kvray/tiny-llama'], 'backends': ['synthetic'],"
+        " 'grid': {'prompt_toks': [8], 'gen_toks': [2], 'concurrency': [1, 2]}})\n"
+        "assert len(plan_cells(job)) == 2\n"
+        "assert callable(load_job) and callable(run_job)\n"
+        "risk = check_oom_risk('facebook/opt-1.3b', concurrency=1, seq_len=128, gpu='H100-SXM')\n"
+        "assert risk['risk_level'] == 'low', risk['risk_level']\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

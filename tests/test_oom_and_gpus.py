@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 
 import kvray
@@ -38,7 +40,7 @@ def test_check_oom_risk_levels_and_fields():
     assert low["risk_level"] == "low" and high["risk_level"] == "high"
     for key in ("weights_gb", "kv_gb", "activation_gb", "total_estimated_gb", "available_gb", "max_concurrency"):
         assert key in high
-    assert high["available_gb"] == pytest.approx(24.0)
+    assert high["available_gb"] == pytest.approx(23_034 / 1024)  # what nvidia-smi reports for an L4: 23,034 MiB
     # KV: 64 × 4096 tokens × 196,608 B = 48 GiB exactly.
     assert high["kv_gb"] == pytest.approx(48.0)
     assert 0 < high["max_concurrency"] < 64 and high["recommendations"]
@@ -55,7 +57,30 @@ def test_memory_is_linear_in_concurrency():
     assert b["kv_gb"] == pytest.approx(2 * a["kv_gb"])
 
 
-def test_no_gpu_falls_back_to_ram():
+def test_no_gpu_falls_back_to_ram(monkeypatch):
+    import psutil
+
+    from kvray.hardware import env
+    from kvray.hardware.env import GpuInfo
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=12 * 2**30, total=16 * 2**30))
+    monkeypatch.setattr(env, "nvml_gpus", lambda: ([], None, "no NVIDIA driver"))
     risk = kvray.check_oom_risk("gpt2", 1, 128)
-    assert risk["device"] in ("cpu",) or risk["device"].startswith("NVIDIA")
-    assert risk["available_gb"] > 0
+    assert risk["device"] == "cpu"
+    assert risk["available_gb"] == pytest.approx(12.0)  # free RAM, not total
+    # With a GPU, its NVML total is what is available, whatever the RAM.
+    l4 = GpuInfo(index=0, name="NVIDIA L4", memory_bytes=23_034 * 2**20)
+    monkeypatch.setattr(env, "nvml_gpus", lambda: ([l4], "12.4", None))
+    risk = kvray.check_oom_risk("gpt2", 1, 128)
+    assert risk["device"] == "NVIDIA L4" and risk["available_gb"] == pytest.approx(23_034 / 1024)
+
+
+# What nvidia-smi reports as memory.total (MiB): the datacenter Ada cards keep ECC on by default, which
+# reserves 1/16 of GDDR6 (24,576 × 15/16 = 23,040; 49,152 × 15/16 = 46,080) and a few MiB more.
+@pytest.mark.parametrize(
+    ("gpu", "mib"),
+    [("L4", 23_034), ("L40S", 46_068), ("H100-SXM", 81_559), ("H200", 143_771), ("RTX-4090", 24_564),
+     ("A100-80GB-SXM", 81_920), ("A100-40GB-SXM", 40_960)],
+)  # fmt: skip
+def test_gpu_memory_is_what_the_driver_reports(gpu, mib):
+    assert get_gpu(gpu).memory_bytes == mib * 2**20

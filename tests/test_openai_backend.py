@@ -13,11 +13,11 @@ from servers_fixtures import FakeOpenAIServer, build_tiny_model_dir, start_trans
 from kvray.backends.hf import HFBackend
 from kvray.backends.hf_paged import HFPagedBackend
 from kvray.backends.openai import Chunk, OpenAIBackend, PromptBuilder, load_tokenizer, token_times
-from kvray.measure.metrics import itl_gaps
 from kvray.bench.runner import run_cell
+from kvray.data.store import DatasetWriter
+from kvray.measure.metrics import itl_gaps
 from kvray.servers.process import free_port
 from kvray.spec import Cell, Workload, make_options
-from kvray.data.store import DatasetWriter
 
 
 @pytest.fixture(scope="module")

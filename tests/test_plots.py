@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from test_findings import MODEL, result, uniform_traces, write_crafted
 
+from kvray.data.store import DatasetWriter
 from kvray.figures.plots import FIGURES, make_figures
 from kvray.spec import Cell, Workload
-from kvray.data.store import DatasetWriter
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 

@@ -77,8 +77,8 @@ def test_predict_imports_no_torch():
 def test_calibrate_command_writes_the_file_predict_reads(kvray, tmp_path):
     from kvray.backends.sim import SimBackend
     from kvray.bench.runner import run_cell
-    from kvray.spec import Cell, Workload, make_options
     from kvray.data.store import DatasetWriter
+    from kvray.spec import Cell, Workload, make_options
 
     writer = DatasetWriter(tmp_path / "res", tables=False)
     for c in (1, 8):

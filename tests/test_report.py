@@ -13,7 +13,7 @@ from test_findings import ACT_PER_REQUEST, KV_BIAS, KV_PER_TOKEN, write_crafted
 
 from kvray.figures.plots import FIGURES
 from kvray.report import make_report
-from kvray.figures.style import human_bytes
+from kvray.units import human_bytes
 
 
 @pytest.fixture(scope="module")

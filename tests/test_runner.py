@@ -6,11 +6,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from tiny_models import tiny_config, write_model_dir
 
-from kvray.backends import get_backend
+from kvray.backends import backend_class, backend_names, check_cell, get_backend, validate_backend
+from kvray.backends.base import BackendBase
 from kvray.backends.hf import HFBackend
-from kvray.bench.runner import MEMORY_KEYS, run_cell, run_cells
+from kvray.backends.synthetic import SyntheticBackend
+from kvray.bench.runner import MEMORY_KEYS, oom_refusal, run_cell, run_cells
+from kvray.errors import KvrayInputError
 from kvray.spec import Cell, Workload, make_options
 
 
@@ -123,3 +127,125 @@ def test_oom_errors_are_recognised_with_their_sizes():
     cuda = type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 1.50 GiB.")
     assert is_oom_error(cuda) and attempted_bytes(cuda) == int(1.5 * 2**30)
     assert is_oom_error(MemoryError()) and not is_oom_error(ValueError("allocate"))
+
+
+# --- the backend contract: what the runner and the planner read comes from the backend's declaration ---------
+
+OPT_KV_BYTES_PER_TOKEN = 24 * 2 * 2048 * 2  # opt-1.3b in fp16: layers × (K and V) × hidden × bytes = 196,608
+GPU_80_GIB = 80 * 2**30
+
+
+class _Engine(SyntheticBackend):
+    """A model-less engine that asks for the OOM pre-check on an 80 GiB device, in a layout set per test."""
+
+    oom_precheck = True
+
+    def __init__(self, available_bytes: int = GPU_80_GIB):
+        self.available_bytes = available_bytes
+
+    def memory_available_bytes(self, cell: Cell) -> int:
+        return self.available_bytes
+
+
+class _StaticEngine(_Engine):
+    kv_layout = "hf"
+    queues_when_full = False
+
+
+class _PagedEngine(_Engine):
+    kv_layout = "paged"
+    queues_when_full = True
+
+
+def _opt_cell() -> Cell:
+    """256 requests of 1984 + 64 = 2048 tokens of opt-1.3b in fp16."""
+    return Cell(model="facebook/opt-1.3b", backend="synthetic", workload=Workload.uniform(256, 1984, 64),
+                dtype="fp16", warmup=0, options=make_options(ttft_s=0.0, tpot_s=0.0))  # fmt: skip
+
+
+def test_oom_precheck_follows_the_backends_layout_and_admission():
+    from kvray.model.kvmath import kv_bytes_per_token
+    from kvray.model.resolve import resolve_geometry
+
+    assert kv_bytes_per_token(resolve_geometry("facebook/opt-1.3b"), "fp16") == OPT_KV_BYTES_PER_TOKEN
+    cell = _opt_cell()
+    # A static batch holds all 256 × 2048 tokens at once: 256 × 2048 × 196,608 B = 96 GiB > 80 GiB.
+    assert 256 * 2048 * OPT_KV_BYTES_PER_TOKEN == 96 * 2**30
+    static = run_cell(_StaticEngine(), cell)
+    assert static.status == "refused" and "KV 96.00" in static.reason and "of 80.00 GiB" in static.reason
+    # A paged engine that queues what does not fit runs them in turns; one request is 2048 × 196,608 B =
+    # 0.375 GiB beside 2.45 GiB of weights, so it runs (the old pre-check refused it as a static batch).
+    assert oom_refusal(_PagedEngine(), cell) is None
+    paged = run_cell(_PagedEngine(), cell)
+    assert paged.status == "ok" and len(paged.traces) == 256
+    # It is refused only when one request cannot fit alone: here not even the weights fit in 2 GiB.
+    alone = oom_refusal(_PagedEngine(available_bytes=2 * 2**30), cell)
+    assert alone is not None and "one request of 2048 tokens alone" in alone and "KV 0.38" in alone
+
+
+def test_backend_names_and_layouts_come_from_the_registry_without_importing_torch():
+    code = textwrap.dedent(
+        """
+        import sys
+        from kvray.backends import backend_class, backend_names, kv_layout
+        layouts = {name: kv_layout(name) for name in backend_names()}
+        heavy = [m for m in ("torch", "transformers", "ray") if m in sys.modules]
+        print(layouts["hf"], layouts["hf-paged"], layouts["vllm"], kv_layout("sim", {"layout": "paged"}), heavy)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["hf", "paged", "paged", "paged", "[]"]
+    assert set(backend_names()) == {"hf", "synthetic", "sim", "hf-paged", "vllm", "openai", "ollama"}
+    for name in backend_names():
+        cls = backend_class(name)
+        assert issubclass(cls, BackendBase) and cls.name == name
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("tensorrt", {}, "unknown backend 'tensorrt' (known: hf"),
+        ("openai", {}, "needs --base-url: it needs a server URL"),
+        ("openai", {"base_url": "ftp://x"}, "http://"),
+        ("openai", {"base_url": "http://h", "endpoint": "embed"}, "unknown endpoint"),
+        ("ollama", {}, "--host"),
+        ("hf-paged", {"block_size": 2}, "block_size must be at least 4"),
+        ("vllm", {"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be in (0, 1]"),
+        ("sim", {"layout": "ragged"}, "unknown layout"),
+        ("synthetic", {"ttft_s": "soon"}, "synthetic: an option has the wrong type"),
+    ],
+)
+def test_validate_backend_is_one_line_per_problem(name, options, message):
+    with pytest.raises(KvrayInputError) as info:
+        validate_backend(name, options)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_option_form_is_checked_anywhere_the_environment_only_where_the_cell_runs(monkeypatch):
+    monkeypatch.delenv("KVRAY_NO_SUCH_KEY", raising=False)
+    options = {"base_url": "http://127.0.0.1:1", "api_key_env": "KVRAY_NO_SUCH_KEY"}
+    assert validate_backend("openai", options).needs_model_geometry is False  # a job may name a worker's key
+    cell = Cell(model="x", backend="openai", workload=Workload.uniform(1, 4, 2), options=make_options(**options))
+    with pytest.raises(KvrayInputError, match="KVRAY_NO_SUCH_KEY"):
+        check_cell(cell)  # kvray bench sends from here: the key must be here
+    vllm_cell = Cell(model="x", backend="vllm", workload=Workload.uniform(1, 4, 2),
+                     options=make_options(vllm_python="/nonexistent/python"))  # fmt: skip
+    validate_backend("vllm", vllm_cell.option_dict)
+    with pytest.raises(KvrayInputError, match="not an executable file"):
+        check_cell(vllm_cell)
+    hf_cell = Cell(model="kvray/tiny-llama", workload=Workload.uniform(1, 4, 2))
+    assert check_cell(hf_cell).device in ("cpu", "cuda:0")  # hf pins "auto" so the row says where it ran
+    paged = Cell(model="kvray/tiny-llama", backend="hf-paged", workload=Workload.uniform(1, 4, 2))
+    assert check_cell(paged).device == "auto"
+
+
+def test_job_loader_checks_each_backends_options(tmp_path: Path):
+    from kvray.plan.job import load_job
+
+    job = tmp_path / "job.yaml"
+    job.write_text("models: [kvray/tiny-llama]\nbackends: [hf, openai]\ngrid: {prompt_toks: [8], gen_toks: [2]}\n")
+    with pytest.raises(KvrayInputError, match=r"job.yaml: options: the openai backend needs --base-url"):
+        load_job(job)
+    job.write_text(job.read_text() + "options: {base_url: 'http://127.0.0.1:8000'}\n")
+    assert load_job(job).backends == ["hf", "openai"]

@@ -4,9 +4,9 @@ import pytest
 
 from kvray.backends import get_backend
 from kvray.backends.base import Backend
+from kvray.bench.runner import run_cell
 from kvray.model.kvmath import kv_bytes_sequence
 from kvray.model.resolve import resolve_geometry
-from kvray.bench.runner import run_cell
 from kvray.sim.simulate import Efficiency, predict_cell
 from kvray.spec import Cell, Workload, make_options
 
@@ -33,7 +33,7 @@ def test_protocol_and_device_info(backend):
     assert isinstance(backend, Backend) and backend.simulated is True
     backend.load(cell(Workload.uniform(1, 8, 2), hardware="NVIDIA L40S"))
     info = backend.device_info()
-    assert info == {"name": "L40S", "memory_bytes": 48 * 2**30, "simulated": True, "accelerator_type": "L40S"}
+    assert info == {"name": "L40S", "memory_bytes": 46068 * 2**20, "simulated": True, "accelerator_type": "L40S"}
 
 
 @pytest.mark.parametrize(("hardware", "gpu"), [("H100-SXM", "H100-SXM"), ("any", "H100-SXM"), ("RTX 4090", "RTX-4090")])

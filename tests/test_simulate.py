@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -9,8 +10,8 @@ from hypothesis import strategies as st
 
 from kvray.hardware.gpus import GPUS, get_gpu
 from kvray.model.kvmath import kv_bytes_sequence
-from kvray.model.oom import RUNTIME_OVERHEAD_BYTES, activation_bytes
 from kvray.model.resolve import resolve_geometry
+from kvray.sim.passes import expected_experts_touched
 from kvray.sim.simulate import Efficiency, predict_cell, simulate
 from kvray.spec import RequestSpec
 
@@ -27,31 +28,59 @@ def no_calibration_file(tmp_path, monkeypatch):
     monkeypatch.setenv("KVRAY_CALIBRATION", str(tmp_path / "absent.json"))
 
 
+# Hand-checked geometry, written out so a defect in the geometry or KV code cannot move the expectations.
+# Meta-Llama-3-8B: 8,030,261,248 parameters (the published exact count), 32 layers, hidden 4,096, 32 heads of
+# 128, 8 KV heads, MLP 14,336, untied vocabulary 128,256. KV per token: 32 layers × 8 heads × 128 × 2 (K, V)
+# × 2 bytes = 131,072 B.
+LLAMA_PARAMS, LLAMA_KV_PER_TOKEN = 8_030_261_248, 131_072
+LLAMA_EMBEDDING = 128_256 * 4_096  # the untied input embedding: a lookup, one row read per token
+H100_BANDWIDTH = 3350e9 * 0.9  # bytes/s at η_memory 0.9
+H100_BF16 = 989e12 * 0.7  # FLOP/s at η_compute 0.7
+
+
 def test_batch1_decode_is_memory_bound_at_weights_over_bandwidth():
     gpu = get_gpu("H100-SXM")
     p = predict_cell(LLAMA, gpu, 1, 128, 33, eff=EFF)
     assert p.decode_bound == "memory"
-    weights = 2 * LLAMA.params
-    assert p.weights_bytes == weights
-    bandwidth = 3350e9 * 0.9
-    assert p.tpot_s == pytest.approx(weights / bandwidth, rel=0.01)  # KV of 160 tokens is < 0.2 % of 16 GB
-    # Exactly: each step reads the weights and the whole cache at its context (129 … 160 positions).
-    steps = [(weights + kv_bytes_sequence(LLAMA, 128 + k, "bf16")) / bandwidth for k in range(1, 33)]
+    assert p.weights_bytes == 2 * LLAMA_PARAMS  # resident: every parameter
+    # Read per step: every weight but the input embedding, of which one row (4,096 values) is looked up.
+    read = 2 * (LLAMA_PARAMS - LLAMA_EMBEDDING + 4_096)  # 15.01 GB, not the 16.06 GB resident
+    assert p.tpot_s == pytest.approx(read / H100_BANDWIDTH, rel=0.01)  # KV of 160 tokens is < 0.2 % of it
+    # Exactly: each step reads those weights and the whole cache at its context (129 … 160 positions).
+    steps = [(read + LLAMA_KV_PER_TOKEN * (128 + k)) / H100_BANDWIDTH for k in range(1, 33)]
     assert p.tpot_s == pytest.approx(sum(steps) / 32, rel=1e-9)
     assert p.e2e_s == pytest.approx(p.ttft_s + sum(steps), rel=1e-9)
     assert p.output_tps == pytest.approx(33 / p.e2e_s)
 
 
-def test_long_prefill_is_compute_bound_with_quadratic_attention():
-    p_toks, h, layers, vocab = 8192, LLAMA.hidden_size, LLAMA.num_layers, LLAMA.vocab_size
+def test_long_prefill_is_compute_bound_with_causal_attention():
+    p_toks, h, layers, vocab = 8192, 4_096, 32, 128_256
     pred = predict_cell(LLAMA, "H100-SXM", 1, p_toks, 2, eff=EFF)
     assert pred.prefill_bound == "compute"
-    body = LLAMA.params - 2 * vocab * h  # untied embedding (a lookup) and LM head (last token only)
-    flops = 2 * body * p_toks + 2 * vocab * h + 4 * layers * p_toks**2 * h
-    assert pred.ttft_s == pytest.approx(flops / (989e12 * 0.7), rel=1e-9)
-    # The P² term makes TTFT superlinear in the prompt.
+    body = LLAMA_PARAMS - 2 * vocab * h  # untied embedding (a lookup) and LM head (last token only)
+    # Causal: query i scores i keys, P(P+1)/2 pairs per layer; each pair costs QKᵀ + AV =
+    # 2 × 32 heads × (128 + 128) = 16,384 FLOPs = 4·hidden.
+    attention = layers * 4 * h * p_toks * (p_toks + 1) // 2
+    flops = 2 * body * p_toks + 2 * vocab * h + attention
+    assert pred.ttft_s == pytest.approx(flops / H100_BF16, rel=1e-9)
+    full_square = 2 * body * p_toks + 2 * vocab * h + 4 * layers * p_toks**2 * h
+    assert full_square / flops == pytest.approx(1.134, abs=0.001)  # what counting P² overstated at 8k
+    # The P² term still makes TTFT superlinear in the prompt.
     half = predict_cell(LLAMA, "H100-SXM", 1, p_toks // 2, 2, eff=EFF)
     assert pred.ttft_s > 2 * half.ttft_s
+
+
+def test_sliding_window_prefill_counts_only_the_band():
+    # Mistral-7B-v0.1: 7,241,732,096 parameters, 32 layers, hidden 4,096, 32 heads of 128, untied vocabulary
+    # 32,000, every layer a 4,096-token sliding window.
+    mistral = MODELS["mistralai/Mistral-7B-v0.1"]
+    p_toks, h, window, vocab = 8192, 4_096, 4_096, 32_000
+    pred = predict_cell(mistral, "H100-SXM", 1, p_toks, 2, eff=EFF)
+    assert pred.prefill_bound == "compute"
+    # Queries 1 … 4096 score 1 … 4096 keys; the 4,096 queries after that score 4,096 keys each.
+    pairs = window * (window + 1) // 2 + (p_toks - window) * window  # 25,167,872, not 33,558,528
+    flops = 2 * (7_241_732_096 - 2 * vocab * h) * p_toks + 2 * vocab * h + 32 * 4 * h * pairs
+    assert pred.ttft_s == pytest.approx(flops / H100_BF16, rel=1e-9)
 
 
 def test_short_prefill_on_slow_memory_is_memory_bound():
@@ -59,20 +88,29 @@ def test_short_prefill_on_slow_memory_is_memory_bound():
     assert pred.prefill_bound == "memory"
 
 
+# Capacity by hand: (GPU memory − weights − 0.5 GiB runtime) // (KV + activations per sequence), with
+# weights 2 × 8,030,261,248 = 16,060,522,496 B; KV (P + G − 1) × 131,072 B; activations (kvray.model.oom's
+# estimate) P × (4 × 4,096 + 2 × 14,336) × 2 B + 128,256 fp32 logits × 4 B. GPU memory is what the driver
+# reports: L4 23,034 MiB, H100 80GB HBM3 81,559 MiB, A100-SXM4-40GB 40,960 MiB. E.g. L4 at 2048 + 64:
+# (24,152,899,584 − 16,060,522,496 − 536,870,912) // (276,692,992 + 184,549,376 + 513,024) = 16 (19 against
+# a marketed 24 GiB).
 @pytest.mark.parametrize(
-    ("gpu", "prompt", "gen"), [("L4", 2048, 64), ("H100-SXM", 4096, 128), ("A100-40GB-SXM", 1000, 24)]
+    ("gpu", "memory_mib", "prompt", "gen", "expected"),
+    [("L4", 23_034, 2048, 64, 16), ("H100-SXM", 81_559, 4096, 128, 74), ("A100-40GB-SXM", 40_960, 1000, 24, 117)],
 )
-def test_oom_boundary_is_the_kv_math_capacity(gpu, prompt, gen):
-    spec = get_gpu(gpu)
-    weights = 2 * LLAMA.params
-    per_sequence = kv_bytes_sequence(LLAMA, prompt + gen - 1, "bf16") + activation_bytes(LLAMA, 1, prompt, "bf16")
-    capacity = (spec.memory_bytes - weights - RUNTIME_OVERHEAD_BYTES) // per_sequence
-    assert capacity > 0
+def test_oom_boundary_is_the_kv_math_capacity(gpu, memory_mib, prompt, gen, expected):
+    memory = memory_mib * 2**20
+    kv_per_sequence = (prompt + gen - 1) * LLAMA_KV_PER_TOKEN
+    per_sequence = kv_per_sequence + prompt * (4 * 4_096 + 2 * 14_336) * 2 + 128_256 * 4
+    capacity = (memory - 2 * LLAMA_PARAMS - 2**29) // per_sequence
+    assert capacity == expected
+    assert get_gpu(gpu).memory_bytes == memory
     at = predict_cell(LLAMA, gpu, capacity, prompt, gen, eff=EFF)
     over = predict_cell(LLAMA, gpu, capacity + 1, prompt, gen, eff=EFF)
     assert at.fits and not over.fits
-    assert at.kv_bytes == capacity * kv_bytes_sequence(LLAMA, prompt + gen - 1, "bf16")
-    assert at.total_bytes <= spec.memory_bytes < over.total_bytes
+    assert at.kv_bytes == capacity * kv_per_sequence
+    assert at.total_bytes == 2 * LLAMA_PARAMS + capacity * per_sequence + 2**29
+    assert at.total_bytes <= memory < over.total_bytes
 
 
 def test_weights_alone_can_exceed_the_gpu():
@@ -98,6 +136,63 @@ def test_moe_uses_active_params_for_flops_and_all_params_for_weights():
     assert pred.weights_bytes == 2 * ds.params
     dense_flops = 2 * ds.params * 8192
     assert pred.ttft_s < dense_flops / (989e12 * 0.7) / 2  # far below what all params would cost
+
+
+# DeepSeek-V2-Lite: 15,706,484,224 parameters; 27 layers, the first dense, 26 with 64 routed experts (top-6)
+# of 3 × 2,048 × 1,408 = 8,650,752 parameters each, plus shared experts; untied vocabulary 102,400 × 2,048.
+# Routed experts: 26 × 64 × 8,650,752 = 14,394,851,328; everything else 1,311,632,896. MLA caches
+# (512 + 64) × 2 B per layer and token: 27 × 1,152 = 31,104 B.
+DS_OTHER, DS_EXPERT, DS_MOE_LAYERS, DS_EMBEDDING, DS_KV_PER_TOKEN = (
+    1_311_632_896,
+    8_650_752,
+    26,
+    102_400 * 2_048,
+    31_104,
+)
+
+
+def _ds_read_bytes(tokens: int, experts_touched: float) -> float:
+    """bf16 bytes a pass reads: non-expert weights less the embedding rows no token looks up, plus the experts."""
+    return 2 * (DS_OTHER - DS_EMBEDDING + tokens * 2_048 + DS_MOE_LAYERS * experts_touched * DS_EXPERT)
+
+
+def test_expected_experts_touched_matches_random_top_k_routing():
+    assert expected_experts_touched(64, 6, 1) == pytest.approx(6)  # one token visits exactly its k
+    assert expected_experts_touched(64, 6, 0) == 0
+    rng = random.Random(12)
+    for tokens, by_hand in ((1, 6.0), (4, 20.831), (16, 50.71), (64, 63.882)):
+        # by hand: 64 × (1 − (58/64)^T); e.g. (58/64)^64 = e^(64 · ln 0.90625) = e^−6.300 = 0.00184
+        assert expected_experts_touched(64, 6, tokens) == pytest.approx(by_hand, rel=1e-3)
+        trials = [len({e for _ in range(tokens) for e in rng.sample(range(64), 6)}) for _ in range(3000)]
+        assert sum(trials) / len(trials) == pytest.approx(by_hand, rel=0.02)
+
+
+def test_moe_decode_reads_only_the_experts_the_batch_routes_to():
+    ds = MODELS["deepseek-ai/DeepSeek-V2-Lite"]
+    one = predict_cell(ds, "H100-SXM", 1, 128, 9, eff=EFF)
+    assert one.decode_bound == "memory"
+    # Batch 1: 6 experts per MoE layer, one embedding row: 2,451,437,056 parameters (DeepSeek publishes
+    # 2.4 B activated), 4.90 GB a step → 1.63 ms; reading all 31.4 GB of weights would take 10.4 ms.
+    steps = [(_ds_read_bytes(1, 6) + DS_KV_PER_TOKEN * (128 + k)) / H100_BANDWIDTH for k in range(1, 9)]
+    assert one.tpot_s == pytest.approx(sum(steps) / 8, rel=1e-9)
+    assert one.tpot_s == pytest.approx(1.63e-3, abs=0.01e-3)
+    # Batch 64: 64 × (1 − (58/64)^64) = 63.88 experts per layer, nearly all of them.
+    many = predict_cell(ds, "H100-SXM", 64, 128, 9, eff=EFF)
+    assert many.decode_bound == "memory"
+    touched = 64 * (1 - (58 / 64) ** 64)
+    steps = [(_ds_read_bytes(64, touched) + 64 * DS_KV_PER_TOKEN * (128 + k)) / H100_BANDWIDTH for k in range(1, 9)]
+    assert many.tpot_s == pytest.approx(sum(steps) / 8, rel=1e-9)
+    assert many.tpot_s > 6 * one.tpot_s
+
+
+def test_moe_prefill_touches_experts_for_all_its_tokens():
+    ds = MODELS["deepseek-ai/DeepSeek-V2-Lite"]
+    # 2 rows × 4 tokens = 8 tokens route: 64 × (1 − (58/64)^8) = 34.88 experts per MoE layer.
+    pred = predict_cell(ds, "H100-SXM", 2, 4, 2, eff=EFF)
+    assert pred.prefill_bound == "memory"
+    touched = 64 * (1 - (58 / 64) ** 8)
+    written = 2 * 4 * DS_KV_PER_TOKEN
+    assert pred.ttft_s == pytest.approx((_ds_read_bytes(8, touched) + written) / H100_BANDWIDTH, rel=1e-9)
 
 
 def test_static_batch_pads_and_paged_does_not():

@@ -15,11 +15,12 @@ import pytest
 from ray_fixtures import ray_session  # noqa: F401
 from tiny_models import tiny_config, write_model_dir
 
+from kvray.data.store import CELLS_JSONL, read_results
 from kvray.errors import KvrayInputError
 from kvray.plan.job import job_from_dict
 from kvray.plan.planner import plan_cells
-from kvray.data.store import CELLS_JSONL, read_results
-from kvray.sweep.driver import WORKER_NAME_PREFIX, last_run, run_job, status_counts
+from kvray.sweep import last_run, run_job, status_counts
+from kvray.sweep.pool import WORKER_NAME_PREFIX
 from kvray.sweep.workers import limit_memory
 
 

@@ -16,15 +16,15 @@ from kvray.backends.hf import HFBackend
 from kvray.backends.hf_paged import HFPagedBackend
 from kvray.backends.openai import OpenAIBackend
 from kvray.backends.vllm import VLLMBackend, vllm_launcher
+from kvray.bench.runner import run_cell
+from kvray.data.store import DatasetWriter, read_results
 from kvray.errors import KvrayInputError
-from kvray.plan.experiments import Common, exp4_job
 from kvray.model.kvmath import kv_bytes_per_token
+from kvray.model.resolve import resolve_geometry
+from kvray.plan.experiments import Common, exp4_job
 from kvray.plan.planner import plan_cells
 from kvray.servers.prometheus import cache_config, kv_snapshot, parse
-from kvray.model.resolve import resolve_geometry
-from kvray.bench.runner import run_cell
 from kvray.spec import Cell, Workload, make_options
-from kvray.data.store import DatasetWriter, read_results
 
 pytestmark = pytest.mark.vllm
 

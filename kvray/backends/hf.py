@@ -15,39 +15,22 @@ step for its stop check).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from kvray.backends.base import BackendRun
+from kvray.backends.base import BackendBase, BackendRun
 from kvray.errors import KvrayInputError
+from kvray.hardware.devices import resolve_device
 from kvray.measure.trace import RunTrace
 from kvray.model.kvmath import cached_positions, kv_bytes_batch, normalize_dtype
 from kvray.spec import Cell, RequestSpec
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _CONFIG_KEYS_NOT_KWARGS = ("model_type", "_name_or_path", "transformers_version")
-
-
-def resolve_device(device: str) -> str:
-    """ "auto" → "cuda:0" when CUDA is usable, else "cpu"; "cuda" → "cuda:0"; anything else is an input error."""
-    device = (device or "auto").strip().lower()
-    if device == "cpu":
-        return "cpu"
-    if device not in ("auto", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise KvrayInputError(f"unknown device {device!r} (known: auto, cpu, cuda, cuda:N)")
-    import torch
-
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    index = int(device[5:]) if ":" in device else 0
-    if not torch.cuda.is_available():
-        raise KvrayInputError(f"device {device!r} requested but CUDA is not available here")
-    if index >= torch.cuda.device_count():
-        raise KvrayInputError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return f"cuda:{index}"
 
 
 def cache_bytes(cache: Any) -> int:
@@ -88,11 +71,10 @@ def _seed(cell: Cell, repeat: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{cell.cell_id}:{repeat}".encode()).digest()[:8], "little") >> 1
 
 
-class HFBackend:
+class HFBackend(BackendBase):
     """One model in memory at a time; ``load`` reuses it for every cell with the same (model, dtype, weights, device)."""
 
     name = "hf"
-    simulated = False
 
     def __init__(self) -> None:
         self.model: Any = None
@@ -103,6 +85,12 @@ class HFBackend:
         self._key: tuple[str, str, str, str] | None = None
         self._allowed_ids: Any = None  # token ids a prompt may use
         self._pad_id = 0
+
+    @classmethod
+    def check_cell(cls, cell: Cell) -> Cell:
+        """The cell with its device pinned ("auto" → "cpu" | "cuda:0"), so the row says where it ran."""
+        cell = super().check_cell(cell)
+        return dataclasses.replace(cell, device=resolve_device(cell.device))
 
     # --- loading ------------------------------------------------------------------------------------
 
@@ -280,9 +268,6 @@ class HFBackend:
             predicted = kv_bytes_batch(self.geometry, positions, self.dtype, "hf")
         return traces, measured, predicted
 
-    def device_info(self) -> dict[str, Any]:
-        return device_info(self.device)
-
 
 def _first_id(*candidates: Any) -> int:
     for c in candidates:
@@ -291,44 +276,3 @@ def _first_id(*candidates: Any) -> int:
         if c is not None:
             return int(c)
     return 0
-
-
-def device_info(device: str) -> dict[str, Any]:
-    """{"name", "memory_bytes", "driver", …} of a CUDA device (NVML when present), or the CPU's."""
-    import platform
-
-    import psutil
-
-    if not device.startswith("cuda"):
-        return {
-            "name": "cpu",
-            "memory_bytes": int(psutil.virtual_memory().total),
-            "cpu_count": psutil.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-        }
-    import torch
-
-    index = torch.device(device).index or 0
-    props = torch.cuda.get_device_properties(index)
-    info: dict[str, Any] = {
-        "name": torch.cuda.get_device_name(index),
-        "memory_bytes": int(props.total_memory),
-        "driver": None,
-        "cuda": torch.version.cuda,
-        "capability": f"{props.major}.{props.minor}",
-        "device": device,
-    }
-    try:
-        import pynvml
-
-        from kvray.measure.memory import _nvml_handle
-
-        handle = _nvml_handle(device)
-        name = pynvml.nvmlDeviceGetName(handle)
-        info["name"] = name.decode() if isinstance(name, bytes) else str(name)
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        info["driver"] = driver.decode() if isinstance(driver, bytes) else str(driver)
-        info["memory_bytes"] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
-    except Exception:
-        pass
-    return info

@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvray.backends.base import BackendRun
 from kvray.backends.hf import HFBackend
 from kvray.errors import KvrayInputError
+from kvray.measure.sampler import PeriodicSampler
 from kvray.measure.trace import RunTrace
-from kvray.model.kvmath import cached_positions, kv_bytes_batch, kv_bytes_per_token, normalize_dtype
+from kvray.model.kvmath import cached_positions, kv_bytes_batch, normalize_dtype, paged_blocks_in
 from kvray.spec import Cell, RequestSpec
 
 DEFAULTS: dict[str, Any] = {
@@ -55,8 +55,9 @@ CPU_MAX_BATCH_TOKENS = 512
 _DEFAULT_PAGE_SIZE = 256  # transformers' ContinuousBatchingConfig.page_size default
 
 
-def paged_options(cell: Cell) -> dict[str, Any]:
-    opts = {**DEFAULTS, **{k: v for k, v in cell.option_dict.items() if k in DEFAULTS}}
+def paged_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The cell options this backend reads, over its defaults, checked."""
+    opts = {**DEFAULTS, **{k: v for k, v in options.items() if k in DEFAULTS}}
     for key in ("block_size", "num_blocks", "max_batch_tokens", "max_num_seqs"):
         if opts[key] is not None and int(opts[key]) < 1:
             raise KvrayInputError(f"hf-paged: {key} must be >= 1, got {opts[key]}")
@@ -69,15 +70,14 @@ def paged_options(cell: Cell) -> dict[str, Any]:
     return opts
 
 
-class _KVSampler:
+class KVSampler(PeriodicSampler):
     """Samples the paged cache's blocks in use (and the scheduler's queues) on a daemon thread."""
 
     def __init__(self, manager: Any, t0: float, interval_s: float, repeat: int):
-        self.manager, self.t0, self.interval_s, self.repeat = manager, t0, interval_s, repeat
+        super().__init__(interval_s, "kvray-paged-kv", t0)
+        self.manager, self.repeat = manager, repeat
         self.peak_used = 0
         self.points: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="kvray-paged-kv", daemon=True)
 
     def sample(self) -> None:
         bp = self.manager.batch_processor
@@ -92,32 +92,20 @@ class _KVSampler:
         except (RuntimeError, AttributeError, KeyError, IndexError):
             return
         self.peak_used = max(self.peak_used, used)
-        point = {"repeat": self.repeat, "t_s": round(time.perf_counter() - self.t0, 6),
+        point = {"repeat": self.repeat, "t_s": round(self.elapsed_s(), 6),
                  "kv_usage": used / usable if usable else None, "running": running, "waiting": waiting,
                  "preemptions": None}  # fmt: skip
         last = self.points[-1] if self.points else None
         if last is None or any(last[k] != point[k] for k in ("kv_usage", "running", "waiting")):
             self.points.append(point)  # changes only: a 5 ms sampler would otherwise flood the dataset
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> _KVSampler:
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
 
 class HFPagedBackend(HFBackend):
     """transformers continuous batching over a paged KV cache, requests admitted as they arrive."""
 
     name = "hf-paged"
+    kv_layout = "paged"
+    queues_when_full = True  # the scheduler admits what fits the cache and queues the rest
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,8 +114,18 @@ class HFPagedBackend(HFBackend):
         self._timeline_cell: str | None = None
         self._timeline: list[dict[str, Any]] = []
 
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any]) -> None:
+        paged_options(options)
+
+    @classmethod
+    def check_cell(cls, cell: Cell) -> Cell:
+        """Its options only: the cell keeps the device it was given (resolved when the model loads)."""
+        cls.validate_options(cell.option_dict)
+        return cell
+
     def load(self, cell: Cell) -> None:
-        paged_options(cell)
+        paged_options(cell.option_dict)
         super().load(cell)  # a different model closes the old one, and with it the manager
 
     def close(self) -> None:
@@ -158,13 +156,12 @@ class HFPagedBackend(HFBackend):
             return None  # CUDA: transformers sizes the cache from free memory
         if self.geometry is None:
             raise KvrayInputError("hf-paged: this architecture's KV size is unknown; pass num_blocks explicitly")
-        per_block = page_size * kv_bytes_per_token(self.geometry, self.dtype, "paged")
-        return max(int(space) // int(per_block), 1)
+        return max(paged_blocks_in(self.geometry, int(space), self.dtype, page_size), 1)
 
     def _ensure_manager(self, cell: Cell, temperature: float) -> Any:
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        opts = paged_options(cell)
+        opts = paged_options(cell.option_dict)
         page_size = int(opts["block_size"] or _DEFAULT_PAGE_SIZE)
         num_blocks = self._num_blocks(opts, page_size)
         max_batch_tokens = opts["max_batch_tokens"] or (CPU_MAX_BATCH_TOKENS if self.device == "cpu" else None)
@@ -218,7 +215,7 @@ class HFPagedBackend(HFBackend):
             self.load(cell)
         if cell.kv_dtype and normalize_dtype(cell.kv_dtype) != self.dtype:
             raise KvrayInputError(f"hf-paged caches KV in the model dtype ({self.dtype}), not {cell.kv_dtype}")
-        opts = paged_options(cell)
+        opts = paged_options(cell.option_dict)
         manager = self._ensure_manager(cell, max((r.temperature for r in requests), default=0.0))
         info = self.cache_info()
         for r in requests:
@@ -235,7 +232,7 @@ class HFPagedBackend(HFBackend):
         outputs: dict[str, Any] = {}
         deadline = time.monotonic() + float(opts["timeout_s"])
         t0 = time.perf_counter()
-        with _KVSampler(manager, t0, float(opts["sample_interval_s"]), repeat) as sampler:
+        with KVSampler(manager, t0, float(opts["sample_interval_s"]), repeat) as sampler:
             while len(outputs) < len(requests):
                 now = time.perf_counter() - t0
                 while pending and pending[0].arrival_s <= now:

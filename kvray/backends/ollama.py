@@ -32,20 +32,21 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvray.backends.base import BackendRun
-from kvray.backends.openai import (
+from kvray.backends.base import BackendBase, BackendRun, run_async
+from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_seed
+from kvray.backends.openai.settings import root_url
+from kvray.backends.openai.stream import (
     Chunk,
-    PromptBuilder,
     StreamError,
-    _http_reason,
-    load_tokenizer,
-    request_seed,
-    root_url,
-    run_async,
+    error_trace,
+    json_object,
+    sleep_until_arrival,
+    stream_failure,
+    timed_lines,
     token_times,
 )
 from kvray.errors import KvrayInputError
@@ -69,9 +70,15 @@ class OllamaSettings:
 
     @classmethod
     def from_cell(cls, cell: Cell) -> OllamaSettings:
-        opts = cell.option_dict
+        return cls.from_options(cell.option_dict)
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, Any]) -> OllamaSettings:
+        """Settings from cell options, checked (their form only: nothing is contacted)."""
         if not opts.get("host"):
-            raise KvrayInputError("the ollama backend needs a server address (--host / option host)")
+            raise KvrayInputError(
+                "the ollama backend needs --host: it needs a server address (option host in a job file)"
+            )
         settings = cls(**{k: v for k, v in opts.items() if k in cls.__dataclass_fields__})
         root_url(settings.host)
         if settings.num_ctx is not None and int(settings.num_ctx) < 1:
@@ -85,18 +92,22 @@ class OllamaSettings:
         return root_url(self.host)
 
 
-class OllamaBackend:
+class OllamaBackend(BackendBase):
     """Benchmarks a running Ollama server through ``/api/generate``."""
 
     name = "ollama"
-    simulated = False
-    oom_precheck = False
+    oom_precheck = False  # holds no model here
+    needs_model_geometry = False  # Ollama serves its own model names ("llama3.2:1b")
     device = "cpu"
 
     def __init__(self) -> None:
         self.settings: OllamaSettings | None = None
         self.prompts: PromptBuilder | None = None
         self._tokenizer_name: str | None = None
+
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any]) -> None:
+        OllamaSettings.from_options(options)
 
     def load(self, cell: Cell) -> None:
         self.settings = OllamaSettings.from_cell(cell)
@@ -165,10 +176,7 @@ class OllamaBackend:
                        seed: int) -> tuple[RunTrace, dict[str, Any] | None]:  # fmt: skip
         assert self.settings is not None
         settings = self.settings
-        delay = t0 + r.arrival_s - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        sent_s = time.perf_counter() - t0
+        sent_s = await sleep_until_arrival(r, t0)
         chunks: list[Chunk] = []
         final: dict[str, Any] = {}
         options: dict[str, Any] = {"num_predict": r.gen_toks, "temperature": r.temperature, "seed": seed}
@@ -179,23 +187,12 @@ class OllamaBackend:
             body["keep_alive"] = settings.keep_alive
 
         async def stream() -> None:
-            async with client.stream("POST", f"{settings.root}/api/generate", json=body) as response:
-                if response.status_code != 200:
-                    text = (await response.aread()).decode(errors="replace").strip()
-                    with contextlib.suppress(json.JSONDecodeError, AttributeError):
-                        text = str(json.loads(text).get("error", text))
-                    raise StreamError(f"HTTP {response.status_code}: {text[:200]}")
-                async for line in response.aiter_lines():
-                    t = time.perf_counter() - t0
-                    line = line.strip()
+            url = f"{settings.root}/api/generate"
+            async with contextlib.aclosing(timed_lines(client, url, body, t0, _error_detail)) as lines:
+                async for t, line in lines:
                     if not line:
                         continue
-                    try:
-                        event = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise StreamError(f"malformed stream: invalid JSON line {line[:80]!r}") from None
-                    if not isinstance(event, dict):
-                        raise StreamError(f"malformed stream: line is not an object: {line[:80]!r}")
+                    event = json_object(line, "line")
                     if event.get("error"):
                         raise StreamError(f"server error in stream: {str(event['error'])[:200]}")
                     text = event.get("response") or ""
@@ -207,15 +204,11 @@ class OllamaBackend:
                         return
 
         def failed(reason: str) -> tuple[RunTrace, None]:
-            end = time.perf_counter() - t0
-            trace = RunTrace(r.id, repeat, r.arrival_s, sent_s, [c.t_s for c in chunks], end, r.prompt_toks,
-                             len(chunks), status="error", error=reason)  # fmt: skip
-            return trace, None
+            return error_trace(r, repeat, sent_s, chunks, t0, reason), None
 
-        try:
-            await asyncio.wait_for(stream(), settings.timeout_s)
-        except Exception as exc:
-            return failed(_http_reason(exc, settings.timeout_s))
+        failure = await stream_failure(stream(), settings.timeout_s)
+        if failure is not None:
+            return failed(failure)
         if not final:
             return failed("malformed stream: it ended without a done line")
         n_out = final.get("eval_count")
@@ -252,3 +245,11 @@ class OllamaBackend:
 
     def close(self) -> None:
         self.settings = None
+
+
+def _error_detail(text: str) -> str:
+    """Ollama's error bodies are JSON ``{"error": "..."}``; anything else is kept as sent."""
+    text = text.strip()
+    with contextlib.suppress(json.JSONDecodeError, AttributeError):
+        text = str(json.loads(text).get("error", text))
+    return text

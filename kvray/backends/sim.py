@@ -1,22 +1,22 @@
 """The simulator as a backend: predicted traces and memory for any GPU in the table, no GPU and no sleeping.
 
-It serves a cell's requests with the HF backend's static-batching queue (see kvray/simulate.py), so the
+It serves a cell's requests with the HF backend's static-batching queue (see kvray/sim/simulate.py), so the
 runner, metrics, store and figures treat its cells like measured ones, flagged ``simulated``. A cell whose
 predicted memory exceeds the GPU raises ``SimulatedOutOfMemory`` (a MemoryError), which the runner records
 as status "oom": the OOM boundary is a result, not a crash.
 
-Cell fields: ``hardware`` is a GPU name from kvray/gpus.py ("any" → H100-SXM); KV dtype is ``kv_dtype`` or
-``dtype``. Cell options: ``layout`` ("hf" | "paged"), ``block_size`` (paged, 16), and ``eta_compute``,
+Cell fields: ``hardware`` is a GPU name from kvray/hardware/gpus.py ("any" → H100-SXM); KV dtype is
+``kv_dtype`` or ``dtype``. Cell options: ``layout`` ("hf" | "paged"), ``block_size`` (paged, 16), and ``eta_compute``,
 ``eta_memory``, ``layer_overhead_s`` to override the calibrated or default efficiencies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvray.backends.base import BackendRun
+from kvray.backends.base import BackendBase, BackendRun
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, get_gpu
 from kvray.measure.trace import RunTrace
@@ -35,8 +35,7 @@ def gpu_of(cell: Cell) -> GpuSpec:
     return get_gpu(DEFAULT_GPU if cell.hardware in ("any", "", "auto") else cell.hardware)
 
 
-def _layout(cell: Cell) -> tuple[str, int]:
-    opts = cell.option_dict
+def _layout(opts: Mapping[str, Any]) -> tuple[str, int]:
     layout = str(opts.get("layout", "hf"))
     if layout not in LAYOUTS:
         raise KvrayInputError(f"sim backend: unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
@@ -46,10 +45,24 @@ def _layout(cell: Cell) -> tuple[str, int]:
     return layout, block_size
 
 
-class SimBackend:
+class SimBackend(BackendBase):
     name = "sim"
     simulated = True  # the runner skips its host OOM pre-check: the prediction itself decides
     device = "cpu"  # nothing runs on a device; the runner's tracker only watches this process
+
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any]) -> None:
+        _layout(options)
+
+    @classmethod
+    def validate_hardware(cls, hardware: str) -> None:
+        """The simulator's hardware is a GPU from the table, not a Ray accelerator type."""
+        get_gpu(hardware)
+
+    @classmethod
+    def layout_for(cls, options: Mapping[str, Any]) -> str:
+        """The layout option chooses what the simulator predicts ("hf" unless ``layout: paged``)."""
+        return "paged" if options.get("layout") == "paged" else "hf"
 
     def __init__(self, calibration: str | Path | None = None):
         self.calibration = calibration  # a calibration file; None → $KVRAY_CALIBRATION or the default path
@@ -60,7 +73,7 @@ class SimBackend:
         from kvray.model.resolve import resolve_geometry
 
         self.gpu = gpu_of(cell)
-        _layout(cell)
+        _layout(cell.option_dict)
         normalize_dtype(cell.dtype)
         if self.geometry is None or self.geometry.name != cell.model:
             self.geometry = resolve_geometry(cell.model)
@@ -79,7 +92,7 @@ class SimBackend:
         if self.geometry is None or self.geometry.name != cell.model or self.gpu is not gpu_of(cell):
             self.load(cell)
         assert self.geometry is not None
-        layout, block_size = _layout(cell)
+        layout, block_size = _layout(cell.option_dict)
         dtype = normalize_dtype(cell.dtype)
         kv_dtype = normalize_dtype(cell.kv_dtype or cell.dtype)
         eff = self.efficiency(cell, layout)

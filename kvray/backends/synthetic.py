@@ -14,12 +14,11 @@ concurrency × longest sequence exceeds it — an emulated memory boundary for s
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kvray.backends.base import BackendRun
+from kvray.backends.base import BackendBase, BackendRun, run_async
 from kvray.errors import KvrayInputError
 from kvray.measure.trace import RunTrace
 from kvray.spec import Cell, RequestSpec
@@ -34,9 +33,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def schedule_options(cell: Cell) -> dict[str, Any]:
+def schedule_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The cell's options over the defaults, checked."""
-    opts = {**DEFAULTS, **cell.option_dict}
+    opts = {**DEFAULTS, **options}
     if opts["ttft_s"] < 0 or opts["tpot_s"] < 0:
         raise KvrayInputError("synthetic backend: ttft_s and tpot_s must be >= 0")
     if int(opts["chunk_toks"]) < 1 or int(opts["max_batch"]) < 0:
@@ -44,17 +43,21 @@ def schedule_options(cell: Cell) -> dict[str, Any]:
     return opts
 
 
-class SyntheticBackend:
+class SyntheticBackend(BackendBase):
     name = "synthetic"
     simulated = False  # the clock is real; only the "model" is a schedule
     oom_precheck = False  # holds no model, so there is nothing to check
     device = "cpu"
 
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any]) -> None:
+        schedule_options(options)
+
     def load(self, cell: Cell) -> None:
-        schedule_options(cell)
+        schedule_options(cell.option_dict)
 
     def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
-        opts = schedule_options(cell)
+        opts = schedule_options(cell.option_dict)
         wl = cell.workload
         if opts["fail"] == "oom" or (
             opts["oom_above_tokens"] is not None and wl.concurrency * wl.max_seq_len > opts["oom_above_tokens"]
@@ -63,18 +66,7 @@ class SyntheticBackend:
             raise MemoryError(f"synthetic: can't allocate memory: you tried to allocate {attempted} bytes")
         if opts["fail"] == "error":
             raise RuntimeError("synthetic: injected failure")
-        coro_traces = _serve(list(requests), repeat, opts)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            traces = asyncio.run(coro_traces)
-        else:  # called from inside an event loop (an async actor): serve on a thread of our own
-            box: dict[str, Any] = {}
-            thread = threading.Thread(target=lambda: box.update(traces=asyncio.run(coro_traces)))
-            thread.start()
-            thread.join()
-            traces = box["traces"]
-        return BackendRun(traces=traces)
+        return BackendRun(traces=run_async(_serve(list(requests), repeat, opts)))
 
     def device_info(self) -> dict[str, Any]:
         import psutil

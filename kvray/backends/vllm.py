@@ -2,7 +2,7 @@
 
 The backend starts ``python -m vllm.entrypoints.openai.api_server`` (or ``vllm serve`` when an executable is
 given) from a configurable interpreter, waits for ``/health`` with a timeout, and hands the requests to the
-OpenAI-compatible backend (``kvray/backends/openai.py``) — so vLLM cells go through exactly the metric code
+OpenAI-compatible backend (``kvray/backends/openai/``) — so vLLM cells go through exactly the metric code
 every other backend uses. The server keeps running across cells with the same model and knobs (start-up is
 about a minute even for a tiny model) and is stopped when the knobs change or the backend closes.
 
@@ -33,14 +33,16 @@ import os
 import shlex
 import shutil
 import sys
-import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvray.backends.base import BackendRun
-from kvray.backends.openai import HTTPSettings, OpenAIBackend, cache_dtype
+from kvray.backends.base import BackendBase, BackendRun
+from kvray.backends.openai import HTTPSettings, OpenAIBackend
 from kvray.errors import KvrayInputError
+from kvray.hardware.devices import resolve_device
+from kvray.measure.sampler import PeakSampler
+from kvray.servers.prometheus import cache_dtype
 from kvray.spec import Cell, RequestSpec
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -51,7 +53,7 @@ _VLLM_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _VLLM_KV_DTYPES = {"fp8": "fp8", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def vllm_launcher(opts: dict[str, Any]) -> list[str]:
+def vllm_launcher(opts: Mapping[str, Any]) -> list[str]:
     """The command prefix that starts a vLLM server (before the model and flags)."""
     python = opts.get("vllm_python") or os.environ.get("KVRAY_VLLM_PYTHON")
     if python:
@@ -117,7 +119,7 @@ def capacity_check(model: str, dtype: str, server_cache: dict[str, Any]) -> dict
     predicted_tokens = blocks that fit the reported bytes × block size, with kvray's bytes per token;
     ``agrees`` is True when that equals vLLM's ``kv_cache_size_tokens`` exactly.
     """
-    from kvray.model.kvmath import kv_bytes_per_token
+    from kvray.model.kvmath import kv_bytes_per_token, paged_blocks_in
     from kvray.model.resolve import resolve_geometry
 
     out: dict[str, Any] = {"reported": dict(server_cache)}
@@ -133,45 +135,21 @@ def capacity_check(model: str, dtype: str, server_cache: dict[str, Any]) -> dict
     out["kv_bytes_per_token"] = per_token
     out["kv_dtype"] = kv_dtype
     if memory and block:
-        predicted = int(memory // (per_token * block)) * int(block)
+        predicted = paged_blocks_in(g, memory, kv_dtype, int(block)) * int(block)
         out["predicted_tokens"] = predicted
         out["agrees"] = tokens == predicted
     return out
 
 
-class _RSSSampler:
-    """Peak RSS of the server's process tree while requests run (every 50 ms)."""
-
-    def __init__(self, server: Any, interval_s: float = 0.05):
-        self.server, self.interval_s, self.peak = server, interval_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="kvray-server-rss", daemon=True)
-
-    def _sample(self) -> None:
-        rss = self.server.rss_bytes()
-        if rss is not None:
-            self.peak = max(self.peak, rss)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def __enter__(self) -> _RSSSampler:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+SERVER_RSS_INTERVAL_S = 0.05  # the server process tree's peak RSS is sampled this often while requests run
 
 
-class VLLMBackend:
+class VLLMBackend(BackendBase):
     """Starts, benchmarks and stops a vLLM server; the requests go through the OpenAI-compatible backend."""
 
     name = "vllm"
-    simulated = False
+    kv_layout = "paged"
+    queues_when_full = True
     oom_precheck = False  # vLLM sizes its own KV pool and queues or preempts what does not fit
 
     def __init__(self) -> None:
@@ -184,7 +162,26 @@ class VLLMBackend:
         self._command: list[str] = []
         self._version: str | None = None
 
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any]) -> None:
+        """The server knobs' ranges (which Python runs vLLM is checked where it starts: ``check_cell``)."""
+        for key in ("max_model_len", "block_size", "max_num_seqs", "kv_cache_memory_bytes"):
+            value = options.get(key)
+            if value is not None and int(value) < 1:
+                raise KvrayInputError(f"vllm: {key} must be >= 1, got {value}")
+        gmu = options.get("gpu_memory_utilization")
+        if gmu is not None and not 0 < float(gmu) <= 1:
+            raise KvrayInputError(f"vllm: gpu_memory_utilization must be in (0, 1], got {gmu}")
+
+    @classmethod
+    def check_cell(cls, cell: Cell) -> Cell:
+        """The knobs, and a vLLM this machine can start (``--vllm-python``, KVRAY_VLLM_PYTHON, PATH)."""
+        cls.validate_options(cell.option_dict)
+        vllm_launcher(cell.option_dict)
+        return cell
+
     def _knobs(self, cell: Cell) -> dict[str, Any]:
+        self.validate_options(cell.option_dict)
         opts = cell.option_dict
         knobs: dict[str, Any] = {k: opts.get(k) for k in _KNOBS}
         if knobs["kv_cache_dtype"] is None and cell.kv_dtype:
@@ -193,17 +190,9 @@ class VLLMBackend:
             kv = normalize_dtype(cell.kv_dtype)
             if kv != normalize_dtype(cell.dtype):
                 knobs["kv_cache_dtype"] = _VLLM_KV_DTYPES.get(kv, kv)
-        for key in ("max_model_len", "block_size", "max_num_seqs", "kv_cache_memory_bytes"):
-            value = knobs[key]
-            if value is not None and int(value) < 1:
-                raise KvrayInputError(f"vllm: {key} must be >= 1, got {value}")
-        gmu = knobs["gpu_memory_utilization"]
-        if gmu is not None and not 0 < float(gmu) <= 1:
-            raise KvrayInputError(f"vllm: gpu_memory_utilization must be in (0, 1], got {gmu}")
         return knobs
 
     def load(self, cell: Cell) -> None:
-        from kvray.backends.hf import resolve_device
         from kvray.model.kvmath import normalize_dtype
 
         dtype = normalize_dtype(cell.dtype, allow_fp8=False)
@@ -264,7 +253,7 @@ class VLLMBackend:
     def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
         if self.server is None or not self.server.running:
             self.load(cell)
-        with _RSSSampler(self.server) as rss:
+        with PeakSampler(self.server.rss_bytes, SERVER_RSS_INTERVAL_S, "kvray-server-rss") as rss:
             run = self.http.run(cell, requests, repeat)
         cache = run.extra.get("server_cache") or {}
         run.extra["vllm"] = {
@@ -279,11 +268,6 @@ class VLLMBackend:
         if self.device == "cpu":
             run.memory["server_rss_peak_bytes"] = rss.peak or None
         return run
-
-    def device_info(self) -> dict[str, Any]:
-        from kvray.backends.hf import device_info
-
-        return device_info(self.device)
 
     def close(self) -> None:
         self._stop_server()

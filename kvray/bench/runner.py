@@ -2,6 +2,8 @@
 
 ``run_cell`` is the single entry point every caller uses (``kvray bench``, Ray workers, the simulator),
 and it never raises for the cell's own failure: a CellResult with status ok | oom | error | refused comes back.
+What it needs to know about a backend — simulated or measured, KV layout and admission, device, memory —
+the backend declares through the contract in kvray/backends/base.py.
 """
 
 from __future__ import annotations
@@ -13,27 +15,16 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from kvray.backends.base import BackendRun
+from kvray.backends.base import Backend, BackendRun
+from kvray.data.store import MEMORY_COLUMNS
 from kvray.measure.memory import MemoryTracker, attempted_bytes, is_oom_error
 from kvray.measure.metrics import summarize
 from kvray.measure.trace import CellResult, RunTrace
 from kvray.spec import Cell
 from kvray.units import first_line, human_bytes
 
-# Memory columns every CellResult carries (None where a backend or device cannot tell).
-MEMORY_KEYS = (
-    "baseline_bytes",
-    "peak_allocated_bytes",
-    "peak_reserved_bytes",
-    "nvml_baseline_used_bytes",
-    "nvml_peak_used_bytes",
-    "rss_peak_bytes",
-    "weights_bytes",
-    "kv_measured_bytes",
-    "kv_predicted_bytes",
-    "kv_rel_error",
-    "activation_peak_bytes",
-)
+# Memory columns every CellResult carries (None where a backend or device cannot tell): the dataset's list.
+MEMORY_KEYS = MEMORY_COLUMNS
 
 
 @lru_cache(maxsize=1)
@@ -42,10 +33,6 @@ def _library_versions() -> dict[str, str | None]:
     from kvray.hardware.env import library_versions
 
     return library_versions()
-
-
-def _is_simulated(backend: Any) -> bool:
-    return bool(getattr(backend, "simulated", False))
 
 
 def predicted_kv_bytes(cell: Cell) -> int | None:
@@ -62,29 +49,35 @@ def predicted_kv_bytes(cell: Cell) -> int | None:
         return None
 
 
-def _oom_refusal(backend: Any, cell: Cell) -> str | None:
-    """The reason to refuse a high-risk cell, or None when it may run."""
+def oom_refusal(backend: Backend, cell: Cell) -> str | None:
+    """The reason to refuse a high-risk cell, or None when it may run.
+
+    The estimate uses the backend's KV layout and admission: a static batch (hf) must hold every request
+    padded to the longest at once, so concurrency × length is what must fit; an engine that queues what
+    does not fit (``queues_when_full``, a paged engine) runs any concurrency in turns, so only one request
+    that cannot fit even alone is a reason to refuse.
+    """
     from kvray.model.oom import check_oom_risk
 
-    available = None
-    probe = getattr(backend, "memory_available_bytes", None)
-    if callable(probe):
-        available = probe(cell)
+    available = backend.memory_available_bytes(cell)
     gpu = cell.hardware if cell.hardware not in ("any", "", "cpu") and available is None else None
+    queues = backend.queues_when_full
     risk = check_oom_risk(
         cell.model,
-        cell.concurrency,
+        1 if queues else cell.concurrency,
         cell.workload.max_seq_len,
         dtype=cell.dtype,
         gpu=gpu,
         kv_dtype=cell.kv_dtype,
+        layout=backend.layout_for(cell.option_dict),
         available_bytes=available,
     )
     if risk["risk_level"] != "high":
         return None
     recs = "; ".join(risk["recommendations"])
+    what = f"one request of {risk['seq_len']} tokens alone" if queues else "estimated"
     return (
-        f"refused: OOM risk high — estimated {risk['total_estimated_gb']:.2f} GiB (weights "
+        f"refused: OOM risk high — {what} {risk['total_estimated_gb']:.2f} GiB (weights "
         f"{risk['weights_gb']:.2f}, KV {risk['kv_gb']:.2f}, activations {risk['activation_gb']:.2f}) of "
         f"{risk['available_gb']:.2f} GiB on {risk['device']}; max concurrency {risk['max_concurrency']}"
         + (f"; {recs}" if recs else "")
@@ -92,12 +85,7 @@ def _oom_refusal(backend: Any, cell: Cell) -> str | None:
     )
 
 
-def _device_of(backend: Any) -> str:
-    device = getattr(backend, "device", None)
-    return device if isinstance(device, str) and device else "cpu"
-
-
-def run_cell(backend: Any, cell: Cell, check_oom: bool = True) -> CellResult:
+def run_cell(backend: Backend, cell: Cell, check_oom: bool = True) -> CellResult:
     """Measure one cell. Warmup runs are discarded; ``cell.repeats`` runs are measured and pooled."""
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     t_start = time.perf_counter()
@@ -108,8 +96,8 @@ def run_cell(backend: Any, cell: Cell, check_oom: bool = True) -> CellResult:
     oom_size: int | None = None
     try:
         result.versions = dict(_library_versions())
-        if check_oom and not _is_simulated(backend) and getattr(backend, "oom_precheck", True):
-            refusal = _oom_refusal(backend, cell)
+        if check_oom and not backend.simulated and backend.oom_precheck:
+            refusal = oom_refusal(backend, cell)
             if refusal:
                 failure = ("refused", refusal)
         if failure is None:
@@ -117,7 +105,7 @@ def run_cell(backend: Any, cell: Cell, check_oom: bool = True) -> CellResult:
             requests = cell.workload.requests
             for i in range(cell.warmup):
                 backend.run(cell, requests, repeat=-1 - i)
-            tracker = MemoryTracker(_device_of(backend))
+            tracker = MemoryTracker(backend.device or "cpu")
             with tracker:
                 for repeat in range(cell.repeats):
                     runs.append(backend.run(cell, requests, repeat=repeat))
@@ -128,10 +116,8 @@ def run_cell(backend: Any, cell: Cell, check_oom: bool = True) -> CellResult:
         else:
             failure = ("error", first_line(exc))
     if failure is not None and failure[0] == "oom":
-        cleanup = getattr(backend, "free_memory", None)
-        if callable(cleanup):
-            with contextlib.suppress(Exception):
-                cleanup()
+        with contextlib.suppress(Exception):
+            backend.free_memory()
     try:
         result.hardware = backend.device_info()
     except Exception:
@@ -139,11 +125,11 @@ def run_cell(backend: Any, cell: Cell, check_oom: bool = True) -> CellResult:
 
     traces: list[RunTrace] = [t for run in runs for t in run.traces]
     result.traces = traces
-    result.simulated = _is_simulated(backend) or any(run.simulated for run in runs)
+    result.simulated = backend.simulated or any(run.simulated for run in runs)
     if traces:
         result.metrics = summarize(traces)
     result.memory = _memory(cell, runs, tracker, oom_size)
-    if result.memory.get("weights_bytes") is None and isinstance(getattr(backend, "weights_bytes", None), int):
+    if result.memory.get("weights_bytes") is None and backend.weights_bytes is not None:
         result.memory["weights_bytes"] = backend.weights_bytes
     for run in runs:
         result.extra.update(run.extra)
@@ -195,7 +181,7 @@ def _oom_reason(reason: str | None, cell: Cell, memory: dict[str, Any]) -> str:
 
 
 def run_cells(
-    backend: Any,
+    backend: Backend,
     cells: Iterable[Cell],
     on_result: Callable[[CellResult], None] | None = None,
     check_oom: bool = True,

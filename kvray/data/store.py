@@ -24,6 +24,44 @@ from kvray.measure.trace import CellResult
 CELLS_JSONL = "cells.jsonl"
 MANIFEST = "manifest.json"
 
+# ---------------------------------------------------------------- columns
+# The columns of a cells row (CellResult.to_row) that later stages name, written once here, in the first stage
+# that reads rows back: the runner fills every memory column of every result; the views (kvray.analysis.views)
+# keep the text columns as text and read every other column as a number.
+
+# Memory every CellResult carries, in bytes (None where a backend or device cannot tell).
+MEMORY_COLUMNS = (
+    "baseline_bytes",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "nvml_baseline_used_bytes",
+    "nvml_peak_used_bytes",
+    "rss_peak_bytes",
+    "weights_bytes",
+    "kv_measured_bytes",
+    "kv_predicted_bytes",
+    "kv_rel_error",
+    "activation_peak_bytes",
+)
+# Text that says what a cell is and how it ended: a series, a table row and a figure are told apart by these.
+LABEL_COLUMNS = (
+    "cell_id",
+    "experiment",
+    "model",
+    "backend",
+    "dtype",
+    "kv_dtype",
+    "weights",
+    "hardware",
+    "workload",
+    "prompt_toks_list",
+    "status",
+    "reason",
+)
+# Text that says where and when it ran.
+PLACEMENT_COLUMNS = ("device", "hardware_requested", "accelerator_type", "node_id", "started_at")
+TEXT_COLUMNS = LABEL_COLUMNS + PLACEMENT_COLUMNS
+
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -17,12 +17,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kvray.analysis.views import as_number
 from kvray.figures import style
-from kvray.figures.plots import FIGURES_DIR, FigureResult
+from kvray.figures.common import FIGURES_DIR, FigureResult, new_figure
 
 SERVER_FIGURES = ("fig8_backend_compare", "fig9_kv_timeline")
 BACKEND_ORDER = ("hf", "hf-paged", "vllm", "openai", "ollama", "sim", "synthetic")
-MEMORY_COLUMNS = (
+# Peak memory of a row, first column present. Not fig1's PEAK_COLUMNS (kvray.analysis.views): a backend in
+# another process (a server, vLLM) leaves this process's allocator empty, so its process tree and the whole
+# device come first.
+BACKEND_PEAK_COLUMNS = (
     ("server_rss_peak_bytes", "server process RSS"),
     ("nvml_peak_used_bytes", "NVML device used"),
     ("peak_allocated_bytes", "torch allocated"),
@@ -30,26 +34,19 @@ MEMORY_COLUMNS = (
 )
 
 
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
-
-
 def kv_reserved_used(row: Any) -> tuple[float | None, float | None]:
     """(reserved, used) KV bytes of a row: a paged engine's pool and peak use, else the static cache for both."""
     get = row.get if hasattr(row, "get") else row.__getitem__
-    measured = _num(get("kv_measured_bytes"))
-    reserved = _num(get("kv_reserved_bytes")) or measured
-    used = _num(get("kv_used_peak_bytes"))
+    measured = as_number(get("kv_measured_bytes"))
+    reserved = as_number(get("kv_reserved_bytes")) or measured
+    used = as_number(get("kv_used_peak_bytes"))
     return reserved, used if used is not None else measured
 
 
 def memory_bytes(row: Any) -> tuple[float | None, str | None]:
-    for col, desc in MEMORY_COLUMNS:
-        value = _num(row.get(col)) if hasattr(row, "get") else None
+    """(bytes, what measured them) from the first of BACKEND_PEAK_COLUMNS with a non-zero value in ``row``."""
+    for col, desc in BACKEND_PEAK_COLUMNS:
+        value = as_number(row.get(col)) if hasattr(row, "get") else None
         if value:
             return value, desc
     return None, None
@@ -69,73 +66,65 @@ def _rows(cells: Any) -> Any:
 
 def fig8_backend_compare(cells: Any, out_dir: Path) -> FigureResult:
     """Four panels vs concurrency, one colour per backend."""
-    import matplotlib.pyplot as plt
-
-    name = "fig8_backend_compare"
     rows = _rows(cells)
     ok = rows[rows["status"] == "ok"] if len(rows) else rows
-    result = FigureResult(name)
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
-    if not len(ok):
-        for ax in axes:
-            style.placeholder(ax, "needs ok cells of several backends (kvray exp4)")
-        result.empty, result.notes = True, ["no ok cells to compare"]
-        result.paths = style.save(fig, out_dir, name)
-        return result
-    backends = sorted(ok["backend"].unique(), key=_backend_key)
-    sources: dict[str, str] = {}
-    ax_mem, ax_tps, ax_lat, ax_kv = axes
-    for i, backend in enumerate(backends):
-        part = ok[ok["backend"] == backend].sort_values("concurrency")
-        colour, mark = style.color(i), style.marker(i)
-        x = part["concurrency"].astype(float).tolist()
-        mem = [memory_bytes(r) for _, r in part.iterrows()]
-        if any(m for m, _ in mem):
-            ax_mem.plot(x, [(m or math.nan) / 2**20 for m, _ in mem], color=colour, marker=mark, label=backend)
-            sources[backend] = next(d for m, d in mem if d)
-        ax_tps.plot(x, part["output_tps"].astype(float), color=colour, marker=mark, label=backend)
-        ax_lat.plot(x, part["ttft_s_p99"].astype(float) * 1e3, color=colour, marker=mark, label=f"{backend} TTFT")
-        ax_lat.plot(x, part["e2e_s_p99"].astype(float) * 1e3, color=colour, marker=mark, linestyle="--",
-                    markerfacecolor="white", label=f"{backend} E2E")  # fmt: skip
-        kv = [kv_reserved_used(r) for _, r in part.iterrows()]
-        if any(r for r, _ in kv):  # hollow markers, staggered sizes: equal pools stay visible as rings
-            ax_kv.plot(x, [(r or math.nan) / 2**20 for r, _ in kv], color=colour, linestyle="--", marker=mark,
-                       markerfacecolor="none", markersize=5 + 3 * i, label=f"{backend} reserved")  # fmt: skip
-            ax_kv.plot(x, [(u or math.nan) / 2**20 for _, u in kv], color=colour, marker=mark,
-                       label=f"{backend} used")  # fmt: skip
-        result.series.append(backend)
-    ticks = sorted({float(c) for c in ok["concurrency"]})
-    for ax, title, ylabel in (
-        (ax_mem, "peak memory", "MiB"),
-        (ax_tps, "output throughput", "tokens/s"),
-        (ax_lat, "p99 latency (— TTFT, -- E2E)", "ms"),
-        (ax_kv, "KV reserved (--) vs used (—)", "MiB"),
-    ):
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
-        ax.set_xlabel("concurrent requests")
-        if len(ticks) > 1 and ticks[-1] / ticks[0] >= 4:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.minorticks_off()
-        ax.legend(fontsize=6.5)
-    for ax in (ax_lat, ax_kv):
-        ax.set_yscale("log")
-    first = ok.iloc[0]
-    model = Path(str(first["model"])).name if Path(str(first["model"])).is_absolute() else first["model"]
-    style.figure_title(fig, "Static vs paged KV, in-process vs server",
-                       f"{model} · {first['dtype']} · prompt {first['prompt_toks']} · gen {first['gen_toks']}")  # fmt: skip
-    fig.subplots_adjust(top=0.78, wspace=0.32)
-    result.notes = [f"memory of {b}: {d}" for b, d in sources.items()]
-    result.notes.append("KV used: peak of the samples taken during the run (vLLM's /metrics, hf-paged's cache); "
-                        "a run shorter than a scrape may have none")  # fmt: skip
-    failed = rows[rows["status"] != "ok"]
-    if len(failed):
-        result.notes.append(f"{len(failed)} cells not ok (not drawn): "
-                            + ", ".join(sorted({f"{r.backend} c{r.concurrency} {r.status}" for r in failed.itertuples()})))  # fmt: skip
-    style.footnote(fig, result.notes)
-    result.caption = "Same workload per backend: memory, throughput, tail latency and KV reserved vs used."
-    result.paths = style.save(fig, out_dir, name)
+    with new_figure("fig8_backend_compare", out_dir, 1, 4, figsize=(15, 3.6), layout=None) as d:
+        result = d.result
+        if not len(ok):
+            d.missing("needs ok cells of several backends (kvray exp4)", "no ok cells to compare")
+            return result
+        backends = sorted(ok["backend"].unique(), key=_backend_key)
+        sources: dict[str, str] = {}
+        ax_mem, ax_tps, ax_lat, ax_kv = d.axes
+        for i, backend in enumerate(backends):
+            part = ok[ok["backend"] == backend].sort_values("concurrency")
+            colour, mark = style.color(i), style.marker(i)
+            x = part["concurrency"].astype(float).tolist()
+            mem = [memory_bytes(r) for _, r in part.iterrows()]
+            if any(m for m, _ in mem):
+                ax_mem.plot(x, [(m or math.nan) / 2**20 for m, _ in mem], color=colour, marker=mark, label=backend)
+                sources[backend] = next(desc for m, desc in mem if desc)
+            ax_tps.plot(x, part["output_tps"].astype(float), color=colour, marker=mark, label=backend)
+            ax_lat.plot(x, part["ttft_s_p99"].astype(float) * 1e3, color=colour, marker=mark, label=f"{backend} TTFT")
+            ax_lat.plot(x, part["e2e_s_p99"].astype(float) * 1e3, color=colour, marker=mark, linestyle="--",
+                        markerfacecolor="white", label=f"{backend} E2E")  # fmt: skip
+            kv = [kv_reserved_used(r) for _, r in part.iterrows()]
+            if any(r for r, _ in kv):  # hollow markers, staggered sizes: equal pools stay visible as rings
+                ax_kv.plot(x, [(r or math.nan) / 2**20 for r, _ in kv], color=colour, linestyle="--", marker=mark,
+                           markerfacecolor="none", markersize=5 + 3 * i, label=f"{backend} reserved")  # fmt: skip
+                ax_kv.plot(x, [(u or math.nan) / 2**20 for _, u in kv], color=colour, marker=mark,
+                           label=f"{backend} used")  # fmt: skip
+            result.series.append(backend)
+        ticks = sorted({float(c) for c in ok["concurrency"]})
+        for ax, title, ylabel in (
+            (ax_mem, "peak memory", "MiB"),
+            (ax_tps, "output throughput", "tokens/s"),
+            (ax_lat, "p99 latency (— TTFT, -- E2E)", "ms"),
+            (ax_kv, "KV reserved (--) vs used (—)", "MiB"),
+        ):
+            ax.set_title(title)
+            ax.set_ylabel(ylabel)
+            ax.set_xlabel("concurrent requests")
+            if len(ticks) > 1 and ticks[-1] / ticks[0] >= 4:
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+            ax.legend(fontsize=6.5)
+        for ax in (ax_lat, ax_kv):
+            ax.set_yscale("log")
+        first = ok.iloc[0]
+        model = Path(str(first["model"])).name if Path(str(first["model"])).is_absolute() else first["model"]
+        style.figure_title(d.fig, "Static vs paged KV, in-process vs server",
+                           f"{model} · {first['dtype']} · prompt {first['prompt_toks']} · gen {first['gen_toks']}")  # fmt: skip
+        d.fig.subplots_adjust(top=0.78, wspace=0.32)
+        result.notes = [f"memory of {b}: {desc}" for b, desc in sources.items()]
+        result.notes.append("KV used: peak of the samples taken during the run (vLLM's /metrics, hf-paged's cache); "
+                            "a run shorter than a scrape may have none")  # fmt: skip
+        failed = rows[rows["status"] != "ok"]
+        if len(failed):
+            result.notes.append(f"{len(failed)} cells not ok (not drawn): "
+                                + ", ".join(sorted({f"{r.backend} c{r.concurrency} {r.status}" for r in failed.itertuples()})))  # fmt: skip
+        result.caption = "Same workload per backend: memory, throughput, tail latency and KV reserved vs used."
     return result
 
 
@@ -155,40 +144,44 @@ def timelines(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def fig9_kv_timeline(records: list[dict[str, Any]], out_dir: Path) -> FigureResult:
     """KV usage (%) and running / waiting requests over the first measured repeat, one panel per backend."""
-    import matplotlib.pyplot as plt
-
-    name = "fig9_kv_timeline"
     chosen = timelines(records)
-    result = FigureResult(name)
-    fig, axes = plt.subplots(1, max(len(chosen), 1), figsize=(5 * max(len(chosen), 1), 3.2), squeeze=False)
-    if not chosen:
-        style.placeholder(axes[0][0], "no KV timeline recorded (vllm or hf-paged cells record one)")
-        result.empty, result.notes = True, ["no cell carries extra.kv_timeline"]
-        result.paths = style.save(fig, out_dir, name)
-        return result
-    for ax, (backend, rec) in zip(axes[0], chosen.items(), strict=True):
-        points = [p for p in rec["extra"]["kv_timeline"] if p.get("repeat", 0) == 0]
-        t = [p["t_s"] for p in points]
-        usage = [100 * p["kv_usage"] if p.get("kv_usage") is not None else math.nan for p in points]
-        ax.step(t, usage, where="post", color=style.color(0), label="KV usage %")
-        ax.set_ylabel("KV usage (% of pool)")
-        ax.set_xlabel("seconds into the run")
-        twin = ax.twinx()
-        for j, key in enumerate(("running", "waiting")):
-            values = [p[key] if p.get(key) is not None else math.nan for p in points]
-            twin.step(t, values, where="post", color=style.color(j + 1), linestyle="--", label=key)
-        twin.set_ylabel("requests")
-        twin.grid(False)
-        conc = len(rec["cell"]["workload"]["requests"])
-        ax.set_title(f"{backend}: {conc} requests")
-        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(handles, [str(h.get_label()) for h in handles], fontsize=6.5, loc="center right")
-        result.series.append(backend)
-    style.figure_title(fig, "KV cache usage during a run", "first measured repeat of the largest cell per backend")
-    fig.subplots_adjust(top=0.78, wspace=0.45)
-    result.caption = "How full the KV pool gets and how many requests run or wait, sampled during the run."
-    result.paths = style.save(fig, out_dir, name)
+    panels = max(len(chosen), 1)
+    with new_figure("fig9_kv_timeline", out_dir, 1, panels, figsize=(5 * panels, 3.2), squeeze=False, layout=None) as d:
+        result = d.result
+        if not chosen:
+            d.missing(
+                "no KV timeline recorded (vllm or hf-paged cells record one)", "no cell carries extra.kv_timeline"
+            )
+            return result
+        for ax, (backend, rec) in zip(d.axes[0], chosen.items(), strict=True):
+            _timeline_panel(ax, backend, rec)
+            result.series.append(backend)
+        style.figure_title(
+            d.fig, "KV cache usage during a run", "first measured repeat of the largest cell per backend"
+        )
+        d.fig.subplots_adjust(top=0.78, wspace=0.45)
+        result.caption = "How full the KV pool gets and how many requests run or wait, sampled during the run."
     return result
+
+
+def _timeline_panel(ax: Any, backend: str, rec: dict[str, Any]) -> None:
+    """KV usage (%) on the left axis, running and waiting requests on the right, as steps over time."""
+    points = [p for p in rec["extra"]["kv_timeline"] if p.get("repeat", 0) == 0]
+    t = [p["t_s"] for p in points]
+    usage = [100 * p["kv_usage"] if p.get("kv_usage") is not None else math.nan for p in points]
+    ax.step(t, usage, where="post", color=style.color(0), label="KV usage %")
+    ax.set_ylabel("KV usage (% of pool)")
+    ax.set_xlabel("seconds into the run")
+    twin = ax.twinx()
+    for j, key in enumerate(("running", "waiting")):
+        values = [p[key] if p.get(key) is not None else math.nan for p in points]
+        twin.step(t, values, where="post", color=style.color(j + 1), linestyle="--", label=key)
+    twin.set_ylabel("requests")
+    twin.grid(False)
+    conc = len(rec["cell"]["workload"]["requests"])
+    ax.set_title(f"{backend}: {conc} requests")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [str(h.get_label()) for h in handles], fontsize=6.5, loc="center right")
 
 
 def has_server_data(results_dir: str | Path) -> bool:

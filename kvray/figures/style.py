@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from kvray.units import BYTE_UNITS, byte_scale, compact_bytes, human_bytes  # noqa: F401  (re-exported for figures)
-
 DPI = 300
 FORMATS = ("png", "svg")
 

@@ -1,7 +1,10 @@
 """Published GPU figures (dense, no 2:4 sparsity) and forgiving name matching against NVML names.
 
-Sources are listed per row in docs/gpus.md. ``memory_gib`` is the marketed capacity read as GiB
-(an "80GB" H100 reports 81,559 MiB through NVML); bandwidth is GB/s (10^9 bytes/s).
+Sources are listed per row in docs/gpus.md. ``memory_gib`` is the total the driver reports (nvidia-smi's
+``memory.total``, NVML's total: MiB / 1024) where public nvidia-smi output gives it, because that, not the
+marketed "24 GB", is what a process can fill: an L4 with ECC on (the datacenter default) reports 23,034 MiB,
+6.3 % under its marketed 24 GiB. Rows without such a figure keep the marketed capacity read as GiB, which
+sits a little above what the driver reports. Bandwidth is GB/s (10^9 bytes/s).
 """
 
 from __future__ import annotations
@@ -36,21 +39,27 @@ class GpuSpec:
         return self.bf16_tflops
 
 
-# name, memory GB, bandwidth GB/s, bf16, fp8, fp32 TFLOP/s (dense), Ray type, NVML-name aliases.
+# name, memory GiB (driver-reported MiB / 1024 where known; 40, 80 and 24 are exact there too: A100s report
+# 40,960 and 81,920 MiB, an RTX 3090 24,576 MiB), bandwidth GB/s, bf16, fp8, fp32 TFLOP/s (dense), Ray type,
+# NVML-name aliases.
 GPUS: dict[str, GpuSpec] = {
     g.name: g
     for g in (
         GpuSpec("A100-40GB-SXM", 40, 1555, 312, None, 19.5, "A100", ("a100 sxm4 40gb", "a100 40gb", "a100")),
         GpuSpec("A100-80GB-SXM", 80, 2039, 312, None, 19.5, "A100", ("a100 sxm4 80gb", "a100 80gb sxm")),
         GpuSpec("A100-80GB-PCIe", 80, 1935, 312, None, 19.5, "A100", ("a100 80gb pcie", "a100 pcie 80gb")),
-        GpuSpec("H100-SXM", 80, 3350, 989, 1979, 67, "H100", ("h100 80gb hbm3", "h100 sxm5", "h100 sxm", "h100")),
+        GpuSpec(
+            "H100-SXM", 81559 / 1024, 3350, 989, 1979, 67, "H100", ("h100 80gb hbm3", "h100 sxm5", "h100 sxm", "h100")
+        ),
         GpuSpec("H100-PCIe", 80, 2000, 756, 1513, 51, "H100", ("h100 pcie",)),
         GpuSpec("H100-NVL", 94, 3900, 835, 1671, 60, "H100", ("h100 nvl",)),
-        GpuSpec("H200", 141, 4800, 989, 1979, 67, "H200", ("h200 sxm", "h200")),
+        GpuSpec("H200", 143771 / 1024, 4800, 989, 1979, 67, "H200", ("h200 sxm", "h200")),
         GpuSpec("H200-NVL", 141, 4800, 835, 1671, 60, "H200", ("h200 nvl",)),
-        GpuSpec("L4", 24, 300, 121, 242.5, 30.3, "L4", ("l4",)),
-        GpuSpec("L40S", 48, 864, 362, 733, 91.6, "L40S", ("l40s",)),
-        GpuSpec("RTX-4090", 24, 1008, 165, 330, 82.6, "GeForce-RTX-4090", ("geforce rtx 4090", "rtx 4090", "4090")),
+        GpuSpec("L4", 23034 / 1024, 300, 121, 242.5, 30.3, "L4", ("l4",)),
+        GpuSpec("L40S", 46068 / 1024, 864, 362, 733, 91.6, "L40S", ("l40s",)),
+        GpuSpec(
+            "RTX-4090", 24564 / 1024, 1008, 165, 330, 82.6, "GeForce-RTX-4090", ("geforce rtx 4090", "rtx 4090", "4090")
+        ),
         GpuSpec("RTX-3090", 24, 936, 71, None, 35.6, "GeForce-RTX-3090", ("geforce rtx 3090", "rtx 3090", "3090")),
     )
 }

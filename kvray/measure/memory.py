@@ -5,18 +5,20 @@
         device's used memory as NVML sees it (all processes, CUDA context included), sampled every ~10 ms
   CPU   the process's peak RSS. On Linux the kernel keeps it exactly (VmHWM in /proc/self/status, reset by
         writing "5" to /proc/self/clear_refs), so nothing is sampled; elsewhere RSS is sampled every ~10 ms
-Sampling runs in a daemon thread, so a generate loop in the main thread is never blocked by it. The kernel's
-high-water mark is preferred on CPU because it misses no spike and costs nothing: a 10 ms sampling thread
-competing for the GIL measurably slowed a CPU generate loop (docs/benchmarks.md).
+Sampling runs in a daemon thread (``kvray.measure.sampler.PeakSampler``), so a generate loop in the main
+thread is never blocked by it. The kernel's high-water mark is preferred on CPU because it misses no spike
+and costs nothing: a 10 ms sampling thread competing for the GIL measurably slowed a CPU generate loop
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-import threading
 from types import TracebackType
 from typing import Any
+
+from kvray.hardware.devices import nvml_handle
+from kvray.measure.sampler import PeakSampler
 
 SAMPLE_INTERVAL_S = 0.01
 
@@ -63,20 +65,6 @@ def free_memory(device: str = "cpu") -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _nvml_handle(device: str) -> Any:
-    """NVML handle of a torch CUDA device, matched by UUID (torch and NVML indices may disagree)."""
-    import pynvml
-    import torch
-
-    pynvml.nvmlInit()
-    index = torch.device(device).index or 0
-    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-    if uuid is not None:
-        with contextlib.suppress(Exception):  # an older driver or a MIG slice: fall back to the index
-            return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
-
-
 def _status_bytes(field: str) -> int | None:
     """A "kB" line of /proc/self/status (VmRSS, VmHWM) in bytes, or None off Linux."""
     try:
@@ -107,8 +95,7 @@ class MemoryTracker:
         self.device = device
         self.interval_s = interval_s
         self.is_cuda = device.startswith("cuda")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._sampler: PeakSampler | None = None
         self._read: Any = None  # the sampled quantity: NVML device used, or process RSS
         self._hwm = False  # CPU peak from the kernel's high-water mark instead of sampling
         self._baseline_sample = 0
@@ -127,7 +114,7 @@ class MemoryTracker:
             try:
                 import pynvml
 
-                handle = _nvml_handle(self.device)
+                handle = nvml_handle(self.device)
                 self._read = lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
             except Exception:  # no NVML: the allocator figures still stand
                 self._read = None
@@ -141,28 +128,16 @@ class MemoryTracker:
             self._read = lambda: int(process.memory_info().rss)
         if self._read is not None:
             self._baseline_sample = self._peak_sample = self._read()
-            self._thread = threading.Thread(target=self._sample, name="kvray-memory", daemon=True)
-            self._thread.start()
+            self._sampler = PeakSampler(self._read, self.interval_s, "kvray-memory", initial=self._peak_sample)
+            self._sampler.__enter__()
         return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                value = self._read()
-            except Exception:
-                return
-            if value > self._peak_sample:
-                self._peak_sample = value
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._read is not None:
-            with contextlib.suppress(Exception):
-                self._peak_sample = max(self._peak_sample, self._read())
+        if self._sampler is not None:  # stops the thread and takes one last reading
+            self._sampler.__exit__(exc_type, exc, tb)
+            self._peak_sample = max(self._peak_sample, self._sampler.peak)
         if self._hwm:
             self._peak_sample = max(self._peak_sample, _status_bytes("VmHWM") or 0)
         if self.is_cuda:

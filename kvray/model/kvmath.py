@@ -107,3 +107,11 @@ def max_tokens_in(g: ModelGeometry, free_bytes: float, dtype: str = "bf16", layo
     """How many tokens of KV (all layers, no window cap) fit in ``free_bytes``."""
     per_token = kv_bytes_per_token(g, dtype, layout)
     return max(int(free_bytes // per_token), 0)
+
+
+def paged_blocks_in(
+    g: ModelGeometry, pool_bytes: float, dtype: str = "bf16", block_size: int = DEFAULT_BLOCK_SIZE
+) -> int:
+    """Whole blocks of ``block_size`` tokens a paged KV pool of ``pool_bytes`` holds (vLLM's and transformers'
+    sizing: the pool is cut into blocks and a partial block is never used)."""
+    return int(pool_bytes // (block_size * kv_bytes_per_token(g, dtype, "paged")))

@@ -8,14 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 from kvray.errors import KvrayInputError
-from kvray.hardware.gpus import GPUS, get_gpu
+from kvray.hardware.gpus import GPUS, GpuSpec, get_gpu
 from kvray.model.geometry import ModelGeometry
-from kvray.model.kvmath import dtype_bytes, kv_bytes_batch, normalize_dtype
+from kvray.model.kvmath import dtype_bytes, kv_bytes_batch, kv_bytes_per_token, normalize_dtype
 from kvray.model.resolve import resolve_geometry
 from kvray.units import GIB
 
 RUNTIME_OVERHEAD_BYTES = int(0.5 * GIB)  # CUDA context, allocator slack, kernels' workspaces
 LOW_RISK, MEDIUM_RISK = 0.70, 0.90  # fraction of available memory
+KV_FIT_MEMORY_FRACTION = 0.9  # of a GPU's memory, what ``kvray info`` lets weights + KV + runtime fill
 
 
 def activation_bytes(g: ModelGeometry, concurrency: int, prompt_toks: int, dtype: str) -> int:
@@ -98,6 +99,58 @@ def check_oom_risk(
         "fraction_of_available": fraction,
         "max_concurrency": max_concurrency,
         "recommendations": recommendations,
+    }
+
+
+def kv_tokens_that_fit(
+    g: ModelGeometry,
+    gpu: str | GpuSpec,
+    dtype: str = "bf16",
+    kv_dtype: str | None = None,
+    layout: str = "hf",
+    memory_fraction: float = KV_FIT_MEMORY_FRACTION,
+) -> int:
+    """Cached tokens (summed over all sequences) that fit on ``gpu`` beside the weights and the runtime.
+
+    The capacity question a reader asks before any workload exists; 0 when the weights alone do not fit.
+    ``memory_fraction`` leaves the allocator's fragmentation room, as a serving engine's
+    ``gpu_memory_utilization`` does.
+    """
+    spec = get_gpu(gpu) if isinstance(gpu, str) else gpu
+    dtype = normalize_dtype(dtype)
+    weights = g.weights_bytes(dtype_bytes(dtype))
+    per_token = kv_bytes_per_token(g, normalize_dtype(kv_dtype or dtype), layout)
+    room = memory_fraction * spec.memory_bytes - weights - RUNTIME_OVERHEAD_BYTES
+    return max(int(room // per_token), 0)
+
+
+def model_summary(g: ModelGeometry, dtype: str = "bf16") -> dict[str, Any]:
+    """What ``kvray info`` reports: the geometry, weight bytes, KV bytes per token in both layouts and the
+    KV tokens that fit beside the weights on every GPU kvray knows. Plain values, ready for JSON."""
+    dtype = normalize_dtype(dtype)
+    per_token = kv_bytes_per_token(g, dtype, "hf")
+    return {
+        "model": g.name,
+        "model_type": g.model_type,
+        "dtype": dtype,
+        "num_layers": g.num_layers,
+        "hidden_size": g.hidden_size,
+        "num_attention_heads": g.num_attention_heads,
+        "num_kv_heads": g.num_kv_heads,
+        "head_dim": g.head_dim,
+        "attention": g.attention,
+        "sliding_window": g.sliding_window,
+        "num_sliding_layers": g.num_sliding_layers,
+        "kv_lora_rank": g.kv_lora_rank,
+        "max_position_embeddings": g.max_position_embeddings,
+        "vocab_size": g.vocab_size,
+        "params": g.params,
+        "active_params": g.active_params,
+        "weights_bytes": g.weights_bytes(dtype_bytes(dtype)),
+        "kv_bytes_per_token": per_token,
+        "kv_bytes_per_token_paged": kv_bytes_per_token(g, dtype, "paged"),
+        "kv_bytes_per_1k_tokens": per_token * 1000,
+        "kv_tokens_fitting_beside_weights": {name: kv_tokens_that_fit(g, spec, dtype) for name, spec in GPUS.items()},
     }
 
 

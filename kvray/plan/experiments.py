@@ -23,7 +23,7 @@ EXPERIMENTS = ("exp1", "exp2", "exp3", "exp4")
 
 @dataclass
 class Common:
-    """Flags every experiment command takes."""
+    """What every experiment's job is built from, beside its workload (kvray/cli/options.py: ExperimentFlags)."""
 
     model: str = "facebook/opt-1.3b"
     backends: list[str] = field(default_factory=lambda: ["hf"])
@@ -74,23 +74,15 @@ def _positive(flag: str, values: list[int]) -> None:
 
 
 def _job(experiment: str, common: Common, grids: list[Grid]) -> Job:
+    same_name = {
+        key: getattr(common, key) for key in ("weights", "kv_dtype", "device", "hardware", "warmup", "repeats")
+    }
     job = Job(
         name=common.name or job_name(experiment, common.model),
-        models=[common.model],
-        grids=grids,
-        backends=list(common.backends),
-        dtypes=[common.dtype],
-        weights=common.weights,
-        kv_dtype=common.kv_dtype,
-        device=common.device,
-        hardware=common.hardware,
-        warmup=common.warmup,
-        repeats=common.repeats,
-        experiment=experiment,
-        options=dict(common.options),
-        description=f"kvray {experiment}",
-        source=f"kvray {experiment}",
-    )
+        models=[common.model], backends=list(common.backends), dtypes=[common.dtype], grids=grids,
+        experiment=experiment, options=dict(common.options), **same_name,
+        description=f"kvray {experiment}", source=f"kvray {experiment}",
+    )  # fmt: skip
     return job.validate()
 
 
@@ -167,7 +159,7 @@ def exp3_job(
 def exp4_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64,
              concurrency: list[int] | None = None) -> Job:  # fmt: skip
     """exp4, static vs paged KV and in-process vs server: exp1's workload on each of ``common.backends``
-    (default hf, hf-paged, vllm), drawn by fig8_backend_compare (kvray/plots_server.py)."""
+    (default hf, hf-paged, vllm), drawn by fig8_backend_compare (kvray/figures/server.py)."""
     concurrency = sorted(set(concurrency or [1, 4, 16, 64]))
     _positive("--concurrency", concurrency)
     _positive("--prompt-toks", [prompt_toks])

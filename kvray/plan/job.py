@@ -3,7 +3,7 @@
 A job names models, backends, dtypes, a weights mode, one or more grids of workloads and where to run.
 Every mistake — an unknown key, a wrong type, a length beyond the model's positions, an unknown backend —
 is one KvrayInputError naming the file, the key and what is allowed, so ``kvray run`` exits 2 before Ray
-or any model starts. The planner (kvray/plan.py) turns a Job into cells.
+or any model starts. The planner (kvray/plan/planner.py) turns a Job into cells.
 
     name: quickstart                  # results go to results/<name> (default: the file's stem)
     models: [kvray/tiny-llama]
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.spec import WEIGHTS
 
-WEIGHTS = ("random", "pretrained")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 HARDWARE_MODES = ("any", "each")
@@ -196,7 +196,7 @@ def load_job(path: str | Path) -> Job:
 
 def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
     """Validate a job mapping (as read from YAML) into a Job."""
-    from kvray.backends import REGISTRY
+    from kvray.backends import backend_names
     from kvray.model.kvmath import normalize_dtype
 
     c = _Checker(source)
@@ -211,7 +211,7 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
         raise c.fail("name", f"{name!r} must be letters, digits, '.', '_' or '-' (it names the results folder)")
     models = [c.string(f"models[{i}]", m) for i, m in enumerate(c.listed("models", d["models"]))]
     backends = [
-        c.choice(f"backends[{i}]", b, list(REGISTRY))
+        c.choice(f"backends[{i}]", b, backend_names())
         for i, b in enumerate(c.listed("backends", d.get("backends", ["hf"])))
     ]
     dtypes = []
@@ -237,6 +237,7 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
     for k, v in options.items():
         if not isinstance(k, str) or not (v is None or isinstance(v, str | int | float | bool)):
             raise c.fail(f"options.{k}", f"expected a string, number or boolean, got {v!r}")
+    _check_options(c, backends, options)
     workers = d.get("workers")
     job = Job(
         name=name,
@@ -263,16 +264,27 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
     return job
 
 
+def _check_options(c: _Checker, backends: list[str], options: dict[str, Any]) -> None:
+    """Each backend checks the form of the options it reads (openai needs base_url, ollama host, …)."""
+    from kvray.backends import validate_backend
+
+    for backend in backends:
+        try:
+            validate_backend(backend, {k: v for k, v in options.items() if v is not None})
+        except KvrayInputError as exc:
+            raise c.fail("options", str(exc)) from None
+
+
 def _hardware(c: _Checker, value: Any, backends: list[str]) -> str | list[str]:
+    from kvray.backends import backend_class
+
     if isinstance(value, str) and value in HARDWARE_MODES:
         return value
     items = [c.string(f"hardware[{i}]", h) for i, h in enumerate(c.listed("hardware", value))]
-    if "sim" in backends:  # the simulator's hardware is a GPU from the table, not a Ray accelerator type
-        from kvray.hardware.gpus import get_gpu
-
+    for backend in backends:  # e.g. the simulator's hardware is a GPU from its table, not a Ray accelerator type
         for i, h in enumerate(items):
             try:
-                get_gpu(h)
+                backend_class(backend).validate_hardware(h)
             except KvrayInputError as exc:
                 raise c.fail(f"hardware[{i}]", str(exc)) from None
     if len(set(items)) != len(items):

@@ -16,8 +16,6 @@ from typing import Any
 from kvray.plan.job import Job
 from kvray.spec import Cell, Workload, make_options
 
-PAGED_BACKENDS = ("vllm", "hf-paged")
-
 
 @dataclass(frozen=True)
 class GroupKey:
@@ -48,12 +46,17 @@ def hardware_targets(job: Job, hardware_types: Sequence[str] | None = None) -> l
     return list(job.hardware)
 
 
+# Cell fields a job sets once for all its cells, under the same name.
+JOB_WIDE_CELL_FIELDS = ("weights", "device", "warmup", "repeats", "kv_dtype")
+
+
 def plan_cells(job: Job, hardware_types: Sequence[str] | None = None) -> list[Cell]:
     """Every cell of the job, in a deterministic order, each once (overlapping grids are merged).
 
     ``hardware_types`` are the accelerator types present, used by ``hardware: each``.
     """
     options = make_options(**job.options)
+    per_job = {key: getattr(job, key) for key in JOB_WIDE_CELL_FIELDS}
     cells: dict[str, Cell] = {}
     for model in job.models:
         for backend in job.backends:
@@ -63,19 +66,9 @@ def plan_cells(job: Job, hardware_types: Sequence[str] | None = None) -> list[Ce
                         experiment = job.experiment if grid.experiment is None else grid.experiment
                         for workload in _workloads(grid):
                             cell = Cell(
-                                model=model,
-                                workload=workload,
-                                backend=backend,
-                                dtype=dtype,
-                                weights=job.weights,
-                                device=job.device,
-                                warmup=job.warmup,
-                                repeats=job.repeats,
-                                kv_dtype=job.kv_dtype,
-                                hardware=hardware,
-                                experiment=experiment,
-                                options=options,
-                            )
+                                model=model, workload=workload, backend=backend, dtype=dtype, hardware=hardware,
+                                experiment=experiment, options=options, **per_job,
+                            )  # fmt: skip
                             cells.setdefault(cell.cell_id, cell)
     return list(cells.values())
 
@@ -102,6 +95,7 @@ def predicted_bytes(cell: Cell) -> int:
 
     Falls back to tokens in flight when the model's geometry is unknown, which orders the same way.
     """
+    from kvray.backends import kv_layout
     from kvray.model.kvmath import cached_positions, kv_bytes_batch
     from kvray.model.oom import activation_bytes
 
@@ -110,7 +104,7 @@ def predicted_bytes(cell: Cell) -> int:
         g = _geometry(cell.model)
     except Exception:
         return wl.concurrency * wl.max_seq_len
-    layout = "paged" if cell.backend in PAGED_BACKENDS or cell.option_dict.get("layout") == "paged" else "hf"
+    layout = kv_layout(cell.backend, cell.option_dict)  # as the backend declares it (kvray/backends/base.py)
     positions = [cached_positions(r.prompt_toks, r.gen_toks) for r in wl.requests]
     kv = kv_bytes_batch(g, positions, cell.kv_dtype or cell.dtype, layout)
     return int(kv + activation_bytes(g, wl.concurrency, wl.prompt_toks, cell.dtype))

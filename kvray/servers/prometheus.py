@@ -108,6 +108,28 @@ def cache_config(samples: list[Sample]) -> dict[str, Any]:
     return out
 
 
+def used_kv_bytes(cache: dict[str, Any], usage: float | None) -> int | None:
+    """KV bytes in use from vLLM's usage fraction: vLLM reserves one null block, so usage = used / (blocks − 1)."""
+    blocks, reserved = cache.get("num_gpu_blocks"), cache.get("kv_cache_memory_bytes")
+    if usage is None or not blocks or not reserved:
+        return None
+    used_blocks = round(usage * max(blocks - 1, 1))
+    return int(used_blocks * (reserved // blocks))
+
+
+def cache_dtype(server_dtype: str | None, model_dtype: str) -> str:
+    """The KV dtype a server reports in ``cache_config_info`` ("auto" means the model's dtype)."""
+    from kvray.errors import KvrayInputError
+    from kvray.model.kvmath import normalize_dtype
+
+    if not server_dtype or server_dtype == "auto":
+        return normalize_dtype(model_dtype)
+    try:
+        return normalize_dtype(server_dtype)
+    except KvrayInputError:
+        return normalize_dtype(model_dtype)
+
+
 SCRAPE_TIMEOUT_S = 10.0
 
 

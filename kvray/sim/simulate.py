@@ -6,9 +6,11 @@ Each forward pass takes the longest of three roofs (see docs/simulator.md):
     memory   = bytes moved / (bandwidth × η_memory)
     overhead = num_layers × layer_overhead_s      (kernel launches and Python; 0 unless calibrated)
 
-Prefill FLOPs are 2 × matmul parameters × tokens plus the attention term 4 × layers × B × P² × d (quadratic
-in the prompt); prefill bytes are the weights plus the KV written. A decode step reads the weights and the
-whole KV cache at its current context, so the context grows every step. Requests are served with the same
+The FLOPs and bytes of each pass come from kvray.sim.passes: prefill FLOPs are 2 × matmul parameters × tokens
+plus causal attention (P(P+1)/2 query-key pairs per layer, a W-wide band on sliding layers); every pass reads
+the weights it touches — the shared ones and the LM head in full, the embedding rows its tokens look up, and
+in MoE layers only the experts its tokens route to — plus the KV it writes (prefill) or the whole KV cache at
+its current context (decode), so the context grows every step. Requests are served with the same
 static-batching queue as the HF backend: when the engine is free, every request that has arrived forms the
 next batch, padded to its longest prompt (``hf`` layout) or not padded with KV in blocks (``paged``).
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import accumulate
@@ -31,15 +32,9 @@ from typing import Any, Protocol
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, get_gpu
 from kvray.model.geometry import ModelGeometry
-from kvray.model.kvmath import (
-    DEFAULT_BLOCK_SIZE,
-    LAYOUTS,
-    dtype_bytes,
-    kv_bytes_sequence,
-    layer_positions,
-    normalize_dtype,
-)
+from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, LAYOUTS, dtype_bytes, kv_bytes_sequence, normalize_dtype
 from kvray.model.oom import RUNTIME_OVERHEAD_BYTES, activation_bytes
+from kvray.sim.passes import PassCost, batch_passes
 
 DEFAULT_GPU = "H100-SXM"  # what hardware "any" simulates
 DEFAULT_ETA_COMPUTE = 0.7  # llm-analysis's default flops efficiency
@@ -118,92 +113,7 @@ def efficiency_for(gpu: GpuSpec, layout: str = "hf", path: str | Path | None = N
         return Efficiency()
 
 
-# --- FLOPs and bytes of one forward pass ----------------------------------------------------------------
-
-
-def matmul_params(g: ModelGeometry) -> tuple[int, int]:
-    """(parameters multiplied per token in the layers, parameters of the LM head).
-
-    Active parameters (MoE: only the experts a token visits) minus lookup-only tables: an untied input
-    embedding and learned position embeddings cost no FLOPs. The LM head runs on one token per sequence
-    in prefill (generate keeps only the last logits) and on every token in decode.
-    """
-    head = g.vocab_size * g.hidden_size
-    lookup = 0 if g.tie_word_embeddings else head  # untied: the input embedding is a separate, unmultiplied table
-    if g.model_type == "opt":
-        lookup += (g.max_position_embeddings + 2) * g.hidden_size
-    elif g.model_type == "gpt2":
-        lookup += g.max_position_embeddings * g.hidden_size
-    layers = g.active_params - lookup - head
-    return max(layers, 0), head
-
-
-def _attention_width(g: ModelGeometry) -> int:
-    """heads × (query-key dim + value dim): FLOPs per query-key pair per layer is twice this."""
-    if g.kv_lora_rank is not None:
-        assert g.qk_nope_head_dim is not None and g.qk_rope_head_dim is not None and g.v_head_dim is not None
-        return g.num_attention_heads * (g.qk_nope_head_dim + g.qk_rope_head_dim + g.v_head_dim)
-    return g.num_attention_heads * 2 * g.head_dim
-
-
-def attention_flops(g: ModelGeometry, queries: int, keys: int) -> float:
-    """QKᵀ and AV over all layers for ``queries`` queries each scoring ``keys`` keys (window-capped per layer)."""
-    width = _attention_width(g)
-    return float(sum(2 * queries * layer_positions(g, layer, keys) * width for layer in range(g.num_layers)))
-
-
-@dataclass(frozen=True)
-class PassCost:
-    flops: float
-    bytes: float
-
-
-def prefill_cost(g: ModelGeometry, prompt_lengths: Sequence[int], dtype: str, kv_dtype: str, layout: str,
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> PassCost:  # fmt: skip
-    """One prefill pass over a batch: hf pads every row to the longest prompt, paged runs each as it is.
-
-    Attention is counted over the full P×P square (4·layers·B·P²·d, the published roofline formula), an
-    upper bound for causal kernels that skip the masked half.
-    """
-    body, head = matmul_params(g)
-    rows = [max(prompt_lengths)] * len(prompt_lengths) if layout == "hf" else list(prompt_lengths)
-    flops = sum(2.0 * body * p + 2.0 * head + attention_flops(g, p, p) for p in rows)
-    kv_written = sum(kv_bytes_sequence(g, p, kv_dtype, layout, block_size) for p in rows)
-    return PassCost(flops, g.weights_bytes(dtype_bytes(dtype)) + kv_written)
-
-
-def decode_step_cost(g: ModelGeometry, contexts: Sequence[int], dtype: str, kv_dtype: str, layout: str,
-                     block_size: int = DEFAULT_BLOCK_SIZE) -> PassCost:  # fmt: skip
-    """One decode step: every row adds one token at context ``contexts[i]`` (positions after the write).
-
-    Bytes are all the weights plus the whole KV cache read at that context; FLOPs are 2 × params per row
-    plus attention over the context.
-    """
-    body, head = matmul_params(g)
-    flops, kv_read = 0.0, 0.0
-    for c, n in Counter(contexts).items():  # hf rows share one padded context: cost it once
-        flops += n * (2.0 * (body + head) + attention_flops(g, 1, c))
-        kv_read += n * kv_bytes_sequence(g, c, kv_dtype, layout, block_size)
-    return PassCost(flops, g.weights_bytes(dtype_bytes(dtype)) + kv_read)
-
-
-def batch_passes(g: ModelGeometry, prompts: Sequence[int], gens: Sequence[int], dtype: str, kv_dtype: str,
-                 layout: str, block_size: int = DEFAULT_BLOCK_SIZE) -> list[PassCost]:  # fmt: skip
-    """The forward passes of one static batch: the prefill, then max(gens) − 1 decode steps.
-
-    The prefill yields every row's first token; decode step k yields token k + 1. An hf batch keeps every
-    row (padded to the longest prompt) until the longest generation ends; a paged request leaves the batch
-    once it has its own tokens.
-    """
-    passes = [prefill_cost(g, prompts, dtype, kv_dtype, layout, block_size)]
-    p_max = max(prompts)
-    for k in range(1, max(gens)):
-        if layout == "hf":
-            contexts = [p_max + k] * len(prompts)
-        else:
-            contexts = [p + k for p, n in zip(prompts, gens, strict=True) if k < n]
-        passes.append(decode_step_cost(g, contexts, dtype, kv_dtype, layout, block_size))
-    return passes
+# --- the roofs ------------------------------------------------------------------------------------------
 
 
 def roofs_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency) -> tuple[float, float, float]:

@@ -12,13 +12,13 @@ Plain Python; the driver wraps it with ``ray.remote`` and pins it to the driver'
 
 from __future__ import annotations
 
-import json
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kvray.data.store import MANIFEST, DatasetWriter, read_results
+from kvray.data.manifest import read_manifest
+from kvray.data.store import DatasetWriter, read_results
 from kvray.measure.trace import CellResult
 
 
@@ -40,7 +40,7 @@ class Collector:
         self._thread = threading.Thread(target=self._refresh_tables, name="kvray-tables", daemon=True)
         self.appended = 0
         self.duplicates = 0
-        previous = _read_manifest(self.out_dir)
+        previous = read_manifest(self.out_dir)
         self.manifest: dict[str, Any] = {
             "kvray_version": __version__,
             "created_at": previous.get("created_at", now_iso()),
@@ -105,14 +105,3 @@ class Collector:
         self._run.update(summary, finished_at=now_iso(), rows_appended=self.appended, duplicates=self.duplicates)
         self.writer.write_manifest(self.manifest)
         return dict(self._run)
-
-
-def _read_manifest(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / MANIFEST
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}

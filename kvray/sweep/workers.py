@@ -7,7 +7,7 @@ acknowledgement so a result the driver counts as done is on disk. It counts real
 so sweeps can show that a model is loaded once per worker.
 
 The class is plain Python; the driver wraps it with ``ray.remote`` and its placement options, so this
-module imports without Ray (``import_ray`` is the one place Ray is imported for kvray).
+module imports without Ray (``kvray.sweep.ray_env.import_ray`` is the one place Ray is imported for kvray).
 """
 
 from __future__ import annotations
@@ -19,20 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from kvray.spec import Cell
+from kvray.sweep.ray_env import import_ray
 
 COLLECTOR_ACK_TIMEOUT_S = 120.0
-
-
-def import_ray() -> Any:
-    """Import Ray with kvray's settings: workers start from this virtualenv, offline, without ``uv run``.
-
-    Ray 2.60 notices a driver started by ``uv run`` and re-creates the environment in every worker with
-    ``uv run`` (slow, and needs the network); kvray's workers use the driver's interpreter instead.
-    """
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    import ray
-
-    return ray
 
 
 def model_key(cell: Cell) -> str:

@@ -1,0 +1,59 @@
+"""The openai backend: any OpenAI-compatible server over HTTP, streamed ``/v1/completions`` or
+``/v1/chat/completions``.
+
+Every request of the workload is sent at its arrival offset and stays in flight until its stream ends, so
+the cell's concurrency is the number of requests in flight (asyncio + httpx, one connection each).
+
+Token accounting follows the field notes: the number of output tokens is ``usage.completion_tokens``,
+never the number of chunks. Each chunk is stamped when its line arrives; a chunk carries as many tokens
+as its ``token_ids`` (vLLM with ``return_token_ids``) or, failing that, as its text re-tokenises to; the
+chunk tokens are then reconciled with ``usage`` — extra ones dropped from the end, missing ones (text a
+server held back, such as partial UTF-8) stamped at the end of the stream. Tokens of one chunk share its
+timestamp and kvray/measure/metrics.py splits the gap. A trace's ``start_s`` is when the request was sent:
+an HTTP client cannot see when the server admitted it, so server-side queueing shows in TTFT, not queue_s.
+
+Prompts are exactly ``prompt_toks`` tokens with the model's tokenizer (BOS and chat template included),
+random words seeded per cell, repeat and request, so repeats never hit a prefix cache; the server's
+``usage.prompt_tokens`` is recorded as the trace's prompt length.
+
+Exact output lengths need a server-specific field; ``server_flavor`` (default "auto": probed once) picks
+  vllm          ``ignore_eos`` + ``min_tokens`` (+ ``return_token_ids`` for exact chunk sizes)
+  transformers  ``generation_config: {"eos_token_id": -1}`` (``transformers serve`` rejects the vLLM fields)
+  openai        nothing: a request that stops early is an error unless ``allow_short_output`` is set
+
+While a cell runs, Prometheus ``/metrics`` is scraped (when the server has it) into a KV-usage timeline,
+``BackendRun.extra["kv_timeline"]``, and vLLM's ``cache_config_info`` into ``extra["server_cache"]``.
+
+Cell options: base_url (required), api_key_env (name of the environment variable holding the key; the key
+itself is never stored), endpoint ("completions" | "chat"), served_model, tokenizer, server_flavor,
+timeout_s (per request, 300), metrics_url, metrics_interval_s (0.1), allow_short_output (False),
+extra_body (a JSON object merged into every request, e.g. '{"top_k": 1}').
+Failures — refused connection, timeout, HTTP error status, malformed stream — become per-request traces
+with ``status="error"`` and the reason, never an exception.
+
+Modules: ``settings`` (HTTPSettings from cell options), ``prompts`` (exact-length prompts, shared with
+ollama), ``stream`` (timed lines, SSE events, token times, failure reasons; shared with ollama),
+``backend`` (OpenAIBackend). The names below are the package's public API.
+"""
+
+from kvray.backends.openai.backend import OpenAIBackend, predicted_paged_bytes
+from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_seed
+from kvray.backends.openai.settings import ENDPOINTS, FLAVORS, HTTPSettings, root_url
+from kvray.backends.openai.stream import Chunk, StreamError, chunk_content, parse_event, token_times
+
+__all__ = [
+    "ENDPOINTS",
+    "FLAVORS",
+    "Chunk",
+    "HTTPSettings",
+    "OpenAIBackend",
+    "PromptBuilder",
+    "StreamError",
+    "chunk_content",
+    "load_tokenizer",
+    "parse_event",
+    "predicted_paged_bytes",
+    "request_seed",
+    "root_url",
+    "token_times",
+]

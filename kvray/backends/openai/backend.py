@@ -1,0 +1,276 @@
+"""The openai backend: any OpenAI-compatible server over HTTP, streamed ``/v1/completions`` or ``/v1/chat/completions``.
+
+Every request of the workload is sent at its arrival offset and stays in flight until its stream ends, so
+the cell's concurrency is the number of requests in flight (asyncio + httpx, one connection each).
+The package docstring (kvray/backends/openai/__init__.py) gives token accounting, flavors and options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from kvray.backends.base import BackendBase, BackendRun, run_async
+from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_seed
+from kvray.backends.openai.settings import HTTPSettings
+from kvray.backends.openai.stream import (
+    Chunk,
+    chunk_content,
+    error_trace,
+    parse_event,
+    sleep_until_arrival,
+    stream_failure,
+    timed_lines,
+    token_times,
+)
+from kvray.measure.trace import RunTrace
+from kvray.servers.prometheus import MetricsPoller, cache_config, cache_dtype, peak, used_kv_bytes
+from kvray.spec import Cell, RequestSpec
+
+_FLAVOR_FIELDS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "vllm": lambda gen: {"ignore_eos": True, "min_tokens": gen, "return_token_ids": True},
+    "transformers": lambda gen: {"generation_config": json.dumps({"eos_token_id": -1})},
+    "openai": lambda gen: {},
+}
+
+
+class OpenAIBackend(BackendBase):
+    """Benchmarks a running OpenAI-compatible server; holds no model, so there is nothing to OOM-check here."""
+
+    name = "openai"
+    oom_precheck = False
+    needs_model_geometry = False  # the server may serve a model kvray cannot resolve
+    device = "cpu"  # the client's process; the server's memory comes from its own metrics
+
+    def __init__(self) -> None:
+        self.settings: HTTPSettings | None = None
+        self.prompts: PromptBuilder | None = None
+        self.flavor: str | None = None
+        self.model_name: str | None = None
+        self._tokenizer_name: str | None = None
+        self._timeline_cell: str | None = None
+        self._timeline: list[dict[str, Any]] = []
+        self.server_cache: dict[str, Any] = {}
+
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any]) -> None:
+        HTTPSettings.from_options(options, cls.name, environment=False)
+
+    @classmethod
+    def check_cell(cls, cell: Cell) -> Cell:
+        """The options, and the API key's variable set in this process's environment."""
+        HTTPSettings.from_cell(cell)
+        return cell
+
+    # --- loading ------------------------------------------------------------------------------------
+
+    def load(self, cell: Cell) -> None:
+        self.configure(HTTPSettings.from_cell(cell), cell.model)
+
+    def configure(self, settings: HTTPSettings, model: str) -> None:
+        """Point the client at a server; the tokenizer and the model name are resolved once per server."""
+        settings.check()
+        same_server = self.settings is not None and self.settings.root == settings.root
+        if not same_server or settings.server_flavor != "auto":
+            self.flavor = None if settings.server_flavor == "auto" else settings.server_flavor
+        if not same_server:
+            self.model_name = None
+        self.settings = settings
+        if self.model_name is None:
+            self.model_name = settings.served_model or self._discover_model() or model
+        tokenizer_name = settings.tokenizer or _local_or(model, self.model_name)
+        if tokenizer_name != self._tokenizer_name or self.prompts is None:
+            self.prompts = PromptBuilder(load_tokenizer(tokenizer_name), chat=settings.endpoint == "chat")
+            self._tokenizer_name = tokenizer_name
+        elif self.prompts.chat != (settings.endpoint == "chat"):
+            self.prompts = PromptBuilder(self.prompts.tokenizer, chat=settings.endpoint == "chat")
+
+    def _discover_model(self) -> str | None:
+        """The first model id of ``GET /v1/models`` (None when the server is unreachable or has none)."""
+        import httpx
+
+        assert self.settings is not None
+        try:
+            response = httpx.get(f"{self.settings.root}/v1/models", headers=self.settings.headers(), timeout=10.0)
+            data = response.json().get("data") or []
+            return str(data[0]["id"]) if response.status_code == 200 and data else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    # --- running ------------------------------------------------------------------------------------
+
+    def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
+        if self.settings is None:
+            self.load(cell)
+        return run_async(self.run_async(cell, requests, repeat))
+
+    async def run_async(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
+        import httpx
+
+        assert self.settings is not None and self.prompts is not None
+        settings = self.settings
+        prompts = {r.id: self.prompts.make(r.prompt_toks, request_seed(cell, repeat, r.id)) for r in requests}
+        limits = httpx.Limits(max_connections=len(requests) + 4, max_keepalive_connections=len(requests) + 4)
+        timeout = httpx.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 30.0))
+        async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=settings.headers()) as client:
+            if self.flavor is None:
+                self.flavor = await self._probe_flavor(client, prompts[requests[0].id] if requests else "")
+            metrics_url = settings.metrics_url or f"{settings.root}/metrics"
+            t0 = time.perf_counter()
+            poller = MetricsPoller(client, metrics_url, t0, settings.metrics_interval_s, repeat)
+            poller.start()
+            traces = await asyncio.gather(*(self._request(client, r, prompts[r.id], t0, repeat) for r in requests))
+            await poller.stop()
+            if poller.available and not self.server_cache:
+                samples = await poller.scrape()
+                self.server_cache = cache_config(samples) if samples else {}
+                if samples is not None and not self.server_cache:
+                    self.server_cache = {"source": "metrics without vllm:cache_config_info"}
+        extra: dict[str, Any] = {"server_flavor": self.flavor, "served_model": self.model_name}
+        memory: dict[str, int | float | None] = {}
+        if repeat >= 0 and poller.points:  # warmups are not part of the cell's timeline
+            if self._timeline_cell != cell.cell_id:
+                self._timeline_cell, self._timeline = cell.cell_id, []
+            self._timeline.extend(poller.points)
+            extra["kv_timeline"] = list(self._timeline)
+        if self.server_cache and "kv_cache_memory_bytes" in self.server_cache:
+            extra["server_cache"] = dict(self.server_cache)
+            reserved = self.server_cache.get("kv_cache_memory_bytes")
+            # Only samples that caught requests in the engine say how much KV the workload used.
+            busy = [p for p in poller.points if (p.get("running") or 0) > 0]
+            usage = peak(busy, "kv_usage")
+            memory["kv_reserved_bytes"] = reserved
+            memory["kv_usage_peak"] = usage
+            used = used_kv_bytes(self.server_cache, usage)
+            if used is not None:
+                memory["kv_used_peak_bytes"] = used
+            predicted = predicted_paged_bytes(cell, self.server_cache)
+            if predicted is not None:
+                memory["kv_predicted_bytes"] = predicted
+        kv_measured = memory.get("kv_used_peak_bytes")
+        return BackendRun(
+            traces=list(traces),
+            kv_measured_bytes=int(kv_measured) if kv_measured is not None else None,
+            memory=memory,
+            extra=extra,
+        )
+
+    def _body(self, prompt: str, r: RequestSpec, flavor: str, stream: bool = True) -> dict[str, Any]:
+        assert self.settings is not None
+        body: dict[str, Any] = {"model": self.model_name, "max_tokens": r.gen_toks, "temperature": r.temperature}
+        if self.settings.endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        body.update(_FLAVOR_FIELDS[flavor](r.gen_toks))
+        body.update(self.settings.extra_body)
+        return body
+
+    async def _probe_flavor(self, client: Any, prompt: str) -> str | None:
+        """The first flavor whose length-forcing fields the server accepts (None if it cannot be reached)."""
+        assert self.settings is not None
+        probe = RequestSpec(id=0, prompt_toks=1, gen_toks=1)
+        for flavor in ("vllm", "transformers", "openai"):
+            try:
+                response = await client.post(self.settings.url, json=self._body(prompt, probe, flavor, stream=False))
+            except Exception:
+                return None  # unreachable now: every request will record why; probe again next run
+            if response.status_code == 200:
+                return flavor
+            if response.status_code not in (400, 422):
+                return "openai"
+        return "openai"
+
+    async def _request(self, client: Any, r: RequestSpec, prompt: str, t0: float, repeat: int) -> RunTrace:
+        assert self.settings is not None and self.prompts is not None
+        start_s = await sleep_until_arrival(r, t0)
+        chunks: list[Chunk] = []
+        state: dict[str, Any] = {"usage": None, "finish": None, "end_s": start_s}
+        failure = await stream_failure(
+            self._stream(client, r, prompt, t0, chunks, state), float(self.settings.timeout_s)
+        )
+        if failure is not None:
+            return error_trace(r, repeat, start_s, chunks, t0, failure)
+        usage = state["usage"]
+        if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int):
+            return error_trace(
+                r, repeat, start_s, chunks, t0, "malformed stream: it ended without usage.completion_tokens"
+            )
+        n_out = int(usage["completion_tokens"])
+        counts = [c.token_ids if c.token_ids is not None else self.prompts.count_text_tokens(c.text) for c in chunks]
+        counts = [max(k, 1) if c.text or c.token_ids else k for c, k in zip(chunks, counts, strict=True)]
+        times = token_times(chunks, counts, n_out, state["end_s"])
+        prompt_toks = int(usage.get("prompt_tokens") or r.prompt_toks)
+        trace = RunTrace(r.id, repeat, r.arrival_s, start_s, times, times[-1] if times else state["end_s"],
+                         prompt_toks, n_out)  # fmt: skip
+        if n_out != r.gen_toks and not (self.settings.allow_short_output and 0 < n_out < r.gen_toks):
+            trace.status = "error"
+            trace.error = (
+                f"server returned {n_out} of {r.gen_toks} tokens (finish_reason {state['finish']!r}; flavor "
+                f"{self.flavor!r} cannot force output lengths; set allow_short_output to accept)"
+            )
+        return trace
+
+    async def _stream(
+        self, client: Any, r: RequestSpec, prompt: str, t0: float, chunks: list[Chunk], state: dict[str, Any]
+    ) -> None:
+        assert self.settings is not None
+        chat = self.settings.endpoint == "chat"
+        body = self._body(prompt, r, self.flavor or "openai")
+        async with contextlib.aclosing(timed_lines(client, self.settings.url, body, t0)) as lines:
+            async for t, line in lines:
+                event = parse_event(line)
+                if event is None:
+                    continue
+                state["end_s"] = t
+                if event.get("_done"):
+                    break
+                text, n_ids, finish = chunk_content(event, chat)
+                if text or n_ids:
+                    chunks.append(Chunk(t, text, n_ids))
+                if finish:
+                    state["finish"] = finish
+                if isinstance(event.get("usage"), dict):
+                    state["usage"] = event["usage"]
+
+    def device_info(self) -> dict[str, Any]:
+        """The server's hardware is not visible over HTTP: name the server instead."""
+        return {"name": "remote", "server": self.settings.root if self.settings else None}
+
+    def close(self) -> None:
+        self.settings = None
+
+
+def predicted_paged_bytes(cell: Cell, cache: dict[str, Any]) -> int | None:
+    """kvray's paged-layout prediction for the cell's workload with the server's block size and KV dtype."""
+    from kvray.model.kvmath import cached_positions, kv_bytes_batch
+    from kvray.model.resolve import resolve_geometry
+
+    block_size = cache.get("block_size")
+    if not block_size:
+        return None
+    dtype = cache_dtype(cache.get("cache_dtype"), cell.kv_dtype or cell.dtype)
+    try:
+        g = resolve_geometry(cell.model)
+    except Exception:
+        return None
+    positions = [cached_positions(r.prompt_toks, r.gen_toks) for r in cell.workload.requests]
+    return kv_bytes_batch(g, positions, dtype, "paged", int(block_size))
+
+
+def _local_or(model: str, served: str | None) -> str:
+    """The tokenizer source when none is given: the cell's model, else the name the server reports."""
+    from pathlib import Path
+
+    if Path(model).expanduser().is_dir() or not served:
+        return model
+    if Path(served).expanduser().is_dir():
+        return served
+    return model

@@ -1,0 +1,101 @@
+"""Where and how the openai backend sends requests: ``HTTPSettings``, built from a cell's options.
+
+The options are checked in two steps. Their form (a URL that is http(s), a known endpoint and server
+flavor, positive timeouts, ``extra_body`` a JSON object) is checked anywhere, the job loader included;
+that the API key's environment variable is set is checked only where requests are sent from, since a job
+planned on one machine runs on workers that may hold the key. The key itself is read from the
+environment when headers are built and is never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvray.errors import KvrayInputError
+from kvray.spec import Cell
+
+ENDPOINTS = ("completions", "chat")
+FLAVORS = ("auto", "vllm", "transformers", "openai")
+
+
+def root_url(base_url: str) -> str:
+    """``http://host:port`` from a base URL given with or without ``/v1``."""
+    url = base_url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise KvrayInputError(f"base URL must start with http:// or https://, got {base_url!r}")
+    return url.removesuffix("/v1")
+
+
+@dataclass
+class HTTPSettings:
+    """Where and how to send requests; built from a cell's options (or by a server-starting backend)."""
+
+    base_url: str
+    endpoint: str = "completions"
+    served_model: str | None = None
+    tokenizer: str | None = None
+    server_flavor: str = "auto"
+    api_key_env: str | None = None
+    timeout_s: float = 300.0
+    metrics_url: str | None = None
+    metrics_interval_s: float = 0.1
+    allow_short_output: bool = False
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_cell(cls, cell: Cell) -> HTTPSettings:
+        """Settings from the cell's options, the API key's variable included (where requests are sent)."""
+        return cls.from_options(cell.option_dict, cell.backend)
+
+    @classmethod
+    def from_options(
+        cls, options: Mapping[str, Any], backend: str = "openai", environment: bool = True
+    ) -> HTTPSettings:
+        """Settings from cell options; ``environment`` also checks that the API key's variable is set."""
+        base_url = options.get("base_url")
+        if not base_url:
+            raise KvrayInputError(
+                f"the {backend} backend needs --base-url: it needs a server URL (option base_url in a job file)"
+            )
+        known = set(cls.__dataclass_fields__) - {"extra_body"}
+        settings = cls(**{k: v for k, v in options.items() if k in known})
+        extra = options.get("extra_body")
+        if extra is not None:  # a JSON object (text on the command line) merged into every request body
+            try:
+                body = json.loads(extra) if isinstance(extra, str) else extra
+            except json.JSONDecodeError:
+                body = None
+            if not isinstance(body, dict):
+                raise KvrayInputError(f"option extra_body must be a JSON object, got {extra!r}")
+            settings.extra_body = body
+        settings.check(environment)
+        return settings
+
+    def check(self, environment: bool = True) -> None:
+        root_url(self.base_url)
+        if self.endpoint not in ENDPOINTS:
+            raise KvrayInputError(f"unknown endpoint {self.endpoint!r} (known: {', '.join(ENDPOINTS)})")
+        if self.server_flavor not in FLAVORS:
+            raise KvrayInputError(f"unknown server flavor {self.server_flavor!r} (known: {', '.join(FLAVORS)})")
+        if float(self.timeout_s) <= 0 or float(self.metrics_interval_s) <= 0:
+            raise KvrayInputError("timeout_s and metrics_interval_s must be positive")
+        if environment and self.api_key_env and self.api_key_env not in os.environ:
+            raise KvrayInputError(f"environment variable {self.api_key_env} (the API key) is not set")
+
+    @property
+    def root(self) -> str:
+        return root_url(self.base_url)
+
+    @property
+    def url(self) -> str:
+        return f"{self.root}/v1/{'chat/completions' if self.endpoint == 'chat' else 'completions'}"
+
+    def headers(self) -> dict[str, str]:
+        """Request headers; the API key is read from the environment here and nowhere else."""
+        if self.api_key_env:
+            return {"Authorization": f"Bearer {os.environ[self.api_key_env]}"}
+        return {}

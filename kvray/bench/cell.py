@@ -1,0 +1,110 @@
+"""``kvray bench``'s one cell: built from plain arguments and checked whole before any model loads, then
+measured in this process and written to the dataset.
+
+Everything a user can get wrong (a backend name, a dtype, a length the model cannot hold, a server URL)
+fails here as one KvrayInputError line, so a bad flag never costs a model load or leaves a half-written
+results folder behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvray.errors import KvrayInputError
+
+if TYPE_CHECKING:
+    from kvray.measure.trace import CellResult
+    from kvray.spec import Cell
+
+
+def bench_cell(
+    model: str,
+    *,
+    prompt_toks: int = 512,
+    gen_toks: int = 64,
+    concurrency: int = 1,
+    mixed: Sequence[int] | None = None,
+    arrival_gap_s: float = 0.0,
+    dtype: str = "bf16",
+    weights: str = "random",
+    device: str = "auto",
+    backend: str = "hf",
+    warmup: int = 1,
+    repeats: int = 3,
+    options: Mapping[str, Any] | None = None,
+) -> Cell:
+    """The Cell ``kvray bench`` measures: ``concurrency`` equal requests, or one request per ``mixed`` prompt
+    length, on ``backend``; validated whole (the backend's own checks included) and returned as it will run."""
+    from kvray.backends import backend_class
+    from kvray.model.kvmath import normalize_dtype
+    from kvray.model.resolve import resolve_geometry
+    from kvray.spec import WEIGHTS, Cell, Workload, make_options
+
+    engine = backend_class(backend)  # an unknown name is one line listing the known ones
+    if weights not in WEIGHTS:
+        raise KvrayInputError(f"unknown --weights {weights!r} (known: {', '.join(WEIGHTS)})")
+    dtype = normalize_dtype(dtype, allow_fp8=False)
+    if arrival_gap_s < 0:
+        raise KvrayInputError(f"--arrival-gap-s must be >= 0, got {arrival_gap_s}")
+    if mixed:
+        workload = Workload.mixed(list(mixed), gen_toks, arrival_gap_s)
+    else:
+        workload = Workload.uniform(concurrency, prompt_toks, gen_toks, arrival_gap_s)
+    try:
+        g = resolve_geometry(model)
+    except KvrayInputError:
+        if engine.needs_model_geometry:  # a server may serve a model kvray cannot resolve
+            raise
+        g = None
+    if g is not None and workload.max_seq_len > g.max_position_embeddings:
+        raise KvrayInputError(
+            f"prompt + generated tokens ({workload.max_seq_len}) exceed {model}'s "
+            f"max_position_embeddings ({g.max_position_embeddings})"
+        )
+    cell = Cell(
+        model=model, workload=workload, backend=backend, dtype=dtype, weights=weights, device=device,
+        warmup=warmup, repeats=repeats, options=make_options(**dict(options or {})),
+    )  # fmt: skip
+    return validate_backend_options(cell)
+
+
+def validate_backend_options(cell: Cell) -> Cell:
+    """THE call site for per-backend checks of a cell run in this process (``kvray bench``): its options'
+    form, plus what this machine must have for it (a server URL, a vLLM python, an API key's variable, a
+    device). Each backend class answers for itself (``check_cell``); returns the cell as it will run (the
+    hf backend pins ``device="auto"`` to the device it resolves to)."""
+    from kvray.backends import check_cell
+
+    return check_cell(cell)
+
+
+@dataclass(frozen=True)
+class BenchRecord:
+    """A measured cell and where it was written."""
+
+    result: CellResult
+    output_dir: Path
+    cell_json: Path  # cell_<id>.json: the whole result, traces included
+    added: bool  # False: the dataset already had this cell_id, and keeps its earlier row
+
+
+def measure_and_record(cell: Cell, output_dir: str | Path, check_oom: bool = True) -> BenchRecord:
+    """Run ``cell`` on a fresh backend in this process (no Ray), append its row to the dataset in
+    ``output_dir`` and write ``cell_<id>.json`` beside it."""
+    from kvray.backends import get_backend
+    from kvray.bench.runner import run_cell
+    from kvray.data.store import DatasetWriter, write_json_atomic
+
+    engine = get_backend(cell.backend)
+    try:
+        result = run_cell(engine, cell, check_oom=check_oom)
+    finally:
+        engine.close()
+    out_dir = Path(output_dir)
+    added = DatasetWriter(out_dir).append(result)
+    cell_json = out_dir / f"cell_{result.cell_id}.json"
+    write_json_atomic(cell_json, result.to_dict())
+    return BenchRecord(result, out_dir, cell_json, added)

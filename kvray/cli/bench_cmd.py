@@ -1,0 +1,68 @@
+"""``kvray bench``: one cell measured in this process, no Ray — the GPU-box path (kvray/bench/cell.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kvray.cli import render
+from kvray.cli.options import (
+    ApiKeyEnvOpt,
+    BaseUrlOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GenOpt,
+    HostOpt,
+    JsonOpt,
+    ModelOpt,
+    OptionOpt,
+    PromptToksOpt,
+    VllmPythonOpt,
+    WeightsOpt,
+    comma_ints,
+    parse_option_pairs,
+    server_options,
+)
+
+
+def bench(
+    model: ModelOpt = "facebook/opt-1.3b",
+    prompt_toks: PromptToksOpt = 512,
+    gen_toks: GenOpt = 64,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests in the batch")] = 1,
+    mixed: Annotated[str | None, typer.Option("--mixed", help="mixed prompt lengths, e.g. 128,128,4096")] = None,
+    arrival_gap_s: Annotated[float, typer.Option("--arrival-gap-s", help="seconds between arrivals")] = 0.0,
+    dtype: DtypeOpt = "bf16",
+    weights: WeightsOpt = "random",
+    device: DeviceOpt = "auto",
+    backend: Annotated[
+        str, typer.Option("--backend", help="hf | hf-paged | vllm | openai | ollama | synthetic | sim")
+    ] = "hf",
+    warmup: Annotated[int, typer.Option("--warmup", help="unmeasured runs first")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", help="measured runs")] = 3,
+    option: OptionOpt = None,
+    vllm_python: VllmPythonOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    host: HostOpt = None,
+    no_check_oom: Annotated[bool, typer.Option("--no-check-oom", help="run even when OOM risk is high")] = False,
+    output: Annotated[str, typer.Option("--output", help="results folder")] = "results",
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure one cell in-process (no Ray): latency, throughput, memory and KV; writes the dataset."""
+    from kvray.bench.cell import bench_cell, measure_and_record
+
+    options = parse_option_pairs([*(option or []), *server_options(vllm_python, base_url, api_key_env, host)])
+    cell = bench_cell(
+        model, prompt_toks=prompt_toks, gen_toks=gen_toks, concurrency=concurrency,
+        mixed=comma_ints("--mixed", mixed) if mixed else None, arrival_gap_s=arrival_gap_s, dtype=dtype,
+        weights=weights, device=device, backend=backend, warmup=warmup, repeats=repeats, options=options,
+    )  # fmt: skip
+    record = measure_and_record(cell, output, check_oom=not no_check_oom)
+    if as_json:
+        render.print_json(render.bench_json(record))
+    else:
+        render.bench_result(record)
+    if record.result.status != "ok":
+        raise typer.Exit(1)

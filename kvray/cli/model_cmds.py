@@ -1,0 +1,139 @@
+"""Commands that answer from arithmetic alone, nothing measured: info, env, check, predict, calibrate.
+
+None of them needs torch, transformers or ray (tests check that ``info`` and ``predict`` never load them).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kvray.cli import render
+from kvray.cli.options import DtypeOpt, JsonOpt, KvDtypeOpt, ModelArg
+from kvray.errors import KvrayInputError
+
+
+def info(model: ModelArg, dtype: DtypeOpt = "bf16", as_json: JsonOpt = False) -> None:
+    """Geometry, parameters, weight bytes and KV bytes per token of MODEL, and how much KV fits per GPU."""
+    from kvray.model.kvmath import normalize_dtype
+    from kvray.model.oom import model_summary
+    from kvray.model.resolve import resolve_geometry
+
+    dtype = normalize_dtype(dtype)  # a bad dtype fails before the model is looked up
+    g = resolve_geometry(model)
+    summary = model_summary(g, dtype)
+    if as_json:
+        render.print_json(summary)
+    else:
+        render.model_info(g, summary)
+
+
+def env(as_json: JsonOpt = False) -> None:
+    """Platform, Python, CUDA driver, GPUs (NVML, torch fallback) and library versions."""
+    import sys
+
+    from kvray.hardware.env import collect_environment, format_banner
+
+    environment = collect_environment()
+    if as_json:
+        render.print_json(environment.to_dict())
+    else:
+        sys.stdout.write(format_banner(environment) + "\n")
+
+
+def check(
+    model: ModelArg,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="concurrent sequences")] = 1,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="cached tokens per sequence (prompt + generated)")] = 2048,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="GPU name (default: this machine's)")] = None,
+    dtype: DtypeOpt = "bf16",
+    kv_dtype: KvDtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """OOM risk of CONCURRENCY sequences of SEQ_LEN tokens: weights + KV + activations vs memory."""
+    from kvray.model.oom import check_oom_risk
+
+    risk = check_oom_risk(model, concurrency, seq_len, dtype=dtype, gpu=gpu, kv_dtype=kv_dtype)
+    if as_json:
+        render.print_json(risk)
+    else:
+        render.oom_risk(risk)
+
+
+def _gpu_names(text: str) -> list[str]:
+    """``--gpu H100,L4`` → canonical GPU names; ``all`` → every GPU kvray knows."""
+    from kvray.hardware.gpus import GPUS, get_gpu
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise KvrayInputError("--gpu needs at least one GPU name")
+    if any(n.lower() == "all" for n in names):
+        return list(GPUS)
+    return [get_gpu(n).name for n in names]
+
+
+def predict(
+    model: ModelArg,
+    gpu: Annotated[str, typer.Option("--gpu", help="GPU name(s), comma-separated, or 'all'")] = "H100-SXM",
+    concurrency: Annotated[
+        list[int], typer.Option("--concurrency", "-c", help="concurrent requests: --concurrency 1 2 4 8")
+    ] = [1],  # noqa: B006 - typer reads the default, never mutates it
+    prompt_toks: Annotated[list[int], typer.Option("--prompt-toks", help="prompt tokens: 512 1024 …")] = [512],  # noqa: B006
+    gen_toks: Annotated[list[int], typer.Option("--gen-toks", help="generated tokens per request")] = [64],  # noqa: B006
+    dtype: DtypeOpt = "bf16",
+    kv_dtype: KvDtypeOpt = None,
+    layout: Annotated[str, typer.Option("--layout", help="hf (static, padded) | paged (vLLM blocks)")] = "hf",
+    block_size: Annotated[int, typer.Option("--block-size", help="paged KV block size in tokens")] = 16,
+    no_calibration: Annotated[bool, typer.Option("--no-calibration", help="ignore calibrated η")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Predict TTFT, TPOT, E2E, tokens/s, peak memory and OOM for each cell on each GPU — no GPU needed."""
+    from kvray.hardware.gpus import get_gpu
+    from kvray.model.kvmath import LAYOUTS, normalize_dtype
+    from kvray.model.resolve import resolve_geometry
+    from kvray.sim.simulate import Efficiency, efficiency_for, predict_cell
+
+    if layout not in LAYOUTS:
+        raise KvrayInputError(f"unknown --layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    for flag, values in (("--concurrency", concurrency), ("--prompt-toks", prompt_toks), ("--gen-toks", gen_toks)):
+        if any(v <= 0 for v in values):
+            raise KvrayInputError(f"{flag} values must be positive, got {' '.join(map(str, values))}")
+    if block_size <= 0:
+        raise KvrayInputError(f"--block-size must be positive, got {block_size}")
+    dtype = normalize_dtype(dtype)
+    kv_dtype = normalize_dtype(kv_dtype or dtype)
+    gpus = _gpu_names(gpu)
+    g = resolve_geometry(model)
+    effs = {name: Efficiency() if no_calibration else efficiency_for(get_gpu(name), layout) for name in gpus}
+    # LEAD: the grid below is the library's work; a `predict_grid` in kvray/sim would make this one call.
+    rows = [
+        predict_cell(g, name, c, p, n, dtype, kv_dtype, layout, block_size, effs[name])
+        for name in gpus
+        for p in prompt_toks
+        for n in gen_toks
+        for c in concurrency
+    ]
+    if as_json:
+        render.print_json({"model": g.name, "efficiency": {name: eff.describe() for name, eff in effs.items()},
+                           "predictions": [p.to_dict() for p in rows]})  # fmt: skip
+    else:
+        render.predictions(f"Predicted: {g.name}, {dtype} (KV {kv_dtype}, {layout} layout)", rows, effs)
+
+
+def calibrate(
+    results_dir: Annotated[str, typer.Argument(help="a results folder with measured cells (cells.jsonl)")],
+    out: Annotated[str | None, typer.Option("--out", help="calibration file (default $KVRAY_CALIBRATION)")] = None,
+    include_simulated: Annotated[
+        bool, typer.Option("--include-simulated", help="also fit rows from the sim backend")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit η_compute, η_memory (and a per-layer overhead) per GPU from measured cells; predictions use them."""
+    from kvray.analysis.calibrate import calibrate as fit
+
+    fits, path = fit(results_dir, out=out, include_simulated=include_simulated)
+    if as_json:
+        render.print_json({"path": str(path), "fits": [f.to_entry(results_dir) for f in fits]})
+    else:
+        render.calibration(results_dir, fits, path)

@@ -1,0 +1,223 @@
+"""Flags declared once: the option types every command shares, the exp commands' common flags, list parsing.
+
+The four exp commands take the same ~18 flags (model, dtypes, hardware, where to run, what to print);
+``ExperimentFlags`` declares them once as a dataclass whose fields are Typer options, and
+``experiment_command`` adds them to a command's own flags, so ``exp1`` declares only its workload.
+Nothing here imports rich, pandas, torch or ray: this module is read on every ``kvray`` start.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import re
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from kvray.errors import KvrayInputError
+
+if TYPE_CHECKING:
+    from kvray.plan.experiments import Common
+    from kvray.sweep.submit import RunSettings
+
+# --- option types shared by several commands ----------------------------------------------------------
+
+ModelArg = Annotated[str, typer.Argument(help="HF id, bundled id or local directory with config.json")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="HF id, bundled id or local directory")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16 (| fp8 for KV figures)")]
+KvDtypeOpt = Annotated[str | None, typer.Option("--kv-dtype", help="KV dtype if not --dtype")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
+PromptToksOpt = Annotated[int, typer.Option("--prompt-toks", help="prompt tokens per request")]
+GenOpt = Annotated[int, typer.Option("--gen-toks", help="generated tokens per request")]
+WeightsOpt = Annotated[str, typer.Option("--weights", help="random (no download) | pretrained")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+OptionOpt = Annotated[list[str] | None, typer.Option("--option", help="backend option KEY=VALUE (repeatable)")]
+NoPlotsOpt = Annotated[bool, typer.Option("--no-plots", help="skip the figures and report at the end")]
+ResultsDirArg = Annotated[str, typer.Argument(help="a results folder (cells.jsonl from kvray run / exp / bench)")]
+BackendsOpt = Annotated[
+    list[str] | None, typer.Option("--backend", help="backend(s), space-separated: hf | sim | synthetic … (default hf)")
+]
+
+# The server backends' flags (kvray bench and exp4); each becomes a backend option of the same name.
+VllmPythonOpt = Annotated[
+    str | None, typer.Option("--vllm-python", help="Python of a vLLM install (default: $KVRAY_VLLM_PYTHON, this one)")
+]
+BaseUrlOpt = Annotated[
+    str | None, typer.Option("--base-url", help="openai backend: server URL, e.g. http://127.0.0.1:8000")
+]
+ApiKeyEnvOpt = Annotated[
+    str | None, typer.Option("--api-key-env", help="openai backend: environment variable holding the API key")
+]
+HostOpt = Annotated[str | None, typer.Option("--host", help="ollama backend: server URL, e.g. http://127.0.0.1:11434")]
+
+
+def server_options(vllm_python: str | None, base_url: str | None, api_key_env: str | None,
+                   host: str | None) -> list[str]:  # fmt: skip
+    """The server flags as --option KEY=VALUE pairs (the API key's *name* only; its value never leaves the env)."""
+    pairs = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
+    return [f"{k}={v}" for k, v in pairs.items() if v]
+
+
+def parse_option_pairs(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` values as backend options, sorted by key, None dropped; a value is read as JSON
+    when it parses (numbers, true, null), else kept as text."""
+    from kvray.spec import make_options
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise KvrayInputError(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return dict(make_options(**options))
+
+
+def comma_ints(flag: str, text: str) -> list[int]:
+    """``128,128,4096`` → [128, 128, 4096]; anything else is one line naming ``flag``."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KvrayInputError(f"{flag} expects comma-separated prompt lengths, got {text!r}") from None
+
+
+def split_values(values: Sequence[str] | None) -> list[str]:
+    """A list flag's values with commas split too: ``["hf,sim", "vllm"]`` → ["hf", "sim", "vllm"]."""
+    return [v for item in values or [] for v in item.split(",") if v]
+
+
+# --- list flags: `--concurrency 1 2 4 8`, as the seed's argparse CLI took them ---------------------------
+
+
+def expand_space_lists(command: Any, args: list[str]) -> list[str]:
+    """Let each multiple-value option of ``command`` take every value after one flag, as the seed's
+    ``--concurrency 1 2 4 8`` does: rewritten to ``--concurrency 1 --concurrency 2 …`` for click, which also
+    keeps repeated flags working. Commas split values too (``--concurrency 1,2,4``)."""
+    names = {o for p in command.params if getattr(p, "multiple", False) for o in getattr(p, "opts", [])}
+    out: list[str] = []
+    flag: str | None = None  # the list option whose values are being read
+    given = 0  # values seen for it
+    for tok in [*args, None]:
+        if flag is not None and tok is not None and (not tok.startswith("-") or re.fullmatch(r"-\d+(\.\d+)?", tok)):
+            out += [x for value in tok.split(",") if value for x in (flag, value)]
+            given += 1
+            continue
+        if flag is not None and not given:
+            out.append(flag)  # a list flag without a value: click reports it
+        flag, given = None, 0
+        if tok is None:
+            break
+        name, eq, value = tok.partition("=")
+        if name in names and tok != "--":
+            flag = name
+            if eq:
+                out += [x for v in value.split(",") if v for x in (flag, v)]
+                given = 1
+            continue
+        out.append(tok)
+    return out
+
+
+class SpaceListCommand(typer.core.TyperCommand):
+    """A command whose multiple-value options take space-separated values after one flag."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, expand_space_lists(self, list(args)))
+
+
+# --- the exp commands' shared flags ---------------------------------------------------------------------
+
+HardwareOpt = Annotated[
+    list[str] | None,
+    typer.Option("--hardware", help="any (default) | each (every GPU type in the cluster) | GPU types: H100 A100"),
+]
+OutputDirOpt = Annotated[
+    str | None, typer.Option("--output-dir", "--output", help="results folder (default results/<exp>-<model>)")
+]
+AddressOpt = Annotated[
+    str,
+    typer.Option(
+        "--address", help="Ray: local (default) | auto | ray://host:port | http://HOST:8265 (Jobs API, remote)"
+    ),
+]
+ClusterOpt = Annotated[
+    str | None, typer.Option("--cluster", help="Ray cluster-launcher file: run there (kvray launch), fetch the data")
+]
+
+
+@dataclass(frozen=True)
+class ExperimentFlags:
+    """Every flag the exp commands share, declared once: each field is the Typer option it is parsed from.
+
+    ``experiment_command`` puts these options on a command (``--model`` first, then the command's own,
+    then the rest in this order) and hands the command one ExperimentFlags."""
+
+    model: ModelOpt = "facebook/opt-1.3b"
+    dtype: DtypeOpt = "bf16"
+    kv_dtype: KvDtypeOpt = None
+    weights: WeightsOpt = "random"
+    hardware: HardwareOpt = None
+    device: DeviceOpt = "auto"
+    warmup: Annotated[int, typer.Option("--warmup", help="unmeasured runs per cell first")] = 1
+    repeats: Annotated[int, typer.Option("--repeats", help="measured runs per cell")] = 3
+    option: OptionOpt = None
+    output_dir: OutputDirOpt = None
+    address: AddressOpt = "local"
+    cluster: ClusterOpt = None
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the cells and their predicted memory; run nothing")
+    ] = False
+    as_json: JsonOpt = False
+    no_plots: NoPlotsOpt = False
+    no_check_oom: Annotated[bool, typer.Option("--no-check-oom", help="run cells even when OOM risk is high")] = False
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log what each stage does")] = False
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="live progress table")] = True
+
+    def common(self, backends: Sequence[str] | None, default_backends: Sequence[str] = ("hf",),
+               extra_options: Sequence[str] = ()) -> Common:  # fmt: skip
+        """What every experiment's job is built from: these flags, the command's backends and any options
+        its own flags add (exp4's server flags)."""
+        from kvray.plan.experiments import Common, hardware_arg
+
+        return Common(
+            model=self.model, backends=split_values(backends) or list(default_backends), dtype=self.dtype,
+            kv_dtype=self.kv_dtype, weights=self.weights, device=self.device, hardware=hardware_arg(self.hardware),
+            warmup=self.warmup, repeats=self.repeats, options=parse_option_pairs([*(self.option or []), *extra_options]),
+        )  # fmt: skip
+
+    def run_settings(self) -> RunSettings:
+        """Where the job runs and where its dataset goes."""
+        from kvray.sweep.submit import RunSettings
+
+        return RunSettings(output_dir=self.output_dir, address=self.address, cluster=self.cluster,
+                           check_oom=not self.no_check_oom, progress=self.progress)  # fmt: skip
+
+
+def experiment_command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func(flags: ExperimentFlags, **own_options)`` as a Typer command taking ExperimentFlags' options
+    beside its own: Typer reads the returned function's signature, which lists both."""
+    hints = typing.get_type_hints(ExperimentFlags, include_extras=True)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    shared = [inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name])
+              for f in fields(ExperimentFlags)]  # fmt: skip
+    own = [p.replace(kind=keyword) for p in list(inspect.signature(func, eval_str=True).parameters.values())[1:]]
+    if clash := {p.name for p in own} & {p.name for p in shared}:
+        raise TypeError(f"{func.__name__} redeclares shared experiment flags: {', '.join(sorted(clash))}")
+    params = [shared[0], *own, *shared[1:]]  # --model leads, as it always has
+    shared_names = [p.name for p in shared]
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> Any:
+        flags = ExperimentFlags(**{name: kwargs.pop(name) for name in shared_names})
+        return func(flags, **kwargs)
+
+    command.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command

@@ -1,0 +1,292 @@
+"""Everything the CLI prints: rich tables and lines for people, JSON for scripts.
+
+Commands hand finished results here; nothing in this module computes a number. rich is imported inside
+each function, so ``kvray --help`` and every ``--json`` path never load it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kvray.units import human_bytes
+
+RISK_COLOURS = {"low": "green", "medium": "yellow", "high": "red"}
+
+
+def console(min_width_when_piped: int | None = None) -> Any:
+    """A rich Console; writing to a file or pipe, at least ``min_width_when_piped`` columns so wide tables
+    keep every column."""
+    from rich.console import Console
+
+    out = Console()
+    if min_width_when_piped and not out.is_terminal:
+        out.width = max(out.width, min_width_when_piped)
+    return out
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def line(text: str, soft_wrap: bool = False) -> None:
+    """One line for people (rich markup and highlighting apply; ``soft_wrap`` keeps a long path unbroken)."""
+    console().print(text, soft_wrap=soft_wrap)
+
+
+def simple_table(title: str, columns: Sequence[str], left: Sequence[str]) -> Any:
+    """A compact table whose ``left`` columns are left-aligned and the rest right-aligned (numbers)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    return table
+
+
+# --- model facts: info, check -------------------------------------------------------------------------
+
+
+def model_info(g: Any, summary: dict[str, Any]) -> None:
+    """``kvray info``: the geometry table and the KV-fit table per GPU."""
+    from rich.table import Table
+
+    from kvray.hardware.gpus import GPUS
+    from kvray.model.oom import KV_FIT_MEMORY_FRACTION
+
+    table = Table(title=f"{g.name} ({summary['dtype']})", show_header=False)
+    attention = g.attention.upper() + (f", sliding window {g.sliding_window}" if g.sliding_window else "")
+    per_token = summary["kv_bytes_per_token"]
+    rows = [
+        ("family", g.model_type),
+        ("layers × hidden", f"{g.num_layers} × {g.hidden_size}"),
+        ("attention", f"{attention}: {g.num_attention_heads} heads, {g.num_kv_heads} KV heads × {g.head_dim}"),
+        ("max positions", f"{g.max_position_embeddings:,}"),
+        ("parameters", f"{g.params:,} ({g.params / 1e9:.2f} B)"),
+        ("weights", human_bytes(summary["weights_bytes"])),
+        ("KV per token (hf)", human_bytes(per_token)),
+        ("KV per token (paged)", human_bytes(summary["kv_bytes_per_token_paged"])),
+        ("KV per 1k tokens", human_bytes(per_token * 1000)),
+    ]
+    if g.kv_lora_rank is not None:
+        rows.insert(3, ("MLA latent", f"kv_lora_rank {g.kv_lora_rank} + rope {g.qk_rope_head_dim}"))
+    if g.is_moe:
+        rows.insert(5, ("active parameters", f"{g.active_params:,}"))
+    for key, value in rows:
+        table.add_row(key, value)
+    fit_table = Table(title=f"KV tokens that fit beside the weights ({KV_FIT_MEMORY_FRACTION:.0%} of memory)")
+    fit_table.add_column("GPU")
+    fit_table.add_column("memory", justify="right")
+    fit_table.add_column("KV tokens", justify="right")
+    for name, tokens in summary["kv_tokens_fitting_beside_weights"].items():
+        fit_table.add_row(name, f"{GPUS[name].memory_gib:g} GiB", f"{tokens:,}" if tokens else "weights do not fit")
+    out = console()
+    out.print(table)
+    out.print(fit_table)
+
+
+def oom_risk(risk: dict[str, Any]) -> None:
+    """``kvray check``: the memory budget, the risk level and what to do about it."""
+    from rich.table import Table
+
+    seq_len = risk["seq_len"]
+    table = Table(title=f"OOM risk: {risk['model']}, {risk['concurrency']} × {seq_len} tokens, {risk['dtype']}")
+    table.add_column("item")
+    table.add_column("GiB", justify="right")
+    for key in ("weights_gb", "kv_gb", "activation_gb", "overhead_gb", "total_estimated_gb", "available_gb"):
+        table.add_row(key.removesuffix("_gb").replace("_", " "), f"{risk[key]:.2f}")
+    out = console()
+    out.print(table)
+    colour = RISK_COLOURS[risk["risk_level"]]
+    out.print(f"risk: [bold {colour}]{risk['risk_level']}[/] ({risk['fraction_of_available']:.0%} of {risk['device']})")
+    out.print(f"max concurrency at {seq_len} tokens: {risk['max_concurrency']}")
+    for rec in risk["recommendations"]:
+        out.print(f"  • {rec}")
+
+
+# --- bench: one measured cell ---------------------------------------------------------------------------
+
+
+def bench_json(record: Any) -> dict[str, Any]:
+    """``kvray bench --json``: the result's headline fields and where it was written."""
+    data = record.result.to_dict()
+    keys = ("cell_id", "status", "reason", "metrics", "memory", "hardware")
+    return {**{k: data[k] for k in keys}, "output": str(record.output_dir), "cell_json": str(record.cell_json)}
+
+
+def bench_result(record: Any) -> None:
+    """``kvray bench``: latency percentiles, throughput and memory, the status and the files written."""
+    result = record.result
+    out = console()
+    if result.metrics:
+        for table in _bench_tables(result):
+            out.print(table)
+    colour = "green" if result.status == "ok" else "red"
+    out.print(f"status: [bold {colour}]{result.status}[/]" + (f" — {result.reason}" if result.reason else ""))
+    note = "" if record.added else " (this cell_id was already in cells.jsonl: the earlier row is kept there)"
+    out.print(f"wrote {record.cell_json} and {record.output_dir / 'cells.jsonl'}{note}")
+
+
+def _bench_tables(result: Any) -> tuple[Any, Any]:
+    from rich.table import Table
+
+    m, mem = result.metrics, result.memory
+    table = Table(title=f"{result.cell.label()} on {result.hardware.get('name', 'cpu')} — cell {result.cell_id}")
+    table.add_column("latency (ms)")
+    stats = ("mean", "p50", "p90", "p99", "max")
+    for col in stats:
+        table.add_column(col, justify="right")
+    for name in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s"):
+        if f"{name}_mean" in m:
+            table.add_row(name.removesuffix("_s").upper(), *(f"{m[f'{name}_{s}'] * 1e3:,.2f}" for s in stats))
+    facts = Table(show_header=False, title="throughput and memory")
+    if m:
+        facts.add_row("output tokens/s", f"{m['output_tps']:,.1f} ± {m['output_tps_std']:,.1f}")
+        facts.add_row("total tokens/s", f"{m['total_tps']:,.1f}")
+        facts.add_row("requests/s", f"{m['rps']:,.2f}")
+        facts.add_row("requests ok / all", f"{m['requests_ok']} / {m['requests']}")
+    for key in ("weights_bytes", "baseline_bytes", "peak_allocated_bytes", "peak_reserved_bytes",
+                "nvml_peak_used_bytes", "rss_peak_bytes", "kv_measured_bytes", "kv_predicted_bytes"):  # fmt: skip
+        if mem.get(key) is not None:
+            facts.add_row(key.removesuffix("_bytes").replace("_", " "), human_bytes(mem[key]))
+    if mem.get("kv_rel_error") is not None:
+        facts.add_row("KV measured vs predicted", f"{mem['kv_rel_error']:+.2%}")
+    return table, facts
+
+
+# --- the simulator: predict, calibrate -----------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    value = seconds * 1e3
+    if value != value:  # NaN: TPOT of a single generated token
+        return "-"
+    return f"{value:.2f}" if value < 10 else f"{value:,.1f}" if value < 1e3 else f"{value:,.0f}"
+
+
+def predictions(title: str, rows: list[Any], efficiencies: dict[str, Any]) -> None:
+    """``kvray predict``: one row per cell and GPU, then the efficiencies each GPU was predicted with."""
+    from kvray.hardware.gpus import get_gpu
+
+    columns = ("GPU", "c", "prompt", "gen", "TTFT", "TPOT", "E2E", "tok/s", "GiB", "fits", "bound")
+    table = simple_table(title, columns, left=("GPU", "fits", "bound"))
+    table.collapse_padding = True
+    roof = {"compute": "C", "memory": "M", "overhead": "O", "": "-"}
+    for p in rows:
+        table.add_row(
+            p.gpu, str(p.concurrency), str(p.prompt_toks), str(p.gen_toks), _ms(p.ttft_s), _ms(p.tpot_s),
+            f"{p.e2e_s:.3g}", f"{p.output_tps:,.0f}", f"{p.total_bytes / 2**30:.1f}", "yes" if p.fits else "[red]OOM[/]",
+            f"{roof[p.prefill_bound]}/{roof[p.decode_bound]}",
+        )  # fmt: skip
+    out = console(min_width_when_piped=120)
+    out.print(table)
+    for name, eff in efficiencies.items():
+        out.print(f"{name} ({get_gpu(name).memory_gib:g} GiB): {eff.describe()}")
+    out.print("TTFT, TPOT in ms; E2E in s; GiB = predicted peak (weights + KV + activations + runtime)")
+    out.print("bound = the roof limiting prefill/decode: C compute, M memory, O overhead (docs/simulator.md)")
+
+
+def calibration(results_dir: str, fits: list[Any], path: Any) -> None:
+    """``kvray calibrate``: the fitted η per GPU and layout, and the prediction error before → after."""
+
+    def err(d: dict[str, float], kind: str) -> str:
+        return f"{d[kind]:.1%}" if kind in d else "—"
+
+    columns = ("GPU", "layout", "rows", "η_compute", "η_memory", "µs/layer", "TTFT err", "TPOT err")
+    table = simple_table(f"Calibration from {results_dir}", columns, left=("GPU", "layout"))
+    for f in fits:
+        mark = {roof: "" if ok else " (not identified)" for roof, ok in f.identified.items()}
+        table.add_row(
+            f.gpu,
+            f.layout,
+            str(f.rows),
+            f"{f.eta_compute:.3f}{mark['compute']}",
+            f"{f.eta_memory:.3f}{mark['memory']}",
+            f"{f.layer_overhead_s * 1e6:.3g}{mark['overhead']}",
+            f"{err(f.median_abs_rel_error_before, 'ttft')} → {err(f.median_abs_rel_error_after, 'ttft')}",
+            f"{err(f.median_abs_rel_error_before, 'tpot')} → {err(f.median_abs_rel_error_after, 'tpot')}",
+        )
+    out = console(min_width_when_piped=120)
+    out.print(table)
+    out.print("µs/layer: fixed cost per layer per forward pass; err: median |relative error|, default η → fitted")
+    out.print(f"saved to {path}")
+
+
+# --- sweeps: dry run, run summary ----------------------------------------------------------------------
+
+
+def dry_run(job_name: str, rows: list[dict[str, Any]]) -> None:
+    """``kvray expN --dry-run``: each cell with the memory the pre-flight check predicts, and its risk."""
+    from rich.table import Table
+
+    table = Table(title=f"{job_name}: {len(rows)} cells (dry run — predicted memory, nothing runs)")
+    for col in ("cell", "backend", "hardware", "c", "prompt", "gen", "weights GiB", "KV GiB", "act GiB",
+                "total GiB", "of GiB", "risk"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("cell", "backend", "hardware", "risk") else "right")
+    for r in rows:
+        table.add_row(r["cell_id"], r["backend"], r["hardware"] if r["hardware"] != "any" else r["device"],
+                      str(r["concurrency"]), str(r["prompt_toks"]), str(r["gen_toks"]), f"{r['weights_gb']:.2f}",
+                      f"{r['kv_gb']:.3f}", f"{r['activation_gb']:.3f}", f"{r['total_estimated_gb']:.2f}",
+                      f"{r['available_gb']:.1f}", f"[{RISK_COLOURS[r['risk_level']]}]{r['risk_level']}[/]")  # fmt: skip
+    out = console(min_width_when_piped=130)
+    out.print(table)
+    out.print("high risk cells are refused at run time unless --no-check-oom (the pre-flight check)")
+
+
+def run_summary(job_name: str, counts: dict[str, int], record: dict[str, Any], out_dir: Any,
+                failed: list[dict[str, Any]]) -> None:  # fmt: skip
+    """``kvray run``: cells per status, what ran now, and the first failures' reasons."""
+    from rich.table import Table
+
+    table = Table(title=f"{job_name}: {sum(counts.values())} cells")
+    table.add_column("status")
+    table.add_column("cells", justify="right")
+    colours = {"ok": "green", "oom": "yellow", "skipped_after_oom": "yellow", "refused": "yellow", "error": "red"}
+    for status, n in counts.items():
+        table.add_row(f"[{colours.get(status, 'white')}]{status}[/]", str(n))
+    out = console()
+    out.print(table)
+    out.print(
+        f"{record.get('cells_to_run', 0)} run now, {record.get('cells_already_done', 0)} already done, "
+        f"{record.get('wall_s', 0.0):.1f} s → {out_dir}"
+    )
+    for r in failed:
+        out.print(f"  {r['status']} {r['cell_id']}: {r.get('reason') or ''}", markup=False)
+
+
+def experiment_summary(job_name: str, counts: dict[str, int], out_dir: Any) -> None:
+    """The exp commands' last line: cells per status and where the dataset is."""
+    done = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no cells"
+    console().print(f"{job_name}: {done} → {out_dir}")
+
+
+# --- figures, findings, report ------------------------------------------------------------------------
+
+
+def figures(results: list[Any]) -> None:
+    """One line per figure drawn (or what it lacks), then where they went."""
+    out = console()
+    for r in results:
+        what = "empty — " + "; ".join(r.notes[:1]) if r.empty else f"{len(r.series)} series"
+        if r.oom_markers:
+            what += f", {r.oom_markers} OOM cell(s) marked"
+        out.print(f"  {r.name}: {what}", highlight=False)
+    if results:
+        out.print(f"wrote {len(results)} figures (PNG 300 dpi + SVG) to {results[0].paths[0].parent}")
+
+
+def findings(items: list[Any]) -> None:
+    out = console()
+    for f in items:
+        out.print(f"  • {f.text}", highlight=False, soft_wrap=True)
+
+
+def warning(text: str) -> None:
+    sys.stderr.write(f"kvray: warning: {text}\n")
+
+
+def note(text: str) -> None:
+    sys.stderr.write(f"kvray: note: {text}\n")

@@ -1,0 +1,227 @@
+"""Commands that run sweeps on Ray: ``run`` (a job file), ``exp1``–``exp4`` (the seed's experiments as jobs)
+and ``launch`` (a job on a remote cluster). Each ends with figures and the report unless ``--no-plots``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from kvray.cli import render
+from kvray.cli.options import (
+    ApiKeyEnvOpt,
+    BackendsOpt,
+    BaseUrlOpt,
+    ExperimentFlags,
+    GenOpt,
+    HostOpt,
+    NoPlotsOpt,
+    PromptToksOpt,
+    VllmPythonOpt,
+    experiment_command,
+    server_options,
+)
+from kvray.errors import KvrayInputError
+
+if TYPE_CHECKING:
+    from kvray.plan.job import Job
+
+
+def make_all_after_run(output_dir: str | Path) -> None:
+    """Figures and report at the end of a run; a failure here never loses the run's data."""
+    try:
+        from kvray.report import make_all
+
+        paths = make_all(output_dir)
+    except Exception as exc:  # the dataset is written: say what failed and how to retry
+        render.warning(f"figures/report failed ({type(exc).__name__}: {exc}); retry with `kvray report {output_dir}`")
+        return
+    render.findings(paths.findings)
+    render.line(
+        f"figures in {paths.markdown.parent / 'figures'}; report {paths.markdown} and {paths.html}", soft_wrap=True
+    )
+
+
+def run(
+    job_file: Annotated[str, typer.Argument(help="job file, e.g. jobs/quickstart.yaml")],
+    address: Annotated[
+        str, typer.Option("--address", help="local (start Ray here) | auto (join this machine's) | ray://host:port")
+    ] = "local",
+    output: Annotated[str | None, typer.Option("--output", help="results folder (default results/<job name>)")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume/--no-resume", help="skip cells already in the folder (default); --no-resume refuses it"),
+    ] = True,
+    dashboard: Annotated[bool, typer.Option("--dashboard", help="start Ray's dashboard on 127.0.0.1")] = False,
+    check_oom: Annotated[
+        bool, typer.Option("--check-oom/--no-check-oom", help="refuse cells predicted not to fit (default)")
+    ] = True,
+    no_plots: NoPlotsOpt = False,
+) -> int:
+    """Run JOB_FILE's sweep on Ray: a worker per GPU (or CPU) holding its model, rows streaming into one dataset."""
+    from kvray.plan.job import load_job
+
+    job = load_job(job_file)  # a bad file is one line, before Ray starts
+    from kvray.sweep import SweepError, last_run, run_job, status_counts
+
+    try:
+        out = run_job(job, output, address=address, resume=resume, check_oom=check_oom, dashboard=dashboard)
+    except SweepError as exc:
+        sys.stderr.write(f"kvray: sweep stopped: {exc}\n")
+        return 1
+    from kvray.data.store import read_results
+
+    counts = status_counts(out, job)
+    failed = [r for r in read_results(out) if r["status"] in ("error", "oom")][:5]
+    render.run_summary(job.name, counts, last_run(out), out, failed)
+    if not no_plots:
+        make_all_after_run(out)
+    return 1 if counts.get("error") else 0
+
+
+def launch(
+    job: Annotated[str, typer.Option("--job", help="job file to run on the cluster")],
+    cluster: Annotated[
+        str | None, typer.Option("--cluster", help="Ray cluster-launcher file: brought up (idempotent) first")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="dashboard URL of an existing cluster, http://HOST:8265")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="local results folder (default results/<job name>)")
+    ] = None,
+    down: Annotated[bool, typer.Option("--down", help="tear the --cluster down afterwards")] = False,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", help="give up (and stop the job) after this long")
+    ] = 3600.0,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="skip figures and report at the end")] = False,
+) -> int:
+    """Run JOB on a Ray cluster through the Jobs API and bring its dataset back here."""
+    from kvray.plan.job import load_job
+    from kvray.sweep.launch import launch as launch_job
+
+    out = output or f"results/{load_job(job).name}"
+    status, files = launch_job(job, out, address=address, cluster=cluster, down=down, timeout_s=timeout_s,
+                               log=sys.stdout.write)  # fmt: skip
+    render.line(f"job {status}: {len(files)} files in {out}")
+    if not no_plots:
+        make_all_after_run(out)
+    return 0 if status.endswith("SUCCEEDED") else 1
+
+
+# --- exp1–exp4: a job built from flags, then the same path as `kvray run` (or a remote cluster) ---------
+
+
+def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = None) -> None:
+    """Dry run: the cells and their predicted memory. Otherwise: the job on Ray here or on a remote cluster
+    (kvray/sweep/submit.py chooses), a line of counts, then figures and report."""
+    for text in notes or []:
+        render.note(text)
+    if flags.dry_run:
+        from kvray.plan.experiments import dry_run_rows
+
+        rows = dry_run_rows(job)
+        if flags.as_json:
+            render.print_json({"job": job.name, "cells": rows})
+        else:
+            render.dry_run(job.name, rows)
+        return
+    if flags.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from kvray.sweep import status_counts
+    from kvray.sweep.submit import submit_job
+
+    submitted = submit_job(job, flags.run_settings(), log=sys.stdout.write)
+    out = submitted.output_dir
+    if submitted.remote_status is not None:
+        render.line(f"remote job {submitted.remote_status} → {out}")
+    render.experiment_summary(job.name, status_counts(out, job), out)
+    if not flags.no_plots:
+        make_all_after_run(out)
+
+
+Exp1ConcurrencyOpt = Annotated[
+    list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 2 4 8 (default)")
+]
+Exp4ConcurrencyOpt = Annotated[
+    list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 4 16 64 (default)")
+]
+Exp4BackendsOpt = Annotated[
+    list[str] | None, typer.Option("--backends", "--backend", help="hf hf-paged vllm (default) | openai | ollama")
+]
+
+
+@experiment_command
+def exp1(
+    flags: ExperimentFlags,
+    prompt_toks: PromptToksOpt = 512,
+    gen_toks: GenOpt = 64,
+    concurrency: Exp1ConcurrencyOpt = None,
+    backend: BackendsOpt = None,
+) -> None:
+    """Exp1, concurrency sweep: peak memory, KV and throughput as concurrent requests grow (fig1, fig2)."""
+    from kvray.plan.experiments import exp1_job
+
+    run_experiment(exp1_job(flags.common(backend), prompt_toks, gen_toks, concurrency), flags)
+
+
+@experiment_command
+def exp2(
+    flags: ExperimentFlags,
+    seqlens: Annotated[
+        list[int] | None, typer.Option("--seqlens", help="prompt lengths: 128 512 1024 2048 4096 (default)")
+    ] = None,
+    gen_toks: GenOpt = 64,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests per cell")] = 1,
+    backend: BackendsOpt = None,
+) -> None:
+    """Exp2, sequence-length sweep: latency (log-log exponent) and memory as prompts grow (fig3, fig4)."""
+    from kvray.plan.experiments import exp2_job
+
+    job, notes = exp2_job(flags.common(backend), seqlens, gen_toks, concurrency)
+    run_experiment(job, flags, notes)
+
+
+@experiment_command
+def exp3(
+    flags: ExperimentFlags,
+    short: Annotated[int, typer.Option("--short", help="prompt tokens of the short requests")] = 128,
+    long: Annotated[int, typer.Option("--long", help="prompt tokens of the long request(s)")] = 4096,
+    gen_toks: GenOpt = 64,
+    n_short: Annotated[int, typer.Option("--n-short", help="short requests per batch")] = 3,
+    n_long: Annotated[int, typer.Option("--n-long", help="long requests in the mixed batch")] = 1,
+    backend: BackendsOpt = None,
+) -> None:
+    """Exp3, mixed lengths: short requests alone vs batched with long ones — the tail-latency penalty (fig5)."""
+    from kvray.plan.experiments import exp3_job
+
+    job, notes = exp3_job(flags.common(backend), short, long, gen_toks, n_short, n_long)
+    run_experiment(job, flags, notes)
+
+
+@experiment_command
+def exp4(
+    flags: ExperimentFlags,
+    backends: Exp4BackendsOpt = None,
+    prompt_toks: PromptToksOpt = 512,
+    gen_toks: GenOpt = 64,
+    concurrency: Exp4ConcurrencyOpt = None,
+    vllm_python: VllmPythonOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    host: HostOpt = None,
+) -> None:
+    """Exp4, static vs paged KV: the same workload on hf, hf-paged and vLLM (or servers) — fig8, fig9."""
+    from kvray.plan.experiments import exp4_job
+
+    server_flags = server_options(vllm_python, base_url, api_key_env, host)
+    common = flags.common(backends, default_backends=("hf", "hf-paged", "vllm"), extra_options=server_flags)
+    # Names the missing *flag*; the options' form is each backend's own check when the job validates.
+    for name, option, flag in (("openai", "base_url", "--base-url"), ("ollama", "host", "--host")):
+        if name in common.backends and option not in common.options:
+            raise KvrayInputError(f"--backends {name} needs {flag}")
+    run_experiment(exp4_job(common, prompt_toks, gen_toks, concurrency), flags)

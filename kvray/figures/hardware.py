@@ -1,0 +1,134 @@
+"""fig6: the same cells on each GPU type — output throughput, E2E p50 and throughput per GB of KV cache.
+
+A cell shape (experiment, model, backend, dtypes, workload, lengths) run on at least two hardware types is
+one group of bars, a bar per GPU type; a cell that did not fit that GPU is an OOM label where its bar would be.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvray.analysis.views import OOM_STATUSES, View, ok_rows
+from kvray.figures import common, style
+from kvray.figures.common import FigureResult
+
+SHAPE_KEYS = ("experiment", "model", "backend", "dtype", "kv_dtype", "workload", "prompt_toks_list", "gen_toks")
+MAX_SHAPES = 24
+PANELS = (
+    ("output_tps", "output tokens/s", "(a) output throughput"),
+    ("e2e_s_p50", "E2E p50 (s)", "(b) end-to-end latency p50"),
+    ("_tps_per_gb", "tokens/s per GB of KV", "(c) throughput per GB of KV cache"),
+)
+
+
+def _shape_label(row: Any, varying: set[str]) -> str:
+    lengths = str(row["prompt_toks_list"]).split(",")
+    shape = f"c{int(row['concurrency'])} p{row['prompt_toks']:.0f}"
+    if row["workload"] == "mixed":
+        shape = f"{len(lengths)} mixed {min(map(int, lengths))}/{max(map(int, lengths))}"
+    parts = [str(row["experiment"])] if row["experiment"] else []
+    parts += [str(row[k]) for k in ("model", "backend", "dtype") if k in varying]
+    return " ".join(parts + [shape])
+
+
+def _shared_shapes(keyed: Any, hardware: list[str]) -> tuple[list[str], str]:
+    """The cell shapes run on more than one hardware type with an ok cell; else none, and why."""
+    if len(hardware) < 2:
+        return (
+            [],
+            f"needs the same cells on at least two hardware types; this dataset has {', '.join(hardware) or 'none'}",
+        )
+    per_shape = keyed.groupby("_shape")["hardware_label"].nunique()
+    has_ok = set(ok_rows(keyed)["_shape"])
+    shared = [s for s in per_shape[per_shape > 1].index if s in has_ok]
+    return shared, "" if shared else "no cell shape was run on more than one hardware type"
+
+
+def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
+    cells = view.cells
+    heading = ("fig6 · The same cells on each GPU type", view.context(cells))
+    with common.new_figure("fig6_cross_hardware", out_dir, 3, 1, figsize=(7.0, 9.0), title=heading) as d:
+        axes, result = d.axes, d.result
+        hardware = sorted({str(h) for h in cells["hardware_label"]}) if len(cells) else []
+        keyed = cells.assign(_shape=cells[list(SHAPE_KEYS)].astype(str).agg("|".join, axis=1)) if len(cells) else cells
+        shared, why = _shared_shapes(keyed, hardware)
+        if not shared:
+            d.missing(
+                f"No cross-hardware comparison: {why}.\nRun with `--hardware each` (or a job "
+                "listing several GPU types) to fill it.",
+                why,
+            )
+            return result
+        sub = keyed[keyed["_shape"].isin(shared)]
+        first = sub.sort_values(["experiment", "concurrency", "prompt_toks"]).drop_duplicates("_shape")
+        order = first["_shape"].tolist()
+        if len(order) > MAX_SHAPES:
+            result.notes.append(f"showing {MAX_SHAPES} of {len(order)} shared cell shapes (evenly spaced)")
+            order = [order[int(i)] for i in np.linspace(0, len(order) - 1, MAX_SHAPES)]
+        hw_here = sorted({str(h) for h in sub["hardware_label"]})
+        d.fig.set_figwidth(max(7.0, 1.5 + 0.65 * len(order) * max(1.0, len(hw_here) / 3)))
+        varying = {k for k in ("model", "backend", "dtype") if sub[k].nunique() > 1}
+        labels = [_shape_label(first.set_index("_shape").loc[s], varying) for s in order]
+        kv = sub["kv_measured_bytes"].astype(float).fillna(sub["kv_predicted_bytes"].astype(float))
+        sub = sub.assign(_tps_per_gb=sub["output_tps"].astype(float) / (kv / 1e9))
+        for ax, (col, ylabel, title) in zip(axes, PANELS, strict=True):
+            ooms = _bars(ax, sub, order, hw_here, col, ylabel)
+            if ax is axes[0]:
+                result.oom_markers += ooms
+            ax.set_title(title, loc="left")
+            ax.set_xticks(
+                np.arange(len(order)), labels if ax is axes[-1] else [""] * len(order), rotation=30, ha="right"
+            )
+            ax.grid(axis="x", visible=False)
+        axes[0].legend(title="hardware", loc="upper left", bbox_to_anchor=(1.005, 1.0))
+        result.series = hw_here
+        if kv.isna().all():
+            result.notes.append("panel (c) needs kv_measured_bytes or kv_predicted_bytes: not in the dataset")
+        result.notes.append("KV per cell: measured where recorded, else predicted; OOM: the cell did not fit that GPU")
+    return result
+
+
+def _bars(ax: Any, sub: Any, order: list[str], hw_here: list[str], col: str, ylabel: str) -> int:
+    """One bar per hardware type per shape of ``col`` (ok cells); "OOM" where the cell did not fit. Returns the
+    OOM labels drawn; log y where small cells would vanish next to large ones (e.g. tokens/s per GB)."""
+    width = 0.8 / len(hw_here)
+    drawn: list[float] = []
+    oom_count = 0
+    for h_i, hw in enumerate(hw_here):
+        part = sub[sub["hardware_label"] == hw].set_index("_shape")
+        xs = np.arange(len(order)) - 0.4 + width * (h_i + 0.5)
+        ys, ooms = [], []
+        for j, shape in enumerate(order):
+            row = part.loc[shape] if shape in part.index else None
+            if row is not None and getattr(row, "ndim", 1) > 1:
+                row = row.iloc[0]
+            if row is not None and row["status"] == "ok":
+                ys.append(float(row[col]))
+            else:
+                ys.append(math.nan)
+                if row is not None and row["status"] in OOM_STATUSES:
+                    ooms.append(j)
+        ax.bar(xs, ys, width * 0.95, color=style.color(h_i), label=hw, gid=f"bar-{col}-{hw}")
+        drawn += ys
+        for j in ooms:
+            ax.annotate(
+                "OOM",
+                (xs[j], 0),
+                xycoords=("data", "axes fraction"),
+                textcoords="offset points",
+                xytext=(0, 3),
+                ha="center",
+                va="bottom",
+                rotation=90,
+                fontsize=7,
+                color=style.OOM_COLOR,
+                fontweight="bold",
+                gid="oom-marker",
+            )
+        oom_count += len(ooms)
+    common.auto_y(ax, drawn, ylabel, span=50, headroom=None)
+    return oom_count

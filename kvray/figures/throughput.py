@@ -1,0 +1,84 @@
+"""fig2: output throughput and time per output token vs concurrency (exp1).
+
+Throughput is the mean over repeats with the min–max of the repeats as error bars (from the traces, so a
+plateau is told from noise); TPOT is the p50 line with a p50–p99 band. Where throughput stops rising is the
+plateau the findings name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kvray.analysis.views import Series, View, experiment_rows, ok_rows, oom_rows, repeat_throughput, sweep_series
+from kvray.figures import common, style
+from kvray.figures.common import FigureResult
+
+
+def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
+    rows = experiment_rows(view, "exp1")
+    heading = ("fig2 · Throughput and per-token latency vs concurrency", view.context(rows))
+    with common.new_figure("fig2_tps_vs_concurrency", out_dir, 1, 2, figsize=(9.5, 4.0), title=heading) as d:
+        (ax_tps, ax_tpot), result = d.axes, d.result
+        series = sweep_series(view, "exp1")
+        if not series or not len(ok_rows(rows)):
+            return d.no_successful_cells("exp1")
+        statuses: set[str] = set()
+        repeats_seen = 1
+        slots = common.oom_slots(series)
+        for s in series:
+            repeats_seen = max(repeats_seen, _throughput_line(ax_tps, view, s))
+            tpot = ok_rows(s.rows)[["concurrency", "tpot_s_p50", "tpot_s_p99"]].dropna(subset=["tpot_s_p50"])
+            if len(tpot):
+                common.p50_line_p99_band(
+                    ax_tpot, tpot.astype(float), "concurrency", "tpot_s", s, f"tpot-{s.color_index}"
+                )
+            for ax in (ax_tps, ax_tpot):
+                result.oom_markers += common.mark_oom(ax, s, "concurrency", slots.get(s.label, 0))
+            statuses |= set(oom_rows(s.rows)["status"])
+            result.series.append(s.label)
+        result.oom_markers //= 2  # the same cells are marked on both panels
+        for ax in (ax_tps, ax_tpot):
+            common.log2_axis(ax, common.x_values(rows, "concurrency"), "concurrent requests (log scale)")
+        ax_tps.set_ylabel("output throughput (tokens/s)")
+        ax_tps.set_ylim(bottom=0)
+        ax_tps.set_title("(a) aggregate output throughput")
+        ax_tpot.set_ylabel("time per output token (ms)")
+        ax_tpot.set_ylim(bottom=0)
+        ax_tpot.set_title("(b) TPOT: line p50, band p50–p99")
+        ax_tps.legend(handles=common.series_handles(series) + common.oom_legend_handles(statuses), loc="best")
+        if repeats_seen > 1:
+            result.notes.append(f"error bars: min–max of output throughput over {repeats_seen} repeats (point = mean)")
+        else:
+            result.notes.append("one repeat per cell: no error bars")
+        result.notes += common.caption_notes(rows)
+    return result
+
+
+def _throughput_line(ax: Any, view: View, s: Series) -> int:
+    """Mean output tokens/s of each ok cell, min–max over its repeats as error bars; returns the most repeats."""
+    pts = ok_rows(s.rows)[["concurrency", "output_tps", "cell_id"]].dropna(subset=["output_tps"])
+    repeats_seen = 1
+    lows, highs = [], []
+    for _, r in pts.iterrows():
+        per_repeat = repeat_throughput(view, str(r["cell_id"]))
+        repeats_seen = max(repeats_seen, len(per_repeat))
+        mean = float(r["output_tps"])
+        if len(per_repeat) > 1:
+            lows.append(max(0.0, mean - min(per_repeat)))  # ≥ 0: float noise on equal repeats
+            highs.append(max(0.0, max(per_repeat) - mean))
+        else:
+            lows.append(0.0)
+            highs.append(0.0)
+    if len(pts):
+        ax.errorbar(
+            pts["concurrency"].astype(float),
+            pts["output_tps"].astype(float),
+            yerr=[lows, highs] if any(lows) or any(highs) else None,
+            color=style.color(s.color_index),
+            marker=style.marker(s.color_index),
+            capsize=3,
+            label=s.label,
+            gid=f"tps-{s.color_index}",
+        )
+    return repeats_seen

@@ -1,0 +1,176 @@
+"""FLOPs and bytes of one forward pass: what the roofline in kvray.sim.simulate divides by peak rates.
+
+Two facts decide the numbers (docs/simulator.md, "The model"):
+
+- **Weights read.** A pass reads every weight it multiplies, once, whatever the batch: the layers' shared
+  weights and the LM head in full, but only the rows it looks up in a lookup-only table (an untied input
+  embedding, learned position embeddings) and, in an MoE layer, only the routed experts its tokens visit.
+  T tokens each choosing k of E experts touch E·(1 − (1 − k/E)^T) distinct experts on average when routing
+  is uniform: k at T = 1, nearly all E at large T. Uniform routing is the most spread a router can be, so
+  this is the upper side of what a skewed router touches.
+- **Causal attention.** The query at position i scores min(i, W) keys (W the sliding window of that layer,
+  unbounded on full-attention layers), so a P-token prefill computes P(P+1)/2 query-key pairs per layer
+  and sequence, half the P² square, and a sliding layer only a W-wide band.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvray.model.geometry import ModelGeometry
+from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, dtype_bytes, kv_bytes_sequence
+
+
+@dataclass(frozen=True)
+class PassCost:
+    flops: float
+    bytes: float
+
+
+# --- weights ---------------------------------------------------------------------------------------------
+
+
+def lookup_tables(g: ModelGeometry) -> list[tuple[int, int]]:
+    """(rows, row width) of each table a pass only indexes, never multiplies.
+
+    An untied input embedding (a tied one is also the LM head, which multiplies all of it) and the
+    learned position embeddings of OPT (offset by 2) and GPT-2.
+    """
+    tables = [] if g.tie_word_embeddings else [(g.vocab_size, g.hidden_size)]
+    if g.model_type == "opt":
+        tables.append((g.max_position_embeddings + 2, g.hidden_size))
+    elif g.model_type == "gpt2":
+        tables.append((g.max_position_embeddings, g.hidden_size))
+    return tables
+
+
+def matmul_params(g: ModelGeometry) -> tuple[int, int]:
+    """(parameters multiplied per token in the layers, parameters of the LM head).
+
+    Active parameters (MoE: only the experts a token visits) minus lookup-only tables. The LM head runs on
+    one token per sequence in prefill (generate keeps only the last logits) and on every token in decode.
+    """
+    head = g.vocab_size * g.hidden_size
+    lookup = sum(rows * width for rows, width in lookup_tables(g))
+    return max(g.active_params - lookup - head, 0), head
+
+
+def expected_experts_touched(n_experts: int, top_k: int, tokens: int) -> float:
+    """Expected distinct experts that ``tokens`` tokens route to, each choosing ``top_k`` of ``n_experts``.
+
+    An expert is missed by one token with probability 1 − k/E, by all T independent tokens with
+    (1 − k/E)^T, so E·(1 − (1 − k/E)^T) are touched: exactly k for one token, → E as T grows.
+    """
+    if tokens <= 0:
+        return 0.0
+    return n_experts * (1.0 - (1.0 - top_k / n_experts) ** tokens)
+
+
+def weights_read_params(g: ModelGeometry, tokens: int) -> float:
+    """Parameters one pass over ``tokens`` tokens (all rows of the batch together) reads from memory.
+
+    All parameters, less the lookup rows no token asks for (at most one row per token) and, per MoE
+    layer, less the routed experts no token visits (``expected_experts_touched``).
+    """
+    params = float(g.params)
+    for rows, width in lookup_tables(g):
+        params -= (rows - min(tokens, rows)) * width
+    if g.is_moe:
+        assert g.n_routed_experts is not None and g.num_experts_per_tok is not None
+        per_expert = 3 * g.hidden_size * (g.moe_intermediate_size or 0)  # gate, up and down projections
+        moe_layers = sum(g.is_moe_layer(i) for i in range(g.num_layers))
+        idle = g.n_routed_experts - expected_experts_touched(g.n_routed_experts, g.num_experts_per_tok, tokens)
+        params -= moe_layers * idle * per_expert
+    return params
+
+
+def weights_read_bytes(g: ModelGeometry, tokens: int, dtype: str) -> float:
+    return weights_read_params(g, tokens) * dtype_bytes(dtype)
+
+
+# --- attention -------------------------------------------------------------------------------------------
+
+
+def _attention_width(g: ModelGeometry) -> int:
+    """heads × (query-key dim + value dim): FLOPs per query-key pair per layer is twice this."""
+    if g.kv_lora_rank is not None:
+        assert g.qk_nope_head_dim is not None and g.qk_rope_head_dim is not None and g.v_head_dim is not None
+        return g.num_attention_heads * (g.qk_nope_head_dim + g.qk_rope_head_dim + g.v_head_dim)
+    return g.num_attention_heads * 2 * g.head_dim
+
+
+def causal_pairs(past: int, queries: int, window: int | None = None) -> int:
+    """Query-key pairs of ``queries`` queries at positions past+1 … past+queries under a causal mask.
+
+    The query at position i scores min(i, window) keys, itself included (all i on a full-attention layer).
+    """
+
+    def upto(n: int) -> int:  # Σ_{i=1..n} min(i, window)
+        if window is None or n <= window:
+            return n * (n + 1) // 2
+        return window * (window + 1) // 2 + (n - window) * window
+
+    return upto(past + queries) - upto(past)
+
+
+def attention_flops(g: ModelGeometry, past: int, queries: int) -> float:
+    """QKᵀ and AV over all layers for ``queries`` new queries after ``past`` cached positions (causal)."""
+    width = _attention_width(g)
+    total = 0
+    for layer_type in g.layer_types:
+        window = g.sliding_window if layer_type == "sliding_attention" and g.sliding_window else None
+        total += 2 * width * causal_pairs(past, queries, window)
+    return float(total)
+
+
+# --- passes ----------------------------------------------------------------------------------------------
+
+
+def prefill_cost(g: ModelGeometry, prompt_lengths: Sequence[int], dtype: str, kv_dtype: str, layout: str,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> PassCost:  # fmt: skip
+    """One prefill pass over a batch: hf pads every row to the longest prompt, paged runs each as it is.
+
+    Padding tokens go through every layer (and the router) like real ones, so an hf batch of B rows
+    costs B × max(P) tokens of work and of expert reads.
+    """
+    body, head = matmul_params(g)
+    rows = [max(prompt_lengths)] * len(prompt_lengths) if layout == "hf" else list(prompt_lengths)
+    flops = sum(2.0 * body * p + 2.0 * head + attention_flops(g, 0, p) for p in rows)
+    kv_written = sum(kv_bytes_sequence(g, p, kv_dtype, layout, block_size) for p in rows)
+    return PassCost(flops, weights_read_bytes(g, sum(rows), dtype) + kv_written)
+
+
+def decode_step_cost(g: ModelGeometry, contexts: Sequence[int], dtype: str, kv_dtype: str, layout: str,
+                     block_size: int = DEFAULT_BLOCK_SIZE) -> PassCost:  # fmt: skip
+    """One decode step: every row adds one token at context ``contexts[i]`` (positions after the write).
+
+    Bytes are the weights this step's B tokens read (``weights_read_bytes``) plus the whole KV cache read at
+    that context; FLOPs are 2 × active params per row plus attention over the context.
+    """
+    body, head = matmul_params(g)
+    flops, kv_read = 0.0, 0.0
+    for c, n in Counter(contexts).items():  # hf rows share one padded context: cost it once
+        flops += n * (2.0 * (body + head) + attention_flops(g, c - 1, 1))
+        kv_read += n * kv_bytes_sequence(g, c, kv_dtype, layout, block_size)
+    return PassCost(flops, weights_read_bytes(g, len(contexts), dtype) + kv_read)
+
+
+def batch_passes(g: ModelGeometry, prompts: Sequence[int], gens: Sequence[int], dtype: str, kv_dtype: str,
+                 layout: str, block_size: int = DEFAULT_BLOCK_SIZE) -> list[PassCost]:  # fmt: skip
+    """The forward passes of one static batch: the prefill, then max(gens) − 1 decode steps.
+
+    The prefill yields every row's first token; decode step k yields token k + 1. An hf batch keeps every
+    row (padded to the longest prompt) until the longest generation ends; a paged request leaves the batch
+    once it has its own tokens.
+    """
+    passes = [prefill_cost(g, prompts, dtype, kv_dtype, layout, block_size)]
+    p_max = max(prompts)
+    for k in range(1, max(gens)):
+        if layout == "hf":
+            contexts = [p_max + k] * len(prompts)
+        else:
+            contexts = [p + k for p, n in zip(prompts, gens, strict=True) if k < n]
+        passes.append(decode_step_cost(g, contexts, dtype, kv_dtype, layout, block_size))
+    return passes

@@ -1,0 +1,22 @@
+"""A job's rows read back from its folder: the planner says which cells are the job's, the dataset counts them.
+
+Lives in the sweep stage because it needs both the planner (which cells a job has, ``hardware: each``
+expanded to the types its rows ran on) and the dataset; ``kvray.data.status`` counts any set of ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvray.data import status
+from kvray.data.store import read_results
+from kvray.plan.job import Job
+from kvray.plan.planner import plan_cells
+
+
+def status_counts(output_dir: str | Path, job: Job | None = None) -> dict[str, int]:
+    """Rows per status in ``output_dir`` (only the job's cells when a job is given), every status listed."""
+    if job is None:
+        return status.status_counts(output_dir)
+    types = status.hardware_types_in(read_results(output_dir))
+    return status.status_counts(output_dir, {c.cell_id for c in plan_cells(job, types)})
