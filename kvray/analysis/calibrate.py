@@ -10,7 +10,7 @@ error Σ (pred/measured − 1)²: a coarse grid picks a start, then assignment a
 squares (numpy.linalg.lstsq over the active sets) alternate until the assignment stops changing. A roof
 that no pass hits is not identified by the data and keeps its default, unless that makes the fit worse.
 
-Rows used: status ok, measured (not simulated, unless asked), on a GPU of kvray/gpus.py, backend with a
+Rows used: status ok, measured (not simulated, unless asked), on a GPU of kvray/hardware/gpus.py, backend with a
 known KV layout (hf → "hf"; hf-paged, vllm, openai → "paged"), requests started together (queue ≈ 0, so
 TTFT is the prefill alone). Results go to the calibration file that kvray.sim.simulate reads.
 """

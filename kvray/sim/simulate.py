@@ -272,7 +272,7 @@ def simulate(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dt
 class Prediction:
     """The predicted figures of one uniform cell (all requests arrive together, one static batch).
 
-    ttft_s, tpot_s and e2e_s follow kvray/metrics.py's definitions applied to the predicted timestamps.
+    ttft_s, tpot_s and e2e_s follow kvray/measure/metrics.py's definitions applied to the predicted timestamps.
     """
 
     model: str
