@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kvray.analysis.findings import Finding, compute_findings
+from kvray.analysis.findings import Finding, compute_findings, suspect_cells
 from kvray.analysis.views import (
     MIXED_STATS,
     OOM_STATUSES,
@@ -43,6 +43,8 @@ EXPERIMENTS = {
     "exp4": ("Exp4 — static vs paged KV, in-process vs server", ("fig8_backend_compare", "fig9_kv_timeline")),
 }
 FINDING_TITLES = {
+    "sanity": "⚠ Implausible measurements (warnings: these cells are suspect, not results)",
+    "failures": "Cells with failed requests (percentiles over the successful ones only)",
     "memory_slope": "Memory per extra concurrent request",
     "oom_boundary": "Max concurrency / length before OOM",
     "throughput_plateau": "Throughput plateau",
@@ -115,28 +117,48 @@ def _fmt_pct(v: Any) -> str:
     return f"{float(v):+.2%}" if as_number(v) is not None else "—"
 
 
+def _fmt_percentile(r: Any, column: str) -> str:
+    """A latency percentile in ms with the number of samples it pools: "12.3 (n=24)"."""
+    value = _fmt_ms(r[column])
+    n = as_number(r.get(column.rsplit("_p", 1)[0] + "_n"))
+    return value if value == "—" or n is None else f"{value} (n={int(n)})"
+
+
+def _fmt_failed(r: Any) -> str:
+    """Failed requests of all measured repeats: "0", or "2/24 (8.3%)"."""
+    failed, total = as_number(r.get("requests_failed")), as_number(r.get("requests"))
+    if failed is None or total is None:
+        return "—"
+    return "0" if failed == 0 else f"{int(failed)}/{int(total)} ({failed / total:.1%})"
+
+
 CELL_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("c", lambda r: f"{int(r['concurrency'])}"),
     ("prompt", lambda r: str(r["prompt_toks_list"]) if r["workload"] == "mixed" else f"{int(r['prompt_toks'])}"),
     ("gen", lambda r: f"{int(r['gen_toks'])}"),
-    ("status", lambda r: str(r["status"])),
+    ("status", lambda r: str(r["status"]) + (" ⚠" if r.get("_suspect") else "")),
     ("peak mem", lambda r: _fmt_bytes(first_value(r, PEAK_COLUMNS)[0])),
     ("KV measured", lambda r: _fmt_bytes(r["kv_measured_bytes"])),
     ("KV predicted", lambda r: _fmt_bytes(r["kv_predicted_bytes"])),
     ("KV error", lambda r: _fmt_pct(r["kv_rel_error"])),
     ("out tok/s", lambda r: _fmt_num(r["output_tps"])),
-    ("TTFT p50 ms", lambda r: _fmt_ms(r["ttft_s_p50"])),
-    ("TTFT p99 ms", lambda r: _fmt_ms(r["ttft_s_p99"])),
-    ("TPOT p50 ms", lambda r: _fmt_ms(r["tpot_s_p50"])),
-    ("E2E p99 ms", lambda r: _fmt_ms(r["e2e_s_p99"])),
+    ("failed", _fmt_failed),  # beside the latencies: they pool only the successful requests
+    ("TTFT p50 ms", lambda r: _fmt_percentile(r, "ttft_s_p50")),
+    ("TTFT p99 ms", lambda r: _fmt_percentile(r, "ttft_s_p99")),
+    ("TPOT p50 ms", lambda r: _fmt_percentile(r, "tpot_s_p50")),
+    ("E2E p99 ms", lambda r: _fmt_percentile(r, "e2e_s_p99")),
 )
 
 
-def cell_table(view: View, rows: Any, sort: tuple[str, ...]) -> Block:
-    """One row per cell; the series column only when the dataset holds several series."""
+def cell_table(view: View, rows: Any, sort: tuple[str, ...], suspects: set[str] | None = None) -> Block:
+    """One row per cell; the series column only when the dataset holds several series; a sanity warning's
+    suspect cells marked ⚠ beside their status."""
     headers = (["series"] if view.series_keys else []) + [name for name, _ in CELL_COLUMNS]
     body = []
-    labelled = rows.assign(_series=[view.series_label(r) for _, r in rows.iterrows()])
+    labelled = rows.assign(
+        _series=[view.series_label(r) for _, r in rows.iterrows()],
+        _suspect=rows["cell_id"].astype(str).isin(suspects or set()),
+    )
     for _, r in labelled.sort_values(["_series", *sort]).iterrows():
         row = {k: r[k] for k in r.index}
         body.append(([str(r["_series"])] if view.series_keys else []) + [fn(row) for _, fn in CELL_COLUMNS])
@@ -223,10 +245,13 @@ def mixed_table(view: View) -> Block | None:
                     _fmt_ms(p.alone.get(stat, math.nan)),
                     _fmt_ms(p.mixed.get(stat, math.nan)),
                     f"×{ratio:.2f}" if ratio == ratio else "—",
+                    f"{int(p.alone.get('requests', 0))} / {int(p.mixed.get('requests', 0))}",
                 ]
             )
     return Block(
-        "table", headers=["series", "mixed batch", "short requests'", "alone ms", "mixed ms", "ratio"], rows=rows
+        "table",
+        headers=["series", "mixed batch", "short requests'", "alone ms", "mixed ms", "ratio", "n alone / mixed"],
+        rows=rows,
     )
 
 
@@ -238,7 +263,8 @@ TABLE_SORT = {
 DEFINITIONS = (
     "TTFT = first token − arrival (includes queueing); TPOT = (end − first token) / (output − 1); "
     "E2E = end − arrival; output tok/s = output tokens / makespan, mean over repeats (docs/metrics.md).",
-    "Latency percentiles pool the successful requests of all repeats.",
+    "Latency percentiles pool the successful requests of all repeats; n is how many samples each pools. A "
+    "partial cell ran but some requests failed (column failed): its percentiles cover only the rest.",
     "Peak memory: torch max_memory_allocated on a GPU, process RSS peak on a CPU; KV error = "
     "(measured − predicted) / predicted KV bytes.",
     "OOM cells: oom (ran out), skipped_after_oom (larger than one that ran out), refused (pre-flight check "
@@ -257,14 +283,15 @@ def build_blocks(
     blocks += environment_blocks(view, manifest) if len(cells) else []
     blocks += findings_blocks(findings)
     figure = _figure_blocks(figures, out)
+    suspects = suspect_cells(findings)
     for exp, (heading, fig_names) in EXPERIMENTS.items():
-        blocks += experiment_blocks(view, exp, heading)
+        blocks += experiment_blocks(view, exp, heading, suspects)
         for name in fig_names:
             blocks += figure(name)
     others = cells[~cells["experiment"].isin(list(EXPERIMENTS))] if len(cells) else cells
     if len(others):
         blocks.append(Block("h2", "Other cells"))
-        blocks.append(cell_table(view, others, ("experiment", "workload", "concurrency", "prompt_toks")))
+        blocks.append(cell_table(view, others, ("experiment", "workload", "concurrency", "prompt_toks"), suspects))
     blocks.append(Block("h2", "Across hardware and KV prediction"))
     for name in FIGURES[5:]:  # fig6 cross-hardware, fig7 KV predicted vs measured
         blocks += figure(name)
@@ -323,14 +350,14 @@ def findings_blocks(findings: list[Finding]) -> list[Block]:
     return blocks
 
 
-def experiment_blocks(view: View, exp: str, heading: str) -> list[Block]:
+def experiment_blocks(view: View, exp: str, heading: str, suspects: set[str] | None = None) -> list[Block]:
     """An experiment's section before its figures: every cell, the cells that did not fit and why, and for
     exp3 the short requests alone vs mixed."""
     rows = experiment_rows(view, exp)
     blocks = [Block("h2", heading)]
     if not len(rows):
         return blocks + [Block("p", f"No {exp} cells in this dataset (`kvray {exp} --help`).")]
-    blocks.append(cell_table(view, rows, TABLE_SORT.get(exp, ("workload", "concurrency", "prompt_toks"))))
+    blocks.append(cell_table(view, rows, TABLE_SORT.get(exp, ("workload", "concurrency", "prompt_toks")), suspects))
     ooms = rows[rows["status"].isin(OOM_STATUSES) & rows["reason"].astype(bool)]
     if len(ooms):
         blocks.append(Block("p", "Cells that did not fit (the reason each gave):"))

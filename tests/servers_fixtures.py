@@ -6,6 +6,7 @@ through KVRAY_VLLM_PYTHON, or built on first use by `.ci/vllm_cpu_venv.sh`) serv
 
 Fakes — used ONLY for cases a real server cannot be made to produce on demand:
   FakeOpenAIServer      malformed streams (bad JSON, no usage, a connection cut mid-stream), HTTP errors,
+                        chunks that re-tokenise as more tokens than usage counts, on a known schedule,
                         and an API-key check that records the Authorization header it was sent
   OllamaContractServer  Ollama's documented /api/generate, /api/ps and error shapes (no Ollama server is
                         part of the test environment), emitting tokens on a known schedule
@@ -124,7 +125,7 @@ class _Server:
         self.httpd.server_close()
 
 
-def _sse(handler: BaseHTTPRequestHandler, lines: list[bytes], cut: bool = False) -> None:
+def _sse(handler: BaseHTTPRequestHandler, lines: list[bytes], cut: bool = False, gap_s: float = 0.005) -> None:
     handler.send_response(200)
     handler.send_header("Content-Type", "text/event-stream")
     if cut:  # promise more bytes than are sent, then close: the client sees the connection end mid-body
@@ -138,7 +139,7 @@ def _sse(handler: BaseHTTPRequestHandler, lines: list[bytes], cut: bool = False)
         else:
             handler.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
         handler.wfile.flush()
-        time.sleep(0.005)
+        time.sleep(gap_s)
     if not cut:
         handler.wfile.write(b"0\r\n\r\n")
     handler.close_connection = True
@@ -149,7 +150,8 @@ def _chunk(text: str) -> bytes:
 
 
 class _FakeOpenAIHandler(BaseHTTPRequestHandler):
-    """Modes by URL prefix: /garbage, /nousage, /cut, /http500, /auth (then a valid stream), /ok."""
+    """Modes by URL prefix: /garbage, /nousage, /cut, /http500, /auth (then a valid stream), /ok, and /double:
+    one chunk per usage token, every chunk " w5 w6" (two tokens when re-tokenised), DOUBLE_GAP_S apart."""
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -185,6 +187,10 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
+        elif mode == "double":  # usage says n; the n chunks re-tokenise as 2n
+            _sse(
+                self, [_chunk(" w5 w6") for _ in range(n)] + [usage + b"\n\n", b"data: [DONE]\n\n"], gap_s=DOUBLE_GAP_S
+            )
         elif mode == "auth" and self.headers.get("Authorization") != f"Bearer {owner.expected_key}":
             payload = b'{"error": {"message": "invalid api key"}}'
             self.send_response(401)
@@ -196,8 +202,11 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
             _sse(self, [*lines, usage + b"\n\n", b"data: [DONE]\n\n"])
 
 
+DOUBLE_GAP_S = 0.03  # /double's schedule: one line every 30 ms
+
+
 class FakeOpenAIServer(_Server):
-    """For malformed streams and HTTP errors only; every other HTTP test uses a real server."""
+    """For malformed streams, HTTP errors and token over-counts only; every other HTTP test uses a real server."""
 
     handler = _FakeOpenAIHandler
 

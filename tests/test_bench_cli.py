@@ -112,8 +112,14 @@ def test_bench_cell_is_built_and_checked_from_plain_arguments(opt_dir, monkeypat
     assert cell.dtype == "fp32" and cell.options == (("b", 2),)
     assert cell.device != "auto"  # the hf backend pins the device it will run on, so the row says where
     # A server may serve a model kvray cannot resolve; an in-process backend may not.
-    served = bench_cell("nobody/served-only", backend="openai", options={"base_url": "http://127.0.0.1:9"})
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as listening:  # a server must be reachable (checked at once)
+        url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+        served = bench_cell("nobody/served-only", backend="openai", options={"base_url": url})
     assert served.model == "nobody/served-only" and served.backend == "openai"
+    with pytest.raises(KvrayInputError, match="cannot reach the server"):  # nothing listens on the discard port
+        bench_cell("nobody/served-only", backend="openai", options={"base_url": "http://127.0.0.1:9"})
     with pytest.raises(KvrayInputError, match="unknown model"):
         bench_cell("nobody/served-only", backend="hf")
     with pytest.raises(KvrayInputError, match="needs a server URL"):

@@ -231,7 +231,9 @@ def test_real_tiny_model_run_ends_in_figures_and_report(ray_session, tmp_path): 
     assert html.count('src="data:image/png;base64,') == 7
     view = prepare(cells, traces)
     findings = {f.key: f for f in compute_findings(view)}
-    assert set(findings) == {
+    # "sanity" may join them: with warmup 0 on a shared 2-core machine the first cell after the model load can
+    # measure a slower TPOT at c=1 than at c=4, which the sanity finding rightly flags instead of reporting.
+    assert set(findings) - {"sanity"} == {
         "memory_slope",
         "oom_boundary",
         "throughput_plateau",

@@ -84,3 +84,25 @@ def test_bad_knobs_are_input_errors(backend):
     result = run_cell(backend, paged_cell(Workload.uniform(1, 8, 2), warmup=0, block_size=2))
     assert result.status == "error" and "block_size must be at least 4" in (result.reason or "")
     assert math.isnan(result.metrics.get("ttft_s_p50", math.nan))
+
+
+def test_a_request_is_admitted_by_its_cached_positions_p_plus_g_minus_1(backend):
+    """60 + 5 − 1 = 64 cached positions fill 4 blocks of 16 exactly (the last token is sampled, never cached):
+    the engine serves it in 4 blocks; counting P + G = 65 refused it as needing 5."""
+    result = run_cell(backend, paged_cell(Workload.uniform(1, 60, 5), warmup=0, num_blocks=4, block_size=16))
+    assert result.status == "ok", result.reason
+    per_token = kv_bytes_per_token(resolve_geometry(MODEL), "fp32", "paged")
+    assert result.memory["kv_measured_bytes"] == 4 * 16 * per_token  # all four blocks, no fifth
+    too_long = run_cell(backend, paged_cell(Workload.uniform(1, 61, 5), warmup=0, num_blocks=4, block_size=16))
+    assert too_long.status == "oom" and "65 cached positions needs 5 blocks" in (too_long.reason or "")
+
+
+def test_the_pool_counts_as_allocated_in_the_window_only_when_a_measured_repeat_created_it(backend):
+    """What the runner subtracts from peak − baseline for activation_peak_bytes (docs/metrics.md)."""
+    cold = run_cell(backend, paged_cell(Workload.uniform(2, 16, 4), warmup=0, block_size=48))  # a new manager
+    assert cold.status == "ok", cold.reason
+    assert cold.memory["kv_allocated_in_window_bytes"] == cold.memory["kv_reserved_bytes"] > 0
+    warm = run_cell(backend, paged_cell(Workload.uniform(2, 16, 4), warmup=0, block_size=48, max_num_seqs=None))
+    assert warm.status == "ok" and warm.memory["kv_allocated_in_window_bytes"] == 0  # the pool was already there
+    warmed = run_cell(backend, paged_cell(Workload.uniform(2, 16, 4), warmup=1, block_size=40))  # new pool in warmup
+    assert warmed.status == "ok" and warmed.memory["kv_allocated_in_window_bytes"] == 0

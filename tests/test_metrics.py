@@ -71,3 +71,20 @@ def test_summary_pools_latency_and_averages_throughput_over_repeats():
     # repeat 0: 4 tokens over 3 s; repeat 1: 2 tokens (failed request excluded) over 4 s
     assert s["output_tps"] == pytest.approx((4 / 3 + 2 / 4) / 2)
     assert s["output_tps_std"] == pytest.approx(np.std([4 / 3, 2 / 4], ddof=1))
+
+
+def test_every_distribution_carries_its_sample_count_and_the_cell_its_failure_rate():
+    """3 ok requests (one with a single token, so no TPOT) and 1 failed: percentiles pool 3 TTFTs, 2 TPOTs."""
+    traces = [
+        trace(0, tokens=(1.0, 1.5, 2.0)),
+        trace(1, tokens=(1.2, 1.4)),
+        trace(2, tokens=(1.1,)),
+        trace(3, tokens=(0.9, 1.0), status="error"),
+    ]
+    s = summarize(traces)
+    assert (s["requests"], s["requests_ok"], s["requests_failed"]) == (4, 3, 1)
+    assert s["failure_rate"] == 0.25
+    assert (s["ttft_s_n"], s["e2e_s_n"], s["queue_s_n"]) == (3, 3, 3)
+    assert s["tpot_s_n"] == 2  # the one-token request has no TPOT
+    assert s["itl_s_n"] == 2 + 1  # gaps: 2 of request 0, 1 of request 1
+    assert s["ttft_s_p99"] == pytest.approx(np.percentile([1.0, 1.2, 1.1], 99))  # the failed 0.9 s is not in it

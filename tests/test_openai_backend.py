@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-from servers_fixtures import FakeOpenAIServer, build_tiny_model_dir, start_transformers_serve
+from servers_fixtures import DOUBLE_GAP_S, FakeOpenAIServer, build_tiny_model_dir, start_transformers_serve
 
 from kvray.backends.hf import HFBackend
 from kvray.backends.hf_paged import HFPagedBackend
@@ -69,23 +69,38 @@ def test_token_counts_match_the_in_process_backends_and_timings_differ_by_http_o
     """Same model, same workload: the server's usage equals what hf / hf-paged count in-process; the HTTP
     timings sit on the same engine cadence (measured ratios: benchmarks/http_vs_inprocess.py)."""
     workload = Workload.uniform(4, 32, 16)
-    http = run_cell(backend, http_cell(model_dir, server.base_url, workload))
+    http = run_cell(backend, http_cell(model_dir, server.base_url, workload, repeats=2))
     results = {"openai": http}
     for name, engine in (("hf", HFBackend()), ("hf-paged", HFPagedBackend())):
-        cell = Cell(model=str(model_dir), workload=workload, backend=name, dtype="fp32", device="cpu", warmup=1)
+        cell = Cell(model=str(model_dir), workload=workload, backend=name, dtype="fp32", device="cpu", warmup=1,
+                    repeats=2)  # fmt: skip
         try:
             results[name] = run_cell(engine, cell, check_oom=False)
         finally:
             engine.close()
     counts = {name: sorted((t.prompt_toks, t.output_toks) for t in r.traces) for name, r in results.items()}
-    assert counts["openai"] == counts["hf"] == counts["hf-paged"] == [(32, 16)] * 4
+    assert counts["openai"] == counts["hf"] == counts["hf-paged"] == [(32, 16)] * 8  # 4 requests × 2 repeats
     for r in results.values():
-        assert r.status == "ok" and r.metrics["output_toks_total"] == 64
-    # transformers serve runs the same continuous-batching engine as hf-paged: per-token cadence agrees within
-    # what a loaded 2-core machine allows, and TTFT only adds a request's HTTP and tokenisation overhead.
-    paged, served = results["hf-paged"].metrics, http.metrics
-    assert 0.2 < served["tpot_s_p50"] / paged["tpot_s_p50"] < 5
-    assert served["ttft_s_p50"] - paged["ttft_s_p50"] < 1.0
+        assert r.status == "ok" and r.metrics["output_toks_total"] == 128
+
+    # transformers serve runs the same continuous-batching engine as hf-paged: the 4 requests decode in lockstep,
+    # one token each per engine step, however long the machine's load makes a step. HTTP only delivers each
+    # step's tokens over 4 connections, so on the client's clock every request's k-th token still arrives before
+    # any request's (k+3)-th (two steps of slack for requests admitted a step or two after the first). Streams
+    # read one after another (requests not really in flight together) break this at once, chunks stamped in bulk
+    # when read leave fewer than 16 distinct times, and a stream cut short by token accounting ends before its
+    # last chunk; each fails here, with no timing margin that a loaded machine could exceed.
+    for result in (http, results["hf-paged"]):
+        for repeat in (0, 1):
+            times = [t.token_times_s for t in result.traces if t.repeat == repeat]
+            for k in range(16 - 3):
+                assert max(ts[k] for ts in times) < min(ts[k + 3] for ts in times), (result.cell.backend, k, times)
+    for t in http.traces:  # one chunk per token, and the stream ends with its last token (usage, [DONE])
+        assert len(set(t.token_times_s)) == 16 and t.token_times_s == sorted(t.token_times_s)
+        assert 0 <= t.end_s - t.token_times_s[-1] < 0.5, (t.end_s, t.token_times_s)
+    assert http.extra["ttft_basis"] == "client-http" and results["hf-paged"].extra["ttft_basis"] == "engine"
+    ttfts = (http.metrics["ttft_s_p50"], results["hf-paged"].metrics["ttft_s_p50"])
+    assert ttfts[0] - ttfts[1] < 1.0, ttfts
 
 
 def test_a_refused_connection_is_a_recorded_error_per_request(backend, model_dir):
@@ -194,7 +209,43 @@ def test_word_tokenizer_prompts_and_chunk_reconciliation(model_dir):
     chunks = [Chunk(0.1, "a", None), Chunk(0.2, "b c", None), Chunk(0.3, "d", None)]
     assert token_times(chunks, [1, 2, 1], 4, 0.5) == [0.1, 0.2, 0.2, 0.3]
     assert token_times(chunks, [1, 2, 1], 6, 0.5) == [0.1, 0.2, 0.2, 0.3, 0.5, 0.5]  # held back: at the end
-    assert token_times(chunks, [1, 2, 1], 2, 0.5) == [0.1, 0.2]  # usage is the truth
+    # usage is the truth: an over-count is spread over the stream, first token on the first chunk, last on the last
+    assert token_times(chunks, [1, 2, 1], 2, 0.5) == [0.1, 0.3]
+    assert token_times(chunks, [2, 2, 2], 3, 0.5) == [0.1, 0.2, 0.3]
+
+
+def test_chunks_that_retokenise_as_two_tokens_keep_the_streams_timing(backend, model_dir):
+    """Each chunk " w5 w6" re-tokenises as two tokens while usage counts one per chunk: E2E and TPOT are the
+    stream's, on the fake's schedule of one chunk every DOUBLE_GAP_S — trimming the surplus from the end would
+    halve both — and the disagreement is recorded per request and per cell."""
+    n = 8
+    with FakeOpenAIServer() as fake:
+        result = run_cell(backend, http_cell(model_dir, f"{fake.url}/double", Workload.uniform(2, 8, n), warmup=0))
+    assert result.status == "ok", result.reason
+    for t in result.traces:
+        assert (t.output_toks, t.chunk_toks, len(t.token_times_s)) == (n, 2 * n, n)
+        assert len(set(t.token_times_s)) == n  # one usage token per chunk, none doubled up
+        assert t.end_s - t.token_times_s[0] >= (n - 1) * DOUBLE_GAP_S  # the schedule: n − 1 gaps, then usage
+    assert (n - 1) * DOUBLE_GAP_S <= result.metrics["e2e_s_p50"] < 3 * n * DOUBLE_GAP_S + 1.0
+    assert DOUBLE_GAP_S <= result.metrics["tpot_s_p50"] < 4 * DOUBLE_GAP_S
+    assert result.metrics["stream_token_mismatches"] == 2
+    row = result.to_row()
+    assert row["ttft_basis"] == "client-http" and row["memory_scope"].startswith("remote server — not measured")
+    assert row["rss_peak_bytes"] is None and row["baseline_bytes"] is None  # the client's RSS is not the server's
+
+
+def test_one_client_per_cell_with_connections_opened_before_the_clock(model_dir, server):
+    """Warmup and measured repeats of a cell share one HTTP client; a new cell gets a new one."""
+    b = OpenAIBackend()
+    try:
+        first = run_cell(b, http_cell(model_dir, server.base_url, Workload.uniform(2, 8, 4), warmup=1, repeats=2))
+        assert first.status == "ok", first.reason
+        assert b.session.clients_opened == 1
+        second = run_cell(b, http_cell(model_dir, server.base_url, Workload.uniform(3, 8, 4), warmup=0))
+        assert second.status == "ok", second.reason
+        assert b.session.clients_opened == 2
+    finally:
+        b.close()
 
 
 # --- the CLI: `kvray bench --backend openai` and `kvray exp4` flags -----------------------------------------

@@ -28,6 +28,12 @@ def svg_text(path: Path) -> str:
     return " ".join("".join(t.itertext()) for t in svg_of(path).iter(f"{SVG_NS}text"))
 
 
+def hatched_bars(path: Path, gid: str) -> int:
+    """Bars (paths) filled with a hatch pattern inside the group ``gid``."""
+    groups = [g for g in svg_of(path).iter(f"{SVG_NS}g") if g.get("id") == gid]
+    return sum("url(#h" in (p.get("style") or "") for g in groups for p in g.iter(f"{SVG_NS}path"))
+
+
 def group_ids(path: Path) -> set[str]:
     return {g.get("id", "") for g in svg_of(path).iter(f"{SVG_NS}g")}
 
@@ -137,7 +143,12 @@ def test_fig6_cross_hardware_marks_cells_that_did_not_fit(crafted):
     marks = [g for g in svg_of(fig.paths[0]).iter(f"{SVG_NS}g") if g.get("id") == "oom-marker"]
     assert len(marks) == 3 * 2 and all("OOM" in "".join(g.itertext()) for g in marks)  # in each of three panels
     text = svg_text(fig.paths[0])
-    assert "exp1 c32 p512" in text and "throughput per GB of KV" in text
+    assert "exp1 c32 p512" in text and "throughput per GiB of KV" in text and "per GB " not in text
+    # H100 cells measured their KV, A100 cells did not: panel (c) says so and hatches the predicted bars
+    assert "hatched bars: predicted KV" in text
+    assert hatched_bars(fig.paths[0], "bar-_tps_per_gib-A100-40GB-SXM") > 0
+    assert hatched_bars(fig.paths[0], "bar-_tps_per_gib-H100-SXM") == 0
+    assert hatched_bars(fig.paths[0], "bar-output_tps-A100-40GB-SXM") == 0  # only panel (c) divides by KV
 
 
 def test_fig7_kv_scatter_and_error_per_cell(crafted):
@@ -156,7 +167,10 @@ def test_empty_dataset_gives_figures_that_say_what_is_missing(tmp_path):
     for name, fig in figs.items():
         assert fig.empty and fig.paths[1].is_file() and "missing-data" in group_ids(fig.paths[0]), name
     assert "No exp1 cells in this dataset" in svg_text(figs["fig1_mem_vs_concurrency"].paths[0])
-    assert "at least two hardware types" in svg_text(figs["fig6_cross_hardware"].paths[0])
+    fig6 = figs["fig6_cross_hardware"].paths[0]
+    # one short panel saying it once, not three panels repeating it in a tall empty figure
+    assert svg_text(fig6).count("at least two hardware types") == 1
+    assert float(svg_of(fig6).get("height", "0pt").removesuffix("pt")) < 0.3 * 9.0 * 72
 
 
 def test_partial_dataset_without_memory_columns_or_traces(tmp_path):

@@ -73,7 +73,38 @@ def test_a_scrape_in_flight_when_the_run_ends_still_lands():
     finally:
         server.shutdown()
     # the scrape asked for at t≈0 (during the run) and the one after the run
-    assert [p["running"] for p in poller.points] == [4.0, 4.0] and poller.points[0]["t_s"] < 0.05
+    assert [p["running"] for p in poller.points] == [4.0, 4.0] and poller.points[0]["sent_s"] < 0.05
+    # each point is stamped when its answer arrived, 0.4 s after it was asked for, with the round trip kept
+    for p in poller.points:
+        assert p["rtt_s"] >= 0.4 and abs(p["t_s"] - p["sent_s"] - p["rtt_s"]) < 1e-5
+
+
+def test_points_are_stamped_when_the_answer_arrives():
+    server, url, calls = serve([0.15])  # every answer takes 150 ms: a busy server's event loop
+    try:
+        poller = asyncio.run(poll_for(url, 0.6))
+    finally:
+        server.shutdown()
+    assert len(poller.points) >= 2
+    for p in poller.points:
+        assert 0.15 <= p["rtt_s"] < 1.0 and p["t_s"] >= p["sent_s"] + 0.15
+    # consecutive answers are at least one answer time plus the interval apart: stamps follow the answers
+    stamps = [p["t_s"] for p in poller.points]
+    assert all(b - a >= 0.15 for a, b in zip(stamps, stamps[1:], strict=False))
+
+
+def test_prefix_cache_counter_deltas():
+    from kvray.servers.prometheus import counter_deltas, parse
+
+    before = parse(
+        'vllm:prefix_cache_hits_total{engine="0"} 256.0\nvllm:prefix_cache_queries_total{engine="0"} 512.0\n'
+    )
+    after = parse(
+        'vllm:prefix_cache_hits_total{engine="0"} 384.0\nvllm:prefix_cache_queries_total{engine="0"} 1024.0\n'
+        'vllm:prefix_cache_hits_created{engine="0"} 1.7e9\n'
+    )
+    assert counter_deltas(before, after) == {"prefix_cache_hits": 128, "prefix_cache_queries": 512}
+    assert counter_deltas(None, after) == {} and counter_deltas(before, parse("other 1\n")) == {}
 
 
 @pytest.mark.parametrize("status", [404, 500])

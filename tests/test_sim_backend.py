@@ -36,24 +36,58 @@ def test_protocol_and_device_info(backend):
     assert info == {"name": "L40S", "memory_bytes": 46068 * 2**20, "simulated": True, "accelerator_type": "L40S"}
 
 
+# Published figures the expected values below are built from, independently of kvray's simulator:
+LLAMA3_8B_PARAMS = 8_030_261_248  # Meta-Llama-3-8B, untied embeddings
+VOCAB, HIDDEN = 128_256, 4_096
+KV_PER_TOKEN = 2 * 32 * 8 * 128 * 2  # K and V × 32 layers × 8 KV heads × head_dim 128 × bf16
+DATASHEET = {"H100-SXM": (3350e9, 989e12), "RTX-4090": (1008e9, 165e12)}  # bytes/s, dense bf16 FLOP/s
+ETA_COMPUTE, ETA_MEMORY = 0.7, 0.9  # llm-analysis's default efficiencies (no calibration file in these tests)
+
+
+def hand_roofline(gpu: str, c: int, p: int, g: int) -> tuple[float, float]:
+    """(TTFT, TPOT) of c equal requests in one static batch, by hand: prefill = 2 × matmul params × tokens +
+    causal attention (P(P+1)/2 query-key pairs, 2 × 32 heads × (128 + 128) FLOPs each, 32 layers) per row, at
+    η_compute; a decode step reads the weights once (the input embedding only for its c rows) plus every row's KV
+    at its context, at η_memory. Each pass takes the slower of the two."""
+    bandwidth, flops = DATASHEET[gpu]
+    body = LLAMA3_8B_PARAMS - 2 * VOCAB * HIDDEN  # less the embedding table and the LM head
+    attention = 32 * 2 * (32 * 2 * 128) * (p * (p + 1) // 2)
+    prefill_flops = c * (2 * body * p + 2 * VOCAB * HIDDEN + attention)
+    prefill_bytes = (LLAMA3_8B_PARAMS - (VOCAB - c * p) * HIDDEN) * 2 + c * p * KV_PER_TOKEN
+    ttft = max(prefill_flops / (flops * ETA_COMPUTE), prefill_bytes / (bandwidth * ETA_MEMORY))
+    steps = []
+    for context in range(p + 1, p + g):  # tokens 2 … g, each step after writing its own position
+        step_flops = c * 2 * (LLAMA3_8B_PARAMS - VOCAB * HIDDEN)
+        step_bytes = (LLAMA3_8B_PARAMS - (VOCAB - c) * HIDDEN) * 2 + c * context * KV_PER_TOKEN
+        steps.append(max(step_flops / (flops * ETA_COMPUTE), step_bytes / (bandwidth * ETA_MEMORY)))
+    return ttft, sum(steps) / len(steps)
+
+
 @pytest.mark.parametrize(("hardware", "gpu"), [("H100-SXM", "H100-SXM"), ("any", "H100-SXM"), ("RTX 4090", "RTX-4090")])
 def test_metrics_from_predicted_traces_equal_the_prediction(backend, hardware, gpu):
+    """The sim row's metrics against the roofline worked by hand from published figures (hand_roofline): on an
+    H100 the 4 × 512-token prefill is compute-bound (~41.7 ms) and a decode step memory-bound (~5.07 ms)."""
     result = run_cell(backend, cell(Workload.uniform(4, 512, 16), hardware=hardware))
     assert result.status == "ok", result.reason
     assert result.simulated is True and result.hardware["name"] == gpu
-    pred = predict_cell(resolve_geometry(MODEL), gpu, 4, 512, 16)
+    ttft, tpot = hand_roofline(gpu, 4, 512, 16)
+    e2e = ttft + 15 * tpot
     m = result.metrics
-    assert m["ttft_s_p50"] == pytest.approx(pred.ttft_s, rel=1e-9)
-    assert m["tpot_s_p50"] == pytest.approx(pred.tpot_s, rel=1e-9)
-    assert m["itl_s_mean"] == pytest.approx(pred.tpot_s, rel=1e-9)
-    assert m["e2e_s_p50"] == pytest.approx(pred.e2e_s, rel=1e-9)
-    assert m["output_tps"] == pytest.approx(pred.output_tps, rel=1e-9)
-    assert m["queue_s_max"] == 0.0 and m["requests_ok"] == 4
+    assert m["ttft_s_p50"] == pytest.approx(ttft, rel=1e-6)
+    assert m["tpot_s_p50"] == pytest.approx(tpot, rel=1e-6)
+    assert m["itl_s_mean"] == pytest.approx(tpot, rel=1e-6)
+    assert m["e2e_s_p50"] == pytest.approx(e2e, rel=1e-6)
+    assert m["output_tps"] == pytest.approx(4 * 16 / e2e, rel=1e-6)
+    assert m["queue_s_max"] == 0.0 and m["requests_ok"] == 4 and m["ttft_s_n"] == 4
+    if gpu == "H100-SXM":
+        assert 0.0415 < ttft < 0.0420 and 0.00505 < tpot < 0.00510  # the figures quoted in the docstring
     mem = result.memory
-    assert mem["weights_bytes"] == pred.weights_bytes
-    assert mem["kv_predicted_bytes"] == pred.kv_bytes
-    assert mem["peak_allocated_bytes"] == pred.peak_allocated_bytes
-    assert mem["predicted_total_bytes"] == pred.total_bytes and mem["fits"] is True
+    assert mem["weights_bytes"] == LLAMA3_8B_PARAMS * 2
+    assert mem["kv_predicted_bytes"] == 4 * (512 + 16 - 1) * KV_PER_TOKEN  # P + G − 1 cached positions each
+    assert (
+        mem["peak_allocated_bytes"] == mem["weights_bytes"] + mem["kv_predicted_bytes"] + mem["activation_peak_bytes"]
+    )
+    assert mem["fits"] is True and mem["predicted_total_bytes"] > mem["peak_allocated_bytes"]
     assert mem["kv_measured_bytes"] is None
     row = result.to_row()
     assert row["simulated"] is True and row["hardware"] == gpu and row["tpot_s_p50"] == m["tpot_s_p50"]

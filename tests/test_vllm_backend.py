@@ -23,7 +23,7 @@ from kvray.model.kvmath import kv_bytes_per_token
 from kvray.model.resolve import resolve_geometry
 from kvray.plan.experiments import Common, exp4_job
 from kvray.plan.planner import plan_cells
-from kvray.servers.prometheus import cache_config, kv_snapshot, parse
+from kvray.servers.prometheus import cache_config, kv_snapshot, parse, prefix_cache_counts
 from kvray.spec import Cell, Workload, make_options
 
 pytestmark = pytest.mark.vllm
@@ -79,15 +79,67 @@ def test_exact_lengths_kv_timeline_and_used_kv_equal_to_the_paged_prediction(vll
     # caught: the paged layout holds at every step), and the measured peak is the sampled peak of it
     busy = [p for p in timeline if p["running"] > 0]
     assert busy, "no /metrics sample caught the requests running in 3 repeats"
-    reserved, blocks = 256 * 2**20, 256 * 2**20 // block_bytes
+    blocks = 256 * 2**20 // block_bytes
     for p in busy:
         assert round(p["kv_usage"] * (blocks - 1)) * block_bytes == p["running"] * block_bytes
+    # the four requests start together and decode 100 tokens each (≈ 1–2 s a repeat, 3 repeats) while /metrics
+    # is asked every 20 ms: some answer lands while all four run, so measured = predicted exactly, every run
     peak_running = max(p["running"] for p in busy)
-    assert result.memory["kv_measured_bytes"] == peak_running * block_bytes <= reserved
-    if peak_running == 4:  # a sample caught all four (almost always): measured = predicted exactly
-        assert result.memory["kv_rel_error"] == 0.0
-    assert result.memory["server_rss_peak_bytes"] > 256 * 2**20  # the pool lives in the server's memory
+    assert peak_running == 4, [p["running"] for p in timeline]
+    assert result.memory["kv_measured_bytes"] == 4 * block_bytes == result.memory["kv_predicted_bytes"]
+    assert result.memory["kv_rel_error"] == 0.0
     assert result.extra["vllm"]["version"] and "--kv-cache-memory-bytes 268435456" in result.extra["vllm"]["command"]
+    # memory is the server's: its process tree (the pool lives there), never kvray's own allocator or RSS
+    pid = vllm.server.proc.pid
+    assert result.extra["memory_scope"] == f"server process tree (pid {pid})"
+    assert result.extra["ttft_basis"] == "client-http"
+    memory = result.memory
+    assert memory["server_rss_peak_bytes"] == memory["rss_peak_bytes"] > 256 * 2**20
+    assert memory["baseline_bytes"] == memory["server_rss_baseline_bytes"] > 256 * 2**20  # the pool, resident
+    assert memory["peak_allocated_bytes"] is None and memory["activation_peak_bytes"] is None
+    assert result.to_row()["memory_scope"] == f"server process tree (pid {pid})"
+
+
+def test_reserved_kv_derived_from_blocks_equals_the_bytes_vllm_reports(vllm, model_dir):
+    """On a GPU vLLM publishes kv_cache_memory_bytes="None" (it sizes the pool itself); kvray derives the pool
+    from num_gpu_blocks × block_size × bytes per token. The CPU build publishes both: they must agree."""
+    from kvray.backends.openai.backend import reserved_kv_bytes
+    from kvray.servers.prometheus import used_kv_bytes
+
+    cache = cache_config(parse(httpx.get(f"{vllm.server.base_url}/metrics", timeout=10).text))
+    cell = vllm_cell(model_dir, Workload.uniform(1, 8, 2))
+    reported, source = reserved_kv_bytes(cell, cache)
+    assert (reported, source) == (256 * 2**20, "vllm:cache_config_info kv_cache_memory_bytes")
+    as_on_a_gpu = {**cache, "kv_cache_memory_bytes": None}  # what vllm:cache_config_info carries there
+    derived, source = reserved_kv_bytes(cell, as_on_a_gpu)
+    assert source.startswith("num_gpu_blocks") and derived == reported
+    assert used_kv_bytes(cache["num_gpu_blocks"], derived, 0.5) == used_kv_bytes(cache["num_gpu_blocks"], reported, 0.5)
+
+
+def test_no_prefix_cache_hit_in_a_normal_cell_and_the_counter_sees_real_ones(vllm, model_dir):
+    """Prompts of 2½ CPU blocks (128 tokens each): long enough for vLLM's prefix cache to serve whole blocks.
+    A normal cell — flavor probe included (a fresh openai backend probes with its own prompt) — records 0 hits
+    while vLLM counts its prompt tokens as queries; the same prompt sent twice, as a control, does hit."""
+    text = httpx.get(f"{vllm.server.base_url}/metrics", timeout=10).text
+    assert cache_config(parse(text))["enable_prefix_caching"] == "True"
+    http = OpenAIBackend()
+    try:
+        cell = Cell(model=str(model_dir), workload=Workload.uniform(2, 320, 4), backend="openai", dtype="fp32",
+                    warmup=0, repeats=2, options=make_options(base_url=vllm.server.base_url))  # fmt: skip
+        result = run_cell(http, cell)
+    finally:
+        http.close()
+    assert result.status == "ok", result.reason
+    assert result.extra["server_flavor"] == "vllm"  # probed, with a prompt of its own
+    assert result.metrics["prefix_cache_hits"] == 0
+    # every prompt token of 2 repeats × 2 requests looked up (vLLM may leave each prompt's last token out)
+    assert result.metrics["prefix_cache_queries"] >= 2 * 2 * (320 - 1)
+    before = prefix_cache_counts(parse(httpx.get(f"{vllm.server.base_url}/metrics", timeout=10).text))
+    body = {"model": str(model_dir), "prompt": " ".join(f"w{i % 50}" for i in range(300)), "max_tokens": 1}
+    for _ in range(2):
+        assert httpx.post(f"{vllm.server.base_url}/v1/completions", json=body, timeout=60).status_code == 200
+    after = prefix_cache_counts(parse(httpx.get(f"{vllm.server.base_url}/metrics", timeout=10).text))
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] >= 2 * 128  # the second one's two full blocks
 
 
 def test_prometheus_text_of_a_real_vllm(vllm):

@@ -12,7 +12,9 @@ that no pass hits is not identified by the data and keeps its default, unless th
 
 Rows used: status ok, measured (not simulated, unless asked), on a GPU of kvray/hardware/gpus.py, backend with a
 known KV layout (hf → "hf"; hf-paged, vllm, openai → "paged"), requests started together (queue ≈ 0, so
-TTFT is the prefill alone). Results go to the calibration file that kvray.sim.simulate reads.
+TTFT is the prefill alone), TTFT on the engine's clock (``ttft_basis`` "engine": a server's client-side TTFT
+holds HTTP, tokenisation and queueing, which no roof explains, so vllm / openai / ollama rows are skipped).
+Results go to the calibration file that kvray.sim.simulate reads.
 """
 
 from __future__ import annotations
@@ -82,6 +84,19 @@ def layout_of(backend: str) -> str | None:
     return BACKEND_LAYOUTS.get(backend)
 
 
+def ttft_basis_of(row: dict[str, Any]) -> str | None:
+    """The row's ``ttft_basis``; for a dataset written before the column existed, what its backend declares."""
+    basis = row.get("ttft_basis")
+    if isinstance(basis, str) and basis:
+        return basis
+    from kvray.backends import backend_class
+
+    try:
+        return backend_class(str(row.get("backend"))).ttft_basis
+    except KvrayInputError:
+        return None
+
+
 def _prompts(row: dict[str, Any]) -> list[int]:
     text = str(row.get("prompt_toks_list") or "")
     prompts = [int(p) for p in text.split(",") if p.strip()]
@@ -119,6 +134,9 @@ def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool =
         gpu = match_gpu(str(row.get("hardware") or ""))
         if gpu is None:
             skip("hardware not in the GPU table")
+            continue
+        if ttft_basis_of(row) != "engine":  # a server's TTFT holds HTTP, tokenisation and queueing: not a roof
+            skip("TTFT not on the engine's clock (ttft_basis)")
             continue
         layout = layout_of(str(row.get("backend")))
         if layout is None:

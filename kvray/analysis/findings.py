@@ -11,6 +11,11 @@ One finding per series — a GPU type, a backend, a dtype — where the dataset 
   oom_boundary        exp1/exp2: the largest concurrency (or prompt length) that ran and the smallest that
                       ran out of memory (oom, skipped after an oom, or refused by the pre-flight check)
   kv_error            every cell with both: kv_rel_error = (measured − predicted) / predicted KV bytes
+  failures            partial cells: how many requests failed, and how many samples their percentiles pool
+  sanity              warnings, not results: measured orderings physics rules out — a static batch whose TPOT
+                      p50 falls by more than SANITY_MARGIN as concurrency grows (a batch of 2 steps no faster
+                      than a batch of 1: the slower cell was disturbed), and latency below the roofline floor
+                      of its GPU (peak bandwidth and FLOP/s at 100 %, no overhead: kvray.sim at η = 1)
 
 The fits are here too (fig3 draws the same power law). pandas and numpy only: no matplotlib, torch or Ray.
 """
@@ -29,11 +34,14 @@ from kvray.analysis.views import (
     PEAK_COLUMNS,
     SWEEPS,
     View,
+    as_number,
     first_column,
     mixed_pairs,
     ok_rows,
     oom_rows,
+    partial_rows,
     simulated_mask,
+    split_series,
     sweep_series,
 )
 
@@ -43,6 +51,10 @@ from kvray.units import human_bytes, human_seconds
 
 SUPERLINEAR_ABOVE = 1.05
 PLATEAU_FRACTION = 0.90
+# A static batch's TPOT p50 may fall by this much as concurrency grows before it is called implausible: repeats
+# on a quiet machine scatter by a few per cent; a disturbed cell (issue 12: 18.7 ms at c=1, 6.4 ms at c=2) by 3×.
+SANITY_MARGIN = 0.20
+FLOOR_SLACK = 0.02  # below the roofline floor by more than this (the GPU table's rounding) is impossible
 
 
 # ---------------------------------------------------------------- fits
@@ -74,7 +86,7 @@ def _positive(rows: Any, x: str, y: str) -> Any:
 
 @dataclass
 class Finding:
-    key: str  # memory_slope | latency_exponent | throughput_plateau | mixed_penalty | oom_boundary | kv_error
+    key: str  # memory_slope | … | kv_error | failures | sanity
     experiment: str
     series: str
     values: dict[str, Any]
@@ -165,6 +177,7 @@ def throughput_plateaus(view: View) -> list[Finding]:
     out = []
     for s in sweep_series(view, "exp1"):
         pts = ok_rows(s.rows)[["concurrency", "output_tps"]].dropna().astype(float).sort_values("concurrency")
+        partial = partial_rows(s.rows)
         if pts["concurrency"].nunique() < 2:
             continue
         best_i = int(pts["output_tps"].to_numpy().argmax())
@@ -174,7 +187,7 @@ def throughput_plateaus(view: View) -> list[Finding]:
         c_max, tps_last = int(pts["concurrency"].iloc[-1]), float(pts["output_tps"].iloc[-1])
         c_prev, tps_prev = int(pts["concurrency"].iloc[-2]), float(pts["output_tps"].iloc[-2])
         last_gain = tps_last / tps_prev - 1 if tps_prev > 0 else math.nan
-        values = {
+        values: dict[str, Any] = {
             "plateau_concurrency": plateau_c,
             "best_output_tps": best,
             "best_concurrency": best_c,
@@ -196,6 +209,9 @@ def throughput_plateaus(view: View) -> list[Finding]:
             )
             if best_c < c_max and tps_last < 0.95 * best:
                 text += f" — it degrades beyond c={best_c}"
+        if len(partial):
+            values["partial_concurrencies"] = sorted(int(c) for c in partial["concurrency"])
+            text += f" (partly failed cells, counting only successful requests: {_failed_list(partial)})"
         out.append(Finding("throughput_plateau", "exp1", s.label, values, text + "."))
     return out
 
@@ -218,7 +234,8 @@ def mixed_penalties(view: View) -> list[Finding]:
             f"request(s): TTFT p99 ×{values['ttft_s_p99_ratio']:.2f} ({human_seconds(values['ttft_s_p99_alone'])} → "
             f"{human_seconds(values['ttft_s_p99_mixed'])}), E2E p99 ×{values['e2e_s_p99_ratio']:.2f} "
             f"({human_seconds(values['e2e_s_p99_alone'])} → {human_seconds(values['e2e_s_p99_mixed'])}), "
-            f"TTFT p50 ×{values['ttft_s_p50_ratio']:.2f}"
+            f"TTFT p50 ×{values['ttft_s_p50_ratio']:.2f}; percentiles over n = {int(p.alone.get('requests', 0))} "
+            f"short requests alone and {int(p.mixed.get('requests', 0))} mixed"
         )
         out.append(Finding("mixed_penalty", "exp3", p.series, values, text + "."))
     return out
@@ -276,9 +293,155 @@ def kv_errors(view: View) -> list[Finding]:
     return out
 
 
+def _failed_list(rows: Any) -> str:
+    """ "c=8: 2 of 24 failed, c=16: 5 of 48 failed" for partly failed cells."""
+    return ", ".join(
+        f"c={int(r['concurrency'])}: {int(r['requests_failed'])} of {int(r['requests'])} failed"
+        if as_number(r["requests"]) is not None and as_number(r["requests_failed"]) is not None
+        else f"c={int(r['concurrency'])}"
+        for _, r in rows.sort_values("concurrency").iterrows()
+    )
+
+
+def failures(view: View) -> list[Finding]:
+    """One finding per partly failed cell: its failure rate and the samples its percentiles pool."""
+    out = []
+    for _, r in partial_rows(view.cells).iterrows():
+        values = {
+            "cell_id": str(r["cell_id"]),
+            "requests": as_number(r["requests"]),
+            "requests_failed": as_number(r["requests_failed"]),
+            "failure_rate": as_number(r["failure_rate"]),
+            "ttft_s_n": as_number(r["ttft_s_n"]),
+        }
+        rate = values["failure_rate"]
+        shape = str(r["prompt_toks_list"]) if r["workload"] == "mixed" else f"{int(r['prompt_toks'])}"
+        text = (
+            f"{view.series_label(r)} c={int(r['concurrency'])} × prompt {shape}: "
+            + (
+                f"{int(values['requests_failed'] or 0)} of {int(values['requests'] or 0)} requests failed ({rate:.1%}); "
+                if rate is not None
+                else "some requests failed; "
+            )  # fmt: skip
+            + f"its latency percentiles pool only the {int(values['ttft_s_n'] or 0)} that succeeded"
+            + (f" — {str(r['reason'])[:160]}" if r["reason"] else "")
+        )
+        out.append(Finding("failures", str(r["experiment"]), view.series_label(r), values, text + "."))
+    return out
+
+
+def _static_batch(backend: str) -> bool:
+    """A measured backend that runs each batch to its end before the next (hf ``generate``): its per-step
+    time cannot fall as the batch grows."""
+    from kvray.backends import backend_class
+    from kvray.errors import KvrayInputError
+
+    try:
+        cls = backend_class(backend)
+    except KvrayInputError:
+        return False
+    return cls.kv_layout == "hf" and not cls.queues_when_full and not cls.simulated
+
+
+def tpot_orderings(view: View) -> list[Finding]:
+    """Static batches whose TPOT p50 falls by more than SANITY_MARGIN as concurrency grows."""
+    cells = ok_rows(view.cells)
+    cells = cells[(cells["workload"] == "uniform") & ~simulated_mask(cells) & cells["tpot_s_p50"].notna()]
+    cells = cells[[_static_batch(str(b)) for b in cells["backend"]]] if len(cells) else cells
+    out = []
+    for s in split_series(view, cells, "concurrency", ("prompt_toks", "gen_toks")):
+        rows = s.rows.sort_values("concurrency")
+        slowest: Any = None  # the slowest cell at a lower concurrency so far
+        for _, r in rows.iterrows():
+            if (
+                slowest is not None
+                and r["concurrency"] > slowest["concurrency"]
+                and float(r["tpot_s_p50"]) < (1 - SANITY_MARGIN) * float(slowest["tpot_s_p50"])
+            ):
+                out.append(_tpot_warning(view, s.label, slowest, r))
+                slowest = r  # one warning per disturbed cell; the faster cell is the reference from here
+                continue
+            if slowest is None or float(r["tpot_s_p50"]) > float(slowest["tpot_s_p50"]):
+                slowest = r
+    return out
+
+
+def _tpot_warning(view: View, label: str, low: Any, high: Any) -> Finding:
+    c_lo, c_hi = int(low["concurrency"]), int(high["concurrency"])
+    t_lo, t_hi = float(low["tpot_s_p50"]), float(high["tpot_s_p50"])
+    values = {
+        "check": "tpot_falls_with_concurrency",
+        "cell_ids": [str(low["cell_id"]), str(high["cell_id"])],
+        "suspect_cell_id": str(low["cell_id"]),
+        "concurrency": [c_lo, c_hi],
+        "tpot_s_p50": [t_lo, t_hi],
+        "backend": str(low["backend"]),
+    }
+    text = (
+        f"{label}{'' if 'prompt' in label else ' prompt ' + str(int(low['prompt_toks']))} ({low['backend']}): "
+        f"TPOT p50 is {human_seconds(t_lo)} at c={c_lo} "
+        f"but {human_seconds(t_hi)} at c={c_hi} — a static batch of {c_hi} cannot step faster than one of {c_lo}, "
+        f"so the c={c_lo} cell was most likely disturbed (other work on its cores during its measured window); "
+        "treat it as suspect and rerun it alone (`kvray bench`)"
+    )
+    return Finding("sanity", str(low["experiment"]), label, values, text + ".")
+
+
+def roofline_floors(view: View) -> list[Finding]:
+    """Measured GPU cells faster than their GPU's roofline at 100 % of peak: impossible for one token per step."""
+    from kvray.hardware.gpus import match_gpu
+    from kvray.model.resolve import resolve_geometry
+    from kvray.sim.simulate import Efficiency, predict_cell
+
+    floor_eff = Efficiency(1.0, 1.0, 0.0, source="roofline floor: 100 % of peak, no overhead")
+    cells = ok_rows(view.cells)
+    cells = cells[(cells["workload"] == "uniform") & ~simulated_mask(cells)]
+    out = []
+    for _, r in cells.iterrows():
+        gpu = match_gpu(str(r["hardware"])) if str(r["hardware"]).lower() not in ("cpu", "", "nan") else None
+        if gpu is None:
+            continue
+        try:
+            g = resolve_geometry(str(r["model"]))
+            # One request alone is the floor for any scheduler: a step reads the weights at least once, a
+            # prefill computes at least its own prompt.
+            floor = predict_cell(g, gpu, 1, int(r["prompt_toks"]), int(r["gen_toks"]), str(r["dtype"]),
+                                 str(r["kv_dtype"]), eff=floor_eff)  # fmt: skip
+        except Exception:  # a model kvray cannot resolve, a dtype the table lacks: no floor to compare with
+            continue
+        for metric, name, bound in (("tpot_s_p50", "TPOT p50", floor.tpot_s), ("ttft_s_p50", "TTFT p50", floor.ttft_s)):
+            measured = as_number(r[metric])
+            if measured is None or bound != bound or measured >= (1 - FLOOR_SLACK) * bound:
+                continue
+            values = {"check": "below_roofline_floor", "cell_ids": [str(r["cell_id"])],
+                      "suspect_cell_id": str(r["cell_id"]), "metric": metric, "measured_s": measured,
+                      "floor_s": bound, "gpu": gpu.name}  # fmt: skip
+            text = (
+                f"{view.series_label(r)} c={int(r['concurrency'])} × prompt {int(r['prompt_toks'])}: {name} "
+                f"{human_seconds(measured)} is below the roofline floor of {gpu.name} ({human_seconds(bound)}: one "
+                "request at 100 % of peak bandwidth and FLOP/s) — impossible for one token per step; check the "
+                "hardware the row names, the clock, or whether the engine decodes several tokens per step "
+                "(speculative decoding) or served from a cache"
+            )
+            out.append(Finding("sanity", str(r["experiment"]), view.series_label(r), values, text + "."))
+    return out
+
+
+def sanity_warnings(view: View) -> list[Finding]:
+    """Orderings physics rules out, as warnings: the cells they name are suspect, not results."""
+    return [*tpot_orderings(view), *roofline_floors(view)]
+
+
+def suspect_cells(findings: list[Finding]) -> set[str]:
+    """The cell ids a sanity warning calls suspect."""
+    return {f.values["suspect_cell_id"] for f in findings if f.key == "sanity" and "suspect_cell_id" in f.values}
+
+
 def compute_findings(view: View) -> list[Finding]:
     """Every finding the data supports, in report order."""
     return [
+        *sanity_warnings(view),
+        *failures(view),
         *memory_slopes(view),
         *oom_boundaries(view),
         *throughput_plateaus(view),

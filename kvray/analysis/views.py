@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from kvray.data.store import LABEL_COLUMNS, MEMORY_COLUMNS, TEXT_COLUMNS
+from kvray.measure.metrics import LATENCY_METRICS
+from kvray.measure.trace import MEASURED_STATUSES
 
 OOM_STATUSES = ("oom", "skipped_after_oom", "refused")
 OOM_LABELS = {"oom": "OOM", "skipped_after_oom": "skipped after OOM", "refused": "refused (predicted OOM)"}
@@ -48,6 +50,11 @@ EXPECTED_COLUMNS = (
     "output_tps_std",
     "total_tps",
 )
+
+
+# Requests behind each cell's figures. Datasets written before these columns existed get them derived
+# (``_request_counts``): a percentile is never shown without the number of samples it pools.
+COUNT_COLUMNS = ("requests", "requests_ok", "requests_failed", "failure_rate", *(f"{m}_n" for m in LATENCY_METRICS))
 
 
 def as_number(value: Any) -> float | None:
@@ -163,12 +170,26 @@ def prepare(cells: Any, traces: Any = None) -> View:
     ]
     df["experiment"] = _infer_experiments(df)
     df["kv_rel_error"] = _kv_rel_error(df)
+    _request_counts(df)
     tr = traces.copy() if traces is not None and len(traces) else pd.DataFrame()
     varying = tuple(k for k in SERIES_KEYS if df[k].astype(str).nunique() > 1) if len(df) else ()
     view = View(df, tr, missing, varying)
     if len(df):
         view.labels = sorted({view.series_label(row) for _, row in df.iterrows()})
     return view
+
+
+def _request_counts(df: Any) -> None:
+    """Fill COUNT_COLUMNS in place where a row lacks them: failure_rate = failed / requests; one TTFT, E2E and
+    queue value per successful request (TPOT and ITL counts cannot be recovered and stay NaN)."""
+    for col in COUNT_COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+        df[col] = df[col].astype(float)
+    requests = df["requests"].where(df["requests"] > 0)
+    df["failure_rate"] = df["failure_rate"].fillna(df["requests_failed"] / requests)
+    for metric in ("ttft_s", "e2e_s", "queue_s"):
+        df[f"{metric}_n"] = df[f"{metric}_n"].fillna(df["requests_ok"])
 
 
 def _kv_rel_error(df: Any) -> Any:
@@ -245,7 +266,14 @@ def sweep_series(view: View, experiment: str) -> list[Series]:
 
 
 def ok_rows(rows: Any) -> Any:
-    return rows[rows["status"] == "ok"]
+    """The cells that were measured: ``ok`` and ``partial`` (some requests failed; drawn marked, tabled with
+    their failure rate, their percentiles over the successful requests)."""
+    return rows[rows["status"].isin(MEASURED_STATUSES)]
+
+
+def partial_rows(rows: Any) -> Any:
+    """Measured cells in which some requests failed."""
+    return rows[rows["status"] == "partial"]
 
 
 def oom_rows(rows: Any) -> Any:

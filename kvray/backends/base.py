@@ -17,6 +17,13 @@ its name:
                      model kvray cannot resolve)
   device             where measured work happens in this process ("cpu" | "cuda:N"): the memory tracker's
   weights_bytes      bytes of the loaded weights when the backend holds a model
+  ttft_basis         which clock a trace's first-token time is on, recorded in every row: "engine" (the engine
+                     stamps the token in this process: hf, hf-paged, sim, synthetic) or "client-http" (the client
+                     stamps the chunk's arrival, so TTFT includes HTTP, tokenisation and server queueing: vllm,
+                     openai, ollama). Calibration fits the roofline only to "engine" rows.
+and the methods ``memory_tracker()`` (what measures memory around the measured repeats: this process on
+``device`` by default, a server's process tree for a server kvray starts, nothing for a remote server) and
+``memory_scope()`` (the row's words for which process that tracker measured),
 and the class-level checks ``validate_options`` (the options' form, anywhere) and ``check_cell`` (what this
 machine must have to run a cell here). ``BackendBase`` gives every default.
 
@@ -49,6 +56,9 @@ class BackendRun:
     memory: dict[str, int | float | None] = field(default_factory=dict)
     simulated: bool = False  # True when timestamps and memory are predictions, not measurements
     extra: dict[str, Any] = field(default_factory=dict)
+    # Counts the server reports for this run (prefix-cache hits and queries, requests whose chunk tokens
+    # disagreed with usage): the runner sums them over the measured repeats into the cell's row.
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -61,6 +71,7 @@ class Backend(Protocol):
     oom_precheck: bool
     device: str
     weights_bytes: int | None
+    ttft_basis: str
 
     def layout_for(self, options: Mapping[str, Any]) -> str: ...
 
@@ -71,6 +82,10 @@ class Backend(Protocol):
     def memory_available_bytes(self, cell: Cell) -> int | None: ...
 
     def free_memory(self) -> None: ...
+
+    def memory_tracker(self) -> Any: ...
+
+    def memory_scope(self) -> str: ...
 
     def device_info(self) -> dict[str, Any]: ...
 
@@ -88,6 +103,7 @@ class BackendBase:
     needs_model_geometry = True
     device = "cpu"
     weights_bytes: int | None = None
+    ttft_basis = "engine"
 
     # --- class-level checks, before any backend exists ----------------------------------------------
 
@@ -115,6 +131,12 @@ class BackendBase:
         """The KV layout of a cell with these options ("hf" | "paged")."""
         return cls.kv_layout
 
+    @classmethod
+    def cell_hardware(cls, cell: Cell) -> dict[str, Any] | None:
+        """The hardware a row of ``cell`` names when the cell, not the worker's device, decides it (the
+        simulator's GPU); None: the worker's device. Rows no backend ran (skipped after OOM) use it too."""
+        return None
+
     # --- what the runner calls ------------------------------------------------------------------------
 
     def load(self, cell: Cell) -> None:
@@ -131,6 +153,17 @@ class BackendBase:
 
     def free_memory(self) -> None:
         """After an out-of-memory run: give back what it left, keeping the model for the next cell."""
+
+    def memory_tracker(self) -> Any:
+        """A fresh context manager with ``figures()`` and ``is_cuda`` that measures memory around the measured
+        repeats, or None when nothing here can see the memory that matters (a remote server)."""
+        from kvray.measure.memory import MemoryTracker
+
+        return MemoryTracker(self.device or "cpu")
+
+    def memory_scope(self) -> str:
+        """Which process the memory columns of this backend's rows describe."""
+        return "kvray process"
 
     def device_info(self) -> dict[str, Any]:
         """Hardware identity: {"name": …, "memory_bytes": …, "driver": …} or {"name": "cpu"}."""

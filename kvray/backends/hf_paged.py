@@ -11,6 +11,9 @@ What is recorded beyond the traces:
   kv_reserved_bytes  the cache tensor allocated up front (what the engine holds whatever the load)
   kv_measured_bytes  peak bytes of blocks in use, sampled every ~5 ms from the cache's free-block count
   kv_predicted_bytes kvray's paged prediction with the engine's block size
+  kv_allocated_in_window_bytes  the pool bytes this run allocated (the pool, when the manager was created in
+                     it; 0 when it already existed): the runner subtracts it, not the used KV, from
+                     peak − baseline for ``activation_peak_bytes`` (docs/metrics.md)
   extra["paged_cache"]  block size, block count, bytes per block, capacity in tokens
   extra["kv_timeline"]  usage / running / waiting over time, as for servers
 
@@ -70,6 +73,13 @@ def paged_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
+def pool_in_window(pool_before_bytes: int, pool_after_bytes: int, created: bool) -> int:
+    """KV pool bytes a run allocated: none when it reused the manager (its pool is in the memory baseline),
+    the new pool less the old one it replaced when it created one (the old pool was in the baseline and was
+    freed first)."""
+    return max(pool_after_bytes - pool_before_bytes, 0) if created else 0
+
+
 class KVSampler(PeriodicSampler):
     """Samples the paged cache's blocks in use (and the scheduler's queues) on a daemon thread."""
 
@@ -113,6 +123,7 @@ class HFPagedBackend(HFBackend):
         self._manager_key: tuple[Any, ...] | None = None
         self._timeline_cell: str | None = None
         self._timeline: list[dict[str, Any]] = []
+        self._created_now = False  # _ensure_manager started a new manager (and so allocated its pool) just now
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> None:
@@ -191,7 +202,14 @@ class HFPagedBackend(HFBackend):
                 raise RuntimeError(f"hf-paged: the continuous-batching manager did not start ({error})")
             time.sleep(0.01)
         self.manager, self._manager_key = manager, key
+        self._created_now = True
         return manager
+
+    def _pool_bytes(self) -> int:
+        """Bytes of the current manager's cache tensor (0 without a running manager)."""
+        if self.manager is None or self.manager.batch_processor is None:
+            return 0
+        return int(self.cache_info()["allocated_bytes"])
 
     def cache_info(self) -> dict[str, Any]:
         """The paged cache the engine allocated: block size, blocks, bytes, capacity in tokens."""
@@ -216,13 +234,17 @@ class HFPagedBackend(HFBackend):
         if cell.kv_dtype and normalize_dtype(cell.kv_dtype) != self.dtype:
             raise KvrayInputError(f"hf-paged caches KV in the model dtype ({self.dtype}), not {cell.kv_dtype}")
         opts = paged_options(cell.option_dict)
+        pool_before = self._pool_bytes()
         manager = self._ensure_manager(cell, max((r.temperature for r in requests), default=0.0))
         info = self.cache_info()
+        pool_grown = pool_in_window(pool_before, info["allocated_bytes"], created=self._created_now)
+        self._created_now = False
         for r in requests:
-            need = math.ceil((r.prompt_toks + r.gen_toks) / info["block_size"])
+            cached = cached_positions(r.prompt_toks, r.gen_toks)  # the last token is sampled, never cached
+            need = math.ceil(cached / info["block_size"])
             if need > info["num_blocks"]:
                 raise MemoryError(
-                    f"hf-paged: can't allocate memory: a request of {r.prompt_toks + r.gen_toks} tokens needs {need} "
+                    f"hf-paged: can't allocate memory: a request of {cached} cached positions needs {need} "
                     f"blocks, the cache has {info['num_blocks']} (raise num_blocks or kv_cache_memory_bytes)"
                 )
         prompts = self._prompts(cell, requests, repeat)
@@ -257,6 +279,7 @@ class HFPagedBackend(HFBackend):
             "kv_reserved_bytes": info["allocated_bytes"],
             "kv_used_peak_bytes": sampler.peak_used,
             "kv_usage_peak": sampler.peak_used / info["kv_cache_memory_bytes"],
+            "kv_allocated_in_window_bytes": pool_grown,
         }
         if self.geometry is not None:
             positions = [cached_positions(r.prompt_toks, r.gen_toks) for r in requests]

@@ -36,9 +36,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvray.backends.base import BackendBase, BackendRun, run_async
+from kvray.backends.base import BackendBase, BackendRun
 from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_seed
-from kvray.backends.openai.settings import root_url
+from kvray.backends.openai.session import ClientSession
+from kvray.backends.openai.settings import check_reachable, root_url
 from kvray.backends.openai.stream import (
     Chunk,
     StreamError,
@@ -99,15 +100,25 @@ class OllamaBackend(BackendBase):
     oom_precheck = False  # holds no model here
     needs_model_geometry = False  # Ollama serves its own model names ("llama3.2:1b")
     device = "cpu"
+    # TTFT, TPOT and E2E are all on the client's clock (send → chunk arrivals); only the split of TTFT into
+    # queue_s is placed with Ollama's own durations (start_s), so no latency mixes the two clocks.
+    ttft_basis = "client-http"
 
     def __init__(self) -> None:
         self.settings: OllamaSettings | None = None
         self.prompts: PromptBuilder | None = None
         self._tokenizer_name: str | None = None
+        self.session = ClientSession("kvray-ollama")
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> None:
         OllamaSettings.from_options(options)
+
+    @classmethod
+    def check_cell(cls, cell: Cell) -> Cell:
+        """The options, and the server reachable (an unreachable one is one line, not an error row)."""
+        check_reachable(OllamaSettings.from_cell(cell).root)
+        return cell
 
     def load(self, cell: Cell) -> None:
         self.settings = OllamaSettings.from_cell(cell)
@@ -125,25 +136,23 @@ class OllamaBackend(BackendBase):
 
     def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
         self.load(cell)
-        return run_async(self._run(cell, requests, repeat))
+        return self.session.run(self._run(cell, requests, repeat))
 
     async def _run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
-        import httpx
-
         assert self.settings is not None
         prompts = {r.id: self._prompt(r.prompt_toks, request_seed(cell, repeat, r.id)) for r in requests}
-        limits = httpx.Limits(max_connections=len(requests) + 2)
-        timeout = httpx.Timeout(self.settings.timeout_s, connect=min(self.settings.timeout_s, 30.0))
         model = self.settings.served_model or cell.model
-        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-            t0 = time.perf_counter()
-            results = await asyncio.gather(
-                *(
-                    self._request(client, model, r, prompts[r.id], t0, repeat, request_seed(cell, repeat, r.id) % 2**31)
-                    for r in requests
-                )
+        client = await self.session.client((cell.cell_id, self.settings.root), len(requests) + 2,
+                                           self.settings.timeout_s)  # fmt: skip
+        await self.session.warm(client, f"{self.settings.root}/api/version", len(requests))  # untimed
+        t0 = time.perf_counter()
+        results = await asyncio.gather(
+            *(
+                self._request(client, model, r, prompts[r.id], t0, repeat, request_seed(cell, repeat, r.id) % 2**31)
+                for r in requests
             )
-            ps = await self._ps(client, model)
+        )
+        ps = await self._ps(client, model)
         extra: dict[str, Any] = {
             "served_model": model,
             "ollama_requests": [timing for _, timing in results if timing],
@@ -243,8 +252,16 @@ class OllamaBackend(BackendBase):
     def device_info(self) -> dict[str, Any]:
         return {"name": "remote", "server": self.settings.root if self.settings else None}
 
+    def memory_tracker(self) -> Any:
+        """Nothing: Ollama's memory is its own process's; what it publishes (/api/ps) is in the row."""
+        return None
+
+    def memory_scope(self) -> str:
+        return "remote server — not measured (model size and VRAM share from its /api/ps)"
+
     def close(self) -> None:
         self.settings = None
+        self.session.close()
 
 
 def _error_detail(text: str) -> str:

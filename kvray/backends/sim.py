@@ -143,16 +143,25 @@ class SimBackend(BackendBase):
         ordered = sorted(traces, key=lambda t: t.request_id)
         return BackendRun(traces=ordered, kv_measured_bytes=None, memory=memory, simulated=True, extra=extra)
 
+    @classmethod
+    def cell_hardware(cls, cell: Cell) -> dict[str, Any]:
+        """The simulated GPU: a row of this cell names it whichever worker ran (or skipped) the cell."""
+        return _gpu_identity(gpu_of(cell))
+
     def device_info(self) -> dict[str, Any]:
-        return {
-            "name": self.gpu.name,
-            "memory_bytes": self.gpu.memory_bytes,
-            "simulated": True,
-            "accelerator_type": self.gpu.ray_accelerator_type,
-        }
+        return _gpu_identity(self.gpu)
 
     def close(self) -> None:
         self.geometry = None
+
+
+def _gpu_identity(gpu: GpuSpec) -> dict[str, Any]:
+    return {
+        "name": gpu.name,
+        "memory_bytes": gpu.memory_bytes,
+        "simulated": True,
+        "accelerator_type": gpu.ray_accelerator_type,
+    }
 
 
 def _oom_message(gpu: GpuSpec, m: MemoryPrediction) -> str:

@@ -8,7 +8,9 @@ queue time follows from the slots and the schedule — exactly what the tests re
 
 Cell options (``Cell.options``): ttft_s (0.05), tpot_s (0.01), chunk_toks (1), max_batch (0),
 fail ("oom" | "error": the run raises, to exercise the runner), oom_above_tokens (raise an OOM when
-concurrency × longest sequence exceeds it — an emulated memory boundary for sweep tests).
+concurrency × longest sequence exceeds it — an emulated memory boundary for sweep tests), fail_every (0; k:
+every request whose id is k − 1 modulo k fails after half its tokens, as a request that times out mid-stream
+does — the cell is then ``partial``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "max_batch": 0,
     "fail": None,
     "oom_above_tokens": None,
+    "fail_every": 0,
 }
 
 
@@ -38,8 +41,8 @@ def schedule_options(options: Mapping[str, Any]) -> dict[str, Any]:
     opts = {**DEFAULTS, **options}
     if opts["ttft_s"] < 0 or opts["tpot_s"] < 0:
         raise KvrayInputError("synthetic backend: ttft_s and tpot_s must be >= 0")
-    if int(opts["chunk_toks"]) < 1 or int(opts["max_batch"]) < 0:
-        raise KvrayInputError("synthetic backend: chunk_toks must be >= 1 and max_batch >= 0")
+    if int(opts["chunk_toks"]) < 1 or int(opts["max_batch"]) < 0 or int(opts["fail_every"]) < 0:
+        raise KvrayInputError("synthetic backend: chunk_toks must be >= 1, max_batch and fail_every >= 0")
     return opts
 
 
@@ -79,6 +82,7 @@ class SyntheticBackend(BackendBase):
 
 async def _serve(requests: list[RequestSpec], repeat: int, opts: dict[str, Any]) -> list[RunTrace]:
     ttft_s, tpot_s, chunk = float(opts["ttft_s"]), float(opts["tpot_s"]), int(opts["chunk_toks"])
+    fail_every = int(opts["fail_every"])
     slots = asyncio.Semaphore(int(opts["max_batch"]) or len(requests) or 1)  # FIFO-fair since Python 3.11
     t0 = time.perf_counter()
 
@@ -97,8 +101,10 @@ async def _serve(requests: list[RequestSpec], repeat: int, opts: dict[str, Any])
             start = clock()
             first = await sleep_until(start + ttft_s)
             times = [first]
-            while len(times) < r.gen_toks:
-                k = min(chunk, r.gen_toks - len(times))
+            fails = fail_every > 0 and r.id % fail_every == fail_every - 1
+            stop = max(r.gen_toks // 2, 1) if fails else r.gen_toks
+            while len(times) < stop:
+                k = min(chunk, stop - len(times))
                 stamp = await sleep_until(first + (len(times) + k - 1) * tpot_s)
                 times.extend([stamp] * k)
         return RunTrace(
@@ -110,6 +116,8 @@ async def _serve(requests: list[RequestSpec], repeat: int, opts: dict[str, Any])
             end_s=times[-1],
             prompt_toks=r.prompt_toks,
             output_toks=len(times),
+            status="error" if fails else "ok",
+            error=f"synthetic: injected failure after {len(times)} of {r.gen_toks} tokens" if fails else None,
         )
 
     ordered = sorted(requests, key=lambda r: (r.arrival_s, r.id))

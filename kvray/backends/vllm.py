@@ -23,7 +23,10 @@ openai backend (timeout_s, metrics_interval_s, endpoint).
 Besides the traces, each run reports vLLM's own KV capacity (``vllm:cache_config_info``) next to kvray's
 paged-layout prediction for it (``extra["kv_capacity"]``: for an unquantised dense model the reported
 bytes divided by kvray's bytes per token must equal the reported tokens), the KV-usage timeline, and the
-server process tree's peak RSS (``server_rss_peak_bytes``: on CPU that is where the KV pool lives).
+server process tree's memory: its backend-chosen tracker (``memory_tracker``) samples the tree's RSS and, on a
+GPU, what NVML attributes to the tree's processes — never kvray's own allocator, and without creating a CUDA
+context in kvray's process (rows say ``memory_scope = "server process tree (pid N)"``). TTFT is the client's
+(``ttft_basis = "client-http"``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from kvray.backends.base import BackendBase, BackendRun
 from kvray.backends.openai import HTTPSettings, OpenAIBackend
 from kvray.errors import KvrayInputError
 from kvray.hardware.devices import resolve_device
-from kvray.measure.sampler import PeakSampler
 from kvray.servers.prometheus import cache_dtype
 from kvray.spec import Cell, RequestSpec
 
@@ -138,10 +140,11 @@ def capacity_check(model: str, dtype: str, server_cache: dict[str, Any]) -> dict
         predicted = paged_blocks_in(g, memory, kv_dtype, int(block)) * int(block)
         out["predicted_tokens"] = predicted
         out["agrees"] = tokens == predicted
+    else:  # the GPU case: vLLM sized the pool itself and publishes only blocks
+        out["agrees"] = None
+        out["note"] = ("vLLM published no kv_cache_memory_bytes: the pool is derived from num_gpu_blocks × "
+                       "block_size × bytes per token, so there is no independent figure to check it against")  # fmt: skip
     return out
-
-
-SERVER_RSS_INTERVAL_S = 0.05  # the server process tree's peak RSS is sampled this often while requests run
 
 
 class VLLMBackend(BackendBase):
@@ -151,6 +154,7 @@ class VLLMBackend(BackendBase):
     kv_layout = "paged"
     queues_when_full = True
     oom_precheck = False  # vLLM sizes its own KV pool and queues or preempts what does not fit
+    ttft_basis = "client-http"  # measured through the openai backend, on the client's clock
 
     def __init__(self) -> None:
         self.http = OpenAIBackend()
@@ -221,7 +225,7 @@ class VLLMBackend(BackendBase):
             tokenizer=model_path if cell.weights == "random" else opts.get("tokenizer"),
             server_flavor="vllm",
             timeout_s=float(opts.get("timeout_s", 300.0)),
-            metrics_interval_s=float(opts.get("metrics_interval_s", 0.1)),
+            metrics_interval_s=float(opts.get("metrics_interval_s", HTTPSettings.metrics_interval_s)),
         )
         self.http.configure(settings, cell.model if cell.weights != "random" else model_path)
 
@@ -253,8 +257,7 @@ class VLLMBackend(BackendBase):
     def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
         if self.server is None or not self.server.running:
             self.load(cell)
-        with PeakSampler(self.server.rss_bytes, SERVER_RSS_INTERVAL_S, "kvray-server-rss") as rss:
-            run = self.http.run(cell, requests, repeat)
+        run = self.http.run(cell, requests, repeat)
         cache = run.extra.get("server_cache") or {}
         run.extra["vllm"] = {
             "version": self._version,
@@ -265,9 +268,26 @@ class VLLMBackend(BackendBase):
         }
         if cache:
             run.extra["kv_capacity"] = capacity_check(cell.model, cell.dtype, cache)
-        if self.device == "cpu":
-            run.memory["server_rss_peak_bytes"] = rss.peak or None
         return run
+
+    def memory_tracker(self) -> Any:
+        """The server's process tree (RSS; on a GPU, NVML per process and device): kvray holds no tensors."""
+        from kvray.measure.memory import ServerMemoryTracker
+
+        return ServerMemoryTracker(lambda: self.server.pids() if self.server is not None else [], self.device)
+
+    def memory_scope(self) -> str:
+        pid = self.server.proc.pid if self.server is not None and self.server.proc is not None else None
+        return f"server process tree (pid {pid})" if pid else "server process tree (server not running)"
+
+    def device_info(self) -> dict[str, Any]:
+        """The server's device, read through NVML alone: no CUDA context in kvray's process."""
+        from kvray.hardware.devices import device_info
+
+        try:
+            return device_info(self.device, cuda_context=False)
+        except Exception:  # no NVML: name the device without touching CUDA
+            return {"name": "cpu"} if self.device == "cpu" else {"name": "unknown GPU", "device": self.device}
 
     def close(self) -> None:
         self._stop_server()

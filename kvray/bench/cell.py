@@ -59,6 +59,10 @@ def bench_cell(
         if engine.needs_model_geometry:  # a server may serve a model kvray cannot resolve
             raise
         g = None
+    if weights == "pretrained" and engine.needs_model_geometry and not engine.simulated:
+        from kvray.model.resolve import check_pretrained_weights
+
+        check_pretrained_weights(model)  # offline, or a bundled geometry: one line now, not 30 s of retries
     if g is not None and workload.max_seq_len > g.max_position_embeddings:
         raise KvrayInputError(
             f"prompt + generated tokens ({workload.max_seq_len}) exceed {model}'s "
@@ -81,6 +85,48 @@ def validate_backend_options(cell: Cell) -> Cell:
     return check_cell(cell)
 
 
+def check_output(cell: Cell, output_dir: str | Path, replace: bool = False) -> None:
+    """A bench is a new measurement each time: a folder that already holds this cell's row is refused before
+    anything loads, unless ``replace`` (the new row then takes the earlier one's place). A folder another
+    kvray run holds (its lock) is refused too."""
+    from kvray.data.store import read_results
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise KvrayInputError(f"--output {out} is a file, not a folder")
+    if (out / ".kvray-run.lock").is_file():
+        raise KvrayInputError(f"{out} is held by a running kvray run (its .kvray-run.lock); choose another --output")
+    try:
+        earlier = next((r for r in read_results(out) if r.get("cell_id") == cell.cell_id), None)
+    except OSError as exc:
+        raise KvrayInputError(f"cannot read {out}: {exc.strerror or exc}") from None
+    if earlier is not None and not replace:
+        raise KvrayInputError(
+            f"{out} already has a row for this cell ({cell.cell_id}, measured {earlier.get('started_at') or '?'}); "
+            "pass --replace to measure it again and replace that row, or --output another folder"
+        )
+
+
+def _drop_row(out_dir: Path, cell_id: str) -> None:
+    """cells.jsonl without ``cell_id``'s line, replaced atomically (--replace, after the new measurement)."""
+    import json
+
+    from kvray.data.store import CELLS_JSONL, _atomic_write_bytes
+
+    path = out_dir / CELLS_JSONL
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            same = json.loads(line).get("cell_id") == cell_id
+        except (json.JSONDecodeError, AttributeError):
+            same = False
+        if not same:
+            kept.append(line)
+    _atomic_write_bytes(path, b"".join(kept))
+
+
 @dataclass(frozen=True)
 class BenchRecord:
     """A measured cell and where it was written."""
@@ -88,23 +134,29 @@ class BenchRecord:
     result: CellResult
     output_dir: Path
     cell_json: Path  # cell_<id>.json: the whole result, traces included
-    added: bool  # False: the dataset already had this cell_id, and keeps its earlier row
+    added: bool  # True: a new row; False: it replaced the cell's earlier row (--replace)
 
 
-def measure_and_record(cell: Cell, output_dir: str | Path, check_oom: bool = True) -> BenchRecord:
+def measure_and_record(cell: Cell, output_dir: str | Path, check_oom: bool = True,
+                       replace: bool = False) -> BenchRecord:  # fmt: skip
     """Run ``cell`` on a fresh backend in this process (no Ray), append its row to the dataset in
-    ``output_dir`` and write ``cell_<id>.json`` beside it."""
+    ``output_dir`` and write ``cell_<id>.json`` beside it. The folder must not hold the cell's row already
+    unless ``replace`` (checked before the model loads: ``check_output``)."""
     from kvray.backends import get_backend
     from kvray.bench.runner import run_cell
-    from kvray.data.store import DatasetWriter, write_json_atomic
+    from kvray.data.store import DatasetWriter, read_results, write_json_atomic
 
+    check_output(cell, output_dir, replace)
     engine = get_backend(cell.backend)
     try:
         result = run_cell(engine, cell, check_oom=check_oom)
     finally:
         engine.close()
     out_dir = Path(output_dir)
-    added = DatasetWriter(out_dir).append(result)
+    replaced = replace and any(r.get("cell_id") == result.cell_id for r in read_results(out_dir))
+    if replaced:
+        _drop_row(out_dir, result.cell_id)
+    added = DatasetWriter(out_dir).append(result) and not replaced
     cell_json = out_dir / f"cell_{result.cell_id}.json"
     write_json_atomic(cell_json, result.to_dict())
     return BenchRecord(result, out_dir, cell_json, added)

@@ -1,7 +1,8 @@
 """Run one cell on a backend: OOM pre-check, load, warmup, measured repeats under a MemoryTracker, metrics.
 
 ``run_cell`` is the single entry point every caller uses (``kvray bench``, Ray workers, the simulator),
-and it never raises for the cell's own failure: a CellResult with status ok | oom | error | refused comes back.
+and it never raises for the cell's own failure: a CellResult with status ok | partial (some requests
+failed) | oom | error | refused comes back.
 What it needs to know about a backend — simulated or measured, KV layout and admission, device, memory —
 the backend declares through the contract in kvray/backends/base.py.
 """
@@ -10,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 from kvray.backends.base import Backend, BackendRun
 from kvray.data.store import MEMORY_COLUMNS
-from kvray.measure.memory import MemoryTracker, attempted_bytes, is_oom_error
+from kvray.measure.memory import attempted_bytes, is_oom_error
 from kvray.measure.metrics import summarize
 from kvray.measure.trace import CellResult, RunTrace
 from kvray.spec import Cell
@@ -85,13 +86,18 @@ def oom_refusal(backend: Backend, cell: Cell) -> str | None:
     )
 
 
-def run_cell(backend: Backend, cell: Cell, check_oom: bool = True) -> CellResult:
-    """Measure one cell. Warmup runs are discarded; ``cell.repeats`` runs are measured and pooled."""
+def run_cell(
+    backend: Backend, cell: Cell, check_oom: bool = True, on_measure: Callable[[bool], None] | None = None
+) -> CellResult:
+    """Measure one cell. Warmup runs are discarded; ``cell.repeats`` runs are measured and pooled.
+
+    ``on_measure(True)`` is called just before the measured window opens and ``on_measure(False)`` when it
+    closes, so the harness can keep its own work (a sweep's table rebuilds) out of the window."""
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     t_start = time.perf_counter()
     result = CellResult(cell=cell, status="ok", started_at=started_at)
     runs: list[BackendRun] = []
-    tracker: MemoryTracker | None = None
+    tracker: Any = None  # the backend's choice (memory_tracker): this process, a server's tree, or nothing
     failure: tuple[str, str] | None = None
     oom_size: int | None = None
     try:
@@ -105,8 +111,8 @@ def run_cell(backend: Backend, cell: Cell, check_oom: bool = True) -> CellResult
             requests = cell.workload.requests
             for i in range(cell.warmup):
                 backend.run(cell, requests, repeat=-1 - i)
-            tracker = MemoryTracker(backend.device or "cpu")
-            with tracker:
+            tracker = backend.memory_tracker()
+            with _measuring(on_measure), tracker if tracker is not None else contextlib.nullcontext():
                 for repeat in range(cell.repeats):
                     runs.append(backend.run(cell, requests, repeat=repeat))
     except Exception as exc:  # the cell's own failure: recorded, never raised
@@ -133,17 +139,39 @@ def run_cell(backend: Backend, cell: Cell, check_oom: bool = True) -> CellResult
         result.memory["weights_bytes"] = backend.weights_bytes
     for run in runs:
         result.extra.update(run.extra)
+    result.extra["ttft_basis"] = backend.ttft_basis  # which clock TTFT is on (kvray/backends/base.py)
+    result.extra["memory_scope"] = backend.memory_scope()  # which process the memory columns measured
+    for run in runs:  # server counters (prefix-cache hits, …) over the measured repeats
+        for key, count in run.counters.items():
+            result.metrics[key] = result.metrics.get(key, 0) + count
     if failure is not None:
         result.status, result.reason = failure
         if result.status == "oom":
             result.reason = _oom_reason(result.reason, cell, result.memory)
     elif traces and not any(t.status == "ok" for t in traces):
         result.status, result.reason = "error", next((t.error for t in traces if t.error), "every request failed")
+    elif any(t.status != "ok" for t in traces):  # measured, but its percentiles pool only the successful requests
+        failed = [t for t in traces if t.status != "ok"]
+        first = next((t.error for t in failed if t.error), "no reason given")
+        result.status, result.reason = "partial", f"{len(failed)} of {len(traces)} requests failed: {first}"
     result.duration_s = time.perf_counter() - t_start
     return result
 
 
-def _memory(cell: Cell, runs: list[BackendRun], tracker: MemoryTracker | None, oom_size: int | None) -> dict[str, Any]:
+@contextlib.contextmanager
+def _measuring(on_measure: Callable[[bool], None] | None) -> Iterator[None]:
+    """Tell ``on_measure`` the measured window opens, and that it closed (also when a repeat raised)."""
+    if on_measure is None:
+        yield
+        return
+    on_measure(True)
+    try:
+        yield
+    finally:
+        on_measure(False)
+
+
+def _memory(cell: Cell, runs: list[BackendRun], tracker: Any, oom_size: int | None) -> dict[str, Any]:
     memory: dict[str, Any] = dict.fromkeys(MEMORY_KEYS)
     if tracker is not None:
         memory.update(tracker.figures())
@@ -163,7 +191,11 @@ def _memory(cell: Cell, runs: list[BackendRun], tracker: MemoryTracker | None, o
     memory["kv_rel_error"] = (kv_m - kv_p) / kv_p if kv_m is not None and kv_p else None
     peak, base = memory["peak_allocated_bytes"], memory["baseline_bytes"]
     if peak is not None and base is not None and tracker is not None and tracker.is_cuda:
-        memory["activation_peak_bytes"] = peak - base - (kv_m or 0)
+        # Only KV allocated inside the window is in peak − baseline: a static cache (all of kv_measured), or a
+        # paged pool the engine created during a measured repeat (kv_allocated_in_window_bytes; 0 when the
+        # pool was already in the baseline). docs/metrics.md, "activation_peak_bytes".
+        grown = memory.get("kv_allocated_in_window_bytes")
+        memory["activation_peak_bytes"] = peak - base - (grown if grown is not None else (kv_m or 0))
     if oom_size is not None:
         memory["oom_attempted_bytes"] = oom_size
     return memory

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.stderr.write(f"kvray: error: {exc.format_message()}\n")
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        sys.stderr.write("kvray: interrupted\n")
+        sys.stderr.write("kvray: interrupted; finished cells are kept — rerun the same command to resume\n")
         sys.exit(130)
     except BrokenPipeError:  # `kvray info … | head`
         sys.exit(0)

@@ -48,10 +48,13 @@ def bench(
     host: HostOpt = None,
     no_check_oom: Annotated[bool, typer.Option("--no-check-oom", help="run even when OOM risk is high")] = False,
     output: Annotated[str, typer.Option("--output", help="results folder")] = "results",
+    replace: Annotated[
+        bool, typer.Option("--replace", help="measure a cell the folder already has again, replacing its row")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure one cell in-process (no Ray): latency, throughput, memory and KV; writes the dataset."""
-    from kvray.bench.cell import bench_cell, measure_and_record
+    from kvray.bench.cell import bench_cell, check_output, measure_and_record
 
     options = parse_option_pairs([*(option or []), *server_options(vllm_python, base_url, api_key_env, host)])
     cell = bench_cell(
@@ -59,7 +62,8 @@ def bench(
         mixed=comma_ints("--mixed", mixed) if mixed else None, arrival_gap_s=arrival_gap_s, dtype=dtype,
         weights=weights, device=device, backend=backend, warmup=warmup, repeats=repeats, options=options,
     )  # fmt: skip
-    record = measure_and_record(cell, output, check_oom=not no_check_oom)
+    check_output(cell, output, replace)  # before the model loads
+    record = measure_and_record(cell, output, check_oom=not no_check_oom, replace=replace)
     if as_json:
         render.print_json(render.bench_json(record))
     else:

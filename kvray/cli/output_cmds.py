@@ -8,6 +8,40 @@ import typer
 
 from kvray.cli import render
 from kvray.cli.options import ResultsDirArg
+from kvray.errors import KvrayInputError
+
+
+def require_results(results_dir: str) -> None:
+    """A folder with at least one readable row, checked before anything is drawn: a folder with no results
+    is an input error (one line, exit 2), not seven empty figures and a report about nothing."""
+    from pathlib import Path
+
+    from kvray.data.store import CELLS_JSONL, read_results
+
+    folder = Path(results_dir)
+    if not folder.is_dir():
+        raise KvrayInputError(f"{folder} is not a results folder (no such directory)")
+    path = folder / CELLS_JSONL
+    try:
+        rows = read_results(folder)
+    except OSError as exc:
+        raise KvrayInputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (KeyError, TypeError, AttributeError):  # JSON lines that are not kvray rows
+        rows = []
+    from kvray.measure.trace import CellResult
+
+    for row in rows:  # a JSON line that is not a kvray row would fail deep inside a figure
+        try:
+            CellResult.from_dict(row)
+        except Exception as exc:
+            raise KvrayInputError(
+                f"{path}: the row of cell {str(row.get('cell_id'))[:40]!r} is not a kvray result ({type(exc).__name__})"
+            ) from None
+    if not rows:
+        what = "is not readable as kvray rows" if path.is_file() else "does not exist"
+        raise KvrayInputError(
+            f"{folder} holds no results: {path} {what} (a results folder comes from kvray run, exp1–exp4 or bench)"
+        )
 
 
 def plot(
@@ -18,6 +52,7 @@ def plot(
     from kvray.figures.plots import make_figures
     from kvray.figures.server import server_figures_if_any
 
+    require_results(results_dir)
     render.figures(make_figures(results_dir, out) + server_figures_if_any(results_dir, out))
 
 
@@ -30,6 +65,7 @@ def report(
     """Write report.md and a self-contained report.html: environment, a table per experiment, findings."""
     from kvray.report import make_report
 
+    require_results(results_dir)
     paths = make_report(results_dir, figures=not no_figures)
     render.figures(paths.figures)
     render.findings(paths.findings)

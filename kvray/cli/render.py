@@ -126,7 +126,7 @@ def bench_result(record: Any) -> None:
             out.print(table)
     colour = "green" if result.status == "ok" else "red"
     out.print(f"status: [bold {colour}]{result.status}[/]" + (f" — {result.reason}" if result.reason else ""))
-    note = "" if record.added else " (this cell_id was already in cells.jsonl: the earlier row is kept there)"
+    note = "" if record.added else " (replacing this cell's earlier row, --replace)"
     out.print(f"wrote {record.cell_json} and {record.output_dir / 'cells.jsonl'}{note}")
 
 

@@ -64,13 +64,23 @@ def run(
     from kvray.plan.job import load_job
 
     job = load_job(job_file)  # a bad file is one line, before Ray starts
+    from kvray.data.status import default_output_dir
     from kvray.sweep import SweepError, last_run, run_job, status_counts
 
+    where = Path(output) if output else default_output_dir(job)
     try:
-        out = run_job(job, output, address=address, resume=resume, check_oom=check_oom, dashboard=dashboard)
+        out = run_job(job, where, address=address, resume=resume, check_oom=check_oom, dashboard=dashboard,
+                      notice=render.note)  # fmt: skip
     except SweepError as exc:
         sys.stderr.write(f"kvray: sweep stopped: {exc}\n")
         return 1
+    except KeyboardInterrupt:
+        from kvray.data.store import read_results
+
+        rows = len(read_results(where))
+        sys.stderr.write(f"kvray: interrupted: {rows} rows kept in {where}; resume with: "
+                         f"kvray run {job_file} --output {where}\n")  # fmt: skip
+        return 130
     from kvray.data.store import read_results
 
     counts = status_counts(out, job)

@@ -14,6 +14,7 @@ which the next writer truncates and the loader ignores. Each cell_id appears at 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -60,7 +61,9 @@ LABEL_COLUMNS = (
 )
 # Text that says where and when it ran.
 PLACEMENT_COLUMNS = ("device", "hardware_requested", "accelerator_type", "node_id", "started_at")
-TEXT_COLUMNS = LABEL_COLUMNS + PLACEMENT_COLUMNS
+# Text that says what a number measured: TTFT's clock, the process the memory columns describe.
+BASIS_COLUMNS = ("ttft_basis", "memory_scope")
+TEXT_COLUMNS = LABEL_COLUMNS + PLACEMENT_COLUMNS + BASIS_COLUMNS
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -124,9 +127,16 @@ class DatasetWriter:
             return False
         line = (json.dumps(result.to_dict(), default=_json_default) + "\n").encode()
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(fd).st_size
         try:
-            os.write(fd, line)
+            written = 0
+            while written < len(line):  # a full disk can take part of the line before it raises
+                written += os.write(fd, line[written:])
             os.fsync(fd)
+        except OSError:  # ENOSPC and friends: cut the partial line so cells.jsonl stays whole lines
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
         finally:
             os.close(fd)
         self._ids.add(result.cell_id)

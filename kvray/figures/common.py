@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvray.analysis.views import OOM_LABELS, OOM_STATUSES, Series, ok_rows, oom_rows
+from kvray.analysis.views import OOM_LABELS, OOM_STATUSES, Series, ok_rows, oom_rows, partial_rows
 from kvray.figures import style
 
 FIGURES_DIR = "figures"
@@ -35,6 +35,7 @@ class FigureResult:
     paths: list[Path] = field(default_factory=list)
     series: list[str] = field(default_factory=list)  # legend labels of the data series drawn
     oom_markers: int = 0  # cells marked on an axis as OOM / skipped after OOM / refused
+    partial_markers: int = 0  # points of partly failed cells ringed (their latencies pool successful requests only)
     notes: list[str] = field(default_factory=list)  # what is missing or approximated, shown under the figure
     empty: bool = False  # no panel had data
     caption: str = ""
@@ -162,13 +163,53 @@ def x_values(rows: Any, x: str) -> Any:
 
 
 def caption_notes(rows: Any) -> list[str]:
-    """The note every figure adds about ``rows`` it does not draw: cells that failed with an ordinary error."""
+    """The notes every figure adds about ``rows``: cells that failed with an ordinary error (not drawn), and
+    cells in which some requests failed (drawn, ringed where a figure marks them: their latencies and tokens/s
+    count the successful requests only)."""
     notes = []
     errors = rows[rows["status"] == "error"]
     if len(errors):
         reasons = sorted({str(r)[:80] for r in errors["reason"].dropna()})
         notes.append(f"{len(errors)} cell(s) failed with an error and are not drawn: {'; '.join(reasons[:2])}")
+    partial = partial_rows(rows)
+    if len(partial):
+        shown = [
+            f"c={int(r['concurrency'])} p{int(r['prompt_toks'])}: {int(r['requests_failed'])}/{int(r['requests'])} failed"
+            for _, r in partial.head(4).iterrows()
+            if r["requests"] == r["requests"] and r["requests_failed"] == r["requests_failed"]
+        ]
+        notes.append(
+            f"{len(partial)} partial cell(s), some requests failed (ringed; statistics over the successful "
+            f"requests only){': ' + ', '.join(shown) if shown else ''}"
+        )
     return notes
+
+
+PARTIAL_RING: dict[str, Any] = {
+    "marker": "o",
+    "markersize": 14,
+    "markerfacecolor": "none",
+    "markeredgewidth": 1.3,
+    "linestyle": "none",
+}
+
+
+def mark_partial(ax: Any, rows: Any, x: str, y: str, scale: float = 1.0) -> int:
+    """A ring around each partly failed cell's point (``y`` / ``scale`` at ``x``); returns how many were ringed."""
+    part = partial_rows(rows)[[x, y]].dropna().astype(float)
+    if not len(part):
+        return 0
+    ax.plot(part[x], part[y] / scale, color=style.OOM_COLOR, zorder=6, gid="partial-marker", **PARTIAL_RING)
+    return len(part)
+
+
+def partial_legend_handles(count: int) -> list[Any]:
+    """The legend entry for ringed partial cells, when any was drawn."""
+    from matplotlib.lines import Line2D
+
+    if not count:
+        return []
+    return [Line2D([], [], color=style.OOM_COLOR, label="partial: some requests failed", **PARTIAL_RING)]
 
 
 # ---------------------------------------------------------------- OOM markers and legends

@@ -1,7 +1,10 @@
-"""fig6: the same cells on each GPU type — output throughput, E2E p50 and throughput per GB of KV cache.
+"""fig6: the same cells on each GPU type — output throughput, E2E p50 and throughput per GiB of KV cache.
 
 A cell shape (experiment, model, backend, dtypes, workload, lengths) run on at least two hardware types is
-one group of bars, a bar per GPU type; a cell that did not fit that GPU is an OOM label where its bar would be.
+one group of bars, a bar per GPU type; a cell that did not fit that GPU is an OOM label where its bar would be,
+a partly failed cell's bar is hatched. Panel (c) divides by the measured KV where the cell recorded one and by
+kvray's prediction otherwise; its title says which, and bars on the prediction are hatched when both occur.
+Without the same cells on two hardware types the figure is one short panel saying so.
 """
 
 from __future__ import annotations
@@ -15,14 +18,18 @@ import numpy as np
 from kvray.analysis.views import OOM_STATUSES, View, ok_rows
 from kvray.figures import common, style
 from kvray.figures.common import FigureResult
+from kvray.measure.trace import MEASURED_STATUSES
+from kvray.units import GIB
 
 SHAPE_KEYS = ("experiment", "model", "backend", "dtype", "kv_dtype", "workload", "prompt_toks_list", "gen_toks")
 MAX_SHAPES = 24
 PANELS = (
     ("output_tps", "output tokens/s", "(a) output throughput"),
     ("e2e_s_p50", "E2E p50 (s)", "(b) end-to-end latency p50"),
-    ("_tps_per_gb", "tokens/s per GB of KV", "(c) throughput per GB of KV cache"),
+    ("_tps_per_gib", "tokens/s per GiB of KV", "(c) throughput per GiB of KV cache"),
 )
+PREDICTED_HATCH = "//"  # panel (c) bars whose KV is kvray's prediction (no measured KV in that cell)
+PARTIAL_HATCH = "xx"  # a partly failed cell: its figures count the successful requests only
 
 
 def _shape_label(row: Any, varying: set[str]) -> str:
@@ -51,18 +58,19 @@ def _shared_shapes(keyed: Any, hardware: list[str]) -> tuple[list[str], str]:
 def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
     cells = view.cells
     heading = ("fig6 · The same cells on each GPU type", view.context(cells))
-    with common.new_figure("fig6_cross_hardware", out_dir, 3, 1, figsize=(7.0, 9.0), title=heading) as d:
-        axes, result = d.axes, d.result
-        hardware = sorted({str(h) for h in cells["hardware_label"]}) if len(cells) else []
-        keyed = cells.assign(_shape=cells[list(SHAPE_KEYS)].astype(str).agg("|".join, axis=1)) if len(cells) else cells
-        shared, why = _shared_shapes(keyed, hardware)
-        if not shared:
+    hardware = sorted({str(h) for h in cells["hardware_label"]}) if len(cells) else []
+    keyed = cells.assign(_shape=cells[list(SHAPE_KEYS)].astype(str).agg("|".join, axis=1)) if len(cells) else cells
+    shared, why = _shared_shapes(keyed, hardware)
+    if not shared:  # one short panel with the message once, not three empty panels
+        with common.new_figure("fig6_cross_hardware", out_dir, 1, 1, figsize=(7.0, 2.0), title=heading) as d:
             d.missing(
                 f"No cross-hardware comparison: {why}.\nRun with `--hardware each` (or a job "
                 "listing several GPU types) to fill it.",
                 why,
             )
-            return result
+        return d.result
+    with common.new_figure("fig6_cross_hardware", out_dir, 3, 1, figsize=(7.0, 9.0), title=heading) as d:
+        axes, result = d.axes, d.result
         sub = keyed[keyed["_shape"].isin(shared)]
         first = sub.sort_values(["experiment", "concurrency", "prompt_toks"]).drop_duplicates("_shape")
         order = first["_shape"].tolist()
@@ -73,13 +81,20 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
         d.fig.set_figwidth(max(7.0, 1.5 + 0.65 * len(order) * max(1.0, len(hw_here) / 3)))
         varying = {k for k in ("model", "backend", "dtype") if sub[k].nunique() > 1}
         labels = [_shape_label(first.set_index("_shape").loc[s], varying) for s in order]
-        kv = sub["kv_measured_bytes"].astype(float).fillna(sub["kv_predicted_bytes"].astype(float))
-        sub = sub.assign(_tps_per_gb=sub["output_tps"].astype(float) / (kv / 1e9))
+        measured = sub["kv_measured_bytes"].astype(float)
+        kv = measured.where(measured > 0).fillna(sub["kv_predicted_bytes"].astype(float))
+        on_prediction = measured.isna() | ~(measured > 0)
+        sub = sub.assign(_tps_per_gib=sub["output_tps"].astype(float) / (kv / GIB), _kv_predicted=on_prediction)
+        ran = sub[sub["status"].isin(MEASURED_STATUSES)]
+        basis = _kv_basis(ran["_kv_predicted"])
         for ax, (col, ylabel, title) in zip(axes, PANELS, strict=True):
-            ooms = _bars(ax, sub, order, hw_here, col, ylabel)
+            ooms, partial = _bars(
+                ax, sub, order, hw_here, col, ylabel, mark_predicted=col == "_tps_per_gib" and "hatched" in basis
+            )
             if ax is axes[0]:
                 result.oom_markers += ooms
-            ax.set_title(title, loc="left")
+                result.partial_markers += partial
+            ax.set_title(title + (f" — {basis}" if col == "_tps_per_gib" else ""), loc="left")
             ax.set_xticks(
                 np.arange(len(order)), labels if ax is axes[-1] else [""] * len(order), rotation=30, ha="right"
             )
@@ -88,31 +103,56 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
         result.series = hw_here
         if kv.isna().all():
             result.notes.append("panel (c) needs kv_measured_bytes or kv_predicted_bytes: not in the dataset")
-        result.notes.append("KV per cell: measured where recorded, else predicted; OOM: the cell did not fit that GPU")
+        result.notes.append(f"panel (c) per GiB (2^30 bytes) of {basis}; OOM: the cell did not fit that GPU")
+        if result.partial_markers:
+            result.notes.append("hatched xx: partial cell, some requests failed (successful requests only)")
     return result
 
 
-def _bars(ax: Any, sub: Any, order: list[str], hw_here: list[str], col: str, ylabel: str) -> int:
-    """One bar per hardware type per shape of ``col`` (ok cells); "OOM" where the cell did not fit. Returns the
-    OOM labels drawn; log y where small cells would vanish next to large ones (e.g. tokens/s per GB)."""
+def _kv_basis(predicted: Any) -> str:
+    """Which KV panel (c) divides by: "measured KV", "predicted KV", or both (the predicted bars hatched)."""
+    if not len(predicted) or not predicted.any():
+        return "measured KV"
+    if predicted.all():
+        return "predicted KV (no cell measured its KV)"
+    return "measured KV; hatched bars: predicted KV"
+
+
+def _bars(
+    ax: Any, sub: Any, order: list[str], hw_here: list[str], col: str, ylabel: str, mark_predicted: bool = False
+) -> tuple[int, int]:
+    """One bar per hardware type per shape of ``col`` (measured cells); "OOM" where the cell did not fit; partial
+    cells hatched, and with ``mark_predicted`` bars on predicted KV too. Returns (OOM labels, partial bars)
+    drawn; log y where small cells would vanish next to large ones (e.g. tokens/s per GiB)."""
     width = 0.8 / len(hw_here)
     drawn: list[float] = []
-    oom_count = 0
+    oom_count = partial_count = 0
     for h_i, hw in enumerate(hw_here):
         part = sub[sub["hardware_label"] == hw].set_index("_shape")
         xs = np.arange(len(order)) - 0.4 + width * (h_i + 0.5)
-        ys, ooms = [], []
+        ys, ooms, hatches = [], [], []
         for j, shape in enumerate(order):
             row = part.loc[shape] if shape in part.index else None
             if row is not None and getattr(row, "ndim", 1) > 1:
                 row = row.iloc[0]
-            if row is not None and row["status"] == "ok":
+            hatch = None
+            if row is not None and row["status"] in MEASURED_STATUSES:
                 ys.append(float(row[col]))
+                if row["status"] == "partial":
+                    hatch, partial_count = PARTIAL_HATCH, partial_count + 1
+                elif mark_predicted and bool(row["_kv_predicted"]):
+                    hatch = PREDICTED_HATCH
+                hatches.append(hatch)
             else:
+                hatches.append(None)
                 ys.append(math.nan)
                 if row is not None and row["status"] in OOM_STATUSES:
                     ooms.append(j)
-        ax.bar(xs, ys, width * 0.95, color=style.color(h_i), label=hw, gid=f"bar-{col}-{hw}")
+        bars = ax.bar(xs, ys, width * 0.95, color=style.color(h_i), label=hw, gid=f"bar-{col}-{hw}")
+        for bar, hatch in zip(bars, hatches, strict=True):
+            if hatch:
+                bar.set_hatch(hatch)
+                bar.set_edgecolor("white")
         drawn += ys
         for j in ooms:
             ax.annotate(
@@ -131,4 +171,4 @@ def _bars(ax: Any, sub: Any, order: list[str], hw_here: list[str], col: str, yla
             )
         oom_count += len(ooms)
     common.auto_y(ax, drawn, ylabel, span=50, headroom=None)
-    return oom_count
+    return oom_count, partial_count

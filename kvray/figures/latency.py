@@ -39,6 +39,7 @@ def fig3_latency_vs_seqlen(view: View, out_dir: Path) -> FigureResult:
         slots = common.oom_slots(series)
         for s in series:
             ok = ok_rows(s.rows)
+            ringed = 0  # partial cells of this series, ringed on each panel that draws them
             for ax, (metric, _) in zip(axes, FIG3_PANELS, strict=True):
                 p50, p99 = f"{metric}_p50", f"{metric}_p99"
                 pts = ok[["prompt_toks", p50, p99]].astype(float).dropna(subset=[p50])
@@ -46,9 +47,11 @@ def fig3_latency_vs_seqlen(view: View, out_dir: Path) -> FigureResult:
                 if not len(pts):
                     continue
                 band = common.p50_line_p99_band(ax, pts, "prompt_toks", metric, s, f"{metric}-{s.color_index}")
+                ringed = max(ringed, common.mark_partial(ax, s.rows, "prompt_toks", p50, scale=1e-3))
                 plotted[metric] += (pts[p50] * 1e3).tolist() + (band[p99] * 1e3).tolist()
                 if pts["prompt_toks"].nunique() >= 2 and metric != "tpot_s":
                     fits[metric].append(_power_law(ax, pts, metric, s.color_index, s.label if len(series) > 1 else ""))
+            result.partial_markers += ringed
             for ax in axes:
                 result.oom_markers += common.mark_oom(ax, s, "prompt_toks", slots.get(s.label, 0))
             statuses |= set(oom_rows(s.rows)["status"])
@@ -75,6 +78,7 @@ def fig3_latency_vs_seqlen(view: View, out_dir: Path) -> FigureResult:
                     gid="fit-label",
                 )
         handles = common.series_handles(series) + common.oom_legend_handles(statuses)
+        handles += common.partial_legend_handles(result.partial_markers)
         axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: never over data
         result.notes.append("line: p50 over all requests and repeats; band: p50–p99; dotted: log-log fit ∝ L^b")
         result.notes += common.caption_notes(rows)

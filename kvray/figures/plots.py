@@ -6,7 +6,7 @@ fig2_tps_vs_concurrency      exp1 output throughput (min–max over repeats) and
 fig3_latency_vs_seqlen       exp2 TTFT, TPOT and E2E vs prompt length, log-log, with the fitted exponent
 fig4_mem_vs_seqlen           exp2 memory, as fig1
 fig5_mixed_lengths_latency   exp3 short requests alone vs batched with long ones: p50/p99 TTFT and E2E
-fig6_cross_hardware          the same cells on each GPU type: throughput, latency, throughput per GB of KV
+fig6_cross_hardware          the same cells on each GPU type: throughput, latency, throughput per GiB of KV
 fig7_kv_predicted_vs_measured  predicted vs measured KV with y = x, and the error of each cell
 
 One module per family draws them: memory.py (fig1, fig4), throughput.py (fig2), latency.py (fig3, fig5),

@@ -33,6 +33,8 @@ def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
                 common.p50_line_p99_band(
                     ax_tpot, tpot.astype(float), "concurrency", "tpot_s", s, f"tpot-{s.color_index}"
                 )
+            result.partial_markers += common.mark_partial(ax_tps, s.rows, "concurrency", "output_tps")
+            common.mark_partial(ax_tpot, s.rows, "concurrency", "tpot_s_p50", scale=1e-3)  # the same cells
             for ax in (ax_tps, ax_tpot):
                 result.oom_markers += common.mark_oom(ax, s, "concurrency", slots.get(s.label, 0))
             statuses |= set(oom_rows(s.rows)["status"])
@@ -46,7 +48,8 @@ def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
         ax_tpot.set_ylabel("time per output token (ms)")
         ax_tpot.set_ylim(bottom=0)
         ax_tpot.set_title("(b) TPOT: line p50, band p50–p99")
-        ax_tps.legend(handles=common.series_handles(series) + common.oom_legend_handles(statuses), loc="best")
+        handles = common.series_handles(series) + common.oom_legend_handles(statuses)
+        ax_tps.legend(handles=handles + common.partial_legend_handles(result.partial_markers), loc="best")
         if repeats_seen > 1:
             result.notes.append(f"error bars: min–max of output throughput over {repeats_seen} repeats (point = mean)")
         else:

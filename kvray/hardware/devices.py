@@ -8,6 +8,8 @@ functions: a CPU-only or server-only run never pays for them.
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Collection
 from typing import Any
 
 from kvray.errors import KvrayInputError
@@ -46,8 +48,51 @@ def nvml_handle(device: str) -> Any:
     return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
-def device_info(device: str) -> dict[str, Any]:
-    """{"name", "memory_bytes", "driver", …} of a CUDA device (NVML when present), or the CPU's."""
+def nvml_handle_without_cuda(device: str) -> Any:
+    """NVML handle of ``cuda:N`` found through CUDA_VISIBLE_DEVICES alone, without torch — so this process creates
+    no CUDA context, which a backend whose GPU work happens in a server process must not do.
+
+    CUDA_VISIBLE_DEVICES entries may be NVML indices or UUIDs; without it ``cuda:N`` is NVML index N (NVML
+    orders by PCI bus, as CUDA does with CUDA_DEVICE_ORDER=PCI_BUS_ID).
+    """
+    import pynvml
+
+    pynvml.nvmlInit()
+    index = int(device.split(":")[1]) if ":" in device else 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    entry = visible[index] if index < len(visible) else str(index)
+    if entry.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+    return pynvml.nvmlDeviceGetHandleByUUID(entry)
+
+
+def nvml_process_used_bytes(pids: Collection[int]) -> int | None:
+    """GPU memory NVML attributes to ``pids`` (``nvmlDeviceGetComputeRunningProcesses``), summed over every device.
+
+    None when NVML lists none of them with a known figure: no GPU work yet, a driver that hides per-process
+    usage, or a container whose pid namespace differs from the one NVML reports in. NVML must be initialised.
+    """
+    import pynvml
+
+    total, seen = 0, False
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i)):
+            used = getattr(proc, "usedGpuMemory", None)
+            if proc.pid in pids and used is not None:
+                total, seen = total + int(used), True
+    return total if seen else None
+
+
+def _nvml_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def device_info(device: str, cuda_context: bool = True) -> dict[str, Any]:
+    """{"name", "memory_bytes", "driver", …} of a CUDA device (NVML when present), or the CPU's.
+
+    ``cuda_context=False`` reads NVML alone (no torch, no CUDA context here): for a device that a server
+    process uses.
+    """
     import platform
 
     import psutil
@@ -58,6 +103,17 @@ def device_info(device: str) -> dict[str, Any]:
             "memory_bytes": int(psutil.virtual_memory().total),
             "cpu_count": psutil.cpu_count(),
             "processor": platform.processor() or platform.machine(),
+        }
+    if not cuda_context:
+        import pynvml
+
+        handle = nvml_handle_without_cuda(device)
+        return {
+            "name": _nvml_text(pynvml.nvmlDeviceGetName(handle)),
+            "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+            "driver": _nvml_text(pynvml.nvmlSystemGetDriverVersion()),
+            "device": device,
+            "source": "nvml",
         }
     import torch
 
@@ -75,10 +131,8 @@ def device_info(device: str) -> dict[str, Any]:
         import pynvml
 
         handle = nvml_handle(device)
-        name = pynvml.nvmlDeviceGetName(handle)
-        info["name"] = name.decode() if isinstance(name, bytes) else str(name)
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        info["driver"] = driver.decode() if isinstance(driver, bytes) else str(driver)
+        info["name"] = _nvml_text(pynvml.nvmlDeviceGetName(handle))
+        info["driver"] = _nvml_text(pynvml.nvmlSystemGetDriverVersion())
         info["memory_bytes"] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
     except Exception:
         pass

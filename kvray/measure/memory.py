@@ -5,6 +5,9 @@
         device's used memory as NVML sees it (all processes, CUDA context included), sampled every ~10 ms
   CPU   the process's peak RSS. On Linux the kernel keeps it exactly (VmHWM in /proc/self/status, reset by
         writing "5" to /proc/self/clear_refs), so nothing is sampled; elsewhere RSS is sampled every ~10 ms
+``ServerMemoryTracker`` measures a server's process tree instead (a backend that starts one, such as vLLM): the
+tree's RSS and, on a GPU, the memory NVML attributes to those processes — through NVML alone, so kvray's own
+process, which holds no tensors, creates no CUDA context on the server's GPU.
 Sampling runs in a daemon thread (``kvray.measure.sampler.PeakSampler``), so a generate loop in the main
 thread is never blocked by it. The kernel's high-water mark is preferred on CPU because it misses no spike
 and costs nothing: a 10 ms sampling thread competing for the GIL measurably slowed a CPU generate loop
@@ -14,13 +17,15 @@ and costs nothing: a 10 ms sampling thread competing for the GIL measurably slow
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
-from kvray.hardware.devices import nvml_handle
+from kvray.hardware.devices import nvml_handle, nvml_handle_without_cuda, nvml_process_used_bytes
 from kvray.measure.sampler import PeakSampler
 
 SAMPLE_INTERVAL_S = 0.01
+SERVER_SAMPLE_INTERVAL_S = 0.05  # a server tree is walked with psutil and NVML: every 50 ms is plenty
 
 # Messages of allocation failures that are not typed as OOM errors (CPU allocators, NCCL, cuBLAS).
 _OOM_PATTERNS = (
@@ -166,4 +171,86 @@ class MemoryTracker:
             "nvml_baseline_used_bytes": None,
             "nvml_peak_used_bytes": None,
             "rss_peak_bytes": self._peak_sample,
+        }
+
+
+def tree_rss_bytes(pids: Sequence[int]) -> int | None:
+    """Resident memory of these processes together (None when none of them exists any more)."""
+    import psutil
+
+    total, seen = 0, False
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+            seen = True
+        except psutil.Error:
+            continue
+    return total if seen else None
+
+
+class ServerMemoryTracker:
+    """``with ServerMemoryTracker(server.pids, "cuda:0") as mem: …`` — a server process tree's memory.
+
+    Baselines on entry, peaks sampled every ``interval_s`` until exit, of
+      server_rss_*         the tree's RSS (psutil over ``pids()``, read again each time: workers come and go)
+      server_gpu_*         on a GPU, the memory NVML attributes to the tree's processes (per process, summed)
+      nvml_*_used_bytes    on a GPU, the server's device as a whole (every process on it)
+    and figures() puts the server's own numbers in the common columns too (baseline_bytes, rss_peak_bytes), so a
+    row whose ``memory_scope`` names the server describes the server. No torch: nothing here touches CUDA.
+    """
+
+    is_cuda = False  # no allocator of this process to read: the runner derives no activation peak from it
+
+    def __init__(self, pids: Callable[[], Sequence[int]], device: str = "cpu",
+                 interval_s: float = SERVER_SAMPLE_INTERVAL_S):  # fmt: skip
+        self.pids = pids
+        self.device = device
+        self.interval_s = interval_s
+        self._reads: dict[str, Callable[[], int | None]] = {"server_rss": lambda: tree_rss_bytes(self.pids())}
+        self._baselines: dict[str, int | None] = {}
+        self._samplers: dict[str, PeakSampler] = {}
+
+    def __enter__(self) -> ServerMemoryTracker:
+        if self.device.startswith("cuda"):
+            try:
+                import pynvml
+
+                handle = nvml_handle_without_cuda(self.device)
+                self._reads["server_gpu"] = lambda: nvml_process_used_bytes(set(self.pids()))
+                self._reads["nvml"] = lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+            except Exception:  # no NVML here: the tree's RSS still stands
+                pass
+        for key, read in self._reads.items():
+            try:
+                self._baselines[key] = read()
+            except Exception:
+                self._baselines[key] = None
+            sampler = PeakSampler(read, self.interval_s, f"kvray-{key}", initial=self._baselines[key] or 0)
+            self._samplers[key] = sampler.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for sampler in self._samplers.values():
+            sampler.__exit__(exc_type, exc, tb)
+
+    def _peak(self, key: str) -> int | None:
+        sampler = self._samplers.get(key)
+        return (sampler.peak or None) if sampler is not None else None
+
+    def figures(self) -> dict[str, int | None]:
+        """The common memory columns, describing the server, plus the server_* columns (docs/metrics.md)."""
+        on_gpu = "server_gpu" in self._samplers
+        return {
+            "baseline_bytes": self._baselines.get("server_gpu" if on_gpu else "server_rss"),
+            "peak_allocated_bytes": None,
+            "peak_reserved_bytes": None,
+            "nvml_baseline_used_bytes": self._baselines.get("nvml"),
+            "nvml_peak_used_bytes": self._peak("nvml"),
+            "rss_peak_bytes": self._peak("server_rss"),
+            "server_rss_baseline_bytes": self._baselines.get("server_rss"),
+            "server_rss_peak_bytes": self._peak("server_rss"),
+            "server_gpu_baseline_bytes": self._baselines.get("server_gpu"),
+            "server_gpu_peak_bytes": self._peak("server_gpu"),
         }

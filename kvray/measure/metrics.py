@@ -10,7 +10,9 @@ Per request (from a RunTrace):
             always output − 1 gaps, summing to last token − first token, and mean(itl) = tpot per request.
 Per repeat: makespan = last end − first arrival; output_tps = Σ output tokens / makespan;
 total_tps = Σ (prompt + output) / makespan; rps = requests / makespan. Cell throughput is the mean over
-repeats. Latency percentiles pool the successful requests of all repeats.
+repeats. Latency percentiles pool the successful requests of all repeats, so every distribution carries its
+sample count (``{metric}_n``) and the cell its ``failure_rate``: a p99 of 9 requests is not a p99 of 1,000,
+and a p99 that silently dropped the requests that timed out is no p99 at all.
 """
 
 from __future__ import annotations
@@ -75,6 +77,17 @@ def describe(values: Iterable[float], prefix: str) -> dict[str, float]:
     return out
 
 
+def sample_count(values: Iterable[float]) -> int:
+    """How many values a distribution of ``describe`` pools (NaN values are dropped there too)."""
+    return sum(1 for v in values if v == v)
+
+
+def describe_counted(values: Iterable[float], prefix: str) -> dict[str, float]:
+    """``describe`` plus ``{prefix}_n``, the number of values its statistics were computed from."""
+    kept = list(values)
+    return {f"{prefix}_n": sample_count(kept), **describe(kept, prefix)}
+
+
 def throughput(traces: Sequence[RunTrace]) -> dict[str, float]:
     """Throughput of one repeat's traces (all requests, failed ones count in the makespan)."""
     if not traces:
@@ -95,11 +108,12 @@ def summarize(traces: Sequence[RunTrace]) -> dict[str, Any]:
         "requests": len(traces),
         "requests_ok": len(ok),
         "requests_failed": len(traces) - len(ok),
+        "failure_rate": (len(traces) - len(ok)) / len(traces) if traces else float("nan"),
         "output_toks_total": sum(t.output_toks for t in ok),
     }
     for name in ("ttft_s", "tpot_s", "e2e_s", "queue_s"):
-        out.update(describe((m[name] for m in per_request), name))
-    out.update(describe((g for t in ok for g in itl_gaps(t.token_times_s)), "itl_s"))
+        out.update(describe_counted((m[name] for m in per_request), name))
+    out.update(describe_counted((g for t in ok for g in itl_gaps(t.token_times_s)), "itl_s"))
     by_repeat: dict[int, list[RunTrace]] = defaultdict(list)
     for t in traces:
         by_repeat[t.repeat].append(t)

@@ -11,7 +11,12 @@ from typing import Any
 
 from kvray.spec import Cell
 
-STATUSES = ("ok", "oom", "error", "skipped_after_oom", "refused")
+# ok       every request of every measured repeat succeeded
+# partial  the cell ran, but some requests failed: its latency percentiles pool only the successful ones
+#          (``requests_failed``, ``failure_rate`` and each ``<metric>_n`` say how many)
+# oom | error | skipped_after_oom | refused   no measurement (see docs/metrics.md, "Status and OOM")
+STATUSES = ("ok", "partial", "oom", "error", "skipped_after_oom", "refused")
+MEASURED_STATUSES = ("ok", "partial")  # cells whose metrics are results (drawn, fitted, tabled)
 FINAL_STATUSES = STATUSES  # every status is final: a resumed sweep does not rerun any of them
 
 
@@ -33,6 +38,9 @@ class RunTrace:
     output_toks: int
     status: str = "ok"  # "ok" | "error" | "oom"
     error: str | None = None
+    # Server backends: the tokens the stream's chunks counted (token_ids or re-tokenised text) when that differs
+    # from the server's usage count, which ``output_toks`` holds; None when they agree or nothing was reconciled.
+    chunk_toks: int | None = None
 
     @property
     def first_token_s(self) -> float | None:
@@ -132,6 +140,8 @@ class CellResult:
             "node_id": self.hardware.get("node_id"),
             "started_at": self.started_at,
             "duration_s": self.duration_s,
+            "ttft_basis": self.extra.get("ttft_basis"),  # "engine" | "client-http" (kvray/backends/base.py)
+            "memory_scope": self.extra.get("memory_scope"),  # which process the memory columns measured
         }
         row.update({k: v for k, v in self.memory.items()})
         row.update(self.metrics)

@@ -44,7 +44,7 @@ def _read_config_file(path: Path, name: str) -> dict[str, Any]:
 def _hub_config(model_id: str) -> dict[str, Any]:
     """config.json from the hub; any failure (offline, private, typo) becomes one clear line."""
     known = ", ".join(bundled_models())
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+    if _hub_offline():
         reason = "HF_HUB_OFFLINE is set"
     else:
         try:
@@ -102,3 +102,64 @@ def load_config(model: str) -> dict[str, Any]:
 
 def resolve_geometry(model: str) -> ModelGeometry:
     return geometry_from_config(load_config(model), name=model)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connection to the hub's host: seconds at most, where the hub client would retry for ~30 s."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cached_weights(model_id: str) -> bool:
+    """True when the hub cache holds a snapshot of ``model_id`` with weight files in it."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return False
+    cached = try_to_load_from_cache(model_id, "config.json")
+    if not isinstance(cached, str):
+        return False
+    snapshot = Path(cached).parent
+    return any(snapshot.glob("*.safetensors")) or any(snapshot.glob("*.bin"))
+
+
+def check_pretrained_weights(model: str, network: bool = True) -> None:
+    """``--weights pretrained`` asks for a checkpoint: say at once when there is none to be had here.
+
+    A local directory must hold weight files; a geometry bundled with kvray alone (``kvray/…``) has no
+    weights anywhere; a hub id must be in the local cache, or the hub must be reachable (HF_HUB_OFFLINE set
+    or no connection within seconds is one line, not half a minute of retries and a multi-line OSError).
+    ``network=False`` (a job planned here, run on workers that may have the network) skips the hub checks.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise KvrayInputError(f"{path} has no weight files (*.safetensors, *.bin) for --weights pretrained")
+        return
+    if model.startswith("kvray/") and is_bundled(model):
+        raise KvrayInputError(
+            f"{model} is a geometry bundled with kvray and has no pretrained weights; use --weights random"
+        )
+    if not network or _cached_weights(model):
+        return
+    if _hub_offline():
+        raise KvrayInputError(
+            f"--weights pretrained: {model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        )
+    if not _hub_reachable():
+        raise KvrayInputError(
+            f"--weights pretrained: {model} is not in the local Hugging Face cache and the hub is unreachable "
+            "(this machine looks offline); use --weights random, or download it where there is a network"
+        )

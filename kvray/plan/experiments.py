@@ -128,7 +128,8 @@ def exp3_job(
     """Short requests alone (uniform) and the same short requests batched with long ones (mixed).
 
     A ``long`` the model cannot hold becomes the longest prompt it can (with a note): the seed's
-    ``--long 4096`` on a 2048-position OPT still measures "long beside short"."""
+    ``--long 4096`` on a 2048-position OPT still measures "long beside short". Beyond twice the model's
+    positions it is a mistake (``--long 999999``), an error naming the largest possible prompt."""
     _positive("--short", [short])
     _positive("--long", [long])
     _positive("--gen-toks", [gen_toks])
@@ -136,8 +137,13 @@ def exp3_job(
     _positive("--n-long", [n_long])
     limit = _max_positions(common.model)
     notes = []
+    longest = limit - gen_toks + 1
+    if long > 2 * limit:  # not the seed's 4096 on a 2048-position model: a length no clamp should hide
+        raise KvrayInputError(
+            f"--long {long} + {gen_toks} generated tokens exceed {common.model}'s {limit} positions "
+            f"(largest possible prompt: {longest})"
+        )
     if long + gen_toks - 1 > limit:
-        longest = limit - gen_toks + 1
         notes.append(
             f"--long {long} + {gen_toks} generated tokens exceed {common.model}'s {limit} positions: "
             f"using --long {longest}, the longest prompt it holds"

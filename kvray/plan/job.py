@@ -261,6 +261,14 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
         text=text,
     )
     _check_lengths(c, job)
+    if weights == "pretrained":
+        from kvray.model.resolve import check_pretrained_weights
+
+        for i, model in enumerate(models):
+            try:
+                check_pretrained_weights(model, network=False)  # the workers may have the network
+            except KvrayInputError as exc:
+                raise c.fail(f"models[{i}]", str(exc)) from None
     return job
 
 

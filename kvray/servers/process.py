@@ -161,16 +161,9 @@ class ServerProcess:
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the whole server process tree (None once it has gone)."""
-        import psutil
+        from kvray.measure.memory import tree_rss_bytes
 
-        total, seen = 0, False
-        for pid in self.pids():
-            try:
-                total += psutil.Process(pid).memory_info().rss
-                seen = True
-            except psutil.Error:
-                continue
-        return total if seen else None
+        return tree_rss_bytes(self.pids())
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM to the process group, SIGKILL after ``grace_s``; the guardian then exits on its own."""

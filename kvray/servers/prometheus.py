@@ -22,6 +22,9 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 PREEMPTIONS = ("vllm:num_preemptions_total", "vllm:num_preemptions")
 CACHE_CONFIG = "vllm:cache_config_info"
+# Prefix-cache counters, in prompt tokens (prometheus_client exposes a counter "x" as "x_total").
+PREFIX_HITS = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_hits")
+PREFIX_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_queries")
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)(?:\s+\S+)?$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -77,6 +80,19 @@ def kv_snapshot(samples: list[Sample]) -> dict[str, float | None]:
     }
 
 
+def prefix_cache_counts(samples: list[Sample]) -> dict[str, float | None]:
+    """{prefix_cache_hits, prefix_cache_queries}: vLLM's cumulative counters (tokens), None when not exported."""
+    return {"prefix_cache_hits": _total(samples, PREFIX_HITS), "prefix_cache_queries": _total(samples, PREFIX_QUERIES)}
+
+
+def counter_deltas(before: list[Sample] | None, after: list[Sample] | None) -> dict[str, int]:
+    """How much each prefix-cache counter grew between two scrapes ({} when either scrape or counter is missing)."""
+    if before is None or after is None:
+        return {}
+    b, a = prefix_cache_counts(before), prefix_cache_counts(after)
+    return {k: int(round(a[k] - b[k])) for k in a if a[k] is not None and b[k] is not None}  # type: ignore[operator]
+
+
 def _number(text: str | None) -> int | float | None:
     if text is None or text in ("None", ""):
         return None
@@ -108,9 +124,9 @@ def cache_config(samples: list[Sample]) -> dict[str, Any]:
     return out
 
 
-def used_kv_bytes(cache: dict[str, Any], usage: float | None) -> int | None:
-    """KV bytes in use from vLLM's usage fraction: vLLM reserves one null block, so usage = used / (blocks − 1)."""
-    blocks, reserved = cache.get("num_gpu_blocks"), cache.get("kv_cache_memory_bytes")
+def used_kv_bytes(blocks: int | None, reserved: int | None, usage: float | None) -> int | None:
+    """KV bytes in use from vLLM's usage fraction of a pool of ``blocks`` blocks and ``reserved`` bytes: vLLM
+    reserves one null block, so usage = used / (blocks − 1)."""
     if usage is None or not blocks or not reserved:
         return None
     used_blocks = round(usage * max(blocks - 1, 1))
@@ -136,7 +152,10 @@ SCRAPE_TIMEOUT_S = 10.0
 class MetricsPoller:
     """Scrapes ``url`` every ``interval_s`` on the running event loop; ``points`` is the KV timeline.
 
-    Each point: {t_s (on the caller's clock, relative to ``t0``), kv_usage, running, waiting, preemptions}.
+    Each point: {t_s, sent_s, rtt_s, kv_usage, running, waiting, preemptions}, times on the caller's clock
+    relative to ``t0``. ``t_s`` is when the answer arrived: the server reads its gauges while answering, and on a
+    busy server the request waits on its event loop first, so the answer is the closer stamp; ``sent_s`` and
+    ``rtt_s`` (answer − send) bound the moment the values describe.
     A server that answers the first scrape with an error status or refuses the connection has no metrics:
     polling stops. A scrape that merely times out (a busy server streaming tokens on a loaded machine) is
     skipped and polling goes on — giving up there would lose the whole cell's timeline.
@@ -149,6 +168,7 @@ class MetricsPoller:
         self.interval_s = interval_s
         self.repeat = repeat
         self.points: list[dict[str, Any]] = []
+        self.last_samples: list[Sample] | None = None  # the final scrape's, after the run (stop)
         self.available: bool | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -171,9 +191,16 @@ class MetricsPoller:
             return None, True
         return parse(response.text), False
 
+    def _point(self, samples: list[Sample], sent_s: float) -> None:
+        answered_s = time.perf_counter() - self.t0
+        snap = kv_snapshot(samples)
+        if any(v is not None for v in snap.values()):
+            self.points.append({"repeat": self.repeat, "t_s": round(answered_s, 6), "sent_s": round(sent_s, 6),
+                                "rtt_s": round(answered_s - sent_s, 6), **snap})  # fmt: skip
+
     async def _loop(self) -> None:
         while not self._stopping:
-            t = time.perf_counter() - self.t0
+            sent_s = time.perf_counter() - self.t0
             samples, absent = await self._scrape()
             if samples is None:
                 if self.available is None and absent:
@@ -181,9 +208,7 @@ class MetricsPoller:
                     return
             else:
                 self.available = True
-                snap = kv_snapshot(samples)
-                if any(v is not None for v in snap.values()):
-                    self.points.append({"repeat": self.repeat, "t_s": round(t, 6), **snap})
+                self._point(samples, sent_s)
             await asyncio.sleep(self.interval_s)
 
     def start(self) -> None:
@@ -199,11 +224,12 @@ class MetricsPoller:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         if self.available is not False:
+            sent_s = time.perf_counter() - self.t0
             samples = await self.scrape()
             if samples is not None:
                 self.available = True
-                snap = kv_snapshot(samples)
-                self.points.append({"repeat": self.repeat, "t_s": round(time.perf_counter() - self.t0, 6), **snap})
+                self.last_samples = samples
+                self._point(samples, sent_s)
 
 
 def peak(points: list[dict[str, Any]], key: str) -> float | None:

@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +34,7 @@ from kvray.measure.trace import CellResult
 from kvray.plan.job import Job
 from kvray.plan.planner import plan_cells
 from kvray.spec import Cell
+from kvray.sweep.folder import FolderLock, disk_full, job_changes, job_sha256
 from kvray.sweep.placement import Placement, capacity, check_hardware, placement
 from kvray.sweep.pool import RPC_TIMEOUT_S, WORKER_NAME_PREFIX, Slot, SlotState, WorkerPool
 from kvray.sweep.progress import SweepListener, default_listener
@@ -42,6 +47,20 @@ __all__ = ["WORKER_NAME_PREFIX", "Sweep", "SweepError", "run_job"]
 
 class SweepError(RuntimeError):
     """The sweep cannot go on (no worker can start); rows written so far stay, a rerun resumes."""
+
+
+def exit_on_second_interrupt() -> None:
+    """After a first Ctrl-C the sweep stops its workers and writes its tables; a second one quits at once
+    (rows already in cells.jsonl are safe: each was fsync'ed when it was written)."""
+
+    def quit_now(signum: int, frame: Any) -> None:
+        sys.stderr.write("\nkvray: quit at once; rows already written are kept — rerun the same command to resume\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, quit_now)
+        sys.stderr.write("kvray: interrupted: stopping workers and writing tables (Ctrl-C again to quit at once)\n")
 
 
 class Sweep:
@@ -94,7 +113,9 @@ class Sweep:
                 while self.turn():
                     pass
         except BaseException as exc:
-            outcome = f"stopped: {first_line(exc)}"
+            if isinstance(exc, KeyboardInterrupt):
+                exit_on_second_interrupt()
+            outcome = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"stopped: {first_line(exc)}"
             raise
         finally:
             self.listener.on_close(outcome)
@@ -132,6 +153,7 @@ class Sweep:
             "cluster": self.cluster.to_dict(),
             "check_oom": self.check_oom,
             "cells_planned": cells_planned,
+            "job_sha256": job_sha256(self.job),
         }
         return self.ray.remote(Collector).options(**options).remote(str(self.out_dir), job_record, run_record)
 
@@ -210,6 +232,8 @@ class Sweep:
 
     def cell_finished(self, slot: Slot) -> None:
         outcome = self.pool.outcome(slot)
+        if outcome.failure and disk_full(RuntimeError(outcome.failure)):  # the collector could not write its row
+            raise SweepError(f"{outcome.cell.label()}: {outcome.failure}")
         if outcome.status is not None:
             self.scheduler.done(slot.index, outcome.status)
         elif outcome.worker_lost:
@@ -247,12 +271,18 @@ def run_job(
     dashboard: bool = False,
     worker_setup: Callable[[], Any] | None = None,
     poll_s: float = 0.2,
+    notice: Callable[[str], object] | None = None,
 ) -> Path:
     """Run every cell of ``job`` not yet in ``output_dir`` on Ray; returns the output folder.
 
     Uses the running Ray if this process already joined one; otherwise starts a local single-node Ray
     (``address="local"``), or joins ``"auto"`` / ``"ray://host:port"``, and shuts down what it started.
     ``worker_setup`` runs once inside each worker before anything else (resource limits, env tweaks).
+    ``notice`` receives one line when the job changed since the folder's last run (default: stderr).
+
+    The folder is locked for the run (a second run into it refuses); a bad request (hardware the cluster
+    lacks) leaves no folder behind; Ctrl-C stops the workers, writes the tables and re-raises
+    KeyboardInterrupt (a second Ctrl-C quits at once); a full disk is a SweepError saying so.
     """
     out = Path(output_dir) if output_dir is not None else default_output_dir(job)
     if not resume:
@@ -264,11 +294,51 @@ def run_job(
                 f"{out} already holds results of this job; rerun with --resume (the default) to finish "
                 "the job, or choose another --output"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    started = connect(address, dashboard)
+    created = not out.exists()
     try:
-        Sweep(job, out, check_oom, default_listener(progress), worker_setup, poll_s).run()
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(out)
+        lock.acquire()
+    except OSError as exc:
+        raise KvrayInputError(f"cannot write the results folder {out}: {exc.strerror or exc}") from None
+    try:
+        changes = job_changes(job, out)
+        if changes is not None:
+            (notice or (lambda text: sys.stderr.write(f"kvray: note: {text}\n")))(changes.describe())
+        started = connect(address, dashboard)
+        try:
+            Sweep(job, out, check_oom, default_listener(progress), worker_setup, poll_s).run()
+        finally:
+            if started:
+                shutdown()
+    except KvrayInputError:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if nothing was written: a refused run leaves no empty folder behind
+        raise
+    except KeyboardInterrupt:
+        write_tables_here(out)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise
+    except Exception as exc:
+        if disk_full(exc):
+            raise SweepError(
+                f"no space left on the disk of {out}: the sweep stopped; every row written so far is in "
+                "cells.jsonl (a torn last line is cut on the next run); free space and rerun the same "
+                "command to resume"
+            ) from None
+        raise
     finally:
-        if started:
-            shutdown()
+        lock.release()
     return out
+
+
+def write_tables_here(out: Path) -> None:
+    """The flat tables from cells.jsonl, written by this process: after Ctrl-C the collector may be gone."""
+    from kvray.data.store import DatasetWriter
+
+    with contextlib.suppress(Exception):
+        if (out / "cells.jsonl").is_file():
+            DatasetWriter(out, tables=False).write_tables()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.units import first_line
 
 BEGIN, END = "KVRAY-DATASET-BEGIN", "KVRAY-DATASET-END"
 FORWARDED_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -139,7 +140,10 @@ def submit(
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     job_path = Path(job_file)
-    client = JobSubmissionClient(address, headers=ray_auth_headers())
+    try:
+        client = JobSubmissionClient(address, headers=ray_auth_headers())
+    except (ConnectionError, OSError, RuntimeError, ValueError) as exc:  # nothing listening, not a dashboard
+        raise KvrayInputError(f"cannot reach the Ray dashboard at {address}: {first_line(exc)}") from None
     env_vars = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "PYTHONUNBUFFERED": "1"}
     env_vars.update({k: os.environ[k] for k in FORWARDED_SECRETS if os.environ.get(k)})
     with tempfile.TemporaryDirectory(prefix="kvray-job-") as workdir:

@@ -53,9 +53,28 @@ def actor_options(p: Placement, num_cpus: float) -> dict[str, Any]:
     return options
 
 
+def requested_types(cells: list[Cell]) -> set[str]:
+    """Accelerator types the cells ask for by name: every measured cell whose hardware is not ``any``
+    (a simulated backend's hardware is a GPU from its table, not something the cluster must have)."""
+    from kvray.backends import backend_class
+
+    return {c.hardware for c in cells if c.hardware != "any" and not backend_class(c.backend).simulated}
+
+
 def check_hardware(cells: list[Cell], cluster: Cluster) -> None:
-    """Every requested accelerator type must exist, or the sweep would wait forever for it."""
-    missing = sorted({c.hardware for c in cells if placement(c, cluster).accelerator_type} - set(cluster.gpus_by_type))
+    """Every requested accelerator type must exist before anything starts: otherwise the sweep would wait
+    forever for it, or (on a cluster without GPUs) run the cell on a CPU worker and record the GPU it asked
+    for beside the CPU it ran on."""
+    missing = sorted(requested_types(cells) - set(cluster.gpus_by_type))
     if missing:
         present = ", ".join(sorted(cluster.gpus_by_type)) or "none"
-        raise KvrayInputError(f"hardware {', '.join(missing)} is not in this Ray cluster (present: {present})")
+        if cluster.gpus_by_type:
+            has = ""
+        elif cluster.gpus >= 1:
+            has = f"; it has {cluster.gpus:g} GPUs of no declared accelerator type"
+        else:
+            has = "; it has no GPUs at all, only CPUs"
+        raise KvrayInputError(
+            f"hardware {', '.join(missing)} is not in this Ray cluster (present: {present}){has}: use hardware: "
+            "any, or run where that GPU type is"
+        )

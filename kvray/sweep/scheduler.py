@@ -55,6 +55,20 @@ class Seat(Generic[Where]):
         return str(self.hardware.get("name", "cpu"))
 
 
+def row_hardware(cell: Cell, worker: dict[str, Any]) -> dict[str, Any]:
+    """The hardware a verdict's row names: what the cell's backend decides (the simulator's GPU), else the
+    worker's device — so a skipped cell names the GPU its OOM happened on, not the CPU worker that simulated it."""
+    from kvray.backends import backend_class
+    from kvray.errors import KvrayInputError
+
+    try:
+        decided = backend_class(cell.backend).cell_hardware(cell)
+    except KvrayInputError:
+        decided = None
+    where = {"node_id": worker["node_id"]} if "node_id" in worker else {}
+    return {"name": str(worker.get("name", "cpu")), **where, **(decided or {})}
+
+
 def _no_write(verdict: Verdict) -> None:
     """Default sink: nobody records verdicts."""
 
@@ -152,10 +166,10 @@ class Scheduler(Generic[Where]):
         oomed = self.oomed.get((group, seat.hardware_name), [])
         while queue:
             cell = queue.popleft()
-            reason = skip_reason(cell, oomed, seat.hardware_name)
+            hardware = row_hardware(cell, seat.hardware)
+            reason = skip_reason(cell, oomed, hardware["name"])
             if reason is None:
                 return cell
-            hardware = {"name": seat.hardware_name, "node_id": seat.hardware.get("node_id")}
             self._decide(Verdict(cell, "skipped_after_oom", reason, hardware))
         return None
 
@@ -189,7 +203,7 @@ class Scheduler(Generic[Where]):
         else:
             n = self.attempts[cell.cell_id]
             reason = f"{why} (after {n} attempt{'s' if n != 1 else ''})"
-            hardware = {"name": holder.hardware_name if holder is not None else "cpu"}
+            hardware = row_hardware(cell, holder.hardware if holder is not None else {})
             self._decide(Verdict(cell, "error", reason, hardware))
 
     def _decide(self, verdict: Verdict) -> None:

@@ -6,12 +6,18 @@ raises for a cell's own failure), stamps the result with its hardware identity (
 acknowledgement so a result the driver counts as done is on disk. It counts real model loads per model,
 so sweeps can show that a model is loaded once per worker.
 
+It keeps the harness's own work out of its measurements: it tells the collector when a cell's measured
+window opens and closes (the collector defers its table rebuilds meanwhile, kvray/sweep/collector.py), and
+after a real model load it collects garbage and waits ``SETTLE_AFTER_LOAD_S`` before the cell goes on, so
+the load's leftovers (freed buffers, allocator and thread-pool start-up) are not charged to the first cell.
+
 The class is plain Python; the driver wraps it with ``ray.remote`` and its placement options, so this
 module imports without Ray (``kvray.sweep.ray_env.import_ray`` is the one place Ray is imported for kvray).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -22,6 +28,9 @@ from kvray.spec import Cell
 from kvray.sweep.ray_env import import_ray
 
 COLLECTOR_ACK_TIMEOUT_S = 120.0
+MEASURING_ACK_TIMEOUT_S = 30.0  # the collector answers once a table rebuild in progress has finished
+SETTLE_AFTER_LOAD_S = 0.5
+QUICK_LOAD_S = 0.05  # loads faster than this (the simulator, the synthetic schedule) are not followed by a settle
 
 
 def model_key(cell: Cell) -> str:
@@ -47,13 +56,25 @@ def limit_memory(headroom_bytes: int, preload: tuple[str, ...] = ("torch", "tran
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
-class CountingBackend:
-    """Wraps a backend so every real model load is counted and timed (a repeated load is the backend's no-op)."""
+def settle(seconds: float = SETTLE_AFTER_LOAD_S) -> None:
+    """After a model load: free what the load left behind, then let the node go quiet before measuring."""
+    import gc
 
-    def __init__(self, inner: Any, loads: dict[str, int], load_s: dict[str, float]):
+    gc.collect()
+    time.sleep(seconds)
+
+
+class CountingBackend:
+    """Wraps a backend so every real model load is counted and timed (a repeated load is the backend's no-op),
+    and settles after each real load (``settle``; not counted in the load time)."""
+
+    def __init__(
+        self, inner: Any, loads: dict[str, int], load_s: dict[str, float], settle_s: float = SETTLE_AFTER_LOAD_S
+    ):
         self._inner = inner
         self._loads = loads
         self._load_s = load_s
+        self._settle_s = settle_s
         self._key: str | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -67,8 +88,11 @@ class CountingBackend:
         t0 = time.perf_counter()
         self._inner.load(cell)
         self._loads[key] = self._loads.get(key, 0) + 1
-        self._load_s[key] = self._load_s.get(key, 0.0) + time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self._load_s[key] = self._load_s.get(key, 0.0) + took
         self._key = key
+        if self._settle_s > 0 and took > QUICK_LOAD_S:  # a load that did nothing heavy leaves nothing to settle
+            settle(self._settle_s)
 
     def close(self) -> None:
         self._key = None
@@ -163,7 +187,7 @@ class Worker:
         else:
             if self.threads and "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(self.threads)
-            result = run_cell(backend, cell, check_oom=self.check_oom)
+            result = run_cell(backend, cell, check_oom=self.check_oom, on_measure=self._tell_collector)
         hardware = {**result.hardware, **{k: v for k, v in self.identity.items() if k not in ("name", "memory_bytes")}}
         if hardware.get("name") in (None, "", "cpu") and self.identity["name"] != "cpu":
             hardware["name"], hardware["memory_bytes"] = self.identity["name"], self.identity["memory_bytes"]
@@ -178,6 +202,15 @@ class Worker:
             "duration_s": result.duration_s,
             "written": written,
         }
+
+    def _tell_collector(self, active: bool) -> None:
+        """The measured window opens or closes: the collector holds its table rebuilds meanwhile. Waits for
+        the answer (a rebuild in progress finishes first); a collector that does not answer delays nothing."""
+        ray = import_ray()
+        ref = self.collector.measuring.remote(self.worker_id, self.identity.get("node_id"), active)
+        if active:
+            with contextlib.suppress(Exception):
+                ray.get(ref, timeout=MEASURING_ACK_TIMEOUT_S)
 
     def stats(self) -> dict[str, Any]:
         """Model loads (per model key) and load seconds, cells run: what benchmarks and tests check."""

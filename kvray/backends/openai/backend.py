@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from kvray.backends.base import BackendBase, BackendRun, run_async
+from kvray.backends.base import BackendBase, BackendRun
 from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_seed
-from kvray.backends.openai.settings import HTTPSettings
+from kvray.backends.openai.session import ClientSession
+from kvray.backends.openai.settings import HTTPSettings, check_reachable
 from kvray.backends.openai.stream import (
     Chunk,
     chunk_content,
@@ -28,7 +29,7 @@ from kvray.backends.openai.stream import (
     token_times,
 )
 from kvray.measure.trace import RunTrace
-from kvray.servers.prometheus import MetricsPoller, cache_config, cache_dtype, peak, used_kv_bytes
+from kvray.servers.prometheus import MetricsPoller, cache_config, cache_dtype, counter_deltas, peak, used_kv_bytes
 from kvray.spec import Cell, RequestSpec
 
 _FLAVOR_FIELDS: dict[str, Callable[[int], dict[str, Any]]] = {
@@ -45,6 +46,7 @@ class OpenAIBackend(BackendBase):
     oom_precheck = False
     needs_model_geometry = False  # the server may serve a model kvray cannot resolve
     device = "cpu"  # the client's process; the server's memory comes from its own metrics
+    ttft_basis = "client-http"  # first chunk's arrival at the client: HTTP, tokenisation and queueing included
 
     def __init__(self) -> None:
         self.settings: HTTPSettings | None = None
@@ -55,6 +57,7 @@ class OpenAIBackend(BackendBase):
         self._timeline_cell: str | None = None
         self._timeline: list[dict[str, Any]] = []
         self.server_cache: dict[str, Any] = {}
+        self.session = ClientSession("kvray-openai")
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> None:
@@ -62,8 +65,8 @@ class OpenAIBackend(BackendBase):
 
     @classmethod
     def check_cell(cls, cell: Cell) -> Cell:
-        """The options, and the API key's variable set in this process's environment."""
-        HTTPSettings.from_cell(cell)
+        """The options, the API key's variable set in this process's environment, and the server reachable."""
+        check_reachable(HTTPSettings.from_cell(cell).root)
         return cell
 
     # --- loading ------------------------------------------------------------------------------------
@@ -106,30 +109,37 @@ class OpenAIBackend(BackendBase):
     def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
         if self.settings is None:
             self.load(cell)
-        return run_async(self.run_async(cell, requests, repeat))
+        return self.session.run(self.run_async(cell, requests, repeat))
 
     async def run_async(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
-        import httpx
-
         assert self.settings is not None and self.prompts is not None
         settings = self.settings
         prompts = {r.id: self.prompts.make(r.prompt_toks, request_seed(cell, repeat, r.id)) for r in requests}
-        limits = httpx.Limits(max_connections=len(requests) + 4, max_keepalive_connections=len(requests) + 4)
-        timeout = httpx.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 30.0))
-        async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=settings.headers()) as client:
-            if self.flavor is None:
-                self.flavor = await self._probe_flavor(client, prompts[requests[0].id] if requests else "")
-            metrics_url = settings.metrics_url or f"{settings.root}/metrics"
-            t0 = time.perf_counter()
-            poller = MetricsPoller(client, metrics_url, t0, settings.metrics_interval_s, repeat)
+        headers = settings.headers()
+        connections = len(requests) + 1  # one per request in flight, one for /metrics
+        key = (cell.cell_id, settings.root, tuple(sorted(headers.items())))
+        client = await self.session.client(key, connections + 3, settings.timeout_s, headers)
+        await self.session.warm(client, f"{settings.root}/v1/models", connections)  # untimed: before t0
+        if self.flavor is None:
+            self.flavor = await self._probe_flavor(client, self.prompts.make(2, request_seed(cell, -(10**6), 0)))
+        poller = MetricsPoller(client, settings.metrics_url or f"{settings.root}/metrics", 0.0,
+                               settings.metrics_interval_s or 1.0, repeat)  # fmt: skip
+        before = await poller.scrape()  # counters before the run (prefix-cache hits), outside the timed window
+        if before is None:  # no /metrics here (or none now): no timeline for this run
+            poller.available = False
+        poller.t0 = t0 = time.perf_counter()
+        if settings.metrics_interval_s > 0 and before is not None:
             poller.start()
-            traces = await asyncio.gather(*(self._request(client, r, prompts[r.id], t0, repeat) for r in requests))
-            await poller.stop()
-            if poller.available and not self.server_cache:
-                samples = await poller.scrape()
-                self.server_cache = cache_config(samples) if samples else {}
-                if samples is not None and not self.server_cache:
-                    self.server_cache = {"source": "metrics without vllm:cache_config_info"}
+        traces = await asyncio.gather(*(self._request(client, cell, r, prompts[r.id], t0, repeat) for r in requests))
+        await poller.stop()
+        if before is not None and not self.server_cache:
+            self.server_cache = cache_config(poller.last_samples or before) or {
+                "source": "metrics without vllm:cache_config_info"
+            }
+        return self._backend_run(cell, list(traces), poller, counter_deltas(before, poller.last_samples), repeat)
+
+    def _backend_run(self, cell: Cell, traces: list[RunTrace], poller: MetricsPoller, counters: dict[str, int],
+                     repeat: int) -> BackendRun:  # fmt: skip
         extra: dict[str, Any] = {"server_flavor": self.flavor, "served_model": self.model_name}
         memory: dict[str, int | float | None] = {}
         if repeat >= 0 and poller.points:  # warmups are not part of the cell's timeline
@@ -137,29 +147,33 @@ class OpenAIBackend(BackendBase):
                 self._timeline_cell, self._timeline = cell.cell_id, []
             self._timeline.extend(poller.points)
             extra["kv_timeline"] = list(self._timeline)
-        if self.server_cache and "kv_cache_memory_bytes" in self.server_cache:
+        if self.server_cache.get("num_gpu_blocks"):
             extra["server_cache"] = dict(self.server_cache)
-            reserved = self.server_cache.get("kv_cache_memory_bytes")
+            reserved, source = reserved_kv_bytes(cell, self.server_cache)
             # Only samples that caught requests in the engine say how much KV the workload used.
             busy = [p for p in poller.points if (p.get("running") or 0) > 0]
             usage = peak(busy, "kv_usage")
             memory["kv_reserved_bytes"] = reserved
             memory["kv_usage_peak"] = usage
-            used = used_kv_bytes(self.server_cache, usage)
+            extra["kv_reserved_source"] = source
+            used = used_kv_bytes(self.server_cache.get("num_gpu_blocks"), reserved, usage)
             if used is not None:
                 memory["kv_used_peak_bytes"] = used
             predicted = predicted_paged_bytes(cell, self.server_cache)
             if predicted is not None:
                 memory["kv_predicted_bytes"] = predicted
+        mismatched = [t for t in traces if t.chunk_toks is not None]
+        counters = {**counters, "stream_token_mismatches": len(mismatched)}
         kv_measured = memory.get("kv_used_peak_bytes")
         return BackendRun(
-            traces=list(traces),
+            traces=traces,
             kv_measured_bytes=int(kv_measured) if kv_measured is not None else None,
             memory=memory,
             extra=extra,
+            counters=counters,
         )
 
-    def _body(self, prompt: str, r: RequestSpec, flavor: str, stream: bool = True) -> dict[str, Any]:
+    def _body(self, prompt: str, r: RequestSpec, flavor: str, stream: bool = True, salt: str = "") -> dict[str, Any]:
         assert self.settings is not None
         body: dict[str, Any] = {"model": self.model_name, "max_tokens": r.gen_toks, "temperature": r.temperature}
         if self.settings.endpoint == "chat":
@@ -170,16 +184,19 @@ class OpenAIBackend(BackendBase):
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         body.update(_FLAVOR_FIELDS[flavor](r.gen_toks))
+        if flavor == "vllm" and salt:  # vLLM salts the first block's prefix-cache hash with it: no prompt, chat
+            body["cache_salt"] = salt  # template included, can be served from another request's cached blocks
         body.update(self.settings.extra_body)
         return body
 
     async def _probe_flavor(self, client: Any, prompt: str) -> str | None:
         """The first flavor whose length-forcing fields the server accepts (None if it cannot be reached)."""
         assert self.settings is not None
-        probe = RequestSpec(id=0, prompt_toks=1, gen_toks=1)
+        probe = RequestSpec(id=0, prompt_toks=2, gen_toks=1)  # its own 2-token prompt: nothing a request reuses
         for flavor in ("vllm", "transformers", "openai"):
+            body = self._body(prompt, probe, flavor, stream=False, salt="kvray-flavor-probe")
             try:
-                response = await client.post(self.settings.url, json=self._body(prompt, probe, flavor, stream=False))
+                response = await client.post(self.settings.url, json=body)
             except Exception:
                 return None  # unreachable now: every request will record why; probe again next run
             if response.status_code == 200:
@@ -188,13 +205,14 @@ class OpenAIBackend(BackendBase):
                 return "openai"
         return "openai"
 
-    async def _request(self, client: Any, r: RequestSpec, prompt: str, t0: float, repeat: int) -> RunTrace:
+    async def _request(self, client: Any, cell: Cell, r: RequestSpec, prompt: str, t0: float, repeat: int) -> RunTrace:
         assert self.settings is not None and self.prompts is not None
         start_s = await sleep_until_arrival(r, t0)
         chunks: list[Chunk] = []
         state: dict[str, Any] = {"usage": None, "finish": None, "end_s": start_s}
+        salt = f"kvray-{request_seed(cell, repeat, r.id):x}"
         failure = await stream_failure(
-            self._stream(client, r, prompt, t0, chunks, state), float(self.settings.timeout_s)
+            self._stream(client, r, prompt, t0, chunks, state, salt), float(self.settings.timeout_s)
         )
         if failure is not None:
             return error_trace(r, repeat, start_s, chunks, t0, failure)
@@ -208,8 +226,10 @@ class OpenAIBackend(BackendBase):
         counts = [max(k, 1) if c.text or c.token_ids else k for c, k in zip(chunks, counts, strict=True)]
         times = token_times(chunks, counts, n_out, state["end_s"])
         prompt_toks = int(usage.get("prompt_tokens") or r.prompt_toks)
-        trace = RunTrace(r.id, repeat, r.arrival_s, start_s, times, times[-1] if times else state["end_s"],
-                         prompt_toks, n_out)  # fmt: skip
+        # end_s is when the stream ended (its last line), whatever the token accounting did with the chunks
+        trace = RunTrace(r.id, repeat, r.arrival_s, start_s, times, state["end_s"], prompt_toks, n_out)
+        if sum(counts) != n_out:  # kept per request: the chunks' own count, beside usage's in output_toks
+            trace.chunk_toks = sum(counts)
         if n_out != r.gen_toks and not (self.settings.allow_short_output and 0 < n_out < r.gen_toks):
             trace.status = "error"
             trace.error = (
@@ -218,12 +238,11 @@ class OpenAIBackend(BackendBase):
             )
         return trace
 
-    async def _stream(
-        self, client: Any, r: RequestSpec, prompt: str, t0: float, chunks: list[Chunk], state: dict[str, Any]
-    ) -> None:
+    async def _stream(self, client: Any, r: RequestSpec, prompt: str, t0: float, chunks: list[Chunk],
+                      state: dict[str, Any], salt: str) -> None:  # fmt: skip
         assert self.settings is not None
         chat = self.settings.endpoint == "chat"
-        body = self._body(prompt, r, self.flavor or "openai")
+        body = self._body(prompt, r, self.flavor or "openai", salt=salt)
         async with contextlib.aclosing(timed_lines(client, self.settings.url, body, t0)) as lines:
             async for t, line in lines:
                 event = parse_event(line)
@@ -240,12 +259,21 @@ class OpenAIBackend(BackendBase):
                 if isinstance(event.get("usage"), dict):
                     state["usage"] = event["usage"]
 
+    def memory_tracker(self) -> Any:
+        """Nothing: the server's memory is in another process, maybe on another machine; kvray's own would
+        only look like it (its KV figures come from the server's /metrics when published)."""
+        return None
+
+    def memory_scope(self) -> str:
+        return "remote server — not measured (KV from its /metrics when published)"
+
     def device_info(self) -> dict[str, Any]:
         """The server's hardware is not visible over HTTP: name the server instead."""
         return {"name": "remote", "server": self.settings.root if self.settings else None}
 
     def close(self) -> None:
         self.settings = None
+        self.session.close()
 
 
 def predicted_paged_bytes(cell: Cell, cache: dict[str, Any]) -> int | None:
@@ -263,6 +291,30 @@ def predicted_paged_bytes(cell: Cell, cache: dict[str, Any]) -> int | None:
         return None
     positions = [cached_positions(r.prompt_toks, r.gen_toks) for r in cell.workload.requests]
     return kv_bytes_batch(g, positions, dtype, "paged", int(block_size))
+
+
+def reserved_kv_bytes(cell: Cell, cache: dict[str, Any]) -> tuple[int | None, str | None]:
+    """(bytes of the server's KV pool, where the figure comes from).
+
+    vLLM publishes ``kv_cache_memory_bytes`` only when it was given one (``--kv-cache-memory-bytes``; kvray's
+    CPU path passes it). Otherwise — the usual GPU case, sized by ``gpu_memory_utilization`` — the pool is
+    derived from what vLLM does publish: num_gpu_blocks × block_size × kvmath's bytes per token for the model
+    and the reported KV dtype (paged layout). On the CPU build both routes exist and agree exactly.
+    """
+    from kvray.model.kvmath import kv_bytes_per_token
+    from kvray.model.resolve import resolve_geometry
+
+    if cache.get("kv_cache_memory_bytes"):
+        return int(cache["kv_cache_memory_bytes"]), "vllm:cache_config_info kv_cache_memory_bytes"
+    blocks, block = cache.get("num_gpu_blocks"), cache.get("block_size")
+    if not blocks or not block:
+        return None, None
+    try:
+        g = resolve_geometry(cell.model)
+    except Exception:
+        return None, None
+    per_token = kv_bytes_per_token(g, cache_dtype(cache.get("cache_dtype"), cell.kv_dtype or cell.dtype), "paged")
+    return round(int(blocks) * int(block) * per_token), "num_gpu_blocks × block_size × kvmath bytes per token"
 
 
 def _local_or(model: str, served: str | None) -> str:

@@ -23,11 +23,32 @@ FLAVORS = ("auto", "vllm", "transformers", "openai")
 
 
 def root_url(base_url: str) -> str:
-    """``http://host:port`` from a base URL given with or without ``/v1``."""
+    """``http://host:port`` from a base URL given with or without ``/v1``; a URL carrying credentials
+    (``user:password@``) is refused without echoing it, since cell options reach datasets and manifests."""
     url = base_url.strip().rstrip("/")
+    if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
+        raise KvrayInputError(
+            "a server URL must not carry credentials (user:password@host): kvray would write them into the "
+            "dataset; put the key in an environment variable and pass --api-key-env VAR"
+        )
     if not url.startswith(("http://", "https://")):
         raise KvrayInputError(f"base URL must start with http:// or https://, got {base_url!r}")
     return url.removesuffix("/v1")
+
+
+def check_reachable(base_url: str, timeout_s: float = 3.0) -> None:
+    """A TCP connection to the server within ``timeout_s``, tried before anything loads (``kvray bench``):
+    an unreachable server is one line at once, not a minute of client retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(root_url(base_url))
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise KvrayInputError(f"cannot reach the server at {root_url(base_url)} ({reason}): is it running?") from None
 
 
 @dataclass
@@ -42,7 +63,10 @@ class HTTPSettings:
     api_key_env: str | None = None
     timeout_s: float = 300.0
     metrics_url: str | None = None
-    metrics_interval_s: float = 0.1
+    # /metrics is answered on the server's own event loop (vLLM), so scraping costs the server a little: every
+    # 0.5 s by default (benchmarks/scrape_overhead.py measures it), 0 turns the timeline off (one untimed scrape
+    # before and after each run still reads the cache config and the prefix-cache counters)
+    metrics_interval_s: float = 0.5
     allow_short_output: bool = False
     extra_body: dict[str, Any] = field(default_factory=dict)
 
@@ -81,8 +105,8 @@ class HTTPSettings:
             raise KvrayInputError(f"unknown endpoint {self.endpoint!r} (known: {', '.join(ENDPOINTS)})")
         if self.server_flavor not in FLAVORS:
             raise KvrayInputError(f"unknown server flavor {self.server_flavor!r} (known: {', '.join(FLAVORS)})")
-        if float(self.timeout_s) <= 0 or float(self.metrics_interval_s) <= 0:
-            raise KvrayInputError("timeout_s and metrics_interval_s must be positive")
+        if float(self.timeout_s) <= 0 or float(self.metrics_interval_s) < 0:
+            raise KvrayInputError("timeout_s must be positive and metrics_interval_s >= 0 (0: no timeline)")
         if environment and self.api_key_env and self.api_key_env not in os.environ:
             raise KvrayInputError(f"environment variable {self.api_key_env} (the API key) is not set")
 

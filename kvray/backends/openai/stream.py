@@ -128,10 +128,21 @@ def chunk_content(event: dict[str, Any], chat: bool) -> tuple[str, int | None, s
 
 
 def token_times(chunks: Sequence[Chunk], counts: Sequence[int], n_tokens: int, end_s: float) -> list[float]:
-    """One timestamp per output token: each chunk's time repeated by its token count, reconciled to usage."""
+    """One timestamp per output token: each chunk's time repeated by its token count, reconciled to usage.
+
+    When the chunks count more tokens than the server's usage (text re-tokenised piece by piece splits what
+    the model generated as one token), usage's tokens are spread over the chunks in proportion: token j of n
+    takes the time of chunk-token round(j·(C − 1)/(n − 1)) of C, so the first token stays on the first chunk
+    and the last on the last — trimming the surplus from the end instead would cut the stream short and
+    shrink E2E and TPOT by the over-count. Tokens the chunks do not account for (text a server held back,
+    tokens that print as nothing) are stamped at the stream's end ``end_s``.
+    """
     times = [c.t_s for c, k in zip(chunks, counts, strict=True) for _ in range(k)]
     if len(times) > n_tokens:
-        return times[:n_tokens]
+        if n_tokens <= 1:
+            return times[:n_tokens]
+        step = (len(times) - 1) / (n_tokens - 1)
+        return [times[int(j * step + 0.5)] for j in range(n_tokens)]
     return times + [end_s] * (n_tokens - len(times))
 
 

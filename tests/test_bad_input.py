@@ -1,0 +1,320 @@
+"""Bad input as a suite: every command, ~95 kinds of mistake, each one line and exit 2, at once, writing nothing.
+
+Each case runs ``kvray.cli.main`` in this process (in-process is ~100× cheaper than a subprocess per case) in
+a fresh folder holding the fixtures below; the test asserts the exit code, that stderr is one ``kvray:
+error:`` line with no traceback, that the line says what was wrong (``needle``), that it came within
+``LIMIT_S``, and that the folder is byte-for-byte what it was (no half-written results, figures or locks).
+A few cases run through the real entry point (``python -m kvray.cli``) as a user would, and check that no
+model code was imported on the way to the error.
+
+Fixtures in each case's folder: quickstart.yaml (a valid job), bad-*.yaml (the broken jobs), results/
+(a real row from the synthetic backend), empty/, garbage/ (cells.jsonl of non-JSON), notrows/ (JSON lines
+that are not kvray rows), afile (a plain file), noconfig/ (a directory without config.json), badconfig/
+(config.json that is not JSON).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT_S = 15.0  # "a few seconds" with margin for a loaded 2-core machine; the slowest case measures ~3 s
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+GOOD_JOB = (ROOT / "jobs" / "quickstart.yaml").read_text()
+SYNTH = "models: [kvray/tiny-llama]\nbackends: [synthetic]\ndtypes: [fp32]\n"
+BAD_JOBS = {
+    "bad-yaml.yaml": "models: [a\ngrid: {",
+    "bad-json.json": '{"models": ["kvray/tiny-llama"], "grid": ',
+    "bad-empty.yaml": "",
+    "bad-list.yaml": "- models\n- grid\n",
+    "bad-key.yaml": SYNTH + "grid: {prompt_toks: [8], gen_toks: [2]}\nbogus: 1\n",
+    "bad-nomodels.yaml": "grid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-repeats.yaml": SYNTH + "repeats: three\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-negconc.yaml": SYNTH + "grid: {prompt_toks: [8], gen_toks: [2], concurrency: [-1]}\n",
+    "bad-zerogen.yaml": SYNTH + "grid: {prompt_toks: [8], gen_toks: [0]}\n",
+    "bad-huge.yaml": SYNTH + "grid: {prompt_toks: [999999], gen_toks: [2]}\n",
+    "bad-backend.yaml": "models: [kvray/tiny-llama]\nbackends: [warp]\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-name.yaml": "name: ../evil\n" + SYNTH + "grid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-dtype.yaml": "models: [kvray/tiny-llama]\ndtypes: [fp7]\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-device.yaml": SYNTH + "device: tpu\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-simgpu.yaml": "models: [kvray/tiny-llama]\nbackends: [sim]\nhardware: [H999]\n"
+    "grid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-creds.yaml": "models: [kvray/tiny-llama]\nbackends: [openai]\n"
+    "options: {base_url: 'http://user:hunter2@127.0.0.1:9'}\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-timeout.yaml": SYNTH + "cell_timeout_s: 0\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-pretrained.yaml": SYNTH + "weights: pretrained\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-model.yaml": "models: [nobody/nothing]\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-gridtype.yaml": SYNTH + "grid: {prompt_toks: eight, gen_toks: [2]}\n",
+    "bad-mixed.yaml": SYNTH + "grid: {mixed: [[8, 0]], gen_toks: [2]}\n",
+    "bad-options.yaml": SYNTH + "options: [ttft_s]\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-hwmix.yaml": SYNTH + "hardware: 7\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-workers.yaml": SYNTH + "workers: 0\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+}
+BENCH = ("bench", "--model", "kvray/tiny-llama", "--prompt-toks", "8", "--gen-toks", "2", "--output", "out")
+SYN_BENCH = (*BENCH, "--backend", "synthetic", "--repeats", "1", "--warmup", "0")
+JOB = "quickstart.yaml"
+
+# (case id, argv, what the line must say)
+CASES: list[tuple[str, list[str], str]] = [
+    # info / env
+    ("info-unknown-model", ["info", "nobody/nothing"], "unknown model"),
+    ("info-bad-dtype", ["info", "gpt2", "--dtype", "fp7"], "dtype"),
+    ("info-empty-model", ["info", ""], "empty"),
+    ("info-path-separators", ["info", "../../etc/nothing"], "unknown model"),
+    ("info-dir-without-config", ["info", "noconfig"], "without config.json"),
+    ("info-config-not-json", ["info", "badconfig"], "not valid JSON"),
+    ("info-unknown-flag", ["info", "gpt2", "--bogus"], "No such option"),
+    ("env-unknown-flag", ["env", "--bogus"], "No such option"),
+    ("env-extra-argument", ["env", "extra"], "unexpected extra argument"),
+    # check
+    ("check-zero-concurrency", ["check", "gpt2", "-c", "0", "--seq-len", "128"], "must be positive"),
+    ("check-negative-length", ["check", "gpt2", "-c", "1", "--seq-len", "-5"], "must be positive"),
+    ("check-unknown-gpu", ["check", "gpt2", "-c", "1", "--seq-len", "128", "--gpu", "H999"], "H999"),
+    ("check-concurrency-text", ["check", "gpt2", "-c", "many"], "--concurrency"),
+    ("check-unknown-model", ["check", "nobody/nothing", "-c", "1", "--seq-len", "8"], "unknown model"),
+    # bench, every backend
+    ("bench-unknown-backend", [*BENCH, "--backend", "warp"], "warp"),
+    ("bench-weights", [*BENCH, "--weights", "fancy"], "--weights"),
+    ("bench-dtype", [*BENCH, "--dtype", "int3"], "dtype"),
+    ("bench-zero-prompt", [*SYN_BENCH, "--prompt-toks", "0"], "prompt"),
+    ("bench-negative-gen", [*SYN_BENCH, "--gen-toks", "-1"], "gen"),
+    ("bench-zero-concurrency", [*SYN_BENCH, "-c", "0"], "concurrency"),
+    ("bench-huge-prompt", [*BENCH, "--prompt-toks", "999999"], "max_position_embeddings"),
+    ("bench-mixed-text", [*BENCH, "--mixed", "8,x"], "--mixed"),
+    ("bench-negative-gap", [*BENCH, "--arrival-gap-s", "-1"], "--arrival-gap-s"),
+    ("bench-device-tpu", [*BENCH, "--device", "tpu"], "tpu"),
+    ("bench-device-cuda-absent", [*BENCH, "--device", "cuda:0"], "cuda"),
+    ("bench-negative-warmup", [*SYN_BENCH, "--warmup", "-1"], "warmup"),
+    ("bench-zero-repeats", [*BENCH, "--backend", "synthetic", "--repeats", "0"], "repeats"),
+    ("bench-option-no-equals", [*BENCH, "--option", "novalue"], "KEY=VALUE"),
+    ("bench-synthetic-bad-option", [*SYN_BENCH, "--option", "ttft_s=-1"], "ttft_s"),
+    ("bench-openai-no-url", [*BENCH, "--backend", "openai"], "--base-url"),
+    ("bench-openai-ftp", [*BENCH, "--backend", "openai", "--base-url", "ftp://x"], "http://"),
+    ("bench-openai-unreachable", [*BENCH, "--backend", "openai", "--base-url", UNREACHABLE], "cannot reach"),
+    (
+        "bench-openai-credentials",
+        [*BENCH, "--backend", "openai", "--base-url", "http://u:hunter2@127.0.0.1:9"],
+        "credentials",
+    ),  # fmt: skip
+    (
+        "bench-openai-key-unset",
+        [*BENCH, "--backend", "openai", "--base-url", UNREACHABLE, "--api-key-env", "KVRAY_TEST_NOT_SET"],
+        "KVRAY_TEST_NOT_SET",
+    ),  # fmt: skip
+    (
+        "bench-openai-endpoint",
+        [*BENCH, "--backend", "openai", "--base-url", UNREACHABLE, "--option", "endpoint=fax"],
+        "endpoint",
+    ),  # fmt: skip
+    ("bench-ollama-no-host", [*BENCH, "--backend", "ollama"], "--host"),
+    ("bench-ollama-unreachable", [*BENCH, "--backend", "ollama", "--host", UNREACHABLE], "cannot reach"),
+    (
+        "bench-ollama-num-ctx",
+        [*BENCH, "--backend", "ollama", "--host", UNREACHABLE, "--option", "num_ctx=0"],
+        "num_ctx",
+    ),  # fmt: skip
+    (
+        "bench-vllm-python-missing",
+        [*BENCH, "--backend", "vllm", "--vllm-python", "/nonexistent/python"],
+        "/nonexistent/python",
+    ),  # fmt: skip
+    ("bench-hf-paged-dtype", [*BENCH, "--backend", "hf-paged", "--dtype", "fp7"], "dtype"),
+    ("bench-sim-huge", [*BENCH, "--backend", "sim", "--prompt-toks", "999999"], "max_position_embeddings"),
+    ("bench-pretrained-bundled", [*BENCH, "--weights", "pretrained"], "no pretrained weights"),
+    (
+        "bench-pretrained-offline",
+        [*BENCH[:2], "facebook/opt-125m", *BENCH[3:], "--weights", "pretrained"],
+        "HF_HUB_OFFLINE",
+    ),  # fmt: skip
+    ("bench-unknown-model", ["bench", "--model", "nobody/nothing", "--output", "out"], "unknown model"),
+    ("bench-output-is-file", [*SYN_BENCH[:-7], "afile", *SYN_BENCH[-6:]], "is a file"),
+    ("bench-same-cell-again", [*SYN_BENCH[:-7], "results", *SYN_BENCH[-6:]], "--replace"),
+    # run / job files
+    ("run-missing-file", ["run", "nope.yaml"], "no such job file"),
+    *[
+        (f"run-{name.split('.')[0]}", ["run", name], needle)
+        for name, needle in (
+            ("bad-yaml.yaml", "not valid YAML"),
+            ("bad-json.json", "not valid YAML"),
+            ("bad-empty.yaml", "empty"),
+            ("bad-list.yaml", "mapping"),
+            ("bad-key.yaml", "bogus"),
+            ("bad-nomodels.yaml", "models"),
+            ("bad-repeats.yaml", "repeats"),
+            ("bad-negconc.yaml", "concurrency"),
+            ("bad-zerogen.yaml", "gen_toks"),
+            ("bad-huge.yaml", "positions"),
+            ("bad-backend.yaml", "warp"),
+            ("bad-name.yaml", "name"),
+            ("bad-dtype.yaml", "dtypes"),
+            ("bad-device.yaml", "device"),
+            ("bad-simgpu.yaml", "H999"),
+            ("bad-creds.yaml", "credentials"),
+            ("bad-timeout.yaml", "cell_timeout_s"),
+            ("bad-pretrained.yaml", "no pretrained weights"),
+            ("bad-model.yaml", "unknown model"),
+            ("bad-gridtype.yaml", "prompt_toks"),
+            ("bad-mixed.yaml", "mixed"),
+            ("bad-options.yaml", "options"),
+            ("bad-hwmix.yaml", "hardware"),
+            ("bad-workers.yaml", "workers"),
+        )
+    ],  # fmt: skip
+    ("run-output-is-file", ["run", JOB, "--output", "afile"], "afile"),
+    ("run-folder-locked", ["run", JOB, "--output", "locked"], "in use by another kvray run"),
+    ("run-unknown-flag", ["run", JOB, "--bogus"], "No such option"),
+    # exp1–exp4
+    ("exp1-zero-concurrency", ["exp1", "-c", "0", "2", "--dry-run"], "must be positive"),
+    ("exp1-unknown-backend", ["exp1", "--backend", "warp", "--dry-run"], "warp"),
+    ("exp1-hardware-mix", ["exp1", "--hardware", "each", "H100", "--dry-run"], "not a mix"),
+    ("exp1-sim-unknown-gpu", ["exp1", "--backend", "sim", "--hardware", "H999", "--dry-run"], "H999"),
+    ("exp1-dtype", ["exp1", "--dtype", "fp7", "--dry-run"], "dtype"),
+    ("exp1-unknown-model", ["exp1", "--model", "nobody/nothing", "--dry-run"], "unknown model"),
+    (
+        "exp1-remote-unreachable",
+        ["exp1", "--model", "kvray/tiny-llama", "-c", "1", "--address", UNREACHABLE, "--output-dir", "exp-out"],
+        "cannot reach",
+    ),  # fmt: skip
+    ("exp2-nothing-fits", ["exp2", "--model", "gpt2", "--seqlens", "999999", "--dry-run"], "largest possible"),
+    ("exp2-negative-seqlen", ["exp2", "--seqlens", "-128", "--dry-run"], "must be positive"),
+    ("exp3-long-huge", ["exp3", "--model", "kvray/tiny-llama", "--long", "999999", "--dry-run"], "largest possible"),
+    ("exp3-long-shorter", ["exp3", "--short", "512", "--long", "256", "--dry-run"], "must be longer"),
+    ("exp3-zero-short", ["exp3", "--n-short", "0", "--dry-run"], "must be positive"),
+    ("exp4-openai-no-url", ["exp4", "--backends", "openai", "--dry-run"], "--base-url"),
+    ("exp4-ollama-ftp", ["exp4", "--backends", "ollama", "--host", "ftp://x", "--dry-run"], "http://"),
+    (
+        "exp4-openai-credentials",
+        ["exp4", "--backends", "openai", "--base-url", "http://u:hunter2@h:1", "--dry-run"],
+        "credentials",
+    ),  # fmt: skip
+    ("exp4-huge-prompt", ["exp4", "--model", "gpt2", "--prompt-toks", "999999", "--dry-run"], "positions"),
+    # predict / calibrate
+    ("predict-unknown-gpu", ["predict", "gpt2", "--gpu", "H999"], "H999"),
+    ("predict-zero-concurrency", ["predict", "gpt2", "--gpu", "H100", "--concurrency", "0"], "positive"),
+    ("predict-layout", ["predict", "gpt2", "--gpu", "H100", "--layout", "weird"], "layout"),
+    ("predict-unknown-model", ["predict", "nobody/nothing", "--gpu", "H100"], "unknown model"),
+    ("calibrate-missing", ["calibrate", "nowhere"], "nowhere"),
+    ("calibrate-empty", ["calibrate", "empty"], "empty"),
+    ("calibrate-garbage", ["calibrate", "garbage"], "garbage"),
+    # plot / report
+    ("plot-missing", ["plot", "nowhere"], "not a results folder"),
+    ("plot-empty", ["plot", "empty"], "holds no results"),
+    ("plot-garbage", ["plot", "garbage"], "holds no results"),
+    ("plot-not-rows", ["plot", "notrows"], "not a kvray result"),
+    ("report-missing", ["report", "nowhere"], "not a results folder"),
+    ("report-empty", ["report", "empty"], "holds no results"),
+    ("report-garbage", ["report", "garbage"], "holds no results"),
+    ("report-not-rows", ["report", "notrows"], "not a kvray result"),
+    # launch
+    ("launch-unreachable", ["launch", "--job", JOB, "--address", UNREACHABLE, "--output", "l-out"], "cannot reach"),
+    ("launch-no-scheme", ["launch", "--job", JOB, "--address", "127.0.0.1:8265"], "http(s)://"),
+    ("launch-neither", ["launch", "--job", JOB], "exactly one"),
+    ("launch-both", ["launch", "--job", JOB, "--address", UNREACHABLE, "--cluster", "c.yaml"], "exactly one"),
+    ("launch-missing-job", ["launch", "--job", "nope.yaml", "--address", UNREACHABLE], "no such job file"),
+    ("launch-bad-job", ["launch", "--job", "bad-key.yaml", "--address", UNREACHABLE], "bogus"),
+    ("launch-missing-cluster", ["launch", "--job", JOB, "--cluster", "nope.yaml"], "does not exist"),
+    ("launch-cluster-not-yaml", ["launch", "--job", JOB, "--cluster", "bad-yaml.yaml"], "not valid YAML"),
+]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixtures every case starts from (built once; each case gets a copy)."""
+    root = tmp_path_factory.mktemp("bad-input")
+    (root / JOB).write_text(GOOD_JOB)
+    for name, text in BAD_JOBS.items():
+        (root / name).write_text(text)
+    (root / "afile").write_text("not a folder\n")
+    for name in ("empty", "noconfig", "badconfig", "garbage", "notrows", "locked"):
+        (root / name).mkdir()
+    (root / "badconfig" / "config.json").write_text("{ not json")
+    (root / "garbage" / "cells.jsonl").write_text("not json {\n\x00\x01\n")
+    (root / "notrows" / "cells.jsonl").write_text('{"cell_id": "x", "status": "ok"}\n')
+    # A folder held by a live run: this test process's pid.
+    (root / "locked" / ".kvray-run.lock").write_text(
+        f'{{"pid": {os.getpid()}, "host": "{__import__("socket").gethostname()}", "since": "now"}}'
+    )
+    # A real row of the synthetic bench cell, so the same bench again is refused.
+    from kvray.bench.cell import bench_cell, measure_and_record
+
+    cell = bench_cell("kvray/tiny-llama", prompt_toks=8, gen_toks=2, backend="synthetic", repeats=1, warmup=0)
+    measure_and_record(cell, root / "results")
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize(("args", "needle"), [pytest.param(a, n, id=i) for i, a, n in CASES])
+def test_bad_input_is_one_line_exit_2(args, needle, template, tmp_path, monkeypatch, capsys):
+    from kvray.cli.app import main
+
+    work = tmp_path / "w"
+    shutil.copytree(template, work)
+    before = snapshot(work)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("KVRAY_TEST_NOT_SET", raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("kvray: error: ") and "Traceback" not in err, err
+    assert needle.lower() in err.lower(), err
+    assert "hunter2" not in err  # a credential is never echoed back
+    assert elapsed < LIMIT_S, f"{elapsed:.1f} s"
+    assert snapshot(work) == before, "bad input left something behind"
+
+
+def test_the_suite_covers_every_command_with_60_kinds():
+    commands = {args[0] for _, args, _ in CASES}
+    every = {"info", "env", "check", "bench", "run", "exp1", "exp2", "exp3", "exp4", "predict", "calibrate",
+             "plot", "report", "launch"}  # fmt: skip
+    assert commands == every and len(CASES) >= 60 and len({i for i, _, _ in CASES}) == len(CASES)
+    backends = {a[a.index("--backend") + 1] for _, a, _ in CASES if a[0] == "bench" and "--backend" in a}
+    assert {"hf-paged", "vllm", "openai", "ollama", "synthetic", "sim"} <= backends
+
+
+MODEL_CODE = ("transformers.modeling_utils", "vllm", "ray")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["bench", "--model", "kvray/tiny-llama", "--backend", "openai", "--base-url", UNREACHABLE], "cannot reach"),
+        (["bench", "--model", "kvray/tiny-llama", "--weights", "pretrained"], "no pretrained weights"),
+        (["report", "."], "holds no results"),
+        (["run", "job.yaml"], "positions"),
+        (["launch", "--job", "ok.yaml", "--address", UNREACHABLE], "cannot reach"),
+    ],
+)
+def test_real_entry_point(args, needle, tmp_path):
+    """``python -m kvray.cli`` as a user runs it: one line, exit 2, seconds, no model code imported."""
+    (tmp_path / "job.yaml").write_text(BAD_JOBS["bad-huge.yaml"])
+    (tmp_path / "ok.yaml").write_text(GOOD_JOB)
+    code = (
+        "import sys, atexit\n"
+        f"atexit.register(lambda: print(sorted(m for m in {MODEL_CODE!r} if m in sys.modules), file=sys.stderr))\n"
+        "from kvray.cli import main\nmain(sys.argv[1:])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, env=env)
+    elapsed = time.monotonic() - t0
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 2 and needle in lines[0] and "Traceback" not in out.stderr, out.stderr
+    imported = eval(lines[1])  # the atexit line: model code imported on the way to the error
+    assert imported == [] or args[0] == "launch" and imported == ["ray"], imported
+    assert elapsed < 30.0 and sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "ok.yaml"]
