@@ -150,7 +150,7 @@ def _chunk(text: str) -> bytes:
 
 
 class _FakeOpenAIHandler(BaseHTTPRequestHandler):
-    """Modes by URL prefix: /garbage, /nousage, /cut, /http500, /auth (then a valid stream), /ok, and /double:
+    """Modes by URL prefix: /garbage, /nousage, /cut, /cutdouble, /http500, /auth (then a valid stream), /ok, and /double:
     one chunk per usage token, every chunk " w5 w6" (two tokens when re-tokenised), DOUBLE_GAP_S apart."""
 
     def log_message(self, *args: Any) -> None:
@@ -181,6 +181,8 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
             _sse(self, [_chunk(" w5") for _ in range(n)] + [b"data: [DONE]\n\n"])
         elif mode == "cut":
             _sse(self, [_chunk(" w5"), _chunk(" w6")], cut=True)
+        elif mode == "cutdouble":  # two chunks of two tokens each, then the connection ends mid-body
+            _sse(self, [_chunk(" w5 w6"), _chunk(" w7 w8")], cut=True)
         elif mode == "http500":
             payload = b'{"error": {"message": "engine crashed"}}'
             self.send_response(500)

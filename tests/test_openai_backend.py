@@ -147,6 +147,17 @@ def test_malformed_streams_and_server_errors_from_a_fake_server(backend, model_d
     assert all(t.status == "error" and expected in (t.error or "") for t in result.traces), result.traces
 
 
+def test_a_failed_request_counts_tokens_not_chunks(backend, model_dir):
+    """Issue #12 item 16: a stream cut after two chunks of two tokens each got 4 tokens, not 2."""
+    with FakeOpenAIServer() as fake:
+        cell = http_cell(model_dir, f"{fake.url}/cutdouble", Workload.uniform(1, 8, 8), warmup=0)
+        trace = run_cell(backend, cell).traces[0]
+    assert trace.status == "error" and "malformed stream" in (trace.error or "")
+    assert trace.output_toks == 4 and len(trace.token_times_s) == 4
+    # the two tokens of a chunk share its arrival time
+    assert trace.token_times_s[0] == trace.token_times_s[1] and trace.token_times_s[2] == trace.token_times_s[3]
+
+
 def test_a_multi_token_chunk_shares_its_timestamp_and_the_gaps_are_split(backend, model_dir):
     with FakeOpenAIServer() as fake:  # its first chunk carries two words (two tokens)
         result = run_cell(backend, http_cell(model_dir, f"{fake.url}/ok", Workload.uniform(1, 8, 5), warmup=0))

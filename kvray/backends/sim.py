@@ -148,6 +148,10 @@ class SimBackend(BackendBase):
         """The simulated GPU: a row of this cell names it whichever worker ran (or skipped) the cell."""
         return _gpu_identity(gpu_of(cell))
 
+    def memory_scope(self) -> str:
+        """Nothing is measured: the memory columns are the roofline's predictions for the simulated GPU."""
+        return "predicted (simulator)"
+
     def device_info(self) -> dict[str, Any]:
         return _gpu_identity(self.gpu)
 

@@ -27,6 +27,7 @@ BACKEND_ORDER = ("hf", "hf-paged", "vllm", "openai", "ollama", "sim", "synthetic
 # another process (a server, vLLM) leaves this process's allocator empty, so its process tree and the whole
 # device come first.
 BACKEND_PEAK_COLUMNS = (
+    ("server_gpu_peak_bytes", "server process tree GPU memory (NVML)"),
     ("server_rss_peak_bytes", "server process RSS"),
     ("nvml_peak_used_bytes", "NVML device used"),
     ("peak_allocated_bytes", "torch allocated"),
@@ -85,7 +86,10 @@ def fig8_backend_compare(cells: Any, out_dir: Path) -> FigureResult:
                 ax_mem.plot(x, [(m or math.nan) / 2**20 for m, _ in mem], color=colour, marker=mark, label=backend)
                 sources[backend] = next(desc for m, desc in mem if desc)
             ax_tps.plot(x, part["output_tps"].astype(float), color=colour, marker=mark, label=backend)
-            ax_lat.plot(x, part["ttft_s_p99"].astype(float) * 1e3, color=colour, marker=mark, label=f"{backend} TTFT")
+            # TTFT means different things per backend: the engine's clock in-process, the client's over HTTP.
+            basis = str(part["ttft_basis"].iloc[0]) if "ttft_basis" in part.columns else "engine"
+            ax_lat.plot(x, part["ttft_s_p99"].astype(float) * 1e3, color=colour, marker=mark,
+                        label=f"{backend} TTFT ({basis})")  # fmt: skip
             ax_lat.plot(x, part["e2e_s_p99"].astype(float) * 1e3, color=colour, marker=mark, linestyle="--",
                         markerfacecolor="white", label=f"{backend} E2E")  # fmt: skip
             kv = [kv_reserved_used(r) for _, r in part.iterrows()]

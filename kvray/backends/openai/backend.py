@@ -214,16 +214,16 @@ class OpenAIBackend(BackendBase):
         failure = await stream_failure(
             self._stream(client, r, prompt, t0, chunks, state, salt), float(self.settings.timeout_s)
         )
+        counts = [c.token_ids if c.token_ids is not None else self.prompts.count_text_tokens(c.text) for c in chunks]
+        counts = [max(k, 1) if c.text or c.token_ids else k for c, k in zip(chunks, counts, strict=True)]
         if failure is not None:
-            return error_trace(r, repeat, start_s, chunks, t0, failure)
+            return error_trace(r, repeat, start_s, chunks, t0, failure, counts)
         usage = state["usage"]
         if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int):
             return error_trace(
-                r, repeat, start_s, chunks, t0, "malformed stream: it ended without usage.completion_tokens"
+                r, repeat, start_s, chunks, t0, "malformed stream: it ended without usage.completion_tokens", counts
             )
         n_out = int(usage["completion_tokens"])
-        counts = [c.token_ids if c.token_ids is not None else self.prompts.count_text_tokens(c.text) for c in chunks]
-        counts = [max(k, 1) if c.text or c.token_ids else k for c, k in zip(chunks, counts, strict=True)]
         times = token_times(chunks, counts, n_out, state["end_s"])
         prompt_toks = int(usage.get("prompt_tokens") or r.prompt_toks)
         # end_s is when the stream ended (its last line), whatever the token accounting did with the chunks

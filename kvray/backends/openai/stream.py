@@ -71,10 +71,16 @@ async def stream_failure(stream: Coroutine[Any, Any, None], timeout_s: float) ->
 
 
 def error_trace(r: RequestSpec, repeat: int, start_s: float, chunks: Sequence[Chunk], t0: float,
-                reason: str) -> RunTrace:  # fmt: skip
-    """The trace of a request that failed: the chunks it got, ending now, with the reason."""
+                reason: str, counts: Sequence[int] | None = None) -> RunTrace:  # fmt: skip
+    """The trace of a request that failed: the tokens it got, ending now, with the reason.
+
+    ``counts`` are the tokens each chunk carried (one each when not given, as Ollama streams them): a failed
+    request's ``output_toks`` is tokens, not chunks, and each token carries its chunk's arrival time.
+    """
     end = time.perf_counter() - t0
-    return RunTrace(r.id, repeat, r.arrival_s, start_s, [c.t_s for c in chunks], end, r.prompt_toks, len(chunks),
+    counts = list(counts) if counts is not None else [1] * len(chunks)
+    times = [c.t_s for c, k in zip(chunks, counts, strict=True) for _ in range(k)]
+    return RunTrace(r.id, repeat, r.arrival_s, start_s, times, end, r.prompt_toks, len(times),
                     status="error", error=reason)  # fmt: skip
 
 
