@@ -106,3 +106,28 @@ def test_the_pool_counts_as_allocated_in_the_window_only_when_a_measured_repeat_
     assert warm.status == "ok" and warm.memory["kv_allocated_in_window_bytes"] == 0  # the pool was already there
     warmed = run_cell(backend, paged_cell(Workload.uniform(2, 16, 4), warmup=1, block_size=40))  # new pool in warmup
     assert warmed.status == "ok" and warmed.memory["kv_allocated_in_window_bytes"] == 0
+
+
+def test_kv_is_predicted_from_the_running_set_not_every_request_at_once(backend):
+    """4 requests, 2 running slots: the scheduler never holds more than 2. Each ends at 24 + 20 − 1 = 43 cached
+    positions = 3 blocks of 16 (16 × 4,096 B = 65,536 B a block), so the peak is 2 × 3 = 6 blocks; every request
+    resident at once (the old prediction) would be 12 — off by 6 blocks where one block per running request is
+    the most a sample can be off by (one taken between two steps, before the newest token's slot is allocated)."""
+    block = 16 * 4096
+    cell = paged_cell(Workload.uniform(4, 24, 20), repeats=2, max_num_seqs=2, block_size=16)
+    result = run_cell(backend, cell)
+    assert result.status == "ok", result.reason
+    memory = result.memory
+    assert memory["kv_measured_bytes"] == 6 * block
+    assert memory["kv_predicted_all_resident_bytes"] == 12 * block
+    assert memory["kv_predicted_basis"] == "running set at the measured peak sample"
+    assert memory["kv_peak_running"] == 2 and memory["kv_prediction_tolerance_bytes"] == 2 * block
+    assert abs(memory["kv_measured_bytes"] - memory["kv_predicted_bytes"]) <= 2 * block
+    assert abs(memory["kv_measured_bytes"] - memory["kv_predicted_all_resident_bytes"]) > 2 * block
+    assert abs(memory["kv_rel_error"]) <= 2 * block / memory["kv_predicted_bytes"]  # the old figure gave −0.5
+    assert result.to_row()["kv_predicted_all_resident_bytes"] == 12 * block
+    timeline = [p for p in result.extra["kv_timeline"] if p["running"]]
+    assert max(p["running"] for p in timeline) == 2 and any(p["waiting"] for p in timeline)
+    # every sample, not only the peak: the prediction beside the measurement, within one block per running request
+    for p in timeline:
+        assert abs(p["kv_used_bytes"] - p["kv_predicted_bytes"]) <= p["running"] * block, p

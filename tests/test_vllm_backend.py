@@ -219,6 +219,32 @@ def test_a_missing_vllm_python_is_an_input_error(tmp_path):
         vllm_launcher({"vllm_python": str(tmp_path / "nope" / "python")})
 
 
+def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(vllm, model_dir):
+    """max_num_seqs=2 with 4 requests (a knob of the server: the module's backend restarts it, once, here — after
+    every test that needs the default server). 20 + 100 − 1 = 119 positions fit one 128-token CPU block
+    (128 × 4,096 B = 512 KiB), so vLLM holds 2 blocks at its peak, and every request resident at once (the old
+    prediction) would be 4 — twice what ran. The prediction follows the /metrics samples' running set."""
+    block = 128 * 4096
+    cell = vllm_cell(model_dir, Workload.uniform(4, 20, 100), warmup=0, repeats=1, max_num_seqs=2,
+                     metrics_interval_s=0.02)  # fmt: skip
+    result = run_cell(vllm, cell)
+    assert result.status == "ok", result.reason
+    assert "--max-num-seqs 2" in result.extra["vllm"]["command"]
+    timeline = result.extra["kv_timeline"]
+    busy = [p for p in timeline if p["running"] > 0]
+    assert busy and max(p["running"] for p in busy) == 2 and any(p["waiting"] for p in busy), timeline
+    memory = result.memory
+    assert memory["kv_measured_bytes"] == 2 * block
+    assert memory["kv_predicted_all_resident_bytes"] == 4 * block == 2 * memory["kv_measured_bytes"]
+    assert memory["kv_predicted_basis"] == "running set at the measured peak sample"
+    assert memory["kv_peak_running"] == 2 and memory["kv_prediction_tolerance_bytes"] == 2 * block
+    # every position of a request stays in its one block, so the 2 running requests are 2 blocks whichever 2 the
+    # running set picked and whichever token each had reached: exact, no tolerance needed (the old figure: −0.5)
+    assert memory["kv_predicted_bytes"] == 2 * block and memory["kv_rel_error"] == 0.0
+    for p in busy:  # each sample: used bytes (usage × pool) beside the running set's prediction
+        assert abs(p["kv_used_bytes"] - p["kv_predicted_bytes"]) <= p["running"] * block, p
+
+
 def test_close_stops_the_server_and_its_engine_processes(vllm):
     pids = vllm.server.pids()
     assert len(pids) >= 2  # the API server and its engine core

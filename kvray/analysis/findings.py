@@ -105,6 +105,9 @@ def memory_slopes(view: View) -> list[Finding]:
             continue
         slope, intercept, r2 = linear_fit(pts["concurrency"], pts[peak[0]])
         conc = ok["concurrency"].astype(float)
+        if "kv_peak_running" in ok.columns:  # a paged engine's KV peak held only the requests running then
+            running = ok["kv_peak_running"].astype(float)
+            conc = running.where(running > 0).fillna(conc)
         kv_pred = float((ok["kv_predicted_bytes"].astype(float) / conc).median())
         kv_meas = float((ok["kv_measured_bytes"].astype(float) / conc).median())
         values = {

@@ -10,7 +10,10 @@ What is recorded beyond the traces:
   token times     transformers' own per-token timestamps (``record_timestamps``), same perf_counter clock
   kv_reserved_bytes  the cache tensor allocated up front (what the engine holds whatever the load)
   kv_measured_bytes  peak bytes of blocks in use, sampled every ~5 ms from the cache's free-block count
-  kv_predicted_bytes kvray's paged prediction with the engine's block size
+  kv_predicted_bytes kvray's paged prediction with the engine's block size, for the requests the scheduler
+                     held at the sample where used KV peaked, each at its own length then (admission times
+                     and token timestamps: kvray/measure/kv_timeline.py); kv_predicted_all_resident_bytes is
+                     every request at P + G − 1 at once
   kv_allocated_in_window_bytes  the pool bytes this run allocated (the pool, when the manager was created in
                      it; 0 when it already existed): the runner subtracts it, not the used KV, from
                      peak − baseline for ``activation_peak_bytes`` (docs/metrics.md)
@@ -102,7 +105,7 @@ class KVSampler(PeriodicSampler):
         except (RuntimeError, AttributeError, KeyError, IndexError):
             return
         self.peak_used = max(self.peak_used, used)
-        point = {"repeat": self.repeat, "t_s": round(self.elapsed_s(), 6),
+        point = {"repeat": self.repeat, "t_s": round(self.elapsed_s(), 6), "kv_used_bytes": used,
                  "kv_usage": used / usable if usable else None, "running": running, "waiting": waiting,
                  "preemptions": None}  # fmt: skip
         last = self.points[-1] if self.points else None
@@ -281,10 +284,13 @@ class HFPagedBackend(HFBackend):
             "kv_usage_peak": sampler.peak_used / info["kv_cache_memory_bytes"],
             "kv_allocated_in_window_bytes": pool_grown,
         }
-        if self.geometry is not None:
+        if self.geometry is not None:  # predicted from the running set at the measured peak (kv_timeline.py)
+            from kvray.measure.kv_timeline import timeline_prediction
+
             positions = [cached_positions(r.prompt_toks, r.gen_toks) for r in requests]
-            memory["kv_predicted_bytes"] = kv_bytes_batch(self.geometry, positions, self.dtype, "paged",
-                                                          info["block_size"])  # fmt: skip
+            all_resident = kv_bytes_batch(self.geometry, positions, self.dtype, "paged", info["block_size"])
+            memory.update(timeline_prediction(sampler.points, traces, self.geometry, self.dtype,
+                                              info["block_size"], all_resident))  # fmt: skip
         extra: dict[str, Any] = {"paged_cache": info}
         if repeat >= 0:
             if self._timeline_cell != cell.cell_id:

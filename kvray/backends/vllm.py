@@ -20,7 +20,9 @@ enable_prefix_caching (vLLM's default when unset), cpu_threads_bind (CPU ids, de
 startup_timeout_s (600), extra_args (a string of further vLLM flags), plus the HTTP options of the
 openai backend (timeout_s, metrics_interval_s, endpoint).
 
-Besides the traces, each run reports vLLM's own KV capacity (``vllm:cache_config_info``) next to kvray's
+``kv_predicted_bytes`` is kvray's paged prediction for the requests vLLM was running at the /metrics sample
+where used KV peaked, each at its own length then (``kv_predicted_all_resident_bytes``: every request at
+P + G − 1 at once; docs/metrics.md). Besides the traces, each run reports vLLM's own KV capacity (``vllm:cache_config_info``) next to kvray's
 paged-layout prediction for it (``extra["kv_capacity"]``: for an unquantised dense model the reported
 bytes divided by kvray's bytes per token must equal the reported tokens), the KV-usage timeline, and the
 server process tree's memory: its backend-chosen tracker (``memory_tracker``) samples the tree's RSS and, on a
@@ -268,7 +270,41 @@ class VLLMBackend(BackendBase):
         }
         if cache:
             run.extra["kv_capacity"] = capacity_check(cell.model, cell.dtype, cache)
+            self._predict_from_timeline(cell, run, cache, repeat)
         return run
+
+    @staticmethod
+    def _predict_from_timeline(cell: Cell, run: BackendRun, cache: dict[str, Any], repeat: int) -> None:
+        """``kv_predicted_bytes`` from the requests vLLM ran at the /metrics sample where used KV peaked.
+
+        Residency is on the client's clock, the one the samples are stamped on (perf_counter since the repeat's
+        t0, the answer's arrival): from a request's send to its last token, trimmed to the sample's
+        ``vllm:num_requests_running`` (kvray/measure/kv_timeline.py). Each point of this repeat gets its used
+        bytes (usage × the pool, as kv_used_peak_bytes) and the prediction beside it."""
+        from kvray.measure.kv_timeline import timeline_prediction
+        from kvray.model.resolve import resolve_geometry
+        from kvray.servers.prometheus import used_kv_bytes
+
+        all_resident, reserved = run.memory.get("kv_predicted_bytes"), run.memory.get("kv_reserved_bytes")
+        if all_resident is None or not cache.get("block_size"):
+            return
+        timeline = run.extra.get("kv_timeline") or []
+        points: list[dict[str, Any]] = []
+        for p in reversed(timeline):  # this run's points: the timeline's tail of this repeat
+            if p.get("repeat") != repeat:
+                break
+            points.insert(0, p)
+        for p in points:
+            used = used_kv_bytes(cache.get("num_gpu_blocks"), int(reserved) if reserved else None, p.get("kv_usage"))
+            p["kv_used_bytes"] = used
+        try:
+            g = resolve_geometry(cell.model)
+        except Exception:
+            return
+        dtype = cache_dtype(cache.get("cache_dtype"), cell.kv_dtype or cell.dtype)
+        run.memory.update(
+            timeline_prediction(points, run.traces, g, dtype, int(cache["block_size"]), int(all_resident))
+        )
 
     def memory_tracker(self) -> Any:
         """The server's process tree (RSS; on a GPU, NVML per process and device): kvray holds no tensors."""

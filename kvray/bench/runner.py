@@ -185,6 +185,14 @@ def _memory(cell: Cell, runs: list[BackendRun], tracker: Any, oom_size: int | No
                 memory[key] = max(memory[key], value)
             else:
                 memory[key] = value
+    # A paged engine predicts from its running set at its own measured peak (kvray/measure/kv_timeline.py): the
+    # row pairs the peak repeat's measurement with that repeat's prediction, not a max of each over repeats.
+    timed = [r for r in runs if r.kv_measured_bytes is not None and "kv_peak_running" in r.memory]
+    if timed:
+        from kvray.measure.kv_timeline import PEAK_KEYS
+
+        at_peak = max(timed, key=lambda r: r.kv_measured_bytes or 0).memory
+        memory.update({k: at_peak[k] for k in PEAK_KEYS if k in at_peak})
     if memory["kv_predicted_bytes"] is None and not any("kv_predicted_bytes" in r.memory for r in runs):
         memory["kv_predicted_bytes"] = predicted_kv_bytes(cell)
     kv_m, kv_p = memory["kv_measured_bytes"], memory["kv_predicted_bytes"]
