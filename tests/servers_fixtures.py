@@ -7,13 +7,15 @@ through KVRAY_VLLM_PYTHON, or built on first use by `.ci/vllm_cpu_venv.sh`) serv
 Fakes — used ONLY for cases a real server cannot be made to produce on demand:
   FakeOpenAIServer      malformed streams (bad JSON, no usage, a connection cut mid-stream), HTTP errors,
                         chunks that re-tokenise as more tokens than usage counts, on a known schedule,
-                        and an API-key check that records the Authorization header it was sent
+                        an API-key check that records the Authorization header it was sent, and a server
+                        that stalls (accepts, never answers) or answers slowly, on a known schedule
   OllamaContractServer  Ollama's documented /api/generate, /api/ps and error shapes (no Ollama server is
                         part of the test environment), emitting tokens on a known schedule
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -151,7 +153,11 @@ def _chunk(text: str) -> bytes:
 
 class _FakeOpenAIHandler(BaseHTTPRequestHandler):
     """Modes by URL prefix: /garbage, /nousage, /cut, /cutdouble, /http500, /auth (then a valid stream), /ok, and /double:
-    one chunk per usage token, every chunk " w5 w6" (two tokens when re-tokenised), DOUBLE_GAP_S apart."""
+    one chunk per usage token, every chunk " w5 w6" (two tokens when re-tokenised), DOUBLE_GAP_S apart.
+
+    /stallN: the Nth, 2Nth, … streamed request (counted from 1 in arrival order; /stall = every one) is read and
+    then never answered, until the server stops; the others get a well-formed stream. /slow: a well-formed
+    stream with SLOW_GAP_S between its lines. The flavor probe (not streamed) is always answered at once."""
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -175,7 +181,17 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
             return
         usage = b"data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": n}}).encode()
-        if mode == "garbage":
+        well_formed = [_chunk(" w5 w6")] + [_chunk(" w7") for _ in range(max(n - 2, 0))]
+        well_formed += [usage + b"\n\n", b"data: [DONE]\n\n"]
+        if mode.startswith("stall") and owner.stalls(int(mode[5:] or 1)):
+            owner.stopped.wait(STALL_LIMIT_S)  # accepted and read, never answered (bounded: a test never hangs)
+            self.close_connection = True
+        elif mode.startswith("stall"):
+            _sse(self, well_formed)
+        elif mode == "slow":
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that timed out hung up
+                _sse(self, well_formed, gap_s=SLOW_GAP_S)
+        elif mode == "garbage":
             _sse(self, [_chunk(" w5"), b"data: {not json at all\n\n"])
         elif mode == "nousage":
             _sse(self, [_chunk(" w5") for _ in range(n)] + [b"data: [DONE]\n\n"])
@@ -200,11 +216,12 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(payload)
         else:  # a well-formed stream: two tokens in the first chunk, then one per chunk
-            lines = [_chunk(" w5 w6")] + [_chunk(" w7") for _ in range(max(n - 2, 0))]
-            _sse(self, [*lines, usage + b"\n\n", b"data: [DONE]\n\n"])
+            _sse(self, well_formed)
 
 
 DOUBLE_GAP_S = 0.03  # /double's schedule: one line every 30 ms
+SLOW_GAP_S = 0.5  # /slow's schedule: one line every 500 ms
+STALL_LIMIT_S = 120.0  # a stalled handler gives up after this long even if the server is never stopped
 
 
 class FakeOpenAIServer(_Server):
@@ -215,6 +232,22 @@ class FakeOpenAIServer(_Server):
     def __init__(self, expected_key: str = "") -> None:
         super().__init__()
         self.expected_key = expected_key
+        self.stopped = threading.Event()  # releases stalled handlers when the server stops
+        self.streamed = 0  # streamed requests received, in arrival order
+        self.stalled = 0
+        self._lock = threading.Lock()
+
+    def stalls(self, every: int) -> bool:
+        """Whether this streamed request is one of the stalled ones: every ``every``-th, counted from 1."""
+        with self._lock:
+            self.streamed += 1
+            stall = self.streamed % every == 0
+            self.stalled += stall
+            return stall
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stopped.set()
+        super().__exit__(*exc)
 
 
 class _OllamaHandler(BaseHTTPRequestHandler):

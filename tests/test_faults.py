@@ -1,5 +1,7 @@
 """Faults survived, with real processes: Ctrl-C (once, twice), two runs into one folder, a full disk, a job
-edited before its resume, asked-for hardware the cluster lacks, and credentials kept out of every output.
+edited before its resume, asked-for hardware the cluster lacks, a server that stalls or answers slowly
+(per-request timeouts), a server killed mid-cell, a collector killed mid-sweep, and credentials kept out of
+every output.
 
 Each ``kvray run`` is a real ``python -m kvray.cli`` process. Runs that must own their Ray (a terminal Ctrl-C
 reaches Ray's processes too; a cluster without GPUs) start one in their own session; the rest join the test
@@ -254,3 +256,173 @@ def test_kvray_binds_its_servers_and_dashboard_to_loopback():
     assert 'dashboard_host="127.0.0.1"' in inspect.getsource(ray_env.connect)
     assert '"--host", "127.0.0.1"' in inspect.getsource(vllm)
     assert inspect.signature(process.transformers_serve_command).parameters["host"].default == "127.0.0.1"
+
+
+def _http_cell(model_dir: Path, url: str, n: int, gen: int, timeout_s: float):
+    from kvray.spec import Cell, Workload, make_options
+
+    return Cell(model=str(model_dir), workload=Workload.uniform(n, 8, gen), backend="openai", dtype="fp32",
+                warmup=0, repeats=1, options=make_options(base_url=url, timeout_s=timeout_s))  # fmt: skip
+
+
+def test_a_stalled_server_times_out_each_request_and_the_row_counts_them(tmp_path):
+    """A server that accepts and never answers: every request ends at its own timeout (per request, not per
+    cell), its trace says so, and the row's requests_failed / failure_rate count exactly the stalled ones."""
+    from servers_fixtures import FakeOpenAIServer, build_tiny_model_dir
+
+    from kvray.backends.openai import OpenAIBackend
+    from kvray.bench.runner import run_cell
+    from kvray.data.store import DatasetWriter
+
+    model_dir = build_tiny_model_dir(tmp_path / "models")
+    backend = OpenAIBackend()
+    timeout_s = 1.0
+    try:
+        with FakeOpenAIServer() as fake:
+            backend.load(_http_cell(model_dir, f"{fake.url}/ok", 1, 4, timeout_s))  # tokenizer loaded off the clock
+            every = _http_cell(model_dir, f"{fake.url}/stall", 3, 4, timeout_s)  # each request stalls
+            started = time.monotonic()
+            result = run_cell(backend, every)
+            took_s = time.monotonic() - started
+            assert fake.stalled == 3
+            assert result.status == "error" and took_s < timeout_s + 5, (result.status, took_s)
+            assert [t.status for t in result.traces] == ["error"] * 3
+            assert all(t.error == "timeout after 1 s (TimeoutError)" for t in result.traces), result.traces
+            # each request's own clock: it ended at its timeout after it was sent, not at a cell-wide deadline
+            assert all(timeout_s <= t.end_s - t.start_s < timeout_s + 3 for t in result.traces)
+            assert result.metrics["requests_failed"] == 3 and result.metrics["failure_rate"] == 1.0
+
+            fake.streamed = fake.stalled = 0
+            mix = _http_cell(model_dir, f"{fake.url}/stall2", 4, 4, timeout_s)  # the 2nd and 4th to arrive stall
+            started = time.monotonic()
+            result = run_cell(backend, mix)
+            took_s = time.monotonic() - started
+            assert fake.streamed == 4 and fake.stalled == 2
+    finally:
+        backend.close()
+    assert result.status == "partial" and took_s < timeout_s + 5, (result.status, took_s)
+    assert result.reason == "2 of 4 requests failed: timeout after 1 s (TimeoutError)"
+    assert sorted(t.status for t in result.traces) == ["error", "error", "ok", "ok"]
+    assert all(t.output_toks == 4 for t in result.traces if t.status == "ok")
+    assert all(t.error.startswith("timeout after 1 s") and t.output_toks == 0 for t in result.traces if t.error)
+    DatasetWriter(tmp_path / "out", tables=False).append(result)
+    (row,) = read_results(tmp_path / "out")
+    assert row["status"] == "partial"
+    assert row["metrics"]["requests_failed"] == 2 and row["metrics"]["failure_rate"] == 0.5
+    assert row["metrics"]["requests_ok"] == 2 and row["metrics"]["ttft_s_n"] == 2  # percentiles pool the 2 ok
+
+
+def test_a_slow_server_is_measured_and_times_out_per_request_keeping_the_tokens_it_got(tmp_path):
+    """A server that answers, slowly (a line every SLOW_GAP_S): with room it is a slow but ok measurement;
+    with a timeout shorter than the stream each request is an error that keeps the tokens that arrived."""
+    from servers_fixtures import SLOW_GAP_S, FakeOpenAIServer, build_tiny_model_dir
+
+    from kvray.backends.openai import OpenAIBackend
+    from kvray.bench.runner import run_cell
+
+    model_dir = build_tiny_model_dir(tmp_path / "models")
+    backend = OpenAIBackend()
+    try:
+        with FakeOpenAIServer() as fake:
+            backend.load(_http_cell(model_dir, f"{fake.url}/ok", 1, 4, 30.0))
+            # 4 tokens: 3 token lines, usage and [DONE], each followed by a SLOW_GAP_S pause
+            roomy = run_cell(backend, _http_cell(model_dir, f"{fake.url}/slow", 2, 4, 30.0))
+            started = time.monotonic()
+            short = run_cell(backend, _http_cell(model_dir, f"{fake.url}/slow", 2, 4, 0.7))
+            took_s = time.monotonic() - started
+    finally:
+        backend.close()
+    assert roomy.status == "ok" and [t.output_toks for t in roomy.traces] == [4, 4]
+    assert all(t.end_s - t.start_s >= 4 * SLOW_GAP_S - 0.05 for t in roomy.traces)  # [DONE] comes after 4 gaps
+    assert short.status == "error" and took_s < 0.7 + 5, took_s
+    for t in short.traces:
+        assert t.error == "timeout after 0.7 s (TimeoutError)"
+        assert 2 <= t.output_toks < 4, t  # the first chunk (2 tokens) at once, the 4th token not before 2 gaps
+        assert t.token_times_s[0] < SLOW_GAP_S  # kept with its arrival time
+
+
+def test_a_killed_collector_stops_the_sweep_with_one_line_and_the_rerun_completes_it(ray_session, tmp_path):  # noqa: F811
+    """ray.kill of the collector (the one writer of the folder) mid-sweep: the sweep stops with CollectorLost
+    saying so, no worker of it is left, cells.jsonl is whole lines with no cell twice, and a rerun completes
+    the job with every planned cell exactly once."""
+    import threading
+
+    from kvray.sweep.driver import COLLECTOR_NAME_PREFIX, WORKER_NAME_PREFIX, CollectorLost, run_job
+
+    ray = ray_session
+    job = load_job(write_job(tmp_path / "faults.yaml"))  # 12 synthetic cells of ~0.5 s
+    planned = {c.cell_id for c in plan_cells(job)}
+    out = tmp_path / "out"
+    errors: list[BaseException] = []
+
+    def sweep() -> None:
+        try:
+            run_job(job, out, progress=False)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and killed is None and thread.is_alive():
+        if (out / CELLS_JSONL).is_file() and len(read_results(out)) >= 2:
+            names = [a for a in ray.util.list_named_actors() if a.startswith(COLLECTOR_NAME_PREFIX)]
+            if names:
+                killed = names[0]
+                ray.kill(ray.get_actor(killed), no_restart=True)
+        time.sleep(0.05)
+    killed_at = time.monotonic()
+    thread.join(timeout=60)
+    stopped_s = time.monotonic() - killed_at
+    assert killed is not None and not thread.is_alive(), "the collector was never killed or the sweep hung"
+    assert len(errors) == 1 and isinstance(errors[0], CollectorLost), errors
+    message = str(errors[0])
+    assert "collector" in message and "died mid-sweep" in message and "rerun the same command" in message
+    assert "\n" not in message and stopped_s < 30, stopped_s
+    sweep_id = killed.removeprefix(COLLECTOR_NAME_PREFIX)
+    left = [a for a in ray.util.list_named_actors() if a.startswith(f"{WORKER_NAME_PREFIX}-{sweep_id}")]
+    assert not left, left  # every worker of the stopped sweep was killed
+    first = jsonl_ids(out)
+    assert 2 <= len(first) < len(planned) and len(set(first)) == len(first) and set(first) <= planned
+    assert (out / "cells.parquet").is_file()  # tables rebuilt from cells.jsonl by the driver
+    assert not (out / ".kvray-run.lock").exists()
+
+    run_job(job, out, progress=False)  # the rerun: only the cells without a row
+    ids = jsonl_ids(out)
+    assert ids[: len(first)] == first  # the first run's rows untouched
+    assert len(ids) == len(planned) == 12 and set(ids) == planned  # none lost, none twice
+
+
+def test_a_server_killed_mid_cell_ends_the_cell_with_the_reason_at_once(tmp_path):
+    """kill -9 of a real ``transformers serve`` while a cell streams from it: every request in flight is an
+    error saying the connection ended (not a wait for its 60 s timeout), and the cell ends within seconds."""
+    import threading
+
+    from servers_fixtures import build_tiny_model_dir, start_transformers_serve
+
+    from kvray.backends.openai import OpenAIBackend
+    from kvray.bench.runner import run_cell
+
+    model_dir = build_tiny_model_dir(tmp_path / "models")
+    server = start_transformers_serve(model_dir, continuous_batching=True)
+    backend = OpenAIBackend()
+    kill_after_s, timeout_s = 1.5, 60.0
+    try:
+        warm = run_cell(backend, _http_cell(model_dir, server.base_url, 1, 4, timeout_s))  # loads, probes flavor
+        assert warm.status == "ok", warm.reason
+        pgid = server.proc.pid  # the server's own session: its whole group, as kill -9 of a crashed server
+        timer = threading.Timer(kill_after_s, lambda: os.killpg(pgid, signal.SIGKILL))
+        started = time.monotonic()
+        timer.start()
+        result = run_cell(backend, _http_cell(model_dir, server.base_url, 2, 2000, timeout_s))
+        took_s = time.monotonic() - started
+        timer.join()
+    finally:
+        backend.close()
+        server.stop(grace_s=2)
+    assert result.status == "error" and took_s < kill_after_s + 10, (result.status, took_s)
+    assert [t.status for t in result.traces] == ["error", "error"]
+    for t in result.traces:  # the stream cut (mid-body) or, for one not yet sent, the connection refused
+        assert t.error.startswith(("malformed stream", "connection refused", "connect error")), t.error
+        assert t.output_toks < 2000

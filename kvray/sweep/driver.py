@@ -13,6 +13,9 @@ Faults: a worker that dies is replaced and its cell retried, at most ``job.max_a
 then recorded ``error`` with the reason; a cell running past ``job.cell_timeout_s`` is recorded ``error``
 and its worker replaced. Every Ray wait has a timeout. The collector refuses a second row for a cell, so
 nothing is lost or duplicated; a rerun into the same folder skips every cell that already has a row.
+A collector that dies stops the sweep (CollectorLost, one line): it is not restarted mid-sweep, because the
+workers hold its handle and a row in flight to it may or may not have reached cells.jsonl — the rerun reads
+cells.jsonl, which settles that, and measures only the cells without a row.
 """
 
 from __future__ import annotations
@@ -42,11 +45,17 @@ from kvray.sweep.ray_env import Cluster, connect, import_ray, shutdown
 from kvray.sweep.scheduler import Scheduler, Verdict
 from kvray.units import first_line
 
-__all__ = ["WORKER_NAME_PREFIX", "Sweep", "SweepError", "run_job"]
+__all__ = ["COLLECTOR_NAME_PREFIX", "WORKER_NAME_PREFIX", "CollectorLost", "Sweep", "SweepError", "run_job"]
+
+COLLECTOR_NAME_PREFIX = "kvray-collector-"  # + the sweep id: named so that an operator (or a test) can find it
 
 
 class SweepError(RuntimeError):
     """The sweep cannot go on (no worker can start); rows written so far stay, a rerun resumes."""
+
+
+class CollectorLost(SweepError):
+    """The collector actor died mid-sweep: the sweep stops; every row it wrote is in cells.jsonl."""
 
 
 def exit_on_second_interrupt() -> None:
@@ -115,12 +124,28 @@ class Sweep:
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 exit_on_second_interrupt()
+            if self.collector_lost(exc):
+                outcome = "stopped: the collector died"
+                raise CollectorLost(
+                    f"the collector (the one writer of {self.out_dir}) died mid-sweep; every row it wrote is in "
+                    f"cells.jsonl and the tables were rebuilt from it; rerun the same command to resume ({first_line(exc)})"
+                ) from None
             outcome = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"stopped: {first_line(exc)}"
             raise
         finally:
             self.listener.on_close(outcome)
             record = self.close(outcome, already=already, to_run=len(todo))
         return record
+
+    def collector_lost(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a call to a dead actor and the collector is that actor (it answers no ping)."""
+        if not isinstance(exc, self.ray.exceptions.RayActorError):
+            return False
+        try:
+            self.ray.get(self.collector.status.remote(""), timeout=10.0)
+        except Exception:
+            return True
+        return False
 
     def turn(self) -> bool:
         """One turn of the loop; False once every cell is settled."""
@@ -141,7 +166,7 @@ class Sweep:
 
         from kvray.sweep.collector import Collector
 
-        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0}
+        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "name": COLLECTOR_NAME_PREFIX + self.sweep_id}
         with contextlib.suppress(Exception):  # a Ray-client driver has no node: write wherever it lands
             node_id = self.ray.get_runtime_context().get_node_id()
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
@@ -323,6 +348,8 @@ def run_job(
             signal.signal(signal.SIGINT, signal.default_int_handler)
         raise
     except Exception as exc:
+        if isinstance(exc, CollectorLost):
+            write_tables_here(out)
         if disk_full(exc):
             raise SweepError(
                 f"no space left on the disk of {out}: the sweep stopped; every row written so far is in "

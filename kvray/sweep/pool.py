@@ -231,18 +231,27 @@ class WorkerPool:
         if ask and slot.state in (SlotState.IDLE, SlotState.BUSY):
             with contextlib.suppress(Exception):
                 stats = self.ray.get(slot.actor.stats.remote(), timeout=STATS_TIMEOUT_S)
-        if slot.info:
-            record = {**stats, "ended": ended, "cells_done": slot.done}
-            self.ray.get(self.collector.update_worker.remote(slot.name, record), timeout=RPC_TIMEOUT_S)
-        with contextlib.suppress(Exception):
-            self.ray.kill(slot.actor, no_restart=True)
-        slot.cell, slot.ref, slot.info, slot.done = None, None, {}, 0
+        try:
+            if slot.info:
+                record = {**stats, "ended": ended, "cells_done": slot.done}
+                self.ray.get(self.collector.update_worker.remote(slot.name, record), timeout=RPC_TIMEOUT_S)
+        finally:  # killed even when its record cannot be written (a dead collector): no worker outlives a sweep
+            with contextlib.suppress(Exception):
+                self.ray.kill(slot.actor, no_restart=True)
+            slot.cell, slot.ref, slot.info, slot.done = None, None, {}, 0
 
     def close(self, ended: str) -> None:
-        """Stop every worker still held, recording how the run ended for it."""
+        """Stop every worker still held, recording how the run ended for it; every one is stopped before the
+        first failure to record one (a dead collector) is raised."""
+        failure: Exception | None = None
         for slot in self.slots:
             if slot.state is not SlotState.RETIRED:
-                self.kill(slot, ended=ended)
+                try:
+                    self.kill(slot, ended=ended)
+                except Exception as exc:
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def rows(self) -> list[WorkerRow]:
         return [s.row() for s in self.slots]
