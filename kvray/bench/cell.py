@@ -89,13 +89,13 @@ def check_output(cell: Cell, output_dir: str | Path, replace: bool = False) -> N
     """A bench is a new measurement each time: a folder that already holds this cell's row is refused before
     anything loads, unless ``replace`` (the new row then takes the earlier one's place). A folder another
     kvray run holds (its lock) is refused too."""
-    from kvray.data.store import read_results
+    from kvray.data.store import LOCK_NAME, read_results
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise KvrayInputError(f"--output {out} is a file, not a folder")
-    if (out / ".kvray-run.lock").is_file():
-        raise KvrayInputError(f"{out} is held by a running kvray run (its .kvray-run.lock); choose another --output")
+    if (out / LOCK_NAME).is_file():
+        raise KvrayInputError(f"{out} is held by a running kvray run (its {LOCK_NAME}); choose another --output")
     try:
         earlier = next((r for r in read_results(out) if r.get("cell_id") == cell.cell_id), None)
     except OSError as exc:
@@ -105,26 +105,6 @@ def check_output(cell: Cell, output_dir: str | Path, replace: bool = False) -> N
             f"{out} already has a row for this cell ({cell.cell_id}, measured {earlier.get('started_at') or '?'}); "
             "pass --replace to measure it again and replace that row, or --output another folder"
         )
-
-
-def _drop_row(out_dir: Path, cell_id: str) -> None:
-    """cells.jsonl without ``cell_id``'s line, replaced atomically (--replace, after the new measurement)."""
-    import json
-
-    from kvray.data.store import CELLS_JSONL, _atomic_write_bytes
-
-    path = out_dir / CELLS_JSONL
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_bytes().splitlines(keepends=True):
-        try:
-            same = json.loads(line).get("cell_id") == cell_id
-        except (json.JSONDecodeError, AttributeError):
-            same = False
-        if not same:
-            kept.append(line)
-    _atomic_write_bytes(path, b"".join(kept))
 
 
 @dataclass(frozen=True)
@@ -144,7 +124,7 @@ def measure_and_record(cell: Cell, output_dir: str | Path, check_oom: bool = Tru
     unless ``replace`` (checked before the model loads: ``check_output``)."""
     from kvray.backends import get_backend
     from kvray.bench.runner import run_cell
-    from kvray.data.store import DatasetWriter, read_results, write_json_atomic
+    from kvray.data.store import DatasetWriter, drop_row, write_json_atomic
 
     check_output(cell, output_dir, replace)
     engine = get_backend(cell.backend)
@@ -153,9 +133,7 @@ def measure_and_record(cell: Cell, output_dir: str | Path, check_oom: bool = Tru
     finally:
         engine.close()
     out_dir = Path(output_dir)
-    replaced = replace and any(r.get("cell_id") == result.cell_id for r in read_results(out_dir))
-    if replaced:
-        _drop_row(out_dir, result.cell_id)
+    replaced = replace and drop_row(out_dir, result.cell_id)
     added = DatasetWriter(out_dir).append(result) and not replaced
     cell_json = out_dir / f"cell_{result.cell_id}.json"
     write_json_atomic(cell_json, result.to_dict())

@@ -24,6 +24,9 @@ from kvray.measure.trace import CellResult
 
 CELLS_JSONL = "cells.jsonl"
 MANIFEST = "manifest.json"
+# A running `kvray run` holds its folder with this dot file (kvray/sweep/folder.py); `kvray bench` refuses a held
+# folder. A dot file, so `kvray launch` packing a dataset leaves it behind.
+LOCK_NAME = ".kvray-run.lock"
 
 # ---------------------------------------------------------------- columns
 # The columns of a cells row (CellResult.to_row) that later stages name, written once here, in the first stage
@@ -94,6 +97,28 @@ def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
             continue  # a torn line from a crash mid-write
         by_id[record["cell_id"]] = record
     return list(by_id.values())
+
+
+def drop_row(out_dir: str | Path, cell_id: str) -> bool:
+    """Remove ``cell_id``'s row from cells.jsonl (replaced atomically); True when there was one.
+
+    For ``kvray bench --replace``, after the new measurement: lines that are not kvray rows are kept as they are.
+    """
+    path = Path(out_dir) / CELLS_JSONL
+    if not path.is_file():
+        return False
+    kept, dropped = [], False
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            same = json.loads(line).get("cell_id") == cell_id
+        except (json.JSONDecodeError, AttributeError):
+            same = False
+        dropped |= same
+        if not same:
+            kept.append(line)
+    if dropped:
+        _atomic_write_bytes(path, b"".join(kept))
+    return dropped
 
 
 class DatasetWriter:

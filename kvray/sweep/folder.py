@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvray.data.store import LOCK_NAME
 from kvray.errors import KvrayInputError
 from kvray.plan.job import Job
-
-LOCK_NAME = ".kvray-run.lock"  # a dot file: kvray launch's pack_dataset leaves it behind
 
 
 def _pid_alive(pid: int) -> bool:
