@@ -124,3 +124,25 @@ def test_bench_cell_is_built_and_checked_from_plain_arguments(opt_dir, monkeypat
         bench_cell("nobody/served-only", backend="hf")
     with pytest.raises(KvrayInputError, match="needs a server URL"):
         bench_cell(opt_dir, prompt_toks=8, gen_toks=2, backend="openai")
+
+
+def test_replace_measures_again_and_keeps_one_row(tmp_path):
+    """A second bench of the same cell is refused; with --replace its new row takes the earlier one's place."""
+    from kvray.bench.cell import bench_cell, measure_and_record
+    from kvray.errors import KvrayInputError
+
+    out = tmp_path / "r"
+    cell = bench_cell("kvray/tiny-llama", prompt_toks=8, gen_toks=3, concurrency=2, backend="synthetic",
+                      dtype="fp32", warmup=0, repeats=1, options={"ttft_s": 0.01, "tpot_s": 0.01})  # fmt: skip
+    first = measure_and_record(cell, out)
+    assert first.added
+    with pytest.raises(KvrayInputError, match="--replace"):
+        measure_and_record(cell, out)
+    (out / "cells.jsonl").write_text((out / "cells.jsonl").read_text() + "not a kvray row\n")
+    second = measure_and_record(cell, out, replace=True)
+    assert not second.added  # it replaced the earlier row
+    lines = (out / "cells.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [r["cell_id"] for r in rows] == [cell.cell_id]  # one row for the cell, the new one
+    assert rows[0]["duration_s"] == second.result.duration_s != first.result.duration_s
+    assert "not a kvray row" in lines  # lines that are not rows are left as they were
