@@ -82,25 +82,15 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
-def reset_rss_peak(attempts: int = 5) -> bool:
-    """Reset the kernel's peak-RSS counter (Linux ≥ 4.0); False where that is not possible.
-
-    The check that the reset happened (peak ≈ current RSS) can fail when another thread of this process frees
-    memory between the reset and the reading (a test runner's or Ray's threads do), so it is tried a few
-    times before falling back to sampling — which misses spikes shorter than its interval.
-    """
-    for _ in range(attempts):
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-        except OSError:
-            return False
-        hwm, rss = _status_bytes("VmHWM"), _status_bytes("VmRSS")
-        if hwm is None or rss is None:
-            return False
-        if hwm <= rss + 2**20:  # the reset really happened
-            return True
-    return False
+def reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    hwm, rss = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 2**20  # the reset really happened
 
 
 class MemoryTracker:
