@@ -7,7 +7,10 @@ What it measures (issue #12): `kvray bench`'s code path (HF backend, random bf16
 tracker, OOM pre-check) over opt-1.3b and a Llama-3-8B geometry, concurrency 1–32 × prompt 512/2048, 64
 generated tokens; each model is loaded once and its cells run small to large. Then `kvray calibrate` on the
 prompt-512 half and the roofline's error on the prompt-2048 half (predicted with the fitted η, compared with
-measured TTFT/TPOT p50). Prints one compact table; the dataset (cells/traces parquet, calibration JSON,
+measured TTFT/TPOT p50). Energy (issue #16): every cell's telemetry reads NVML on the GPU — power, utilisation,
+``nvmlDeviceGetTotalEnergyConsumption`` — and the table prints joules per output token; the script also reads
+that counter around the whole measuring phase as a cross-check (the cells' energy is part of it). Prints one
+compact table; the dataset (cells/traces parquet, calibration JSON,
 check.json) lands in ``--out``. A time budget stops starting new cells so the script ends in time; cells
 not run are listed, never silently dropped.
 
@@ -120,6 +123,33 @@ def roofline_error(rows: list[dict], calib_prompt: int, cal_path: Path, assume_g
     return out
 
 
+def nvml_energy_mj(device: str) -> float | None:
+    """The GPU's total-energy counter (mJ since driver load), or None without NVML / a GPU / the counter."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import pynvml
+
+        from kvray.hardware.devices import nvml_handle
+
+        return float(pynvml.nvmlDeviceGetTotalEnergyConsumption(nvml_handle(device)))
+    except Exception:
+        return None
+
+
+def energy_lines(rows: list[dict], whole_j: float | None) -> list[str]:
+    """What the energy columns say: the basis, the cells' total against the whole-run counter, or why not."""
+    measured = [r for r in rows if isinstance(r.get("energy_j"), int | float) and r["energy_j"] == r["energy_j"]]
+    if not measured:
+        reasons = sorted({str(r.get("energy_reason")) for r in rows})
+        return [f"energy: not measured — {'; '.join(reasons)}"]
+    total = sum(r["energy_j"] for r in measured)
+    out = [f"energy: {len(measured)} cells, {total:.1f} J in their measured windows ({measured[0]['energy_basis']})"]
+    if whole_j is not None:
+        out.append(f"  NVML counter over the whole measuring phase (loads, warmups, gaps included): {whole_j:.1f} J")
+    return out
+
+
 def main() -> int:
     args = parse_args()
     import torch
@@ -129,7 +159,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"kvray GPU check — torch {torch.__version__}, {gpu}, device {args.device}, {args.dtype} → {out}")
     started = time.monotonic()
+    energy0 = nvml_energy_mj(args.device)
     results, not_run = measure(args, out)
+    energy1 = nvml_energy_mj(args.device)
+    whole_j = (energy1 - energy0) / 1e3 if energy0 is not None and energy1 is not None else None
     rows = [r.to_row() for r in results]
     errors = (
         roofline_error(rows, min(args.prompts), out / "calibration.json", args.assume_gpu)
@@ -139,7 +172,7 @@ def main() -> int:
 
     GIB = 2**30
     print(f"\n{'model':28s} {'c':>3s} {'P':>5s} {'status':8s} {'TTFT p50':>9s} {'TPOT p50':>9s} {'tok/s':>7s} "
-          f"{'peak GiB':>8s} {'KV meas':>8s} {'KV err':>7s} {'n':>4s}")  # fmt: skip
+          f"{'peak GiB':>8s} {'KV meas':>8s} {'KV err':>7s} {'J/tok':>7s} {'W avg':>6s} {'n':>4s}")  # fmt: skip
     for r in rows:
 
         def num(key: str, scale: float, fmt: str, row: dict = r) -> str:
@@ -150,7 +183,10 @@ def main() -> int:
               f"{num('ttft_s_p50', 1e3, '{:.1f}ms'):>9s} {num('tpot_s_p50', 1e3, '{:.2f}ms'):>9s} "
               f"{num('output_tps', 1, '{:.0f}'):>7s} {num('peak_allocated_bytes', 1 / GIB, '{:.2f}'):>8s} "
               f"{num('kv_measured_bytes', 1 / GIB, '{:.3f}'):>8s} {num('kv_rel_error', 100, '{:+.1f}%'):>7s} "
+              f"{num('j_per_output_tok', 1, '{:.3g}'):>7s} {num('power_avg_w', 1, '{:.0f}'):>6s} "
               f"{r.get('requests', r['concurrency'] * r.get('repeats', 1))!s:>4s}")  # fmt: skip
+    energy = energy_lines(rows, whole_j)
+    print("\n" + "\n".join(energy))
     if errors:
         print(f"\nroofline after calibrating on prompt {min(args.prompts)} (predicted / measured − 1, p50s):")
         for e in errors:
@@ -159,7 +195,9 @@ def main() -> int:
     if not_run:
         print(f"\nnot run (time budget {args.budget_s:.0f} s): {len(not_run)} cells — {', '.join(not_run[:6])}…")
     summary = {"gpu": gpu, "torch": torch.__version__, "wall_s": time.monotonic() - started,
-               "cells": len(rows), "not_run": not_run, "roofline_errors": errors}  # fmt: skip
+               "cells": len(rows), "not_run": not_run, "roofline_errors": errors,
+               "energy": {"lines": energy, "whole_run_nvml_j": whole_j,
+                          "j_per_output_tok": {r["cell_id"]: r.get("j_per_output_tok") for r in rows}}}  # fmt: skip
     (out / "check.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\n{len(rows)} cells in {summary['wall_s']:.0f} s; dataset and check.json in {out}")
     return 0 if rows and all(r["status"] in ("ok", "oom", "refused") for r in rows) else 1

@@ -118,10 +118,28 @@ def _fmt_pct(v: Any) -> str:
 
 
 def _fmt_percentile(r: Any, column: str) -> str:
-    """A latency percentile in ms with the number of samples it pools: "12.3 (n=24)"."""
+    """A latency percentile in ms with its 95 % interval and the number of samples it pools:
+    "12.3 [11.9–12.8] (n=24)"; a percentile the sample cannot hold is shown as what it is: "max 14.1 of 9"."""
+    from kvray.measure.metrics import min_samples
+
+    metric, pct = column.rsplit("_p", 1)
+    n = as_number(r.get(metric + "_n"))
+    if n is not None and n < min_samples(float(pct)) and as_number(r.get(metric + "_max")) is not None:
+        return f"max {_fmt_ms(r[metric + '_max'])} of {int(n)}"
     value = _fmt_ms(r[column])
-    n = as_number(r.get(column.rsplit("_p", 1)[0] + "_n"))
+    low, high = as_number(r.get(column + "_ci_low")), as_number(r.get(column + "_ci_high"))
+    if value != "—" and low is not None and high is not None:
+        value += f" [{_fmt_ms(low)}–{_fmt_ms(high)}]"
     return value if value == "—" or n is None else f"{value} (n={int(n)})"
+
+
+def _fmt_tps(r: Any) -> str:
+    """Mean output tok/s with its 95 % interval over repeats: "512.3 [498.1–526.5] (3 rep)"; one repeat: "(1 rep)"."""
+    value = _fmt_num(r["output_tps"])
+    low, high, n = (as_number(r.get(k)) for k in ("output_tps_ci_low", "output_tps_ci_high", "output_tps_n"))
+    if value != "—" and low is not None and high is not None:
+        value += f" [{_fmt_num(low)}–{_fmt_num(high)}]"
+    return value if value == "—" or n is None else f"{value} ({int(n)} rep)"
 
 
 def _fmt_failed(r: Any) -> str:
@@ -133,7 +151,7 @@ def _fmt_failed(r: Any) -> str:
 
 
 CELL_COLUMNS: tuple[tuple[str, Any], ...] = (
-    ("c", lambda r: f"{int(r['concurrency'])}"),
+    ("c", lambda r: _fmt_num(r["concurrency"], 0)),  # an open loop has none: "—"
     ("prompt", lambda r: str(r["prompt_toks_list"]) if r["workload"] == "mixed" else f"{int(r['prompt_toks'])}"),
     ("gen", lambda r: f"{int(r['gen_toks'])}"),
     ("status", lambda r: str(r["status"]) + (" ⚠" if r.get("_suspect") else "")),
@@ -141,9 +159,9 @@ CELL_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("KV measured", lambda r: _fmt_bytes(r["kv_measured_bytes"])),
     ("KV predicted", lambda r: _fmt_bytes(r["kv_predicted_bytes"])),
     ("KV error", lambda r: _fmt_pct(r["kv_rel_error"])),
-    ("out tok/s", lambda r: _fmt_num(r["output_tps"])),
+    ("out tok/s [95 % CI]", _fmt_tps),
     ("failed", _fmt_failed),  # beside the latencies: they pool only the successful requests
-    ("TTFT p50 ms", lambda r: _fmt_percentile(r, "ttft_s_p50")),
+    ("TTFT p50 ms [95 % CI]", lambda r: _fmt_percentile(r, "ttft_s_p50")),
     ("TTFT p99 ms", lambda r: _fmt_percentile(r, "ttft_s_p99")),
     ("TPOT p50 ms", lambda r: _fmt_percentile(r, "tpot_s_p50")),
     ("E2E p99 ms", lambda r: _fmt_percentile(r, "e2e_s_p99")),
@@ -229,19 +247,32 @@ def environment_blocks(view: View, manifest: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def _mixed_stat(p: Any, stat: str) -> tuple[str, str]:
+    """(label, statistic) of a mixed-table row: "TTFT p99", or "TTFT max of 6 (too few for p99)" and the
+    maximum where the short requests cannot hold that percentile (kvray.measure.metrics.min_samples)."""
+    from kvray.measure.metrics import min_samples
+
+    metric, pct = stat.rsplit("_p", 1)
+    n = min(int(p.alone.get("requests", 0)), int(p.mixed.get("requests", 0)))
+    name = metric.removesuffix("_s").upper()
+    if n >= min_samples(float(pct)):
+        return f"{name} p{pct}", stat
+    return f"{name} max of {n} (too few for p{pct})", f"{metric}_max"
+
+
 def mixed_table(view: View) -> Block | None:
     pairs = mixed_pairs(view)
     if not pairs:
         return None
     rows = []
     for p in pairs:
-        for stat in MIXED_STATS:
+        for label, stat in (_mixed_stat(p, s) for s in MIXED_STATS):
             ratio = p.ratio(stat)
             rows.append(
                 [
                     p.series,
                     f"{p.n_short} × {p.short_toks} + {p.n_long} × {p.long_toks}",
-                    stat.replace("_s_", " ").upper().replace("P", "p"),
+                    label,
                     _fmt_ms(p.alone.get(stat, math.nan)),
                     _fmt_ms(p.mixed.get(stat, math.nan)),
                     f"×{ratio:.2f}" if ratio == ratio else "—",
@@ -265,6 +296,9 @@ DEFINITIONS = (
     "E2E = end − arrival; output tok/s = output tokens / makespan, mean over repeats (docs/metrics.md).",
     "Latency percentiles pool the successful requests of all repeats; n is how many samples each pools. A "
     "partial cell ran but some requests failed (column failed): its percentiles cover only the rest.",
+    "[low–high] is a 95 % interval: bootstrap over repeats, then requests, for a percentile; Student's t over "
+    "repeats for throughput (none for one repeat). A p99 needs 100 samples (a p95 20, a p90 10): below that "
+    'the cell shows what the number is, "max … of n" (docs/metrics.md, "How sure is a number").',
     "Peak memory: torch max_memory_allocated on a GPU, process RSS peak on a CPU; KV error = "
     "(measured − predicted) / predicted KV bytes.",
     "OOM cells: oom (ran out), skipped_after_oom (larger than one that ran out), refused (pre-flight check "
@@ -295,6 +329,9 @@ def build_blocks(
     blocks.append(Block("h2", "Across hardware and KV prediction"))
     for name in FIGURES[5:]:  # fig6 cross-hardware, fig7 KV predicted vs measured
         blocks += figure(name)
+    blocks += timeline_blocks(view, out, redraw=bool(figures))
+    blocks += reuse_blocks(out, redraw=bool(figures))
+    blocks += serving_blocks(view, out, redraw=bool(figures))
     blocks.append(Block("h2", "Definitions"))
     blocks.append(Block("ul", items=list(DEFINITIONS)))
     return blocks
@@ -376,6 +413,131 @@ def experiment_blocks(view: View, exp: str, heading: str, suspects: set[str] | N
     if table is not None:
         blocks.append(Block("h3", "Short requests: alone vs batched with long ones"))
         blocks.append(table)
+    return blocks
+
+
+def timeline_blocks(view: View, out: Path, redraw: bool = True) -> list[Block]:
+    """fig10 of the cells worth a look — the highest p99 TTFT, and any whose engine preempted — with why each."""
+    import contextlib
+
+    from kvray.data.store import read_results, read_timeline
+    from kvray.figures import FIGURES_DIR
+    from kvray.figures.style import styled
+    from kvray.figures.timeline import fig10_timeline, figure_name
+
+    cells = view.cells
+    measured = cells[cells["status"].isin(["ok", "partial"])] if len(cells) else cells
+    why: dict[str, str] = {}
+    if len(measured) and "ttft_s_p99" in measured and measured["ttft_s_p99"].notna().any():
+        top = measured.loc[measured["ttft_s_p99"].idxmax()]
+        why[str(top["cell_id"])] = f"highest p99 TTFT ({_fmt_ms(top['ttft_s_p99'])} ms)"
+    timeline = read_timeline(out)
+    pre = timeline[(timeline["source"] == "engine") & (timeline["metric"] == "preemptions")]
+    grew = pre.groupby("cell_id")["value"].agg(lambda v: v.max() - v.min()) if len(pre) else pre["value"]
+    for cell_id, count in grew[grew > 0].sort_values(ascending=False).head(3).items():
+        why[str(cell_id)] = why.get(str(cell_id), "") + f"{'; ' if cell_id in why else ''}{int(count)} preemptions"
+    records = {r["cell_id"]: r for r in read_results(out) if r["cell_id"] in why}
+    blocks = [Block("h2", "Timelines of the cells worth a look")] if why else []
+    for cell_id, reason in why.items():
+        png = out / FIGURES_DIR / f"{figure_name(cell_id)}.png"
+        if (redraw or not png.is_file()) and cell_id in records:
+            with styled(), contextlib.suppress(Exception):  # one figure must not cost the report
+                fig10_timeline(records[cell_id], timeline, out / FIGURES_DIR)
+        blocks.append(Block("p", f"Cell {cell_id}: {reason} (`kvray plot {out} --cell {cell_id}`)."))
+        if png.is_file():
+            blocks.append(Block("figure", f"{figure_name(cell_id)}: requests, hardware and engine on one clock",
+                                path=png, svg=png.with_suffix(".svg")))  # fmt: skip
+    return blocks
+
+
+def reuse_blocks(out: Path, redraw: bool = True) -> list[Block]:
+    """Exp6 — KV reuse and pressure: each reuse cell's prefix-cache hit rate and saved KV, measured beside
+    predicted, its preemptions and fill point, then the exp6 figures (kvray/figures/reuse.py); none without them."""
+    from kvray.data.store import read_results
+    from kvray.figures import FIGURES_DIR
+    from kvray.figures.reuse import REUSE_FIGURES, has_reuse_data, make_reuse_figures
+
+    records = read_results(out)
+    if not has_reuse_data(records):
+        return []
+    figures = make_reuse_figures(out) if redraw else []
+    blocks = [Block("h2", "Exp6 — KV reuse and pressure")]
+    rows = []
+    for r in records:
+        m = r.get("memory") or {}
+        keys = ("prefix_cache_hit_rate", "prefix_cache_hit_rate_predicted", "kv_saved_bytes", "preemptions")
+        if not any(m.get(k) is not None for k in keys) and r["cell"].get("experiment") != "exp6":
+            continue
+        wl = r["cell"]["workload"]
+        rows.append([r["cell_id"], r["cell"]["backend"], str(wl.get("kind")), str(len(wl["requests"])), r["status"],
+                     *(f"{float(m[k]):.1%}" if as_number(m.get(k)) is not None else "—"
+                       for k in ("prefix_cache_hit_rate", "prefix_cache_hit_rate_predicted")),
+                     _fmt_bytes(m.get("kv_saved_bytes")), _fmt_bytes(m.get("kv_saved_bytes_predicted")),
+                     _fmt_num((r.get("metrics") or {}).get("preemptions"), 0), _fmt_num(m.get("pool_full_at_s"), 2),
+                     _fmt_num(m.get("kv_fill_concurrency_predicted"), 0)])  # fmt: skip
+    blocks.append(Block("table", headers=["cell", "backend", "workload", "requests", "status", "hit rate",
+                                          "predicted", "KV saved", "predicted", "preemptions", "pool full at s",
+                                          "fills from (kvmath)"], rows=rows))  # fmt: skip
+    blocks.append(Block("p", "Hit rate: the engine's prefix-cache hits / prompt tokens over the measured repeats "
+                             "(vLLM /metrics); predicted: a block prefix cache replayed on the prompts kvray sent "
+                             "(docs/kv_reuse.md). KV saved: hit tokens × KV bytes per token, per repeat."))  # fmt: skip
+    failed = [r for r in records if r["status"] not in ("ok", "partial") and r["cell"].get("experiment") == "exp6"]
+    if failed:  # e.g. a KV dtype this engine's build refuses on this hardware, in the engine's own words
+        blocks.append(Block("ul", items=[f"{r['cell_id']} ({r['cell']['backend']}, kv_dtype "
+                                         f"{r['cell'].get('kv_dtype') or r['cell']['dtype']}): {r['status']} — "
+                                         f"{str(r.get('reason'))[:300]}" for r in failed]))  # fmt: skip
+    by_name = {f.name: f for f in figures}
+    for name in REUSE_FIGURES:
+        png = out / FIGURES_DIR / f"{name}.png"
+        if png.is_file():
+            notes = by_name[name].notes if name in by_name else []
+            blocks.append(Block("figure", name + (": " + "; ".join(notes) if notes else ""), path=png,
+                                svg=png.with_suffix(".svg")))  # fmt: skip
+    return blocks
+
+
+def serving_blocks(view: View, out: Path, redraw: bool = True) -> list[Block]:
+    """Serving: per configuration (backend · hardware · model · SLO) the highest goodput and the load it came at,
+    the knee and saturation rate of any search, then fig11/fig12 (kvray/figures/serving.py); none without rows."""
+    from kvray.figures import FIGURES_DIR
+    from kvray.figures.serving import SERVING_FIGURES, make_serving_figures, search_rows, serving_rows
+
+    rows = serving_rows(view.cells)
+    if not len(rows):
+        return []
+    figures = {f.name: f for f in (make_serving_figures(out) if redraw else [])}
+    searches = search_rows(view.cells)
+    keys = ["backend", "hardware", "model", "slo"]
+    table = []
+    for config, part in rows.groupby([rows[k].fillna("—").astype(str) for k in keys], sort=True):
+        good = part["goodput_rps"].astype(float)
+        best = part.loc[good.idxmax()] if good.notna().any() and good.max() > 0 else None  # None: SLO never met
+        mine = searches[(searches[keys[:3]].astype(str) == list(config[:3])).all(axis=1)] if len(searches) else searches
+        at = ("no SLO given" if config[3] == "—" else "SLO met at no load") if best is None else (f"{int(best['users'])} users" if best["load"] == "closed"
+                                       else f"{float(best['offered_rps']):.3g} req/s {best['load']}")  # fmt: skip
+        behind = int(part["client_behind"].fillna(False).astype(bool).sum()) if "client_behind" in part else 0
+        table.append([*config[:3], _fmt_num((None if config[3] == "—" else 0.0) if best is None else best["goodput_rps"], 2), at,
+                      "—" if best is None or as_number(best["slo_attainment"]) is None
+                      else f"{float(best['slo_attainment']):.1%}",
+                      _fmt_num(mine["knee_rps"].max() if len(mine) else None, 2),
+                      _fmt_num(mine["saturation_rps"].max() if len(mine) else None, 2),
+                      _fmt_num(part["achieved_rps"].astype(float).max(), 2), config[3], str(len(part)),
+                      str(int(part["requests_steady"].sum())), str(behind)])  # fmt: skip
+    blocks = [Block("h2", "Serving — goodput under SLOs"),
+              Block("table", headers=["backend", "hardware", "model", "max goodput req/s", "at", "SLO met",
+                                      "knee req/s", "saturation req/s", "max achieved req/s", "SLO", "rows",
+                                      "steady requests", "client behind"], rows=table),
+              Block("p", "Goodput: achieved requests/s × the fraction of steady-state requests meeting every SLO "
+                         "threshold (ramp-up and drain excluded; docs/metrics.md, Serving load). Knee: the highest "
+                         "offered rate a saturation search found sustainable; saturation: the highest achieved "
+                         "rate any of its probes measured. Rows whose client fell behind its schedule did not "
+                         "offer the rate they name.")]  # fmt: skip
+    for name in SERVING_FIGURES:
+        png = out / FIGURES_DIR / f"{name}.png"
+        if png.is_file():
+            notes = figures[name].notes if name in figures else []
+            blocks.append(Block("figure", name + (": " + "; ".join(notes) if notes else ""), path=png,
+                                svg=png.with_suffix(".svg")))  # fmt: skip
     return blocks
 
 

@@ -27,6 +27,14 @@ class RequestSpec:
     gen_toks: int
     arrival_s: float = 0.0
     temperature: float = 0.0
+    # Closed loops: this request is sent ``think_s`` after request ``after`` (same repeat) ends, not at
+    # ``arrival_s``; its trace's arrival is that moment (kvray/backends/arrivals.py keeps the schedule).
+    after: int | None = None
+    think_s: float = 0.0
+    # KV reuse: the first ``shared_prefix_toks`` prompt tokens are the same for every request of
+    # ``prefix_group`` (a shared system prompt, a conversation's history); the rest is unique to the request.
+    prefix_group: int | None = None
+    shared_prefix_toks: int = 0
 
     def __post_init__(self) -> None:
         if self.prompt_toks <= 0 or self.gen_toks <= 0:
@@ -34,8 +42,82 @@ class RequestSpec:
                 f"request {self.id}: prompt and generated tokens must be positive, got "
                 f"{self.prompt_toks} and {self.gen_toks}"
             )
-        if self.arrival_s < 0:
-            raise KvrayInputError(f"request {self.id}: arrival offset must be >= 0, got {self.arrival_s}")
+        if self.arrival_s < 0 or self.think_s < 0:
+            raise KvrayInputError(f"request {self.id}: arrival offset and think time must be >= 0")
+        if not 0 <= self.shared_prefix_toks <= self.prompt_toks:
+            raise KvrayInputError(f"request {self.id}: shared_prefix_toks must be within 0..prompt_toks")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields at their defaults are left out, so cells planned before a field existed keep their ids."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k in _REQUEST_CORE or v != _REQUEST_DEFAULTS[k]}
+
+
+_REQUEST_CORE = ("id", "prompt_toks", "gen_toks", "arrival_s", "temperature")
+_REQUEST_DEFAULTS = {"after": None, "think_s": 0.0, "prefix_group": None, "shared_prefix_toks": 0}
+
+LOAD_KINDS = ("burst", "closed", "poisson", "gamma", "constant")
+OPEN_LOOPS = ("poisson", "gamma", "constant")
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """How a workload's requests were scheduled — kept with the cell so its row can say what was offered.
+
+    burst      every request at its arrival offset (0: all at once) — the seed's static-batch experiments
+    closed     ``users`` users, each sending its next request when its previous one ends (+ think time)
+    poisson    an open loop at ``rate_rps``: exponential gaps, seeded
+    gamma      an open loop at ``rate_rps`` with gamma gaps of shape 1/``burstiness`` (1 = poisson)
+    constant   an open loop at ``rate_rps``: equal gaps
+    ``warmup_s``/``cooldown_s`` trim the steady-state window (kvray/measure/serving.py); None = the default.
+    """
+
+    kind: str = "burst"
+    rate_rps: float | None = None
+    users: int | None = None
+    requests: int | None = None
+    duration_s: float | None = None
+    burstiness: float = 1.0
+    seed: int = 0
+    warmup_s: float | None = None
+    cooldown_s: float | None = None
+    # "saturation": no rate given — the cell is a search (kvray/bench/saturation.py) that probes rates up to
+    # the highest sustainable one, then measures rates below it; each probe is a cell of its own
+    search: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOAD_KINDS:
+            raise KvrayInputError(f"unknown load kind {self.kind!r} (known: {', '.join(LOAD_KINDS)})")
+        if self.search is not None and (self.search != "saturation" or self.kind not in OPEN_LOOPS):
+            raise KvrayInputError(f"rate auto (a saturation search) needs an open loop ({', '.join(OPEN_LOOPS)})")
+        if self.kind in OPEN_LOOPS and self.search is None and not (self.rate_rps and self.rate_rps > 0):
+            raise KvrayInputError(f"a {self.kind} load needs a positive rate (requests/s), got {self.rate_rps}")
+        if self.kind == "closed" and not (self.users and self.users > 0):
+            raise KvrayInputError(f"a closed load needs a positive number of users, got {self.users}")
+        if self.requests is not None and self.requests <= 0:
+            raise KvrayInputError(f"a load's request count must be positive, got {self.requests}")
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise KvrayInputError(f"a load's duration must be positive seconds, got {self.duration_s}")
+        if self.burstiness <= 0:
+            raise KvrayInputError(f"burstiness must be positive, got {self.burstiness}")
+        if any(w is not None and w < 0 for w in (self.warmup_s, self.cooldown_s)):
+            raise KvrayInputError("warmup_s and cooldown_s must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class LengthSpec:
+    """Where a workload's lengths came from: ``kind`` fixed | uniform | normal | lognormal | a bundled
+    dataset's name, its parameters (sorted pairs) and the seed; the realised lengths are the requests'."""
+
+    prompt: tuple[tuple[str, Any], ...] = ()
+    gen: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": dict(self.prompt), "gen": dict(self.gen), "seed": self.seed}
 
 
 @dataclass(frozen=True)
@@ -44,6 +126,40 @@ class Workload:
 
     kind: str
     requests: tuple[RequestSpec, ...]
+    load: LoadSpec | None = None  # None: a burst, as every workload was before load models
+    lengths: LengthSpec | None = None  # None: lengths given explicitly
+    # the SLO thresholds a row's goodput is judged against, e.g. (("tpot_ms", 50.0), ("ttft_ms", 500.0))
+    slo: tuple[tuple[str, float], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields at their defaults are left out, so cells planned before a field existed keep their ids."""
+        d: dict[str, Any] = {"kind": self.kind, "requests": [r.to_dict() for r in self.requests]}
+        if self.load is not None:
+            d["load"] = self.load.to_dict()
+        if self.lengths is not None:
+            d["lengths"] = self.lengths.to_dict()
+        if self.slo:
+            d["slo"] = dict(self.slo)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Workload:
+        lengths = d.get("lengths")
+        return cls(
+            d["kind"],
+            tuple(RequestSpec(**r) for r in d["requests"]),
+            load=LoadSpec(**d["load"]) if d.get("load") else None,
+            lengths=LengthSpec(
+                tuple(sorted(lengths["prompt"].items())), tuple(sorted(lengths["gen"].items())), lengths.get("seed", 0)
+            )
+            if lengths
+            else None,  # fmt: skip
+            slo=tuple(sorted((d.get("slo") or {}).items())),
+        )
+
+    @property
+    def load_kind(self) -> str:
+        return self.load.kind if self.load is not None else "burst"
 
     @classmethod
     def uniform(cls, concurrency: int, prompt_toks: int, gen_toks: int, arrival_gap_s: float = 0.0) -> Workload:
@@ -98,8 +214,12 @@ class Cell:
     hardware: str = "any"  # GPU type this cell is placed on (Ray accelerator type or sim GPU name)
     experiment: str = ""  # exp1 | exp2 | … — groups rows for figures
     options: tuple[tuple[str, Any], ...] = field(default=())  # backend knobs, sorted (block_size, base_url…)
+    tensor_parallel: int = 1  # GPUs of one node (of type ``hardware``) the model is split over; left out of ids at 1
 
     def __post_init__(self) -> None:
+        tp = self.tensor_parallel
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise KvrayInputError(f"tensor_parallel must be a positive integer, got {self.tensor_parallel!r}")
         if self.weights not in WEIGHTS:
             raise KvrayInputError(f"unknown weights mode {self.weights!r} (known: {', '.join(WEIGHTS)})")
         if self.warmup < 0 or self.repeats < 1:
@@ -123,14 +243,16 @@ class Cell:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["workload"] = self.workload.to_dict()
         d["options"] = dict(self.options)
+        if d["tensor_parallel"] == 1:
+            del d["tensor_parallel"]  # cells planned before TP existed keep their ids
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Cell:
         d = dict(d)
-        wl = d.pop("workload")
-        workload = Workload(wl["kind"], tuple(RequestSpec(**r) for r in wl["requests"]))
+        workload = Workload.from_dict(d.pop("workload"))
         options = tuple(sorted((d.pop("options", None) or {}).items()))
         return cls(workload=workload, options=options, **d)
 

@@ -57,6 +57,17 @@ BAD_JOBS = {
     "bad-options.yaml": SYNTH + "options: [ttft_s]\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
     "bad-hwmix.yaml": SYNTH + "hardware: 7\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
     "bad-workers.yaml": SYNTH + "workers: 0\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
+    "bad-load-kind.yaml": SYNTH + "grid: {prompt_toks: [8], gen_toks: [2], load: {kind: flood, requests: 4}}\n",
+    "bad-load-norate.yaml": SYNTH + "grid: {prompt_toks: [8], gen_toks: [2], load: {kind: poisson, requests: 4}}\n",
+    "bad-load-zerorate.yaml": SYNTH + "grid: {prompt_toks: [8], gen_toks: [2], load: {kind: poisson, rates: [0], "
+    "requests: 4}}\n",
+    "bad-load-key.yaml": SYNTH + "grid: {prompt_toks: [8], gen_toks: [2], load: {kind: closed, requests: 4, qps: 3}}\n",
+    "bad-load-users.yaml": SYNTH + "grid: {prompt_toks: [8], gen_toks: [2], load: {kind: poisson, rate: 2, "
+    "requests: 4, users: [2]}}\n",
+    "bad-slo.yaml": SYNTH + "grid: {prompt_toks: [8], gen_toks: [2], slo: {ttft_ms: 0}}\n",
+    "bad-dist-nomax.yaml": SYNTH + "grid: {prompt_dist: {kind: lognormal, median: 8}, gen_toks: [2]}\n",
+    "bad-dist-huge.yaml": SYNTH + "grid: {prompt_dist: {kind: uniform, min: 8, max: 999999}, gen_toks: [2]}\n",
+    "bad-telemetry.yaml": SYNTH + "options: {telemetry_interval_s: 0.001}\ngrid: {prompt_toks: [8], gen_toks: [2]}\n",
 }
 BENCH = ("bench", "--model", "kvray/tiny-llama", "--prompt-toks", "8", "--gen-toks", "2", "--output", "out")
 SYN_BENCH = (*BENCH, "--backend", "synthetic", "--repeats", "1", "--warmup", "0")
@@ -72,6 +83,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("info-dir-without-config", ["info", "noconfig"], "without config.json"),
     ("info-config-not-json", ["info", "badconfig"], "not valid JSON"),
     ("info-unknown-flag", ["info", "gpt2", "--bogus"], "No such option"),
+    ("info-zero-tp", ["info", "gpt2", "--tp", "0"], "--tp values must be positive"),
+    ("info-tp-not-dividing-heads", ["info", "Qwen/Qwen2.5-7B", "--tp", "8"], "28 attention heads are not divisible"),
+    ("check-tp-kv-heads-uneven", ["check", "Qwen/Qwen2.5-0.5B", "--tp", "7", "--gpu", "L4"], "2 KV heads cannot"),
     ("env-unknown-flag", ["env", "--bogus"], "No such option"),
     ("env-extra-argument", ["env", "extra"], "unexpected extra argument"),
     # check
@@ -96,6 +110,24 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-zero-repeats", [*BENCH, "--backend", "synthetic", "--repeats", "0"], "repeats"),
     ("bench-option-no-equals", [*BENCH, "--option", "novalue"], "KEY=VALUE"),
     ("bench-synthetic-bad-option", [*SYN_BENCH, "--option", "ttft_s=-1"], "ttft_s"),
+    ("bench-telemetry-negative", [*SYN_BENCH, "--option", "telemetry_interval_s=-1"], "telemetry_interval_s"),
+    ("bench-telemetry-text", [*BENCH, "--option", "telemetry_interval_s=often"], "telemetry_interval_s"),
+    ("bench-load-unknown", [*SYN_BENCH, "--load", "tsunami"], "tsunami"),
+    ("bench-load-rate-negative", [*SYN_BENCH, "--load", "poisson", "--rate", "-2", "--requests", "4"], "--rate"),
+    ("bench-load-rate-text", [*SYN_BENCH, "--load", "poisson", "--rate", "fast", "--requests", "4"], "--rate"),
+    ("bench-load-no-rate", [*SYN_BENCH, "--load", "poisson", "--requests", "4"], "rate"),
+    ("bench-load-rate-closed", [*SYN_BENCH, "--load", "closed", "--rate", "3", "--requests", "4"], "open loops"),
+    ("bench-rate-without-load", [*SYN_BENCH, "--rate", "3"], "--load"),
+    ("bench-load-zero-requests", [*SYN_BENCH, "--load", "closed", "--requests", "0"], "--requests"),
+    ("bench-load-no-count", [*SYN_BENCH, "--load", "poisson", "--rate", "3"], "requests or duration_s"),
+    ("bench-auto-no-requests", [*SYN_BENCH, "--load", "poisson", "--rate", "auto", "--duration-s", "2"], "requests"),
+    ("bench-slo-unknown", [*SYN_BENCH, "--slo", "latency_ms=5"], "latency_ms"),
+    ("bench-slo-text", [*SYN_BENCH, "--slo", "ttft_ms=soon"], "ttft_ms"),
+    ("bench-slo-negative", [*SYN_BENCH, "--slo", "ttft_ms=-5"], "ttft_ms"),
+    ("bench-dist-unknown", [*SYN_BENCH, "--prompt-dist", "zipf:s=2"], "zipf"),
+    ("bench-dist-missing", [*SYN_BENCH, "--prompt-dist", "lognormal:sigma=1"], "median"),
+    ("bench-dist-text", [*SYN_BENCH, "--gen-dist", "uniform:min=a,max=4"], "--gen-dist"),
+    ("bench-mixed-load", [*SYN_BENCH, "--mixed", "8,8", "--load", "closed", "--requests", "4"], "--mixed"),
     ("bench-openai-no-url", [*BENCH, "--backend", "openai"], "--base-url"),
     ("bench-openai-ftp", [*BENCH, "--backend", "openai", "--base-url", "ftp://x"], "http://"),
     ("bench-openai-unreachable", [*BENCH, "--backend", "openai", "--base-url", UNREACHABLE], "cannot reach"),
@@ -128,6 +160,12 @@ CASES: list[tuple[str, list[str], str]] = [
     ),  # fmt: skip
     ("bench-hf-paged-dtype", [*BENCH, "--backend", "hf-paged", "--dtype", "fp7"], "dtype"),
     ("bench-sim-huge", [*BENCH, "--backend", "sim", "--prompt-toks", "999999"], "max_position_embeddings"),
+    ("bench-sim-max-num-seqs", [*BENCH, "--backend", "sim", "--option", "max_num_seqs=0"], "max_num_seqs"),
+    (
+        "bench-sim-gpu-util",
+        [*BENCH, "--backend", "sim", "--option", "gpu_memory_utilization=1.5"],
+        "gpu_memory_utilization",
+    ),  # fmt: skip
     ("bench-pretrained-bundled", [*BENCH, "--weights", "pretrained"], "no pretrained weights"),
     (
         "bench-pretrained-offline",
@@ -166,6 +204,15 @@ CASES: list[tuple[str, list[str], str]] = [
             ("bad-options.yaml", "options"),
             ("bad-hwmix.yaml", "hardware"),
             ("bad-workers.yaml", "workers"),
+            ("bad-telemetry.yaml", "telemetry_interval_s"),
+            ("bad-load-kind.yaml", "flood"),
+            ("bad-load-norate.yaml", "rate"),
+            ("bad-load-zerorate.yaml", "rates[0]"),
+            ("bad-load-key.yaml", "qps"),
+            ("bad-load-users.yaml", "users"),
+            ("bad-slo.yaml", "ttft_ms"),
+            ("bad-dist-nomax.yaml", "needs max"),
+            ("bad-dist-huge.yaml", "max_position_embeddings"),
         )
     ],  # fmt: skip
     ("run-output-is-file", ["run", JOB, "--output", "afile"], "afile"),
@@ -196,8 +243,25 @@ CASES: list[tuple[str, list[str], str]] = [
         "credentials",
     ),  # fmt: skip
     ("exp4-huge-prompt", ["exp4", "--model", "gpt2", "--prompt-toks", "999999", "--dry-run"], "positions"),
+    ("exp6-zero-pool", ["exp6", "--kv-pool-mib", "0", "--dry-run"], "--kv-pool-mib"),
+    ("exp6-prefix-past-prompt", ["exp6", "--prefix-toks", "600", "--prompt-toks", "544", "--dry-run"], "--prefix-toks"),
+    ("exp6-zero-turns", ["exp6", "--turns", "0", "--dry-run"], "turns"),
+    ("exp5-negative-users", ["exp5", "--users", "-4", "--dry-run"], "--users values must be positive"),
+    ("exp5-rate-word", ["exp5", "--rates", "fast", "--dry-run"], "--rates"),
+    ("exp5-zero-rate", ["exp5", "--rates", "0", "--dry-run"], "--rates values must be positive"),
+    ("exp5-open-load-burst", ["exp5", "--open-load", "burst", "--dry-run"], "--open-load"),
+    ("exp5-nothing-to-run", ["exp5", "--users", "0", "--open-load", "none", "--dry-run"], "closed loop"),
+    ("exp5-two-per-user", ["exp5", "--requests-per-user", "2", "--dry-run"], "--requests-per-user"),
+    ("exp5-bad-slo", ["exp5", "--slo", "ttft_ms=-1", "--dry-run"], "ttft_ms"),
+    ("exp5-unknown-slo", ["exp5", "--slo", "latency=3", "--dry-run"], "unknown SLO"),
+    ("exp5-bad-dist", ["exp5", "--prompt-dist", "zipf:a=2", "--dry-run"], "zipf"),
+    ("exp5-openai-no-url", ["exp5", "--backends", "openai", "--dry-run"], "--base-url"),
+    ("exp5-sim-unknown-gpu", ["exp5", "--hardware", "H999", "--dry-run"], "H999"),
+    ("exp5-huge-prompt", ["exp5", "--model", "gpt2", "--prompt-toks", "999999", "--dry-run"], "positions"),
     # predict / calibrate
     ("predict-unknown-gpu", ["predict", "gpt2", "--gpu", "H999"], "H999"),
+    ("predict-negative-tp", ["predict", "gpt2", "--tp", "-2"], "--tp values must be positive"),
+    ("predict-tp-not-dividing-heads", ["predict", "meta-llama/Llama-3.1-70B", "--tp", "3"], "not divisible by"),
     ("predict-zero-concurrency", ["predict", "gpt2", "--gpu", "H100", "--concurrency", "0"], "positive"),
     ("predict-layout", ["predict", "gpt2", "--gpu", "H100", "--layout", "weird"], "layout"),
     ("predict-unknown-model", ["predict", "nobody/nothing", "--gpu", "H100"], "unknown model"),
@@ -209,10 +273,23 @@ CASES: list[tuple[str, list[str], str]] = [
     ("plot-empty", ["plot", "empty"], "holds no results"),
     ("plot-garbage", ["plot", "garbage"], "holds no results"),
     ("plot-not-rows", ["plot", "notrows"], "not a kvray result"),
+    ("plot-unknown-cell", ["plot", "results", "--cell", "nosuchcell"], "no cell 'nosuchcell'"),
     ("report-missing", ["report", "nowhere"], "not a results folder"),
     ("report-empty", ["report", "empty"], "holds no results"),
     ("report-garbage", ["report", "garbage"], "holds no results"),
     ("report-not-rows", ["report", "notrows"], "not a kvray result"),
+    # compare (the same folder twice is not bad input: tests/test_compare.py compares it as no change)
+    ("compare-missing-base", ["compare", "nowhere", "results"], "not a results folder"),
+    ("compare-missing-new", ["compare", "results", "nowhere"], "not a results folder"),
+    ("compare-empty", ["compare", "results", "empty"], "holds no results"),
+    ("compare-garbage", ["compare", "garbage", "results"], "holds no results"),
+    ("compare-not-rows", ["compare", "results", "notrows"], "not a kvray result"),
+    ("compare-one-folder", ["compare", "results"], "Missing argument"),
+    ("compare-negative-pct", ["compare", "results", "results", "--fail-on-regression", "-5"], "percentage >= 0"),
+    ("compare-nan-pct", ["compare", "results", "results", "--fail-on-regression", "nan"], "percentage >= 0"),
+    ("compare-text-pct", ["compare", "results", "results", "--fail-on-regression", "ten"], "valid number"),
+    ("compare-min-change", ["compare", "results", "results", "--min-change", "100"], "--min-change"),
+    ("compare-out-file", ["compare", "results", "results", "--out", "afile"], "is a file"),
     # launch
     ("launch-unreachable", ["launch", "--job", JOB, "--address", UNREACHABLE, "--output", "l-out"], "cannot reach"),
     ("launch-no-scheme", ["launch", "--job", JOB, "--address", "127.0.0.1:8265"], "http(s)://"),
@@ -280,8 +357,8 @@ def test_bad_input_is_one_line_exit_2(args, needle, template, tmp_path, monkeypa
 
 def test_the_suite_covers_every_command_with_60_kinds():
     commands = {args[0] for _, args, _ in CASES}
-    every = {"info", "env", "check", "bench", "run", "exp1", "exp2", "exp3", "exp4", "predict", "calibrate",
-             "plot", "report", "launch"}  # fmt: skip
+    every = {"info", "env", "check", "bench", "run", "exp1", "exp2", "exp3", "exp4", "exp5", "exp6", "predict", "calibrate",
+             "plot", "report", "compare", "launch"}  # fmt: skip
     assert commands == every and len(CASES) >= 60 and len({i for i, _, _ in CASES}) == len(CASES)
     backends = {a[a.index("--backend") + 1] for _, a, _ in CASES if a[0] == "bench" and "--backend" in a}
     assert {"hf-paged", "vllm", "openai", "ollama", "synthetic", "sim"} <= backends

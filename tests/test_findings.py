@@ -175,48 +175,67 @@ def test_latency_exponent_from_loglog_fit(crafted_view):
     assert a100.values["max_prompt_toks"] == 2048  # the refused 4096 cell is not fitted
 
 
-@pytest.mark.parametrize(
-    ("tps", "plateau", "best_c", "still_rising", "degrades"),
-    [
-        # rises, then within 10 % of the best from c=8 on: 0.9 × 505 = 454.5 ≤ 460 (c=4's 350 is not)
-        ({1: 100, 2: 190, 4: 350, 8: 460, 16: 500, 32: 505}, 8, 32, False, False),
-        # still rising at the largest concurrency: the best is the last point, no plateau yet
-        ({1: 100, 2: 200, 4: 400, 8: 800}, 8, 8, True, False),
-        # peaks at c=4, then falls to 380 < 0.95 × 420
-        ({1: 150, 2: 300, 4: 420, 8: 400, 16: 380}, 4, 4, False, True),
-    ],
-)
-def test_throughput_plateau(tps, plateau, best_c, still_rising, degrades):
-    """A constructed exp1 curve whose plateau is known by construction (no re-derivation of the rule)."""
+def exp1_frame(tps: dict[int, float], spread: float | None):
+    """A constructed exp1 curve; ``spread`` sets each cell's 95 % interval to ± spread × its mean (3 repeats), None
+    leaves the interval out (one repeat: its run-to-run noise is unknown)."""
     import pandas as pd
 
-    cells = pd.DataFrame(
-        [
-            {
-                "cell_id": f"c{c}",
-                "experiment": "exp1",
-                "model": MODEL,
-                "backend": "hf",
-                "dtype": "bf16",
-                "workload": "uniform",
-                "status": "ok",
-                "concurrency": c,
-                "prompt_toks": 512,
-                "gen_toks": 64,
-                "prompt_toks_list": ",".join(["512"] * c),
-                "hardware": "cpu",
-                "output_tps": v,
-                "simulated": False,
-            }
-            for c, v in tps.items()
-        ]
-    )
-    (f,) = [f for f in compute_findings(prepare(cells)) if f.key == "throughput_plateau"]
+    rows = []
+    for c, v in tps.items():
+        row = {"cell_id": f"c{c}", "experiment": "exp1", "model": MODEL, "backend": "hf", "dtype": "bf16",
+               "workload": "uniform", "status": "ok", "concurrency": c, "prompt_toks": 512, "gen_toks": 64,
+               "prompt_toks_list": ",".join(["512"] * c), "hardware": "cpu", "output_tps": v, "simulated": False,
+               "repeats": 1 if spread is None else 3}  # fmt: skip
+        if spread is not None:
+            row.update(output_tps_ci_low=v * (1 - spread), output_tps_ci_high=v * (1 + spread))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+RISING = {1: 100, 2: 200, 4: 400, 8: 800}
+PEAKED = {1: 150, 2: 300, 4: 420, 8: 400, 16: 380}
+
+
+@pytest.mark.parametrize(
+    ("tps", "spread", "plateau", "best_c", "still_rising", "degrades"),
+    [
+        # rises, then within 10 % of the best from c=8 on: 0.9 × 505 = 454.5 ≤ 460 × 1.01 (c=4's 353.5 is not)
+        ({1: 100, 2: 190, 4: 350, 8: 460, 16: 500, 32: 505}, 0.01, 8, 32, False, False),
+        # still rising at the largest concurrency, far beyond the ±1 % intervals: no plateau yet
+        (RISING, 0.01, 8, 8, True, False),
+        # peaks at c=4, then falls to 380: 380 × 1.01 < 420 × 0.99, a drop beyond the spread
+        (PEAKED, 0.01, 4, 4, False, True),
+        # the same curve with ±10 % intervals (the run-to-run noise of a shared machine): 380 × 1.1 ≥ 420 × 0.9,
+        # so the drop is not a measured degradation; c=2's interval (≤ 330) still misses 0.9 × 420 = 378
+        (PEAKED, 0.10, 4, 4, False, False),
+        # the last step +5 % inside ±10 % intervals: not "still rising"
+        ({1: 100, 2: 200, 4: 400, 8: 420}, 0.10, 4, 8, False, False),
+    ],
+)
+def test_throughput_plateau(tps, spread, plateau, best_c, still_rising, degrades):
+    """Constructed exp1 curves whose plateau is known by construction (no re-derivation of the rule)."""
+    (f,) = [f for f in compute_findings(prepare(exp1_frame(tps, spread))) if f.key == "throughput_plateau"]
     assert f.values["plateau_concurrency"] == plateau
     assert f.values["best_concurrency"] == best_c and f.values["best_output_tps"] == max(tps.values())
     assert f.values["still_rising"] is still_rising
+    assert f.values["degrades"] is degrades
     assert ("degrades beyond" in f.text) is degrades
     assert ("no plateau yet" in f.text) is still_rising
+    assert f.values["spread_known"] is True
+    if tps is PEAKED and not degrades:
+        assert "within the repeats' 95 % intervals" in f.text
+
+
+@pytest.mark.parametrize("tps", [RISING, PEAKED])
+def test_throughput_plateau_without_repeats_concludes_nothing(tps):
+    """One repeat per cell: neither "no plateau yet" nor "degrades" (issue 17: a 5 % drop sits inside 10–15 %
+    run-to-run noise); the finding names the command that measures the spread."""
+    (f,) = [f for f in compute_findings(prepare(exp1_frame(tps, None))) if f.key == "throughput_plateau"]
+    assert f.values["spread_known"] is False
+    assert f.values["still_rising"] is False and f.values["degrades"] is False
+    assert "degrades" not in f.text and "no plateau yet" not in f.text and "plateaus at" not in f.text
+    assert f"kvray exp1 --model {MODEL} --prompt-toks 512 --gen-toks 64 --concurrency " in f.text
+    assert "--repeats 5" in f.text
 
 
 def test_oom_boundary(crafted_view):
@@ -274,3 +293,79 @@ def test_unlabelled_cells_are_read_by_shape(tmp_path):
 def test_empty_dataset_has_no_findings(tmp_path):
     cells, traces, _ = load_dataset(tmp_path)
     assert compute_findings(prepare(cells, traces)) == []
+
+
+def exp2_frame(points: dict[int, float]):
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {"cell_id": f"p{p}", "experiment": "exp2", "model": MODEL, "backend": "hf", "dtype": "bf16",
+             "workload": "uniform", "status": "ok", "concurrency": 1, "prompt_toks": p, "gen_toks": 64,
+             "prompt_toks_list": str(p), "hardware": "cpu", "ttft_s_p50": v, "e2e_s_p50": v + 0.5,
+             "simulated": False}
+            for p, v in points.items()
+        ]
+    )  # fmt: skip
+
+
+def test_two_lengths_give_no_exponent_verdict():
+    """power_fit([512, 1024], …) has R² = 1 by construction: issue 17's "superlinear" from two points."""
+    (f,) = [f for f in compute_findings(prepare(exp2_frame({512: 0.1, 1024: 0.3}))) if f.key == "latency_exponent"]
+    assert f.values["ttft_s_exponent"] == pytest.approx(math.log2(3))  # the exponent is still reported …
+    assert f.values["ttft_s_verdict"] == "undetermined" and f.values["ttft_s_superlinear"] is None
+    assert f.values["ttft_s_points"] == 2 and math.isnan(f.values["ttft_s_exponent_ci_low"])
+    claim = f.text.split(" A verdict needs")[0]
+    assert "superlinear" not in claim and "undetermined" in claim  # … but not called anything
+    assert f"kvray exp2 --model {MODEL} --seqlens 128 256 512 1024 2048 --gen-toks 64 --repeats 5" in f.text
+
+
+def test_noisy_fit_whose_interval_spans_linear_is_undetermined():
+    # Exponent ≈ 1.09 (> 1.05, once "superlinear"), but the points zig-zag: the t interval (3 degrees of freedom)
+    # spans 1.
+    pts = {256: 0.05, 512: 0.3, 1024: 0.2, 2048: 1.0, 4096: 1.2}
+    (f,) = [f for f in compute_findings(prepare(exp2_frame(pts))) if f.key == "latency_exponent"]
+    low, high = f.values["ttft_s_exponent_ci_low"], f.values["ttft_s_exponent_ci_high"]
+    b, _ = np.polyfit(np.log(list(pts)), np.log(list(pts.values())), 1)
+    assert f.values["ttft_s_exponent"] == pytest.approx(b) and b > 1.05
+    assert low < 1 < high
+    assert f.values["ttft_s_verdict"] == "undetermined" and "superlinear" not in f.text.split(" A verdict needs")[0]
+
+
+def test_exact_power_law_states_its_interval(crafted_view):
+    (f,) = by_key(compute_findings(crafted_view), "latency_exponent", "H100")
+    assert f.values["ttft_s_verdict"] == "superlinear" and f.values["ttft_s_points"] == 6
+    assert f.values["ttft_s_exponent_ci_low"] == pytest.approx(1.5, abs=1e-6)  # exact points: zero width
+    assert "95 % CI 1.50–1.50" in f.text and "6 lengths" in f.text
+
+
+def test_mixed_penalty_names_its_sample(crafted_view):
+    """3 short requests × 2 repeats: no p90 to be had, so the tail is "max of 6", and the distinct TTFTs show
+    that each static batch shared one (2 values for 6 requests)."""
+    f = by_key(compute_findings(crafted_view), "mixed_penalty", "H100")[0]
+    assert f.values["like_with_like"] is True and f.values["alone_concurrency"] == 3
+    assert f.values["ttft_s_tail_stat"] == "max of 6" and "p99" not in f.text.split(". For")[0]
+    assert f.values["ttft_s_tail_ratio"] == pytest.approx(0.572 / 0.022)
+    assert f.values["ttft_s_distinct_values"] == [2, 2]
+    assert "6 short requests alone and 6 mixed" in f.text
+    assert "--repeats 34" in f.text  # ⌈100 / 3⌉ repeats for 100 short requests a side
+    low, high = f.values["ttft_s_p50_ratio_ci_low"], f.values["ttft_s_p50_ratio_ci_high"]
+    assert low <= 26.0 <= high
+
+
+def test_mixed_penalty_against_another_concurrency_is_not_like_with_like(tmp_path):
+    writer = DatasetWriter(tmp_path, tables=False)
+    alone = Cell(MODEL, Workload.uniform(8, 128, 64), hardware="H100", experiment="exp1", repeats=1)
+    mixed = Cell(MODEL, Workload.mixed([128, 128, 128, 4096], 64), hardware="H100", experiment="exp3")
+    mixed_tr = uniform_traces(3, 128, 64, 0.5, 0.015, 0) + [
+        RunTrace(3, 0, 0.0, 0.0, [0.5 + k * 0.015 for k in range(64)], 0.5 + 63 * 0.015, 4096, 64)
+    ]
+    writer.append(
+        result(alone, "H100", "ok", uniform_traces(8, 128, 64, 0.03, 0.012, 0), memory("H100", 8, 128, 64, True))
+    )
+    writer.append(result(mixed, "H100", "ok", mixed_tr, memory("H100", 4, 4096, 64, True)))
+    cells, traces, _ = load_dataset(tmp_path)
+    (f,) = [f for f in compute_findings(prepare(cells, traces)) if f.key == "mixed_penalty"]
+    assert f.values["like_with_like"] is False and f.values["alone_concurrency"] == 8
+    assert "Not like with like" in f.text and math.isnan(f.values["ttft_s_p50_ratio_ci_low"])
+    assert f"kvray exp3 --model {MODEL} --short 128 --long 4096 --gen-toks 64 --n-short 3 --n-long 1" in f.text

@@ -164,3 +164,59 @@ def test_kvray_run_rejects_a_bad_job_before_starting_ray(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"kvray: error: {path}: backends[0]: got 'tensorrt' (allowed: hf")
     assert "ray not imported" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_reuse_workloads_in_a_job_grid_work_under_loads_and_round_trip():
+    """Issue #15's grid keys: shared_prefix under a closed loop keeps each request's prefix group and gets the
+    loop's chains; multi_turn chains each turn after the previous one; both round-trip through to_dict."""
+    from kvray.plan.job import job_from_dict
+    from kvray.plan.planner import plan_cells
+
+    job = job_from_dict({
+        "name": "reuse", "models": ["kvray/tiny-llama"], "backends": ["synthetic"], "dtypes": ["fp32"],
+        "grid": [
+            {"workload": "shared_prefix", "prefix_toks": [64], "suffix_toks": [16], "groups": [2], "gen_toks": [4],
+             "load": {"kind": "closed", "users": [2], "requests": 6}},
+            {"workload": "multi_turn", "conversations": [2], "turns": [3], "user_toks": [10], "gen_toks": [5]},
+        ],
+    })  # fmt: skip
+    shared, chat = plan_cells(job)
+    reqs = shared.workload.requests
+    assert [r.prefix_group for r in reqs] == [0, 1, 0, 1, 0, 1] and {r.shared_prefix_toks for r in reqs} == {64}
+    assert [r.after for r in reqs] == [None, None, 0, 1, 2, 3] and shared.workload.load.kind == "closed"
+    assert {r.prompt_toks for r in reqs} == {80}
+    turns = chat.workload.requests  # turn k of chat c is request k·2 + c; its prompt is the chat so far
+    assert [r.after for r in turns] == [None, None, 0, 1, 2, 3]
+    assert [r.prompt_toks for r in turns] == [10, 10, 25, 25, 40, 40]
+    again = job_from_dict(job.to_dict(), source="again")
+    assert [c.cell_id for c in plan_cells(again)] == [shared.cell_id, chat.cell_id]
+
+
+@pytest.mark.parametrize(
+    ("block", "needle"),
+    [
+        ({"workload": "shared_prefix", "suffix_toks": [8], "gen_toks": [2]}, "prefix_toks"),
+        (
+            {
+                "workload": "multi_turn",
+                "conversations": [2],
+                "turns": [2],
+                "user_toks": [8],
+                "gen_toks": [2],
+                "load": {"kind": "poisson", "rate": 2, "requests": 4},
+            },
+            "own arrivals",
+        ),  # fmt: skip
+        ({"prompt_toks": [8], "gen_toks": [2], "groups": [2]}, "belongs to workload"),
+        ({"workload": "ring", "prompt_toks": [8], "gen_toks": [2]}, "ring"),
+        (
+            {"workload": "shared_prefix", "prefix_toks": [999999], "suffix_toks": [8], "gen_toks": [2]},
+            "max_position_embeddings",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_reuse_blocks_are_one_line_naming_the_key(block, needle):
+    from kvray.plan.job import job_from_dict
+
+    with pytest.raises(KvrayInputError, match=needle):
+        job_from_dict({"name": "x", "models": ["kvray/tiny-llama"], "backends": ["synthetic"], "grid": [block]})

@@ -88,3 +88,33 @@ def test_every_distribution_carries_its_sample_count_and_the_cell_its_failure_ra
     assert s["tpot_s_n"] == 2  # the one-token request has no TPOT
     assert s["itl_s_n"] == 2 + 1  # gaps: 2 of request 0, 1 of request 1
     assert s["ttft_s_p99"] == pytest.approx(np.percentile([1.0, 1.2, 1.1], 99))  # the failed 0.9 s is not in it
+
+
+def test_percentile_intervals_and_counts_are_written_and_reproducible():
+    """Every percentile carries a 95 % interval; a p99 of 12 values has none (it would be the maximum); the
+    interval is seeded, so summarising the same traces twice gives the same numbers."""
+    traces = [
+        trace(rid=i, repeat=r, tokens=(0.1 + 0.01 * i + 0.003 * r, 0.2 + 0.02 * i)) for r in range(3) for i in range(4)
+    ]
+    m = summarize(traces)
+    assert m["ttft_s_n"] == 12
+    for p in (50, 90):
+        low, high = m[f"ttft_s_p{p}_ci_low"], m[f"ttft_s_p{p}_ci_high"]
+        assert low <= m[f"ttft_s_p{p}"] <= high  # a bootstrap of the median of 12 values brackets it
+        assert m["ttft_s_min"] <= low and high <= m["ttft_s_max"]
+    assert math.isnan(m["ttft_s_p95_ci_low"]) and math.isnan(m["ttft_s_p99_ci_high"])  # 12 < 20, 12 < 100
+    assert summarize(traces) == pytest.approx(m, nan_ok=True)
+
+
+def test_throughput_interval_is_students_t_over_repeats():
+    # Three repeats, one request each of 4 tokens in 1.0, 2.0 and 4.0 s: 4, 2 and 1 tok/s.
+    traces = [trace(rid=0, repeat=r, tokens=(0.25 * d, 0.5 * d, 0.75 * d, 1.0 * d)) for r, d in enumerate((1, 2, 4))]
+    m = summarize(traces)
+    values = [4.0, 2.0, 1.0]
+    half = 4.302653 * np.std(values, ddof=1) / math.sqrt(3)  # t(0.975, 2 df) from a printed t table
+    assert m["output_tps"] == pytest.approx(7 / 3)
+    assert m["output_tps_n"] == 3
+    assert m["output_tps_ci_low"] == pytest.approx(7 / 3 - half, rel=1e-5)
+    assert m["output_tps_ci_high"] == pytest.approx(7 / 3 + half, rel=1e-5)
+    one = summarize(traces[:1])
+    assert one["output_tps_n"] == 1 and math.isnan(one["output_tps_ci_low"])  # one repeat: spread unknown

@@ -58,6 +58,27 @@ def test_streams_exact_counts_from_a_real_transformers_serve(backend, model_dir,
     assert "kv_timeline" not in result.extra  # transformers serve has no /metrics: nothing scraped, no crash
 
 
+def test_a_closed_loop_over_http_sends_each_users_next_request_when_its_stream_ends(backend, model_dir, server):
+    """Issue #14: a closed loop against a real server — 2 users × 4 requests; each request is due the moment its
+    user's previous stream ended and is sent then (the client's lag recorded), and only 2 are ever in flight."""
+    from kvray.plan.loads import build_workload
+    from kvray.spec import LoadSpec
+
+    wl = build_workload(LoadSpec("closed", users=2, requests=8), 16, 6, slo={"e2e_ms": 60_000})
+    result = run_cell(backend, http_cell(model_dir, server.base_url, wl, warmup=0))
+    assert result.status == "ok", result.reason
+    traces = {t.request_id: t for t in result.traces}
+    for r in wl.requests:
+        t = traces[r.id]
+        assert t.sent_s is not None and 0 <= t.sent_s - t.arrival_s < 0.5
+        if r.after is not None:
+            assert t.arrival_s == pytest.approx(traces[r.after].end_s, abs=1e-6)
+    in_flight = max(sum(t.sent_s <= x < t.end_s for t in traces.values()) for x in (t.sent_s for t in traces.values()))
+    assert in_flight == 2
+    m = result.metrics
+    assert m["requests_steady"] == 4 and m["client_lag_s_n"] == 8 and m["slo_attainment"] == 1.0
+
+
 def test_chat_endpoint_counts_the_template_in_the_prompt(backend, model_dir, server):
     cell = http_cell(model_dir, server.base_url, Workload.uniform(2, 24, 8), endpoint="chat")
     result = run_cell(backend, cell)

@@ -100,6 +100,33 @@ def test_exact_lengths_kv_timeline_and_used_kv_equal_to_the_paged_prediction(vll
     assert result.to_row()["memory_scope"] == f"server process tree (pid {pid})"
 
 
+def test_the_cell_timeline_has_the_running_gauge_rising_while_its_requests_are_in_flight(vllm, model_dir, tmp_path):
+    """timeline.parquet holds vLLM's own gauges on the requests' clock, beside the server tree's CPU samples. A request
+    whose first token reached the client before a /metrics scrape was asked for, and whose last token arrived after
+    the answer, was in the engine while vLLM read its gauges: every scrape says at least that many running, some
+    scrape catches requests so, and the scrape after the run says 0. Same knobs as the module's server: no restart."""
+    from kvray.data.store import read_timeline
+
+    cell = vllm_cell(model_dir, Workload.uniform(4, 20, 100), warmup=1, repeats=1, metrics_interval_s=0.02)
+    result = run_cell(vllm, cell)
+    assert result.status == "ok", result.reason
+    DatasetWriter(tmp_path).append(result)
+    tl = read_timeline(tmp_path, result.cell_id)
+    running = tl[(tl["source"] == "engine") & (tl["metric"] == "running")].sort_values("t_s")
+    sent = {round(p["t_s"], 6): p["sent_s"] for p in result.extra["kv_timeline"]}  # when each scrape was asked for
+    pairs = []  # (requests surely in the engine during the scrape, the gauge)
+    for t_s, value in zip(running["t_s"], running["value"], strict=True):
+        asked_s = sent[round(t_s, 6)]
+        surely = sum(1 for t in result.traces if t.token_times_s[0] <= asked_s and t.token_times_s[-1] > t_s)
+        pairs.append((surely, value))
+    assert all(value >= surely for surely, value in pairs), pairs
+    assert any(surely >= 1 for surely, _ in pairs), pairs  # the gauge rose while requests were in flight
+    assert running["value"].iloc[-1] == 0 and running["value"].max() <= 4  # the scrape after the run; concurrency
+    cpu = tl[(tl["source"] == "cpu") & (tl["metric"] == "cpu_pct")]
+    assert len(cpu) >= 3 and cpu["value"].max() > 10  # the server's process tree worked during the repeat
+    assert result.extra["energy"]["telemetry_scope"].startswith("server process tree (pid")
+
+
 def test_reserved_kv_derived_from_blocks_equals_the_bytes_vllm_reports(vllm, model_dir):
     """On a GPU vLLM publishes kv_cache_memory_bytes="None" (it sizes the pool itself); kvray derives the pool
     from num_gpu_blocks × block_size × bytes per token. The CPU build publishes both: they must agree."""
@@ -225,7 +252,9 @@ def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(
     (128 × 4,096 B = 512 KiB), so vLLM holds 2 blocks at its peak, and every request resident at once (the old
     prediction) would be 4 — twice what ran. The prediction follows the /metrics samples' running set."""
     block = 128 * 4096
-    cell = vllm_cell(model_dir, Workload.uniform(4, 20, 100), warmup=0, repeats=1, max_num_seqs=2,
+    # warmup=1: the restarted server's first batch compiles and holds its event loop for seconds (CI saw a 2.15 s
+    # first /metrics round trip that outlasted the whole repeat, so no sample caught it busy)
+    cell = vllm_cell(model_dir, Workload.uniform(4, 20, 100), warmup=1, repeats=1, max_num_seqs=2,
                      metrics_interval_s=0.02)  # fmt: skip
     result = run_cell(vllm, cell)
     assert result.status == "ok", result.reason
@@ -243,6 +272,36 @@ def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(
     assert memory["kv_predicted_bytes"] == 2 * block and memory["kv_rel_error"] == 0.0
     for p in busy:  # each sample: used bytes (usage × pool) beside the running set's prediction
         assert abs(p["kv_used_bytes"] - p["kv_predicted_bytes"]) <= p["running"] * block, p
+
+
+def test_a_vllm_server_killed_mid_cell_ends_the_cell_and_the_next_cell_restarts_it(vllm, model_dir):
+    """kill -9 of the kvray-managed vLLM (its whole process group: API server and engine core) while a cell streams:
+    the cell ends ``error`` within seconds (not at its 60 s request timeout), its reason names the server's exit,
+    and the next cell through the same backend starts a new server and is ``ok``. Runs after the max_num_seqs=2
+    test, with its knobs, so the only start here is the restart."""
+    import os
+    import signal
+    import threading
+    import time
+
+    kill_after_s = 2.0
+    opts = {"max_num_seqs": 2, "timeout_s": 60.0}
+    vllm.load(vllm_cell(model_dir, Workload.uniform(1, 8, 2), **opts))  # the running server: same knobs, no restart
+    old_pid = vllm.server.proc.pid
+    timer = threading.Timer(kill_after_s, lambda: os.killpg(old_pid, signal.SIGKILL))
+    started = time.monotonic()
+    timer.start()
+    result = run_cell(vllm, vllm_cell(model_dir, Workload.uniform(2, 16, 4000), warmup=0, **opts))
+    took_s = time.monotonic() - started
+    timer.join()
+    assert result.status == "error" and took_s < kill_after_s + 20, (result.status, took_s, result.reason)
+    assert result.reason.startswith("vllm server exited (code -9) mid-cell"), result.reason
+    assert all(t.status == "error" and t.output_toks < 4000 for t in result.traces)
+    assert not vllm.server.running and not psutil.pid_exists(old_pid)
+    after = run_cell(vllm, vllm_cell(model_dir, Workload.uniform(2, 16, 4), warmup=0, **opts))
+    assert after.status == "ok", after.reason
+    assert vllm.server.running and vllm.server.proc.pid != old_pid  # a new server, started by the next cell
+    assert all((t.prompt_toks, t.output_toks) == (16, 4) for t in after.traces)
 
 
 def test_close_stops_the_server_and_its_engine_processes(vllm):

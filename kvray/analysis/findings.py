@@ -4,10 +4,18 @@ One finding per series — a GPU type, a backend, a dtype — where the dataset 
   memory_slope        exp1: least-squares slope of measured peak memory vs concurrency (bytes per
                       extra concurrent request), beside the predicted and measured KV per request
   latency_exponent    exp2: b in latency ∝ prompt_tokens^b from a log-log least-squares fit, for TTFT
-                      p50 and E2E p50; b > 1.05 is called superlinear, also the local b of the last step
-  throughput_plateau  exp1: the smallest concurrency reaching 90 % of the best output throughput
-  mixed_penalty       exp3: p50/p99 TTFT and E2E of the short requests batched with a long one, divided
-                      by the same figures of the short requests alone
+                      p50 and E2E p50, with its 95 % t interval; a verdict (superlinear: b > 1.05 and the
+                      interval above 1; sublinear; about linear: the interval inside [0.9, 1.1]) only from
+                      MIN_FIT_LENGTHS lengths and an interval that excludes the other verdict — else the
+                      exponent is "undetermined" and the finding says which exp2 to run
+  throughput_plateau  exp1: the smallest concurrency whose 95 % interval (over repeats) reaches 90 % of the
+                      best output throughput; "still rising" and "degrades" only when the difference is
+                      beyond both cells' intervals — with one repeat per cell nothing is concluded and the
+                      finding gives the command with --repeats
+  mixed_penalty       exp3: TTFT and E2E of the short requests batched with a long one over the same short
+                      requests alone at the same concurrency (like with like; another baseline is named as
+                      such and not concluded from), p50 ratio with a bootstrap interval by repeat, the tail as
+                      the highest percentile the sample holds ("max of 6" when it holds none)
   oom_boundary        exp1/exp2: the largest concurrency (or prompt length) that ran and the smallest that
                       ran out of memory (oom, skipped after an oom, or refused by the pre-flight check)
   kv_error            every cell with both: kv_rel_error = (measured − predicted) / predicted KV bytes
@@ -17,26 +25,25 @@ One finding per series — a GPU type, a backend, a dtype — where the dataset 
                       than a batch of 1: the slower cell was disturbed), and latency below the roofline floor
                       of its GPU (peak bandwidth and FLOP/s at 100 %, no overhead: kvray.sim at η = 1)
 
-The fits are here too (fig3 draws the same power law). pandas and numpy only: no matplotlib, torch or Ray.
+The three findings that decide whether data may be called a conclusion (latency_exponent, throughput_plateau,
+mixed_penalty) live in kvray.analysis.evidence, the fits in kvray.analysis.stats (fig3 draws the same power
+law). pandas and numpy only: no matplotlib, torch or Ray.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from kvray.analysis.evidence import Finding, latency_exponents, mixed_penalties, throughput_plateaus
+from kvray.analysis.stats import linear_fit
+from kvray.analysis.stats import power_fit as power_fit  # fig3 draws the same power law
 from kvray.analysis.views import (
-    MIXED_STATS,
     OOM_LABELS,
     PEAK_COLUMNS,
     SWEEPS,
     View,
     as_number,
     first_column,
-    mixed_pairs,
     ok_rows,
     oom_rows,
     partial_rows,
@@ -49,48 +56,13 @@ from kvray.analysis.views import (
 from kvray.analysis.views import prepare as prepare
 from kvray.units import human_bytes, human_seconds
 
-SUPERLINEAR_ABOVE = 1.05
-PLATEAU_FRACTION = 0.90
 # A static batch's TPOT p50 may fall by this much as concurrency grows before it is called implausible: repeats
 # on a quiet machine scatter by a few per cent; a disturbed cell (issue 12: 18.7 ms at c=1, 6.4 ms at c=2) by 3×.
 SANITY_MARGIN = 0.20
 FLOOR_SLACK = 0.02  # below the roofline floor by more than this (the GPU table's rounding) is impossible
 
 
-# ---------------------------------------------------------------- fits
-
-
-def linear_fit(x: Any, y: Any) -> tuple[float, float, float]:
-    """(slope, intercept, R²) of a least-squares line."""
-    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    slope, intercept = np.polyfit(xa, ya, 1)
-    resid = ya - (slope * xa + intercept)
-    total = float(((ya - ya.mean()) ** 2).sum())
-    r2 = 1.0 - float((resid**2).sum()) / total if total > 0 else 1.0
-    return float(slope), float(intercept), r2
-
-
-def power_fit(x: Any, y: Any) -> tuple[float, float, float]:
-    """(exponent b, coefficient a, R² in log space) of y = a·x^b, from a log-log least-squares line."""
-    b, log_a, r2 = linear_fit(np.log(np.asarray(x, dtype=float)), np.log(np.asarray(y, dtype=float)))
-    return b, math.exp(log_a), r2
-
-
-def _positive(rows: Any, x: str, y: str) -> Any:
-    sel = rows[[x, y]].astype(float)
-    return sel[(sel[x] > 0) & (sel[y] > 0)].dropna()
-
-
 # ---------------------------------------------------------------- findings
-
-
-@dataclass
-class Finding:
-    key: str  # memory_slope | … | kv_error | failures | sanity
-    experiment: str
-    series: str
-    values: dict[str, Any]
-    text: str
 
 
 def memory_slopes(view: View) -> list[Finding]:
@@ -129,118 +101,6 @@ def memory_slopes(view: View) -> list[Finding]:
         if kv_meas == kv_meas:
             text += f", measured {human_bytes(kv_meas)}"
         out.append(Finding("memory_slope", "exp1", s.label, values, text + "."))
-    return out
-
-
-def latency_exponents(view: View) -> list[Finding]:
-    out = []
-    for s in sweep_series(view, "exp2"):
-        ok = ok_rows(s.rows)
-        values: dict[str, Any] = {}
-        parts = []
-        for metric, name in (("ttft_s_p50", "TTFT p50"), ("e2e_s_p50", "E2E p50")):
-            pts = _positive(ok, "prompt_toks", metric)
-            if pts["prompt_toks"].nunique() < 2:
-                continue
-            b, a, r2 = power_fit(pts["prompt_toks"], pts[metric])
-            last = pts.sort_values("prompt_toks").iloc[-2:]
-            x0, x1 = last["prompt_toks"].tolist()
-            y0, y1 = last[metric].tolist()
-            b_last = math.log(y1 / y0) / math.log(x1 / x0) if x1 != x0 else math.nan
-            key = metric.removesuffix("_p50")
-            values.update(
-                {
-                    f"{key}_exponent": b,
-                    f"{key}_coefficient": a,
-                    f"{key}_r2": r2,
-                    f"{key}_exponent_last_step": b_last,
-                    f"{key}_superlinear": b > SUPERLINEAR_ABOVE,
-                    "min_prompt_toks": int(pts["prompt_toks"].min()),
-                    "max_prompt_toks": int(pts["prompt_toks"].max()),
-                }
-            )
-            kind = (
-                "superlinear"
-                if b > SUPERLINEAR_ABOVE
-                else "about linear"
-                if b >= 2 - SUPERLINEAR_ABOVE
-                else "sublinear"
-            )
-            parts.append(f"{name} ∝ L^{b:.2f} ({kind}, R² {r2:.2f}; {b_last:.2f} from {int(x0)} to {int(x1)} tokens)")
-        if parts:
-            text = (
-                f"{s.label}: over prompt lengths {values['min_prompt_toks']}–{values['max_prompt_toks']}, "
-                + "; ".join(parts)
-            )
-            out.append(Finding("latency_exponent", "exp2", s.label, values, text + "."))
-    return out
-
-
-def throughput_plateaus(view: View) -> list[Finding]:
-    out = []
-    for s in sweep_series(view, "exp1"):
-        pts = ok_rows(s.rows)[["concurrency", "output_tps"]].dropna().astype(float).sort_values("concurrency")
-        partial = partial_rows(s.rows)
-        if pts["concurrency"].nunique() < 2:
-            continue
-        best_i = int(pts["output_tps"].to_numpy().argmax())
-        best, best_c = float(pts["output_tps"].iloc[best_i]), int(pts["concurrency"].iloc[best_i])
-        reach = pts[pts["output_tps"] >= PLATEAU_FRACTION * best]
-        plateau_c = int(reach["concurrency"].iloc[0])
-        c_max, tps_last = int(pts["concurrency"].iloc[-1]), float(pts["output_tps"].iloc[-1])
-        c_prev, tps_prev = int(pts["concurrency"].iloc[-2]), float(pts["output_tps"].iloc[-2])
-        last_gain = tps_last / tps_prev - 1 if tps_prev > 0 else math.nan
-        values: dict[str, Any] = {
-            "plateau_concurrency": plateau_c,
-            "best_output_tps": best,
-            "best_concurrency": best_c,
-            "max_concurrency_tested": c_max,
-            "last_step_gain": last_gain,
-            "still_rising": plateau_c == c_max and c_max != int(pts["concurrency"].iloc[0]),
-        }
-        if values["still_rising"]:
-            text = (
-                f"{s.label}: no plateau yet — output throughput still rises at the largest concurrency "
-                f"tested ({tps_prev:,.1f} → {tps_last:,.1f} tok/s from c={c_prev} to c={c_max}, "
-                f"{last_gain:+.0%})"
-            )
-        else:
-            text = (
-                f"{s.label}: output throughput plateaus at c={plateau_c} (≥ {PLATEAU_FRACTION:.0%} of the "
-                f"best, {best:,.1f} tok/s at c={best_c}); the last step c={c_prev}→{c_max} changes it "
-                f"by {last_gain:+.0%}"
-            )
-            if best_c < c_max and tps_last < 0.95 * best:
-                text += f" — it degrades beyond c={best_c}"
-        if len(partial):
-            values["partial_concurrencies"] = sorted(int(c) for c in partial["concurrency"])
-            text += f" (partly failed cells, counting only successful requests: {_failed_list(partial)})"
-        out.append(Finding("throughput_plateau", "exp1", s.label, values, text + "."))
-    return out
-
-
-def mixed_penalties(view: View) -> list[Finding]:
-    out = []
-    for p in mixed_pairs(view):
-        values: dict[str, Any] = {
-            "short_toks": p.short_toks,
-            "long_toks": p.long_toks,
-            "n_short": p.n_short,
-            "n_long": p.n_long,
-        }
-        for stat in MIXED_STATS:
-            values[f"{stat}_alone"] = p.alone.get(stat, math.nan)
-            values[f"{stat}_mixed"] = p.mixed.get(stat, math.nan)
-            values[f"{stat}_ratio"] = p.ratio(stat)
-        text = (
-            f"{p.series}: {p.short_toks}-token requests batched with {p.n_long} × {p.long_toks}-token "
-            f"request(s): TTFT p99 ×{values['ttft_s_p99_ratio']:.2f} ({human_seconds(values['ttft_s_p99_alone'])} → "
-            f"{human_seconds(values['ttft_s_p99_mixed'])}), E2E p99 ×{values['e2e_s_p99_ratio']:.2f} "
-            f"({human_seconds(values['e2e_s_p99_alone'])} → {human_seconds(values['e2e_s_p99_mixed'])}), "
-            f"TTFT p50 ×{values['ttft_s_p50_ratio']:.2f}; percentiles over n = {int(p.alone.get('requests', 0))} "
-            f"short requests alone and {int(p.mixed.get('requests', 0))} mixed"
-        )
-        out.append(Finding("mixed_penalty", "exp3", p.series, values, text + "."))
     return out
 
 
@@ -294,16 +154,6 @@ def kv_errors(view: View) -> list[Finding]:
         )
         out.append(Finding("kv_error", "", label, values, text + "."))
     return out
-
-
-def _failed_list(rows: Any) -> str:
-    """ "c=8: 2 of 24 failed, c=16: 5 of 48 failed" for partly failed cells."""
-    return ", ".join(
-        f"c={int(r['concurrency'])}: {int(r['requests_failed'])} of {int(r['requests'])} failed"
-        if as_number(r["requests"]) is not None and as_number(r["requests_failed"]) is not None
-        else f"c={int(r['concurrency'])}"
-        for _, r in rows.sort_values("concurrency").iterrows()
-    )
 
 
 def failures(view: View) -> list[Finding]:

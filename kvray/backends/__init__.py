@@ -50,6 +50,9 @@ def validate_backend(name: str, options: Mapping[str, Any] | None = None) -> typ
     base_url, ollama's host), a value out of range or of the wrong type.
     """
     cls = backend_class(name)
+    from kvray.measure.telemetry import interval_from_options
+
+    interval_from_options(dict(options or {}))  # telemetry_interval_s: an option of every backend (the runner's)
     try:
         cls.validate_options(dict(options or {}))
     except KvrayInputError:

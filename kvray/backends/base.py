@@ -24,6 +24,9 @@ its name:
 and the methods ``memory_tracker()`` (what measures memory around the measured repeats: this process on
 ``device`` by default, a server's process tree for a server kvray starts, nothing for a remote server) and
 ``memory_scope()`` (the row's words for which process that tracker measured),
+``telemetry_sources()`` (the GPUs and process tree a cell's telemetry samples: kvray/measure/telemetry.py) and
+``engine_gauges`` (the keys of the backend's own timeline points, ``extra["kv_timeline"]``, that are engine gauges
+for the cell's timeline),
 and the class-level checks ``validate_options`` (the options' form, anywhere) and ``check_cell`` (what this
 machine must have to run a cell here). ``BackendBase`` gives every default.
 
@@ -59,6 +62,9 @@ class BackendRun:
     # Counts the server reports for this run (prefix-cache hits and queries, requests whose chunk tokens
     # disagreed with usage): the runner sums them over the measured repeats into the cell's row.
     counters: dict[str, int] = field(default_factory=dict)
+    # The time.perf_counter() value this run's trace times are seconds since (its t0), so telemetry sampled
+    # outside the run lines up with its tokens; None: the runner's mark just before ``run`` stands in for it.
+    t0_s: float | None = None
 
 
 @runtime_checkable
@@ -72,6 +78,7 @@ class Backend(Protocol):
     device: str
     weights_bytes: int | None
     ttft_basis: str
+    engine_gauges: tuple[str, ...]
 
     def layout_for(self, options: Mapping[str, Any]) -> str: ...
 
@@ -86,6 +93,8 @@ class Backend(Protocol):
     def memory_tracker(self) -> Any: ...
 
     def memory_scope(self) -> str: ...
+
+    def telemetry_sources(self) -> Any: ...
 
     def device_info(self) -> dict[str, Any]: ...
 
@@ -164,6 +173,20 @@ class BackendBase:
     def memory_scope(self) -> str:
         """Which process the memory columns of this backend's rows describe."""
         return "kvray process"
+
+    # keys of the points a backend samples from its engine (a server's /metrics, hf-paged's cache) that the
+    # cell's timeline keeps as source "engine"; a backend without such points has none to give
+    engine_gauges: tuple[str, ...] = ("kv_usage", "kv_used_bytes", "running", "waiting", "preemptions",
+                                      "prefix_cache_hits", "prefix_cache_queries", "prompt_tokens",
+                                      "generation_tokens")  # fmt: skip
+
+    def telemetry_sources(self) -> Any:
+        """What a cell's telemetry samples (``kvray.measure.telemetry.TelemetrySources``): by default this
+        process's tree and, on a GPU, ``device`` through NVML."""
+        from kvray.measure.telemetry import TelemetrySources
+
+        device = self.device or "cpu"
+        return TelemetrySources(gpus=(device,) if device.startswith("cuda") else ())
 
     def device_info(self) -> dict[str, Any]:
         """Hardware identity: {"name": …, "memory_bytes": …, "driver": …} or {"name": "cpu"}."""

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+from kvray.backends.arrivals import ArrivalSchedule
 from kvray.backends.base import BackendBase, BackendRun
 from kvray.errors import KvrayInputError
 from kvray.hardware.devices import resolve_device
@@ -82,7 +83,7 @@ class HFBackend(BackendBase):
         self.device = "cpu"
         self.dtype = "fp32"
         self.weights_bytes: int | None = None
-        self._key: tuple[str, str, str, str] | None = None
+        self._key: tuple[str, str, str, str, int] | None = None
         self._allowed_ids: Any = None  # token ids a prompt may use
         self._pad_id = 0
 
@@ -97,9 +98,10 @@ class HFBackend(BackendBase):
     def load(self, cell: Cell) -> None:
         device = resolve_device(cell.device)
         dtype = normalize_dtype(cell.dtype, allow_fp8=False)
-        key = (cell.model, dtype, cell.weights, device)
+        key = (cell.model, dtype, cell.weights, device, cell.tensor_parallel)
         if key == self._key:
             return
+        spread = cell.tensor_parallel > 1 and device.startswith("cuda")  # layer-wise over the worker's GPUs
         self.close()
         import torch
         import transformers
@@ -113,13 +115,15 @@ class HFBackend(BackendBase):
             cfg = dict(load_config(cell.model))
             kwargs = {k: v for k, v in cfg.items() if k not in _CONFIG_KEYS_NOT_KWARGS}
             config = transformers.AutoConfig.for_model(cfg["model_type"], **kwargs)
-            with torch.device(device):
+            with torch.device("cpu" if spread else device):
                 model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
             geometry_cfg = cfg
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(cell.model, dtype=torch_dtype)
-            model = model.to(device)
+            model = model if spread else model.to(device)
             geometry_cfg = model.config.to_dict()
+        if spread:
+            device = spread_layers(model, cell.tensor_parallel)
         model.eval()
         config = model.config
         self._pad_id = _first_id(config.pad_token_id, config.eos_token_id, 0)
@@ -177,8 +181,24 @@ class HFBackend(BackendBase):
     def _prompts(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> dict[int, Any]:
         import torch
 
-        gen = torch.Generator().manual_seed(_seed(cell, repeat))
+        from kvray.sim.reuse import has_shared_prefixes, shared_token_ids
+
         n = len(self._allowed_ids)
+        if has_shared_prefixes(requests):  # a prefix group's requests share its first tokens, id for id
+
+            def draw(seed: int, k: int) -> list[int]:
+                g = torch.Generator().manual_seed(seed)
+                return self._allowed_ids[torch.randint(0, n, (k,), generator=g)].tolist()
+
+            def label_seed(label: str) -> int:
+                return (
+                    int.from_bytes(hashlib.sha256(f"{cell.cell_id}:{repeat}:{label}".encode()).digest()[:8], "little")
+                    >> 1
+                )
+
+            ids = shared_token_ids(requests, draw, label_seed)
+            return {r.id: torch.tensor(ids[r.id], dtype=self._allowed_ids.dtype) for r in requests}
+        gen = torch.Generator().manual_seed(_seed(cell, repeat))
         return {r.id: self._allowed_ids[torch.randint(0, n, (r.prompt_toks,), generator=gen)] for r in requests}
 
     def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
@@ -187,18 +207,24 @@ class HFBackend(BackendBase):
         if cell.kv_dtype and normalize_dtype(cell.kv_dtype) != self.dtype:
             raise KvrayInputError(f"the hf backend caches KV in the model dtype ({self.dtype}), not {cell.kv_dtype}")
         prompts = self._prompts(cell, requests, repeat)
-        pending = sorted(requests, key=lambda r: (r.arrival_s, r.id))
+        schedule = ArrivalSchedule.for_cell(cell, requests)
         traces: list[RunTrace] = []
         kv_measured = kv_predicted = 0
         t0 = time.perf_counter()
-        while pending:
+        while schedule.pending:
             now = time.perf_counter() - t0
-            if pending[0].arrival_s > now:
-                time.sleep(pending[0].arrival_s - now)
-                now = time.perf_counter() - t0
-            batch = [r for r in pending if r.arrival_s <= now]
-            pending = pending[len(batch) :]
+            due = schedule.pop_due(now)
+            if not due:  # nothing due yet: sleep to the next arrival (None: the rest were never to be sent)
+                next_s = schedule.next_due_s()
+                if next_s is None:
+                    break
+                time.sleep(max(next_s - now, 0.0))
+                continue
+            batch = [r for _, r in due]
             batch_traces, measured, predicted = self._run_batch(batch, prompts, t0, repeat, cell)
+            for (due_s, _), trace in zip(due, batch_traces, strict=True):  # sent: handed to the batch at ``now``
+                trace.arrival_s, trace.sent_s = due_s, now
+                schedule.ended(trace.request_id, trace.end_s)
             traces.extend(batch_traces)
             kv_measured = max(kv_measured, measured)
             kv_predicted = max(kv_predicted, predicted or 0)
@@ -207,7 +233,11 @@ class HFBackend(BackendBase):
             "kv_predicted_bytes": kv_predicted if self.geometry is not None else None,
         }
         return BackendRun(
-            traces=sorted(traces, key=lambda t: t.request_id), kv_measured_bytes=kv_measured, memory=memory
+            traces=sorted(traces, key=lambda t: t.request_id),
+            kv_measured_bytes=kv_measured,
+            memory=memory,
+            t0_s=t0,
+            extra={"parallelism": hf_parallelism(cell, self.device)} if cell.tensor_parallel > 1 else {},
         )
 
     def _run_batch(
@@ -276,3 +306,31 @@ def _first_id(*candidates: Any) -> int:
         if c is not None:
             return int(c)
     return 0
+
+
+def hf_parallelism(cell: Cell, device: str) -> str:
+    """The row's ``parallelism`` for a TP>1 cell: what transformers did, said plainly (its latency is not TP's)."""
+    n = cell.tensor_parallel
+    if device.startswith("cuda"):
+        return (f"layer-wise placement over {n} GPUs (transformers device_map), not tensor parallelism: "
+                "one GPU computes at a time")  # fmt: skip
+    return f"tensor_parallel {n} requested; hf ran on one {device} device (no split): not tensor parallelism"
+
+
+def spread_layers(model: Any, gpus: int) -> str:
+    """Place whole decoder layers over the first ``gpus`` visible GPUs, balanced by size (accelerate's
+    ``get_balanced_memory`` + ``infer_auto_device_map`` + ``dispatch_model``); returns the inputs' device."""
+    import torch
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    visible = torch.cuda.device_count()
+    if visible < gpus:
+        raise KvrayInputError(f"hf: tensor_parallel {gpus} needs {gpus} GPUs, this worker sees {visible}")
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    capacity = {i: int(torch.cuda.get_device_properties(i).total_memory * 0.9) for i in range(gpus)}
+    budget = get_balanced_memory(model, max_memory=capacity, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split)
+    dispatch_model(model, device_map=device_map)
+    first = next(iter(device_map.values()))
+    return f"cuda:{first}" if isinstance(first, int) else str(first)

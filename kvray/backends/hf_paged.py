@@ -37,6 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kvray.backends.arrivals import ArrivalSchedule
 from kvray.backends.base import BackendRun
 from kvray.backends.hf import HFBackend
 from kvray.errors import KvrayInputError
@@ -251,32 +252,38 @@ class HFPagedBackend(HFBackend):
                     f"blocks, the cache has {info['num_blocks']} (raise num_blocks or kv_cache_memory_bytes)"
                 )
         prompts = self._prompts(cell, requests, repeat)
-        pending = sorted(requests, key=lambda r: (r.arrival_s, r.id))
+        schedule = ArrivalSchedule.for_cell(cell, requests)
+        sent: dict[str, tuple[float, float]] = {}  # name → (due_s, sent_s)
         by_name = {f"{cell.cell_id}-{repeat}-{r.id}": r for r in requests}
         names = {r.id: name for name, r in by_name.items()}
         outputs: dict[str, Any] = {}
         deadline = time.monotonic() + float(opts["timeout_s"])
         t0 = time.perf_counter()
         with KVSampler(manager, t0, float(opts["sample_interval_s"]), repeat) as sampler:
-            while len(outputs) < len(requests):
+            while len(outputs) < len(sent) or schedule.pending:
                 now = time.perf_counter() - t0
-                while pending and pending[0].arrival_s <= now:
-                    r = pending.pop(0)
+                for due_s, r in schedule.pop_due(now):
+                    sent[names[r.id]] = (due_s, now)
                     manager.add_request(prompts[r.id].tolist(), request_id=names[r.id], max_new_tokens=r.gen_toks,
                                         record_timestamps=True, eos_token_id=-1)  # fmt: skip
-                wait = 0.01 if not pending else max(min(0.01, pending[0].arrival_s - now), 0.0)
+                if len(outputs) == len(sent) and schedule.next_due_s() is None and schedule.pending:
+                    break  # nothing in flight and nothing the schedule will still send
+                next_s = schedule.next_due_s()
+                wait = 0.01 if next_s is None else max(min(0.01, next_s - now), 0.0)
                 result = manager.get_result(timeout=wait) if wait > 0 else None
                 if result is not None and result.is_finished() and result.request_id in by_name:
                     outputs[result.request_id] = result
-                if not manager.is_running() and len(outputs) < len(requests):
+                    end = result.timestamps[-1] if result.timestamps else time.perf_counter()
+                    schedule.ended(by_name[result.request_id].id, end - t0)
+                if not manager.is_running() and len(outputs) < len(sent):
                     error = manager.background_thread_status.fatal_error
                     self._stop_manager()
                     raise RuntimeError(f"hf-paged: the generation loop stopped: {error}")
                 if time.monotonic() > deadline:
                     self._stop_manager()
-                    raise RuntimeError(f"hf-paged: {len(requests) - len(outputs)} requests unfinished after "
+                    raise RuntimeError(f"hf-paged: {len(sent) - len(outputs)} requests unfinished after "
                                        f"{opts['timeout_s']} s")  # fmt: skip
-        traces = [self._trace(by_name[name], out, t0, repeat) for name, out in outputs.items()]
+        traces = [self._trace(by_name[name], out, t0, repeat, *sent[name]) for name, out in outputs.items()]
         memory: dict[str, int | float | None] = {
             "weights_bytes": self.weights_bytes,
             "kv_reserved_bytes": info["allocated_bytes"],
@@ -302,13 +309,14 @@ class HFPagedBackend(HFBackend):
             kv_measured_bytes=sampler.peak_used,
             memory=memory,
             extra=extra,
+            t0_s=t0,
         )
 
     @staticmethod
-    def _trace(r: RequestSpec, out: Any, t0: float, repeat: int) -> RunTrace:
+    def _trace(r: RequestSpec, out: Any, t0: float, repeat: int, due_s: float, sent_s: float) -> RunTrace:
         times = [t - t0 for t in (out.timestamps or [])]
         generated = len(out.generated_tokens)
-        admitted = out.lifespan[0] - t0 if out.lifespan[0] > 0 else r.arrival_s
+        admitted = out.lifespan[0] - t0 if out.lifespan[0] > 0 else sent_s
         end = times[-1] if times else (out.lifespan[1] - t0 if out.lifespan[1] > 0 else admitted)
         error = out.error
         if error is None and generated != r.gen_toks:
@@ -316,12 +324,13 @@ class HFPagedBackend(HFBackend):
         return RunTrace(
             request_id=r.id,
             repeat=repeat,
-            arrival_s=r.arrival_s,
-            start_s=max(admitted, r.arrival_s),
+            arrival_s=due_s,
+            start_s=max(admitted, sent_s),
             token_times_s=times,
             end_s=end,
             prompt_toks=len(out.prompt_ids) or r.prompt_toks,
             output_toks=generated,
             status="ok" if error is None else "error",
             error=error,
+            sent_s=sent_s,
         )

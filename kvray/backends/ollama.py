@@ -27,7 +27,6 @@ num_ctx, tokenizer, timeout_s (300), allow_short_output (True), keep_alive.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import random
@@ -36,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kvray.backends.arrivals import ArrivalSchedule, serve_on_schedule
 from kvray.backends.base import BackendBase, BackendRun
 from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_seed
 from kvray.backends.openai.session import ClientSession
@@ -45,7 +45,6 @@ from kvray.backends.openai.stream import (
     StreamError,
     error_trace,
     json_object,
-    sleep_until_arrival,
     stream_failure,
     timed_lines,
     token_times,
@@ -146,12 +145,12 @@ class OllamaBackend(BackendBase):
                                            self.settings.timeout_s)  # fmt: skip
         await self.session.warm(client, f"{self.settings.root}/api/version", len(requests))  # untimed
         t0 = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                self._request(client, model, r, prompts[r.id], t0, repeat, request_seed(cell, repeat, r.id) % 2**31)
-                for r in requests
-            )
-        )
+        results = await serve_on_schedule(
+            ArrivalSchedule.for_cell(cell, requests), requests, t0,
+            lambda r, sent_s: self._request(client, model, r, prompts[r.id], t0, repeat,
+                                            request_seed(cell, repeat, r.id) % 2**31, sent_s),
+            trace_of=lambda result: result[0],
+        )  # fmt: skip
         ps = await self._ps(client, model)
         extra: dict[str, Any] = {
             "served_model": model,
@@ -166,7 +165,7 @@ class OllamaBackend(BackendBase):
             extra["ollama_ps"] = ps
             memory["server_model_bytes"] = ps.get("size")
             memory["server_vram_bytes"] = ps.get("size_vram")
-        return BackendRun(traces=[trace for trace, _ in results], memory=memory, extra=extra)
+        return BackendRun(traces=[trace for trace, _ in results], memory=memory, extra=extra, t0_s=t0)
 
     async def _ps(self, client: Any, model: str) -> dict[str, Any]:
         """The running-model entry of ``/api/ps`` for ``model`` ({} when absent or unreachable)."""
@@ -182,10 +181,9 @@ class OllamaBackend(BackendBase):
         return {}
 
     async def _request(self, client: Any, model: str, r: RequestSpec, prompt: str, t0: float, repeat: int,
-                       seed: int) -> tuple[RunTrace, dict[str, Any] | None]:  # fmt: skip
+                       seed: int, sent_s: float) -> tuple[RunTrace, dict[str, Any] | None]:  # fmt: skip
         assert self.settings is not None
         settings = self.settings
-        sent_s = await sleep_until_arrival(r, t0)
         chunks: list[Chunk] = []
         final: dict[str, Any] = {}
         options: dict[str, Any] = {"num_predict": r.gen_toks, "temperature": r.temperature, "seed": seed}

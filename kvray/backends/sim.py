@@ -1,13 +1,26 @@
 """The simulator as a backend: predicted traces and memory for any GPU in the table, no GPU and no sleeping.
 
-It serves a cell's requests with the HF backend's static-batching queue (see kvray/sim/simulate.py), so the
-runner, metrics, store and figures treat its cells like measured ones, flagged ``simulated``. A cell whose
-predicted memory exceeds the GPU raises ``SimulatedOutOfMemory`` (a MemoryError), which the runner records
-as status "oom": the OOM boundary is a result, not a crash.
+Two engines, so the runner, metrics, store and figures treat its cells like measured ones, flagged ``simulated``:
 
-Cell fields: ``hardware`` is a GPU name from kvray/hardware/gpus.py ("any" → H100-SXM); KV dtype is
+- a burst on the ``hf`` layout (the default): the HF backend's static-batching queue (kvray/sim/simulate.py);
+- ``layout: paged``, or any load other than a burst (closed, poisson, gamma, constant): a continuous-batching
+  engine like vLLM's (kvray/sim/serving.py): admission by free KV blocks and ``max_num_seqs``, each step's time
+  from the roofline of its prefill and decode tokens, preemption when the pool runs out. Its rows carry the KV
+  pool in ``memory`` (kv_reserved_bytes; kv_predicted_bytes = the peak of blocks in use), the engine's state at
+  its steps in ``extra["kv_timeline"]`` (as vLLM's and hf-paged's, at most ~500 points a repeat plus every
+  preemption), and the preemptions (``counters`` → the row's ``preemptions``; ``extra["sim"]``).
+
+A cell whose predicted memory exceeds the GPU (static batch), or whose weights leave no KV pool or whose request
+cannot fit the pool alone (continuous), raises ``SimulatedOutOfMemory`` (a MemoryError), which the runner
+records as status "oom": the OOM boundary is a result, not a crash.
+
+Cell fields: ``hardware`` is a GPU name from kvray/hardware/gpus.py ("any" → H100-SXM); ``tensor_parallel`` splits the
+model over that many of them (per-GPU memory, all-reduces over the GPU's link, docs/simulator.md); KV dtype is
 ``kv_dtype`` or ``dtype``. Cell options: ``layout`` ("hf" | "paged"), ``block_size`` (paged, 16), and ``eta_compute``,
-``eta_memory``, ``layer_overhead_s`` to override the calibrated or default efficiencies.
+``eta_memory``, ``layer_overhead_s`` to override the calibrated or default efficiencies; for the continuous
+engine, vLLM's engine arguments ``max_num_seqs`` (256), ``max_num_batched_tokens`` (8192), ``chunked_prefill``
+(true), ``gpu_memory_utilization`` (0.9), ``kv_pool_bytes`` (overrides the utilisation) and ``prefix_caching``
+(false).
 """
 
 from __future__ import annotations
@@ -22,7 +35,9 @@ from kvray.hardware.gpus import GpuSpec, get_gpu
 from kvray.measure.trace import RunTrace
 from kvray.model.geometry import ModelGeometry
 from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, LAYOUTS, normalize_dtype
-from kvray.sim.simulate import DEFAULT_GPU, Efficiency, MemoryPrediction, efficiency_for, simulate
+from kvray.model.parallel import check_tensor_parallel
+from kvray.sim.serving import EngineConfig, PoolTooSmall, ServedRequest, ServingRun, serve
+from kvray.sim.simulate import DEFAULT_GPU, Efficiency, MemoryPrediction, RequestTiming, efficiency_for, simulate
 from kvray.spec import Cell, RequestSpec
 from kvray.units import GIB
 
@@ -45,6 +60,47 @@ def _layout(opts: Mapping[str, Any]) -> tuple[str, int]:
     return layout, block_size
 
 
+_ENGINE_INTS = ("max_num_seqs", "max_num_batched_tokens", "kv_pool_bytes")
+_ENGINE_BOOLS = ("chunked_prefill", "prefix_caching")
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise KvrayInputError(f"sim backend: {name} must be true or false, got {value!r}")
+
+
+def engine_config(opts: Mapping[str, Any]) -> EngineConfig:
+    """The continuous-batching engine's knobs from cell options (vLLM's defaults for the rest)."""
+    _, block_size = _layout(opts)
+    kwargs: dict[str, Any] = {"block_size": block_size}
+    try:
+        for key in _ENGINE_INTS:
+            if opts.get(key) is not None:
+                kwargs[key] = int(opts[key])
+        if opts.get("gpu_memory_utilization") is not None:
+            kwargs["gpu_memory_utilization"] = float(opts["gpu_memory_utilization"])
+    except (TypeError, ValueError) as exc:
+        raise KvrayInputError(f"sim backend: engine options must be numbers: {exc}") from None
+    for key in _ENGINE_BOOLS:
+        if opts.get(key) is not None:
+            kwargs[key] = _flag(key, opts[key])
+    try:
+        return EngineConfig(**kwargs)
+    except KvrayInputError as exc:
+        raise KvrayInputError(f"sim backend: {exc}") from None
+
+
+def serves_continuously(cell: Cell) -> bool:
+    """``layout: paged`` or any load but a burst: the continuous-batching engine, else the static batch."""
+    return cell.option_dict.get("layout") == "paged" or cell.workload.load_kind != "burst"
+
+
 class SimBackend(BackendBase):
     name = "sim"
     simulated = True  # the runner skips its host OOM pre-check: the prediction itself decides
@@ -52,7 +108,7 @@ class SimBackend(BackendBase):
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> None:
-        _layout(options)
+        engine_config(options)
 
     @classmethod
     def validate_hardware(cls, hardware: str) -> None:
@@ -68,6 +124,8 @@ class SimBackend(BackendBase):
         self.calibration = calibration  # a calibration file; None → $KVRAY_CALIBRATION or the default path
         self.geometry: ModelGeometry | None = None
         self.gpu: GpuSpec = get_gpu(DEFAULT_GPU)
+        self._timeline_cell: str | None = None  # the cell whose repeats the timeline holds
+        self._timeline: list[dict[str, Any]] = []
 
     def load(self, cell: Cell) -> None:
         from kvray.model.resolve import resolve_geometry
@@ -77,6 +135,7 @@ class SimBackend(BackendBase):
         normalize_dtype(cell.dtype)
         if self.geometry is None or self.geometry.name != cell.model:
             self.geometry = resolve_geometry(cell.model)
+        check_tensor_parallel(self.geometry, cell.tensor_parallel)
 
     def efficiency(self, cell: Cell, layout: str) -> Efficiency:
         """Cell options over the calibration file over the defaults."""
@@ -96,23 +155,14 @@ class SimBackend(BackendBase):
         dtype = normalize_dtype(cell.dtype)
         kv_dtype = normalize_dtype(cell.kv_dtype or cell.dtype)
         eff = self.efficiency(cell, layout)
-        schedule = simulate(self.geometry, self.gpu, requests, dtype, kv_dtype, layout, block_size, eff)
+        if serves_continuously(cell):
+            return self._serve(cell, requests, repeat, dtype, kv_dtype, eff)
+        tp = cell.tensor_parallel
+        schedule = simulate(self.geometry, self.gpu, requests, dtype, kv_dtype, layout, block_size, eff, tp)
         peak = schedule.peak_memory
         if not peak.fits:
             raise SimulatedOutOfMemory(_oom_message(self.gpu, peak))
-        traces = [
-            RunTrace(
-                request_id=requests[t.index].id,
-                repeat=repeat,
-                arrival_s=t.arrival_s,
-                start_s=t.start_s,
-                token_times_s=t.token_times_s,
-                end_s=t.end_s,
-                prompt_toks=requests[t.index].prompt_toks,
-                output_toks=len(t.token_times_s),
-            )
-            for t in schedule.timings
-        ]
+        traces = _traces(requests, schedule.timings, repeat)
         memory: dict[str, int | float | None] = {
             "baseline_bytes": peak.weights_bytes,
             "peak_allocated_bytes": peak.peak_allocated_bytes,
@@ -138,10 +188,79 @@ class SimBackend(BackendBase):
                 "batches": len(schedule.batches),
                 "prefill_bound": schedule.prefill_bound,
                 "decode_bound": schedule.decode_bound,
-            }
+                **_tp_facts(self.gpu, tp),
+            },
+            **_parallelism(tp),
         }
         ordered = sorted(traces, key=lambda t: t.request_id)
         return BackendRun(traces=ordered, kv_measured_bytes=None, memory=memory, simulated=True, extra=extra)
+
+    def _serve(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int, dtype: str, kv_dtype: str,
+               eff: Efficiency) -> BackendRun:  # fmt: skip
+        """The continuous-batching engine: traces as the engine served them, the KV pool and its timeline."""
+        assert self.geometry is not None
+        cfg = engine_config(cell.option_dict)
+        load = cell.workload.load
+        try:
+            run = serve(self.geometry, self.gpu, requests, dtype, kv_dtype, cfg, eff,
+                        load.duration_s if load is not None else None, cell.tensor_parallel)  # fmt: skip
+        except PoolTooSmall as exc:
+            raise SimulatedOutOfMemory(f"sim: predicted out of memory on {self.gpu.name}: {exc}") from None
+        traces = _traces(requests, run.timings, repeat)
+        pool = run.pool
+        kv_peak = run.kv_blocks_peak * pool.block_bytes
+        allocated = pool.weights_bytes + pool.pool_bytes + pool.activation_bytes
+        memory: dict[str, int | float | None] = {
+            "baseline_bytes": pool.weights_bytes,
+            "peak_allocated_bytes": allocated,  # the pool is allocated up front, whatever the load
+            "peak_reserved_bytes": None,
+            "nvml_baseline_used_bytes": None,
+            "nvml_peak_used_bytes": None,
+            "rss_peak_bytes": None,
+            "weights_bytes": pool.weights_bytes,
+            "kv_reserved_bytes": pool.pool_bytes,
+            "kv_predicted_bytes": kv_peak,  # blocks in use at the busiest step, whole blocks
+            "kv_usage_peak": kv_peak / pool.pool_bytes,
+            "activation_peak_bytes": pool.activation_bytes,
+            "predicted_total_bytes": pool.total_bytes,
+            "fits": True,
+        }
+        sim = {
+            "gpu": self.gpu.name,
+            "engine": "continuous-batching",
+            "layout": "paged",
+            "block_size": cfg.block_size,
+            "max_num_seqs": cfg.max_num_seqs,
+            "max_num_batched_tokens": cfg.max_num_batched_tokens,
+            "chunked_prefill": cfg.chunked_prefill,
+            "prefix_caching": cfg.prefix_caching,
+            "kv_pool_blocks": pool.blocks,
+            "kv_pool_source": pool.source,
+            "kv_cache_size_tokens": pool.tokens,
+            "eta_compute": eff.eta_compute,
+            "eta_memory": eff.eta_memory,
+            "layer_overhead_s": eff.layer_overhead_s,
+            "efficiency_source": eff.source,
+            "steps": sum(1 for s in run.steps if s.dt_s > 0),
+            "step_bounds": run.bounds,
+            "running_peak": run.running_peak,
+            "preemptions": run.preemptions,
+            "unsent": len(run.unsent),
+            **_tp_facts(self.gpu, cell.tensor_parallel),
+        }
+        counters = {"preemptions": run.preemptions}
+        if cfg.prefix_caching:
+            counters["prefix_cache_hits"] = run.prefix_hit_tokens
+            counters["prefix_cache_queries"] = sum(r.prompt_toks for r in requests)
+        extra: dict[str, Any] = {"sim": sim, **_parallelism(cell.tensor_parallel)}
+        if repeat >= 0:
+            if repeat == 0 or self._timeline_cell != cell.cell_id:  # the repeats of one cell, run in order
+                self._timeline_cell, self._timeline = cell.cell_id, []
+            self._timeline.extend(kv_timeline(run, repeat))
+            extra["kv_timeline"] = list(self._timeline)
+        ordered = sorted(traces, key=lambda t: t.request_id)
+        return BackendRun(traces=ordered, kv_measured_bytes=None, memory=memory, simulated=True, extra=extra,
+                          counters=counters)  # fmt: skip
 
     @classmethod
     def cell_hardware(cls, cell: Cell) -> dict[str, Any]:
@@ -157,6 +276,61 @@ class SimBackend(BackendBase):
 
     def close(self) -> None:
         self.geometry = None
+
+
+def _traces(requests: Sequence[RequestSpec], timings: Sequence[RequestTiming | ServedRequest],
+            repeat: int) -> list[RunTrace]:  # fmt: skip
+    """RunTraces of the predicted timings; sent = arrival, since a simulated client never lags."""
+    return [
+        RunTrace(
+            request_id=requests[t.index].id,
+            repeat=repeat,
+            arrival_s=t.arrival_s,
+            start_s=t.start_s,
+            token_times_s=t.token_times_s,
+            end_s=t.end_s,
+            prompt_toks=requests[t.index].prompt_toks,
+            output_toks=len(t.token_times_s),
+            sent_s=t.arrival_s,
+        )
+        for t in timings
+    ]
+
+
+def kv_timeline(run: ServingRun, repeat: int, max_points: int = 500) -> list[dict[str, Any]]:
+    """The engine's state at its steps, shaped like vLLM's and hf-paged's timeline points (``t_s`` = the step's
+    start, seconds since the repeat's t0). A step becomes a point when it is at least 1 / ``max_points`` of the run
+    after the last point (so a long run stays a few hundred points, as a server's sampled /metrics would), when
+    the preemption count moved, and for the first and last step."""
+    points: list[dict[str, Any]] = []
+    pool, steps = run.pool, run.steps
+    if not steps:
+        return points
+    spacing = (steps[-1].t_s - steps[0].t_s) / max_points
+    for n, step in enumerate(steps):
+        last = points[-1] if points else None
+        if (
+            last is not None
+            and n != len(steps) - 1
+            and step.preemptions == last["preemptions"]
+            and step.t_s - last["t_s"] < spacing
+        ):
+            continue
+        points.append({"repeat": repeat, "t_s": round(step.t_s, 6),
+                       "kv_used_bytes": step.kv_blocks_used * pool.block_bytes,
+                       "kv_usage": step.kv_blocks_used / pool.blocks, "running": step.running,
+                       "waiting": step.waiting, "preemptions": step.preemptions})  # fmt: skip
+    return points
+
+
+def _tp_facts(gpu: GpuSpec, tp: int) -> dict[str, Any]:
+    """What the sim row says about TP: the degree and the link its all-reduces were costed over."""
+    return {"tensor_parallel": tp, "interconnect": gpu.interconnect if tp > 1 else None}
+
+
+def _parallelism(tp: int) -> dict[str, Any]:
+    """The row's ``parallelism``: memory columns are one GPU's (one rank's) under TP."""
+    return {"parallelism": f"tensor parallel {tp} (simulated; memory per GPU)"} if tp > 1 else {}
 
 
 def _gpu_identity(gpu: GpuSpec) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """A backend that emits tokens on a known schedule, with real sleeps: the instrument that proves the metrics.
 
-Each request waits for its arrival, then for a free slot (``max_batch`` slots, first come first served;
+Each request waits until it is due (its arrival, or in a closed loop its predecessor's end), then for a free slot (``max_batch`` slots, first come first served;
 0 = unlimited), then emits its first token ``ttft_s`` after starting and the rest ``tpot_s`` apart, in
 chunks of ``chunk_toks`` tokens (a chunk is stamped when its last token is due, like a streamed HTTP
 event). So a request's TTFT is queue + ``ttft_s``, its TPOT and every ITL gap are ``tpot_s``, and its
@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kvray.backends.arrivals import ArrivalSchedule, serve_on_schedule
 from kvray.backends.base import BackendBase, BackendRun, run_async
 from kvray.errors import KvrayInputError
 from kvray.measure.trace import RunTrace
@@ -69,7 +70,8 @@ class SyntheticBackend(BackendBase):
             raise MemoryError(f"synthetic: can't allocate memory: you tried to allocate {attempted} bytes")
         if opts["fail"] == "error":
             raise RuntimeError("synthetic: injected failure")
-        return BackendRun(traces=run_async(_serve(list(requests), repeat, opts)))
+        schedule = ArrivalSchedule.for_cell(cell, requests)
+        return BackendRun(traces=run_async(_serve(list(requests), repeat, opts, schedule)))
 
     def device_info(self) -> dict[str, Any]:
         import psutil
@@ -80,7 +82,9 @@ class SyntheticBackend(BackendBase):
         pass
 
 
-async def _serve(requests: list[RequestSpec], repeat: int, opts: dict[str, Any]) -> list[RunTrace]:
+async def _serve(
+    requests: list[RequestSpec], repeat: int, opts: dict[str, Any], schedule: ArrivalSchedule
+) -> list[RunTrace]:
     ttft_s, tpot_s, chunk = float(opts["ttft_s"]), float(opts["tpot_s"]), int(opts["chunk_toks"])
     fail_every = int(opts["fail_every"])
     slots = asyncio.Semaphore(int(opts["max_batch"]) or len(requests) or 1)  # FIFO-fair since Python 3.11
@@ -95,8 +99,7 @@ async def _serve(requests: list[RequestSpec], repeat: int, opts: dict[str, Any])
             await asyncio.sleep(delay)
         return clock()
 
-    async def one(r: RequestSpec) -> RunTrace:
-        await sleep_until(r.arrival_s)
+    async def serve(r: RequestSpec, sent_s: float) -> RunTrace:
         async with slots:
             start = clock()
             first = await sleep_until(start + ttft_s)
@@ -110,7 +113,7 @@ async def _serve(requests: list[RequestSpec], repeat: int, opts: dict[str, Any])
         return RunTrace(
             request_id=r.id,
             repeat=repeat,
-            arrival_s=r.arrival_s,
+            arrival_s=r.arrival_s,  # the schedule's due time replaces it (serve_on_schedule)
             start_s=start,
             token_times_s=times,
             end_s=times[-1],
@@ -121,5 +124,5 @@ async def _serve(requests: list[RequestSpec], repeat: int, opts: dict[str, Any])
         )
 
     ordered = sorted(requests, key=lambda r: (r.arrival_s, r.id))
-    traces = await asyncio.gather(*(one(r) for r in ordered))
+    traces = await serve_on_schedule(schedule, ordered, t0, serve)
     return sorted(traces, key=lambda t: t.request_id)

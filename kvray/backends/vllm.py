@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from kvray.backends.base import BackendBase, BackendRun
+from kvray.backends.kv_reuse import ReuseAccount
 from kvray.backends.openai import HTTPSettings, OpenAIBackend
 from kvray.errors import KvrayInputError
 from kvray.hardware.devices import resolve_device
@@ -92,13 +93,29 @@ def cpu_ids() -> str:
     return ",".join(map(str, ids))
 
 
+def rank_cpu_ids(tp: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``tp`` CPU ranks: this process's CPUs split into ``tp`` groups joined by "|"
+    (vLLM's CPU build binds rank i to entry i: "0|1" for two ranks on two cores)."""
+    if tp <= 1:
+        return cpu_ids()
+    ids = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if len(ids) < tp:
+        raise KvrayInputError(
+            f"vllm on CPU: tensor_parallel {tp} needs at least {tp} CPUs, this process has {len(ids)}"
+        )
+    size = len(ids) // tp
+    return "|".join(",".join(map(str, ids[i * size : (i + 1) * size])) for i in range(tp))
+
+
 def server_command(launcher: list[str], model_path: str, served_name: str, port: int, dtype: str,
                    knobs: dict[str, Any], device: str) -> list[str]:  # fmt: skip
     """The full vLLM command line for one model and set of knobs."""
     cmd = [*launcher]
     cmd += [model_path] if launcher[-1] == "serve" else ["--model", model_path]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
-            "--dtype", _VLLM_DTYPES[dtype], "--seed", "0"]  # fmt: skip
+            "--dtype", _VLLM_DTYPES[dtype], "--seed", "0",
+            "--enable-prompt-tokens-details"]  # fmt: skip
+    # --enable-prompt-tokens-details: each answer's usage says how many prompt tokens its prefix cache served
     flags = {
         "gpu_memory_utilization": "--gpu-memory-utilization",
         "max_model_len": "--max-model-len",
@@ -106,6 +123,7 @@ def server_command(launcher: list[str], model_path: str, served_name: str, port:
         "kv_cache_dtype": "--kv-cache-dtype",
         "max_num_seqs": "--max-num-seqs",
         "kv_cache_memory_bytes": "--kv-cache-memory-bytes",
+        "tensor_parallel_size": "--tensor-parallel-size",  # the cell's tensor_parallel (set in ``load``)
     }
     for key, flag in flags.items():
         if knobs.get(key) is not None:
@@ -117,13 +135,16 @@ def server_command(launcher: list[str], model_path: str, served_name: str, port:
     return cmd
 
 
-def capacity_check(model: str, dtype: str, server_cache: dict[str, Any]) -> dict[str, Any]:
+def capacity_check(model: str, dtype: str, server_cache: dict[str, Any], tp: int = 1) -> dict[str, Any]:
     """vLLM's reported KV capacity beside kvray's paged prediction of it.
 
     predicted_tokens = blocks that fit the reported bytes × block size, with kvray's bytes per token;
-    ``agrees`` is True when that equals vLLM's ``kv_cache_size_tokens`` exactly.
+    ``agrees`` is True when that equals vLLM's ``kv_cache_size_tokens`` exactly. Under TP the reported bytes
+    are one rank's pool (``--kv-cache-memory-bytes`` is per worker) and the bytes per token one rank's
+    (kvray.model.parallel: its KV heads), while the token count is the same on every rank.
     """
     from kvray.model.kvmath import kv_bytes_per_token, paged_blocks_in
+    from kvray.model.parallel import shard_geometry
     from kvray.model.resolve import resolve_geometry
 
     out: dict[str, Any] = {"reported": dict(server_cache)}
@@ -131,9 +152,10 @@ def capacity_check(model: str, dtype: str, server_cache: dict[str, Any]) -> dict
         server_cache.get(k) for k in ("kv_cache_memory_bytes", "kv_cache_size_tokens", "block_size")
     )
     try:
-        g = resolve_geometry(model)
+        g = shard_geometry(resolve_geometry(model), tp)
     except Exception:
         return out
+    out["tensor_parallel"] = tp
     kv_dtype = cache_dtype(server_cache.get("cache_dtype"), dtype)
     per_token = kv_bytes_per_token(g, kv_dtype, "paged")
     out["kv_bytes_per_token"] = per_token
@@ -167,6 +189,7 @@ class VLLMBackend(BackendBase):
         self._startup_s: float | None = None
         self._command: list[str] = []
         self._version: str | None = None
+        self.reuse = ReuseAccount()
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> None:
@@ -214,6 +237,8 @@ class VLLMBackend(BackendBase):
             model_path = cell.model
         if device == "cpu" and knobs["kv_cache_memory_bytes"] is None:
             knobs["kv_cache_memory_bytes"] = CPU_KV_CACHE_MEMORY_BYTES
+        if cell.tensor_parallel > 1:  # over this worker's GPUs (its placement group), or CPU ranks
+            knobs["tensor_parallel_size"] = cell.tensor_parallel
         key = (tuple(launcher), model_path, cell.model, dtype, device, tuple(sorted(knobs.items())))
         if key != self._key or self.server is None or not self.server.running:
             self._stop_server()
@@ -233,12 +258,13 @@ class VLLMBackend(BackendBase):
 
     def _start_server(self, launcher: list[str], model_path: str, served_name: str, dtype: str, device: str,
                       knobs: dict[str, Any], timeout_s: float) -> None:  # fmt: skip
-        from kvray.servers.process import ServerProcess, free_port
+        from kvray.servers.process import ServerProcess, ServerStartError, free_port
 
         port = free_port()
         env: dict[str, str] = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         if device == "cpu":
-            env["VLLM_CPU_OMP_THREADS_BIND"] = str(knobs.get("cpu_threads_bind") or cpu_ids())
+            tp = int(knobs.get("tensor_parallel_size") or 1)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(knobs.get("cpu_threads_bind") or rank_cpu_ids(tp))
             env["CUDA_VISIBLE_DEVICES"] = ""
         elif device.startswith("cuda:") and device != "cuda:0":
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -247,7 +273,13 @@ class VLLMBackend(BackendBase):
             env["CUDA_VISIBLE_DEVICES"] = ids[index]
         command = server_command(launcher, model_path, served_name, port, dtype, knobs, device)
         server = ServerProcess(command, f"http://127.0.0.1:{port}/health", env=env, name="vllm")
-        server.start(timeout_s)
+        try:
+            server.start(timeout_s)
+        except ServerStartError as exc:  # the row's reason (its first line) names vLLM's own root cause
+            cause = start_failure_cause(server.log_path)
+            if cause is None:
+                raise
+            raise ServerStartError(f"vllm could not start: {cause}; {exc}") from None
         self.server, self._startup_s, self._command = server, server.startup_s, command
         self._version = _server_version(server.base_url)
 
@@ -260,6 +292,8 @@ class VLLMBackend(BackendBase):
         if self.server is None or not self.server.running:
             self.load(cell)
         run = self.http.run(cell, requests, repeat)
+        if not self.server.running:  # died mid-run (kill -9, a crash): say so in every failed request's reason
+            self._explain_server_death(run)
         cache = run.extra.get("server_cache") or {}
         run.extra["vllm"] = {
             "version": self._version,
@@ -268,10 +302,25 @@ class VLLMBackend(BackendBase):
             "log": str(self.server.log_path),
             "model_path": self.model_path,
         }
+        if cell.tensor_parallel > 1:
+            run.extra["parallelism"] = f"tensor parallel {cell.tensor_parallel} (vLLM --tensor-parallel-size)"
         if cache:
-            run.extra["kv_capacity"] = capacity_check(cell.model, cell.dtype, cache)
+            run.extra["kv_capacity"] = capacity_check(cell.model, cell.dtype, cache, cell.tensor_parallel)
             self._predict_from_timeline(cell, run, cache, repeat)
+            points = [p for p in run.extra.get("kv_timeline") or [] if p.get("repeat") == repeat]
+            self.reuse.add(cell, requests, run, cache, points, repeat)  # prefix-cache hits, preemptions, fill point
         return run
+
+    def _explain_server_death(self, run: BackendRun) -> None:
+        """Prefix each failed request's reason with the server's exit (the stream's cut alone does not say why);
+        the next ``load`` sees ``not self.server.running`` and starts a fresh server for the next cell."""
+        proc = self.server.proc
+        code = proc.returncode if proc is not None else None
+        why = f"vllm server exited (code {code}) mid-cell; log {self.server.log_path}"
+        for t in run.traces:
+            if t.status != "ok":
+                t.error = f"{why}: {t.error}" if t.error else why
+        run.extra["server_exit_code"] = code
 
     @staticmethod
     def _predict_from_timeline(cell: Cell, run: BackendRun, cache: dict[str, Any], repeat: int) -> None:
@@ -282,6 +331,7 @@ class VLLMBackend(BackendBase):
         ``vllm:num_requests_running`` (kvray/measure/kv_timeline.py). Each point of this repeat gets its used
         bytes (usage × the pool, as kv_used_peak_bytes) and the prediction beside it."""
         from kvray.measure.kv_timeline import timeline_prediction
+        from kvray.model.parallel import shard_geometry
         from kvray.model.resolve import resolve_geometry
         from kvray.servers.prometheus import used_kv_bytes
 
@@ -298,7 +348,7 @@ class VLLMBackend(BackendBase):
             used = used_kv_bytes(cache.get("num_gpu_blocks"), int(reserved) if reserved else None, p.get("kv_usage"))
             p["kv_used_bytes"] = used
         try:
-            g = resolve_geometry(cell.model)
+            g = shard_geometry(resolve_geometry(cell.model), cell.tensor_parallel)  # one rank's KV under TP
         except Exception:
             return
         dtype = cache_dtype(cache.get("cache_dtype"), cell.kv_dtype or cell.dtype)
@@ -311,6 +361,14 @@ class VLLMBackend(BackendBase):
         from kvray.measure.memory import ServerMemoryTracker
 
         return ServerMemoryTracker(lambda: self.server.pids() if self.server is not None else [], self.device)
+
+    def telemetry_sources(self) -> Any:
+        """The server's process tree and, on a GPU, its device through NVML alone (no CUDA context here)."""
+        from kvray.measure.telemetry import TelemetrySources
+
+        return TelemetrySources(gpus=(self.device,) if self.device.startswith("cuda") else (), cuda_context=False,
+                                pids=lambda: self.server.pids() if self.server is not None else [],
+                                scope=self.memory_scope())  # fmt: skip
 
     def memory_scope(self) -> str:
         pid = self.server.proc.pid if self.server is not None and self.server.proc is not None else None
@@ -328,6 +386,25 @@ class VLLMBackend(BackendBase):
     def close(self) -> None:
         self._stop_server()
         self.http.close()
+
+
+def start_failure_cause(log_path: Path) -> str | None:
+    """vLLM's root cause in a failed start's log — e.g. "FP8 KV cache on CPU requires x86 with AVX-512 or AMX."
+    for a KV dtype this machine's build does not support — not the engine's generic "initialization failed"."""
+    import re
+
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        m = re.search(r"Worker failed with error '(.+?)'", line)
+        if m:
+            return m.group(1)
+    errors = [m.group(1) for line in lines if (m := re.search(r"\b(\w+(?:Error|Exception): .+)$", line))]
+    generic = ("see root cause", "see the stack trace", "initialization failed")
+    specific = [e for e in errors if not any(g in e.lower() for g in generic)]
+    return (specific or errors or [None])[-1]
 
 
 def _server_version(base_url: str) -> str | None:

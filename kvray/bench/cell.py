@@ -35,6 +35,11 @@ def bench_cell(
     warmup: int = 1,
     repeats: int = 3,
     options: Mapping[str, Any] | None = None,
+    load: Mapping[str, Any] | None = None,
+    slo: Mapping[str, float] | None = None,
+    prompt_dist: Mapping[str, Any] | None = None,
+    gen_dist: Mapping[str, Any] | None = None,
+    tensor_parallel: int = 1,
 ) -> Cell:
     """The Cell ``kvray bench`` measures: ``concurrency`` equal requests, or one request per ``mixed`` prompt
     length, on ``backend``; validated whole (the backend's own checks included) and returned as it will run."""
@@ -50,7 +55,12 @@ def bench_cell(
     if arrival_gap_s < 0:
         raise KvrayInputError(f"--arrival-gap-s must be >= 0, got {arrival_gap_s}")
     if mixed:
+        if load or slo or prompt_dist or gen_dist:
+            raise KvrayInputError("--mixed sets its own requests: it takes no --load, --slo or length distribution")
         workload = Workload.mixed(list(mixed), gen_toks, arrival_gap_s)
+    elif load or slo or prompt_dist or gen_dist:
+        workload = serving_workload(concurrency, prompt_dist or prompt_toks, gen_dist or gen_toks, arrival_gap_s,
+                                    load or {}, slo)  # fmt: skip
     else:
         workload = Workload.uniform(concurrency, prompt_toks, gen_toks, arrival_gap_s)
     try:
@@ -63,6 +73,12 @@ def bench_cell(
         from kvray.model.resolve import check_pretrained_weights
 
         check_pretrained_weights(model)  # offline, or a bundled geometry: one line now, not 30 s of retries
+    if tensor_parallel < 1:
+        raise KvrayInputError(f"--tp must be a positive integer, got {tensor_parallel}")
+    if g is not None and tensor_parallel > 1:
+        from kvray.model.parallel import check_tensor_parallel
+
+        check_tensor_parallel(g, tensor_parallel)  # vLLM's divisibility rules, before anything loads
     if g is not None and workload.max_seq_len > g.max_position_embeddings:
         raise KvrayInputError(
             f"prompt + generated tokens ({workload.max_seq_len}) exceed {model}'s "
@@ -70,9 +86,34 @@ def bench_cell(
         )
     cell = Cell(
         model=model, workload=workload, backend=backend, dtype=dtype, weights=weights, device=device,
-        warmup=warmup, repeats=repeats, options=make_options(**dict(options or {})),
+        warmup=warmup, repeats=repeats, options=make_options(**dict(options or {})), tensor_parallel=tensor_parallel,
     )  # fmt: skip
     return validate_backend_options(cell)
+
+
+def serving_workload(concurrency: int, prompt: Any, gen: Any, arrival_gap_s: float, load: Mapping[str, Any],
+                     slo: Mapping[str, float] | None) -> Any:  # fmt: skip
+    """``kvray bench --load KIND --rate R --requests N …``: the flags as a LoadSpec, its workload built.
+
+    For a closed loop ``-c`` is the number of users; for a burst, the burst's size."""
+    from kvray.plan.loads import build_workload
+    from kvray.spec import LoadSpec
+
+    kind = str(load.get("kind") or "burst")
+    rate = load.get("rate")
+    search = "saturation" if rate == "auto" else None
+    spec = LoadSpec(
+        kind=kind,
+        rate_rps=None if rate in (None, "auto") else float(rate),
+        users=concurrency if kind == "closed" else None,
+        requests=load.get("requests"),
+        duration_s=load.get("duration_s"),
+        seed=int(load.get("seed") or 0),
+        search=search,
+    )
+    if kind != "burst" and arrival_gap_s:
+        raise KvrayInputError("--arrival-gap-s spaces a burst's requests; a load sets its own arrivals")
+    return build_workload(spec, prompt, gen, concurrency=concurrency, slo=slo, arrival_gap_s=arrival_gap_s)
 
 
 def validate_backend_options(cell: Cell) -> Cell:
@@ -124,17 +165,22 @@ def measure_and_record(cell: Cell, output_dir: str | Path, check_oom: bool = Tru
     unless ``replace`` (checked before the model loads: ``check_output``)."""
     from kvray.backends import get_backend
     from kvray.bench.runner import run_cell
+    from kvray.bench.saturation import is_search, run_search
     from kvray.data.store import DatasetWriter, drop_row, write_json_atomic
 
     check_output(cell, output_dir, replace)
+    out_dir = Path(output_dir)
     engine = get_backend(cell.backend)
-    try:
-        result = run_cell(engine, cell, check_oom=check_oom)
+
+    def record(result: CellResult) -> bool:
+        replaced = replace and drop_row(out_dir, result.cell_id)
+        return DatasetWriter(out_dir).append(result) and not replaced
+
+    try:  # a rate search (--rate auto) records each probe as it ends, then its own summary row
+        result = run_search(engine, cell, record, check_oom) if is_search(cell) else run_cell(engine, cell, check_oom)
     finally:
         engine.close()
-    out_dir = Path(output_dir)
-    replaced = replace and drop_row(out_dir, result.cell_id)
-    added = DatasetWriter(out_dir).append(result) and not replaced
+    added = record(result)
     cell_json = out_dir / f"cell_{result.cell_id}.json"
     write_json_atomic(cell_json, result.to_dict())
     return BenchRecord(result, out_dir, cell_json, added)

@@ -17,9 +17,10 @@ from functools import lru_cache
 from typing import Any
 
 from kvray.backends.base import Backend, BackendRun
+from kvray.bench.timeline import CellTelemetry
 from kvray.data.store import MEMORY_COLUMNS
 from kvray.measure.memory import attempted_bytes, is_oom_error
-from kvray.measure.metrics import summarize
+from kvray.measure.serving import serving_summary
 from kvray.measure.trace import CellResult, RunTrace
 from kvray.spec import Cell
 from kvray.units import first_line, human_bytes
@@ -72,6 +73,7 @@ def oom_refusal(backend: Backend, cell: Cell) -> str | None:
         kv_dtype=cell.kv_dtype,
         layout=backend.layout_for(cell.option_dict),
         available_bytes=available,
+        tp=cell.tensor_parallel,  # per GPU of the cell's TP group (kvray/model/parallel.py)
     )
     if risk["risk_level"] != "high":
         return None
@@ -98,6 +100,7 @@ def run_cell(
     result = CellResult(cell=cell, status="ok", started_at=started_at)
     runs: list[BackendRun] = []
     tracker: Any = None  # the backend's choice (memory_tracker): this process, a server's tree, or nothing
+    telemetry: CellTelemetry | None = None
     failure: tuple[str, str] | None = None
     oom_size: int | None = None
     try:
@@ -112,8 +115,10 @@ def run_cell(
             for i in range(cell.warmup):
                 backend.run(cell, requests, repeat=-1 - i)
             tracker = backend.memory_tracker()
-            with _measuring(on_measure), tracker if tracker is not None else contextlib.nullcontext():
+            telemetry = CellTelemetry(backend, cell)  # GPU/CPU samples on the traces' clock, energy (timeline.py)
+            with _measuring(on_measure), tracker if tracker is not None else contextlib.nullcontext(), telemetry:
                 for repeat in range(cell.repeats):
+                    telemetry.mark(repeat)
                     runs.append(backend.run(cell, requests, repeat=repeat))
     except Exception as exc:  # the cell's own failure: recorded, never raised
         if is_oom_error(exc):
@@ -132,8 +137,8 @@ def run_cell(
     traces: list[RunTrace] = [t for run in runs for t in run.traces]
     result.traces = traces
     result.simulated = backend.simulated or any(run.simulated for run in runs)
-    if traces:
-        result.metrics = summarize(traces)
+    if traces:  # steady-state requests only under a serving load (kvray/measure/serving.py)
+        result.metrics = serving_summary(cell.workload, traces)
     result.memory = _memory(cell, runs, tracker, oom_size)
     if result.memory.get("weights_bytes") is None and backend.weights_bytes is not None:
         result.memory["weights_bytes"] = backend.weights_bytes
@@ -141,6 +146,8 @@ def run_cell(
         result.extra.update(run.extra)
     result.extra["ttft_basis"] = backend.ttft_basis  # which clock TTFT is on (kvray/backends/base.py)
     result.extra["memory_scope"] = backend.memory_scope()  # which process the memory columns measured
+    if telemetry is not None:
+        telemetry.attach(result, runs)  # extra["timeline"] (→ timeline.parquet) and extra["energy"] (→ the row)
     for run in runs:  # server counters (prefix-cache hits, …) over the measured repeats
         for key, count in run.counters.items():
             result.metrics[key] = result.metrics.get(key, 0) + count

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from kvray.cli import bench_cmd, model_cmds, output_cmds, run_cmds
+from kvray.cli import bench_cmd, compare_cmd, model_cmds, output_cmds, run_cmds
 from kvray.cli.options import SpaceListCommand
 from kvray.errors import KvrayInputError
 
@@ -51,10 +51,14 @@ COMMANDS: tuple[tuple[Callable[..., Any], type[typer.core.TyperCommand] | None],
     (bench_cmd.bench, None),
     (output_cmds.plot, None),
     (output_cmds.report, None),
+    (compare_cmd.compare, None),
     (run_cmds.exp1, SpaceListCommand),
     (run_cmds.exp2, SpaceListCommand),
     (run_cmds.exp3, SpaceListCommand),
     (run_cmds.exp4, SpaceListCommand),
+    (run_cmds.exp5, SpaceListCommand),
+    (run_cmds.exp6, SpaceListCommand),
+    (run_cmds.exp7, SpaceListCommand),
     (model_cmds.predict, SpaceListCommand),
     (model_cmds.calibrate, None),
     (run_cmds.run, None),

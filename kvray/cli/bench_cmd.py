@@ -18,6 +18,7 @@ from kvray.cli.options import (
     ModelOpt,
     OptionOpt,
     PromptToksOpt,
+    TpOpt,
     VllmPythonOpt,
     WeightsOpt,
     comma_ints,
@@ -33,9 +34,22 @@ def bench(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests in the batch")] = 1,
     mixed: Annotated[str | None, typer.Option("--mixed", help="mixed prompt lengths, e.g. 128,128,4096")] = None,
     arrival_gap_s: Annotated[float, typer.Option("--arrival-gap-s", help="seconds between arrivals")] = 0.0,
+    load: Annotated[
+        str | None, typer.Option("--load", help="burst | closed (-c users) | poisson | gamma | constant")
+    ] = None,
+    rate: Annotated[str | None, typer.Option("--rate", help="requests/s of an open loop, or auto (search)")] = None,
+    requests: Annotated[int | None, typer.Option("--requests", help="requests a load sends")] = None,
+    duration_s: Annotated[float | None, typer.Option("--duration-s", help="stop sending after this")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the arrivals and drawn lengths")] = 0,
+    slo: Annotated[str | None, typer.Option("--slo", help="SLO thresholds, e.g. ttft_ms=500,tpot_ms=50")] = None,
+    prompt_dist: Annotated[
+        str | None, typer.Option("--prompt-dist", help="e.g. lognormal:median=256,sigma=0.8,max=2048 or sharegpt")
+    ] = None,
+    gen_dist: Annotated[str | None, typer.Option("--gen-dist", help="output lengths, same form")] = None,
     dtype: DtypeOpt = "bf16",
     weights: WeightsOpt = "random",
     device: DeviceOpt = "auto",
+    tp: TpOpt = 1,
     backend: Annotated[
         str, typer.Option("--backend", help="hf | hf-paged | vllm | openai | ollama | synthetic | sim")
     ] = "hf",
@@ -55,12 +69,16 @@ def bench(
 ) -> None:
     """Measure one cell in-process (no Ray): latency, throughput, memory and KV; writes the dataset."""
     from kvray.bench.cell import bench_cell, check_output, measure_and_record
+    from kvray.plan.loads import parse_dist, parse_load_flags, parse_slo
 
     options = parse_option_pairs([*(option or []), *server_options(vllm_python, base_url, api_key_env, host)])
     cell = bench_cell(
         model, prompt_toks=prompt_toks, gen_toks=gen_toks, concurrency=concurrency,
         mixed=comma_ints("--mixed", mixed) if mixed else None, arrival_gap_s=arrival_gap_s, dtype=dtype,
         weights=weights, device=device, backend=backend, warmup=warmup, repeats=repeats, options=options,
+        load=parse_load_flags(load, rate, requests, duration_s, seed), slo=parse_slo(slo, "--slo") if slo else None,
+        prompt_dist=parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else None,
+        gen_dist=parse_dist(gen_dist, "--gen-dist") if gen_dist else None, tensor_parallel=tp,
     )  # fmt: skip
     check_output(cell, output, replace)  # before the model loads
     record = measure_and_record(cell, output, check_oom=not no_check_oom, replace=replace)

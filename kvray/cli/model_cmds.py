@@ -10,19 +10,23 @@ from typing import Annotated
 import typer
 
 from kvray.cli import render
-from kvray.cli.options import DtypeOpt, JsonOpt, KvDtypeOpt, ModelArg
+from kvray.cli.options import DtypeOpt, JsonOpt, KvDtypeOpt, ModelArg, TpOpt
 from kvray.errors import KvrayInputError
 
 
-def info(model: ModelArg, dtype: DtypeOpt = "bf16", as_json: JsonOpt = False) -> None:
-    """Geometry, parameters, weight bytes and KV bytes per token of MODEL, and how much KV fits per GPU."""
+def info(model: ModelArg, dtype: DtypeOpt = "bf16", tp: TpOpt = 1, as_json: JsonOpt = False) -> None:
+    """Geometry, parameters, weight bytes and KV bytes per token of MODEL, and how much KV fits per GPU.
+
+    ``--tp N``: weights and KV per GPU when the model is split over N GPUs (vLLM's tensor parallelism);
+    the TP 1/2/4/8 table is always shown."""
     from kvray.model.kvmath import normalize_dtype
     from kvray.model.oom import model_summary
     from kvray.model.resolve import resolve_geometry
 
     dtype = normalize_dtype(dtype)  # a bad dtype fails before the model is looked up
+    _check_tp_flag([tp])
     g = resolve_geometry(model)
-    summary = model_summary(g, dtype)
+    summary = model_summary(g, dtype, tp)
     if as_json:
         render.print_json(summary)
     else:
@@ -49,16 +53,25 @@ def check(
     gpu: Annotated[str | None, typer.Option("--gpu", help="GPU name (default: this machine's)")] = None,
     dtype: DtypeOpt = "bf16",
     kv_dtype: KvDtypeOpt = None,
+    tp: TpOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
-    """OOM risk of CONCURRENCY sequences of SEQ_LEN tokens: weights + KV + activations vs memory."""
+    """OOM risk of CONCURRENCY sequences of SEQ_LEN tokens: weights + KV + activations vs memory (per GPU
+    of a ``--tp`` group)."""
     from kvray.model.oom import check_oom_risk
 
-    risk = check_oom_risk(model, concurrency, seq_len, dtype=dtype, gpu=gpu, kv_dtype=kv_dtype)
+    _check_tp_flag([tp])
+    risk = check_oom_risk(model, concurrency, seq_len, dtype=dtype, gpu=gpu, kv_dtype=kv_dtype, tp=tp)
     if as_json:
         render.print_json(risk)
     else:
         render.oom_risk(risk)
+
+
+def _check_tp_flag(values: list[int]) -> None:
+    """--tp values are positive: one line and exit 2 before any model is looked up."""
+    if not values or any(v <= 0 for v in values):
+        raise KvrayInputError(f"--tp values must be positive integers, got {' '.join(map(str, values))}")
 
 
 def _gpu_names(text: str) -> list[str]:
@@ -85,6 +98,9 @@ def predict(
     kv_dtype: KvDtypeOpt = None,
     layout: Annotated[str, typer.Option("--layout", help="hf (static, padded) | paged (vLLM blocks)")] = "hf",
     block_size: Annotated[int, typer.Option("--block-size", help="paged KV block size in tokens")] = 16,
+    tp: Annotated[
+        list[int], typer.Option("--tp", help="tensor parallel degrees: --tp 1 2 4 8 (memory and tok/s per GPU)")
+    ] = [1],  # noqa: B006
     no_calibration: Annotated[bool, typer.Option("--no-calibration", help="ignore calibrated η")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -101,15 +117,21 @@ def predict(
             raise KvrayInputError(f"{flag} values must be positive, got {' '.join(map(str, values))}")
     if block_size <= 0:
         raise KvrayInputError(f"--block-size must be positive, got {block_size}")
+    _check_tp_flag(tp)
     dtype = normalize_dtype(dtype)
     kv_dtype = normalize_dtype(kv_dtype or dtype)
     gpus = _gpu_names(gpu)
     g = resolve_geometry(model)
+    from kvray.model.parallel import check_tensor_parallel
+
+    for n in tp:
+        check_tensor_parallel(g, n)
     effs = {name: Efficiency() if no_calibration else efficiency_for(get_gpu(name), layout) for name in gpus}
     # LEAD: the grid below is the library's work; a `predict_grid` in kvray/sim would make this one call.
     rows = [
-        predict_cell(g, name, c, p, n, dtype, kv_dtype, layout, block_size, effs[name])
+        predict_cell(g, name, c, p, n, dtype, kv_dtype, layout, block_size, effs[name], degree)
         for name in gpus
+        for degree in tp
         for p in prompt_toks
         for n in gen_toks
         for c in concurrency

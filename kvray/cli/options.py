@@ -32,6 +32,7 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="HF id, bundled id 
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16 (| fp8 for KV figures)")]
 KvDtypeOpt = Annotated[str | None, typer.Option("--kv-dtype", help="KV dtype if not --dtype")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
+TpOpt = Annotated[int, typer.Option("--tp", help="tensor parallel degree: GPUs one model is split over (1)")]
 PromptToksOpt = Annotated[int, typer.Option("--prompt-toks", help="prompt tokens per request")]
 GenOpt = Annotated[int, typer.Option("--gen-toks", help="generated tokens per request")]
 WeightsOpt = Annotated[str, typer.Option("--weights", help="random (no download) | pretrained")]
@@ -165,6 +166,9 @@ class ExperimentFlags:
     weights: WeightsOpt = "random"
     hardware: HardwareOpt = None
     device: DeviceOpt = "auto"
+    tp: Annotated[
+        list[int] | None, typer.Option("--tp", help="tensor parallel degrees: --tp 1 2 4 8 (GPUs per model)")
+    ] = None
     warmup: Annotated[int, typer.Option("--warmup", help="unmeasured runs per cell first")] = 1
     repeats: Annotated[int, typer.Option("--repeats", help="measured runs per cell")] = 3
     option: OptionOpt = None
@@ -190,6 +194,7 @@ class ExperimentFlags:
             model=self.model, backends=split_values(backends) or list(default_backends), dtype=self.dtype,
             kv_dtype=self.kv_dtype, weights=self.weights, device=self.device, hardware=hardware_arg(self.hardware),
             warmup=self.warmup, repeats=self.repeats, options=parse_option_pairs([*(self.option or []), *extra_options]),
+            tensor_parallel=sorted(set(self.tp or [1])),
         )  # fmt: skip
 
     def run_settings(self) -> RunSettings:

@@ -47,13 +47,26 @@ def require_results(results_dir: str) -> None:
 def plot(
     results_dir: ResultsDirArg,
     out: Annotated[str | None, typer.Option("--out", help="figures folder (default RESULTS_DIR/figures)")] = None,
+    cell: Annotated[
+        str | None, typer.Option("--cell", help="draw only this cell's timeline (fig10): requests, hardware, engine")
+    ] = None,
 ) -> None:
-    """Regenerate every figure from a results folder alone (no Ray, no torch): fig1 … fig7, PNG + SVG."""
+    """Regenerate every figure from a results folder alone (no Ray, no torch): fig1 … fig9, PNG + SVG;
+    ``--cell CELL_ID``: that cell's timeline, fig10."""
     from kvray.figures.plots import make_figures
     from kvray.figures.server import server_figures_if_any
 
     require_results(results_dir)
-    render.figures(make_figures(results_dir, out) + server_figures_if_any(results_dir, out))
+    if cell is not None:
+        from kvray.figures.timeline import plot_cell_timeline
+
+        render.figures([plot_cell_timeline(results_dir, cell, out)])
+        return
+    from kvray.figures.parallelism import tp_figures_if_any
+    from kvray.figures.reuse import reuse_figures_if_any
+
+    render.figures(make_figures(results_dir, out) + server_figures_if_any(results_dir, out)
+                   + reuse_figures_if_any(results_dir, out) + tp_figures_if_any(results_dir, out))  # fmt: skip
 
 
 def report(

@@ -71,6 +71,13 @@ def model_info(g: Any, summary: dict[str, Any]) -> None:
         ("KV per token (paged)", human_bytes(summary["kv_bytes_per_token_paged"])),
         ("KV per 1k tokens", human_bytes(per_token * 1000)),
     ]
+    tp = summary.get("tensor_parallel", 1)
+    if tp > 1:
+        rows += [
+            (f"weights per GPU (TP {tp})", human_bytes(summary["weights_bytes_per_gpu"])),
+            (f"KV per token per GPU (TP {tp})",
+             f"{human_bytes(summary['kv_bytes_per_token_per_gpu'])} ({summary['kv_heads_per_gpu']} KV heads per GPU)"),
+        ]  # fmt: skip
     if g.kv_lora_rank is not None:
         rows.insert(3, ("MLA latent", f"kv_lora_rank {g.kv_lora_rank} + rope {g.qk_rope_head_dim}"))
     if g.is_moe:
@@ -86,6 +93,25 @@ def model_info(g: Any, summary: dict[str, Any]) -> None:
     out = console()
     out.print(table)
     out.print(fit_table)
+    if summary.get("per_tp"):
+        out.print(_tp_table(summary["per_tp"]))
+
+
+def _tp_table(per_tp: list[dict[str, Any]]) -> Any:
+    """``kvray info``: per-GPU weights, KV per token and KV tokens that fit, one row per TP degree."""
+    from rich.table import Table
+
+    gpus = ("H100-SXM", "A100-80GB-SXM", "L40S", "L4")
+    table = Table(title="Per GPU under tensor parallelism (vLLM's split): KV heads, weights, KV per token, KV tokens")
+    for column in ("TP", "heads", "weights", "KV/tok", *(g.removesuffix("-SXM") for g in gpus)):
+        table.add_column(column, justify="right")
+    for row in per_tp:
+        fits = row["kv_tokens_fitting_per_gpu"]
+        table.add_row(
+            str(row["tensor_parallel"]), str(row["kv_heads_per_gpu"]), human_bytes(row["weights_bytes_per_gpu"]),
+            human_bytes(row["kv_bytes_per_token_per_gpu"]), *(f"{fits[n]:,}" if fits[n] else "-" for n in gpus),
+        )  # fmt: skip
+    return table
 
 
 def oom_risk(risk: dict[str, Any]) -> None:
@@ -93,7 +119,10 @@ def oom_risk(risk: dict[str, Any]) -> None:
     from rich.table import Table
 
     seq_len = risk["seq_len"]
-    table = Table(title=f"OOM risk: {risk['model']}, {risk['concurrency']} × {seq_len} tokens, {risk['dtype']}")
+    per_gpu = f", per GPU of TP {risk['tensor_parallel']}" if risk.get("tensor_parallel", 1) > 1 else ""
+    table = Table(
+        title=f"OOM risk: {risk['model']}, {risk['concurrency']} × {seq_len} tokens, {risk['dtype']}{per_gpu}"
+    )
     table.add_column("item")
     table.add_column("GiB", justify="right")
     for key in ("weights_gb", "kv_gb", "activation_gb", "overhead_gb", "total_estimated_gb", "available_gb"):
@@ -171,13 +200,15 @@ def predictions(title: str, rows: list[Any], efficiencies: dict[str, Any]) -> No
     """``kvray predict``: one row per cell and GPU, then the efficiencies each GPU was predicted with."""
     from kvray.hardware.gpus import get_gpu
 
-    columns = ("GPU", "c", "prompt", "gen", "TTFT", "TPOT", "E2E", "tok/s", "GiB", "fits", "bound")
+    with_tp = any(p.tensor_parallel > 1 for p in rows)
+    columns = ("GPU", *(("TP",) if with_tp else ()), "c", "prompt", "gen", "TTFT", "TPOT", "E2E", "tok/s", "GiB",
+               "fits", "bound")  # fmt: skip
     table = simple_table(title, columns, left=("GPU", "fits", "bound"))
     table.collapse_padding = True
-    roof = {"compute": "C", "memory": "M", "overhead": "O", "": "-"}
+    roof = {"compute": "C", "memory": "M", "overhead": "O", "communication": "N", "": "-"}
     for p in rows:
         table.add_row(
-            p.gpu, str(p.concurrency), str(p.prompt_toks), str(p.gen_toks), _ms(p.ttft_s), _ms(p.tpot_s),
+            p.gpu, *((str(p.tensor_parallel),) if with_tp else ()), str(p.concurrency), str(p.prompt_toks), str(p.gen_toks), _ms(p.ttft_s), _ms(p.tpot_s),
             f"{p.e2e_s:.3g}", f"{p.output_tps:,.0f}", f"{p.total_bytes / 2**30:.1f}", "yes" if p.fits else "[red]OOM[/]",
             f"{roof[p.prefill_bound]}/{roof[p.decode_bound]}",
         )  # fmt: skip
@@ -187,6 +218,8 @@ def predictions(title: str, rows: list[Any], efficiencies: dict[str, Any]) -> No
         out.print(f"{name} ({get_gpu(name).memory_gib:g} GiB): {eff.describe()}")
     out.print("TTFT, TPOT in ms; E2E in s; GiB = predicted peak (weights + KV + activations + runtime)")
     out.print("bound = the roof limiting prefill/decode: C compute, M memory, O overhead (docs/simulator.md)")
+    if with_tp:
+        out.print("TP > 1: GiB per GPU, tok/s for the whole group; N = TP all-reduce over the GPUs' link dominates")
 
 
 def calibration(results_dir: str, fits: list[Any], path: Any) -> None:
@@ -223,17 +256,21 @@ def dry_run(job_name: str, rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title=f"{job_name}: {len(rows)} cells (dry run — predicted memory, nothing runs)")
-    for col in ("cell", "backend", "hardware", "c", "prompt", "gen", "weights GiB", "KV GiB", "act GiB",
-                "total GiB", "of GiB", "risk"):  # fmt: skip
+    with_tp = any(r.get("tensor_parallel", 1) > 1 for r in rows)
+    for col in ("cell", "backend", "hardware", *(("TP",) if with_tp else ()), "c", "prompt", "gen", "weights GiB",
+                "KV GiB", "act GiB", "total GiB", "of GiB", "risk"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("cell", "backend", "hardware", "risk") else "right")
     for r in rows:
         table.add_row(r["cell_id"], r["backend"], r["hardware"] if r["hardware"] != "any" else r["device"],
+                      *((str(r.get("tensor_parallel", 1)),) if with_tp else ()),
                       str(r["concurrency"]), str(r["prompt_toks"]), str(r["gen_toks"]), f"{r['weights_gb']:.2f}",
                       f"{r['kv_gb']:.3f}", f"{r['activation_gb']:.3f}", f"{r['total_estimated_gb']:.2f}",
                       f"{r['available_gb']:.1f}", f"[{RISK_COLOURS[r['risk_level']]}]{r['risk_level']}[/]")  # fmt: skip
     out = console(min_width_when_piped=130)
     out.print(table)
     out.print("high risk cells are refused at run time unless --no-check-oom (the pre-flight check)")
+    if with_tp:
+        out.print("TP > 1: the memory columns are one GPU's of the cell's tensor-parallel group")
 
 
 def run_summary(job_name: str, counts: dict[str, int], record: dict[str, Any], out_dir: Any,

@@ -6,6 +6,9 @@ Layout of an output folder:
   cells.csv        the same rows as CSV
   traces.parquet   one row per request (RunTrace fields + per-request metrics), list column token_times_s
   traces.csv       the same, token_times_s as a JSON list
+  timeline.jsonl   one line per cell: its telemetry and engine samples as columns (kvray/bench/timeline.py),
+                   appended (fsync'ed) before the cell's row; the last line per cell_id wins
+  timeline.parquet one row per sample (cell_id, repeat, t_s, source, metric, value), regenerated with the tables
   manifest.json    job, kvray version, workers' environments (written atomically)
 
 A line is appended with a single write of the whole line; a crash can at worst leave a partial last line,
@@ -20,9 +23,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kvray.measure.telemetry import ENERGY_TEXT_COLUMNS
 from kvray.measure.trace import CellResult
 
 CELLS_JSONL = "cells.jsonl"
+TIMELINE_JSONL = "timeline.jsonl"
+TIMELINE_COLUMNS = ("cell_id", "repeat", "t_s", "source", "metric", "value")
 MANIFEST = "manifest.json"
 # A running `kvray run` holds its folder with this dot file (kvray/sweep/folder.py); `kvray bench` refuses a held
 # folder. A dot file, so `kvray launch` packing a dataset leaves it behind.
@@ -63,10 +69,14 @@ LABEL_COLUMNS = (
     "reason",
 )
 # Text that says where and when it ran.
-PLACEMENT_COLUMNS = ("device", "hardware_requested", "accelerator_type", "node_id", "started_at")
+PLACEMENT_COLUMNS = ("device", "hardware_requested", "accelerator_type", "node_id", "started_at", "parallelism")
 # Text that says what a number measured: TTFT's clock, the process the memory columns describe.
 BASIS_COLUMNS = ("ttft_basis", "memory_scope")
-TEXT_COLUMNS = LABEL_COLUMNS + PLACEMENT_COLUMNS + BASIS_COLUMNS
+# Text that says what load a cell served (kvray/measure/serving.py, kvray/bench/saturation.py).
+SERVING_TEXT_COLUMNS = (
+    "load", "slo", "lengths", "gen_toks_list", "probe_offered_rps", "probe_achieved_rps", "search_stopped",
+)  # fmt: skip
+TEXT_COLUMNS = LABEL_COLUMNS + PLACEMENT_COLUMNS + BASIS_COLUMNS + ENERGY_TEXT_COLUMNS + SERVING_TEXT_COLUMNS
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -134,13 +144,14 @@ class DatasetWriter:
 
     def _repair_tail(self) -> None:
         """Cut a torn last line so the next append starts on a line boundary."""
-        if not self._path.is_file():
-            return
-        data = self._path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            with open(self._path, "r+b") as fh:
-                fh.truncate(keep)
+        for path in (self._path, self.out_dir / TIMELINE_JSONL):
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                with open(path, "r+b") as fh:
+                    fh.truncate(keep)
 
     @property
     def done_ids(self) -> set[str]:
@@ -150,20 +161,11 @@ class DatasetWriter:
         """Write one result; False (and nothing written) if this cell_id is already in the dataset."""
         if result.cell_id in self._ids:
             return False
-        line = (json.dumps(result.to_dict(), default=_json_default) + "\n").encode()
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        size = os.fstat(fd).st_size
-        try:
-            written = 0
-            while written < len(line):  # a full disk can take part of the line before it raises
-                written += os.write(fd, line[written:])
-            os.fsync(fd)
-        except OSError:  # ENOSPC and friends: cut the partial line so cells.jsonl stays whole lines
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-            raise
-        finally:
-            os.close(fd)
+        record = result.to_dict()
+        timeline = record["extra"].pop("timeline", None)  # samples go to timeline.jsonl, not the row
+        if timeline:  # first: a crash between the two lines leaves a timeline the cell's rerun replaces
+            _append_line(self.out_dir / TIMELINE_JSONL, {"cell_id": result.cell_id, **timeline})
+        _append_line(self._path, record)
         self._ids.add(result.cell_id)
         if self.tables:
             self.write_tables()
@@ -173,7 +175,12 @@ class DatasetWriter:
         write_json_atomic(self.out_dir / MANIFEST, manifest)
 
     def write_tables(self) -> None:
-        """Regenerate cells/traces parquet + csv from cells.jsonl (each file replaced atomically)."""
+        """Regenerate cells/traces parquet + csv from cells.jsonl, timeline.parquet from timeline.jsonl (each file
+        replaced atomically)."""
+        if (self.out_dir / TIMELINE_JSONL).is_file():
+            tmp = self.out_dir / f".timeline.parquet.tmp{os.getpid()}"
+            read_timeline(self.out_dir).to_parquet(tmp, index=False)
+            os.replace(tmp, self.out_dir / "timeline.parquet")
         cells, traces = frames_from_records(read_results(self.out_dir))
         for name, frame in (("cells", cells), ("traces", traces)):
             csv_frame = frame.copy()
@@ -183,6 +190,45 @@ class DatasetWriter:
             tmp = self.out_dir / f".{name}.parquet.tmp{os.getpid()}"
             frame.to_parquet(tmp, index=False)
             os.replace(tmp, self.out_dir / f"{name}.parquet")
+
+
+def _append_line(path: Path, obj: Any) -> None:
+    """Append ``obj`` as one JSON line with a single write, fsync'ed; a failed write leaves whole lines only."""
+    line = (json.dumps(obj, default=_json_default) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
+    try:
+        written = 0
+        while written < len(line):  # a full disk can take part of the line before it raises
+            written += os.write(fd, line[written:])
+        os.fsync(fd)
+    except OSError:  # ENOSPC and friends: cut the partial line so the file stays whole lines
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise
+    finally:
+        os.close(fd)
+
+
+def read_timeline(out_dir: str | Path, cell_id: str | None = None) -> Any:
+    """timeline.jsonl as a DataFrame (TIMELINE_COLUMNS; one cell's rows with ``cell_id``): the last line per cell
+    wins, a torn line is skipped, a cell whose row is gone (``kvray bench --replace`` mid-way) is kept."""
+    import pandas as pd
+
+    path = Path(out_dir) / TIMELINE_JSONL
+    by_id: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_bytes().split(b"\n"):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and (cell_id is None or record.get("cell_id") == cell_id):
+                by_id[record["cell_id"]] = record
+    frames = [pd.DataFrame({k: r[k] for k in TIMELINE_COLUMNS[1:]}).assign(cell_id=cid) for cid, r in by_id.items()]
+    if not frames:
+        return pd.DataFrame({k: [] for k in TIMELINE_COLUMNS})
+    return pd.concat(frames, ignore_index=True)[list(TIMELINE_COLUMNS)]
 
 
 def _json_default(obj: Any) -> Any:
@@ -195,7 +241,8 @@ def trace_rows(result: CellResult) -> list[dict[str, Any]]:
     """Per-request rows for the traces table (token times as a list column, metrics defined in measure.metrics)."""
     from kvray.measure.metrics import request_metrics
 
-    return [{"cell_id": result.cell_id, **t.to_dict(), **request_metrics(t)} for t in result.traces]
+    cell_id = result.cell_id  # once: it hashes the whole cell, whose workload lists every request
+    return [{"cell_id": cell_id, **t.to_dict(), **request_metrics(t)} for t in result.traces]
 
 
 def frames_from_records(records: list[dict[str, Any]]) -> tuple[Any, Any]:

@@ -25,6 +25,22 @@ FIG3_PANELS = (
 )
 
 
+def _p50_interval(ax: Any, rows: Any, x: str, metric: str, color_index: int) -> bool:
+    """The p50's 95 % bootstrap interval as error bars where the dataset records it (kvray.measure.metrics)."""
+    p50, lo, hi = f"{metric}_p50", f"{metric}_p50_ci_low", f"{metric}_p50_ci_high"
+    if lo not in rows.columns or hi not in rows.columns:
+        return False
+    pts = rows[[x, p50, lo, hi]].astype(float).dropna()
+    pts = pts[pts[p50] > 0]
+    if not len(pts):
+        return False
+    mid = pts[p50] * 1e3
+    below, above = (mid - pts[lo] * 1e3).clip(lower=0), (pts[hi] * 1e3 - mid).clip(lower=0)
+    ax.errorbar(pts[x], mid, yerr=[below, above], fmt="none", ecolor=style.color(color_index), capsize=2,
+                linewidth=1.0, gid=f"ci-{metric}-{color_index}")  # fmt: skip
+    return True
+
+
 def fig3_latency_vs_seqlen(view: View, out_dir: Path) -> FigureResult:
     rows = experiment_rows(view, "exp2")
     heading = ("fig3 · Latency vs sequence length", view.context(rows))
@@ -34,6 +50,7 @@ def fig3_latency_vs_seqlen(view: View, out_dir: Path) -> FigureResult:
         if not series or not len(ok_rows(rows)):
             return d.no_successful_cells("exp2")
         statuses: set[str] = set()
+        with_ci = False
         fits: dict[str, list[tuple[str, str]]] = {metric: [] for metric, _ in FIG3_PANELS}
         plotted: dict[str, list[float]] = {metric: [] for metric, _ in FIG3_PANELS}
         slots = common.oom_slots(series)
@@ -47,6 +64,7 @@ def fig3_latency_vs_seqlen(view: View, out_dir: Path) -> FigureResult:
                 if not len(pts):
                     continue
                 band = common.p50_line_p99_band(ax, pts, "prompt_toks", metric, s, f"{metric}-{s.color_index}")
+                with_ci = _p50_interval(ax, ok, "prompt_toks", metric, s.color_index) or with_ci
                 ringed = max(ringed, common.mark_partial(ax, s.rows, "prompt_toks", p50, scale=1e-3))
                 plotted[metric] += (pts[p50] * 1e3).tolist() + (band[p99] * 1e3).tolist()
                 if pts["prompt_toks"].nunique() >= 2 and metric != "tpot_s":
@@ -81,6 +99,8 @@ def fig3_latency_vs_seqlen(view: View, out_dir: Path) -> FigureResult:
         handles += common.partial_legend_handles(result.partial_markers)
         axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: never over data
         result.notes.append("line: p50 over all requests and repeats; band: p50–p99; dotted: log-log fit ∝ L^b")
+        if with_ci:
+            result.notes.append("error bars: the p50's 95 % bootstrap interval (over repeats, then requests)")
         result.notes += common.caption_notes(rows)
     return result
 

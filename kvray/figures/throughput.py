@@ -1,7 +1,8 @@
 """fig2: output throughput and time per output token vs concurrency (exp1).
 
-Throughput is the mean over repeats with the min–max of the repeats as error bars (from the traces, so a
-plateau is told from noise); TPOT is the p50 line with a p50–p99 band. Where throughput stops rising is the
+Throughput is the mean over repeats with the min–max of the repeats as error bars (from the traces) and, as
+light wide bars behind them, the 95 % interval of the mean (Student's t, the dataset's ``output_tps_ci_low/high``),
+so a plateau is told from noise; TPOT is the p50 line with a p50–p99 band. Where throughput stops rising is the
 plateau the findings name.
 """
 
@@ -24,10 +25,11 @@ def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
         if not series or not len(ok_rows(rows)):
             return d.no_successful_cells("exp1")
         statuses: set[str] = set()
-        repeats_seen = 1
+        repeats_seen, with_ci = 1, False
         slots = common.oom_slots(series)
         for s in series:
             repeats_seen = max(repeats_seen, _throughput_line(ax_tps, view, s))
+            with_ci = _throughput_interval(ax_tps, s) or with_ci
             tpot = ok_rows(s.rows)[["concurrency", "tpot_s_p50", "tpot_s_p99"]].dropna(subset=["tpot_s_p50"])
             if len(tpot):
                 common.p50_line_p99_band(
@@ -54,8 +56,26 @@ def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
             result.notes.append(f"error bars: min–max of output throughput over {repeats_seen} repeats (point = mean)")
         else:
             result.notes.append("one repeat per cell: no error bars")
+        if with_ci:
+            result.notes.append("light wide bars: 95 % interval of the mean over repeats (Student's t)")
         result.notes += common.caption_notes(rows)
     return result
+
+
+def _throughput_interval(ax: Any, s: Series) -> bool:
+    """The 95 % interval of each cell's mean tokens/s (kvray.measure.metrics) as light wide bars; False if none."""
+    cols = ("output_tps", "output_tps_ci_low", "output_tps_ci_high")
+    ok = ok_rows(s.rows)
+    if not all(c in ok.columns for c in cols):
+        return False
+    pts = ok[["concurrency", *cols]].astype(float).dropna()
+    if not len(pts):
+        return False
+    mean = pts["output_tps"]
+    ax.errorbar(pts["concurrency"], mean, fmt="none", ecolor=style.color(s.color_index), alpha=0.35, elinewidth=4,
+                yerr=[(mean - pts["output_tps_ci_low"]).clip(lower=0), (pts["output_tps_ci_high"] - mean).clip(lower=0)],
+                gid=f"tps-ci-{s.color_index}")  # fmt: skip
+    return True
 
 
 def _throughput_line(ax: Any, view: View, s: Series) -> int:

@@ -30,6 +30,27 @@ class GpuSpec:
     def memory_bytes(self) -> int:
         return int(self.memory_gib * 2**30)
 
+    @property
+    def tdp_w(self) -> float | None:
+        """The board's maximum power (TDP / TGP, watts) from its datasheet (TDP_W), None when not tabled."""
+        return TDP_W.get(self.name)
+
+    @property
+    def interconnect(self) -> str:
+        """The GPU-to-GPU link tensor parallelism uses within a node (INTERCONNECT): "NVLink 4", "PCIe Gen4"…"""
+        return INTERCONNECT[self.name][0]
+
+    @property
+    def interconnect_gbps(self) -> float:
+        """Per-GPU link bandwidth as datasheets state it: both directions summed, GB/s (INTERCONNECT)."""
+        return INTERCONNECT[self.name][1]
+
+    @property
+    def link_gbps_per_direction(self) -> float:
+        """What one GPU can send (and, at once, receive) per second: half the datasheet's bidirectional total.
+        A ring all-reduce is limited by this (kvray.sim.simulate.allreduce_s)."""
+        return self.interconnect_gbps / 2
+
     def tflops(self, dtype: str) -> float:
         """Dense peak for matmuls in ``dtype`` ("fp32", "fp16", "bf16", "fp8")."""
         if dtype == "fp8" and self.fp8_tflops:
@@ -63,6 +84,33 @@ GPUS: dict[str, GpuSpec] = {
         GpuSpec("RTX-3090", 24, 936, 71, None, 35.6, "GeForce-RTX-3090", ("geforce rtx 3090", "rtx 3090", "3090")),
     )
 }
+
+
+# Maximum board power in watts, from the datasheets docs/gpus.md lists (the top of a configurable range where a
+# datasheet gives one): what the simulator's predicted energy assumes a GPU draws while it works.
+TDP_W: dict[str, float] = {
+    "A100-40GB-SXM": 400, "A100-80GB-SXM": 400, "A100-80GB-PCIe": 300,  # A100 datasheet: SXM 400 W, PCIe 300 W
+    "H100-SXM": 700, "H100-PCIe": 350, "H100-NVL": 400,  # H100 datasheet: up to 700 W; 300–350 W; 350–400 W
+    "H200": 700, "H200-NVL": 600,  # H200 datasheet: up to 700 W (SXM), up to 600 W (NVL)
+    "L4": 72, "L40S": 350,  # L4 datasheet: 72 W; L40S datasheet: 350 W
+    "RTX-4090": 450, "RTX-3090": 350,  # Ada / GA102 whitepapers: total graphics power 450 W and 350 W
+}  # fmt: skip
+
+
+# GPU-to-GPU bandwidth per GPU within one node, as each datasheet states it (bidirectional total, GB/s): what a
+# tensor-parallel all-reduce crosses. SXM boards talk over NVLink through NVSwitch; PCIe boards over PCIe (their
+# optional 2-way NVLink bridges join pairs only, so an 8-GPU PCIe node's TP group crosses PCIe).
+#   A100 datasheet (SXM4): "NVLink: 600 GB/s"; PCIe cards: "PCIe Gen4: 64 GB/s".
+#   H100 datasheet: SXM "NVLink: 900GB/s", PCIe "PCIe Gen5: 128GB/s", H100 NVL "NVLink: 600GB/s" (bridge).
+#   H200 datasheet: SXM "NVLink: 900GB/s", NVL "2- or 4-way NVIDIA NVLink bridge: 900GB/s".
+#   L4 and L40S datasheets: "PCIe Gen4 x16: 64GB/s bidirectional"; GeForce RTX 4090 / 3090: PCIe 4.0 x16,
+#   64 GB/s bidirectional (PCI-SIG Gen4: 16 GT/s × 16 lanes, 128b/130b, ≈ 31.5 GB/s each way).
+INTERCONNECT: dict[str, tuple[str, float]] = {
+    "A100-40GB-SXM": ("NVLink 3", 600), "A100-80GB-SXM": ("NVLink 3", 600), "A100-80GB-PCIe": ("PCIe Gen4", 64),
+    "H100-SXM": ("NVLink 4", 900), "H100-PCIe": ("PCIe Gen5", 128), "H100-NVL": ("NVLink 4 bridge", 600),
+    "H200": ("NVLink 4", 900), "H200-NVL": ("NVLink 4 bridge", 900),
+    "L4": ("PCIe Gen4", 64), "L40S": ("PCIe Gen4", 64), "RTX-4090": ("PCIe Gen4", 64), "RTX-3090": ("PCIe Gen4", 64),
+}  # fmt: skip
 
 
 def _norm(text: str) -> str:

@@ -13,12 +13,21 @@ total_tps = Σ (prompt + output) / makespan; rps = requests / makespan. Cell thr
 repeats. Latency percentiles pool the successful requests of all repeats, so every distribution carries its
 sample count (``{metric}_n``) and the cell its ``failure_rate``: a p99 of 9 requests is not a p99 of 1,000,
 and a p99 that silently dropped the requests that timed out is no p99 at all.
+
+Uncertainty (docs/metrics.md, "How sure is a number"): each percentile carries a 95 % bootstrap interval over
+the pooled values (``{metric}_p{p}_ci_low`` / ``_ci_high``; seeded, so a rerun of the analysis gives the same
+interval), left NaN where the sample is too small to hold that percentile at all (p99 needs 100 values, see
+``min_samples``); each throughput carries a 95 % Student-t interval over its repeats (``{key}_ci_low`` /
+``_ci_high``, NaN for one repeat) and its repeat count (``{key}_n``). The interval helpers live here, in the
+stage that computes the numbers, and kvray.analysis.stats builds the two-sample tests on them.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -27,6 +36,147 @@ from kvray.measure.trace import RunTrace
 
 PERCENTILES = (50, 90, 95, 99)
 LATENCY_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s")
+THROUGHPUT_KEYS = ("makespan_s", "output_tps", "total_tps", "rps")
+CI_LEVEL = 0.95  # every interval kvray writes is a 95 % interval
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 20260  # fixed: the same values always give the same interval
+# Above this many pooled values the bootstrap draws proportionally fewer resamples (bootstrap_stats): a c=64 ×
+# 512-token cell pools 32,704 ITL gaps, ~1 s per metric at 1,000 resamples.
+BOOTSTRAP_MAX_N = 5000
+_BOOTSTRAP_CHUNK = 2_000_000  # values resampled at once (memory bound: 16 MB of indices)
+
+
+# ---------------------------------------------------------------- intervals
+
+
+def min_samples(percentile: float) -> int:
+    """The fewest values that can hold a percentile: one value beyond it, i.e. ⌈100 / (100 − p)⌉ — p50 needs 2,
+    p90 10, p95 20, p99 100. Below that the "p99" is the sample's maximum, and kvray says so ("max of 9")."""
+    return math.ceil(100 / (100 - percentile) - 1e-9)
+
+
+def supported_percentile(n: int, candidates: Sequence[float] = (99, 95, 90)) -> float | None:
+    """The highest of ``candidates`` a sample of ``n`` values holds; None when it holds none of them."""
+    return next((p for p in sorted(candidates, reverse=True) if n >= min_samples(p)), None)
+
+
+def bootstrap_percentile_ci(
+    groups: Sequence[Sequence[float] | np.ndarray],
+    percentiles: Sequence[float],
+    level: float = CI_LEVEL,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[float, tuple[float, float]]:
+    """Percentile-bootstrap interval of each percentile of the pooled ``groups`` (one group per repeat):
+    ``bootstrap_stats`` draws ``resamples`` pooled samples (seeded), the interval is the central ``level`` of
+    their percentiles. (NaN, NaN) for a percentile the pooled sample cannot hold (``min_samples``)."""
+    clean = [a[~np.isnan(a)] for a in (np.asarray(g, dtype=float) for g in groups)]
+    n = sum(a.size for a in clean)
+    out: dict[float, tuple[float, float]] = {p: (math.nan, math.nan) for p in percentiles}
+    wanted = [p for p in percentiles if n >= max(min_samples(p), 2)]
+    if not wanted:
+        return out
+    stats = bootstrap_stats(clean, lambda sample: np.percentile(sample, wanted, axis=1).T, resamples, seed)
+    tail = (1 - level) / 2 * 100
+    lows, highs = np.percentile(stats, [tail, 100 - tail], axis=0)
+    for p, lo, hi in zip(wanted, lows, highs, strict=True):
+        out[p] = (float(lo), float(hi))
+    return out
+
+
+def bootstrap_stats(
+    groups: Sequence[np.ndarray], stat: Any, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> Any:
+    """``stat`` of bootstrap resamples of the pooled ``groups``: ``stat`` maps a (k, width) array of k resampled
+    samples to (k, …); the results are concatenated over chunks (memory stays bounded for 50,000 ITL gaps).
+
+    Two stages when there are several groups (repeats): draw the repeats with replacement, then each drawn
+    repeat's values with replacement (as many as the largest repeat holds, so each repeat weighs the same). The
+    repeats are the independent units — the requests of one repeat share its batches, its stalls and its
+    machine — so the interval carries run-to-run noise, not only the spread inside one run. One group is the
+    ordinary bootstrap over its values. Samples above BOOTSTRAP_MAX_N values get proportionally fewer resamples
+    (at least 200): their intervals are narrow, and 1,000 × 32,000 values would cost a second per cell."""
+    arrays = [a for a in (np.asarray(g, dtype=float) for g in groups) if a.size]
+    sizes = np.asarray([a.size for a in arrays])
+    total, widest = int(sizes.sum()), int(sizes.max())
+    resamples = max(min(resamples, 200), resamples * BOOTSTRAP_MAX_N // max(total, BOOTSTRAP_MAX_N))
+    rng = np.random.default_rng(seed)
+    pooled = np.concatenate(arrays)
+    offsets = np.cumsum(sizes) - sizes
+    width = total if len(arrays) == 1 else len(arrays) * widest
+    rows = max(1, _BOOTSTRAP_CHUNK // width)
+    parts = []
+    for start in range(0, resamples, rows):
+        k = min(rows, resamples - start)
+        if len(arrays) == 1:
+            index = rng.integers(0, total, size=(k, total))
+        else:
+            pick = rng.integers(0, len(arrays), size=(k, len(arrays)))
+            within = (rng.random((k, len(arrays), widest)) * sizes[pick][..., None]).astype(np.int64)
+            index = (offsets[pick][..., None] + within).reshape(k, width)
+        parts.append(np.asarray(stat(pooled[index])))
+    return np.concatenate(parts, axis=0)
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by Lentz's continued fraction (Numerical Recipes 6.4)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 300):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1) < 1e-14:
+            break
+    return front * f
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """P(T ≤ t) for Student's t with ``df`` degrees of freedom (a normal for df = ∞)."""
+    if math.isinf(df):
+        return NormalDist().cdf(t)
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return 1 - tail if t > 0 else tail
+
+
+def student_t_ppf(q: float, df: float) -> float:
+    """The ``q`` quantile of Student's t (bisection on ``student_t_cdf``; 1e-10 absolute)."""
+    if math.isinf(df):
+        return NormalDist().inv_cdf(q)
+    if q < 0.5:
+        return -student_t_ppf(1 - q, df)
+    lo, hi = 0.0, 1.0
+    while student_t_cdf(hi, df) < q:
+        hi *= 2
+    while hi - lo > 1e-10:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if student_t_cdf(mid, df) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float]:
+    """Student-t interval of the mean: mean ± t(level, n − 1) · s / √n. (NaN, NaN) for fewer than 2 values. For
+    throughput over a handful of repeats this is the honest choice: a bootstrap of 3 repeats is far too narrow."""
+    arr = np.asarray([v for v in values if v == v], dtype=float)
+    if arr.size < 2:
+        return math.nan, math.nan
+    half = student_t_ppf(0.5 + level / 2, arr.size - 1) * float(arr.std(ddof=1)) / math.sqrt(arr.size)
+    return float(arr.mean()) - half, float(arr.mean()) + half
 
 
 def itl_gaps(token_times_s: Sequence[float]) -> list[float]:
@@ -82,10 +232,15 @@ def sample_count(values: Iterable[float]) -> int:
     return sum(1 for v in values if v == v)
 
 
-def describe_counted(values: Iterable[float], prefix: str) -> dict[str, float]:
-    """``describe`` plus ``{prefix}_n``, the number of values its statistics were computed from."""
-    kept = list(values)
-    return {f"{prefix}_n": sample_count(kept), **describe(kept, prefix)}
+def describe_counted(groups: Sequence[Sequence[float]], prefix: str) -> dict[str, float]:
+    """``describe`` of the pooled ``groups`` (one per repeat) plus ``{prefix}_n``, the number of values its
+    statistics were computed from, and each percentile's 95 % bootstrap interval ``{prefix}_p{p}_ci_low`` /
+    ``_ci_high`` (over repeats, then values: ``bootstrap_stats``; NaN where ``n`` cannot hold it)."""
+    kept = [v for g in groups for v in g]
+    out = {f"{prefix}_n": sample_count(kept), **describe(kept, prefix)}
+    for p, (low, high) in bootstrap_percentile_ci(groups, PERCENTILES).items():
+        out[f"{prefix}_p{p}_ci_low"], out[f"{prefix}_p{p}_ci_high"] = low, high
+    return out
 
 
 def throughput(traces: Sequence[RunTrace]) -> dict[str, float]:
@@ -100,10 +255,25 @@ def throughput(traces: Sequence[RunTrace]) -> dict[str, float]:
     return {"makespan_s": makespan, "output_tps": out_toks / span, "total_tps": all_toks / span, "rps": len(ok) / span}
 
 
+def repeat_samples(traces: Sequence[RunTrace]) -> dict[str, list[list[float]]]:
+    """Each latency metric's values (NaN dropped) of the successful requests, one list per repeat, in
+    LATENCY_METRICS order: what the percentiles pool, and what the bootstrap resamples repeat by repeat."""
+    by_repeat: dict[int, list[RunTrace]] = defaultdict(list)
+    for t in traces:
+        if t.status == "ok":
+            by_repeat[t.repeat].append(t)
+    out: dict[str, list[list[float]]] = {m: [] for m in LATENCY_METRICS}
+    for _, ts in sorted(by_repeat.items()):
+        per_request = [request_metrics(t) for t in ts]
+        for name in ("ttft_s", "tpot_s", "e2e_s", "queue_s"):
+            out[name].append([m[name] for m in per_request if m[name] == m[name]])
+        out["itl_s"].append([g for t in ts for g in itl_gaps(t.token_times_s)])
+    return out
+
+
 def summarize(traces: Sequence[RunTrace]) -> dict[str, Any]:
     """The aggregate columns of a CellResult from all its (measured, non-warmup) traces."""
     ok = [t for t in traces if t.status == "ok"]
-    per_request = [request_metrics(t) for t in ok]
     out: dict[str, Any] = {
         "requests": len(traces),
         "requests_ok": len(ok),
@@ -111,15 +281,17 @@ def summarize(traces: Sequence[RunTrace]) -> dict[str, Any]:
         "failure_rate": (len(traces) - len(ok)) / len(traces) if traces else float("nan"),
         "output_toks_total": sum(t.output_toks for t in ok),
     }
-    for name in ("ttft_s", "tpot_s", "e2e_s", "queue_s"):
-        out.update(describe_counted((m[name] for m in per_request), name))
-    out.update(describe_counted((g for t in ok for g in itl_gaps(t.token_times_s)), "itl_s"))
+    for name, groups in repeat_samples(traces).items():
+        out.update(describe_counted(groups, name))
     by_repeat: dict[int, list[RunTrace]] = defaultdict(list)
     for t in traces:
         by_repeat[t.repeat].append(t)
     per_repeat = [throughput(ts) for _, ts in sorted(by_repeat.items())]
-    for key in ("makespan_s", "output_tps", "total_tps", "rps"):
+    for key in THROUGHPUT_KEYS:
         values = [r[key] for r in per_repeat]
         out[key] = float(np.mean(values)) if values else float("nan")
         out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        out[f"{key}_n"] = len(values)
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = mean_ci(values)
+    out["ci_level"] = CI_LEVEL
     return out

@@ -6,6 +6,7 @@ of the repeat that produced it, so traces from different backends and machines c
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +42,13 @@ class RunTrace:
     # Server backends: the tokens the stream's chunks counted (token_ids or re-tokenised text) when that differs
     # from the server's usage count, which ``output_toks`` holds; None when they agree or nothing was reconciled.
     chunk_toks: int | None = None
+    # When the client actually sent the request (or handed it to an in-process engine's queue), on the same
+    # clock; ``arrival_s`` is when the schedule said it was due, so sent − arrival is the client's lag. None in
+    # rows written before it existed.
+    sent_s: float | None = None
+    # Prompt tokens the engine served from its prefix cache for this request (vLLM's usage.prompt_tokens_details.
+    # cached_tokens, with --enable-prompt-tokens-details); None where the engine does not say.
+    cached_prompt_toks: int | None = None
 
     @property
     def first_token_s(self) -> float | None:
@@ -62,7 +70,7 @@ class CellResult:
     status: str
     reason: str | None = None
     traces: list[RunTrace] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
     # baseline_bytes (weights loaded), peak_allocated_bytes, peak_reserved_bytes, nvml_peak_used_bytes,
     # rss_peak_bytes, kv_measured_bytes, kv_predicted_bytes, kv_rel_error …
     memory: dict[str, float | int | None] = field(default_factory=dict)
@@ -124,11 +132,19 @@ class CellResult:
             "weights": c.weights,
             "device": c.device,
             "hardware_requested": c.hardware,
+            "tensor_parallel": c.tensor_parallel,  # GPUs the model was split over (kvray/model/parallel.py)
+            # how the backend spread the model over them: "tensor parallel (vLLM)", "layer-wise placement, not
+            # tensor parallelism" (HF device_map), what a server reports; None on one device
+            "parallelism": self.extra.get("parallelism"),
             "workload": c.workload.kind,
-            "concurrency": c.concurrency,
+            # a burst's size; a closed loop's users; None for an open loop (its rate is ``offered_rps``)
+            "concurrency": _concurrency(c),
+            "requests_planned": len(c.workload.requests),
             "prompt_toks": c.prompt_toks,
             "gen_toks": c.gen_toks,
             "prompt_toks_list": ",".join(str(r.prompt_toks) for r in c.workload.requests),
+            "gen_toks_list": ",".join(str(r.gen_toks) for r in c.workload.requests),
+            "lengths": json.dumps(c.workload.lengths.to_dict(), sort_keys=True) if c.workload.lengths else None,
             "warmup": c.warmup,
             "repeats": c.repeats,
             "status": self.status,
@@ -145,4 +161,12 @@ class CellResult:
         }
         row.update({k: v for k, v in self.memory.items()})
         row.update(self.metrics)
+        row.update(self.extra.get("energy") or {})  # energy and telemetry columns (kvray/measure/telemetry.py)
         return row
+
+
+def _concurrency(cell: Cell) -> int | None:
+    load = cell.workload.load
+    if load is None or load.kind == "burst":
+        return cell.concurrency
+    return load.users if load.kind == "closed" else None

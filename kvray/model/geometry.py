@@ -221,12 +221,15 @@ def count_params(g: ModelGeometry) -> int:
             total += 2 * h * proj
         if cfg.get("do_layer_norm_before", True) and not cfg.get("_remove_final_layer_norm", False):
             total += ln
-        layer = 4 * _linear(h, h, bias) + _linear(h, g.intermediate_size, bias) + _linear(g.intermediate_size, h, bias)
+        shards = int(cfg.get("_kvray_attention_shards", 1))  # one TP rank's share (kvray.model.parallel)
+        layer = 4 * _linear(h, h // shards, bias) + _linear(h, g.intermediate_size, bias)
+        layer += _linear(g.intermediate_size, h, bias)
         total += L * (layer + 2 * ln)
         lm_head = g.vocab_size * proj
     elif g.model_type == "gpt2":
         total = g.vocab_size * h + g.max_position_embeddings * h + 2 * h
-        layer = 4 * h + _linear(h, 3 * h, True) + _linear(h, h, True)
+        shards = int(cfg.get("_kvray_attention_shards", 1))  # one TP rank's share (kvray.model.parallel)
+        layer = 4 * h + _linear(h, 3 * h // shards, True) + _linear(h // shards, h, True)
         layer += _linear(h, g.intermediate_size, True) + _linear(g.intermediate_size, h, True)
         total += L * layer
         lm_head = g.vocab_size * h

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 from kvray.errors import KvrayInputError
 from kvray.model.geometry import ModelGeometry
+from kvray.model.parallel import shard_geometry
 
 DTYPE_BYTES: dict[str, float] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 _DTYPE_ALIASES = {
@@ -57,6 +58,16 @@ def kv_bytes_per_token_per_layer(g: ModelGeometry, dtype: str, layout: str = "hf
 def kv_bytes_per_token(g: ModelGeometry, dtype: str = "bf16", layout: str = "hf") -> float:
     """Bytes per cached token across all layers — the headline figure of ``kvray info``."""
     return g.num_layers * kv_bytes_per_token_per_layer(g, dtype, layout)
+
+
+def kv_bytes_per_token_per_gpu(g: ModelGeometry, dtype: str = "bf16", layout: str = "hf", tp: int = 1) -> float:
+    """Bytes per cached token on one GPU of a TP=``tp`` group.
+
+    KV heads are split across ranks and replicated once ``tp`` exceeds them (each rank keeps
+    ``max(1, kv_heads // tp)``, vLLM's ``ModelConfig.get_num_kv_heads`` in vllm/config/model.py); MLA's latent
+    is held whole by every rank. See kvray.model.parallel for the rules and their sources.
+    """
+    return kv_bytes_per_token(shard_geometry(g, tp), dtype, layout)
 
 
 def layer_positions(g: ModelGeometry, layer: int, tokens: int) -> int:

@@ -11,6 +11,7 @@ from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GPUS, GpuSpec, get_gpu
 from kvray.model.geometry import ModelGeometry
 from kvray.model.kvmath import dtype_bytes, kv_bytes_batch, kv_bytes_per_token, normalize_dtype
+from kvray.model.parallel import TP_DEGREES, check_tensor_parallel, kv_heads_per_gpu, shard_geometry
 from kvray.model.resolve import resolve_geometry
 from kvray.units import GIB
 
@@ -39,15 +40,19 @@ def check_oom_risk(
     kv_dtype: str | None = None,
     layout: str = "hf",
     available_bytes: int | None = None,
+    tp: int = 1,
 ) -> dict[str, Any]:
-    """Estimate memory for ``concurrency`` sequences of ``seq_len`` cached tokens.
+    """Estimate memory for ``concurrency`` sequences of ``seq_len`` cached tokens, per GPU of a TP=``tp`` group.
 
     ``available_gb`` is the named GPU's capacity, else the first NVML device's total memory, else
-    this machine's free RAM (the run would happen on the CPU).
+    this machine's free RAM (the run would happen on the CPU). Under TP every figure is one rank's:
+    its share of the weights, its KV heads (kvray.model.parallel), its activations; the runtime overhead
+    is paid on every GPU.
     """
     if concurrency <= 0 or seq_len <= 0:
         raise KvrayInputError(f"concurrency and seq_len must be positive, got {concurrency} and {seq_len}")
-    g = resolve_geometry(model) if isinstance(model, str) else model
+    full = resolve_geometry(model) if isinstance(model, str) else model
+    g = shard_geometry(full, tp)  # one rank (the model itself at tp 1)
     dtype = normalize_dtype(dtype, allow_fp8=False)
     kv_dtype = normalize_dtype(kv_dtype or dtype)
     device = "given"
@@ -79,10 +84,17 @@ def check_oom_risk(
         if layout == "hf":
             recommendations.append("a paged-KV engine (vLLM) allocates KV per request instead of per padded batch")
         roomy = [name for name, spec in GPUS.items() if total < LOW_RISK * spec.memory_bytes]
+        more_tp = [n for n in TP_DEGREES if n > tp and _tp_ok(full, n)]
+        if more_tp:
+            recommendations.append(
+                f"tensor parallelism splits weights and KV heads over GPUs: try --tp {' or '.join(map(str, more_tp))}"
+            )
         if roomy:
             recommendations.append(f"GPUs with room for this cell: {', '.join(roomy)}")
     return {
         "model": g.name,
+        "tensor_parallel": tp,
+        "per_gpu": tp > 1,
         "concurrency": concurrency,
         "seq_len": seq_len,
         "dtype": dtype,
@@ -109,13 +121,16 @@ def kv_tokens_that_fit(
     kv_dtype: str | None = None,
     layout: str = "hf",
     memory_fraction: float = KV_FIT_MEMORY_FRACTION,
+    tp: int = 1,
 ) -> int:
     """Cached tokens (summed over all sequences) that fit on ``gpu`` beside the weights and the runtime.
 
     The capacity question a reader asks before any workload exists; 0 when the weights alone do not fit.
     ``memory_fraction`` leaves the allocator's fragmentation room, as a serving engine's
-    ``gpu_memory_utilization`` does.
+    ``gpu_memory_utilization`` does. Under TP the count is per GPU (one rank's weights share and KV heads); a
+    group of ``tp`` GPUs serves that many tokens, since every rank holds its heads of the same tokens.
     """
+    g = shard_geometry(g, tp)
     spec = get_gpu(gpu) if isinstance(gpu, str) else gpu
     dtype = normalize_dtype(dtype)
     weights = g.weights_bytes(dtype_bytes(dtype))
@@ -124,10 +139,13 @@ def kv_tokens_that_fit(
     return max(int(room // per_token), 0)
 
 
-def model_summary(g: ModelGeometry, dtype: str = "bf16") -> dict[str, Any]:
+def model_summary(g: ModelGeometry, dtype: str = "bf16", tp: int = 1) -> dict[str, Any]:
     """What ``kvray info`` reports: the geometry, weight bytes, KV bytes per token in both layouts and the
-    KV tokens that fit beside the weights on every GPU kvray knows. Plain values, ready for JSON."""
+    KV tokens that fit beside the weights on every GPU kvray knows, whole-model and per GPU at TP ``tp``, and
+    the per-GPU figures for TP 1/2/4/8 (the degrees the model's heads allow). Plain values, ready for JSON."""
     dtype = normalize_dtype(dtype)
+    check_tensor_parallel(g, tp)
+    rank = shard_geometry(g, tp)
     per_token = kv_bytes_per_token(g, dtype, "hf")
     return {
         "model": g.name,
@@ -151,6 +169,32 @@ def model_summary(g: ModelGeometry, dtype: str = "bf16") -> dict[str, Any]:
         "kv_bytes_per_token_paged": kv_bytes_per_token(g, dtype, "paged"),
         "kv_bytes_per_1k_tokens": per_token * 1000,
         "kv_tokens_fitting_beside_weights": {name: kv_tokens_that_fit(g, spec, dtype) for name, spec in GPUS.items()},
+        "tensor_parallel": tp,
+        "kv_heads_per_gpu": kv_heads_per_gpu(g, tp),
+        "kv_bytes_per_token_per_gpu": kv_bytes_per_token(rank, dtype, "hf"),
+        "weights_bytes_per_gpu": rank.weights_bytes(dtype_bytes(dtype)),
+        "kv_tokens_fitting_per_gpu": {name: kv_tokens_that_fit(g, spec, dtype, tp=tp) for name, spec in GPUS.items()},
+        "per_tp": [_tp_row(g, n, dtype) for n in TP_DEGREES if _tp_ok(g, n)],
+    }
+
+
+def _tp_ok(g: ModelGeometry, tp: int) -> bool:
+    try:
+        check_tensor_parallel(g, tp)
+    except KvrayInputError:
+        return False
+    return True
+
+
+def _tp_row(g: ModelGeometry, tp: int, dtype: str) -> dict[str, Any]:
+    """Per-GPU weights, KV per token and tokens that fit at one TP degree (``info``'s TP table)."""
+    rank = shard_geometry(g, tp)
+    return {
+        "tensor_parallel": tp,
+        "kv_heads_per_gpu": kv_heads_per_gpu(g, tp),
+        "weights_bytes_per_gpu": rank.weights_bytes(dtype_bytes(dtype)),
+        "kv_bytes_per_token_per_gpu": kv_bytes_per_token(rank, dtype, "hf"),
+        "kv_tokens_fitting_per_gpu": {name: kv_tokens_that_fit(g, spec, dtype, tp=tp) for name, spec in GPUS.items()},
     }
 
 

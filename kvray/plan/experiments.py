@@ -11,6 +11,7 @@ exp2 sweep with a note, and is an error for exp1/exp3, whose shape needs it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from kvray.errors import KvrayInputError
 from kvray.plan.job import Grid, Job
 
-EXPERIMENTS = ("exp1", "exp2", "exp3", "exp4")
+EXPERIMENTS = ("exp1", "exp2", "exp3", "exp4", "exp5", "exp6")  # exp6: kvray/plan/reuse.py
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Common:
     repeats: int = 3
     options: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    tensor_parallel: list[int] = field(default_factory=lambda: [1])  # --tp: each cell once per degree
 
 
 def job_name(experiment: str, model: str) -> str:
@@ -74,16 +76,20 @@ def _positive(flag: str, values: list[int]) -> None:
 
 
 def _job(experiment: str, common: Common, grids: list[Grid]) -> Job:
+    return _unchecked_job(experiment, common, grids).validate()
+
+
+def _unchecked_job(experiment: str, common: Common, grids: list[Grid]) -> Job:
     same_name = {
         key: getattr(common, key) for key in ("weights", "kv_dtype", "device", "hardware", "warmup", "repeats")
     }
     job = Job(
         name=common.name or job_name(experiment, common.model),
         models=[common.model], backends=list(common.backends), dtypes=[common.dtype], grids=grids,
-        experiment=experiment, options=dict(common.options), **same_name,
+        experiment=experiment, options=dict(common.options), tensor_parallel=list(common.tensor_parallel), **same_name,
         description=f"kvray {experiment}", source=f"kvray {experiment}",
     )  # fmt: skip
-    return job.validate()
+    return job
 
 
 def exp1_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64, concurrency: list[int] | None = None) -> Job:
@@ -177,6 +183,78 @@ def exp4_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64,
     return _job("exp4", common, [grid])
 
 
+EXP5_GPUS = ("H100-SXM", "A100-80GB-SXM", "L4")  # sim's default hardware for exp5: a prediction per GPU type
+EXP5_SLO = {"ttft_ms": 500.0, "tpot_ms": 50.0}
+
+
+def exp5_job(
+    common: Common,
+    prompt: int | dict[str, Any] = 512,
+    gen: int | dict[str, Any] = 128,
+    users: list[int] | None = None,
+    requests_per_user: int = 8,
+    open_load: str | None = "poisson",
+    rates: list[float] | str = "auto",
+    requests: int = 200,
+    slo: dict[str, float] | None = None,
+    seed: int = 0,
+    burstiness: float = 1.0,
+) -> Job:
+    """Exp5, serving load: a closed loop per user count (``requests_per_user`` each: the first and the last of
+    every user fall in the ramp-up and the drain, kvray/measure/serving.py) and an open loop (``open_load``) at
+    each of ``rates`` — or ``"auto"``: a saturation search (kvray/bench/saturation.py) — every cell judged
+    against ``slo``. ``users=[]`` or ``open_load=None`` leaves that half out. Drawn by fig11/fig12
+    (kvray/figures/serving.py); the report's Serving section tabulates max goodput per configuration."""
+    from kvray.spec import OPEN_LOOPS
+
+    users = sorted(set(users if users is not None else [1, 4, 16, 64]))
+    if users:
+        _positive("--users", users)
+    _positive("--requests-per-user", [requests_per_user])
+    _positive("--requests", [requests])
+    if requests_per_user < 3:
+        raise KvrayInputError(f"--requests-per-user must be >= 3 (each user's first and last request are not "
+                              f"steady state), got {requests_per_user}")  # fmt: skip
+    if open_load is not None and open_load not in OPEN_LOOPS:
+        raise KvrayInputError(f"--open-load: expected one of {', '.join(OPEN_LOOPS)}, got {open_load!r}")
+    if not users and open_load is None:
+        raise KvrayInputError("exp5 needs a closed loop (--users) or an open loop (--open-load), or both")
+    if rates != "auto":
+        if not rates:
+            raise KvrayInputError("--rates needs at least one value (requests/s) or auto")
+        if bad := [r for r in rates if not (r > 0 and r == r and r != float("inf"))]:
+            raise KvrayInputError(f"--rates values must be positive requests/s, got {bad[0]}")
+    lengths: dict[str, Any] = {}
+    for side, value in (("prompt", prompt), ("gen", gen)):
+        if isinstance(value, int):
+            _positive(f"--{side}-toks", [value])
+            lengths[f"{side}_toks"] = [value]
+        else:
+            lengths[f"{side}_dist"] = dict(value)
+    longest = [int(v[0]) if isinstance(v, list) else int(v.get("max", v.get("value", 0))) for v in lengths.values()]
+    if sum(longest) - 1 > (limit := _max_positions(common.model)):
+        raise KvrayInputError(f"prompt {longest[0]} + {longest[1]} generated tokens exceed {common.model}'s "
+                              f"{limit} positions")  # fmt: skip
+    slo = dict(EXP5_SLO if slo is None else slo)
+    blocks: list[dict[str, Any]] = [
+        {**lengths, "load": {"kind": "closed", "users": u, "requests": u * requests_per_user, "seed": seed}, "slo": slo}
+        for u in users
+    ]
+    if open_load is not None:
+        load: dict[str, Any] = {"kind": open_load, "requests": requests, "seed": seed}
+        load.update({"rate": "auto"} if rates == "auto" else {"rates": sorted(set(rates))})
+        if open_load == "gamma":
+            load["burstiness"] = burstiness
+        blocks.append({**lengths, "load": load, "slo": slo})
+    if common.hardware == "any" and set(common.backends) == {"sim"}:
+        common = dataclasses.replace(common, hardware=list(EXP5_GPUS))
+    from kvray.plan.job import job_from_dict
+
+    data = _unchecked_job("exp5", common, []).to_dict()
+    data["grid"] = blocks  # as a job file writes them: the loads and SLOs are parsed and checked there
+    return job_from_dict(data, source="kvray exp5")
+
+
 def dry_run_rows(job: Job) -> list[dict[str, Any]]:
     """Each cell the job would run, with the memory the pre-flight OOM check predicts for it."""
     from kvray.hardware.gpus import match_gpu
@@ -187,13 +265,17 @@ def dry_run_rows(job: Job) -> list[dict[str, Any]]:
     for cell in plan_cells(job):
         wl = cell.workload
         spec = match_gpu(cell.hardware) if cell.hardware not in ("any", "each") else None
+        load = wl.load
+        # a closed loop holds at most its users' requests at once; an open loop's peak is the engine's to set
+        running = int(load.users) if load is not None and load.kind == "closed" and load.users else wl.concurrency
         risk = check_oom_risk(
             cell.model,
-            wl.concurrency,
+            running,
             wl.max_seq_len,
             dtype=cell.dtype,
             gpu=spec.name if spec else None,
             kv_dtype=cell.kv_dtype,
+            tp=cell.tensor_parallel,  # per GPU of the TP group
         )
         rows.append(
             {
@@ -201,9 +283,13 @@ def dry_run_rows(job: Job) -> list[dict[str, Any]]:
                 "experiment": cell.experiment,
                 "backend": cell.backend,
                 "hardware": cell.hardware,
+                "tensor_parallel": cell.tensor_parallel,
                 "device": risk["device"],
                 "workload": wl.kind,
-                "concurrency": wl.concurrency,
+                "load": wl.load_kind
+                if load is None or load.kind in ("burst", "closed")
+                else f"{load.kind} {'auto' if load.search else f'{load.rate_rps:g}/s'}",
+                "concurrency": running,
                 "prompt_toks": ",".join(str(r.prompt_toks) for r in wl.requests)
                 if wl.kind == "mixed"
                 else wl.prompt_toks,

@@ -11,6 +11,7 @@ or any model starts. The planner (kvray/plan/planner.py) turns a Job into cells.
     dtypes: [fp32]
     weights: random                   # random | pretrained
     hardware: any                     # any | each | [A100, H100]: each cell once per listed type
+    tensor_parallel: [1]              # GPUs of one node each model is split over: [1, 2, 4, 8] sweeps TP
     warmup: 1
     repeats: 2
     grid:                             # one mapping or a list of them
@@ -21,6 +22,11 @@ or any model starts. The planner (kvray/plan/planner.py) turns a Job into cells.
         arrival_gap_s: [0.0]          # seconds between request arrivals
       - mixed: [[128, 128, 128, 1024]]  # mixed workloads: one request per listed prompt length
         gen_toks: [16]
+      - experiment: exp5              # a serving load (kvray/plan/loads.py) instead of one burst per cell
+        prompt_dist: {kind: lognormal, median: 256, sigma: 0.8, max: 2048}   # or prompt_toks: [256]
+        gen_toks: [64]
+        load: {kind: poisson, rates: [2, 4, auto], requests: 200, seed: 0}   # closed: users: [1, 4, 16]
+        slo: {ttft_ms: 500, tpot_ms: 50}
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
-from kvray.spec import WEIGHTS
+from kvray.plan.loads import length_params, parse_slo, request_count
+from kvray.spec import LOAD_KINDS, WEIGHTS, LoadSpec
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -48,10 +55,28 @@ class Grid:
     mixed: tuple[tuple[int, ...], ...] = ()
     arrival_gap_s: tuple[float, ...] = (0.0,)
     experiment: str | None = None  # None → the job's experiment
+    # serving loads (kvray/plan/loads.py): one LoadSpec per rate / user count; () = bursts, as before
+    loads: tuple[LoadSpec, ...] = ()
+    slo: tuple[tuple[str, float], ...] = ()
+    prompt_dist: tuple[tuple[str, Any], ...] = ()  # a length distribution instead of prompt_toks
+    gen_dist: tuple[tuple[str, Any], ...] = ()  # … instead of gen_toks
+    load_source: tuple[tuple[str, Any], ...] = ()  # the ``load`` mapping as written (round-trips to_dict)
+    # KV-reuse workloads (kvray/plan/reuse.py): ("workload", "shared_prefix" | "multi_turn") and their lists
+    reuse: tuple[tuple[str, Any], ...] = ()
 
     @property
     def longest_prompt_toks(self) -> int:
-        return max([*self.prompt_toks, *(p for lengths in self.mixed for p in lengths)], default=0)
+        reuse = dict(self.reuse)
+        if reuse.get("workload") == "shared_prefix":
+            return max(reuse["prefix_toks"]) + max(reuse["suffix_toks"])
+        if reuse.get("workload") == "multi_turn":  # the last turn: every earlier message and answer, then its own
+            return max(reuse["turns"]) * max(reuse["user_toks"]) + (max(reuse["turns"]) - 1) * max(self.gen_toks)
+        dist = int(dict(self.prompt_dist).get("max", 0))
+        return max([*self.prompt_toks, dist, *(p for lengths in self.mixed for p in lengths)], default=0)
+
+    @property
+    def longest_gen_toks(self) -> int:
+        return max([*self.gen_toks, int(dict(self.gen_dist).get("max", 0))])
 
 
 @dataclass
@@ -67,6 +92,7 @@ class Job:
     kv_dtype: str | None = None
     device: str = "auto"
     hardware: str | list[str] = "any"  # "any" | "each" | accelerator types (sim: GPU names)
+    tensor_parallel: list[int] = field(default_factory=lambda: [1])  # TP degrees: each cell once per degree
     warmup: int = 1
     repeats: int = 3
     experiment: str = ""
@@ -93,7 +119,17 @@ class Job:
 
 
 def _grid_to_dict(g: Grid) -> dict[str, Any]:
-    d: dict[str, Any] = {"gen_toks": list(g.gen_toks)}
+    d: dict[str, Any] = {"gen_toks": list(g.gen_toks)} if g.gen_toks else {"gen_dist": dict(g.gen_dist)}
+    d.update({k: list(v) if isinstance(v, tuple) else v for k, v in g.reuse})
+    if g.reuse and dict(g.reuse)["workload"] == "shared_prefix":
+        d["concurrency"] = list(g.concurrency)
+    if g.prompt_dist:
+        d["prompt_dist"] = dict(g.prompt_dist)
+        d["concurrency"] = list(g.concurrency)
+    if g.load_source:
+        d["load"] = dict(g.load_source)
+    if g.slo:
+        d["slo"] = dict(g.slo)
     if g.prompt_toks:
         d["prompt_toks"] = list(g.prompt_toks)
         d["concurrency"] = list(g.concurrency)
@@ -108,8 +144,18 @@ def _grid_to_dict(g: Grid) -> dict[str, Any]:
 JOB_KEYS = (
     "name", "description", "models", "backends", "dtypes", "weights", "kv_dtype", "device", "hardware",
     "warmup", "repeats", "experiment", "options", "workers", "max_attempts", "cell_timeout_s", "grid",
+    "tensor_parallel",
 )  # fmt: skip
-GRID_KEYS = ("experiment", "prompt_toks", "gen_toks", "concurrency", "mixed", "arrival_gap_s")
+GRID_KEYS = (
+    "experiment", "prompt_toks", "gen_toks", "concurrency", "mixed", "arrival_gap_s", "load", "slo", "prompt_dist",
+    "gen_dist", "workload", "prefix_toks", "suffix_toks", "groups", "conversations", "turns", "user_toks", "think_s",
+)  # fmt: skip
+# workload kind → (its required list keys, its optional ones with defaults) — kvray/plan/reuse.py builds them
+REUSE_KEYS: dict[str, tuple[tuple[str, ...], dict[str, list[Any]]]] = {
+    "shared_prefix": (("prefix_toks", "suffix_toks"), {"groups": [1]}),
+    "multi_turn": (("conversations", "turns", "user_toks"), {"think_s": [0.0]}),
+}
+LOAD_KEYS = ("kind", "rate", "rates", "users", "requests", "duration_s", "burstiness", "seed", "warmup_s", "cooldown_s")
 
 
 class _Checker:
@@ -249,6 +295,7 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
         kv_dtype=kv_dtype,
         device=device,
         hardware=hardware,
+        tensor_parallel=_tensor_parallel(c, d.get("tensor_parallel", [1]), models),
         warmup=c.int_("warmup", d.get("warmup", 1), 0),
         repeats=c.int_("repeats", d.get("repeats", 3), 1),
         experiment=c.string("experiment", d.get("experiment", ""), allow_empty=True),
@@ -283,6 +330,29 @@ def _check_options(c: _Checker, backends: list[str], options: dict[str, Any]) ->
             raise c.fail("options", str(exc)) from None
 
 
+def _tensor_parallel(c: _Checker, value: Any, models: list[str]) -> list[int]:
+    """TP degrees: positive, each once, and (for models kvray knows the geometry of) degrees vLLM accepts."""
+    from kvray.model.parallel import check_tensor_parallel
+    from kvray.model.resolve import resolve_geometry
+
+    degrees = list(c.ints("tensor_parallel", value))
+    if len(set(degrees)) != len(degrees):
+        raise c.fail("tensor_parallel", f"lists a degree twice: {degrees}")
+    if degrees == [1]:
+        return degrees
+    for i, model in enumerate(models):
+        try:
+            g = resolve_geometry(model)
+        except KvrayInputError:
+            continue  # an unknown model is reported by the length check, naming models[i]
+        for n in degrees:
+            try:
+                check_tensor_parallel(g, n)
+            except KvrayInputError as exc:
+                raise c.fail("tensor_parallel", f"models[{i}]: {exc}") from None
+    return degrees
+
+
 def _hardware(c: _Checker, value: Any, backends: list[str]) -> str | list[str]:
     from kvray.backends import backend_class
 
@@ -308,11 +378,17 @@ def _grids(c: _Checker, value: Any) -> list[Grid]:
     for i, block in enumerate(blocks):
         key = f"grid[{i}]" if isinstance(value, list) else "grid"
         g = c.mapping(key, block, GRID_KEYS)
-        if "gen_toks" not in g:
+        reuse = _reuse(c, key, g)
+        if reuse:
+            g = {**g, "prompt_toks": g.get("prompt_toks", [1])}  # the reuse builder sets the prompts
+        if "gen_toks" not in g and "gen_dist" not in g:
             raise c.fail(f"{key}.gen_toks", "required key is missing")
-        if "prompt_toks" not in g and "mixed" not in g:
-            raise c.fail(key, "needs prompt_toks (uniform workloads) or mixed (lists of prompt lengths)")
-        if "concurrency" in g and "prompt_toks" not in g:
+        if "prompt_toks" not in g and "mixed" not in g and "prompt_dist" not in g:
+            raise c.fail(key, "needs prompt_toks (uniform workloads), prompt_dist or mixed (lists of prompt lengths)")
+        for a, b in (("prompt_toks", "prompt_dist"), ("gen_toks", "gen_dist"), ("mixed", "load")):
+            if a in g and b in g:
+                raise c.fail(f"{key}.{b}", f"give {a} or {b}, not both")
+        if "concurrency" in g and "prompt_toks" not in g and "prompt_dist" not in g:
             raise c.fail(f"{key}.concurrency", "needs prompt_toks beside it (mixed workloads set their own size)")
         mixed: tuple[tuple[int, ...], ...] = ()
         if "mixed" in g:
@@ -323,17 +399,113 @@ def _grids(c: _Checker, value: Any) -> list[Grid]:
                 raise c.fail(f"{key}.mixed", "expected a list of prompt-length lists, e.g. [[128, 128, 4096]]")
             mixed = tuple(c.ints(f"{key}.mixed[{j}]", m) for j, m in enumerate(entries))
         experiment = g.get("experiment")
+        concurrency = c.ints(f"{key}.concurrency", g.get("concurrency", [1]))
         grids.append(
             Grid(
-                gen_toks=c.ints(f"{key}.gen_toks", g["gen_toks"]),
-                prompt_toks=c.ints(f"{key}.prompt_toks", g["prompt_toks"]) if "prompt_toks" in g else (),
-                concurrency=c.ints(f"{key}.concurrency", g.get("concurrency", [1])),
+                reuse=reuse,
+                loads=_loads(c, f"{key}.load", g["load"], concurrency) if "load" in g else (),
+                load_source=tuple(sorted(g["load"].items())) if isinstance(g.get("load"), dict) else (),
+                slo=tuple(sorted(_slo(c, f"{key}.slo", g["slo"]).items())) if "slo" in g else (),
+                prompt_dist=_dist(c, f"{key}.prompt_dist", g["prompt_dist"], "prompt") if "prompt_dist" in g else (),
+                gen_dist=_dist(c, f"{key}.gen_dist", g["gen_dist"], "gen") if "gen_dist" in g else (),
+                gen_toks=c.ints(f"{key}.gen_toks", g["gen_toks"]) if "gen_toks" in g else (),
+                prompt_toks=c.ints(f"{key}.prompt_toks", g["prompt_toks"]) if "prompt_toks" in g and not reuse else (),
+                concurrency=concurrency,
                 mixed=mixed,
                 arrival_gap_s=c.numbers(f"{key}.arrival_gap_s", g.get("arrival_gap_s", [0.0])),
                 experiment=None if experiment is None else c.string(f"{key}.experiment", experiment, True),
             )
         )
     return grids
+
+
+def _reuse(c: _Checker, key: str, g: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A block's ``workload: shared_prefix | multi_turn`` and its keys, checked (() for a plain block)."""
+    all_keys = {k for required, optional in REUSE_KEYS.values() for k in (*required, *optional)}
+    kind = g.get("workload", "uniform")
+    if kind == "uniform":
+        stray = sorted(all_keys & set(g))
+        if stray:
+            raise c.fail(f"{key}.{stray[0]}", "belongs to workload: shared_prefix or multi_turn")
+        return ()
+    kind = c.choice(f"{key}.workload", kind, ("uniform", *REUSE_KEYS))
+    required, optional = REUSE_KEYS[kind]
+    for k in ("prompt_toks", "mixed", "prompt_dist", "gen_dist", *(all_keys - {*required, *optional})):
+        if k in g:
+            raise c.fail(f"{key}.{k}", f"does not apply to workload: {kind} (it sets the prompts itself)")
+    if kind == "multi_turn" and ("load" in g or "concurrency" in g):
+        raise c.fail(f"{key}.{'load' if 'load' in g else 'concurrency'}",
+                     "multi_turn sets its own arrivals: each turn is sent when the previous one ends")  # fmt: skip
+    out: list[tuple[str, Any]] = [("workload", kind)]
+    for k in required:
+        if k not in g:
+            raise c.fail(f"{key}.{k}", f"required for workload: {kind}")
+        out.append((k, c.ints(f"{key}.{k}", g[k])))
+    for k, default in optional.items():
+        values = g.get(k, default)
+        out.append((k, c.numbers(f"{key}.{k}", values) if k == "think_s" else c.ints(f"{key}.{k}", values)))
+    return tuple(out)
+
+
+def _loads(c: _Checker, key: str, value: Any, concurrency: tuple[int, ...]) -> tuple[LoadSpec, ...]:
+    """A grid's ``load`` mapping → one LoadSpec per rate (``rates`` list, or ``auto``: a search) and user count
+    (``users``, a closed loop's; default: the grid's ``concurrency``)."""
+    m = c.mapping(key, value, LOAD_KEYS)
+    kind = c.choice(f"{key}.kind", m.get("kind", "burst"), LOAD_KINDS)
+    if "rate" in m and "rates" in m:
+        raise c.fail(f"{key}.rates", "give rate or rates, not both")
+    raw = m.get("rates", m.get("rate"))
+    rates: list[float | str | None] = [None]  # "auto": a saturation search (kvray/bench/saturation.py)
+    if raw is not None:
+        rates = [
+            r if r == "auto" else c.number(f"{key}.rates[{i}]", r, 0.0, strict=True)
+            for i, r in enumerate(c.listed(f"{key}.rates", raw))
+        ]
+    if kind in ("burst", "closed") and raw is not None:
+        raise c.fail(f"{key}.rate", f"a rate applies to open loops (poisson, gamma, constant), not {kind}")
+    users = c.ints(f"{key}.users", m["users"]) if "users" in m else concurrency
+    if "users" in m and kind != "closed":
+        raise c.fail(f"{key}.users", f"users belong to a closed loop, not {kind}")
+    common: dict[str, Any] = {}
+    if "requests" in m:
+        common["requests"] = c.int_(f"{key}.requests", m["requests"], 1)
+    for name in ("duration_s", "burstiness"):
+        if name in m:
+            common[name] = c.number(f"{key}.{name}", m[name], 0.0, strict=True)
+    for name in ("warmup_s", "cooldown_s"):
+        if name in m:
+            common[name] = c.number(f"{key}.{name}", m[name], 0.0)
+    if "seed" in m:
+        common["seed"] = c.int_(f"{key}.seed", m["seed"], 0)
+    specs = []
+    try:
+        for rate in rates:
+            for n in users if kind == "closed" else (None,):
+                search = "saturation" if rate == "auto" else None
+                rate_rps = rate if isinstance(rate, float) else None
+                spec = LoadSpec(kind=kind, rate_rps=rate_rps, users=n, search=search, **common)
+                request_count(spec, max(concurrency))  # requests or duration given, as the load needs
+                specs.append(spec)
+    except KvrayInputError as exc:
+        raise c.fail(key, str(exc)) from None
+    return tuple(specs)
+
+
+def _slo(c: _Checker, key: str, value: Any) -> dict[str, float]:
+    try:
+        return parse_slo(value, key)
+    except KvrayInputError as exc:
+        raise c.fail("", str(exc)) from None
+
+
+def _dist(c: _Checker, key: str, value: Any, side: str) -> tuple[tuple[str, Any], ...]:
+    try:
+        params = length_params(value, key, side)
+    except KvrayInputError as exc:
+        raise c.fail("", str(exc)) from None
+    if "max" not in params and params["kind"] != "fixed":
+        raise c.fail(key, "a length distribution in a job needs max (the model's positions are checked against it)")
+    return tuple(sorted(params.items()))
 
 
 def _check_lengths(c: _Checker, job: Job) -> None:
@@ -347,7 +519,7 @@ def _check_lengths(c: _Checker, job: Job) -> None:
         except KvrayInputError as exc:
             raise c.fail(f"models[{i}]", str(exc)) from None
         for j, g in enumerate(job.grids):
-            prompt, gen = g.longest_prompt_toks, max(g.gen_toks)
+            prompt, gen = g.longest_prompt_toks, g.longest_gen_toks
             needed = cached_positions(prompt, gen)
             if needed > limit:
                 key = f"grid[{j}]" if len(job.grids) > 1 else "grid"

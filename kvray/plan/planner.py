@@ -27,14 +27,17 @@ class GroupKey:
     weights: str
     device: str
     hardware: str
+    tensor_parallel: int = 1  # a TP=N group needs its own worker (N GPUs) and its own load
 
     def label(self) -> str:
         where = "" if self.hardware == "any" else f" on {self.hardware}"
-        return f"{self.model} {self.backend} {self.dtype}{where}"
+        tp = f" TP{self.tensor_parallel}" if self.tensor_parallel > 1 else ""
+        return f"{self.model} {self.backend} {self.dtype}{tp}{where}"
 
 
 def group_key(cell: Cell) -> GroupKey:
-    return GroupKey(cell.model, cell.backend, cell.dtype, cell.weights, cell.device, cell.hardware)
+    return GroupKey(cell.model, cell.backend, cell.dtype, cell.weights, cell.device, cell.hardware,
+                    cell.tensor_parallel)  # fmt: skip
 
 
 def hardware_targets(job: Job, hardware_types: Sequence[str] | None = None) -> list[str]:
@@ -62,18 +65,25 @@ def plan_cells(job: Job, hardware_types: Sequence[str] | None = None) -> list[Ce
         for backend in job.backends:
             for dtype in job.dtypes:
                 for hardware in hardware_targets(job, hardware_types):
-                    for grid in job.grids:
-                        experiment = job.experiment if grid.experiment is None else grid.experiment
-                        for workload in _workloads(grid):
-                            cell = Cell(
-                                model=model, workload=workload, backend=backend, dtype=dtype, hardware=hardware,
-                                experiment=experiment, options=options, **per_job,
-                            )  # fmt: skip
-                            cells.setdefault(cell.cell_id, cell)
+                    for tp in job.tensor_parallel:
+                        for grid in job.grids:
+                            experiment = job.experiment if grid.experiment is None else grid.experiment
+                            for workload in _workloads(grid):
+                                cell = Cell(
+                                    model=model, workload=workload, backend=backend, dtype=dtype, hardware=hardware,
+                                    experiment=experiment, options=options, tensor_parallel=tp, **per_job,
+                                )  # fmt: skip
+                                cells.setdefault(cell.cell_id, cell)
     return list(cells.values())
 
 
 def _workloads(grid: Any) -> Iterable[Workload]:
+    if grid.reuse:
+        yield from _reuse_workloads(grid)
+        return
+    if grid.loads or grid.slo or grid.prompt_dist or grid.gen_dist:
+        yield from _serving_workloads(grid)
+        return
     for gap in grid.arrival_gap_s:
         for gen in grid.gen_toks:
             for prompt in grid.prompt_toks:
@@ -81,6 +91,49 @@ def _workloads(grid: Any) -> Iterable[Workload]:
                     yield Workload.uniform(concurrency, prompt, gen, arrival_gap_s=gap)
             for lengths in grid.mixed:
                 yield Workload.mixed(list(lengths), gen, arrival_gap_s=gap)
+
+
+def _serving_workloads(grid: Any) -> Iterable[Workload]:
+    """A grid with a load, an SLO or length distributions: built by kvray/plan/loads.py (seeded)."""
+    from kvray.plan.loads import build_workload
+    from kvray.spec import LoadSpec
+
+    prompts = [dict(grid.prompt_dist)] if grid.prompt_dist else list(grid.prompt_toks)
+    gens = [dict(grid.gen_dist)] if grid.gen_dist else list(grid.gen_toks)
+    slo = dict(grid.slo)
+    for load in grid.loads or (LoadSpec(),):
+        sizes = grid.concurrency if load.kind == "burst" else (1,)
+        for gap in grid.arrival_gap_s if load.kind == "burst" else (0.0,):
+            for gen in gens:
+                for prompt in prompts:
+                    for concurrency in sizes:
+                        yield build_workload(load, prompt, gen, concurrency, slo, arrival_gap_s=gap)
+
+
+def _reuse_workloads(grid: Any) -> Iterable[Workload]:
+    """shared_prefix (under any load: the load sets arrivals and how many) and multi_turn blocks."""
+    import dataclasses
+    from itertools import product
+
+    from kvray.plan.loads import apply_load, request_count
+    from kvray.plan.reuse import multi_turn_workload, shared_prefix_workload
+    from kvray.spec import LoadSpec
+
+    reuse = dict(grid.reuse)
+    slo = tuple(sorted(grid.slo))
+    if reuse["workload"] == "multi_turn":
+        for conv, turns, user, gen, think in product(reuse["conversations"], reuse["turns"], reuse["user_toks"],
+                                                     grid.gen_toks, reuse["think_s"]):  # fmt: skip
+            yield dataclasses.replace(multi_turn_workload(conv, turns, user, gen, think), slo=slo)
+        return
+    for load in grid.loads or (LoadSpec(),):
+        sizes = grid.concurrency if load.kind == "burst" else (1,)
+        for prefix, suffix, groups, gen, size in product(reuse["prefix_toks"], reuse["suffix_toks"],
+                                                         reuse["groups"], grid.gen_toks, sizes):  # fmt: skip
+            n = request_count(load, size)
+            gap = grid.arrival_gap_s[0] if load.kind == "burst" else 0.0
+            base = shared_prefix_workload(n, min(groups, n), prefix, suffix, gen, arrival_gap_s=gap)
+            yield apply_load(base, load, slo)
 
 
 @lru_cache(maxsize=64)

@@ -85,11 +85,27 @@ def prefix_cache_counts(samples: list[Sample]) -> dict[str, float | None]:
     return {"prefix_cache_hits": _total(samples, PREFIX_HITS), "prefix_cache_queries": _total(samples, PREFIX_QUERIES)}
 
 
+# vLLM's token counters (cumulative since the server started), kept on the cell's timeline.
+TOKENS = {"prompt_tokens": ("vllm:prompt_tokens_total", "vllm:prompt_tokens"),
+          "generation_tokens": ("vllm:generation_tokens_total", "vllm:generation_tokens")}  # fmt: skip
+
+
+def engine_counters(samples: list[Sample]) -> dict[str, float | None]:
+    """The cumulative counters a timeline point carries besides kv_snapshot: prefix-cache hits/queries, tokens."""
+    return {**prefix_cache_counts(samples), **{k: _total(samples, names) for k, names in TOKENS.items()}}
+
+
+def counter_values(samples: list[Sample]) -> dict[str, float | None]:
+    """The cumulative counters a cell reports as deltas: prefix-cache hits and queries (tokens), preemptions."""
+    return {**prefix_cache_counts(samples), "preemptions": _total(samples, PREEMPTIONS)}
+
+
 def counter_deltas(before: list[Sample] | None, after: list[Sample] | None) -> dict[str, int]:
-    """How much each prefix-cache counter grew between two scrapes ({} when either scrape or counter is missing)."""
+    """How much each counter (``counter_values``) grew between two scrapes ({} when either scrape or counter is
+    missing)."""
     if before is None or after is None:
         return {}
-    b, a = prefix_cache_counts(before), prefix_cache_counts(after)
+    b, a = counter_values(before), counter_values(after)
     return {k: int(round(a[k] - b[k])) for k in a if a[k] is not None and b[k] is not None}  # type: ignore[operator]
 
 
@@ -196,7 +212,7 @@ class MetricsPoller:
         snap = kv_snapshot(samples)
         if any(v is not None for v in snap.values()):
             self.points.append({"repeat": self.repeat, "t_s": round(answered_s, 6), "sent_s": round(sent_s, 6),
-                                "rtt_s": round(answered_s - sent_s, 6), **snap})  # fmt: skip
+                                "rtt_s": round(answered_s - sent_s, 6), **snap, **engine_counters(samples)})  # fmt: skip
 
     async def _loop(self) -> None:
         while not self._stopping:

@@ -1,5 +1,8 @@
 """FLOPs and bytes of one forward pass: what the roofline in kvray.sim.simulate divides by peak rates.
 
+Under tensor parallelism every function here is called with one rank's geometry (kvray.model.parallel
+``shard_geometry``), so FLOPs and bytes are per GPU; ``PassCost.tokens`` is what the all-reduces carry.
+
 Two facts decide the numbers (docs/simulator.md, "The model"):
 
 - **Weights read.** A pass reads every weight it multiplies, once, whatever the batch: the layers' shared
@@ -16,7 +19,7 @@ Two facts decide the numbers (docs/simulator.md, "The model"):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvray.model.geometry import ModelGeometry
@@ -27,6 +30,7 @@ from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, dtype_bytes, kv_bytes_sequenc
 class PassCost:
     flops: float
     bytes: float
+    tokens: int = 0  # tokens the pass runs through the layers (padding included): what a TP all-reduce carries
 
 
 # --- weights ---------------------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ def prefill_cost(g: ModelGeometry, prompt_lengths: Sequence[int], dtype: str, kv
     rows = [max(prompt_lengths)] * len(prompt_lengths) if layout == "hf" else list(prompt_lengths)
     flops = sum(2.0 * body * p + 2.0 * head + attention_flops(g, 0, p) for p in rows)
     kv_written = sum(kv_bytes_sequence(g, p, kv_dtype, layout, block_size) for p in rows)
-    return PassCost(flops, weights_read_bytes(g, sum(rows), dtype) + kv_written)
+    return PassCost(flops, weights_read_bytes(g, sum(rows), dtype) + kv_written, sum(rows))
 
 
 def decode_step_cost(g: ModelGeometry, contexts: Sequence[int], dtype: str, kv_dtype: str, layout: str,
@@ -154,7 +158,46 @@ def decode_step_cost(g: ModelGeometry, contexts: Sequence[int], dtype: str, kv_d
     for c, n in Counter(contexts).items():  # hf rows share one padded context: cost it once
         flops += n * (2.0 * (body + head) + attention_flops(g, c - 1, 1))
         kv_read += n * kv_bytes_sequence(g, c, kv_dtype, layout, block_size)
-    return PassCost(flops, weights_read_bytes(g, len(contexts), dtype) + kv_read)
+    return PassCost(flops, weights_read_bytes(g, len(contexts), dtype) + kv_read, len(contexts))
+
+
+def sequence_step_cost(g: ModelGeometry, past: int, queries: int, kv_dtype: str, layout: str = "paged",
+                       block_size: int = DEFAULT_BLOCK_SIZE) -> PassCost:  # fmt: skip
+    """One sequence's share of a step, weights excluded: ``queries`` new tokens after ``past`` cached ones.
+
+    A prefill (chunk) and a decode token are the same thing here: FLOPs 2 × body params per token, the LM head
+    once (the sequence's last position) and causal attention; bytes the sequence's KV at past + queries
+    positions (the cache read, the new positions written). ``past`` 0 is ``prefill_cost``'s paged row and
+    (c − 1, 1) is ``decode_step_cost``'s row at context c.
+    """
+    body, head = matmul_params(g)
+    flops = 2.0 * body * queries + 2.0 * head + attention_flops(g, past, queries)
+    return PassCost(flops, float(kv_bytes_sequence(g, past + queries, kv_dtype, layout, block_size)), queries)
+
+
+def step_cost(g: ModelGeometry, chunks: Sequence[tuple[int, int]], dtype: str, kv_dtype: str, layout: str = "paged",
+              block_size: int = DEFAULT_BLOCK_SIZE,
+              per_sequence: Callable[[int, int], PassCost] | None = None) -> PassCost:  # fmt: skip
+    """One step of a continuous-batching engine: prefill chunks and decode tokens of many sequences together.
+
+    ``chunks`` holds (past, queries) per scheduled sequence: a prefill chunk is (tokens already computed, chunk
+    length), a decode token is (context − 1, 1). The step reads the weights its Σ queries tokens touch once
+    (``weights_read_bytes``), so mixing prefill into a memory-bound decode step is nearly free until the compute
+    roof is reached. ``per_sequence`` may be a memoised ``sequence_step_cost`` (the serving model calls this
+    thousands of times with recurring lengths).
+    """
+
+    def own(past: int, queries: int) -> PassCost:
+        return sequence_step_cost(g, past, queries, kv_dtype, layout, block_size)
+
+    cost = per_sequence or own
+    flops, kv = 0.0, 0.0
+    for past, queries in chunks:
+        c = cost(past, queries)
+        flops += c.flops
+        kv += c.bytes
+    tokens = sum(q for _, q in chunks)
+    return PassCost(flops, weights_read_bytes(g, tokens, dtype) + kv, tokens)
 
 
 def batch_passes(g: ModelGeometry, prompts: Sequence[int], gens: Sequence[int], dtype: str, kv_dtype: str,

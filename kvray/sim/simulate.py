@@ -14,6 +14,14 @@ its current context (decode), so the context grows every step. Requests are serv
 static-batching queue as the HF backend: when the engine is free, every request that has arrived forms the
 next batch, padded to its longest prompt (``hf`` layout) or not padded with KV in blocks (``paged``).
 
+Tensor parallelism (``tp`` > 1): the pass is costed on one rank's geometry (kvray.model.parallel: heads, MLP,
+vocabulary split; norms replicated; KV heads split or replicated as vLLM does), so FLOPs, bytes, weights and KV
+are per GPU, and each pass adds the communication TP needs — two all-reduces per layer (after attention's
+o_proj and after the MLP's down projection, Megatron-style as vLLM runs it) of tokens × hidden × dtype bytes
+each; a ring all-reduce sends and receives 2(N − 1)/N of the data per GPU over the GPU's link
+(kvray/hardware/gpus.py INTERCONNECT, per direction). The all-reduce sits between the layers' matmuls and is
+not overlapped with them, so its time adds to the roof (``allreduce_s``).
+
 Defaults η_compute 0.7 and η_memory 0.9 are llm-analysis's; ``kvray calibrate`` fits them per GPU and layout
 from measured cells and stores them in a JSON file this module reads (``KVRAY_CALIBRATION`` overrides it).
 """
@@ -34,12 +42,18 @@ from kvray.hardware.gpus import GpuSpec, get_gpu
 from kvray.model.geometry import ModelGeometry
 from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, LAYOUTS, dtype_bytes, kv_bytes_sequence, normalize_dtype
 from kvray.model.oom import RUNTIME_OVERHEAD_BYTES, activation_bytes
+from kvray.model.parallel import shard_geometry
 from kvray.sim.passes import PassCost, batch_passes
 
 DEFAULT_GPU = "H100-SXM"  # what hardware "any" simulates
 DEFAULT_ETA_COMPUTE = 0.7  # llm-analysis's default flops efficiency
 DEFAULT_ETA_MEMORY = 0.9  # llm-analysis's default memory efficiency
 CALIBRATION_ENV = "KVRAY_CALIBRATION"
+ALLREDUCES_PER_LAYER = 2  # Megatron-style TP: one after attention's row-parallel o_proj, one after the MLP's down
+# The fixed cost of one small all-reduce, whatever its size: vLLM's custom all-reduce on H100 measured 8.5–11.8 µs
+# for 512 B–32 KiB at TP 2/4/8 without CUDA graphs (sgl-project/sglang PR #2904's table); NCCL's NVLS tree
+# ~6 µs at TP 2 with CUDA graphs (NVIDIA/nccl issue #1259). 8 µs sits between; decode's all-reduces are this size.
+ALLREDUCE_LATENCY_S = 8e-6
 
 
 class RequestLike(Protocol):
@@ -123,13 +137,31 @@ def roofs_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Eff
     return compute, memory, g.num_layers * eff.layer_overhead_s
 
 
-def pass_time_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency) -> float:
-    return max(roofs_s(cost, g, gpu, dtype, eff))
+def allreduce_s(g: ModelGeometry, gpu: GpuSpec, tokens: int, dtype: str, tp: int) -> float:
+    """Seconds one pass over ``tokens`` tokens spends in TP all-reduces (0 at tp 1).
+
+    Per layer ``ALLREDUCES_PER_LAYER`` all-reduces of tokens × hidden activations in ``dtype``; each costs
+    ``ALLREDUCE_LATENCY_S`` plus its data time: a ring all-reduce over N GPUs sends (and receives) 2(N − 1)/N of
+    the payload per GPU, at the link's per-direction bandwidth (kvray/hardware/gpus.py INTERCONNECT).
+    """
+    if tp <= 1 or tokens <= 0:
+        return 0.0
+    payload = tokens * g.hidden_size * dtype_bytes(dtype)
+    per_gpu = 2 * (tp - 1) / tp * payload
+    one = ALLREDUCE_LATENCY_S + per_gpu / (gpu.link_gbps_per_direction * 1e9)
+    return ALLREDUCES_PER_LAYER * g.num_layers * one
 
 
-def bound_of(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency) -> str:
-    """Which roof limits the pass: "compute", "memory" or "overhead"."""
+def pass_time_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency, tp: int = 1) -> float:
+    """The largest roof, plus the TP all-reduces (not overlapped with the matmuls they sit between)."""
+    return max(roofs_s(cost, g, gpu, dtype, eff)) + allreduce_s(g, gpu, cost.tokens, dtype, tp)
+
+
+def bound_of(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency, tp: int = 1) -> str:
+    """Which term limits the pass: "compute", "memory", "overhead" or (TP) "communication"."""
     roofs = roofs_s(cost, g, gpu, dtype, eff)
+    if allreduce_s(g, gpu, cost.tokens, dtype, tp) > max(roofs):
+        return "communication"
     return ("compute", "memory", "overhead")[roofs.index(max(roofs))]
 
 
@@ -227,8 +259,9 @@ def form_batches(
 
 def simulate(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dtype: str = "bf16",
              kv_dtype: str | None = None, layout: str = "hf", block_size: int = DEFAULT_BLOCK_SIZE,
-             eff: Efficiency | None = None) -> Schedule:  # fmt: skip
-    """Predicted per-request timestamps and per-batch memory of serving ``requests`` on ``gpu``."""
+             eff: Efficiency | None = None, tp: int = 1) -> Schedule:  # fmt: skip
+    """Predicted per-request timestamps and per-batch memory of serving ``requests`` on ``gpu`` (per GPU of a
+    TP=``tp`` group: ``g`` is the whole model, each pass is costed on one rank)."""
     if not requests:
         raise KvrayInputError("nothing to simulate: no requests")
     if layout not in LAYOUTS:
@@ -236,6 +269,7 @@ def simulate(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dt
     dtype = normalize_dtype(dtype)
     kv_dtype = normalize_dtype(kv_dtype or dtype)
     eff = eff or Efficiency()
+    g = shard_geometry(g, tp)
     plans: dict[tuple[int, ...], tuple[list[float], str, str]] = {}
 
     def plan(batch: list[int]) -> tuple[list[float], str, str]:
@@ -245,9 +279,9 @@ def simulate(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dt
             prompts = [requests[i].prompt_toks for i in batch]
             gens = [requests[i].gen_toks for i in batch]
             passes = batch_passes(g, prompts, gens, dtype, kv_dtype, layout, block_size)
-            times = list(accumulate(pass_time_s(c, g, gpu, dtype, eff) for c in passes))
-            last = bound_of(passes[-1], g, gpu, dtype, eff) if len(passes) > 1 else ""
-            plans[key] = (times, bound_of(passes[0], g, gpu, dtype, eff), last)
+            times = list(accumulate(pass_time_s(c, g, gpu, dtype, eff, tp) for c in passes))
+            last = bound_of(passes[-1], g, gpu, dtype, eff, tp) if len(passes) > 1 else ""
+            plans[key] = (times, bound_of(passes[0], g, gpu, dtype, eff, tp), last)
         return plans[key]
 
     batches = form_batches(requests, lambda b: plan(b)[0][-1])
@@ -301,6 +335,16 @@ class Prediction:
     layer_overhead_s: float
     efficiency_source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # Tensor parallelism: the memory figures above are per GPU; throughput per GPU divides by the group's GPUs.
+    tensor_parallel: int = 1
+    output_tps_per_gpu: float = 0.0
+    interconnect: str = ""
+    allreduce_s_per_decode_step: float = 0.0  # the communication share of one decode step's time (0 at tp 1)
+    # Predicted, never measured: the GPU at its datasheet TDP (kvray/hardware/gpus.py TDP_W) for the cell's whole
+    # E2E, an upper bound (a GPU below its power limit draws less); None for a GPU without a tabled TDP.
+    predicted_power_w: float | None = None
+    predicted_energy_j: float | None = None
+    predicted_j_per_output_tok: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -315,10 +359,11 @@ class _Req:
 
 def predict_cell(g: ModelGeometry, gpu: str | GpuSpec, concurrency: int, prompt_toks: int, gen_toks: int,
                  dtype: str = "bf16", kv_dtype: str | None = None, layout: str = "hf",
-                 block_size: int = DEFAULT_BLOCK_SIZE, eff: Efficiency | None = None) -> Prediction:  # fmt: skip
+                 block_size: int = DEFAULT_BLOCK_SIZE, eff: Efficiency | None = None, tp: int = 1) -> Prediction:  # fmt: skip
     """TTFT, TPOT, E2E, output tokens/s and peak memory of ``concurrency`` equal requests on ``gpu``.
 
-    ``eff`` defaults to the calibrated values for this GPU and layout when present, else η defaults.
+    ``eff`` defaults to the calibrated values for this GPU and layout when present, else η defaults. ``tp``:
+    the model split over that many GPUs of this type (memory per GPU, ``output_tps_per_gpu`` per GPU).
     """
     if concurrency <= 0 or prompt_toks <= 0 or gen_toks <= 0:
         raise KvrayInputError(
@@ -328,7 +373,8 @@ def predict_cell(g: ModelGeometry, gpu: str | GpuSpec, concurrency: int, prompt_
     eff = eff or efficiency_for(spec, layout)
     dtype = normalize_dtype(dtype)
     kv_dtype = normalize_dtype(kv_dtype or dtype)
-    schedule = simulate(g, spec, [_Req(prompt_toks, gen_toks)] * concurrency, dtype, kv_dtype, layout, block_size, eff)
+    schedule = simulate(g, spec, [_Req(prompt_toks, gen_toks)] * concurrency, dtype, kv_dtype, layout, block_size, eff,
+                        tp)  # fmt: skip
     times = schedule.timings[0].token_times_s
     ttft, e2e = times[0], times[-1]
     tpot = (e2e - ttft) / (gen_toks - 1) if gen_toks > 1 else float("nan")
@@ -359,4 +405,21 @@ def predict_cell(g: ModelGeometry, gpu: str | GpuSpec, concurrency: int, prompt_
         eta_memory=eff.eta_memory,
         layer_overhead_s=eff.layer_overhead_s,
         efficiency_source=eff.source,
+        tensor_parallel=tp,
+        output_tps_per_gpu=concurrency * gen_toks / e2e / tp,
+        interconnect=spec.interconnect if tp > 1 else "",
+        allreduce_s_per_decode_step=allreduce_s(g, spec, concurrency, dtype, tp),
+        **predicted_energy(spec, e2e, concurrency * gen_toks, tp),
     )
+
+
+def predicted_energy(spec: GpuSpec, busy_s: float, output_toks: int, gpus: int = 1) -> dict[str, Any]:
+    """{predicted_power_w, predicted_energy_j, predicted_j_per_output_tok}: TDP × ``gpus`` × ``busy_s`` (None
+    without a TDP); a TP group draws on every GPU it holds."""
+    tdp = spec.tdp_w
+    if tdp is None:
+        return dict.fromkeys(("predicted_power_w", "predicted_energy_j", "predicted_j_per_output_tok"))
+    tdp *= gpus
+    energy = tdp * busy_s
+    return {"predicted_power_w": tdp, "predicted_energy_j": energy,
+            "predicted_j_per_output_tok": energy / output_toks if output_toks else None}  # fmt: skip

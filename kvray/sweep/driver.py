@@ -203,6 +203,10 @@ class Sweep:
             cell = self.scheduler.next_cell(slot.index)
             if cell is not None:
                 self.pool.run(slot, cell)
+            elif self.pool.waiting_for_gpus() and slot.placement.gpu and not self.scheduler.has_work(slot.placement):
+                # Done with its cells while another worker waits for GPUs (a TP group for a whole node): free them.
+                self.scheduler.leave(slot.index)
+                self.pool.release(slot)
 
     def check_stranded(self) -> None:
         """Cells whose placement has no worker left: stop, so a rerun can retry them."""

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from kvray.spec import Cell
-from kvray.sweep.placement import Placement, actor_options
+from kvray.sweep.placement import Placement, actor_options, tp_placement_group
 from kvray.sweep.progress import WorkerRow
 from kvray.sweep.ray_env import Cluster
 from kvray.units import first_line
@@ -54,6 +54,7 @@ class Slot:
     start_failures: int = 0
     ever_ready: bool = False
     done: int = 0  # cells this incarnation finished
+    group: Any = None  # a TP worker's placement group (its N GPUs on one node), removed with the actor
 
     @property
     def hardware_name(self) -> str:
@@ -102,7 +103,8 @@ class WorkerPool:
             self.slots.append(Slot(index=len(self.slots), placement=p))
 
     def start_all(self) -> None:
-        for slot in self.slots:
+        """Widest placements first: a TP group's request reaches Ray before one-GPU workers take its node."""
+        for slot in sorted(self.slots, key=lambda s: -s.placement.gpus if s.placement.gpu else 0):
             self.start(slot)
 
     def start(self, slot: Slot) -> None:
@@ -116,6 +118,8 @@ class WorkerPool:
         cpu_workers = sum(not s.placement.gpu for s in self.slots) or 1
         threads = None if slot.placement.gpu else max(1, int(self.cluster.cpus // cpu_workers))
         options = actor_options(slot.placement, num_cpus)
+        if slot.placement.gpu and slot.placement.gpus > 1:
+            slot.group, options = tp_placement_group(self.ray, slot.placement, num_cpus, f"{slot.name}-tp")
         slot.actor = (
             self.ray.remote(Worker)
             .options(name=slot.name, **options)
@@ -212,10 +216,31 @@ class WorkerPool:
         now = time.monotonic()
         return [s for s in self.slots if s.state is SlotState.BUSY and now - s.started > cell_timeout_s]
 
+    def holding_gpus(self) -> list[Slot]:
+        """This sweep's own GPU workers that are up: GPUs a waiting worker may get once they go."""
+        return [s for s in self.slots if s.placement.gpu and s.state in (SlotState.IDLE, SlotState.BUSY)]
+
+    def waiting_for_gpus(self) -> bool:
+        """Whether a GPU worker is still starting (it may wait for GPUs this sweep's other workers hold)."""
+        return any(s.placement.gpu and s.state is SlotState.STARTING for s in self.slots)
+
+    def release(self, slot: Slot) -> None:
+        """An idle worker with nothing left to run gives its GPUs back (a TP group may be waiting for them)."""
+        self.kill(slot, ended="released: no cells left for it")
+        self.retire(slot)
+
     def retire_unstarted(self) -> None:
-        """Slots still starting after ``WORKER_START_TIMEOUT_S`` (a placement Ray cannot satisfy) are given up."""
+        """Slots still starting after ``WORKER_START_TIMEOUT_S`` (a placement Ray cannot satisfy) are given up.
+
+        A GPU worker's clock does not run while this sweep's own GPU workers are up: it may be waiting for
+        their GPUs (a TP=8 group for a whole node that one-GPU workers fill), which they give back when done.
+        """
         now = time.monotonic()
+        holding = bool(self.holding_gpus())
         for slot in self.slots:
+            if slot.state is SlotState.STARTING and slot.placement.gpu and holding:
+                slot.started = now
+                continue
             if slot.state is SlotState.STARTING and now - slot.started > WORKER_START_TIMEOUT_S:
                 self.kill(slot)
                 self.retire(slot, f"{slot.describe()} did not start within {WORKER_START_TIMEOUT_S:g} s")
@@ -238,6 +263,10 @@ class WorkerPool:
         finally:  # killed even when its record cannot be written (a dead collector): no worker outlives a sweep
             with contextlib.suppress(Exception):
                 self.ray.kill(slot.actor, no_restart=True)
+            if slot.group is not None:  # a TP worker's GPUs go back with it
+                with contextlib.suppress(Exception):
+                    self.ray.util.remove_placement_group(slot.group)
+                slot.group = None
             slot.cell, slot.ref, slot.info, slot.done = None, None, {}, 0
 
     def close(self, ended: str) -> None:

@@ -36,26 +36,33 @@ class Cluster:
     cpus: float
     gpus: float
     gpus_by_type: dict[str, float] = field(default_factory=dict)
+    # (node address, accelerator type or None, GPUs) per alive node with GPUs: where a TP group of N can sit
+    nodes: tuple[tuple[str, str | None, float], ...] = ()
 
     @classmethod
     def current(cls) -> Cluster:
         ray = import_ray()
         cpus = gpus = 0.0
         by_type: Counter[str] = Counter()
+        nodes: list[tuple[str, str | None, float]] = []
         for node in ray.nodes():
             if not node.get("Alive", node.get("alive", True)):
                 continue
             res = node.get("Resources", {})
             cpus += res.get("CPU", 0.0)
             gpus += res.get("GPU", 0.0)
-            for key in res:
-                if key.startswith("accelerator_type:"):
-                    by_type[key.split(":", 1)[1]] += res.get("GPU", 0.0)
-        return cls(cpus, gpus, dict(by_type))
+            types = [key.split(":", 1)[1] for key in res if key.startswith("accelerator_type:")]
+            for gpu_type in types:
+                by_type[gpu_type] += res.get("GPU", 0.0)
+            if res.get("GPU", 0.0) > 0:
+                where = str(node.get("NodeManagerAddress") or node.get("NodeID", "?"))
+                nodes.append((f"{where} ({str(node.get('NodeID', ''))[:8]})", types[0] if types else None, res["GPU"]))
+        return cls(cpus, gpus, dict(by_type), tuple(nodes))
 
     def to_dict(self) -> dict[str, Any]:
         """For the manifest's run record."""
-        return {"cpus": self.cpus, "gpus": self.gpus, "gpus_by_type": self.gpus_by_type}
+        return {"cpus": self.cpus, "gpus": self.gpus, "gpus_by_type": self.gpus_by_type,
+                "gpu_nodes": [list(n) for n in self.nodes]}  # fmt: skip
 
 
 def start_local_ray(**kwargs: Any) -> None:

@@ -177,6 +177,7 @@ class Worker:
     def run(self, cell_dict: dict[str, Any]) -> dict[str, Any]:
         """Run one cell, hand its result to the collector, return a short summary for the driver."""
         from kvray.bench.runner import run_cell
+        from kvray.bench.saturation import is_search, run_search
         from kvray.measure.trace import CellResult
 
         cell = Cell.from_dict(cell_dict)
@@ -187,14 +188,12 @@ class Worker:
         else:
             if self.threads and "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(self.threads)
-            result = run_cell(backend, cell, check_oom=self.check_oom, on_measure=self._tell_collector)
-        hardware = {**result.hardware, **{k: v for k, v in self.identity.items() if k not in ("name", "memory_bytes")}}
-        if hardware.get("name") in (None, "", "cpu") and self.identity["name"] != "cpu":
-            hardware["name"], hardware["memory_bytes"] = self.identity["name"], self.identity["memory_bytes"]
-        result.hardware = hardware
+            if is_search(cell):  # a rate search: each probe is a row of its own, recorded as it ends
+                result = run_search(backend, cell, self._record, self.check_oom, self._tell_collector)
+            else:
+                result = run_cell(backend, cell, check_oom=self.check_oom, on_measure=self._tell_collector)
         self.cells_run += 1
-        ray = import_ray()
-        written = ray.get(self.collector.append.remote(result.to_dict()), timeout=COLLECTOR_ACK_TIMEOUT_S)
+        written = self._record(result)
         return {
             "cell_id": cell.cell_id,
             "status": result.status,
@@ -202,6 +201,15 @@ class Worker:
             "duration_s": result.duration_s,
             "written": written,
         }
+
+    def _record(self, result: Any) -> bool:
+        """Stamp the worker's identity on ``result`` and hand it to the collector (True: a new row)."""
+        hardware = {**result.hardware, **{k: v for k, v in self.identity.items() if k not in ("name", "memory_bytes")}}
+        if hardware.get("name") in (None, "", "cpu") and self.identity["name"] != "cpu":
+            hardware["name"], hardware["memory_bytes"] = self.identity["name"], self.identity["memory_bytes"]
+        result.hardware = hardware
+        ray = import_ray()
+        return bool(ray.get(self.collector.append.remote(result.to_dict()), timeout=COLLECTOR_ACK_TIMEOUT_S))
 
     def _tell_collector(self, active: bool) -> None:
         """The measured window opens or closes: the collector holds its table rebuilds meanwhile. Waits for

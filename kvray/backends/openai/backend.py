@@ -7,15 +7,15 @@ The package docstring (kvray/backends/openai/__init__.py) gives token accounting
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from kvray.backends.arrivals import ArrivalSchedule, serve_on_schedule
 from kvray.backends.base import BackendBase, BackendRun
-from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_seed
+from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_salt, request_seed, workload_prompts
 from kvray.backends.openai.session import ClientSession
 from kvray.backends.openai.settings import HTTPSettings, check_reachable
 from kvray.backends.openai.stream import (
@@ -23,7 +23,6 @@ from kvray.backends.openai.stream import (
     chunk_content,
     error_trace,
     parse_event,
-    sleep_until_arrival,
     stream_failure,
     timed_lines,
     token_times,
@@ -114,7 +113,7 @@ class OpenAIBackend(BackendBase):
     async def run_async(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
         assert self.settings is not None and self.prompts is not None
         settings = self.settings
-        prompts = {r.id: self.prompts.make(r.prompt_toks, request_seed(cell, repeat, r.id)) for r in requests}
+        prompts = workload_prompts(self.prompts, cell, requests, repeat)  # shared prefixes token-exact
         headers = settings.headers()
         connections = len(requests) + 1  # one per request in flight, one for /metrics
         key = (cell.cell_id, settings.root, tuple(sorted(headers.items())))
@@ -130,13 +129,18 @@ class OpenAIBackend(BackendBase):
         poller.t0 = t0 = time.perf_counter()
         if settings.metrics_interval_s > 0 and before is not None:
             poller.start()
-        traces = await asyncio.gather(*(self._request(client, cell, r, prompts[r.id], t0, repeat) for r in requests))
+        schedule = ArrivalSchedule.for_cell(cell, requests)
+        traces = await serve_on_schedule(
+            schedule, requests, t0, lambda r, sent_s: self._request(client, cell, r, prompts[r.id], t0, repeat, sent_s)
+        )
         await poller.stop()
         if before is not None and not self.server_cache:
             self.server_cache = cache_config(poller.last_samples or before) or {
                 "source": "metrics without vllm:cache_config_info"
             }
-        return self._backend_run(cell, list(traces), poller, counter_deltas(before, poller.last_samples), repeat)
+        run = self._backend_run(cell, list(traces), poller, counter_deltas(before, poller.last_samples), repeat)
+        run.t0_s = t0  # the traces' and the /metrics points' origin, for the cell's telemetry
+        return run
 
     def _backend_run(self, cell: Cell, traces: list[RunTrace], poller: MetricsPoller, counters: dict[str, int],
                      repeat: int) -> BackendRun:  # fmt: skip
@@ -205,12 +209,13 @@ class OpenAIBackend(BackendBase):
                 return "openai"
         return "openai"
 
-    async def _request(self, client: Any, cell: Cell, r: RequestSpec, prompt: str, t0: float, repeat: int) -> RunTrace:
+    async def _request(self, client: Any, cell: Cell, r: RequestSpec, prompt: str, t0: float, repeat: int,
+                       start_s: float) -> RunTrace:  # fmt: skip
+        """One request, sent now (``start_s``, seconds since ``t0``): its stream read into a RunTrace."""
         assert self.settings is not None and self.prompts is not None
-        start_s = await sleep_until_arrival(r, t0)
         chunks: list[Chunk] = []
         state: dict[str, Any] = {"usage": None, "finish": None, "end_s": start_s}
-        salt = f"kvray-{request_seed(cell, repeat, r.id):x}"
+        salt = request_salt(cell, repeat, r)  # shared within a prefix group, so its requests can hit
         failure = await stream_failure(
             self._stream(client, r, prompt, t0, chunks, state, salt), float(self.settings.timeout_s)
         )
@@ -230,6 +235,9 @@ class OpenAIBackend(BackendBase):
         trace = RunTrace(r.id, repeat, r.arrival_s, start_s, times, state["end_s"], prompt_toks, n_out)
         if sum(counts) != n_out:  # kept per request: the chunks' own count, beside usage's in output_toks
             trace.chunk_toks = sum(counts)
+        details = usage.get("prompt_tokens_details")  # vLLM with --enable-prompt-tokens-details: prefix-cache hits
+        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+            trace.cached_prompt_toks = int(details["cached_tokens"])
         if n_out != r.gen_toks and not (self.settings.allow_short_output and 0 < n_out < r.gen_toks):
             trace.status = "error"
             trace.error = (
@@ -279,6 +287,7 @@ class OpenAIBackend(BackendBase):
 def predicted_paged_bytes(cell: Cell, cache: dict[str, Any]) -> int | None:
     """kvray's paged-layout prediction for the cell's workload with the server's block size and KV dtype."""
     from kvray.model.kvmath import cached_positions, kv_bytes_batch
+    from kvray.model.parallel import shard_geometry
     from kvray.model.resolve import resolve_geometry
 
     block_size = cache.get("block_size")
@@ -286,7 +295,7 @@ def predicted_paged_bytes(cell: Cell, cache: dict[str, Any]) -> int | None:
         return None
     dtype = cache_dtype(cache.get("cache_dtype"), cell.kv_dtype or cell.dtype)
     try:
-        g = resolve_geometry(cell.model)
+        g = shard_geometry(resolve_geometry(cell.model), cell.tensor_parallel)  # one rank's KV under TP
     except Exception:
         return None
     positions = [cached_positions(r.prompt_toks, r.gen_toks) for r in cell.workload.requests]
@@ -302,6 +311,7 @@ def reserved_kv_bytes(cell: Cell, cache: dict[str, Any]) -> tuple[int | None, st
     and the reported KV dtype (paged layout). On the CPU build both routes exist and agree exactly.
     """
     from kvray.model.kvmath import kv_bytes_per_token
+    from kvray.model.parallel import shard_geometry
     from kvray.model.resolve import resolve_geometry
 
     if cache.get("kv_cache_memory_bytes"):
@@ -310,7 +320,7 @@ def reserved_kv_bytes(cell: Cell, cache: dict[str, Any]) -> tuple[int | None, st
     if not blocks or not block:
         return None, None
     try:
-        g = resolve_geometry(cell.model)
+        g = shard_geometry(resolve_geometry(cell.model), cell.tensor_parallel)  # a rank's pool under TP
     except Exception:
         return None, None
     per_token = kv_bytes_per_token(g, cache_dtype(cache.get("cache_dtype"), cell.kv_dtype or cell.dtype), "paged")

@@ -1,17 +1,19 @@
 """Prompts of an exact token count for a server, built from random words of the model's own tokenizer.
 
 Seeded per cell, repeat and request (``request_seed``), so repeats never hit a prefix cache and a rerun
-sends the same text. Shared by the openai and ollama backends.
+sends the same text; requests of a prefix group share their group's prefix token for token
+(``workload_prompts``, rule in kvray/sim/reuse.py). Shared by the openai and ollama backends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from kvray.errors import KvrayInputError
-from kvray.spec import Cell
+from kvray.spec import Cell, RequestSpec
 
 
 class PromptBuilder:
@@ -42,18 +44,24 @@ class PromptBuilder:
     def make(self, n_tokens: int, seed: int) -> str:
         """A prompt of ``n_tokens`` tokens; the closest reachable length if the tokenizer does not round-trip."""
         rng = random.Random(seed)
-        overhead = self.count("")
-        ids = [rng.choice(self.allowed) for _ in range(max(n_tokens - overhead, 0))]
+        return self.fit([rng.choice(self.allowed) for _ in range(max(n_tokens - self.count(""), 0))], n_tokens, rng)
+
+    def draw(self, seed: int, n: int) -> list[int]:
+        """``n`` ordinary token ids drawn from ``seed`` (the ids ``make`` starts from)."""
+        rng = random.Random(seed)
+        return [rng.choice(self.allowed) for _ in range(n)]
+
+    def fit(self, ids: list[int], n_tokens: int, rng: random.Random) -> str:
+        """The text of ``ids``, its tail trimmed or extended until it counts ``n_tokens`` tokens (a word-level
+        tokenizer needs no change; a subword one may merge across a boundary, corrected at the tail only)."""
         text = ""
         for _ in range(12):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             diff = self.count(text) - n_tokens
             if diff == 0:
                 break
-            if diff > 0:
-                ids = ids[: max(len(ids) - diff, 0)]
-            else:
-                ids += [rng.choice(self.allowed) for _ in range(-diff)]
+            grow = [rng.choice(self.allowed) for _ in range(-diff)]  # empty when trimming
+            ids = ids[: max(len(ids) - diff, 0)] if diff > 0 else ids + grow
         return text
 
 
@@ -70,6 +78,30 @@ def load_tokenizer(name: str) -> Any:
         ) from None
 
 
-def request_seed(cell: Cell, repeat: int, request_id: int) -> int:
+def request_seed(cell: Cell, repeat: int, request_id: int | str) -> int:
+    """The seed of a request's own tokens (``request_id``), or of any label under the cell and repeat (a shared
+    prefix group's, a synthetic answer's: kvray/backends/prefixes.py)."""
     digest = hashlib.sha256(f"{cell.cell_id}:{repeat}:{request_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+def workload_prompts(
+    builder: PromptBuilder, cell: Cell, requests: Sequence[RequestSpec], repeat: int
+) -> dict[int, str]:
+    """Every request's prompt text: unique per request, or sharing its group's prefix token for token."""
+    from kvray.sim.reuse import has_shared_prefixes, shared_token_ids
+
+    if not has_shared_prefixes(requests):
+        return {r.id: builder.make(r.prompt_toks, request_seed(cell, repeat, r.id)) for r in requests}
+    ids = shared_token_ids(requests, builder.draw, lambda label: request_seed(cell, repeat, label), builder.count(""))
+    return {
+        r.id: builder.fit(ids[r.id], r.prompt_toks, random.Random(request_seed(cell, repeat, f"fit{r.id}")))
+        for r in requests
+    }
+
+
+def request_salt(cell: Cell, repeat: int, r: RequestSpec) -> str:
+    """vLLM's ``cache_salt`` for a request: per request, or per prefix group (kvray/sim/reuse.py)."""
+    from kvray.sim.reuse import salt_label
+
+    return f"kvray-{request_seed(cell, repeat, salt_label(r)):x}"

@@ -1,6 +1,6 @@
 """Reading a streamed HTTP response into timed chunks: the part every server backend shares.
 
-A request is sent at its arrival offset (``sleep_until_arrival``), its response read line by line with each
+A request is sent when its schedule says (kvray/backends/arrivals.py), its response read line by line with each
 line stamped on arrival (``timed_lines``), and the whole stream bounded by a timeout (``stream_failure``);
 whatever goes wrong — refused connection, timeout, HTTP error status, malformed stream — becomes the
 request's trace with ``status="error"`` and a one-line reason (``error_trace``), never an exception.
@@ -51,14 +51,6 @@ async def timed_lines(
             raise StreamError(f"HTTP {response.status_code}: {detail[:200]}")
         async for line in response.aiter_lines():
             yield time.perf_counter() - t0, line.strip()
-
-
-async def sleep_until_arrival(r: RequestSpec, t0: float) -> float:
-    """Wait for the request's arrival offset; returns when it is sent, in seconds since ``t0``."""
-    delay = t0 + r.arrival_s - time.perf_counter()
-    if delay > 0:
-        await asyncio.sleep(delay)
-    return time.perf_counter() - t0
 
 
 async def stream_failure(stream: Coroutine[Any, Any, None], timeout_s: float) -> str | None:

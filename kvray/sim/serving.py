@@ -1,0 +1,417 @@
+"""A discrete-event model of a continuous-batching engine (vLLM-like): requests served as they arrive, no GPU.
+
+The static-batching queue of kvray/sim/simulate.py answers "how long does this batch take"; a serving engine
+never forms batches. Every engine step (docs/simulator.md, "Serving load"):
+
+1. **Running requests first**, in admission order: each is given the tokens it still needs before its next
+   token (a decode: 1; a prefill: the rest of its prompt, at most the step's token budget with chunked prefill).
+   A request whose next position starts a new KV block takes one from the pool; when none is free, the request
+   admitted last is **preempted** (recompute, vLLM's default: its blocks are freed, it goes back to the head of
+   the queue and later re-runs its prompt plus the tokens it had generated).
+2. **Then waiting requests, FCFS**, while the running set is below ``max_num_seqs``, the token budget
+   (``max_num_batched_tokens``) lasts and the pool keeps vLLM's admission watermark free after their prompt
+   blocks (1 % of the pool; vLLM's ``watermark=0.01``). Without chunked prefill a prompt is never split.
+3. The step's time is the roofline of the whole mixed batch (kvray/sim/passes.step_cost through
+   simulate.pass_time_s): every prefill chunk and decode token of the step read the weights once together.
+   A request whose computed tokens reach its prompt (+ generated) length gets a token at the step's end.
+
+A closed-loop request (``after`` = another request's id) arrives ``think_s`` after that request's last token,
+so its arrival is only known during the run. ``duration_s``: a request whose arrival falls later is not sent,
+nor is anything that waits on it.
+
+Optional prefix caching (``prefix_caching``): requests of one ``prefix_group`` share the full blocks of their
+first ``shared_prefix_toks`` tokens. Once a member has computed them they stay resident while any member runs
+(not after: vLLM keeps freed blocks as evictable cache until the pool needs them, which this model does not),
+a later member skips their prefill and does not allocate them again.
+
+KV blocks here are whole-model blocks (``block_size`` tokens × kvmath's paged bytes per token): a sliding-window
+layer is charged every position, as vLLM's pool does without its hybrid allocator.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvray.errors import KvrayInputError
+from kvray.hardware.gpus import GpuSpec
+from kvray.model.geometry import ModelGeometry
+from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, dtype_bytes, kv_bytes_per_token, normalize_dtype, paged_blocks_in
+from kvray.model.oom import RUNTIME_OVERHEAD_BYTES, activation_bytes
+from kvray.model.parallel import shard_geometry
+from kvray.sim.passes import PassCost, sequence_step_cost, step_cost
+from kvray.sim.simulate import Efficiency, RequestLike, bound_of, pass_time_s
+
+# vLLM's defaults (V1 engine, OpenAI server on a GPU): engine arguments max_num_seqs, max_num_batched_tokens
+# (chunked prefill on), gpu_memory_utilization, and the block manager's admission watermark.
+VLLM_MAX_NUM_SEQS = 256
+VLLM_MAX_NUM_BATCHED_TOKENS = 8192
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+VLLM_WATERMARK = 0.01
+
+
+class PoolTooSmall(MemoryError):
+    """The weights leave no KV pool, or a request cannot fit the pool even alone (vLLM refuses to start)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's knobs, named as vLLM's engine arguments."""
+
+    max_num_seqs: int = VLLM_MAX_NUM_SEQS
+    max_num_batched_tokens: int = VLLM_MAX_NUM_BATCHED_TOKENS
+    chunked_prefill: bool = True
+    block_size: int = DEFAULT_BLOCK_SIZE
+    kv_pool_bytes: int | None = None  # None: gpu memory × gpu_memory_utilization − weights − activations − runtime
+    gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION
+    watermark: float = VLLM_WATERMARK
+    prefix_caching: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:
+            raise KvrayInputError(
+                f"max_num_seqs, max_num_batched_tokens and block_size must be >= 1, got {self.max_num_seqs}, "
+                f"{self.max_num_batched_tokens} and {self.block_size}"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise KvrayInputError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_pool_bytes is not None and self.kv_pool_bytes <= 0:
+            raise KvrayInputError(f"kv_pool_bytes must be positive, got {self.kv_pool_bytes}")
+        if not 0 <= self.watermark < 1:
+            raise KvrayInputError(f"watermark must be in [0, 1), got {self.watermark}")
+
+
+@dataclass(frozen=True)
+class KvPool:
+    """The paged KV pool the engine allocates up front, and what the GPU holds beside it."""
+
+    blocks: int
+    block_size: int
+    block_bytes: int
+    weights_bytes: int
+    activation_bytes: int  # the profiling pass's peak: max_num_batched_tokens tokens at once
+    overhead_bytes: int
+    capacity_bytes: int
+    source: str  # "kv_pool_bytes" or "gpu_memory_utilization 0.9"
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.blocks * self.block_bytes
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.block_size
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.pool_bytes + self.activation_bytes + self.overhead_bytes
+
+
+def kv_pool(g: ModelGeometry, gpu: GpuSpec, dtype: str, kv_dtype: str, cfg: EngineConfig) -> KvPool:
+    """vLLM's sizing: memory × utilisation − weights − the profiled activation peak − runtime, in whole blocks."""
+    weights = g.weights_bytes(dtype_bytes(dtype))
+    act = activation_bytes(g, 1, cfg.max_num_batched_tokens, dtype)
+    block_bytes = int(cfg.block_size * kv_bytes_per_token(g, kv_dtype, "paged"))
+    pool: float
+    if cfg.kv_pool_bytes is not None:
+        pool, source = cfg.kv_pool_bytes, "kv_pool_bytes"
+    else:
+        pool = gpu.memory_bytes * cfg.gpu_memory_utilization - weights - act - RUNTIME_OVERHEAD_BYTES
+        source = f"gpu_memory_utilization {cfg.gpu_memory_utilization:g}"
+    blocks = paged_blocks_in(g, max(pool, 0), kv_dtype, cfg.block_size)
+    if blocks <= 0:
+        raise PoolTooSmall(
+            f"no KV pool left on {gpu.name}: would need to allocate {weights + act + RUNTIME_OVERHEAD_BYTES} bytes "
+            f"(weights {weights} + activations {act} + runtime {RUNTIME_OVERHEAD_BYTES}) of "
+            f"{int(gpu.memory_bytes * cfg.gpu_memory_utilization)} ({source})"
+        )
+    return KvPool(blocks, cfg.block_size, block_bytes, weights, act, RUNTIME_OVERHEAD_BYTES, gpu.memory_bytes, source)
+
+
+@dataclass
+class ServedRequest:
+    """One request's predicted life, seconds from the run's start (RunTrace's fields, as simulate's timings)."""
+
+    index: int  # position in the request list
+    arrival_s: float  # when it was sent (closed loop: its predecessor's end + think time)
+    start_s: float  # first admission into the running set
+    token_times_s: list[float]
+    end_s: float
+    preemptions: int  # times it was preempted and recomputed
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step (or the moment the engine fell idle: dt_s 0, nothing running)."""
+
+    t_s: float  # when the step started
+    dt_s: float
+    running: int  # requests scheduled in this step
+    waiting: int  # arrived, not running
+    kv_blocks_used: int
+    preemptions: int  # so far in the run
+    prefill_tokens: int
+    decode_tokens: int
+
+
+@dataclass
+class ServingRun:
+    timings: list[ServedRequest]  # sent requests, by index
+    unsent: list[int]  # indices not sent: arrival after duration_s (or after a request that was not sent)
+    steps: list[StepRecord]
+    pool: KvPool
+    preemptions: int
+    prefix_hit_tokens: int = 0
+    bounds: dict[str, int] = field(default_factory=dict)  # steps per limiting roof
+
+    @property
+    def kv_blocks_peak(self) -> int:
+        return max((s.kv_blocks_used for s in self.steps), default=0)
+
+    @property
+    def running_peak(self) -> int:
+        return max((s.running for s in self.steps), default=0)
+
+
+@dataclass(slots=True)
+class _Live:
+    """A request inside the engine: computed tokens (KV positions), tokens generated, blocks held."""
+
+    index: int
+    prompt: int
+    gen: int
+    group: int | None
+    shared: int
+    arrival_s: float
+    start_s: float | None = None
+    computed: int = 0
+    target: int = 0  # positions computed before its next token: the prompt plus every token generated so far
+    shared_blocks: int = 0  # blocks of its group's prefix it uses but does not own
+    blocks: int = 0  # blocks it owns
+    tokens: list[float] = field(default_factory=list)
+    preempted: int = 0
+
+    def __post_init__(self) -> None:
+        self.target = self.prompt
+
+
+class _Engine:
+    """The scheduler's state between steps (module docstring for the rules)."""
+
+    def __init__(self, pool: KvPool, cfg: EngineConfig):
+        self.pool, self.cfg = pool, cfg
+        self.free = pool.blocks
+        self.watermark = int(cfg.watermark * pool.blocks)
+        self.waiting: deque[_Live] = deque()
+        self.running: list[_Live] = []
+        self.preemptions = 0
+        self.prefix_hits = 0
+        self.decodes = 0  # decode tokens in the step just scheduled
+        self.groups: dict[int, list[int]] = {}  # group → [prefix blocks resident, members running]
+
+    def release(self, r: _Live) -> None:
+        """Free ``r``'s own blocks (and its group's, when it was the last member running); the caller unlists it."""
+        self.free += r.blocks
+        r.blocks = 0
+        if r.group is not None and self.cfg.prefix_caching:
+            state = self.groups[r.group]
+            state[1] -= 1
+            if state[1] == 0:  # the last member left: the shared blocks go back to the pool
+                self.free += state[0]
+                state[0] = 0
+
+    def preempt(self) -> _Live:
+        """Recompute preemption of the request admitted last: its KV is freed, it waits at the queue's head."""
+        victim = self.running.pop()
+        self.release(victim)
+        victim.computed, victim.shared_blocks = 0, 0
+        victim.preempted += 1
+        self.preemptions += 1
+        self.waiting.appendleft(victim)
+        return victim
+
+    def schedule(self, now: float) -> list[tuple[_Live, int]]:
+        """This step's (request, new tokens), running requests first, then admissions."""
+        budget, size = self.cfg.max_num_batched_tokens, self.cfg.block_size
+        chunks: list[tuple[_Live, int]] = []
+        preempted = False
+        i = 0
+        self.decodes = 0
+        running = self.running
+        while i < len(running) and budget > 0:
+            r = running[i]
+            new = r.target - r.computed
+            if new > budget:
+                new = budget
+            need = -(-(r.computed + new) // size) - r.shared_blocks - r.blocks  # blocks to add (ceil division)
+            while need > self.free:
+                preempted = True
+                if self.preempt() is r:
+                    break
+            if i == len(running):
+                break  # r was the last running request and preempted itself
+            if new == 1 and r.tokens and r.target - r.computed == 1:
+                self.decodes += 1
+            self.free -= need
+            r.blocks += need
+            chunks.append((r, new))
+            budget -= new
+            i += 1
+        while not preempted and self.waiting and len(self.running) < self.cfg.max_num_seqs and budget > 0:
+            r = self.waiting[0]
+            cached = self._cached(r)
+            new = r.target - cached
+            if self.cfg.chunked_prefill:
+                new = min(new, budget)
+            elif new > budget and chunks:
+                break  # a whole prompt waits for a step with room (an empty step takes it whatever its size)
+            shared = cached // self.cfg.block_size
+            need = max(math.ceil((cached + new) / self.cfg.block_size) - shared, 0)
+            if self.free - need < (self.watermark if self.running else 0):
+                break
+            self.waiting.popleft()
+            r.computed, r.shared_blocks, r.blocks = cached, shared, need
+            self.free -= need
+            self.prefix_hits += cached
+            if r.start_s is None:
+                r.start_s = now
+            if r.group is not None and self.cfg.prefix_caching:
+                self.groups.setdefault(r.group, [0, 0])[1] += 1
+            self.running.append(r)
+            chunks.append((r, new))
+            budget -= new
+        return chunks
+
+    def _cached(self, r: _Live) -> int:
+        """Prompt positions already resident for ``r``'s prefix group (full blocks; at least one token to run)."""
+        if not self.cfg.prefix_caching or r.group is None:
+            return 0
+        resident = self.groups.get(r.group, [0, 0])[0]
+        full = min(r.shared // self.cfg.block_size, resident, (r.target - 1) // self.cfg.block_size)
+        return full * self.cfg.block_size
+
+    def share_prefix(self, r: _Live) -> None:
+        """After a step: the full prefix blocks ``r`` has computed become its group's (owned once, by the group)."""
+        if not self.cfg.prefix_caching or r.group is None:
+            return
+        state = self.groups[r.group]
+        full = min(r.shared, r.computed) // self.cfg.block_size
+        if full > state[0]:
+            moved = full - max(state[0], r.shared_blocks)
+            state[0] = full
+            r.blocks -= moved
+            r.shared_blocks = full
+
+
+def serve(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dtype: str = "bf16",
+          kv_dtype: str | None = None, cfg: EngineConfig | None = None, eff: Efficiency | None = None,
+          duration_s: float | None = None, tp: int = 1) -> ServingRun:  # fmt: skip
+    """Predicted per-request timings and per-step engine state of serving ``requests`` on ``gpu``.
+
+    ``tp`` > 1: one rank of a tensor-parallel group (kvray.model.parallel) — its weights, its KV heads in the
+    pool (every rank holds the same blocks, each of its heads only), each step plus its all-reduces.
+
+    Requests are read through ``RequestLike`` plus, when present, ``id``, ``after``, ``think_s``,
+    ``prefix_group`` and ``shared_prefix_toks`` (kvray.spec.RequestSpec has them all).
+    """
+    if not requests:
+        raise KvrayInputError("nothing to simulate: no requests")
+    cfg = cfg or EngineConfig()
+    eff = eff or Efficiency()
+    dtype = normalize_dtype(dtype)
+    kv_dtype = normalize_dtype(kv_dtype or dtype)
+    g = shard_geometry(g, tp)
+    pool = kv_pool(g, gpu, dtype, kv_dtype, cfg)
+    pending, followers = _arrivals(requests, pool, cfg.block_size)
+    engine = _Engine(pool, cfg)
+    sharing = cfg.prefix_caching
+    memo: dict[tuple[int, int], PassCost] = {}
+
+    def per_sequence(past: int, queries: int) -> PassCost:
+        cost = memo.get((past, queries))
+        if cost is None:
+            cost = memo[past, queries] = sequence_step_cost(g, past, queries, kv_dtype, "paged", cfg.block_size)
+        return cost
+
+    done: dict[int, ServedRequest] = {}
+    steps: list[StepRecord] = []
+    bounds: dict[str, int] = {}
+    now = 0.0
+    while pending or engine.waiting or engine.running:
+        while pending and pending[0][0] <= now:
+            arrival, i = heapq.heappop(pending)
+            if duration_s is not None and arrival > duration_s:
+                continue  # not sent, and nothing that follows it is either
+            req = requests[i]
+            engine.waiting.append(_Live(i, req.prompt_toks, req.gen_toks, getattr(req, "prefix_group", None),
+                                        getattr(req, "shared_prefix_toks", 0), arrival))  # fmt: skip
+        if not engine.waiting and not engine.running:
+            if not pending:
+                break  # the rest was never sent
+            now = pending[0][0]
+            continue
+        chunks = engine.schedule(now)
+        if not chunks:
+            raise PoolTooSmall(f"the engine cannot admit request {engine.waiting[0].index}: KV pool too small")
+        cost = step_cost(g, [(r.computed, n) for r, n in chunks], dtype, kv_dtype, "paged", cfg.block_size,
+                         per_sequence)  # fmt: skip
+        dt = pass_time_s(cost, g, gpu, dtype, eff, tp)
+        bound = bound_of(cost, g, gpu, dtype, eff, tp)
+        bounds[bound] = bounds.get(bound, 0) + 1
+        decodes = engine.decodes
+        steps.append(StepRecord(now, dt, len(chunks), len(engine.waiting), pool.blocks - engine.free,
+                                engine.preemptions, sum(n for _, n in chunks) - decodes, decodes))  # fmt: skip
+        now += dt
+        finished = False
+        for r, n in chunks:
+            r.computed += n
+            if sharing:
+                engine.share_prefix(r)
+            if r.computed == r.target:
+                r.tokens.append(now)
+                r.target += 1
+                if len(r.tokens) == r.gen:
+                    finished = True
+                    engine.release(r)
+                    assert r.start_s is not None
+                    done[r.index] = ServedRequest(r.index, r.arrival_s, r.start_s, r.tokens, now, r.preempted)
+                    for j in followers.get(r.index, []):
+                        heapq.heappush(pending, (now + getattr(requests[j], "think_s", 0.0), j))
+        if finished:
+            engine.running = [r for r in engine.running if r.index not in done]
+        if not engine.running and not engine.waiting:
+            steps.append(StepRecord(now, 0.0, 0, 0, pool.blocks - engine.free, engine.preemptions, 0, 0))
+    unsent = [i for i in range(len(requests)) if i not in done]
+    timings = [done[i] for i in sorted(done)]
+    return ServingRun(timings, unsent, steps, pool, engine.preemptions, engine.prefix_hits, bounds)
+
+
+def _arrivals(requests: Sequence[RequestLike], pool: KvPool, block_size: int
+              ) -> tuple[list[tuple[float, int]], dict[int, list[int]]]:  # fmt: skip
+    """(heap of (arrival, index) of the requests due at a fixed time, index → the closed-loop requests after it).
+
+    Refuses, before anything runs, a request that cannot fit the pool alone and an ``after`` naming no request.
+    """
+    ids = {getattr(req, "id", i): i for i, req in enumerate(requests)}
+    followers: dict[int, list[int]] = {}
+    pending: list[tuple[float, int]] = []
+    for i, req in enumerate(requests):
+        need = math.ceil((req.prompt_toks + req.gen_toks - 1) / block_size)
+        if need > pool.blocks:
+            raise PoolTooSmall(
+                f"request {getattr(req, 'id', i)} needs {need} KV blocks ({req.prompt_toks} + {req.gen_toks} tokens) "
+                f"and would need to allocate {need * pool.block_bytes} bytes; the pool holds {pool.blocks} blocks "
+                f"({pool.pool_bytes} bytes, {pool.source})"
+            )
+        after = getattr(req, "after", None)
+        if after is None:
+            pending.append((req.arrival_s, i))
+        elif after not in ids or ids[after] == i:
+            raise KvrayInputError(f"request {getattr(req, 'id', i)} follows unknown request {after}")
+        else:
+            followers.setdefault(ids[after], []).append(i)
+    heapq.heapify(pending)
+    return pending, followers
