@@ -42,7 +42,9 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                              + str(len(payload)).encode() + b"\r\n\r\n" + payload)  # fmt: skip
             elif path.startswith("/v1/completions") and method == "POST":
                 n = int(body.get("max_tokens") or 8)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                )
                 for i in range(n):
                     event = {"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": f" t{i}"}]}
                     _chunk(writer, b"data: " + json.dumps(event).encode() + b"\n\n")
@@ -104,11 +106,15 @@ def main() -> int:
     stub.start()
     time.sleep(1.0)
     url = f"http://127.0.0.1:{port}/v1"
-    print(f"kvray client (pid {os.getpid()}, one process) → stub server (pid {stub.pid}); constant loads, "
-          f"{args.seconds:g} s each, {args.gen_toks} streamed tokens per request; {os.cpu_count()} CPUs here, "
-          f"load average {os.getloadavg()[0]:.1f} at the start")
-    print(f"{'offered/s':>9} {'achieved/s':>10} {'lag p50 ms':>10} {'lag p99 ms':>10} {'lag max ms':>10} "
-          f"{'n':>5} {'limit ms':>8}  behind")
+    print(
+        f"kvray client (pid {os.getpid()}, one process) → stub server (pid {stub.pid}); constant loads, "
+        f"{args.seconds:g} s each, {args.gen_toks} streamed tokens per request; {os.cpu_count()} CPUs here, "
+        f"load average {os.getloadavg()[0]:.1f} at the start"
+    )
+    print(
+        f"{'offered/s':>9} {'achieved/s':>10} {'lag p50 ms':>10} {'lag p99 ms':>10} {'lag max ms':>10} "
+        f"{'n':>5} {'limit ms':>8}  behind"
+    )
     best = None
     try:
         for rate in args.rates:

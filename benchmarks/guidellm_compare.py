@@ -20,6 +20,7 @@ Skips (exit 0, one line) when guidellm or the vLLM CPU venv is absent: it is a b
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shutil
@@ -46,12 +47,23 @@ def start_server() -> Any:
     return backend
 
 
+def prompts_file(path: Path) -> Path:
+    """guidellm's prompts: JSON lines of ``PROMPT − 1`` words of the tiny tokenizer's vocabulary ("w123", one
+    token each; BOS makes ``PROMPT``) with ``output_tokens_count`` = OUTPUT (guidellm then sends max_tokens and
+    ignore_eos). Not its ``synthetic_text``: that decodes a text corpus through the tokenizer, which for the tiny
+    word-level vocabulary gives empty prompts (vLLM: "The decoder prompt cannot be empty")."""
+    lines = [json.dumps({"prompt": " ".join(f"w{50 + (i * 37 + j) % 4000}" for j in range(PROMPT - 1)),
+                         "output_tokens_count": OUTPUT}) for i in range(4 * REQUESTS)]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def run_guidellm(exe: str, url: str, model_path: str, out: Path) -> dict[str, Any]:
     """One guidellm run; per-request TTFT and ITL (ms) from its JSON report."""
     cmd = [exe, "run", "--backend", f"kind=openai_http,target={url},model=kvray/tiny-llama,"
            "request_format=/v1/completions",
            "--profile", f"kind=concurrent,streams={USERS}", "--constraint", f"kind=max_requests,count={REQUESTS}",
-           "--data", f"kind=synthetic_text,prompt_tokens={PROMPT},output_tokens={OUTPUT}",
+           "--data", f"kind=json_file,path={prompts_file(out.with_suffix('.prompts.jsonl'))}",
            "--tokenizer", f"kind=huggingface_auto,model={model_path}",
            "--output", f"kind=json,path={out}", "--disable-console-interactive"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -62,7 +74,9 @@ def run_guidellm(exe: str, url: str, model_path: str, out: Path) -> dict[str, An
     reqs = bench["requests"]["successful"]
     ttft = [r["time_to_first_token_ms"] for r in reqs if r.get("time_to_first_token_ms") is not None]
     itl = [r["inter_token_latency_ms"] for r in reqs if r.get("inter_token_latency_ms") is not None]
-    return {"ttft_ms": ttft, "itl_ms": itl, "out_toks": [r.get("output_tokens") for r in reqs]}
+    if {r.get("prompt_tokens") for r in reqs} != {PROMPT} or {r.get("output_tokens") for r in reqs} != {OUTPUT}:
+        raise RuntimeError("guidellm's requests were not 32 → 8 tokens: the comparison would not be like for like")
+    return {"ttft_ms": ttft, "itl_ms": itl}
 
 
 def run_kvray(url: str, model_path: str, out: Path) -> dict[str, Any]:
@@ -76,22 +90,35 @@ def run_kvray(url: str, model_path: str, out: Path) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
+def _server_version(url: str) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.removesuffix('/v1')}/version", timeout=5) as response:
+            return str(json.loads(response.read()).get("version", "?"))
+    except OSError:
+        return "?"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--guidellm", default=shutil.which("guidellm") or "/tmp/guidellm-venv/bin/guidellm")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--base-url", help="a vLLM server already serving kvray/tiny-llama (else one is started)")
+    parser.add_argument("--model-path", help="with --base-url: the model folder it serves (its tokenizer)")
     args = parser.parse_args()
     if not Path(args.guidellm).is_file():
         print(f"skip: guidellm not found at {args.guidellm} (uv venv /tmp/guidellm-venv && uv pip install "
               "--python /tmp/guidellm-venv guidellm)")  # fmt: skip
         return 0
-    if not os.environ.get("KVRAY_VLLM_PYTHON") and not VLLM_VENV.is_file():
+    if not args.base_url and not os.environ.get("KVRAY_VLLM_PYTHON") and not VLLM_VENV.is_file():
         print(f"skip: no vLLM CPU build (KVRAY_VLLM_PYTHON unset, {VLLM_VENV} absent)")
         return 0
     os.environ.setdefault("KVRAY_VLLM_PYTHON", str(VLLM_VENV))
     version = subprocess.run([args.guidellm, "--version"], capture_output=True, text=True).stdout.strip()
-    backend = start_server()
-    url, model_path = backend.server.base_url, str(backend.model_path)
+    backend = None if args.base_url else start_server()
+    url = args.base_url or backend.server.base_url
+    model_path = args.model_path or str(backend.model_path)
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,14 +128,17 @@ def main() -> int:
                              len(g["ttft_ms"]), statistics.median(g["itl_ms"]), len(g["itl_ms"])))  # fmt: skip
                 k = run_kvray(url, model_path, Path(tmp) / f"k{rnd}")
                 m = k["metrics"]
-                kv = k.get("versions", {}).get("kvray", "?")
+                kv = importlib.metadata.version("kvray")
                 rows.append((f"kvray {kv}", rnd + 1, m["ttft_s_p50"] * 1e3, m["ttft_s_n"], m["tpot_s_p50"] * 1e3,
                              m["tpot_s_n"]))  # fmt: skip
     finally:
-        backend.close()
-    server = backend._version or "?"
-    print(f"one vLLM {server} CPU server, kvray/tiny-llama fp32; {USERS} users × {REQUESTS} requests, "
-          f"{PROMPT} → {OUTPUT} tokens")
+        if backend is not None:
+            backend.close()
+    server = _server_version(url)
+    print(
+        f"one vLLM {server} CPU server, kvray/tiny-llama fp32; {USERS} users × {REQUESTS} requests, "
+        f"{PROMPT} → {OUTPUT} tokens"
+    )
     print(f"{'tool':<22} {'round':>5} {'TTFT p50 ms':>12} {'n':>4} {'ITL/TPOT p50 ms':>16} {'n':>4}")
     for tool, rnd, ttft, n_t, itl, n_i in rows:
         print(f"{tool:<22} {rnd:>5} {ttft:>12.1f} {n_t:>4} {itl:>16.2f} {n_i:>4}")

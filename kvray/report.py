@@ -41,6 +41,7 @@ EXPERIMENTS = {
     "exp2": ("Exp2 — sequence-length sweep", ("fig3_latency_vs_seqlen", "fig4_mem_vs_seqlen")),
     "exp3": ("Exp3 — mixed lengths (tail latency)", ("fig5_mixed_lengths_latency",)),
     "exp4": ("Exp4 — static vs paged KV, in-process vs server", ("fig8_backend_compare", "fig9_kv_timeline")),
+    "exp7": ("Exp7 — tensor-parallel scaling", ()),  # one figure per model: exp7_tp_scaling_<model> (on disk)
 }
 FINDING_TITLES = {
     "sanity": "⚠ Implausible measurements (warnings: these cells are suspect, not results)",
@@ -76,6 +77,10 @@ def make_report(results_dir: str | Path, figures: bool = True) -> ReportPaths:
     cells, traces, manifest = load_dataset(out)
     view = prepare(cells, traces)
     fig_results = plot_view(view, out / FIGURES_DIR) + server_figures_if_any(out) if figures else []
+    if figures:
+        from kvray.figures.parallelism import tp_figures_if_any
+
+        fig_results += tp_figures_if_any(out)  # exp7: one TP-scaling figure per model
     findings = compute_findings(view)
     blocks = build_blocks(view, manifest, findings, fig_results, out)
     md_path, html_path = out / REPORT_MD, out / REPORT_HTML
@@ -318,8 +323,12 @@ def build_blocks(
     blocks += findings_blocks(findings)
     figure = _figure_blocks(figures, out)
     suspects = suspect_cells(findings)
+    from kvray.figures import FIGURES_DIR
+
     for exp, (heading, fig_names) in EXPERIMENTS.items():
         blocks += experiment_blocks(view, exp, heading, suspects)
+        if exp == "exp7":  # kvray/figures/parallelism.py: one figure per model, named after it
+            fig_names = tuple(sorted(p.stem for p in (out / FIGURES_DIR).glob("exp7_tp_scaling_*.png")))
         for name in fig_names:
             blocks += figure(name)
     others = cells[~cells["experiment"].isin(list(EXPERIMENTS))] if len(cells) else cells
@@ -499,13 +508,12 @@ def reuse_blocks(out: Path, redraw: bool = True) -> list[Block]:
 def serving_blocks(view: View, out: Path, redraw: bool = True) -> list[Block]:
     """Serving: per configuration (backend · hardware · model · SLO) the highest goodput and the load it came at,
     the knee and saturation rate of any search, then fig11/fig12 (kvray/figures/serving.py); none without rows."""
-    from kvray.figures import FIGURES_DIR
     from kvray.figures.serving import SERVING_FIGURES, make_serving_figures, search_rows, serving_rows
 
     rows = serving_rows(view.cells)
     if not len(rows):
         return []
-    figures = {f.name: f for f in (make_serving_figures(out) if redraw else [])}
+    figures = make_serving_figures(out) if redraw else []
     searches = search_rows(view.cells)
     keys = ["backend", "hardware", "model", "slo"]
     table = []
@@ -532,12 +540,9 @@ def serving_blocks(view: View, out: Path, redraw: bool = True) -> list[Block]:
                          "offered rate a saturation search found sustainable; saturation: the highest achieved "
                          "rate any of its probes measured. Rows whose client fell behind its schedule did not "
                          "offer the rate they name.")]  # fmt: skip
+    figure = _figure_blocks(figures, out)
     for name in SERVING_FIGURES:
-        png = out / FIGURES_DIR / f"{name}.png"
-        if png.is_file():
-            notes = figures[name].notes if name in figures else []
-            blocks.append(Block("figure", name + (": " + "; ".join(notes) if notes else ""), path=png,
-                                svg=png.with_suffix(".svg")))  # fmt: skip
+        blocks += figure(name)
     return blocks
 
 

@@ -113,6 +113,34 @@ def _shared_len(a, b):
     return n
 
 
+def test_the_simulator_serves_shared_prefixes_and_chats_with_the_hits_arithmetic_predicts():
+    """The sim backend's continuous engine (kvray/sim/serving.py, a discrete-event model with vLLM V1's caching
+    rules) against the block arithmetic by hand: 16 requests sharing 256 of 288 tokens hit 2 blocks each but the
+    first (15 × 256 of 16 × 288 tokens); 4 chats × 3 turns of 100 + 30 tokens hit only the previous turn's whole
+    *prompt* blocks — turn 2 none (turn 1's 100-token prompt fills no block; its block 0 holds 28 generated tokens
+    the history replaces with the synthetic answer), turn 3 one (128 of 360: turn 2's 230-token prompt fills one) —
+    also after the turn ended (cached blocks stay until evicted)."""
+    from kvray.backends.sim import SimBackend
+
+    def sim(workload: Workload) -> Any:
+        options = make_options(block_size=BLOCK, kv_cache_memory_bytes=POOL)
+        cell = Cell(model="kvray/tiny-llama", workload=workload, backend="sim", dtype="fp32", hardware="H100-SXM",
+                    warmup=0, repeats=1, options=options)  # fmt: skip
+        result = run_cell(SimBackend(), cell)
+        assert result.status == "ok", result.reason
+        return result
+
+    shared = sim(shared_prefix_workload(16, 1, 256, 32, 4))
+    assert shared.memory["prefix_cache_hit_rate"] == pytest.approx(15 * 256 / (16 * 288), abs=1e-6)
+    assert shared.memory["kv_saved_bytes"] == 15 * 256 * PER_TOKEN
+    assert shared.memory["prefix_cache_hit_rate_predicted"] == shared.memory["prefix_cache_hit_rate"]
+    chats = sim(multi_turn_workload(4, 3, 100, 30))
+    hits = 4 * (0 + 128)
+    queries = 4 * (100 + 230 + 360)
+    assert chats.memory["prefix_cache_hit_rate"] == pytest.approx(hits / queries, abs=1e-6)  # the row rounds to 6
+    assert chats.memory["kv_saved_bytes"] == hits * PER_TOKEN
+
+
 def test_server_prompts_share_exactly_the_prefix_and_the_history(tmp_path):
     """The openai/vllm prompt text, tokenised by the served model's tokenizer: exact lengths, exactly the shared
     tokens in common (the BOS token is the first of them), unique suffixes, and per-group cache salts."""

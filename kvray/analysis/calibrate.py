@@ -10,10 +10,13 @@ error Σ (pred/measured − 1)²: a coarse grid picks a start, then assignment a
 squares (numpy.linalg.lstsq over the active sets) alternate until the assignment stops changing. A roof
 that no pass hits is not identified by the data and keeps its default, unless that makes the fit worse.
 
-Rows used: status ok, measured (not simulated, unless asked), on a GPU of kvray/hardware/gpus.py, backend with a
-known KV layout (hf → "hf"; hf-paged, vllm, openai → "paged"), requests started together (queue ≈ 0, so
+Rows used: status ok, measured (not simulated, unless asked), on a GPU of kvray/hardware/gpus.py (or, with
+``host`` — ``kvray calibrate --cpu-host`` — CPU rows against this machine's measured peaks, kvray/hardware/host.py),
+backend with a known KV layout (hf → "hf"; hf-paged, vllm, openai → "paged"), requests started together (queue ≈ 0, so
 TTFT is the prefill alone), TTFT on the engine's clock (``ttft_basis`` "engine": a server's client-side TTFT
-holds HTTP, tokenisation and queueing, which no roof explains, so vllm / openai / ollama rows are skipped).
+holds HTTP, tokenisation and queueing, which no roof explains, so vllm / openai / ollama rows are skipped; a CPU
+row against ``host`` gives its TPOT alone instead: streamed tokens leave one engine step apart, whatever the
+client's clock, and the CPU build of vLLM has no engine-clock twin to calibrate from).
 Results go to the calibration file that kvray.sim.simulate reads.
 """
 
@@ -29,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from kvray.errors import KvrayInputError
-from kvray.hardware.gpus import match_gpu
+from kvray.hardware.gpus import GpuSpec, match_gpu
+from kvray.hardware.host import is_cpu_hardware
 from kvray.model.kvmath import normalize_dtype
 from kvray.sim.simulate import (
     DEFAULT_ETA_COMPUTE,
@@ -73,6 +77,7 @@ class Fit:
     median_abs_rel_error_before: dict[str, float]  # with default η, per kind
     median_abs_rel_error_after: dict[str, float]
     skipped: dict[str, int] = field(default_factory=dict)
+    host_peaks: dict[str, Any] | None = None  # a CPU fit: the measured peaks η is relative to (hardware/host.py)
 
     def to_entry(self, source: str) -> dict[str, Any]:
         entry = asdict(self)
@@ -111,10 +116,13 @@ def _finite(value: Any) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool = False) -> tuple[
+def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool = False,
+                           host: GpuSpec | None = None) -> tuple[
     dict[tuple[str, str], list[Observation]], dict[str, int]
 ]:  # fmt: skip
-    """Group usable rows' observations by (GPU name, layout); count the skipped rows by reason."""
+    """Group usable rows' observations by (GPU name, layout); count the skipped rows by reason.
+
+    ``host``: CPU rows are fitted against it (its name, e.g. "cpu-host"); on the client's clock, TPOT only."""
     from kvray.model.resolve import resolve_geometry
 
     groups: dict[tuple[str, str], list[Observation]] = {}
@@ -132,10 +140,13 @@ def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool =
             skip("simulated")
             continue
         gpu = match_gpu(str(row.get("hardware") or ""))
+        on_host = gpu is None and host is not None and is_cpu_hardware(str(row.get("hardware") or ""))
+        gpu = host if on_host else gpu
         if gpu is None:
             skip("hardware not in the GPU table")
             continue
-        if ttft_basis_of(row) != "engine":  # a server's TTFT holds HTTP, tokenisation and queueing: not a roof
+        tpot_only = ttft_basis_of(row) != "engine"  # a server's TTFT holds HTTP, tokenisation and queueing
+        if tpot_only and not on_host:
             skip("TTFT not on the engine's clock (ttft_basis)")
             continue
         layout = layout_of(str(row.get("backend")))
@@ -146,8 +157,14 @@ def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool =
         if ttft is None:
             skip("no TTFT")
             continue
+        if str(row.get("load") or "burst") not in ("burst", "nan"):  # an open or closed loop is no single batch
+            skip("not a burst (open or closed loop)")
+            continue
         queue = _finite(row.get("queue_s_max")) or 0.0
-        if queue > QUEUE_TOLERANCE * ttft:
+        # TTFT must be the prefill alone; TPOT alone only needs the batch to decode together: a request started
+        # within a twentieth of the decode span shares nearly every step with the others
+        span = ttft if not tpot_only else (_finite(row.get("tpot_s_p50")) or 0.0) * (int(row["gen_toks"]) - 1)
+        if queue > QUEUE_TOLERANCE * span:
             skip("requests queued (more than one batch)")
             continue
         model = str(row.get("model"))
@@ -171,9 +188,13 @@ def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool =
         passes = batch_passes(g, prompts, [gen] * len(prompts), dtype, kv_dtype, layout)
         compute = np.array([p.flops / (gpu.tflops(dtype) * 1e12) for p in passes])
         memory = np.array([p.bytes / (gpu.bandwidth_gbps * 1e9) for p in passes])
-        obs = groups.setdefault((gpu.name, layout), [])
-        obs.append(Observation(index, "ttft", ttft, compute[:1], memory[:1], g.num_layers))
         tpot = _finite(row.get("tpot_s_p50"))
+        if tpot_only and (tpot is None or gen < 2):
+            skip("TTFT not on the engine's clock (ttft_basis) and no TPOT")
+            continue
+        obs = groups.setdefault((gpu.name, layout), [])
+        if not tpot_only:
+            obs.append(Observation(index, "ttft", ttft, compute[:1], memory[:1], g.num_layers))
         if tpot is not None and gen > 1:
             obs.append(Observation(index, "tpot", tpot, compute[1:], memory[1:], g.num_layers))
     return groups, skipped
@@ -230,11 +251,8 @@ def _nonneg_lstsq(features: np.ndarray, t: np.ndarray, active: list[int]) -> np.
     return best
 
 
-def fit_group(obs: list[Observation]) -> tuple[np.ndarray, dict[str, bool]]:
-    """θ = (1/η_compute, 1/η_memory, layer overhead s) minimising the squared relative error."""
-    problem = _Problem(obs)
-    grid = itertools.product(1 / ETA_GRID, 1 / ETA_GRID, OVERHEAD_GRID)
-    theta = min((np.array(g) for g in grid), key=problem.loss)
+def _descend(problem: _Problem, theta: np.ndarray) -> tuple[np.ndarray, float]:
+    """Alternate roof assignment and non-negative least squares from ``theta`` until the loss stops falling."""
     loss = problem.loss(theta)
     for _ in range(50):
         assign = problem.assignment(theta)
@@ -249,6 +267,25 @@ def fit_group(obs: list[Observation]) -> tuple[np.ndarray, dict[str, bool]]:
         if new_loss >= loss - 1e-15:
             break
         theta, loss = candidate, new_loss
+    return theta, loss
+
+
+def fit_group(obs: list[Observation]) -> tuple[np.ndarray, dict[str, bool]]:
+    """θ = (1/η_compute, 1/η_memory, layer overhead s) minimising the squared relative error."""
+    problem = _Problem(obs)
+    grid = itertools.product(1 / ETA_GRID, 1 / ETA_GRID, OVERHEAD_GRID)
+    starts = [min((np.array(g) for g in grid), key=problem.loss)]
+    # The alternation below is a local search: a grid point between roofs can settle on the wrong one (a flat
+    # 12 ms step read as a slow memory roof). So it also starts from each roof alone, the others out of the way.
+    for k in range(3):
+        alone = _nonneg_lstsq(problem.features(np.full(len(problem.a), k)), problem.t, [k])
+        if alone is not None:
+            out_of_way = np.array([1 / ETA_GRID[-1], 1 / ETA_GRID[-1], 0.0])
+            out_of_way[k] = alone[k]
+            starts.append(out_of_way)
+    descents = [_descend(problem, start) for start in starts]
+    best = min(loss for _, loss in descents)  # ties (an exact fit found twice) go to the grid's start
+    theta, loss = next((t, loss) for t, loss in descents if loss <= best * (1 + 1e-9) + 1e-15)
     assign = problem.assignment(theta)
     identified = {roof: bool(np.any(assign == k)) for k, roof in enumerate(ROOFS)}
     defaults = (1 / DEFAULT_ETA_COMPUTE, 1 / DEFAULT_ETA_MEMORY, 0.0)
@@ -268,8 +305,9 @@ def _median_errors(obs: list[Observation], theta: np.ndarray) -> dict[str, float
     return {kind: float(np.median(err[kinds == kind])) for kind in ("ttft", "tpot") if np.any(kinds == kind)}
 
 
-def calibrate_rows(rows: list[dict[str, Any]], include_simulated: bool = False) -> list[Fit]:
-    groups, skipped = observations_from_rows(rows, include_simulated)
+def calibrate_rows(rows: list[dict[str, Any]], include_simulated: bool = False, host: Any = None) -> list[Fit]:
+    """``host``: a kvray.hardware.host.HostPeaks — CPU rows are fitted against its measured peaks."""
+    groups, skipped = observations_from_rows(rows, include_simulated, host.spec() if host is not None else None)
     fits = []
     default_theta = np.array([1 / DEFAULT_ETA_COMPUTE, 1 / DEFAULT_ETA_MEMORY, 0.0])
     for (gpu, layout), obs in sorted(groups.items()):
@@ -288,22 +326,24 @@ def calibrate_rows(rows: list[dict[str, Any]], include_simulated: bool = False) 
                 median_abs_rel_error_before=_median_errors(obs, default_theta),
                 median_abs_rel_error_after=_median_errors(obs, theta),
                 skipped=skipped,
+                host_peaks=host.to_dict() if host is not None and gpu == host.spec().name else None,
             )
         )
     return fits
 
 
-def calibrate(results_dir: str | Path, out: str | Path | None = None, include_simulated: bool = False) -> tuple[
-    list[Fit], Path
-]:  # fmt: skip
-    """Fit every (GPU, layout) found in a results folder and merge the fits into the calibration file."""
+def calibrate(results_dir: str | Path, out: str | Path | None = None, include_simulated: bool = False,
+              host: Any = None) -> tuple[list[Fit], Path]:  # fmt: skip
+    """Fit every (GPU, layout) found in a results folder and merge the fits into the calibration file.
+
+    ``host`` (kvray.hardware.host.HostPeaks): also fit CPU rows, as the device ``cpu-host``, against it."""
     from kvray.data.store import load_dataset, write_json_atomic
 
     cells, _, _ = load_dataset(results_dir)
     rows = cells.to_dict("records") if len(cells) else []
-    fits = calibrate_rows(rows, include_simulated)
+    fits = calibrate_rows(rows, include_simulated, host)
     if not fits:
-        _, skipped = observations_from_rows(rows, include_simulated)
+        _, skipped = observations_from_rows(rows, include_simulated, host.spec() if host is not None else None)
         why = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "no rows"
         raise KvrayInputError(f"nothing to calibrate in {results_dir}: no usable measured rows ({why})")
     path = Path(out).expanduser() if out is not None else calibration_path()

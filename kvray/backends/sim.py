@@ -19,8 +19,12 @@ model over that many of them (per-GPU memory, all-reduces over the GPU's link, d
 ``kv_dtype`` or ``dtype``. Cell options: ``layout`` ("hf" | "paged"), ``block_size`` (paged, 16), and ``eta_compute``,
 ``eta_memory``, ``layer_overhead_s`` to override the calibrated or default efficiencies; for the continuous
 engine, vLLM's engine arguments ``max_num_seqs`` (256), ``max_num_batched_tokens`` (8192), ``chunked_prefill``
-(true), ``gpu_memory_utilization`` (0.9), ``kv_pool_bytes`` (overrides the utilisation) and ``prefix_caching``
-(false).
+(true), ``gpu_memory_utilization`` (0.9), ``kv_pool_bytes`` or ``kv_cache_memory_bytes`` (overrides the utilisation)
+and ``prefix_caching`` (true, as vLLM V1). The continuous engine serves ``layout: paged``, every load but a burst and
+every workload with shared prefixes; its prefix-cache hits go through the same account as vLLM's
+(kvray/backends/kv_reuse.py), so a row's ``prefix_cache_hit_rate`` (simulated) sits beside its prediction.
+Every row carries ``predicted_energy_j``, ``predicted_power_w`` and ``predicted_j_per_output_tok``: the GPU(s) at
+TDP for the whole run (kvray/sim/simulate.py ``predicted_energy``), an upper bound, never a reading.
 """
 
 from __future__ import annotations
@@ -76,9 +80,13 @@ def _flag(name: str, value: Any) -> bool:
 
 
 def engine_config(opts: Mapping[str, Any]) -> EngineConfig:
-    """The continuous-batching engine's knobs from cell options (vLLM's defaults for the rest)."""
+    """The continuous-batching engine's knobs from cell options (vLLM's defaults for the rest, prefix caching on
+    as in vLLM V1). ``kv_cache_memory_bytes`` — the pool option vllm and hf-paged take — sets the pool too, so
+    one job's options size every paged engine alike."""
     _, block_size = _layout(opts)
-    kwargs: dict[str, Any] = {"block_size": block_size}
+    kwargs: dict[str, Any] = {"block_size": block_size, "prefix_caching": True}
+    if opts.get("kv_pool_bytes") is None and opts.get("kv_cache_memory_bytes") is not None:
+        opts = {**opts, "kv_pool_bytes": opts["kv_cache_memory_bytes"]}
     try:
         for key in _ENGINE_INTS:
             if opts.get(key) is not None:
@@ -97,8 +105,11 @@ def engine_config(opts: Mapping[str, Any]) -> EngineConfig:
 
 
 def serves_continuously(cell: Cell) -> bool:
-    """``layout: paged`` or any load but a burst: the continuous-batching engine, else the static batch."""
-    return cell.option_dict.get("layout") == "paged" or cell.workload.load_kind != "burst"
+    """``layout: paged``, any load but a burst, or a workload with shared prefixes (what a prefix cache serves):
+    the continuous-batching engine, else the static batch."""
+    wl = cell.workload
+    shared = any(r.prefix_group is not None for r in wl.requests)
+    return cell.option_dict.get("layout") == "paged" or wl.load_kind != "burst" or shared
 
 
 class SimBackend(BackendBase):
@@ -125,6 +136,9 @@ class SimBackend(BackendBase):
         self.geometry: ModelGeometry | None = None
         self.gpu: GpuSpec = get_gpu(DEFAULT_GPU)
         self._timeline_cell: str | None = None  # the cell whose repeats the timeline holds
+        from kvray.backends.kv_reuse import ReuseAccount
+
+        self._reuse = ReuseAccount()  # simulated prefix-cache hits beside their prediction, pooled over repeats
         self._timeline: list[dict[str, Any]] = []
 
     def load(self, cell: Cell) -> None:
@@ -192,6 +206,7 @@ class SimBackend(BackendBase):
             },
             **_parallelism(tp),
         }
+        memory.update(_energy(self.gpu, traces, tp))
         ordered = sorted(traces, key=lambda t: t.request_id)
         return BackendRun(traces=ordered, kv_measured_bytes=None, memory=memory, simulated=True, extra=extra)
 
@@ -252,15 +267,21 @@ class SimBackend(BackendBase):
         if cfg.prefix_caching:
             counters["prefix_cache_hits"] = run.prefix_hit_tokens
             counters["prefix_cache_queries"] = sum(r.prompt_toks for r in requests)
+        memory.update(_energy(self.gpu, traces, cell.tensor_parallel))
         extra: dict[str, Any] = {"sim": sim, **_parallelism(cell.tensor_parallel)}
+        points = kv_timeline(run, repeat)
         if repeat >= 0:
             if repeat == 0 or self._timeline_cell != cell.cell_id:  # the repeats of one cell, run in order
                 self._timeline_cell, self._timeline = cell.cell_id, []
-            self._timeline.extend(kv_timeline(run, repeat))
+            self._timeline.extend(points)
             extra["kv_timeline"] = list(self._timeline)
         ordered = sorted(traces, key=lambda t: t.request_id)
-        return BackendRun(traces=ordered, kv_measured_bytes=None, memory=memory, simulated=True, extra=extra,
-                          counters=counters)  # fmt: skip
+        out = BackendRun(traces=ordered, kv_measured_bytes=None, memory=memory, simulated=True, extra=extra,
+                         counters=counters)  # fmt: skip
+        if cfg.prefix_caching and any(r.prefix_group is not None for r in requests):
+            cache = {"block_size": cfg.block_size, "num_gpu_blocks": pool.blocks}
+            self._reuse.add(cell, requests, out, cache, points, repeat)
+        return out
 
     @classmethod
     def cell_hardware(cls, cell: Cell) -> dict[str, Any]:
@@ -276,6 +297,14 @@ class SimBackend(BackendBase):
 
     def close(self) -> None:
         self.geometry = None
+
+
+def _energy(gpu: GpuSpec, traces: Sequence[RunTrace], tp: int) -> dict[str, Any]:
+    """The run's predicted energy: ``tp`` GPUs at TDP from the first arrival to the last token (an upper bound)."""
+    from kvray.sim.simulate import predicted_energy
+
+    busy = max(t.end_s for t in traces) - min(t.arrival_s for t in traces) if traces else 0.0
+    return predicted_energy(gpu, busy, sum(t.output_toks for t in traces), tp)
 
 
 def _traces(requests: Sequence[RequestSpec], timings: Sequence[RequestTiming | ServedRequest],

@@ -149,12 +149,20 @@ def calibrate(
     include_simulated: Annotated[
         bool, typer.Option("--include-simulated", help="also fit rows from the sim backend")
     ] = False,
+    cpu_host: Annotated[
+        bool, typer.Option("--cpu-host", help="also fit CPU rows, against this machine's measured peaks (cpu-host)")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit η_compute, η_memory (and a per-layer overhead) per GPU from measured cells; predictions use them."""
     from kvray.analysis.calibrate import calibrate as fit
 
-    fits, path = fit(results_dir, out=out, include_simulated=include_simulated)
+    host = None
+    if cpu_host:
+        from kvray.hardware.host import measure_host
+
+        host = measure_host()
+    fits, path = fit(results_dir, out=out, include_simulated=include_simulated, host=host)
     if as_json:
         render.print_json({"path": str(path), "fits": [f.to_entry(results_dir) for f in fits]})
     else:

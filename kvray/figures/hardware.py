@@ -1,4 +1,5 @@
-"""fig6: the same cells on each GPU type — output throughput, E2E p50 and throughput per GiB of KV cache.
+"""fig6: the same cells on each GPU type — output throughput, E2E p50, throughput per GiB of KV cache and, where
+energy exists (measured, or the simulator's TDP-bound prediction), output tokens per joule.
 
 A cell shape (experiment, model, backend, dtypes, workload, lengths) run on at least two hardware types is
 one group of bars, a bar per GPU type; a cell that did not fit that GPU is an OOM label where its bar would be,
@@ -28,6 +29,9 @@ PANELS = (
     ("e2e_s_p50", "E2E p50 (s)", "(b) end-to-end latency p50"),
     ("_tps_per_gib", "tokens/s per GiB of KV", "(c) throughput per GiB of KV cache"),
 )
+# drawn only when some cell has energy: measured (tok_per_s_per_w, kvray/measure/telemetry.py) or the simulator's
+# TDP-bound prediction (1 / predicted_j_per_output_tok), the predicted bars hatched
+ENERGY_PANEL = ("_tok_per_j", "output tokens per joule", "(d) energy efficiency")
 PREDICTED_HATCH = "//"  # panel (c) bars whose KV is kvray's prediction (no measured KV in that cell)
 PARTIAL_HATCH = "xx"  # a partly failed cell: its figures count the successful requests only
 
@@ -69,9 +73,13 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
                 why,
             )
         return d.result
-    with common.new_figure("fig6_cross_hardware", out_dir, 3, 1, figsize=(7.0, 9.0), title=heading) as d:
+    sub = keyed[keyed["_shape"].isin(shared)]
+    tok_per_j, energy_predicted = tokens_per_joule(sub)
+    panels = PANELS + ((ENERGY_PANEL,) if tok_per_j.notna().any() else ())
+    with common.new_figure("fig6_cross_hardware", out_dir, len(panels), 1, figsize=(7.0, 3.0 * len(panels)),
+                           title=heading) as d:  # fmt: skip
         axes, result = d.axes, d.result
-        sub = keyed[keyed["_shape"].isin(shared)]
+        sub = sub.assign(_tok_per_j=tok_per_j, _energy_predicted=energy_predicted)
         first = sub.sort_values(["experiment", "concurrency", "prompt_toks"]).drop_duplicates("_shape")
         order = first["_shape"].tolist()
         if len(order) > MAX_SHAPES:
@@ -87,10 +95,10 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
         sub = sub.assign(_tps_per_gib=sub["output_tps"].astype(float) / (kv / GIB), _kv_predicted=on_prediction)
         ran = sub[sub["status"].isin(MEASURED_STATUSES)]
         basis = _kv_basis(ran["_kv_predicted"])
-        for ax, (col, ylabel, title) in zip(axes, PANELS, strict=True):
-            ooms, partial = _bars(
-                ax, sub, order, hw_here, col, ylabel, mark_predicted=col == "_tps_per_gib" and "hatched" in basis
-            )
+        for ax, (col, ylabel, title) in zip(axes, panels, strict=True):
+            predicted = {"_tps_per_gib": "_kv_predicted", "_tok_per_j": "_energy_predicted"}.get(col)
+            mark = (col == "_tps_per_gib" and "hatched" in basis) or col == "_tok_per_j"
+            ooms, partial = _bars(ax, sub, order, hw_here, col, ylabel, predicted_col=predicted if mark else None)
             if ax is axes[0]:
                 result.oom_markers += ooms
                 result.partial_markers += partial
@@ -104,9 +112,25 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
         if kv.isna().all():
             result.notes.append("panel (c) needs kv_measured_bytes or kv_predicted_bytes: not in the dataset")
         result.notes.append(f"panel (c) per GiB (2^30 bytes) of {basis}; OOM: the cell did not fit that GPU")
+        if len(panels) > len(PANELS):
+            result.notes.append("panel (d): measured energy (NVML counter / RAPL) where a cell has it; hatched //: "
+                                "the simulator's prediction at TDP for the whole run (an upper bound)")  # fmt: skip
         if result.partial_markers:
             result.notes.append("hatched xx: partial cell, some requests failed (successful requests only)")
     return result
+
+
+def tokens_per_joule(rows: Any) -> tuple[Any, Any]:
+    """(output tokens per joule, whether it is predicted) per row: measured ``tok_per_s_per_w`` (tokens/s per W
+    is tokens per J) where the cell has energy, else 1 / the simulator's ``predicted_j_per_output_tok``."""
+    import pandas as pd
+
+    def column(name: str) -> Any:
+        return pd.to_numeric(rows[name], errors="coerce") if name in rows else pd.Series(math.nan, index=rows.index)
+
+    measured = column("tok_per_s_per_w")
+    predicted = 1.0 / column("predicted_j_per_output_tok")
+    return measured.fillna(predicted), measured.isna() & predicted.notna()
 
 
 def _kv_basis(predicted: Any) -> str:
@@ -119,10 +143,10 @@ def _kv_basis(predicted: Any) -> str:
 
 
 def _bars(
-    ax: Any, sub: Any, order: list[str], hw_here: list[str], col: str, ylabel: str, mark_predicted: bool = False
+    ax: Any, sub: Any, order: list[str], hw_here: list[str], col: str, ylabel: str, predicted_col: str | None = None
 ) -> tuple[int, int]:
     """One bar per hardware type per shape of ``col`` (measured cells); "OOM" where the cell did not fit; partial
-    cells hatched, and with ``mark_predicted`` bars on predicted KV too. Returns (OOM labels, partial bars)
+    cells hatched, and bars whose ``predicted_col`` is true (predicted KV or energy) too. Returns (OOM labels, partial bars)
     drawn; log y where small cells would vanish next to large ones (e.g. tokens/s per GiB)."""
     width = 0.8 / len(hw_here)
     drawn: list[float] = []
@@ -140,7 +164,7 @@ def _bars(
                 ys.append(float(row[col]))
                 if row["status"] == "partial":
                     hatch, partial_count = PARTIAL_HATCH, partial_count + 1
-                elif mark_predicted and bool(row["_kv_predicted"]):
+                elif predicted_col is not None and bool(row[predicted_col]):
                     hatch = PREDICTED_HATCH
                 hatches.append(hatch)
             else:

@@ -137,7 +137,9 @@ def fig11_latency_vs_throughput(cells: Any, out_dir: Path) -> FigureResult:
                             label=f"{label} {loop} p50 ({n}/point)", **hollow)  # fmt: skip
                     ax.plot(x, sub[f"{metric}_s_p99"].astype(float) * 1e3, color=colour, marker=mark, markersize=3,
                             linestyle="--", alpha=0.8, **hollow)  # fmt: skip
-                    behind = sub[sub["client_behind"].fillna(False).astype(bool)] if "client_behind" in sub else sub[0:0]
+                    behind = (
+                        sub[sub["client_behind"].fillna(False).astype(bool)] if "client_behind" in sub else sub[0:0]
+                    )
                     if len(behind):
                         ax.scatter(behind["achieved_rps"].astype(float), behind[f"{metric}_s_p99"].astype(float) * 1e3,
                                    s=120, facecolors="none", edgecolors=BEHIND_COLOR, linewidths=1.6, zorder=5)  # fmt: skip

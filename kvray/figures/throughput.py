@@ -19,8 +19,13 @@ from kvray.figures.common import FigureResult
 def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
     rows = experiment_rows(view, "exp1")
     heading = ("fig2 · Throughput and per-token latency vs concurrency", view.context(rows))
-    with common.new_figure("fig2_tps_vs_concurrency", out_dir, 1, 2, figsize=(9.5, 4.0), title=heading) as d:
-        (ax_tps, ax_tpot), result = d.axes, d.result
+    from kvray.figures.hardware import tokens_per_joule
+
+    energy = tokens_per_joule(ok_rows(rows))[0].notna().any() if len(rows) else False
+    panels = 3 if energy else 2
+    with common.new_figure("fig2_tps_vs_concurrency", out_dir, 1, panels, figsize=(4.75 * panels, 4.0),
+                           title=heading) as d:  # fmt: skip
+        ax_tps, ax_tpot, result = d.axes[0], d.axes[1], d.result
         series = sweep_series(view, "exp1")
         if not series or not len(ok_rows(rows)):
             return d.no_successful_cells("exp1")
@@ -58,8 +63,33 @@ def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
             result.notes.append("one repeat per cell: no error bars")
         if with_ci:
             result.notes.append("light wide bars: 95 % interval of the mean over repeats (Student's t)")
+        if energy:
+            _energy_panel(d.axes[2], series)
+            result.notes.append("(c) measured energy (NVML counter / RAPL) as filled markers; the simulator's "
+                                "prediction at TDP (an upper bound) as hollow ones")  # fmt: skip
         result.notes += common.caption_notes(rows)
     return result
+
+
+def _energy_panel(ax: Any, series: list[Series]) -> None:
+    """(c) output tokens per joule vs concurrency: measured where a cell has energy, else predicted (hollow)."""
+    from kvray.figures.hardware import tokens_per_joule
+
+    xs: list[float] = []
+    for s in series:
+        ok = ok_rows(s.rows)
+        per_j, predicted = tokens_per_joule(ok)
+        pts = ok.assign(_per_j=per_j, _pred=predicted).dropna(subset=["_per_j"]).sort_values("concurrency")
+        for hollow, part in pts.groupby("_pred"):
+            face = "none" if hollow else style.color(s.color_index)
+            ax.plot(part["concurrency"].astype(float), part["_per_j"].astype(float), color=style.color(s.color_index),
+                    marker=style.marker(s.color_index), markerfacecolor=face,
+                    linestyle="--" if hollow else "-", gid=f"tok-per-j-{s.color_index}")  # fmt: skip
+        xs += pts["concurrency"].astype(float).tolist()
+    common.log2_axis(ax, sorted(set(xs)), "concurrent requests (log scale)")
+    ax.set_ylabel("output tokens per joule")
+    ax.set_ylim(bottom=0)
+    ax.set_title("(c) energy efficiency")
 
 
 def _throughput_interval(ax: Any, s: Series) -> bool:

@@ -12,6 +12,7 @@ exp2 sweep with a note, and is an error for exp1/exp3, whose shape needs it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,10 +220,11 @@ def exp5_job(
         raise KvrayInputError(f"--open-load: expected one of {', '.join(OPEN_LOOPS)}, got {open_load!r}")
     if not users and open_load is None:
         raise KvrayInputError("exp5 needs a closed loop (--users) or an open loop (--open-load), or both")
+    rate_list = [] if isinstance(rates, str) else sorted(set(rates))
     if rates != "auto":
-        if not rates:
+        if not rate_list:
             raise KvrayInputError("--rates needs at least one value (requests/s) or auto")
-        if bad := [r for r in rates if not (r > 0 and r == r and r != float("inf"))]:
+        if bad := [r for r in rate_list if not (r > 0 and math.isfinite(r))]:
             raise KvrayInputError(f"--rates values must be positive requests/s, got {bad[0]}")
     lengths: dict[str, Any] = {}
     for side, value in (("prompt", prompt), ("gen", gen)):
@@ -242,7 +244,7 @@ def exp5_job(
     ]
     if open_load is not None:
         load: dict[str, Any] = {"kind": open_load, "requests": requests, "seed": seed}
-        load.update({"rate": "auto"} if rates == "auto" else {"rates": sorted(set(rates))})
+        load.update({"rate": "auto"} if rates == "auto" else {"rates": rate_list})
         if open_load == "gamma":
             load["burstiness"] = burstiness
         blocks.append({**lengths, "load": load, "slo": slo})

@@ -115,6 +115,8 @@ class Job:
             d.pop(key)
         d["grid"] = [_grid_to_dict(g) for g in self.grids]
         d.pop("grids")
+        if d["tensor_parallel"] == [1]:
+            d.pop("tensor_parallel")  # a job without TP hashes as it did before the key existed
         return d
 
 

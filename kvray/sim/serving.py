@@ -20,9 +20,12 @@ so its arrival is only known during the run. ``duration_s``: a request whose arr
 nor is anything that waits on it.
 
 Optional prefix caching (``prefix_caching``): requests of one ``prefix_group`` share the full blocks of their
-first ``shared_prefix_toks`` tokens. Once a member has computed them they stay resident while any member runs
-(not after: vLLM keeps freed blocks as evictable cache until the pool needs them, which this model does not),
-a later member skips their prefill and does not allocate them again.
+first ``shared_prefix_toks`` tokens. A block is shared from the step that allocates it (vLLM V1 caches a block at
+allocation), stays resident while any member runs, and after that stays cached but evictable — free for any
+allocation, evicted least recently used first when one needs it — as vLLM's free-block queue does. A later
+member skips the prefill of the cached blocks and does not allocate them again. A member's whole prompt is cached
+for its group (a chat's next turn sends this turn's prompt as its history); a lookup takes at most the member's
+own shared prefix.
 
 KV blocks here are whole-model blocks (``block_size`` tokens × kvmath's paged bytes per token): a sliding-window
 layer is charged every position, as vLLM's pool does without its hybrid allocator.
@@ -211,6 +214,9 @@ class _Engine:
         self.prefix_hits = 0
         self.decodes = 0  # decode tokens in the step just scheduled
         self.groups: dict[int, list[int]] = {}  # group → [prefix blocks resident, members running]
+        # groups no member runs, whose prefix blocks stay cached (counted in ``free``) until an allocation needs
+        # them — least recently used first, as vLLM's free-block queue evicts
+        self.evictable: dict[int, int] = {}
 
     def release(self, r: _Live) -> None:
         """Free ``r``'s own blocks (and its group's, when it was the last member running); the caller unlists it."""
@@ -219,9 +225,21 @@ class _Engine:
         if r.group is not None and self.cfg.prefix_caching:
             state = self.groups[r.group]
             state[1] -= 1
-            if state[1] == 0:  # the last member left: the shared blocks go back to the pool
+            if state[1] == 0 and state[0]:  # the last member left: its blocks are free, and still cached
                 self.free += state[0]
-                state[0] = 0
+                self.evictable[r.group] = state[0]
+
+    def take(self, need: int) -> None:
+        """Allocate ``need`` blocks, evicting cached prefixes (least recently used first) that they overwrite."""
+        while self.free - need < sum(self.evictable.values()) and self.evictable:
+            group = next(iter(self.evictable))
+            self.evictable.pop(group)
+            self.groups[group][0] = 0
+        self.free -= need
+
+    def reclaim(self, r: _Live) -> int:
+        """Blocks a cached (evictable) prefix of ``r``'s group takes back from the free pool when ``r`` joins."""
+        return self.evictable.get(r.group, 0) if r.group is not None and self.cfg.prefix_caching else 0
 
     def preempt(self) -> _Live:
         """Recompute preemption of the request admitted last: its KV is freed, it waits at the queue's head."""
@@ -255,7 +273,7 @@ class _Engine:
                 break  # r was the last running request and preempted itself
             if new == 1 and r.tokens and r.target - r.computed == 1:
                 self.decodes += 1
-            self.free -= need
+            self.take(need)
             r.blocks += need
             chunks.append((r, new))
             budget -= new
@@ -270,17 +288,25 @@ class _Engine:
                 break  # a whole prompt waits for a step with room (an empty step takes it whatever its size)
             shared = cached // self.cfg.block_size
             need = max(math.ceil((cached + new) / self.cfg.block_size) - shared, 0)
-            if self.free - need < (self.watermark if self.running else 0):
+            back = self.reclaim(r) if cached else 0
+            if self.free - back - need < (self.watermark if self.running else 0):
                 break
             self.waiting.popleft()
+            if back:  # the cached prefix is in use again: no longer free, no longer evictable
+                assert r.group is not None
+                self.evictable.pop(r.group)
+                self.free -= back
             r.computed, r.shared_blocks, r.blocks = cached, shared, need
-            self.free -= need
+            self.take(need)
             self.prefix_hits += cached
             if r.start_s is None:
                 r.start_s = now
             if r.group is not None and self.cfg.prefix_caching:
                 self.groups.setdefault(r.group, [0, 0])[1] += 1
             self.running.append(r)
+            # vLLM V1 caches a block when it allocates it (KVCacheManager.allocate_slots → cache_blocks), so a
+            # later admission in this same step already hits the prefix this one is about to compute
+            self.share_prefix(r, cached + new)
             chunks.append((r, new))
             budget -= new
         return chunks
@@ -293,12 +319,15 @@ class _Engine:
         full = min(r.shared // self.cfg.block_size, resident, (r.target - 1) // self.cfg.block_size)
         return full * self.cfg.block_size
 
-    def share_prefix(self, r: _Live) -> None:
-        """After a step: the full prefix blocks ``r`` has computed become its group's (owned once, by the group)."""
+    def share_prefix(self, r: _Live, scheduled: int | None = None) -> None:
+        """The full prefix blocks ``r`` has computed (or, ``scheduled``, will have computed by the end of this
+        step) become its group's (owned once, by the group)."""
         if not self.cfg.prefix_caching or r.group is None:
             return
         state = self.groups[r.group]
-        full = min(r.shared, r.computed) // self.cfg.block_size
+        # its whole prompt, not only the prefix it shares: a later member may share more of it (a chat's next
+        # turn sends this turn's prompt as its history); a lookup never takes more than its own shared prefix
+        full = min(r.prompt, r.computed if scheduled is None else scheduled) // self.cfg.block_size
         if full > state[0]:
             moved = full - max(state[0], r.shared_blocks)
             state[0] = full
