@@ -117,6 +117,7 @@ def main() -> int:
     )
     best = None
     try:
+        measure(url, model_path, 5.0, 2.0, args.gen_toks)  # unmeasured: imports, tokenizer, connection pool
         for rate in args.rates:
             m = measure(url, model_path, rate, args.seconds, args.gen_toks)
             behind = bool(m.get("client_behind"))

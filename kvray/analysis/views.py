@@ -20,7 +20,7 @@ from kvray.measure.trace import MEASURED_STATUSES
 OOM_STATUSES = ("oom", "skipped_after_oom", "refused")
 OOM_LABELS = {"oom": "OOM", "skipped_after_oom": "skipped after OOM", "refused": "refused (predicted OOM)"}
 # Columns a series is told apart by, in label order; hardware is shown by its short GPU name.
-SERIES_KEYS = ("model", "hardware_label", "backend", "dtype", "kv_dtype", "weights")
+SERIES_KEYS = ("model", "hardware_label", "backend", "dtype", "kv_dtype", "weights", "tensor_parallel")
 # Measured peak memory: the allocator's peak on a GPU, the process RSS on a CPU, NVML as the last resort.
 PEAK_COLUMNS = (
     ("peak_allocated_bytes", "torch max_memory_allocated"),
@@ -146,6 +146,8 @@ def _fmt_key(key: str, value: Any) -> str:
         return f"c={int(value)}"
     if key == "kv_dtype":
         return f"KV {value}"
+    if key == "tensor_parallel":
+        return f"TP{int(value)}"
     if key == "weights":
         return f"{value} weights"
     return str(value)
@@ -165,6 +167,9 @@ def prepare(cells: Any, traces: Any = None) -> View:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["kv_dtype"] = df["kv_dtype"].where(df["kv_dtype"].astype(str).ne(""), df["dtype"])
     df["hardware_label"] = [short_hardware(h) for h in df["hardware"]]
+    # rows written before tensor parallelism existed ran on one GPU
+    tp = df["tensor_parallel"] if "tensor_parallel" in df.columns else pd.Series(1, index=df.index)
+    df["tensor_parallel"] = pd.to_numeric(tp, errors="coerce").fillna(1).astype(int)
     df["capacity_bytes"] = [
         capacity_bytes(h, m) for h, m in zip(df["hardware"], df["hardware_memory_bytes"], strict=True)
     ]

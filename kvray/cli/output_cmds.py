@@ -64,9 +64,11 @@ def plot(
         return
     from kvray.figures.parallelism import tp_figures_if_any
     from kvray.figures.reuse import reuse_figures_if_any
+    from kvray.figures.serving import make_serving_figures  # fig11, fig12: only with serving rows
 
     render.figures(make_figures(results_dir, out) + server_figures_if_any(results_dir, out)
-                   + reuse_figures_if_any(results_dir, out) + tp_figures_if_any(results_dir, out))  # fmt: skip
+                   + reuse_figures_if_any(results_dir, out) + tp_figures_if_any(results_dir, out)
+                   + make_serving_figures(results_dir, out))  # fmt: skip
 
 
 def report(

@@ -262,7 +262,7 @@ def exp6(
 ) -> None:  # fmt: skip
     """Exp6, KV reuse and pressure: shared prefixes, multi-turn chats and a small pool that preempts — hit rate
     predicted vs measured, TTFT vs shared fraction, per-turn hits, the fill point (docs/kv_reuse.md)."""
-    from kvray.plan.reuse import exp6_grid, exp6_job
+    from kvray.plan.experiments import exp6_grid, exp6_job
 
     if kv_pool_mib < 1:
         raise KvrayInputError(f"--kv-pool-mib must be >= 1, got {kv_pool_mib}")
