@@ -109,7 +109,7 @@ def main() -> int:
     args = parser.parse_args()
     if not Path(args.guidellm).is_file():
         print(f"skip: guidellm not found at {args.guidellm} (uv venv /tmp/guidellm-venv && uv pip install "
-              "--python /tmp/guidellm-venv guidellm)")  # fmt: skip
+              "--python /tmp/guidellm-venv guidellm==0.8.1)")  # fmt: skip
         return 0
     if not args.base_url and not os.environ.get("KVRAY_VLLM_PYTHON") and not VLLM_VENV.is_file():
         print(f"skip: no vLLM CPU build (KVRAY_VLLM_PYTHON unset, {VLLM_VENV} absent)")

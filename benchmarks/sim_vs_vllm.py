@@ -19,6 +19,10 @@ any probe) with their ratios and whether the saturation rate is within 25 %, the
 (other engineers share these 2 cores), and draws docs/figures/sim_vs_vllm.png: achieved vs offered, measured
 probes and the predicted curve.
 
+Result on 2026-12-03 (docs/benchmarks.md, docs/simulator.md "Validation"): NOT within 25 % — predicted / measured
+saturation 1.50 and 5.25 in two runs; the roofline has no per-running-request CPU cost and the shared machine's
+load moved the measured saturation 4.7 × between runs.
+
 Run: uv run python benchmarks/sim_vs_vllm.py [--requests 60] [--concurrencies 1,2,4,8] [--out results/sim_vs_vllm]
      [--json]
 Needs the vLLM CPU virtualenv (KVRAY_VLLM_PYTHON or ~/.cache/kvray/vllm-cpu-venv); exits 0 with a line without it.

@@ -161,6 +161,14 @@ class Workload:
     def load_kind(self) -> str:
         return self.load.kind if self.load is not None else "burst"
 
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests that can be in flight at once: a closed loop's users; every request otherwise (an
+        open loop's arrivals may all overlap) — what a static batch's memory check must assume."""
+        if self.load is not None and self.load.kind == "closed" and self.load.users:
+            return min(self.load.users, len(self.requests))
+        return len(self.requests)
+
     @classmethod
     def uniform(cls, concurrency: int, prompt_toks: int, gen_toks: int, arrival_gap_s: float = 0.0) -> Workload:
         if concurrency <= 0:

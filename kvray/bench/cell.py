@@ -172,15 +172,17 @@ def measure_and_record(cell: Cell, output_dir: str | Path, check_oom: bool = Tru
     out_dir = Path(output_dir)
     engine = get_backend(cell.backend)
 
-    def record(result: CellResult) -> bool:
+    def record(result: CellResult, tables: bool = False) -> bool:
+        """Append the row durably; the parquet/csv tables are rebuilt once, with the last row (a search's probes
+        would otherwise rebuild them after every probe)."""
         replaced = replace and drop_row(out_dir, result.cell_id)
-        return DatasetWriter(out_dir).append(result) and not replaced
+        return DatasetWriter(out_dir, tables=tables).append(result) and not replaced
 
     try:  # a rate search (--rate auto) records each probe as it ends, then its own summary row
         result = run_search(engine, cell, record, check_oom) if is_search(cell) else run_cell(engine, cell, check_oom)
     finally:
         engine.close()
-    added = record(result)
+    added = record(result, tables=True)
     cell_json = out_dir / f"cell_{result.cell_id}.json"
     write_json_atomic(cell_json, result.to_dict())
     return BenchRecord(result, out_dir, cell_json, added)

@@ -66,7 +66,7 @@ def oom_refusal(backend: Backend, cell: Cell) -> str | None:
     queues = backend.queues_when_full
     risk = check_oom_risk(
         cell.model,
-        1 if queues else cell.concurrency,
+        1 if queues else cell.workload.max_in_flight,
         cell.workload.max_seq_len,
         dtype=cell.dtype,
         gpu=gpu,

@@ -38,7 +38,8 @@ PARTIAL_HATCH = "xx"  # a partly failed cell: its figures count the successful r
 
 def _shape_label(row: Any, varying: set[str]) -> str:
     lengths = str(row["prompt_toks_list"]).split(",")
-    shape = f"c{int(row['concurrency'])} p{row['prompt_toks']:.0f}"
+    users = row["concurrency"]  # NaN for an open loop (its rate, not a count, sets the load)
+    shape = f"{'c' + str(int(users)) if users == users else str(row.get('load', 'open'))} p{row['prompt_toks']:.0f}"
     if row["workload"] == "mixed":
         shape = f"{len(lengths)} mixed {min(map(int, lengths))}/{max(map(int, lengths))}"
     parts = [str(row["experiment"])] if row["experiment"] else []
