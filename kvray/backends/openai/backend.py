@@ -38,6 +38,9 @@ _FLAVOR_FIELDS: dict[str, Callable[[int], dict[str, Any]]] = {
 }
 
 
+OPEN_LOOP_WARM = 32  # connections an open loop opens before t0 (more open on demand)
+
+
 class OpenAIBackend(BackendBase):
     """Benchmarks a running OpenAI-compatible server; holds no model, so there is nothing to OOM-check here."""
 
@@ -115,10 +118,14 @@ class OpenAIBackend(BackendBase):
         settings = self.settings
         prompts = workload_prompts(self.prompts, cell, requests, repeat)  # shared prefixes token-exact
         headers = settings.headers()
-        connections = len(requests) + 1  # one per request in flight, one for /metrics
+        connections = len(requests) + 1  # the pool's ceiling: every request in flight, one for /metrics
+        # opened before t0: what can be in flight at once — a burst's or closed loop's size; an open loop opens
+        # up to OPEN_LOOP_WARM and grows on demand (httpcore scans every open connection per request: warming
+        # one per request made a 400-request loop spend 70 s of CPU in the pool at 100 req/s)
+        warm = cell.workload.max_in_flight if cell.workload.load_kind in ("burst", "closed") else OPEN_LOOP_WARM
         key = (cell.cell_id, settings.root, tuple(sorted(headers.items())))
         client = await self.session.client(key, connections + 3, settings.timeout_s, headers)
-        await self.session.warm(client, f"{settings.root}/v1/models", connections)  # untimed: before t0
+        await self.session.warm(client, f"{settings.root}/v1/models", min(warm, len(requests)) + 1)  # untimed
         if self.flavor is None:
             self.flavor = await self._probe_flavor(client, self.prompts.make(2, request_seed(cell, -(10**6), 0)))
         poller = MetricsPoller(client, settings.metrics_url or f"{settings.root}/metrics", 0.0,
