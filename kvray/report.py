@@ -517,7 +517,7 @@ def serving_blocks(view: View, out: Path, redraw: bool = True) -> list[Block]:
     searches = search_rows(view.cells)
     keys = ["backend", "hardware", "model", "slo"]
     table = []
-    for config, part in rows.groupby([rows[k].fillna("—").astype(str) for k in keys], sort=True):
+    for config, part in rows.groupby([rows[k].astype(object).fillna("—").astype(str) for k in keys], sort=True):
         good = part["goodput_rps"].astype(float)
         best = part.loc[good.idxmax()] if good.notna().any() and good.max() > 0 else None  # None: SLO never met
         mine = searches[(searches[keys[:3]].astype(str) == list(config[:3])).all(axis=1)] if len(searches) else searches
