@@ -78,6 +78,14 @@ def vllm_python() -> str:
     return lines[-1]
 
 
+def vllm_cell(model_dir: Path | str, workload: Any, warmup: int = 1, repeats: int = 1, **options: Any) -> Any:
+    """A vLLM cell of the tiny model on CPU in fp32, served by the CPU build ``vllm_python`` finds."""
+    from kvray.spec import Cell, make_options
+
+    return Cell(model=str(model_dir), workload=workload, backend="vllm", dtype="fp32", device="cpu", warmup=warmup,
+                repeats=repeats, options=make_options(vllm_python=vllm_python(), **options))  # fmt: skip
+
+
 def transformers_cli() -> str:
     return str(Path(sys.executable).parent / "transformers")
 

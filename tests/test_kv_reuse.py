@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from servers_fixtures import build_tiny_model_dir, vllm_python
+from servers_fixtures import build_tiny_model_dir, vllm_cell
 
 from kvray.backends.vllm import VLLMBackend
 from kvray.bench.runner import run_cell
@@ -213,9 +213,9 @@ def model_dir(tmp_path_factory):
 
 
 def reuse_cell(model_dir, workload, warmup=1, repeats=1):
-    return Cell(model=str(model_dir), workload=workload, backend="vllm", dtype="fp32", device="cpu", warmup=warmup,
-                repeats=repeats, options=make_options(vllm_python=vllm_python(), kv_cache_memory_bytes=POOL,
-                                                      max_model_len=2048, metrics_interval_s=0.05))  # fmt: skip
+    return vllm_cell(
+        model_dir, workload, warmup, repeats, kv_cache_memory_bytes=POOL, max_model_len=2048, metrics_interval_s=0.05
+    )
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import httpx
 import psutil
 import pytest
-from servers_fixtures import build_tiny_model_dir, vllm_python
+from servers_fixtures import build_tiny_model_dir, vllm_cell, vllm_python
 
 from kvray.backends.hf import HFBackend
 from kvray.backends.hf_paged import HFPagedBackend
@@ -32,11 +32,6 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tiny_model_dir(tmp_path_factory.mktemp("models"))
-
-
-def vllm_cell(model_dir, workload, warmup=1, repeats=1, **options):
-    return Cell(model=str(model_dir), workload=workload, backend="vllm", dtype="fp32", device="cpu", warmup=warmup,
-                repeats=repeats, options=make_options(vllm_python=vllm_python(), **options))  # fmt: skip
 
 
 @pytest.fixture(scope="module")

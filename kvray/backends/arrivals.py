@@ -109,7 +109,8 @@ class ArrivalSchedule:
 
     @property
     def pending(self) -> int:
-        """Requests neither sent nor dropped yet."""
+        """Requests neither sent nor dropped yet — kept by ``pop_due`` (the engine loops' API); ``send`` leaves it
+        alone, so an event loop pays nothing per request for it."""
         return len(self._pending)
 
     # ---- event loops (openai, vllm, ollama, synthetic) -------------------------------------------------------------
@@ -132,7 +133,6 @@ class ArrivalSchedule:
         delay = t0 + due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        self._pending = [p for p in self._pending if p.id != r.id]
         return due, time.perf_counter() - t0
 
 
