@@ -50,9 +50,16 @@ def write_job(path: Path, gen: int = 8, **replace: str) -> Path:
     return path
 
 
+def as_from_a_terminal() -> None:
+    """SIGINT as a terminal leaves it: pytest started in the background (``pytest &``) ignores SIGINT, and a
+    child inherits that, so Python would never install its KeyboardInterrupt handler and Ctrl-C would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def kvray_cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "kvray.cli", *args], env=env, text=True, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "kvray.cli", *args], env=env, text=True,
+                            preexec_fn=as_from_a_terminal, **kwargs)  # fmt: skip
 
 
 def jsonl_ids(out: Path) -> list[str]:

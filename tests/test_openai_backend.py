@@ -104,18 +104,21 @@ def test_token_counts_match_the_in_process_backends_and_timings_differ_by_http_o
     for r in results.values():
         assert r.status == "ok" and r.metrics["output_toks_total"] == 128
 
-    # transformers serve runs the same continuous-batching engine as hf-paged: the 4 requests decode in lockstep,
-    # one token each per engine step, however long the machine's load makes a step. HTTP only delivers each
-    # step's tokens over 4 connections, so on the client's clock every request's k-th token still arrives before
-    # any request's (k+3)-th (two steps of slack for requests admitted a step or two after the first). Streams
-    # read one after another (requests not really in flight together) break this at once, chunks stamped in bulk
-    # when read leave fewer than 16 distinct times, and a stream cut short by token accounting ends before its
-    # last chunk; each fails here, with no timing margin that a loaded machine could exceed.
+    # transformers serve runs the same continuous-batching engine as hf-paged: requests in the running batch
+    # decode in lockstep, one token each per engine step, however long the machine's load makes a step. HTTP
+    # only delivers each step's tokens over 4 connections, so on the client's clock, while all four streams are
+    # running (from the last first token to the first last token), each stream receives the same number of
+    # tokens, give or take the step in flight at each edge. A request admitted late (its connection set up
+    # under load) only shortens that window. Streams read one after another (requests not really in flight
+    # together) leave no window at all, chunks stamped in bulk when read leave fewer than 16 distinct times, and
+    # a stream cut short by token accounting ends before its last chunk; each fails here, with no timing margin
+    # that a loaded machine could exceed.
     for result in (http, results["hf-paged"]):
         for repeat in (0, 1):
             times = [t.token_times_s for t in result.traces if t.repeat == repeat]
-            for k in range(16 - 3):
-                assert max(ts[k] for ts in times) < min(ts[k + 3] for ts in times), (result.cell.backend, k, times)
+            start, end = max(ts[0] for ts in times), min(ts[-1] for ts in times)
+            in_window = [sum(start <= t <= end for t in ts) for ts in times]
+            assert min(in_window) >= 6 and max(in_window) - min(in_window) <= 2, (result.cell.backend, in_window)
     for t in http.traces:  # one chunk per token, and the stream ends with its last token (usage, [DONE])
         assert len(set(t.token_times_s)) == 16 and t.token_times_s == sorted(t.token_times_s)
         assert 0 <= t.end_s - t.token_times_s[-1] < 0.5, (t.end_s, t.token_times_s)
