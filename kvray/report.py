@@ -6,6 +6,9 @@ one file to mail or attach to a review. Every number comes from kvray.analysis (
 views the figures draw).
 
 ``make_all(output_dir)`` is what ``kvray run`` and the exp commands call at the end: figures, then report.
+
+One piece on purpose (over 500 lines): the block model, its two renderers and the per-experiment sections
+share private helpers and must change together, so a reader sees the whole report's order on one page.
 """
 
 from __future__ import annotations

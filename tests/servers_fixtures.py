@@ -78,12 +78,22 @@ def vllm_python() -> str:
     return lines[-1]
 
 
+# vLLM's torch.compile warm-up is not what these tests measure, and it costs 15–30 s of every server start on 2
+# cores (6 starts in the suite): the test servers run eager (-O0: "no compilation"), the rest of vLLM unchanged.
+VLLM_TEST_ARGS = "-O0"
+
+
+def vllm_test_options(**options: Any) -> dict[str, Any]:
+    """Options for a test's vLLM cells: the CPU build ``vllm_python`` finds, eager (``VLLM_TEST_ARGS``)."""
+    return {"vllm_python": vllm_python(), "extra_args": VLLM_TEST_ARGS, **options}
+
+
 def vllm_cell(model_dir: Path | str, workload: Any, warmup: int = 1, repeats: int = 1, **options: Any) -> Any:
     """A vLLM cell of the tiny model on CPU in fp32, served by the CPU build ``vllm_python`` finds."""
     from kvray.spec import Cell, make_options
 
     return Cell(model=str(model_dir), workload=workload, backend="vllm", dtype="fp32", device="cpu", warmup=warmup,
-                repeats=repeats, options=make_options(vllm_python=vllm_python(), **options))  # fmt: skip
+                repeats=repeats, options=make_options(**vllm_test_options(**options)))  # fmt: skip
 
 
 def transformers_cli() -> str:

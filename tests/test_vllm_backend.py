@@ -10,7 +10,7 @@ from __future__ import annotations
 import httpx
 import psutil
 import pytest
-from servers_fixtures import build_tiny_model_dir, vllm_cell, vllm_python
+from servers_fixtures import build_tiny_model_dir, vllm_cell, vllm_test_options
 
 from kvray.backends.hf import HFBackend
 from kvray.backends.hf_paged import HFPagedBackend
@@ -193,7 +193,7 @@ def test_exp4_runs_hf_hf_paged_and_vllm_and_draws_fig8(vllm, model_dir, tmp_path
     from kvray.figures.server import has_server_data, make_server_figures
 
     common = Common(model=str(model_dir), backends=["hf", "hf-paged", "vllm"], dtype="fp32", device="cpu",
-                    warmup=1, repeats=1, options={"vllm_python": vllm_python(), "metrics_interval_s": 0.02})  # fmt: skip
+                    warmup=1, repeats=1, options=vllm_test_options(metrics_interval_s=0.02))  # fmt: skip
     # 64 generated tokens: a run long enough for /metrics scrapes to land while requests run
     job = exp4_job(common, prompt_toks=32, gen_toks=64, concurrency=[1, 4])
     cells = plan_cells(job)

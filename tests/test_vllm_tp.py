@@ -9,7 +9,7 @@ token per rank, half the 4,096 B of TP 1 — and a 256 MiB pool per rank holds 1
 from __future__ import annotations
 
 import pytest
-from servers_fixtures import build_tiny_model_dir, vllm_python
+from servers_fixtures import build_tiny_model_dir, vllm_test_options
 
 from kvray.backends.vllm import VLLMBackend
 from kvray.bench.runner import run_cell
@@ -32,7 +32,7 @@ def test_tp2_on_cpu_holds_half_the_kv_per_rank(model_dir):
     assert kv_bytes_per_token_per_gpu(g, "fp32", "paged", tp=2) == 2 * 4 * 1 * 64 * 4 == 2_048
     cell = Cell(model=str(model_dir), workload=Workload.uniform(2, 16, 4), backend="vllm", dtype="fp32",
                 device="cpu", warmup=0, repeats=1, tensor_parallel=2,
-                options=make_options(vllm_python=vllm_python()))  # fmt: skip
+                options=make_options(**vllm_test_options()))  # fmt: skip
     backend = VLLMBackend()
     try:
         result = run_cell(backend, cell)

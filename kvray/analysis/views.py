@@ -8,6 +8,7 @@ imports matplotlib, torch or Ray; pandas and numpy only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,22 +136,21 @@ class View:
         return " · ".join(parts)
 
 
+# How a config key's value reads in a title or a label; any other key shows its value as it is.
+_KEY_LABELS: dict[str, Callable[[Any], str]] = {
+    "prompt_toks": lambda v: f"prompt {int(v)}",
+    "gen_toks": lambda v: f"gen {int(v)}",
+    "concurrency": lambda v: f"c={int(v)}",
+    "kv_dtype": lambda v: f"KV {v}",
+    "tensor_parallel": lambda v: f"TP{int(v)}",
+    "weights": lambda v: f"{v} weights",
+}
+
+
 def _fmt_key(key: str, value: Any) -> str:
-    if value is None or value != value:
+    if value is None or value != value:  # None or NaN
         return ""
-    if key == "prompt_toks":
-        return f"prompt {int(value)}"
-    if key == "gen_toks":
-        return f"gen {int(value)}"
-    if key == "concurrency":
-        return f"c={int(value)}"
-    if key == "kv_dtype":
-        return f"KV {value}"
-    if key == "tensor_parallel":
-        return f"TP{int(value)}"
-    if key == "weights":
-        return f"{value} weights"
-    return str(value)
+    return _KEY_LABELS.get(key, str)(value)
 
 
 def prepare(cells: Any, traces: Any = None) -> View:

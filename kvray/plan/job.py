@@ -27,6 +27,9 @@ or any model starts. The planner (kvray/plan/planner.py) turns a Job into cells.
         gen_toks: [64]
         load: {kind: poisson, rates: [2, 4, auto], requests: 200, seed: 0}   # closed: users: [1, 4, 16]
         slo: {ttft_ms: 500, tpot_ms: 50}
+
+One piece on purpose (over 500 lines): every key's check reports through one ``_Checker`` with the file and
+key path, and the whole schema above is checked in one pass, so the complete set of rules reads top to bottom.
 """
 
 from __future__ import annotations
