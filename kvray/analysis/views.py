@@ -153,6 +153,19 @@ def _fmt_key(key: str, value: Any) -> str:
     return _KEY_LABELS.get(key, str)(value)
 
 
+def tokens_per_joule(rows: Any) -> tuple[Any, Any]:
+    """(output tokens per joule, whether it is predicted) per row: measured ``tok_per_s_per_w`` (tokens/s per W
+    is tokens per J) where the cell has energy, else 1 / the simulator's ``predicted_j_per_output_tok``."""
+    import pandas as pd
+
+    def column(name: str) -> Any:
+        return pd.to_numeric(rows[name], errors="coerce") if name in rows else pd.Series(math.nan, index=rows.index)
+
+    measured = column("tok_per_s_per_w")
+    predicted = 1.0 / column("predicted_j_per_output_tok")
+    return measured.fillna(predicted), measured.isna() & predicted.notna()
+
+
 def prepare(cells: Any, traces: Any = None) -> View:
     """A View of ``load_dataset``'s frames; tolerant of missing columns and of an empty dataset."""
     import pandas as pd

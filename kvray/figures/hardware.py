@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kvray.analysis.views import OOM_STATUSES, View, ok_rows
+from kvray.analysis.views import OOM_STATUSES, View, ok_rows, tokens_per_joule
 from kvray.figures import common, style
 from kvray.figures.common import FigureResult
 from kvray.measure.trace import MEASURED_STATUSES
@@ -119,19 +119,6 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
         if result.partial_markers:
             result.notes.append("hatched xx: partial cell, some requests failed (successful requests only)")
     return result
-
-
-def tokens_per_joule(rows: Any) -> tuple[Any, Any]:
-    """(output tokens per joule, whether it is predicted) per row: measured ``tok_per_s_per_w`` (tokens/s per W
-    is tokens per J) where the cell has energy, else 1 / the simulator's ``predicted_j_per_output_tok``."""
-    import pandas as pd
-
-    def column(name: str) -> Any:
-        return pd.to_numeric(rows[name], errors="coerce") if name in rows else pd.Series(math.nan, index=rows.index)
-
-    measured = column("tok_per_s_per_w")
-    predicted = 1.0 / column("predicted_j_per_output_tok")
-    return measured.fillna(predicted), measured.isna() & predicted.notna()
 
 
 def _kv_basis(predicted: Any) -> str:

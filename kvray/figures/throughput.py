@@ -11,7 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvray.analysis.views import Series, View, experiment_rows, ok_rows, oom_rows, repeat_throughput, sweep_series
+from kvray.analysis.views import (
+    Series,
+    View,
+    experiment_rows,
+    ok_rows,
+    oom_rows,
+    repeat_throughput,
+    sweep_series,
+    tokens_per_joule,
+)
 from kvray.figures import common, style
 from kvray.figures.common import FigureResult
 
@@ -19,8 +28,6 @@ from kvray.figures.common import FigureResult
 def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
     rows = experiment_rows(view, "exp1")
     heading = ("fig2 · Throughput and per-token latency vs concurrency", view.context(rows))
-    from kvray.figures.hardware import tokens_per_joule
-
     energy = tokens_per_joule(ok_rows(rows))[0].notna().any() if len(rows) else False
     panels = 3 if energy else 2
     with common.new_figure("fig2_tps_vs_concurrency", out_dir, 1, panels, figsize=(4.75 * panels, 4.0),
@@ -73,8 +80,6 @@ def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
 
 def _energy_panel(ax: Any, series: list[Series]) -> None:
     """(c) output tokens per joule vs concurrency: measured where a cell has energy, else predicted (hollow)."""
-    from kvray.figures.hardware import tokens_per_joule
-
     xs: list[float] = []
     for s in series:
         ok = ok_rows(s.rows)
