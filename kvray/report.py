@@ -432,7 +432,7 @@ def timeline_blocks(view: View, out: Path, redraw: bool = True) -> list[Block]:
     """fig10 of the cells worth a look — the highest p99 TTFT, and any whose engine preempted — with why each."""
     import contextlib
 
-    from kvray.data.store import read_results, read_timeline
+    from kvray.data.store import attach_traces, read_results, read_timeline
     from kvray.figures import FIGURES_DIR
     from kvray.figures.style import styled
     from kvray.figures.timeline import fig10_timeline, figure_name
@@ -448,7 +448,8 @@ def timeline_blocks(view: View, out: Path, redraw: bool = True) -> list[Block]:
     grew = pre.groupby("cell_id")["value"].agg(lambda v: v.max() - v.min()) if len(pre) else pre["value"]
     for cell_id, count in grew[grew > 0].sort_values(ascending=False).head(3).items():
         why[str(cell_id)] = why.get(str(cell_id), "") + f"{'; ' if cell_id in why else ''}{int(count)} preemptions"
-    records = {r["cell_id"]: r for r in read_results(out) if r["cell_id"] in why}
+    records = {r["cell_id"]: r for r in read_results(out, traces=False) if r["cell_id"] in why}
+    attach_traces(out, list(records.values()))
     blocks = [Block("h2", "Timelines of the cells worth a look")] if why else []
     for cell_id, reason in why.items():
         png = out / FIGURES_DIR / f"{figure_name(cell_id)}.png"
@@ -469,7 +470,7 @@ def reuse_blocks(out: Path, redraw: bool = True) -> list[Block]:
     from kvray.figures import FIGURES_DIR
     from kvray.figures.reuse import REUSE_FIGURES, has_reuse_data, make_reuse_figures
 
-    records = read_results(out)
+    records = read_results(out, traces=False)
     if not has_reuse_data(records):
         return []
     figures = make_reuse_figures(out) if redraw else []

@@ -224,11 +224,17 @@ class Cell:
     experiment: str = ""  # exp1 | exp2 | … — groups rows for figures
     options: tuple[tuple[str, Any], ...] = field(default=())  # backend knobs, sorted (block_size, base_url…)
     tensor_parallel: int = 1  # GPUs of one node (of type ``hardware``) the model is split over; left out of ids at 1
+    # Server backends: Ray actors the cell's client side is spread over, each sending its share of the arrival
+    # schedule (kvray/backends/openai/clients.py); 1 = this process alone. Left out of ids at 1.
+    clients: int = 1
 
     def __post_init__(self) -> None:
         tp = self.tensor_parallel
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise KvrayInputError(f"tensor_parallel must be a positive integer, got {self.tensor_parallel!r}")
+        k = self.clients
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise KvrayInputError(f"clients must be a positive integer, got {self.clients!r}")
         if self.weights not in WEIGHTS:
             raise KvrayInputError(f"unknown weights mode {self.weights!r} (known: {', '.join(WEIGHTS)})")
         if self.warmup < 0 or self.repeats < 1:
@@ -256,6 +262,8 @@ class Cell:
         d["options"] = dict(self.options)
         if d["tensor_parallel"] == 1:
             del d["tensor_parallel"]  # cells planned before TP existed keep their ids
+        if d["clients"] == 1:
+            del d["clients"]  # … and before client actors existed
         return d
 
     @classmethod
@@ -277,7 +285,8 @@ class Cell:
     def label(self) -> str:
         wl = self.workload
         shape = f"c{wl.concurrency} p{wl.prompt_toks} g{wl.gen_toks}" + (" mixed" if wl.kind == "mixed" else "")
-        return f"{self.model} {self.backend} {self.dtype} {shape}"
+        clients = f" ×{self.clients} clients" if self.clients > 1 else ""
+        return f"{self.model} {self.backend} {self.dtype} {shape}{clients}"
 
 
 def make_options(**kwargs: Any) -> tuple[tuple[str, Any], ...]:

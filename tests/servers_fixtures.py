@@ -11,10 +11,14 @@ Fakes — used ONLY for cases a real server cannot be made to produce on demand:
                         that stalls (accepts, never answers) or answers slowly, on a known schedule
   OllamaContractServer  Ollama's documented /api/generate, /api/ps and error shapes (no Ollama server is
                         part of the test environment), emitting tokens on a known schedule
+  PacedOpenAIServer     for load generation, where the client side is under test, not an engine: a fast
+                        asyncio server streaming every request on one known schedule, keeping when each
+                        request arrived on this process's clock
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -362,3 +366,94 @@ class OllamaContractServer(_Server):
         self.model, self.prefill_s, self.token_s = model, prefill_s, token_s
         self.context_length, self.stop_after = context_length, stop_after
         self.requests: list[dict[str, Any]] = []
+
+
+class PacedOpenAIServer:
+    """An OpenAI-compatible stub for load generation: keep-alive HTTP/1.1 on an asyncio loop of its own thread, so
+    many requests overlap at little cost. Every streamed ``/v1/completions`` answers its first token
+    ``first_token_s`` after the request was read, then one more every ``token_s`` (``max_tokens`` in all, each
+    chunk one word: one token for kvray's word-level tokenizers), then usage and ``[DONE]``. ``/v1/models`` lists
+    "stub"; ``/metrics`` is a 404 (a server without a timeline); a plain (not streamed) request is answered at
+    once. ``received`` keeps each streamed request's ``time.perf_counter()`` when it was read."""
+
+    def __init__(self, first_token_s: float = 0.04, token_s: float = 0.01) -> None:
+        self.first_token_s, self.token_s = first_token_s, token_s
+        self.received: list[float] = []
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="paced-openai", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> PacedOpenAIServer:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the paced stub server did not start")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()  # stopped: end the open connections' handlers before the loop closes
+        tasks = asyncio.all_tasks(self._loop)
+        for task in tasks:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*tasks, server.wait_closed(), return_exceptions=True))
+        self._loop.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                length = next((int(v) for k, _, v in (line.partition(":") for line in lines[1:])
+                               if k.strip().lower() == "content-length"), 0)  # fmt: skip
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                if path.startswith("/v1/models"):
+                    self._json(writer, {"object": "list", "data": [{"id": "stub", "object": "model"}]})
+                elif path.startswith("/v1/completions") and method == "POST" and body.get("stream") is True:
+                    self.received.append(time.perf_counter())
+                    await self._stream(writer, int(body.get("max_tokens") or 4))
+                elif path.startswith("/v1/completions") and method == "POST":
+                    self._json(writer, {"choices": [{"text": " w5"}], "usage": {"completion_tokens": 1}})
+                else:
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    def _json(writer: asyncio.StreamWriter, obj: Any) -> None:
+        payload = json.dumps(obj).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(payload)).encode() + b"\r\n\r\n" + payload)  # fmt: skip
+
+    async def _stream(self, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        start = time.perf_counter()
+        for i in range(n):  # on the schedule from the request's read, so a late wake-up does not push later tokens
+            delay = start + self.first_token_s + i * self.token_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            _write_chunk(writer, _chunk(f" w{5 + i % 50}"))
+            await writer.drain()
+        usage = {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n}
+        _write_chunk(writer, b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n")
+        writer.write(b"0\r\n\r\n")
+
+
+def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")

@@ -123,6 +123,12 @@ def test_hardware_list_plans_each_cell_per_type_and_each_uses_types_present():
         (("dtypes: [fp32]", "dtypes: [fp32]\nweights: trained"), ["weights", "allowed: random, pretrained"]),
         (("dtypes: [fp32]", "dtypes: [fp32]\noptions: {ttft_s: [1]}"), ["options.ttft_s", "string, number"]),
         (("  gen_toks: [4]\n", ""), ["grid.gen_toks", "required"]),
+        (("dtypes: [fp32]", "dtypes: [fp32]\nclients: 0"), ["clients", "positive integer", "got 0"]),
+        (("dtypes: [fp32]", "dtypes: [fp32]\nclients: two"), ["clients", "positive integer", "'two'"]),
+        (
+            ("dtypes: [fp32]", "dtypes: [fp32]\nclients: 2"),
+            ["clients", "synthetic runs in this process", "server backends: vllm, openai"],
+        ),
     ],
 )
 def test_bad_jobs_fail_with_one_line(tmp_path, edit, needles):

@@ -6,6 +6,7 @@ must send it, as it would for a user's cluster.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -140,9 +141,9 @@ def test_launch_rejects_bad_targets(tmp_path):
 
 
 def test_submit_retries_only_while_the_job_agent_is_starting(monkeypatch):
-    from kvray.sweep import launch
+    from kvray.sweep import preflight
 
-    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+    monkeypatch.setattr(preflight.time, "sleep", lambda s: None)
 
     class Head:
         calls = 0
@@ -154,7 +155,7 @@ def test_submit_retries_only_while_the_job_agent_is_starting(monkeypatch):
             return "raysubmit_1"
 
     head = Head()
-    assert launch._submit_when_agent_ready(head, entrypoint="x") == "raysubmit_1" and head.calls == 3
+    assert preflight.submit_when_agent_ready(head, entrypoint="x") == "raysubmit_1" and head.calls == 3
 
     class Broken:
         calls = 0
@@ -165,5 +166,81 @@ def test_submit_retries_only_while_the_job_agent_is_starting(monkeypatch):
 
     broken = Broken()
     with pytest.raises(RuntimeError, match="bad runtime_env"):
-        launch._submit_when_agent_ready(broken, entrypoint="x")
+        preflight.submit_when_agent_ready(broken, entrypoint="x")
     assert broken.calls == 1
+
+
+def _launch(ray_head, job, out, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "kvray.cli", "launch", "--address", ray_head, "--job", str(job), "--output", str(out),
+         "--timeout-s", "300", "--no-plots", *extra],
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+
+
+def test_preflight_reads_the_clusters_python_packages_and_gpus(ray_head):
+    from ray.job_submission import JobSubmissionClient
+
+    from kvray.sweep.preflight import DEPENDENCIES, local_versions, probe, unmet
+
+    report = probe(JobSubmissionClient(ray_head, headers=ray_auth_headers()))
+    assert report.python[:2] == sys.version_info[:2]  # the head runs this virtualenv's Python
+    assert report.packages == local_versions() and set(report.packages) == set(DEPENDENCIES)
+    assert unmet(report) == {}
+    cluster = report.cluster()  # the head was started with --num-cpus=2 --num-gpus=0
+    assert cluster.cpus == 2 and cluster.gpus == 0 and cluster.gpus_by_type == {}
+
+
+def test_a_gpu_type_the_cluster_lacks_is_refused_before_submitting(ray_head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head, headers=ray_auth_headers())
+    before = {j.submission_id for j in client.list_jobs() if not (j.metadata or {}).get("kvray_preflight")}
+    job = tmp_path / "h100.yaml"
+    job.write_text(SIM_JOB.replace("backends: [sim]", "backends: [hf]").replace("hardware: any", "hardware: H100"))
+    run = _launch(ray_head, job, tmp_path / "out")
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "hardware H100 is not in this Ray cluster" in run.stderr and "no GPUs at all" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+    after = {j.submission_id for j in client.list_jobs() if not (j.metadata or {}).get("kvray_preflight")}
+    assert after == before, "a job was submitted"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_job_that_fails_on_the_cluster_shows_its_status_exit_code_and_last_lines(ray_head, tmp_path):
+    job = tmp_path / "launch_smoke.yaml"
+    job.write_text(SIM_JOB)
+    # A clean local job whose remote `kvray run` fails: an option the remote command does not know.
+    from kvray.sweep.launch import RemoteJobError, launch
+
+    with pytest.raises(RemoteJobError) as failed:
+        launch(str(job), str(tmp_path / "out"), address=ray_head, extra_args=["--no-such-option"], timeout_s=300)
+    text = str(failed.value)
+    assert "ended FAILED (exit code 2) without a dataset" in text, text
+    assert "No such option: --no-such-option" in text and "  | " in text
+    assert len(text.splitlines()) <= 17  # the block: one line, then at most 15 of the log's
+
+
+def test_missing_light_dependencies_are_pinned_into_the_job_or_named_in_one_line():
+    """The decision on a cluster report, here one whose Python lacks typer and has an old rich: the pins are
+    this machine's versions (what the job was tested with); without provisioning, one line says what to
+    install. A missing heavy dependency is never installed by kvray."""
+    from kvray.errors import KvrayInputError
+    from kvray.plan.job import job_from_dict
+    from kvray.sweep.preflight import DEPENDENCIES, ClusterReport, local_versions, pip_packages
+
+    mine = local_versions()
+    packages = {**mine, "typer": None, "rich": "12.0.0"}
+    report = ClusterReport(python=(3, 11, 9), packages=packages, nodes=[("10.0.0.1", "A100", 8.0, 96.0)])
+    job = job_from_dict(json.loads(json.dumps({"name": "j", "models": ["kvray/tiny-llama"], "backends": ["hf"],
+                                               "hardware": "A100", "grid": {"prompt_toks": [16], "gen_toks": [4]}})))  # fmt: skip
+    assert pip_packages(report, job, provision=True) == [f"typer=={mine['typer']}", f"rich=={mine['rich']}"]
+    with pytest.raises(KvrayInputError, match=r"lacks kvray's dependencies \(typer missing, rich 12.0.0\)") as exc:
+        pip_packages(report, job, provision=False)
+    assert f"pip install typer=={mine['typer']} rich=={mine['rich']}" in str(exc.value)
+    no_torch = ClusterReport((3, 11, 9), {**mine, "torch": None}, [("10.0.0.1", "A100", 8.0, 96.0)])
+    with pytest.raises(KvrayInputError, match="cannot install for it .torch missing"):
+        pip_packages(no_torch, job, provision=True)
+    old = ClusterReport((3, 9, 18), dict.fromkeys(DEPENDENCIES, "1.0"), [])
+    with pytest.raises(KvrayInputError, match="Python 3.9.18; kvray needs 3.11"):
+        pip_packages(old, job, provision=True)

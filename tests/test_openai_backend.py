@@ -208,8 +208,9 @@ def test_the_api_key_is_sent_from_the_environment_and_never_stored(backend, mode
     assert denied.traces[0].status == "error" and denied.traces[0].error.startswith("HTTP 401")
     writer = DatasetWriter(tmp_path / "results")
     writer.append(ok)
-    for path in (tmp_path / "results").iterdir():
-        assert secret not in path.read_bytes().decode(errors="replace"), path
+    for path in (tmp_path / "results").rglob("*"):  # every file, the dataset's parts/ folder included
+        if path.is_file():
+            assert secret not in path.read_bytes().decode(errors="replace"), path
     assert secret not in json.dumps(ok.to_dict())
     monkeypatch.delenv("KVRAY_TEST_KEY")
     missing = run_cell(backend, http_cell(model_dir, fake.url, Workload.uniform(1, 8, 3), warmup=0,
@@ -315,8 +316,9 @@ def test_bench_measures_a_server_over_http_without_ray(model_dir, server, tmp_pa
     record = json.loads(proc.stdout)
     assert record["status"] == "ok" and record["metrics"]["requests_ok"] == 2
     assert record["metrics"]["output_toks_total"] == 12
-    for path in out.iterdir():
-        assert "sk-never-stored-42" not in path.read_text(errors="replace")
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert "sk-never-stored-42" not in path.read_bytes().decode(errors="replace"), path
 
 
 @pytest.mark.parametrize(

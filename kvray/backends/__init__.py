@@ -69,6 +69,24 @@ def check_cell(cell: Cell) -> Cell:
     return cls.check_cell(cell)
 
 
+def multi_client_backends() -> tuple[str, ...]:
+    """Backends whose client side a cell can spread over K Ray actors (``clients: K``): the server backends."""
+    return tuple(name for name in REGISTRY if backend_class(name).multi_client)
+
+
+def check_clients(backend: str, clients: Any) -> int:
+    """A cell's client count: a positive integer, above 1 only for a server backend; else one KvrayInputError
+    line, for the caller to prefix with the job key or the flag."""
+    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+        raise KvrayInputError(f"expected a positive integer (client processes), got {clients!r}")
+    if clients > 1 and not backend_class(backend).multi_client:
+        raise KvrayInputError(
+            f"got {clients}, but backend {backend} runs in this process: its requests cannot be sent from other "
+            f"client processes (clients > 1 is for server backends: {', '.join(multi_client_backends())})"
+        )
+    return clients
+
+
 def kv_layout(name: str, options: Mapping[str, Any] | None = None) -> str:
     """The KV layout ("hf" | "paged") backend ``name`` keeps with these options, as its class declares it."""
     return backend_class(name).layout_for(dict(options or {}))

@@ -164,3 +164,30 @@ async def serve_on_schedule(
 
     results = await asyncio.gather(*(one(r) for r in requests))
     return [r for r in results if r is not None]
+
+
+def split_chains(requests: Sequence[RequestSpec], k: int) -> list[list[RequestSpec]]:
+    """``requests`` dealt to ``k`` senders: whole chains, round-robin in the order their first requests are due.
+
+    A request without ``after`` starts a chain; each follower (a closed loop's next request, a conversation's next
+    turn) goes with its chain, so its gate — its predecessor's end — is seen in the process that sends it. An open
+    loop is all single-request chains, so it is dealt round-robin over arrival order and each sender offers
+    1/k of the rate. Each share keeps the requests' own order; a sender may get none (fewer chains than k)."""
+    by_id = {r.id: r for r in requests}
+    roots: dict[int, int] = {}
+
+    def root(r: RequestSpec) -> int:
+        path: list[int] = []
+        while r.id not in roots and r.after is not None and r.after in by_id and r.id not in path:
+            path.append(r.id)
+            r = by_id[r.after]
+        found = roots.setdefault(r.id, r.id)
+        roots.update(dict.fromkeys(path, found))
+        return found
+
+    heads = sorted((r for r in requests if root(r) == r.id), key=lambda r: (r.arrival_s, r.id))
+    sender = {r.id: i % k for i, r in enumerate(heads)}
+    shares: list[list[RequestSpec]] = [[] for _ in range(k)]
+    for r in requests:
+        shares[sender[root(r)]].append(r)
+    return shares

@@ -17,6 +17,8 @@ its name:
                      model kvray cannot resolve)
   device             where measured work happens in this process ("cpu" | "cuda:N"): the memory tracker's
   weights_bytes      bytes of the loaded weights when the backend holds a model
+  multi_client       the client side of a cell can be spread over K Ray actors (a cell's ``clients``): a server
+                     backend, whose requests go over HTTP from any process; an in-process engine cannot
   ttft_basis         which clock a trace's first-token time is on, recorded in every row: "engine" (the engine
                      stamps the token in this process: hf, hf-paged, sim, synthetic) or "client-http" (the client
                      stamps the chunk's arrival, so TTFT includes HTTP, tokenisation and server queueing: vllm,
@@ -113,6 +115,7 @@ class BackendBase:
     device = "cpu"
     weights_bytes: int | None = None
     ttft_basis = "engine"
+    multi_client = False
 
     # --- class-level checks, before any backend exists ----------------------------------------------
 

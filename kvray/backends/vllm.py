@@ -179,6 +179,7 @@ class VLLMBackend(BackendBase):
     queues_when_full = True
     oom_precheck = False  # vLLM sizes its own KV pool and queues or preempts what does not fit
     ttft_basis = "client-http"  # measured through the openai backend, on the client's clock
+    multi_client = True  # through the openai backend, whose clients stay on this node (vLLM listens on loopback)
 
     def __init__(self) -> None:
         self.http = OpenAIBackend()

@@ -40,15 +40,21 @@ def bench_cell(
     prompt_dist: Mapping[str, Any] | None = None,
     gen_dist: Mapping[str, Any] | None = None,
     tensor_parallel: int = 1,
+    clients: int = 1,
 ) -> Cell:
     """The Cell ``kvray bench`` measures: ``concurrency`` equal requests, or one request per ``mixed`` prompt
-    length, on ``backend``; validated whole (the backend's own checks included) and returned as it will run."""
-    from kvray.backends import backend_class
+    length, on ``backend``; validated whole (the backend's own checks included) and returned as it will run.
+    ``clients`` > 1 (server backends) sends the load from that many Ray actors (kvray/backends/openai/clients.py)."""
+    from kvray.backends import backend_class, check_clients
     from kvray.model.kvmath import normalize_dtype
     from kvray.model.resolve import resolve_geometry
     from kvray.spec import WEIGHTS, Cell, Workload, make_options
 
     engine = backend_class(backend)  # an unknown name is one line listing the known ones
+    try:
+        check_clients(backend, clients)
+    except KvrayInputError as exc:
+        raise KvrayInputError(f"--clients: {exc}") from None
     if weights not in WEIGHTS:
         raise KvrayInputError(f"unknown --weights {weights!r} (known: {', '.join(WEIGHTS)})")
     dtype = normalize_dtype(dtype, allow_fp8=False)
@@ -87,6 +93,7 @@ def bench_cell(
     cell = Cell(
         model=model, workload=workload, backend=backend, dtype=dtype, weights=weights, device=device,
         warmup=warmup, repeats=repeats, options=make_options(**dict(options or {})), tensor_parallel=tensor_parallel,
+        clients=clients,
     )  # fmt: skip
     return validate_backend_options(cell)
 
@@ -138,7 +145,7 @@ def check_output(cell: Cell, output_dir: str | Path, replace: bool = False) -> N
     if (out / LOCK_NAME).is_file():
         raise KvrayInputError(f"{out} is held by a running kvray run (its {LOCK_NAME}); choose another --output")
     try:
-        earlier = next((r for r in read_results(out) if r.get("cell_id") == cell.cell_id), None)
+        earlier = next((r for r in read_results(out, traces=False) if r.get("cell_id") == cell.cell_id), None)
     except OSError as exc:
         raise KvrayInputError(f"cannot read {out}: {exc.strerror or exc}") from None
     if earlier is not None and not replace:
@@ -160,7 +167,8 @@ class BenchRecord:
 
 def measure_and_record(cell: Cell, output_dir: str | Path, check_oom: bool = True,
                        replace: bool = False) -> BenchRecord:  # fmt: skip
-    """Run ``cell`` on a fresh backend in this process (no Ray), append its row to the dataset in
+    """Run ``cell`` on a fresh backend in this process (no Ray, unless the cell's clients > 1: then the caller has
+    joined Ray, kvray/cli/bench_cmd.py), append its row to the dataset in
     ``output_dir`` and write ``cell_<id>.json`` beside it. The folder must not hold the cell's row already
     unless ``replace`` (checked before the model loads: ``check_output``)."""
     from kvray.backends import get_backend

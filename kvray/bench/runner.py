@@ -20,7 +20,7 @@ from kvray.backends.base import Backend, BackendRun
 from kvray.bench.timeline import CellTelemetry
 from kvray.data.store import MEMORY_COLUMNS
 from kvray.measure.memory import attempted_bytes, is_oom_error
-from kvray.measure.serving import serving_summary
+from kvray.measure.serving import client_columns, serving_summary
 from kvray.measure.trace import CellResult, RunTrace
 from kvray.spec import Cell
 from kvray.units import first_line, human_bytes
@@ -144,6 +144,8 @@ def run_cell(
         result.memory["weights_bytes"] = backend.weights_bytes
     for run in runs:
         result.extra.update(run.extra)
+    if cell.clients > 1 and traces:  # per-client lag and clock ties (kvray/measure/serving.py)
+        result.metrics.update(client_columns(cell.clients, traces, result.extra.get("client_clocks") or []))
     result.extra["ttft_basis"] = backend.ttft_basis  # which clock TTFT is on (kvray/backends/base.py)
     result.extra["memory_scope"] = backend.memory_scope()  # which process the memory columns measured
     if telemetry is not None:

@@ -1,4 +1,6 @@
-"""``kvray bench``: one cell measured in this process, no Ray — the GPU-box path (kvray/bench/cell.py)."""
+"""``kvray bench``: one cell measured in this process, no Ray — the GPU-box path (kvray/bench/cell.py) — unless
+``--clients K`` > 1 sends a server backend's load from K Ray actors: then a local Ray is started for the run (or
+the one this process already joined is used)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from kvray.cli.options import (
     parse_option_pairs,
     server_options,
 )
+from kvray.errors import KvrayInputError
 
 
 def bench(
@@ -50,6 +53,9 @@ def bench(
     weights: WeightsOpt = "random",
     device: DeviceOpt = "auto",
     tp: TpOpt = 1,
+    clients: Annotated[
+        int, typer.Option("--clients", help="server backends: send the load from K Ray actors (default 1: this one)")
+    ] = 1,
     backend: Annotated[
         str, typer.Option("--backend", help="hf | hf-paged | vllm | openai | ollama | synthetic | sim")
     ] = "hf",
@@ -67,7 +73,8 @@ def bench(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure one cell in-process (no Ray): latency, throughput, memory and KV; writes the dataset."""
+    """Measure one cell in-process (no Ray unless --clients > 1): latency, throughput, memory and KV; writes the
+    dataset."""
     from kvray.bench.cell import bench_cell, check_output, measure_and_record
     from kvray.plan.loads import parse_dist, parse_load_flags, parse_slo
 
@@ -78,13 +85,36 @@ def bench(
         weights=weights, device=device, backend=backend, warmup=warmup, repeats=repeats, options=options,
         load=parse_load_flags(load, rate, requests, duration_s, seed), slo=parse_slo(slo, "--slo") if slo else None,
         prompt_dist=parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else None,
-        gen_dist=parse_dist(gen_dist, "--gen-dist") if gen_dist else None, tensor_parallel=tp,
+        gen_dist=parse_dist(gen_dist, "--gen-dist") if gen_dist else None, tensor_parallel=tp, clients=clients,
     )  # fmt: skip
     check_output(cell, output, replace)  # before the model loads
-    record = measure_and_record(cell, output, check_oom=not no_check_oom, replace=replace)
+    started = join_ray(clients) if clients > 1 else False
+    try:
+        record = measure_and_record(cell, output, check_oom=not no_check_oom, replace=replace)
+    finally:
+        if started:
+            from kvray.sweep.ray_env import shutdown
+
+            shutdown()
     if as_json:
         render.print_json(render.bench_json(record))
     else:
         render.bench_result(record)
     if record.result.status != "ok":
         raise typer.Exit(1)
+
+
+def join_ray(clients: int) -> bool:
+    """Ray for ``--clients``: the cluster this process joined, else a local one started now (True: started here,
+    to be shut down after the run); one line when Ray is not installed."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # a finder that refuses it: as good as absent
+        found = False
+    if not found:
+        raise KvrayInputError(f"--clients {clients} sends the load from Ray actors, but Ray is not installed here")
+    from kvray.sweep.ray_env import connect
+
+    return connect("local")

@@ -23,14 +23,16 @@ def require_results(results_dir: str) -> None:
         raise KvrayInputError(f"{folder} is not a results folder (no such directory)")
     path = folder / CELLS_JSONL
     try:
-        rows = read_results(folder)
+        rows = read_results(folder, traces=False)
     except OSError as exc:
         raise KvrayInputError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (KeyError, TypeError, AttributeError):  # JSON lines that are not kvray rows
         rows = []
     from kvray.measure.trace import CellResult
 
-    for row in rows:  # a JSON line that is not a kvray row would fail deep inside a figure
+    # A JSON line that is not a kvray row would fail deep inside a figure. A folder is one tool's output, so its
+    # first and last rows stand for it: checking all of 10,000 would cost seconds before any figure.
+    for row in rows[:50] + rows[50:][-50:]:
         try:
             CellResult.from_dict(row)
         except Exception as exc:

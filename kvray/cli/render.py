@@ -177,6 +177,9 @@ def _bench_tables(result: Any) -> tuple[Any, Any]:
         facts.add_row("total tokens/s", f"{m['total_tps']:,.1f}")
         facts.add_row("requests/s", f"{m['rps']:,.2f}")
         facts.add_row("requests ok / all", f"{m['requests_ok']} / {m['requests']}")
+    if m.get("client_lag_s_p99_by_client"):  # the load came from K client actors
+        lags = ", ".join("-" if x is None else f"{x * 1e3:.1f}" for x in json.loads(m["client_lag_s_p99_by_client"]))
+        facts.add_row(f"client lag p99 ms, {result.cell.clients} clients", lags)
     for key in ("weights_bytes", "baseline_bytes", "peak_allocated_bytes", "peak_reserved_bytes",
                 "nvml_peak_used_bytes", "rss_peak_bytes", "kv_measured_bytes", "kv_predicted_bytes"):  # fmt: skip
         if mem.get(key) is not None:

@@ -78,14 +78,14 @@ def run(
     except KeyboardInterrupt:
         from kvray.data.store import read_results
 
-        rows = len(read_results(where))
+        rows = len(read_results(where, traces=False))
         sys.stderr.write(f"kvray: interrupted: {rows} rows kept in {where}; resume with: "
                          f"kvray run {job_file} --output {where}\n")  # fmt: skip
         return 130
     from kvray.data.store import read_results
 
     counts = status_counts(out, job)
-    failed = [r for r in read_results(out) if r["status"] in ("error", "oom")][:5]
+    failed = [r for r in read_results(out, traces=False) if r["status"] in ("error", "oom")][:5]
     render.run_summary(job.name, counts, last_run(out), out, failed)
     if not no_plots:
         make_all_after_run(out)
@@ -108,14 +108,25 @@ def launch(
         float, typer.Option("--timeout-s", help="give up (and stop the job) after this long")
     ] = 3600.0,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="skip figures and report at the end")] = False,
+    no_provision: Annotated[
+        bool,
+        typer.Option("--no-provision", help="don't add kvray's missing dependencies to the job; say what to install"),
+    ] = False,
 ) -> int:
     """Run JOB on a Ray cluster through the Jobs API and bring its dataset back here."""
     from kvray.plan.job import load_job
+    from kvray.sweep.launch import RemoteJobError
     from kvray.sweep.launch import launch as launch_job
 
     out = output or f"results/{load_job(job).name}"
-    status, files = launch_job(job, out, address=address, cluster=cluster, down=down, timeout_s=timeout_s,
-                               log=sys.stdout.write)  # fmt: skip
+    try:
+        status, files = launch_job(job, out, address=address, cluster=cluster, down=down, timeout_s=timeout_s,
+                                   log=sys.stdout.write, provision=not no_provision)  # fmt: skip
+    except RemoteJobError as exc:
+        sys.stderr.write(f"kvray: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
     render.line(f"job {status}: {len(files)} files in {out}")
     if not no_plots:
         make_all_after_run(out)
@@ -144,9 +155,14 @@ def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = N
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from kvray.sweep import status_counts
+    from kvray.sweep.launch import RemoteJobError
     from kvray.sweep.submit import submit_job
 
-    submitted = submit_job(job, flags.run_settings(), log=sys.stdout.write)
+    try:
+        submitted = submit_job(job, flags.run_settings(), log=sys.stdout.write)
+    except RemoteJobError as exc:  # the job's status, exit code and last log lines, never a local traceback
+        sys.stderr.write(f"kvray: {exc}\n")
+        raise typer.Exit(1) from None
     out = submitted.output_dir
     if submitted.remote_status is not None:
         render.line(f"remote job {submitted.remote_status} → {out}")

@@ -36,7 +36,7 @@ def count_statuses(records: Iterable[dict[str, Any]]) -> dict[str, int]:
 
 def status_counts(output_dir: str | Path, cell_ids: Collection[str] | None = None) -> dict[str, int]:
     """Rows per status in ``output_dir`` (only the rows of ``cell_ids`` when given), every status listed."""
-    records = read_results(output_dir)
+    records = read_results(output_dir, traces=False)
     if cell_ids is not None:
         records = [r for r in records if r["cell_id"] in cell_ids]
     return count_statuses(records)

@@ -1,18 +1,29 @@
 """The dataset on disk: written as results arrive, never corrupt, resumable, readable without Ray or torch.
 
 Layout of an output folder:
-  cells.jsonl      one CellResult.to_dict() per line — the source of truth, append-only, fsync'ed
-  cells.parquet    flat rows (CellResult.to_row), regenerated atomically from cells.jsonl
+  cells.jsonl      one CellResult.to_dict() per line, without its traces — the source of truth, append-only,
+                   fsync'ed; folders written before kvray 0.x's issue #18 hold the traces inline, and still load
+  traces.jsonl     one line per cell: {"cell_id", "traces": [RunTrace.to_dict()…]}, appended (fsync'ed) before
+                   the cell's row; the last line per cell_id wins (a rerun of a cell whose row never landed)
+  timeline.jsonl   one line per cell: its telemetry and engine samples as columns (kvray/bench/timeline.py),
+                   appended (fsync'ed) before the cell's row; the last line per cell_id wins
+  parts/           the flat tables in Parquet row groups of the rows appended since the previous part
+                   (kvray/data/parts.py): what ``load_dataset`` reads, so a 10,000-cell folder loads in seconds
+  cells.parquet    flat rows (CellResult.to_row) of the whole folder, written when a run ends
   cells.csv        the same rows as CSV
   traces.parquet   one row per request (RunTrace fields + per-request metrics), list column token_times_s
   traces.csv       the same, token_times_s as a JSON list
-  timeline.jsonl   one line per cell: its telemetry and engine samples as columns (kvray/bench/timeline.py),
-                   appended (fsync'ed) before the cell's row; the last line per cell_id wins
-  timeline.parquet one row per sample (cell_id, repeat, t_s, source, metric, value), regenerated with the tables
+  timeline.parquet one row per sample (cell_id, repeat, t_s, source, metric, value), written with the tables
   manifest.json    job, kvray version, workers' environments (written atomically)
 
+Why the traces live apart from the rows: every token's timestamp of every request is ~90 % of a row's bytes
+(64 requests × 32 tokens: 64 KB of a 76 KB line). Kept out of cells.jsonl, everything that needs only rows —
+resuming, status counts, done ids, the collector's start — reads a small file, and the tables are appended as
+parts instead of being rebuilt from every line every few seconds (issue #18: 600 cells were 40 MB of JSONL
+re-parsed each time).
+
 A line is appended with a single write of the whole line; a crash can at worst leave a partial last line,
-which the next writer truncates and the loader ignores. Each cell_id appears at most once.
+which the next writer truncates and the loader ignores. Each cell_id appears at most once in cells.jsonl.
 """
 
 from __future__ import annotations
@@ -20,13 +31,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvray.data import parts
 from kvray.measure.telemetry import ENERGY_TEXT_COLUMNS
 from kvray.measure.trace import CellResult
 
 CELLS_JSONL = "cells.jsonl"
+TRACES_JSONL = "traces.jsonl"
 TIMELINE_JSONL = "timeline.jsonl"
 TIMELINE_COLUMNS = ("cell_id", "repeat", "t_s", "source", "metric", "value")
 MANIFEST = "manifest.json"
@@ -75,6 +91,7 @@ BASIS_COLUMNS = ("ttft_basis", "memory_scope")
 # Text that says what load a cell served (kvray/measure/serving.py, kvray/bench/saturation.py).
 SERVING_TEXT_COLUMNS = (
     "load", "slo", "lengths", "gen_toks_list", "probe_offered_rps", "probe_achieved_rps", "search_stopped",
+    "client_lag_s_p99_by_client", "client_requests_by_client",  # K client actors (kvray/backends/openai/clients.py)
 )  # fmt: skip
 TEXT_COLUMNS = LABEL_COLUMNS + PLACEMENT_COLUMNS + BASIS_COLUMNS + ENERGY_TEXT_COLUMNS + SERVING_TEXT_COLUMNS
 
@@ -92,27 +109,62 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     _atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Every complete line of cells.jsonl (a torn last line is skipped), last record per cell_id wins."""
-    path = Path(out_dir) / CELLS_JSONL
-    if not path.is_file():
-        return []
+def _jsonl_last_wins(
+    path: Path, start: int = 0, wanted: set[str] | None = None, end: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Every complete JSON line of ``path`` in bytes [``start``, ``end``) by its cell_id, the last line of a cell
+    winning; a torn line is skipped. ``wanted``: only these cell ids — lines whose first 200 bytes do not name
+    one are skipped unparsed (traces.jsonl and timeline.jsonl lines begin with their cell_id)."""
     by_id: dict[str, dict[str, Any]] = {}
-    for line in path.read_bytes().split(b"\n"):
+    if not path.is_file():
+        return by_id
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        data = fh.read() if end is None else fh.read(max(end - start, 0))
+    keys = [f'"cell_id": "{cid}"'.encode() for cid in wanted] if wanted is not None else None
+    for line in data.split(b"\n"):
         if not line.strip():
+            continue
+        if keys is not None and not any(key in line[:200] for key in keys):
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn line from a crash mid-write
-        by_id[record["cell_id"]] = record
-    return list(by_id.values())
+        if isinstance(record, dict) and "cell_id" in record:
+            by_id[record["cell_id"]] = record
+    return by_id
+
+
+def read_results(out_dir: str | Path, traces: bool = True) -> list[dict[str, Any]]:
+    """Every complete line of cells.jsonl (a torn last line is skipped), last record per cell_id wins.
+
+    ``traces``: give each record its ``traces`` from traces.jsonl (records of older folders hold them inline).
+    Without them a record is a row's worth of bytes: what resuming and counting need.
+    """
+    records = list(_jsonl_last_wins(Path(out_dir) / CELLS_JSONL).values())
+    if traces:
+        attach_traces(out_dir, records)
+    return records
+
+
+def attach_traces(out_dir: str | Path, records: list[dict[str, Any]], start: int = 0) -> None:
+    """Set ``traces`` on the records that lack them, from traces.jsonl (read from byte ``start``)."""
+    missing = {r["cell_id"] for r in records if "traces" not in r}
+    if not missing:
+        return
+    wanted = missing if len(missing) <= 16 else None  # a few cells: skip the other lines unparsed
+    found = _jsonl_last_wins(Path(out_dir) / TRACES_JSONL, start, wanted)
+    for r in records:
+        if "traces" not in r:
+            r["traces"] = found.get(r["cell_id"], {}).get("traces", [])
 
 
 def drop_row(out_dir: str | Path, cell_id: str) -> bool:
     """Remove ``cell_id``'s row from cells.jsonl (replaced atomically); True when there was one.
 
     For ``kvray bench --replace``, after the new measurement: lines that are not kvray rows are kept as they are.
+    The parts (which hold the old row) are dropped; the next flush writes them anew.
     """
     path = Path(out_dir) / CELLS_JSONL
     if not path.is_file():
@@ -127,24 +179,36 @@ def drop_row(out_dir: str | Path, cell_id: str) -> bool:
         if not same:
             kept.append(line)
     if dropped:
+        parts.drop_parts(Path(out_dir))
         _atomic_write_bytes(path, b"".join(kept))
     return dropped
 
 
 class DatasetWriter:
-    """Appends CellResults to an output folder and keeps the flat tables current."""
+    """Appends CellResults to an output folder; ``flush`` adds the rows since the last one to the parts, and
+    ``write_tables`` writes the whole-folder tables (at the end of a run, or after each ``kvray bench``).
+
+    ``append`` and ``flush`` may run on two threads (the collector's actor thread and its flush thread): the
+    lock keeps a flush from reading the JSONL files between a row's traces line and its cells line.
+    """
 
     def __init__(self, out_dir: str | Path, tables: bool = True):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.tables = tables
         self._path = self.out_dir / CELLS_JSONL
+        self._lock = threading.Lock()  # the queue and the ids; a flush's view of the files' sizes
+        self._commit_lock = threading.Lock()  # one batch written at a time
+        self._queue: list[_Pending] = []
+        self.commits: list[tuple[int, float]] = []  # (rows, seconds) of each batch written: what a row costs
+        self.flushes: list[tuple[int, float]] = []  # (rows, seconds) of each part flushed
         self._repair_tail()
-        self._ids = {r["cell_id"] for r in read_results(self.out_dir)}
+        self._ids = {r["cell_id"] for r in read_results(self.out_dir, traces=False)}
 
     def _repair_tail(self) -> None:
         """Cut a torn last line so the next append starts on a line boundary."""
-        for path in (self._path, self.out_dir / TIMELINE_JSONL):
+        for name in (CELLS_JSONL, TRACES_JSONL, TIMELINE_JSONL):
+            path = self.out_dir / name
             if not path.is_file():
                 continue
             data = path.read_bytes()
@@ -159,48 +223,170 @@ class DatasetWriter:
 
     def append(self, result: CellResult) -> bool:
         """Write one result; False (and nothing written) if this cell_id is already in the dataset."""
-        if result.cell_id in self._ids:
-            return False
-        record = result.to_dict()
-        timeline = record["extra"].pop("timeline", None)  # samples go to timeline.jsonl, not the row
-        if timeline:  # first: a crash between the two lines leaves a timeline the cell's rerun replaces
-            _append_line(self.out_dir / TIMELINE_JSONL, {"cell_id": result.cell_id, **timeline})
-        _append_line(self._path, record)
-        self._ids.add(result.cell_id)
-        if self.tables:
+        written = self.append_encoded(encode_row(result))
+        if written and self.tables:
             self.write_tables()
+        return written
+
+    def append_encoded(self, row: EncodedRow) -> bool:
+        """Write one row as ``encode_row`` made it (on whichever process ran the cell); False if its cell_id is
+        already in the dataset. Returns once the row is on disk (fsync'ed).
+
+        Group commit: rows appended from several threads at once (the collector takes appends concurrently)
+        share one write and one fsync per file — the traces and timeline lines of the whole batch first, then
+        its rows — so 64 workers cost a few fsyncs per batch, not three per row. A failed write (a full disk)
+        cuts each file back to its last whole line and fails every row of the batch.
+        """
+        pending = _Pending(row)
+        with self._lock:
+            if row.cell_id in self._ids:
+                return False
+            self._ids.add(row.cell_id)  # reserved: a second append of this cell is refused from now on
+            self._queue.append(pending)
+        with self._commit_lock:  # whoever holds it commits everything queued so far
+            if not pending.done:
+                with self._lock:
+                    batch, self._queue = self._queue, []
+                self._commit(batch)
+        if pending.error is not None:
+            raise pending.error
         return True
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        t0 = time.perf_counter()
+        try:
+            _append_bytes(self.out_dir / TIMELINE_JSONL, b"".join(p.row.timeline_line or b"" for p in batch))
+            _append_bytes(self.out_dir / TRACES_JSONL, b"".join(p.row.traces_line or b"" for p in batch))
+            _append_bytes(self._path, b"".join(p.row.row_line for p in batch))
+        except OSError as exc:
+            with self._lock:
+                self._ids.difference_update(p.row.cell_id for p in batch)
+            for p in batch:
+                p.error = exc
+        for p in batch:
+            p.done = True
+        self.commits.append((len(batch), time.perf_counter() - t0))
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         write_json_atomic(self.out_dir / MANIFEST, manifest)
 
+    def flush(self) -> int:
+        """Add the rows appended since the last part as a new part (kvray/data/parts.py); returns how many.
+
+        Costs the new rows only. Parts that no longer fit the JSONL files are dropped and written anew."""
+        with self._commit_lock:  # between batches: every row's traces line is before the row's line
+            sizes = parts.jsonl_sizes(self.out_dir)
+        index = parts.read_index(self.out_dir)
+        if index is None:
+            parts.drop_parts(self.out_dir)
+            index = parts.PartsIndex()
+        if sizes["cells"] == index.offsets["cells"]:
+            return 0
+        t0 = time.perf_counter()
+        records = _records_between(self.out_dir, index.offsets, sizes)
+        cells, traces = frames_from_records(records)
+        timeline = _timeline_frame(_jsonl_last_wins(self.out_dir / TIMELINE_JSONL, index.offsets["timeline"],
+                                                    end=sizes["timeline"]))  # fmt: skip
+        parts.write_part(self.out_dir, index, {"cells": cells, "traces": traces, "timeline": timeline}, sizes,
+                         rows=len(records))  # fmt: skip
+        self.flushes.append((len(records), time.perf_counter() - t0))
+        return len(records)
+
     def write_tables(self) -> None:
-        """Regenerate cells/traces parquet + csv from cells.jsonl, timeline.parquet from timeline.jsonl (each file
-        replaced atomically)."""
-        if (self.out_dir / TIMELINE_JSONL).is_file():
+        """The whole folder's cells/traces parquet + csv and timeline.parquet (each file replaced atomically),
+        from the parts and what follows them."""
+        self.flush()
+        index = parts.read_index(self.out_dir)
+        if index is not None and index.offsets == parts.jsonl_sizes(self.out_dir):  # every row is in a part
+            import pandas as pd
+
+            for kind in parts.KINDS:  # a part at a time: memory stays that of one part (parts.write_whole)
+                csv = self.out_dir / f"{kind}.csv" if kind != "timeline" else None
+                written = parts.write_whole(self.out_dir, index, kind, self.out_dir / f"{kind}.parquet", csv)
+                if not written and kind != "timeline":  # no part holds any: an empty table, as for an empty folder
+                    self._write_frame(kind, pd.DataFrame())
+            return
+        cells, traces = load_frames(self.out_dir)
+        timeline = load_timeline(self.out_dir)
+        if len(timeline) or (self.out_dir / TIMELINE_JSONL).is_file():
             tmp = self.out_dir / f".timeline.parquet.tmp{os.getpid()}"
-            read_timeline(self.out_dir).to_parquet(tmp, index=False)
+            timeline.to_parquet(tmp, index=False)
             os.replace(tmp, self.out_dir / "timeline.parquet")
-        cells, traces = frames_from_records(read_results(self.out_dir))
         for name, frame in (("cells", cells), ("traces", traces)):
-            csv_frame = frame.copy()
-            if "token_times_s" in csv_frame:
-                csv_frame["token_times_s"] = csv_frame["token_times_s"].map(json.dumps)
-            _atomic_write_bytes(self.out_dir / f"{name}.csv", csv_frame.to_csv(index=False).encode())
-            tmp = self.out_dir / f".{name}.parquet.tmp{os.getpid()}"
-            frame.to_parquet(tmp, index=False)
-            os.replace(tmp, self.out_dir / f"{name}.parquet")
+            self._write_frame(name, frame)
+
+    def _write_frame(self, name: str, frame: Any) -> None:
+        csv_frame = frame.copy()
+        if "token_times_s" in csv_frame:
+            csv_frame["token_times_s"] = csv_frame["token_times_s"].map(json.dumps)
+        _atomic_write_bytes(self.out_dir / f"{name}.csv", csv_frame.to_csv(index=False).encode())
+        tmp = self.out_dir / f".{name}.parquet.tmp{os.getpid()}"
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, self.out_dir / f"{name}.parquet")
 
 
-def _append_line(path: Path, obj: Any) -> None:
-    """Append ``obj`` as one JSON line with a single write, fsync'ed; a failed write leaves whole lines only."""
-    line = (json.dumps(obj, default=_json_default) + "\n").encode()
+def _records_between(out: Path, start: dict[str, int], end: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The rows of cells.jsonl between byte offsets, each with its traces (from traces.jsonl between the same
+    files' offsets; a row of an older folder holds them inline)."""
+    end = end or {}
+    records = list(_jsonl_last_wins(out / CELLS_JSONL, start["cells"], end=end.get("cells")).values())
+    if any("traces" not in r for r in records):
+        found = _jsonl_last_wins(out / TRACES_JSONL, start["traces"], end=end.get("traces"))
+        for r in records:
+            if "traces" not in r:
+                r["traces"] = found.get(r["cell_id"], {}).get("traces", [])
+    return records
+
+
+@dataclass(frozen=True)
+class EncodedRow:
+    """A result as the bytes of its lines: encoded where the cell ran, so the one writer only writes."""
+
+    cell_id: str
+    status: str
+    row_line: bytes  # cells.jsonl: the record without its traces (``"traces": []`` when it has none)
+    traces_line: bytes | None  # traces.jsonl, before the row
+    timeline_line: bytes | None  # timeline.jsonl, before the row
+
+
+@dataclass
+class _Pending:
+    row: EncodedRow
+    done: bool = False
+    error: OSError | None = None
+
+
+def _line(obj: Any) -> bytes:
+    return (json.dumps(obj, default=_json_default) + "\n").encode()
+
+
+def encode_row(result: CellResult) -> EncodedRow:
+    """The lines ``DatasetWriter.append_encoded`` writes for ``result``: its traces and timeline apart from
+    its row (module docstring: why)."""
+    record = result.to_dict()
+    timeline = record["extra"].pop("timeline", None)  # samples go to timeline.jsonl, not the row
+    traces = record.pop("traces")
+    if not traces:
+        record["traces"] = []  # said inline: a reader need not look for them
+    return EncodedRow(
+        cell_id=result.cell_id,
+        status=result.status,
+        row_line=_line(record),
+        traces_line=_line({"cell_id": result.cell_id, "traces": traces}) if traces else None,
+        timeline_line=_line({"cell_id": result.cell_id, **timeline}) if timeline else None,
+    )
+
+
+def _append_bytes(path: Path, data: bytes) -> None:
+    """Append whole lines with single writes, fsync'ed; a failed write leaves whole lines only."""
+    if not data:
+        return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     size = os.fstat(fd).st_size
     try:
         written = 0
-        while written < len(line):  # a full disk can take part of the line before it raises
-            written += os.write(fd, line[written:])
+        while written < len(data):  # a full disk can take part of the data before it raises
+            written += os.write(fd, data[written:])
         os.fsync(fd)
     except OSError:  # ENOSPC and friends: cut the partial line so the file stays whole lines
         with contextlib.suppress(OSError):
@@ -213,22 +399,38 @@ def _append_line(path: Path, obj: Any) -> None:
 def read_timeline(out_dir: str | Path, cell_id: str | None = None) -> Any:
     """timeline.jsonl as a DataFrame (TIMELINE_COLUMNS; one cell's rows with ``cell_id``): the last line per cell
     wins, a torn line is skipped, a cell whose row is gone (``kvray bench --replace`` mid-way) is kept."""
+    if cell_id is None:
+        return load_timeline(out_dir)
+    return _timeline_frame(_jsonl_last_wins(Path(out_dir) / TIMELINE_JSONL, wanted={cell_id}))
+
+
+def _timeline_frame(by_id: dict[str, dict[str, Any]]) -> Any:
     import pandas as pd
 
-    path = Path(out_dir) / TIMELINE_JSONL
-    by_id: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_bytes().split(b"\n"):
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and (cell_id is None or record.get("cell_id") == cell_id):
-                by_id[record["cell_id"]] = record
-    frames = [pd.DataFrame({k: r[k] for k in TIMELINE_COLUMNS[1:]}).assign(cell_id=cid) for cid, r in by_id.items()]
+    columns: dict[str, list[Any]] = {k: [] for k in TIMELINE_COLUMNS}
+    for cid, r in by_id.items():  # columns, not a frame per cell: a flush holds hundreds of cells
+        columns["cell_id"] += [cid] * len(r["t_s"])
+        for k in TIMELINE_COLUMNS[1:]:
+            columns[k] += r[k]
+    return pd.DataFrame(columns)
+
+
+def load_timeline(out_dir: str | Path) -> Any:
+    """Every cell's timeline samples: the parts, then timeline.jsonl after them (all of it without parts)."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    index = parts.read_index(out)
+    start = index.offsets["timeline"] if index else 0
+    frames = [*(parts.read_parts(out, index, "timeline") if index else []),
+              _timeline_frame(_jsonl_last_wins(out / TIMELINE_JSONL, start))]  # fmt: skip
+    frames = [f.assign(_chunk=i) for i, f in enumerate(frames) if len(f)]
     if not frames:
-        return pd.DataFrame({k: [] for k in TIMELINE_COLUMNS})
-    return pd.concat(frames, ignore_index=True)[list(TIMELINE_COLUMNS)]
+        return _timeline_frame({})
+    frame = pd.concat(frames, ignore_index=True)
+    # A cell measured again after a crash left its samples twice: those of its last chunk win.
+    frame = frame[frame["_chunk"] == frame.groupby("cell_id")["_chunk"].transform("max")]
+    return frame[list(TIMELINE_COLUMNS)].reset_index(drop=True)
 
 
 def _json_default(obj: Any) -> Any:
@@ -245,24 +447,48 @@ def trace_rows(result: CellResult) -> list[dict[str, Any]]:
     return [{"cell_id": cell_id, **t.to_dict(), **request_metrics(t)} for t in result.traces]
 
 
+def result_from_record(record: dict[str, Any]) -> CellResult:
+    """A CellResult from its dict, its cell id taken from the record (it hashes the whole cell otherwise)."""
+    result = CellResult.from_dict(record)
+    if "cell_id" in record:
+        result.cell.__dict__["cell_id"] = record["cell_id"]  # Cell.cell_id is a cached_property
+    return result
+
+
 def frames_from_records(records: list[dict[str, Any]]) -> tuple[Any, Any]:
     """(cells DataFrame of flat rows, traces DataFrame) from CellResult dicts."""
     import pandas as pd
 
-    results = [CellResult.from_dict(r) for r in records]
+    results = [result_from_record(r) for r in records]
     cells = pd.DataFrame([r.to_row() for r in results])
     traces = pd.DataFrame([row for r in results for row in trace_rows(r)])
     return cells, traces
 
 
+def load_frames(out_dir: str | Path) -> tuple[Any, Any]:
+    """(cells, traces) of a folder: its parts, then the rows appended after them; every row of cells.jsonl
+    when the folder has no parts (written before them, or ``kvray bench`` dropped them)."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    index = parts.read_index(out)
+    if index is None:
+        return frames_from_records(read_results(out))
+    tail_cells, tail_traces = frames_from_records(_records_between(out, index.offsets))
+    cells = [f for f in (*parts.read_parts(out, index, "cells"), tail_cells) if len(f)]
+    traces = [f for f in (*parts.read_parts(out, index, "traces"), tail_traces) if len(f)]
+    return (pd.concat(cells, ignore_index=True) if cells else tail_cells,
+            pd.concat(traces, ignore_index=True) if traces else tail_traces)  # fmt: skip
+
+
 def load_dataset(out_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    """(cells, traces, manifest) of an output folder, from cells.jsonl so a half-written sweep loads too."""
+    """(cells, traces, manifest) of an output folder; a half-written sweep loads too (``load_frames``)."""
     out = Path(out_dir)
     if not out.is_dir():
         from kvray.errors import KvrayInputError
 
         raise KvrayInputError(f"{out} is not a results folder")
-    cells, traces = frames_from_records(read_results(out))
+    cells, traces = load_frames(out)
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     return cells, traces, manifest

@@ -139,7 +139,7 @@ def make_tp_figures(results_dir: str | Path, out_dir: str | Path | None = None) 
     from kvray.data.store import read_results
     from kvray.figures.common import FIGURES_DIR, failed_figure
 
-    records = read_results(results_dir)
+    records = read_results(results_dir, traces=False)
     target = Path(out_dir) if out_dir is not None else Path(results_dir) / FIGURES_DIR
     results = []
     with style.styled():
@@ -155,4 +155,4 @@ def tp_figures_if_any(results_dir: str | Path, out_dir: str | Path | None = None
     """The exp7 figures when the folder holds exp7 or TP > 1 cells, else none."""
     from kvray.data.store import read_results
 
-    return make_tp_figures(results_dir, out_dir) if has_tp_data(read_results(results_dir)) else []
+    return make_tp_figures(results_dir, out_dir) if has_tp_data(read_results(results_dir, traces=False)) else []

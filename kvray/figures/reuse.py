@@ -231,4 +231,4 @@ def reuse_figures_if_any(results_dir: str | Path, out_dir: str | Path | None = N
     """The exp6 figures when the folder holds exp6 / reuse cells, else none (no "missing data" figures)."""
     from kvray.data.store import read_results
 
-    return make_reuse_figures(results_dir, out_dir) if has_reuse_data(read_results(results_dir)) else []
+    return make_reuse_figures(results_dir, out_dir) if has_reuse_data(read_results(results_dir, traces=False)) else []

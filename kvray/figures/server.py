@@ -194,7 +194,7 @@ def has_server_data(results_dir: str | Path) -> bool:
 
     return any(
         r["cell"].get("experiment") == "exp4" or (r.get("extra") or {}).get("kv_timeline")
-        for r in read_results(results_dir)
+        for r in read_results(results_dir, traces=False)
     )
 
 
@@ -202,7 +202,7 @@ def make_server_figures(results_dir: str | Path, out_dir: str | Path | None = No
     """fig8 and fig9 for a results folder (written beside fig1–fig7 in RESULTS_DIR/figures by default)."""
     from kvray.data.store import frames_from_records, read_results
 
-    records = read_results(results_dir)
+    records = read_results(results_dir, traces=False)
     target = Path(out_dir) if out_dir is not None else Path(results_dir) / FIGURES_DIR
     cells, _ = frames_from_records(records)
     with style.styled():

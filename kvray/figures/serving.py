@@ -227,9 +227,9 @@ def fig12_pareto(cells: Any, out_dir: Path) -> FigureResult:
 
 def make_serving_figures(results_dir: str | Path, out_dir: str | Path | None = None) -> list[FigureResult]:
     """fig11 and fig12 of a results folder when it holds serving rows, else none (no placeholder figures)."""
-    from kvray.data.store import frames_from_records, read_results
+    from kvray.data.store import load_frames
 
-    cells, _ = frames_from_records(read_results(results_dir))
+    cells, _ = load_frames(results_dir)
     if not has_serving_data(cells):
         return []
     target = Path(out_dir) if out_dir is not None else Path(results_dir) / FIGURES_DIR

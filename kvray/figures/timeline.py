@@ -156,14 +156,15 @@ def _energy_note(record: dict[str, Any]) -> str:
 
 def plot_cell_timeline(results_dir: str | Path, cell_id: str, out_dir: str | Path | None = None) -> FigureResult:
     """fig10 of ``cell_id`` from a results folder (cells.jsonl + timeline.jsonl); one line error if unknown."""
-    from kvray.data.store import read_results, read_timeline
+    from kvray.data.store import attach_traces, read_results, read_timeline
     from kvray.errors import KvrayInputError
     from kvray.figures.common import FIGURES_DIR
 
-    records = {r["cell_id"]: r for r in read_results(results_dir)}
+    records = {r["cell_id"]: r for r in read_results(results_dir, traces=False)}
     if cell_id not in records:
         known = ", ".join(sorted(records)[:8]) + (" …" if len(records) > 8 else "")
         raise KvrayInputError(f"no cell {cell_id!r} in {results_dir} (cells: {known})")
+    attach_traces(results_dir, [records[cell_id]])
     target = Path(out_dir) if out_dir is not None else Path(results_dir) / FIGURES_DIR
     with style.styled():
         return fig10_timeline(records[cell_id], read_timeline(results_dir, cell_id), target)

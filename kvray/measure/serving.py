@@ -21,12 +21,17 @@ load models) the latency columns pool every request, as before. For closed and o
                  whose p99 lag exceeds ``lag_limit_s`` — 10 % of the mean gap between arrivals, within
                  [10 ms, 50 ms] — did not offer the rate it claims, and its row says so (``client_behind``)
 
+Spread over K client actors (a cell's ``clients``, kvray/backends/openai/clients.py), each trace knows its client
+and the run its clocks; ``client_columns`` adds per-client lag p99 (so one overloaded client shows even when the
+pooled p99 hides it) and how well the clients' clocks were tied to the caller's.
+
 SLO thresholds per request: ttft_ms on TTFT, tpot_ms on TPOT (met when undefined: one output token),
 itl_ms on the request's largest inter-token gap, e2e_ms on E2E.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -177,3 +182,28 @@ def serving_summary(workload: Workload, traces: Sequence[RunTrace]) -> dict[str,
         bool(lags) and workload.load_kind != "burst" and out["client_lag_s_p99"] > out["client_lag_limit_s"]
     )
     return out
+
+
+def client_columns(clients: int, traces: Sequence[RunTrace], clocks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The columns of a cell whose load came from ``clients`` client actors.
+
+    ``clocks``: one record per measured run, ``offsets_s`` and ``rtts_s`` per client — each client's wall clock
+    minus the caller's, and the round trip of the probe it was measured with (|error| ≤ rtt / 2). Per-client lag
+    is sent − due of the requests each client sent, all repeats pooled; a list entry is null for a client that
+    sent none (fewer chains than clients)."""
+    nan = float("nan")
+    lags: list[list[float]] = [[] for _ in range(clients)]
+    for t in traces:
+        if t.client is not None and 0 <= t.client < clients and t.sent_s is not None:
+            lags[t.client].append(t.sent_s - t.arrival_s)
+    p99 = [float(np.percentile(x, 99)) if x else nan for x in lags]
+    offsets = [abs(float(o)) for c in clocks for o in c.get("offsets_s") or []]
+    rtts = [float(r) for c in clocks for r in c.get("rtts_s") or []]
+    known = [x for x in p99 if x == x]
+    return {
+        "client_offset_s_max": max(offsets) if offsets else nan,
+        "client_rtt_s_max": max(rtts) if rtts else nan,
+        "client_lag_s_p99_by_client": json.dumps([round(x, 6) if x == x else None for x in p99]),
+        "client_lag_s_p99_worst": max(known) if known else nan,
+        "client_requests_by_client": json.dumps([len(x) for x in lags]),
+    }

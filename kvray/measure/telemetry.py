@@ -26,6 +26,7 @@ reason, never an estimate.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import os
 import time
@@ -127,6 +128,35 @@ class _GpuReader:
         return out
 
 
+def _descendants(pid: int) -> list[int] | None:
+    """``pid``'s descendants from /proc/PID/task/TID/children (Linux): reads only this tree, where psutil's
+    ``children`` reads the parent of every process on the machine — a millisecond per walk beside 64 workers.
+    None when the kernel does not offer the file."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except FileNotFoundError:
+            continue  # gone
+        except OSError:
+            return None
+        for tid in tasks:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as fh:
+                    kids = [int(k) for k in fh.read().split()]
+            except FileNotFoundError:
+                if os.path.isdir(f"/proc/{current}/task/{tid}"):
+                    return None  # the thread is there, its children file is not: the kernel lacks it
+                continue  # the thread ended meanwhile
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
 class _CpuReader:
     """CPU % and RSS of a process tree; the tree is re-walked every TREE_REFRESH_S (children come and go)."""
 
@@ -138,6 +168,7 @@ class _CpuReader:
         self.last_t: float | None = None
 
     def _walk(self, now: float) -> None:
+        """The measured processes and their descendants (a server's workers), found again every TREE_REFRESH_S."""
         import psutil
 
         procs: dict[int, Any] = {}
@@ -145,8 +176,12 @@ class _CpuReader:
             try:
                 root = self.procs.get(pid) or psutil.Process(pid)
                 procs[pid] = root
-                for child in root.children(recursive=True):
-                    procs.setdefault(child.pid, self.procs.get(child.pid) or child)
+                children = _descendants(pid)
+                if children is None:  # no /proc/PID/task/TID/children: psutil reads every process's parent
+                    children = [c.pid for c in root.children(recursive=True)]
+                for child in children:
+                    with contextlib.suppress(psutil.Error):
+                        procs.setdefault(child, self.procs.get(child) or psutil.Process(child))
             except psutil.Error:
                 continue
         self.procs, self.walked_at = procs, now

@@ -49,6 +49,9 @@ class RunTrace:
     # Prompt tokens the engine served from its prefix cache for this request (vLLM's usage.prompt_tokens_details.
     # cached_tokens, with --enable-prompt-tokens-details); None where the engine does not say.
     cached_prompt_toks: int | None = None
+    # Which of the cell's client actors sent the request (0 … clients − 1; kvray/backends/openai/clients.py), its
+    # times already moved onto the caller's clock; None when the cell's client side was this one process.
+    client: int | None = None
 
     @property
     def first_token_s(self) -> float | None:
@@ -133,6 +136,7 @@ class CellResult:
             "device": c.device,
             "hardware_requested": c.hardware,
             "tensor_parallel": c.tensor_parallel,  # GPUs the model was split over (kvray/model/parallel.py)
+            "clients": c.clients,  # processes the load was sent from (Ray actors when > 1; docs/metrics.md)
             # how the backend spread the model over them: "tensor parallel (vLLM)", "layer-wise placement, not
             # tensor parallelism" (HF device_map), what a server reports; None on one device
             "parallelism": self.extra.get("parallelism"),

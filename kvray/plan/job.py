@@ -12,6 +12,7 @@ or any model starts. The planner (kvray/plan/planner.py) turns a Job into cells.
     weights: random                   # random | pretrained
     hardware: any                     # any | each | [A100, H100]: each cell once per listed type
     tensor_parallel: [1]              # GPUs of one node each model is split over: [1, 2, 4, 8] sweeps TP
+    clients: 1                        # server backends: send each cell's load from K Ray actors (default 1)
     warmup: 1
     repeats: 2
     grid:                             # one mapping or a list of them
@@ -96,6 +97,7 @@ class Job:
     device: str = "auto"
     hardware: str | list[str] = "any"  # "any" | "each" | accelerator types (sim: GPU names)
     tensor_parallel: list[int] = field(default_factory=lambda: [1])  # TP degrees: each cell once per degree
+    clients: int = 1  # server backends: Ray actors each cell's load is sent from (kvray/backends/openai/clients.py)
     warmup: int = 1
     repeats: int = 3
     experiment: str = ""
@@ -120,6 +122,8 @@ class Job:
         d.pop("grids")
         if d["tensor_parallel"] == [1]:
             d.pop("tensor_parallel")  # a job without TP hashes as it did before the key existed
+        if d["clients"] == 1:
+            d.pop("clients")  # … and one without client actors as before that key
         return d
 
 
@@ -149,7 +153,7 @@ def _grid_to_dict(g: Grid) -> dict[str, Any]:
 JOB_KEYS = (
     "name", "description", "models", "backends", "dtypes", "weights", "kv_dtype", "device", "hardware",
     "warmup", "repeats", "experiment", "options", "workers", "max_attempts", "cell_timeout_s", "grid",
-    "tensor_parallel",
+    "tensor_parallel", "clients",
 )  # fmt: skip
 GRID_KEYS = (
     "experiment", "prompt_toks", "gen_toks", "concurrency", "mixed", "arrival_gap_s", "load", "slo", "prompt_dist",
@@ -301,6 +305,7 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
         device=device,
         hardware=hardware,
         tensor_parallel=_tensor_parallel(c, d.get("tensor_parallel", [1]), models),
+        clients=_clients(c, d.get("clients", 1), backends),
         warmup=c.int_("warmup", d.get("warmup", 1), 0),
         repeats=c.int_("repeats", d.get("repeats", 3), 1),
         experiment=c.string("experiment", d.get("experiment", ""), allow_empty=True),
@@ -356,6 +361,18 @@ def _tensor_parallel(c: _Checker, value: Any, models: list[str]) -> list[int]:
             except KvrayInputError as exc:
                 raise c.fail("tensor_parallel", f"models[{i}]: {exc}") from None
     return degrees
+
+
+def _clients(c: _Checker, value: Any, backends: list[str]) -> int:
+    """Client actors per cell: a positive integer, above 1 only when every backend of the job is a server backend."""
+    from kvray.backends import check_clients
+
+    for backend in backends:
+        try:
+            check_clients(backend, value)
+        except KvrayInputError as exc:
+            raise c.fail("clients", str(exc)) from None
+    return int(value)
 
 
 def _hardware(c: _Checker, value: Any, backends: list[str]) -> str | list[str]:

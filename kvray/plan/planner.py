@@ -50,7 +50,7 @@ def hardware_targets(job: Job, hardware_types: Sequence[str] | None = None) -> l
 
 
 # Cell fields a job sets once for all its cells, under the same name.
-JOB_WIDE_CELL_FIELDS = ("weights", "device", "warmup", "repeats", "kv_dtype")
+JOB_WIDE_CELL_FIELDS = ("weights", "device", "warmup", "repeats", "kv_dtype", "clients")
 
 
 def plan_cells(job: Job, hardware_types: Sequence[str] | None = None) -> list[Cell]:

@@ -2,31 +2,38 @@
 
 Workers send each CellResult as it finishes; the collector appends it at once through
 ``kvray.data.store.DatasetWriter`` (whole line or nothing, each cell_id at most once) and answers whether it
-was new, so a retried cell can never produce a second row. The flat tables (parquet, csv) are regenerated
-by a background thread at most every ``tables_every_s`` and at the end — never while a worker waits for its
-acknowledgement — because cells.jsonl, fsync'ed per row, is the truth.
+was new, so a retried cell can never produce a second row. A background thread adds the rows since its last
+flush to the folder's Parquet parts (kvray/data/parts.py) at most every ``tables_every_s`` — a cost of the
+new rows only, never while a worker waits for its acknowledgement — and the whole-folder tables (parquet,
+csv) are written once, at the end: the JSONL files, fsync'ed per row, are the truth.
 
-A rebuild is pandas and parquet work on the collector's cores, so it waits while a cell on the same node is
+A flush is pandas and parquet work on the collector's cores, so it waits while a cell on the same node is
 in its measured window: each worker says when its window opens and closes (``measuring``), and the answer
 to "opens" comes only after a rebuild in progress has finished. The first cell measured after a model load
 on a two-core machine recorded TPOT p50 18.7 ms where the same cell alone measures 6.5–7.2 ms
 (issue 12, item 13); the harness's own work must not be inside a measurement.
 It also keeps manifest.json: the job file, kvray's version, and each run with its workers' environments.
 
-Plain Python; the driver wraps it with ``ray.remote`` and pins it to the driver's node.
+Plain Python; the driver wraps it with ``ray.remote`` (``max_concurrency``: appends from many workers are
+taken at once and committed together) and pins it to the driver's node.
 """
 
 from __future__ import annotations
 
+import resource
 import threading
+import time
+from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kvray.data.manifest import read_manifest
-from kvray.data.store import DatasetWriter, read_results
+from kvray.data.store import DatasetWriter, EncodedRow, encode_row, read_results
 from kvray.measure.trace import CellResult
 from kvray.sweep.ray_env import import_ray
+
+MARK_EVERY = 50  # the collector notes the time every this many rows (a 10,000-row run: 200 marks)
 
 
 def now_iso() -> str:
@@ -58,14 +65,22 @@ class Collector:
         self.deferred = 0  # table refreshes put off because a neighbour was measuring
         self.out_dir = Path(out_dir)
         self.writer = DatasetWriter(self.out_dir, tables=False)
-        self._status = {r["cell_id"]: r["status"] for r in read_results(self.out_dir)}
+        self._status = {r["cell_id"]: r["status"] for r in read_results(self.out_dir, traces=False)}
         self.tables_every_s = tables_every_s
         self._dirty = False
         self._tables_lock = threading.Lock()
+        self._stats_lock = threading.Lock()  # appends run on several threads at once
+        self._manifest_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresh_tables, name="kvray-tables", daemon=True)
         self.appended = 0
         self.duplicates = 0
+        # the collector's own seconds per row (decode, write, fsync, bookkeeping): the first and last 1,000
+        self._append_s_first: list[float] = []
+        self._append_s_last: deque[float] = deque(maxlen=1000)
+        self.flushes = 0
+        self._marks: list[tuple[int, float]] = []  # (rows written, wall clock) every MARK_EVERY rows
+        self._cpu0 = time.process_time()
         previous = read_manifest(self.out_dir)
         self.manifest: dict[str, Any] = {
             "kvray_version": __version__,
@@ -90,14 +105,32 @@ class Collector:
 
     def append(self, result: dict[str, Any]) -> bool:
         """Write one CellResult (as ``to_dict``); False when its cell already has a row."""
-        written = self.writer.append(CellResult.from_dict(result))
-        if written:
-            self._status[result["cell_id"]] = result["status"]
-            self.appended += 1
-            self._dirty = True
-        else:
-            self.duplicates += 1
+        return self.append_encoded(encode_row(CellResult.from_dict(result)))
+
+    def append_encoded(self, row: EncodedRow) -> bool:
+        """Write one row encoded by the worker that ran it (``encode_row``); False when its cell already has a
+        row. Called from many threads at once (the actor's ``max_concurrency``): rows that arrive together are
+        written and fsync'ed together (``DatasetWriter.append_encoded``)."""
+        t0 = time.perf_counter()
+        written = self.writer.append_encoded(row)
+        took = time.perf_counter() - t0
+        with self._stats_lock:
+            if len(self._append_s_first) < 1000:
+                self._append_s_first.append(took)
+            self._append_s_last.append(took)
+            if written:
+                self._status[row.cell_id] = row.status
+                self.appended += 1
+                self._dirty = True
+                if self.appended % MARK_EVERY == 0:
+                    self._marks.append((self.appended, round(time.time(), 3)))
+            else:
+                self.duplicates += 1
         return written
+
+    def node(self) -> str | None:
+        """The Ray node this collector runs on: a worker elsewhere need not tell it of its measured windows."""
+        return self.node_id
 
     def measuring(self, worker_id: str, node_id: str | None, active: bool) -> bool:
         """A worker's measured window opens (``active``) or closes. Returns once no table rebuild runs, so a
@@ -119,7 +152,7 @@ class Collector:
             self.writer.write_tables()
 
     def refresh_tables_if_quiet(self) -> bool:
-        """Rebuild the tables when there are new rows and no neighbour is measuring; True if it rebuilt."""
+        """Add the new rows to the parts when there are some and no neighbour is measuring; True if it did."""
         with self._tables_lock:
             if not self._dirty:
                 return False
@@ -128,26 +161,32 @@ class Collector:
                 return False
             self._dirty = False
             try:
-                self.writer.write_tables()
-            except Exception:  # a table is a convenience; cells.jsonl is complete regardless
+                self.writer.flush()
+            except Exception:  # a table is a convenience; the JSONL files are complete regardless
                 self._dirty = True
                 return False
+            self.flushes += 1
             return True
 
     def _refresh_tables(self) -> None:
+        import pandas  # noqa: F401 - imported now, before any cell runs, not on the first flush's clock
+        import pyarrow.parquet  # noqa: F401
+
         while not self._stop.wait(self.tables_every_s):
             self.refresh_tables_if_quiet()
 
     def add_worker(self, info: dict[str, Any]) -> None:
-        self._run["workers"].append(info)
-        self.writer.write_manifest(self.manifest)
+        with self._manifest_lock:
+            self._run["workers"].append(info)
+            self.writer.write_manifest(self.manifest)
 
     def update_worker(self, worker_id: str, stats: dict[str, Any]) -> None:
         self._measuring.pop(worker_id, None)  # a worker killed or replaced mid-window measures no more
-        for info in self._run["workers"]:
-            if info.get("worker_id") == worker_id:
-                info.update(stats)
-        self.writer.write_manifest(self.manifest)
+        with self._manifest_lock:
+            for info in self._run["workers"]:
+                if info.get("worker_id") == worker_id:
+                    info.update(stats)
+            self.writer.write_manifest(self.manifest)
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Final tables and manifest; returns this run's record."""
@@ -156,6 +195,44 @@ class Collector:
         if self._dirty or not (self.out_dir / "cells.parquet").exists():
             self.write_tables()
         self._run.update(summary, finished_at=now_iso(), rows_appended=self.appended, duplicates=self.duplicates,
-                         table_refreshes_deferred=self.deferred)  # fmt: skip
+                         table_refreshes_deferred=self.deferred, collector=self.costs())  # fmt: skip
         self.writer.write_manifest(self.manifest)
         return dict(self._run)
+
+    def costs(self) -> dict[str, Any]:
+        """What the collector spent (its process): per-row append ms over the first and last 1,000 rows, parts
+        flushed, CPU seconds, peak RSS — so a sweep's record shows whether its one writer kept up."""
+
+        def mean_ms(values: Any) -> float | None:
+            return round(1000 * sum(values) / len(values), 3) if values else None
+
+        def per_row_ms(batches: list[tuple[int, float]]) -> float | None:
+            rows = sum(n for n, _ in batches)
+            return round(1000 * sum(t for _, t in batches) / rows, 3) if rows else None
+
+        def first_rows(batches: list[tuple[int, float]], n: int = 1000) -> list[tuple[int, float]]:
+            kept, total = [], 0
+            for batch in batches:
+                if total >= n:
+                    break
+                kept.append(batch)
+                total += batch[0]
+            return kept
+
+        commits, flushes = list(self.writer.commits), list(self.writer.flushes)
+        return {
+            "rows": self.appended,
+            # an append's wait for its acknowledgement (queueing behind other rows included) …
+            "append_ms_first_1000": mean_ms(self._append_s_first),
+            "append_ms_last_1000": mean_ms(self._append_s_last),
+            # … and what writing a row costs: its batch's write + fsync time over the batch's rows
+            "write_ms_per_row_first_1000": per_row_ms(first_rows(commits)),
+            "write_ms_per_row_last_1000": per_row_ms(first_rows(commits[::-1])),
+            "commit_batches": len(commits),
+            "flush_ms_per_row_first": per_row_ms(flushes[:1]),
+            "flush_ms_per_row_last": per_row_ms(flushes[-1:]),
+            "parts_flushed": self.flushes,
+            "cpu_s": round(time.process_time() - self._cpu0, 3),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rows_at": list(self._marks),  # rows per second over any stretch of the run, from these
+        }

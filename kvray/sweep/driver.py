@@ -48,6 +48,8 @@ from kvray.units import first_line
 __all__ = ["COLLECTOR_NAME_PREFIX", "WORKER_NAME_PREFIX", "CollectorLost", "Sweep", "SweepError", "run_job"]
 
 COLLECTOR_NAME_PREFIX = "kvray-collector-"  # + the sweep id: named so that an operator (or a test) can find it
+REFRESH_S = 0.25  # the progress view's rows are rebuilt at most this often (it redraws 4 times a second)
+COLLECTOR_THREADS = 32  # appends the collector takes at once: they share one write and fsync (group commit)
 
 
 class SweepError(RuntimeError):
@@ -94,6 +96,7 @@ class Sweep:
         self.cluster = Cluster.current()
         self.sweep_id = hashlib.sha256(f"{out_dir.resolve()}{time.time()}".encode()).hexdigest()[:8]
         self.t0 = time.monotonic()
+        self.refreshed = -REFRESH_S
 
     def run(self) -> dict[str, Any]:
         """Every cell without a row, then the run's record (also in the manifest)."""
@@ -155,7 +158,10 @@ class Sweep:
             return False
         self.collect_finished()
         self.handle_failures()
-        self.listener.on_refresh(self.pool.rows())
+        now = time.monotonic()
+        if now - self.refreshed >= REFRESH_S:  # a turn can be milliseconds apart when cells are quick
+            self.refreshed = now
+            self.listener.on_refresh(self.pool.rows())
         return True
 
     # -- the steps --
@@ -166,7 +172,8 @@ class Sweep:
 
         from kvray.sweep.collector import Collector
 
-        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "name": COLLECTOR_NAME_PREFIX + self.sweep_id}
+        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "name": COLLECTOR_NAME_PREFIX + self.sweep_id,
+                                   "max_concurrency": COLLECTOR_THREADS}  # fmt: skip
         with contextlib.suppress(Exception):  # a Ray-client driver has no node: write wherever it lands
             node_id = self.ray.get_runtime_context().get_node_id()
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
@@ -190,7 +197,7 @@ class Sweep:
             return set(self.ray.get(self.collector.done_ids.remote(), timeout=RPC_TIMEOUT_S))
         from kvray.data.store import read_results
 
-        return {r["cell_id"] for r in read_results(self.out_dir)}
+        return {r["cell_id"] for r in read_results(self.out_dir, traces=False)}
 
     def start_workers(self) -> None:
         """A worker per matching GPU for each placement with cells (CPU workers per ``job.workers``)."""
@@ -240,6 +247,8 @@ class Sweep:
                 "cells_already_done": already,
                 "cells_to_run": to_run,
                 "statuses_this_run": dict(self.scheduler.statuses),
+                # runs beyond each cell's first: a cell whose worker died (a lost node) and ran again elsewhere
+                "cell_retries": sum(self.scheduler.attempts.values()) - len(self.scheduler.attempts),
                 "wall_s": round(time.monotonic() - self.t0, 3),
                 "workers_ready_s": self.pool.workers_ready_s,
                 "workers_planned": len(self.pool.slots),
@@ -318,7 +327,7 @@ def run_job(
         from kvray.data.store import read_results
 
         ids = {c.cell_id for c in plan_cells(job)}
-        if any(r["cell_id"] in ids for r in read_results(out)):
+        if any(r["cell_id"] in ids for r in read_results(out, traces=False)):
             raise KvrayInputError(
                 f"{out} already holds results of this job; rerun with --resume (the default) to finish "
                 "the job, or choose another --output"

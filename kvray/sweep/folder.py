@@ -141,7 +141,7 @@ def job_changes(job: Job, out_dir: Path) -> JobChanges | None:
         previous = job_from_dict(spec, source="manifest.json")
     except KvrayInputError:
         previous = None  # the old job no longer validates (a model or backend gone): compare by rows only
-    rows = read_results(out_dir)
+    rows = read_results(out_dir, traces=False)
     types = status.hardware_types_in(rows)
     now = {c.cell_id: c.label() for c in plan_cells(job, types)}
     before = {c.cell_id: c.label() for c in plan_cells(previous, types)} if previous else {}

@@ -17,6 +17,7 @@ HF_TOKEN is forwarded to the job's environment when set. Neither is written to d
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shlex
@@ -113,20 +114,18 @@ def entrypoint(job_name: str, extra_args: list[str]) -> str:
     return f"{shlex.join(run)}; status=$?; {shlex.join(pack)}; exit $status"
 
 
-def _submit_when_agent_ready(client: Any, wait_s: float = 90.0, **kwargs: Any) -> str:
-    """Submit, retrying while the head's job agent is still starting.
+class RemoteJobError(RuntimeError):
+    """The job ran on the cluster and did not bring a dataset back: its status, exit code and last log lines."""
 
-    A freshly started (or busy) head answers 500 "No available agent to submit job" until its
-    dashboard agent registers; Ray itself says "please try again later", so we do, for a while.
-    """
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return str(client.submit_job(**kwargs))
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(2.0)
+
+def log_tail(logs: str, lines: int = 15) -> str:
+    """The last ``lines`` lines of a job's log, without a packed dataset."""
+    start = logs.find(BEGIN)
+    if start >= 0:
+        stop = logs.find(END, start)
+        logs = logs[:start] + (logs[stop + len(END) :] if stop >= 0 else "")
+    kept = [ln for ln in logs.rstrip().splitlines() if ln.strip()][-lines:]
+    return "\n".join(f"  | {ln}" for ln in kept) or "  | (the job printed nothing)"
 
 
 def submit(
@@ -135,45 +134,77 @@ def submit(
     extra_args: list[str] | None = None,
     timeout_s: float = 3600.0,
     log: Any = None,
+    provision: bool = True,
 ) -> tuple[str, str, str]:
-    """Submit the job, follow its logs until it ends; returns (job id, final status, full logs)."""
+    """Probe the cluster, submit the job, follow its logs until it ends; returns (job id, final status, logs).
+
+    Ctrl-C asks the cluster to stop the job before it is re-raised; past ``timeout_s`` the job is stopped and
+    RemoteJobError says so."""
     from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from kvray.plan.job import load_job
+    from kvray.sweep.preflight import pip_packages, probe, submit_when_agent_ready
 
     job_path = Path(job_file)
     try:
         client = JobSubmissionClient(address, headers=ray_auth_headers())
     except (ConnectionError, OSError, RuntimeError, ValueError) as exc:  # nothing listening, not a dashboard
         raise KvrayInputError(f"cannot reach the Ray dashboard at {address}: {first_line(exc)}") from None
+    report = probe(client)
+    pins = pip_packages(report, load_job(job_file), provision)
+    say = log or (lambda text: None)
+    say(f"kvray: cluster at {address}: {report.describe()}\n")
+    if pins:
+        say(f"kvray: the cluster's Python lacks {', '.join(pins)}: added to the job's environment (--no-provision: "
+            "don't)\n")  # fmt: skip
     env_vars = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "PYTHONUNBUFFERED": "1"}
     env_vars.update({k: os.environ[k] for k in FORWARDED_SECRETS if os.environ.get(k)})
+    runtime_env: dict[str, Any] = {"py_modules": [str(Path(__file__).parents[1])], "env_vars": env_vars}
+    if pins:
+        runtime_env["pip"] = {"packages": pins, "pip_check": False}
     with tempfile.TemporaryDirectory(prefix="kvray-job-") as workdir:
         (Path(workdir) / job_path.name).write_bytes(job_path.read_bytes())
-        job_id = _submit_when_agent_ready(
+        job_id = submit_when_agent_ready(
             client,
             entrypoint=entrypoint(job_path.name, extra_args or []),
-            runtime_env={
-                "working_dir": workdir,
-                "py_modules": [str(Path(__file__).parents[1])],
-                "env_vars": env_vars,
-            },
+            runtime_env={"working_dir": workdir, **runtime_env},
             metadata={"kvray_job": job_path.name},
         )
     deadline = time.monotonic() + timeout_s
     printed = 0
-    while True:
-        status = client.get_job_status(job_id)
-        logs = client.get_job_logs(job_id)
-        if log is not None:
-            fresh = logs[printed:]
-            cut = fresh.find(BEGIN)
-            log(fresh if cut < 0 else fresh[:cut])
-            printed = len(logs) if cut < 0 else printed + cut
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return job_id, str(status), logs
-        if time.monotonic() > deadline:
+    try:
+        while True:
+            status = client.get_job_status(job_id)
+            logs = client.get_job_logs(job_id)
+            if log is not None:
+                fresh = logs[printed:]
+                cut = fresh.find(BEGIN)
+                log(fresh if cut < 0 else fresh[:cut])
+                printed = len(logs) if cut < 0 else printed + cut
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                return job_id, str(status), logs
+            if time.monotonic() > deadline:
+                client.stop_job(job_id)
+                raise RemoteJobError(
+                    f"job {job_id} did not finish within --timeout-s {timeout_s:g} s: kvray asked the cluster to "
+                    f"stop it; its last lines:\n{log_tail(logs)}"
+                )
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
             client.stop_job(job_id)
-            raise RuntimeError(f"job {job_id} did not finish within {timeout_s:.0f} s; it was stopped")
-        time.sleep(1.0)
+            sys.stderr.write(f"\nkvray: interrupted: asked the cluster at {address} to stop job {job_id}\n")
+        raise
+
+
+def exit_code(address: str, job_id: str) -> int | None:
+    """The job's driver exit code, where this Ray reports it."""
+    from ray.job_submission import JobSubmissionClient
+
+    with contextlib.suppress(Exception):
+        code = JobSubmissionClient(address, headers=ray_auth_headers()).get_job_info(job_id).driver_exit_code
+        return int(code) if code is not None else None
+    return None
 
 
 def launch(
@@ -185,8 +216,12 @@ def launch(
     extra_args: list[str] | None = None,
     timeout_s: float = 3600.0,
     log: Any = None,
+    provision: bool = True,
 ) -> tuple[str, list[str]]:
-    """Run ``job_file`` on a cluster and unpack its dataset into ``output``; returns (status, files)."""
+    """Run ``job_file`` on a cluster and unpack its dataset into ``output``; returns (status, files).
+
+    A job that fails on the cluster, or ends without a dataset, is a RemoteJobError: its status, exit code and
+    the last lines of its log, in one short block."""
     from kvray.plan.job import load_job
 
     load_job(job_file)  # validate here, before any cluster is touched
@@ -204,7 +239,14 @@ def launch(
     if not address.startswith(("http://", "https://")):
         raise KvrayInputError(f"--address must be the dashboard's http(s)://HOST:8265 URL, got {address!r}")
     try:
-        _, status, logs = submit(address, job_file, extra_args, timeout_s, log)
+        job_id, status, logs = submit(address, job_file, extra_args, timeout_s, log, provision)
+        if not status.endswith("SUCCEEDED") or BEGIN not in logs:
+            code = exit_code(address, job_id)
+            raise RemoteJobError(
+                f"job {job_id} on {address} ended {status.rsplit('.', 1)[-1]}"
+                f"{f' (exit code {code})' if code is not None else ''} without a dataset; its last lines:\n"
+                f"{log_tail(logs)}"
+            )
         files = unpack_dataset(logs, output)
     finally:
         if tunnel is not None:

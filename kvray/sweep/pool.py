@@ -10,6 +10,7 @@ timeout. Ray is imported lazily (``import_ray``), through the driver that builds
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,10 +65,15 @@ class Slot:
         return f"worker {self.index} ({self.placement.label()})"
 
     def row(self) -> WorkerRow:
-        now = self.state.value
+        now, busy_s = self.state.value, 0.0
         if self.cell is not None:
-            now = f"{self.cell.label()}  ({time.monotonic() - self.started:.0f} s)"
-        return WorkerRow(f"w{self.index}.{self.incarnation}", self.hardware_name, self.done, now)
+            busy_s = time.monotonic() - self.started
+            now = f"{self.cell.label()}  ({busy_s:.0f} s)"
+        hardware = self.hardware_name  # a logical GPU (a CPU machine told it has GPUs) shows its accelerator type
+        if hardware == "cpu" and self.placement.gpu:
+            hardware = self.info.get("accelerator_type") or self.placement.accelerator_type or "gpu"
+        return WorkerRow(f"w{self.index}.{self.incarnation}", hardware, self.done, now,
+                         node=str(self.info.get("node_id") or "")[:8], state=self.state.value, busy_s=busy_s)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,8 @@ class WorkerPool:
         slot.name = f"{WORKER_NAME_PREFIX}-{self.sweep_id}-{slot.index}-{slot.incarnation}"
         n_workers = max(len(self.slots), 1)
         num_cpus = max(0.01, min(1.0, round(self.cluster.cpus / (n_workers + 1), 2)))
+        if slot.placement.gpu:  # never more than its GPUs' share of the node's CPUs: it must fit beside the others
+            num_cpus = min(num_cpus, math.floor(100 * self.cluster.cpus_per_gpu * slot.placement.gpus) / 100)
         cpu_workers = sum(not s.placement.gpu for s in self.slots) or 1
         threads = None if slot.placement.gpu else max(1, int(self.cluster.cpus // cpu_workers))
         options = actor_options(slot.placement, num_cpus)
@@ -177,7 +185,7 @@ class WorkerPool:
 
     def run(self, slot: Slot, cell: Cell) -> None:
         slot.cell, slot.state, slot.started = cell, SlotState.BUSY, time.monotonic()
-        slot.ref = slot.actor.run.remote(cell.to_dict())
+        slot.ref = slot.actor.run.remote(cell)  # pickled whole: its cached cell_id travels with it
 
     def wait(self, timeout_s: float) -> list[Slot]:
         """Slots whose start or cell has an answer: waits up to ``timeout_s`` for the first, takes all ready."""

@@ -1,6 +1,7 @@
 """Progress as callbacks: the driver tells listeners what happened; what to show is each listener's business.
 
-``RichView`` is the live view on stderr (cells done/total, failures, ETA, each worker's current cell);
+``RichView`` is the live view on stderr (cells done/total, failures, ETA, each worker's current cell — or, past
+``GROUP_ABOVE`` workers, a line per node and hardware type with its workers' states);
 ``LogView`` writes one log line per event to the ``kvray.sweep`` logger (silent unless logging is set up,
 e.g. ``--verbose``). Anything with the ``SweepListener`` methods can be given to the driver's ``Sweep``.
 """
@@ -24,6 +25,46 @@ class WorkerRow:
     hardware: str
     cells: int  # cells this incarnation finished
     now: str  # its cell and seconds on it, or its state
+    node: str = ""  # the Ray node it runs on (its id's first 8 characters), once it is up
+    state: str = ""  # starting | idle | busy | retired
+    busy_s: float = 0.0  # seconds on its current cell
+
+
+GROUP_ABOVE = 12  # more workers than this are shown a line per node and hardware, not a line each
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """The workers of one node and hardware type, as one line of a large sweep's view."""
+
+    node: str
+    hardware: str
+    workers: int
+    states: dict[str, int]
+    cells: int
+    longest_s: float  # the longest-running current cell of the group
+
+    def describe(self) -> str:
+        states = ", ".join(f"{n} {state}" for state, n in sorted(self.states.items()))
+        longest = f", longest cell {self.longest_s:.0f} s" if self.states.get("busy") else ""
+        return f"{self.workers} workers: {states}{longest}"
+
+
+def group_rows(workers: list[WorkerRow]) -> list[GroupRow]:
+    """One row per (node, hardware), nodes in the order their first worker appears: 64 workers on 8 nodes
+    read as 8 lines. Workers not up yet have no node: they are grouped by hardware alone."""
+    groups: dict[tuple[str, str], list[WorkerRow]] = {}
+    for w in workers:
+        groups.setdefault((w.node or "(starting)", w.hardware), []).append(w)
+    rows = []
+    for (node, hardware), members in groups.items():
+        states: dict[str, int] = {}
+        for w in members:
+            states[w.state or "?"] = states.get(w.state or "?", 0) + 1
+        busy = [w.busy_s for w in members if w.state == "busy"]
+        rows.append(GroupRow(node, hardware, len(members), states, sum(w.cells for w in members),
+                             max(busy, default=0.0)))  # fmt: skip
+    return rows
 
 
 class SweepListener(Protocol):
@@ -106,6 +147,12 @@ class RichView:
         from rich.table import Table
 
         table = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
+        if len(workers) > GROUP_ABOVE:
+            for column in ("node", "hardware", "cells", "workers"):
+                table.add_column(column)
+            for g in group_rows(workers):
+                table.add_row(g.node, g.hardware, str(g.cells), g.describe())
+            return Group(self.progress, table)
         for column in ("worker", "hardware", "cells", "now"):
             table.add_column(column)
         for w in workers:

@@ -38,6 +38,9 @@ class Cluster:
     gpus_by_type: dict[str, float] = field(default_factory=dict)
     # (node address, accelerator type or None, GPUs) per alive node with GPUs: where a TP group of N can sit
     nodes: tuple[tuple[str, str | None, float], ...] = ()
+    # the fewest CPUs per GPU on any node with GPUs: a GPU worker asking for more CPUs than its GPU's share of
+    # its node's would never be placed once that node's GPUs outnumber its CPUs (8 GPUs, 2 CPUs)
+    cpus_per_gpu: float = float("inf")
 
     @classmethod
     def current(cls) -> Cluster:
@@ -45,6 +48,7 @@ class Cluster:
         cpus = gpus = 0.0
         by_type: Counter[str] = Counter()
         nodes: list[tuple[str, str | None, float]] = []
+        per_gpu = float("inf")
         for node in ray.nodes():
             if not node.get("Alive", node.get("alive", True)):
                 continue
@@ -57,7 +61,8 @@ class Cluster:
             if res.get("GPU", 0.0) > 0:
                 where = str(node.get("NodeManagerAddress") or node.get("NodeID", "?"))
                 nodes.append((f"{where} ({str(node.get('NodeID', ''))[:8]})", types[0] if types else None, res["GPU"]))
-        return cls(cpus, gpus, dict(by_type), tuple(nodes))
+                per_gpu = min(per_gpu, res.get("CPU", 0.0) / res["GPU"])
+        return cls(cpus, gpus, dict(by_type), tuple(nodes), per_gpu)
 
     def to_dict(self) -> dict[str, Any]:
         """For the manifest's run record."""

@@ -16,7 +16,7 @@ from kvray.plan.planner import plan_cells
 
 def status_counts(output_dir: str | Path, job: Job | None = None) -> dict[str, int]:
     """Rows per status in ``output_dir`` (only the job's cells when a job is given), every status listed."""
-    records = read_results(output_dir)  # read once: the types ``each`` expanded to and the rows to count
+    records = read_results(output_dir, traces=False)  # read once: the types ``each`` expanded to and the rows to count
     if job is None:
         return status.count_statuses(records)
     ids = {c.cell_id for c in plan_cells(job, status.hardware_types_in(records))}

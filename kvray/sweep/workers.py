@@ -121,6 +121,7 @@ class Worker:
         self.loads: dict[str, int] = {}
         self.load_s: dict[str, float] = {}
         self.cells_run = 0
+        self.collector_node: str | None = None  # learnt in ``ready``
         self._backends: dict[str, CountingBackend] = {}
         self._current: str | None = None
         if setup is not None:
@@ -162,6 +163,9 @@ class Worker:
         import kvray.bench.saturation  # noqa: F401
         from kvray.hardware.env import collect_environment
 
+        ray = import_ray()
+        with contextlib.suppress(Exception):  # an older collector, or none answering: tell it every window
+            self.collector_node = ray.get(self.collector.node.remote(), timeout=MEASURING_ACK_TIMEOUT_S)
         return {
             **self.identity,
             "pid": os.getpid(),
@@ -180,13 +184,13 @@ class Worker:
         self._current = cell.backend
         return self._backends[cell.backend]
 
-    def run(self, cell_dict: dict[str, Any]) -> dict[str, Any]:
+    def run(self, cell: Cell | dict[str, Any]) -> dict[str, Any]:
         """Run one cell, hand its result to the collector, return a short summary for the driver."""
         from kvray.bench.runner import run_cell
         from kvray.bench.saturation import is_search, run_search
         from kvray.measure.trace import CellResult
 
-        cell = Cell.from_dict(cell_dict)
+        cell = cell if isinstance(cell, Cell) else Cell.from_dict(cell)
         try:
             backend = self._backend_for(cell)
         except Exception as exc:  # a backend that cannot even be created: the cell's error, not the worker's
@@ -214,14 +218,21 @@ class Worker:
         if hardware.get("name") in (None, "", "cpu") and self.identity["name"] != "cpu":
             hardware["name"], hardware["memory_bytes"] = self.identity["name"], self.identity["memory_bytes"]
         result.hardware = hardware
-        ray = import_ray()
-        return bool(ray.get(self.collector.append.remote(result.to_dict()), timeout=COLLECTOR_ACK_TIMEOUT_S))
+        from kvray.data.store import encode_row
+
+        ray = import_ray()  # encoded here, so the sweep's one writer only writes (kvray/sweep/collector.py)
+        row = encode_row(result)
+        return bool(ray.get(self.collector.append_encoded.remote(row), timeout=COLLECTOR_ACK_TIMEOUT_S))
 
     def _tell_collector(self, active: bool) -> None:
         """The measured window opens or closes: the collector holds its table rebuilds meanwhile. Waits for
-        the answer (a rebuild in progress finishes first); a collector that does not answer delays nothing."""
+        the answer (a rebuild in progress finishes first); a collector that does not answer delays nothing.
+        A worker on another node than the collector's says nothing: the collector's work is not on its cores."""
+        node = self.identity.get("node_id")
+        if self.collector_node is not None and node is not None and node != self.collector_node:
+            return
         ray = import_ray()
-        ref = self.collector.measuring.remote(self.worker_id, self.identity.get("node_id"), active)
+        ref = self.collector.measuring.remote(self.worker_id, node, active)
         if active:
             with contextlib.suppress(Exception):
                 ray.get(ref, timeout=MEASURING_ACK_TIMEOUT_S)

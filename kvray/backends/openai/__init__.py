@@ -31,14 +31,16 @@ scrapes before and after each run give the prefix-cache counters' increase (``Ba
 Cell options: base_url (required), api_key_env (name of the environment variable holding the key; the key
 itself is never stored), endpoint ("completions" | "chat"), served_model, tokenizer, server_flavor,
 timeout_s (per request, 300), metrics_url, metrics_interval_s (0.5; 0 = no timeline), allow_short_output (False),
-extra_body (a JSON object merged into every request, e.g. '{"top_k": 1}').
+extra_body (a JSON object merged into every request, e.g. '{"top_k": 1}'), client_placement ("local" | "spread": where
+a cell with clients > 1 puts its client actors).
 Failures — refused connection, timeout, HTTP error status, malformed stream — become per-request traces
 with ``status="error"`` and the reason, never an exception.
 
 Modules: ``settings`` (HTTPSettings from cell options), ``session`` (one client per cell on a loop of its
 own, shared with ollama), ``prompts`` (exact-length prompts, shared with
 ollama), ``stream`` (timed lines, SSE events, token times, failure reasons; shared with ollama),
-``backend`` (OpenAIBackend). The names below are the package's public API.
+``backend`` (OpenAIBackend), ``clients`` (a cell's load sent from K Ray actors, ``Cell.clients``, merged on the
+caller's clock). The names below are the package's public API.
 """
 
 from kvray.backends.openai.backend import OpenAIBackend, predicted_paged_bytes

@@ -11,7 +11,8 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from kvray.backends.arrivals import ArrivalSchedule, serve_on_schedule
 from kvray.backends.base import BackendBase, BackendRun
@@ -41,6 +42,23 @@ _FLAVOR_FIELDS: dict[str, Callable[[int], dict[str, Any]]] = {
 OPEN_LOOP_WARM = 32  # connections an open loop opens before t0 (more open on demand)
 
 
+class CountsTokens(Protocol):
+    """What reads a stream needs of a tokenizer: how many tokens a piece of streamed text stands for."""
+
+    def count_text_tokens(self, text: str) -> int: ...
+
+
+@dataclass
+class Prepared:
+    """One run's requests, ready before its clock starts: prompts built, connections open, flavor known."""
+
+    cell: Cell
+    requests: list[RequestSpec]
+    repeat: int
+    client: Any  # the cell's httpx.AsyncClient, on the backend's session loop
+    prompts: dict[int, str]
+
+
 class OpenAIBackend(BackendBase):
     """Benchmarks a running OpenAI-compatible server; holds no model, so there is nothing to OOM-check here."""
 
@@ -49,10 +67,12 @@ class OpenAIBackend(BackendBase):
     needs_model_geometry = False  # the server may serve a model kvray cannot resolve
     device = "cpu"  # the client's process; the server's memory comes from its own metrics
     ttft_basis = "client-http"  # first chunk's arrival at the client: HTTP, tokenisation and queueing included
+    multi_client = True  # a cell's requests can be sent from K Ray actors (clients.py)
 
     def __init__(self) -> None:
         self.settings: HTTPSettings | None = None
         self.prompts: PromptBuilder | None = None
+        self.counter: CountsTokens | None = None  # counts a chunk's text tokens: ``prompts``, or a client actor's
         self.flavor: str | None = None
         self.model_name: str | None = None
         self._tokenizer_name: str | None = None
@@ -60,6 +80,9 @@ class OpenAIBackend(BackendBase):
         self._timeline: list[dict[str, Any]] = []
         self.server_cache: dict[str, Any] = {}
         self.session = ClientSession("kvray-openai")
+        self.client_pool: Any = None  # clients.ClientPool: the actors of the last cell with clients > 1
+        self.clocks_cell: str | None = None
+        self.clocks: list[dict[str, Any]] = []  # that cell's client clock records, one per measured run
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> None:
@@ -93,6 +116,22 @@ class OpenAIBackend(BackendBase):
             self._tokenizer_name = tokenizer_name
         elif self.prompts.chat != (settings.endpoint == "chat"):
             self.prompts = PromptBuilder(self.prompts.tokenizer, chat=settings.endpoint == "chat")
+        self.counter = self.prompts
+
+    def configure_sender(self, settings: HTTPSettings, counter: CountsTokens) -> None:
+        """Point a backend that only sends prompts built elsewhere (a client actor, clients.py) at a server: the
+        model name and a concrete flavor come in ``settings``, ``counter`` counts streamed text's tokens, and no
+        tokenizer is loaded here."""
+        settings.check()
+        if not settings.served_model or settings.server_flavor == "auto":
+            raise ValueError("a sender needs the served model's name and a known server flavor")
+        self.settings, self.model_name, self.flavor = settings, settings.served_model, settings.server_flavor
+        self.prompts, self.counter = None, counter
+
+    @property
+    def tokenizer_name(self) -> str | None:
+        """The tokenizer the prompts are built with (a directory or hub id), once configured."""
+        return self._tokenizer_name
 
     def _discover_model(self) -> str | None:
         """The first model id of ``GET /v1/models`` (None when the server is unreachable or has none)."""
@@ -111,41 +150,84 @@ class OpenAIBackend(BackendBase):
     def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
         if self.settings is None:
             self.load(cell)
+        if cell.clients > 1:  # the client side spread over Ray actors (clients.py)
+            from kvray.backends.openai.clients import run_spread
+
+            return run_spread(self, cell, requests, repeat)
         return self.session.run(self.run_async(cell, requests, repeat))
 
     async def run_async(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
-        assert self.settings is not None and self.prompts is not None
+        assert self.settings is not None
+        ready = await self.prepare_async(cell, requests, repeat)
+        poller, before = await self.metrics_before(ready.client, repeat)
+        poller.t0 = t0 = time.perf_counter()
+        if self.settings.metrics_interval_s > 0 and before is not None:
+            poller.start()
+        traces = await self.send_async(ready, t0)
+        return await self.finish_async(cell, traces, poller, before, repeat, t0)
+
+    async def prepare_async(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int,
+                            prompts: Mapping[int, str] | None = None) -> Prepared:  # fmt: skip
+        """Everything before t0, untimed: the prompts (built here unless given), the cell's client with its
+        connections open, the server's flavor probed."""
+        assert self.settings is not None
         settings = self.settings
-        prompts = workload_prompts(self.prompts, cell, requests, repeat)  # shared prefixes token-exact
+        if prompts is None:
+            assert self.prompts is not None
+            prompts = workload_prompts(self.prompts, cell, requests, repeat)  # shared prefixes token-exact
         headers = settings.headers()
         connections = len(requests) + 1  # the pool's ceiling: every request in flight, one for /metrics
-        # opened before t0: what can be in flight at once — a burst's or closed loop's size; an open loop opens
-        # up to OPEN_LOOP_WARM and grows on demand (httpcore scans every open connection per request: warming
-        # one per request made a 400-request loop spend 70 s of CPU in the pool at 100 req/s)
-        warm = cell.workload.max_in_flight if cell.workload.load_kind in ("burst", "closed") else OPEN_LOOP_WARM
+        # opened before t0: what can be in flight at once — a burst's size, a closed loop's users (of these
+        # requests: a client actor's share holds some of them); an open loop opens up to OPEN_LOOP_WARM and grows
+        # on demand (httpcore scans every open connection per request: warming one per request made a
+        # 400-request loop spend 70 s of CPU in the pool at 100 req/s)
+        kind = cell.workload.load_kind
+        warm = sum(r.after is None for r in requests) if kind == "closed" else OPEN_LOOP_WARM
+        warm = len(requests) if kind == "burst" else warm
         key = (cell.cell_id, settings.root, tuple(sorted(headers.items())))
         client = await self.session.client(key, connections + 3, settings.timeout_s, headers)
         await self.session.warm(client, f"{settings.root}/v1/models", min(warm, len(requests)) + 1)  # untimed
+        await self.probe_flavor(cell, client)
+        return Prepared(cell, list(requests), repeat, client, dict(prompts))
+
+    async def probe_flavor(self, cell: Cell, client: Any) -> None:
+        """Learn the server's flavor once (it stays None while the server cannot be reached)."""
         if self.flavor is None:
+            assert self.prompts is not None
             self.flavor = await self._probe_flavor(client, self.prompts.make(2, request_seed(cell, -(10**6), 0)))
+
+    async def metrics_before(self, client: Any, repeat: int) -> tuple[MetricsPoller, Any]:
+        """The run's /metrics poller and the counters before it (None: no /metrics here, or none now)."""
+        assert self.settings is not None
+        settings = self.settings
         poller = MetricsPoller(client, settings.metrics_url or f"{settings.root}/metrics", 0.0,
                                settings.metrics_interval_s or 1.0, repeat)  # fmt: skip
         before = await poller.scrape()  # counters before the run (prefix-cache hits), outside the timed window
         if before is None:  # no /metrics here (or none now): no timeline for this run
             poller.available = False
-        poller.t0 = t0 = time.perf_counter()
-        if settings.metrics_interval_s > 0 and before is not None:
-            poller.start()
-        schedule = ArrivalSchedule.for_cell(cell, requests)
+        return poller, before
+
+    async def send_async(self, ready: Prepared, t0: float) -> list[RunTrace]:
+        """Send the prepared requests on their schedule, ``t0`` (a ``time.perf_counter`` value) being its zero."""
+        cell, repeat, client = ready.cell, ready.repeat, ready.client
+        schedule = ArrivalSchedule.for_cell(cell, ready.requests)
         traces = await serve_on_schedule(
-            schedule, requests, t0, lambda r, sent_s: self._request(client, cell, r, prompts[r.id], t0, repeat, sent_s)
+            schedule,
+            ready.requests,
+            t0,
+            lambda r, sent_s: self._request(client, cell, r, ready.prompts[r.id], t0, repeat, sent_s),
         )
+        return list(traces)
+
+    async def finish_async(self, cell: Cell, traces: list[RunTrace], poller: MetricsPoller, before: Any, repeat: int,
+                           t0: float) -> BackendRun:  # fmt: skip
+        """Stop the poller, read the server's cache config once, and wrap the traces as the run's result."""
         await poller.stop()
         if before is not None and not self.server_cache:
             self.server_cache = cache_config(poller.last_samples or before) or {
                 "source": "metrics without vllm:cache_config_info"
             }
-        run = self._backend_run(cell, list(traces), poller, counter_deltas(before, poller.last_samples), repeat)
+        run = self._backend_run(cell, traces, poller, counter_deltas(before, poller.last_samples), repeat)
         run.t0_s = t0  # the traces' and the /metrics points' origin, for the cell's telemetry
         return run
 
@@ -219,14 +301,14 @@ class OpenAIBackend(BackendBase):
     async def _request(self, client: Any, cell: Cell, r: RequestSpec, prompt: str, t0: float, repeat: int,
                        start_s: float) -> RunTrace:  # fmt: skip
         """One request, sent now (``start_s``, seconds since ``t0``): its stream read into a RunTrace."""
-        assert self.settings is not None and self.prompts is not None
+        assert self.settings is not None and self.counter is not None
         chunks: list[Chunk] = []
         state: dict[str, Any] = {"usage": None, "finish": None, "end_s": start_s}
         salt = request_salt(cell, repeat, r)  # shared within a prefix group, so its requests can hit
         failure = await stream_failure(
             self._stream(client, r, prompt, t0, chunks, state, salt), float(self.settings.timeout_s)
         )
-        counts = [c.token_ids if c.token_ids is not None else self.prompts.count_text_tokens(c.text) for c in chunks]
+        counts = [c.token_ids if c.token_ids is not None else self.counter.count_text_tokens(c.text) for c in chunks]
         counts = [max(k, 1) if c.text or c.token_ids else k for c, k in zip(chunks, counts, strict=True)]
         if failure is not None:
             return error_trace(r, repeat, start_s, chunks, t0, failure, counts)
@@ -288,6 +370,9 @@ class OpenAIBackend(BackendBase):
 
     def close(self) -> None:
         self.settings = None
+        pool, self.client_pool = self.client_pool, None
+        if pool is not None:
+            pool.close()
         self.session.close()
 
 

@@ -105,3 +105,34 @@ def request_salt(cell: Cell, repeat: int, r: RequestSpec) -> str:
     from kvray.sim.reuse import salt_label
 
     return f"kvray-{request_seed(cell, repeat, salt_label(r)):x}"
+
+
+class TokenCounter:
+    """Counts streamed text's tokens with a fast tokenizer's core (the ``tokenizers`` library) — all a client actor
+    needs once the caller has built the prompts, and it spares the actor importing transformers (~10 s on 2 cores)."""
+
+    def __init__(self, tokenizer_json: str) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
+
+
+def counter_json(builder: PromptBuilder, seed: int = 0) -> str | None:
+    """``builder``'s tokenizer core, serialised for a ``TokenCounter``, when that counts text exactly as the tokenizer
+    does (checked on a prompt of its own and pieces of it); None for a tokenizer without a fast core or one that adds
+    rules of its own — a client actor then loads the tokenizer itself."""
+    core = getattr(builder.tokenizer, "backend_tokenizer", None)
+    if core is None:
+        return None
+    try:
+        text = builder.make(48, seed)
+        samples = [text, text[: len(text) // 2], " " + text[len(text) // 3 :], "Hello, world! 12 tokens", " a"]
+        counter = TokenCounter(core.to_str())
+        if all(counter.count_text_tokens(s) == builder.count_text_tokens(s) for s in samples):
+            return str(core.to_str())
+    except Exception:  # any surprise: the actor loads the tokenizer the usual way
+        return None
+    return None

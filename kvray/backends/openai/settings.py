@@ -20,6 +20,7 @@ from kvray.spec import Cell
 
 ENDPOINTS = ("completions", "chat")
 FLAVORS = ("auto", "vllm", "transformers", "openai")
+CLIENT_PLACEMENTS = ("local", "spread")
 
 
 def root_url(base_url: str) -> str:
@@ -69,6 +70,9 @@ class HTTPSettings:
     metrics_interval_s: float = 0.5
     allow_short_output: bool = False
     extra_body: dict[str, Any] = field(default_factory=dict)
+    # where a cell with clients > 1 puts its client actors: "local" (this process's node) or "spread" (Ray's SPREAD
+    # over the cluster's nodes: the server's URL, the tokenizer and the API key's variable must work on each)
+    client_placement: str = "local"
 
     @classmethod
     def from_cell(cls, cell: Cell) -> HTTPSettings:
@@ -105,6 +109,10 @@ class HTTPSettings:
             raise KvrayInputError(f"unknown endpoint {self.endpoint!r} (known: {', '.join(ENDPOINTS)})")
         if self.server_flavor not in FLAVORS:
             raise KvrayInputError(f"unknown server flavor {self.server_flavor!r} (known: {', '.join(FLAVORS)})")
+        if self.client_placement not in CLIENT_PLACEMENTS:
+            raise KvrayInputError(
+                f"unknown client_placement {self.client_placement!r} (known: {', '.join(CLIENT_PLACEMENTS)})"
+            )
         if float(self.timeout_s) <= 0 or float(self.metrics_interval_s) < 0:
             raise KvrayInputError("timeout_s must be positive and metrics_interval_s >= 0 (0: no timeline)")
         if environment and self.api_key_env and self.api_key_env not in os.environ:
