@@ -40,10 +40,10 @@ def test_tables_wait_while_a_cell_on_this_node_measures(tmp_path):
     col = collector(tmp_path)
     col.append(a_result(0))
     col.measuring("w1", "node-a", True)
-    assert col.refresh_tables_if_quiet() is False and not (tmp_path / "cells.parquet").exists()
+    assert col.refresh_tables_if_quiet() is False and not (tmp_path / "parts" / "index.json").exists()
     col.measuring("w2", "node-b", True)  # another node's cell does not share these cores
     col.measuring("w1", "node-a", False)
-    assert col.refresh_tables_if_quiet() is True and (tmp_path / "cells.parquet").exists()
+    assert col.refresh_tables_if_quiet() is True and (tmp_path / "parts" / "index.json").exists()
     assert col.deferred == 1
     col.append(a_result(1))
     col.measuring("w3", None, True)  # a worker that cannot name its node counts as a neighbour
@@ -55,18 +55,18 @@ def test_tables_wait_while_a_cell_on_this_node_measures(tmp_path):
 
 
 def test_a_window_never_opens_during_a_rebuild(tmp_path, monkeypatch):
-    """``measuring(True)`` answers only after a rebuild in progress has finished."""
+    """``measuring(True)`` answers only after a flush of the parts in progress has finished."""
     col = collector(tmp_path)
     col.append(a_result(0))
     started, release = threading.Event(), threading.Event()
-    real = col.writer.write_tables
+    real = col.writer.flush
 
-    def slow_tables() -> None:
+    def slow_flush() -> int:
         started.set()
         release.wait(10)
-        real()
+        return real()
 
-    monkeypatch.setattr(col.writer, "write_tables", slow_tables)
+    monkeypatch.setattr(col.writer, "flush", slow_flush)
     rebuild = threading.Thread(target=col.refresh_tables_if_quiet)
     rebuild.start()
     assert started.wait(10)
@@ -78,7 +78,7 @@ def test_a_window_never_opens_during_a_rebuild(tmp_path, monkeypatch):
     release.set()
     rebuild.join(10)
     opener.join(10)
-    assert answered.is_set() and (tmp_path / "cells.parquet").exists()
+    assert answered.is_set() and (tmp_path / "parts" / "index.json").exists()
     col.append(a_result(1))
     assert col.refresh_tables_if_quiet() is False  # and no new rebuild starts inside the window
     col.finish({})

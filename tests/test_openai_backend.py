@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+from ray_fixtures import ray_session  # noqa: F401
 from servers_fixtures import DOUBLE_GAP_S, FakeOpenAIServer, build_tiny_model_dir, start_transformers_serve
 
 from kvray.backends.hf import HFBackend
@@ -56,6 +57,30 @@ def test_streams_exact_counts_from_a_real_transformers_serve(backend, model_dir,
         assert len(set(t.token_times_s)) == 16  # a word-level tokenizer: one token per streamed chunk
     assert result.metrics["requests_ok"] == 8 and result.metrics["itl_s_p50"] > 0
     assert "kv_timeline" not in result.extra  # transformers serve has no /metrics: nothing scraped, no crash
+
+
+def test_two_client_actors_against_a_real_transformers_serve_count_every_token(
+    backend,
+    model_dir,
+    server,
+    ray_session,  # noqa: F811
+):
+    """Issue #18 item 4 against a real model server: K = 2 Ray client actors share a burst of 4 requests; each
+    request is answered once, with the exact token counts the server's usage reports, and the row says which
+    client sent what."""
+    cell = http_cell(model_dir, server.base_url, Workload.uniform(4, 32, 12), warmup=1, repeats=1)
+    from dataclasses import replace
+
+    two = run_cell(backend, replace(cell, clients=2))
+    assert two.status == "ok", two.reason
+    assert sorted(t.request_id for t in two.traces) == [0, 1, 2, 3]
+    assert sorted(t.client for t in two.traces) == [0, 0, 1, 1]
+    for t in two.traces:
+        assert (t.prompt_toks, t.output_toks, len(t.token_times_s)) == (32, 12, 12)
+        assert 0 <= t.sent_s < t.token_times_s[0] <= t.end_s
+    row = two.to_row()
+    assert row["clients"] == 2 and json.loads(row["client_requests_by_client"]) == [2, 2]
+    assert row["client_offset_s_max"] <= row["client_rtt_s_max"] / 2 + 1e-6
 
 
 def test_a_closed_loop_over_http_sends_each_users_next_request_when_its_stream_ends(backend, model_dir, server):

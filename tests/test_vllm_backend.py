@@ -289,6 +289,7 @@ def test_a_vllm_server_killed_mid_cell_ends_the_cell_and_the_next_cell_restarts_
     result = run_cell(vllm, vllm_cell(model_dir, Workload.uniform(2, 16, 4000), warmup=0, **opts))
     took_s = time.monotonic() - started
     timer.join()
+    print(f"cell ended {took_s - kill_after_s:.1f} s after the kill")
     assert result.status == "error" and took_s < kill_after_s + 20, (result.status, took_s, result.reason)
     assert result.reason.startswith("vllm server exited (code -9) mid-cell"), result.reason
     assert all(t.status == "error" and t.output_toks < 4000 for t in result.traces)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
@@ -47,9 +48,10 @@ class Environment:
         return self.gpus[0].name if self.gpus else "cpu"
 
 
-def library_versions() -> dict[str, str | None]:
+def library_versions(libraries: Sequence[str] = ()) -> dict[str, str | None]:
+    """The installed version of each distribution (None when absent); kvray's LIBRARIES by default."""
     out: dict[str, str | None] = {}
-    for lib in LIBRARIES:
+    for lib in libraries or LIBRARIES:
         try:
             out[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:

@@ -100,15 +100,9 @@ class ClusterReport:
 
 def local_versions() -> dict[str, str | None]:
     """This machine's version of each dependency (what a provisioned job is pinned to)."""
-    import importlib.metadata as md
+    from kvray.hardware.env import library_versions
 
-    found: dict[str, str | None] = {}
-    for dist in DEPENDENCIES:
-        try:
-            found[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            found[dist] = None
-    return found
+    return library_versions(DEPENDENCIES)
 
 
 def minimums() -> dict[str, Any]:
