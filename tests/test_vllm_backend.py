@@ -271,7 +271,7 @@ def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(
 
 def test_a_vllm_server_killed_mid_cell_ends_the_cell_and_the_next_cell_restarts_it(vllm, model_dir):
     """kill -9 of the kvray-managed vLLM (its whole process group: API server and engine core) while a cell streams:
-    the cell ends ``error`` within seconds (not at its 60 s request timeout), its reason names the server's exit,
+    the cell ends ``error`` within seconds (not at its 120 s request timeout), its reason names the server's exit,
     and the next cell through the same backend starts a new server and is ``ok``. Runs after the max_num_seqs=2
     test, with its knobs, so the only start here is the restart."""
     import os
@@ -280,7 +280,7 @@ def test_a_vllm_server_killed_mid_cell_ends_the_cell_and_the_next_cell_restarts_
     import time
 
     kill_after_s = 2.0
-    opts = {"max_num_seqs": 2, "timeout_s": 60.0}
+    opts = {"max_num_seqs": 2, "timeout_s": 120.0}
     vllm.load(vllm_cell(model_dir, Workload.uniform(1, 8, 2), **opts))  # the running server: same knobs, no restart
     old_pid = vllm.server.proc.pid
     timer = threading.Timer(kill_after_s, lambda: os.killpg(old_pid, signal.SIGKILL))
@@ -289,8 +289,9 @@ def test_a_vllm_server_killed_mid_cell_ends_the_cell_and_the_next_cell_restarts_
     result = run_cell(vllm, vllm_cell(model_dir, Workload.uniform(2, 16, 4000), warmup=0, **opts))
     took_s = time.monotonic() - started
     timer.join()
-    print(f"cell ended {took_s - kill_after_s:.1f} s after the kill")
-    assert result.status == "error" and took_s < kill_after_s + 20, (result.status, took_s, result.reason)
+    # alone it ends 0.4 s after the kill; once, late in a full suite on 2 busy cores, 24.5 s — either way far
+    # from the 120 s request timeout this guards against
+    assert result.status == "error" and took_s < kill_after_s + 45, (result.status, took_s, result.reason)
     assert result.reason.startswith("vllm server exited (code -9) mid-cell"), result.reason
     assert all(t.status == "error" and t.output_toks < 4000 for t in result.traces)
     assert not vllm.server.running and not psutil.pid_exists(old_pid)
