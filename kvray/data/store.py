@@ -299,13 +299,17 @@ class DatasetWriter:
         index = parts.read_index(self.out_dir)
         if index is not None and index.offsets == parts.jsonl_sizes(self.out_dir):  # every row is in a part
             import pandas as pd
+            import pyarrow as pa
 
-            for kind in parts.KINDS:  # a part at a time: memory stays that of one part (parts.write_whole)
-                csv = self.out_dir / f"{kind}.csv" if kind != "timeline" else None
-                written = parts.write_whole(self.out_dir, index, kind, self.out_dir / f"{kind}.parquet", csv)
-                if not written and kind != "timeline":  # no part holds any: an empty table, as for an empty folder
-                    self._write_frame(kind, pd.DataFrame())
-            return
+            try:
+                for kind in parts.KINDS:  # a part at a time: memory stays that of one part (parts.write_whole)
+                    csv = self.out_dir / f"{kind}.csv" if kind != "timeline" else None
+                    written = parts.write_whole(self.out_dir, index, kind, self.out_dir / f"{kind}.parquet", csv)
+                    if not written and kind != "timeline":  # no part holds any: an empty table, as for an empty folder
+                        self._write_frame(kind, pd.DataFrame())
+                return
+            except pa.ArrowException:  # parts whose types disagree (a column all-NaN in one, text in another):
+                pass  # pandas reconciles them below, the whole folder in memory
         cells, traces = load_frames(self.out_dir)
         timeline = load_timeline(self.out_dir)
         if len(timeline) or (self.out_dir / TIMELINE_JSONL).is_file():
