@@ -203,7 +203,8 @@ class DatasetWriter:
         self.commits: list[tuple[int, float]] = []  # (rows, seconds) of each batch written: what a row costs
         self.flushes: list[tuple[int, float]] = []  # (rows, seconds) of each part flushed
         self._repair_tail()
-        self._ids = {r["cell_id"] for r in read_results(self.out_dir, traces=False)}
+        # cell_id → its row's status; None while its row is being written (the id is reserved meanwhile)
+        self._status: dict[str, str | None] = {r["cell_id"]: r["status"] for r in read_results(out_dir, traces=False)}
 
     def _repair_tail(self) -> None:
         """Cut a torn last line so the next append starts on a line boundary."""
@@ -219,7 +220,11 @@ class DatasetWriter:
 
     @property
     def done_ids(self) -> set[str]:
-        return set(self._ids)
+        return set(self._status)
+
+    def status(self, cell_id: str) -> str | None:
+        """The status of the cell's row; None when it has none (yet)."""
+        return self._status.get(cell_id)
 
     def append(self, result: CellResult) -> bool:
         """Write one result; False (and nothing written) if this cell_id is already in the dataset."""
@@ -239,9 +244,9 @@ class DatasetWriter:
         """
         pending = _Pending(row)
         with self._lock:
-            if row.cell_id in self._ids:
+            if row.cell_id in self._status:
                 return False
-            self._ids.add(row.cell_id)  # reserved: a second append of this cell is refused from now on
+            self._status[row.cell_id] = None  # reserved: a second append of this cell is refused from now on
             self._queue.append(pending)
         with self._commit_lock:  # whoever holds it commits everything queued so far
             if not pending.done:
@@ -260,9 +265,14 @@ class DatasetWriter:
             _append_bytes(self._path, b"".join(p.row.row_line for p in batch))
         except OSError as exc:
             with self._lock:
-                self._ids.difference_update(p.row.cell_id for p in batch)
+                for p in batch:
+                    self._status.pop(p.row.cell_id, None)
             for p in batch:
                 p.error = exc
+        with self._lock:
+            for p in batch:
+                if p.error is None:
+                    self._status[p.row.cell_id] = p.row.status
         for p in batch:
             p.done = True
         self.commits.append((len(batch), time.perf_counter() - t0))

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kvray.data.manifest import read_manifest
-from kvray.data.store import DatasetWriter, EncodedRow, encode_row, read_results
+from kvray.data.store import DatasetWriter, EncodedRow, encode_row
 from kvray.measure.trace import CellResult
 from kvray.sweep.ray_env import import_ray
 
@@ -65,7 +65,6 @@ class Collector:
         self.deferred = 0  # table refreshes put off because a neighbour was measuring
         self.out_dir = Path(out_dir)
         self.writer = DatasetWriter(self.out_dir, tables=False)
-        self._status = {r["cell_id"]: r["status"] for r in read_results(self.out_dir, traces=False)}
         self.tables_every_s = tables_every_s
         self._dirty = False
         self._tables_lock = threading.Lock()
@@ -101,7 +100,7 @@ class Collector:
 
     def status(self, cell_id: str) -> str | None:
         """The status of the cell's row, or None when it has none."""
-        return self._status.get(cell_id)
+        return self.writer.status(cell_id)
 
     def append(self, result: dict[str, Any]) -> bool:
         """Write one CellResult (as ``to_dict``); False when its cell already has a row."""
@@ -119,7 +118,6 @@ class Collector:
                 self._append_s_first.append(took)
             self._append_s_last.append(took)
             if written:
-                self._status[row.cell_id] = row.status
                 self.appended += 1
                 self._dirty = True
                 if self.appended % MARK_EVERY == 0:
