@@ -6,3 +6,5 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
+
+from storage_fixtures import s3  # noqa: E402, F401 - moto's S3 server, module-scoped, for any test that asks

@@ -7,7 +7,14 @@ cannot make the session join a dead one) and retries a node that timed out durin
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,3 +35,60 @@ def ray_session() -> Iterator[Any]:
     yield ray
     if started:
         ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HEAD_PORT_FLAGS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                   "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port",
+                   "--object-manager-port")  # fmt: skip
+
+
+@contextlib.contextmanager
+def ray_head_process(log_dir: Path, bin_dir: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, dict]]:
+    """A real `ray start --head` on 127.0.0.1 whose Python is ``bin_dir``'s (its ``ray`` and ``python`` first on
+    PATH), in its own process group so exactly it is stopped; yields (dashboard URL, ports by flag).
+
+    Every port the head binds is a free one: the suite's own local Ray already holds the defaults (the
+    dashboard agent's 52365 above all), and an agent that cannot bind leaves the Jobs API answering "No
+    available agent to submit job" for ever."""
+    import httpx
+
+    from kvray.sweep.launch import ray_auth_headers
+
+    gcs_port, dash_port = free_port(), free_port()
+    ports = {flag: free_port() for flag in HEAD_PORT_FLAGS}
+    base = {**os.environ, **(env or {})}
+    base.pop("VIRTUAL_ENV", None)  # the head's Python is bin_dir's, not the one running the tests
+    env = {**base, "PATH": f"{bin_dir}{os.pathsep}{base['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    log = open(log_dir / "head.log", "w")  # noqa: SIM115 - lives as long as the head
+    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+           "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true",
+           *(f"{flag}={port}" for flag, port in ports.items())]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/api/version", timeout=2, headers=ray_auth_headers()).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, f"ray start --head exited: {(log_dir / 'head.log').read_text()[-2000:]}"
+            time.sleep(1)
+        else:
+            pytest.fail("the Ray head's dashboard did not come up within 120 s")
+        yield url, {"--port": gcs_port, "--dashboard-port": dash_port, **ports}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=3)  # then SIGKILL: a test head has nothing to drain
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

@@ -9,8 +9,8 @@ CLUSTER_DIR = Path(__file__).parent.parent / "cluster"
 FILES = sorted(CLUSTER_DIR.glob("*.yaml"))
 
 
-def test_the_three_cluster_files_exist():
-    assert {f.name for f in FILES} >= {"a100.yaml", "h100.yaml", "mixed.yaml"}
+def test_the_cluster_files_exist():
+    assert {f.name for f in FILES} >= {"a100.yaml", "h100.yaml", "mixed.yaml", "local.yaml"}
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -23,15 +23,22 @@ def test_ray_validator_accepts_cluster_file(path):
     assert set(cfg["metadata"]) == {"kvray"}
     from kvray.hardware.gpus import get_gpu
 
+    declared = {get_gpu(name).ray_accelerator_type for name in cfg["metadata"]["kvray"]["gpu_types"]}
+    assert any("install" in cmd and "kvray" in cmd for cmd in cfg["setup_commands"])
+    if cfg["provider"]["type"] == "local":
+        # On-prem boxes: Ray refuses node types here and detects each box's GPUs itself, so the file only
+        # names them (metadata) and lists the boxes by address.
+        assert declared and "available_node_types" not in cfg
+        assert cfg["provider"]["head_ip"] and isinstance(cfg["provider"]["worker_ips"], list)
+        assert cfg["auth"]["ssh_user"] and cfg["auth"]["ssh_private_key"]
+        return
     accel_types = {
         key.split(":", 1)[1]
         for node in cfg["available_node_types"].values()
         for key in node.get("resources", {})
         if key.startswith("accelerator_type:")
     }
-    declared = {get_gpu(name).ray_accelerator_type for name in cfg["metadata"]["kvray"]["gpu_types"]}
     assert accel_types == declared and accel_types
-    assert any("install" in cmd and "kvray" in cmd for cmd in cfg["setup_commands"])
 
 
 def test_ray_rejects_unknown_top_level_keys_so_kvray_keys_must_stay_in_metadata():
@@ -41,3 +48,26 @@ def test_ray_rejects_unknown_top_level_keys_so_kvray_keys_must_stay_in_metadata(
     cfg["kvray"] = {"gpu_types": ["A100-40GB-SXM"]}
     with pytest.raises(Exception, match="kvray"):
         validate_config(prepare_config(cfg))
+
+
+def test_launch_reads_the_heads_ports_from_the_file():
+    """`kvray launch --cluster` reaches the dashboard and Ray Client on the ports the head is started with."""
+    from kvray.sweep.launch import head_port
+
+    local = yaml.safe_load((CLUSTER_DIR / "local.yaml").read_text())
+    assert head_port(local, "--dashboard-port", 8265) == 8265
+    assert head_port(local, "--ray-client-server-port", 10001) == 10001  # not set: Ray's default
+    custom = {
+        "head_start_ray_commands": ["ray stop", "ray start --head --dashboard-port 9100 --ray-client-server-port=10201"]
+    }
+    assert head_port(custom, "--dashboard-port", 8265) == 9100
+    assert head_port(custom, "--ray-client-server-port", 10001) == 10201
+
+
+def test_an_ssh_failure_is_said_by_its_cause_line():
+    from kvray.sweep.launch import _ssh_error
+
+    proxied = "connect to 127.0.0.1 port 4: Connection refused\nkex_exchange_identification: Connection closed by remote host\n"
+    assert _ssh_error(proxied, 255) == "connect to 127.0.0.1 port 4: Connection refused"
+    assert _ssh_error("root@10.0.0.1: Permission denied (publickey).\n", 255).endswith("Permission denied (publickey).")
+    assert _ssh_error("", 255) == "ssh exited with code 255"

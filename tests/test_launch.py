@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from ray_fixtures import ray_head_process
 
-from kvray.sweep.launch import BEGIN, END, pack_dataset, ray_auth_headers, unpack_dataset
+from kvray.sweep.launch import ray_auth_headers
 
 VENV_BIN = Path(sys.executable).parent
 SIM_JOB = """
@@ -36,63 +35,113 @@ grid:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+HEAD_PORTS: dict[str, int] = {}  # the module's head: its ports by flag, for tests that need more than the URL
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A real head node on 127.0.0.1, in its own process group so the test can stop exactly it."""
-    gcs_port, dash_port = _free_port(), _free_port()
-    # Every other port a head binds gets a free one too: the suite's own local Ray already holds the
-    # defaults (the dashboard agent's 52365 above all), and an agent that cannot bind leaves the Jobs API
-    # answering "No available agent to submit job" for ever.
-    ports = {flag: _free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-             "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port",
-             "--node-manager-port", "--object-manager-port")}  # fmt: skip
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")  # noqa: SIM115 - lives as long as the head
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-           "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true",
-           *(f"{flag}={port}" for flag, port in ports.items())]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash_port}"
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/api/version", timeout=2, headers=ray_auth_headers()).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, "ray start --head exited"
-        time.sleep(1)
-    else:
-        pytest.fail("the Ray head's dashboard did not come up within 120 s")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=3)  # then SIGKILL: a test head has nothing to drain
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    """A real head node on 127.0.0.1 running this virtualenv's Python (tests/ray_fixtures.py)."""
+    with ray_head_process(tmp_path_factory.mktemp("head"), VENV_BIN) as (url, ports):
+        HEAD_PORTS.update(ports)
+        yield url
 
 
 def test_pack_and_unpack_round_trip(tmp_path):
+    from kvray.sweep.transfer import pack, unpack
+
     src = tmp_path / "src"
     (src / "figures").mkdir(parents=True)
     (src / "cells.jsonl").write_text('{"cell_id": "a"}\n')
     (src / "figures" / "fig1.svg").write_text("<svg/>")
     (src / ".tmp").write_text("half-written")
-    logs = "sweep output\n" + pack_dataset(src) + "\nmore output\n"
-    assert BEGIN in logs and END in logs
-    names = unpack_dataset(logs, tmp_path / "dst")
+    assert pack(src, tmp_path / "d.tar.gz") == 2  # two files; the hidden temp file stays behind
+    names = unpack(tmp_path / "d.tar.gz", tmp_path / "dst")
     assert (tmp_path / "dst" / "cells.jsonl").read_text() == '{"cell_id": "a"}\n'
     assert (tmp_path / "dst" / "figures" / "fig1.svg").is_file() and ".tmp" not in names
+
+
+def _client(ray_head) -> str:
+    return f"ray://127.0.0.1:{HEAD_PORTS['--ray-client-server-port']}"
+
+
+def test_a_200_mb_result_comes_home_through_ray_intact(ray_head, tmp_path):
+    """A job on the head writes 200 MiB of incompressible files (the size of a large sweep's folder) and hands
+    them to a detached actor; the launcher's fetch pulls them over Ray Client in 8 MiB chunks. Every file's
+    SHA-256 on the cluster's side (printed by the job) equals the one of the file that arrived, and the actor
+    is gone afterwards."""
+    import hashlib
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from kvray.sweep.launch import job_runtime_env, new_holder_name
+    from kvray.sweep.preflight import submit_when_agent_ready
+    from kvray.sweep.transfer import Held, fetch
+
+    make = (
+        "import hashlib, os, json; os.makedirs('big/parts', exist_ok=True); sums = {}\n"
+        "for i in range(25):\n"
+        "    name = f'big/parts/part-{i:02d}.bin' if i else 'big/cells.jsonl'\n"
+        "    data = os.urandom(8 * 2**20)\n"
+        "    open(name, 'wb').write(data); sums[name[4:]] = hashlib.sha256(data).hexdigest()\n"
+        "print('SUMS ' + json.dumps(sums), flush=True)\n"
+    )
+    (tmp_path / "make.py").write_text(make)
+    holder = new_holder_name()
+    client = JobSubmissionClient(ray_head, headers=ray_auth_headers())
+    env = {**job_runtime_env([]), "working_dir": str(tmp_path)}
+    job_id = submit_when_agent_ready(client, entrypoint=f"python make.py && python -m kvray.sweep.transfer hold big {holder}",
+                                     runtime_env=env)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+    sums = json.loads(next(ln for ln in logs.splitlines() if ln.startswith("SUMS "))[5:])
+    held = Held.from_logs(logs)
+    assert held is not None and held.files == 25 and held.size_bytes > 200 * 10**6 and held.chunks >= 25
+    started = time.monotonic()
+    names = fetch(_client(ray_head), held, tmp_path / "home")
+    took_s = time.monotonic() - started
+    got = {str(p.relative_to(tmp_path / "home")): hashlib.sha256(p.read_bytes()).hexdigest()
+           for p in (tmp_path / "home").rglob("*") if p.is_file()}  # fmt: skip
+    assert got == sums and len(got) == 25, (sorted(got), sorted(sums))
+    assert "cells.jsonl" in names
+    print(f"200 MiB home in {took_s:.1f} s")
+    import httpx
+
+    for _ in range(50):  # the actor ends itself once released (the State API, over the dashboard)
+        answer = httpx.get(f"{ray_head}/api/v0/actors", headers=ray_auth_headers(), timeout=10,
+                           params={"filter_keys": "name", "filter_predicates": "=", "filter_values": held.actor})  # fmt: skip
+        states = [a["state"] for a in answer.json()["data"]["result"]["result"]]
+        if states == ["DEAD"]:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"{held.actor} still holds the dataset after the fetch: {states}")
+
+
+def test_a_dataset_that_does_not_add_up_is_not_unpacked(ray_head, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from kvray.sweep.launch import job_runtime_env, new_holder_name
+    from kvray.sweep.preflight import submit_when_agent_ready
+    from kvray.sweep.transfer import Held, fetch
+
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "cells.jsonl").write_text('{"cell_id": "a"}\n')
+    holder = new_holder_name()
+    client = JobSubmissionClient(ray_head, headers=ray_auth_headers())
+    job_id = submit_when_agent_ready(client, entrypoint=f"python -m kvray.sweep.transfer hold small {holder} 60",
+                                     runtime_env={**job_runtime_env([]), "working_dir": str(tmp_path)})  # fmt: skip
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        time.sleep(1)
+    held = Held.from_logs(client.get_job_logs(job_id))
+    assert held is not None
+    forged = Held(held.actor, held.size_bytes, "0" * 64, held.chunks, held.files)
+    with pytest.raises(ValueError, match="does not add up"):
+        fetch(_client(ray_head), forged, tmp_path / "home")
+    assert not (tmp_path / "home").exists()
 
 
 def test_launch_against_a_real_head_returns_the_dataset(ray_head, tmp_path):
@@ -102,10 +151,11 @@ def test_launch_against_a_real_head_returns_the_dataset(ray_head, tmp_path):
     env = {**os.environ, "HF_TOKEN": "hf_secret_do_not_store"}
     run = subprocess.run(
         [sys.executable, "-m", "kvray.cli", "launch", "--address", ray_head, "--job", str(job), "--output", str(out),
-         "--timeout-s", "300"],
+         "--timeout-s", "300", "--ray-client-port", str(HEAD_PORTS["--ray-client-server-port"])],
         capture_output=True, text=True, env=env, timeout=400,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "dataset home over Ray Client" in run.stdout and "SHA-256 checked" in run.stdout
     from kvray.data.store import load_dataset
 
     cells, traces, manifest = load_dataset(out)
@@ -244,3 +294,67 @@ def test_missing_light_dependencies_are_pinned_into_the_job_or_named_in_one_line
     old = ClusterReport((3, 9, 18), dict.fromkeys(DEPENDENCIES, "1.0"), [])
     with pytest.raises(KvrayInputError, match="Python 3.9.18; kvray needs 3.11"):
         pip_packages(old, job, provision=True)
+
+
+def test_without_ray_client_the_dataset_comes_home_through_a_jobs_log(ray_head, tmp_path):
+    """Ray Client unreachable (a port nothing listens on): the launcher says why and fetches the held dataset
+    through a second, small job that prints it into its log — the same four rows arrive."""
+    from ray_fixtures import free_port
+
+    from kvray.data.store import load_dataset
+    from kvray.sweep.launch import launch
+
+    job = tmp_path / "launch_smoke.yaml"
+    job.write_text(SIM_JOB)
+    said: list[str] = []
+    status, files = launch(str(job), str(tmp_path / "out"), address=ray_head, timeout_s=300, log=said.append,
+                           ray_client_port=free_port())  # fmt: skip
+    text = "".join(said)
+    assert status.endswith("SUCCEEDED") and "cells.jsonl" in files
+    assert "through a job's log instead" in text and "Ray Client at ray://127.0.0.1:" in text, text[-2000:]
+    cells, _, _ = load_dataset(tmp_path / "out")
+    assert len(cells) == 4 and set(cells["status"]) == {"ok"}
+
+
+def test_a_shared_output_path_is_written_by_the_job_itself(ray_head, tmp_path):
+    """--shared-output: the head shares this machine's filesystem, so the job's own collector writes the
+    folder and nothing is carried home (no actor, no Ray Client)."""
+    from kvray.data.store import load_dataset
+    from kvray.sweep.launch import launch
+
+    job = tmp_path / "launch_smoke.yaml"
+    job.write_text(SIM_JOB)
+    said: list[str] = []
+    status, files = launch(str(job), str(tmp_path / "shared"), address=ray_head, timeout_s=300, log=said.append,
+                           shared_output=True)  # fmt: skip
+    assert status.endswith("SUCCEEDED") and "cells.jsonl" in files
+    assert "Ray Client" not in "".join(said)
+    cells, _, manifest = load_dataset(tmp_path / "shared")
+    assert len(cells) == 4 and set(cells["status"]) == {"ok"}
+
+
+def test_launch_with_an_s3_output_writes_the_bucket_from_the_cluster(ray_head, s3, tmp_path):
+    """--output s3://…: the job's own collector writes the bucket (moto's server on 127.0.0.1), with the
+    credentials this machine's environment forwarded to the job; figures and report go up beside the data,
+    nothing is carried home, and the secret is in no object."""
+    from storage_fixtures import BUCKET, SECRET
+
+    job = tmp_path / "launch_smoke.yaml"
+    job.write_text(SIM_JOB)
+    run = subprocess.run(
+        [sys.executable, "-m", "kvray.cli", "launch", "--address", ray_head, "--job", str(job), "--output",
+         f"s3://{BUCKET}/launched", "--timeout-s", "300"],
+        capture_output=True, text=True, env=s3.env, timeout=400,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"the dataset is in s3://{BUCKET}/launched" in run.stdout and "Ray Client" not in run.stdout
+    keys = s3.keys("launched")
+    assert "cells.jsonl" in keys and "report.html" in keys and any(k.startswith("figures/") for k in keys), keys
+    from kvray.data.store import load_dataset
+
+    cells, _, manifest = load_dataset(s3.download("launched", tmp_path / "copy"))
+    assert len(cells) == 4 and set(cells["status"]) == {"ok"}
+    fs = s3.fs()
+    for key in keys:
+        with fs.open_input_stream(f"{BUCKET}/launched/{key}") as f:
+            assert SECRET.encode() not in f.read(), key

@@ -34,29 +34,55 @@ def compare(
         ),  # fmt: skip
     ] = None,
     out: Annotated[
-        str | None, typer.Option("--out", help="where compare.md/.html go (default NEW_DIR/compare)")
+        str | None,
+        typer.Option("--out", help="where compare.md/.html go, a folder or s3://… (default NEW_DIR/compare)"),
     ] = None,
     min_change: Annotated[
         float, typer.Option("--min-change", metavar="PCT", help="smallest change called one, per cent (default 5)")
     ] = 5.0,
 ) -> int:
     """Compare two results folders cell by cell: change, 95 % interval, faster / slower / no significant change."""
-    from kvray.cli.output_cmds import require_results
+    from contextlib import ExitStack
+
+    from kvray.data.location import is_uri, output_folder
 
     if fail_on_regression is not None and not (0 <= fail_on_regression < math.inf):
         raise KvrayInputError(f"--fail-on-regression must be a percentage >= 0, got {fail_on_regression}")
     if not (0 <= min_change < 100):
         raise KvrayInputError(f"--min-change must be a percentage in [0, 100), got {min_change}")
+    # Object-storage folders (s3://…) are downloaded into staging folders; what compare writes goes back up at
+    # the end: into NEW_DIR/compare (NEW_DIR's staging is uploaded) or --out. BASE_DIR is only read.
+    with ExitStack() as stack:
+        base = stack.enter_context(output_folder(base_dir, upload=False, must_exist=True))
+        new = stack.enter_context(output_folder(new_dir, upload=out is None, must_exist=True))
+        out_dir = stack.enter_context(output_folder(out)) if out else new / "compare"
+        shown_out = out if out else f"{new_dir.rstrip('/')}/compare"
+        return _compare(base, new, out_dir, json_out, fail_on_regression, min_change, (base_dir, new_dir),
+                        shown_out if is_uri(shown_out) else None)  # fmt: skip
+
+
+def _compare(base_dir: Path, new_dir: Path, out_dir: Path, json_out: bool, fail_on_regression: float | None,
+             min_change: float, names: tuple[str, str], shown_out: str | None) -> int:  # fmt: skip
+    """``compare`` on local folders (staging copies of URIs); ``names``: base and new as the user named them;
+    ``shown_out``: the URI the outputs are uploaded to, if they are."""
+    import dataclasses
+
+    from kvray.cli.output_cmds import require_results
+
     for folder in (base_dir, new_dir):
-        require_results(folder)
-    out_dir = Path(out) if out else Path(new_dir) / "compare"
+        require_results(str(folder))
     if out_dir.exists() and not out_dir.is_dir():
         raise KvrayInputError(f"--out {out_dir} is a file, not a folder")
 
     from kvray.analysis.compare import compare_dirs
 
     comparison = compare_dirs(base_dir, new_dir, min_change=min_change / 100)
-    md, html_path = write_compare(comparison, out_dir, fail_on_regression)
+    # compare.md names the folders as the user did (a URI, not its staging copy)
+    comparison = dataclasses.replace(comparison, base_dir=names[0], new_dir=names[1])
+    md_path, html_file = write_compare(comparison, out_dir, fail_on_regression)
+    md, html_path = (
+        (f"{shown_out}/{md_path.name}", f"{shown_out}/{html_file.name}") if shown_out else (md_path, html_file)
+    )
     regressions = comparison.regressions(fail_on_regression) if fail_on_regression is not None else []
     if json_out:
         from kvray.cli import render
@@ -70,7 +96,7 @@ def compare(
     return 1 if regressions else 0
 
 
-def _summary(comparison: Any, md: Path, html_path: Path, pct: float | None, regressions: list[Any]) -> None:
+def _summary(comparison: Any, md: Path | str, html_path: Path | str, pct: float | None, regressions: list[Any]) -> None:
     from kvray.cli import render
 
     counts = comparison.to_json()["counts"]

@@ -39,7 +39,10 @@ WeightsOpt = Annotated[str, typer.Option("--weights", help="random (no download)
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 OptionOpt = Annotated[list[str] | None, typer.Option("--option", help="backend option KEY=VALUE (repeatable)")]
 NoPlotsOpt = Annotated[bool, typer.Option("--no-plots", help="skip the figures and report at the end")]
-ResultsDirArg = Annotated[str, typer.Argument(help="a results folder (cells.jsonl from kvray run / exp / bench)")]
+ResultsDirArg = Annotated[
+    str,
+    typer.Argument(help="a results folder (cells.jsonl from kvray run / exp / bench) or s3://bucket/prefix, gs://…"),
+]
 BackendsOpt = Annotated[
     list[str] | None, typer.Option("--backend", help="backend(s), space-separated: hf | sim | synthetic … (default hf)")
 ]

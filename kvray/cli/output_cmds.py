@@ -1,4 +1,8 @@
-"""Commands that read a results folder and draw from it: ``plot`` (fig1–fig9) and ``report`` — no Ray, no torch."""
+"""Commands that read a results folder and draw from it: ``plot`` (fig1–fig9) and ``report`` — no Ray, no torch.
+
+A results folder may be an object-storage URI (``s3://bucket/prefix``): it is downloaded into a staging folder,
+drawn from there, and what was drawn goes back up when the command ends (kvray/data/location.py).
+"""
 
 from __future__ import annotations
 
@@ -55,6 +59,20 @@ def plot(
 ) -> None:
     """Regenerate every figure from a results folder alone (no Ray, no torch): fig1 … fig9, PNG + SVG;
     ``--cell CELL_ID``: that cell's timeline, fig10."""
+    from contextlib import ExitStack
+
+    from kvray.data.location import is_uri, output_folder
+
+    with ExitStack() as stack:  # a URI: downloaded now, figures uploaded when the block ends
+        folder = str(stack.enter_context(output_folder(results_dir, must_exist=True)))
+        figures_dir = str(stack.enter_context(output_folder(out))) if out is not None else None
+        _plot(folder, figures_dir, cell)
+    dest = out if out is not None else f"{results_dir.rstrip('/')}/figures"
+    if is_uri(dest):
+        render.line(f"uploaded the figures to {dest}")
+
+
+def _plot(results_dir: str, out: str | None, cell: str | None) -> None:
     from kvray.figures.plots import make_figures
     from kvray.figures.server import server_figures_if_any
 
@@ -80,10 +98,14 @@ def report(
     ] = False,
 ) -> None:
     """Write report.md and a self-contained report.html: environment, a table per experiment, findings."""
+    from kvray.data.location import is_uri, output_folder
     from kvray.report import make_report
 
-    require_results(results_dir)
-    paths = make_report(results_dir, figures=not no_figures)
-    render.figures(paths.figures)
-    render.findings(paths.findings)
-    render.line(f"wrote {paths.markdown} and {paths.html}")
+    with output_folder(results_dir, must_exist=True) as folder:  # a URI: the report goes back up at the end
+        require_results(str(folder))
+        paths = make_report(folder, figures=not no_figures)
+        render.figures(paths.figures)
+        render.findings(paths.findings)
+        shown = results_dir.rstrip("/") if is_uri(results_dir) else None
+        render.line(f"wrote {shown}/{paths.markdown.name} and {shown}/{paths.html.name}" if shown
+                    else f"wrote {paths.markdown} and {paths.html}")  # fmt: skip

@@ -30,16 +30,22 @@ if TYPE_CHECKING:
     from kvray.plan.job import Job
 
 
-def make_all_after_run(output_dir: str | Path) -> None:
-    """Figures and report at the end of a run; a failure here never loses the run's data."""
+def make_all_after_run(output_dir: str | Path, shown: str | None = None) -> None:
+    """Figures and report at the end of a run; a failure here never loses the run's data. ``shown``: the
+    folder as the user named it (an object-storage URI whose staging folder ``output_dir`` is)."""
+    where = shown or str(output_dir)
     try:
         from kvray.report import make_all
 
         paths = make_all(output_dir)
     except Exception as exc:  # the dataset is written: say what failed and how to retry
-        render.warning(f"figures/report failed ({type(exc).__name__}: {exc}); retry with `kvray report {output_dir}`")
+        render.warning(f"figures/report failed ({type(exc).__name__}: {exc}); retry with `kvray report {where}`")
         return
     render.findings(paths.findings)
+    if shown:
+        render.line(f"figures in {shown}/figures; report {shown}/{paths.markdown.name} and {paths.html.name}",
+                    soft_wrap=True)  # fmt: skip
+        return
     render.line(
         f"figures in {paths.markdown.parent / 'figures'}; report {paths.markdown} and {paths.html}", soft_wrap=True
     )
@@ -50,7 +56,10 @@ def run(
     address: Annotated[
         str, typer.Option("--address", help="local (start Ray here) | auto (join this machine's) | ray://host:port")
     ] = "local",
-    output: Annotated[str | None, typer.Option("--output", help="results folder (default results/<job name>)")] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", help="results folder or s3://bucket/prefix, gs://… (default results/<job name>)"),
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option("--resume/--no-resume", help="skip cells already in the folder (default); --no-resume refuses it"),
@@ -65,13 +74,24 @@ def run(
     from kvray.plan.job import load_job
 
     job = load_job(job_file)  # a bad file is one line, before Ray starts
+    from kvray.data.location import is_uri, output_folder
     from kvray.data.status import default_output_dir
+
+    remote = output if is_uri(output) else None
+    # An object-storage --output is staged here: downloaded first (a bad URI or bucket is one line, before
+    # Ray), uploaded by the collector as parts are flushed and by this block's end, Ctrl-C included.
+    with output_folder(output or default_output_dir(job)) as where:
+        return _run_into(job, job_file, where, remote, address, resume, check_oom, dashboard, no_plots)
+
+
+def _run_into(job: Job, job_file: str, where: Path, remote: str | None, address: str, resume: bool,
+              check_oom: bool, dashboard: bool, no_plots: bool) -> int:  # fmt: skip
     from kvray.sweep import SweepError, last_run, run_job, status_counts
 
-    where = Path(output) if output else default_output_dir(job)
+    shown = remote or str(where)
     try:
         out = run_job(job, where, address=address, resume=resume, check_oom=check_oom, dashboard=dashboard,
-                      notice=render.note)  # fmt: skip
+                      notice=render.note, sync_to=remote)  # fmt: skip
     except SweepError as exc:
         sys.stderr.write(f"kvray: sweep stopped: {exc}\n")
         return 1
@@ -79,16 +99,16 @@ def run(
         from kvray.data.store import read_results
 
         rows = len(read_results(where, traces=False))
-        sys.stderr.write(f"kvray: interrupted: {rows} rows kept in {where}; resume with: "
-                         f"kvray run {job_file} --output {where}\n")  # fmt: skip
+        sys.stderr.write(f"kvray: interrupted: {rows} rows kept in {shown}; resume with: "
+                         f"kvray run {job_file} --output {shown}\n")  # fmt: skip
         return 130
     from kvray.data.store import read_results
 
     counts = status_counts(out, job)
     failed = [r for r in read_results(out, traces=False) if r["status"] in ("error", "oom")][:5]
-    render.run_summary(job.name, counts, last_run(out), out, failed)
+    render.run_summary(job.name, counts, last_run(out), shown, failed)
     if not no_plots:
-        make_all_after_run(out)
+        make_all_after_run(out, shown=remote)
     return 1 if counts.get("error") else 0
 
 
@@ -112,21 +132,39 @@ def launch(
         bool,
         typer.Option("--no-provision", help="don't add kvray's missing dependencies to the job; say what to install"),
     ] = False,
+    ray_client_port: Annotated[
+        int, typer.Option("--ray-client-port", help="the head's Ray Client port, which brings the dataset home")
+    ] = 10001,
+    shared_output: Annotated[
+        bool,
+        typer.Option("--shared-output", help="--output is on a filesystem the cluster shares: the job writes there"),
+    ] = False,
 ) -> int:
     """Run JOB on a Ray cluster through the Jobs API and bring its dataset back here."""
+    from kvray.data.location import is_uri, output_folder
     from kvray.plan.job import load_job
     from kvray.sweep.launch import RemoteJobError
     from kvray.sweep.launch import launch as launch_job
 
     out = output or f"results/{load_job(job).name}"
+    if is_uri(out):  # the job writes there itself: a bad URI or bucket is one line before any cluster is touched
+        with output_folder(out, upload=False):
+            pass
     try:
         status, files = launch_job(job, out, address=address, cluster=cluster, down=down, timeout_s=timeout_s,
-                                   log=sys.stdout.write, provision=not no_provision)  # fmt: skip
+                                   log=sys.stdout.write, provision=not no_provision,
+                                   ray_client_port=ray_client_port, shared_output=shared_output)  # fmt: skip
     except RemoteJobError as exc:
         sys.stderr.write(f"kvray: {exc}\n")
         return 1
     except KeyboardInterrupt:
         return 130
+    if is_uri(out):
+        render.line(f"job {status}: the dataset is in {out}")
+        if not no_plots:
+            with output_folder(out, must_exist=True) as staged:  # figures and report go up beside the data
+                make_all_after_run(staged, shown=out)
+        return 0 if status.endswith("SUCCEEDED") else 1
     render.line(f"job {status}: {len(files)} files in {out}")
     if not no_plots:
         make_all_after_run(out)
@@ -154,21 +192,31 @@ def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = N
         import logging
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import contextlib
+    from dataclasses import replace
+
+    from kvray.data.location import is_uri, output_folder
     from kvray.sweep import status_counts
     from kvray.sweep.launch import RemoteJobError
     from kvray.sweep.submit import submit_job
 
-    try:
-        submitted = submit_job(job, flags.run_settings(), log=sys.stdout.write)
-    except RemoteJobError as exc:  # the job's status, exit code and last log lines, never a local traceback
-        sys.stderr.write(f"kvray: {exc}\n")
-        raise typer.Exit(1) from None
-    out = submitted.output_dir
-    if submitted.remote_status is not None:
-        render.line(f"remote job {submitted.remote_status} → {out}")
-    render.experiment_summary(job.name, status_counts(out, job), out)
-    if not flags.no_plots:
-        make_all_after_run(out)
+    settings = flags.run_settings()
+    remote = flags.output_dir if is_uri(flags.output_dir) else None
+    staging = output_folder(remote) if remote else contextlib.nullcontext(None)
+    with staging as staged:  # an object-storage --output: staged here, uploaded as `kvray run` does
+        if staged is not None:
+            settings = replace(settings, output_dir=staged, sync_to=remote)
+        try:
+            submitted = submit_job(job, settings, log=sys.stdout.write)
+        except RemoteJobError as exc:  # the job's status, exit code and last log lines, never a local traceback
+            sys.stderr.write(f"kvray: {exc}\n")
+            raise typer.Exit(1) from None
+        out = submitted.output_dir
+        if submitted.remote_status is not None:
+            render.line(f"remote job {submitted.remote_status} → {remote or out}")
+        render.experiment_summary(job.name, status_counts(out, job), remote or out)
+        if not flags.no_plots:
+            make_all_after_run(out, shown=remote)
 
 
 def require_server_flags(common: Common) -> None:

@@ -14,6 +14,12 @@ on a two-core machine recorded TPOT p50 18.7 ms where the same cell alone measur
 (issue 12, item 13); the harness's own work must not be inside a measurement.
 It also keeps manifest.json: the job file, kvray's version, and each run with its workers' environments.
 
+With ``sync_to`` (an object-storage URI; the folder is then the driver's staging folder, kvray/data/location.py)
+the collector is also the one that uploads while the sweep runs: after each parts flush it sends the new parts,
+the JSONL files up to the flush and the index, so the bucket holds every row up to the last flush even if the
+driver dies; at ``finish`` it sends the tables. An upload is harness work like a flush, so it runs in the same
+quiet window; one that fails is counted and retried at the next flush (the sweep never stops for it).
+
 Plain Python; the driver wraps it with ``ray.remote`` (``max_concurrency``: appends from many workers are
 taken at once and committed together) and pins it to the driver's node.
 """
@@ -28,10 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kvray.data.location import Stage, parse_remote
 from kvray.data.manifest import read_manifest
 from kvray.data.store import DatasetWriter, EncodedRow, encode_row
 from kvray.measure.trace import CellResult
 from kvray.sweep.ray_env import import_ray
+from kvray.units import first_line
 
 MARK_EVERY = 50  # the collector notes the time every this many rows (a 10,000-row run: 200 marks)
 
@@ -57,6 +65,7 @@ class Collector:
         run: dict[str, Any],
         tables_every_s: float = 5.0,
         node_id: str | None = None,
+        sync_to: str | None = None,
     ):
         from kvray import __version__
 
@@ -65,6 +74,9 @@ class Collector:
         self.deferred = 0  # table refreshes put off because a neighbour was measuring
         self.out_dir = Path(out_dir)
         self.writer = DatasetWriter(self.out_dir, tables=False)
+        self.stage = Stage(parse_remote(sync_to), self.out_dir) if sync_to else None
+        self.upload_failures = 0
+        self.upload_error: str | None = None
         self.tables_every_s = tables_every_s
         self._dirty = False
         self._tables_lock = threading.Lock()
@@ -164,7 +176,21 @@ class Collector:
                 self._dirty = True
                 return False
             self.flushes += 1
+            self.upload(final=False)
             return True
+
+    def upload(self, final: bool) -> bool:
+        """Send what changed to ``sync_to`` (nothing without one); False when it failed (counted, not raised:
+        the staging folder keeps everything and the next call sends it)."""
+        if self.stage is None:
+            return True
+        try:
+            self.stage.sync(final=final)
+        except Exception as exc:
+            self.upload_failures += 1
+            self.upload_error = first_line(exc)
+            return False
+        return True
 
     def _refresh_tables(self) -> None:
         import pandas  # noqa: F401 - imported now, before any cell runs, not on the first flush's clock
@@ -192,9 +218,11 @@ class Collector:
         self._thread.join(timeout=60)
         if self._dirty or not (self.out_dir / "cells.parquet").exists():
             self.write_tables()
+        self.upload(final=True)  # the rows and tables first: the driver may not live to send them
         self._run.update(summary, finished_at=now_iso(), rows_appended=self.appended, duplicates=self.duplicates,
                          table_refreshes_deferred=self.deferred, collector=self.costs())  # fmt: skip
         self.writer.write_manifest(self.manifest)
+        self.upload(final=True)  # the manifest with this run's record
         return dict(self._run)
 
     def costs(self) -> dict[str, Any]:
@@ -233,4 +261,13 @@ class Collector:
             "cpu_s": round(time.process_time() - self._cpu0, 3),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "rows_at": list(self._marks),  # rows per second over any stretch of the run, from these
+            **(
+                {
+                    "uploads": self.stage.uploads,
+                    "upload_failures": self.upload_failures,
+                    "upload_error": self.upload_error,
+                }
+                if self.stage is not None
+                else {}
+            ),  # fmt: skip
         }

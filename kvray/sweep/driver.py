@@ -85,8 +85,10 @@ class Sweep:
         listener: SweepListener,
         worker_setup: Callable[[], Any] | None,
         poll_s: float,
+        sync_to: str | None = None,
     ):
         self.ray = import_ray()
+        self.sync_to = sync_to  # the object-storage URI ``out_dir`` stages for: the collector uploads to it
         self.job = job
         self.out_dir = out_dir
         self.check_oom = check_oom
@@ -187,7 +189,17 @@ class Sweep:
             "cells_planned": cells_planned,
             "job_sha256": job_sha256(self.job),
         }
-        return self.ray.remote(Collector).options(**options).remote(str(self.out_dir), job_record, run_record)
+        if self.sync_to:  # the URI holds no secret (kvray.data.location.parse_remote refuses them)
+            from kvray.data.location import STORAGE_ENV_VARS
+
+            run_record["output"] = self.sync_to
+            # A joined cluster's worker does not have this shell's credentials: give the collector them, as
+            # ``kvray launch`` gives a job HF_TOKEN (through Ray, never into a file kvray writes).
+            env_vars = {k: os.environ[k] for k in STORAGE_ENV_VARS if os.environ.get(k)}
+            if env_vars:
+                options["runtime_env"] = {"env_vars": env_vars}
+        return self.ray.remote(Collector).options(**options).remote(str(self.out_dir), job_record, run_record,
+                                                                     sync_to=self.sync_to)  # fmt: skip
 
     def done_ids(self) -> set[str]:
         """Cells with a row. Read here (the collector shares this node), so workers start beside the collector."""
@@ -310,6 +322,7 @@ def run_job(
     worker_setup: Callable[[], Any] | None = None,
     poll_s: float = 0.2,
     notice: Callable[[str], object] | None = None,
+    sync_to: str | None = None,
 ) -> Path:
     """Run every cell of ``job`` not yet in ``output_dir`` on Ray; returns the output folder.
 
@@ -317,6 +330,8 @@ def run_job(
     (``address="local"``), or joins ``"auto"`` / ``"ray://host:port"``, and shuts down what it started.
     ``worker_setup`` runs once inside each worker before anything else (resource limits, env tweaks).
     ``notice`` receives one line when the job changed since the folder's last run (default: stderr).
+    ``sync_to``: the object-storage URI ``output_dir`` is the staging folder of (kvray.data.location
+    ``output_folder``): the collector uploads to it after each parts flush and at the end.
 
     The folder is locked for the run (a second run into it refuses); a bad request (hardware the cluster
     lacks) leaves no folder behind; Ctrl-C stops the workers, writes the tables and re-raises
@@ -345,7 +360,7 @@ def run_job(
             (notice or (lambda text: sys.stderr.write(f"kvray: note: {text}\n")))(changes.describe())
         started = connect(address, dashboard)
         try:
-            Sweep(job, out, check_oom, default_listener(progress), worker_setup, poll_s).run()
+            Sweep(job, out, check_oom, default_listener(progress), worker_setup, poll_s, sync_to).run()
         finally:
             if started:
                 shutdown()

@@ -27,6 +27,7 @@ class RunSettings:
     cluster: str | None = None  # a Ray cluster-launcher file: brought up, the job submitted there
     check_oom: bool = True  # refuse cells predicted not to fit
     progress: bool = True  # the live progress table (local runs only)
+    sync_to: str | None = None  # the object-storage URI ``output_dir`` stages for (kvray.data.location)
 
     @property
     def remote(self) -> bool:
@@ -50,7 +51,8 @@ def submit_job(job: Job, settings: RunSettings, log: Callable[[str], object] = s
 
     out = Path(settings.output_dir) if settings.output_dir else None
     if not settings.remote:
-        done = run_job(job, out, address=settings.address, check_oom=settings.check_oom, progress=settings.progress)
+        done = run_job(job, out, address=settings.address, check_oom=settings.check_oom, progress=settings.progress,
+                       sync_to=settings.sync_to)  # fmt: skip
         return Submitted(Path(done))
     import tempfile
 
