@@ -20,6 +20,22 @@ from typing import Any
 import pytest
 
 NUM_CPUS = 2
+# Four simulated cells (2 prompt lengths × 2 concurrencies; 1 + 2 requests at each length): seconds on any Ray,
+# no GPU, no weights — the job every remote-run test (launch, object storage, SSH, a bare head) sends.
+SIM_JOB = """
+name: launch_smoke
+models: [kvray/tiny-llama]
+backends: [sim]
+dtypes: [bf16]
+weights: random
+hardware: any
+warmup: 0
+repeats: 1
+grid:
+  prompt_toks: [64, 128]
+  gen_toks: [8]
+  concurrency: [1, 2]
+"""
 NUM_GPUS = 4  # logical: actors get CUDA_VISIBLE_DEVICES 0..3, torch still sees no CUDA
 
 

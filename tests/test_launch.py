@@ -14,25 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_fixtures import ray_head_process
+from ray_fixtures import SIM_JOB, ray_head_process
 
 from kvray.sweep.launch import ray_auth_headers
 
 VENV_BIN = Path(sys.executable).parent
-SIM_JOB = """
-name: launch_smoke
-models: [kvray/tiny-llama]
-backends: [sim]
-dtypes: [bf16]
-weights: random
-hardware: any
-warmup: 0
-repeats: 1
-grid:
-  prompt_toks: [64, 128]
-  gen_toks: [8]
-  concurrency: [1, 2]
-"""
 
 
 HEAD_PORTS: dict[str, int] = {}  # the module's head: its ports by flag, for tests that need more than the URL

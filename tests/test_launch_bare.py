@@ -17,24 +17,10 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from ray_fixtures import ray_head_process
+from ray_fixtures import SIM_JOB, ray_head_process
 
 VENV_BIN = Path(sys.executable).parent
 LEFT_OUT = ("typer", "rich", "kvray", "_editable_impl_kvray", "__editable__", "_virtualenv", "pip")
-JOB = """
-name: bare_head
-models: [kvray/tiny-llama]
-backends: [sim]
-dtypes: [bf16]
-weights: random
-hardware: any
-warmup: 0
-repeats: 1
-grid:
-  prompt_toks: [64, 128]
-  gen_toks: [8]
-  concurrency: [1, 2]
-"""
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +66,7 @@ def test_without_provisioning_one_line_names_what_to_install(bare_head, tmp_path
     from importlib.metadata import version
 
     job = tmp_path / "bare_head.yaml"
-    job.write_text(JOB)
+    job.write_text(SIM_JOB)
     run = _launch(bare_head, job, tmp_path / "out", "--no-provision")
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr
@@ -95,7 +81,7 @@ def test_missing_typer_and_rich_are_provisioned_and_the_job_runs(bare_head, tmp_
     from kvray.data.store import load_dataset
 
     job = tmp_path / "bare_head.yaml"
-    job.write_text(JOB)
+    job.write_text(SIM_JOB)
     out = tmp_path / "out"
     run = _launch(bare_head, job, out)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-3000:]

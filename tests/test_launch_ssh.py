@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_launch import SIM_JOB
+from ray_fixtures import SIM_JOB
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

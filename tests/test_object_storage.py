@@ -19,25 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ray_fixtures import ray_session  # noqa: F401
+from ray_fixtures import SIM_JOB, ray_session  # noqa: F401
 from storage_fixtures import BUCKET, S3, SECRET, free_port
 
 from kvray.data.store import load_dataset
 
-SIM_JOB = """
-name: s3_smoke
-models: [kvray/tiny-llama]
-backends: [sim]
-dtypes: [bf16]
-weights: random
-hardware: any
-warmup: 0
-repeats: 1
-grid:
-  prompt_toks: [64, 128]
-  gen_toks: [8]
-  concurrency: [1, 2]
-"""  # 2 prompt lengths × 2 concurrencies: 4 cells
 SLOW_JOB = """
 name: s3_slow
 models: [kvray/tiny-llama]
