@@ -200,7 +200,9 @@ def test_merged_times_match_when_the_server_saw_each_request(backend, stub, toke
     seen = sorted(t - run.t0_s for t in stub.received)
     sent = sorted(t.sent_s for t in run.traces)
     for at_server, at_client in zip(seen, sent, strict=True):
-        assert 0 <= at_server - at_client < 0.02, (at_server, at_client)
+        # ≤ 50 ms: loopback plus scheduling on 2 loaded cores (32 ms seen late in the suite); a basis error —
+        # t0 taken on the wrong clock, a client's offset unapplied — is the actors' start-up, hundreds of ms
+        assert 0 <= at_server - at_client < 0.05, (at_server, at_client)
 
 
 def test_a_closed_loop_keeps_each_users_chain_in_one_client(backend, stub, tokenizer_dir, ray_session):  # noqa: F811

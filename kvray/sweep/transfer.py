@@ -145,7 +145,30 @@ def fetch(address: str, held: Held, out_dir: str | Path, timeout_s: float = 60.0
     """Pull ``held`` over Ray Client at ``address`` (``ray://HOST:PORT``), check it, unpack into ``out_dir``.
 
     Raises ConnectionError when Ray Client cannot be reached or refuses this Ray/Python, ValueError when the
-    bytes do not add up (nothing is unpacked then)."""
+    bytes do not add up (nothing is unpacked then). Runs in a child process: a Ray Client connection, failed
+    or closed, leaves Ray's process-wide state disconnected — a caller that is itself a Ray driver (an exp
+    command's process, a notebook) would lose its own Ray."""
+    import subprocess
+
+    child = subprocess.run(
+        [sys.executable, "-m", "kvray.sweep.transfer", "fetch", address, held.marker(), str(out_dir), str(timeout_s)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    last = (child.stderr.strip().splitlines() or [f"exit code {child.returncode}"])[-1]
+    if child.returncode == FETCH_UNREACHABLE:
+        raise ConnectionError(last)
+    if child.returncode == FETCH_MISMATCH:
+        raise ValueError(last)
+    if child.returncode != 0:
+        raise RuntimeError(f"fetching {held.actor} failed: {last}")
+    return list(json.loads(child.stdout.strip().splitlines()[-1]))
+
+
+FETCH_UNREACHABLE, FETCH_MISMATCH = 3, 4  # the child's exit codes for fetch's two expected failures
+
+
+def _fetch_here(address: str, held: Held, out_dir: str | Path, timeout_s: float) -> list[str]:
+    """:func:`fetch`'s work, in the process that runs it."""
     import ray
 
     with contextlib.suppress(ImportError):  # Ray Client sends the cluster's token only in token mode, which a
@@ -157,35 +180,43 @@ def fetch(address: str, held: Held, out_dir: str | Path, timeout_s: float = 60.0
 
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:
-        ctx = ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR)
+        ctx = ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, allow_multiple=True)
     except Exception as exc:  # grpc errors, version mismatch (RuntimeError), timeouts
         raise ConnectionError(f"Ray Client at {address}: {str(exc).splitlines()[0][:200]}") from None
     try:
-        holder = ray.get_actor(held.actor, namespace=NAMESPACE)
-        digest = hashlib.sha256()
-        size = 0
-        with tempfile.TemporaryDirectory(prefix="kvray-fetch-") as tmp:
-            tar_path = Path(tmp) / "dataset.tar.gz"
-            with open(tar_path, "wb") as f:
-                nxt: Any = holder.chunk.remote(0)
-                for i in range(held.chunks):
-                    data = ray.get(nxt, timeout=timeout_s)
-                    if i + 1 < held.chunks:
-                        nxt = holder.chunk.remote(i + 1)  # the next chunk in flight while this one is written
-                    digest.update(data)
-                    size += len(data)
-                    f.write(data)
-            if size != held.size_bytes or digest.hexdigest() != held.sha256:
-                raise ValueError(
-                    f"the dataset from {held.actor} does not add up: {size} bytes, sha256 {digest.hexdigest()[:12]}… "
-                    f"(the job said {held.size_bytes} bytes, {held.sha256[:12]}…); nothing was unpacked"
-                )
-            names = unpack(tar_path, out_dir)
-        with contextlib.suppress(Exception):
-            holder.release.remote()
-        return names
+        with ctx:
+            return _pull(held, out_dir, timeout_s)
     finally:
         ctx.disconnect()
+
+
+def _pull(held: Held, out_dir: str | Path, timeout_s: float) -> list[str]:
+    """The chunks of ``held``, in order, next one in flight, into a checked tarball, unpacked into ``out_dir``."""
+    import ray
+
+    holder = ray.get_actor(held.actor, namespace=NAMESPACE)
+    digest = hashlib.sha256()
+    size = 0
+    with tempfile.TemporaryDirectory(prefix="kvray-fetch-") as tmp:
+        tar_path = Path(tmp) / "dataset.tar.gz"
+        with open(tar_path, "wb") as f:
+            nxt: Any = holder.chunk.remote(0)
+            for i in range(held.chunks):
+                data = ray.get(nxt, timeout=timeout_s)
+                if i + 1 < held.chunks:
+                    nxt = holder.chunk.remote(i + 1)  # the next chunk in flight while this one is written
+                digest.update(data)
+                size += len(data)
+                f.write(data)
+        if size != held.size_bytes or digest.hexdigest() != held.sha256:
+            raise ValueError(
+                f"the dataset from {held.actor} does not add up: {size} bytes, sha256 {digest.hexdigest()[:12]}… "
+                f"(the job said {held.size_bytes} bytes, {held.sha256[:12]}…); nothing was unpacked"
+            )
+        names = unpack(tar_path, out_dir)
+    with contextlib.suppress(Exception):
+        holder.release.remote()
+    return names
 
 
 def emit(name: str) -> None:
@@ -232,10 +263,23 @@ def main(argv: list[str]) -> int:
         held = hold(argv[1], argv[2], float(argv[3]) if len(argv) > 3 else DEFAULT_TTL_S)
         print(held.marker(), flush=True)
         return 0
+    if len(argv) == 5 and argv[0] == "fetch":
+        held = Held(**json.loads(argv[2][len(HELD) :]))
+        try:
+            names = _fetch_here(argv[1], held, argv[3], float(argv[4]))
+        except ConnectionError as exc:
+            print(exc, file=sys.stderr)
+            return FETCH_UNREACHABLE
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return FETCH_MISMATCH
+        print(json.dumps(names), flush=True)
+        return 0
     if len(argv) == 2 and argv[0] == "emit":
         emit(argv[1])
         return 0
-    print("usage: python -m kvray.sweep.transfer hold DIR NAME [TTL_S] | emit NAME", file=sys.stderr)
+    print("usage: python -m kvray.sweep.transfer hold DIR NAME [TTL_S] | emit NAME | fetch ADDRESS MARKER DIR TIMEOUT_S",
+          file=sys.stderr)  # fmt: skip
     return 2
 
 
