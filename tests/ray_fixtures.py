@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from kvray.servers.process import free_port  # noqa: F401 - re-exported to the tests
 
 NUM_CPUS = 2
 # Four simulated cells (2 prompt lengths × 2 concurrencies; 1 + 2 requests at each length): seconds on any Ray,
@@ -51,12 +52,6 @@ def ray_session() -> Iterator[Any]:
     yield ray
     if started:
         ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 HEAD_PORT_FLAGS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from kvray.servers.process import free_port  # noqa: F401 - re-exported to the tests
 
 BUCKET = "kvray-results"
 SECRET = "kvray-test-secret-key-0123456789"  # must never appear in any object kvray writes
@@ -49,12 +50,6 @@ class S3:
             with fs.open_input_stream(f"{BUCKET}/{prefix}/{rel}") as src:
                 (dest / rel).write_bytes(src.read())
         return dest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -261,20 +261,14 @@ def _dashboard_tunnel(auth: dict[str, Any], head: str, dash_port: int, client_po
     """``ssh -N -L`` from two free ports here to the head's dashboard and Ray Client ports (on its 127.0.0.1).
     Free local ports rather than ``ray attach -p 8265``'s same-port forward: with a local Ray holding 8265 here
     (``kvray run --dashboard``) that forward fails and the job would be submitted to the local Ray instead."""
-    local_dash, local_client = _free_port(), _free_port()
+    from kvray.servers.process import free_port
+
+    local_dash, local_client = free_port(), free_port()
     forwards = ["-N", "-o", "ExitOnForwardFailure=yes", "-L", f"127.0.0.1:{local_dash}:127.0.0.1:{dash_port}",
                 "-L", f"127.0.0.1:{local_client}:127.0.0.1:{client_port}"]  # fmt: skip
     proc = subprocess.Popen(_ssh(auth, head, forwards, []), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     return f"http://127.0.0.1:{local_dash}", local_client, proc
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _close(reached: Reached | None) -> None:
