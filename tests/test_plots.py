@@ -255,3 +255,22 @@ def test_energy_panels_appear_where_energy_exists_and_say_predicted(tmp_path):
     assert any(g.startswith("tok-per-j-") for g in group_ids(fig2.paths[0]))
     assert {"bar-_tok_per_j-H100-SXM", "bar-_tok_per_j-A100-80GB-SXM"} <= group_ids(fig6.paths[0])
     assert any("prediction at TDP" in n for n in fig6.notes) and any("prediction at TDP" in n for n in fig2.notes)
+
+
+def test_fig10_request_axis_has_integer_ticks_for_one_request():
+    """One request is row 0: its axis shows the tick 0 only, not −0.5 … 0.5 in fractional steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kvray.figures.timeline import _request_bars
+
+    fig, ax = plt.subplots()
+    trace = {"request_id": 0, "arrival_s": 0.0, "start_s": 0.01, "end_s": 0.2, "token_times_s": [0.05, 0.1, 0.2]}
+    assert _request_bars(ax, [trace]) == 1
+    fig.canvas.draw()
+    low, high = sorted(ax.get_ylim())
+    shown = [t for t in ax.get_yticks() if low <= t <= high]
+    plt.close(fig)
+    assert shown == [0.0]

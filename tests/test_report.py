@@ -98,6 +98,8 @@ def test_html_is_self_contained_with_embedded_pngs(report):
     names = [name for name, _ in images]  # fig1–fig7, then the timeline (fig10) of the highest-p99-TTFT cell
     assert names[: len(FIGURES)] == list(FIGURES) and len(names) == len(FIGURES) + 1
     assert names[-1].startswith("fig10_timeline_")
+    # the timeline is the most concurrent measured cell's: H100 at c=32 (its c=64 is OOM, EXP1_STATUS), not the first
+    assert "most concurrent (32 requests at once)" in md
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in images)
     assert not re.search(r'(src|href)="(https?:|figures/)', html)  # nothing fetched from elsewhere
     assert html.count("<table>") == md.count("\n|---") and "<code>crafted</code>" in html

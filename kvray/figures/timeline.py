@@ -45,7 +45,7 @@ def _request_bars(ax: Any, traces: list[dict[str, Any]]) -> int:
 
     ax.set_ylabel("request (by arrival)")
     ax.set_ylim(len(ordered) - 0.5, -0.5)
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one request: tick 0, not ±0.5
     handles = [style_patch(colour, label) for label, colour in PHASES]
     ax.legend(handles=handles, fontsize=6.5, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=3, frameon=False)
     return len(ordered)
