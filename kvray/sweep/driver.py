@@ -48,6 +48,7 @@ from kvray.units import first_line
 __all__ = ["COLLECTOR_NAME_PREFIX", "WORKER_NAME_PREFIX", "CollectorLost", "Sweep", "SweepError", "run_job"]
 
 COLLECTOR_NAME_PREFIX = "kvray-collector-"  # + the sweep id: named so that an operator (or a test) can find it
+INPROCESS = "inprocess"  # the address that runs the job without Ray (kvray/sweep/inprocess.py)
 REFRESH_S = 0.25  # the progress view's rows are rebuilt at most this often (it redraws 4 times a second)
 COLLECTOR_THREADS = 32  # appends the collector takes at once: they share one write and fsync (group commit)
 
@@ -327,7 +328,8 @@ def run_job(
     """Run every cell of ``job`` not yet in ``output_dir`` on Ray; returns the output folder.
 
     Uses the running Ray if this process already joined one; otherwise starts a local single-node Ray
-    (``address="local"``), or joins ``"auto"`` / ``"ray://host:port"``, and shuts down what it started.
+    (``address="local"``), or joins ``"auto"`` / ``"ray://host:port"``, and shuts down what it started;
+    ``address="inprocess"`` runs every cell in this process, without Ray (kvray/sweep/inprocess.py).
     ``worker_setup`` runs once inside each worker before anything else (resource limits, env tweaks).
     ``notice`` receives one line when the job changed since the folder's last run (default: stderr).
     ``sync_to``: the object-storage URI ``output_dir`` is the staging folder of (kvray.data.location
@@ -358,12 +360,17 @@ def run_job(
         changes = job_changes(job, out)
         if changes is not None:
             (notice or (lambda text: sys.stderr.write(f"kvray: note: {text}\n")))(changes.describe())
-        started = connect(address, dashboard)
-        try:
-            Sweep(job, out, check_oom, default_listener(progress), worker_setup, poll_s, sync_to).run()
-        finally:
-            if started:
-                shutdown()
+        if address == INPROCESS:  # no Ray: the same planner, scheduler, worker and collector, in this process
+            from kvray.sweep.inprocess import run_in_process
+
+            run_in_process(job, out, check_oom=check_oom, listener=default_listener(progress), sync_to=sync_to)
+        else:
+            started = connect(address, dashboard)
+            try:
+                Sweep(job, out, check_oom, default_listener(progress), worker_setup, poll_s, sync_to).run()
+            finally:
+                if started:
+                    shutdown()
     except KvrayInputError:
         lock.release()
         if created:

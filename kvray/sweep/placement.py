@@ -108,7 +108,7 @@ def requested_types(cells: list[Cell]) -> set[str]:
     return {c.hardware for c in cells if c.hardware != "any" and not backend_class(c.backend).simulated}
 
 
-def check_hardware(cells: list[Cell], cluster: Cluster) -> None:
+def check_hardware(cells: list[Cell], cluster: Cluster, *, where: str = "this Ray cluster") -> None:
     """Every requested accelerator type must exist before anything starts: otherwise the sweep would wait
     forever for it, or (on a cluster without GPUs) run the cell on a CPU worker and record the GPU it asked
     for beside the CPU it ran on. Likewise a TP degree must fit on one node of its type."""
@@ -122,7 +122,7 @@ def check_hardware(cells: list[Cell], cluster: Cluster) -> None:
         else:
             has = "; it has no GPUs at all, only CPUs"
         raise KvrayInputError(
-            f"hardware {', '.join(missing)} is not in this Ray cluster (present: {present}){has}: use hardware: "
+            f"hardware {', '.join(missing)} is not in {where} (present: {present}){has}: use hardware: "
             "any, or run where that GPU type is"
         )
     check_tensor_parallel_fits(cells, cluster)
