@@ -1,6 +1,6 @@
 """One Ray per test session: 2 CPUs and 4 logical GPUs, started once (``ray.init`` costs 5–20 s on 2 cores).
 
-Import the fixture into a test module with ``from ray_fixtures import ray_session  # noqa: F401``.
+A test asks for ``ray_session`` by name (tests/conftest.py loads this module as a plugin; such a test is integration tier).
 ``start_local_ray`` uses ``address="local"`` (a stale ``ray_current_cluster`` file from an earlier crash
 cannot make the session join a dead one) and retries a node that timed out during startup on a busy machine.
 """

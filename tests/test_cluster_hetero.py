@@ -71,7 +71,7 @@ def _run(tmp_path, hardware: str) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_each_runs_every_cell_on_every_gpu_type_and_rows_line_up(tmp_path):
     outcome = _run(tmp_path, "each")
     assert outcome["ok"], outcome
@@ -91,7 +91,7 @@ def test_each_runs_every_cell_on_every_gpu_type_and_rows_line_up(tmp_path):
     assert shapes["A100"] == shapes["H100"] == [(16, 1), (16, 2), (32, 1), (32, 2)]
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_unknown_gpu_type_fails_fast_listing_the_types_present(tmp_path):
     outcome = _run(tmp_path, "[B200]")
     assert not outcome["ok"]

@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-from ray_fixtures import ray_session  # noqa: F401
 
 from kvray.errors import KvrayInputError
 from kvray.plan.experiments import Common, exp1_job, exp2_job, exp3_job, hardware_arg
@@ -164,7 +163,7 @@ def run_cli(*args: str) -> None:
 TINY = ("--model", "kvray/tiny-llama", "--dtype", "fp32", "--device", "cpu", "--warmup", "0", "--no-progress")
 
 
-def test_real_tiny_model_run_ends_in_figures_and_report(ray_session, tmp_path):  # noqa: F811
+def test_real_tiny_model_run_ends_in_figures_and_report(ray_session, tmp_path):
     """exp1, exp2 and exp3 on a real (random-weight) model through Ray, into one folder; exp3 goes through
     the command line and ends in the figures and the report, whose numbers must be the dataset's."""
     from dataclasses import replace
@@ -288,7 +287,7 @@ grid:
 """
 
 
-def test_run_command_ends_with_figures_and_report(ray_session, tmp_path):  # noqa: F811
+def test_run_command_ends_with_figures_and_report(ray_session, tmp_path):
     import shutil
 
     from test_plots import group_ids

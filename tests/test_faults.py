@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_fixtures import ray_session  # noqa: F401
 
 from kvray.data.store import CELLS_JSONL, read_results
 from kvray.plan.job import load_job
@@ -79,7 +78,7 @@ def session_address(ray) -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def test_ctrl_c_stops_writes_tables_says_how_to_resume_and_a_second_run_is_refused(ray_session, tmp_path):  # noqa: F811
+def test_ctrl_c_stops_writes_tables_says_how_to_resume_and_a_second_run_is_refused(ray_session, tmp_path):
     job_file = write_job(tmp_path / "faults.yaml")
     out = tmp_path / "out"
     planned = {c.cell_id for c in plan_cells(load_job(job_file))}
@@ -131,7 +130,7 @@ def test_ctrl_c_stops_writes_tables_says_how_to_resume_and_a_second_run_is_refus
     assert {k: after[k] for k in before} == before
 
 
-def test_a_second_ctrl_c_quits_at_once_and_keeps_every_row(ray_session, tmp_path):  # noqa: F811
+def test_a_second_ctrl_c_quits_at_once_and_keeps_every_row(ray_session, tmp_path):
     job_file = write_job(tmp_path / "faults.yaml")
     out = tmp_path / "out"
     proc = kvray_cli("run", str(job_file), "--output", str(out), "--no-plots", "--address",
@@ -157,7 +156,7 @@ def test_a_second_ctrl_c_quits_at_once_and_keeps_every_row(ray_session, tmp_path
     assert len(ids) >= 2 and len(set(ids)) == len(ids)
 
 
-def test_disk_full_stops_with_one_line_and_the_rerun_resumes_without_duplicates(ray_session, tmp_path):  # noqa: F811
+def test_disk_full_stops_with_one_line_and_the_rerun_resumes_without_duplicates(ray_session, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
@@ -185,7 +184,7 @@ def test_disk_full_stops_with_one_line_and_the_rerun_resumes_without_duplicates(
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def test_an_edited_job_says_which_cells_are_new_and_gone(ray_session, tmp_path):  # noqa: F811
+def test_an_edited_job_says_which_cells_are_new_and_gone(ray_session, tmp_path):
     job_file = write_job(tmp_path / "faults.yaml", gen=2, **{"[8, 16, 32, 64]": "[8]", "[1, 2, 3]": "[1, 2]"})
     out = tmp_path / "out"
     args = [sys.executable, "-m", "kvray.cli", "run", str(job_file), "--output", str(out), "--no-plots",
@@ -348,7 +347,7 @@ def test_a_slow_server_is_measured_and_times_out_per_request_keeping_the_tokens_
         assert t.token_times_s[0] < SLOW_GAP_S  # kept with its arrival time
 
 
-def test_a_killed_collector_stops_the_sweep_with_one_line_and_the_rerun_completes_it(ray_session, tmp_path):  # noqa: F811
+def test_a_killed_collector_stops_the_sweep_with_one_line_and_the_rerun_completes_it(ray_session, tmp_path):
     """ray.kill of the collector (the one writer of the folder) mid-sweep: the sweep stops with CollectorLost
     saying so, no worker of it is left, cells.jsonl is whole lines with no cell twice, and a rerun completes
     the job with every planned cell exactly once."""
@@ -401,6 +400,7 @@ def test_a_killed_collector_stops_the_sweep_with_one_line_and_the_rerun_complete
     assert len(ids) == len(planned) == 12 and set(ids) == planned  # none lost, none twice
 
 
+@pytest.mark.integration
 def test_a_server_killed_mid_cell_ends_the_cell_with_the_reason_at_once(tmp_path):
     """kill -9 of a real ``transformers serve`` while a cell streams from it: every request in flight is an
     error saying the connection ended (not a wait for its 60 s timeout), and the cell ends within seconds."""

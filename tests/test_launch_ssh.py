@@ -48,7 +48,7 @@ VENV_BIN = Path(sys.executable).parent
 UP_LINE = re.compile(r"kvray: cluster (\S+) up in ([\d.]+) s \(([^)]*)\)")
 DECOY_MARK = "log_monitor.py"  # `ray stop` kills any process whose command line holds this (Ray's RAY_PROCESSES)
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 
 RELAY = """\
 # ssh's ProxyCommand: Ray's SSH runner has no port option, and sshd listens on a free port, not 22.

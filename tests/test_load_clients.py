@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from ray_fixtures import ray_session  # noqa: F401
 from servers_fixtures import PacedOpenAIServer
 
 from kvray.backends.arrivals import split_chains
@@ -147,7 +146,7 @@ def test_a_spread_cell_without_ray_joined_fails_saying_so(monkeypatch):
 # --- against the stub, on Ray ----------------------------------------------------------------------------------
 
 
-def test_two_client_actors_give_one_clients_latency_at_a_low_rate(backend, stub, tokenizer_dir, ray_session):  # noqa: F811
+def test_two_client_actors_give_one_clients_latency_at_a_low_rate(backend, stub, tokenizer_dir, ray_session):
     load = {"kind": "constant", "rate": RATE, "requests": N}
     one = run_cell(backend, cell_for(stub, tokenizer_dir, 1, load))
     two = run_cell(backend, cell_for(stub, tokenizer_dir, 2, load, warmup=1, repeats=1))
@@ -190,7 +189,7 @@ def test_two_client_actors_give_one_clients_latency_at_a_low_rate(backend, stub,
     assert "client_offset_s_max" not in one.metrics
 
 
-def test_merged_times_match_when_the_server_saw_each_request(backend, stub, tokenizer_dir, ray_session):  # noqa: F811
+def test_merged_times_match_when_the_server_saw_each_request(backend, stub, tokenizer_dir, ray_session):
     """The stub stamps each request as it reads it, on this process's monotonic clock; the merged traces, sent by two
     other processes, put each send at that moment (less the network) on the run's origin ``t0_s`` — one basis."""
     cell = cell_for(stub, tokenizer_dir, 2, {"kind": "constant", "rate": RATE, "requests": N})
@@ -205,7 +204,7 @@ def test_merged_times_match_when_the_server_saw_each_request(backend, stub, toke
         assert 0 <= at_server - at_client < 0.05, (at_server, at_client)
 
 
-def test_a_closed_loop_keeps_each_users_chain_in_one_client(backend, stub, tokenizer_dir, ray_session):  # noqa: F811
+def test_a_closed_loop_keeps_each_users_chain_in_one_client(backend, stub, tokenizer_dir, ray_session):
     """3 users × 3 requests over 2 clients: users 0 and 2 on client 0, user 1 on client 1; each next request is due
     the moment its predecessor's stream ended, read in the same process."""
     cell = cell_for(stub, tokenizer_dir, 2, {"kind": "closed", "requests": 9}, concurrency=3)

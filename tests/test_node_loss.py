@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_node_lost_mid_sweep_loses_no_row_and_its_cells_run_again_elsewhere(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out")], capture_output=True, text=True,
                           timeout=400)  # fmt: skip

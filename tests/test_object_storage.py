@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ray_fixtures import SIM_JOB, ray_session  # noqa: F401
+from ray_fixtures import SIM_JOB
 from storage_fixtures import BUCKET, S3, SECRET, free_port
 
 from kvray.data.store import load_dataset
@@ -53,7 +53,7 @@ def job_file(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_run_plot_report_round_trip_through_the_bucket(s3: S3, ray_session: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_run_plot_report_round_trip_through_the_bucket(s3: S3, ray_session: Any, tmp_path: Path) -> None:
     address = ray_session.get_runtime_context().gcs_address
     run = kvray(s3, "run", str(job_file(tmp_path, SIM_JOB)), "--output", f"s3://{BUCKET}/run1", "--address", address,
                 "--no-plots")  # fmt: skip
@@ -108,7 +108,7 @@ def test_compare_reads_two_bucket_folders(s3: S3, tmp_path: Path) -> None:
     assert list(s3.staging.iterdir()) == []
 
 
-def test_rows_reach_the_bucket_while_the_run_goes(s3: S3, ray_session: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_rows_reach_the_bucket_while_the_run_goes(s3: S3, ray_session: Any, tmp_path: Path) -> None:
     """The collector uploads after each parts flush: the bucket holds a loadable dataset before the run ends,
     and still does after the driver is killed (SIGKILL: no exit handler runs, only the collector's uploads)."""
     address = ray_session.get_runtime_context().gcs_address

@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-from ray_fixtures import ray_session  # noqa: F401
 from servers_fixtures import DOUBLE_GAP_S, FakeOpenAIServer, build_tiny_model_dir, start_transformers_serve
 
 from kvray.backends.hf import HFBackend
@@ -27,7 +26,7 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def transformers_server(model_dir):
     proc = start_transformers_serve(model_dir, continuous_batching=True)
     yield proc
     proc.stop()
@@ -45,8 +44,8 @@ def http_cell(model_dir, url, workload, warmup=1, repeats=1, **options):
                 repeats=repeats, options=make_options(base_url=url, **options))  # fmt: skip
 
 
-def test_streams_exact_counts_from_a_real_transformers_serve(backend, model_dir, server):
-    cell = http_cell(model_dir, server.base_url, Workload.uniform(4, 32, 16), repeats=2)
+def test_streams_exact_counts_from_a_real_transformers_serve(backend, model_dir, transformers_server):
+    cell = http_cell(model_dir, transformers_server.base_url, Workload.uniform(4, 32, 16), repeats=2)
     result = run_cell(backend, cell)
     assert result.status == "ok", result.reason
     assert result.extra["server_flavor"] == "transformers"  # probed: it rejects vLLM's fields with 422
@@ -62,13 +61,13 @@ def test_streams_exact_counts_from_a_real_transformers_serve(backend, model_dir,
 def test_two_client_actors_against_a_real_transformers_serve_count_every_token(
     backend,
     model_dir,
-    server,
-    ray_session,  # noqa: F811
+    transformers_server,
+    ray_session,
 ):
     """Issue #18 item 4 against a real model server: K = 2 Ray client actors share a burst of 4 requests; each
     request is answered once, with the exact token counts the server's usage reports, and the row says which
     client sent what."""
-    cell = http_cell(model_dir, server.base_url, Workload.uniform(4, 32, 12), warmup=1, repeats=1)
+    cell = http_cell(model_dir, transformers_server.base_url, Workload.uniform(4, 32, 12), warmup=1, repeats=1)
     from dataclasses import replace
 
     two = run_cell(backend, replace(cell, clients=2))
@@ -83,14 +82,16 @@ def test_two_client_actors_against_a_real_transformers_serve_count_every_token(
     assert row["client_offset_s_max"] <= row["client_rtt_s_max"] / 2 + 1e-6
 
 
-def test_a_closed_loop_over_http_sends_each_users_next_request_when_its_stream_ends(backend, model_dir, server):
+def test_a_closed_loop_over_http_sends_each_users_next_request_when_its_stream_ends(
+    backend, model_dir, transformers_server
+):
     """Issue #14: a closed loop against a real server — 2 users × 4 requests; each request is due the moment its
     user's previous stream ended and is sent then (the client's lag recorded), and only 2 are ever in flight."""
     from kvray.plan.loads import build_workload
     from kvray.spec import LoadSpec
 
     wl = build_workload(LoadSpec("closed", users=2, requests=8), 16, 6, slo={"e2e_ms": 60_000})
-    result = run_cell(backend, http_cell(model_dir, server.base_url, wl, warmup=0))
+    result = run_cell(backend, http_cell(model_dir, transformers_server.base_url, wl, warmup=0))
     assert result.status == "ok", result.reason
     traces = {t.request_id: t for t in result.traces}
     for r in wl.requests:
@@ -104,18 +105,20 @@ def test_a_closed_loop_over_http_sends_each_users_next_request_when_its_stream_e
     assert m["requests_steady"] == 4 and m["client_lag_s_n"] == 8 and m["slo_attainment"] == 1.0
 
 
-def test_chat_endpoint_counts_the_template_in_the_prompt(backend, model_dir, server):
-    cell = http_cell(model_dir, server.base_url, Workload.uniform(2, 24, 8), endpoint="chat")
+def test_chat_endpoint_counts_the_template_in_the_prompt(backend, model_dir, transformers_server):
+    cell = http_cell(model_dir, transformers_server.base_url, Workload.uniform(2, 24, 8), endpoint="chat")
     result = run_cell(backend, cell)
     assert result.status == "ok", result.reason
     assert [(t.prompt_toks, t.output_toks) for t in result.traces] == [(24, 8), (24, 8)]
 
 
-def test_token_counts_match_the_in_process_backends_and_timings_differ_by_http_only(backend, model_dir, server):
+def test_token_counts_match_the_in_process_backends_and_timings_differ_by_http_only(
+    backend, model_dir, transformers_server
+):
     """Same model, same workload: the server's usage equals what hf / hf-paged count in-process; the HTTP
     timings sit on the same engine cadence (measured ratios: benchmarks/http_vs_inprocess.py)."""
     workload = Workload.uniform(4, 32, 16)
-    http = run_cell(backend, http_cell(model_dir, server.base_url, workload, repeats=2))
+    http = run_cell(backend, http_cell(model_dir, transformers_server.base_url, workload, repeats=2))
     results = {"openai": http}
     for name, engine in (("hf", HFBackend()), ("hf-paged", HFPagedBackend())):
         cell = Cell(model=str(model_dir), workload=workload, backend=name, dtype="fp32", device="cpu", warmup=1,
@@ -160,20 +163,20 @@ def test_a_refused_connection_is_a_recorded_error_per_request(backend, model_dir
     assert all("connection refused" in (t.error or "") for t in result.traces)
 
 
-def test_a_request_past_its_timeout_is_a_recorded_error(backend, model_dir, server):
-    cell = http_cell(model_dir, server.base_url, Workload.uniform(2, 8, 100), warmup=0, timeout_s=0.05,
+def test_a_request_past_its_timeout_is_a_recorded_error(backend, model_dir, transformers_server):
+    cell = http_cell(model_dir, transformers_server.base_url, Workload.uniform(2, 8, 100), warmup=0, timeout_s=0.05,
                      server_flavor="transformers")  # fmt: skip
     result = run_cell(backend, cell)
     assert result.status == "error"
     assert all(t.status == "error" and t.error.startswith("timeout after 0.05 s") for t in result.traces)
 
 
-def test_a_real_http_error_status_is_recorded_with_the_servers_reason(backend, model_dir, server):
+def test_a_real_http_error_status_is_recorded_with_the_servers_reason(backend, model_dir, transformers_server):
     # transformers serve answers 422 to fields it does not know: a real error from a real server.
-    cell = http_cell(model_dir, server.base_url, Workload.uniform(1, 8, 4), warmup=0, server_flavor="vllm")
+    cell = http_cell(model_dir, transformers_server.base_url, Workload.uniform(1, 8, 4), warmup=0, server_flavor="vllm")
     trace = run_cell(backend, cell).traces[0]
     assert trace.status == "error" and trace.error.startswith("HTTP 422") and "ignore_eos" in trace.error
-    cell = http_cell(model_dir, server.base_url, Workload.uniform(1, 8, 4), warmup=0, server_flavor="transformers",
+    cell = http_cell(model_dir, transformers_server.base_url, Workload.uniform(1, 8, 4), warmup=0, server_flavor="transformers",
                      extra_body='{"kvray_bogus_field": 1}')  # fmt: skip
     trace = run_cell(backend, cell).traces[0]
     assert trace.status == "error" and "kvray_bogus_field" in trace.error
@@ -295,14 +298,16 @@ def test_chunks_that_retokenise_as_two_tokens_keep_the_streams_timing(backend, m
     assert row["rss_peak_bytes"] is None and row["baseline_bytes"] is None  # the client's RSS is not the server's
 
 
-def test_one_client_per_cell_with_connections_opened_before_the_clock(model_dir, server):
+def test_one_client_per_cell_with_connections_opened_before_the_clock(model_dir, transformers_server):
     """Warmup and measured repeats of a cell share one HTTP client; a new cell gets a new one."""
     b = OpenAIBackend()
     try:
-        first = run_cell(b, http_cell(model_dir, server.base_url, Workload.uniform(2, 8, 4), warmup=1, repeats=2))
+        first = run_cell(
+            b, http_cell(model_dir, transformers_server.base_url, Workload.uniform(2, 8, 4), warmup=1, repeats=2)
+        )
         assert first.status == "ok", first.reason
         assert b.session.clients_opened == 1
-        second = run_cell(b, http_cell(model_dir, server.base_url, Workload.uniform(3, 8, 4), warmup=0))
+        second = run_cell(b, http_cell(model_dir, transformers_server.base_url, Workload.uniform(3, 8, 4), warmup=0))
         assert second.status == "ok", second.reason
         assert b.session.clients_opened == 2
     finally:
@@ -332,9 +337,9 @@ def kvray(*args, env=None):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})  # fmt: skip
 
 
-def test_bench_measures_a_server_over_http_without_ray(model_dir, server, tmp_path):
+def test_bench_measures_a_server_over_http_without_ray(model_dir, transformers_server, tmp_path):
     out = tmp_path / "bench"
-    proc = kvray("bench", "--backend", "openai", "--base-url", server.base_url, "--api-key-env", "KVRAY_BENCH_KEY",
+    proc = kvray("bench", "--backend", "openai", "--base-url", transformers_server.base_url, "--api-key-env", "KVRAY_BENCH_KEY",
                  "--model", str(model_dir), "-c", "2", "--prompt-toks", "16", "--gen-toks", "6", "--repeats", "1",
                  "--output", str(out), "--json", env={"KVRAY_BENCH_KEY": "sk-never-stored-42"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -36,6 +36,15 @@ def test_space_separated_and_repeated_values(capsys):
     assert sorted({p["gen_toks"] for p in preds}) == [8, 16] and len(preds) == 6
 
 
+def test_a_numeric_list_never_swallows_the_positional_after_it(capsys):
+    """`--concurrency 1 2 MODEL`: the list ends at the first token that is not a number; MODEL is the model."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--concurrency", "1", "2", "gpt2", "--gen-toks", "8", "--json"])
+    assert exit_info.value.code == 0
+    preds = json.loads(capsys.readouterr().out)["predictions"]
+    assert sorted(p["concurrency"] for p in preds) == [1, 2] and {p["model"] for p in preds} == {"gpt2"}
+
+
 def test_predict_sweep_json_matches_the_predictor(kvray):
     out = kvray(
         "predict", "meta-llama/Meta-Llama-3-8B", "--gpu", "H100-SXM,L4",

@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import pytest
-from ray_fixtures import ray_session  # noqa: F401
 
 from kvray.backends.synthetic import SyntheticBackend
 from kvray.bench.runner import run_cell
@@ -212,7 +211,7 @@ def test_real_engines_serve_a_closed_loop_each_request_after_its_predecessor(tmp
     assert m["requests_steady"] == 4 and m["slo_attainment"] == 1.0 and m["achieved_rps"] > 0
 
 
-def test_a_job_with_loads_and_a_rate_search_runs_on_ray_and_every_probe_is_a_row(ray_session, tmp_path):  # noqa: F811
+def test_a_job_with_loads_and_a_rate_search_runs_on_ray_and_every_probe_is_a_row(ray_session, tmp_path):
     """The job path: a `load` per grid block (a closed-loop users sweep, Poisson rates and `auto`) through the
     Ray sweep; the search's probes land as rows of their own as they end, then the search's own row."""
     import pandas as pd

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_fixtures import ray_session  # noqa: F401
 from tiny_models import tiny_config, write_model_dir
 
 from kvray.data.store import CELLS_JSONL, read_results
@@ -44,7 +43,7 @@ def jsonl_ids(out: Path) -> list[str]:
     return [json.loads(line)["cell_id"] for line in lines if line.strip()]
 
 
-def test_four_gpus_every_cell_once_and_one_load_per_model_per_worker(ray_session, tmp_path):  # noqa: F811
+def test_four_gpus_every_cell_once_and_one_load_per_model_per_worker(ray_session, tmp_path):
     job = synthetic_job("four", models=("kvray/tiny-llama", "gpt2"), options={"ttft_s": 0.05, "tpot_s": 0.05})
     out = run_job(job, tmp_path / "out", progress=False)
     planned = {c.cell_id for c in plan_cells(job)}
@@ -75,7 +74,7 @@ def test_four_gpus_every_cell_once_and_one_load_per_model_per_worker(ray_session
         run_job(job, out, resume=False, progress=False)
 
 
-def test_oom_skips_only_cells_that_outgrow_it(ray_session, tmp_path):  # noqa: F811
+def test_oom_skips_only_cells_that_outgrow_it(ray_session, tmp_path):
     job = synthetic_job(
         "skips",
         workers=1,
@@ -93,13 +92,13 @@ def test_oom_skips_only_cells_that_outgrow_it(ray_session, tmp_path):  # noqa: F
     assert sum(r["status"] == "ok" for r in by_shape.values()) == 6
 
 
-def test_hardware_missing_from_the_cluster_is_an_input_error(ray_session, tmp_path):  # noqa: F811
+def test_hardware_missing_from_the_cluster_is_an_input_error(ray_session, tmp_path):
     job = synthetic_job("typed", hardware=["A100"])
     with pytest.raises(KvrayInputError, match=r"hardware A100 is not in this Ray cluster \(present: none\)"):
         run_job(job, tmp_path / "out", progress=False)
 
 
-def test_a_cell_past_its_timeout_is_an_error_and_the_worker_is_replaced(ray_session, tmp_path):  # noqa: F811
+def test_a_cell_past_its_timeout_is_an_error_and_the_worker_is_replaced(ray_session, tmp_path):
     job = synthetic_job(
         "slow",
         workers=1,
@@ -116,7 +115,7 @@ def test_a_cell_past_its_timeout_is_an_error_and_the_worker_is_replaced(ray_sess
     assert [w["ended"] for w in last_run(out)["workers"]] == ["replaced", "finished"]
 
 
-def test_killed_worker_is_replaced_and_no_row_is_lost_or_doubled(ray_session, tmp_path):  # noqa: F811
+def test_killed_worker_is_replaced_and_no_row_is_lost_or_doubled(ray_session, tmp_path):
     ray = ray_session
     job = synthetic_job(
         "kill",
@@ -159,7 +158,7 @@ def _run_catching(errors, job, out):
         errors.append(exc)
 
 
-def test_real_allocation_failure_is_an_oom_row_and_the_sweep_goes_on(ray_session, tmp_path):  # noqa: F811
+def test_real_allocation_failure_is_an_oom_row_and_the_sweep_goes_on(ray_session, tmp_path):
     # Eager attention materialises 8 × 4 heads × 4096² fp32 scores (2 GiB): beyond a 1 GiB address-space cap.
     model = write_model_dir(tmp_path / "opt-eager", tiny_config("opt", max_position_embeddings=8192,
                                                                  attn_implementation="eager"))  # fmt: skip
@@ -222,7 +221,7 @@ def kvray_cli(*args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "kvray.cli", *args], env=env, **kwargs)
 
 
-def test_killed_driver_then_resume_runs_only_the_missing_cells(ray_session, tmp_path):  # noqa: F811
+def test_killed_driver_then_resume_runs_only_the_missing_cells(ray_session, tmp_path):
     job_file = tmp_path / "resumable.yaml"
     job_file.write_text(textwrap.dedent(DRIVER_JOB))
     out = tmp_path / "out"

@@ -16,7 +16,6 @@ import time
 import types
 
 import pytest
-from ray_fixtures import ray_session  # noqa: F401
 
 from kvray.measure import telemetry as tel
 
@@ -165,7 +164,7 @@ def test_interval_option_checked():
             tel.interval_from_options({"telemetry_interval_s": bad})
 
 
-def test_a_sweep_leaves_cpu_samples_for_every_cell_on_the_traces_clock_and_a_fig10(ray_session, tmp_path):  # noqa: F811
+def test_a_sweep_leaves_cpu_samples_for_every_cell_on_the_traces_clock_and_a_fig10(ray_session, tmp_path):
     import pandas as pd
 
     from kvray.figures.timeline import figure_name

@@ -97,7 +97,7 @@ def cluster_run(tmp_path_factory):
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_tp4_worker_holds_four_gpus_of_one_node_of_the_right_type(cluster_run):
     nodes, tp4 = cluster_run["nodes"], cluster_run["results"]["tp4"]
     assert tp4["ok"], tp4
@@ -112,7 +112,7 @@ def test_tp4_worker_holds_four_gpus_of_one_node_of_the_right_type(cluster_run):
     assert tp4["pgs_left"] == []  # every placement group went back with its worker
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_mixed_tp1_and_tp8_sweep_finishes(cluster_run):
     nodes, mixed = cluster_run["nodes"], cluster_run["results"]["mixed"]
     assert mixed["ok"], mixed
@@ -125,7 +125,7 @@ def test_mixed_tp1_and_tp8_sweep_finishes(cluster_run):
     assert mixed["wall_s"] < 300  # not the 600 s start timeout: the TP 8 group got the node when it was freed
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_tp16_is_refused_before_the_run_naming_the_largest_node(cluster_run):
     tp16 = cluster_run["results"]["tp16"]
     assert not tp16["ok"] and tp16["rows"] == []

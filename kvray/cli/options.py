@@ -108,14 +108,21 @@ def expand_space_lists(command: Any, args: list[str]) -> list[str]:
     out: list[str] = []
     flag: str | None = None  # the list option whose values are being read
     given = 0  # values seen for it
+    taken: list[str] = []  # … and their tokens
     for tok in [*args, None]:
-        if flag is not None and tok is not None and (not tok.startswith("-") or re.fullmatch(r"-\d+(\.\d+)?", tok)):
+        if (
+            flag is not None
+            and tok is not None
+            and (not tok.startswith("-") or re.fullmatch(r"-\d+(\.\d+)?", tok))
+            and _fits(taken, tok)
+        ):
             out += [x for value in tok.split(",") if value for x in (flag, value)]
+            taken.append(tok)
             given += 1
             continue
         if flag is not None and not given:
             out.append(flag)  # a list flag without a value: click reports it
-        flag, given = None, 0
+        flag, given, taken = None, 0, []
         if tok is None:
             break
         name, eq, value = tok.partition("=")
@@ -123,10 +130,20 @@ def expand_space_lists(command: Any, args: list[str]) -> list[str]:
             flag = name
             if eq:
                 out += [x for v in value.split(",") if v for x in (flag, v)]
-                given = 1
+                given, taken = 1, [value]
             continue
         out.append(tok)
     return out
+
+
+NUMBERS = re.compile(r"-?\d+(\.\d+)?(,-?\d+(\.\d+)?)*,?")
+
+
+def _fits(taken: list[str], token: str) -> bool:
+    """Whether ``token`` continues a list flag whose values so far are ``taken``: a list that began with a number
+    ends at the first token that is not one (``--concurrency 1 2 MODEL`` leaves MODEL to the positional); a
+    list of words takes every token up to the next flag."""
+    return not taken or not NUMBERS.fullmatch(taken[0]) or bool(NUMBERS.fullmatch(token))
 
 
 class SpaceListCommand(typer.core.TyperCommand):
