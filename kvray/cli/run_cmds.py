@@ -54,11 +54,12 @@ def make_all_after_run(output_dir: str | Path, shown: str | None = None) -> None
 def run(
     job_file: Annotated[str, typer.Argument(help="job file, e.g. jobs/quickstart.yaml")],
     address: Annotated[
-        str, typer.Option(
+        str,
+        typer.Option(
             "--address",
             help="local (start Ray here) | auto (join this machine's) | ray://host:port | inprocess (no Ray: "
             "every cell in this process, one after another)",
-        )
+        ),
     ] = "local",
     output: Annotated[
         str | None,
