@@ -10,6 +10,7 @@ import json
 import sys
 
 import pytest
+from job_files import synthetic_job
 
 from kvray.data.store import CELLS_JSONL, read_results
 from kvray.errors import KvrayInputError
@@ -23,27 +24,12 @@ def no_ray(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
 
 
-def synthetic_job(name: str, **overrides):
-    spec = {
-        "name": name,
-        "models": ["kvray/tiny-llama"],
-        "backends": ["synthetic"],
-        "dtypes": ["fp32"],
-        "warmup": 0,
-        "repeats": 1,
-        "options": {"ttft_s": 0.02, "tpot_s": 0.005},
-        "grid": {"prompt_toks": [8, 16, 32], "gen_toks": [4], "concurrency": [1, 2, 4]},
-        **overrides,
-    }
-    return job_from_dict(spec)
-
-
 def jsonl_ids(out):
     return [json.loads(line)["cell_id"] for line in (out / CELLS_JSONL).read_bytes().splitlines() if line.strip()]
 
 
 def test_every_cell_once_one_model_load_and_resume_writes_nothing(tmp_path):
-    job = synthetic_job("inproc")
+    job = synthetic_job("inproc", options={"ttft_s": 0.02, "tpot_s": 0.005})
     out = run_job(job, tmp_path / "out", address="inprocess", progress=False)
     ids = jsonl_ids(out)
     assert len(ids) == len(set(ids)) == 9  # 3 prompt lengths × 3 concurrencies

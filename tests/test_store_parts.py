@@ -11,6 +11,7 @@ import json
 import threading
 
 import pytest
+from job_files import synthetic_job
 
 from kvray.backends import get_backend
 from kvray.bench.runner import run_cell
@@ -25,18 +26,14 @@ from kvray.data.store import (
     read_results,
 )
 from kvray.measure.trace import CellResult
-from kvray.plan.job import job_from_dict
 from kvray.plan.planner import plan_cells
 
 
 @pytest.fixture(scope="module")
 def results():
     """24 measured cells: 3 requests × 4 tokens each, one repeat."""
-    job = job_from_dict({
-        "name": "parts", "models": ["kvray/tiny-llama"], "backends": ["synthetic"], "dtypes": ["fp32"],
-        "warmup": 0, "repeats": 1, "options": {"ttft_s": 0.0, "tpot_s": 0.0},
-        "grid": {"prompt_toks": [8 + i for i in range(24)], "gen_toks": [4], "concurrency": [3]},
-    })  # fmt: skip
+    job = synthetic_job("parts", options={"ttft_s": 0.0, "tpot_s": 0.0},
+                        grid={"prompt_toks": [8 + i for i in range(24)], "gen_toks": [4], "concurrency": [3]})  # fmt: skip
     backend = get_backend("synthetic")
     return [run_cell(backend, cell) for cell in plan_cells(job)]
 

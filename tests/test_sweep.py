@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import job_files
 import pytest
 from tiny_models import tiny_config, write_model_dir
 
@@ -24,18 +25,7 @@ from kvray.sweep.workers import limit_memory
 
 
 def synthetic_job(name, models=("kvray/tiny-llama",), **overrides):
-    spec = {
-        "name": name,
-        "models": list(models),
-        "backends": ["synthetic"],
-        "dtypes": ["fp32"],
-        "warmup": 0,
-        "repeats": 1,
-        "options": {"ttft_s": 0.01, "tpot_s": 0.005},
-        "grid": {"prompt_toks": [8, 16, 32], "gen_toks": [4], "concurrency": [1, 2, 4]},
-        **overrides,
-    }
-    return job_from_dict(spec)
+    return job_files.synthetic_job(name, models=list(models), **overrides)
 
 
 def jsonl_ids(out: Path) -> list[str]:
