@@ -1,9 +1,8 @@
 """exp5 — serving load — on the simulator for three GPU types: the job, its rows, fig11/fig12 and the report's
 Serving section; and no serving figures for a folder without serving rows.
 
-The sweep runs in this process (the cells of ``exp5_job`` measured by the sim backend and written through the
-dataset writer, searches recorded probe by probe as the Ray worker records them): the simulator needs no
-device, so Ray would add only its start-up. Expected orderings come from the GPUs' published specs (H100-SXM
+The sweep runs in this process (``run_job(..., address="inprocess")``: the Ray sweep's planner, scheduler, worker
+and collector without Ray): the simulator needs no device, so Ray would add only its start-up. Expected orderings come from the GPUs' published specs (H100-SXM
 3.35 TB/s and 989 TFLOP/s bf16 > A100-80GB-SXM 2.04 TB/s, 312 > L4 0.3 TB/s, 121), not from the code under test.
 """
 
@@ -17,28 +16,17 @@ from pathlib import Path
 import pytest
 
 from kvray.plan.experiments import EXP5_GPUS, Common, exp5_job
+from kvray.sweep import run_job
 
 MODEL = "meta-llama/Meta-Llama-3-8B"
-
-
-def run_in_process(job, out: Path) -> None:
-    from kvray.backends.sim import SimBackend
-    from kvray.bench.runner import run_cell
-    from kvray.bench.saturation import is_search, run_search
-    from kvray.data.store import DatasetWriter
-    from kvray.plan.planner import plan_cells
-
-    writer, backend = DatasetWriter(out, tables=False), SimBackend()
-    for cell in plan_cells(job):
-        writer.append(run_search(backend, cell, writer.append) if is_search(cell) else run_cell(backend, cell))
-    writer.write_tables()
 
 
 @pytest.fixture(scope="module")
 def exp5_folder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exp5")
     common = Common(model=MODEL, backends=["sim"], warmup=0, repeats=1)
-    run_in_process(exp5_job(common, 256, 16, users=[1, 16], requests_per_user=4, requests=60), out)
+    job = exp5_job(common, 256, 16, users=[1, 16], requests_per_user=4, requests=60)
+    run_job(job, out, address="inprocess", progress=False)
     from kvray.report import make_all
 
     make_all(out)
@@ -127,8 +115,8 @@ def test_no_serving_rows_no_serving_figures_nor_section(tmp_path):
     from kvray.plan.experiments import exp1_job
     from kvray.report import make_all
 
-    run_in_process(exp1_job(Common(model=MODEL, backends=["sim"], hardware=["L4"], warmup=0, repeats=1), 128, 8,
-                            [1, 2]), tmp_path)  # fmt: skip
+    job = exp1_job(Common(model=MODEL, backends=["sim"], hardware=["L4"], warmup=0, repeats=1), 128, 8, [1, 2])
+    run_job(job, tmp_path, address="inprocess", progress=False)
     assert make_serving_figures(tmp_path) == []
     make_all(tmp_path)
     assert not (tmp_path / "figures" / "fig11_latency_vs_throughput.png").exists()
