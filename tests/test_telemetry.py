@@ -201,7 +201,7 @@ def test_a_sweep_leaves_cpu_samples_for_every_cell_on_the_traces_clock_and_a_fig
     assert f"--cell {slowest}" in paths.markdown.read_text()
 
 
-def test_the_simulator_predicts_energy_from_the_datasheet_tdp_flagged_predicted():
+def test_the_simulator_estimates_energy_as_tdp_times_time_named_as_such():
     from kvray.hardware.gpus import get_gpu
     from kvray.model.resolve import resolve_geometry
     from kvray.sim.simulate import predict_cell
@@ -209,10 +209,69 @@ def test_the_simulator_predicts_energy_from_the_datasheet_tdp_flagged_predicted(
     g = resolve_geometry("meta-llama/Meta-Llama-3-8B")
     p = predict_cell(g, "H100-SXM", concurrency=8, prompt_toks=512, gen_toks=64)
     assert get_gpu("H100-SXM").tdp_w == 700 and get_gpu("L4").tdp_w == 72  # the datasheets' maximum board power
-    assert p.predicted_power_w == 700
-    assert p.predicted_energy_j == pytest.approx(700 * p.e2e_s)  # the GPU at its TDP for the whole cell
-    assert p.predicted_j_per_output_tok == pytest.approx(700 * p.e2e_s / (8 * 64))
-    assert "energy_j" not in p.to_dict()  # predicted figures never take a measured column's name
+    assert p.tdp_power_w == 700
+    assert p.energy_j_tdp_estimate == pytest.approx(700 * p.e2e_s)  # the GPU at its TDP for the whole cell
+    assert p.j_per_output_tok_tdp_estimate == pytest.approx(700 * p.e2e_s / (8 * 64))
+    d = p.to_dict()
+    assert "energy_j" not in d and not any(k.startswith("predicted_") for k in d)  # never a measured name
+    p4 = predict_cell(resolve_geometry("meta-llama/Llama-3.1-70B"), "H100-SXM", 8, 512, 64, tp=4)
+    assert p4.tdp_power_w == 4 * 700 and p4.energy_j_tdp_estimate == pytest.approx(4 * 700 * p4.e2e_s)
+
+
+def fake_pynvml_group(power_w: tuple[float, ...], used_bytes: tuple[int, ...], start_mj: tuple[int, ...]
+                      ) -> types.ModuleType:  # fmt: skip
+    """A pynvml with one GPU per entry: GPU i draws ``power_w[i]`` from the moment the fake is created (its energy
+    counter, mJ, starts at ``start_mj[i]`` and grows at that rate) and holds ``used_bytes[i]`` of device memory."""
+    m = fake_pynvml()
+    born = time.perf_counter()
+    index = {f"handle{i}": i for i in range(len(power_w))}
+    m.nvmlDeviceGetCount = lambda: len(power_w)  # type: ignore[attr-defined]
+    m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=used_bytes[index[h]], total=80 * 2**30)  # type: ignore[attr-defined]
+    m.nvmlDeviceGetPowerUsage = lambda h: int(power_w[index[h]] * 1000)  # type: ignore[attr-defined]
+    m.nvmlDeviceGetTotalEnergyConsumption = lambda h: int(  # type: ignore[attr-defined]
+        start_mj[index[h]] + power_w[index[h]] * 1000 * (time.perf_counter() - born)
+    )
+    return m
+
+
+def test_nvml_contract_a_tp_group_is_metered_on_every_gpu_summed_with_the_per_gpu_figure_beside(monkeypatch):
+    """A TP=2 worker: two GPUs at 300 W and 200 W holding 30 and 20 GiB. By hand: the group draws 500 W, so over
+    a window of w seconds energy_j = 500·w, per GPU 250·w; memory 50 GiB in all, 30 GiB the most on one GPU.
+    The counters start at different values (7,000 J and 123,000 J since driver load): only increases count."""
+    from kvray.backends.base import BackendBase
+
+    gib = 2**30
+    fake = fake_pynvml_group((300.0, 200.0), (30 * gib, 20 * gib), (7_000_000, 123_000_000))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    class OnGpu(BackendBase):
+        name = "on-gpu"
+        device = "cuda:0"
+
+    sources = OnGpu().telemetry_sources(gpus=2)  # the backend contract names the whole group
+    assert sources.gpus == ("cuda:0", "cuda:1")
+    sources.cuda_context = False  # find the fake's handles by index, without torch
+    with tel.TelemetrySampler(sources, 0.05) as sampler:
+        sampler.mark(0)
+        time.sleep(0.5)
+    window_s = sampler.ticks[-1][0] - sampler.ticks[0][0]
+    f = sampler.figures(output_toks=1000, requests=10)
+    assert f["telemetry_gpus"] == 2
+    assert f["energy_j"] == pytest.approx(500 * window_s, rel=0.02)
+    assert f["energy_j_per_gpu"] == pytest.approx(250 * window_s, rel=0.02)
+    assert f["power_avg_w"] == pytest.approx(500, rel=0.02) and f["power_peak_w"] == 500
+    assert f["j_per_output_tok"] == pytest.approx(500 * window_s / 1000, rel=0.02)
+    assert f["gpu_mem_peak_bytes"] == 50 * gib and f["gpu_mem_peak_bytes_per_gpu_max"] == 30 * gib
+    assert "gpu:0, gpu:1" in f["energy_basis"]
+    sources = {s for _, _, s, m, _ in sampler.timeline({0: sampler.marks[0][0]}) if m == "energy_j"}
+    assert sources == {"gpu:0", "gpu:1"}
+
+
+def test_group_devices_are_the_workers_gpus_from_its_first():
+    assert tel.group_devices("cuda:0", 4) == ("cuda:0", "cuda:1", "cuda:2", "cuda:3")
+    assert tel.group_devices("cuda:2", 2) == ("cuda:2", "cuda:3") and tel.group_devices("cuda:1") == ("cuda:1",)
+    assert tel.group_devices("cpu", 4) == ()
 
 
 def test_hf_paged_engine_gauges_join_the_cpu_samples_on_the_traces_clock(tmp_path):

@@ -1,14 +1,22 @@
 """Fit the simulator's efficiencies to measured cells: η_compute, η_memory (and a per-layer overhead) per GPU.
 
 Every measured TTFT is one prefill pass and every measured TPOT the mean of the decode steps, so with
-x = 1/η_compute, y = 1/η_memory and z = layer overhead (s) each prediction is
+x = 1/η_compute, y = 1/η_memory and z = layer overhead (s) each prediction is the simulator's own pass time
+(kvray.sim.simulate ``PassRoofs``, costed the way the simulator costs it — one GPU's shard under tensor
+parallelism, plus its all-reduces):
 
-    pred = mean over passes of max(x · FLOPs/peak, y · bytes/bandwidth, z · layers)
+    pred = mean over passes of (max over the pass's pieces of (x, y, z) · piece + all-reduce seconds)
 
-which is linear in (x, y, z) once each pass is assigned its roof. The fit minimises the squared relative
-error Σ (pred/measured − 1)²: a coarse grid picks a start, then assignment and a non-negative least
-squares (numpy.linalg.lstsq over the active sets) alternate until the assignment stops changing. A roof
-that no pass hits is not identified by the data and keeps its default, unless that makes the fit worse.
+where the pieces are the roofline of the whole pass (x · FLOPs/peak, y · bytes/bandwidth, z · layers) and the
+rest of the pass on one roof followed by its decode attention on the other; each is linear in (x, y, z), so the prediction is too once
+each pass is assigned its piece. The fit minimises the squared relative error Σ (pred/measured − 1)²: a
+coarse grid picks a start, then assignment and a non-negative least squares (numpy.linalg.lstsq over the
+active sets) alternate until the assignment stops changing. A roof that no pass hits is not identified by the
+data and keeps its default, unless that makes the fit worse.
+
+Tensor parallelism: a row's passes are costed on one rank's geometry (kvray.model.parallel ``shard_geometry``)
+at its ``tensor_parallel`` degree with the all-reduces the simulator adds (they do not depend on η); an hf
+row spread layer-wise over its GPUs is costed as one GPU (kvray.analysis.views ``sharded_tensor_parallel``).
 
 Rows used: status ok, measured (not simulated, unless asked), on a GPU of kvray/hardware/gpus.py (or, with
 ``host`` — ``kvray calibrate --cpu-host`` — CPU rows against this machine's measured peaks, kvray/hardware/host.py),
@@ -31,16 +39,19 @@ from typing import Any
 
 import numpy as np
 
+from kvray.analysis.views import sharded_tensor_parallel
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, match_gpu
 from kvray.hardware.host import is_cpu_hardware
 from kvray.model.kvmath import normalize_dtype
+from kvray.model.parallel import shard_geometry
 from kvray.sim.simulate import (
     DEFAULT_ETA_COMPUTE,
     DEFAULT_ETA_MEMORY,
     batch_passes,
     calibration_path,
     load_calibration,
+    pass_roofs,
 )
 
 # The flat rows do not carry cell options, so sim rows (only with include_simulated) count as "hf".
@@ -53,14 +64,14 @@ ROOFS = ("compute", "memory", "overhead")
 
 @dataclass
 class Observation:
-    """One measured latency and the roofs of the passes it spans, at η = 1 (seconds)."""
+    """One measured latency and the passes it spans: each pass's pieces at η = 1 (kvray.sim.simulate
+    ``PassRoofs.pieces``: (compute, memory, overhead) coefficients) and its η-free all-reduce seconds."""
 
     row: int
     kind: str  # "ttft" | "tpot"
     measured_s: float
-    compute_s: np.ndarray
-    memory_s: np.ndarray
-    layers: int
+    pieces: np.ndarray  # (passes, pieces, 3)
+    fixed_s: np.ndarray  # (passes,)
 
 
 @dataclass
@@ -183,20 +194,27 @@ def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool =
         except KvrayInputError:
             skip("unknown dtype")
             continue
+        try:
+            tp = sharded_tensor_parallel(row)
+            shard = shard_geometry(g, tp)
+        except KvrayInputError:
+            skip("tensor_parallel not valid for the model")
+            continue
         prompts = _prompts(row)
         gen = int(row["gen_toks"])
-        passes = batch_passes(g, prompts, [gen] * len(prompts), dtype, kv_dtype, layout)
-        compute = np.array([p.flops / (gpu.tflops(dtype) * 1e12) for p in passes])
-        memory = np.array([p.bytes / (gpu.bandwidth_gbps * 1e9) for p in passes])
+        roofs = [pass_roofs(p, shard, gpu, dtype, tp)
+                 for p in batch_passes(shard, prompts, [gen] * len(prompts), dtype, kv_dtype, layout)]  # fmt: skip
+        pieces = np.array([r.pieces() for r in roofs])
+        fixed = np.array([r.allreduce_s for r in roofs])
         tpot = _finite(row.get("tpot_s_p50"))
         if tpot_only and (tpot is None or gen < 2):
             skip("TTFT not on the engine's clock (ttft_basis) and no TPOT")
             continue
         obs = groups.setdefault((gpu.name, layout), [])
         if not tpot_only:
-            obs.append(Observation(index, "ttft", ttft, compute[:1], memory[:1], g.num_layers))
+            obs.append(Observation(index, "ttft", ttft, pieces[:1], fixed[:1]))
         if tpot is not None and gen > 1:
-            obs.append(Observation(index, "tpot", tpot, compute[1:], memory[1:], g.num_layers))
+            obs.append(Observation(index, "tpot", tpot, pieces[1:], fixed[1:]))
     return groups, skipped
 
 
@@ -205,38 +223,49 @@ class _Problem:
 
     def __init__(self, obs: list[Observation]):
         self.obs = obs
-        self.a = np.concatenate([o.compute_s for o in obs])
-        self.b = np.concatenate([o.memory_s for o in obs])
-        self.c = np.concatenate([np.full(len(o.compute_s), float(o.layers)) for o in obs])
-        self.idx = np.concatenate([np.full(len(o.compute_s), i) for i, o in enumerate(obs)])
-        self.n = np.array([len(o.compute_s) for o in obs], dtype=float)
+        self.p = np.concatenate([o.pieces for o in obs])  # (passes, pieces, 3)
+        self.f = np.concatenate([o.fixed_s for o in obs])
+        self.idx = np.concatenate([np.full(len(o.fixed_s), i) for i, o in enumerate(obs)])
+        self.n = np.array([len(o.fixed_s) for o in obs], dtype=float)
         self.t = np.array([o.measured_s for o in obs])
+        self.fixed = np.bincount(self.idx, weights=self.f, minlength=len(obs)) / self.n  # per observation
+
+    @property
+    def passes(self) -> int:
+        return len(self.f)
 
     def predict(self, theta: np.ndarray) -> np.ndarray:
-        x, y, z = theta
-        per_pass = np.maximum(np.maximum(self.a * x, self.b * y), self.c * z)
-        return np.bincount(self.idx, weights=per_pass, minlength=len(self.obs)) / self.n
+        per_pass = (self.p @ theta).max(axis=1)
+        return np.bincount(self.idx, weights=per_pass, minlength=len(self.obs)) / self.n + self.fixed
 
     def loss(self, theta: np.ndarray) -> float:
         return float(np.sum((self.predict(theta) / self.t - 1.0) ** 2))
 
     def assignment(self, theta: np.ndarray) -> np.ndarray:
-        x, y, z = theta
-        return np.argmax(np.stack([self.a * x, self.b * y, self.c * z]), axis=0)
+        """Per pass, the piece that sets its time."""
+        return np.argmax(self.p @ theta, axis=1)
+
+    def alone(self, roof: int) -> np.ndarray:
+        """Per pass, the piece of ``roof`` alone (pieces 0, 1, 2: the whole pass's compute, memory, overhead)."""
+        return np.full(self.passes, roof)
 
     def features(self, assign: np.ndarray) -> np.ndarray:
-        """Per observation, mean over its passes of each roof's coefficient where that roof is assigned."""
-        cols = []
-        for k, coef in enumerate((self.a, self.b, self.c)):
-            w = np.where(assign == k, coef, 0.0)
-            cols.append(np.bincount(self.idx, weights=w, minlength=len(self.obs)) / self.n)
+        """Per observation, mean over its passes of the assigned piece's (compute, memory, overhead) coefficients."""
+        chosen = self.p[np.arange(self.passes), assign]  # (passes, 3)
+        cols = [np.bincount(self.idx, weights=chosen[:, k], minlength=len(self.obs)) / self.n for k in range(3)]
         return np.stack(cols, axis=1)
 
+    def active(self, assign: np.ndarray) -> list[int]:
+        """The roofs (0 compute, 1 memory, 2 overhead) some assigned piece uses."""
+        chosen = self.p[np.arange(self.passes), assign]
+        return [k for k in range(3) if np.any(chosen[:, k] > 0)]
 
-def _nonneg_lstsq(features: np.ndarray, t: np.ndarray, active: list[int]) -> np.ndarray | None:
-    """min Σ((f·θ)/t − 1)² with θ ≥ 0 over the ``active`` columns, by trying every subset of them."""
+
+def _nonneg_lstsq(features: np.ndarray, t: np.ndarray, active: list[int], fixed: np.ndarray | None = None
+                  ) -> np.ndarray | None:  # fmt: skip
+    """min Σ((f·θ + fixed)/t − 1)² with θ ≥ 0 over the ``active`` columns, by trying every subset of them."""
     design = features / t[:, None]
-    target = np.ones(len(t))
+    target = np.ones(len(t)) - (fixed / t if fixed is not None else 0.0)
     best, best_res = None, math.inf
     for r in range(1, len(active) + 1):
         for cols in itertools.combinations(active, r):
@@ -256,12 +285,12 @@ def _descend(problem: _Problem, theta: np.ndarray) -> tuple[np.ndarray, float]:
     loss = problem.loss(theta)
     for _ in range(50):
         assign = problem.assignment(theta)
-        active = [k for k in range(3) if np.any(assign == k)]
-        candidate = _nonneg_lstsq(problem.features(assign), problem.t, active)
+        active = problem.active(assign)
+        candidate = _nonneg_lstsq(problem.features(assign), problem.t, active, problem.fixed)
         if candidate is None:
             break
         for k in range(3):  # an inactive roof keeps its value: it still bounds the passes from below
-            if k not in active:
+            if k not in active or (k < 2 and candidate[k] <= 0):  # and 1/η is never 0: a dropped η stays too
                 candidate[k] = theta[k]
         new_loss = problem.loss(candidate)
         if new_loss >= loss - 1e-15:
@@ -278,7 +307,7 @@ def fit_group(obs: list[Observation]) -> tuple[np.ndarray, dict[str, bool]]:
     # The alternation below is a local search: a grid point between roofs can settle on the wrong one (a flat
     # 12 ms step read as a slow memory roof). So it also starts from each roof alone, the others out of the way.
     for k in range(3):
-        alone = _nonneg_lstsq(problem.features(np.full(len(problem.a), k)), problem.t, [k])
+        alone = _nonneg_lstsq(problem.features(problem.alone(k)), problem.t, [k], problem.fixed)
         if alone is not None:
             out_of_way = np.array([1 / ETA_GRID[-1], 1 / ETA_GRID[-1], 0.0])
             out_of_way[k] = alone[k]
@@ -286,8 +315,8 @@ def fit_group(obs: list[Observation]) -> tuple[np.ndarray, dict[str, bool]]:
     descents = [_descend(problem, start) for start in starts]
     best = min(loss for _, loss in descents)  # ties (an exact fit found twice) go to the grid's start
     theta, loss = next((t, loss) for t, loss in descents if loss <= best * (1 + 1e-9) + 1e-15)
-    assign = problem.assignment(theta)
-    identified = {roof: bool(np.any(assign == k)) for k, roof in enumerate(ROOFS)}
+    active = problem.active(problem.assignment(theta))
+    identified = {roof: k in active for k, roof in enumerate(ROOFS)}
     defaults = (1 / DEFAULT_ETA_COMPUTE, 1 / DEFAULT_ETA_MEMORY, 0.0)
     for k, roof in enumerate(ROOFS):
         if not identified[roof]:

@@ -47,6 +47,7 @@ from kvray.analysis.views import (
     ok_rows,
     oom_rows,
     partial_rows,
+    sharded_tensor_parallel,
     simulated_mask,
     split_series,
     sweep_series,
@@ -241,7 +242,11 @@ def _tpot_warning(view: View, label: str, low: Any, high: Any) -> Finding:
 
 
 def roofline_floors(view: View) -> list[Finding]:
-    """Measured GPU cells faster than their GPU's roofline at 100 % of peak: impossible for one token per step."""
+    """Measured GPU cells faster than their GPU's roofline at 100 % of peak: impossible for one token per step.
+
+    The floor is one GPU's of the row's TP group (``sharded_tensor_parallel``): its shard of the weights and of
+    the KV read per step at the GPU's peak bandwidth and FLOP/s, no all-reduce (its latency is an estimate, not a
+    bound). A layer-wise hf row reads every weight in turn, so its floor is one GPU's with all of them."""
     from kvray.hardware.gpus import match_gpu
     from kvray.model.resolve import resolve_geometry
     from kvray.sim.simulate import Efficiency, predict_cell
@@ -258,8 +263,9 @@ def roofline_floors(view: View) -> list[Finding]:
             g = resolve_geometry(str(r["model"]))
             # One request alone is the floor for any scheduler: a step reads the weights at least once, a
             # prefill computes at least its own prompt.
+            tp = sharded_tensor_parallel(r)
             floor = predict_cell(g, gpu, 1, int(r["prompt_toks"]), int(r["gen_toks"]), str(r["dtype"]),
-                                 str(r["kv_dtype"]), eff=floor_eff)  # fmt: skip
+                                 str(r["kv_dtype"]), eff=floor_eff, tp=tp, communication=False)  # fmt: skip
         except Exception:  # a model kvray cannot resolve, a dtype the table lacks: no floor to compare with
             continue
         for metric, name, bound in (("tpot_s_p50", "TPOT p50", floor.tpot_s), ("ttft_s_p50", "TTFT p50", floor.ttft_s)):
@@ -268,10 +274,11 @@ def roofline_floors(view: View) -> list[Finding]:
                 continue
             values = {"check": "below_roofline_floor", "cell_ids": [str(r["cell_id"])],
                       "suspect_cell_id": str(r["cell_id"]), "metric": metric, "measured_s": measured,
-                      "floor_s": bound, "gpu": gpu.name}  # fmt: skip
+                      "floor_s": bound, "gpu": gpu.name, "tensor_parallel": tp}  # fmt: skip
             text = (
                 f"{view.series_label(r)} c={int(r['concurrency'])} × prompt {int(r['prompt_toks'])}: {name} "
-                f"{human_seconds(measured)} is below the roofline floor of {gpu.name} ({human_seconds(bound)}: one "
+                f"{human_seconds(measured)} is below the roofline floor of {gpu.name}"
+                f"{f' per GPU of TP {tp}' if tp > 1 else ''} ({human_seconds(bound)}: one "
                 "request at 100 % of peak bandwidth and FLOP/s) — impossible for one token per step; check the "
                 "hardware the row names, the clock, or whether the engine decodes several tokens per step "
                 "(speculative decoding) or served from a cache"

@@ -18,6 +18,7 @@ from kvray.data.store import LABEL_COLUMNS, MEMORY_COLUMNS, TEXT_COLUMNS
 from kvray.measure.metrics import LATENCY_METRICS
 from kvray.measure.trace import MEASURED_STATUSES
 
+ENERGY_TDP_ESTIMATE = "TDP × time estimate"  # the simulator's energy: the GPUs at TDP for the predicted time
 OOM_STATUSES = ("oom", "skipped_after_oom", "refused")
 OOM_LABELS = {"oom": "OOM", "skipped_after_oom": "skipped after OOM", "refused": "refused (predicted OOM)"}
 # Columns a series is told apart by, in label order; hardware is shown by its short GPU name.
@@ -94,6 +95,20 @@ def simulated_mask(rows: Any) -> Any:
     return rows["simulated"].fillna(False).astype(bool)
 
 
+# Backends whose ``tensor_parallel`` > 1 places whole layers over the GPUs (transformers' device_map): one GPU
+# computes at a time and a step reads every weight once, as on one GPU — costed as TP 1, no all-reduce.
+LAYER_WISE_BACKENDS = ("hf", "hf-paged")
+
+
+def sharded_tensor_parallel(row: Any) -> int:
+    """The TP degree a row's passes are costed at: the row's ``tensor_parallel`` (1 when absent), but 1 for a
+    backend that spreads layers instead of splitting them (``LAYER_WISE_BACKENDS``)."""
+    tp = as_number(row.get("tensor_parallel")) if hasattr(row, "get") else None
+    if tp is None or tp < 1 or str(row.get("backend")) in LAYER_WISE_BACKENDS:
+        return 1
+    return int(tp)
+
+
 @dataclass
 class View:
     """The cells table made uniform (every expected column present, experiment inferred) plus traces."""
@@ -153,17 +168,25 @@ def _fmt_key(key: str, value: Any) -> str:
     return _KEY_LABELS.get(key, str)(value)
 
 
-def tokens_per_joule(rows: Any) -> tuple[Any, Any]:
-    """(output tokens per joule, whether it is predicted) per row: measured ``tok_per_s_per_w`` (tokens/s per W
-    is tokens per J) where the cell has energy, else 1 / the simulator's ``predicted_j_per_output_tok``."""
+def tokens_per_joule(rows: Any, kind: str | None = None) -> tuple[Any, str | None]:
+    """(output tokens per joule per row, which kind) for one axis: measured energy and the simulator's estimate
+    never share one.
+
+    "measured": ``tok_per_s_per_w`` (tokens/s per W is tokens per J, kvray/measure/telemetry.py); rows without it
+    stay NaN, never filled with an estimate. ``ENERGY_TDP_ESTIMATE``: 1 / the simulator's
+    ``j_per_output_tok_tdp_estimate`` (``predicted_j_per_output_tok`` in datasets written before the rename).
+    ``kind`` None picks measured when any row has it, else the estimate when any row has that, else None; a
+    figure picks once over all its rows and passes the kind to each series."""
     import pandas as pd
 
     def column(name: str) -> Any:
         return pd.to_numeric(rows[name], errors="coerce") if name in rows else pd.Series(math.nan, index=rows.index)
 
     measured = column("tok_per_s_per_w")
-    predicted = 1.0 / column("predicted_j_per_output_tok")
-    return measured.fillna(predicted), measured.isna() & predicted.notna()
+    estimate = 1.0 / column("j_per_output_tok_tdp_estimate").fillna(column("predicted_j_per_output_tok"))
+    if kind is None:
+        kind = "measured" if measured.notna().any() else ENERGY_TDP_ESTIMATE if estimate.notna().any() else None
+    return (estimate if kind == ENERGY_TDP_ESTIMATE else measured), kind
 
 
 def prepare(cells: Any, traces: Any = None) -> View:

@@ -96,7 +96,7 @@ class Backend(Protocol):
 
     def memory_scope(self) -> str: ...
 
-    def telemetry_sources(self) -> Any: ...
+    def telemetry_sources(self, gpus: int = 1) -> Any: ...
 
     def device_info(self) -> dict[str, Any]: ...
 
@@ -183,13 +183,12 @@ class BackendBase:
                                       "prefix_cache_hits", "prefix_cache_queries", "prompt_tokens",
                                       "generation_tokens")  # fmt: skip
 
-    def telemetry_sources(self) -> Any:
+    def telemetry_sources(self, gpus: int = 1) -> Any:
         """What a cell's telemetry samples (``kvray.measure.telemetry.TelemetrySources``): by default this
-        process's tree and, on a GPU, ``device`` through NVML."""
-        from kvray.measure.telemetry import TelemetrySources
+        process's tree and, on a GPU, the ``gpus`` GPUs of the cell's group from ``device`` on, through NVML."""
+        from kvray.measure.telemetry import TelemetrySources, group_devices
 
-        device = self.device or "cpu"
-        return TelemetrySources(gpus=(device,) if device.startswith("cuda") else ())
+        return TelemetrySources(gpus=group_devices(self.device or "cpu", gpus))
 
     def device_info(self) -> dict[str, Any]:
         """Hardware identity: {"name": …, "memory_bytes": …, "driver": …} or {"name": "cpu"}."""

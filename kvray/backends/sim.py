@@ -23,8 +23,9 @@ engine, vLLM's engine arguments ``max_num_seqs`` (256), ``max_num_batched_tokens
 and ``prefix_caching`` (true, as vLLM V1). The continuous engine serves ``layout: paged``, every load but a burst and
 every workload with shared prefixes; its prefix-cache hits go through the same account as vLLM's
 (kvray/backends/kv_reuse.py), so a row's ``prefix_cache_hit_rate`` (simulated) sits beside its prediction.
-Every row carries ``predicted_energy_j``, ``predicted_power_w`` and ``predicted_j_per_output_tok``: the GPU(s) at
-TDP for the whole run (kvray/sim/simulate.py ``predicted_energy``), an upper bound, never a reading.
+Every row carries ``energy_j_tdp_estimate``, ``tdp_power_w`` and ``j_per_output_tok_tdp_estimate``: the GPU(s) at
+TDP for the whole run (kvray/sim/simulate.py ``tdp_energy_estimate``) — a TDP × time estimate, neither a reading
+nor a bound.
 """
 
 from __future__ import annotations
@@ -300,11 +301,11 @@ class SimBackend(BackendBase):
 
 
 def _energy(gpu: GpuSpec, traces: Sequence[RunTrace], tp: int) -> dict[str, Any]:
-    """The run's predicted energy: ``tp`` GPUs at TDP from the first arrival to the last token (an upper bound)."""
-    from kvray.sim.simulate import predicted_energy
+    """The run's TDP × time estimate: ``tp`` GPUs at TDP from the first arrival to the last token."""
+    from kvray.sim.simulate import tdp_energy_estimate
 
     busy = max(t.end_s for t in traces) - min(t.arrival_s for t in traces) if traces else 0.0
-    return predicted_energy(gpu, busy, sum(t.output_toks for t in traces), tp)
+    return tdp_energy_estimate(gpu, busy, sum(t.output_toks for t in traces), tp)
 
 
 def _traces(requests: Sequence[RequestSpec], timings: Sequence[RequestTiming | ServedRequest],

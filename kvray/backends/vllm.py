@@ -363,11 +363,12 @@ class VLLMBackend(BackendBase):
 
         return ServerMemoryTracker(lambda: self.server.pids() if self.server is not None else [], self.device)
 
-    def telemetry_sources(self) -> Any:
-        """The server's process tree and, on a GPU, its device through NVML alone (no CUDA context here)."""
-        from kvray.measure.telemetry import TelemetrySources
+    def telemetry_sources(self, gpus: int = 1) -> Any:
+        """The server's process tree and, on a GPU, every GPU of its TP group through NVML alone (no CUDA context
+        here)."""
+        from kvray.measure.telemetry import TelemetrySources, group_devices
 
-        return TelemetrySources(gpus=(self.device,) if self.device.startswith("cuda") else (), cuda_context=False,
+        return TelemetrySources(gpus=group_devices(self.device, gpus), cuda_context=False,
                                 pids=lambda: self.server.pids() if self.server is not None else [],
                                 scope=self.memory_scope())  # fmt: skip
 

@@ -27,6 +27,7 @@ class CellTelemetry:
 
     def __init__(self, backend: Backend, cell: Cell):
         self.backend = backend
+        self.gpus = cell.tensor_parallel  # a TP group's worker: every one of its GPUs is metered
         self.interval_s = tel.interval_from_options(cell.option_dict)
         self.sampler: tel.TelemetrySampler | None = None
         self.reason: str | None = None
@@ -38,7 +39,7 @@ class CellTelemetry:
     def __enter__(self) -> CellTelemetry:
         if self.reason is None:
             try:
-                sources = self.backend.telemetry_sources()
+                sources = self.backend.telemetry_sources(gpus=self.gpus)
                 self.sampler = tel.TelemetrySampler(sources, self.interval_s).__enter__()
             except Exception as exc:  # telemetry is a view of the run, never a reason to lose it
                 self.sampler, self.reason = None, f"telemetry could not start: {first_line(exc)}"

@@ -1,5 +1,6 @@
 """fig6: the same cells on each GPU type — output throughput, E2E p50, throughput per GiB of KV cache and, where
-energy exists (measured, or the simulator's TDP-bound prediction), output tokens per joule.
+energy exists, output tokens per joule: measured where any cell measured it, else the simulator's TDP × time
+estimate, never both on one axis.
 
 A cell shape (experiment, model, backend, dtypes, workload, lengths) run on at least two hardware types is
 one group of bars, a bar per GPU type; a cell that did not fit that GPU is an OOM label where its bar would be,
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kvray.analysis.views import OOM_STATUSES, View, ok_rows, tokens_per_joule
+from kvray.analysis.views import ENERGY_TDP_ESTIMATE, OOM_STATUSES, View, ok_rows, tokens_per_joule
 from kvray.figures import common, style
 from kvray.figures.common import FigureResult
 from kvray.measure.trace import MEASURED_STATUSES
@@ -29,8 +30,8 @@ PANELS = (
     ("e2e_s_p50", "E2E p50 (s)", "(b) end-to-end latency p50"),
     ("_tps_per_gib", "tokens/s per GiB of KV", "(c) throughput per GiB of KV cache"),
 )
-# drawn only when some cell has energy: measured (tok_per_s_per_w, kvray/measure/telemetry.py) or the simulator's
-# TDP-bound prediction (1 / predicted_j_per_output_tok), the predicted bars hatched
+# drawn only when some cell has energy: measured (tok_per_s_per_w, kvray/measure/telemetry.py) when any cell has it,
+# else the simulator's TDP × time estimate (1 / j_per_output_tok_tdp_estimate), titled as such
 ENERGY_PANEL = ("_tok_per_j", "output tokens per joule", "(d) energy efficiency")
 PREDICTED_HATCH = "//"  # panel (c) bars whose KV is kvray's prediction (no measured KV in that cell)
 PARTIAL_HATCH = "xx"  # a partly failed cell: its figures count the successful requests only
@@ -75,12 +76,18 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
             )
         return d.result
     sub = keyed[keyed["_shape"].isin(shared)]
-    tok_per_j, energy_predicted = tokens_per_joule(sub)
-    panels = PANELS + ((ENERGY_PANEL,) if tok_per_j.notna().any() else ())
+    tok_per_j, energy_kind = tokens_per_joule(sub)
+    estimate = energy_kind == ENERGY_TDP_ESTIMATE
+    energy_panel = (
+        "_tok_per_j",
+        f"output tokens per joule ({energy_kind})",
+        "(d) energy: TDP × time estimate (simulator), not measured" if estimate else ENERGY_PANEL[2],
+    )
+    panels = PANELS + ((energy_panel,) if energy_kind is not None else ())
     with common.new_figure("fig6_cross_hardware", out_dir, len(panels), 1, figsize=(7.0, 3.0 * len(panels)),
                            title=heading) as d:  # fmt: skip
         axes, result = d.axes, d.result
-        sub = sub.assign(_tok_per_j=tok_per_j, _energy_predicted=energy_predicted)
+        sub = sub.assign(_tok_per_j=tok_per_j)
         first = sub.sort_values(["experiment", "concurrency", "prompt_toks"]).drop_duplicates("_shape")
         order = first["_shape"].tolist()
         if len(order) > MAX_SHAPES:
@@ -97,9 +104,8 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
         ran = sub[sub["status"].isin(MEASURED_STATUSES)]
         basis = _kv_basis(ran["_kv_predicted"])
         for ax, (col, ylabel, title) in zip(axes, panels, strict=True):
-            predicted = {"_tps_per_gib": "_kv_predicted", "_tok_per_j": "_energy_predicted"}.get(col)
-            mark = (col == "_tps_per_gib" and "hatched" in basis) or col == "_tok_per_j"
-            ooms, partial = _bars(ax, sub, order, hw_here, col, ylabel, predicted_col=predicted if mark else None)
+            mark = col == "_tps_per_gib" and "hatched" in basis
+            ooms, partial = _bars(ax, sub, order, hw_here, col, ylabel, predicted_col="_kv_predicted" if mark else None)
             if ax is axes[0]:
                 result.oom_markers += ooms
                 result.partial_markers += partial
@@ -113,9 +119,12 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
         if kv.isna().all():
             result.notes.append("panel (c) needs kv_measured_bytes or kv_predicted_bytes: not in the dataset")
         result.notes.append(f"panel (c) per GiB (2^30 bytes) of {basis}; OOM: the cell did not fit that GPU")
-        if len(panels) > len(PANELS):
-            result.notes.append("panel (d): measured energy (NVML counter / RAPL) where a cell has it; hatched //: "
-                                "the simulator's prediction at TDP for the whole run (an upper bound)")  # fmt: skip
+        if estimate:
+            result.notes.append("panel (d): no cell measured energy; the simulator's TDP × time estimate (the GPUs "
+                                "at datasheet TDP for the predicted run: an estimate, not a bound)")  # fmt: skip
+        elif energy_kind is not None:
+            result.notes.append("panel (d): measured energy (NVML counter / RAPL), summed over each cell's GPUs; "
+                                "cells without a reading have no bar (no estimate is mixed in)")  # fmt: skip
         if result.partial_markers:
             result.notes.append("hatched xx: partial cell, some requests failed (successful requests only)")
     return result

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kvray.analysis.views import (
+    ENERGY_TDP_ESTIMATE,
     Series,
     View,
     experiment_rows,
@@ -28,7 +29,7 @@ from kvray.figures.common import FigureResult
 def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
     rows = experiment_rows(view, "exp1")
     heading = ("fig2 · Throughput and per-token latency vs concurrency", view.context(rows))
-    energy = tokens_per_joule(ok_rows(rows))[0].notna().any() if len(rows) else False
+    energy = tokens_per_joule(ok_rows(rows))[1] if len(rows) else None  # one kind for the whole panel
     panels = 3 if energy else 2
     with common.new_figure("fig2_tps_vs_concurrency", out_dir, 1, panels, figsize=(4.75 * panels, 4.0),
                            title=heading) as d:  # fmt: skip
@@ -71,30 +72,34 @@ def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
         if with_ci:
             result.notes.append("light wide bars: 95 % interval of the mean over repeats (Student's t)")
         if energy:
-            _energy_panel(d.axes[2], series)
-            result.notes.append("(c) measured energy (NVML counter / RAPL) as filled markers; the simulator's "
-                                "prediction at TDP (an upper bound) as hollow ones")  # fmt: skip
+            _energy_panel(d.axes[2], series, energy)
+            result.notes.append("(c) the simulator's TDP × time estimate (no cell measured energy): the GPUs at "
+                                "datasheet TDP for the predicted run, an estimate, not a bound"
+                                if energy == ENERGY_TDP_ESTIMATE else
+                                "(c) measured energy (NVML counter / RAPL, summed over each cell's GPUs); cells "
+                                "without a reading are left out, never filled with an estimate")  # fmt: skip
         result.notes += common.caption_notes(rows)
     return result
 
 
-def _energy_panel(ax: Any, series: list[Series]) -> None:
-    """(c) output tokens per joule vs concurrency: measured where a cell has energy, else predicted (hollow)."""
+def _energy_panel(ax: Any, series: list[Series], kind: str) -> None:
+    """(c) output tokens per joule vs concurrency, of one ``kind`` (measured, or the TDP × time estimate, hollow
+    markers and a dashed line): the two never share the axis."""
     xs: list[float] = []
+    hollow = kind == ENERGY_TDP_ESTIMATE
     for s in series:
         ok = ok_rows(s.rows)
-        per_j, predicted = tokens_per_joule(ok)
-        pts = ok.assign(_per_j=per_j, _pred=predicted).dropna(subset=["_per_j"]).sort_values("concurrency")
-        for hollow, part in pts.groupby("_pred"):
-            face = "none" if hollow else style.color(s.color_index)
-            ax.plot(part["concurrency"].astype(float), part["_per_j"].astype(float), color=style.color(s.color_index),
-                    marker=style.marker(s.color_index), markerfacecolor=face,
-                    linestyle="--" if hollow else "-", gid=f"tok-per-j-{s.color_index}")  # fmt: skip
+        per_j, _ = tokens_per_joule(ok, kind)
+        pts = ok.assign(_per_j=per_j).dropna(subset=["_per_j"]).sort_values("concurrency")
+        face = "none" if hollow else style.color(s.color_index)
+        ax.plot(pts["concurrency"].astype(float), pts["_per_j"].astype(float), color=style.color(s.color_index),
+                marker=style.marker(s.color_index), markerfacecolor=face,
+                linestyle="--" if hollow else "-", gid=f"tok-per-j-{s.color_index}")  # fmt: skip
         xs += pts["concurrency"].astype(float).tolist()
     common.log2_axis(ax, sorted(set(xs)), "concurrent requests (log scale)")
-    ax.set_ylabel("output tokens per joule")
+    ax.set_ylabel(f"output tokens per joule ({kind})")
     ax.set_ylim(bottom=0)
-    ax.set_title("(c) energy efficiency")
+    ax.set_title("(c) energy: TDP × time estimate, not measured" if hollow else "(c) energy efficiency (measured)")
 
 
 def _throughput_interval(ax: Any, s: Series) -> bool:

@@ -20,7 +20,9 @@ since that repeat's t0 — the backend's own t0 (``BackendRun.t0_s``, the origin
 one, else the mark — so a sample at t_s and a token at t_s happened at the same moment.
 
 ``figures`` gives the cell's energy columns (docs/metrics.md, "Energy and telemetry"): a reading or NaN with a
-reason, never an estimate.
+reason, never an estimate. A worker with several GPUs (a tensor-parallel group: ``group_devices``) is metered on
+every one of them: ``energy_j`` and ``gpu_mem_peak_bytes`` are the group's totals, ``energy_j_per_gpu`` and
+``gpu_mem_peak_bytes_per_gpu_max`` the per-GPU figures beside them, ``telemetry_gpus`` how many GPUs were read.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ TIME_KEYS = ("repeat", "t_s", "sent_s", "rtt_s")  # keys of an engine point that
 THROTTLE_BITS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal",
                  0x80: "hw_power_brake"}  # fmt: skip
 
-ENERGY_COLUMNS = ("energy_j", "j_per_output_tok", "j_per_request", "power_avg_w", "power_peak_w",
-                  "tok_per_s_per_w", "gpu_util_mean", "cpu_util_mean", "throttled", "telemetry_samples",
+ENERGY_COLUMNS = ("energy_j", "energy_j_per_gpu", "j_per_output_tok", "j_per_request", "power_avg_w",
+                  "power_peak_w", "tok_per_s_per_w", "gpu_util_mean", "cpu_util_mean", "throttled",
+                  "gpu_mem_peak_bytes", "gpu_mem_peak_bytes_per_gpu_max", "telemetry_gpus", "telemetry_samples",
                   "telemetry_interval_s")  # fmt: skip
 ENERGY_TEXT_COLUMNS = ("energy_basis", "energy_reason", "gpu_telemetry_reason", "throttle_reasons", "telemetry_scope")
 
@@ -68,11 +71,21 @@ def interval_from_options(options: Mapping[str, Any]) -> float:
     return value
 
 
+def group_devices(device: str, gpus: int = 1) -> tuple[str, ...]:
+    """The CUDA devices a worker's cell runs on: ``gpus`` of them from ``device`` on (a TP=N cell's worker holds N
+    GPUs, visible to it as cuda:0 … cuda:N−1: vLLM's ranks and hf's layer-wise placement use them all); none off
+    CUDA."""
+    if not device.startswith("cuda"):
+        return ()
+    first = int(device.split(":")[1]) if ":" in device else 0
+    return tuple(f"cuda:{first + i}" for i in range(max(gpus, 1)))
+
+
 @dataclass
 class TelemetrySources:
     """What a backend's telemetry reads (``BackendBase.telemetry_sources``)."""
 
-    gpus: tuple[str, ...] = ()  # "cuda:N" devices the worker's work runs on
+    gpus: tuple[str, ...] = ()  # "cuda:N" devices the worker's work runs on: all of its TP group's
     pids: Callable[[], Sequence[int]] = field(default=lambda: [os.getpid()])  # roots of the CPU process tree
     cuda_context: bool = True  # False: find NVML handles without torch (a server's GPU: no context here)
     scope: str = "kvray process"  # the CPU rows' words for which processes they describe
@@ -326,6 +339,16 @@ class TelemetrySampler(PeriodicSampler):
         names = ", ".join(g.source for g in self.gpus)
         return total, f"{' + '.join(sorted(how))}, whole device ({names}: every process on it)"
 
+    def _gpu_memory(self) -> dict[str, float]:
+        """{gpu_mem_peak_bytes: the largest sum over the GPUs of NVML's device memory used at one sample,
+        gpu_mem_peak_bytes_per_gpu_max: the largest one GPU reached}; NaN without readings."""
+        used = [[tick[g.source]["mem_used_bytes"] for g in self.gpus if "mem_used_bytes" in tick.get(g.source, {})]
+                for _, tick in self.ticks]  # fmt: skip
+        whole = [sum(u) for u in used if len(u) == len(self.gpus)]
+        each = [v for u in used for v in u]
+        return {"gpu_mem_peak_bytes": max(whole) if whole else float("nan"),
+                "gpu_mem_peak_bytes_per_gpu_max": max(each) if each else float("nan")}  # fmt: skip
+
     def figures(self, output_toks: int, requests: int) -> dict[str, Any]:
         """The cell's energy columns over the measured window (the first to the last tick)."""
         nan = float("nan")
@@ -346,6 +369,8 @@ class TelemetrySampler(PeriodicSampler):
             energy = self._gpu_energy()
             peaks = [sum(tick[g.source].get("power_w", 0.0) for g in self.gpus) for _, tick in self.ticks]
             out["power_peak_w"] = max(peaks) if any(peaks) else nan
+            out["telemetry_gpus"] = len(self.gpus)
+            out.update(self._gpu_memory())
         elif self.rapl is not None:
             series = self._series("cpu", "rapl_energy_j")
             energy = (series[-1][1] - series[0][1], "RAPL package energy (whole CPU package(s): every process)")
@@ -358,6 +383,7 @@ class TelemetrySampler(PeriodicSampler):
             return out
         joules, out["energy_basis"] = energy
         out["energy_j"], out["power_avg_w"] = joules, joules / window_s
+        out["energy_j_per_gpu"] = joules / len(self.gpus) if self.gpus else nan
         if output_toks and joules > 0:
             out["j_per_output_tok"], out["tok_per_s_per_w"] = joules / output_toks, output_toks / joules
         if requests:

@@ -14,6 +14,17 @@ Two facts decide the numbers (docs/simulator.md, "The model"):
 - **Causal attention.** The query at position i scores min(i, W) keys (W the sliding window of that layer,
   unbounded on full-attention layers), so a P-token prefill computes P(P+1)/2 query-key pairs per layer
   and sequence, half the P² square, and a sliding layer only a W-wide band.
+- **Decode attention is its own kernel.** A decode token (one query after its cached context) reads the
+  sequence's whole KV cache in an attention kernel of its own, between the layer's matmuls, so its time is not
+  hidden under a compute-bound prefill chunk of the same step. ``PassCost.decode_attention_flops`` and
+  ``decode_attention_bytes`` carry that part (it is inside ``flops`` and ``bytes`` too); kvray.sim.simulate
+  adds its time to the rest of the step.
+- **MLA decodes in the latent space.** DeepSeek-V2/V3 cache one latent of ``kv_lora_rank + qk_rope_head_dim``
+  per token and layer; a decode step reads that latent and scores it with the query absorbed into the latent
+  (W_UK folded into the query, W_UV into the output, as vLLM's and SGLang's MLA decode kernels do): per head
+  and query-key pair 2·(kv_lora_rank + qk_rope_head_dim) FLOPs for the score and 2·kv_lora_rank for the
+  weighted sum. The absorption matmuls cost what ``kv_b_proj`` costs per token, already in the matmul FLOPs.
+  A prefill runs MLA expanded: heads × (qk_nope + qk_rope + v_head_dim) per pair.
 """
 
 from __future__ import annotations
@@ -31,6 +42,10 @@ class PassCost:
     flops: float
     bytes: float
     tokens: int = 0  # tokens the pass runs through the layers (padding included): what a TP all-reduce carries
+    # The decode tokens' attention (their QKᵀ and AV over the cached context, and the KV bytes it reads),
+    # already inside ``flops`` and ``bytes``: a kernel of its own, timed apart from the rest of the pass.
+    decode_attention_flops: float = 0.0
+    decode_attention_bytes: float = 0.0
 
 
 # --- weights ---------------------------------------------------------------------------------------------
@@ -97,10 +112,16 @@ def weights_read_bytes(g: ModelGeometry, tokens: int, dtype: str) -> float:
 # --- attention -------------------------------------------------------------------------------------------
 
 
-def _attention_width(g: ModelGeometry) -> int:
-    """heads × (query-key dim + value dim): FLOPs per query-key pair per layer is twice this."""
+def _attention_width(g: ModelGeometry, decode: bool = False) -> int:
+    """heads × (query-key dim + value dim): FLOPs per query-key pair per layer is twice this.
+
+    MLA: expanded heads (qk_nope + qk_rope + v_head_dim) in a prefill; in a decode (``decode``) the absorbed
+    latent (kv_lora_rank + qk_rope_head_dim keys, kv_lora_rank values) that the decode kernels score.
+    """
     if g.kv_lora_rank is not None:
         assert g.qk_nope_head_dim is not None and g.qk_rope_head_dim is not None and g.v_head_dim is not None
+        if decode:
+            return g.num_attention_heads * (2 * g.kv_lora_rank + g.qk_rope_head_dim)
         return g.num_attention_heads * (g.qk_nope_head_dim + g.qk_rope_head_dim + g.v_head_dim)
     return g.num_attention_heads * 2 * g.head_dim
 
@@ -120,8 +141,10 @@ def causal_pairs(past: int, queries: int, window: int | None = None) -> int:
 
 
 def attention_flops(g: ModelGeometry, past: int, queries: int) -> float:
-    """QKᵀ and AV over all layers for ``queries`` new queries after ``past`` cached positions (causal)."""
-    width = _attention_width(g)
+    """QKᵀ and AV over all layers for ``queries`` new queries after ``past`` cached positions (causal).
+
+    One query is a decode token: MLA scores it in the absorbed latent space (``_attention_width``)."""
+    width = _attention_width(g, decode=queries == 1)
     total = 0
     for layer_type in g.layer_types:
         window = g.sliding_window if layer_type == "sliding_attention" and g.sliding_window else None
@@ -154,11 +177,13 @@ def decode_step_cost(g: ModelGeometry, contexts: Sequence[int], dtype: str, kv_d
     that context; FLOPs are 2 × active params per row plus attention over the context.
     """
     body, head = matmul_params(g)
-    flops, kv_read = 0.0, 0.0
+    matmul, attention, kv_read = 0.0, 0.0, 0.0
     for c, n in Counter(contexts).items():  # hf rows share one padded context: cost it once
-        flops += n * (2.0 * (body + head) + attention_flops(g, c - 1, 1))
+        matmul += n * 2.0 * (body + head)
+        attention += n * attention_flops(g, c - 1, 1)
         kv_read += n * kv_bytes_sequence(g, c, kv_dtype, layout, block_size)
-    return PassCost(flops, weights_read_bytes(g, len(contexts), dtype) + kv_read, len(contexts))
+    weights = weights_read_bytes(g, len(contexts), dtype)
+    return PassCost(matmul + attention, weights + kv_read, len(contexts), attention, kv_read)
 
 
 def sequence_step_cost(g: ModelGeometry, past: int, queries: int, kv_dtype: str, layout: str = "paged",
@@ -169,10 +194,14 @@ def sequence_step_cost(g: ModelGeometry, past: int, queries: int, kv_dtype: str,
     once (the sequence's last position) and causal attention; bytes the sequence's KV at past + queries
     positions (the cache read, the new positions written). ``past`` 0 is ``prefill_cost``'s paged row and
     (c − 1, 1) is ``decode_step_cost``'s row at context c.
+    A decode token's attention and KV read are also its ``decode_attention_*`` (timed as their own kernel).
     """
     body, head = matmul_params(g)
-    flops = 2.0 * body * queries + 2.0 * head + attention_flops(g, past, queries)
-    return PassCost(flops, float(kv_bytes_sequence(g, past + queries, kv_dtype, layout, block_size)), queries)
+    attention = attention_flops(g, past, queries)
+    kv = float(kv_bytes_sequence(g, past + queries, kv_dtype, layout, block_size))
+    decode = queries == 1
+    return PassCost(2.0 * body * queries + 2.0 * head + attention, kv, queries, attention if decode else 0.0,
+                    kv if decode else 0.0)  # fmt: skip
 
 
 def step_cost(g: ModelGeometry, chunks: Sequence[tuple[int, int]], dtype: str, kv_dtype: str, layout: str = "paged",
@@ -183,21 +212,24 @@ def step_cost(g: ModelGeometry, chunks: Sequence[tuple[int, int]], dtype: str, k
     ``chunks`` holds (past, queries) per scheduled sequence: a prefill chunk is (tokens already computed, chunk
     length), a decode token is (context − 1, 1). The step reads the weights its Σ queries tokens touch once
     (``weights_read_bytes``), so mixing prefill into a memory-bound decode step is nearly free until the compute
-    roof is reached. ``per_sequence`` may be a memoised ``sequence_step_cost`` (the serving model calls this
-    thousands of times with recurring lengths).
+    roof is reached — but not the decode tokens' attention, which reads their KV in a kernel of its own
+    (``decode_attention_*``, timed apart by kvray.sim.simulate). ``per_sequence`` may be a memoised
+    ``sequence_step_cost`` (the serving model calls this thousands of times with recurring lengths).
     """
 
     def own(past: int, queries: int) -> PassCost:
         return sequence_step_cost(g, past, queries, kv_dtype, layout, block_size)
 
     cost = per_sequence or own
-    flops, kv = 0.0, 0.0
+    flops, kv, attention, attention_kv = 0.0, 0.0, 0.0, 0.0
     for past, queries in chunks:
         c = cost(past, queries)
         flops += c.flops
         kv += c.bytes
+        attention += c.decode_attention_flops
+        attention_kv += c.decode_attention_bytes
     tokens = sum(q for _, q in chunks)
-    return PassCost(flops, weights_read_bytes(g, tokens, dtype) + kv, tokens)
+    return PassCost(flops, weights_read_bytes(g, tokens, dtype) + kv, tokens, attention, attention_kv)
 
 
 def batch_passes(g: ModelGeometry, prompts: Sequence[int], gens: Sequence[int], dtype: str, kv_dtype: str,

@@ -6,9 +6,11 @@ Each forward pass takes the longest of three roofs (see docs/simulator.md):
     memory   = bytes moved / (bandwidth × η_memory)
     overhead = num_layers × layer_overhead_s      (kernel launches and Python; 0 unless calibrated)
 
-The FLOPs and bytes of each pass come from kvray.sim.passes: prefill FLOPs are 2 × matmul parameters × tokens
-plus causal attention (P(P+1)/2 query-key pairs per layer, a W-wide band on sliding layers); every pass reads
-the weights it touches — the shared ones and the LM head in full, the embedding rows its tokens look up, and
+— except that the decode tokens' attention (their KV read) is a kernel of its own, timed after the rest of the
+pass with the whole pass's roofline as a floor (``PassRoofs``), so a compute-bound prefill chunk in a mixed step
+does not hide it. The FLOPs and bytes of each pass come from kvray.sim.passes: prefill FLOPs are 2 × matmul
+parameters × tokens plus causal attention (P(P+1)/2 query-key pairs per layer, a W-wide band on sliding layers);
+every pass reads the weights it touches — the shared ones and the LM head in full, the embedding rows its tokens look up, and
 in MoE layers only the experts its tokens route to — plus the KV it writes (prefill) or the whole KV cache at
 its current context (decode), so the context grows every step. Requests are served with the same
 static-batching queue as the HF backend: when the engine is free, every request that has arrived forms the
@@ -131,7 +133,7 @@ def efficiency_for(gpu: GpuSpec, layout: str = "hf", path: str | Path | None = N
 
 
 def roofs_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency) -> tuple[float, float, float]:
-    """(compute, memory, overhead) seconds of one pass; the pass takes the largest."""
+    """(compute, memory, overhead) seconds of one pass as a whole; the roofline is the largest."""
     compute = cost.flops / (gpu.tflops(dtype) * 1e12 * eff.eta_compute)
     memory = cost.bytes / (gpu.bandwidth_gbps * 1e9 * eff.eta_memory)
     return compute, memory, g.num_layers * eff.layer_overhead_s
@@ -152,17 +154,92 @@ def allreduce_s(g: ModelGeometry, gpu: GpuSpec, tokens: int, dtype: str, tp: int
     return ALLREDUCES_PER_LAYER * g.num_layers * one
 
 
-def pass_time_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency, tp: int = 1) -> float:
-    """The largest roof, plus the TP all-reduces (not overlapped with the matmuls they sit between)."""
-    return max(roofs_s(cost, g, gpu, dtype, eff)) + allreduce_s(g, gpu, cost.tokens, dtype, tp)
+# The linear pieces of a pass's time, as (compute, memory, overhead) coefficients of (1/η_compute, 1/η_memory,
+# layer overhead): the time is the largest piece. The first three are the roofline of the whole pass; the last two
+# the rest of the pass (less its decode attention) on one roof, then the decode attention on the other (the rest
+# and the attention on the same roof add up to the whole pass's piece).
+PIECES = ("compute", "memory", "overhead", "compute, then decode attention (memory)",
+          "memory, then decode attention (compute)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PassRoofs:
+    """One pass's roofs at 100 % of peak (seconds) on one GPU, and its TP all-reduce time.
+
+    The pass takes the largest of
+
+        the roofline of the whole pass   max(compute/η_c, memory/η_m, layers × overhead)
+        the rest, then decode attention  max(rest compute/η_c, rest memory/η_m)
+                                         + max(attention compute/η_c, attention memory/η_m)
+
+    plus ``allreduce_s`` (never overlapped). Decode attention is a kernel of its own between the layer's
+    matmuls: a mixed step's KV read is not hidden under its prefill's compute, and the roofline of the whole
+    pass stays a floor. A decode step bound by memory alone takes (weights + KV) / bandwidth either way.
+    ``pieces`` writes that maximum as linear pieces in (1/η_c, 1/η_m, overhead), the form calibration fits.
+    """
+
+    compute_s: float
+    memory_s: float
+    layers: int
+    decode_compute_s: float = 0.0
+    decode_memory_s: float = 0.0
+    allreduce_s: float = 0.0
+
+    def pieces(self) -> list[tuple[float, float, float]]:
+        """(compute, memory, overhead) coefficients of each piece of ``PIECES``, in that order."""
+        c, m, n = self.compute_s, self.memory_s, float(self.layers)
+        rc, rm, dc, dm = (
+            c - self.decode_compute_s,
+            m - self.decode_memory_s,
+            self.decode_compute_s,
+            self.decode_memory_s,
+        )
+        return [(c, 0.0, 0.0), (0.0, m, 0.0), (0.0, 0.0, n), (rc, dm, 0.0), (dc, rm, 0.0)]
+
+    def _values(self, eff: Efficiency) -> list[float]:
+        theta = (1 / eff.eta_compute, 1 / eff.eta_memory, eff.layer_overhead_s)
+        return [sum(k * t for k, t in zip(piece, theta, strict=True)) for piece in self.pieces()]
+
+    def time_s(self, eff: Efficiency) -> float:
+        return max(self._values(eff)) + self.allreduce_s
+
+    def bound(self, eff: Efficiency) -> str:
+        """Which term limits the pass: "compute", "memory", "overhead" or (TP) "communication"; of a rest-then-
+        attention piece, the roof of its larger part."""
+        values = self._values(eff)
+        if self.allreduce_s > max(values):
+            return "communication"
+        k = values.index(max(values))
+        if k < 3:
+            return PIECES[k]
+        x, y = 1 / eff.eta_compute, 1 / eff.eta_memory
+        rest_c, rest_m = (self.compute_s - self.decode_compute_s) * x, (self.memory_s - self.decode_memory_s) * y
+        if k == 3:  # the rest on compute, the attention on memory
+            return "compute" if rest_c >= self.decode_memory_s * y else "memory"
+        return "memory" if rest_m >= self.decode_compute_s * x else "compute"
+
+
+def pass_roofs(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, tp: int = 1,
+               communication: bool = True) -> PassRoofs:  # fmt: skip
+    """The roofs of ``cost`` (one rank's pass under TP) on ``gpu`` at 100 % of peak; its all-reduces unless
+    ``communication`` is False (a floor: the all-reduce latency is an estimate, not a bound)."""
+    peak_flops = gpu.tflops(dtype) * 1e12
+    bandwidth = gpu.bandwidth_gbps * 1e9
+    return PassRoofs(cost.flops / peak_flops, cost.bytes / bandwidth, g.num_layers,
+                     cost.decode_attention_flops / peak_flops, cost.decode_attention_bytes / bandwidth,
+                     allreduce_s(g, gpu, cost.tokens, dtype, tp) if communication else 0.0)  # fmt: skip
+
+
+def pass_time_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency, tp: int = 1,
+                communication: bool = True) -> float:  # fmt: skip
+    """The pass's time (``PassRoofs.time_s``): its roofs with decode attention timed apart, plus the TP
+    all-reduces (not overlapped with the matmuls they sit between)."""
+    return pass_roofs(cost, g, gpu, dtype, tp, communication).time_s(eff)
 
 
 def bound_of(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency, tp: int = 1) -> str:
     """Which term limits the pass: "compute", "memory", "overhead" or (TP) "communication"."""
-    roofs = roofs_s(cost, g, gpu, dtype, eff)
-    if allreduce_s(g, gpu, cost.tokens, dtype, tp) > max(roofs):
-        return "communication"
-    return ("compute", "memory", "overhead")[roofs.index(max(roofs))]
+    return pass_roofs(cost, g, gpu, dtype, tp).bound(eff)
 
 
 # --- memory ----------------------------------------------------------------------------------------------
@@ -259,9 +336,10 @@ def form_batches(
 
 def simulate(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dtype: str = "bf16",
              kv_dtype: str | None = None, layout: str = "hf", block_size: int = DEFAULT_BLOCK_SIZE,
-             eff: Efficiency | None = None, tp: int = 1) -> Schedule:  # fmt: skip
+             eff: Efficiency | None = None, tp: int = 1, *, communication: bool = True) -> Schedule:  # fmt: skip
     """Predicted per-request timestamps and per-batch memory of serving ``requests`` on ``gpu`` (per GPU of a
-    TP=``tp`` group: ``g`` is the whole model, each pass is costed on one rank)."""
+    TP=``tp`` group: ``g`` is the whole model, each pass is costed on one rank). ``communication`` False leaves
+    the all-reduces out (a roofline floor: their latency is an estimate, not a bound)."""
     if not requests:
         raise KvrayInputError("nothing to simulate: no requests")
     if layout not in LAYOUTS:
@@ -279,7 +357,7 @@ def simulate(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dt
             prompts = [requests[i].prompt_toks for i in batch]
             gens = [requests[i].gen_toks for i in batch]
             passes = batch_passes(g, prompts, gens, dtype, kv_dtype, layout, block_size)
-            times = list(accumulate(pass_time_s(c, g, gpu, dtype, eff, tp) for c in passes))
+            times = list(accumulate(pass_time_s(c, g, gpu, dtype, eff, tp, communication) for c in passes))
             last = bound_of(passes[-1], g, gpu, dtype, eff, tp) if len(passes) > 1 else ""
             plans[key] = (times, bound_of(passes[0], g, gpu, dtype, eff, tp), last)
         return plans[key]
@@ -340,11 +418,12 @@ class Prediction:
     output_tps_per_gpu: float = 0.0
     interconnect: str = ""
     allreduce_s_per_decode_step: float = 0.0  # the communication share of one decode step's time (0 at tp 1)
-    # Predicted, never measured: the GPU at its datasheet TDP (kvray/hardware/gpus.py TDP_W) for the cell's whole
-    # E2E, an upper bound (a GPU below its power limit draws less); None for a GPU without a tabled TDP.
-    predicted_power_w: float | None = None
-    predicted_energy_j: float | None = None
-    predicted_j_per_output_tok: float | None = None
+    # Never measured: the GPU(s) at their datasheet TDP (kvray/hardware/gpus.py TDP_W) × the predicted E2E — a
+    # TDP × time estimate, not a bound (a GPU may sit below its power limit, and the prediction's time is itself an
+    # estimate); None for a GPU without a tabled TDP. Kept off the axes of measured energy.
+    tdp_power_w: float | None = None
+    energy_j_tdp_estimate: float | None = None
+    j_per_output_tok_tdp_estimate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -359,11 +438,13 @@ class _Req:
 
 def predict_cell(g: ModelGeometry, gpu: str | GpuSpec, concurrency: int, prompt_toks: int, gen_toks: int,
                  dtype: str = "bf16", kv_dtype: str | None = None, layout: str = "hf",
-                 block_size: int = DEFAULT_BLOCK_SIZE, eff: Efficiency | None = None, tp: int = 1) -> Prediction:  # fmt: skip
+                 block_size: int = DEFAULT_BLOCK_SIZE, eff: Efficiency | None = None, tp: int = 1, *,
+                 communication: bool = True) -> Prediction:  # fmt: skip
     """TTFT, TPOT, E2E, output tokens/s and peak memory of ``concurrency`` equal requests on ``gpu``.
 
     ``eff`` defaults to the calibrated values for this GPU and layout when present, else η defaults. ``tp``:
     the model split over that many GPUs of this type (memory per GPU, ``output_tps_per_gpu`` per GPU).
+    ``communication`` False: without the TP all-reduces (kvray.analysis.findings' roofline floor).
     """
     if concurrency <= 0 or prompt_toks <= 0 or gen_toks <= 0:
         raise KvrayInputError(
@@ -374,7 +455,7 @@ def predict_cell(g: ModelGeometry, gpu: str | GpuSpec, concurrency: int, prompt_
     dtype = normalize_dtype(dtype)
     kv_dtype = normalize_dtype(kv_dtype or dtype)
     schedule = simulate(g, spec, [_Req(prompt_toks, gen_toks)] * concurrency, dtype, kv_dtype, layout, block_size, eff,
-                        tp)  # fmt: skip
+                        tp, communication=communication)  # fmt: skip
     times = schedule.timings[0].token_times_s
     ttft, e2e = times[0], times[-1]
     tpot = (e2e - ttft) / (gen_toks - 1) if gen_toks > 1 else float("nan")
@@ -408,18 +489,21 @@ def predict_cell(g: ModelGeometry, gpu: str | GpuSpec, concurrency: int, prompt_
         tensor_parallel=tp,
         output_tps_per_gpu=concurrency * gen_toks / e2e / tp,
         interconnect=spec.interconnect if tp > 1 else "",
-        allreduce_s_per_decode_step=allreduce_s(g, spec, concurrency, dtype, tp),
-        **predicted_energy(spec, e2e, concurrency * gen_toks, tp),
+        allreduce_s_per_decode_step=allreduce_s(g, spec, concurrency, dtype, tp) if communication else 0.0,
+        **tdp_energy_estimate(spec, e2e, concurrency * gen_toks, tp),
     )
 
 
-def predicted_energy(spec: GpuSpec, busy_s: float, output_toks: int, gpus: int = 1) -> dict[str, Any]:
-    """{predicted_power_w, predicted_energy_j, predicted_j_per_output_tok}: TDP × ``gpus`` × ``busy_s`` (None
-    without a TDP); a TP group draws on every GPU it holds."""
+TDP_ESTIMATE_KEYS = ("tdp_power_w", "energy_j_tdp_estimate", "j_per_output_tok_tdp_estimate")
+
+
+def tdp_energy_estimate(spec: GpuSpec, busy_s: float, output_toks: int, gpus: int = 1) -> dict[str, Any]:
+    """{tdp_power_w, energy_j_tdp_estimate, j_per_output_tok_tdp_estimate}: TDP × ``gpus`` × ``busy_s`` (None
+    without a TDP); a TP group draws on every GPU it holds. A TDP × time estimate, not a bound: a GPU may draw
+    less than its TDP, and ``busy_s`` is the roofline's predicted time."""
     tdp = spec.tdp_w
     if tdp is None:
-        return dict.fromkeys(("predicted_power_w", "predicted_energy_j", "predicted_j_per_output_tok"))
+        return dict.fromkeys(TDP_ESTIMATE_KEYS)
     tdp *= gpus
     energy = tdp * busy_s
-    return {"predicted_power_w": tdp, "predicted_energy_j": energy,
-            "predicted_j_per_output_tok": energy / output_toks if output_toks else None}  # fmt: skip
+    return dict(zip(TDP_ESTIMATE_KEYS, (tdp, energy, energy / output_toks if output_toks else None), strict=True))
