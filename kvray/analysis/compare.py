@@ -8,11 +8,18 @@ engine settings (``block_size=16`` vs ``32``) is the main use, not a mismatch. W
 hardware type and the two differ (H100 vs A100), the hardware is what changed too and cells join without it.
 Cells present in only one folder, or measured in only one (oom, error, refused), are listed, never dropped.
 
-Compare. Per shared cell, for TTFT, TPOT, ITL, E2E and queue time (ok requests of all measured repeats), the
-p50 and the highest of p99/p95/p90 both samples hold (p99 needs 100 values): new / base by a bootstrap that
-resamples repeats, then requests (ITL: gaps) within them — the repeats are the independent units — giving the
-change's interval and a bootstrap-z p-value (kvray.analysis.stats.bootstrap_ratio); and output tokens/s over repeats: Welch's t on log tokens/s (needs ≥ 2 repeats a side; one repeat cannot
-tell a change from run-to-run noise, and the row says so and how to get more).
+Sample. Each side's values are the requests its dataset row summarised: under a serving load, each repeat's
+steady-state window as ``kvray.measure.serving.split_steady`` draws it (the same function the row used, so the
+two never disagree); for a burst, every request.
+
+Compare. Per shared cell, for TTFT, TPOT, ITL, E2E and queue time (ok requests of the row's sample), the p50
+and the highest of p99/p95/p90 that every repeat on both sides holds (a per-repeat p99 needs 100 values):
+base and new are the pooled percentiles (what the rows show); the interval and p-value come from Welch's t on
+the log of each repeat's own percentile (kvray.analysis.stats.repeat_ratio) — the repeats are the independent
+units; and output tokens/s, Welch's t on log tokens/s per repeat. A verdict needs ``MIN_REPEATS`` (3) repeats
+a side: with one, the only spread is between the requests of one run, which says nothing of the run-to-run
+noise (5 % between repeats made 37 % of identical setups "changed" at 1 repeat and 24 % at 2). Below that a
+row shows the point change, ``not testable``, and the repeats it needs; it is never a regression.
 All p-values of a comparison are Holm-adjusted together. A row's verdict is "faster" or "slower" only when its
 adjusted p < ``alpha`` **and** the change is at least ``min_change`` (default 5 %) and at least
 ``MIN_ABS_CHANGE_S`` — a statistically sure 0.3 % is not a change a user acts on, and timer and event-loop
@@ -29,13 +36,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvray.analysis.stats import Change, bootstrap_ratio, holm, welch_log_ratio
+from kvray.analysis.stats import Change, holm, repeat_ratio, welch_log_ratio
 from kvray.measure.metrics import CI_LEVEL, repeat_samples, supported_percentile, throughput
-from kvray.measure.trace import MEASURED_STATUSES, CellResult
+from kvray.measure.serving import split_steady
+from kvray.measure.trace import MEASURED_STATUSES, CellResult, RunTrace
 
 ALPHA = 0.05
 MIN_CHANGE = 0.05
 MIN_ABS_CHANGE_S = 0.0002  # 0.2 ms: below the resolution of what a harness on a busy host can attribute
+MIN_REPEATS = 3  # a side's repeats a verdict needs: fewer cannot tell a change from run-to-run noise
 LATENCY = ("ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s")
 METRIC_NAMES = {"ttft_s": "TTFT", "tpot_s": "TPOT", "itl_s": "ITL", "e2e_s": "E2E", "queue_s": "queue",
                 "output_tps": "output tok/s"}  # fmt: skip
@@ -62,6 +71,9 @@ class Row:
     test: str
     verdict: str = UNTESTED
     note: str = ""
+    repeats_base: int = 0  # repeats each side's values come from: the test's units
+    repeats_new: int = 0
+    why_untested: str = ""  # short reason of a `not testable` row, shared by rows alike ("1 repeat a side, need 3")
 
     @property
     def label(self) -> str:
@@ -98,6 +110,23 @@ class Comparison:
         """Rows significantly slower by more than ``pct`` per cent (throughput: lower by more than ``pct`` %)."""
         return [r for r in self.rows if r.verdict == SLOWER and abs(r.change) * 100 > pct]
 
+    def untestable(self) -> dict[str, int]:
+        """Why rows are ``not testable`` → how many: what the summary line says next to the count."""
+        out: dict[str, int] = defaultdict(int)
+        for r in self.rows:
+            if r.verdict == UNTESTED:
+                out[r.why_untested or "no test"] += 1
+        return dict(out)
+
+    def untestable_line(self) -> str:
+        """ "3 metrics not testable: 1 repeat a side, need 3" ("" when every row was tested)."""
+        reasons = self.untestable()
+        if not reasons:
+            return ""
+        total = sum(reasons.values())
+        head = f"{total} metric{'s' if total != 1 else ''} not testable"
+        return head + ": " + "; ".join(why if len(reasons) == 1 else f"{why} ({n})" for why, n in reasons.items())
+
     def to_json(self) -> dict[str, Any]:
         def clean(v: Any) -> Any:
             if isinstance(v, float) and not math.isfinite(v):
@@ -110,6 +139,7 @@ class Comparison:
 
         out = asdict(self)
         out["counts"] = {v: sum(1 for r in self.rows if r.verdict == v) for v in (FASTER, SLOWER, SAME, UNTESTED)}
+        out["not_testable"] = self.untestable()
         return clean(out)
 
 
@@ -196,9 +226,22 @@ def join(base: list[CellResult], new: list[CellResult]) -> tuple[list[Pair], lis
 # ---------------------------------------------------------------- compare
 
 
-def _repeat_tps(result: CellResult) -> list[float]:
-    by_repeat: dict[int, list[Any]] = defaultdict(list)
+def row_sample(result: CellResult) -> list[RunTrace]:
+    """The traces a cell's dataset row summarised: each repeat's steady-state requests under a serving load
+    (``split_steady``, called as kvray.measure.serving.serving_summary calls it — one repeat at a time), every
+    trace of a burst. Compare tests these, so its base value is the row's."""
+    by_repeat: dict[int, list[RunTrace]] = defaultdict(list)
     for t in result.traces:
+        by_repeat[t.repeat].append(t)
+    out: list[RunTrace] = []
+    for _, ts in sorted(by_repeat.items()):
+        out += split_steady(result.cell.workload, ts)[0]
+    return out
+
+
+def _repeat_tps(traces: list[RunTrace]) -> list[float]:
+    by_repeat: dict[int, list[Any]] = defaultdict(list)
+    for t in traces:
         by_repeat[t.repeat].append(t)
     values = [throughput(ts)["output_tps"] for _, ts in sorted(by_repeat.items())]
     return [v for v in values if v == v]
@@ -209,27 +252,48 @@ def _row(label: str, metric: str, stat: str, unit: str, ch: Change, p: float, n:
                ch.ci_high - 1, p, math.nan, test)  # fmt: skip
 
 
+def too_few_repeats(reps: tuple[int, int]) -> str:
+    """The short reason a row with these repeats (base, new) gets no verdict; "" when it can have one."""
+    if min(reps) >= MIN_REPEATS:
+        return ""
+    if reps[0] == reps[1]:
+        return f"{reps[0]} repeat{'s' if reps[0] != 1 else ''} a side, need {MIN_REPEATS}"
+    return f"{reps[0]} repeat(s) in base, {reps[1]} in new, need {MIN_REPEATS} a side"
+
+
+def _hold_back(row: Row, reps: tuple[int, int]) -> Row:
+    """A row of a side with too few repeats: its point change stays, its interval and p-value go."""
+    row.repeats_base, row.repeats_new = reps
+    why = too_few_repeats(reps)
+    if why:
+        row.ci_low = row.ci_high = row.p_value = math.nan
+        row.verdict, row.why_untested = UNTESTED, why
+        row.note = f"{why}: rerun both with --repeats {max(MIN_REPEATS, 5)}"
+    return row
+
+
 def compare_pair(pair: Pair) -> list[Row]:
-    """Every testable statistic of one shared cell (p-values not yet adjusted)."""
-    a, b = repeat_samples(pair.base.traces), repeat_samples(pair.new.traces)
+    """Every statistic of one shared cell (p-values not yet adjusted), over each side's row sample."""
+    sample_a, sample_b = row_sample(pair.base), row_sample(pair.new)
+    a, b = repeat_samples(sample_a), repeat_samples(sample_b)
     rows = []
     for metric in LATENCY:
-        x, y = a[metric], b[metric]
-        n = (sum(len(g) for g in x), sum(len(g) for g in y))
+        x, y = [g for g in a[metric] if g], [g for g in b[metric] if g]
+        n, reps = (sum(len(g) for g in x), sum(len(g) for g in y)), (len(x), len(y))
         if min(n) < 2:
             rows.append(Row(pair.label, metric, "p50", "s", math.nan, math.nan, *n, math.nan, math.nan, math.nan,
-                            math.nan, math.nan, "", UNTESTED, "fewer than 2 samples on a side"))  # fmt: skip
+                            math.nan, math.nan, "", UNTESTED, "fewer than 2 samples on a side", *reps,
+                            "fewer than 2 samples on a side"))  # fmt: skip
             continue
-        for p in (50, supported_percentile(min(n))):
+        # the tail every repeat holds: the test takes each repeat's own percentile
+        for p in (50, supported_percentile(min(len(g) for g in x + y))):
             if p is not None:
-                ch = bootstrap_ratio(x, y, p)
-                rows.append(_row(pair.label, metric, f"p{p:g}", "s", ch, ch.p_value, n, ch.test))
-    ta, tb = _repeat_tps(pair.base), _repeat_tps(pair.new)
+                ch = repeat_ratio(x, y, p)
+                rows.append(_hold_back(_row(pair.label, metric, f"p{p:g}", "s", ch, ch.p_value, n, ch.test), reps))
+    ta, tb = _repeat_tps(sample_a), _repeat_tps(sample_b)
     ch = welch_log_ratio(ta, tb)
-    row = _row(pair.label, "output_tps", "mean", "tok/s", ch, ch.p_value, (len(ta), len(tb)), ch.test)
-    if min(len(ta), len(tb)) < 2:
-        row.verdict, row.note = UNTESTED, "one repeat on a side: rerun both with --repeats 5"
-    rows.append(row)
+    n = (len(ta), len(tb))
+    rows.append(_hold_back(_row(pair.label, "output_tps", "mean", "tok/s", ch, ch.p_value, n, ch.test), n))
     return rows
 
 
@@ -280,7 +344,7 @@ def compare_results(
             floor = max(floor, min_change * ttft)
         r.verdict = _verdict(r, alpha, min_change, floor)
         if r.verdict == UNTESTED:
-            r.note = "no test: a side has only zeros or too few values"
+            r.note = r.why_untested = "no test: a side has only zeros or too few values"
     changed, per_cell = _what_changed(pairs)
     comparison = Comparison(
         base_dir, new_dir, alpha, min_change, changed, per_cell, rows,
@@ -302,23 +366,25 @@ def _what_changed(pairs: list[Pair]) -> tuple[dict[str, tuple[Any, Any]], dict[s
 
 
 def _advice(c: Comparison, pairs: list[Pair]) -> list[str]:
-    """What to run when the data cannot answer: more repeats where throughput was untestable, more requests
-    where a tail could not be compared."""
+    """What to run when the data cannot answer: more repeats where a side had too few for a verdict, more
+    requests per repeat where a tail could not be compared."""
     out = []
-    one_repeat = [r for r in c.rows if r.metric == "output_tps" and r.verdict == UNTESTED]
-    if one_repeat:
-        out.append(
-            f"{len(one_repeat)} cell(s) have one repeat on a side, so their throughput cannot be tested: rerun both "
-            "folders with `--repeats 5` (e.g. `kvray run JOB.yaml --output DIR` with `repeats: 5` in the job, or "
-            "`kvray bench … --repeats 5`)."
-        )
-    small = sorted(
-        {r.cell for r in c.rows if r.stat == "p50" and r.metric == "ttft_s" and min(r.n_base, r.n_new) < 100}
+    few = sorted(
+        {r.cell for r in c.rows if r.metric == "output_tps" and too_few_repeats((r.repeats_base, r.repeats_new))}
     )
+    if few:
+        out.append(
+            f"{len(few)} cell(s) have fewer than {MIN_REPEATS} repeats on a side, so they get no verdict (one run's "
+            "requests say nothing of run-to-run noise): rerun both folders with `--repeats 5` (e.g. `kvray run "
+            "JOB.yaml --output DIR` with `repeats: 5` in the job, or `kvray bench … --repeats 5`)."
+        )
+    ttft = [r for r in c.rows if r.metric == "ttft_s"]
+    small = sorted({r.cell for r in ttft} - {r.cell for r in ttft if r.stat == "p99"})
     if small:
         out.append(
-            f"{len(small)} cell(s) pool fewer than 100 requests a side, so their p99 is not compared (a p99 needs "
-            "100 values; the highest percentile both hold is): raise --repeats until concurrency × repeats ≥ 100."
+            f"{len(small)} cell(s) hold fewer than 100 requests in a repeat, so their TTFT p99 is not compared (the "
+            "test takes each repeat's own percentile, and a p99 needs 100 values): raise the requests per repeat "
+            "(concurrency, or a serving load's request count) to 100 or more."
         )
     return out
 

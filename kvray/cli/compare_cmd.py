@@ -105,6 +105,8 @@ def _summary(comparison: Any, md: Path | str, html_path: Path | str, pct: float 
         text=f"{comparison.cells_compared} shared cell(s) compared: {counts['slower']} slower, {counts['faster']} faster, "
         f"{counts['no significant change']} no significant change, {counts['not testable']} not testable",
     )
+    if comparison.untestable_line():  # why, and what it would take: "3 metrics not testable: 1 repeat a side, need 3"
+        render.line(soft_wrap=True, text=comparison.untestable_line())
     for r in [r for r in comparison.rows if r.verdict in ("slower", "faster")][:20]:
         render.line(soft_wrap=True, text=f"  {r.verdict:7s} {r.label:16s} {_fmt_change(r)}  {r.cell}")
     for text, items in (("only in base", comparison.only_base), ("only in new", comparison.only_new),
@@ -115,13 +117,21 @@ def _summary(comparison: Any, md: Path | str, html_path: Path | str, pct: float 
                 text=f"{len(items)} cell(s) {text}: " + "; ".join(items[:5]) + (" …" if len(items) > 5 else ""),
             )
     if pct is not None:
-        render.line(
-            soft_wrap=True,
-            text=f"--fail-on-regression {pct:g}: {len(regressions)} regression(s) beyond {pct:g} %"
-            if regressions
-            else f"--fail-on-regression {pct:g}: no significant regression beyond {pct:g} %",
-        )
+        render.line(soft_wrap=True, text=_gate_line(comparison, pct, regressions))
     render.line(soft_wrap=True, text=f"wrote {md} and {html_path}")
+
+
+def _gate_line(comparison: Any, pct: float, regressions: list[Any]) -> str:
+    """What ``--fail-on-regression`` decided, and which rows it could not judge (they never fail the gate)."""
+    text = (
+        f"--fail-on-regression {pct:g}: {len(regressions)} regression(s) beyond {pct:g} %"
+        if regressions
+        else f"--fail-on-regression {pct:g}: no significant regression beyond {pct:g} %"
+    )
+    untested = sum(comparison.untestable().values())
+    if untested:
+        text += f" ({untested} not testable metric(s) not gated: {comparison.untestable_line().split(': ', 1)[1]})"
+    return text
 
 
 # ---------------------------------------------------------------- compare.md / compare.html
@@ -146,7 +156,7 @@ def _fmt_p(p: float) -> str:
 
 def write_compare(comparison: Any, out_dir: Path, fail_pct: float | None) -> tuple[Path, Path]:
     """compare.md, compare.html and the figure; the same blocks rendered twice (kvray.report's renderers)."""
-    from kvray.analysis.compare import short_labels
+    from kvray.analysis.compare import MIN_REPEATS, short_labels
     from kvray.figures.compare import draw_changes
     from kvray.figures.style import styled
     from kvray.report import Block, render_html, render_markdown
@@ -161,13 +171,13 @@ def write_compare(comparison: Any, out_dir: Path, fail_pct: float | None) -> tup
         f"{c.cells_compared} shared cell(s) compared: **{counts['slower']} slower, {counts['faster']} faster**, "
         f"{counts['no significant change']} no significant change, {counts['not testable']} not testable. A verdict "
         f"is faster/slower only when the Holm-adjusted p-value (over all {len(c.rows)} rows) is below {c.alpha:g} "
-        f"and the change is at least {c.min_change:.0%}; intervals are {c.ci_level:.0%} (docs/metrics.md)."
+        f"and the change is at least {c.min_change:.0%}; intervals are {c.ci_level:.0%} (docs/metrics.md). A "
+        f"verdict needs {MIN_REPEATS} repeats a side: the repeats are the test's units."
     )))  # fmt: skip
+    if c.untestable_line():
+        blocks.append(Block("p", c.untestable_line() + "."))
     if fail_pct is not None:
-        bad = c.regressions(fail_pct)
-        blocks.append(
-            Block("p", f"`--fail-on-regression {fail_pct:g}`: **{len(bad)} regression(s)** beyond {fail_pct:g} %.")
-        )
+        blocks.append(Block("p", f"`{_gate_line(c, fail_pct, c.regressions(fail_pct))}`."))
     blocks.append(Block("h2", "What changed"))
     changed = [f"{k}: {a} → {b}" for k, (a, b) in c.changed.items()]
     if c.cross_hardware:
@@ -179,10 +189,12 @@ def write_compare(comparison: Any, out_dir: Path, fail_pct: float | None) -> tup
     common, short = short_labels([r.cell for r in c.rows])
     if common:
         blocks.append(Block("p", f"Every compared cell: {common}."))
-    headers = ["cell", "metric", "base", "new", "n base / new", "change [95 % CI]", "p (Holm)", "test", "verdict"]
+    headers = ["cell", "metric", "base", "new", "n base / new", "repeats", "change [95 % CI]", "p (Holm)", "test",
+               "verdict"]  # fmt: skip
     body = [
         [short[r.cell], r.label, _fmt_value(r.base, r.unit), _fmt_value(r.new, r.unit), f"{r.n_base} / {r.n_new}",
-         _fmt_change(r), _fmt_p(r.p_adjusted), r.test, r.verdict + (f" ({r.note})" if r.note else "")]
+         f"{r.repeats_base} / {r.repeats_new}", _fmt_change(r), _fmt_p(r.p_adjusted), r.test,
+         r.verdict + (f" ({r.note})" if r.note else "")]
         for r in c.rows
     ]  # fmt: skip
     blocks.append(Block("table", headers=headers, rows=body) if body else Block("p", "No shared measured cell."))

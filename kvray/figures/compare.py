@@ -64,6 +64,8 @@ def draw_changes(comparison: Comparison, out_dir: Path, fail_pct: float | None =
             f"{counts[SLOWER]} slower, {counts[FASTER]} faster, {counts[SAME]} no significant change "
             f"(Holm-adjusted p < {comparison.alpha:g} and |change| ≥ {band:g} %)"
         )
+        if comparison.untestable_line():  # hollow dots without an interval: a point change, no verdict
+            result.notes.append(comparison.untestable_line())
         if len([r for r in comparison.rows if r.change == r.change]) > MAX_ROWS:
             result.notes.append(f"first {MAX_ROWS} rows drawn (changes first); compare.md lists them all")
     return result
