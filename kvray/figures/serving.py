@@ -62,13 +62,16 @@ def has_serving_data(cells: Any) -> bool:
 
 
 def knee_row(part: Any, searches: Any) -> Any | None:
-    """The row at the knee of one configuration's open-loop points: the probe at the search's ``knee_rps``,
+    """The row at the knee of one configuration's open-loop points: the probe at the search's knee,
     else the highest offered rate whose achieved rate was at least FOLLOW_FRACTION of the offered one."""
     open_ = part[part["load"] != "closed"]
     if not len(open_):
         return None
     offered = open_["offered_rps"].astype(float)
-    for knee in searches["knee_rps"].astype(float) if len(searches) else []:
+    knees = searches["knee_rps"].astype(float) if len(searches) else []
+    if len(searches) and "knee_rps_nominal" in searches:  # the probe's row has the nominal rate (knee_rps: realised)
+        knees = searches["knee_rps_nominal"].astype(float).fillna(knees)
+    for knee in knees:
         hit = open_[(offered - knee).abs() <= 1e-6 * max(knee, 1e-12)]
         if len(hit):
             return hit.iloc[0]
