@@ -81,7 +81,7 @@ def sustainable(result: CellResult, service_s: float | None = None) -> tuple[boo
     if result.status not in ("ok", "partial") or not m:
         return False, f"status {result.status}"
     if m.get("requests_steady", 0) < MIN_STEADY:
-        return False, f"only {m.get('requests_steady', 0)} steady-state requests: too short to judge"
+        return False, f"only {m.get('requests_steady', 0)} measured requests: too short to judge"
     offered = m.get("offered_rps_realised", math.nan)  # the seeded schedule's own rate, not the nominal one
     achieved = m.get("achieved_rps", math.nan)
     if achieved != achieved or achieved < FOLLOW_FRACTION * offered:
