@@ -54,7 +54,7 @@ def draw(curves: list[Any], out_dir: Path) -> list[Path]:
     with style.styled():
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for i, (curve, _) in enumerate(curves):
-            pts = [p for p in curve.points if p.offered_rps <= curve.knee_rps * 1.3]
+            pts = [p for p in curve.points if p.offered_rps <= curve.knee_rps_nominal * 1.3]
             x = [p.achieved_rps for p in pts]
             for ax, key in zip(axes, ("ttft", "tpot"), strict=True):
                 for q, ls in (("p50", "-"), ("p99", "--")):

@@ -96,7 +96,7 @@ def test_serial_engine_saturates_at_one_over_service_time():
     assert curve.knee_rps == pytest.approx(mu, rel=0.04)
     assert curve.saturation_rps == pytest.approx(mu, rel=0.01)
     assert curve.service_s == pytest.approx(1 / mu, rel=1e-9)
-    half = next(p for p in curve.points if p.offered_rps == pytest.approx(curve.knee_rps / 2))
+    half = next(p for p in curve.points if p.offered_rps == pytest.approx(curve.knee_rps_nominal / 2))
     assert half.queue_s_p99 == 0.0 and half.running_peak == 1  # below capacity nobody waits
     over = [p for p in curve.points if p.offered_rps > mu / 0.97 * 1.01]
     assert over and not any(p.sustainable for p in over)

@@ -10,7 +10,9 @@ Cell options (``Cell.options``): ttft_s (0.05), tpot_s (0.01), chunk_toks (1), m
 fail ("oom" | "error": the run raises, to exercise the runner), oom_above_tokens (raise an OOM when
 concurrency × longest sequence exceeds it — an emulated memory boundary for sweep tests), fail_every (0; k:
 every request whose id is k − 1 modulo k fails after half its tokens, as a request that times out mid-stream
-does — the cell is then ``partial``).
+does — the cell is then ``partial``), timeout_s (None; the client's per-request timeout, as the HTTP backends'
+``timeout_s``: a request not finished this long after it was sent fails with the tokens it got, and leaves its
+queue place or slot to the next, as a server aborts a request whose client hung up).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "fail": None,
     "oom_above_tokens": None,
     "fail_every": 0,
+    "timeout_s": None,
 }
 
 
@@ -44,6 +47,8 @@ def schedule_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise KvrayInputError("synthetic backend: ttft_s and tpot_s must be >= 0")
     if int(opts["chunk_toks"]) < 1 or int(opts["max_batch"]) < 0 or int(opts["fail_every"]) < 0:
         raise KvrayInputError("synthetic backend: chunk_toks must be >= 1, max_batch and fail_every >= 0")
+    if opts["timeout_s"] is not None and not float(opts["timeout_s"]) > 0:
+        raise KvrayInputError(f"synthetic backend: timeout_s must be positive seconds, got {opts['timeout_s']}")
     return opts
 
 
@@ -87,6 +92,7 @@ async def _serve(
 ) -> list[RunTrace]:
     ttft_s, tpot_s, chunk = float(opts["ttft_s"]), float(opts["tpot_s"]), int(opts["chunk_toks"])
     fail_every = int(opts["fail_every"])
+    timeout_s = None if opts["timeout_s"] is None else float(opts["timeout_s"])
     slots = asyncio.Semaphore(int(opts["max_batch"]) or len(requests) or 1)  # FIFO-fair since Python 3.11
     t0 = time.perf_counter()
 
@@ -99,28 +105,43 @@ async def _serve(
             await asyncio.sleep(delay)
         return clock()
 
-    async def serve(r: RequestSpec, sent_s: float) -> RunTrace:
+    async def work(r: RequestSpec, got: dict[str, Any]) -> None:
         async with slots:
-            start = clock()
+            got["start"] = start = clock()
             first = await sleep_until(start + ttft_s)
-            times = [first]
-            fails = fail_every > 0 and r.id % fail_every == fail_every - 1
-            stop = max(r.gen_toks // 2, 1) if fails else r.gen_toks
+            times = got["times"] = [first]
+            stop = max(r.gen_toks // 2, 1) if got["fails"] else r.gen_toks
             while len(times) < stop:
                 k = min(chunk, stop - len(times))
                 stamp = await sleep_until(first + (len(times) + k - 1) * tpot_s)
                 times.extend([stamp] * k)
+
+    async def serve(r: RequestSpec, sent_s: float) -> RunTrace:
+        fails = fail_every > 0 and r.id % fail_every == fail_every - 1
+        got: dict[str, Any] = {"start": None, "times": [], "fails": fails}
+        timed_out = False
+        try:
+            await (work(r, got) if timeout_s is None else asyncio.wait_for(work(r, got), sent_s + timeout_s - clock()))
+        except TimeoutError:  # the client gave up: the slot (or the queue place) goes to the next request
+            timed_out = True
+        times: list[float] = got["times"]
+        end = clock() if timed_out else times[-1]
+        error = None
+        if timed_out:
+            error = f"synthetic: timeout after {timeout_s:g} s, {len(times)} of {r.gen_toks} tokens"
+        elif fails:
+            error = f"synthetic: injected failure after {len(times)} of {r.gen_toks} tokens"
         return RunTrace(
             request_id=r.id,
             repeat=repeat,
             arrival_s=r.arrival_s,  # the schedule's due time replaces it (serve_on_schedule)
-            start_s=start,
+            start_s=got["start"] if got["start"] is not None else end,  # never started: it waited to the end
             token_times_s=times,
-            end_s=times[-1],
+            end_s=end,
             prompt_toks=r.prompt_toks,
             output_toks=len(times),
-            status="error" if fails else "ok",
-            error=f"synthetic: injected failure after {len(times)} of {r.gen_toks} tokens" if fails else None,
+            status="error" if error else "ok",
+            error=error,
         )
 
     ordered = sorted(requests, key=lambda r: (r.arrival_s, r.id))

@@ -104,7 +104,7 @@ def serving_workload(concurrency: int, prompt: Any, gen: Any, arrival_gap_s: flo
 
     For a closed loop ``-c`` is the number of users; for a burst, the burst's size."""
     from kvray.plan.loads import build_workload
-    from kvray.spec import LoadSpec
+    from kvray.spec import OPEN_LOOPS, LoadSpec
 
     kind = str(load.get("kind") or "burst")
     rate = load.get("rate")
@@ -117,10 +117,19 @@ def serving_workload(concurrency: int, prompt: Any, gen: Any, arrival_gap_s: flo
         duration_s=load.get("duration_s"),
         seed=int(load.get("seed") or 0),
         search=search,
+        warmup_s=load.get("warmup_s"),
+        cooldown_s=load.get("cooldown_s"),
     )
     if kind != "burst" and arrival_gap_s:
         raise KvrayInputError("--arrival-gap-s spaces a burst's requests; a load sets its own arrivals")
-    return build_workload(spec, prompt, gen, concurrency=concurrency, slo=slo, arrival_gap_s=arrival_gap_s)
+    workload = build_workload(spec, prompt, gen, concurrency=concurrency, slo=slo, arrival_gap_s=arrival_gap_s)
+    trim = (spec.warmup_s or 0.0) + (spec.cooldown_s or 0.0)
+    if trim and kind in OPEN_LOOPS and search is None:  # the arrivals are known now: the window must hold some
+        arrivals = [r.arrival_s for r in workload.requests]
+        if trim >= max(arrivals) - min(arrivals):
+            raise KvrayInputError(f"--warmup-s + --cooldown-s ({trim:g} s) leave no window: this load's arrivals "
+                                  f"span {max(arrivals) - min(arrivals):.3g} s")  # fmt: skip
+    return workload
 
 
 def validate_backend_options(cell: Cell) -> Cell:

@@ -1,17 +1,23 @@
 """Find where an engine saturates: a bracketing search over open-loop rates, then a curve below the knee.
 
-A rate is **sustainable** when the engine keeps up with it: the steady-state achieved rate follows the offered
-one (``achieved_rps ≥ FOLLOW_FRACTION × offered_rps``) and the queue does not grow through the run (the mean
-queueing time of the last quarter of steady requests is not above the first quarter's by more than
-``QUEUE_GROWTH_FRACTION`` of a request's service time). The search starts from the rate one request alone
-sustains (1 ÷ its E2E), doubles until a rate is not sustainable, then bisects (in log space) between the last
-sustainable and the first unsustainable rate until they are within 10 % — the same search as the simulator's
-(``kvray.sim.saturation.knee_search``), on measured probes. The **knee** is the highest sustainable offered rate found; the
-**saturation rate** the highest achieved rate any probe measured (what the engine delivers when pushed).
-Then ``CURVE_FRACTIONS`` of the knee are measured, so a latency-vs-throughput curve has points below it.
+A rate is **sustainable** when the engine keeps up with it: the achieved rate follows the rate the probe's
+schedule really offered (``achieved_rps ≥ FOLLOW_FRACTION × offered_rps_realised``: below capacity the two
+agree up to the completions' jitter, past it achieved falls to μ / λ of offered) and the queue does not grow
+through the probe's window (``queue_growth``: the median wait of the last quarter of its requests, by arrival,
+is not above the first quarter's by more than ``QUEUE_GROWTH_FRACTION`` of a request's service time — the wait
+is the engine's admission wait in-process, and on an HTTP server its ``num_requests_waiting`` gauge where
+scraped, else TTFT, since there ``queue_s`` is only the client's own send delay). The search starts from the
+rate one request alone sustains (1 ÷ its E2E), doubles until a rate is not sustainable, then bisects (in log
+space) between the last sustainable and the first unsustainable rate until they are within 10 % — the same
+search as the simulator's (``kvray.sim.saturation.knee_search``), on measured probes. The **knee** is the
+highest sustainable rate found, reported as the rate that probe's schedule realised (``knee_rps``, the rate its
+verdict was judged against; the nominal rate the search asked for is ``knee_rps_nominal``); the **saturation
+rate** the highest achieved rate any probe measured (what the engine delivers when pushed). Then
+``CURVE_FRACTIONS`` of the nominal knee are measured, so a latency-vs-throughput curve has points below it.
 
 Every probe is a cell of its own (its concrete rate is in its workload, so in its id and row); the search
-cell's own row summarises (``knee_rps``, ``saturation_rps``, the probes' offered and achieved rates).
+cell's own row summarises (``knee_rps``, ``knee_rps_nominal``, ``saturation_rps``, the probes' nominal, realised
+and achieved rates).
 """
 
 from __future__ import annotations
@@ -66,45 +72,148 @@ def single_request(cell: Cell) -> Cell:
     return dataclasses.replace(cell, workload=Workload(wl.kind, (first,), slo=wl.slo), repeats=1)
 
 
-def sustainable(result: CellResult) -> tuple[bool, str]:
-    """Whether the probe kept up with its rate, and why not (a phrase for the summary)."""
+def sustainable(result: CellResult, service_s: float | None = None) -> tuple[bool, str]:
+    """Whether the probe kept up with its rate, and why not (a phrase for the summary).
+
+    ``service_s``: one request alone, start to end (the search's first measurement); estimated from the
+    probe's own requests when not given (``queue_growth``)."""
     m = result.metrics
     if result.status not in ("ok", "partial") or not m:
         return False, f"status {result.status}"
     if m.get("requests_steady", 0) < MIN_STEADY:
-        return False, f"only {m.get('requests_steady', 0)} steady-state requests: too short to judge"
+        return False, f"only {m.get('requests_steady', 0)} measured requests: too short to judge"
     offered = m.get("offered_rps_realised", math.nan)  # the seeded schedule's own rate, not the nominal one
     achieved = m.get("achieved_rps", math.nan)
     if achieved != achieved or achieved < FOLLOW_FRACTION * offered:
         return False, f"achieved {achieved:.3g} of {offered:.3g} req/s offered"
-    steady = sorted((t for t in result.traces if t.status == "ok"), key=lambda t: t.arrival_s)
-    quarter = len(steady) // 4
-    if quarter >= 2:
-        queue = [request_metrics(t)["queue_s"] for t in steady]
-        service = float(np.median([t.end_s - t.start_s for t in steady]))
-        growth = float(np.mean(queue[-quarter:]) - np.mean(queue[:quarter]))
-        if growth > QUEUE_GROWTH_FRACTION * service:
-            return False, f"queue grew {growth * 1e3:.3g} ms through the run (service {service * 1e3:.3g} ms)"
+    growth = queue_growth(result, service_s)
+    if growth is not None and growth.grew:
+        return False, growth.phrase()
     return True, "kept up"
+
+
+@dataclass(frozen=True)
+class QueueGrowth:
+    """How much the wait grew from the first to the last quarter of a probe's window, judged on ``signal``."""
+
+    signal: str  # "queue_s" (an in-process engine's admission wait) | "ttft_s" | "num_requests_waiting"
+    growth_s: float  # seconds of wait gained (a gauge's requests are turned into seconds: Δwaiting ÷ achieved)
+    limit_s: float  # QUEUE_GROWTH_FRACTION × a request's service time
+
+    @property
+    def grew(self) -> bool:
+        return self.growth_s > self.limit_s
+
+    def phrase(self) -> str:
+        return (f"queue grew {self.growth_s * 1e3:.3g} ms through the run (on {self.signal}; limit "
+                f"{self.limit_s * 1e3:.3g} ms)")  # fmt: skip
+
+
+def queue_growth(result: CellResult, service_s: float | None = None) -> QueueGrowth | None:
+    """Did the queue grow through the probe's measured window? None when the probe has too few requests.
+
+    Past capacity μ a queue gains λ − μ requests a second and each request waits longer than the one before,
+    so the wait of the last quarter of the window's requests (by arrival) exceeds the first quarter's; below
+    it the wait only fluctuates. The signal is what this backend measures of the wait:
+
+    - in-process engines (``ttft_basis`` "engine": hf, hf-paged, synthetic, sim): ``queue_s`` = start − arrival,
+      the engine's own admission wait;
+    - servers over HTTP (openai, vllm, ollama): ``queue_s`` there is the client's send delay (start = sent), blind
+      to the server's queue, so the server's ``num_requests_waiting`` gauge where /metrics was scraped (≥ 8 points
+      in the window), its growth turned into seconds by Little's law (Δwaiting ÷ achieved_rps); else TTFT, which
+      holds the server's queueing (TTFT = wait + prefill, the prefill the same early and late).
+
+    Medians of each quarter, so one slow request does not decide; the growth is judged against
+    QUEUE_GROWTH_FRACTION of a request's service time (``service_s``, else the median start → end in-process,
+    the median E2E − TTFT plus the smallest TTFT over HTTP)."""
+    from kvray.measure.serving import split_steady
+
+    by_repeat: dict[int, list[Any]] = {}
+    for t in result.traces:
+        by_repeat.setdefault(t.repeat, []).append(t)
+    measured = [t for ts in by_repeat.values() for t in split_steady(result.cell.workload, ts)[0]]
+    done = sorted((t for t in measured if t.status == "ok"), key=lambda t: t.arrival_s)
+    quarter = len(done) // 4
+    if quarter < 2:
+        return None
+    over_http = result.extra.get("ttft_basis") == "client-http"
+    metrics = [request_metrics(t) for t in done]
+    if service_s is None or not service_s > 0:
+        if over_http:
+            service_s = float(
+                np.median([m["e2e_s"] - m["ttft_s"] for m in metrics]) + min(m["ttft_s"] for m in metrics)
+            )
+        else:
+            service_s = float(np.median([t.end_s - t.start_s for t in done]))
+    limit = QUEUE_GROWTH_FRACTION * service_s
+    if over_http:
+        gauge = _gauge_growth(result, by_repeat, measured)
+        if gauge is not None:
+            return QueueGrowth("num_requests_waiting", gauge, limit)
+    signal = "ttft_s" if over_http else "queue_s"
+    values = [m[signal] for m in metrics]
+    growth = float(np.median(values[-quarter:]) - np.median(values[:quarter]))
+    return QueueGrowth(signal, growth, limit)
+
+
+def _gauge_growth(result: CellResult, by_repeat: dict[int, list[Any]], measured: list[Any]) -> float | None:
+    """The server's ``num_requests_waiting`` growth over the window's arrivals, in seconds of wait (Δwaiting ÷
+    achieved_rps, Little's law), mean over repeats; None without enough scraped points."""
+    achieved = float(result.metrics.get("achieved_rps", math.nan))
+    points = [p for p in result.extra.get("kv_timeline") or [] if p.get("waiting") is not None]
+    if not points or not achieved > 0:
+        return None
+    growths = []
+    for repeat in by_repeat:
+        arrivals = [t.arrival_s for t in measured if t.repeat == repeat]
+        if not arrivals:
+            continue
+        lo, hi = min(arrivals), max(arrivals)
+        waiting = [float(p["waiting"]) for p in sorted(points, key=lambda p: p["t_s"])
+                   if p.get("repeat", repeat) == repeat and lo <= p["t_s"] <= hi]  # fmt: skip
+        quarter = len(waiting) // 4
+        if quarter < 2:
+            continue
+        growths.append((np.median(waiting[-quarter:]) - np.median(waiting[:quarter])) / achieved)
+    return float(np.mean(growths)) if growths else None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe as the search saw it: the rate it asked for, the rate its schedule offered, what it achieved."""
+
+    offered_rps: float  # nominal: the rate the search chose (the probe cell's rate, so its id)
+    offered_rps_realised: float  # (measured arrivals − 1) ÷ their span: what the seeded schedule really offered
+    achieved_rps: float
+    sustainable: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
 class SearchOutcome:
-    """What the search found; ``probes`` are (offered, achieved, sustainable) in the order they ran."""
+    """What the search found; ``probes`` in the order they ran.
+
+    ``knee_rps`` is the offered rate the knee probe actually realised (the rate its verdict judged the achieved
+    one against), ``knee_rps_nominal`` the rate the search asked for there (the probe cell's ``offered_rps``)."""
 
     knee_rps: float
     saturation_rps: float
-    probes: list[tuple[float, float, bool]] = field(default_factory=list)
+    knee_rps_nominal: float = math.nan
+    probes: list[Probe] = field(default_factory=list)
     results: list[CellResult] = field(default_factory=list)
     stopped: str = ""
 
     def summary(self) -> dict[str, Any]:
         return {
             "knee_rps": self.knee_rps,
+            "knee_rps_nominal": self.knee_rps_nominal,
             "saturation_rps": self.saturation_rps,
             "probes": len(self.probes),
-            "probe_offered_rps": ",".join(f"{o:.4g}" for o, _, _ in self.probes),
-            "probe_achieved_rps": ",".join(f"{a:.4g}" for _, a, _ in self.probes),
+            "probe_offered_rps": ",".join(f"{p.offered_rps:.4g}" for p in self.probes),
+            "probe_offered_rps_realised": ",".join(f"{p.offered_rps_realised:.4g}" for p in self.probes),
+            "probe_achieved_rps": ",".join(f"{p.achieved_rps:.4g}" for p in self.probes),
             "search_stopped": self.stopped or None,
         }
 
@@ -116,15 +225,18 @@ def find_saturation(
     outcome = SearchOutcome(math.nan, math.nan)
 
     service: list[float] = []
+    judged: list[bool] = []  # per probe: whether it had enough measured requests to count towards saturation_rps
 
     def probe(rate: float) -> bool:
         result = measure(at_rate(cell, rate, service[0] if service else None))
         outcome.results.append(result)
-        ok, why = sustainable(result)
-        achieved = float(result.metrics.get("achieved_rps", math.nan)) if result.metrics else math.nan
-        outcome.probes.append((rate, achieved, ok))
+        ok, why = sustainable(result, service[0] if service else None)
+        m = result.metrics or {}
+        realised = float(m.get("offered_rps_realised", math.nan))
+        outcome.probes.append(Probe(rate, realised, float(m.get("achieved_rps", math.nan)), ok))
+        judged.append(m.get("requests_steady", 0) >= MIN_STEADY)
         if not ok:
-            outcome.stopped = f"{rate:.4g} req/s: {why}"
+            outcome.stopped = f"{rate:.4g} req/s ({realised:.4g} realised): {why}"
         return ok
 
     if start_rps is None:
@@ -139,14 +251,18 @@ def find_saturation(
     low, high = knee_search(probe, start_rps, PRECISION, MAX_DOUBLINGS)
     if high is None:
         outcome.stopped = f"still sustainable at {low:.4g} req/s after {MAX_DOUBLINGS} doublings"
-    outcome.knee_rps = low if low is not None else math.nan
-    achieved = [a for (_, a, _), r in zip(outcome.probes, outcome.results[-len(outcome.probes):], strict=True)
-                if a == a and r.metrics.get("requests_steady", 0) >= MIN_STEADY]  # fmt: skip
+    if low is not None:
+        knee = next((p.offered_rps_realised for p in outcome.probes if p.offered_rps == low and p.sustainable), low)
+        outcome.knee_rps_nominal = low
+        outcome.knee_rps = knee if knee == knee else low  # NaN realised (cannot be: it was judged sustainable)
+    achieved = [
+        p.achieved_rps for p, ok in zip(outcome.probes, judged, strict=True) if ok and p.achieved_rps == p.achieved_rps
+    ]
     outcome.saturation_rps = max(achieved) if achieved else math.nan
     if curve and low is not None:
-        for fraction in CURVE_FRACTIONS:
+        for fraction in CURVE_FRACTIONS:  # of the nominal knee: the rates the search itself steps through
             rate = fraction * low
-            if all(abs(rate - o) > 1e-6 * rate for o, _, _ in outcome.probes):
+            if all(abs(rate - p.offered_rps) > 1e-6 * rate for p in outcome.probes):
                 probe(rate)
     return outcome
 
@@ -158,7 +274,7 @@ def search_result(cell: Cell, outcome: SearchOutcome, started_at: str, duration_
     result = CellResult(cell=cell, status=status, reason=reason, started_at=started_at, duration_s=duration_s)
     result.metrics = {"load": cell.workload.load_kind, **outcome.summary()}
     result.extra["saturation_search"] = {
-        "probes": [{"offered_rps": o, "achieved_rps": a, "sustainable": s} for o, a, s in outcome.probes],
+        "probes": [p.to_dict() for p in outcome.probes],
         "probe_cell_ids": [r.cell_id for r in outcome.results],
     }
     if outcome.results:

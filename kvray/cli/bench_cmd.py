@@ -44,6 +44,13 @@ def bench(
     requests: Annotated[int | None, typer.Option("--requests", help="requests a load sends")] = None,
     duration_s: Annotated[float | None, typer.Option("--duration-s", help="stop sending after this")] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the arrivals and drawn lengths")] = 0,
+    warmup_s: Annotated[
+        float | None,
+        typer.Option("--warmup-s", help="a load's ramp-up: requests sent in its first S s are not measured"),
+    ] = None,
+    cooldown_s: Annotated[
+        float | None, typer.Option("--cooldown-s", help="a load's tail: requests sent in its last S s are not measured")
+    ] = None,
     slo: Annotated[str | None, typer.Option("--slo", help="SLO thresholds, e.g. ttft_ms=500,tpot_ms=50")] = None,
     prompt_dist: Annotated[
         str | None, typer.Option("--prompt-dist", help="e.g. lognormal:median=256,sigma=0.8,max=2048 or sharegpt")
@@ -83,7 +90,8 @@ def bench(
         model, prompt_toks=prompt_toks, gen_toks=gen_toks, concurrency=concurrency,
         mixed=comma_ints("--mixed", mixed) if mixed else None, arrival_gap_s=arrival_gap_s, dtype=dtype,
         weights=weights, device=device, backend=backend, warmup=warmup, repeats=repeats, options=options,
-        load=parse_load_flags(load, rate, requests, duration_s, seed), slo=parse_slo(slo, "--slo") if slo else None,
+        load=parse_load_flags(load, rate, requests, duration_s, seed, warmup_s=warmup_s, cooldown_s=cooldown_s),
+        slo=parse_slo(slo, "--slo") if slo else None,
         prompt_dist=parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else None,
         gen_dist=parse_dist(gen_dist, "--gen-dist") if gen_dist else None, tensor_parallel=tp, clients=clients,
     )  # fmt: skip

@@ -90,7 +90,8 @@ PLACEMENT_COLUMNS = ("device", "hardware_requested", "accelerator_type", "node_i
 BASIS_COLUMNS = ("ttft_basis", "memory_scope")
 # Text that says what load a cell served (kvray/measure/serving.py, kvray/bench/saturation.py).
 SERVING_TEXT_COLUMNS = (
-    "load", "slo", "lengths", "gen_toks_list", "probe_offered_rps", "probe_achieved_rps", "search_stopped",
+    "load", "slo", "lengths", "gen_toks_list", "probe_offered_rps", "probe_offered_rps_realised", "probe_achieved_rps",
+    "search_stopped",
     "client_lag_s_p99_by_client", "client_requests_by_client",  # K client actors (kvray/backends/openai/clients.py)
 )  # fmt: skip
 TEXT_COLUMNS = LABEL_COLUMNS + PLACEMENT_COLUMNS + BASIS_COLUMNS + ENERGY_TEXT_COLUMNS + SERVING_TEXT_COLUMNS

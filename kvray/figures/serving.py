@@ -62,13 +62,16 @@ def has_serving_data(cells: Any) -> bool:
 
 
 def knee_row(part: Any, searches: Any) -> Any | None:
-    """The row at the knee of one configuration's open-loop points: the probe at the search's ``knee_rps``,
+    """The row at the knee of one configuration's open-loop points: the probe at the search's knee,
     else the highest offered rate whose achieved rate was at least FOLLOW_FRACTION of the offered one."""
     open_ = part[part["load"] != "closed"]
     if not len(open_):
         return None
     offered = open_["offered_rps"].astype(float)
-    for knee in searches["knee_rps"].astype(float) if len(searches) else []:
+    knees = searches["knee_rps"].astype(float) if len(searches) else []
+    if len(searches) and "knee_rps_nominal" in searches:  # the probe's row has the nominal rate (knee_rps: realised)
+        knees = searches["knee_rps_nominal"].astype(float).fillna(knees)
+    for knee in knees:
         hit = open_[(offered - knee).abs() <= 1e-6 * max(knee, 1e-12)]
         if len(hit):
             return hit.iloc[0]
@@ -148,8 +151,12 @@ def fig11_latency_vs_throughput(cells: Any, out_dir: Path) -> FigureResult:
                     ax.plot([float(knee["achieved_rps"])], [float(knee[f"{metric}_s_p99"]) * 1e3], marker="*",
                             markersize=14, color=colour, markeredgecolor="black", linestyle="none", zorder=6)  # fmt: skip
             if knee is not None:
-                result.notes.append(f"knee {label}: {float(knee['offered_rps']):.3g} req/s offered, "
-                                    f"{float(knee['achieved_rps']):.3g} achieved")  # fmt: skip
+                # offered as the probe realised it (the search's knee_rps), the rate the search asked for beside it
+                nominal, realised = float(knee["offered_rps"]), as_number(knee.get("offered_rps_realised"))
+                offered = f"{nominal:.3g} req/s offered"
+                if realised is not None:
+                    offered = f"{realised:.3g} req/s offered ({nominal:.3g} nominal)"
+                result.notes.append(f"knee {label}: {offered}, {float(knee['achieved_rps']):.3g} achieved")
             result.series.append(label)
         for ax, (_, slo_key, title) in zip(d.axes, SLO_PANELS, strict=True):
             if slo_key in slos:
@@ -173,7 +180,7 @@ def fig11_latency_vs_throughput(cells: Any, out_dir: Path) -> FigureResult:
         if behind_total:
             result.notes.append(f"{behind_total} rows whose client fell behind its schedule (p99 lag above the "
                                 "limit): ringed red, their offered rate was not what the client sent")  # fmt: skip
-        result.notes.append("n/point: requests behind each percentile (steady state: ramp-up and drain excluded)")
+        result.notes.append("n/point: requests behind each percentile (those that arrived in the measured window)")
         first = rows.iloc[0]
         style.figure_title(d.fig, "Latency vs throughput under load",
                            f"{first['model']} · {first['dtype']} · prompt {first['prompt_toks']} · gen {first['gen_toks']}")  # fmt: skip

@@ -255,24 +255,30 @@ def throughput(traces: Sequence[RunTrace]) -> dict[str, float]:
     return {"makespan_s": makespan, "output_tps": out_toks / span, "total_tps": all_toks / span, "rps": len(ok) / span}
 
 
-def repeat_samples(traces: Sequence[RunTrace]) -> dict[str, list[list[float]]]:
+def repeat_samples(traces: Sequence[RunTrace], *, failed_observations: bool = False) -> dict[str, list[list[float]]]:
     """Each latency metric's values (NaN dropped) of the successful requests, one list per repeat, in
-    LATENCY_METRICS order: what the percentiles pool, and what the bootstrap resamples repeat by repeat."""
+    LATENCY_METRICS order: what the percentiles pool, and what the bootstrap resamples repeat by repeat.
+
+    With ``failed_observations`` (a serving load's measured window, kvray/measure/serving.py) a failed request
+    adds what it observed before it failed, once its first token had arrived: its TTFT, its queue time and the
+    gaps between the tokens it got. Its E2E and TPOT stay undefined: it never completed."""
     by_repeat: dict[int, list[RunTrace]] = defaultdict(list)
     for t in traces:
-        if t.status == "ok":
+        if t.status == "ok" or (failed_observations and t.token_times_s):
             by_repeat[t.repeat].append(t)
     out: dict[str, list[list[float]]] = {m: [] for m in LATENCY_METRICS}
     for _, ts in sorted(by_repeat.items()):
-        per_request = [request_metrics(t) for t in ts]
+        per_request = [(t.status == "ok", request_metrics(t)) for t in ts]
         for name in ("ttft_s", "tpot_s", "e2e_s", "queue_s"):
-            out[name].append([m[name] for m in per_request if m[name] == m[name]])
+            completed_only = name in ("tpot_s", "e2e_s")
+            out[name].append([m[name] for ok, m in per_request if m[name] == m[name] and (ok or not completed_only)])
         out["itl_s"].append([g for t in ts for g in itl_gaps(t.token_times_s)])
     return out
 
 
-def summarize(traces: Sequence[RunTrace]) -> dict[str, Any]:
-    """The aggregate columns of a CellResult from all its (measured, non-warmup) traces."""
+def summarize(traces: Sequence[RunTrace], *, failed_observations: bool = False) -> dict[str, Any]:
+    """The aggregate columns of a CellResult from all its (measured, non-warmup) traces; ``failed_observations``:
+    see ``repeat_samples``."""
     ok = [t for t in traces if t.status == "ok"]
     out: dict[str, Any] = {
         "requests": len(traces),
@@ -281,7 +287,7 @@ def summarize(traces: Sequence[RunTrace]) -> dict[str, Any]:
         "failure_rate": (len(traces) - len(ok)) / len(traces) if traces else float("nan"),
         "output_toks_total": sum(t.output_toks for t in ok),
     }
-    for name, groups in repeat_samples(traces).items():
+    for name, groups in repeat_samples(traces, failed_observations=failed_observations).items():
         out.update(describe_counted(groups, name))
     by_repeat: dict[int, list[RunTrace]] = defaultdict(list)
     for t in traces:

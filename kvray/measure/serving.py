@@ -2,21 +2,30 @@
 
 Defined once here for every backend (docs/metrics.md, "Serving load"). For a burst (every workload before
 load models) the latency columns pool every request, as before. For closed and open loops they pool only the
-**steady-state** requests of each repeat — not those that started in the ramp-up or ended in the drain:
+**measured** (steady-state) requests of each repeat, chosen by when they were *sent*, never by when they ended:
+choosing by end time keeps the fast requests and drops the slow ones exactly when the engine is overloaded.
 
-  open loops   ramp-up: arrived before the first arrival + warmup_s (0 by default); drain: ended after the
-               last arrival − cooldown_s (0), when the engine serves fewer requests than the rate keeps going
+  open loops   the requests that arrived in [first arrival + warmup_s, last arrival − cooldown_s] (0 and 0 by
+               default: every request); the client waits for every one of them to end (each backend gathers
+               every request it sent; a request that times out ends as a failure), and every one counts —
+               failures in failure_rate and as SLO misses, their TTFT, inter-token gaps and queue time where
+               they got that far (their E2E and TPOT are undefined: they never completed)
   closed loop  ramp-up: each user's first request (the users start together on an idle engine: a burst) and
                any sent before the first end + warmup_s; drain: each user's last request (once one user is
-               done, fewer keep the engine busy) and, with cooldown_s, any ending after the first user's last
+               done, fewer keep the engine busy) and, with cooldown_s, any sent after the first user's last
                send − cooldown_s
 
-  achieved_rps   open loops: (ok steady completions − 1) ÷ (last − first completion); closed loops: ok steady
-                 requests ÷ (first steady arrival → last steady end); mean over repeats
+  achieved_rps   open loops: (ok measured completions − 1) ÷ (their first → last completion): the rate the engine
+                 completed the window's traffic at — the offered rate below capacity, the capacity above it (the
+                 engine stays busy while the window's queue drains); closed loops: ok measured requests ÷
+                 (first measured arrival → last measured end); mean over repeats
   offered_rps    the load's rate (open loops); NaN for closed loops and bursts, whose rate is the engine's
-  offered_rps_realised  (steady arrivals − 1) ÷ their span: what the seeded schedule really offered
-  slo_attainment fraction of steady requests (failed ones count as misses) meeting every SLO threshold
-  goodput_rps    achieved_rps × the fraction of ok steady requests meeting every SLO
+  offered_rps_realised  (measured arrivals − 1) ÷ their span: what the seeded schedule really offered
+  steady_span_s  the window's duration: first measured arrival → last measured end (mean over repeats); with
+                 warmup_s = cooldown_s = 0 it is vLLM bench's and AIPerf's benchmark duration
+  slo_attainment fraction of measured requests (failed ones count as misses) meeting every SLO threshold
+  goodput_rps    measured requests meeting every SLO ÷ steady_span_s, mean over repeats (vLLM's ``--goodput``
+                 and AIPerf's goodput: good requests ÷ benchmark duration)
   client_lag_s   sent − due per request (all requests of the run): how late the client sent it; a loop
                  whose p99 lag exceeds ``lag_limit_s`` — 10 % of the mean gap between arrivals, within
                  [10 ms, 50 ms] — did not offer the rate it claims, and its row says so (``client_behind``)
@@ -56,7 +65,10 @@ def lag_limit_s(workload: Workload) -> float:
 
 
 def split_steady(workload: Workload, traces: Sequence[RunTrace]) -> tuple[list[RunTrace], int, int]:
-    """One repeat's traces → (steady-state traces, how many fell in the ramp-up, how many in the drain)."""
+    """One repeat's traces → (measured traces, how many fell in the ramp-up, how many in the drain).
+
+    Chosen by when each request was sent (its ``arrival_s``, the schedule's due time), never by when it ended,
+    and failures included: the window's requests are all of its requests (docs/metrics.md, "Serving load")."""
     load = workload.load
     if workload.load_kind == "burst" or load is None or not traces:
         return list(traces), 0, 0
@@ -71,12 +83,12 @@ def split_steady(workload: Workload, traces: Sequence[RunTrace]) -> tuple[list[R
         start = min(t.end_s for t in traces) + warmup
         stop = min(max(t.arrival_s for t in ts) for ts in users.values()) - cooldown
         ramp = [t for t in traces if t.request_id in first or t.arrival_s < start - 1e-9]
-        drain = [t for t in traces if t not in ramp and (t.request_id in last or (cooldown and t.end_s > stop))]
-    else:
+        drain = [t for t in traces if t not in ramp and (t.request_id in last or (cooldown and t.arrival_s > stop))]
+    else:  # open loops: the requests that arrived in [first + warmup, last − cooldown], however long they took
         start = min(t.arrival_s for t in traces) + warmup
         stop = max(t.arrival_s for t in traces) - cooldown
         ramp = [t for t in traces if t.arrival_s < start]
-        drain = [t for t in traces if t.arrival_s >= start and t.end_s > stop]
+        drain = [t for t in traces if t.arrival_s >= start and t.arrival_s > stop]
     excluded = {id(t) for t in ramp + drain}
     return [t for t in traces if id(t) not in excluded], len(ramp), len(drain)
 
@@ -91,11 +103,14 @@ def _user_of(request_id: int, by_id: Mapping[int, Any]) -> int:
 
 
 def _completion_rate(kind: str, ok: Sequence[RunTrace]) -> tuple[float, float]:
-    """(requests/s, the span it was measured over) of one repeat's ok steady requests; NaN when undefined.
+    """(requests/s, the span it was measured over) of one repeat's ok measured requests; NaN when undefined.
 
     Open loops: completions per second between the first and the last completion, (k − 1) ÷ span — exact
-    for a steady stream, where the span from first arrival to last end would add one service time. Closed
-    loops complete in waves (every user at once), so there it is k ÷ (first arrival → last end)."""
+    for a steady stream, where the span from first arrival to last end would add one service time. The
+    window's requests complete after it closes when the engine is behind: their completions then span
+    longer than their arrivals, at the engine's own rate (the queue keeps it busy until the last of them),
+    so this is the offered rate below capacity and the capacity above it. Closed loops complete in waves
+    (every user at once), so there it is k ÷ (first arrival → last end)."""
     if kind == "closed" or kind == "burst":
         span = max((t.end_s for t in ok), default=0.0) - min((t.arrival_s for t in ok), default=0.0)
         return (len(ok) / span, span) if ok and span > 0 else (float("nan"), float("nan"))
@@ -104,7 +119,7 @@ def _completion_rate(kind: str, ok: Sequence[RunTrace]) -> tuple[float, float]:
 
 
 def _arrival_rate(kind: str, steady: Sequence[RunTrace]) -> float:
-    """Open loops: the rate the seeded schedule actually offered over the steady requests, mean over repeats."""
+    """Open loops: the rate the seeded schedule actually offered over the measured requests, mean over repeats."""
     if kind not in ("poisson", "gamma", "constant"):
         return float("nan")
     by_repeat: dict[int, list[float]] = defaultdict(list)
@@ -132,8 +147,16 @@ def meets_slo(trace: RunTrace, slo: Mapping[str, float]) -> bool:
     return True
 
 
+def window_span(measured: Sequence[RunTrace]) -> float:
+    """One repeat's window duration: its measured requests' first arrival → last end, failures included (the
+    client waited for each); NaN when there are none. Goodput's denominator."""
+    if not measured:
+        return float("nan")
+    return max(t.end_s for t in measured) - min(t.arrival_s for t in measured)
+
+
 def serving_summary(workload: Workload, traces: Sequence[RunTrace]) -> dict[str, Any]:
-    """The cell's metric columns: ``summarize`` over the steady-state requests, plus the serving columns."""
+    """The cell's metric columns: ``summarize`` over the measured requests, plus the serving columns."""
     slo = dict(workload.slo)
     by_repeat: dict[int, list[RunTrace]] = defaultdict(list)
     for t in traces:
@@ -145,14 +168,17 @@ def serving_summary(workload: Workload, traces: Sequence[RunTrace]) -> dict[str,
         kept, ramped, drained = split_steady(workload, ts)
         steady += kept
         ramp, drain = ramp + ramped, drain + drained
-        rate, window = _completion_rate(workload.load_kind, [t for t in kept if t.status == "ok"])
+        rate, _ = _completion_rate(workload.load_kind, [t for t in kept if t.status == "ok"])
         if rate == rate:
-            windows.append(window)
             achieved.append(rate)
-            ok = sum(t.status == "ok" for t in kept)
-            goodput.append(rate * sum(meets_slo(t, slo) for t in kept) / ok if slo else float("nan"))
+        span = window_span(kept)
+        if span > 0:
+            windows.append(span)
+            if slo:
+                goodput.append(sum(meets_slo(t, slo) for t in kept) / span)
     met = sum(meets_slo(t, slo) for t in steady) if slo else 0
-    out: dict[str, Any] = summarize(steady if workload.load_kind != "burst" else traces)
+    loop = workload.load_kind != "burst"  # a loop counts what its failed requests observed (module docstring)
+    out: dict[str, Any] = summarize(steady, failed_observations=True) if loop else summarize(traces)
     nan = float("nan")
     load = workload.load
     lags = [t.sent_s - t.arrival_s for t in traces if t.sent_s is not None]  # the client's, over the whole run

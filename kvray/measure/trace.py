@@ -14,7 +14,8 @@ from kvray.spec import Cell
 
 # ok       every request of every measured repeat succeeded
 # partial  the cell ran, but some requests failed: its latency percentiles pool only the successful ones
-#          (``requests_failed``, ``failure_rate`` and each ``<metric>_n`` say how many)
+#          (``requests_failed``, ``failure_rate`` and each ``<metric>_n`` say how many) — under a serving load
+#          a failed request also adds the TTFT, queue time and token gaps it observed (kvray/measure/serving.py)
 # oom | error | skipped_after_oom | refused   no measurement (see docs/metrics.md, "Status and OOM")
 STATUSES = ("ok", "partial", "oom", "error", "skipped_after_oom", "refused")
 MEASURED_STATUSES = ("ok", "partial")  # cells whose metrics are results (drawn, fitted, tabled)

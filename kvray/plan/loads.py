@@ -261,11 +261,15 @@ def parse_dist(text: str, flag: str) -> dict[str, Any]:
 
 
 def parse_load_flags(kind: str | None, rate: str | None, requests: int | None, duration_s: float | None,
-                     seed: int) -> dict[str, Any] | None:  # fmt: skip
+                     seed: int, *, warmup_s: float | None = None,
+                     cooldown_s: float | None = None) -> dict[str, Any] | None:  # fmt: skip
     """``kvray bench``'s load flags → the mapping ``bench_cell`` takes (None: no load flag given, a burst)."""
     if kind is None:
         if rate is not None or requests is not None or duration_s is not None:
             raise KvrayInputError("--rate, --requests and --duration-s need --load (closed, poisson, gamma, constant)")
+        if warmup_s is not None or cooldown_s is not None:
+            raise KvrayInputError("--warmup-s and --cooldown-s trim a load's window: they need --load (closed, "
+                                  "poisson, gamma, constant)")  # fmt: skip
         return None
     if kind not in LOAD_KINDS_ALL:
         raise KvrayInputError(f"--load: unknown load kind {kind!r} (known: {', '.join(LOAD_KINDS_ALL)})")
@@ -286,4 +290,17 @@ def parse_load_flags(kind: str | None, rate: str | None, requests: int | None, d
         raise KvrayInputError(f"--requests must be positive, got {requests}")
     if duration_s is not None and not (math.isfinite(duration_s) and duration_s > 0):
         raise KvrayInputError(f"--duration-s must be a positive number of seconds, got {duration_s}")
-    return {"kind": kind, "rate": value, "requests": requests, "duration_s": duration_s, "seed": seed}
+    for flag, trim in (("--warmup-s", warmup_s), ("--cooldown-s", cooldown_s)):
+        if trim is not None and not (math.isfinite(trim) and trim >= 0):
+            raise KvrayInputError(f"{flag} must be a number of seconds >= 0, got {trim}")
+        if trim is not None and kind == "burst":
+            raise KvrayInputError(f"{flag} trims a closed or open loop's window; a burst pools every request")
+    return {
+        "kind": kind,
+        "rate": value,
+        "requests": requests,
+        "duration_s": duration_s,
+        "seed": seed,
+        "warmup_s": warmup_s,
+        "cooldown_s": cooldown_s,
+    }

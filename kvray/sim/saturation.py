@@ -13,8 +13,10 @@ A probe is **sustainable** when achieved ≥ ``follow`` × sent (default 0.97) o
 whatever arrives, so achieved / sent falls to μ / λ and each request waits 1 − μ / λ seconds longer than the one
 a second before it; both tests fail together past λ = μ / follow. Below capacity the rates agree up to the
 requests in flight at the window's ends, and the wait test keeps that noise from ending the search early.
-The **knee** is the highest sustainable offered rate, and the **saturation rate** the highest achieved rate any
-probe measured (the names kvray/bench/saturation.py gives the measured search). The knee is found by doubling from
+The **knee** is the highest sustainable offered rate, reported as the rate that probe's arrivals realised over its
+window (``knee_rps`` = its ``sent_rps``, the rate the verdict judged achieved against; the rate the search asked
+for is ``knee_rps_nominal``), and the **saturation rate** the highest achieved rate any probe measured (the names
+kvray/bench/saturation.py gives the measured search). The knee is found by doubling from
 1 / single-request service time (a serial engine's capacity, a lower bound for any batching engine) until a
 probe is not sustainable, then by geometric bisection until hi / lo ≤ 1 + ``precision``. So the knee lies in
 [μ (1 − precision), μ / follow] for a deterministic (constant-rate, fixed-length) load.
@@ -157,7 +159,8 @@ class SaturationCurve:
     gpu: str
     mix: list[tuple[int, int]]
     arrivals: str
-    knee_rps: float  # the highest sustainable offered rate found
+    knee_rps: float  # the highest sustainable offered rate found, as its arrivals realised it (its sent_rps)
+    knee_rps_nominal: float  # the rate the search asked for there (its probe's offered_rps)
     achieved_at_knee_rps: float
     saturation_rps: float  # the highest achieved rate of any probe: what the engine completes once pushed
     service_s: float  # one request alone, start to end: 1 / this is the serial capacity the search starts at
@@ -201,10 +204,11 @@ def find_saturation(g: ModelGeometry, gpu: GpuSpec, mix: Sequence[tuple[int, int
     found, _ = knee_search(lambda rate: probe(rate).sustainable, 1.0 / service, precision)
     assert found is not None  # unbounded steps: probe() raises past max_probes instead
     lo = found
-    for fraction in curve:
+    for fraction in curve:  # of the nominal knee: the rates the search itself steps through
         probe(lo * fraction)
     return SaturationCurve(
-        knee_rps=lo,
+        knee_rps=probes[lo].sent_rps,
+        knee_rps_nominal=lo,
         achieved_at_knee_rps=probes[lo].achieved_rps,
         saturation_rps=max(p.achieved_rps for p in probes.values()),
         service_s=service,
