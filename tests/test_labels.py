@@ -73,3 +73,60 @@ def test_bench_openai_with_a_bundled_id_against_a_live_server(tmp_path, monkeypa
     out = capsys.readouterr()
     assert exc.value.code in (0, None), out.err
     assert "status: ok" in out.out and elapsed < 45, (elapsed, out.out)
+
+
+# --- item 5: a bunched stream is flagged, not read as a TPOT ---------------------------------------------------
+
+
+def _trace(request_id: int, first: float, gap: float, n: int, repeat: int = 0, status: str = "ok"):
+    from kvray.measure.trace import RunTrace
+
+    times = [first + i * gap for i in range(n)]
+    return RunTrace(request_id, repeat, 0.0, 0.0, times, times[-1], 8, n, status=status)
+
+
+@pytest.mark.parametrize(
+    ("gap_s", "n", "bunched"),
+    [
+        (0.1e-3 / 7, 8, True),  # docs/benchmarks.md: 8 tokens within 0.1 ms of each other
+        (0.24e-3, 4, True),  # 3 gaps, 0.72 ms in all: < 0.25 ms a token
+        (0.26e-3, 4, False),  # 0.78 ms: just above the floor
+        (0.0, 3, False),  # three tokens are not judged (a first chunk may carry two)
+        (0.0, 4, True),  # one chunk of 4 tokens: no TPOT can be read from it
+        (0.018, 8, False),  # vLLM's CPU cadence here, 18 ms
+    ],
+)
+def test_tokens_bunched_rule(gap_s, n, bunched):
+    from kvray.measure.metrics import tokens_bunched
+
+    assert tokens_bunched(_trace(0, 0.2, gap_s, n)) is bunched
+
+
+def test_bunched_streams_leave_the_tpot_columns_and_are_counted():
+    """4 requests streamed at 20 ms a token (8 tokens: TPOT 20 ms, 7 gaps each) and 2 stalled ones (8 tokens in
+    0.07 ms): TPOT p50 = 20 ms over n = 4, ITL over 28 gaps, tpot_bunched_n = 2; TTFT and E2E keep all 6."""
+    from kvray.measure.metrics import summarize
+
+    good = [_trace(i, 0.05, 0.020, 8) for i in range(4)]
+    stalled = [_trace(4 + i, 0.30, 0.00001, 8) for i in range(2)]
+    m = summarize(good + stalled)
+    assert m["tpot_bunched_n"] == 2
+    assert m["tpot_s_n"] == 4 and m["tpot_s_p50"] == pytest.approx(0.020)
+    assert m["tpot_s_min"] == pytest.approx(0.020)  # the 0.01 ms "TPOT" is gone
+    assert m["itl_s_n"] == 4 * 7 and m["itl_s_min"] == pytest.approx(0.020)
+    assert m["ttft_s_n"] == 6 and m["e2e_s_n"] == 6
+    # the simulator's traces are computed, not read: a tiny model's microsecond TPOT stays a TPOT
+    sim = summarize(good + stalled, simulated=True)
+    assert sim["tpot_bunched_n"] == 0 and sim["tpot_s_n"] == 6
+
+
+def test_trace_rows_mark_the_bunched_request():
+    from kvray.data.store import trace_rows
+    from kvray.measure.trace import CellResult
+    from kvray.spec import Cell, Workload
+
+    result = CellResult(Cell("kvray/tiny-llama", Workload.uniform(2, 8, 8), backend="synthetic"), "ok")
+    result.traces = [_trace(0, 0.05, 0.020, 8), _trace(1, 0.30, 0.00001, 8)]
+    rows = {r["request_id"]: r for r in trace_rows(result)}
+    assert rows[0]["tokens_bunched"] is False and rows[0]["tpot_s"] == pytest.approx(0.020)
+    assert rows[1]["tokens_bunched"] is True and rows[1]["tpot_s"] != rows[1]["tpot_s"]  # NaN

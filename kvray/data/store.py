@@ -454,11 +454,19 @@ def _json_default(obj: Any) -> Any:
 
 
 def trace_rows(result: CellResult) -> list[dict[str, Any]]:
-    """Per-request rows for the traces table (token times as a list column, metrics defined in measure.metrics)."""
-    from kvray.measure.metrics import request_metrics
+    """Per-request rows for the traces table (token times as a list column, metrics defined in measure.metrics).
+    A bunched stream (``tokens_bunched``: stamped by a stalled reader, never a simulated one) has no ``tpot_s``."""
+    from kvray.measure.metrics import request_metrics, tokens_bunched
 
     cell_id = result.cell_id  # once: it hashes the whole cell, whose workload lists every request
-    return [{"cell_id": cell_id, **t.to_dict(), **request_metrics(t)} for t in result.traces]
+    rows = []
+    for t in result.traces:
+        bunched = not result.simulated and tokens_bunched(t)
+        metrics = request_metrics(t)
+        if bunched:
+            metrics["tpot_s"] = float("nan")
+        rows.append({"cell_id": cell_id, **t.to_dict(), **metrics, "tokens_bunched": bunched})
+    return rows
 
 
 def result_from_record(record: dict[str, Any]) -> CellResult:

@@ -132,7 +132,7 @@ def meets_slo(trace: RunTrace, slo: Mapping[str, float]) -> bool:
     return True
 
 
-def serving_summary(workload: Workload, traces: Sequence[RunTrace]) -> dict[str, Any]:
+def serving_summary(workload: Workload, traces: Sequence[RunTrace], *, simulated: bool = False) -> dict[str, Any]:
     """The cell's metric columns: ``summarize`` over the steady-state requests, plus the serving columns."""
     slo = dict(workload.slo)
     by_repeat: dict[int, list[RunTrace]] = defaultdict(list)
@@ -152,7 +152,7 @@ def serving_summary(workload: Workload, traces: Sequence[RunTrace]) -> dict[str,
             ok = sum(t.status == "ok" for t in kept)
             goodput.append(rate * sum(meets_slo(t, slo) for t in kept) / ok if slo else float("nan"))
     met = sum(meets_slo(t, slo) for t in steady) if slo else 0
-    out: dict[str, Any] = summarize(steady if workload.load_kind != "burst" else traces)
+    out: dict[str, Any] = summarize(steady if workload.load_kind != "burst" else traces, simulated=simulated)
     nan = float("nan")
     load = workload.load
     lags = [t.sent_s - t.arrival_s for t in traces if t.sent_s is not None]  # the client's, over the whole run
