@@ -130,3 +130,43 @@ def test_trace_rows_mark_the_bunched_request():
     rows = {r["request_id"]: r for r in trace_rows(result)}
     assert rows[0]["tokens_bunched"] is False and rows[0]["tpot_s"] == pytest.approx(0.020)
     assert rows[1]["tokens_bunched"] is True and rows[1]["tpot_s"] != rows[1]["tpot_s"]  # NaN
+
+
+# --- item 5: kvray bench prints n, "max of n" below a percentile's sample, no spread for one repeat -----------
+
+
+@pytest.mark.parametrize(
+    ("n", "stat", "shown"),
+    [
+        (4, "p90", "max of 4"),  # p90 needs ⌈100 / 10⌉ = 10 values
+        (9, "p90", "max of 9"),
+        (10, "p90", "90.00"),
+        (99, "p99", "max of 99"),  # p99 needs 100
+        (100, "p99", "99.00"),
+        (4, "p50", "50.00"),  # p50 needs 2
+        (4, "max", "100.00"),
+    ],
+)
+def test_bench_stat_holds_back_a_percentile_the_sample_cannot_hold(n, stat, shown):
+    from kvray.cli.render import bench_stat
+
+    m = {"tpot_s_n": n, "tpot_s_p50": 0.050, "tpot_s_p90": 0.090, "tpot_s_p99": 0.099, "tpot_s_max": 0.100}
+    assert bench_stat(m, "tpot_s", stat) == shown
+
+
+def test_bench_prints_n_and_no_spread_for_one_repeat(tmp_path, monkeypatch, capsys):
+    """4 requests × 1 repeat on the synthetic engine (4 output tokens: 3 ITL gaps each, 12 in all): every p90
+    and p99 reads "max of n" except ITL's p90 (12 ≥ 10), and throughput has no "± 0.0"."""
+    from kvray.cli.app import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "-m", "kvray/tiny-llama", "--backend", "synthetic", "--prompt-toks", "8", "--gen-toks", "4",
+              "-c", "4", "--repeats", "1", "--warmup", "0", "--output", str(tmp_path / "out")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert exc.value.code in (0, None), out
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in out.splitlines()
+            if line.count("│") == 8}  # fmt: skip
+    assert rows["TTFT"][0] == "4" and rows["TTFT"][3:5] == ["max of 4", "max of 4"]
+    assert rows["ITL"][0] == "12" and rows["ITL"][4] == "max of 12" and "max" not in rows["ITL"][3]
+    assert "± 0.0" not in out and "1 repeat, no spread" in out
