@@ -170,3 +170,106 @@ def test_bench_prints_n_and_no_spread_for_one_repeat(tmp_path, monkeypatch, caps
     assert rows["TTFT"][0] == "4" and rows["TTFT"][3:5] == ["max of 4", "max of 4"]
     assert rows["ITL"][0] == "12" and rows["ITL"][4] == "max of 12" and "max" not in rows["ITL"][3]
     assert "± 0.0" not in out and "1 repeat, no spread" in out
+
+
+# --- item 5: a vLLM row on a GPU shows the server's GPU memory, not its host RSS ------------------------------
+
+GIB, MIB = 2**30, 2**20
+
+
+def _vllm_gpu_rows():
+    """exp1 on vLLM, one H100: the server's GPU memory (NVML, its tree) 20 GiB + 100 MiB per request; its host
+    RSS a flat 3 GiB (what "peak mem" showed); the whole device 0.5 GiB above the server's."""
+    import pandas as pd
+
+    rows = []
+    for c in (1, 2, 4, 8):
+        gpu = 20 * GIB + c * 100 * MIB
+        rows.append({"cell_id": f"c{c}", "experiment": "exp1", "model": "m", "backend": "vllm", "dtype": "bf16",
+                     "hardware": "NVIDIA H100 80GB HBM3", "status": "ok", "workload": "uniform", "concurrency": c,
+                     "prompt_toks": 128, "gen_toks": 16, "simulated": False, "server_gpu_peak_bytes": gpu, "server_rss_peak_bytes": 3 * GIB,
+                     "rss_peak_bytes": 3 * GIB, "nvml_peak_used_bytes": gpu + GIB // 2,
+                     "kv_predicted_bytes": c * MIB, "kv_measured_bytes": c * MIB})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_peak_memory_is_the_servers_gpu_memory_everywhere():
+    from kvray.analysis.findings import memory_slopes
+    from kvray.analysis.views import peak_column, peak_memory, prepare
+    from kvray.figures.server import memory_bytes
+
+    view = prepare(_vllm_gpu_rows())
+    row = view.cells.iloc[0]
+    assert peak_memory(row) == (20 * GIB + 100 * MIB, "server process tree GPU memory (NVML)")
+    assert memory_bytes(row) == peak_memory(row)  # fig8 reads the same definition
+    assert peak_column(view.cells) == ("server_gpu_peak_bytes", "server process tree GPU memory (NVML)")
+    (slope,) = memory_slopes(view)
+    assert slope.values["peak_column"] == "server_gpu_peak_bytes"
+    assert slope.values["slope_bytes_per_request"] == pytest.approx(100 * MIB)  # the host RSS has slope 0
+
+
+def test_report_peak_mem_cell_is_the_servers_gpu_memory():
+    from kvray.analysis.views import prepare
+    from kvray.report import CELL_COLUMNS
+
+    view = prepare(_vllm_gpu_rows())
+    cell = dict(CELL_COLUMNS)["peak mem"](view.cells.iloc[0])
+    assert cell == "20.10 GiB"  # 20 GiB + 100 MiB, not the host RSS's 3.00 GiB
+
+
+def test_in_process_and_cpu_rows_keep_their_own_columns():
+    from kvray.analysis.views import peak_memory
+
+    hf_gpu = {"peak_allocated_bytes": 5 * GIB, "rss_peak_bytes": 2 * GIB, "nvml_peak_used_bytes": 6 * GIB}
+    assert peak_memory(hf_gpu) == (5 * GIB, "torch max_memory_allocated")
+    vllm_cpu = {"server_gpu_peak_bytes": None, "server_rss_peak_bytes": 4 * GIB, "rss_peak_bytes": 4 * GIB}
+    assert peak_memory(vllm_cpu) == (4 * GIB, "server process tree RSS")
+    assert peak_memory({"rss_peak_bytes": float("nan")}) == (None, None)
+
+
+# --- item 5: KV not recomputed is not memory saved -------------------------------------------------------------
+
+
+def _reuse_record(cell_id, prefix_caching, peak_kv, status="ok", backend="sim", key="prefix_caching"):
+    options = {} if prefix_caching is None else {key: prefix_caching}
+    cell = {"model": "kvray/tiny-llama", "backend": backend, "dtype": "bf16", "workload": {"kind": "multi_turn"},
+            "options": options, "experiment": "exp6"}  # fmt: skip
+    return {"cell_id": cell_id, "status": status, "cell": cell, "memory": {"kv_predicted_bytes": peak_kv}}
+
+
+def test_kv_memory_saved_is_peak_without_minus_with_and_nan_for_one_arm():
+    """The issue's 6-turn chat: peak KV 432 MiB with and without caching → 0 saved (while 1,040 MiB were not
+    recomputed); another cell 432 MiB off vs 300 MiB on → 132 MiB; a cell run only with the cache → NaN."""
+    from kvray.analysis.views import kv_memory_saved
+
+    records = [
+        _reuse_record("chat-off", False, 432 * MIB),
+        _reuse_record("chat-on", None, 432 * MIB),  # unset: on, as in vLLM V1 and the simulator
+        {
+            **_reuse_record("b-off", "false", 432 * MIB),
+            "cell": {**_reuse_record("x", "false", 0)["cell"], "dtype": "fp16"},
+        },
+        {**_reuse_record("b-on", True, 300 * MIB), "cell": {**_reuse_record("x", True, 0)["cell"], "dtype": "fp16"}},
+        _reuse_record("alone", True, 100 * MIB, backend="vllm", key="enable_prefix_caching"),
+    ]
+    saved = kv_memory_saved(records)
+    assert saved["chat-on"] == 0 and saved["b-on"] == 132 * MIB
+    assert saved["alone"] != saved["alone"]  # NaN: the dataset has no cache-off arm of it
+    assert "chat-off" not in saved and "b-off" not in saved  # the baselines carry none
+
+
+def test_old_kv_saved_columns_load_under_their_new_names(tmp_path):
+    import json
+
+    from kvray.data.store import load_frames, read_results
+    from kvray.measure.trace import CellResult
+    from kvray.spec import Cell, Workload
+
+    result = CellResult(Cell("kvray/tiny-llama", Workload.uniform(1, 8, 2), backend="sim"), "ok")
+    record = result.to_dict()
+    record["memory"] = {"kv_saved_bytes": 20 * MIB, "kv_saved_bytes_predicted": 20 * MIB}  # a dataset of before
+    (tmp_path / "cells.jsonl").write_text(json.dumps(record) + "\n")
+    (row,) = read_results(tmp_path, traces=False)
+    assert row["memory"] == {"kv_not_recomputed_bytes": 20 * MIB, "kv_not_recomputed_bytes_predicted": 20 * MIB}
+    cells, _ = load_frames(tmp_path)
+    assert cells["kv_not_recomputed_bytes"].iloc[0] == 20 * MIB and "kv_saved_bytes" not in cells.columns
