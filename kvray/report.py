@@ -26,12 +26,12 @@ from kvray.analysis.findings import Finding, compute_findings, suspect_cells
 from kvray.analysis.views import (
     MIXED_STATS,
     OOM_STATUSES,
-    PEAK_COLUMNS,
     View,
     as_number,
     experiment_rows,
-    first_value,
+    kv_memory_saved,
     mixed_pairs,
+    peak_memory,
     prepare,
     simulated_mask,
 )
@@ -163,7 +163,7 @@ CELL_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("prompt", lambda r: str(r["prompt_toks_list"]) if r["workload"] == "mixed" else f"{int(r['prompt_toks'])}"),
     ("gen", lambda r: f"{int(r['gen_toks'])}"),
     ("status", lambda r: str(r["status"]) + (" ⚠" if r.get("_suspect") else "")),
-    ("peak mem", lambda r: _fmt_bytes(first_value(r, PEAK_COLUMNS)[0])),
+    ("peak mem", lambda r: _fmt_bytes(peak_memory(r)[0])),
     ("KV measured", lambda r: _fmt_bytes(r["kv_measured_bytes"])),
     ("KV predicted", lambda r: _fmt_bytes(r["kv_predicted_bytes"])),
     ("KV error", lambda r: _fmt_pct(r["kv_rel_error"])),
@@ -482,24 +482,29 @@ def reuse_blocks(out: Path, redraw: bool = True) -> list[Block]:
     figures = make_reuse_figures(out) if redraw else []
     blocks = [Block("h2", "Exp6 — KV reuse and pressure")]
     rows = []
+    saved = kv_memory_saved(records)
     for r in records:
         m = r.get("memory") or {}
-        keys = ("prefix_cache_hit_rate", "prefix_cache_hit_rate_predicted", "kv_saved_bytes", "preemptions")
+        keys = ("prefix_cache_hit_rate", "prefix_cache_hit_rate_predicted", "kv_not_recomputed_bytes", "preemptions")
         if not any(m.get(k) is not None for k in keys) and r["cell"].get("experiment") != "exp6":
             continue
         wl = r["cell"]["workload"]
         rows.append([r["cell_id"], r["cell"]["backend"], str(wl.get("kind")), str(len(wl["requests"])), r["status"],
                      *(f"{float(m[k]):.1%}" if as_number(m.get(k)) is not None else "—"
                        for k in ("prefix_cache_hit_rate", "prefix_cache_hit_rate_predicted")),
-                     _fmt_bytes(m.get("kv_saved_bytes")), _fmt_bytes(m.get("kv_saved_bytes_predicted")),
+                     _fmt_bytes(m.get("kv_not_recomputed_bytes")), _fmt_bytes(m.get("kv_not_recomputed_bytes_predicted")),
+                     _fmt_bytes(saved.get(r["cell_id"])),
                      _fmt_num((r.get("metrics") or {}).get("preemptions"), 0), _fmt_num(m.get("pool_full_at_s"), 2),
                      _fmt_num(m.get("kv_fill_concurrency_predicted"), 0)])  # fmt: skip
     blocks.append(Block("table", headers=["cell", "backend", "workload", "requests", "status", "hit rate",
-                                          "predicted", "KV saved", "predicted", "preemptions", "pool full at s",
+                                          "predicted", "KV not recomputed", "predicted", "KV memory saved per GPU",
+                                          "preemptions", "pool full at s",
                                           "fills from (kvmath)"], rows=rows))  # fmt: skip
     blocks.append(Block("p", "Hit rate: the engine's prefix-cache hits / prompt tokens over the measured repeats "
                              "(vLLM /metrics); predicted: a block prefix cache replayed on the prompts kvray sent "
-                             "(docs/kv_reuse.md). KV saved: hit tokens × KV bytes per token, per repeat."))  # fmt: skip
+                             "(docs/kv_reuse.md). KV not recomputed: hit tokens × KV bytes per token per GPU, per repeat — "
+                             "the prefill the cache skipped, not memory. KV memory saved per GPU: peak KV of the same "
+                             "cell with the prefix cache off − with it on; — where the dataset has only one arm."))  # fmt: skip
     failed = [r for r in records if r["status"] not in ("ok", "partial") and r["cell"].get("experiment") == "exp6"]
     if failed:  # e.g. a KV dtype this engine's build refuses on this hardware, in the engine's own words
         blocks.append(Block("ul", items=[f"{r['cell_id']} ({r['cell']['backend']}, kv_dtype "

@@ -131,6 +131,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-dist-unknown", [*SYN_BENCH, "--prompt-dist", "zipf:s=2"], "zipf"),
     ("bench-dist-missing", [*SYN_BENCH, "--prompt-dist", "lognormal:sigma=1"], "median"),
     ("bench-dist-text", [*SYN_BENCH, "--gen-dist", "uniform:min=a,max=4"], "--gen-dist"),
+    # tiny Llama holds 4,096 positions: a median of 16 never draws near 99,999,999, but its max may be drawn
+    (
+        "bench-dist-max-beyond-positions",
+        [*SYN_BENCH, "--prompt-dist", "lognormal:median=16,max=99999999"],
+        "--prompt-dist max 99999999 + 2 gen tokens exceed kvray/tiny-llama's max_position_embeddings (4096)",
+    ),
+    ("bench-dist-max-one-over", [*SYN_BENCH, "--prompt-dist", "uniform:min=8,max=4095"], "(4096)"),  # 4095 + 2
+    ("bench-gen-dist-max-beyond", [*SYN_BENCH, "--gen-dist", "uniform:min=1,max=4089"], "--gen-dist max 4089"),
     ("bench-mixed-load", [*SYN_BENCH, "--mixed", "8,8", "--load", "closed", "--requests", "4"], "--mixed"),
     ("bench-openai-no-url", [*BENCH, "--backend", "openai"], "--base-url"),
     ("bench-openai-ftp", [*BENCH, "--backend", "openai", "--base-url", "ftp://x"], "http://"),
@@ -280,6 +288,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("plot-garbage", ["plot", "garbage"], "holds no results"),
     ("plot-not-rows", ["plot", "notrows"], "not a kvray result"),
     ("plot-unknown-cell", ["plot", "results", "--cell", "nosuchcell"], "no cell 'nosuchcell'"),
+    ("plot-out-file", ["plot", "results", "--out", "afile"], "--out afile: afile is a file"),
+    ("plot-out-under-file", ["plot", "results", "--out", "afile/figs"], "afile is a file"),
+    ("plot-out-unwritable", ["plot", "results", "--out", "/proc/kvray-figures"], "cannot write to /proc/kvray"),
+    ("plot-default-out-file", ["plot", "figfile"], "figfile/figures: figfile/figures is a file"),
+    ("report-figures-file", ["report", "figfile"], "figfile/figures is a file"),
     ("report-missing", ["report", "nowhere"], "not a results folder"),
     ("report-empty", ["report", "empty"], "holds no results"),
     ("report-garbage", ["report", "garbage"], "holds no results"),
@@ -330,6 +343,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     cell = bench_cell("kvray/tiny-llama", prompt_toks=8, gen_toks=2, backend="synthetic", repeats=1, warmup=0)
     measure_and_record(cell, root / "results")
+    shutil.copytree(root / "results", root / "figfile")  # results whose figures folder is a plain file
+    (root / "figfile" / "figures").write_text("not a folder\n")
     return root
 
 

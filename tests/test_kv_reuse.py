@@ -69,7 +69,7 @@ def test_reuse_predicts_saved_kv_and_prefill_from_the_roofline():
     g = resolve_geometry("meta-llama/Meta-Llama-3-8B")
     pred = predict_reuse(shared_prefix_workload(8, 1, 2048, 128, 16).requests, 16, g, "bf16", gpu="H100")
     per_token = 2 * 32 * 8 * 128 * 2  # 2 × layers × KV heads × head_dim × bf16 = 128 KiB
-    assert pred.kv_saved_bytes == 7 * 2048 * per_token
+    assert pred.kv_not_recomputed_bytes == 7 * 2048 * per_token
     out = pred.to_dict()
     # 7 of 8 prefills skip 2048 of 2176 tokens: well over 80 % of the prefill FLOPs saved, and time with it
     assert 0.8 < out["prefill_flops_saved_frac_predicted"] < 7 / 8
@@ -132,13 +132,13 @@ def test_the_simulator_serves_shared_prefixes_and_chats_with_the_hits_arithmetic
 
     shared = sim(shared_prefix_workload(16, 1, 256, 32, 4))
     assert shared.memory["prefix_cache_hit_rate"] == pytest.approx(15 * 256 / (16 * 288), abs=1e-6)
-    assert shared.memory["kv_saved_bytes"] == 15 * 256 * PER_TOKEN
+    assert shared.memory["kv_not_recomputed_bytes"] == 15 * 256 * PER_TOKEN
     assert shared.memory["prefix_cache_hit_rate_predicted"] == shared.memory["prefix_cache_hit_rate"]
     chats = sim(multi_turn_workload(4, 3, 100, 30))
     hits = 4 * (0 + 128)
     queries = 4 * (100 + 230 + 360)
     assert chats.memory["prefix_cache_hit_rate"] == pytest.approx(hits / queries, abs=1e-6)  # the row rounds to 6
-    assert chats.memory["kv_saved_bytes"] == hits * PER_TOKEN
+    assert chats.memory["kv_not_recomputed_bytes"] == hits * PER_TOKEN
 
 
 def test_server_prompts_share_exactly_the_prefix_and_the_history(tmp_path):
@@ -260,14 +260,14 @@ def test_vllm_shared_prefix_hits_what_kvray_predicts(measured):
     m = result.memory
     assert m["prefix_cache_hit_rate_predicted"] == pytest.approx(15 * 256 / (16 * 288), abs=1e-6)
     assert abs(m["prefix_cache_hit_rate"] - m["prefix_cache_hit_rate_predicted"]) <= 0.05, m
-    assert m["kv_saved_bytes_predicted"] == 15 * 256 * PER_TOKEN
-    assert abs(m["kv_saved_bytes"] - m["kv_saved_bytes_predicted"]) <= 16 * BLOCK * PER_TOKEN, m
+    assert m["kv_not_recomputed_bytes_predicted"] == 15 * 256 * PER_TOKEN
+    assert abs(m["kv_not_recomputed_bytes"] - m["kv_not_recomputed_bytes_predicted"]) <= 16 * BLOCK * PER_TOKEN, m
     assert result.metrics["prefix_cache_queries"] == 16 * 288  # vLLM counts every prompt token once
     per_request = result.extra["prefix_cache"]["per_request"]  # each answer's own cached_tokens
     assert sorted(p["cached_toks"] for p in per_request) == sorted(p["cached_toks_predicted"] for p in per_request)
     row = result.to_row()
-    for col in ("prefix_cache_hit_rate", "prefix_cache_hit_rate_predicted", "kv_saved_bytes",
-                "kv_saved_bytes_predicted", "preemptions"):  # fmt: skip
+    for col in ("prefix_cache_hit_rate", "prefix_cache_hit_rate_predicted", "kv_not_recomputed_bytes",
+                "kv_not_recomputed_bytes_predicted", "preemptions"):  # fmt: skip
         assert row[col] is not None, col
     assert row["preemptions"] == 0
 

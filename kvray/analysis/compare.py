@@ -239,6 +239,13 @@ def row_sample(result: CellResult) -> list[RunTrace]:
     return out
 
 
+def _row_repeat_samples(result: CellResult, sample: list[RunTrace]) -> dict[str, list[list[float]]]:
+    """Each latency metric's values per repeat, counted as the row counted them (serving_summary): a serving
+    loop's failed requests add what they observed, a simulated cell's streams are never judged bunched."""
+    loop = result.cell.workload.load_kind != "burst"
+    return repeat_samples(sample, failed_observations=loop, simulated=bool(result.simulated))
+
+
 def _repeat_tps(traces: list[RunTrace]) -> list[float]:
     by_repeat: dict[int, list[Any]] = defaultdict(list)
     for t in traces:
@@ -275,7 +282,7 @@ def _hold_back(row: Row, reps: tuple[int, int]) -> Row:
 def compare_pair(pair: Pair) -> list[Row]:
     """Every statistic of one shared cell (p-values not yet adjusted), over each side's row sample."""
     sample_a, sample_b = row_sample(pair.base), row_sample(pair.new)
-    a, b = repeat_samples(sample_a), repeat_samples(sample_b)
+    a, b = _row_repeat_samples(pair.base, sample_a), _row_repeat_samples(pair.new, sample_b)
     rows = []
     for metric in LATENCY:
         x, y = [g for g in a[metric] if g], [g for g in b[metric] if g]

@@ -39,14 +39,13 @@ from kvray.analysis.stats import linear_fit
 from kvray.analysis.stats import power_fit as power_fit  # fig3 draws the same power law
 from kvray.analysis.views import (
     OOM_LABELS,
-    PEAK_COLUMNS,
     SWEEPS,
     View,
     as_number,
-    first_column,
     ok_rows,
     oom_rows,
     partial_rows,
+    peak_column,
     sharded_tensor_parallel,
     simulated_mask,
     split_series,
@@ -70,7 +69,7 @@ def memory_slopes(view: View) -> list[Finding]:
     out = []
     for s in sweep_series(view, "exp1"):
         ok = ok_rows(s.rows)
-        peak = first_column(ok, PEAK_COLUMNS)
+        peak = peak_column(ok)
         if peak is None:
             continue
         pts = ok[["concurrency", peak[0]]].dropna().astype(float)

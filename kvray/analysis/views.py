@@ -23,9 +23,16 @@ OOM_STATUSES = ("oom", "skipped_after_oom", "refused")
 OOM_LABELS = {"oom": "OOM", "skipped_after_oom": "skipped after OOM", "refused": "refused (predicted OOM)"}
 # Columns a series is told apart by, in label order; hardware is shown by its short GPU name.
 SERIES_KEYS = ("model", "hardware_label", "backend", "dtype", "kv_dtype", "weights", "tensor_parallel")
-# Measured peak memory: the allocator's peak on a GPU, the process RSS on a CPU, NVML as the last resort.
+# Measured peak memory — THE definition every reader uses (report "peak mem", fig1/fig4, fig8, the memory-slope
+# finding): the first column a row has, in this order. A server (vLLM) runs in another process, so this
+# process's allocator is empty and its common ``rss_peak_bytes`` is the server's *host* RSS; on a GPU the
+# server's own GPU memory (NVML per process, its CUDA context and KV pool included) is what it holds, so it
+# comes first. Then an in-process backend's allocator peak on a GPU, a process's RSS on a CPU (a server's tree,
+# or this process), and the whole device (NVML) as the last resort.
 PEAK_COLUMNS = (
+    ("server_gpu_peak_bytes", "server process tree GPU memory (NVML)"),
     ("peak_allocated_bytes", "torch max_memory_allocated"),
+    ("server_rss_peak_bytes", "server process tree RSS"),
     ("rss_peak_bytes", "process RSS peak"),
     ("nvml_peak_used_bytes", "NVML device used"),
     ("peak_reserved_bytes", "torch max_memory_reserved"),
@@ -341,6 +348,72 @@ def first_value(row: Any, candidates: tuple[tuple[str, str], ...]) -> tuple[floa
         if value is not None:
             return value, desc
     return None, None
+
+
+def peak_memory(row: Any) -> tuple[float | None, str | None]:
+    """(bytes, what measured them) of one row's peak memory: the first of PEAK_COLUMNS holding a non-zero
+    number; (None, None) when none does."""
+    for col, desc in PEAK_COLUMNS:
+        value = as_number(row.get(col)) if hasattr(row, "get") else None
+        if value:
+            return value, desc
+    return None, None
+
+
+def peak_column(rows: Any) -> tuple[str, str] | None:
+    """The (column, description) of PEAK_COLUMNS a group of rows (one series) is drawn or fitted from: the first
+    with a non-zero value in any of them."""
+    for col, desc in PEAK_COLUMNS:
+        if col in rows.columns and (rows[col].astype(float) > 0).any():
+            return col, desc
+    return None
+
+
+# The cell options that turn an engine's prefix cache on or off (vLLM's engine argument, the simulator's).
+PREFIX_CACHE_OPTIONS = ("enable_prefix_caching", "prefix_caching")
+
+
+def kv_peak_used_bytes(memory: dict[str, Any]) -> float | None:
+    """A row's peak KV in use, per GPU: a paged engine's measured peak (``kv_used_peak_bytes``: usage × a rank's
+    pool), else the KV tensors measured, else — a simulated row — the predicted peak of blocks in use."""
+    for key in ("kv_used_peak_bytes", "kv_measured_bytes", "kv_predicted_bytes"):
+        value = as_number(memory.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def kv_memory_saved(records: list[dict[str, Any]]) -> dict[str, float]:
+    """``kv_memory_saved_bytes_per_gpu`` of each row whose prefix cache was on: the peak KV in use of the same
+    cell with the cache off − its own (``kv_peak_used_bytes``; per GPU of a TP group, as both are). NaN where the
+    dataset holds only one arm. The cell with the cache off is the baseline and carries none. Not hit tokens ×
+    bytes (``kv_not_recomputed_bytes``): blocks a cache hits can be resident anyway, so the peak may not move."""
+    import json
+
+    def arm(record: dict[str, Any]) -> tuple[str, bool] | None:
+        cell = record.get("cell") or {}
+        options = dict(cell.get("options") or {})
+        flags = [options.pop(k) for k in PREFIX_CACHE_OPTIONS if k in options]
+        # unset: on (vLLM V1's default, the simulator's); "false"/"0" from a job file or --option: off
+        on = not flags or str(flags[0]).strip().lower() not in ("false", "0", "no", "off")
+        if record.get("status") not in MEASURED_STATUSES:
+            return None
+        rest = {k: v for k, v in cell.items() if k not in ("options", "experiment")}
+        return json.dumps({**rest, "options": options}, sort_keys=True, default=str), on
+
+    peaks: dict[tuple[str, bool], float] = {}
+    for r in records:
+        key = arm(r)
+        peak = kv_peak_used_bytes(r.get("memory") or {})
+        if key is not None and peak is not None:
+            peaks[key] = peak
+    out: dict[str, float] = {}
+    for r in records:
+        key = arm(r)
+        if key is not None and key[1]:
+            without, with_ = peaks.get((key[0], False)), peaks.get(key)
+            out[str(r["cell_id"])] = without - with_ if without is not None and with_ is not None else math.nan
+    return out
 
 
 def repeat_throughput(view: View, cell_id: str) -> list[float]:

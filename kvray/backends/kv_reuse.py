@@ -7,8 +7,10 @@ counter's growth, and the moment the pool filled on the KV timeline. Predicted: 
 kvmath for the concurrency at which the pool fills. Row columns (docs/kv_reuse.md):
 
   prefix_cache_hit_rate(_predicted)   hits / queries, pooled over the measured repeats
-  kv_saved_bytes(_predicted)          hit tokens × paged KV bytes per token, per repeat (the row keeps the peak
-                                      repeat, as for every kv_ column); measured from the counters
+  kv_not_recomputed_bytes(_predicted) hit tokens × paged KV bytes per token *per GPU* (a TP rank's shard), per
+                                      repeat (the row keeps the peak repeat, as for every kv_ column); measured
+                                      from the counters. KV the engine did not compute again — not memory saved
+                                      (kvray.analysis.views.kv_memory_saved: peak KV without the cache − with it)
   preemptions                         the counter's growth over the measured repeats (summed by the runner)
   kv_fill_concurrency_predicted       the fewest requests of this workload, at full length, that overfill the pool
                                       (None for closed loops, whose requests are never all in flight)
@@ -80,30 +82,31 @@ class ReuseAccount:
         if cell.cell_id != self.cell_id:
             self.reset(cell.cell_id)
         from kvray.model.kvmath import kv_bytes_per_token
+        from kvray.model.parallel import shard_geometry
         from kvray.model.resolve import resolve_geometry
         from kvray.servers.prometheus import cache_dtype
         from kvray.sim.reuse import predict_reuse
 
-        try:
-            g = resolve_geometry(cell.model)
+        try:  # a rank's shard under TP: bytes per token (and so every byte figure here) per GPU
+            g = shard_geometry(resolve_geometry(cell.model), cell.tensor_parallel)
         except Exception:
             g = None
         kv_dtype = cache_dtype(cache.get("cache_dtype"), cell.kv_dtype or cell.dtype)
         pred = predict_reuse(requests, int(block), g, kv_dtype)
         per_token = kv_bytes_per_token(g, kv_dtype, "paged") if g is not None else None
         hits, queries = run.counters.get("prefix_cache_hits"), run.counters.get("prefix_cache_queries")
-        memory: dict[str, Any] = {"prefix_cache_hit_rate_predicted": None, "kv_saved_bytes_predicted": None}
+        memory: dict[str, Any] = {"prefix_cache_hit_rate_predicted": None, "kv_not_recomputed_bytes_predicted": None}
         if hits is not None and queries is not None:
             self.hits, self.queries = self.hits + hits, self.queries + queries
             if self.queries:
                 memory["prefix_cache_hit_rate"] = round(self.hits / self.queries, 6)
             if per_token is not None:
-                memory["kv_saved_bytes"] = round(hits * per_token)
+                memory["kv_not_recomputed_bytes"] = round(hits * per_token)
         self.hits_predicted += pred.hits
         self.queries_predicted += pred.queries
         if self.queries_predicted:
             memory["prefix_cache_hit_rate_predicted"] = round(self.hits_predicted / self.queries_predicted, 6)
-        memory["kv_saved_bytes_predicted"] = pred.kv_saved_bytes
+        memory["kv_not_recomputed_bytes_predicted"] = pred.kv_not_recomputed_bytes
         for t in run.traces:
             self.per_request.append({"repeat": repeat, "request_id": t.request_id, "prompt_toks": t.prompt_toks,
                                      "cached_toks": t.cached_prompt_toks,

@@ -85,6 +85,8 @@ def bench_cell(
         from kvray.model.parallel import check_tensor_parallel
 
         check_tensor_parallel(g, tensor_parallel)  # vLLM's divisibility rules, before anything loads
+    if g is not None and (prompt_dist or gen_dist):
+        check_dist_max(model, g.max_position_embeddings, workload, prompt_dist, gen_dist)
     if g is not None and workload.max_seq_len > g.max_position_embeddings:
         raise KvrayInputError(
             f"prompt + generated tokens ({workload.max_seq_len}) exceed {model}'s "
@@ -96,6 +98,31 @@ def bench_cell(
         clients=clients,
     )  # fmt: skip
     return validate_backend_options(cell)
+
+
+def check_dist_max(model: str, positions: int, workload: Any, prompt_dist: Mapping[str, Any] | None,
+                   gen_dist: Mapping[str, Any] | None) -> None:  # fmt: skip
+    """A length distribution's ``max`` is the longest request it may draw: refused, like ``--prompt-toks``,
+    when that prompt plus the longest output would exceed the model's positions — whatever the seed drew this
+    time (a median of 16 rarely draws near its max, so the drawn workload alone would let 99999999 through)."""
+
+    def longest(dist: Mapping[str, Any] | None, drawn: int) -> tuple[int, str | None]:
+        if dist and dist.get("max") is not None:
+            return int(dist["max"]), "max"
+        return drawn, None
+
+    prompt, p_src = longest(prompt_dist, max(r.prompt_toks for r in workload.requests))
+    gen, g_src = longest(gen_dist, max(r.gen_toks for r in workload.requests))
+    if p_src is None and g_src is None or prompt + gen <= positions:
+        return
+    what = " + ".join(
+        f"--{side}-dist max {n}" if src else f"{n} {side} tokens"
+        for side, n, src in (("prompt", prompt, p_src), ("gen", gen, g_src))
+    )
+    raise KvrayInputError(
+        f"{what} exceed {model}'s max_position_embeddings ({positions}); lower the distribution's max so that "
+        f"prompt + generated tokens <= {positions}"
+    )
 
 
 def serving_workload(concurrency: int, prompt: Any, gen: Any, arrival_gap_s: float, load: Mapping[str, Any],

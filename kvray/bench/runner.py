@@ -138,7 +138,7 @@ def run_cell(
     result.traces = traces
     result.simulated = backend.simulated or any(run.simulated for run in runs)
     if traces:  # steady-state requests only under a serving load (kvray/measure/serving.py)
-        result.metrics = serving_summary(cell.workload, traces)
+        result.metrics = serving_summary(cell.workload, traces, simulated=result.simulated)
     result.memory = _memory(cell, runs, tracker, oom_size)
     if result.memory.get("weights_bytes") is None and backend.weights_bytes is not None:
         result.memory["weights_bytes"] = backend.weights_bytes

@@ -61,8 +61,10 @@ def plot(
     ``--cell CELL_ID``: that cell's timeline, fig10."""
     from contextlib import ExitStack
 
-    from kvray.data.location import is_uri, output_folder
+    from kvray.data.location import check_writable_folder, is_uri, output_folder
 
+    if out is not None and not is_uri(out):  # before the results are read or anything drawn
+        check_writable_folder(out, f"--out {out}")
     with ExitStack() as stack:  # a URI: downloaded now, figures uploaded when the block ends
         folder = str(stack.enter_context(output_folder(results_dir, must_exist=True)))
         figures_dir = str(stack.enter_context(output_folder(out))) if out is not None else None
@@ -73,10 +75,15 @@ def plot(
 
 
 def _plot(results_dir: str, out: str | None, cell: str | None) -> None:
+    from pathlib import Path
+
+    from kvray.data.location import check_writable_folder
     from kvray.figures.plots import make_figures
     from kvray.figures.server import server_figures_if_any
 
     require_results(results_dir)
+    if out is None:  # the default, RESULTS_DIR/figures: the results folder itself may be read-only
+        check_writable_folder(Path(results_dir) / "figures", f"{results_dir}/figures")
     if cell is not None:
         from kvray.figures.timeline import plot_cell_timeline
 
@@ -98,11 +105,14 @@ def report(
     ] = False,
 ) -> None:
     """Write report.md and a self-contained report.html: environment, a table per experiment, findings."""
-    from kvray.data.location import is_uri, output_folder
+    from kvray.data.location import check_writable_folder, is_uri, output_folder
     from kvray.report import make_report
 
     with output_folder(results_dir, must_exist=True) as folder:  # a URI: the report goes back up at the end
         require_results(str(folder))
+        check_writable_folder(folder, f"{results_dir} (report.md, report.html)")
+        if not no_figures:
+            check_writable_folder(folder / "figures", f"{results_dir}/figures")
         paths = make_report(folder, figures=not no_figures)
         render.figures(paths.figures)
         render.findings(paths.findings)

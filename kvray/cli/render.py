@@ -159,24 +159,50 @@ def bench_result(record: Any) -> None:
     out.print(f"wrote {record.cell_json} and {record.output_dir / 'cells.jsonl'}{note}")
 
 
+def bench_stat(m: dict[str, Any], name: str, stat: str) -> str:
+    """One cell of ``kvray bench``'s latency table, in ms: a percentile the sample cannot hold
+    (kvray.measure.metrics.min_samples: p90 needs 10 values, p99 100) reads "max of n" — the value is the max
+    column's — never a p99 that is the maximum of 4 requests; "-" where the metric has no value."""
+    from kvray.measure.metrics import min_samples
+
+    n = m.get(f"{name}_n")
+    if stat.startswith("p") and n is not None and n == n and int(n) < min_samples(float(stat[1:])):
+        return f"max of {int(n)}" if n else "-"
+    value = m.get(f"{name}_{stat}")
+    return "-" if value is None or value != value else f"{value * 1e3:,.2f}"
+
+
+def bench_throughput(m: dict[str, Any]) -> str:
+    """Output tokens/s: the mean over repeats with their standard deviation and count; one repeat has no spread."""
+    repeats = int(m.get("output_tps_n") or 1)
+    if repeats < 2:
+        return f"{m['output_tps']:,.1f} (1 repeat, no spread)"
+    return f"{m['output_tps']:,.1f} ± {m['output_tps_std']:,.1f} (sd over {repeats} repeats)"
+
+
 def _bench_tables(result: Any) -> tuple[Any, Any]:
     from rich.table import Table
 
     m, mem = result.metrics, result.memory
     table = Table(title=f"{result.cell.label()} on {result.hardware.get('name', 'cpu')} — cell {result.cell_id}")
     table.add_column("latency (ms)")
+    table.add_column("n", justify="right")
     stats = ("mean", "p50", "p90", "p99", "max")
     for col in stats:
         table.add_column(col, justify="right")
     for name in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s"):
         if f"{name}_mean" in m:
-            table.add_row(name.removesuffix("_s").upper(), *(f"{m[f'{name}_{s}'] * 1e3:,.2f}" for s in stats))
+            n = m.get(f"{name}_n")
+            table.add_row(name.removesuffix("_s").upper(), "-" if n is None or n != n else f"{int(n):,}",
+                          *(bench_stat(m, name, s) for s in stats))  # fmt: skip
     facts = Table(show_header=False, title="throughput and memory")
     if m:
-        facts.add_row("output tokens/s", f"{m['output_tps']:,.1f} ± {m['output_tps_std']:,.1f}")
+        facts.add_row("output tokens/s", bench_throughput(m))
         facts.add_row("total tokens/s", f"{m['total_tps']:,.1f}")
         facts.add_row("requests/s", f"{m['rps']:,.2f}")
         facts.add_row("requests ok / all", f"{m['requests_ok']} / {m['requests']}")
+        if m.get("tpot_bunched_n"):
+            facts.add_row("TPOT/ITL left out", f"{m['tpot_bunched_n']} bunched stream(s): tokens read < 0.25 ms apart")
     if m.get("client_lag_s_p99_by_client"):  # the load came from K client actors
         lags = ", ".join("-" if x is None else f"{x * 1e3:.1f}" for x in json.loads(m["client_lag_s_p99_by_client"]))
         facts.add_row(f"client lag p99 ms, {result.cell.clients} clients", lags)

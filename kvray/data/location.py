@@ -93,6 +93,38 @@ def local_path(where: str | Path) -> Path:
     return Path(where)
 
 
+def check_writable_folder(folder: str | Path, what: str) -> None:
+    """A local folder kvray is about to write into, proven writable before any work: the missing part of the
+    path is created, a file written and removed in it, and then everything the probe made is removed again (a
+    permission check alone says yes to root on /proc and on a read-only mount), and the existing folder's times
+    are put back. One KvrayInputError line naming ``what`` (``--out /x``) otherwise — so a minute of drawing
+    never ends in a traceback at the first save."""
+    path = local_path(folder).expanduser()
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    if not probe.is_dir():
+        raise KvrayInputError(f"{what}: {probe} is a file, not a folder")
+    stat = probe.stat()
+    made: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".kvray-write-probe-"):
+            pass
+    except OSError as exc:
+        raise KvrayInputError(f"{what}: cannot write to {path} ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        with contextlib.suppress(OSError):
+            os.utime(probe, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 @dataclass(frozen=True)
 class Remote:
     """An object-storage location: ``uri`` as the user wrote it (no secrets: ``parse_remote`` refuses them)."""

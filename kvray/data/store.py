@@ -137,13 +137,32 @@ def _jsonl_last_wins(
     return by_id
 
 
+# Columns renamed since datasets were first written (old name → new): rows are upgraded as they are read, so an
+# old folder loads, draws and reports under today's names. kv_saved_bytes counted hit tokens × bytes per token —
+# KV not recomputed, not memory saved (docs/kv_reuse.md).
+RENAMED_COLUMNS = {
+    "kv_saved_bytes": "kv_not_recomputed_bytes",
+    "kv_saved_bytes_predicted": "kv_not_recomputed_bytes_predicted",
+}
+
+
+def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A row read from disk with RENAMED_COLUMNS' old names under their new ones (in place; returned)."""
+    memory = record.get("memory")
+    if isinstance(memory, dict):
+        for old, new in RENAMED_COLUMNS.items():
+            if old in memory:
+                memory.setdefault(new, memory.pop(old))
+    return record
+
+
 def read_results(out_dir: str | Path, traces: bool = True) -> list[dict[str, Any]]:
     """Every complete line of cells.jsonl (a torn last line is skipped), last record per cell_id wins.
 
     ``traces``: give each record its ``traces`` from traces.jsonl (records of older folders hold them inline).
     Without them a record is a row's worth of bytes: what resuming and counting need.
     """
-    records = list(_jsonl_last_wins(Path(out_dir) / CELLS_JSONL).values())
+    records = [upgrade_record(r) for r in _jsonl_last_wins(Path(out_dir) / CELLS_JSONL).values()]
     if traces:
         attach_traces(out_dir, records)
     return records
@@ -455,11 +474,19 @@ def _json_default(obj: Any) -> Any:
 
 
 def trace_rows(result: CellResult) -> list[dict[str, Any]]:
-    """Per-request rows for the traces table (token times as a list column, metrics defined in measure.metrics)."""
-    from kvray.measure.metrics import request_metrics
+    """Per-request rows for the traces table (token times as a list column, metrics defined in measure.metrics).
+    A bunched stream (``tokens_bunched``: stamped by a stalled reader, never a simulated one) has no ``tpot_s``."""
+    from kvray.measure.metrics import request_metrics, tokens_bunched
 
     cell_id = result.cell_id  # once: it hashes the whole cell, whose workload lists every request
-    return [{"cell_id": cell_id, **t.to_dict(), **request_metrics(t)} for t in result.traces]
+    rows = []
+    for t in result.traces:
+        bunched = not result.simulated and tokens_bunched(t)
+        metrics = request_metrics(t)
+        if bunched:
+            metrics["tpot_s"] = float("nan")
+        rows.append({"cell_id": cell_id, **t.to_dict(), **metrics, "tokens_bunched": bunched})
+    return rows
 
 
 def result_from_record(record: dict[str, Any]) -> CellResult:
@@ -489,8 +516,8 @@ def load_frames(out_dir: str | Path) -> tuple[Any, Any]:
     index = parts.read_index(out)
     if index is None:
         return frames_from_records(read_results(out))
-    tail_cells, tail_traces = frames_from_records(_records_between(out, index.offsets))
-    cells = [f for f in (*parts.read_parts(out, index, "cells"), tail_cells) if len(f)]
+    tail_cells, tail_traces = frames_from_records([upgrade_record(r) for r in _records_between(out, index.offsets)])
+    cells = [f.rename(columns=RENAMED_COLUMNS) for f in (*parts.read_parts(out, index, "cells"), tail_cells) if len(f)]
     traces = [f for f in (*parts.read_parts(out, index, "traces"), tail_traces) if len(f)]
     return (pd.concat(cells, ignore_index=True) if cells else tail_cells,
             pd.concat(traces, ignore_index=True) if traces else tail_traces)  # fmt: skip

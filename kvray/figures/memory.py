@@ -15,7 +15,6 @@ from typing import Any
 
 from kvray.analysis.views import (
     BASELINE_COLUMNS,
-    PEAK_COLUMNS,
     SWEEPS,
     Series,
     View,
@@ -23,6 +22,7 @@ from kvray.analysis.views import (
     first_column,
     ok_rows,
     oom_rows,
+    peak_column,
     simulated_mask,
     sweep_series,
 )
@@ -75,7 +75,7 @@ def _memory_figure(view: View, out_dir: Path, name: str, experiment: str, xlabel
                 f"no {experiment} cells in this dataset",
             )
             return result
-        peaks = [first_column(ok_rows(s.rows), PEAK_COLUMNS) for s in series]
+        peaks = [peak_column(ok_rows(s.rows)) for s in series]
         values = [
             float(v)
             for s, peak in zip(series, peaks, strict=True)

@@ -6,9 +6,10 @@ fig8_backend_compare  the same workload on each backend vs concurrency: peak mem
 fig9_kv_timeline      KV usage and running / waiting requests over one cell's measured runs, per backend that
                       records a timeline (vLLM's Prometheus metrics, hf-paged's own cache)
 
-Memory is read per row from the first column present, because backends see different things: a server's
-process tree (``server_rss_peak_bytes``), the whole GPU (``nvml_peak_used_bytes``), torch's allocator
-(``peak_allocated_bytes``) or this process (``rss_peak_bytes``); the footnote says which one each backend used.
+Memory is read per row by the one definition every reader shares (kvray.analysis.views.PEAK_COLUMNS), because
+backends see different things: a server's GPU memory (``server_gpu_peak_bytes``) or its process tree's RSS,
+torch's allocator (``peak_allocated_bytes``), this process (``rss_peak_bytes``) or the whole GPU; the footnote
+says which one each backend used.
 """
 
 from __future__ import annotations
@@ -17,22 +18,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kvray.analysis.views import as_number
+from kvray.analysis.views import as_number, peak_memory
 from kvray.figures import style
 from kvray.figures.common import FIGURES_DIR, FigureResult, new_figure
 
 SERVER_FIGURES = ("fig8_backend_compare", "fig9_kv_timeline")
 BACKEND_ORDER = ("hf", "hf-paged", "vllm", "openai", "ollama", "sim", "synthetic")
-# Peak memory of a row, first column present. Not fig1's PEAK_COLUMNS (kvray.analysis.views): a backend in
-# another process (a server, vLLM) leaves this process's allocator empty, so its process tree and the whole
-# device come first.
-BACKEND_PEAK_COLUMNS = (
-    ("server_gpu_peak_bytes", "server process tree GPU memory (NVML)"),
-    ("server_rss_peak_bytes", "server process RSS"),
-    ("nvml_peak_used_bytes", "NVML device used"),
-    ("peak_allocated_bytes", "torch allocated"),
-    ("rss_peak_bytes", "process RSS"),
-)
 
 
 def kv_reserved_used(row: Any) -> tuple[float | None, float | None]:
@@ -45,12 +36,9 @@ def kv_reserved_used(row: Any) -> tuple[float | None, float | None]:
 
 
 def memory_bytes(row: Any) -> tuple[float | None, str | None]:
-    """(bytes, what measured them) from the first of BACKEND_PEAK_COLUMNS with a non-zero value in ``row``."""
-    for col, desc in BACKEND_PEAK_COLUMNS:
-        value = as_number(row.get(col)) if hasattr(row, "get") else None
-        if value:
-            return value, desc
-    return None, None
+    """(bytes, what measured them): the row's peak memory by the one definition (kvray.analysis.views.PEAK_COLUMNS,
+    a server's GPU memory first)."""
+    return peak_memory(row)
 
 
 def _backend_key(name: str) -> tuple[int, str]:

@@ -8,6 +8,9 @@ Per request (from a RunTrace):
   itl_s   = gaps between consecutive *tokens*: a chunk of k tokens arriving Δ after the previous chunk
             contributes k gaps of Δ/k; extra tokens in the first chunk contribute gaps of 0. So there are
             always output − 1 gaps, summing to last token − first token, and mean(itl) = tpot per request.
+A stream whose tokens were stamped faster than any engine emits them (``tokens_bunched``: ≥ 4 tokens, mean gap
+< 0.25 ms) was read by a client that stalled, not timed: its TPOT and ITL are left out of the cell's TPOT and
+ITL columns, and counted in ``tpot_bunched_n``.
 Per repeat: makespan = last end − first arrival; output_tps = Σ output tokens / makespan;
 total_tps = Σ (prompt + output) / makespan; rps = requests / makespan. Cell throughput is the mean over
 repeats. Latency percentiles pool the successful requests of all repeats, so every distribution carries its
@@ -195,6 +198,27 @@ def itl_gaps(token_times_s: Sequence[float]) -> list[float]:
     return gaps
 
 
+# A stream is *bunched* when its tokens were stamped faster than any engine produces them: at least
+# BUNCHED_MIN_TOKS tokens whose stamps are on average less than BUNCHED_GAP_S apart (last − first token over
+# the gaps between them). 0.25 ms a token is 4,000 tokens/s from one stream, every token a forward pass over
+# every layer plus sampling (and, over HTTP, a streamed event): no engine kvray drives comes near it (vLLM on
+# this machine's CPU 17–21 ms; on a GPU a decode step launches kernels for every layer, ~1 ms and up). What it
+# is instead: the reader stalled (descheduled, a blocked event loop) while the engine streamed, then read
+# every buffered token at once (docs/benchmarks.md: 8 tokens within 0.1 ms, "TPOT 0.08 ms"). Fewer than 4
+# tokens are not judged: a first chunk may legitimately carry two. Simulated traces are computed, not read,
+# so they are never bunched (a tiny model on the roofline decodes in microseconds).
+BUNCHED_MIN_TOKS = 4
+BUNCHED_GAP_S = 0.25e-3
+
+
+def tokens_bunched(trace: RunTrace) -> bool:
+    """True when a successful stream's tokens were stamped too close together to be timings (see above)."""
+    times = trace.token_times_s
+    if trace.status != "ok" or len(times) < BUNCHED_MIN_TOKS:
+        return False
+    return (times[-1] - times[0]) / (len(times) - 1) < BUNCHED_GAP_S
+
+
 def request_metrics(trace: RunTrace) -> dict[str, float]:
     """The per-request figures of one trace (NaN where undefined)."""
     nan = float("nan")
@@ -255,30 +279,42 @@ def throughput(traces: Sequence[RunTrace]) -> dict[str, float]:
     return {"makespan_s": makespan, "output_tps": out_toks / span, "total_tps": all_toks / span, "rps": len(ok) / span}
 
 
-def repeat_samples(traces: Sequence[RunTrace], *, failed_observations: bool = False) -> dict[str, list[list[float]]]:
+def repeat_samples(
+    traces: Sequence[RunTrace], *, failed_observations: bool = False, simulated: bool = False
+) -> dict[str, list[list[float]]]:
     """Each latency metric's values (NaN dropped) of the successful requests, one list per repeat, in
     LATENCY_METRICS order: what the percentiles pool, and what the bootstrap resamples repeat by repeat.
 
     With ``failed_observations`` (a serving load's measured window, kvray/measure/serving.py) a failed request
     adds what it observed before it failed, once its first token had arrived: its TTFT, its queue time and the
-    gaps between the tokens it got. Its E2E and TPOT stay undefined: it never completed."""
+    gaps between the tokens it got. Its E2E and TPOT stay undefined: it never completed. A bunched stream
+    (``tokens_bunched``; never a ``simulated`` one) gives no TPOT and no ITL gaps."""
     by_repeat: dict[int, list[RunTrace]] = defaultdict(list)
     for t in traces:
         if t.status == "ok" or (failed_observations and t.token_times_s):
             by_repeat[t.repeat].append(t)
     out: dict[str, list[list[float]]] = {m: [] for m in LATENCY_METRICS}
     for _, ts in sorted(by_repeat.items()):
-        per_request = [(t.status == "ok", request_metrics(t)) for t in ts]
+        per_request = [(t.status == "ok", simulated or not tokens_bunched(t), request_metrics(t)) for t in ts]
         for name in ("ttft_s", "tpot_s", "e2e_s", "queue_s"):
             completed_only = name in ("tpot_s", "e2e_s")
-            out[name].append([m[name] for ok, m in per_request if m[name] == m[name] and (ok or not completed_only)])
-        out["itl_s"].append([g for t in ts for g in itl_gaps(t.token_times_s)])
+            out[name].append(
+                [
+                    m[name]
+                    for ok, timed, m in per_request
+                    if m[name] == m[name] and (ok or not completed_only) and (timed or name != "tpot_s")
+                ]
+            )
+        out["itl_s"].append([g for t, (_, timed, _) in zip(ts, per_request, strict=True) if timed
+                             for g in itl_gaps(t.token_times_s)])  # fmt: skip
     return out
 
 
-def summarize(traces: Sequence[RunTrace], *, failed_observations: bool = False) -> dict[str, Any]:
-    """The aggregate columns of a CellResult from all its (measured, non-warmup) traces; ``failed_observations``:
-    see ``repeat_samples``."""
+def summarize(
+    traces: Sequence[RunTrace], *, failed_observations: bool = False, simulated: bool = False
+) -> dict[str, Any]:
+    """The aggregate columns of a CellResult from all its (measured, non-warmup) traces; ``failed_observations``
+    and ``simulated``: see ``repeat_samples``."""
     ok = [t for t in traces if t.status == "ok"]
     out: dict[str, Any] = {
         "requests": len(traces),
@@ -286,8 +322,9 @@ def summarize(traces: Sequence[RunTrace], *, failed_observations: bool = False) 
         "requests_failed": len(traces) - len(ok),
         "failure_rate": (len(traces) - len(ok)) / len(traces) if traces else float("nan"),
         "output_toks_total": sum(t.output_toks for t in ok),
+        "tpot_bunched_n": 0 if simulated else sum(tokens_bunched(t) for t in ok),
     }
-    for name, groups in repeat_samples(traces, failed_observations=failed_observations).items():
+    for name, groups in repeat_samples(traces, failed_observations=failed_observations, simulated=simulated).items():
         out.update(describe_counted(groups, name))
     by_repeat: dict[int, list[RunTrace]] = defaultdict(list)
     for t in traces:

@@ -155,7 +155,7 @@ def window_span(measured: Sequence[RunTrace]) -> float:
     return max(t.end_s for t in measured) - min(t.arrival_s for t in measured)
 
 
-def serving_summary(workload: Workload, traces: Sequence[RunTrace]) -> dict[str, Any]:
+def serving_summary(workload: Workload, traces: Sequence[RunTrace], *, simulated: bool = False) -> dict[str, Any]:
     """The cell's metric columns: ``summarize`` over the measured requests, plus the serving columns."""
     slo = dict(workload.slo)
     by_repeat: dict[int, list[RunTrace]] = defaultdict(list)
@@ -178,7 +178,11 @@ def serving_summary(workload: Workload, traces: Sequence[RunTrace]) -> dict[str,
                 goodput.append(sum(meets_slo(t, slo) for t in kept) / span)
     met = sum(meets_slo(t, slo) for t in steady) if slo else 0
     loop = workload.load_kind != "burst"  # a loop counts what its failed requests observed (module docstring)
-    out: dict[str, Any] = summarize(steady, failed_observations=True) if loop else summarize(traces)
+    out: dict[str, Any] = (
+        summarize(steady, failed_observations=True, simulated=simulated)
+        if loop
+        else summarize(traces, simulated=simulated)
+    )
     nan = float("nan")
     load = workload.load
     lags = [t.sent_s - t.arrival_s for t in traces if t.sent_s is not None]  # the client's, over the whole run

@@ -61,6 +61,29 @@ def build_word_tokenizer(vocab_size: int, bos_id: int = 1, eos_id: int = 2, pad_
     )
 
 
+def special_ids(pad: Any, bos: Any, eos: Any) -> tuple[int, int, int]:
+    """(pad, bos, eos) of the word tokenizer for a config's ids: the config's own when they are three distinct
+    special words (ids 0–3), else 0, 1, 2 — the served directory's config is rewritten to match."""
+    eos_id = eos[0] if isinstance(eos, list) else (eos if eos is not None else 2)
+    bos_id = bos if bos is not None else 1
+    pad_id = pad if pad is not None else 0
+    if len({bos_id, eos_id, pad_id}) < 3 or max(bos_id, eos_id, pad_id) >= len(SPECIAL_TOKENS):
+        return 0, 1, 2
+    return int(pad_id), int(bos_id), int(eos_id)
+
+
+def bundled_word_tokenizer(model: str) -> Any:
+    """The tokenizer of a model kvray bundles as a geometry alone (``kvray/tiny-llama``): such an id is on no hub,
+    and a server kvray starts for it serves the directory ``servable_model_dir`` writes, whose tokenizer is this
+    one — the same vocabulary and special ids, built offline."""
+    from kvray.model.resolve import load_config
+
+    config = load_config(model)
+    pad_id, bos_id, eos_id = special_ids(config.get("pad_token_id"), config.get("bos_token_id"),
+                                         config.get("eos_token_id"))  # fmt: skip
+    return build_word_tokenizer(int(config["vocab_size"]), bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+
+
 def _config_key(config: dict[str, Any], dtype: str, seed: int) -> str:
     blob = json.dumps({"config": config, "dtype": dtype, "seed": seed, "v": _FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -109,17 +132,13 @@ def _write_model_dir(out: Path, config: dict[str, Any], dtype: str, seed: int) -
     hf_config = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch_dtype).eval()
-    eos = hf_config.eos_token_id
-    eos_id = eos[0] if isinstance(eos, list) else (eos if eos is not None else 2)
-    bos_id = hf_config.bos_token_id if hf_config.bos_token_id is not None else 1
-    pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
-    if len({bos_id, eos_id, pad_id}) < 3 or max(bos_id, eos_id, pad_id) >= len(SPECIAL_TOKENS):
-        pad_id, bos_id, eos_id = 0, 1, 2
-        model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = 0, 1, 2
+    pad_id, bos_id, eos_id = special_ids(hf_config.pad_token_id, hf_config.bos_token_id, hf_config.eos_token_id)
+    if (pad_id, bos_id, eos_id) != (hf_config.pad_token_id, hf_config.bos_token_id, hf_config.eos_token_id):
+        model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = pad_id, bos_id, eos_id
         if model.generation_config is not None:
-            model.generation_config.pad_token_id = 0
-            model.generation_config.bos_token_id = 1
-            model.generation_config.eos_token_id = 2
+            model.generation_config.pad_token_id = pad_id
+            model.generation_config.bos_token_id = bos_id
+            model.generation_config.eos_token_id = eos_id
     tokenizer = build_word_tokenizer(hf_config.vocab_size, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

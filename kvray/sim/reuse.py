@@ -19,7 +19,8 @@ matches, hashed with the request's salt; a hit stops at ``prompt − 1`` tokens,
 computed for logits; only full blocks are cached, prompt and generated ones alike). Requests are looked up in id
 order (bursts are admitted in that order, a chained turn after the turn it follows), and nothing is evicted — a
 pool too small for that is KV *pressure*, measured separately. Hit rate = hit tokens / prompt tokens, as vLLM's
-``prefix_cache_hits`` / ``prefix_cache_queries`` count them; saved KV = hit tokens × bytes per token.
+``prefix_cache_hits`` / ``prefix_cache_queries`` count them; KV not recomputed = hit tokens × bytes per token (per GPU of a TP group when
+``g`` is a rank's shard).
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ class ReusePrediction:
         return self.hits // self.block_size
 
     @property
-    def kv_saved_bytes(self) -> int | None:
+    def kv_not_recomputed_bytes(self) -> int | None:
+        """Hit tokens × KV bytes per token: the KV the engine did not compute again (docs/kv_reuse.md) — not
+        memory saved (a hit's blocks are shared, but the peak KV can be the same with or without the cache)."""
         return None if self.kv_bytes_per_token is None else round(self.hits * self.kv_bytes_per_token)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,8 +122,8 @@ class ReusePrediction:
             "prefix_cache_hits_predicted": self.hits,
             "prefix_cache_queries_predicted": self.queries,
             "prefix_cache_hit_rate_predicted": round(self.hit_rate, 6),
-            "kv_saved_blocks_predicted": self.saved_blocks,
-            "kv_saved_bytes_predicted": self.kv_saved_bytes,
+            "kv_not_recomputed_blocks_predicted": self.saved_blocks,
+            "kv_not_recomputed_bytes_predicted": self.kv_not_recomputed_bytes,
         }
         if self.prefill_flops:
             saved = 1 - (self.prefill_flops_cached or 0.0) / self.prefill_flops
@@ -153,7 +156,8 @@ def predict_hits(requests: Sequence[ReuseRequest], block_size: int) -> dict[int,
 
 def predict_reuse(requests: Sequence[ReuseRequest], block_size: int, g: ModelGeometry | None = None,
                   kv_dtype: str = "bf16", dtype: str | None = None, gpu: str | None = None) -> ReusePrediction:  # fmt: skip
-    """Hits, hit rate and saved KV (``g`` given: paged bytes per token), the prefill FLOPs a cache skips and, on a
+    """Hits, hit rate and the KV not recomputed (``g`` given: paged bytes per token of ``g`` — a TP rank's shard gives
+    it per GPU), the prefill FLOPs a cache skips and, on a
     named GPU, the roofline TTFT each request saves (one prefill of the uncached tokens after the cached ones,
     against the whole prompt — kvray/sim/passes.py)."""
     hits = predict_hits(requests, block_size)

@@ -66,7 +66,20 @@ class PromptBuilder:
 
 
 def load_tokenizer(name: str) -> Any:
-    """``AutoTokenizer`` for a local directory or hub id; failures become one clear input error."""
+    """``AutoTokenizer`` for a local directory or hub id; failures become one clear input error. A geometry
+    kvray bundles (``kvray/…``) is on no hub: its word-level tokenizer is built offline instead — the one a
+    server kvray starts for it serves (kvray/servers/model_dirs.py)."""
+    from kvray.model.resolve import is_bundled
+
+    if name.startswith("kvray/"):  # kvray's own namespace: never looked up on the hub
+        if not is_bundled(name):
+            from kvray.model.resolve import bundled_models
+
+            known = ", ".join(m for m in bundled_models() if m.startswith("kvray/"))
+            raise KvrayInputError(f"{name!r} is not a model kvray bundles (kvray's own: {known})")
+        from kvray.servers.model_dirs import bundled_word_tokenizer
+
+        return bundled_word_tokenizer(name)
     try:
         from transformers import AutoTokenizer
 
