@@ -39,6 +39,7 @@ def opt_dir(tmp_path_factory):
     return str(write_model_dir(tmp_path_factory.mktemp("m") / "opt", tiny_config("opt")))
 
 
+@pytest.mark.integration  # a `kvray` child process
 def test_bench_runs_hf_without_ray_and_writes_the_dataset(tmp_path, opt_dir):
     out = tmp_path / "results"
     args = ["--model", opt_dir, "--prompt-toks", "12", "--gen-toks", "4", "-c", "3", "--dtype", "fp32"]
@@ -58,6 +59,7 @@ def test_bench_runs_hf_without_ray_and_writes_the_dataset(tmp_path, opt_dir):
     assert len(pd.read_parquet(out / "traces.parquet")) == 6
 
 
+@pytest.mark.integration  # a `kvray` child process
 def test_bench_mixed_workload_as_json(tmp_path, opt_dir):
     out = tmp_path / "r"
     proc = run("--model", opt_dir, "--mixed", "4,4,20", "--gen-toks", "3", "--dtype", "fp32", "--device", "auto",

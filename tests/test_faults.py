@@ -205,6 +205,7 @@ def test_an_edited_job_says_which_cells_are_new_and_gone(ray_session, tmp_path):
     assert len(ids) == len(set(ids)) == 3
 
 
+@pytest.mark.integration  # a `kvray` child process
 def test_requested_gpu_on_a_cluster_without_gpus_stops_before_anything_starts(tmp_path):
     """#12 item 8: hardware: [A100] on a local Ray with no GPUs used to run on a CPU worker and record
     hardware_requested A100 beside hardware cpu. Now: one line naming what the cluster has, exit 2, no folder."""
@@ -219,6 +220,7 @@ def test_requested_gpu_on_a_cluster_without_gpus_stops_before_anything_starts(tm
     assert not out.exists()
 
 
+@pytest.mark.integration  # a `kvray` child process
 def test_credentials_never_reach_any_output(tmp_path):
     """A bench that used a secret API key, then plot and report: no byte of the secret in any file written,
     nor in what the commands print."""

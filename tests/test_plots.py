@@ -209,6 +209,7 @@ def test_one_failing_figure_does_not_stop_the_others(tmp_path, monkeypatch):
     assert not figs["fig1_mem_vs_concurrency"].empty and len(figs) == len(FIGURES)
 
 
+@pytest.mark.integration  # a `kvray` child process
 def test_plot_command_needs_neither_ray_nor_torch(crafted, tmp_path):
     out, _ = crafted
     code = (

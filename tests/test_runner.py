@@ -79,6 +79,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.integration  # a `kvray` child process
 def test_real_allocation_failure_is_oom_and_the_next_cell_runs(tmp_path: Path):
     cfg = tiny_config("opt", max_position_embeddings=8192, attn_implementation="eager")
     model = write_model_dir(tmp_path / "opt-eager", cfg)
