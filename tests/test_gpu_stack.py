@@ -115,11 +115,11 @@ def test_kvray_bench_runs_without_ray_on_the_gpu_machines_stack(tmp_path: Path) 
     """`kvray bench` is the GPU machine's path: the CLI, both HF backends and the dataset writer, no Ray."""
     for backend in ("hf", "hf-paged"):
         proc = run_in_stack(["-m", "kvray.cli", "bench", "-m", "kvray/tiny-llama", "--backend", backend,
-                             "--device", "cpu", "--dtype", "fp32", "-p", "16", "-g", "4", "-c", "2", "--warmup", "0",
+                             "--device", "cpu", "--dtype", "fp32", "--prompt-toks", "16", "--gen-toks", "4", "-c", "2", "--warmup", "0",
                              "--repeats", "1", "--output", str(tmp_path / backend), "--json"], tmp_path)  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         rows = [json.loads(line) for line in (tmp_path / backend / "cells.jsonl").read_text().splitlines()]
-        assert [(r["backend"], r["status"], r["requests"]) for r in rows] == [(backend, "ok", 2)]
+        assert [(r["cell"]["backend"], r["status"], r["metrics"]["requests"]) for r in rows] == [(backend, "ok", 2)]
     # and Ray is really not there to be imported by accident
     proc = run_in_stack(["-c", "import ray"], tmp_path)
     assert proc.returncode != 0 and "No module named 'ray'" in proc.stderr
