@@ -1,55 +1,65 @@
-"""The prepared GPU check (benchmarks/gpu_check.py) runs end to end in its CPU smoke mode, without Ray.
+"""The GPU check's own logic, in-process: stage deadlines, work listed as not run, the energy summary.
 
-The GPU machine it is meant for has no Ray and no network; a broken script would waste the few minutes a
-GPU is lent for, so its whole path — bench cells on one loaded model, rows written as they finish,
-calibrate on one half, roofline error on the other, the table — is exercised here.
+The whole check runs end to end (smoke mode) on the GPU machine's stack in tests/test_gpu_stack.py; these are the
+parts that decide what runs and what the summary says, checked without loading a model.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
+import math
 import sys
+import time
 from pathlib import Path
 
-import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-RUN_WITHOUT_RAY = """
-import runpy, sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError("ray is blocked: the GPU machine has none")
-sys.meta_path.insert(0, Block())
-sys.argv = [sys.argv[1], *sys.argv[2:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_gpu_check_smoke_runs_without_ray(tmp_path: Path) -> None:
-    script = REPO / "benchmarks" / "gpu_check.py"
-    proc = subprocess.run(
-        [sys.executable, "-c", RUN_WITHOUT_RAY, str(script), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+def test_each_stage_starts_new_work_only_before_its_share_of_the_budget(gpu_check):
+    # latest starts of a 100 s budget: grid 45 s, overhead 55 s, paged 62 s, serve 92 s
+    at_50 = gpu_check.Budget(100.0, started=time.monotonic() - 50)
+    assert [at_50.open(s) for s in gpu_check.STAGES] == [False, True, True, True]
+    at_60 = gpu_check.Budget(100.0, started=time.monotonic() - 60)
+    assert [at_60.open(s) for s in gpu_check.STAGES] == [False, False, True, True]
+    at_95 = gpu_check.Budget(100.0, started=time.monotonic() - 95)
+    assert not any(at_95.open(s) for s in gpu_check.STAGES)
+    # the default 420 s budget: the serve stage's last probe may start at 386.4 s, leaving 93.6 s of 8 minutes
+    assert gpu_check.Budget(420.0).deadline_s("serve") == pytest.approx(386.4)
+
+
+def test_a_spent_budget_lists_every_cell_as_not_run_and_writes_no_row(gpu_check, tmp_path):
+    code = gpu_check.main(["--smoke", "--out", str(tmp_path), "--budget-s", "0"])
+    assert code == 1  # no rows: nothing to show is a failed check, not a pass
     out = tmp_path / "gpu-check-smoke"
     summary = json.loads((out / "check.json").read_text())
-    # smoke grid: concurrency 1 2 4 × prompt 16 64 → 6 cells, none dropped by the budget
-    assert summary["cells"] == 6 and summary["not_run"] == []
-    # calibrated on prompt 16, predicted for the 3 prompt-64 cells
-    assert sorted(e["concurrency"] for e in summary["roofline_errors"]) == [1, 2, 4]
-    assert all(e["prompt_toks"] == 64 for e in summary["roofline_errors"])
-    cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
-    assert len(cells) == 6 and all(c["status"] == "ok" for c in cells)
-    assert "roofline after calibrating on prompt 16" in proc.stdout
-    # the energy path: every cell carries the energy columns; on a CPU without readable RAPL they are NaN with
-    # the reason, which the script prints instead of a number
-    assert "J/tok" in proc.stdout and summary["energy"]["lines"][0].startswith("energy: ")
-    rows = pd.read_parquet(out / "cells.parquet")
-    measured = rows["energy_j"].notna()
-    assert (measured | rows["energy_reason"].notna()).all() and (rows["telemetry_samples"] >= 2).all()
-    if not measured.any():
-        assert "energy: not measured — " in proc.stdout
+    assert summary["cells"] == 0 and summary["partial"] is False
+    # grid 3 concurrencies × 2 prompts, the overhead run, 2 paged cells, 1 knee search
+    assert len(summary["not_run"]) == 6 + 1 + 2 + 1
+    assert sum("hf-paged" in x and "c16" not in x for x in summary["not_run"]) == 2
+    assert not (out / "cells.jsonl").exists() or (out / "cells.jsonl").read_text() == ""
+
+
+def test_the_energy_summary_adds_the_rows_measured_windows(gpu_check):
+    rows = [
+        {"energy_j": 12.5, "energy_basis": "nvml_counter"},
+        {"energy_j": 3.0, "energy_basis": "nvml_counter"},
+        {"energy_j": math.nan, "energy_reason": "no GPU"},
+    ]
+    lines = gpu_check.energy_lines(rows, whole_j=20.0)
+    assert lines[0] == "energy: 2 rows, 15.5 J in their measured windows (nvml_counter)"
+    assert "20.0 J" in lines[1]
+    none = gpu_check.energy_lines([{"energy_j": math.nan, "energy_reason": "no GPU"}, {"knee_rps": 3.0}], None)
+    assert none == ["energy: not measured — no GPU"]

@@ -45,6 +45,20 @@ def cache_bytes(cache: Any) -> int:
     return total
 
 
+def generated_cache(out: Any) -> Any:
+    """The KV cache a ``generate(..., return_dict_in_generate=True)`` output holds, under either of its names.
+
+    transformers 5.0–5.2x name the field ``past_key_values``; later releases renamed it ``cache`` (the old name
+    is gone from the output class, not aliased). Read whichever the installed release has, by attribute, so no
+    version number is compared.
+    """
+    for name in ("cache", "past_key_values"):
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
 @lru_cache(maxsize=1)
 def _streamer_class() -> type:
     from transformers.generation.streamers import BaseStreamer
@@ -272,7 +286,7 @@ class HFBackend(BackendBase):
             )
         end = time.perf_counter()
         new_toks = int(out.sequences.shape[1]) - longest
-        measured = cache_bytes(out.cache)
+        measured = cache_bytes(generated_cache(out))
         del out, ids, mask
         times = clock.times[:new_toks]
         traces = []

@@ -1,4 +1,4 @@
-"""Hugging Face transformers in-process with continuous batching and paged attention (transformers ≥ 5).
+"""Hugging Face transformers in-process with continuous batching and paged attention (transformers ≥ 5.17).
 
 The same model and prompts as the ``hf`` backend (it inherits loading and seeded random prompts), but
 served by transformers' continuous-batching manager: each request is added when it arrives, admitted
@@ -84,6 +84,55 @@ def pool_in_window(pool_before_bytes: int, pool_after_bytes: int, created: bool)
     return max(pool_after_bytes - pool_before_bytes, 0) if created else 0
 
 
+# transformers' paged cache comes in two layouts, told apart by what the cache object has (no version numbers):
+#   sectors (5.2x):  one byte tensor ``cache_tensor`` of ``num_sectors × bytes_per_sector`` usable bytes (plus two
+#                    trash sectors); ``compute_free_capacity(relative=False)`` is the free bytes; the config's
+#                    tokens-per-block field is ``page_size``
+#   blocks (≤ 5.1x): per-layer ``key_cache`` / ``value_cache`` tensors of ``num_blocks + 2`` blocks (two padding
+#                    blocks never allocated); ``get_num_free_blocks()`` counts free blocks; the field is ``block_size``
+# Both hand out ``num_blocks`` whole-model blocks of the page size; these helpers read either as bytes.
+
+
+def page_size_field(config_class: type) -> str:
+    """The name ``ContinuousBatchingConfig`` gives the tokens per KV block: ``page_size``, or ``block_size`` before
+    the rename (the newer class still accepts ``block_size``, with a deprecation warning)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else set()
+    return "page_size" if "page_size" in names else "block_size"
+
+
+def _block_tensors(cache: Any) -> list[Any]:
+    return [*getattr(cache, "key_cache", []), *getattr(cache, "value_cache", [])]
+
+
+def _block_layout_bytes_per_block(cache: Any) -> int:
+    """Bytes of one block in the per-layer layout: every key and value tensor's row bytes × tokens per block."""
+    per_token = sum(t[0].numel() * t.element_size() for t in _block_tensors(cache))
+    return int(per_token * cache.block_size)
+
+
+def pool_usable_bytes(cache: Any) -> int:
+    """The bytes the engine can hand out to requests (padding / trash space excluded)."""
+    if hasattr(cache, "num_sectors"):
+        return int(cache.num_sectors * cache.bytes_per_sector)
+    return int(cache.num_blocks) * _block_layout_bytes_per_block(cache)
+
+
+def pool_used_bytes(cache: Any) -> int:
+    """Bytes of the pool held by requests right now."""
+    if hasattr(cache, "num_sectors"):
+        return int(pool_usable_bytes(cache) - cache.compute_free_capacity(relative=False))
+    return (int(cache.num_blocks) - int(cache.get_num_free_blocks())) * _block_layout_bytes_per_block(cache)
+
+
+def pool_allocated_bytes(cache: Any) -> int:
+    """Bytes of the cache tensors as allocated (the usable pool plus the engine's padding space)."""
+    if hasattr(cache, "cache_tensor"):
+        return int(cache.cache_tensor.numel() * cache.cache_tensor.element_size())
+    return int(sum(t.numel() * t.element_size() for t in _block_tensors(cache)))
+
+
 class KVSampler(PeriodicSampler):
     """Samples the paged cache's blocks in use (and the scheduler's queues) on a daemon thread."""
 
@@ -99,8 +148,8 @@ class KVSampler(PeriodicSampler):
             return
         cache = bp.cache
         try:  # the generation thread mutates these structures; a torn read is skipped
-            usable = cache.num_sectors * cache.bytes_per_sector
-            used = int(usable - cache.compute_free_capacity(relative=False))
+            usable = pool_usable_bytes(cache)
+            used = pool_used_bytes(cache)
             running = len(bp.scheduler.active_requests)
             waiting = len(bp.scheduler.waiting_requests)
         except (RuntimeError, AttributeError, KeyError, IndexError):
@@ -174,7 +223,10 @@ class HFPagedBackend(HFBackend):
         return max(paged_blocks_in(self.geometry, int(space), self.dtype, page_size), 1)
 
     def _ensure_manager(self, cell: Cell, temperature: float) -> Any:
-        from transformers import ContinuousBatchingConfig, GenerationConfig
+        try:
+            from transformers import ContinuousBatchingConfig, GenerationConfig
+        except ImportError as exc:  # releases before its continuous-batching config (5.0 has none)
+            raise RuntimeError(f"hf-paged needs transformers >= 5.17 (ContinuousBatchingConfig): {exc}") from None
 
         opts = paged_options(cell.option_dict)
         page_size = int(opts["block_size"] or _DEFAULT_PAGE_SIZE)
@@ -185,7 +237,10 @@ class HFPagedBackend(HFBackend):
         if key == self._manager_key and self.manager is not None and self.manager.is_running():
             return self.manager
         self._stop_manager()
-        cb_kwargs: dict[str, Any] = {"page_size": page_size, "allow_block_sharing": bool(opts["prefix_sharing"])}
+        cb_kwargs: dict[str, Any] = {
+            page_size_field(ContinuousBatchingConfig): page_size,
+            "allow_block_sharing": bool(opts["prefix_sharing"]),
+        }
         for name, value in (("num_blocks", num_blocks), ("max_memory_percent", opts["max_memory_percent"]),
                             ("max_batch_tokens", max_batch_tokens),
                             ("max_requests_per_batch", opts["max_num_seqs"])):  # fmt: skip
@@ -218,15 +273,16 @@ class HFPagedBackend(HFBackend):
     def cache_info(self) -> dict[str, Any]:
         """The paged cache the engine allocated: block size, blocks, bytes, capacity in tokens."""
         cache = self.manager.batch_processor.cache
-        page_size = int(self.manager.continuous_batching_config.page_size)
-        usable = int(cache.num_sectors * cache.bytes_per_sector)
+        cfg = self.manager.continuous_batching_config
+        page_size = int(getattr(cfg, "page_size", None) or cfg.block_size)
+        usable = pool_usable_bytes(cache)
         bytes_per_block = usable // cache.num_blocks if cache.num_blocks else None
         return {
             "block_size": page_size,
             "num_blocks": int(cache.num_blocks),
             "bytes_per_block": bytes_per_block,
             "kv_cache_memory_bytes": usable,
-            "allocated_bytes": int(cache.cache_tensor.numel() * cache.cache_tensor.element_size()),
+            "allocated_bytes": pool_allocated_bytes(cache),
             "kv_cache_size_tokens": int(cache.num_blocks) * page_size,
             "max_batch_tokens": int(cache.max_batch_tokens),
             "cache_dtype": self.dtype,
