@@ -78,9 +78,11 @@ def test_gpu_check_smoke_runs_every_stage_on_the_gpu_machines_stack(tmp_path: Pa
     serve = summary["stages"]["serve"]
     assert serve["cut_by_budget"] is False and serve["probes_run"] == by_stage["serve"] - 1 >= 3
     offered = [float(x) for x in serve["probe_offered_rps"].split(",")]  # 4 significant digits
-    knee = serve["knee_rps"]
+    knee = serve["knee_rps_nominal"]  # the rate the search asked for at the knee; knee_rps is what it realised
     assert serve["probes"] == len(offered) == by_stage["serve"] - 2
     assert any(abs(o - knee) <= 1e-3 * knee for o in offered)  # the knee is a probed rate
+    # a seeded Poisson schedule scales with its rate: the realised knee is the nominal one times a fixed factor
+    assert 0.5 * knee < serve["knee_rps"] < 2 * knee
     # bracketed: some probed rate above the knee was not sustainable, and the closest is within 10 % of it
     above = [o for o in offered if o > knee * 1.001]
     assert above and min(above) <= 1.1 * knee * 1.001
