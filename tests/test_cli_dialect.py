@@ -60,6 +60,9 @@ def recorded(monkeypatch, tmp_path):
     return calls
 
 
+# a one-cell exp1 on the synthetic engine (the exp commands' own flags are theirs; these are the shared ones)
+EXP1 = ("exp1", "-m", "kvray/tiny-llama", "--backend", "synthetic", "-c", "1", "--prompt-toks", "8", "--gen-toks", "2")
+
 ADDRESSES = [
     ("http://head:8265", "launch"),
     ("https://head.example:443", "launch"),
@@ -74,8 +77,7 @@ ADDRESSES = [
 def test_an_address_takes_the_same_path_from_run_and_from_an_exp_command(recorded, tmp_path, address, path):
     job_file = write_job_file(tmp_path, "dialect")
     assert cli("run", str(job_file), "--address", address, "--output", "run-out", "--no-plots") == 0
-    exp = ["exp1", "-m", "kvray/tiny-llama", "--backend", "synthetic", "-c", "1", "--prompt-toks", "8"]
-    assert cli(*exp, "--gen-toks", "2", "--address", address, "--output", "exp-out", "--no-plots") == 0
+    assert cli(*EXP1, "--address", address, "--output", "exp-out", "--no-plots") == 0
     (run_call, exp_call) = recorded  # a URL goes to the Jobs API as it was given; any other form to the sweep
     assert run_call == (path, "dialect", address, None, "run-out")
     assert exp_call[0] == path and exp_call[2:] == (address, None, "exp-out")
@@ -86,25 +88,7 @@ def test_a_cluster_file_launches_from_run_as_from_launch_and_exp(recorded, tmp_p
     cluster = str(tmp_path / "c.yaml")
     assert cli("run", str(job_file), "--cluster", cluster, "--output", "a", "--no-plots") == 0
     assert cli("launch", "--job", str(job_file), "--cluster", cluster, "--output", "b", "--no-plots") == 0
-    assert (
-        cli(
-            "exp1",
-            "-m",
-            "kvray/tiny-llama",
-            "--backend",
-            "synthetic",
-            "-c",
-            "1",
-            "--prompt-toks",
-            "8",
-            "--cluster",
-            cluster,
-            "--output",
-            "c",
-            "--no-plots",
-        )
-        == 0
-    )
+    assert cli(*EXP1, "--cluster", cluster, "--output", "c", "--no-plots") == 0
     assert [c[0] for c in recorded] == ["launch"] * 3
     assert [c[2:] for c in recorded] == [(None, cluster, "a"), (None, cluster, "b"), (None, cluster, "c")]
 
@@ -214,3 +198,21 @@ def test_many_parameter_functions_take_their_settings_by_keyword():
         kvray.check_oom_risk("gpt2", 1, 8, "bf16")  # type: ignore[misc]
     with pytest.raises(TypeError):
         kvray.run_job(None, None, "inprocess")  # type: ignore[arg-type, misc]
+
+
+# --- bench: -c is concurrency, --users a closed loop's users --------------------------------------------------
+
+BENCH = ("bench", "-m", "kvray/tiny-llama", "--backend", "synthetic", "--dtype", "fp32", "--warmup", "0")
+
+
+def test_bench_users_is_a_closed_loop_and_the_older_load_closed_c_is_the_same_cell(tmp_path, capsys):
+    args = ("--repeats", "1", "--prompt-toks", "8", "--gen-toks", "2", "--requests", "6", "--json")
+    assert cli(*BENCH, *args, "--users", "3", "--output", str(tmp_path / "a")) == 0
+    users = json.loads(capsys.readouterr().out)
+    assert cli(*BENCH, *args, "--load", "closed", "-c", "3", "--output", str(tmp_path / "b")) == 0
+    older = json.loads(capsys.readouterr().out)
+    assert users["cell_id"] == older["cell_id"] and users["status"] == "ok"
+    assert users["metrics"]["load"] == "closed" and users["metrics"]["users"] == 3
+    assert cli(*BENCH, *args, "--users", "3", "--load", "poisson", "--output", str(tmp_path / "c")) == 2
+    assert "--users makes a closed loop" in one_error_line(capsys)
+    assert not (tmp_path / "c").exists()
