@@ -59,11 +59,19 @@ def compare(
         new = stack.enter_context(output_folder(new_dir, upload=output is None, must_exist=True))
         out_dir = stack.enter_context(output_folder(output)) if output else new / "compare"
         shown_out = output if output else f"{new_dir.rstrip('/')}/compare"
-        return _compare(base, new, out_dir, json_out, fail_on_regression, min_change, (base_dir, new_dir),
-                        shown_out if is_uri(shown_out) else None)  # fmt: skip
+        return _compare(
+            base,
+            new,
+            out_dir,
+            json_out=json_out,
+            fail_on_regression=fail_on_regression,
+            min_change=min_change,
+            names=(base_dir, new_dir),
+            shown_out=shown_out if is_uri(shown_out) else None,
+        )
 
 
-def _compare(base_dir: Path, new_dir: Path, out_dir: Path, json_out: bool, fail_on_regression: float | None,
+def _compare(base_dir: Path, new_dir: Path, out_dir: Path, *, json_out: bool, fail_on_regression: float | None,
              min_change: float, names: tuple[str, str], shown_out: str | None) -> int:  # fmt: skip
     """``compare`` on local folders (staging copies of URIs); ``names``: base and new as the user named them;
     ``shown_out``: the URI the outputs are uploaded to, if they are."""
