@@ -167,7 +167,7 @@ def predict(measured: dict[str, Any], out: Path) -> dict[str, Any]:
     )
     g = resolve_geometry(MODEL)
     for b in measured["bursts"]:
-        p = predict_cell(g, spec, b["concurrency"], PROMPT, GEN, "fp32", layout="paged", block_size=BLOCK_SIZE,
+        p = predict_cell(g, spec, b["concurrency"], PROMPT, GEN, dtype="fp32", layout="paged", block_size=BLOCK_SIZE,
                          eff=eff)  # fmt: skip
         b["tpot_s_predicted"] = p.tpot_s
         print(

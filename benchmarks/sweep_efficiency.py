@@ -66,7 +66,7 @@ def main() -> None:
     start_local_ray(num_cpus=2, num_gpus=args.workers)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        out = run_job(job, Path(tmp) / "out", progress=False)  # type: ignore[arg-type]
+        out = run_job(job, Path(tmp) / "out", progress=False).output_dir  # type: ignore[arg-type]
         wall_s = time.perf_counter() - t0
         run = last_run(out)
         rows = read_results(out)

@@ -3,6 +3,9 @@
 The Python API, importable from here without paying for torch, Ray or pandas until a name is used:
 
     from kvray import load_job, job_from_dict, plan_cells, run_job, check_oom_risk
+
+``run_job`` returns a RunRecord (the folder and the manifest's record of the run), ``check_oom_risk`` an
+OomRisk (``to_dict()``: ``kvray check --json``'s object).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ _API = {
     "job_from_dict": "kvray.plan.job",
     "plan_cells": "kvray.plan.planner",
     "run_job": "kvray.sweep",
+    "RunRecord": "kvray.sweep",
     "check_oom_risk": "kvray.model.oom",
+    "OomRisk": "kvray.model.oom",
 }
 
 

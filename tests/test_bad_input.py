@@ -288,9 +288,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("plot-garbage", ["plot", "garbage"], "holds no results"),
     ("plot-not-rows", ["plot", "notrows"], "not a kvray result"),
     ("plot-unknown-cell", ["plot", "results", "--cell", "nosuchcell"], "no cell 'nosuchcell'"),
-    ("plot-out-file", ["plot", "results", "--out", "afile"], "--out afile: afile is a file"),
-    ("plot-out-under-file", ["plot", "results", "--out", "afile/figs"], "afile is a file"),
-    ("plot-out-unwritable", ["plot", "results", "--out", "/proc/kvray-figures"], "cannot write to /proc/kvray"),
+    ("plot-out-file", ["plot", "results", "--output", "afile"], "--output afile: afile is a file"),
+    ("plot-out-under-file", ["plot", "results", "--out", "afile/figs"], "afile is a file"),  # the old spelling
+    ("plot-out-unwritable", ["plot", "results", "--output", "/proc/kvray-figures"], "cannot write to /proc/kvray"),
     ("plot-default-out-file", ["plot", "figfile"], "figfile/figures: figfile/figures is a file"),
     ("report-figures-file", ["report", "figfile"], "figfile/figures is a file"),
     ("report-missing", ["report", "nowhere"], "not a results folder"),
@@ -308,7 +308,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("compare-nan-pct", ["compare", "results", "results", "--fail-on-regression", "nan"], "percentage >= 0"),
     ("compare-text-pct", ["compare", "results", "results", "--fail-on-regression", "ten"], "valid number"),
     ("compare-min-change", ["compare", "results", "results", "--min-change", "100"], "--min-change"),
-    ("compare-out-file", ["compare", "results", "results", "--out", "afile"], "is a file"),
+    ("compare-out-file", ["compare", "results", "results", "--output", "afile"], "is a file"),
     # launch
     ("launch-unreachable", ["launch", "--job", JOB, "--address", UNREACHABLE, "--output", "l-out"], "cannot reach"),
     ("launch-no-scheme", ["launch", "--job", JOB, "--address", "127.0.0.1:8265"], "http(s)://"),

@@ -122,15 +122,15 @@ def test_reverse_direction_is_faster(runs):
 def test_cli_exit_codes_outputs_and_json(runs, tmp_path, capsys):
     base, same, slow = (str(runs[k]) for k in ("base", "same", "slow"))
     with pytest.raises(SystemExit) as exc:  # TPOT +100 %, E2E +57 %: beyond 10 %
-        main(["compare", base, slow, "--fail-on-regression", "10", "--out", str(tmp_path / "a")])
+        main(["compare", base, slow, "--fail-on-regression", "10", "--output", str(tmp_path / "a")])
     assert exc.value.code == 1
     assert "regression(s) beyond 10 %" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:  # nothing is worse by more than 150 %
-        main(["compare", base, slow, "--fail-on-regression", "150", "--out", str(tmp_path / "b")])
+        main(["compare", base, slow, "--fail-on-regression", "150", "--output", str(tmp_path / "b")])
     assert exc.value.code == 0
     assert "no significant regression beyond 150 %" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
-        main(["compare", base, same, "--fail-on-regression", "0", "--json", "--out", str(tmp_path / "c")])
+        main(["compare", base, same, "--fail-on-regression", "0", "--json", "--output", str(tmp_path / "c")])
     assert exc.value.code == 0
     data = json.loads(capsys.readouterr().out)
     assert data["regressions"] == 0 and data["counts"][SLOWER] == 0 and data["counts"][UNTESTED] == 0
@@ -177,7 +177,7 @@ def test_one_repeat_is_not_testable_shows_the_change_and_never_fails_the_gate(tm
     assert c.untestable_line() == f"{len(c.rows)} metrics not testable: 1 repeat a side, need 3"
     assert any("--repeats 5" in line for line in c.advice)
     with pytest.raises(SystemExit) as exc:
-        main(["compare", str(a), str(b), "--fail-on-regression", "0", "--out", str(tmp_path / "out")])
+        main(["compare", str(a), str(b), "--fail-on-regression", "0", "--output", str(tmp_path / "out")])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert f"{len(c.rows)} metrics not testable: 1 repeat a side, need 3" in out

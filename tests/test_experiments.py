@@ -325,7 +325,7 @@ def test_submit_chooses_local_or_remote_from_the_run_settings(tmp_path, monkeypa
 
     def fake_run_job(job, output_dir=None, address="local", check_oom=True, progress=True, **_):
         calls.append(("run_job", job.name, output_dir, address, check_oom, progress))
-        return tmp_path / "here"
+        return kvray.sweep.driver.RunRecord(tmp_path / "here")
 
     monkeypatch.setattr(kvray.sweep.launch, "launch", fake_launch)
     monkeypatch.setattr(kvray.sweep.driver, "run_job", fake_run_job)

@@ -30,7 +30,10 @@ def jsonl_ids(out):
 
 def test_every_cell_once_one_model_load_and_resume_writes_nothing(tmp_path):
     job = synthetic_job("inproc", options={"ttft_s": 0.02, "tpot_s": 0.005})
-    out = run_job(job, tmp_path / "out", address="inprocess", progress=False)
+    record = run_job(job, tmp_path / "out", address="inprocess", progress=False)
+    out = record.output_dir
+    assert out == tmp_path / "out" and record.outcome == "finished"
+    assert record.run == last_run(out)  # what run_job returns is the manifest's record of this run
     ids = jsonl_ids(out)
     assert len(ids) == len(set(ids)) == 9  # 3 prompt lengths × 3 concurrencies
     assert status_counts(out, job)["ok"] == 9
@@ -46,8 +49,8 @@ def test_every_cell_once_one_model_load_and_resume_writes_nothing(tmp_path):
     import pandas as pd
 
     assert len(pd.read_parquet(out / "cells.parquet")) == 9  # the tables are written at the end, as on Ray
-    run_job(job, out, address="inprocess", progress=False)  # a rerun finds nothing to do
-    assert jsonl_ids(out) == ids and last_run(out)["cells_to_run"] == 0
+    rerun = run_job(job, out, address="inprocess", progress=False)  # a rerun finds nothing to do
+    assert jsonl_ids(out) == ids and rerun.run["cells_to_run"] == 0 and rerun.run["cells_already_done"] == 9
     with pytest.raises(KvrayInputError, match="already holds results of this job"):
         run_job(job, out, address="inprocess", resume=False, progress=False)
 
@@ -58,7 +61,7 @@ def test_the_scheduler_policy_holds_oom_then_skips_only_cells_that_outgrow_it(tm
         options={"ttft_s": 0.0, "tpot_s": 0.0, "oom_above_tokens": 200},
         grid={"prompt_toks": [8, 64], "gen_toks": [4], "concurrency": [1, 2, 4, 8]},
     )
-    out = run_job(job, tmp_path / "out", address="inprocess", progress=False)
+    out = run_job(job, tmp_path / "out", address="inprocess", progress=False).output_dir
     by_shape = {(len(r["cell"]["workload"]["requests"]), r["cell"]["workload"]["requests"][0]["prompt_toks"]): r
                 for r in read_results(out)}  # fmt: skip
     assert len(by_shape) == 8
@@ -72,7 +75,7 @@ def test_a_simulated_sweep_runs_here_in_seconds(tmp_path):
     job = job_from_dict({"name": "sim", "models": ["kvray/tiny-llama"], "backends": ["sim"], "dtypes": ["bf16"],
                          "warmup": 0, "repeats": 1,
                          "grid": {"prompt_toks": [64, 128], "gen_toks": [8], "concurrency": [1, 2]}})  # fmt: skip
-    out = run_job(job, tmp_path / "out", address="inprocess", progress=False)
+    out = run_job(job, tmp_path / "out", address="inprocess", progress=False).output_dir
     assert status_counts(out, job)["ok"] == 4 and last_run(out)["address"] == "inprocess"
 
 

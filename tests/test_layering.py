@@ -183,7 +183,7 @@ def test_the_documented_python_api_is_importable_from_kvray() -> None:
         "assert len(plan_cells(job)) == 2\n"
         "assert callable(load_job) and callable(run_job)\n"
         "risk = check_oom_risk('facebook/opt-1.3b', concurrency=1, seq_len=128, gpu='H100-SXM')\n"
-        "assert risk['risk_level'] == 'low', risk['risk_level']\n"
+        "assert risk.risk_level == 'low', risk.risk_level\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

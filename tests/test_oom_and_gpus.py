@@ -37,24 +37,24 @@ def test_unknown_gpu_lists_known_names():
 def test_check_oom_risk_levels_and_fields():
     low = kvray.check_oom_risk("facebook/opt-1.3b", concurrency=1, seq_len=512, gpu="H100-SXM")
     high = kvray.check_oom_risk("facebook/opt-1.3b", concurrency=64, seq_len=4096, gpu="L4")
-    assert low["risk_level"] == "low" and high["risk_level"] == "high"
+    assert low.risk_level == "low" and high.risk_level == "high"
     for key in ("weights_gb", "kv_gb", "activation_gb", "total_estimated_gb", "available_gb", "max_concurrency"):
-        assert key in high
-    assert high["available_gb"] == pytest.approx(23_034 / 1024)  # what nvidia-smi reports for an L4: 23,034 MiB
+        assert key in high.to_dict()  # kvray check --json's keys
+    assert high.available_gb == pytest.approx(23_034 / 1024)  # what nvidia-smi reports for an L4: 23,034 MiB
     # KV: 64 × 4096 tokens × 196,608 B = 48 GiB exactly.
-    assert high["kv_gb"] == pytest.approx(48.0)
-    assert 0 < high["max_concurrency"] < 64 and high["recommendations"]
-    assert any("reduce concurrency" in r for r in high["recommendations"])
+    assert high.kv_gb == pytest.approx(48.0)
+    assert 0 < high.max_concurrency < 64 and high.recommendations
+    assert any("reduce concurrency" in r for r in high.recommendations)
     # max_concurrency really is the boundary: it fits below the medium line, one more does not.
-    at_max = kvray.check_oom_risk("facebook/opt-1.3b", high["max_concurrency"], 4096, gpu="L4")
-    over = kvray.check_oom_risk("facebook/opt-1.3b", high["max_concurrency"] + 1, 4096, gpu="L4")
-    assert at_max["fraction_of_available"] <= 0.9 < over["fraction_of_available"]
+    at_max = kvray.check_oom_risk("facebook/opt-1.3b", high.max_concurrency, 4096, gpu="L4")
+    over = kvray.check_oom_risk("facebook/opt-1.3b", high.max_concurrency + 1, 4096, gpu="L4")
+    assert at_max.fraction_of_available <= 0.9 < over.fraction_of_available
 
 
 def test_memory_is_linear_in_concurrency():
     a = kvray.check_oom_risk("gpt2", 2, 1000, gpu="L4")
     b = kvray.check_oom_risk("gpt2", 4, 1000, gpu="L4")
-    assert b["kv_gb"] == pytest.approx(2 * a["kv_gb"])
+    assert b.kv_gb == pytest.approx(2 * a.kv_gb)
 
 
 def test_no_gpu_falls_back_to_ram(monkeypatch):
@@ -66,13 +66,13 @@ def test_no_gpu_falls_back_to_ram(monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=12 * 2**30, total=16 * 2**30))
     monkeypatch.setattr(env, "nvml_gpus", lambda: ([], None, "no NVIDIA driver"))
     risk = kvray.check_oom_risk("gpt2", 1, 128)
-    assert risk["device"] == "cpu"
-    assert risk["available_gb"] == pytest.approx(12.0)  # free RAM, not total
+    assert risk.device == "cpu"
+    assert risk.available_gb == pytest.approx(12.0)  # free RAM, not total
     # With a GPU, its NVML total is what is available, whatever the RAM.
     l4 = GpuInfo(index=0, name="NVIDIA L4", memory_bytes=23_034 * 2**20)
     monkeypatch.setattr(env, "nvml_gpus", lambda: ([l4], "12.4", None))
     risk = kvray.check_oom_risk("gpt2", 1, 128)
-    assert risk["device"] == "NVIDIA L4" and risk["available_gb"] == pytest.approx(23_034 / 1024)
+    assert risk.device == "NVIDIA L4" and risk.available_gb == pytest.approx(23_034 / 1024)
 
 
 # What nvidia-smi reports as memory.total (MiB): the datacenter Ada cards keep ECC on by default, which

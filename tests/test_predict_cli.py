@@ -98,7 +98,7 @@ def test_calibrate_command_writes_the_file_predict_reads(kvray, tmp_path):
             result.simulated, result.hardware = False, {"name": "NVIDIA H100 80GB HBM3"}
             writer.append(result)
     cal = tmp_path / "cal.json"
-    out = kvray("calibrate", str(tmp_path / "res"), "--out", str(cal))
+    out = kvray("calibrate", str(tmp_path / "res"), "--output", str(cal))
     assert out.returncode == 0, out.stderr
     assert "H100-SXM" in out.stdout and "0.600" in out.stdout and cal.is_file()
     pred = kvray("predict", "meta-llama/Meta-Llama-3-8B", "--json", calibration=cal)

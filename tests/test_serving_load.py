@@ -238,7 +238,7 @@ def test_a_job_with_loads_and_a_rate_search_runs_on_ray_and_every_probe_is_a_row
     })  # fmt: skip
     planned = plan_cells(job)
     assert len(planned) == 4
-    out = run_job(job, tmp_path / "out", progress=False)
+    out = run_job(job, tmp_path / "out", progress=False).output_dir
     cells = pd.read_parquet(out / "cells.parquet")
     planned_ids = {c.cell_id for c in planned}
     assert planned_ids <= set(cells["cell_id"]) and len(cells) > 4 + 4  # the search's probes are rows too

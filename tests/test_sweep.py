@@ -35,7 +35,7 @@ def jsonl_ids(out: Path) -> list[str]:
 
 def test_four_gpus_every_cell_once_and_one_load_per_model_per_worker(ray_session, tmp_path):
     job = synthetic_job("four", models=("kvray/tiny-llama", "gpt2"), options={"ttft_s": 0.05, "tpot_s": 0.05})
-    out = run_job(job, tmp_path / "out", progress=False)
+    out = run_job(job, tmp_path / "out", progress=False).output_dir
     planned = {c.cell_id for c in plan_cells(job)}
     ids = jsonl_ids(out)
     assert len(ids) == len(planned) == 18 and set(ids) == planned
@@ -71,7 +71,7 @@ def test_oom_skips_only_cells_that_outgrow_it(ray_session, tmp_path):
         options={"ttft_s": 0.0, "tpot_s": 0.0, "oom_above_tokens": 200},
         grid={"prompt_toks": [8, 64], "gen_toks": [4], "concurrency": [1, 2, 4, 8]},
     )
-    out = run_job(job, tmp_path / "out", progress=False)
+    out = run_job(job, tmp_path / "out", progress=False).output_dir
     by_shape = {(r["cell"]["workload"]["requests"].__len__(), r["cell"]["workload"]["requests"][0]["prompt_toks"]):
                 r for r in read_results(out)}  # fmt: skip
     assert len(by_shape) == 8
@@ -98,7 +98,7 @@ def test_a_cell_past_its_timeout_is_an_error_and_the_worker_is_replaced(ray_sess
         # run on the replacement, whose imports happen before it reports ready (not on a cell's clock).
         grid=[{"prompt_toks": [8], "gen_toks": [200]}, {"prompt_toks": [512, 1024], "gen_toks": [2]}],
     )
-    out = run_job(job, tmp_path / "out", progress=False)
+    out = run_job(job, tmp_path / "out", progress=False).output_dir
     rows = {r["cell"]["workload"]["requests"][0]["prompt_toks"]: r for r in read_results(out)}
     assert rows[8]["status"] == "error" and "timed out after 3 s" in rows[8]["reason"]
     assert rows[512]["status"] == rows[1024]["status"] == "ok"
@@ -169,7 +169,7 @@ def test_real_allocation_failure_is_an_oom_row_and_the_sweep_goes_on(ray_session
         }
     )
     out = run_job(job, tmp_path / "out", progress=False, check_oom=False,
-                  worker_setup=functools.partial(limit_memory, 2**30))  # fmt: skip
+                  worker_setup=functools.partial(limit_memory, 2**30)).output_dir  # fmt: skip
     rows = {(len(r["cell"]["workload"]["requests"]), r["cell"]["workload"]["requests"][0]["prompt_toks"],
              r["cell"]["workload"]["requests"][0]["gen_toks"]): r for r in read_results(out)}  # fmt: skip
     assert rows[(8, 4096, 2)]["status"] == "oom", rows[(8, 4096, 2)]["reason"]

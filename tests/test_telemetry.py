@@ -177,7 +177,7 @@ def test_a_sweep_leaves_cpu_samples_for_every_cell_on_the_traces_clock_and_a_fig
         "warmup": 0, "repeats": 2, "options": {"ttft_s": 0.05, "tpot_s": 0.02, "max_batch": 2},
         "grid": {"prompt_toks": [8], "gen_toks": [12], "concurrency": [1, 4]},
     })  # fmt: skip
-    out = run_job(job, tmp_path / "out", progress=False)
+    out = run_job(job, tmp_path / "out", progress=False).output_dir
     cells = pd.read_parquet(out / "cells.parquet")
     timeline = pd.read_parquet(out / "timeline.parquet")
     traces = pd.read_parquet(out / "traces.parquet")

@@ -263,8 +263,8 @@ def roofline_floors(view: View) -> list[Finding]:
             # One request alone is the floor for any scheduler: a step reads the weights at least once, a
             # prefill computes at least its own prompt.
             tp = sharded_tensor_parallel(r)
-            floor = predict_cell(g, gpu, 1, int(r["prompt_toks"]), int(r["gen_toks"]), str(r["dtype"]),
-                                 str(r["kv_dtype"]), eff=floor_eff, tp=tp, communication=False)  # fmt: skip
+            floor = predict_cell(g, gpu, 1, int(r["prompt_toks"]), int(r["gen_toks"]), dtype=str(r["dtype"]),
+                                 kv_dtype=str(r["kv_dtype"]), eff=floor_eff, tp=tp, communication=False)  # fmt: skip
         except Exception:  # a model kvray cannot resolve, a dtype the table lacks: no floor to compare with
             continue
         for metric, name, bound in (("tpot_s_p50", "TPOT p50", floor.tpot_s), ("ttft_s_p50", "TTFT p50", floor.ttft_s)):

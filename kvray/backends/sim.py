@@ -173,7 +173,17 @@ class SimBackend(BackendBase):
         if serves_continuously(cell):
             return self._serve(cell, requests, repeat, dtype, kv_dtype, eff)
         tp = cell.tensor_parallel
-        schedule = simulate(self.geometry, self.gpu, requests, dtype, kv_dtype, layout, block_size, eff, tp)
+        schedule = simulate(
+            self.geometry,
+            self.gpu,
+            requests,
+            dtype=dtype,
+            kv_dtype=kv_dtype,
+            layout=layout,
+            block_size=block_size,
+            eff=eff,
+            tp=tp,
+        )
         peak = schedule.peak_memory
         if not peak.fits:
             raise SimulatedOutOfMemory(_oom_message(self.gpu, peak))

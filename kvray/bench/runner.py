@@ -75,14 +75,14 @@ def oom_refusal(backend: Backend, cell: Cell) -> str | None:
         available_bytes=available,
         tp=cell.tensor_parallel,  # per GPU of the cell's TP group (kvray/model/parallel.py)
     )
-    if risk["risk_level"] != "high":
+    if risk.risk_level != "high":
         return None
-    recs = "; ".join(risk["recommendations"])
-    what = f"one request of {risk['seq_len']} tokens alone" if queues else "estimated"
+    recs = "; ".join(risk.recommendations)
+    what = f"one request of {risk.seq_len} tokens alone" if queues else "estimated"
     return (
-        f"refused: OOM risk high — {what} {risk['total_estimated_gb']:.2f} GiB (weights "
-        f"{risk['weights_gb']:.2f}, KV {risk['kv_gb']:.2f}, activations {risk['activation_gb']:.2f}) of "
-        f"{risk['available_gb']:.2f} GiB on {risk['device']}; max concurrency {risk['max_concurrency']}"
+        f"refused: OOM risk high — {what} {risk.total_estimated_gb:.2f} GiB (weights "
+        f"{risk.weights_gb:.2f}, KV {risk.kv_gb:.2f}, activations {risk.activation_gb:.2f}) of "
+        f"{risk.available_gb:.2f} GiB on {risk.device}; max concurrency {risk.max_concurrency}"
         + (f"; {recs}" if recs else "")
         + " (run with --no-check-oom / check_oom=False to try anyway)"
     )

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from kvray.cli import bench_cmd, compare_cmd, model_cmds, output_cmds, run_cmds
-from kvray.cli.options import SpaceListCommand
+from kvray.cli.options import Command, SpaceListCommand
 from kvray.errors import KvrayInputError
 
 
@@ -44,14 +44,14 @@ app = typer.Typer(
 
 # In the order `kvray --help` lists them; list flags of the exp commands and predict take space-separated
 # values (`-c 1 2 4 8`), as the seed's CLI did.
-COMMANDS: tuple[tuple[Callable[..., Any], type[typer.core.TyperCommand] | None], ...] = (
-    (model_cmds.info, None),
-    (model_cmds.env, None),
-    (model_cmds.check, None),
-    (bench_cmd.bench, None),
-    (output_cmds.plot, None),
-    (output_cmds.report, None),
-    (compare_cmd.compare, None),
+COMMANDS: tuple[tuple[Callable[..., Any], type[Command]], ...] = (
+    (model_cmds.info, Command),
+    (model_cmds.env, Command),
+    (model_cmds.check, Command),
+    (bench_cmd.bench, Command),
+    (output_cmds.plot, Command),
+    (output_cmds.report, Command),
+    (compare_cmd.compare, Command),
     (run_cmds.exp1, SpaceListCommand),
     (run_cmds.exp2, SpaceListCommand),
     (run_cmds.exp3, SpaceListCommand),
@@ -60,9 +60,9 @@ COMMANDS: tuple[tuple[Callable[..., Any], type[typer.core.TyperCommand] | None],
     (run_cmds.exp6, SpaceListCommand),
     (run_cmds.exp7, SpaceListCommand),
     (model_cmds.predict, SpaceListCommand),
-    (model_cmds.calibrate, None),
-    (run_cmds.run, None),
-    (run_cmds.launch, None),
+    (model_cmds.calibrate, Command),
+    (run_cmds.run, Command),
+    (run_cmds.launch, Command),
 )
 for command, cls in COMMANDS:
     app.command(cls=cls)(command)

@@ -34,11 +34,16 @@ def bench(
     model: ModelOpt = "facebook/opt-1.3b",
     prompt_toks: PromptToksOpt = 512,
     gen_toks: GenOpt = 64,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests in the batch")] = 1,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", help="requests in flight at once (a closed loop: its users)")
+    ] = 1,
     mixed: Annotated[str | None, typer.Option("--mixed", help="mixed prompt lengths, e.g. 128,128,4096")] = None,
     arrival_gap_s: Annotated[float, typer.Option("--arrival-gap-s", help="seconds between arrivals")] = 0.0,
     load: Annotated[
-        str | None, typer.Option("--load", help="burst | closed (-c users) | poisson | gamma | constant")
+        str | None, typer.Option("--load", help="burst | closed (--users N) | poisson | gamma | constant")
+    ] = None,
+    users: Annotated[
+        int | None, typer.Option("--users", help="a closed loop of N users, each sending its next request at once")
     ] = None,
     rate: Annotated[str | None, typer.Option("--rate", help="requests/s of an open loop, or auto (search)")] = None,
     requests: Annotated[int | None, typer.Option("--requests", help="requests a load sends")] = None,
@@ -85,6 +90,7 @@ def bench(
     from kvray.bench.cell import bench_cell, check_output, measure_and_record
     from kvray.plan.loads import parse_dist, parse_load_flags, parse_slo
 
+    load, concurrency = closed_loop_users(load, users, concurrency)
     options = parse_option_pairs([*(option or []), *server_options(vllm_python, base_url, api_key_env, host)])
     cell = bench_cell(
         model, prompt_toks=prompt_toks, gen_toks=gen_toks, concurrency=concurrency,
@@ -110,6 +116,20 @@ def bench(
         render.bench_result(record)
     if record.result.status != "ok":
         raise typer.Exit(1)
+
+
+def closed_loop_users(load: str | None, users: int | None, concurrency: int) -> tuple[str | None, int]:
+    """``--users N``: a closed loop of N users (``--load closed`` implied), whose concurrency is N; the
+    ``--load closed -c N`` of older scripts means the same."""
+    if users is None:
+        return load, concurrency
+    if load not in (None, "closed"):
+        raise KvrayInputError(f"--users makes a closed loop; --load {load} is not one (use -c for its concurrency)")
+    if concurrency not in (1, users):
+        raise KvrayInputError(
+            f"--users {users} and -c {concurrency}: a closed loop's users are its concurrency, give one"
+        )
+    return "closed", users
 
 
 def join_ray(clients: int) -> bool:

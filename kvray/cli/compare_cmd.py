@@ -1,7 +1,7 @@
 """``kvray compare BASE_DIR NEW_DIR``: before/after, with statistics (kvray.analysis.compare), for people and CI.
 
 Writes ``compare.md``, a self-contained ``compare.html`` (the figure embedded as base64 PNG, like report.html)
-and the figure ``compare_changes.png|svg`` into ``--out`` (default NEW_DIR/compare); ``--json`` prints the
+and the figure ``compare_changes.png|svg`` into ``--output`` (default NEW_DIR/compare); ``--json`` prints the
 whole comparison as one object instead of the summary. Exit codes: 0 when nothing regressed significantly by
 more than ``--fail-on-regression PCT`` (always 0 without the flag), 1 when something did, 2 for bad input.
 Everything heavy (numpy, matplotlib) is imported inside the command: ``kvray --help`` stays fast.
@@ -33,9 +33,11 @@ def compare(
             help="exit 1 when any metric is significantly worse by more than PCT per cent",
         ),  # fmt: skip
     ] = None,
-    out: Annotated[
+    output: Annotated[
         str | None,
-        typer.Option("--out", help="where compare.md/.html go, a folder or s3://… (default NEW_DIR/compare)"),
+        typer.Option(
+            "--output", "--out", help="where compare.md/.html go, a folder or s3://… (default NEW_DIR/compare)"
+        ),
     ] = None,
     min_change: Annotated[
         float, typer.Option("--min-change", metavar="PCT", help="smallest change called one, per cent (default 5)")
@@ -51,17 +53,25 @@ def compare(
     if not (0 <= min_change < 100):
         raise KvrayInputError(f"--min-change must be a percentage in [0, 100), got {min_change}")
     # Object-storage folders (s3://…) are downloaded into staging folders; what compare writes goes back up at
-    # the end: into NEW_DIR/compare (NEW_DIR's staging is uploaded) or --out. BASE_DIR is only read.
+    # the end: into NEW_DIR/compare (NEW_DIR's staging is uploaded) or --output. BASE_DIR is only read.
     with ExitStack() as stack:
         base = stack.enter_context(output_folder(base_dir, upload=False, must_exist=True))
-        new = stack.enter_context(output_folder(new_dir, upload=out is None, must_exist=True))
-        out_dir = stack.enter_context(output_folder(out)) if out else new / "compare"
-        shown_out = out if out else f"{new_dir.rstrip('/')}/compare"
-        return _compare(base, new, out_dir, json_out, fail_on_regression, min_change, (base_dir, new_dir),
-                        shown_out if is_uri(shown_out) else None)  # fmt: skip
+        new = stack.enter_context(output_folder(new_dir, upload=output is None, must_exist=True))
+        out_dir = stack.enter_context(output_folder(output)) if output else new / "compare"
+        shown_out = output if output else f"{new_dir.rstrip('/')}/compare"
+        return _compare(
+            base,
+            new,
+            out_dir,
+            json_out=json_out,
+            fail_on_regression=fail_on_regression,
+            min_change=min_change,
+            names=(base_dir, new_dir),
+            shown_out=shown_out if is_uri(shown_out) else None,
+        )
 
 
-def _compare(base_dir: Path, new_dir: Path, out_dir: Path, json_out: bool, fail_on_regression: float | None,
+def _compare(base_dir: Path, new_dir: Path, out_dir: Path, *, json_out: bool, fail_on_regression: float | None,
              min_change: float, names: tuple[str, str], shown_out: str | None) -> int:  # fmt: skip
     """``compare`` on local folders (staging copies of URIs); ``names``: base and new as the user named them;
     ``shown_out``: the URI the outputs are uploaded to, if they are."""
@@ -72,7 +82,7 @@ def _compare(base_dir: Path, new_dir: Path, out_dir: Path, json_out: bool, fail_
     for folder in (base_dir, new_dir):
         require_results(str(folder))
     if out_dir.exists() and not out_dir.is_dir():
-        raise KvrayInputError(f"--out {out_dir} is a file, not a folder")
+        raise KvrayInputError(f"--output {out_dir} is a file, not a folder")
 
     from kvray.analysis.compare import compare_dirs
 

@@ -10,12 +10,18 @@ from typing import Annotated
 import typer
 
 from kvray.cli import render
-from kvray.cli.options import DtypeOpt, JsonOpt, KvDtypeOpt, ModelArg, TpOpt
+from kvray.cli.options import DtypeOpt, JsonOpt, KvDtypeOpt, ModelNamedOpt, ModelPositional, TpOpt, one_model
 from kvray.errors import KvrayInputError
 
 
-def info(model: ModelArg, dtype: DtypeOpt = "bf16", tp: TpOpt = 1, as_json: JsonOpt = False) -> None:
-    """Geometry, parameters, weight bytes and KV bytes per token of MODEL, and how much KV fits per GPU.
+def info(
+    model_arg: ModelPositional = None,
+    model: ModelNamedOpt = None,
+    dtype: DtypeOpt = "bf16",
+    tp: TpOpt = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Geometry, parameters, weight bytes and KV bytes per token of a model, and how much KV fits per GPU.
 
     ``--tp N``: weights and KV per GPU when the model is split over N GPUs (vLLM's tensor parallelism);
     the TP 1/2/4/8 table is always shown."""
@@ -23,9 +29,10 @@ def info(model: ModelArg, dtype: DtypeOpt = "bf16", tp: TpOpt = 1, as_json: Json
     from kvray.model.oom import model_summary
     from kvray.model.resolve import resolve_geometry
 
+    name = one_model(model_arg, model)
     dtype = normalize_dtype(dtype)  # a bad dtype fails before the model is looked up
     _check_tp_flag([tp])
-    g = resolve_geometry(model)
+    g = resolve_geometry(name)
     summary = model_summary(g, dtype, tp)
     if as_json:
         render.print_json(summary)
@@ -47,7 +54,8 @@ def env(as_json: JsonOpt = False) -> None:
 
 
 def check(
-    model: ModelArg,
+    model_arg: ModelPositional = None,
+    model: ModelNamedOpt = None,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="concurrent sequences")] = 1,
     seq_len: Annotated[int, typer.Option("--seq-len", help="cached tokens per sequence (prompt + generated)")] = 2048,
     gpu: Annotated[str | None, typer.Option("--gpu", help="GPU name (default: this machine's)")] = None,
@@ -60,10 +68,11 @@ def check(
     of a ``--tp`` group)."""
     from kvray.model.oom import check_oom_risk
 
+    name = one_model(model_arg, model)
     _check_tp_flag([tp])
-    risk = check_oom_risk(model, concurrency, seq_len, dtype=dtype, gpu=gpu, kv_dtype=kv_dtype, tp=tp)
+    risk = check_oom_risk(name, concurrency, seq_len, dtype=dtype, gpu=gpu, kv_dtype=kv_dtype, tp=tp)
     if as_json:
-        render.print_json(risk)
+        render.print_json(risk.to_dict())
     else:
         render.oom_risk(risk)
 
@@ -87,7 +96,8 @@ def _gpu_names(text: str) -> list[str]:
 
 
 def predict(
-    model: ModelArg,
+    model_arg: ModelPositional = None,
+    model: ModelNamedOpt = None,
     gpu: Annotated[str, typer.Option("--gpu", help="GPU name(s), comma-separated, or 'all'")] = "H100-SXM",
     concurrency: Annotated[
         list[int], typer.Option("--concurrency", "-c", help="concurrent requests: --concurrency 1 2 4 8")
@@ -110,6 +120,7 @@ def predict(
     from kvray.model.resolve import resolve_geometry
     from kvray.sim.simulate import Efficiency, efficiency_for, predict_cell
 
+    name = one_model(model_arg, model)
     if layout not in LAYOUTS:
         raise KvrayInputError(f"unknown --layout {layout!r} (known: {', '.join(LAYOUTS)})")
     for flag, values in (("--concurrency", concurrency), ("--prompt-toks", prompt_toks), ("--gen-toks", gen_toks)):
@@ -121,23 +132,35 @@ def predict(
     dtype = normalize_dtype(dtype)
     kv_dtype = normalize_dtype(kv_dtype or dtype)
     gpus = _gpu_names(gpu)
-    g = resolve_geometry(model)
+    g = resolve_geometry(name)
     from kvray.model.parallel import check_tensor_parallel
 
     for n in tp:
         check_tensor_parallel(g, n)
-    effs = {name: Efficiency() if no_calibration else efficiency_for(get_gpu(name), layout) for name in gpus}
+    effs = {card: Efficiency() if no_calibration else efficiency_for(get_gpu(card), layout) for card in gpus}
     # LEAD: the grid below is the library's work; a `predict_grid` in kvray/sim would make this one call.
     rows = [
-        predict_cell(g, name, c, p, n, dtype, kv_dtype, layout, block_size, effs[name], degree)
-        for name in gpus
+        predict_cell(
+            g,
+            card,
+            c,
+            p,
+            n,
+            dtype=dtype,
+            kv_dtype=kv_dtype,
+            layout=layout,
+            block_size=block_size,
+            eff=effs[card],
+            tp=degree,
+        )
+        for card in gpus
         for degree in tp
         for p in prompt_toks
         for n in gen_toks
         for c in concurrency
     ]
     if as_json:
-        render.print_json({"model": g.name, "efficiency": {name: eff.describe() for name, eff in effs.items()},
+        render.print_json({"model": g.name, "efficiency": {card: eff.describe() for card, eff in effs.items()},
                            "predictions": [p.to_dict() for p in rows]})  # fmt: skip
     else:
         render.predictions(f"Predicted: {g.name}, {dtype} (KV {kv_dtype}, {layout} layout)", rows, effs)
@@ -145,7 +168,10 @@ def predict(
 
 def calibrate(
     results_dir: Annotated[str, typer.Argument(help="a results folder with measured cells (cells.jsonl)")],
-    out: Annotated[str | None, typer.Option("--out", help="calibration file (default $KVRAY_CALIBRATION)")] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "--out", metavar="FILE", help="calibration file written (default $KVRAY_CALIBRATION)"),
+    ] = None,
     include_simulated: Annotated[
         bool, typer.Option("--include-simulated", help="also fit rows from the sim backend")
     ] = False,
@@ -162,7 +188,7 @@ def calibrate(
         from kvray.hardware.host import measure_host
 
         host = measure_host()
-    fits, path = fit(results_dir, out=out, include_simulated=include_simulated, host=host)
+    fits, path = fit(results_dir, out=output, include_simulated=include_simulated, host=host)
     if as_json:
         render.print_json({"path": str(path), "fits": [f.to_entry(results_dir) for f in fits]})
     else:

@@ -8,6 +8,7 @@ Nothing here imports rich, pandas, torch or ray: this module is read on every ``
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -29,6 +30,15 @@ if TYPE_CHECKING:
 
 ModelArg = Annotated[str, typer.Argument(help="HF id, bundled id or local directory with config.json")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="HF id, bundled id or local directory")]
+# Where a command names one model: -m/--model as bench and the exp commands take it, or the positional MODEL
+# that info/check/predict always took (kept so scripts keep working); ``one_model`` reads the pair.
+ModelPositional = Annotated[
+    str | None,
+    typer.Argument(metavar="MODEL", help="the model, as -m/--model (either one)", show_default=False),
+]
+ModelNamedOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="HF id, bundled id or local directory with config.json")
+]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16 (| fp8 for KV figures)")]
 KvDtypeOpt = Annotated[str | None, typer.Option("--kv-dtype", help="KV dtype if not --dtype")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
@@ -82,6 +92,16 @@ def parse_option_pairs(pairs: Sequence[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             options[key.strip()] = value
     return dict(make_options(**options))
+
+
+def one_model(positional: str | None, named: str | None) -> str:
+    """The model of a command taking ``MODEL`` or ``-m/--model``: either, or both when they agree."""
+    if positional is not None and named is not None and positional != named:
+        raise KvrayInputError(f"two models given: MODEL {positional!r} and -m/--model {named!r}; give one")
+    model = named if named is not None else positional
+    if model is None:
+        raise KvrayInputError("name a model: -m/--model MODEL (an HF id, a bundled id or a local directory)")
+    return model
 
 
 def comma_ints(flag: str, text: str) -> list[int]:
@@ -146,7 +166,28 @@ def _fits(taken: list[str], token: str) -> bool:
     return not taken or not NUMBERS.fullmatch(taken[0]) or bool(NUMBERS.fullmatch(token))
 
 
-class SpaceListCommand(typer.core.TyperCommand):
+# Old spellings of renamed flags: they still parse, so scripts keep working, but help lists only the new name.
+OLD_SPELLINGS = frozenset({"--out"})
+
+
+class Command(typer.core.TyperCommand):
+    """A kvray command: its help lists each option by its current names only (not OLD_SPELLINGS)."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        rows: dict[str, list[tuple[str, str]]] = {"argument": [], "option": []}
+        for param in self.get_params(ctx):
+            shown = copy.copy(param)
+            shown.opts = [o for o in param.opts if o not in OLD_SPELLINGS] or param.opts
+            record = shown.get_help_record(ctx)
+            if record is not None and param.param_type_name in rows:
+                rows[param.param_type_name].append(record)
+        for title, kind in (("Arguments", "argument"), ("Options", "option")):
+            if rows[kind]:
+                with formatter.section(title):
+                    formatter.write_dl(rows[kind])
+
+
+class SpaceListCommand(Command):
     """A command whose multiple-value options take space-separated values after one flag."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
@@ -165,7 +206,10 @@ OutputDirOpt = Annotated[
 AddressOpt = Annotated[
     str,
     typer.Option(
-        "--address", help="Ray: local (default) | auto | ray://host:port | http://HOST:8265 (Jobs API, remote)"
+        "--address",
+        help="where the cells run: local (start Ray here, default) | auto (join this machine's Ray) | ray://HOST:PORT "
+        "| inprocess (no Ray: one cell after another in this process) | http://HOST:8265 (a remote cluster's Jobs "
+        "API: the dataset comes home)",
     ),
 ]
 ClusterOpt = Annotated[

@@ -52,7 +52,9 @@ def require_results(results_dir: str) -> None:
 
 def plot(
     results_dir: ResultsDirArg,
-    out: Annotated[str | None, typer.Option("--out", help="figures folder (default RESULTS_DIR/figures)")] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "--out", help="figures folder or s3://… (default RESULTS_DIR/figures)")
+    ] = None,
     cell: Annotated[
         str | None, typer.Option("--cell", help="draw only this cell's timeline (fig10): requests, hardware, engine")
     ] = None,
@@ -63,13 +65,13 @@ def plot(
 
     from kvray.data.location import check_writable_folder, is_uri, output_folder
 
-    if out is not None and not is_uri(out):  # before the results are read or anything drawn
-        check_writable_folder(out, f"--out {out}")
+    if output is not None and not is_uri(output):  # before the results are read or anything drawn
+        check_writable_folder(output, f"--output {output}")
     with ExitStack() as stack:  # a URI: downloaded now, figures uploaded when the block ends
         folder = str(stack.enter_context(output_folder(results_dir, must_exist=True)))
-        figures_dir = str(stack.enter_context(output_folder(out))) if out is not None else None
+        figures_dir = str(stack.enter_context(output_folder(output))) if output is not None else None
         _plot(folder, figures_dir, cell)
-    dest = out if out is not None else f"{results_dir.rstrip('/')}/figures"
+    dest = output if output is not None else f"{results_dir.rstrip('/')}/figures"
     if is_uri(dest):
         render.line(f"uploaded the figures to {dest}")
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvray.units import human_bytes
+
+if TYPE_CHECKING:
+    from kvray.model.oom import OomRisk
 
 RISK_COLOURS = {"low": "green", "medium": "yellow", "high": "red"}
 
@@ -114,25 +117,22 @@ def _tp_table(per_tp: list[dict[str, Any]]) -> Any:
     return table
 
 
-def oom_risk(risk: dict[str, Any]) -> None:
+def oom_risk(risk: OomRisk) -> None:
     """``kvray check``: the memory budget, the risk level and what to do about it."""
     from rich.table import Table
 
-    seq_len = risk["seq_len"]
-    per_gpu = f", per GPU of TP {risk['tensor_parallel']}" if risk.get("tensor_parallel", 1) > 1 else ""
-    table = Table(
-        title=f"OOM risk: {risk['model']}, {risk['concurrency']} × {seq_len} tokens, {risk['dtype']}{per_gpu}"
-    )
+    per_gpu = f", per GPU of TP {risk.tensor_parallel}" if risk.per_gpu else ""
+    table = Table(title=f"OOM risk: {risk.model}, {risk.concurrency} × {risk.seq_len} tokens, {risk.dtype}{per_gpu}")
     table.add_column("item")
     table.add_column("GiB", justify="right")
     for key in ("weights_gb", "kv_gb", "activation_gb", "overhead_gb", "total_estimated_gb", "available_gb"):
-        table.add_row(key.removesuffix("_gb").replace("_", " "), f"{risk[key]:.2f}")
+        table.add_row(key.removesuffix("_gb").replace("_", " "), f"{getattr(risk, key):.2f}")
     out = console()
     out.print(table)
-    colour = RISK_COLOURS[risk["risk_level"]]
-    out.print(f"risk: [bold {colour}]{risk['risk_level']}[/] ({risk['fraction_of_available']:.0%} of {risk['device']})")
-    out.print(f"max concurrency at {seq_len} tokens: {risk['max_concurrency']}")
-    for rec in risk["recommendations"]:
+    colour = RISK_COLOURS[risk.risk_level]
+    out.print(f"risk: [bold {colour}]{risk.risk_level}[/] ({risk.fraction_of_available:.0%} of {risk.device})")
+    out.print(f"max concurrency at {risk.seq_len} tokens: {risk.max_concurrency}")
+    for rec in risk.recommendations:
         out.print(f"  • {rec}")
 
 

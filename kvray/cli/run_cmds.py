@@ -11,9 +11,11 @@ import typer
 
 from kvray.cli import render
 from kvray.cli.options import (
+    AddressOpt,
     ApiKeyEnvOpt,
     BackendsOpt,
     BaseUrlOpt,
+    ClusterOpt,
     ExperimentFlags,
     GenOpt,
     HostOpt,
@@ -28,6 +30,7 @@ from kvray.errors import KvrayInputError
 if TYPE_CHECKING:
     from kvray.plan.experiments import Common
     from kvray.plan.job import Job
+    from kvray.sweep.submit import RunSettings
 
 
 def make_all_after_run(output_dir: str | Path, shown: str | None = None) -> None:
@@ -53,14 +56,8 @@ def make_all_after_run(output_dir: str | Path, shown: str | None = None) -> None
 
 def run(
     job_file: Annotated[str, typer.Argument(help="job file, e.g. jobs/quickstart.yaml")],
-    address: Annotated[
-        str,
-        typer.Option(
-            "--address",
-            help="local (start Ray here) | auto (join this machine's) | ray://host:port | inprocess (no Ray: "
-            "every cell in this process, one after another)",
-        ),
-    ] = "local",
+    address: AddressOpt = "local",
+    cluster: ClusterOpt = None,
     output: Annotated[
         str | None,
         typer.Option("--output", help="results folder or s3://bucket/prefix, gs://… (default results/<job name>)"),
@@ -76,44 +73,53 @@ def run(
     no_plots: NoPlotsOpt = False,
 ) -> int:
     """Run JOB_FILE's sweep on Ray: a worker per GPU (or CPU) holding its model, rows streaming into one dataset."""
-    from kvray.plan.job import load_job
+    from dataclasses import replace
 
-    job = load_job(job_file)  # a bad file is one line, before Ray starts
     from kvray.data.location import is_uri, output_folder
     from kvray.data.status import default_output_dir
+    from kvray.plan.job import load_job
+    from kvray.sweep.submit import RunSettings
 
+    job = load_job(job_file)  # a bad file is one line, before Ray starts
+    settings = RunSettings(address=address, cluster=cluster, check_oom=check_oom, resume=resume, dashboard=dashboard)
+    if settings.remote and dashboard:
+        raise KvrayInputError("--dashboard starts Ray's dashboard here; a remote cluster's is its http://HOST:8265")
     remote = output if is_uri(output) else None
     # An object-storage --output is staged here: downloaded first (a bad URI or bucket is one line, before
     # Ray), uploaded by the collector as parts are flushed and by this block's end, Ctrl-C included.
     with output_folder(output or default_output_dir(job)) as where:
-        return _run_into(job, job_file, where, remote, address, resume, check_oom, dashboard, no_plots)
+        settings = replace(settings, output_dir=where, sync_to=remote)
+        return _run_into(job, job_file, settings, remote or str(where), no_plots)
 
 
-def _run_into(job: Job, job_file: str, where: Path, remote: str | None, address: str, resume: bool,
-              check_oom: bool, dashboard: bool, no_plots: bool) -> int:  # fmt: skip
-    from kvray.sweep import SweepError, last_run, run_job, status_counts
+def _run_into(job: Job, job_file: str, settings: RunSettings, shown: str, no_plots: bool) -> int:
+    """The job through kvray/sweep/submit.py (here or on a remote cluster), then its counts, figures, report."""
+    from kvray.data.store import read_results
+    from kvray.sweep import SweepError, status_counts
+    from kvray.sweep.remote import RemoteJobError
+    from kvray.sweep.submit import submit_job
 
-    shown = remote or str(where)
     try:
-        out = run_job(job, where, address=address, resume=resume, check_oom=check_oom, dashboard=dashboard,
-                      notice=render.note, sync_to=remote)  # fmt: skip
+        record = submit_job(job, settings, job_file=job_file, log=sys.stdout.write, notice=render.note)
     except SweepError as exc:
         sys.stderr.write(f"kvray: sweep stopped: {exc}\n")
         return 1
+    except RemoteJobError as exc:  # its status, exit code and last log lines, never a local traceback
+        sys.stderr.write(f"kvray: {exc}\n")
+        return 1
     except KeyboardInterrupt:
-        from kvray.data.store import read_results
-
-        rows = len(read_results(where, traces=False))
+        assert settings.output_dir is not None
+        rows = len(read_results(settings.output_dir, traces=False))
         sys.stderr.write(f"kvray: interrupted: {rows} rows kept in {shown}; resume with: "
                          f"kvray run {job_file} --output {shown}\n")  # fmt: skip
         return 130
-    from kvray.data.store import read_results
-
-    counts = status_counts(out, job)
-    failed = [r for r in read_results(out, traces=False) if r["status"] in ("error", "oom")][:5]
-    render.run_summary(job.name, counts, last_run(out), shown, failed)
+    if record.remote_status is not None:
+        render.line(f"remote job {record.remote_status}: {len(record.files)} files → {shown}")
+    counts = status_counts(record.output_dir, job)
+    failed = [r for r in read_results(record.output_dir, traces=False) if r["status"] in ("error", "oom")][:5]
+    render.run_summary(job.name, counts, record.run, shown, failed)
     if not no_plots:
-        make_all_after_run(out, shown=remote)
+        make_all_after_run(record.output_dir, shown=settings.sync_to)
     return 1 if counts.get("error") else 0
 
 
@@ -126,7 +132,7 @@ def launch(
         str | None, typer.Option("--address", help="dashboard URL of an existing cluster, http://HOST:8265")
     ] = None,
     output: Annotated[
-        str | None, typer.Option("--output", help="local results folder (default results/<job name>)")
+        str | None, typer.Option("--output", help="local results folder or s3://… (default results/<job name>)")
     ] = None,
     down: Annotated[bool, typer.Option("--down", help="tear the --cluster down afterwards")] = False,
     timeout_s: Annotated[
@@ -145,32 +151,48 @@ def launch(
         typer.Option("--shared-output", help="--output is on a filesystem the cluster shares: the job writes there"),
     ] = False,
 ) -> int:
-    """Run JOB on a Ray cluster through the Jobs API and bring its dataset back here."""
+    """Run JOB on a Ray cluster through the Jobs API and bring its dataset back here (``kvray run --address
+    http://…`` with the remote-only flags)."""
     from kvray.data.location import is_uri, output_folder
+    from kvray.data.status import default_output_dir
     from kvray.plan.job import load_job
-    from kvray.sweep.launch import RemoteJobError
-    from kvray.sweep.launch import launch as launch_job
+    from kvray.sweep.remote import RemoteJobError
+    from kvray.sweep.submit import RunSettings, is_dashboard_url, submit_job
 
-    out = output or f"results/{load_job(job).name}"
+    spec = load_job(job)  # a bad job file is one line, before any cluster is touched
+    if bool(address) == bool(cluster):
+        raise KvrayInputError("give exactly one of --address http://HOST:8265 or --cluster FILE.yaml")
+    if address and not is_dashboard_url(address):
+        raise KvrayInputError(f"--address must be the dashboard's http(s)://HOST:8265 URL, got {address!r}")
+    out = output or str(default_output_dir(spec))
     if is_uri(out):  # the job writes there itself: a bad URI or bucket is one line before any cluster is touched
         with output_folder(out, upload=False):
             pass
+    settings = RunSettings(
+        output_dir=out,
+        address=address or "local",
+        cluster=cluster,
+        down=down,
+        timeout_s=timeout_s,
+        provision=not no_provision,
+        ray_client_port=ray_client_port,
+        shared_output=shared_output,
+    )
     try:
-        status, files = launch_job(job, out, address=address, cluster=cluster, down=down, timeout_s=timeout_s,
-                                   log=sys.stdout.write, provision=not no_provision,
-                                   ray_client_port=ray_client_port, shared_output=shared_output)  # fmt: skip
+        record = submit_job(spec, settings, job_file=job, log=sys.stdout.write)
     except RemoteJobError as exc:
         sys.stderr.write(f"kvray: {exc}\n")
         return 1
     except KeyboardInterrupt:
         return 130
+    status = record.remote_status or ""
     if is_uri(out):
         render.line(f"job {status}: the dataset is in {out}")
         if not no_plots:
             with output_folder(out, must_exist=True) as staged:  # figures and report go up beside the data
                 make_all_after_run(staged, shown=out)
         return 0 if status.endswith("SUCCEEDED") else 1
-    render.line(f"job {status}: {len(files)} files in {out}")
+    render.line(f"job {status}: {len(record.files)} files in {out}")
     if not no_plots:
         make_all_after_run(out)
     return 0 if status.endswith("SUCCEEDED") else 1

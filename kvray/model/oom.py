@@ -5,6 +5,7 @@ Used by ``kvray check`` and by every runner before a cell starts (the seed's saf
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvray.errors import KvrayInputError
@@ -31,17 +32,47 @@ def activation_bytes(g: ModelGeometry, concurrency: int, prompt_toks: int, dtype
     return int(concurrency * prompt_toks * per_token + concurrency * g.vocab_size * 4)
 
 
+@dataclass(frozen=True)
+class OomRisk:
+    """One OOM estimate, per GPU of a TP group: the memory budget in GiB, its fraction of what is available, the
+    verdict and what to do about it. ``to_dict`` gives ``kvray check --json``'s object (the field names)."""
+
+    model: str
+    tensor_parallel: int
+    per_gpu: bool  # figures are one rank's (tp > 1)
+    concurrency: int
+    seq_len: int  # cached tokens per sequence
+    dtype: str
+    kv_dtype: str
+    layout: str
+    device: str  # the GPU named, this machine's first GPU, "cpu" (free RAM) or "given"
+    risk_level: str  # low | medium | high
+    weights_gb: float
+    kv_gb: float
+    activation_gb: float
+    overhead_gb: float
+    total_estimated_gb: float
+    available_gb: float
+    fraction_of_available: float
+    max_concurrency: int  # sequences of seq_len that stay below the medium line
+    recommendations: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def check_oom_risk(
     model: str | ModelGeometry,
     concurrency: int,
     seq_len: int,
+    *,
     dtype: str = "bf16",
     gpu: str | None = None,
     kv_dtype: str | None = None,
     layout: str = "hf",
     available_bytes: int | None = None,
     tp: int = 1,
-) -> dict[str, Any]:
+) -> OomRisk:
     """Estimate memory for ``concurrency`` sequences of ``seq_len`` cached tokens, per GPU of a TP=``tp`` group.
 
     ``available_gb`` is the named GPU's capacity, else the first NVML device's total memory, else
@@ -91,27 +122,27 @@ def check_oom_risk(
             )
         if roomy:
             recommendations.append(f"GPUs with room for this cell: {', '.join(roomy)}")
-    return {
-        "model": g.name,
-        "tensor_parallel": tp,
-        "per_gpu": tp > 1,
-        "concurrency": concurrency,
-        "seq_len": seq_len,
-        "dtype": dtype,
-        "kv_dtype": kv_dtype,
-        "layout": layout,
-        "device": device,
-        "risk_level": risk,
-        "weights_gb": weights / GIB,
-        "kv_gb": kv / GIB,
-        "activation_gb": act / GIB,
-        "overhead_gb": RUNTIME_OVERHEAD_BYTES / GIB,
-        "total_estimated_gb": total / GIB,
-        "available_gb": available_bytes / GIB,
-        "fraction_of_available": fraction,
-        "max_concurrency": max_concurrency,
-        "recommendations": recommendations,
-    }
+    return OomRisk(
+        model=g.name,
+        tensor_parallel=tp,
+        per_gpu=tp > 1,
+        concurrency=concurrency,
+        seq_len=seq_len,
+        dtype=dtype,
+        kv_dtype=kv_dtype,
+        layout=layout,
+        device=device,
+        risk_level=risk,
+        weights_gb=weights / GIB,
+        kv_gb=kv / GIB,
+        activation_gb=act / GIB,
+        overhead_gb=RUNTIME_OVERHEAD_BYTES / GIB,
+        total_estimated_gb=total / GIB,
+        available_gb=available_bytes / GIB,
+        fraction_of_available=fraction,
+        max_concurrency=max_concurrency,
+        recommendations=recommendations,
+    )
 
 
 def kv_tokens_that_fit(

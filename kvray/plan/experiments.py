@@ -278,7 +278,7 @@ def dry_run_rows(job: Job) -> list[dict[str, Any]]:
             gpu=spec.name if spec else None,
             kv_dtype=cell.kv_dtype,
             tp=cell.tensor_parallel,  # per GPU of the TP group
-        )
+        ).to_dict()
         rows.append(
             {
                 "cell_id": cell.cell_id,

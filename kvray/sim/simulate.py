@@ -334,9 +334,19 @@ def form_batches(
     return out
 
 
-def simulate(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dtype: str = "bf16",
-             kv_dtype: str | None = None, layout: str = "hf", block_size: int = DEFAULT_BLOCK_SIZE,
-             eff: Efficiency | None = None, tp: int = 1, *, communication: bool = True) -> Schedule:  # fmt: skip
+def simulate(
+    g: ModelGeometry,
+    gpu: GpuSpec,
+    requests: Sequence[RequestLike],
+    *,
+    dtype: str = "bf16",
+    kv_dtype: str | None = None,
+    layout: str = "hf",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    eff: Efficiency | None = None,
+    tp: int = 1,
+    communication: bool = True,
+) -> Schedule:
     """Predicted per-request timestamps and per-batch memory of serving ``requests`` on ``gpu`` (per GPU of a
     TP=``tp`` group: ``g`` is the whole model, each pass is costed on one rank). ``communication`` False leaves
     the all-reduces out (a roofline floor: their latency is an estimate, not a bound)."""
@@ -436,10 +446,21 @@ class _Req:
     arrival_s: float = 0.0
 
 
-def predict_cell(g: ModelGeometry, gpu: str | GpuSpec, concurrency: int, prompt_toks: int, gen_toks: int,
-                 dtype: str = "bf16", kv_dtype: str | None = None, layout: str = "hf",
-                 block_size: int = DEFAULT_BLOCK_SIZE, eff: Efficiency | None = None, tp: int = 1, *,
-                 communication: bool = True) -> Prediction:  # fmt: skip
+def predict_cell(
+    g: ModelGeometry,
+    gpu: str | GpuSpec,
+    concurrency: int,
+    prompt_toks: int,
+    gen_toks: int,
+    *,
+    dtype: str = "bf16",
+    kv_dtype: str | None = None,
+    layout: str = "hf",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    eff: Efficiency | None = None,
+    tp: int = 1,
+    communication: bool = True,
+) -> Prediction:
     """TTFT, TPOT, E2E, output tokens/s and peak memory of ``concurrency`` equal requests on ``gpu``.
 
     ``eff`` defaults to the calibrated values for this GPU and layout when present, else η defaults. ``tp``:
@@ -454,8 +475,18 @@ def predict_cell(g: ModelGeometry, gpu: str | GpuSpec, concurrency: int, prompt_
     eff = eff or efficiency_for(spec, layout)
     dtype = normalize_dtype(dtype)
     kv_dtype = normalize_dtype(kv_dtype or dtype)
-    schedule = simulate(g, spec, [_Req(prompt_toks, gen_toks)] * concurrency, dtype, kv_dtype, layout, block_size, eff,
-                        tp, communication=communication)  # fmt: skip
+    schedule = simulate(
+        g,
+        spec,
+        [_Req(prompt_toks, gen_toks)] * concurrency,
+        dtype=dtype,
+        kv_dtype=kv_dtype,
+        layout=layout,
+        block_size=block_size,
+        eff=eff,
+        tp=tp,
+        communication=communication,
+    )
     times = schedule.timings[0].token_times_s
     ttft, e2e = times[0], times[-1]
     tpot = (e2e - ttft) / (gen_toks - 1) if gen_toks > 1 else float("nan")

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kvray.data.manifest import last_run
     from kvray.data.status import default_output_dir
-    from kvray.sweep.driver import Sweep, SweepError, run_job
+    from kvray.sweep.driver import RunRecord, Sweep, SweepError, run_job
     from kvray.sweep.ray_env import Cluster, connect, import_ray, ray_is_running, start_local_ray
     from kvray.sweep.results import status_counts
 
 __all__ = [
     "Cluster",
+    "RunRecord",
     "Sweep",
     "SweepError",
     "connect",
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 _HOMES = {
+    "RunRecord": "kvray.sweep.driver",
     "Sweep": "kvray.sweep.driver",
     "SweepError": "kvray.sweep.driver",
     "run_job": "kvray.sweep.driver",

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,40 @@ from kvray.sweep.ray_env import Cluster, connect, import_ray, shutdown
 from kvray.sweep.scheduler import Scheduler, Verdict
 from kvray.units import first_line
 
-__all__ = ["COLLECTOR_NAME_PREFIX", "WORKER_NAME_PREFIX", "CollectorLost", "Sweep", "SweepError", "run_job"]
+__all__ = [
+    "COLLECTOR_NAME_PREFIX",
+    "WORKER_NAME_PREFIX",
+    "CollectorLost",
+    "RunRecord",
+    "Sweep",
+    "SweepError",
+    "run_job",
+]
 
 COLLECTOR_NAME_PREFIX = "kvray-collector-"  # + the sweep id: named so that an operator (or a test) can find it
 INPROCESS = "inprocess"  # the address that runs the job without Ray (kvray/sweep/inprocess.py)
 REFRESH_S = 0.25  # the progress view's rows are rebuilt at most this often (it redraws 4 times a second)
 COLLECTOR_THREADS = 32  # appends the collector takes at once: they share one write and fsync (group commit)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run of a job did: where its dataset is and the manifest's record of this run (its ``runs`` entry:
+    ``outcome``, ``cells_to_run``, ``cells_already_done``, ``statuses_this_run``, ``wall_s``, ``workers`` …).
+
+    ``run_job`` returns one; so does ``kvray.sweep.submit.submit_job``, which for a job run on a remote cluster
+    fills ``remote_status`` (the Jobs API's final status) and ``files`` (what came home, or what the job wrote to
+    object storage itself — then ``output_dir`` is that URI and ``run`` is empty: the manifest stayed there)."""
+
+    output_dir: Path | str
+    run: dict[str, Any] = field(default_factory=dict)
+    remote_status: str | None = None
+    files: tuple[str, ...] = ()
+
+    @property
+    def outcome(self) -> str:
+        """``finished``, ``interrupted (Ctrl-C)`` or ``stopped: …``; empty when no record came back."""
+        return str(self.run.get("outcome", ""))
 
 
 class SweepError(RuntimeError):
@@ -315,6 +344,7 @@ class Sweep:
 def run_job(
     job: Job,
     output_dir: str | Path | None = None,
+    *,
     address: str = "local",
     resume: bool = True,
     check_oom: bool = True,
@@ -324,8 +354,9 @@ def run_job(
     poll_s: float = 0.2,
     notice: Callable[[str], object] | None = None,
     sync_to: str | None = None,
-) -> Path:
-    """Run every cell of ``job`` not yet in ``output_dir`` on Ray; returns the output folder.
+) -> RunRecord:
+    """Run every cell of ``job`` not yet in ``output_dir`` on Ray; returns the run's record (its folder and the
+    manifest's entry for this run: outcome, cells run now and already done, statuses, wall seconds, workers).
 
     Uses the running Ray if this process already joined one; otherwise starts a local single-node Ray
     (``address="local"``), or joins ``"auto"`` / ``"ray://host:port"``, and shuts down what it started;
@@ -363,11 +394,11 @@ def run_job(
         if address == INPROCESS:  # no Ray: the same planner, scheduler, worker and collector, in this process
             from kvray.sweep.inprocess import run_in_process
 
-            run_in_process(job, out, check_oom=check_oom, listener=default_listener(progress), sync_to=sync_to)
+            run = run_in_process(job, out, check_oom=check_oom, listener=default_listener(progress), sync_to=sync_to)
         else:
             started = connect(address, dashboard)
             try:
-                Sweep(job, out, check_oom, default_listener(progress), worker_setup, poll_s, sync_to).run()
+                run = Sweep(job, out, check_oom, default_listener(progress), worker_setup, poll_s, sync_to).run()
             finally:
                 if started:
                     shutdown()
@@ -394,7 +425,7 @@ def run_job(
         raise
     finally:
         lock.release()
-    return out
+    return RunRecord(out, run)
 
 
 def write_tables_here(out: Path) -> None:

@@ -80,6 +80,7 @@ def log_tail(logs: str, lines: int = 15) -> str:
 def submit(
     address: str,
     job_file: str,
+    *,
     extra_args: list[str] | None = None,
     timeout_s: float = 3600.0,
     log: Any = None,
@@ -226,6 +227,7 @@ def exit_code(address: str, job_id: str) -> int | None:
 def launch(
     job_file: str,
     output: str,
+    *,
     address: str | None = None,
     cluster: str | None = None,
     down: bool = False,
@@ -267,11 +269,27 @@ def launch(
         direct = shared_output or is_uri(output)
         if direct:
             remote = output if is_uri(output) else str(Path(output).resolve())
-            job_id, status, logs = submit(address, job_file, extra_args, timeout_s, log, provision, "", remote)
+            job_id, status, logs = submit(
+                address,
+                job_file,
+                extra_args=extra_args,
+                timeout_s=timeout_s,
+                log=log,
+                provision=provision,
+                output=remote,
+            )
             files = written_directly(output, status)
             held = None
         else:
-            job_id, status, logs = submit(address, job_file, extra_args, timeout_s, log, provision, new_holder_name())
+            job_id, status, logs = submit(
+                address,
+                job_file,
+                extra_args=extra_args,
+                timeout_s=timeout_s,
+                log=log,
+                provision=provision,
+                holder=new_holder_name(),
+            )
             held = Held.from_logs(logs)
             files = bring_home(address, held, output, ray_client_port, log) if held else []
         if not status.endswith("SUCCEEDED") or (held is None and not files):
