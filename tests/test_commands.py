@@ -43,7 +43,7 @@ def test_plot_report_compare_read_the_folder(folder, tmp_path):
     assert (folder / "figures" / "fig1_mem_vs_concurrency.png").is_file()
     assert kvray("report", str(folder)) == 0
     assert (folder / "report.html").is_file() and (folder / "report.md").is_file()
-    assert kvray("compare", str(folder), str(folder), "--out", str(tmp_path / "cmp")) == 0
+    assert kvray("compare", str(folder), str(folder), "--output", str(tmp_path / "cmp")) == 0
     assert (tmp_path / "cmp" / "compare.md").is_file()
 
 
