@@ -210,7 +210,7 @@ def test_peak_memory_is_the_servers_gpu_memory_everywhere():
 
 def test_report_peak_mem_cell_is_the_servers_gpu_memory():
     from kvray.analysis.views import prepare
-    from kvray.report import CELL_COLUMNS
+    from kvray.document.blocks import CELL_COLUMNS
 
     view = prepare(_vllm_gpu_rows())
     cell = dict(CELL_COLUMNS)["peak mem"](view.cells.iloc[0])
