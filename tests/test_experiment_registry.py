@@ -174,3 +174,22 @@ def test_a_report_reads_each_file_of_the_folder_once(tmp_path, monkeypatch):
         main(["report", str(tmp_path)])
     assert exit_info.value.code == 0
     assert reads and max(reads.values()) == 1, reads
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["exp1", "--output-dir", "old-name", "-c", "1,2", "--dry-run", "--json"], 0, ""),  # the hidden old name
+        (["exp1", "--output", "a", "--output-dir", "b", "--dry-run"], 2, "give one folder"),
+        (["exp5", "-c", "4", "--dry-run"], 2, "No such option: -c"),  # -c is concurrency; exp5 has --users
+        (["exp2", "--seqlens", "128", "256", "gpt2", "--dry-run"], 2, "unexpected extra argument"),  # list ends
+    ],
+)
+def test_exp_commands_speak_one_dialect(capsys, args, code, needle):
+    from kvray.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == code, err
+    assert needle in err and len(err.strip().splitlines()) <= 1

@@ -1,4 +1,4 @@
-"""Commands that read a results folder and draw from it: ``plot`` (fig1–fig9) and ``report`` — no Ray, no torch.
+"""Commands that read a results folder and draw from it: ``plot`` (every figure) and ``report`` — no Ray, no torch.
 
 A results folder may be an object-storage URI (``s3://bucket/prefix``): it is downloaded into a staging folder,
 drawn from there, and what was drawn goes back up when the command ends (kvray/data/location.py).

@@ -172,6 +172,7 @@ def launch(
 def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = None) -> None:
     """Dry run: the cells and their predicted memory. Otherwise: the job on Ray here or on a remote cluster
     (kvray/sweep/submit.py chooses), a line of counts, then figures and report."""
+    flags.output_folder  # noqa: B018 — --output and its old name naming two folders: one line, before anything
     for text in notes or []:
         render.note(text)
     if flags.dry_run:

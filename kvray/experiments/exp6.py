@@ -117,7 +117,8 @@ def draw(dataset: Dataset, out_dir: Path) -> list[Any]:
 def section(exp: Experiment, page: Page) -> list[Block]:
     """Each reuse cell's prefix-cache hit rate and saved KV, measured beside predicted, its preemptions and fill
     point, the cells that failed and why, then the exp6 figures and cells; none without reuse data."""
-    from kvray.analysis.views import as_number, kv_memory_saved
+    from kvray.analysis.reuse import kv_memory_saved
+    from kvray.analysis.views import as_number
     from kvray.document import Block
     from kvray.document.blocks import fmt_bytes, fmt_num
     from kvray.figures.reuse import has_reuse_data
