@@ -25,9 +25,12 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("plan", "job files, experiments and the planner: a Job's cells"),
     ("bench", "one cell in this process: the runner"),
     ("sweep", "Ray: scheduler, worker pool, driver, collector, launch"),
-    ("analysis", "dataset views, findings, calibration"),
-    ("figures", "fig1–fig9 from the dataset"),
-    ("report", "report.md and report.html"),
+    ("analysis", "the Dataset (a results folder read once), views, findings, calibration"),
+    ("figures", "every figure, from a Dataset or its View"),
+    ("document", "the report's blocks and their Markdown / HTML renderers (report, sections, compare)"),
+    # after figures so a section can draw its experiment's, before the report so it composes from the registry
+    ("experiments", "one module per experiment (job from flags, options, figures, section, findings); registry"),
+    ("report", "report.md and report.html: composes the registry's sections, draws through the figures"),
     ("cli", "the Typer command line"),
 )
 

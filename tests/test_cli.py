@@ -117,7 +117,7 @@ def test_help_and_json_paths_import_no_rendering_or_data_libraries():
 
 
 SHARED_EXP_FLAGS = ("--model", "--dtype", "--kv-dtype", "--weights", "--hardware", "--device", "--warmup",
-                    "--repeats", "--option", "--output-dir", "--address", "--cluster", "--dry-run", "--json",
+                    "--repeats", "--option", "--output", "--address", "--cluster", "--dry-run", "--json",
                     "--no-plots", "--no-check-oom", "--verbose", "--progress")  # fmt: skip
 SERVER_FLAGS = ("--vllm-python", "--base-url", "--api-key-env", "--host")
 
@@ -129,6 +129,9 @@ SERVER_FLAGS = ("--vllm-python", "--base-url", "--api-key-env", "--host")
         ("exp2", ("--seqlens", "--gen-toks", "--concurrency", "--backend")),
         ("exp3", ("--short", "--long", "--gen-toks", "--n-short", "--n-long", "--backend")),
         ("exp4", ("--backends", "--prompt-toks", "--gen-toks", "--concurrency", *SERVER_FLAGS)),
+        ("exp5", ("--backends", "--users", "--rates", "--open-load", "--slo", "--prompt-toks", *SERVER_FLAGS)),
+        ("exp6", ("--backends", "--prefix-toks", "--concurrency", "--turns", "--kv-pool-mib", "--vllm-python")),
+        ("exp7", ("--backends", "--prompt-toks", "--gen-toks", "--concurrency")),
     ],
 )
 def test_exp_help_lists_the_shared_flags_and_its_own(capsys, command, own):
@@ -141,6 +144,8 @@ def test_exp_help_lists_the_shared_flags_and_its_own(capsys, command, own):
     assert text.startswith(f"Usage: kvray {command} [OPTIONS]")
     for flag in (*SHARED_EXP_FLAGS, *own):
         assert f"{flag} " in text or f"{flag}," in text or f"{flag}/" in text, flag
+    # one dialect (issue 26): -c is always --concurrency, the folder written is --output (--output-dir: hidden)
+    assert "--output-dir" not in text and ("-c, --concurrency" in text) == ("--concurrency" in own)
 
 
 def test_bare_kvray_prints_the_help_and_exits_2():

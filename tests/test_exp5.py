@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kvray.plan.experiments import EXP5_GPUS, Common, exp5_job
+from kvray.experiments.exp5 import EXP5_GPUS, exp5_job
+from kvray.plan.experiments import Common
 from kvray.sweep import run_job
 
 MODEL = "meta-llama/Meta-Llama-3-8B"
@@ -111,13 +112,14 @@ def test_a_row_whose_client_fell_behind_is_flagged_in_fig11(exp5_folder, tmp_pat
 
 def test_no_serving_rows_no_serving_figures_nor_section(tmp_path):
     """An exp1-only folder (bursts) gets neither fig11/fig12 nor a Serving section, not even placeholders."""
-    from kvray.figures.serving import make_serving_figures
-    from kvray.plan.experiments import exp1_job
+    from kvray.analysis.dataset import Dataset
+    from kvray.experiments import get
+    from kvray.experiments.exp1 import exp1_job
     from kvray.report import make_all
 
     job = exp1_job(Common(model=MODEL, backends=["sim"], hardware=["L4"], warmup=0, repeats=1), 128, 8, [1, 2])
     run_job(job, tmp_path, address="inprocess", progress=False)
-    assert make_serving_figures(tmp_path) == []
+    assert get("exp5").draw(Dataset.load(tmp_path), tmp_path / "figures") == []
     make_all(tmp_path)
     assert not (tmp_path / "figures" / "fig11_latency_vs_throughput.png").exists()
     assert "Serving" not in (tmp_path / "report.md").read_text()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from kvray.analysis.dataset import Dataset
 from kvray.backends import get_backend
 from kvray.bench.runner import run_cell
 from kvray.data.store import DatasetWriter
 from kvray.errors import KvrayInputError
-from kvray.figures.parallelism import make_tp_figures, stops_paying
+from kvray.experiments.exp7 import exp7_job
+from kvray.figures.parallelism import stops_paying, tp_figures
 from kvray.plan.experiments import Common
 from kvray.plan.job import load_job
-from kvray.plan.parallelism import exp7_job
 from kvray.plan.planner import plan_cells
 
 MODEL = "meta-llama/Llama-3.1-70B"
@@ -57,7 +58,7 @@ def test_exp7_runs_in_seconds_on_sim_and_draws_where_tp_stops_paying(tmp_path):
     # KV pool per GPU grows with TP: weights per GPU shrink and each GPU caches fewer KV heads.
     pools = [results["H100-SXM", n, 1].extra["sim"]["kv_cache_size_tokens"] for n in (2, 4, 8)]
     assert pools == sorted(pools) and pools[-1] > 20 * pools[0]
-    figures = make_tp_figures(tmp_path)
+    figures = tp_figures(Dataset.load(tmp_path), tmp_path / "figures")
     assert len(figures) == 1 and figures[0].name == "exp7_tp_scaling_meta-llama--Llama-3.1-70B"
     fig = figures[0]
     assert len(fig.series) == 4 and fig.oom_markers == 4  # H100/A100 × c1/c32; the TP 1 cells

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from kvray.errors import KvrayInputError
-from kvray.plan.experiments import Common, exp1_job, exp2_job, exp3_job, hardware_arg
+from kvray.experiments.exp1 import exp1_job
+from kvray.experiments.exp2 import exp2_job
+from kvray.experiments.exp3 import exp3_job
+from kvray.plan.experiments import Common, hardware_arg
 from kvray.plan.planner import plan_cells
 
 
@@ -168,8 +171,9 @@ def test_real_tiny_model_run_ends_in_figures_and_report(ray_session, tmp_path):
     the command line and ends in the figures and the report, whose numbers must be the dataset's."""
     from dataclasses import replace
 
-    from kvray.analysis.findings import compute_findings, prepare
+    from kvray.analysis.views import prepare
     from kvray.data.store import load_dataset
+    from kvray.experiments import compute_findings
     from kvray.measure.metrics import describe
     from kvray.sweep import run_job
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvray.analysis.findings import compute_findings
 from kvray.analysis.views import mixed_pairs, prepare, short_hardware
 from kvray.data.store import DatasetWriter, load_dataset
+from kvray.experiments import compute_findings
 from kvray.measure.metrics import summarize
 from kvray.measure.trace import CellResult, RunTrace
 from kvray.spec import Cell, Workload

@@ -318,9 +318,10 @@ def test_exp6_report_section_and_figures_from_the_vllm_cells(measured):
     md = paths.markdown.read_text()
     exp6 = md[md.index("## Exp6 — KV reuse and pressure") :]
     assert "83.3%" in exp6  # the shared-prefix cell's hit rate, measured and predicted (3,840 / 4,608)
-    from kvray.figures.reuse import make_reuse_figures
+    from kvray.analysis.dataset import Dataset
+    from kvray.figures.reuse import reuse_figures
 
-    figures = {f.name: f for f in make_reuse_figures(measured.folder)}
+    figures = {f.name: f for f in reuse_figures(Dataset.load(measured.folder), measured.folder / "figures")}
     for name in ("exp6_hit_rate", "exp6_ttft_vs_shared_prefix", "exp6_multi_turn", "exp6_kv_pressure",
                  "exp6_kv_dtype"):  # fmt: skip
         assert f"![{name}](figures/{name}.png)" in exp6, name

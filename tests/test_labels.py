@@ -210,7 +210,7 @@ def test_peak_memory_is_the_servers_gpu_memory_everywhere():
 
 def test_report_peak_mem_cell_is_the_servers_gpu_memory():
     from kvray.analysis.views import prepare
-    from kvray.report import CELL_COLUMNS
+    from kvray.document.blocks import CELL_COLUMNS
 
     view = prepare(_vllm_gpu_rows())
     cell = dict(CELL_COLUMNS)["peak mem"](view.cells.iloc[0])
@@ -240,7 +240,7 @@ def _reuse_record(cell_id, prefix_caching, peak_kv, status="ok", backend="sim", 
 def test_kv_memory_saved_is_peak_without_minus_with_and_nan_for_one_arm():
     """The issue's 6-turn chat: peak KV 432 MiB with and without caching → 0 saved (while 1,040 MiB were not
     recomputed); another cell 432 MiB off vs 300 MiB on → 132 MiB; a cell run only with the cache → NaN."""
-    from kvray.analysis.views import kv_memory_saved
+    from kvray.analysis.reuse import kv_memory_saved
 
     records = [
         _reuse_record("chat-off", False, 432 * MIB),

@@ -419,10 +419,12 @@ time.sleep(600)
 
 
 def test_server_figures_of_a_folder_without_server_data_say_what_is_missing(tmp_path):
-    from kvray.figures.server import has_server_data, make_server_figures
+    from kvray.analysis.dataset import Dataset
+    from kvray.figures.server import has_server_data, server_figures
 
     (tmp_path / "empty").mkdir()
-    assert not has_server_data(tmp_path / "empty")
-    figures = make_server_figures(tmp_path / "empty")
+    dataset = Dataset.load(tmp_path / "empty")
+    assert not has_server_data(dataset.records)
+    figures = server_figures(dataset, tmp_path / "empty" / "figures")
     assert [f.name for f in figures] == ["fig8_backend_compare", "fig9_kv_timeline"]
     assert all(f.empty and f.notes and all(p.is_file() for p in f.paths) for f in figures)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from kvray.analysis.findings import SANITY_MARGIN, compute_findings, sanity_warnings, throughput_plateaus
+from kvray.analysis.evidence import throughput_plateaus
+from kvray.analysis.findings import SANITY_MARGIN, sanity_warnings
 from kvray.analysis.views import prepare
 from kvray.backends import get_backend
 from kvray.bench.runner import run_cell
 from kvray.data.store import DatasetWriter, load_dataset
+from kvray.experiments import compute_findings
 from kvray.measure.trace import FINAL_STATUSES
 from kvray.report import make_report
 from kvray.spec import Cell, Workload, make_options
@@ -132,10 +134,12 @@ def test_latency_below_the_gpus_roofline_floor_is_a_warning():
 
 
 def test_the_report_puts_sanity_warnings_first_and_marks_the_suspect_cell(tmp_path):
-    view = prepare(rows({"cell_id": "c1", "concurrency": 1, "tpot_s_p50": 0.0187},
-                        {"cell_id": "c2", "concurrency": 2, "tpot_s_p50": 0.0064}))  # fmt: skip
-    from kvray.report import build_blocks, render_markdown
+    from kvray.analysis.dataset import Dataset
+    from kvray.document import render_markdown
+    from kvray.report import build_blocks
 
-    md = render_markdown(build_blocks(view, {}, compute_findings(view), [], tmp_path), tmp_path)
+    dataset = Dataset.from_frames(tmp_path, rows({"cell_id": "c1", "concurrency": 1, "tpot_s_p50": 0.0187},
+                                                 {"cell_id": "c2", "concurrency": 2, "tpot_s_p50": 0.0064}))  # fmt: skip
+    md = render_markdown(build_blocks(dataset, compute_findings(dataset.view), []), tmp_path)
     assert md.index("## Findings") < md.index("Implausible measurements") < md.index("Exp1 — concurrency sweep")
     assert "| ok ⚠ |" in md and md.count("⚠ |") == 1

@@ -19,9 +19,10 @@ from kvray.backends.vllm import VLLMBackend, vllm_launcher
 from kvray.bench.runner import run_cell
 from kvray.data.store import DatasetWriter, read_results
 from kvray.errors import KvrayInputError
+from kvray.experiments.exp4 import exp4_job
 from kvray.model.kvmath import kv_bytes_per_token
 from kvray.model.resolve import resolve_geometry
-from kvray.plan.experiments import Common, exp4_job
+from kvray.plan.experiments import Common
 from kvray.plan.planner import plan_cells
 from kvray.servers.prometheus import cache_config, kv_snapshot, parse, prefix_cache_counts
 from kvray.spec import Cell, Workload, make_options
@@ -190,7 +191,8 @@ def test_the_openai_backend_on_vllm_counts_what_the_in_process_backend_counts(vl
 
 
 def test_exp4_runs_hf_hf_paged_and_vllm_and_draws_fig8(vllm, model_dir, tmp_path):
-    from kvray.figures.server import has_server_data, make_server_figures
+    from kvray.analysis.dataset import Dataset
+    from kvray.figures.server import has_server_data, server_figures
 
     common = Common(model=str(model_dir), backends=["hf", "hf-paged", "vllm"], dtype="fp32", device="cpu",
                     warmup=1, repeats=1, options=vllm_test_options(metrics_interval_s=0.02))  # fmt: skip
@@ -219,8 +221,9 @@ def test_exp4_runs_hf_hf_paged_and_vllm_and_draws_fig8(vllm, model_dir, tmp_path
     memory = rows[("vllm", 4)]["memory"]  # vLLM's used KV is sampled from /metrics: None if no sample caught it
     assert memory["kv_reserved_bytes"] == 256 * 2**20
     assert memory.get("kv_used_peak_bytes") is None or memory["kv_reserved_bytes"] > 10 * memory["kv_used_peak_bytes"]
-    assert has_server_data(tmp_path / "exp4")  # so `kvray plot` draws fig8 / fig9 for this folder
-    figures = {f.name: f for f in make_server_figures(tmp_path / "exp4")}
+    dataset = Dataset.load(tmp_path / "exp4")
+    assert has_server_data(dataset.records)  # so `kvray plot` draws fig8 / fig9 for this folder
+    figures = {f.name: f for f in server_figures(dataset, tmp_path / "exp4" / "figures")}
     assert figures["fig8_backend_compare"].series == ["hf", "hf-paged", "vllm"]
     assert set(figures["fig9_kv_timeline"].series) == {"hf-paged", "vllm"}
     for f in figures.values():

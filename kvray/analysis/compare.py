@@ -399,9 +399,8 @@ def _advice(c: Comparison, pairs: list[Pair]) -> list[str]:
 def compare_dirs(
     base_dir: str | Path, new_dir: str | Path, alpha: float = ALPHA, min_change: float = MIN_CHANGE
 ) -> Comparison:
-    """``compare_results`` of two results folders (their cells.jsonl)."""
-    from kvray.data.store import read_results
+    """``compare_results`` of two results folders, each read as a Dataset (kvray.analysis.dataset)."""
+    from kvray.analysis.dataset import Dataset
 
-    base = [CellResult.from_dict(r) for r in read_results(base_dir)]
-    new = [CellResult.from_dict(r) for r in read_results(new_dir)]
+    base, new = Dataset.load(base_dir).results(), Dataset.load(new_dir).results()
     return compare_results(base, new, str(base_dir), str(new_dir), alpha, min_change)

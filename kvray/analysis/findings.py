@@ -32,9 +32,11 @@ law). pandas and numpy only: no matplotlib, torch or Ray.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from kvray.analysis.evidence import Finding, latency_exponents, mixed_penalties, throughput_plateaus
+from kvray.analysis.evidence import Finding
 from kvray.analysis.stats import linear_fit
 from kvray.analysis.stats import power_fit as power_fit  # fig3 draws the same power law
 from kvray.analysis.views import (
@@ -51,9 +53,6 @@ from kvray.analysis.views import (
     split_series,
     sweep_series,
 )
-
-# ``compute_findings(prepare(cells, traces))`` is the whole computation, so prepare is importable from here too.
-from kvray.analysis.views import prepare as prepare
 from kvray.units import human_bytes, human_seconds
 
 # A static batch's TPOT p50 may fall by this much as concurrency grows before it is called implausible: repeats
@@ -104,26 +103,27 @@ def memory_slopes(view: View) -> list[Finding]:
     return out
 
 
-def oom_boundaries(view: View) -> list[Finding]:
+def oom_boundaries(view: View, exp: str, noun: str) -> list[Finding]:
+    """The OOM boundary of the sweep ``exp`` (kvray.analysis.views.SWEEPS: exp1 over concurrency, exp2 over
+    prompt length — ``noun``), per series."""
     out = []
-    for exp, noun in (("exp1", "concurrency"), ("exp2", "prompt length")):
-        x = SWEEPS[exp][0]
-        for s in sweep_series(view, exp):
-            ok, oom = ok_rows(s.rows), oom_rows(s.rows)
-            if not len(ok) and not len(oom):
-                continue
-            max_ok = int(ok[x].max()) if len(ok) else None
-            first_oom = int(oom[x].min()) if len(oom) else None
-            statuses = sorted(set(oom["status"]))
-            values = {"x": x, "max_ok": max_ok, "first_oom": first_oom, "oom_cells": len(oom), "oom_statuses": statuses}
-            if first_oom is None:
-                text = f"{s.label}: no OOM up to {noun} {max_ok}"
-            elif max_ok is None:
-                text = f"{s.label}: every {noun} tested ran out of memory (smallest {first_oom})"
-            else:
-                kinds = ", ".join(OOM_LABELS[st] for st in statuses)
-                text = f"{s.label}: max {noun} before OOM is {max_ok}; {first_oom} does not fit ({kinds})"
-            out.append(Finding("oom_boundary", exp, s.label, values, text + "."))
+    x = SWEEPS[exp][0]
+    for s in sweep_series(view, exp):
+        ok, oom = ok_rows(s.rows), oom_rows(s.rows)
+        if not len(ok) and not len(oom):
+            continue
+        max_ok = int(ok[x].max()) if len(ok) else None
+        first_oom = int(oom[x].min()) if len(oom) else None
+        statuses = sorted(set(oom["status"]))
+        values = {"x": x, "max_ok": max_ok, "first_oom": first_oom, "oom_cells": len(oom), "oom_statuses": statuses}
+        if first_oom is None:
+            text = f"{s.label}: no OOM up to {noun} {max_ok}"
+        elif max_ok is None:
+            text = f"{s.label}: every {noun} tested ran out of memory (smallest {first_oom})"
+        else:
+            kinds = ", ".join(OOM_LABELS[st] for st in statuses)
+            text = f"{s.label}: max {noun} before OOM is {max_ok}; {first_oom} does not fit ({kinds})"
+        out.append(Finding("oom_boundary", exp, s.label, values, text + "."))
     return out
 
 
@@ -296,15 +296,25 @@ def suspect_cells(findings: list[Finding]) -> set[str]:
     return {f.values["suspect_cell_id"] for f in findings if f.key == "sanity" and "suspect_cell_id" in f.values}
 
 
-def compute_findings(view: View) -> list[Finding]:
-    """Every finding the data supports, in report order."""
-    return [
-        *sanity_warnings(view),
-        *failures(view),
-        *memory_slopes(view),
-        *oom_boundaries(view),
-        *throughput_plateaus(view),
-        *latency_exponents(view),
-        *mixed_penalties(view),
-        *kv_errors(view),
-    ]
+@dataclass(frozen=True)
+class FindingRule:
+    """A kind of finding: its key, the report's heading over its findings, and how it is computed. Each experiment
+    declares the rules of its own findings (kvray/experiments/); the ones below concern any cell."""
+
+    key: str
+    title: str
+    compute: Callable[[View], list[Finding]]
+
+
+# Findings about any cell, before and after the experiments' own (kvray.experiments.compute_findings).
+GENERAL_FIRST = (
+    FindingRule("sanity", "⚠ Implausible measurements (warnings: these cells are suspect, not results)",
+                sanity_warnings),
+    FindingRule("failures", "Cells with failed requests (percentiles over the successful ones only)", failures),
+)  # fmt: skip
+GENERAL_LAST = (FindingRule("kv_error", "Predicted vs measured KV", kv_errors),)
+
+
+def compute_findings(view: View, rules: Sequence[FindingRule]) -> list[Finding]:
+    """Every finding the data supports, in report order: GENERAL_FIRST, ``rules`` (the experiments'), GENERAL_LAST."""
+    return [f for rule in (*GENERAL_FIRST, *rules, *GENERAL_LAST) for f in rule.compute(view)]

@@ -10,7 +10,7 @@ kvmath for the concurrency at which the pool fills. Row columns (docs/kv_reuse.m
   kv_not_recomputed_bytes(_predicted) hit tokens × paged KV bytes per token *per GPU* (a TP rank's shard), per
                                       repeat (the row keeps the peak repeat, as for every kv_ column); measured
                                       from the counters. KV the engine did not compute again — not memory saved
-                                      (kvray.analysis.views.kv_memory_saved: peak KV without the cache − with it)
+                                      (kvray.analysis.reuse.kv_memory_saved: peak KV without the cache − with it)
   preemptions                         the counter's growth over the measured repeats (summed by the runner)
   kv_fill_concurrency_predicted       the fewest requests of this workload, at full length, that overfill the pool
                                       (None for closed loops, whose requests are never all in flight)

@@ -31,17 +31,6 @@ class _Group(typer.core.TyperGroup):
                 formatter.write_dl(rows)
 
 
-app = typer.Typer(
-    name="kvray",
-    help="wrk for LLM inference, KV edition: measure, predict and plot KV-cache bottlenecks.",
-    cls=_Group,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode=None,
-    context_settings={"max_content_width": 120},  # use a wide terminal; click wraps at 80 otherwise
-)
-
 # In the order `kvray --help` lists them; list flags of the exp commands and predict take space-separated
 # values (`-c 1 2 4 8`), as the seed's CLI did.
 COMMANDS: tuple[tuple[Callable[..., Any], type[Command]], ...] = (
@@ -52,20 +41,36 @@ COMMANDS: tuple[tuple[Callable[..., Any], type[Command]], ...] = (
     (output_cmds.plot, Command),
     (output_cmds.report, Command),
     (compare_cmd.compare, Command),
-    (run_cmds.exp1, SpaceListCommand),
-    (run_cmds.exp2, SpaceListCommand),
-    (run_cmds.exp3, SpaceListCommand),
-    (run_cmds.exp4, SpaceListCommand),
-    (run_cmds.exp5, SpaceListCommand),
-    (run_cmds.exp6, SpaceListCommand),
-    (run_cmds.exp7, SpaceListCommand),
+    # here: one command per registered experiment (kvray/experiments/), in registry order
     (model_cmds.predict, SpaceListCommand),
     (model_cmds.calibrate, Command),
     (run_cmds.run, Command),
     (run_cmds.launch, Command),
 )
-for command, cls in COMMANDS:
-    app.command(cls=cls)(command)
+
+
+def new_app() -> typer.Typer:
+    """The app with COMMANDS and, after ``compare``, one command per experiment registered now (a test that
+    registers one builds an app of its own)."""
+    app = typer.Typer(
+        name="kvray",
+        help="wrk for LLM inference, KV edition: measure, predict and plot KV-cache bottlenecks.",
+        cls=_Group,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+        rich_markup_mode=None,
+        context_settings={"max_content_width": 120},  # use a wide terminal; click wraps at 80 otherwise
+    )
+    for command, cls in COMMANDS:
+        app.command(cls=cls)(command)
+        if command is compare_cmd.compare:
+            for name, exp_command in run_cmds.experiment_commands():
+                app.command(name=name, cls=SpaceListCommand)(exp_command)
+    return app
+
+
+app = new_app()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -165,11 +165,11 @@ def _fmt_p(p: float) -> str:
 
 
 def write_compare(comparison: Any, out_dir: Path, fail_pct: float | None) -> tuple[Path, Path]:
-    """compare.md, compare.html and the figure; the same blocks rendered twice (kvray.report's renderers)."""
+    """compare.md, compare.html and the figure; the same blocks rendered twice (kvray.document)."""
     from kvray.analysis.compare import MIN_REPEATS, short_labels
+    from kvray.document import Block, render_html, render_markdown
     from kvray.figures.compare import draw_changes
     from kvray.figures.style import styled
-    from kvray.report import Block, render_html, render_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with styled():

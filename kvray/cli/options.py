@@ -1,8 +1,9 @@
 """Flags declared once: the option types every command shares, the exp commands' common flags, list parsing.
 
-The four exp commands take the same ~18 flags (model, dtypes, hardware, where to run, what to print);
+The exp commands take the same ~20 flags (model, dtypes, hardware, where to run, what to print);
 ``ExperimentFlags`` declares them once as a dataclass whose fields are Typer options, and
-``experiment_command`` adds them to a command's own flags, so ``exp1`` declares only its workload.
+``experiment_command`` adds them to a command's own flags, so an experiment (kvray/experiments/) declares only
+its workload's.
 Nothing here imports rich, pandas, torch or ray: this module is read on every ``kvray`` start.
 """
 
@@ -21,6 +22,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from kvray.errors import KvrayInputError
+
+# Declared beside the experiments, whose commands take them too; bench's flags of the same names.
+from kvray.experiments.options import ApiKeyEnvOpt as ApiKeyEnvOpt
+from kvray.experiments.options import BackendsOpt as BackendsOpt
+from kvray.experiments.options import BaseUrlOpt as BaseUrlOpt
+from kvray.experiments.options import GenOpt as GenOpt
+from kvray.experiments.options import HostOpt as HostOpt
+from kvray.experiments.options import PromptToksOpt as PromptToksOpt
+from kvray.experiments.options import VllmPythonOpt as VllmPythonOpt
+from kvray.experiments.options import server_options as server_options
 
 if TYPE_CHECKING:
     from kvray.plan.experiments import Common
@@ -43,8 +54,6 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16 (| fp
 KvDtypeOpt = Annotated[str | None, typer.Option("--kv-dtype", help="KV dtype if not --dtype")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
 TpOpt = Annotated[int, typer.Option("--tp", help="tensor parallel degree: GPUs one model is split over (1)")]
-PromptToksOpt = Annotated[int, typer.Option("--prompt-toks", help="prompt tokens per request")]
-GenOpt = Annotated[int, typer.Option("--gen-toks", help="generated tokens per request")]
 WeightsOpt = Annotated[str, typer.Option("--weights", help="random (no download) | pretrained")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 OptionOpt = Annotated[list[str] | None, typer.Option("--option", help="backend option KEY=VALUE (repeatable)")]
@@ -53,28 +62,6 @@ ResultsDirArg = Annotated[
     str,
     typer.Argument(help="a results folder (cells.jsonl from kvray run / exp / bench) or s3://bucket/prefix, gs://…"),
 ]
-BackendsOpt = Annotated[
-    list[str] | None, typer.Option("--backend", help="backend(s), space-separated: hf | sim | synthetic … (default hf)")
-]
-
-# The server backends' flags (kvray bench and exp4); each becomes a backend option of the same name.
-VllmPythonOpt = Annotated[
-    str | None, typer.Option("--vllm-python", help="Python of a vLLM install (default: $KVRAY_VLLM_PYTHON, this one)")
-]
-BaseUrlOpt = Annotated[
-    str | None, typer.Option("--base-url", help="openai backend: server URL, e.g. http://127.0.0.1:8000")
-]
-ApiKeyEnvOpt = Annotated[
-    str | None, typer.Option("--api-key-env", help="openai backend: environment variable holding the API key")
-]
-HostOpt = Annotated[str | None, typer.Option("--host", help="ollama backend: server URL, e.g. http://127.0.0.1:11434")]
-
-
-def server_options(vllm_python: str | None, base_url: str | None, api_key_env: str | None,
-                   host: str | None) -> list[str]:  # fmt: skip
-    """The server flags as --option KEY=VALUE pairs (the API key's *name* only; its value never leaves the env)."""
-    pairs = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
-    return [f"{k}={v}" for k, v in pairs.items() if v]
 
 
 def parse_option_pairs(pairs: Sequence[str]) -> dict[str, Any]:
@@ -200,9 +187,11 @@ HardwareOpt = Annotated[
     list[str] | None,
     typer.Option("--hardware", help="any (default) | each (every GPU type in the cluster) | GPU types: H100 A100"),
 ]
-OutputDirOpt = Annotated[
-    str | None, typer.Option("--output-dir", "--output", help="results folder (default results/<exp>-<model>)")
+OutputOpt = Annotated[
+    str | None,
+    typer.Option("--output", help="results folder or s3://bucket/prefix, gs://… (default results/<exp>-<model>)"),
 ]
+OutputDirAliasOpt = Annotated[str | None, typer.Option("--output-dir", hidden=True, help="the old name of --output")]
 AddressOpt = Annotated[
     str,
     typer.Option(
@@ -236,7 +225,8 @@ class ExperimentFlags:
     warmup: Annotated[int, typer.Option("--warmup", help="unmeasured runs per cell first")] = 1
     repeats: Annotated[int, typer.Option("--repeats", help="measured runs per cell")] = 3
     option: OptionOpt = None
-    output_dir: OutputDirOpt = None
+    output: OutputOpt = None
+    output_dir: OutputDirAliasOpt = None  # hidden: --output's name before issue 26
     address: AddressOpt = "local"
     cluster: ClusterOpt = None
     dry_run: Annotated[
@@ -261,11 +251,18 @@ class ExperimentFlags:
             tensor_parallel=sorted(set(self.tp or [1])),
         )  # fmt: skip
 
+    @property
+    def output_folder(self) -> str | None:
+        """``--output`` (or its old name ``--output-dir``); both, naming two folders, is an input error."""
+        if self.output and self.output_dir and self.output != self.output_dir:
+            raise KvrayInputError(f"--output {self.output} and --output-dir {self.output_dir}: give one folder")
+        return self.output or self.output_dir
+
     def run_settings(self) -> RunSettings:
         """Where the job runs and where its dataset goes."""
         from kvray.sweep.submit import RunSettings
 
-        return RunSettings(output_dir=self.output_dir, address=self.address, cluster=self.cluster,
+        return RunSettings(output_dir=self.output_folder, address=self.address, cluster=self.cluster,
                            check_oom=not self.no_check_oom, progress=self.progress)  # fmt: skip
 
 

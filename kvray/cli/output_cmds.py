@@ -1,4 +1,4 @@
-"""Commands that read a results folder and draw from it: ``plot`` (fig1–fig9) and ``report`` — no Ray, no torch.
+"""Commands that read a results folder and draw from it: ``plot`` (every figure) and ``report`` — no Ray, no torch.
 
 A results folder may be an object-storage URI (``s3://bucket/prefix``): it is downloaded into a staging folder,
 drawn from there, and what was drawn goes back up when the command ends (kvray/data/location.py).
@@ -6,7 +6,7 @@ drawn from there, and what was drawn goes back up when the command ends (kvray/d
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,9 +15,9 @@ from kvray.cli.options import ResultsDirArg
 from kvray.errors import KvrayInputError
 
 
-def require_results(results_dir: str) -> None:
-    """A folder with at least one readable row, checked before anything is drawn: a folder with no results
-    is an input error (one line, exit 2), not seven empty figures and a report about nothing."""
+def require_results(results_dir: str) -> list[dict[str, Any]]:
+    """A folder's rows (cells.jsonl, without traces), at least one, checked before anything is drawn: a folder
+    with no results is an input error (one line, exit 2), not seven empty figures and a report about nothing."""
     from pathlib import Path
 
     from kvray.data.store import CELLS_JSONL, read_results
@@ -46,8 +46,9 @@ def require_results(results_dir: str) -> None:
     if not rows:
         what = "is not readable as kvray rows" if path.is_file() else "does not exist"
         raise KvrayInputError(
-            f"{folder} holds no results: {path} {what} (a results folder comes from kvray run, exp1–exp4 or bench)"
+            f"{folder} holds no results: {path} {what} (a results folder comes from kvray run, an exp command or bench)"
         )
+    return rows
 
 
 def plot(
@@ -59,8 +60,8 @@ def plot(
         str | None, typer.Option("--cell", help="draw only this cell's timeline (fig10): requests, hardware, engine")
     ] = None,
 ) -> None:
-    """Regenerate every figure from a results folder alone (no Ray, no torch): fig1 … fig9, PNG + SVG;
-    ``--cell CELL_ID``: that cell's timeline, fig10."""
+    """Regenerate every figure from a results folder alone (no Ray, no torch): fig1–fig7 and each experiment's
+    whose data the folder holds, PNG + SVG; ``--cell CELL_ID``: that cell's timeline, fig10."""
     from contextlib import ExitStack
 
     from kvray.data.location import check_writable_folder, is_uri, output_folder
@@ -79,25 +80,23 @@ def plot(
 def _plot(results_dir: str, out: str | None, cell: str | None) -> None:
     from pathlib import Path
 
+    from kvray.analysis.dataset import Dataset
     from kvray.data.location import check_writable_folder
-    from kvray.figures.plots import make_figures
-    from kvray.figures.server import server_figures_if_any
+    from kvray.figures.common import FIGURES_DIR
 
-    require_results(results_dir)
+    records = require_results(results_dir)
     if out is None:  # the default, RESULTS_DIR/figures: the results folder itself may be read-only
-        check_writable_folder(Path(results_dir) / "figures", f"{results_dir}/figures")
-    if cell is not None:
-        from kvray.figures.timeline import plot_cell_timeline
+        check_writable_folder(Path(results_dir) / FIGURES_DIR, f"{results_dir}/{FIGURES_DIR}")
+    target = Path(out) if out is not None else Path(results_dir) / FIGURES_DIR
+    dataset = Dataset.load(results_dir, records=records)
+    if cell is not None:  # fig10 of one cell: its lines of traces.jsonl and timeline.jsonl only
+        from kvray.figures.timeline import cell_timelines
 
-        render.figures([plot_cell_timeline(results_dir, cell, out)])
+        render.figures(cell_timelines(dataset, [cell], target))
         return
-    from kvray.figures.parallelism import tp_figures_if_any
-    from kvray.figures.reuse import reuse_figures_if_any
-    from kvray.figures.serving import make_serving_figures  # fig11, fig12: only with serving rows
+    from kvray.report import draw_figures
 
-    render.figures(make_figures(results_dir, out) + server_figures_if_any(results_dir, out)
-                   + reuse_figures_if_any(results_dir, out) + tp_figures_if_any(results_dir, out)
-                   + make_serving_figures(results_dir, out))  # fmt: skip
+    render.figures(draw_figures(dataset, target))
 
 
 def report(
@@ -107,15 +106,16 @@ def report(
     ] = False,
 ) -> None:
     """Write report.md and a self-contained report.html: environment, a table per experiment, findings."""
+    from kvray.analysis.dataset import Dataset
     from kvray.data.location import check_writable_folder, is_uri, output_folder
     from kvray.report import make_report
 
     with output_folder(results_dir, must_exist=True) as folder:  # a URI: the report goes back up at the end
-        require_results(str(folder))
+        records = require_results(str(folder))
         check_writable_folder(folder, f"{results_dir} (report.md, report.html)")
         if not no_figures:
             check_writable_folder(folder / "figures", f"{results_dir}/figures")
-        paths = make_report(folder, figures=not no_figures)
+        paths = make_report(folder, figures=not no_figures, dataset=Dataset.load(folder, records=records))
         render.figures(paths.figures)
         render.findings(paths.findings)
         shown = results_dir.rstrip("/") if is_uri(results_dir) else None

@@ -1,34 +1,29 @@
-"""Commands that run sweeps on Ray: ``run`` (a job file), ``exp1``–``exp4`` (the seed's experiments as jobs)
-and ``launch`` (a job on a remote cluster). Each ends with figures and the report unless ``--no-plots``."""
+"""Commands that run sweeps on Ray: ``run`` (a job file), one command per registered experiment (``exp1`` …,
+kvray/experiments/: a job built from its flags) and ``launch`` (a job on a remote cluster). Each ends with
+figures and the report unless ``--no-plots``."""
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from kvray.cli import render
 from kvray.cli.options import (
     AddressOpt,
-    ApiKeyEnvOpt,
-    BackendsOpt,
-    BaseUrlOpt,
     ClusterOpt,
     ExperimentFlags,
-    GenOpt,
-    HostOpt,
     NoPlotsOpt,
-    PromptToksOpt,
-    VllmPythonOpt,
     experiment_command,
-    server_options,
 )
 from kvray.errors import KvrayInputError
 
 if TYPE_CHECKING:
-    from kvray.plan.experiments import Common
+    from kvray.experiments import Experiment
     from kvray.plan.job import Job
     from kvray.sweep.submit import RunSettings
 
@@ -198,12 +193,13 @@ def launch(
     return 0 if status.endswith("SUCCEEDED") else 1
 
 
-# --- exp1–exp4: a job built from flags, then the same path as `kvray run` (or a remote cluster) ---------
+# --- exp1 … expN: a job built from flags (kvray/experiments/), then the same path as `kvray run` -----------
 
 
 def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = None) -> None:
     """Dry run: the cells and their predicted memory. Otherwise: the job on Ray here or on a remote cluster
     (kvray/sweep/submit.py chooses), a line of counts, then figures and report."""
+    flags.output_folder  # noqa: B018 — --output and its old name naming two folders: one line, before anything
     for text in notes or []:
         render.note(text)
     if flags.dry_run:
@@ -228,7 +224,7 @@ def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = N
     from kvray.sweep.submit import submit_job
 
     settings = flags.run_settings()
-    remote = flags.output_dir if is_uri(flags.output_dir) else None
+    remote = flags.output_folder if is_uri(flags.output_folder) else None
     staging = output_folder(remote) if remote else contextlib.nullcontext(None)
     with staging as staged:  # an object-storage --output: staged here, uploaded as `kvray run` does
         if staged is not None:
@@ -246,182 +242,30 @@ def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = N
             make_all_after_run(out, shown=remote)
 
 
-def require_server_flags(common: Common) -> None:
-    """Names the missing *flag* (--base-url, --host) of a server backend; the options' form is each backend's
-    own check when the job validates."""
-    for name, option, flag in (("openai", "base_url", "--base-url"), ("ollama", "host", "--host")):
-        if name in common.backends and option not in common.options:
-            raise KvrayInputError(f"--backends {name} needs {flag}")
+def experiment_commands() -> list[tuple[str, Callable[..., None]]]:
+    """(name, Typer command) of every registered experiment (kvray/experiments/), in registry order: its own
+    options are its ``build``'s parameters, beside ExperimentFlags'."""
+    from kvray.experiments import experiments
+
+    return [(exp.name, _command(exp)) for exp in experiments()]
 
 
-Exp1ConcurrencyOpt = Annotated[
-    list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 2 4 8 (default)")
-]
-Exp4ConcurrencyOpt = Annotated[
-    list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 4 16 64 (default)")
-]
-Exp4BackendsOpt = Annotated[
-    list[str] | None, typer.Option("--backends", "--backend", help="hf hf-paged vllm (default) | openai | ollama")
-]
+def _options_signature(build: Callable[..., Any]) -> inspect.Signature:
+    """``build``'s parameters with their annotations evaluated (the Typer options), its return left out: an
+    experiment names its Job type only for type checkers, so the CLI need not import the planner to start."""
+    params = list(inspect.signature(build).parameters.values())
+    namespace = build.__globals__
+    own = [p.replace(annotation=eval(p.annotation, namespace) if isinstance(p.annotation, str) else p.annotation)
+           for p in params[1:]]  # fmt: skip
+    return inspect.Signature([params[0].replace(annotation=inspect.Parameter.empty), *own])
 
 
-@experiment_command
-def exp1(
-    flags: ExperimentFlags,
-    prompt_toks: PromptToksOpt = 512,
-    gen_toks: GenOpt = 64,
-    concurrency: Exp1ConcurrencyOpt = None,
-    backend: BackendsOpt = None,
-) -> None:
-    """Exp1, concurrency sweep: peak memory, KV and throughput as concurrent requests grow (fig1, fig2)."""
-    from kvray.plan.experiments import exp1_job
+def _command(exp: Experiment) -> Callable[..., None]:
+    def command(flags: ExperimentFlags, **options: Any) -> None:
+        job, notes = exp.build(flags, **options)
+        run_experiment(job, flags, notes)
 
-    run_experiment(exp1_job(flags.common(backend), prompt_toks, gen_toks, concurrency), flags)
-
-
-@experiment_command
-def exp2(
-    flags: ExperimentFlags,
-    seqlens: Annotated[
-        list[int] | None, typer.Option("--seqlens", help="prompt lengths: 128 512 1024 2048 4096 (default)")
-    ] = None,
-    gen_toks: GenOpt = 64,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests per cell")] = 1,
-    backend: BackendsOpt = None,
-) -> None:
-    """Exp2, sequence-length sweep: latency (log-log exponent) and memory as prompts grow (fig3, fig4)."""
-    from kvray.plan.experiments import exp2_job
-
-    job, notes = exp2_job(flags.common(backend), seqlens, gen_toks, concurrency)
-    run_experiment(job, flags, notes)
-
-
-@experiment_command
-def exp3(
-    flags: ExperimentFlags,
-    short: Annotated[int, typer.Option("--short", help="prompt tokens of the short requests")] = 128,
-    long: Annotated[int, typer.Option("--long", help="prompt tokens of the long request(s)")] = 4096,
-    gen_toks: GenOpt = 64,
-    n_short: Annotated[int, typer.Option("--n-short", help="short requests per batch")] = 3,
-    n_long: Annotated[int, typer.Option("--n-long", help="long requests in the mixed batch")] = 1,
-    backend: BackendsOpt = None,
-) -> None:
-    """Exp3, mixed lengths: short requests alone vs batched with long ones — the tail-latency penalty (fig5)."""
-    from kvray.plan.experiments import exp3_job
-
-    job, notes = exp3_job(flags.common(backend), short, long, gen_toks, n_short, n_long)
-    run_experiment(job, flags, notes)
-
-
-@experiment_command
-def exp4(
-    flags: ExperimentFlags,
-    backends: Exp4BackendsOpt = None,
-    prompt_toks: PromptToksOpt = 512,
-    gen_toks: GenOpt = 64,
-    concurrency: Exp4ConcurrencyOpt = None,
-    vllm_python: VllmPythonOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    host: HostOpt = None,
-) -> None:
-    """Exp4, static vs paged KV: the same workload on hf, hf-paged and vLLM (or servers) — fig8, fig9."""
-    from kvray.plan.experiments import exp4_job
-
-    server_flags = server_options(vllm_python, base_url, api_key_env, host)
-    common = flags.common(backends, default_backends=("hf", "hf-paged", "vllm"), extra_options=server_flags)
-    require_server_flags(common)
-    run_experiment(exp4_job(common, prompt_toks, gen_toks, concurrency), flags)
-
-
-@experiment_command
-def exp6(
-    flags: ExperimentFlags,
-    backends: Annotated[list[str] | None, typer.Option("--backends", "--backend", help="vllm hf-paged (default) | sim")] = None,
-    prefix_toks: Annotated[list[int] | None, typer.Option("--prefix-toks", help="shared prefixes: 128 256 384 512 (default)")] = None,
-    prompt_toks: Annotated[int, typer.Option("--prompt-toks", help="total prompt tokens of the shared-prefix cells")] = 544,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests per shared-prefix cell")] = 16,
-    gen_toks: GenOpt = 16,
-    conversations: Annotated[int, typer.Option("--conversations", help="multi-turn chats, interleaved")] = 4,
-    turns: Annotated[int, typer.Option("--turns", help="turns per chat")] = 6,
-    user_toks: Annotated[int, typer.Option("--user-toks", help="tokens of each new user message")] = 100,
-    turn_gen_toks: Annotated[int, typer.Option("--turn-gen-toks", help="tokens of each answer")] = 30,
-    pressure_concurrency: Annotated[list[int] | None, typer.Option("--pressure-concurrency", help="KV-pressure cells: 4 8 16 (default)")] = None,
-    pressure_gen_toks: Annotated[int, typer.Option("--pressure-gen-toks", help="generated tokens of a pressure request")] = 400,
-    kv_pool_mib: Annotated[int, typer.Option("--kv-pool-mib", help="the KV pool of vllm / hf-paged (small: pressure)")] = 24,
-    vllm_python: VllmPythonOpt = None,
-) -> None:  # fmt: skip
-    """Exp6, KV reuse and pressure: shared prefixes, multi-turn chats and a small pool that preempts — hit rate
-    predicted vs measured, TTFT vs shared fraction, per-turn hits, the fill point (docs/kv_reuse.md)."""
-    from kvray.plan.experiments import exp6_grid, exp6_job
-
-    if kv_pool_mib < 1:
-        raise KvrayInputError(f"--kv-pool-mib must be >= 1, got {kv_pool_mib}")
-    server_flags = [*server_options(vllm_python, None, None, None), f"kv_cache_memory_bytes={kv_pool_mib * 2**20}"]
-    common = flags.common(backends, default_backends=("vllm", "hf-paged"), extra_options=server_flags)
-    grid = exp6_grid(prefix_toks or [128, 256, 384, 512], prompt_toks, concurrency, gen_toks, conversations, turns,
-                     user_toks, turn_gen_toks, [4, 8, 16] if pressure_concurrency is None else pressure_concurrency,
-                     32, pressure_gen_toks)  # fmt: skip
-    run_experiment(exp6_job(common, grid), flags)
-
-
-@experiment_command
-def exp5(
-    flags: ExperimentFlags,
-    backends: Annotated[list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | hf hf-paged vllm openai ollama synthetic")] = None,
-    users: Annotated[list[int] | None, typer.Option("--users", "-c", help="closed-loop users: 1 4 16 64 (default); 0: no closed loop")] = None,
-    requests_per_user: Annotated[int, typer.Option("--requests-per-user", help="requests each closed-loop user sends (>= 3)")] = 8,
-    open_load: Annotated[str, typer.Option("--open-load", help="poisson (default) | gamma | constant | none")] = "poisson",
-    rates: Annotated[list[str] | None, typer.Option("--rates", "--rate", help="open-loop requests/s: auto (default: a saturation search) or 1 2 4 …")] = None,
-    requests: Annotated[int, typer.Option("--requests", help="requests per open-loop rate (a search probe sends at least this many)")] = 100,
-    burstiness: Annotated[float, typer.Option("--burstiness", help="gamma loads: 1 = poisson, > 1 burstier")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="seed of the arrivals and drawn lengths")] = 0,
-    slo: Annotated[str, typer.Option("--slo", help="SLO thresholds in ms: ttft_ms, tpot_ms, itl_ms, e2e_ms")] = "ttft_ms=500,tpot_ms=50",
-    prompt_toks: PromptToksOpt = 512,
-    gen_toks: GenOpt = 64,
-    prompt_dist: Annotated[str | None, typer.Option("--prompt-dist", help="prompt lengths drawn: lognormal:median=256,sigma=0.8,max=2048 | sharegpt …")] = None,
-    gen_dist: Annotated[str | None, typer.Option("--gen-dist", help="output lengths drawn, same form")] = None,
-    vllm_python: VllmPythonOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    host: HostOpt = None,
-) -> None:  # fmt: skip
-    """Exp5, serving load: closed-loop users and open-loop rates (auto: up to saturation) under SLOs — latency vs
-    throughput, goodput, the knee (fig11, fig12). With only sim and no --hardware: H100-SXM, A100-80GB-SXM and L4."""
-    from kvray.plan.experiments import exp5_job
-    from kvray.plan.loads import parse_dist, parse_slo
-
-    server_flags = server_options(vllm_python, base_url, api_key_env, host)
-    common = flags.common(backends, default_backends=("sim",), extra_options=server_flags)
-    require_server_flags(common)
-    values = [v.strip() for item in rates or ["auto"] for v in item.split(",") if v.strip()]
-    rate_list: list[float] | str = "auto"
-    if values != ["auto"]:
-        try:
-            rate_list = [float(v) for v in values]
-        except ValueError:
-            raise KvrayInputError(f"--rates: expected requests/s or auto, got {' '.join(values)}") from None
-    job = exp5_job(
-        common,
-        parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else prompt_toks,
-        parse_dist(gen_dist, "--gen-dist") if gen_dist else gen_toks,
-        [u for u in users if u != 0] if users is not None else None, requests_per_user,
-        None if open_load == "none" else open_load, rate_list, requests, parse_slo(slo, "--slo"), seed, burstiness,
-    )  # fmt: skip
-    run_experiment(job, flags)
-
-
-@experiment_command
-def exp7(
-    flags: ExperimentFlags,
-    backends: Annotated[list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | vllm | hf")] = None,
-    prompt_toks: PromptToksOpt = 1024,
-    gen_toks: GenOpt = 128,
-    concurrency: Annotated[list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 8 32 (default)")] = None,
-) -> None:  # fmt: skip
-    """Exp7, tensor parallelism: TTFT, TPOT, throughput per GPU and KV per GPU at --tp 1 2 4 8 (default), measured
-    vs predicted, and where TP stops paying. With only sim and no --hardware: H100-SXM and A100-80GB-SXM."""
-    from kvray.plan.parallelism import exp7_job
-
-    job, notes = exp7_job(flags.common(backends, default_backends=("sim",)), prompt_toks, gen_toks, concurrency)
-    run_experiment(job, flags, notes)
+    command.__signature__ = _options_signature(exp.build)  # type: ignore[attr-defined]
+    command.__name__ = command.__qualname__ = exp.name
+    command.__doc__ = exp.summary
+    return experiment_command(command)

@@ -1,8 +1,10 @@
-"""fig1–fig9 from the dataset alone (no Ray, no torch): one style, one module per figure family.
+"""Every figure, drawn from a dataset alone (no Ray, no torch): one style, one module per figure family.
 
-The entry points are importable from here — ``make_figures``, ``plot_view``, ``FIGURES``, ``FIGURES_DIR`` (from
-figures/plots.py) and ``server_figures_if_any`` (figures/server.py) — and load on first use, so importing the
-package costs nothing until a figure is drawn.
+Each family draws from a ``kvray.analysis.dataset.Dataset`` (read once) or its View: ``plot_view`` (fig1–fig7,
+figures/plots.py), ``server_figures`` (fig8, fig9), ``serving_figures`` (fig11, fig12), ``reuse_figures`` (exp6),
+``tp_figures`` (exp7) and ``cell_timelines`` (fig10). Which of them a folder gets is the experiments' to say
+(kvray/experiments/); ``kvray.report.draw_figures`` is the one call that draws them for ``kvray plot`` and the
+report. The names load on first use, so importing the package costs nothing until a figure is drawn.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ _ENTRY_POINTS = {
     "FIGURES_DIR": "kvray.figures.common",
     "make_figures": "kvray.figures.plots",
     "plot_view": "kvray.figures.plots",
-    "server_figures_if_any": "kvray.figures.server",
+    "server_figures": "kvray.figures.server",
+    "serving_figures": "kvray.figures.serving",
+    "reuse_figures": "kvray.figures.reuse",
+    "tp_figures": "kvray.figures.parallelism",
+    "cell_timelines": "kvray.figures.timeline",
 }
 __all__ = sorted(_ENTRY_POINTS)
 

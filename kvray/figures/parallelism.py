@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvray.figures import style
 from kvray.figures.common import FigureResult, new_figure
+
+if TYPE_CHECKING:
+    from kvray.analysis.dataset import Dataset
 
 PAYS_EFFICIENCY = 0.75  # below 75 % parallel efficiency, the extra GPUs are mostly buying all-reduces and idling
 OOM_STATUSES = ("oom", "skipped_after_oom", "refused")
@@ -134,25 +137,16 @@ def fig_tp_scaling(model: str, records: list[dict[str, Any]], out_dir: Path) -> 
     return d.result
 
 
-def make_tp_figures(results_dir: str | Path, out_dir: str | Path | None = None) -> list[FigureResult]:
-    """One exp7 figure per model of a results folder (written into RESULTS_DIR/figures by default)."""
-    from kvray.data.store import read_results
-    from kvray.figures.common import FIGURES_DIR, failed_figure
+def tp_figures(dataset: Dataset, out_dir: Path) -> list[FigureResult]:
+    """One exp7 figure per model of a Dataset (kvray.analysis.dataset)."""
+    from kvray.figures.common import failed_figure
 
-    records = read_results(results_dir, traces=False)
-    target = Path(out_dir) if out_dir is not None else Path(results_dir) / FIGURES_DIR
+    records = dataset.records
     results = []
     with style.styled():
         for model in sorted({r["cell"]["model"] for r in records}):
             try:
-                results.append(fig_tp_scaling(model, records, target))
+                results.append(fig_tp_scaling(model, records, out_dir))
             except Exception as exc:  # one bad figure must not cost the others
-                results.append(failed_figure(f"exp7_tp_scaling_{model.replace('/', '--')}", exc, target))
+                results.append(failed_figure(f"exp7_tp_scaling_{model.replace('/', '--')}", exc, out_dir))
     return results
-
-
-def tp_figures_if_any(results_dir: str | Path, out_dir: str | Path | None = None) -> list[FigureResult]:
-    """The exp7 figures when the folder holds exp7 or TP > 1 cells, else none."""
-    from kvray.data.store import read_results
-
-    return make_tp_figures(results_dir, out_dir) if has_tp_data(read_results(results_dir, traces=False)) else []

@@ -10,8 +10,9 @@ fig6_cross_hardware          the same cells on each GPU type: throughput, latenc
 fig7_kv_predicted_vs_measured  predicted vs measured KV with y = x, and the error of each cell
 
 One module per family draws them: memory.py (fig1, fig4), throughput.py (fig2), latency.py (fig3, fig5),
-hardware.py (fig6), kv.py (fig7); server.py draws fig8 and fig9 (exp4) when a folder has server data;
-common.py holds what they share. A figure without the data it needs is still written, saying what is
+hardware.py (fig6), kv.py (fig7); common.py holds what they share. Which experiment embeds which figure, and the
+figures of exp4–exp7 (server.py, serving.py, reuse.py, parallelism.py), are declared by the experiments
+(kvray/experiments/); ``kvray.report.draw_figures`` draws them all for ``kvray plot`` and the report. A figure without the data it needs is still written, saying what is
 missing; one figure failing never stops the others. Each call returns what it drew (series, OOM markers,
 notes), which the tests check.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kvray.analysis.views import View, prepare
+from kvray.analysis.views import View
 from kvray.figures import style
 from kvray.figures.common import FIGURES_DIR, FigureResult, failed_figure
 from kvray.figures.hardware import fig6_cross_hardware
@@ -50,18 +51,18 @@ FIGURES = tuple(
 def make_figures(results_dir: str | Path, out_dir: str | Path | None = None) -> list[FigureResult]:
     """Load a results folder and write every figure (PNG 300 dpi + SVG) into ``out_dir`` (default
     RESULTS_DIR/figures)."""
-    from kvray.data.store import load_dataset
+    from kvray.analysis.dataset import Dataset
 
-    cells, traces, _ = load_dataset(results_dir)
     target = Path(out_dir) if out_dir is not None else Path(results_dir) / FIGURES_DIR
-    return plot_view(prepare(cells, traces), target)
+    return plot_view(Dataset.load(results_dir).view, target)
 
 
-def plot_view(view: View, out_dir: Path) -> list[FigureResult]:
-    """Every figure of FIGURES from a prepared View; a figure that fails is replaced by one saying why."""
+def plot_view(view: View, out_dir: Path, names: tuple[str, ...] = FIGURES) -> list[FigureResult]:
+    """The figures ``names`` (of FIGURES; all by default) from a prepared View; a figure that fails is replaced
+    by one saying why."""
     results = []
     with style.styled():
-        for name in FIGURES:
+        for name in names:
             draw = globals()[name]  # looked up by name: the figure's file and its function share it
             try:
                 results.append(draw(view, out_dir))

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvray.figures import style
 from kvray.figures.common import FigureResult, new_figure
+
+if TYPE_CHECKING:
+    from kvray.analysis.dataset import Dataset
 
 REUSE_FIGURES = ("exp6_hit_rate", "exp6_ttft_vs_shared_prefix", "exp6_multi_turn", "exp6_kv_pressure",
                  "exp6_kv_dtype")  # fmt: skip
@@ -209,26 +212,17 @@ def fig_kv_dtype(records: list[dict[str, Any]], out_dir: Path) -> FigureResult:
     return d.result
 
 
-def make_reuse_figures(results_dir: str | Path, out_dir: str | Path | None = None) -> list[FigureResult]:
-    """Every exp6 figure of a results folder (written into RESULTS_DIR/figures by default)."""
-    from kvray.data.store import read_results
-    from kvray.figures.common import FIGURES_DIR, failed_figure
+def reuse_figures(dataset: Dataset, out_dir: Path) -> list[FigureResult]:
+    """Every exp6 figure of a Dataset (kvray.analysis.dataset): its rows with their traces (the per-turn figure)."""
+    from kvray.figures.common import failed_figure
 
-    records = read_results(results_dir)
-    target = Path(out_dir) if out_dir is not None else Path(results_dir) / FIGURES_DIR
+    records = dataset.records_with_traces
     results = []
     draws = (fig_hit_rate, fig_ttft_vs_shared, fig_multi_turn, fig_kv_pressure, fig_kv_dtype)
     with style.styled():
         for name, draw in zip(REUSE_FIGURES, draws, strict=True):
             try:
-                results.append(draw(records, target))
+                results.append(draw(records, out_dir))
             except Exception as exc:  # one bad figure must not cost the others
-                results.append(failed_figure(name, exc, target))
+                results.append(failed_figure(name, exc, out_dir))
     return results
-
-
-def reuse_figures_if_any(results_dir: str | Path, out_dir: str | Path | None = None) -> list[FigureResult]:
-    """The exp6 figures when the folder holds exp6 / reuse cells, else none (no "missing data" figures)."""
-    from kvray.data.store import read_results
-
-    return make_reuse_figures(results_dir, out_dir) if has_reuse_data(read_results(results_dir, traces=False)) else []

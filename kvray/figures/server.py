@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvray.analysis.views import as_number, peak_memory
 from kvray.figures import style
-from kvray.figures.common import FIGURES_DIR, FigureResult, new_figure
+from kvray.figures.common import FigureResult, new_figure
+
+if TYPE_CHECKING:
+    from kvray.analysis.dataset import Dataset
 
 SERVER_FIGURES = ("fig8_backend_compare", "fig9_kv_timeline")
 BACKEND_ORDER = ("hf", "hf-paged", "vllm", "openai", "ollama", "sim", "synthetic")
@@ -176,28 +179,12 @@ def _timeline_panel(ax: Any, backend: str, rec: dict[str, Any]) -> None:
     ax.legend(handles, [str(h.get_label()) for h in handles], fontsize=6.5, loc="center right")
 
 
-def has_server_data(results_dir: str | Path) -> bool:
-    """True when a results folder holds exp4 cells or KV timelines — what fig8 / fig9 draw."""
-    from kvray.data.store import read_results
-
-    return any(
-        r["cell"].get("experiment") == "exp4" or (r.get("extra") or {}).get("kv_timeline")
-        for r in read_results(results_dir, traces=False)
-    )
+def has_server_data(records: list[dict[str, Any]]) -> bool:
+    """True when rows (a Dataset's ``records``) hold exp4 cells or KV timelines — what fig8 / fig9 draw."""
+    return any(r["cell"].get("experiment") == "exp4" or (r.get("extra") or {}).get("kv_timeline") for r in records)
 
 
-def make_server_figures(results_dir: str | Path, out_dir: str | Path | None = None) -> list[FigureResult]:
-    """fig8 and fig9 for a results folder (written beside fig1–fig7 in RESULTS_DIR/figures by default)."""
-    from kvray.data.store import frames_from_records, read_results
-
-    records = read_results(results_dir, traces=False)
-    target = Path(out_dir) if out_dir is not None else Path(results_dir) / FIGURES_DIR
-    cells, _ = frames_from_records(records)
+def server_figures(dataset: Dataset, out_dir: Path) -> list[FigureResult]:
+    """fig8 and fig9 of a Dataset (kvray.analysis.dataset), each saying what is missing where data is."""
     with style.styled():
-        return [fig8_backend_compare(cells, target), fig9_kv_timeline(records, target)]
-
-
-def server_figures_if_any(results_dir: str | Path, out_dir: str | Path | None = None) -> list[FigureResult]:
-    """fig8 and fig9 when the folder holds exp4 cells or KV timelines, else none: unlike fig1–fig7 they only
-    concern paged engines and servers, so a folder without them gets no "missing data" figures."""
-    return make_server_figures(results_dir, out_dir) if has_server_data(results_dir) else []
+        return [fig8_backend_compare(dataset.cells, out_dir), fig9_kv_timeline(dataset.records, out_dir)]

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvray.analysis.views import as_number
 from kvray.figures import style
-from kvray.figures.common import FIGURES_DIR, FigureResult, new_figure
+from kvray.figures.common import FigureResult, new_figure
+
+if TYPE_CHECKING:
+    from kvray.analysis.dataset import Dataset
 
 SERVING_FIGURES = ("fig11_latency_vs_throughput", "fig12_pareto")
 SERVING_LOADS = ("closed", "poisson", "gamma", "constant")
@@ -232,13 +235,7 @@ def fig12_pareto(cells: Any, out_dir: Path) -> FigureResult:
     return result
 
 
-def make_serving_figures(results_dir: str | Path, out_dir: str | Path | None = None) -> list[FigureResult]:
-    """fig11 and fig12 of a results folder when it holds serving rows, else none (no placeholder figures)."""
-    from kvray.data.store import load_frames
-
-    cells, _ = load_frames(results_dir)
-    if not has_serving_data(cells):
-        return []
-    target = Path(out_dir) if out_dir is not None else Path(results_dir) / FIGURES_DIR
+def serving_figures(dataset: Dataset, out_dir: Path) -> list[FigureResult]:
+    """fig11 and fig12 of a Dataset (kvray.analysis.dataset), each saying what is missing where data is."""
     with style.styled():
-        return [fig11_latency_vs_throughput(cells, target), fig12_pareto(cells, target)]
+        return [fig11_latency_vs_throughput(dataset.cells, out_dir), fig12_pareto(dataset.cells, out_dir)]

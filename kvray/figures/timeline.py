@@ -12,10 +12,13 @@ can be read against a saturated GPU, a full KV pool or a growing queue at the sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvray.figures import style
 from kvray.figures.common import FigureResult, new_figure
+
+if TYPE_CHECKING:
+    from kvray.analysis.dataset import Dataset
 
 PHASES = (("queued", "#bbbbbb"), ("prefill", "#e69f00"), ("decode", "#0072b2"))
 
@@ -154,17 +157,22 @@ def _energy_note(record: dict[str, Any]) -> str:
     return f"energy not measured: {energy.get('energy_reason') or 'no telemetry'}"
 
 
-def plot_cell_timeline(results_dir: str | Path, cell_id: str, out_dir: str | Path | None = None) -> FigureResult:
-    """fig10 of ``cell_id`` from a results folder (cells.jsonl + timeline.jsonl); one line error if unknown."""
-    from kvray.data.store import attach_traces, read_results, read_timeline
+def cell_timelines(dataset: Dataset, cell_ids: list[str], out_dir: Path) -> list[FigureResult]:
+    """fig10 of each of ``cell_ids`` of a Dataset (kvray.analysis.dataset); an input error naming the known cells
+    for an id the folder lacks. A figure that fails is replaced by one saying why."""
     from kvray.errors import KvrayInputError
-    from kvray.figures.common import FIGURES_DIR
+    from kvray.figures.common import failed_figure
 
-    records = {r["cell_id"]: r for r in read_results(results_dir, traces=False)}
-    if cell_id not in records:
-        known = ", ".join(sorted(records)[:8]) + (" …" if len(records) > 8 else "")
-        raise KvrayInputError(f"no cell {cell_id!r} in {results_dir} (cells: {known})")
-    attach_traces(results_dir, [records[cell_id]])
-    target = Path(out_dir) if out_dir is not None else Path(results_dir) / FIGURES_DIR
+    records = {r["cell_id"]: r for r in dataset.records_with_traces_of(cell_ids)}
+    if unknown := [c for c in cell_ids if c not in records]:
+        known = sorted(r["cell_id"] for r in dataset.records)
+        listed = ", ".join(known[:8]) + (" …" if len(known) > 8 else "")
+        raise KvrayInputError(f"no cell {unknown[0]!r} in {dataset.folder} (cells: {listed})")
+    results = []
     with style.styled():
-        return fig10_timeline(records[cell_id], read_timeline(results_dir, cell_id), target)
+        for cell_id in cell_ids:
+            try:
+                results.append(fig10_timeline(records[cell_id], dataset.timeline_of(cell_id), out_dir))
+            except Exception as exc:  # one figure must not cost the others, nor the report
+                results.append(failed_figure(figure_name(cell_id), exc, out_dir))
+    return results

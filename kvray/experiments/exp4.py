@@ -1,0 +1,88 @@
+"""exp4 — static vs paged KV, in-process vs server: exp1's workload on each of ``--backends`` (default hf,
+hf-paged, vllm; or openai / ollama servers). fig8 compares memory, throughput, tail latency and KV reserved vs
+used per backend; fig9 draws the KV timeline of each backend that records one (kvray/figures/server.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from kvray.experiments.base import Experiment, Flags
+from kvray.experiments.options import (
+    ApiKeyEnvOpt,
+    BaseUrlOpt,
+    GenOpt,
+    HostOpt,
+    PromptToksOpt,
+    VllmPythonOpt,
+    require_server_flags,
+    server_options,
+)
+
+if TYPE_CHECKING:
+    from kvray.analysis.dataset import Dataset
+    from kvray.plan.experiments import Common
+    from kvray.plan.job import Job
+
+BackendsOpt = Annotated[
+    list[str] | None, typer.Option("--backends", "--backend", help="hf hf-paged vllm (default) | openai | ollama")
+]
+ConcurrencyOpt = Annotated[
+    list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 4 16 64 (default)")
+]
+
+
+def exp4_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64,
+             concurrency: list[int] | None = None) -> Job:  # fmt: skip
+    from kvray.errors import KvrayInputError
+    from kvray.plan.experiments import experiment_job, max_positions, positive
+    from kvray.plan.job import Grid
+
+    concurrency = sorted(set(concurrency or [1, 4, 16, 64]))
+    positive("--concurrency", concurrency)
+    positive("--prompt-toks", [prompt_toks])
+    positive("--gen-toks", [gen_toks])
+    if prompt_toks + gen_toks - 1 > (limit := max_positions(common.model)):
+        raise KvrayInputError(f"--prompt-toks {prompt_toks} + {gen_toks} generated tokens exceed {common.model}'s "
+                              f"{limit} positions")  # fmt: skip
+    grid = Grid(gen_toks=(gen_toks,), prompt_toks=(prompt_toks,), concurrency=tuple(concurrency))
+    return experiment_job("exp4", common, [grid]).validate()
+
+
+def build(
+    flags: Flags,
+    backends: BackendsOpt = None,
+    prompt_toks: PromptToksOpt = 512,
+    gen_toks: GenOpt = 64,
+    concurrency: ConcurrencyOpt = None,
+    vllm_python: VllmPythonOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    host: HostOpt = None,
+) -> tuple[Job, list[str]]:
+    """Exp4, static vs paged KV: the same workload on hf, hf-paged and vLLM (or servers) — fig8, fig9."""
+    server_flags = server_options(vllm_python, base_url, api_key_env, host)
+    common = flags.common(backends, default_backends=("hf", "hf-paged", "vllm"), extra_options=server_flags)
+    require_server_flags(common)
+    return exp4_job(common, prompt_toks, gen_toks, concurrency), []
+
+
+def draw(dataset: Dataset, out_dir: Path) -> list[Any]:
+    """fig8 and fig9 when the folder holds exp4 cells or KV timelines: unlike fig1–fig7 they concern only paged
+    engines and servers, so a folder without them gets no "missing data" figures."""
+    from kvray.figures.server import has_server_data, server_figures
+
+    return server_figures(dataset, out_dir) if has_server_data(dataset.records) else []
+
+
+EXPERIMENT = Experiment(
+    name="exp4",
+    title="Exp4 — static vs paged KV, in-process vs server",
+    build=build,
+    figures=("fig8_backend_compare", "fig9_kv_timeline"),
+    draw=draw,
+    table_sort=("backend", "concurrency", "prompt_toks"),
+)

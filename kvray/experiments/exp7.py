@@ -1,0 +1,91 @@
+"""exp7 — tensor-parallel scaling: the same workload at TP 1, 2, 4, 8 on each GPU type.
+
+What it answers: how TTFT and TPOT fall with the TP degree, how throughput per GPU falls with it, how many KV
+tokens each GPU holds (KV heads split, replicated past the KV-head count, MLA's latent whole), and where TP stops
+paying (kvray/figures/parallelism.py: one figure per model). On the sim backend it runs in seconds and needs no
+GPU; on vllm it measures, each TP=N cell on a worker holding N GPUs of one node (kvray/sweep/placement.py).
+Degrees the model's heads do not allow (vLLM refuses them) are dropped with a note.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from kvray.errors import KvrayInputError
+from kvray.experiments.base import Experiment, Flags
+from kvray.experiments.options import GenOpt, PromptToksOpt
+
+if TYPE_CHECKING:
+    from kvray.analysis.dataset import Dataset
+    from kvray.plan.experiments import Common
+    from kvray.plan.job import Job
+
+EXP7_TP = (1, 2, 4, 8)
+EXP7_GPUS = ("H100-SXM", "A100-80GB-SXM")  # sim's default hardware for exp7: NVLink 4 vs NVLink 3
+
+
+def exp7_job(common: Common, prompt_toks: int = 1024, gen_toks: int = 128,
+             concurrency: list[int] | None = None) -> tuple[Job, list[str]]:  # fmt: skip
+    """(the Job, notes): ``common.tensor_parallel`` degrees (TP 1/2/4/8 when left at [1]) × ``concurrency``
+    (1 8 32) on each GPU type; the sim backend alone defaults to H100-SXM and A100-80GB-SXM, paged layout
+    (vLLM's continuous batching)."""
+    from kvray.model.parallel import check_tensor_parallel
+    from kvray.model.resolve import resolve_geometry
+    from kvray.plan.experiments import job_from_grid_blocks
+
+    concurrency = sorted(set(concurrency or [1, 8, 32]))
+    for flag, values in (("--concurrency", concurrency), ("--prompt-toks", [prompt_toks]), ("--gen-toks", [gen_toks])):
+        if any(v <= 0 for v in values):
+            raise KvrayInputError(f"{flag} values must be positive, got {' '.join(map(str, values))}")
+    degrees = list(common.tensor_parallel) if list(common.tensor_parallel) != [1] else list(EXP7_TP)
+    g = resolve_geometry(common.model)
+    notes, allowed = [], []
+    for n in degrees:
+        try:
+            check_tensor_parallel(g, n)
+            allowed.append(n)
+        except KvrayInputError as exc:
+            notes.append(f"TP {n} dropped: {exc}")
+    if not allowed:
+        raise KvrayInputError(f"no tensor parallel degree of {degrees} suits {common.model}")
+    options = dict(common.options)
+    hardware = common.hardware
+    if set(common.backends) == {"sim"}:
+        options.setdefault("layout", "paged")
+        if hardware == "any":
+            hardware = list(EXP7_GPUS)
+    common = dataclasses.replace(common, hardware=hardware, options=options, tensor_parallel=allowed)
+    grid = {"prompt_toks": [prompt_toks], "gen_toks": [gen_toks], "concurrency": concurrency}
+    return job_from_grid_blocks("exp7", common, grid), notes
+
+
+def build(
+    flags: Flags,
+    backends: Annotated[list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | vllm | hf")] = None,
+    prompt_toks: PromptToksOpt = 1024,
+    gen_toks: GenOpt = 128,
+    concurrency: Annotated[list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 8 32 (default)")] = None,
+) -> tuple[Job, list[str]]:  # fmt: skip
+    """Exp7, tensor parallelism: TTFT, TPOT, throughput per GPU and KV per GPU at --tp 1 2 4 8 (default), measured
+    vs predicted, and where TP stops paying. With only sim and no --hardware: H100-SXM and A100-80GB-SXM."""
+    return exp7_job(flags.common(backends, default_backends=("sim",)), prompt_toks, gen_toks, concurrency)
+
+
+def draw(dataset: Dataset, out_dir: Path) -> list[Any]:
+    """One TP-scaling figure per model when the folder holds exp7 or TP > 1 cells, else none."""
+    from kvray.figures.parallelism import has_tp_data, tp_figures
+
+    return tp_figures(dataset, out_dir) if has_tp_data(dataset.records) else []
+
+
+EXPERIMENT = Experiment(
+    name="exp7",
+    title="Exp7 — tensor-parallel scaling",
+    build=build,
+    figures=("exp7_tp_scaling_*",),  # one per model, named after it
+    draw=draw,
+)

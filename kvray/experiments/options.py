@@ -1,0 +1,46 @@
+"""The option types experiments declare their commands' flags with (Typer ``Annotated`` aliases), shared with
+``kvray bench``'s flags of the same name (kvray/cli/options.py imports them from here)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from kvray.errors import KvrayInputError
+
+if TYPE_CHECKING:
+    from kvray.plan.experiments import Common
+
+PromptToksOpt = Annotated[int, typer.Option("--prompt-toks", help="prompt tokens per request")]
+GenOpt = Annotated[int, typer.Option("--gen-toks", help="generated tokens per request")]
+BackendsOpt = Annotated[
+    list[str] | None, typer.Option("--backend", help="backend(s), space-separated: hf | sim | synthetic … (default hf)")
+]
+
+# The server backends' flags (kvray bench, exp4, exp5, exp6); each becomes a backend option of the same name.
+VllmPythonOpt = Annotated[
+    str | None, typer.Option("--vllm-python", help="Python of a vLLM install (default: $KVRAY_VLLM_PYTHON, this one)")
+]
+BaseUrlOpt = Annotated[
+    str | None, typer.Option("--base-url", help="openai backend: server URL, e.g. http://127.0.0.1:8000")
+]
+ApiKeyEnvOpt = Annotated[
+    str | None, typer.Option("--api-key-env", help="openai backend: environment variable holding the API key")
+]
+HostOpt = Annotated[str | None, typer.Option("--host", help="ollama backend: server URL, e.g. http://127.0.0.1:11434")]
+
+
+def server_options(vllm_python: str | None, base_url: str | None, api_key_env: str | None,
+                   host: str | None) -> list[str]:  # fmt: skip
+    """The server flags as --option KEY=VALUE pairs (the API key's *name* only; its value never leaves the env)."""
+    pairs = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
+    return [f"{k}={v}" for k, v in pairs.items() if v]
+
+
+def require_server_flags(common: Common) -> None:
+    """Names the missing *flag* (--base-url, --host) of a server backend; the options' form is each backend's
+    own check when the job validates."""
+    for name, option, flag in (("openai", "base_url", "--base-url"), ("ollama", "host", "--host")):
+        if name in common.backends and option not in common.options:
+            raise KvrayInputError(f"--backends {name} needs {flag}")
