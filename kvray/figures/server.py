@@ -60,6 +60,8 @@ def fig8_backend_compare(cells: Any, out_dir: Path) -> FigureResult:
     """Four panels vs concurrency, one colour per backend."""
     rows = _rows(cells)
     ok = rows[rows["status"] == "ok"] if len(rows) else rows
+    if len(ok):  # drawn against concurrency: an open loop's row (a rate, no concurrency) has no place on it
+        ok = ok[ok["concurrency"].notna()]
     with new_figure("fig8_backend_compare", out_dir, 1, 4, figsize=(15, 3.6), layout=None) as d:
         result = d.result
         if not len(ok):
