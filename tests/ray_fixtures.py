@@ -1,6 +1,8 @@
-"""One Ray per test session: 2 CPUs and 4 logical GPUs, started once (``ray.init`` costs 5–20 s on 2 cores).
+"""One Ray per test session: 2 CPUs and 4 logical GPUs, started once (``ray.init`` costs 5–20 s on 2 cores); and
+one real `ray start --head` per session for the tests that need a head node (``ray_head``).
 
-A test asks for ``ray_session`` by name (tests/conftest.py loads this module as a plugin; such a test is integration tier).
+A test asks for ``ray_session`` or ``ray_head`` by name (tests/conftest.py loads this module as a plugin; such a
+test is integration or cluster tier).
 ``start_local_ray`` uses ``address="local"`` (a stale ``ray_current_cluster`` file from an earlier crash
 cannot make the session join a dead one) and retries a node that timed out during startup on a busy machine.
 """
@@ -57,6 +59,26 @@ def ray_session() -> Iterator[Any]:
 HEAD_PORT_FLAGS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
                    "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port",
                    "--object-manager-port")  # fmt: skip
+
+
+class HeadURL(str):
+    """A Ray head's dashboard URL (what ``--address`` takes), with every port the head bound, by flag."""
+
+    ports: dict[str, int]
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeadURL]:
+    """One real `ray start --head` on 127.0.0.1 for the session, running this virtualenv's Python, 2 CPUs and no
+    GPU (``ray_head_process``): every module whose tests need such a head shares it (a start is 20–30 s on 2
+    cores). A head that must differ — another Python, other resources — is a fixture of its own
+    (tests/test_launch_bare.py's ``bare_head``)."""
+    import sys
+
+    with ray_head_process(tmp_path_factory.mktemp("head"), Path(sys.executable).parent) as (url, ports):
+        head = HeadURL(url)
+        head.ports = ports
+        yield head
 
 
 @contextlib.contextmanager
