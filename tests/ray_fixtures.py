@@ -67,18 +67,31 @@ class HeadURL(str):
     ports: dict[str, int]
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeadURL]:
+_HEAD: dict[str, tuple[HeadURL, contextlib.ExitStack]] = {}  # the session's head, while a module needs it
+
+
+@pytest.fixture(scope="module")
+def ray_head(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeadURL]:
     """One real `ray start --head` on 127.0.0.1 for the session, running this virtualenv's Python, 2 CPUs and no
-    GPU (``ray_head_process``): every module whose tests need such a head shares it (a start is 20–30 s on 2
-    cores). A head that must differ — another Python, other resources — is a fixture of its own
-    (tests/test_launch_bare.py's ``bare_head``)."""
+    GPU (``ray_head_process``): every module that asks for it shares it (a start is 20–30 s on 2 cores), and it
+    is stopped once no module collected later asks for it — an idle head's GCS, raylet and dashboard would run
+    beside every later test. A head that must differ (another Python, other resources) is a fixture of its own:
+    tests/test_launch_bare.py's ``bare_head``."""
+    import atexit
     import sys
 
-    with ray_head_process(tmp_path_factory.mktemp("head"), Path(sys.executable).parent) as (url, ports):
+    from servers_fixtures import later_items
+
+    if "head" not in _HEAD:
+        stack = contextlib.ExitStack()
+        atexit.register(stack.close)  # an interrupted session still stops it
+        url, ports = stack.enter_context(ray_head_process(tmp_path_factory.mktemp("head"), Path(sys.executable).parent))
         head = HeadURL(url)
         head.ports = ports
-        yield head
+        _HEAD["head"] = (head, stack)
+    yield _HEAD["head"][0]
+    if not any("ray_head" in item.fixturenames for item in later_items(request)):
+        _HEAD.pop("head")[1].close()
 
 
 @contextlib.contextmanager

@@ -156,13 +156,18 @@ class VllmServers:
 VLLM_SERVERS = VllmServers()
 
 
-def _wanted_after(request: Any, key: tuple[tuple[str, Any], ...]) -> bool:
-    """Whether a test collected after ``request``'s module asks for a ``shared_vllm`` fixture of ``key``."""
+def later_items(request: Any) -> list[Any]:
+    """The session's test functions collected after ``request``'s module (those still to run, in order): a shared
+    server stops once none of them asks for it."""
     items = request.session.items
     last = max((i for i, item in enumerate(items) if getattr(item, "module", None) is request.module), default=-1)
+    return [item for item in items[last + 1 :] if getattr(item, "module", None) is not None]
+
+
+def _wanted_after(request: Any, key: tuple[tuple[str, Any], ...]) -> bool:
+    """Whether a test collected after ``request``'s module asks for a ``shared_vllm`` fixture of ``key``."""
     return any(getattr(getattr(item.module, name, None), "vllm_server_key", None) == key
-               for item in items[last + 1 :] if getattr(item, "module", None) is not None
-               for name in item.fixturenames)  # fmt: skip
+               for item in later_items(request) for name in item.fixturenames)  # fmt: skip
 
 
 def shared_vllm(**settings: Any) -> Any:
