@@ -1,6 +1,8 @@
-"""One Ray per test session: 2 CPUs and 4 logical GPUs, started once (``ray.init`` costs 5–20 s on 2 cores).
+"""One Ray per test session: 2 CPUs and 4 logical GPUs, started once (``ray.init`` costs 5–20 s on 2 cores); and
+one real `ray start --head` per session for the tests that need a head node (``ray_head``).
 
-A test asks for ``ray_session`` by name (tests/conftest.py loads this module as a plugin; such a test is integration tier).
+A test asks for ``ray_session`` or ``ray_head`` by name (tests/conftest.py loads this module as a plugin; such a
+test is integration or cluster tier).
 ``start_local_ray`` uses ``address="local"`` (a stale ``ray_current_cluster`` file from an earlier crash
 cannot make the session join a dead one) and retries a node that timed out during startup on a busy machine.
 """
@@ -57,6 +59,39 @@ def ray_session() -> Iterator[Any]:
 HEAD_PORT_FLAGS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
                    "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port",
                    "--object-manager-port")  # fmt: skip
+
+
+class HeadURL(str):
+    """A Ray head's dashboard URL (what ``--address`` takes), with every port the head bound, by flag."""
+
+    ports: dict[str, int]
+
+
+_HEAD: dict[str, tuple[HeadURL, contextlib.ExitStack]] = {}  # the session's head, while a module needs it
+
+
+@pytest.fixture(scope="module")
+def ray_head(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeadURL]:
+    """One real `ray start --head` on 127.0.0.1 for the session, running this virtualenv's Python, 2 CPUs and no
+    GPU (``ray_head_process``): every module that asks for it shares it (a start is 20–30 s on 2 cores), and it
+    is stopped once no module collected later asks for it — an idle head's GCS, raylet and dashboard would run
+    beside every later test. A head that must differ (another Python, other resources) is a fixture of its own:
+    tests/test_launch_bare.py's ``bare_head``."""
+    import atexit
+    import sys
+
+    from servers_fixtures import later_items
+
+    if "head" not in _HEAD:
+        stack = contextlib.ExitStack()
+        atexit.register(stack.close)  # an interrupted session still stops it
+        url, ports = stack.enter_context(ray_head_process(tmp_path_factory.mktemp("head"), Path(sys.executable).parent))
+        head = HeadURL(url)
+        head.ports = ports
+        _HEAD["head"] = (head, stack)
+    yield _HEAD["head"][0]
+    if not any("ray_head" in item.fixturenames for item in later_items(request)):
+        _HEAD.pop("head")[1].close()
 
 
 @contextlib.contextmanager

@@ -100,6 +100,98 @@ def vllm_cell(model_dir: Path | str, workload: Any, warmup: int = 1, repeats: in
                 repeats=repeats, options=make_options(**vllm_test_options(**options)))  # fmt: skip
 
 
+# --- vLLM servers shared by settings ------------------------------------------------------------------------
+
+
+def settings_key(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A server's settings as a dict key: the same settings in any order are the same server."""
+    return tuple(sorted(settings.items()))
+
+
+class VllmServers:
+    """The session's vLLM CPU servers: one kvray ``VLLMBackend`` (so one server) per server settings.
+
+    A start costs 50–70 s on 2 cores, so test modules that ask for the same settings — the pool size, max_num_seqs,
+    prefix caching, tensor_parallel, kv_dtype … of the one tiny model directory every vLLM module serves — share one
+    server, and a module that asks for other settings gets its own, started once per key (``shared_vllm``). A
+    server is stopped as soon as its module is done with it unless a later module of the session asks for the same
+    settings: an idle vLLM CPU server beside other tests disturbs their timings (docs/benchmarks.md) and holds
+    ~2 GB. A server that died is started again by the next ``backend`` (kvray's VLLMBackend restarts a dead one).
+    Tests that kill, restart or close a server keep a VLLMBackend of their own."""
+
+    def __init__(self) -> None:
+        self.backends: dict[tuple[tuple[str, Any], ...], Any] = {}
+        self._model_dir: Path | None = None
+
+    def model_dir(self, tmp_path_factory: Any) -> Path:
+        """The tiny Llama directory every vLLM module serves (the served model's path is part of a server's key)."""
+        if self._model_dir is None:
+            self._model_dir = build_tiny_model_dir(tmp_path_factory.mktemp("vllm-models"))
+        return self._model_dir
+
+    def backend(self, tmp_path_factory: Any, settings: dict[str, Any]) -> Any:
+        """The backend serving ``settings``, its server started on first use (and again if it died)."""
+        from dataclasses import replace
+
+        from kvray.backends.vllm import VLLMBackend
+        from kvray.spec import Workload
+
+        key = settings_key(settings)
+        backend = self.backends.get(key)
+        if backend is None:
+            backend = self.backends[key] = VLLMBackend()
+        options = {k: v for k, v in settings.items() if k not in ("tensor_parallel", "kv_dtype")}
+        cell = vllm_cell(self.model_dir(tmp_path_factory), Workload.uniform(1, 8, 2), **options)
+        backend.load(replace(cell, tensor_parallel=settings.get("tensor_parallel", 1),
+                             kv_dtype=settings.get("kv_dtype")))  # fmt: skip
+        return backend
+
+    def done(self, request: Any, key: tuple[tuple[str, Any], ...]) -> None:
+        """``request``'s module is done with the server of ``key`` (a ``shared_vllm`` fixture's
+        ``vllm_server_key``): stop it unless a module collected after this one asks for the same settings."""
+        if key in self.backends and not _wanted_after(request, key):
+            self.backends.pop(key).close()
+
+
+VLLM_SERVERS = VllmServers()
+
+
+def later_items(request: Any) -> list[Any]:
+    """The session's test functions collected after ``request``'s module (those still to run, in order): a shared
+    server stops once none of them asks for it."""
+    items = request.session.items
+    last = max((i for i, item in enumerate(items) if getattr(item, "module", None) is request.module), default=-1)
+    return [item for item in items[last + 1 :] if getattr(item, "module", None) is not None]
+
+
+def _wanted_after(request: Any, key: tuple[tuple[str, Any], ...]) -> bool:
+    """Whether a test collected after ``request``'s module asks for a ``shared_vllm`` fixture of ``key``."""
+    return any(getattr(getattr(item.module, name, None), "vllm_server_key", None) == key
+               for item in later_items(request) for name in item.fixturenames)  # fmt: skip
+
+
+def shared_vllm(**settings: Any) -> Any:
+    """A module fixture (assign it to the fixture's name: ``vllm = shared_vllm(max_num_seqs=4)``) yielding the
+    session's VLLMBackend for these server settings (VllmServers): server knobs of the vllm backend and the cell
+    fields ``tensor_parallel`` and ``kv_dtype``; HTTP options (``metrics_interval_s``, ``timeout_s``) belong on the
+    tests' cells. A test's cell must carry the same settings, or kvray restarts the shared server with its own.
+    Serve ``shared_vllm_model_dir``'s model."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def fixture(request: Any, tmp_path_factory: Any) -> Any:
+        yield VLLM_SERVERS.backend(tmp_path_factory, settings)
+        VLLM_SERVERS.done(request, settings_key(settings))
+
+    fixture.vllm_server_key = settings_key(settings)  # type: ignore[attr-defined]  # read by _wanted_after
+    return fixture
+
+
+def shared_vllm_model_dir(tmp_path_factory: Any) -> Path:
+    """The model directory the shared servers serve (one per session)."""
+    return VLLM_SERVERS.model_dir(tmp_path_factory)
+
+
 def transformers_cli() -> str:
     return str(Path(sys.executable).parent / "transformers")
 

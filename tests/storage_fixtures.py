@@ -1,5 +1,6 @@
 """moto's S3 server on 127.0.0.1, in a subprocess: the real S3-compatible server kvray's object-storage tests
-write to. The ``s3`` fixture is in conftest.py (module-scoped: a server per module that asks for it)."""
+write to. One server and bucket for the session; each module that asks for ``s3`` gets a staging folder of its own,
+and each test writes under a prefix of its own."""
 
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ class S3:
         return dest
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
-    """moto's S3 server on a free port of 127.0.0.1 with one bucket; stopped (its process group) at the end."""
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free port of 127.0.0.1 with one bucket, for the session; stopped (its process group)
+    at the end."""
     import pyarrow.fs as pafs
 
     port = free_port()
@@ -72,11 +74,17 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
         endpoint = f"http://127.0.0.1:{port}"
         pafs.S3FileSystem(access_key="test-key", secret_key=SECRET, region="us-east-1", endpoint_override=endpoint,
                           scheme="http", allow_bucket_creation=True).create_dir(BUCKET)  # fmt: skip
-        staging = tmp_path_factory.mktemp("staging")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KVRAY_STAGING"))}
-        env.update(HF_HUB_OFFLINE="1", AWS_ACCESS_KEY_ID="test-key", AWS_SECRET_ACCESS_KEY=SECRET,
-                   AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint, KVRAY_STAGING_DIR=str(staging))  # fmt: skip
-        yield S3(endpoint, env, staging)
+        yield endpoint
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def s3(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> S3:
+    """The session's S3 server, with this module's own staging folder (tests count what is left in it)."""
+    staging = tmp_path_factory.mktemp("staging")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KVRAY_STAGING"))}
+    env.update(HF_HUB_OFFLINE="1", AWS_ACCESS_KEY_ID="test-key", AWS_SECRET_ACCESS_KEY=SECRET,
+               AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=s3_endpoint, KVRAY_STAGING_DIR=str(staging))  # fmt: skip
+    return S3(s3_endpoint, env, staging)

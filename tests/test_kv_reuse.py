@@ -3,7 +3,8 @@
 The expected figures are hand arithmetic on vLLM's prefix-cache rule (whole 128-token blocks of the CPU build, a hit
 stops at prompt − 1, and only the tokens sent can hit — never the synthetic answer kvray writes into a history),
 not the prediction code's output. One vLLM server (CPU build, a 24 MiB = 48-block pool, so the preemption cell
-needs no restart) serves every vLLM test here.
+needs no restart; the session's server of these settings, tests/servers_fixtures.py ``shared_vllm``) serves every
+vLLM test here but the fp8 one, which starts its own.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from servers_fixtures import build_tiny_model_dir, vllm_cell
+from servers_fixtures import build_tiny_model_dir, shared_vllm, shared_vllm_model_dir, vllm_cell
 
 from kvray.backends.vllm import VLLMBackend
 from kvray.bench.runner import run_cell
@@ -209,7 +210,7 @@ def test_hf_and_hf_paged_prompts_share_the_prefix_and_run_token_exact():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return build_tiny_model_dir(tmp_path_factory.mktemp("models"))
+    return shared_vllm_model_dir(tmp_path_factory)
 
 
 def reuse_cell(model_dir, workload, warmup=1, repeats=1):
@@ -218,12 +219,7 @@ def reuse_cell(model_dir, workload, warmup=1, repeats=1):
     )
 
 
-@pytest.fixture(scope="module")
-def vllm(model_dir):
-    backend = VLLMBackend()
-    backend.load(reuse_cell(model_dir, Workload.uniform(1, 8, 2)))
-    yield backend
-    backend.close()
+vllm = shared_vllm(kv_cache_memory_bytes=POOL, max_model_len=2048)  # reuse_cell's server settings
 
 
 WORKLOADS = {
@@ -340,14 +336,18 @@ def _cpu_has_fp8_kv_support() -> bool:
 
 
 @pytest.mark.vllm
-def test_vllm_fp8_kv_capacity_or_a_plain_refusal(vllm, model_dir, measured):
-    """kv_dtype fp8 restarts the module's server with --kv-cache-dtype fp8 (last test here: the only restart).
+def test_vllm_fp8_kv_capacity_or_a_plain_refusal(model_dir, measured):
+    """kv_dtype fp8: a server of its own with --kv-cache-dtype fp8 (the shared one keeps its settings).
     With AVX-512/AMX the same 24 MiB pool holds 4× the fp32 tokens (1 B vs 4 B per element): 6,144 × 4 = 24,576;
     without, the row says why in vLLM's own words and the exp6 report repeats it."""
     from kvray.report import make_report
 
     cell = replace(reuse_cell(model_dir, Workload.uniform(2, 32, 8), warmup=0), kv_dtype="fp8", experiment="exp6")
-    result = run_cell(vllm, cell)
+    backend = VLLMBackend()
+    try:
+        result = run_cell(backend, cell)
+    finally:
+        backend.close()
     DatasetWriter(measured.folder).append(result)
     if _cpu_has_fp8_kv_support():
         assert result.status == "ok", result.reason

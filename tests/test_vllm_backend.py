@@ -1,8 +1,10 @@
 """vLLM for real: its CPU build (own virtualenv, KVRAY_VLLM_PYTHON) serving kvray's tiny Llama on 127.0.0.1.
 
-One server is started for the whole module (start-up is about a minute on 2 cores) and every test reuses it:
-the vllm backend, the openai backend pointed at it, and exp4 with all three backends. Without the virtualenv
-these tests fail with the command that builds it (`bash .ci/vllm_cpu_venv.sh`); `-m 'not vllm'` deselects them.
+The session's server of vLLM's default test settings (tests/servers_fixtures.py ``shared_vllm``: start-up is
+about a minute on 2 cores) serves most tests here: the vllm backend, the openai backend pointed at it, and exp4
+with all three backends. The tests that restart, kill and close a server use a backend of this module's own
+(``own_vllm``, max_num_seqs=2). Without the virtualenv these tests fail with the command that builds it
+(`bash .ci/vllm_cpu_venv.sh`); `-m 'not vllm'` deselects them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import httpx
 import psutil
 import pytest
-from servers_fixtures import build_tiny_model_dir, vllm_cell, vllm_test_options
+from servers_fixtures import VLLM_SERVERS, shared_vllm, shared_vllm_model_dir, vllm_cell, vllm_test_options
 
 from kvray.backends.hf import HFBackend
 from kvray.backends.hf_paged import HFPagedBackend
@@ -32,13 +34,20 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return build_tiny_model_dir(tmp_path_factory.mktemp("models"))
+    return shared_vllm_model_dir(tmp_path_factory)
+
+
+vllm = shared_vllm()  # the default test settings: a 256 MiB pool, vLLM's max_num_seqs and prefix caching
+OWN = {"max_num_seqs": 2}
 
 
 @pytest.fixture(scope="module")
-def vllm(model_dir):
+def own_vllm(model_dir, request):
+    """This module's own backend (max_num_seqs=2) for the tests that restart, kill and close its server. The shared
+    server's tests all come first: it is let go (stopped, unless a later module shares it) before this one starts."""
+    VLLM_SERVERS.done(request, vllm.vllm_server_key)
     backend = VLLMBackend()
-    backend.load(vllm_cell(model_dir, Workload.uniform(1, 8, 2)))
+    backend.load(vllm_cell(model_dir, Workload.uniform(1, 8, 2), **OWN))
     yield backend
     backend.close()
 
@@ -244,8 +253,8 @@ def test_a_missing_vllm_python_is_an_input_error(tmp_path):
         vllm_launcher({"vllm_python": str(tmp_path / "nope" / "python")})
 
 
-def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(vllm, model_dir):
-    """max_num_seqs=2 with 4 requests (a knob of the server: the module's backend restarts it, once, here — after
+def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(own_vllm, model_dir):
+    """max_num_seqs=2 with 4 requests (a knob of the server: the module's own backend, started for it here — after
     every test that needs the default server). 20 + 100 − 1 = 119 positions fit one 128-token CPU block
     (128 × 4,096 B = 512 KiB), so vLLM holds 2 blocks at its peak, and every request resident at once (the old
     prediction) would be 4 — twice what ran. The prediction follows the /metrics samples' running set."""
@@ -254,7 +263,7 @@ def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(
     # first /metrics round trip that outlasted the whole repeat, so no sample caught it busy)
     cell = vllm_cell(model_dir, Workload.uniform(4, 20, 100), warmup=1, repeats=1, max_num_seqs=2,
                      metrics_interval_s=0.02)  # fmt: skip
-    result = run_cell(vllm, cell)
+    result = run_cell(own_vllm, cell)
     assert result.status == "ok", result.reason
     assert "--max-num-seqs 2" in result.extra["vllm"]["command"]
     timeline = result.extra["kv_timeline"]
@@ -272,11 +281,11 @@ def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(
         assert abs(p["kv_used_bytes"] - p["kv_predicted_bytes"]) <= p["running"] * block, p
 
 
-def test_a_vllm_server_killed_mid_cell_ends_the_cell_and_the_next_cell_restarts_it(vllm, model_dir):
+def test_a_vllm_server_killed_mid_cell_ends_the_cell_and_the_next_cell_restarts_it(own_vllm, model_dir):
     """kill -9 of the kvray-managed vLLM (its whole process group: API server and engine core) while a cell streams:
     the cell ends ``error`` within seconds (not at its 120 s request timeout), its reason names the server's exit,
     and the next cell through the same backend starts a new server and is ``ok``. Runs after the max_num_seqs=2
-    test, with its knobs, so the only start here is the restart."""
+    test, on the module's own backend, so the only start here is the restart."""
     import os
     import signal
     import threading
@@ -284,12 +293,12 @@ def test_a_vllm_server_killed_mid_cell_ends_the_cell_and_the_next_cell_restarts_
 
     kill_after_s = 2.0
     opts = {"max_num_seqs": 2, "timeout_s": 120.0}
-    vllm.load(vllm_cell(model_dir, Workload.uniform(1, 8, 2), **opts))  # the running server: same knobs, no restart
-    old_pid = vllm.server.proc.pid
+    own_vllm.load(vllm_cell(model_dir, Workload.uniform(1, 8, 2), **opts))  # the running server: same knobs, no restart
+    old_pid = own_vllm.server.proc.pid
     timer = threading.Timer(kill_after_s, lambda: os.killpg(old_pid, signal.SIGKILL))
     started = time.monotonic()
     timer.start()
-    result = run_cell(vllm, vllm_cell(model_dir, Workload.uniform(2, 16, 4000), warmup=0, **opts))
+    result = run_cell(own_vllm, vllm_cell(model_dir, Workload.uniform(2, 16, 4000), warmup=0, **opts))
     took_s = time.monotonic() - started
     timer.join()
     # alone it ends 0.4 s after the kill; once, late in a full suite on 2 busy cores, 24.5 s — either way far
@@ -297,16 +306,16 @@ def test_a_vllm_server_killed_mid_cell_ends_the_cell_and_the_next_cell_restarts_
     assert result.status == "error" and took_s < kill_after_s + 45, (result.status, took_s, result.reason)
     assert result.reason.startswith("vllm server exited (code -9) mid-cell"), result.reason
     assert all(t.status == "error" and t.output_toks < 4000 for t in result.traces)
-    assert not vllm.server.running and not psutil.pid_exists(old_pid)
-    after = run_cell(vllm, vllm_cell(model_dir, Workload.uniform(2, 16, 4), warmup=0, **opts))
+    assert not own_vllm.server.running and not psutil.pid_exists(old_pid)
+    after = run_cell(own_vllm, vllm_cell(model_dir, Workload.uniform(2, 16, 4), warmup=0, **opts))
     assert after.status == "ok", after.reason
-    assert vllm.server.running and vllm.server.proc.pid != old_pid  # a new server, started by the next cell
+    assert own_vllm.server.running and own_vllm.server.proc.pid != old_pid  # a new server, started by the next cell
     assert all((t.prompt_toks, t.output_toks) == (16, 4) for t in after.traces)
 
 
-def test_close_stops_the_server_and_its_engine_processes(vllm):
-    pids = vllm.server.pids()
+def test_close_stops_the_server_and_its_engine_processes(own_vllm):
+    pids = own_vllm.server.pids()
     assert len(pids) >= 2  # the API server and its engine core
-    vllm.close()
+    own_vllm.close()
     psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=20)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)

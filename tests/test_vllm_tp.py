@@ -9,9 +9,8 @@ token per rank, half the 4,096 B of TP 1 — and a 256 MiB pool per rank holds 1
 from __future__ import annotations
 
 import pytest
-from servers_fixtures import build_tiny_model_dir, vllm_test_options
+from servers_fixtures import shared_vllm, shared_vllm_model_dir, vllm_test_options
 
-from kvray.backends.vllm import VLLMBackend
 from kvray.bench.runner import run_cell
 from kvray.model.kvmath import kv_bytes_per_token, kv_bytes_per_token_per_gpu
 from kvray.model.resolve import resolve_geometry
@@ -22,10 +21,13 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return build_tiny_model_dir(tmp_path_factory.mktemp("models"))
+    return shared_vllm_model_dir(tmp_path_factory)
 
 
-def test_tp2_on_cpu_holds_half_the_kv_per_rank(model_dir):
+vllm_tp2 = shared_vllm(tensor_parallel=2)  # the session's TP=2 server (tests/servers_fixtures.py)
+
+
+def test_tp2_on_cpu_holds_half_the_kv_per_rank(model_dir, vllm_tp2):
     g = resolve_geometry(str(model_dir))
     assert (g.num_layers, g.num_attention_heads, g.num_kv_heads, g.head_dim) == (4, 4, 2, 64)
     assert kv_bytes_per_token(g, "fp32", "paged") == 2 * 4 * 2 * 64 * 4 == 4_096
@@ -33,22 +35,18 @@ def test_tp2_on_cpu_holds_half_the_kv_per_rank(model_dir):
     cell = Cell(model=str(model_dir), workload=Workload.uniform(2, 16, 4), backend="vllm", dtype="fp32",
                 device="cpu", warmup=0, repeats=1, tensor_parallel=2,
                 options=make_options(**vllm_test_options()))  # fmt: skip
-    backend = VLLMBackend()
-    try:
-        result = run_cell(backend, cell)
-        assert result.status == "ok", result.reason
-        assert "--tensor-parallel-size 2" in result.extra["vllm"]["command"]
-        assert result.extra["parallelism"].startswith("tensor parallel 2")
-        capacity = result.extra["kv_capacity"]
-        reported = capacity["reported"]
-        assert reported["kv_cache_memory_bytes"] == 256 * 2**20  # the per-rank pool kvray asked for
-        assert reported["kv_cache_size_tokens"] == 256 * 2**20 // 2_048 == 131_072  # per rank: 1 KV head
-        assert capacity["agrees"] is True and capacity["tensor_parallel"] == 2
-        # Predicted KV per rank: each running request's one 128-token CPU block (16 + 4 − 1 = 19 positions) at
-        # 2,048 B per token — 262,144 B per request, half what the whole model's KV would be.
-        assert result.memory["kv_predicted_bytes"] in (128 * 2_048, 2 * 128 * 2_048)
-        used = result.memory.get("kv_used_peak_bytes")  # vLLM's usage gauge × the rank's pool, where sampled
-        assert used is None or used == result.memory["kv_predicted_bytes"]
-        assert sum(len(t.token_times_s) for t in result.traces) == 2 * 4
-    finally:
-        backend.close()
+    result = run_cell(vllm_tp2, cell)
+    assert result.status == "ok", result.reason
+    assert "--tensor-parallel-size 2" in result.extra["vllm"]["command"]
+    assert result.extra["parallelism"].startswith("tensor parallel 2")
+    capacity = result.extra["kv_capacity"]
+    reported = capacity["reported"]
+    assert reported["kv_cache_memory_bytes"] == 256 * 2**20  # the per-rank pool kvray asked for
+    assert reported["kv_cache_size_tokens"] == 256 * 2**20 // 2_048 == 131_072  # per rank: 1 KV head
+    assert capacity["agrees"] is True and capacity["tensor_parallel"] == 2
+    # Predicted KV per rank: each running request's one 128-token CPU block (16 + 4 − 1 = 19 positions) at
+    # 2,048 B per token — 262,144 B per request, half what the whole model's KV would be.
+    assert result.memory["kv_predicted_bytes"] in (128 * 2_048, 2 * 128 * 2_048)
+    used = result.memory.get("kv_used_peak_bytes")  # vLLM's usage gauge × the rank's pool, where sampled
+    assert used is None or used == result.memory["kv_predicted_bytes"]
+    assert sum(len(t.token_times_s) for t in result.traces) == 2 * 4
