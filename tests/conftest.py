@@ -29,7 +29,7 @@ TIER_OF_FIXTURE = {
     "ray_session": "integration",  # tests/ray_fixtures.py: one local Ray for the session
     "transformers_server": "integration",  # tests/test_openai_backend.py: a real `transformers serve`
     "s3": "cluster",  # tests/storage_fixtures.py: moto's S3 server
-    "ray_head": "cluster",  # tests/test_launch.py: a real `ray start --head`
+    "ray_head": "cluster",  # tests/ray_fixtures.py: a real `ray start --head`, shared by the modules that ask
     "bare_head": "cluster",  # tests/test_launch_bare.py: a head without typer/rich
     "cluster_run": "cluster",  # tests/test_tp_placement.py: a multi-node ray.cluster_utils.Cluster
 }
