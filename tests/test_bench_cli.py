@@ -72,6 +72,7 @@ def test_bench_mixed_workload_as_json(tmp_path, opt_dir):
     assert [r["prompt_toks"] for r in record["cell"]["workload"]["requests"]] == [4, 4, 20]
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_refused_cell_exits_1_with_the_estimate(tmp_path):
     proc = run("--model", "meta-llama/Llama-3.1-70B", "-c", "32", "--prompt-toks", "4096", "--device", "cpu",
                "--output", str(tmp_path / "r"))  # fmt: skip
@@ -80,6 +81,7 @@ def test_refused_cell_exits_1_with_the_estimate(tmp_path):
     assert json.loads((tmp_path / "r" / "cells.jsonl").read_text())["status"] == "refused"
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -14,6 +14,7 @@ def kvray(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProc
     return subprocess.run([sys.executable, "-m", "kvray.cli", *args], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_info_json_fields():
     out = kvray("info", "meta-llama/Meta-Llama-3-8B", "--json")
     assert out.returncode == 0, out.stderr
@@ -24,6 +25,7 @@ def test_info_json_fields():
     assert data["kv_bytes_per_token"] == 131_072 and data["kv_bytes_per_token_paged"] == 131_072
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_info_tables_and_mistral_window():
     out = kvray("info", "mistralai/Mistral-7B-v0.1", "--dtype", "fp16")
     assert out.returncode == 0 and "sliding window 4096" in out.stdout and "H100-SXM" in out.stdout
@@ -31,6 +33,7 @@ def test_info_tables_and_mistral_window():
     assert data["sliding_window"] == 4096
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_env_without_gpu_is_clean():
     out = kvray("env", "--json")
     assert out.returncode == 0, out.stderr
@@ -41,11 +44,13 @@ def test_env_without_gpu_is_clean():
     assert "Traceback" not in kvray("env").stderr
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_check_readable():
     out = kvray("check", "facebook/opt-1.3b", "--concurrency", "64", "--seq-len", "4096", "--gpu", "L4")
     assert out.returncode == 0 and "high" in out.stdout and "reduce concurrency" in out.stdout
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -65,6 +70,7 @@ def test_bad_input_is_one_line_exit_2(args, needle):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_malformed_local_config_names_the_key(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     out = kvray("info", str(tmp_path))
@@ -85,6 +91,7 @@ def test_help_and_info_do_not_import_heavy_libraries():
     assert out.stdout.strip() == "[]", out.stderr
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_info_asks_the_oom_module_what_fits():
     from kvray.hardware.gpus import GPUS
     from kvray.model.oom import kv_tokens_that_fit, model_summary
@@ -148,6 +155,7 @@ def test_exp_help_lists_the_shared_flags_and_its_own(capsys, command, own):
     assert "--output-dir" not in text and ("-c, --concurrency" in text) == ("--concurrency" in own)
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_bare_kvray_prints_the_help_and_exits_2():
     out = kvray()
     assert out.returncode == 2 and "Commands:" in out.stdout and "exp4" in out.stdout

@@ -34,6 +34,7 @@ def exp5_folder(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_exp5_default_is_sim_on_three_gpus_from_the_command_line():
     out = subprocess.run([sys.executable, "-m", "kvray.cli", "exp5", "--model", MODEL, "--dry-run", "--json"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip

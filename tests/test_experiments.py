@@ -61,6 +61,7 @@ def test_hardware_flag_values():
         hardware_arg(["each", "H100"])
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_seed_commands_parse_space_separated_lists():
     out = kvray(
         "exp1",
@@ -119,11 +120,13 @@ def test_seed_commands_parse_space_separated_lists():
     assert "128,128,128,1985" in out.stdout and "dry run" in out.stdout
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_list_flags_accept_commas_and_repeats():
     out = kvray("exp1", "-c", "1,2", "--concurrency", "16", "--dry-run", "--json")
     assert [c["concurrency"] for c in json.loads(out.stdout)["cells"]] == [1, 2, 16]
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -158,6 +158,7 @@ def test_missing_empty_and_broken_files(tmp_path):
         load_job(write(tmp_path, "- a\n- b\n"))
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_kvray_run_rejects_a_bad_job_before_starting_ray(tmp_path):
     path = write(tmp_path, GOOD.replace("[synthetic]", "[tensorrt]"))
     code = (

@@ -141,6 +141,7 @@ def test_launch_against_a_real_head_returns_the_dataset(ray_head, tmp_path):
             assert b"hf_secret_do_not_store" not in f.read_bytes(), f
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_launch_rejects_bad_targets(tmp_path):
     job = tmp_path / "j.yaml"
     job.write_text(SIM_JOB)

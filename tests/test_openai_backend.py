@@ -371,6 +371,7 @@ def test_bad_server_flags_exit_2_with_one_line(args, message):
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_exp4_dry_run_lists_every_backend_and_concurrency():
     proc = kvray("exp4", "--model", "kvray/tiny-llama", "--dtype", "fp32", "--prompt-toks", "32", "--gen-toks",
                  "8", "-c", "1", "4", "--dry-run", "--json")  # fmt: skip

@@ -45,6 +45,7 @@ def test_a_numeric_list_never_swallows_the_positional_after_it(capsys):
     assert sorted(p["concurrency"] for p in preds) == [1, 2] and {p["model"] for p in preds} == {"gpt2"}
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_predict_sweep_json_matches_the_predictor(kvray):
     out = kvray(
         "predict", "meta-llama/Meta-Llama-3-8B", "--gpu", "H100-SXM,L4",
@@ -65,6 +66,7 @@ def test_predict_sweep_json_matches_the_predictor(kvray):
         assert p["fits"] is True
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_predict_table_shows_oom_and_bounds(kvray):
     out = kvray("predict", "meta-llama/Meta-Llama-3-8B", "--gpu", "L4", "-c", "1", "64", "--prompt-toks", "4096")
     assert out.returncode == 0, out.stderr
@@ -83,6 +85,7 @@ def test_predict_imports_no_torch():
     assert "HEAVY []" in out.stdout
 
 
+@pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_calibrate_command_writes_the_file_predict_reads(kvray, tmp_path):
     from kvray.backends.sim import SimBackend
     from kvray.bench.runner import run_cell
