@@ -78,7 +78,7 @@ def measure(url: str, model_path: str, rate: float, seconds: float, gen_toks: in
     """One constant-rate cell through the openai backend, in this process; its row's serving columns."""
     from kvray.backends import get_backend
     from kvray.bench.cell import bench_cell
-    from kvray.bench.runner import run_cell
+    from kvray.runner.run import run_cell
 
     requests = max(int(rate * seconds), 20)
     cell = bench_cell(model_path, prompt_toks=16, gen_toks=gen_toks, backend="openai", warmup=0, repeats=1,

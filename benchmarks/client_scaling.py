@@ -1,5 +1,5 @@
 """Load generation over K client actors: constant-rate loads against one fast local stub server, sent by one kvray
-client process (K = 1) or spread over K Ray actors (``clients: K``, kvray/backends/openai/clients.py).
+client process (K = 1) or spread over K Ray actors (``clients: K``, kvray/backends/http/clients.py).
 
 Usage:  uv run python benchmarks/client_scaling.py [--rates 50 100 200 400] [--clients 1 2 4] [--seconds 3]
 
@@ -34,7 +34,7 @@ def measure(engine: Any, url: str, tokenizer: str, rate: float, seconds: float, 
             clients: int) -> dict[str, Any]:  # fmt: skip
     """One constant-rate cell sent from ``clients`` processes; its row."""
     from kvray.bench.cell import bench_cell
-    from kvray.bench.runner import run_cell
+    from kvray.runner.run import run_cell
 
     requests = max(int(rate * seconds), 20)
     cell = bench_cell("kvray/tiny-llama", prompt_toks=16, gen_toks=gen_toks, backend="openai", warmup=0, repeats=1,
@@ -54,7 +54,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--gen-toks", type=int, default=8)
     args = parser.parse_args()
-    from kvray.backends.openai import OpenAIBackend
+    from kvray.backends.http import OpenAIBackend
     from kvray.servers.model_dirs import build_word_tokenizer
     from kvray.servers.process import free_port
     from kvray.sweep.ray_env import shutdown, start_local_ray

@@ -144,7 +144,7 @@ def num(row: dict[str, Any], key: str, scale: float, fmt: str) -> str:
 
 def run_cells(check: Check, stage: str, backend: Any, cells: list[Any]) -> None:
     """Cells in order on one loaded backend while the stage is open; the rest are listed as not run."""
-    from kvray.bench.runner import run_cell
+    from kvray.runner.run import run_cell
 
     for cell in cells:
         if not check.budget.open(stage):
@@ -238,12 +238,12 @@ def stage_paged_and_serve(check: Check) -> None:
 
 
 def stage_serve(check: Check, backend: Any) -> None:
-    """``--load poisson --rate auto``: the same search ``kvray bench`` runs (kvray/bench/saturation.py), each probe
+    """``--load poisson --rate auto``: the same search ``kvray bench`` runs (kvray/runner/saturation.py), each probe
     recorded as it ends; stopped (no knee claimed) when the stage's latest start passes mid-search."""
     from datetime import UTC, datetime
 
-    from kvray.bench.runner import run_cell
-    from kvray.bench.saturation import find_saturation, search_result
+    from kvray.runner.run import run_cell
+    from kvray.runner.saturation import find_saturation, search_result
 
     cell = serve_cell(check)
     summary = check.stages["serve"]

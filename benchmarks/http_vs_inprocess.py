@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers_fixtures import build_tiny_model_dir, start_transformers_serve  # noqa: E402
 
 from kvray.backends.hf_paged import HFPagedBackend  # noqa: E402
-from kvray.backends.openai import OpenAIBackend  # noqa: E402
-from kvray.bench.runner import run_cell  # noqa: E402
+from kvray.backends.http import OpenAIBackend  # noqa: E402
+from kvray.runner.run import run_cell  # noqa: E402
 from kvray.spec import Cell, Workload, make_options  # noqa: E402
 
 KEYS = ("ttft_s_p50", "tpot_s_p50", "itl_s_p50", "e2e_s_p50", "output_tps")

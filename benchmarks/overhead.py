@@ -29,7 +29,7 @@ def measure_overhead(model_id: str = "facebook/opt-125m", *, device: str = "cpu"
     import torch
 
     from kvray.backends.hf import TORCH_DTYPES, HFBackend
-    from kvray.bench.runner import run_cell
+    from kvray.runner.run import run_cell
     from kvray.spec import Cell, Workload
 
     workload = Workload.uniform(concurrency, prompt_toks, gen_toks)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers_fixtures import DEFAULT_VLLM_VENV, build_tiny_model_dir  # noqa: E402
 
 from kvray.backends.vllm import VLLMBackend  # noqa: E402
-from kvray.bench.runner import run_cell  # noqa: E402
+from kvray.runner.run import run_cell  # noqa: E402
 from kvray.spec import Cell, Workload, make_options  # noqa: E402
 
 

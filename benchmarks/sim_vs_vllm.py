@@ -9,7 +9,7 @@ One vLLM CPU server (kvray's VLLMBackend: kvray/tiny-llama, seeded random weight
    and copy bandwidth measured by kvray/hardware/host.py just before the server starts — from their TPOT (a
    server's TTFT is on the client's clock, so only TPOT is fitted; kvray/analysis/calibrate.py).
 2. **Measured saturation**: ``kvray bench --load constant --rate auto --requests N``'s search
-   (kvray/bench/saturation.py ``run_search``) with the same lengths; every probe is a row of the same dataset.
+   (kvray/runner/saturation.py ``run_search``) with the same lengths; every probe is a row of the same dataset.
 3. **Predicted saturation**: kvray/sim/saturation.py ``find_saturation`` on ``cpu-host`` with the calibrated
    efficiencies, the same engine settings and length, constant arrivals, and the measured search's criterion
    (achieved ≥ 0.90 × offered, ``follow``) so both knees mean the same thing.
@@ -87,11 +87,11 @@ def engine_settings(log_path: Path) -> dict[str, Any]:
 def measure(out: Path, requests: int, concurrencies: tuple[int, ...] = CONCURRENCIES) -> dict[str, Any]:
     """Host peaks, then one server: the bursts and the saturation search, every row into ``out``."""
     from kvray.backends.vllm import VLLMBackend
-    from kvray.bench.runner import run_cell
-    from kvray.bench.saturation import run_search
     from kvray.data.store import DatasetWriter
     from kvray.hardware.host import measure_host
     from kvray.plan.loads import build_workload
+    from kvray.runner.run import run_cell
+    from kvray.runner.saturation import run_search
     from kvray.spec import LoadSpec, Workload
 
     peaks = measure_host()
@@ -149,8 +149,8 @@ def measure(out: Path, requests: int, concurrencies: tuple[int, ...] = CONCURREN
 def predict(measured: dict[str, Any], out: Path) -> dict[str, Any]:
     """Calibrate from the burst rows, then the simulator's saturation search with the same settings."""
     from kvray.analysis.calibrate import calibrate
-    from kvray.bench.saturation import FOLLOW_FRACTION
     from kvray.model.resolve import resolve_geometry
+    from kvray.runner.saturation import FOLLOW_FRACTION
     from kvray.sim.saturation import find_saturation
     from kvray.sim.serving import EngineConfig
     from kvray.sim.simulate import efficiency_for, predict_cell

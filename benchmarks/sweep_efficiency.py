@@ -51,9 +51,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from kvray.backends import get_backend
-    from kvray.bench.runner import run_cells
     from kvray.data.store import read_results
     from kvray.plan.planner import plan_cells
+    from kvray.runner.run import run_cells
     from kvray.sweep import last_run, run_job, start_local_ray
 
     job = build_job(args.cells, args.cell_s, args.models)

@@ -16,7 +16,7 @@ import argparse
 import statistics
 
 from kvray.backends.hf import HFBackend
-from kvray.bench.runner import run_cell
+from kvray.runner.run import run_cell
 from kvray.spec import Cell, Workload, make_options
 
 

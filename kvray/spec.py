@@ -82,7 +82,7 @@ class LoadSpec:
     seed: int = 0
     warmup_s: float | None = None
     cooldown_s: float | None = None
-    # "saturation": no rate given — the cell is a search (kvray/bench/saturation.py) that probes rates up to
+    # "saturation": no rate given — the cell is a search (kvray/runner/saturation.py) that probes rates up to
     # the highest sustainable one, then measures rates below it; each probe is a cell of its own
     search: str | None = None
 
@@ -225,7 +225,7 @@ class Cell:
     options: tuple[tuple[str, Any], ...] = field(default=())  # backend knobs, sorted (block_size, base_url…)
     tensor_parallel: int = 1  # GPUs of one node (of type ``hardware``) the model is split over; left out of ids at 1
     # Server backends: Ray actors the cell's client side is spread over, each sending its share of the arrival
-    # schedule (kvray/backends/openai/clients.py); 1 = this process alone. Left out of ids at 1.
+    # schedule (kvray/backends/http/clients.py); 1 = this process alone. Left out of ids at 1.
     clients: int = 1
 
     def __post_init__(self) -> None:

@@ -104,7 +104,7 @@ def ray_head_process(log_dir: Path, bin_dir: Path, env: dict[str, str] | None = 
     available agent to submit job" for ever."""
     import httpx
 
-    from kvray.sweep.launch import ray_auth_headers
+    from kvray.launch.jobs_api import ray_auth_headers
 
     gcs_port, dash_port = free_port(), free_port()
     ports = {flag: free_port() for flag in HEAD_PORT_FLAGS}

@@ -7,10 +7,10 @@ import pytest
 
 from kvray.analysis.calibrate import calibrate
 from kvray.backends.sim import SimBackend
-from kvray.bench.runner import run_cell
 from kvray.data.store import DatasetWriter
 from kvray.errors import KvrayInputError
 from kvray.model.resolve import resolve_geometry
+from kvray.runner.run import run_cell
 from kvray.sim.simulate import predict_cell
 from kvray.spec import Cell, Workload, make_options
 

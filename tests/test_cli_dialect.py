@@ -1,5 +1,5 @@
 """One CLI dialect (issue 26, item 4), in this process: ``--address`` means the same for ``run``, ``launch`` and
-the exp commands (one path, kvray/sweep/submit.py), ``-m/--model`` or the positional MODEL wherever a model is
+the exp commands (one path, kvray/launch/submit.py), ``-m/--model`` or the positional MODEL wherever a model is
 named, ``--output`` for what a command writes (the old ``--out`` still parses, unlisted), and the public API
 returns what it ran (``run_job`` a RunRecord, ``check_oom_risk`` an OomRisk).
 
@@ -40,8 +40,8 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.fixture
 def recorded(monkeypatch, tmp_path):
     """Both ways a job can go replaced by recorders: the Jobs API launch and the local sweep."""
+    import kvray.launch.jobs_api
     import kvray.sweep.driver
-    import kvray.sweep.launch
     from kvray.plan.job import load_job
 
     calls: list[tuple] = []
@@ -54,7 +54,7 @@ def recorded(monkeypatch, tmp_path):
         calls.append(("run_job", job.name, address, None, Path(output_dir).name))
         return kvray.sweep.driver.RunRecord(Path(output_dir), {"outcome": "finished"})
 
-    monkeypatch.setattr(kvray.sweep.launch, "launch", fake_launch)
+    monkeypatch.setattr(kvray.launch.jobs_api, "launch", fake_launch)
     monkeypatch.setattr(kvray.sweep.driver, "run_job", fake_run_job)
     monkeypatch.chdir(tmp_path)
     return calls

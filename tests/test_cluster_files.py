@@ -52,7 +52,7 @@ def test_ray_rejects_unknown_top_level_keys_so_kvray_keys_must_stay_in_metadata(
 
 def test_launch_reads_the_heads_ports_from_the_file():
     """`kvray launch --cluster` reaches the dashboard and Ray Client on the ports the head is started with."""
-    from kvray.sweep.cluster_up import head_port
+    from kvray.launch.cluster_up import head_port
 
     local = yaml.safe_load((CLUSTER_DIR / "local.yaml").read_text())
     assert head_port(local, "--dashboard-port", 8265) == 8265
@@ -65,7 +65,7 @@ def test_launch_reads_the_heads_ports_from_the_file():
 
 
 def test_an_ssh_failure_is_said_by_its_cause_line():
-    from kvray.sweep.cluster_up import _ssh_error
+    from kvray.launch.cluster_up import _ssh_error
 
     proxied = "connect to 127.0.0.1 port 4: Connection refused\nkex_exchange_identification: Connection closed by remote host\n"
     assert _ssh_error(proxied, 255) == "connect to 127.0.0.1 port 4: Connection refused"

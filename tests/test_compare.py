@@ -21,11 +21,11 @@ import pytest
 
 from kvray.analysis.compare import FASTER, SAME, SLOWER, UNTESTED, compare_dirs, compare_results
 from kvray.backends import get_backend
-from kvray.bench.runner import run_cell
 from kvray.cli.app import main
 from kvray.data.store import DatasetWriter
 from kvray.measure.metrics import summarize
 from kvray.measure.trace import CellResult, RunTrace
+from kvray.runner.run import run_cell
 from kvray.spec import Cell, Workload, make_options
 
 TTFT_S, TPOT_S, GEN = 0.3, 0.1, 5

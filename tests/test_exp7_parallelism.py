@@ -6,7 +6,6 @@ import pytest
 
 from kvray.analysis.dataset import Dataset
 from kvray.backends import get_backend
-from kvray.bench.runner import run_cell
 from kvray.data.store import DatasetWriter
 from kvray.errors import KvrayInputError
 from kvray.experiments.exp7 import exp7_job
@@ -14,6 +13,7 @@ from kvray.figures.parallelism import stops_paying, tp_figures
 from kvray.plan.experiments import Common
 from kvray.plan.job import load_job
 from kvray.plan.planner import plan_cells
+from kvray.runner.run import run_cell
 
 MODEL = "meta-llama/Llama-3.1-70B"
 

@@ -315,12 +315,12 @@ def test_run_command_ends_with_figures_and_report(ray_session, tmp_path):
 
 
 def test_submit_chooses_local_or_remote_from_the_run_settings(tmp_path, monkeypatch):
-    """kvray/sweep/submit.py: a dashboard URL or a cluster file goes through the Jobs API as a job file;
+    """kvray/launch/submit.py: a dashboard URL or a cluster file goes through the Jobs API as a job file;
     anything else runs here. No Ray starts in this test: both paths are replaced."""
+    import kvray.launch.jobs_api
     import kvray.sweep.driver
-    import kvray.sweep.launch
+    from kvray.launch.submit import RunSettings, submit_job
     from kvray.plan.job import load_job
-    from kvray.sweep.submit import RunSettings, submit_job
 
     assert not any(RunSettings(address=a).remote for a in ("local", "auto", "ray://10.0.0.1:10001"))
     assert RunSettings(address="http://head:8265").remote and RunSettings(cluster="cluster/a100.yaml").remote
@@ -334,7 +334,7 @@ def test_submit_chooses_local_or_remote_from_the_run_settings(tmp_path, monkeypa
         calls.append(("run_job", job.name, output_dir, address, check_oom, progress))
         return kvray.sweep.driver.RunRecord(tmp_path / "here")
 
-    monkeypatch.setattr(kvray.sweep.launch, "launch", fake_launch)
+    monkeypatch.setattr(kvray.launch.jobs_api, "launch", fake_launch)
     monkeypatch.setattr(kvray.sweep.driver, "run_job", fake_run_job)
     job = exp1_job(Common(), 16, 4, [1, 2])
     remote = submit_job(job, RunSettings(address="https://head:8265", check_oom=False))

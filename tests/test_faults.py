@@ -278,9 +278,9 @@ def test_a_stalled_server_times_out_each_request_and_the_row_counts_them(tmp_pat
     cell), its trace says so, and the row's requests_failed / failure_rate count exactly the stalled ones."""
     from servers_fixtures import FakeOpenAIServer, build_tiny_model_dir
 
-    from kvray.backends.openai import OpenAIBackend
-    from kvray.bench.runner import run_cell
+    from kvray.backends.http import OpenAIBackend
     from kvray.data.store import DatasetWriter
+    from kvray.runner.run import run_cell
 
     model_dir = build_tiny_model_dir(tmp_path / "models")
     backend = OpenAIBackend()
@@ -325,8 +325,8 @@ def test_a_slow_server_is_measured_and_times_out_per_request_keeping_the_tokens_
     with a timeout shorter than the stream each request is an error that keeps the tokens that arrived."""
     from servers_fixtures import SLOW_GAP_S, FakeOpenAIServer, build_tiny_model_dir
 
-    from kvray.backends.openai import OpenAIBackend
-    from kvray.bench.runner import run_cell
+    from kvray.backends.http import OpenAIBackend
+    from kvray.runner.run import run_cell
 
     model_dir = build_tiny_model_dir(tmp_path / "models")
     backend = OpenAIBackend()
@@ -410,8 +410,8 @@ def test_a_server_killed_mid_cell_ends_the_cell_with_the_reason_at_once(tmp_path
 
     from servers_fixtures import build_tiny_model_dir, start_transformers_serve
 
-    from kvray.backends.openai import OpenAIBackend
-    from kvray.bench.runner import run_cell
+    from kvray.backends.http import OpenAIBackend
+    from kvray.runner.run import run_cell
 
     model_dir = build_tiny_model_dir(tmp_path / "models")
     server = start_transformers_serve(model_dir, continuous_batching=True)

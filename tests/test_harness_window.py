@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from kvray.backends.base import BackendRun
-from kvray.bench.runner import _memory
 from kvray.measure.trace import CellResult, RunTrace
 from kvray.plan.job import job_from_dict
 from kvray.plan.planner import plan_cells
+from kvray.runner.run import _memory
 from kvray.spec import Cell, Workload
 from kvray.sweep.collector import Collector
 from kvray.sweep.scheduler import Scheduler, Verdict
@@ -136,7 +136,7 @@ def test_activation_peak_subtracts_only_kv_allocated_inside_the_window():
 
 def test_the_runner_announces_the_measured_window_after_warmup_and_closes_it():
     from kvray.backends import get_backend
-    from kvray.bench.runner import run_cell
+    from kvray.runner.run import run_cell
     from kvray.spec import make_options
 
     backend = get_backend("synthetic")

@@ -5,10 +5,10 @@ import torch
 from tiny_models import tiny_config, write_model_dir
 
 from kvray.backends.hf import HFBackend, cache_bytes
-from kvray.bench.runner import run_cell
 from kvray.measure.metrics import request_metrics
 from kvray.model.geometry import geometry_from_config
 from kvray.model.kvmath import cached_positions, kv_bytes_batch
+from kvray.runner.run import run_cell
 from kvray.spec import Cell, RequestSpec, Workload
 
 

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from kvray.backends.hf_paged import HFPagedBackend
-from kvray.bench.runner import run_cell
 from kvray.model.kvmath import kv_bytes_per_token
 from kvray.model.resolve import resolve_geometry
+from kvray.runner.run import run_cell
 from kvray.spec import Cell, Workload, make_options
 
 MODEL = "kvray/tiny-llama"  # 4 layers × 2 KV heads × 64: 4,096 B per token in fp32

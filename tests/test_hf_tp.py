@@ -4,7 +4,7 @@ whole layers over the worker's GPUs, one computing at a time), and the row says 
 from __future__ import annotations
 
 from kvray.backends.hf import HFBackend
-from kvray.bench.runner import run_cell
+from kvray.runner.run import run_cell
 from kvray.spec import Cell, Workload
 
 

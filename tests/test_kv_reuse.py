@@ -16,10 +16,10 @@ import pytest
 from servers_fixtures import build_tiny_model_dir, shared_vllm, shared_vllm_model_dir, vllm_cell
 
 from kvray.backends.vllm import VLLMBackend
-from kvray.bench.runner import run_cell
 from kvray.data.store import DatasetWriter
 from kvray.errors import KvrayInputError
 from kvray.plan.reuse import multi_turn_workload, shared_prefix_workload, turn_of
+from kvray.runner.run import run_cell
 from kvray.sim.reuse import predict_reuse
 from kvray.spec import Cell, Workload, make_options
 
@@ -145,7 +145,7 @@ def test_the_simulator_serves_shared_prefixes_and_chats_with_the_hits_arithmetic
 def test_server_prompts_share_exactly_the_prefix_and_the_history(tmp_path):
     """The openai/vllm prompt text, tokenised by the served model's tokenizer: exact lengths, exactly the shared
     tokens in common (the BOS token is the first of them), unique suffixes, and per-group cache salts."""
-    from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_salt, workload_prompts
+    from kvray.backends.http.prompts import PromptBuilder, load_tokenizer, request_salt, workload_prompts
 
     model_dir = build_tiny_model_dir(tmp_path / "models")
     tok = load_tokenizer(str(model_dir))

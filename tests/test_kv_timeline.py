@@ -7,7 +7,6 @@ Expected values by hand from the KV formula: the tiny Llama caches 2 (K, V) × 4
 from __future__ import annotations
 
 from kvray.backends.base import BackendRun
-from kvray.bench.runner import _memory
 from kvray.measure.kv_timeline import (
     BASIS_ALL_RESIDENT,
     BASIS_TIMELINE,
@@ -19,6 +18,7 @@ from kvray.measure.kv_timeline import (
 )
 from kvray.measure.trace import RunTrace
 from kvray.model.resolve import resolve_geometry
+from kvray.runner.run import _memory
 from kvray.spec import Cell, Workload
 
 G = resolve_geometry("kvray/tiny-llama")

@@ -17,7 +17,7 @@ from kvray.errors import KvrayInputError
 def test_bundled_id_gets_the_offline_word_tokenizer(monkeypatch):
     """kvray/tiny-llama: 4,096 words "w4" … (ids 0–3 <pad> <s> </s> <unk>), BOS 1 in front — with the hub
     unreachable (the discard port), so a lookup there would fail or retry instead of answering at once."""
-    from kvray.backends.openai import load_tokenizer
+    from kvray.backends.http import load_tokenizer
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
@@ -31,7 +31,7 @@ def test_bundled_id_gets_the_offline_word_tokenizer(monkeypatch):
 
 
 def test_unknown_kvray_id_is_one_line_not_a_hub_lookup():
-    from kvray.backends.openai import load_tokenizer
+    from kvray.backends.http import load_tokenizer
 
     with pytest.raises(KvrayInputError, match="not a model kvray bundles.*kvray/tiny-llama"):
         load_tokenizer("kvray/no-such-model")

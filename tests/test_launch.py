@@ -15,13 +15,13 @@ import time
 import pytest
 from ray_fixtures import SIM_JOB
 
-from kvray.sweep.launch import ray_auth_headers
+from kvray.launch.jobs_api import ray_auth_headers
 
 # ``ray_head`` (tests/ray_fixtures.py): the session's head on 127.0.0.1, this virtualenv's Python, 2 CPUs, no GPU
 
 
 def test_pack_and_unpack_round_trip(tmp_path):
-    from kvray.sweep.transfer import pack, unpack
+    from kvray.launch.transfer import pack, unpack
 
     src = tmp_path / "src"
     (src / "figures").mkdir(parents=True)
@@ -47,9 +47,9 @@ def test_a_200_mb_result_comes_home_through_ray_intact(ray_head, tmp_path):
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from kvray.sweep.launch import job_runtime_env, new_holder_name
-    from kvray.sweep.preflight import submit_when_agent_ready
-    from kvray.sweep.transfer import Held, fetch
+    from kvray.launch.jobs_api import job_runtime_env, new_holder_name
+    from kvray.launch.preflight import submit_when_agent_ready
+    from kvray.launch.transfer import Held, fetch
 
     make = (
         "import hashlib, os, json; os.makedirs('big/parts', exist_ok=True); sums = {}\n"
@@ -63,7 +63,7 @@ def test_a_200_mb_result_comes_home_through_ray_intact(ray_head, tmp_path):
     holder = new_holder_name()
     client = JobSubmissionClient(ray_head, headers=ray_auth_headers())
     env = {**job_runtime_env([]), "working_dir": str(tmp_path)}
-    job_id = submit_when_agent_ready(client, entrypoint=f"python make.py && python -m kvray.sweep.transfer hold big {holder}",
+    job_id = submit_when_agent_ready(client, entrypoint=f"python make.py && python -m kvray.launch.transfer hold big {holder}",
                                      runtime_env=env)  # fmt: skip
     deadline = time.monotonic() + 300
     while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -98,15 +98,15 @@ def test_a_200_mb_result_comes_home_through_ray_intact(ray_head, tmp_path):
 def test_a_dataset_that_does_not_add_up_is_not_unpacked(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from kvray.sweep.launch import job_runtime_env, new_holder_name
-    from kvray.sweep.preflight import submit_when_agent_ready
-    from kvray.sweep.transfer import Held, fetch
+    from kvray.launch.jobs_api import job_runtime_env, new_holder_name
+    from kvray.launch.preflight import submit_when_agent_ready
+    from kvray.launch.transfer import Held, fetch
 
     (tmp_path / "small").mkdir()
     (tmp_path / "small" / "cells.jsonl").write_text('{"cell_id": "a"}\n')
     holder = new_holder_name()
     client = JobSubmissionClient(ray_head, headers=ray_auth_headers())
-    job_id = submit_when_agent_ready(client, entrypoint=f"python -m kvray.sweep.transfer hold small {holder} 60",
+    job_id = submit_when_agent_ready(client, entrypoint=f"python -m kvray.launch.transfer hold small {holder} 60",
                                      runtime_env={**job_runtime_env([]), "working_dir": str(tmp_path)})  # fmt: skip
     while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         time.sleep(1)
@@ -166,7 +166,7 @@ def test_launch_rejects_bad_targets(tmp_path):
 
 
 def test_submit_retries_only_while_the_job_agent_is_starting(monkeypatch):
-    from kvray.sweep import preflight
+    from kvray.launch import preflight
 
     monkeypatch.setattr(preflight.time, "sleep", lambda s: None)
 
@@ -206,7 +206,7 @@ def _launch(ray_head, job, out, *extra):
 def test_preflight_reads_the_clusters_python_packages_and_gpus(ray_head):
     from ray.job_submission import JobSubmissionClient
 
-    from kvray.sweep.preflight import DEPENDENCIES, local_versions, probe, unmet
+    from kvray.launch.preflight import DEPENDENCIES, local_versions, probe, unmet
 
     report = probe(JobSubmissionClient(ray_head, headers=ray_auth_headers()))
     assert report.python[:2] == sys.version_info[:2]  # the head runs this virtualenv's Python
@@ -236,7 +236,7 @@ def test_a_job_that_fails_on_the_cluster_shows_its_status_exit_code_and_last_lin
     job = tmp_path / "launch_smoke.yaml"
     job.write_text(SIM_JOB)
     # A clean local job whose remote `kvray run` fails: an option the remote command does not know.
-    from kvray.sweep.launch import RemoteJobError, launch
+    from kvray.launch.jobs_api import RemoteJobError, launch
 
     with pytest.raises(RemoteJobError) as failed:
         launch(str(job), str(tmp_path / "out"), address=ray_head, extra_args=["--no-such-option"], timeout_s=300)
@@ -251,8 +251,8 @@ def test_missing_light_dependencies_are_pinned_into_the_job_or_named_in_one_line
     this machine's versions (what the job was tested with); without provisioning, one line says what to
     install. A missing heavy dependency is never installed by kvray."""
     from kvray.errors import KvrayInputError
+    from kvray.launch.preflight import DEPENDENCIES, ClusterReport, local_versions, pip_packages
     from kvray.plan.job import job_from_dict
-    from kvray.sweep.preflight import DEPENDENCIES, ClusterReport, local_versions, pip_packages
 
     mine = local_versions()
     packages = {**mine, "typer": None, "rich": "12.0.0"}
@@ -279,7 +279,7 @@ def test_without_ray_client_the_dataset_comes_home_through_a_jobs_log(ray_head, 
     from ray_fixtures import free_port
 
     from kvray.data.store import load_dataset
-    from kvray.sweep.launch import launch
+    from kvray.launch.jobs_api import launch
 
     monkeypatch.setenv("RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S", "1")
     monkeypatch.setenv("RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S", "1")
@@ -299,7 +299,7 @@ def test_a_shared_output_path_is_written_by_the_job_itself(ray_head, tmp_path):
     """--shared-output: the head shares this machine's filesystem, so the job's own collector writes the
     folder and nothing is carried home (no actor, no Ray Client)."""
     from kvray.data.store import load_dataset
-    from kvray.sweep.launch import launch
+    from kvray.launch.jobs_api import launch
 
     job = tmp_path / "launch_smoke.yaml"
     job.write_text(SIM_JOB)

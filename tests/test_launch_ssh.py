@@ -345,7 +345,7 @@ def test_launch_brings_up_reuses_and_tears_down(node, tmp_path):
         assert down, _explain(third, node)
         print(f"teardown: {down.group(1)} s")
         _came_home(third, node, tmp_path / "out3", ports["--ray-client-server-port"])
-        from kvray.sweep.cluster_up import _dashboard_answers
+        from kvray.launch.cluster_up import _dashboard_answers
 
         assert not _dashboard_answers(f"http://127.0.0.1:{ports['--dashboard-port']}")
         assert _raylet_pids(node) == [], "--down left a raylet on the node"
@@ -358,7 +358,7 @@ def test_launch_brings_up_reuses_and_tears_down(node, tmp_path):
 def _check_tunnel(node: Node, cluster: Path, ports: dict) -> None:
     """The path a remote head takes (the head here is reached directly): kvray's SSH tunnel from free local ports
     to the head's dashboard and Ray Client ports, with Ray Client answering through it."""
-    from kvray.sweep import cluster_up
+    from kvray.launch import cluster_up
 
     cfg = yaml.safe_load(cluster.read_text())
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(node.token)  # what the launcher would send

@@ -13,14 +13,14 @@ import pytest
 from servers_fixtures import PacedOpenAIServer
 
 from kvray.backends.arrivals import split_chains
-from kvray.backends.openai import OpenAIBackend
+from kvray.backends.http import OpenAIBackend
 from kvray.bench.cell import bench_cell
-from kvray.bench.runner import run_cell
 from kvray.errors import KvrayInputError
 from kvray.measure.serving import client_columns
 from kvray.measure.trace import RunTrace
 from kvray.plan.job import job_from_dict
 from kvray.plan.planner import plan_cells
+from kvray.runner.run import run_cell
 from kvray.spec import Cell, RequestSpec, Workload
 
 FIRST_TOKEN_S = 0.04  # the stub's schedule
@@ -136,7 +136,7 @@ def test_bench_clients_without_ray_installed_is_one_line_exit_2(stub, tokenizer_
 
 
 def test_a_spread_cell_without_ray_joined_fails_saying_so(monkeypatch):
-    from kvray.backends.openai.clients import joined_ray
+    from kvray.backends.http.clients import joined_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(KvrayInputError, match="has not joined Ray"):

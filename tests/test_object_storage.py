@@ -166,12 +166,12 @@ def test_sync_sends_what_changed_once(s3: S3, tmp_path: Path, monkeypatch: pytes
     offsets (the bucket loads exactly the flushed rows); nothing unchanged is sent twice, downloaded files
     included; the final sync sends the rest; a file removed here is removed there."""
     from kvray.backends import get_backend
-    from kvray.bench.runner import run_cell
     from kvray.data import parts
     from kvray.data.location import Stage
     from kvray.data.store import CELLS_JSONL, DatasetWriter
     from kvray.plan.job import job_from_dict
     from kvray.plan.planner import plan_cells
+    from kvray.runner.run import run_cell
 
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
                 "KVRAY_STAGING_DIR"):  # fmt: skip

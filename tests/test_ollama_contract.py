@@ -8,7 +8,7 @@ import pytest
 from servers_fixtures import OllamaContractServer
 
 from kvray.backends.ollama import OllamaBackend
-from kvray.bench.runner import run_cell
+from kvray.runner.run import run_cell
 from kvray.spec import Cell, Workload, make_options
 
 MODEL = "llama3.2:1b"

@@ -12,10 +12,10 @@ from servers_fixtures import DOUBLE_GAP_S, FakeOpenAIServer, build_tiny_model_di
 
 from kvray.backends.hf import HFBackend
 from kvray.backends.hf_paged import HFPagedBackend
-from kvray.backends.openai import Chunk, OpenAIBackend, PromptBuilder, load_tokenizer, token_times
-from kvray.bench.runner import run_cell
+from kvray.backends.http import Chunk, OpenAIBackend, PromptBuilder, load_tokenizer, token_times
 from kvray.data.store import DatasetWriter
 from kvray.measure.metrics import itl_gaps
+from kvray.runner.run import run_cell
 from kvray.servers.process import free_port
 from kvray.spec import Cell, Workload, make_options
 

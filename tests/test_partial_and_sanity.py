@@ -12,11 +12,11 @@ from kvray.analysis.evidence import throughput_plateaus
 from kvray.analysis.findings import SANITY_MARGIN, sanity_warnings
 from kvray.analysis.views import prepare
 from kvray.backends import get_backend
-from kvray.bench.runner import run_cell
 from kvray.data.store import DatasetWriter, load_dataset
 from kvray.experiments import compute_findings
 from kvray.measure.trace import FINAL_STATUSES
 from kvray.report import make_report
+from kvray.runner.run import run_cell
 from kvray.spec import Cell, Workload, make_options
 
 

@@ -239,7 +239,7 @@ def test_energy_panels_appear_where_energy_exists_and_say_tdp_estimate(tmp_path)
     fig6 (d), titled as the estimate (issue 25: never on an axis with measured energy). The row's estimate is TDP ×
     the run's time (first arrival → last token)."""
     from kvray.backends.sim import SimBackend
-    from kvray.bench.runner import run_cell
+    from kvray.runner.run import run_cell
 
     writer = DatasetWriter(tmp_path)
     for gpu in ("H100-SXM", "A100-80GB-SXM"):

@@ -13,8 +13,8 @@ from kvray.backends import backend_class, backend_names, check_cell, get_backend
 from kvray.backends.base import BackendBase
 from kvray.backends.hf import HFBackend
 from kvray.backends.synthetic import SyntheticBackend
-from kvray.bench.runner import MEMORY_KEYS, oom_refusal, run_cell, run_cells
 from kvray.errors import KvrayInputError
+from kvray.runner.run import MEMORY_KEYS, oom_refusal, run_cell, run_cells
 from kvray.spec import Cell, Workload, make_options
 
 
@@ -59,7 +59,7 @@ CHILD = textwrap.dedent(
     import json, resource, sys
     import psutil
     from kvray.backends.hf import HFBackend
-    from kvray.bench.runner import run_cell
+    from kvray.runner.run import run_cell
     from kvray.spec import Cell, Workload
 
     model = sys.argv[1]

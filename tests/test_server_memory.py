@@ -182,8 +182,8 @@ def test_nvml_contract_hidden_per_process_usage_is_unknown_not_zero(tree, monkey
 
 
 def test_the_vllm_backend_declares_a_server_tracker_and_scope():
+    from kvray.backends.http import OpenAIBackend
     from kvray.backends.ollama import OllamaBackend
-    from kvray.backends.openai import OpenAIBackend
     from kvray.backends.vllm import VLLMBackend
 
     vllm = VLLMBackend()

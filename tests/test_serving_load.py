@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from kvray.backends.synthetic import SyntheticBackend
-from kvray.bench.runner import run_cell
-from kvray.bench.saturation import find_saturation
 from kvray.errors import KvrayInputError
 from kvray.plan.loads import DATASETS, arrival_offsets, build_workload, length_params, sample_lengths
+from kvray.runner.run import run_cell
+from kvray.runner.saturation import find_saturation
 from kvray.spec import Cell, LoadSpec, Workload, make_options
 
 TTFT_S, TPOT_S, GEN = 0.02, 0.005, 5

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from kvray.backends.synthetic import SyntheticBackend
-from kvray.bench.runner import run_cell
-from kvray.bench.saturation import at_rate, find_saturation, queue_growth, sustainable
 from kvray.measure.metrics import request_metrics
 from kvray.measure.serving import serving_summary
 from kvray.measure.trace import CellResult, RunTrace
 from kvray.plan.loads import build_workload
+from kvray.runner.run import run_cell
+from kvray.runner.saturation import at_rate, find_saturation, queue_growth, sustainable
 from kvray.spec import Cell, LoadSpec, Workload, make_options
 
 

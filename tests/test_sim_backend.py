@@ -4,9 +4,9 @@ import pytest
 
 from kvray.backends import get_backend
 from kvray.backends.base import Backend
-from kvray.bench.runner import run_cell
 from kvray.model.kvmath import kv_bytes_sequence
 from kvray.model.resolve import resolve_geometry
+from kvray.runner.run import run_cell
 from kvray.sim.simulate import Efficiency, predict_cell
 from kvray.spec import Cell, Workload, make_options
 

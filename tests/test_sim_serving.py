@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import pytest
 
 from kvray.backends import get_backend
-from kvray.bench.runner import run_cell
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import get_gpu
 from kvray.model.resolve import resolve_geometry
+from kvray.runner.run import run_cell
 from kvray.sim.saturation import find_saturation
 from kvray.sim.serving import EngineConfig, PoolTooSmall, serve
 from kvray.sim.simulate import Efficiency

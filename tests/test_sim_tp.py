@@ -10,10 +10,10 @@ import json
 import pytest
 
 from kvray.backends import get_backend
-from kvray.bench.runner import run_cell
 from kvray.cli import main
 from kvray.hardware.gpus import get_gpu
 from kvray.model.resolve import resolve_geometry
+from kvray.runner.run import run_cell
 from kvray.sim.simulate import Efficiency, allreduce_s, predict_cell
 from kvray.spec import Cell, Workload, make_options
 

@@ -14,7 +14,6 @@ import pytest
 from job_files import synthetic_job
 
 from kvray.backends import get_backend
-from kvray.bench.runner import run_cell
 from kvray.data import parts
 from kvray.data.store import (
     CELLS_JSONL,
@@ -27,6 +26,7 @@ from kvray.data.store import (
 )
 from kvray.measure.trace import CellResult
 from kvray.plan.planner import plan_cells
+from kvray.runner.run import run_cell
 
 
 @pytest.fixture(scope="module")

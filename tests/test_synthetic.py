@@ -7,7 +7,7 @@ so every measured latency sits at or above its injected value and within a few t
 import pytest
 
 from kvray.backends import get_backend
-from kvray.bench.runner import run_cell
+from kvray.runner.run import run_cell
 from kvray.spec import Cell, RequestSpec, Workload, make_options
 
 SLACK_S = 0.04  # scheduling slack a busy 2-core machine may add to one sleep

@@ -15,10 +15,10 @@ from kvray.analysis.calibrate import calibrate
 from kvray.analysis.findings import sanity_warnings
 from kvray.analysis.views import ENERGY_TDP_ESTIMATE, prepare, tokens_per_joule
 from kvray.backends.sim import SimBackend
-from kvray.bench.runner import run_cell
 from kvray.data.store import DatasetWriter
 from kvray.hardware.gpus import get_gpu
 from kvray.model.resolve import resolve_geometry
+from kvray.runner.run import run_cell
 from kvray.sim.passes import attention_flops, sequence_step_cost, step_cost
 from kvray.sim.simulate import Efficiency, pass_time_s, roofs_s
 from kvray.spec import Cell, Workload, make_options

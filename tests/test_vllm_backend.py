@@ -16,9 +16,8 @@ from servers_fixtures import VLLM_SERVERS, shared_vllm, shared_vllm_model_dir, v
 
 from kvray.backends.hf import HFBackend
 from kvray.backends.hf_paged import HFPagedBackend
-from kvray.backends.openai import OpenAIBackend
+from kvray.backends.http import OpenAIBackend
 from kvray.backends.vllm import VLLMBackend, vllm_launcher
-from kvray.bench.runner import run_cell
 from kvray.data.store import DatasetWriter, read_results
 from kvray.errors import KvrayInputError
 from kvray.experiments.exp4 import exp4_job
@@ -26,6 +25,7 @@ from kvray.model.kvmath import kv_bytes_per_token
 from kvray.model.resolve import resolve_geometry
 from kvray.plan.experiments import Common
 from kvray.plan.planner import plan_cells
+from kvray.runner.run import run_cell
 from kvray.servers.prometheus import cache_config, kv_snapshot, parse, prefix_cache_counts
 from kvray.spec import Cell, Workload, make_options
 
@@ -135,7 +135,7 @@ def test_the_cell_timeline_has_the_running_gauge_rising_while_its_requests_are_i
 def test_reserved_kv_derived_from_blocks_equals_the_bytes_vllm_reports(vllm, model_dir):
     """On a GPU vLLM publishes kv_cache_memory_bytes="None" (it sizes the pool itself); kvray derives the pool
     from num_gpu_blocks × block_size × bytes per token. The CPU build publishes both: they must agree."""
-    from kvray.backends.openai.backend import reserved_kv_bytes
+    from kvray.backends.http.backend import reserved_kv_bytes
     from kvray.servers.prometheus import used_kv_bytes
 
     cache = cache_config(parse(httpx.get(f"{vllm.server.base_url}/metrics", timeout=10).text))

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 from servers_fixtures import shared_vllm, shared_vllm_model_dir, vllm_test_options
 
-from kvray.bench.runner import run_cell
 from kvray.model.kvmath import kv_bytes_per_token, kv_bytes_per_token_per_gpu
 from kvray.model.resolve import resolve_geometry
+from kvray.runner.run import run_cell
 from kvray.spec import Cell, Workload, make_options
 
 pytestmark = pytest.mark.vllm

@@ -24,7 +24,7 @@ REGISTRY: dict[str, str] = {
     "sim": "kvray.backends.sim:SimBackend",
     "hf-paged": "kvray.backends.hf_paged:HFPagedBackend",
     "vllm": "kvray.backends.vllm:VLLMBackend",
-    "openai": "kvray.backends.openai:OpenAIBackend",
+    "openai": "kvray.backends.http:OpenAIBackend",
     "ollama": "kvray.backends.ollama:OllamaBackend",
 }
 

@@ -1,7 +1,7 @@
 """The backend contract: what the runner uses of a backend (``Backend``), and the base every backend subclasses.
 
 A backend is created once per worker, ``load``s a model once per (model, dtype, weights, device) and
-then ``run``s many request batches. The runner (kvray/bench/runner.py) owns warmup, repeats, memory
+then ``run``s many request batches. The runner (kvray/runner/run.py) owns warmup, repeats, memory
 tracking, OOM handling and metrics, so a backend only turns requests into RunTraces — and declares, here,
 the facts the runner, the planner and the command line need about it, so none of them knows a backend by
 its name:

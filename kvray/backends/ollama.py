@@ -37,10 +37,10 @@ from typing import Any
 
 from kvray.backends.arrivals import ArrivalSchedule, serve_on_schedule
 from kvray.backends.base import BackendBase, BackendRun
-from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_seed
-from kvray.backends.openai.session import ClientSession
-from kvray.backends.openai.settings import check_reachable, root_url
-from kvray.backends.openai.stream import (
+from kvray.backends.http.prompts import PromptBuilder, load_tokenizer, request_seed
+from kvray.backends.http.session import ClientSession
+from kvray.backends.http.settings import check_reachable, root_url
+from kvray.backends.http.stream import (
     Chunk,
     StreamError,
     error_trace,

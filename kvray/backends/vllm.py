@@ -2,7 +2,7 @@
 
 The backend starts ``python -m vllm.entrypoints.openai.api_server`` (or ``vllm serve`` when an executable is
 given) from a configurable interpreter, waits for ``/health`` with a timeout, and hands the requests to the
-OpenAI-compatible backend (``kvray/backends/openai/``) — so vLLM cells go through exactly the metric code
+OpenAI-compatible backend (``kvray/backends/http/``) — so vLLM cells go through exactly the metric code
 every other backend uses. The server keeps running across cells with the same model and knobs (start-up is
 about a minute even for a tiny model) and is stopped when the knobs change or the backend closes.
 
@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from kvray.backends.base import BackendBase, BackendRun
+from kvray.backends.http import HTTPSettings, OpenAIBackend
 from kvray.backends.kv_reuse import ReuseAccount
-from kvray.backends.openai import HTTPSettings, OpenAIBackend
 from kvray.errors import KvrayInputError
 from kvray.hardware.devices import resolve_device
 from kvray.servers.prometheus import cache_dtype

@@ -44,7 +44,7 @@ def bench_cell(
 ) -> Cell:
     """The Cell ``kvray bench`` measures: ``concurrency`` equal requests, or one request per ``mixed`` prompt
     length, on ``backend``; validated whole (the backend's own checks included) and returned as it will run.
-    ``clients`` > 1 (server backends) sends the load from that many Ray actors (kvray/backends/openai/clients.py)."""
+    ``clients`` > 1 (server backends) sends the load from that many Ray actors (kvray/backends/http/clients.py)."""
     from kvray.backends import backend_class, check_clients
     from kvray.model.kvmath import normalize_dtype
     from kvray.model.resolve import resolve_geometry
@@ -208,9 +208,9 @@ def measure_and_record(cell: Cell, output_dir: str | Path, check_oom: bool = Tru
     ``output_dir`` and write ``cell_<id>.json`` beside it. The folder must not hold the cell's row already
     unless ``replace`` (checked before the model loads: ``check_output``)."""
     from kvray.backends import get_backend
-    from kvray.bench.runner import run_cell
-    from kvray.bench.saturation import is_search, run_search
     from kvray.data.store import DatasetWriter, drop_row, write_json_atomic
+    from kvray.runner.run import run_cell
+    from kvray.runner.saturation import is_search, run_search
 
     check_output(cell, output_dir, replace)
     out_dir = Path(output_dir)

@@ -34,8 +34,8 @@ from kvray.experiments.options import VllmPythonOpt as VllmPythonOpt
 from kvray.experiments.options import server_options as server_options
 
 if TYPE_CHECKING:
+    from kvray.launch.submit import RunSettings
     from kvray.plan.experiments import Common
-    from kvray.sweep.submit import RunSettings
 
 # --- option types shared by several commands ----------------------------------------------------------
 
@@ -260,7 +260,7 @@ class ExperimentFlags:
 
     def run_settings(self) -> RunSettings:
         """Where the job runs and where its dataset goes."""
-        from kvray.sweep.submit import RunSettings
+        from kvray.launch.submit import RunSettings
 
         return RunSettings(output_dir=self.output_folder, address=self.address, cluster=self.cluster,
                            check_oom=not self.no_check_oom, progress=self.progress)  # fmt: skip

@@ -24,8 +24,8 @@ from kvray.errors import KvrayInputError
 
 if TYPE_CHECKING:
     from kvray.experiments import Experiment
+    from kvray.launch.submit import RunSettings
     from kvray.plan.job import Job
-    from kvray.sweep.submit import RunSettings
 
 
 def make_all_after_run(output_dir: str | Path, shown: str | None = None) -> None:
@@ -72,8 +72,8 @@ def run(
 
     from kvray.data.location import is_uri, output_folder
     from kvray.data.status import default_output_dir
+    from kvray.launch.submit import RunSettings
     from kvray.plan.job import load_job
-    from kvray.sweep.submit import RunSettings
 
     job = load_job(job_file)  # a bad file is one line, before Ray starts
     settings = RunSettings(address=address, cluster=cluster, check_oom=check_oom, resume=resume, dashboard=dashboard)
@@ -88,11 +88,11 @@ def run(
 
 
 def _run_into(job: Job, job_file: str, settings: RunSettings, shown: str, no_plots: bool) -> int:
-    """The job through kvray/sweep/submit.py (here or on a remote cluster), then its counts, figures, report."""
+    """The job through kvray/launch/submit.py (here or on a remote cluster), then its counts, figures, report."""
     from kvray.data.store import read_results
+    from kvray.launch.remote import RemoteJobError
+    from kvray.launch.submit import submit_job
     from kvray.sweep import SweepError, status_counts
-    from kvray.sweep.remote import RemoteJobError
-    from kvray.sweep.submit import submit_job
 
     try:
         record = submit_job(job, settings, job_file=job_file, log=sys.stdout.write, notice=render.note)
@@ -150,9 +150,9 @@ def launch(
     http://…`` with the remote-only flags)."""
     from kvray.data.location import is_uri, output_folder
     from kvray.data.status import default_output_dir
+    from kvray.launch.remote import RemoteJobError
+    from kvray.launch.submit import RunSettings, is_dashboard_url, submit_job
     from kvray.plan.job import load_job
-    from kvray.sweep.remote import RemoteJobError
-    from kvray.sweep.submit import RunSettings, is_dashboard_url, submit_job
 
     spec = load_job(job)  # a bad job file is one line, before any cluster is touched
     if bool(address) == bool(cluster):
@@ -198,7 +198,7 @@ def launch(
 
 def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = None) -> None:
     """Dry run: the cells and their predicted memory. Otherwise: the job on Ray here or on a remote cluster
-    (kvray/sweep/submit.py chooses), a line of counts, then figures and report."""
+    (kvray/launch/submit.py chooses), a line of counts, then figures and report."""
     flags.output_folder  # noqa: B018 — --output and its old name naming two folders: one line, before anything
     for text in notes or []:
         render.note(text)
@@ -219,9 +219,9 @@ def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = N
     from dataclasses import replace
 
     from kvray.data.location import is_uri, output_folder
+    from kvray.launch.jobs_api import RemoteJobError
+    from kvray.launch.submit import submit_job
     from kvray.sweep import status_counts
-    from kvray.sweep.launch import RemoteJobError
-    from kvray.sweep.submit import submit_job
 
     settings = flags.run_settings()
     remote = flags.output_folder if is_uri(flags.output_folder) else None

@@ -5,7 +5,7 @@ Layout of an output folder:
                    fsync'ed; folders written before kvray 0.x's issue #18 hold the traces inline, and still load
   traces.jsonl     one line per cell: {"cell_id", "traces": [RunTrace.to_dict()…]}, appended (fsync'ed) before
                    the cell's row; the last line per cell_id wins (a rerun of a cell whose row never landed)
-  timeline.jsonl   one line per cell: its telemetry and engine samples as columns (kvray/bench/timeline.py),
+  timeline.jsonl   one line per cell: its telemetry and engine samples as columns (kvray/runner/timeline.py),
                    appended (fsync'ed) before the cell's row; the last line per cell_id wins
   parts/           the flat tables in Parquet row groups of the rows appended since the previous part
                    (kvray/data/parts.py): what ``load_dataset`` reads, so a 10,000-cell folder loads in seconds
@@ -88,11 +88,11 @@ LABEL_COLUMNS = (
 PLACEMENT_COLUMNS = ("device", "hardware_requested", "accelerator_type", "node_id", "started_at", "parallelism")
 # Text that says what a number measured: TTFT's clock, the process the memory columns describe.
 BASIS_COLUMNS = ("ttft_basis", "memory_scope")
-# Text that says what load a cell served (kvray/measure/serving.py, kvray/bench/saturation.py).
+# Text that says what load a cell served (kvray/measure/serving.py, kvray/runner/saturation.py).
 SERVING_TEXT_COLUMNS = (
     "load", "slo", "lengths", "gen_toks_list", "probe_offered_rps", "probe_offered_rps_realised", "probe_achieved_rps",
     "search_stopped",
-    "client_lag_s_p99_by_client", "client_requests_by_client",  # K client actors (kvray/backends/openai/clients.py)
+    "client_lag_s_p99_by_client", "client_requests_by_client",  # K client actors (kvray/backends/http/clients.py)
 )  # fmt: skip
 TEXT_COLUMNS = LABEL_COLUMNS + PLACEMENT_COLUMNS + BASIS_COLUMNS + ENERGY_TEXT_COLUMNS + SERVING_TEXT_COLUMNS
 

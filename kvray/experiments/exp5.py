@@ -4,7 +4,7 @@ user, kvray/figures/serving.py); its section tabulates the highest goodput per c
 
 The pieces it runs on are general and live in their stages: the loads and SLOs a job file parses
 (kvray/plan/loads.py), the open/closed-loop clients (kvray/backends/arrivals.py), the steady-state window
-(kvray/measure/serving.py) and the saturation search (kvray/bench/saturation.py).
+(kvray/measure/serving.py) and the saturation search (kvray/runner/saturation.py).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 SERVING_FIGURES = ("fig11_latency_vs_throughput", "fig12_pareto")
 SERVING_LOADS = ("closed", "poisson", "gamma", "constant")
-FOLLOW_FRACTION = 0.90  # kvray/bench/saturation.py's: achieved ≥ this × offered is "following"
+FOLLOW_FRACTION = 0.90  # kvray/runner/saturation.py's: achieved ≥ this × offered is "following"
 SLO_PANELS = (("ttft", "ttft_ms", "TTFT"), ("tpot", "tpot_ms", "TPOT"))
 BEHIND_COLOR = "#C0392B"
 

@@ -26,7 +26,7 @@ from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec
 
 HOST_NAME = "cpu-host"  # the simulator's name for this machine's CPU; rows say hardware "cpu"
-CPU_HARDWARE_NAMES = ("cpu",)  # what a CPU row's hardware column holds (kvray/bench/runner.py)
+CPU_HARDWARE_NAMES = ("cpu",)  # what a CPU row's hardware column holds (kvray/runner/run.py)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ choosing by end time keeps the fast requests and drops the slow ones exactly whe
                  whose p99 lag exceeds ``lag_limit_s`` — 10 % of the mean gap between arrivals, within
                  [10 ms, 50 ms] — did not offer the rate it claims, and its row says so (``client_behind``)
 
-Spread over K client actors (a cell's ``clients``, kvray/backends/openai/clients.py), each trace knows its client
+Spread over K client actors (a cell's ``clients``, kvray/backends/http/clients.py), each trace knows its client
 and the run its clocks; ``client_columns`` adds per-client lag p99 (so one overloaded client shows even when the
 pooled p99 hides it) and how well the clients' clocks were tied to the caller's.
 

@@ -50,7 +50,7 @@ class RunTrace:
     # Prompt tokens the engine served from its prefix cache for this request (vLLM's usage.prompt_tokens_details.
     # cached_tokens, with --enable-prompt-tokens-details); None where the engine does not say.
     cached_prompt_toks: int | None = None
-    # Which of the cell's client actors sent the request (0 … clients − 1; kvray/backends/openai/clients.py), its
+    # Which of the cell's client actors sent the request (0 … clients − 1; kvray/backends/http/clients.py), its
     # times already moved onto the caller's clock; None when the cell's client side was this one process.
     client: int | None = None
 

@@ -97,7 +97,7 @@ class Job:
     device: str = "auto"
     hardware: str | list[str] = "any"  # "any" | "each" | accelerator types (sim: GPU names)
     tensor_parallel: list[int] = field(default_factory=lambda: [1])  # TP degrees: each cell once per degree
-    clients: int = 1  # server backends: Ray actors each cell's load is sent from (kvray/backends/openai/clients.py)
+    clients: int = 1  # server backends: Ray actors each cell's load is sent from (kvray/backends/http/clients.py)
     warmup: int = 1
     repeats: int = 3
     experiment: str = ""
@@ -477,7 +477,7 @@ def _loads(c: _Checker, key: str, value: Any, concurrency: tuple[int, ...]) -> t
     if "rate" in m and "rates" in m:
         raise c.fail(f"{key}.rates", "give rate or rates, not both")
     raw = m.get("rates", m.get("rate"))
-    rates: list[float | str | None] = [None]  # "auto": a saturation search (kvray/bench/saturation.py)
+    rates: list[float | str | None] = [None]  # "auto": a saturation search (kvray/runner/saturation.py)
     if raw is not None:
         rates = [
             r if r == "auto" else c.number(f"{key}.rates[{i}]", r, 0.0, strict=True)

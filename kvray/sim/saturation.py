@@ -16,7 +16,7 @@ requests in flight at the window's ends, and the wait test keeps that noise from
 The **knee** is the highest sustainable offered rate, reported as the rate that probe's arrivals realised over its
 window (``knee_rps`` = its ``sent_rps``, the rate the verdict judged achieved against; the rate the search asked
 for is ``knee_rps_nominal``), and the **saturation rate** the highest achieved rate any probe measured (the names
-kvray/bench/saturation.py gives the measured search). The knee is found by doubling from
+kvray/runner/saturation.py gives the measured search). The knee is found by doubling from
 1 / single-request service time (a serial engine's capacity, a lower bound for any batching engine) until a
 probe is not sustainable, then by geometric bisection until hi / lo ≤ 1 + ``precision``. So the knee lies in
 [μ (1 − precision), μ / follow] for a deterministic (constant-rate, fixed-length) load.
@@ -224,7 +224,7 @@ def find_saturation(g: ModelGeometry, gpu: GpuSpec, mix: Sequence[tuple[int, int
 
 def knee_search(sustainable: Callable[[float], bool], start: float, precision: float,
                 max_steps: int | None = None) -> tuple[float | None, float | None]:  # fmt: skip
-    """The bracketing search both the simulator and ``kvray bench --rate auto`` run (kvray/bench/saturation.py).
+    """The bracketing search both the simulator and ``kvray bench --rate auto`` run (kvray/runner/saturation.py).
 
     Steps from ``start`` by factors of 2 (up while sustainable, down while not) to a (sustainable, not
     sustainable) pair, then bisects in log space until they are within ``1 + precision``. Returns (lo, hi):

@@ -1,4 +1,4 @@
-"""Everything that touches Ray: the scheduler, worker pool and driver of a sweep, the collector, placement, launch.
+"""Everything that touches Ray in a local or joined sweep: the scheduler, worker pool and driver, the collector, placement.
 
     from kvray.sweep import run_job, status_counts, last_run
 

@@ -67,7 +67,7 @@ class RunRecord:
     """What a run of a job did: where its dataset is and the manifest's record of this run (its ``runs`` entry:
     ``outcome``, ``cells_to_run``, ``cells_already_done``, ``statuses_this_run``, ``wall_s``, ``workers`` …).
 
-    ``run_job`` returns one; so does ``kvray.sweep.submit.submit_job``, which for a job run on a remote cluster
+    ``run_job`` returns one; so does ``kvray.launch.submit.submit_job``, which for a job run on a remote cluster
     fills ``remote_status`` (the Jobs API's final status) and ``files`` (what came home, or what the job wrote to
     object storage itself — then ``output_dir`` is that URI and ``run`` is empty: the manifest stayed there)."""
 

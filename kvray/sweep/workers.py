@@ -1,6 +1,6 @@
 """The worker actor: one per GPU (or a few on a CPU-only machine), holding its backend and loaded model.
 
-A worker runs the cells the driver hands it, one at a time, through ``kvray.bench.runner.run_cell`` (which never
+A worker runs the cells the driver hands it, one at a time, through ``kvray.runner.run.run_cell`` (which never
 raises for a cell's own failure), stamps the result with its hardware identity (the backend's
 ``device_info`` plus Ray node id and accelerator type) and sends it to the collector, waiting for the
 acknowledgement so a result the driver counts as done is on disk. It counts real model loads per model,
@@ -159,8 +159,8 @@ class Worker:
         It also imports what every cell needs (the runner pulls in numpy: ~0.4 s quiet, seconds on a loaded
         node), so a fresh worker's first cell is not charged its imports against ``cell_timeout_s``.
         """
-        import kvray.bench.runner  # noqa: F401
-        import kvray.bench.saturation  # noqa: F401
+        import kvray.runner.run  # noqa: F401
+        import kvray.runner.saturation  # noqa: F401
         from kvray.hardware.env import collect_environment
 
         ray = import_ray()
@@ -186,9 +186,9 @@ class Worker:
 
     def run(self, cell: Cell | dict[str, Any]) -> dict[str, Any]:
         """Run one cell, hand its result to the collector, return a short summary for the driver."""
-        from kvray.bench.runner import run_cell
-        from kvray.bench.saturation import is_search, run_search
         from kvray.measure.trace import CellResult
+        from kvray.runner.run import run_cell
+        from kvray.runner.saturation import is_search, run_search
 
         cell = cell if isinstance(cell, Cell) else Cell.from_dict(cell)
         try:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from kvray.data.location import is_uri
 from kvray.errors import KvrayInputError
-from kvray.sweep.remote import RAY_CLIENT_PORT
+from kvray.launch.remote import RAY_CLIENT_PORT
 
 if TYPE_CHECKING:
     from kvray.plan.job import Job
@@ -93,7 +93,7 @@ def submit_job(
         )
     import tempfile
 
-    from kvray.sweep.launch import launch
+    from kvray.launch.jobs_api import launch
 
     out = str(settings.output_dir or default_output_dir(job))
     extra = [] if settings.check_oom else ["--no-check-oom"]  # launch adds --no-plots itself

@@ -293,7 +293,7 @@ def run_search(
     import time
     from datetime import UTC, datetime
 
-    from kvray.bench.runner import run_cell
+    from kvray.runner.run import run_cell
 
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()

@@ -47,8 +47,8 @@ from typing import Any
 
 from kvray.backends.arrivals import split_chains
 from kvray.backends.base import BackendRun
-from kvray.backends.openai.prompts import counter_json, workload_prompts
-from kvray.backends.openai.settings import HTTPSettings
+from kvray.backends.http.prompts import counter_json, workload_prompts
+from kvray.backends.http.settings import HTTPSettings
 from kvray.errors import KvrayInputError
 from kvray.measure.trace import RunTrace
 from kvray.spec import Cell, RequestSpec
@@ -92,7 +92,7 @@ class LoadClient:
     def __init__(self, backend_class: type, settings: HTTPSettings, model: str, counter: str | None) -> None:
         self.backend = backend_class()
         if counter is not None:  # the caller's fast tokenizer core: enough to read streams, no transformers here
-            from kvray.backends.openai.prompts import TokenCounter
+            from kvray.backends.http.prompts import TokenCounter
 
             self.backend.configure_sender(settings, TokenCounter(counter))
         else:  # a tokenizer without one: loaded here, as the caller did

@@ -1,6 +1,6 @@
 """One cell's timeline: the telemetry sampler around its measured repeats, the engine's own gauges, energy.
 
-The runner (kvray/bench/runner.py) opens a ``CellTelemetry`` around the measured repeats, marks each repeat as
+The runner (kvray/runner/run.py) opens a ``CellTelemetry`` around the measured repeats, marks each repeat as
 it starts, and ``attach``es the result: ``extra["timeline"]`` (columns repeat, t_s, source, metric, value —
 the dataset writes them to timeline.parquet, not to cells.jsonl) and ``extra["energy"]`` (the energy columns
 of the row). What is sampled comes from the backend's contract (``telemetry_sources``: which GPUs, which

@@ -8,7 +8,7 @@ Two ways to reach a cluster:
 
 The job ships the job file (working_dir) and this kvray package (py_modules). Its entrypoint runs
 `kvray run` on the cluster and then hands the output folder to a detached actor; the launcher pulls it home in
-chunks over Ray Client (kvray/sweep/transfer.py), so no shared filesystem, object store or log channel is
+chunks over Ray Client (kvray/launch/transfer.py), so no shared filesystem, object store or log channel is
 needed for results of any size.
 
 Credentials come from the environment only: the Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
@@ -30,7 +30,7 @@ from typing import Any
 
 from kvray.data.location import is_uri
 from kvray.errors import KvrayInputError
-from kvray.sweep.remote import RAY_CLIENT_PORT, RemoteJobError, ray_auth_headers
+from kvray.launch.remote import RAY_CLIENT_PORT, RemoteJobError, ray_auth_headers
 from kvray.units import first_line
 
 FORWARDED_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -42,7 +42,7 @@ REMOTE_OUTPUT = "kvray-output"
 
 def entrypoint(job_name: str, extra_args: list[str], holder: str, output: str = "") -> str:
     """The shell command the cluster runs: the sweep, then its folder handed to the detached actor ``holder``
-    (kvray/sweep/transfer.py) whatever the sweep's exit status, so a failed sweep's rows still come home.
+    (kvray/launch/transfer.py) whatever the sweep's exit status, so a failed sweep's rows still come home.
     Without a holder the sweep writes straight to ``output`` (object storage, a shared filesystem).
 
     Jobs with the same job file share one working directory on the head (Ray keys it by the package's hash), so
@@ -64,14 +64,14 @@ def entrypoint(job_name: str, extra_args: list[str], holder: str, output: str = 
     ]  # --no-plots: figures are drawn locally, from the dataset that comes back
     if not holder:
         return shlex.join(run)
-    hold = ["python", "-m", "kvray.sweep.transfer", "hold", output, holder]
+    hold = ["python", "-m", "kvray.launch.transfer", "hold", output, holder]
     out = shlex.quote(output)
     return f"{shlex.join(run)}; status=$?; [ -d {out} ] && {shlex.join(hold)} && rm -rf {out}; exit $status"
 
 
 def log_tail(logs: str, lines: int = 15) -> str:
     """The last ``lines`` lines of a job's log, without kvray's dataset marker."""
-    from kvray.sweep.transfer import HELD
+    from kvray.launch.transfer import HELD
 
     kept = [ln for ln in logs.rstrip().splitlines() if ln.strip() and not ln.startswith(HELD)][-lines:]
     return "\n".join(f"  | {ln}" for ln in kept) or "  | (the job printed nothing)"
@@ -96,8 +96,8 @@ def submit(
     RemoteJobError says so."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from kvray.launch.preflight import pip_packages, probe, submit_when_agent_ready
     from kvray.plan.job import load_job
-    from kvray.sweep.preflight import pip_packages, probe, submit_when_agent_ready
 
     job_path = Path(job_file)
     try:
@@ -165,7 +165,7 @@ def new_holder_name() -> str:
 def bring_home(address: str, held: Any, output: str, client_port: int, log: Any = None) -> list[str]:
     """The held dataset into ``output``: over Ray Client when it connects, else through a small job that prints
     it into its log (said, with the reason: that channel is for small results)."""
-    from kvray.sweep import transfer
+    from kvray.launch import transfer
 
     say = log or (lambda text: None)
     started = time.monotonic()
@@ -179,12 +179,12 @@ def bring_home(address: str, held: Any, output: str, client_port: int, log: Any 
             f"(open port {client_port} to the head for large results)\n")  # fmt: skip
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from kvray.sweep.preflight import submit_when_agent_ready
+    from kvray.launch.preflight import submit_when_agent_ready
 
     client = JobSubmissionClient(address, headers=ray_auth_headers())
     job_id = submit_when_agent_ready(
         client,
-        entrypoint=shlex.join(["python", "-m", "kvray.sweep.transfer", "emit", held.actor]),
+        entrypoint=shlex.join(["python", "-m", "kvray.launch.transfer", "emit", held.actor]),
         runtime_env=job_runtime_env([]),
         metadata={"kvray_fetch": held.actor},
     )
@@ -252,7 +252,7 @@ def launch(
         raise KvrayInputError("give exactly one of --address http://HOST:8265 or --cluster FILE.yaml")
     tunnel = None
     if cluster:
-        from kvray.sweep.cluster_up import ClusterError, bring_up, tear_down
+        from kvray.launch.cluster_up import ClusterError, bring_up, tear_down
 
         try:
             address, ray_client_port, tunnel = bring_up(cluster, log, ray_client_port)
@@ -264,7 +264,7 @@ def launch(
     if not address.startswith(("http://", "https://")):
         raise KvrayInputError(f"--address must be the dashboard's http(s)://HOST:8265 URL, got {address!r}")
     try:
-        from kvray.sweep.transfer import Held
+        from kvray.launch.transfer import Held
 
         direct = shared_output or is_uri(output)
         if direct:
@@ -304,7 +304,7 @@ def launch(
             tunnel.terminate()
             tunnel.wait()
         if cluster and down:  # a failure here is raised only when nothing else failed first
-            from kvray.sweep.cluster_up import tear_down
+            from kvray.launch.cluster_up import tear_down
 
             tear_down(cluster, log, raise_errors=sys.exc_info()[0] is None)
     return status, files

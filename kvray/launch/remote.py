@@ -1,5 +1,5 @@
 """What every path to a remote Ray cluster shares: its token, its default Ray Client port, and the error a
-remote failure is (kvray/sweep/launch.py submits jobs, kvray/sweep/cluster_up.py brings clusters up)."""
+remote failure is (kvray/launch/jobs_api.py submits jobs, kvray/launch/cluster_up.py brings clusters up)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Every request of the workload is sent at its arrival offset and stays in flight until its stream ends, so
 the cell's concurrency is the number of requests in flight (asyncio + httpx, one connection each).
-The package docstring (kvray/backends/openai/__init__.py) gives token accounting, flavors and options.
+The package docstring (kvray/backends/http/__init__.py) gives token accounting, flavors and options.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any, Protocol
 
 from kvray.backends.arrivals import ArrivalSchedule, serve_on_schedule
 from kvray.backends.base import BackendBase, BackendRun
-from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_salt, request_seed, workload_prompts
-from kvray.backends.openai.session import ClientSession
-from kvray.backends.openai.settings import HTTPSettings, check_reachable
-from kvray.backends.openai.stream import (
+from kvray.backends.http.prompts import PromptBuilder, load_tokenizer, request_salt, request_seed, workload_prompts
+from kvray.backends.http.session import ClientSession
+from kvray.backends.http.settings import HTTPSettings, check_reachable
+from kvray.backends.http.stream import (
     Chunk,
     chunk_content,
     error_trace,
@@ -151,7 +151,7 @@ class OpenAIBackend(BackendBase):
         if self.settings is None:
             self.load(cell)
         if cell.clients > 1:  # the client side spread over Ray actors (clients.py)
-            from kvray.backends.openai.clients import run_spread
+            from kvray.backends.http.clients import run_spread
 
             return run_spread(self, cell, requests, repeat)
         return self.session.run(self.run_async(cell, requests, repeat))

@@ -2,7 +2,7 @@
 its dashboard and Ray Client ports, and tear it down on `--down` — for a cloud file (AWS) and an on-premise one
 (`provider: type: local`, boxes by address over SSH) alike, through Ray's own autoscaler SDK.
 
-Kept apart from kvray/sweep/launch.py (the Jobs API side), which calls :func:`bring_up` and :func:`tear_down`.
+Kept apart from kvray/launch/jobs_api.py (the Jobs API side), which calls :func:`bring_up` and :func:`tear_down`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
-from kvray.sweep.remote import RAY_CLIENT_PORT, RemoteJobError, ray_auth_headers
+from kvray.launch.remote import RAY_CLIENT_PORT, RemoteJobError, ray_auth_headers
 from kvray.units import first_line
 
 

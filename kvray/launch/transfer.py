@@ -151,7 +151,7 @@ def fetch(address: str, held: Held, out_dir: str | Path, timeout_s: float = 60.0
     import subprocess
 
     child = subprocess.run(
-        [sys.executable, "-m", "kvray.sweep.transfer", "fetch", address, held.marker(), str(out_dir), str(timeout_s)],
+        [sys.executable, "-m", "kvray.launch.transfer", "fetch", address, held.marker(), str(out_dir), str(timeout_s)],
         capture_output=True, text=True,
     )  # fmt: skip
     last = (child.stderr.strip().splitlines() or [f"exit code {child.returncode}"])[-1]
@@ -254,7 +254,7 @@ def unpack_logs(logs: str, out_dir: str | Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m kvray.sweep.transfer hold DIR NAME [TTL_S]`` (after the sweep, on the cluster) or
+    """``python -m kvray.launch.transfer hold DIR NAME [TTL_S]`` (after the sweep, on the cluster) or
     ``… emit NAME`` (the fallback job)."""
     if len(argv) >= 3 and argv[0] == "hold":
         if not Path(argv[1]).is_dir():
@@ -278,7 +278,7 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "emit":
         emit(argv[1])
         return 0
-    print("usage: python -m kvray.sweep.transfer hold DIR NAME [TTL_S] | emit NAME | fetch ADDRESS MARKER DIR TIMEOUT_S",
+    print("usage: python -m kvray.launch.transfer hold DIR NAME [TTL_S] | emit NAME | fetch ADDRESS MARKER DIR TIMEOUT_S",
           file=sys.stderr)  # fmt: skip
     return 2
 

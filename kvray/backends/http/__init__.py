@@ -1,4 +1,5 @@
-"""The openai backend: any OpenAI-compatible server over HTTP, streamed ``/v1/completions`` or
+"""The HTTP streaming layer every served engine goes through — vLLM's and transformers' servers, Ollama, any
+OpenAI-compatible server — and the ``openai`` backend built on it: streamed ``/v1/completions`` or
 ``/v1/chat/completions``.
 
 Every request of the workload is sent at its arrival offset and stays in flight until its stream ends, so
@@ -43,10 +44,10 @@ ollama), ``stream`` (timed lines, SSE events, token times, failure reasons; shar
 caller's clock). The names below are the package's public API.
 """
 
-from kvray.backends.openai.backend import OpenAIBackend, predicted_paged_bytes
-from kvray.backends.openai.prompts import PromptBuilder, load_tokenizer, request_seed
-from kvray.backends.openai.settings import ENDPOINTS, FLAVORS, HTTPSettings, root_url
-from kvray.backends.openai.stream import Chunk, StreamError, chunk_content, parse_event, token_times
+from kvray.backends.http.backend import OpenAIBackend, predicted_paged_bytes
+from kvray.backends.http.prompts import PromptBuilder, load_tokenizer, request_seed
+from kvray.backends.http.settings import ENDPOINTS, FLAVORS, HTTPSettings, root_url
+from kvray.backends.http.stream import Chunk, StreamError, chunk_content, parse_event, token_times
 
 __all__ = [
     "ENDPOINTS",
