@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.budget_s)
     import torch
 
-    from kvray.data.store import DatasetWriter
+    from kvray.data.writer import DatasetWriter
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     out = Path(args.out) / ("gpu-check-smoke" if args.smoke else "gpu-check")

@@ -67,7 +67,7 @@ def main() -> None:
     ray = import_ray()  # first: kvray's Ray settings (no `uv run` runtime env in the workers)
     from ray.cluster_utils import Cluster
 
-    from kvray.data.store import load_dataset, read_results
+    from kvray.data.reader import load_dataset, read_results
     from kvray.plan.planner import plan_cells
     from kvray.sweep import last_run, run_job
 

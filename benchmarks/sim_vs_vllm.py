@@ -87,7 +87,7 @@ def engine_settings(log_path: Path) -> dict[str, Any]:
 def measure(out: Path, requests: int, concurrencies: tuple[int, ...] = CONCURRENCIES) -> dict[str, Any]:
     """Host peaks, then one server: the bursts and the saturation search, every row into ``out``."""
     from kvray.backends.vllm import VLLMBackend
-    from kvray.data.store import DatasetWriter
+    from kvray.data.writer import DatasetWriter
     from kvray.hardware.host import measure_host
     from kvray.plan.loads import build_workload
     from kvray.runner.run import run_cell

@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from kvray.backends import get_backend
-    from kvray.data.store import read_results
+    from kvray.data.reader import read_results
     from kvray.plan.planner import plan_cells
     from kvray.runner.run import run_cells
     from kvray.sweep import last_run, run_job, start_local_ray

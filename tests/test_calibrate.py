@@ -7,7 +7,7 @@ import pytest
 
 from kvray.analysis.calibrate import calibrate
 from kvray.backends.sim import SimBackend
-from kvray.data.store import DatasetWriter
+from kvray.data.writer import DatasetWriter
 from kvray.errors import KvrayInputError
 from kvray.model.resolve import resolve_geometry
 from kvray.runner.run import run_cell

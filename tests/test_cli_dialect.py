@@ -104,7 +104,7 @@ def test_launch_takes_only_a_dashboard_url_and_run_refuses_a_remote_dashboard(re
 
 def test_run_inprocess_runs_a_synthetic_job_end_to_end_without_ray(tmp_path, monkeypatch, capsys):
     from kvray.data.manifest import last_run
-    from kvray.data.store import read_results
+    from kvray.data.reader import read_results
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails: inprocess must never need it
     job_file = write_job_file(tmp_path, "e2e", grid={"prompt_toks": [8, 16], "gen_toks": [3], "concurrency": [1, 2]})

@@ -75,7 +75,7 @@ def _run(tmp_path, hardware: str) -> dict:
 def test_each_runs_every_cell_on_every_gpu_type_and_rows_line_up(tmp_path):
     outcome = _run(tmp_path, "each")
     assert outcome["ok"], outcome
-    from kvray.data.store import load_dataset
+    from kvray.data.reader import load_dataset
 
     cells, _, manifest = load_dataset(tmp_path / "out")
     assert len(cells) == 8 and cells["cell_id"].is_unique and set(cells["status"]) == {"ok"}

@@ -22,7 +22,7 @@ import pytest
 from kvray.analysis.compare import FASTER, SAME, SLOWER, UNTESTED, compare_dirs, compare_results
 from kvray.backends import get_backend
 from kvray.cli.app import main
-from kvray.data.store import DatasetWriter
+from kvray.data.writer import DatasetWriter
 from kvray.measure.metrics import summarize
 from kvray.measure.trace import CellResult, RunTrace
 from kvray.runner.run import run_cell

@@ -57,7 +57,7 @@ def test_exp5_job_file_plans_what_the_command_plans():
 
 
 def test_exp5_on_sim_leaves_rows_figures_and_a_serving_section(exp5_folder):
-    from kvray.data.store import load_dataset
+    from kvray.data.reader import load_dataset
 
     cells, _, _ = load_dataset(exp5_folder)
     searches = cells[cells["knee_rps"].notna()].set_index("hardware")
@@ -83,7 +83,7 @@ def test_exp5_on_sim_leaves_rows_figures_and_a_serving_section(exp5_folder):
 
 
 def test_fig11_marks_each_knee_and_says_its_counts(exp5_folder, tmp_path):
-    from kvray.data.store import load_dataset
+    from kvray.data.reader import load_dataset
     from kvray.figures.serving import fig11_latency_vs_throughput, fig12_pareto
 
     cells, _, _ = load_dataset(exp5_folder)
@@ -100,7 +100,7 @@ def test_fig11_marks_each_knee_and_says_its_counts(exp5_folder, tmp_path):
 def test_a_row_whose_client_fell_behind_is_flagged_in_fig11(exp5_folder, tmp_path):
     """A row marked client_behind (as serving_summary marks one whose p99 lag passed the limit) is ringed and
     counted; the rows are the real ones, one flag set, so only the drawing is under test here."""
-    from kvray.data.store import frames_from_records, read_results
+    from kvray.data.reader import frames_from_records, read_results
     from kvray.figures.serving import fig11_latency_vs_throughput
 
     records = read_results(exp5_folder)

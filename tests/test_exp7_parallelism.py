@@ -6,7 +6,7 @@ import pytest
 
 from kvray.analysis.dataset import Dataset
 from kvray.backends import get_backend
-from kvray.data.store import DatasetWriter
+from kvray.data.writer import DatasetWriter
 from kvray.errors import KvrayInputError
 from kvray.experiments.exp7 import exp7_job
 from kvray.figures.parallelism import stops_paying, tp_figures

@@ -152,13 +152,13 @@ def test_a_report_reads_each_file_of_the_folder_once(tmp_path, monkeypatch):
     from job_files import synthetic_job
 
     import kvray.data.parts as parts
-    import kvray.data.store as store
+    import kvray.data.reader as reader
     from kvray.cli import main
     from kvray.sweep import run_job
 
     run_job(synthetic_job("reads"), tmp_path, address="inprocess", progress=False)
     reads: Counter[str] = Counter()
-    jsonl, read_parts = store._jsonl_last_wins, parts.read_parts
+    jsonl, read_parts = reader.jsonl_last_wins, parts.read_parts
 
     def count_jsonl(path, start=0, *args, **kwargs):
         reads[Path(path).name + (" after the parts" if start else "")] += 1  # a tail: the rows the parts lack
@@ -168,7 +168,7 @@ def test_a_report_reads_each_file_of_the_folder_once(tmp_path, monkeypatch):
         reads[f"parts/{kind}"] += 1
         return read_parts(out_dir, index, kind)
 
-    monkeypatch.setattr(store, "_jsonl_last_wins", count_jsonl)
+    monkeypatch.setattr(reader, "jsonl_last_wins", count_jsonl)
     monkeypatch.setattr(parts, "read_parts", count_parts)
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path)])

@@ -175,7 +175,7 @@ def test_real_tiny_model_run_ends_in_figures_and_report(ray_session, tmp_path):
     from dataclasses import replace
 
     from kvray.analysis.views import prepare
-    from kvray.data.store import load_dataset
+    from kvray.data.reader import load_dataset
     from kvray.experiments import compute_findings
     from kvray.measure.metrics import describe
     from kvray.sweep import run_job

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from kvray.data.store import CELLS_JSONL, read_results
+from kvray.data.layout import CELLS_JSONL
+from kvray.data.reader import read_results
 from kvray.plan.job import load_job
 from kvray.plan.planner import plan_cells
 
@@ -279,7 +280,7 @@ def test_a_stalled_server_times_out_each_request_and_the_row_counts_them(tmp_pat
     from servers_fixtures import FakeOpenAIServer, build_tiny_model_dir
 
     from kvray.backends.http import OpenAIBackend
-    from kvray.data.store import DatasetWriter
+    from kvray.data.writer import DatasetWriter
     from kvray.runner.run import run_cell
 
     model_dir = build_tiny_model_dir(tmp_path / "models")

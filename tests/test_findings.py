@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from kvray.analysis.views import mixed_pairs, prepare, short_hardware
-from kvray.data.store import DatasetWriter, load_dataset
+from kvray.data.reader import load_dataset
+from kvray.data.writer import DatasetWriter
 from kvray.experiments import compute_findings
 from kvray.measure.metrics import summarize
 from kvray.measure.trace import CellResult, RunTrace

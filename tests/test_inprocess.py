@@ -12,7 +12,8 @@ import sys
 import pytest
 from job_files import synthetic_job
 
-from kvray.data.store import CELLS_JSONL, read_results
+from kvray.data.layout import CELLS_JSONL
+from kvray.data.reader import read_results
 from kvray.errors import KvrayInputError
 from kvray.plan.job import job_from_dict
 from kvray.sweep import last_run, run_job, status_counts

@@ -16,7 +16,7 @@ import pytest
 from servers_fixtures import build_tiny_model_dir, shared_vllm, shared_vllm_model_dir, vllm_cell
 
 from kvray.backends.vllm import VLLMBackend
-from kvray.data.store import DatasetWriter
+from kvray.data.writer import DatasetWriter
 from kvray.errors import KvrayInputError
 from kvray.plan.reuse import multi_turn_workload, shared_prefix_workload, turn_of
 from kvray.runner.run import run_cell

@@ -121,7 +121,7 @@ def test_bunched_streams_leave_the_tpot_columns_and_are_counted():
 
 
 def test_trace_rows_mark_the_bunched_request():
-    from kvray.data.store import trace_rows
+    from kvray.data.reader import trace_rows
     from kvray.measure.trace import CellResult
     from kvray.spec import Cell, Workload
 
@@ -261,7 +261,7 @@ def test_kv_memory_saved_is_peak_without_minus_with_and_nan_for_one_arm():
 def test_old_kv_saved_columns_load_under_their_new_names(tmp_path):
     import json
 
-    from kvray.data.store import load_frames, read_results
+    from kvray.data.reader import load_frames, read_results
     from kvray.measure.trace import CellResult
     from kvray.spec import Cell, Workload
 

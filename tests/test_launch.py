@@ -130,7 +130,7 @@ def test_launch_against_a_real_head_returns_the_dataset(ray_head, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "dataset home over Ray Client" in run.stdout and "SHA-256 checked" in run.stdout
-    from kvray.data.store import load_dataset
+    from kvray.data.reader import load_dataset
 
     cells, traces, manifest = load_dataset(out)
     assert len(cells) == 4 and set(cells["status"]) == {"ok"} and cells["cell_id"].is_unique
@@ -278,7 +278,7 @@ def test_without_ray_client_the_dataset_comes_home_through_a_jobs_log(ray_head, 
     read by the fetch's child process): ~27 s of waiting that tests nothing."""
     from ray_fixtures import free_port
 
-    from kvray.data.store import load_dataset
+    from kvray.data.reader import load_dataset
     from kvray.launch.jobs_api import launch
 
     monkeypatch.setenv("RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S", "1")
@@ -298,7 +298,7 @@ def test_without_ray_client_the_dataset_comes_home_through_a_jobs_log(ray_head, 
 def test_a_shared_output_path_is_written_by_the_job_itself(ray_head, tmp_path):
     """--shared-output: the head shares this machine's filesystem, so the job's own collector writes the
     folder and nothing is carried home (no actor, no Ray Client)."""
-    from kvray.data.store import load_dataset
+    from kvray.data.reader import load_dataset
     from kvray.launch.jobs_api import launch
 
     job = tmp_path / "launch_smoke.yaml"
@@ -329,7 +329,7 @@ def test_launch_with_an_s3_output_writes_the_bucket_from_the_cluster(ray_head, s
     assert f"the dataset is in s3://{BUCKET}/launched" in run.stdout and "Ray Client" not in run.stdout
     keys = s3.keys("launched")
     assert "cells.jsonl" in keys and "report.html" in keys and any(k.startswith("figures/") for k in keys), keys
-    from kvray.data.store import load_dataset
+    from kvray.data.reader import load_dataset
 
     cells, _, manifest = load_dataset(s3.download("launched", tmp_path / "copy"))
     assert len(cells) == 4 and set(cells["status"]) == {"ok"}

@@ -78,7 +78,7 @@ def test_without_provisioning_one_line_names_what_to_install(bare_head, tmp_path
 def test_missing_typer_and_rich_are_provisioned_and_the_job_runs(bare_head, tmp_path):
     from importlib.metadata import version
 
-    from kvray.data.store import load_dataset
+    from kvray.data.reader import load_dataset
 
     job = tmp_path / "bare_head.yaml"
     job.write_text(SIM_JOB)

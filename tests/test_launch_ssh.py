@@ -287,7 +287,7 @@ def _came_home(run: subprocess.CompletedProcess, node: Node, out: Path, client_p
     connect, through the fallback job's log after a line naming that same port. (Ray Client's proxy now and then
     loses the server process it has just spawned for a client on a loaded machine; the fallback is the
     launcher's answer to exactly that.)"""
-    from kvray.data.store import load_dataset
+    from kvray.data.reader import load_dataset
 
     via_client = "dataset home over Ray Client" in run.stdout
     assert via_client or f"Ray Client at ray://127.0.0.1:{client_port}:" in run.stdout, _explain(run, node)

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
     from ray.cluster_utils import Cluster
-    from kvray.data.store import read_results
+    from kvray.data.reader import read_results
     from kvray.plan.job import job_from_dict
     from kvray.sweep import run_job
 

@@ -22,7 +22,7 @@ import pytest
 from ray_fixtures import SIM_JOB
 from storage_fixtures import BUCKET, S3, SECRET, free_port
 
-from kvray.data.store import load_dataset
+from kvray.data.reader import load_dataset
 
 SLOW_JOB = """
 name: s3_slow
@@ -167,8 +167,9 @@ def test_sync_sends_what_changed_once(s3: S3, tmp_path: Path, monkeypatch: pytes
     included; the final sync sends the rest; a file removed here is removed there."""
     from kvray.backends import get_backend
     from kvray.data import parts
+    from kvray.data.layout import CELLS_JSONL
     from kvray.data.location import Stage
-    from kvray.data.store import CELLS_JSONL, DatasetWriter
+    from kvray.data.writer import DatasetWriter
     from kvray.plan.job import job_from_dict
     from kvray.plan.planner import plan_cells
     from kvray.runner.run import run_cell

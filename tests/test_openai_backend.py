@@ -13,7 +13,7 @@ from servers_fixtures import DOUBLE_GAP_S, FakeOpenAIServer, build_tiny_model_di
 from kvray.backends.hf import HFBackend
 from kvray.backends.hf_paged import HFPagedBackend
 from kvray.backends.http import Chunk, OpenAIBackend, PromptBuilder, load_tokenizer, token_times
-from kvray.data.store import DatasetWriter
+from kvray.data.writer import DatasetWriter
 from kvray.measure.metrics import itl_gaps
 from kvray.runner.run import run_cell
 from kvray.servers.process import free_port

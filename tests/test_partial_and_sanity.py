@@ -12,7 +12,8 @@ from kvray.analysis.evidence import throughput_plateaus
 from kvray.analysis.findings import SANITY_MARGIN, sanity_warnings
 from kvray.analysis.views import prepare
 from kvray.backends import get_backend
-from kvray.data.store import DatasetWriter, load_dataset
+from kvray.data.reader import load_dataset
+from kvray.data.writer import DatasetWriter
 from kvray.experiments import compute_findings
 from kvray.measure.trace import FINAL_STATUSES
 from kvray.report import make_report

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_findings import MODEL, result, uniform_traces, write_crafted
 
-from kvray.data.store import DatasetWriter
+from kvray.data.writer import DatasetWriter
 from kvray.figures.plots import FIGURES, make_figures
 from kvray.spec import Cell, Workload
 

@@ -88,7 +88,7 @@ def test_predict_imports_no_torch():
 @pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_calibrate_command_writes_the_file_predict_reads(kvray, tmp_path):
     from kvray.backends.sim import SimBackend
-    from kvray.data.store import DatasetWriter
+    from kvray.data.writer import DatasetWriter
     from kvray.runner.run import run_cell
     from kvray.spec import Cell, Workload, make_options
 

@@ -15,15 +15,9 @@ from job_files import synthetic_job
 
 from kvray.backends import get_backend
 from kvray.data import parts
-from kvray.data.store import (
-    CELLS_JSONL,
-    TRACES_JSONL,
-    DatasetWriter,
-    drop_row,
-    encode_row,
-    load_dataset,
-    read_results,
-)
+from kvray.data.layout import CELLS_JSONL, TRACES_JSONL
+from kvray.data.reader import load_dataset, read_results
+from kvray.data.writer import DatasetWriter, drop_row, encode_row
 from kvray.measure.trace import CellResult
 from kvray.plan.planner import plan_cells
 from kvray.runner.run import run_cell

@@ -15,7 +15,8 @@ import job_files
 import pytest
 from tiny_models import tiny_config, write_model_dir
 
-from kvray.data.store import CELLS_JSONL, read_results
+from kvray.data.layout import CELLS_JSONL
+from kvray.data.reader import read_results
 from kvray.errors import KvrayInputError
 from kvray.plan.job import job_from_dict
 from kvray.plan.planner import plan_cells

@@ -278,7 +278,8 @@ def test_hf_paged_engine_gauges_join_the_cpu_samples_on_the_traces_clock(tmp_pat
     """hf-paged's own scheduler, sampled by its KV sampler, lands in the cell's timeline as source "engine": each
     sample counts at least the requests its traces had streaming then (first token before, last token after)."""
     from kvray.backends.hf_paged import HFPagedBackend
-    from kvray.data.store import DatasetWriter, read_timeline
+    from kvray.data.reader import read_timeline
+    from kvray.data.writer import DatasetWriter
     from kvray.runner.run import run_cell
     from kvray.spec import Cell, Workload, make_options
 

@@ -15,7 +15,7 @@ from kvray.analysis.calibrate import calibrate
 from kvray.analysis.findings import sanity_warnings
 from kvray.analysis.views import ENERGY_TDP_ESTIMATE, prepare, tokens_per_joule
 from kvray.backends.sim import SimBackend
-from kvray.data.store import DatasetWriter
+from kvray.data.writer import DatasetWriter
 from kvray.hardware.gpus import get_gpu
 from kvray.model.resolve import resolve_geometry
 from kvray.runner.run import run_cell

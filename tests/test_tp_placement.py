@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     from kvray.errors import KvrayInputError
     from kvray.plan.job import job_from_dict
     from kvray.sweep import run_job
-    from kvray.data.store import read_results
+    from kvray.data.reader import read_results
     from kvray.measure.trace import CellResult
 
     jobs, out = json.loads(sys.argv[1]), sys.argv[2]

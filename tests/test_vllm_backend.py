@@ -18,7 +18,8 @@ from kvray.backends.hf import HFBackend
 from kvray.backends.hf_paged import HFPagedBackend
 from kvray.backends.http import OpenAIBackend
 from kvray.backends.vllm import VLLMBackend, vllm_launcher
-from kvray.data.store import DatasetWriter, read_results
+from kvray.data.reader import read_results
+from kvray.data.writer import DatasetWriter
 from kvray.errors import KvrayInputError
 from kvray.experiments.exp4 import exp4_job
 from kvray.model.kvmath import kv_bytes_per_token
@@ -110,7 +111,7 @@ def test_the_cell_timeline_has_the_running_gauge_rising_while_its_requests_are_i
     whose first token reached the client before a /metrics scrape was asked for, and whose last token arrived after
     the answer, was in the engine while vLLM read its gauges: every scrape says at least that many running, some
     scrape catches requests so, and the scrape after the run says 0. Same knobs as the module's server: no restart."""
-    from kvray.data.store import read_timeline
+    from kvray.data.reader import read_timeline
 
     cell = vllm_cell(model_dir, Workload.uniform(4, 20, 100), warmup=1, repeats=1, metrics_interval_s=0.02)
     result = run_cell(vllm, cell)

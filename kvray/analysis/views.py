@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kvray.data.store import LABEL_COLUMNS, MEMORY_COLUMNS, TEXT_COLUMNS
+from kvray.data.layout import LABEL_COLUMNS, MEMORY_COLUMNS, TEXT_COLUMNS
 from kvray.measure.metrics import LATENCY_METRICS
 from kvray.measure.trace import MEASURED_STATUSES
 

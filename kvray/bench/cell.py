@@ -173,7 +173,8 @@ def check_output(cell: Cell, output_dir: str | Path, replace: bool = False) -> N
     """A bench is a new measurement each time: a folder that already holds this cell's row is refused before
     anything loads, unless ``replace`` (the new row then takes the earlier one's place). A folder another
     kvray run holds (its lock) is refused too."""
-    from kvray.data.store import LOCK_NAME, read_results
+    from kvray.data.layout import LOCK_NAME
+    from kvray.data.reader import read_results
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -208,7 +209,7 @@ def measure_and_record(cell: Cell, output_dir: str | Path, check_oom: bool = Tru
     ``output_dir`` and write ``cell_<id>.json`` beside it. The folder must not hold the cell's row already
     unless ``replace`` (checked before the model loads: ``check_output``)."""
     from kvray.backends import get_backend
-    from kvray.data.store import DatasetWriter, drop_row, write_json_atomic
+    from kvray.data.writer import DatasetWriter, drop_row, write_json_atomic
     from kvray.runner.run import run_cell
     from kvray.runner.saturation import is_search, run_search
 

@@ -20,7 +20,8 @@ def require_results(results_dir: str) -> list[dict[str, Any]]:
     with no results is an input error (one line, exit 2), not seven empty figures and a report about nothing."""
     from pathlib import Path
 
-    from kvray.data.store import CELLS_JSONL, read_results
+    from kvray.data.layout import CELLS_JSONL
+    from kvray.data.reader import read_results
 
     folder = Path(results_dir)
     if not folder.is_dir():

@@ -89,7 +89,7 @@ def run(
 
 def _run_into(job: Job, job_file: str, settings: RunSettings, shown: str, no_plots: bool) -> int:
     """The job through kvray/launch/submit.py (here or on a remote cluster), then its counts, figures, report."""
-    from kvray.data.store import read_results
+    from kvray.data.reader import read_results
     from kvray.launch.remote import RemoteJobError
     from kvray.launch.submit import submit_job
     from kvray.sweep import SweepError, status_counts

@@ -8,8 +8,9 @@ Importing it is light (pandas is imported only when tables are built or loaded).
 from __future__ import annotations
 
 from kvray.data.manifest import last_run, read_manifest
+from kvray.data.reader import load_dataset, read_results
 from kvray.data.status import count_statuses, default_output_dir, hardware_types_in, status_counts
-from kvray.data.store import DatasetWriter, load_dataset, read_results, write_json_atomic
+from kvray.data.writer import DatasetWriter, write_json_atomic
 
 __all__ = [
     "DatasetWriter",

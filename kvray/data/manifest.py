@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvray.data.store import MANIFEST
+from kvray.data.layout import MANIFEST
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvray.data.store import read_results
+from kvray.data.reader import read_results
 from kvray.measure.trace import STATUSES
 
 RESULTS_ROOT = Path("results")

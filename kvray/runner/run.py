@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from kvray.backends.base import Backend, BackendRun
-from kvray.data.store import MEMORY_COLUMNS
+from kvray.data.layout import MEMORY_COLUMNS
 from kvray.measure.memory import attempted_bytes, is_oom_error
 from kvray.measure.serving import client_columns, serving_summary
 from kvray.measure.trace import CellResult, RunTrace

@@ -1,7 +1,7 @@
 """The collector actor: the one writer of a sweep's output folder.
 
 Workers send each CellResult as it finishes; the collector appends it at once through
-``kvray.data.store.DatasetWriter`` (whole line or nothing, each cell_id at most once) and answers whether it
+``kvray.data.writer.DatasetWriter`` (whole line or nothing, each cell_id at most once) and answers whether it
 was new, so a retried cell can never produce a second row. A background thread adds the rows since its last
 flush to the folder's Parquet parts (kvray/data/parts.py) at most every ``tables_every_s`` — a cost of the
 new rows only, never while a worker waits for its acknowledgement — and the whole-folder tables (parquet,
@@ -36,7 +36,7 @@ from typing import Any
 
 from kvray.data.location import Stage, parse_remote
 from kvray.data.manifest import read_manifest
-from kvray.data.store import DatasetWriter, EncodedRow, encode_row
+from kvray.data.writer import DatasetWriter, EncodedRow, encode_row
 from kvray.measure.trace import CellResult
 from kvray.sweep.ray_env import import_ray
 from kvray.units import first_line

@@ -237,7 +237,7 @@ class Sweep:
 
         if client.is_connected():  # a Ray-client driver: the folder lives on the cluster
             return set(self.ray.get(self.collector.done_ids.remote(), timeout=RPC_TIMEOUT_S))
-        from kvray.data.store import read_results
+        from kvray.data.reader import read_results
 
         return {r["cell_id"] for r in read_results(self.out_dir, traces=False)}
 
@@ -372,7 +372,7 @@ def run_job(
     """
     out = Path(output_dir) if output_dir is not None else default_output_dir(job)
     if not resume:
-        from kvray.data.store import read_results
+        from kvray.data.reader import read_results
 
         ids = {c.cell_id for c in plan_cells(job)}
         if any(r["cell_id"] in ids for r in read_results(out, traces=False)):
@@ -430,7 +430,7 @@ def run_job(
 
 def write_tables_here(out: Path) -> None:
     """The flat tables from cells.jsonl, written by this process: after Ctrl-C the collector may be gone."""
-    from kvray.data.store import DatasetWriter
+    from kvray.data.writer import DatasetWriter
 
     with contextlib.suppress(Exception):
         if (out / "cells.jsonl").is_file():

@@ -69,7 +69,7 @@ class InProcessWorker(Worker):
                 "environment": collect_environment().to_dict()}  # fmt: skip
 
     def _record(self, result: Any) -> bool:
-        from kvray.data.store import encode_row
+        from kvray.data.writer import encode_row
 
         result.hardware = {**result.hardware, **{k: v for k, v in self.identity.items() if k not in ("name",
                            "memory_bytes")}}  # fmt: skip

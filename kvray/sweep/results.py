@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvray.data import status
-from kvray.data.store import read_results
+from kvray.data.reader import read_results
 from kvray.plan.job import Job
 from kvray.plan.planner import plan_cells
 

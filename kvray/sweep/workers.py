@@ -218,7 +218,7 @@ class Worker:
         if hardware.get("name") in (None, "", "cpu") and self.identity["name"] != "cpu":
             hardware["name"], hardware["memory_bytes"] = self.identity["name"], self.identity["memory_bytes"]
         result.hardware = hardware
-        from kvray.data.store import encode_row
+        from kvray.data.writer import encode_row
 
         ray = import_ray()  # encoded here, so the sweep's one writer only writes (kvray/sweep/collector.py)
         row = encode_row(result)
