@@ -257,3 +257,17 @@ def test_engine_options_and_oom(backend):
         backend.validate_options({"max_num_seqs": 0})
     with pytest.raises(KvrayInputError, match="chunked_prefill"):
         backend.validate_options({"chunked_prefill": "maybe"})
+
+
+def test_the_runner_holds_a_cells_timeline_once(backend):
+    """Each run returns its own repeat's points; the runner joins a cell's repeats — the same cell run twice (a
+    rerun) holds each repeat once, not the first run's points again (the backends used to keep this state)."""
+    requests = tuple(RequestSpec(i, 256, 16, a) for i, a in enumerate(SCHEDULE))
+    wl = Workload("uniform", requests, load=LoadSpec(kind="poisson", rate_rps=16.0, requests=len(SCHEDULE)))
+    cell = Cell(model=MODEL, backend="sim", workload=wl, hardware="A100-80GB-SXM", repeats=2, warmup=1)
+    first, again = run_cell(backend, cell), run_cell(backend, cell)
+    for result in (first, again):
+        repeats = [p["repeat"] for p in result.extra["kv_timeline"]]
+        assert sorted(set(repeats)) == [0, 1]  # the warmup (repeat -1) is not the cell's
+        assert repeats.count(0) == repeats.count(1)  # the simulator is deterministic: equal repeats, equal points
+    assert len(again.extra["kv_timeline"]) == len(first.extra["kv_timeline"])

@@ -28,7 +28,8 @@ and the methods ``memory_tracker()`` (what measures memory around the measured r
 ``memory_scope()`` (the row's words for which process that tracker measured),
 ``telemetry_sources()`` (the GPUs and process tree a cell's telemetry samples: kvray/measure/telemetry.py) and
 ``engine_gauges`` (the keys of the backend's own timeline points, ``extra["kv_timeline"]``, that are engine gauges
-for the cell's timeline),
+for the cell's timeline — a run returns its own repeat's points; the runner joins a cell's repeats, so no backend
+carries timeline state from one run to the next),
 and the class-level checks ``validate_options`` (the options' form, anywhere) and ``check_cell`` (what this
 machine must have to run a cell here). ``BackendBase`` gives every default.
 

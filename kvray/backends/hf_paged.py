@@ -174,8 +174,6 @@ class HFPagedBackend(HFBackend):
         super().__init__()
         self.manager: Any = None
         self._manager_key: tuple[Any, ...] | None = None
-        self._timeline_cell: str | None = None
-        self._timeline: list[dict[str, Any]] = []
         self._created_now = False  # _ensure_manager started a new manager (and so allocated its pool) just now
 
     @classmethod
@@ -356,10 +354,7 @@ class HFPagedBackend(HFBackend):
                                               info["block_size"], all_resident))  # fmt: skip
         extra: dict[str, Any] = {"paged_cache": info}
         if repeat >= 0:
-            if self._timeline_cell != cell.cell_id:
-                self._timeline_cell, self._timeline = cell.cell_id, []
-            self._timeline.extend(sampler.points)
-            extra["kv_timeline"] = list(self._timeline)
+            extra["kv_timeline"] = list(sampler.points)  # this repeat's; the runner joins a cell's repeats
         return BackendRun(
             traces=sorted(traces, key=lambda t: t.request_id),
             kv_measured_bytes=sampler.peak_used,

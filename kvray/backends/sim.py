@@ -136,11 +136,9 @@ class SimBackend(BackendBase):
         self.calibration = calibration  # a calibration file; None → $KVRAY_CALIBRATION or the default path
         self.geometry: ModelGeometry | None = None
         self.gpu: GpuSpec = get_gpu(DEFAULT_GPU)
-        self._timeline_cell: str | None = None  # the cell whose repeats the timeline holds
         from kvray.backends.kv_reuse import ReuseAccount
 
         self._reuse = ReuseAccount()  # simulated prefix-cache hits beside their prediction, pooled over repeats
-        self._timeline: list[dict[str, Any]] = []
 
     def load(self, cell: Cell) -> None:
         from kvray.model.resolve import resolve_geometry
@@ -282,10 +280,7 @@ class SimBackend(BackendBase):
         extra: dict[str, Any] = {"sim": sim, **_parallelism(cell.tensor_parallel)}
         points = kv_timeline(run, repeat)
         if repeat >= 0:
-            if repeat == 0 or self._timeline_cell != cell.cell_id:  # the repeats of one cell, run in order
-                self._timeline_cell, self._timeline = cell.cell_id, []
-            self._timeline.extend(points)
-            extra["kv_timeline"] = list(self._timeline)
+            extra["kv_timeline"] = points  # this repeat's; the runner joins a cell's repeats
         ordered = sorted(traces, key=lambda t: t.request_id)
         out = BackendRun(traces=ordered, kv_measured_bytes=None, memory=memory, simulated=True, extra=extra,
                          counters=counters)  # fmt: skip

@@ -308,8 +308,7 @@ class VLLMBackend(BackendBase):
         if cache:
             run.extra["kv_capacity"] = capacity_check(cell.model, cell.dtype, cache, cell.tensor_parallel)
             self._predict_from_timeline(cell, run, cache, repeat)
-            points = [p for p in run.extra.get("kv_timeline") or [] if p.get("repeat") == repeat]
-            self.reuse.add(cell, requests, run, cache, points, repeat)  # prefix-cache hits, preemptions, fill point
+            self.reuse.add(cell, requests, run, cache, run.extra.get("kv_timeline") or [], repeat)  # prefix-cache hits, preemptions, fill point
         return run
 
     def _explain_server_death(self, run: BackendRun) -> None:
@@ -339,12 +338,7 @@ class VLLMBackend(BackendBase):
         all_resident, reserved = run.memory.get("kv_predicted_bytes"), run.memory.get("kv_reserved_bytes")
         if all_resident is None or not cache.get("block_size"):
             return
-        timeline = run.extra.get("kv_timeline") or []
-        points: list[dict[str, Any]] = []
-        for p in reversed(timeline):  # this run's points: the timeline's tail of this repeat
-            if p.get("repeat") != repeat:
-                break
-            points.insert(0, p)
+        points = run.extra.get("kv_timeline") or []  # this repeat's points (the runner joins a cell's repeats)
         for p in points:
             used = used_kv_bytes(cache.get("num_gpu_blocks"), int(reserved) if reserved else None, p.get("kv_usage"))
             p["kv_used_bytes"] = used

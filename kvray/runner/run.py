@@ -144,6 +144,8 @@ def run_cell(
         result.memory["weights_bytes"] = backend.weights_bytes
     for run in runs:
         result.extra.update(run.extra)
+    if any(run.extra.get("kv_timeline") for run in runs):  # each run holds its repeat's points; the cell, all of them
+        result.extra["kv_timeline"] = [point for run in runs for point in run.extra.get("kv_timeline") or []]
     if cell.clients > 1 and traces:  # per-client lag and clock ties (kvray/measure/serving.py)
         result.metrics.update(client_columns(cell.clients, traces, result.extra.get("client_clocks") or []))
     result.extra["ttft_basis"] = backend.ttft_basis  # which clock TTFT is on (kvray/backends/base.py)

@@ -76,8 +76,6 @@ class OpenAIBackend(BackendBase):
         self.flavor: str | None = None
         self.model_name: str | None = None
         self._tokenizer_name: str | None = None
-        self._timeline_cell: str | None = None
-        self._timeline: list[dict[str, Any]] = []
         self.server_cache: dict[str, Any] = {}
         self.session = ClientSession("kvray-openai")
         self.client_pool: Any = None  # clients.ClientPool: the actors of the last cell with clients > 1
@@ -236,10 +234,7 @@ class OpenAIBackend(BackendBase):
         extra: dict[str, Any] = {"server_flavor": self.flavor, "served_model": self.model_name}
         memory: dict[str, int | float | None] = {}
         if repeat >= 0 and poller.points:  # warmups are not part of the cell's timeline
-            if self._timeline_cell != cell.cell_id:
-                self._timeline_cell, self._timeline = cell.cell_id, []
-            self._timeline.extend(poller.points)
-            extra["kv_timeline"] = list(self._timeline)
+            extra["kv_timeline"] = list(poller.points)  # this repeat's; the runner joins a cell's repeats
         if self.server_cache.get("num_gpu_blocks"):
             extra["server_cache"] = dict(self.server_cache)
             reserved, source = reserved_kv_bytes(cell, self.server_cache)
