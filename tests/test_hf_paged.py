@@ -39,6 +39,8 @@ def test_exact_counts_admission_times_and_paged_kv_that_matches_the_prediction(b
     info = result.extra["paged_cache"]
     per_token = kv_bytes_per_token(resolve_geometry(MODEL), "fp32", "paged")
     assert info["block_size"] == 32 and info["bytes_per_block"] == 32 * per_token
+    row = result.to_row()  # the row says how its KV was laid out: nothing downstream re-derives it
+    assert (row["kv_layout"], row["kv_block_size"]) == ("paged", 32)
     # 40 + 12 - 1 = 51 positions per request → 2 blocks of 32 each; 4 requests → 8 blocks at the peak
     assert result.memory["kv_predicted_bytes"] == 4 * 2 * 32 * per_token
     assert result.memory["kv_measured_bytes"] == result.memory["kv_predicted_bytes"]

@@ -43,7 +43,7 @@ from kvray.analysis.views import sharded_tensor_parallel
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, match_gpu
 from kvray.hardware.host import is_cpu_hardware
-from kvray.model.kvmath import normalize_dtype
+from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, normalize_dtype
 from kvray.model.parallel import shard_geometry
 from kvray.sim.simulate import (
     DEFAULT_ETA_COMPUTE,
@@ -96,8 +96,14 @@ class Fit:
         return entry
 
 
-def layout_of(backend: str) -> str | None:
-    return BACKEND_LAYOUTS.get(backend)
+def layout_of(row: dict[str, Any]) -> tuple[str | None, int]:
+    """The row's KV layout and block size as the runner recorded them (``kv_layout``, ``kv_block_size``); for a
+    dataset written before those columns, what its backend keeps by default."""
+    layout = row.get("kv_layout")
+    if layout not in ("hf", "paged"):
+        layout = BACKEND_LAYOUTS.get(str(row.get("backend")))
+    block = _finite(row.get("kv_block_size"))
+    return layout, int(block) if block else DEFAULT_BLOCK_SIZE
 
 
 def ttft_basis_of(row: dict[str, Any]) -> str | None:
@@ -160,7 +166,7 @@ def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool =
         if tpot_only and not on_host:
             skip("TTFT not on the engine's clock (ttft_basis)")
             continue
-        layout = layout_of(str(row.get("backend")))
+        layout, block_size = layout_of(row)
         if layout is None:
             skip("backend without a known KV layout")
             continue
@@ -203,7 +209,7 @@ def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool =
         prompts = _prompts(row)
         gen = int(row["gen_toks"])
         roofs = [pass_roofs(p, shard, gpu, dtype, tp)
-                 for p in batch_passes(shard, prompts, [gen] * len(prompts), dtype, kv_dtype, layout)]  # fmt: skip
+                 for p in batch_passes(shard, prompts, [gen] * len(prompts), dtype, kv_dtype, layout, block_size)]  # fmt: skip
         pieces = np.array([r.pieces() for r in roofs])
         fixed = np.array([r.allreduce_s for r in roofs])
         tpot = _finite(row.get("tpot_s_p50"))

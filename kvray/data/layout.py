@@ -83,7 +83,7 @@ LABEL_COLUMNS = (
 # Text that says where and when it ran.
 PLACEMENT_COLUMNS = ("device", "hardware_requested", "accelerator_type", "node_id", "started_at", "parallelism")
 # Text that says what a number measured: TTFT's clock, the process the memory columns describe.
-BASIS_COLUMNS = ("ttft_basis", "memory_scope")
+BASIS_COLUMNS = ("ttft_basis", "memory_scope", "kv_layout")
 # Text that says what load a cell served (kvray/measure/serving.py, kvray/runner/saturation.py).
 SERVING_TEXT_COLUMNS = (
     "load", "slo", "lengths", "gen_toks_list", "probe_offered_rps", "probe_offered_rps_realised", "probe_achieved_rps",

@@ -163,6 +163,8 @@ class CellResult:
             "duration_s": self.duration_s,
             "ttft_basis": self.extra.get("ttft_basis"),  # "engine" | "client-http" (kvray/backends/base.py)
             "memory_scope": self.extra.get("memory_scope"),  # which process the memory columns measured
+            "kv_layout": self.extra.get("kv_layout"),  # "hf" | "paged": how the KV was kept (kvray/runner/run.py)
+            "kv_block_size": self.extra.get("kv_block_size"),  # tokens per block of a paged layout, else None
         }
         row.update({k: v for k, v in self.memory.items()})
         row.update(self.metrics)

@@ -149,6 +149,7 @@ def run_cell(
     if cell.clients > 1 and traces:  # per-client lag and clock ties (kvray/measure/serving.py)
         result.metrics.update(client_columns(cell.clients, traces, result.extra.get("client_clocks") or []))
     result.extra["ttft_basis"] = backend.ttft_basis  # which clock TTFT is on (kvray/backends/base.py)
+    result.extra.update(_kv_layout(backend, cell, runs))  # the layout the KV was kept in, for calibrate and readers
     result.extra["memory_scope"] = backend.memory_scope()  # which process the memory columns measured
     if telemetry is not None:
         telemetry.attach(result, runs)  # extra["timeline"] (→ timeline.parquet) and extra["energy"] (→ the row)
@@ -167,6 +168,24 @@ def run_cell(
         result.status, result.reason = "partial", f"{len(failed)} of {len(traces)} requests failed: {first}"
     result.duration_s = time.perf_counter() - t_start
     return result
+
+
+def _kv_layout(backend: Backend, cell: Cell, runs: list[BackendRun]) -> dict[str, Any]:
+    """``kv_layout`` ("hf" | "paged", as the backend declares it for the cell's options) and, for a paged one,
+    ``kv_block_size`` in tokens: the engine's own (hf-paged's cache, a server's cache_config_info), else the
+    cell's ``block_size`` option — so a row says how its KV was laid out and nothing downstream re-derives it."""
+    options = dict(cell.options)
+    try:
+        layout = backend.layout_for(options)
+    except Exception:
+        return {}
+    block: Any = None
+    if layout == "paged":
+        for run in runs:
+            for key in ("paged_cache", "server_cache"):
+                block = block or (run.extra.get(key) or {}).get("block_size")
+        block = block or options.get("block_size")
+    return {"kv_layout": layout, "kv_block_size": int(block) if block else None}
 
 
 @contextlib.contextmanager
