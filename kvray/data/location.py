@@ -26,12 +26,7 @@ What changed is told by a record in the staging folder (``.kvray-sync.json``: by
 last downloaded or uploaded), shared by the driver and the collector (one sync at a time, under ``flock``), so
 an unchanged file is never sent twice. Object stores have no append: a JSONL file that grew is sent whole.
 
-Credentials and endpoint come from the standard environment only (``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
-``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, profiles; ``GOOGLE_APPLICATION_CREDENTIALS`` for GCS): a URI
-holding ``user:secret@`` or a query string is refused, so the URI itself can be recorded and printed as is and
-no secret ever lands in a manifest, a log line or shell history. pyarrow's ``S3FileSystem`` constructor does
-not read ``AWS_ENDPOINT_URL`` (apache/arrow#49643; only ``FileSystem.from_uri`` does), so this module does.
+Credentials and endpoint: kvray/data/object_store.py.
 
 pyarrow is imported inside functions: importing kvray.data stays light.
 """
@@ -41,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -52,24 +46,21 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kvray.data import parts
+from kvray.data.object_store import (
+    CHUNK_BYTES,
+    URI_PATTERN,
+    Remote,
+    first_line,
+    open_filesystem,
+    parse_remote,
+    s3_endpoint,
+    shown_uri,
+)
 from kvray.errors import KvrayInputError
 
 SYNC_RECORD = ".kvray-sync.json"  # a dot file: never uploaded, like the run lock and the writers' temp files
 SYNC_LOCK = ".kvray-sync.lock"
 STAGING_ENV = "KVRAY_STAGING_DIR"
-# What a process writing to a bucket needs from the environment: forwarded to the collector actor, which may
-# run in a Ray worker started before these were set (a joined cluster).
-STORAGE_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_CA_BUNDLE", "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST",
-)  # fmt: skip
-CONNECT_TIMEOUT_S = 10.0
-REQUEST_TIMEOUT_S = 120.0
-RETRY_ATTEMPTS = 3
-CHUNK_BYTES = 8 * 2**20  # a file is streamed in pieces of this size, never read whole into memory
-
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 # Append-only files: a prefix of them may be uploaded mid-run (cut at the parts index's offsets).
 _JSONL = tuple(parts.SOURCES.values())
 _INDEX = f"{parts.PARTS_DIR}/{parts.INDEX_NAME}"
@@ -80,14 +71,14 @@ def is_uri(where: str | Path | None) -> bool:
     """True for ``scheme://…`` text other than ``file://``; a path (a shared filesystem's included) is not."""
     if where is None or isinstance(where, Path):
         return False
-    m = _URI.match(where)
+    m = URI_PATTERN.match(where)
     return m is not None and m.group(1).lower() != "file"
 
 
 def local_path(where: str | Path) -> Path:
     """``where`` as a local Path (``file:///x`` → ``/x``); for a URI use ``output_folder``."""
     text = str(where)
-    m = _URI.match(text)
+    m = URI_PATTERN.match(text)
     if m and m.group(1).lower() == "file":
         return Path("/" + m.group(2).lstrip("/"))
     return Path(where)
@@ -123,106 +114,6 @@ def check_writable_folder(folder: str | Path, what: str) -> None:
                 d.rmdir()
         with contextlib.suppress(OSError):
             os.utime(probe, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-
-
-@dataclass(frozen=True)
-class Remote:
-    """An object-storage location: ``uri`` as the user wrote it (no secrets: ``parse_remote`` refuses them)."""
-
-    uri: str  # scheme://bucket/prefix, without a trailing slash
-    scheme: str  # s3 | gs | …
-    bucket: str
-    prefix: str  # inside the bucket; "" for the bucket itself
-
-    @property
-    def path(self) -> str:
-        """The location as a pyarrow filesystem names it: ``bucket/prefix``."""
-        return f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-
-
-def parse_remote(uri: str) -> Remote:
-    """``scheme://bucket/prefix`` → Remote; one-line KvrayInputError for what kvray cannot use."""
-    m = _URI.match(uri)
-    if not m:
-        raise KvrayInputError(f"{uri!r} is not a URI (scheme://bucket/prefix)")
-    scheme, rest = m.group(1).lower(), m.group(2)
-    authority, _, path = rest.partition("/")
-    if "?" in uri or "#" in uri:
-        raise KvrayInputError(
-            f"{_shown(uri)}: a URI with a query string is not accepted; set credentials, region and endpoint "
-            "in the environment (AWS_*, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)"
-        )
-    if "@" in authority:
-        raise KvrayInputError(
-            f"{_shown(uri)}: credentials in a URI are not accepted (they would end up in logs and shell "
-            "history); set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, …)"
-        )
-    if not authority:
-        raise KvrayInputError(f"{uri}: no bucket (expected {scheme}://bucket/prefix)")
-    prefix = "/".join(p for p in path.split("/") if p)
-    if any(p in (".", "..") for p in prefix.split("/")):
-        raise KvrayInputError(f"{uri}: '.' and '..' are not allowed in an object-storage prefix")
-    return Remote(f"{scheme}://{authority}" + (f"/{prefix}" if prefix else ""), scheme, authority, prefix)
-
-
-def _shown(uri: str) -> str:
-    """``uri`` without what may be secret (user info, query): safe to print."""
-    m = _URI.match(uri)
-    if not m:
-        return uri
-    authority, slash, path = m.group(2).partition("/")
-    return f"{m.group(1)}://{authority.rpartition('@')[2]}{slash}{path}".split("?")[0].split("#")[0]
-
-
-def s3_endpoint() -> str | None:
-    """The S3 endpoint the environment names: ``AWS_ENDPOINT_URL_S3`` before ``AWS_ENDPOINT_URL`` (the AWS
-    SDKs' order); None for AWS itself."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def open_filesystem(remote: Remote) -> Any:
-    """The pyarrow filesystem of ``remote``, configured from the environment; KvrayInputError when the scheme
-    is one pyarrow has no filesystem for."""
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-
-    if remote.scheme == "s3":
-        endpoint = s3_endpoint()
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        options: dict[str, Any] = {
-            "connect_timeout": CONNECT_TIMEOUT_S,
-            "request_timeout": REQUEST_TIMEOUT_S,
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=RETRY_ATTEMPTS),
-        }
-        if endpoint:
-            scheme, sep, host = endpoint.partition("://")
-            options.update(endpoint_override=host.rstrip("/") if sep else endpoint,
-                           scheme=scheme if sep else "https", region=region or "us-east-1")  # fmt: skip
-        else:
-            if not region:
-                try:  # AWS answers a request in the wrong region with a redirect pyarrow does not follow
-                    region = pafs.resolve_s3_region(remote.bucket)
-                except (OSError, pa.ArrowException) as exc:
-                    raise KvrayInputError(
-                        f"{remote.uri}: cannot find bucket {remote.bucket!r}: {_first(exc)}"
-                    ) from None
-            options["region"] = region
-        return pafs.S3FileSystem(**options)
-    try:
-        fs, _ = pafs.FileSystem.from_uri(remote.uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
-        raise KvrayInputError(
-            f"{remote.uri}: unknown storage scheme {remote.scheme!r} ({_first(exc)}); use a local path, "
-            "s3://bucket/prefix or gs://bucket/prefix"
-        ) from None
-    except OSError as exc:
-        raise KvrayInputError(f"{remote.uri}: cannot open the storage: {_first(exc)}") from None
-    return fs
-
-
-def _first(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _is_hidden(rel: str) -> bool:
@@ -280,25 +171,24 @@ class Stage:
         import pyarrow as pa
         import pyarrow.fs as pafs
 
-        try:
-            bucket = self.fs.get_file_info(self.remote.bucket)
-        except (OSError, pa.ArrowException) as exc:
-            raise KvrayInputError(f"cannot reach {self.remote.uri}{self._at()}: {_first(exc)}") from None
-        if bucket.type == pafs.FileType.NotFound:
+        def info_of(path: str, verb: str) -> Any:
+            try:
+                return self.fs.get_file_info(path)
+            except (OSError, pa.ArrowException) as exc:
+                raise KvrayInputError(f"cannot {verb} {self.remote.uri}{self._at()}: {first_line(exc)}") from None
+
+        if info_of(self.remote.bucket, "reach").type == pafs.FileType.NotFound:
             raise KvrayInputError(f"{self.remote.uri}: bucket {self.remote.bucket!r} does not exist{self._at()}")
         if not self.remote.prefix:
             return "folder"
-        try:
-            info = self.fs.get_file_info(self.remote.path)
-        except (OSError, pa.ArrowException) as exc:
-            raise KvrayInputError(f"cannot read {self.remote.uri}{self._at()}: {_first(exc)}") from None
+        info = info_of(self.remote.path, "read")
         if info.type == pafs.FileType.File:
             raise KvrayInputError(f"{self.remote.uri} is an object, not a folder (a prefix)")
         return "folder" if info.type == pafs.FileType.Directory else "missing"
 
     def _at(self) -> str:
         endpoint = s3_endpoint() if self.remote.scheme == "s3" else None
-        return f" (endpoint {_shown(endpoint)})" if endpoint else ""
+        return f" (endpoint {shown_uri(endpoint)})" if endpoint else ""
 
     # -- the record of what the bucket holds --
 
@@ -338,7 +228,7 @@ class Stage:
         try:
             infos = [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
         except (OSError, pa.ArrowException) as exc:
-            raise KvrayInputError(f"cannot list {self.remote.uri}{self._at()}: {_first(exc)}") from None
+            raise KvrayInputError(f"cannot list {self.remote.uri}{self._at()}: {first_line(exc)}") from None
         files: dict[str, dict[str, Any]] = {}
         with self._locked():
             for info in infos:
@@ -352,7 +242,7 @@ class Stage:
                         while chunk := src.read(CHUNK_BYTES):
                             dst.write(chunk)
                 except (OSError, pa.ArrowException) as exc:
-                    raise KvrayInputError(f"cannot download {self.remote.uri}/{rel}: {_first(exc)}") from None
+                    raise KvrayInputError(f"cannot download {self.remote.uri}/{rel}: {first_line(exc)}") from None
                 st = target.stat()
                 files[rel] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
             self._write_record(files)
@@ -493,7 +383,7 @@ def output_folder(where: str | Path, upload: bool = True, must_exist: bool = Fal
                 stage.sync(final=True)
             except Exception as exc:
                 kept = True
-                text = (f"could not upload to {stage.remote.uri}: {_first(exc)}; everything is kept in "
+                text = (f"could not upload to {stage.remote.uri}: {first_line(exc)}; everything is kept in "
                         f"{stage.local}: copy it there, or rerun with --output {stage.local}")  # fmt: skip
                 if not failed:
                     raise StorageError(text) from None

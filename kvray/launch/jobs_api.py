@@ -267,29 +267,18 @@ def launch(
         from kvray.launch.transfer import Held
 
         direct = shared_output or is_uri(output)
+        # written where the driver reads it (object storage, a shared folder), or held on the cluster and pulled
         if direct:
-            remote = output if is_uri(output) else str(Path(output).resolve())
-            job_id, status, logs = submit(
-                address,
-                job_file,
-                extra_args=extra_args,
-                timeout_s=timeout_s,
-                log=log,
-                provision=provision,
-                output=remote,
-            )
+            where = {"output": output if is_uri(output) else str(Path(output).resolve())}
+        else:
+            where = {"holder": new_holder_name()}
+        job_id, status, logs = submit(
+            address, job_file, extra_args=extra_args, timeout_s=timeout_s, log=log, provision=provision, **where
+        )
+        if direct:
             files = written_directly(output, status)
             held = None
         else:
-            job_id, status, logs = submit(
-                address,
-                job_file,
-                extra_args=extra_args,
-                timeout_s=timeout_s,
-                log=log,
-                provision=provision,
-                holder=new_holder_name(),
-            )
             held = Held.from_logs(logs)
             files = bring_home(address, held, output, ray_client_port, log) if held else []
         if not status.endswith("SUCCEEDED") or (held is None and not files):

@@ -34,8 +34,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kvray.data.location import Stage, parse_remote
+from kvray.data.location import Stage
 from kvray.data.manifest import read_manifest
+from kvray.data.object_store import parse_remote
 from kvray.data.writer import DatasetWriter, EncodedRow, encode_row
 from kvray.measure.trace import CellResult
 from kvray.sweep.ray_env import import_ray

@@ -220,7 +220,7 @@ class Sweep:
             "job_sha256": job_sha256(self.job),
         }
         if self.sync_to:  # the URI holds no secret (kvray.data.location.parse_remote refuses them)
-            from kvray.data.location import STORAGE_ENV_VARS
+            from kvray.data.object_store import STORAGE_ENV_VARS
 
             run_record["output"] = self.sync_to
             # A joined cluster's worker does not have this shell's credentials: give the collector them, as
