@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from kvray.analysis.evidence import Finding
@@ -304,6 +305,13 @@ class FindingRule:
     key: str
     title: str
     compute: Callable[[View], list[Finding]]
+
+
+def oom_rule(exp: str, noun: str) -> FindingRule:
+    """The OOM-boundary rule of a sweep (exp1 over concurrency, exp2 over prompt length — ``noun``)."""
+    return FindingRule(
+        "oom_boundary", "Max concurrency / length before OOM", partial(oom_boundaries, exp=exp, noun=noun)
+    )
 
 
 # Findings about any cell, before and after the experiments' own (kvray.experiments.compute_findings).

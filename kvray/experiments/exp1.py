@@ -6,14 +6,13 @@ memory per extra request, the OOM boundary and the throughput plateau.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kvray.experiments.base import Experiment, Flags
 from kvray.experiments.options import BackendsOpt, GenOpt, PromptToksOpt
-from kvray.experiments.sections import view_figures
+from kvray.experiments.sections import view_drawn
 
 if TYPE_CHECKING:
     from kvray.analysis.findings import FindingRule
@@ -50,22 +49,19 @@ def build(
 
 def _findings() -> tuple[FindingRule, ...]:
     from kvray.analysis.evidence import throughput_plateaus
-    from kvray.analysis.findings import FindingRule, memory_slopes, oom_boundaries
+    from kvray.analysis.findings import FindingRule, memory_slopes, oom_rule
 
     return (
         FindingRule("memory_slope", "Memory per extra concurrent request", memory_slopes),
-        FindingRule("oom_boundary", "Max concurrency / length before OOM",
-                    partial(oom_boundaries, exp="exp1", noun="concurrency")),
+        oom_rule("exp1", "concurrency"),
         FindingRule("throughput_plateau", "Throughput plateau", throughput_plateaus),
-    )  # fmt: skip
+    )
 
 
-FIGURES = ("fig1_mem_vs_concurrency", "fig2_tps_vs_concurrency")
 EXPERIMENT = Experiment(
     name="exp1",
     title="Exp1 — concurrency sweep",
     build=build,
-    figures=FIGURES,
-    draw=view_figures(*FIGURES),
+    **view_drawn("fig1_mem_vs_concurrency", "fig2_tps_vs_concurrency"),
     findings=_findings,
 )

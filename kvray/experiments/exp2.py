@@ -7,14 +7,13 @@ with a note.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kvray.experiments.base import Experiment, Flags
 from kvray.experiments.options import BackendsOpt, GenOpt
-from kvray.experiments.sections import view_figures
+from kvray.experiments.sections import view_drawn
 
 if TYPE_CHECKING:
     from kvray.analysis.findings import FindingRule
@@ -70,22 +69,19 @@ def build(
 
 def _findings() -> tuple[FindingRule, ...]:
     from kvray.analysis.evidence import latency_exponents
-    from kvray.analysis.findings import FindingRule, oom_boundaries
+    from kvray.analysis.findings import FindingRule, oom_rule
 
     return (
-        FindingRule("oom_boundary", "Max concurrency / length before OOM",
-                    partial(oom_boundaries, exp="exp2", noun="prompt length")),
+        oom_rule("exp2", "prompt length"),
         FindingRule("latency_exponent", "Latency vs sequence length (log-log fit)", latency_exponents),
-    )  # fmt: skip
+    )
 
 
-FIGURES = ("fig3_latency_vs_seqlen", "fig4_mem_vs_seqlen")
 EXPERIMENT = Experiment(
     name="exp2",
     title="Exp2 — sequence-length sweep",
     build=build,
-    figures=FIGURES,
-    draw=view_figures(*FIGURES),
+    **view_drawn("fig3_latency_vs_seqlen", "fig4_mem_vs_seqlen"),
     findings=_findings,
     table_sort=("prompt_toks", "concurrency"),
 )

@@ -12,7 +12,7 @@ import typer
 
 from kvray.experiments.base import Experiment, Flags, Page
 from kvray.experiments.options import BackendsOpt, GenOpt
-from kvray.experiments.sections import cells_blocks, figure_blocks, view_figures
+from kvray.experiments.sections import cells_blocks, figure_blocks, view_drawn
 
 if TYPE_CHECKING:
     from kvray.analysis.findings import FindingRule
@@ -142,13 +142,11 @@ def _findings() -> tuple[FindingRule, ...]:
     return (FindingRule("mixed_penalty", "Tail-latency penalty of short requests in mixed batches", mixed_penalties),)
 
 
-FIGURES = ("fig5_mixed_lengths_latency",)
 EXPERIMENT = Experiment(
     name="exp3",
     title="Exp3 — mixed lengths (tail latency)",
     build=build,
-    figures=FIGURES,
-    draw=view_figures(*FIGURES),
+    **view_drawn("fig5_mixed_lengths_latency"),
     section=section,
     findings=_findings,
 )

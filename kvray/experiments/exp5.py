@@ -28,7 +28,7 @@ from kvray.experiments.options import (
     require_server_flags,
     server_options,
 )
-from kvray.experiments.sections import cell_rows_blocks, figure_blocks
+from kvray.experiments.sections import every_cell_blocks, figure_blocks
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -195,9 +195,7 @@ def section(exp: Experiment, page: Page) -> list[Block]:
                          "rate any of its probes measured. Rows whose client fell behind its schedule did not "
                          "offer the rate they name.")]  # fmt: skip
     blocks += figure_blocks(exp, page)
-    if cell_rows := cell_rows_blocks(exp, page):
-        blocks += [Block("h3", "Every exp5 cell"), *cell_rows]
-    return blocks
+    return blocks + every_cell_blocks(exp, page)
 
 
 EXPERIMENT = Experiment(

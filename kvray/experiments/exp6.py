@@ -14,7 +14,7 @@ import typer
 from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
 from kvray.experiments.options import GenOpt, VllmPythonOpt, server_options
-from kvray.experiments.sections import cell_rows_blocks
+from kvray.experiments.sections import every_cell_blocks
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -157,9 +157,7 @@ def section(exp: Experiment, page: Page) -> list[Block]:
                                          f"{str(r.get('reason'))[:300]}" for r in failed]))  # fmt: skip
     for name in exp.figures:
         blocks += page.figure(name)
-    if cell_rows := cell_rows_blocks(exp, page):
-        blocks += [Block("h3", "Every exp6 cell"), *cell_rows]
-    return blocks
+    return blocks + every_cell_blocks(exp, page)
 
 
 EXPERIMENT = Experiment(

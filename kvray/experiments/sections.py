@@ -72,6 +72,20 @@ def section_of(exp: Experiment) -> Callable[[Experiment, Page], list[Block]]:
     return exp.section or default_section
 
 
+def every_cell_blocks(exp: Experiment, page: Page) -> list[Block]:
+    """ "Every expN cell" and its table, after a section of its own; none without cells."""
+    from kvray.document import Block
+
+    cell_rows = cell_rows_blocks(exp, page)
+    return [Block("h3", f"Every {exp.name} cell"), *cell_rows] if cell_rows else []
+
+
+def view_drawn(*names: str) -> dict[str, Any]:
+    """``figures`` and ``draw`` of an experiment whose figures are of the fig1–fig7 family: ``Experiment(…,
+    **view_drawn("fig1_mem_vs_concurrency", …))``."""
+    return {"figures": names, "draw": view_figures(*names)}
+
+
 def view_figures(*names: str) -> Callable[[Dataset, Path], list[Any]]:
     """An experiment's ``draw`` for figures of the fig1–fig7 family (kvray/figures/plots.py), drawn from the View
     for every folder — an empty sweep's figure says which command fills it."""
