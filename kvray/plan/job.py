@@ -29,7 +29,7 @@ or any model starts. The planner (kvray/plan/planner.py) turns a Job into cells.
         load: {kind: poisson, rates: [2, 4, auto], requests: 200, seed: 0}   # closed: users: [1, 4, 16]
         slo: {ttft_ms: 500, tpot_ms: 50}
 
-One piece on purpose (over 500 lines): every key's check reports through one ``_Checker`` with the file and
+One piece on purpose (over 500 lines): every key's check reports through one ``Checker`` with the file and
 key path, and the whole schema above is checked in one pass, so the complete set of rules reads top to bottom.
 """
 
@@ -41,12 +41,18 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.plan.job_checks import (
+    Checker,
+    check_clients_count,
+    check_hardware,
+    check_options,
+    check_tensor_parallel_degrees,
+)
 from kvray.plan.loads import length_params, parse_slo, request_count
 from kvray.spec import LOAD_KINDS, WEIGHTS, LoadSpec
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-HARDWARE_MODES = ("any", "each")
 
 
 @dataclass(frozen=True)
@@ -167,65 +173,6 @@ REUSE_KEYS: dict[str, tuple[tuple[str, ...], dict[str, list[Any]]]] = {
 LOAD_KEYS = ("kind", "rate", "rates", "users", "requests", "duration_s", "burstiness", "seed", "warmup_s", "cooldown_s")
 
 
-class _Checker:
-    """Builds one-line errors that name the file and the key."""
-
-    def __init__(self, source: str):
-        self.source = source
-
-    def fail(self, key: str, message: str) -> KvrayInputError:
-        where = f"{self.source}: {key}: " if key else f"{self.source}: "
-        return KvrayInputError(where + message)
-
-    def string(self, key: str, value: Any, allow_empty: bool = False) -> str:
-        if not isinstance(value, str) or (not allow_empty and not value.strip()):
-            raise self.fail(key, f"expected a {'' if allow_empty else 'non-empty '}string, got {value!r}")
-        return value.strip()
-
-    def choice(self, key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> str:
-        if value not in allowed:
-            raise self.fail(key, f"got {value!r} (allowed: {', '.join(allowed)})")
-        return str(value)
-
-    def int_(self, key: str, value: Any, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.fail(key, f"expected an integer >= {minimum}, got {value!r}")
-        return value
-
-    def number(self, key: str, value: Any, minimum: float, strict: bool = False) -> float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if not ok or value < minimum or (strict and value == minimum):
-            raise self.fail(key, f"expected a number {'>' if strict else '>='} {minimum:g}, got {value!r}")
-        return float(value)
-
-    def listed(self, key: str, value: Any) -> list[Any]:
-        """A list, or a scalar standing for a list of one; never empty."""
-        items = value if isinstance(value, list) else [value]
-        if not items or value is None:
-            raise self.fail(key, "expected a non-empty list")
-        return items
-
-    def ints(self, key: str, value: Any, minimum: int = 1) -> tuple[int, ...]:
-        items = self.listed(key, value)
-        bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int) or v < minimum]
-        if bad:
-            raise self.fail(key, f"expected integers >= {minimum}, got {bad[0]!r}")
-        return tuple(items)
-
-    def numbers(self, key: str, value: Any) -> tuple[float, ...]:
-        items = self.listed(key, value)
-        return tuple(self.number(f"{key}[{i}]", v, 0.0) for i, v in enumerate(items))
-
-    def mapping(self, key: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(key, f"expected a mapping of keys ({', '.join(allowed)}), got {value!r}")
-        for k in value:
-            if k not in allowed:
-                prefix = f"{key}." if key else ""
-                raise self.fail(f"{prefix}{k}", f"unknown key (allowed: {', '.join(allowed)})")
-        return value
-
-
 def load_job(path: str | Path) -> Job:
     """Read and validate a job file; every problem is one KvrayInputError naming the file and key."""
     import yaml
@@ -254,7 +201,7 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
     from kvray.backends import backend_names
     from kvray.model.kvmath import normalize_dtype
 
-    c = _Checker(source)
+    c = Checker(source)
     d = c.mapping("", data, JOB_KEYS)
     for required in ("models", "grid"):
         if required not in d:
@@ -285,14 +232,14 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
     device = c.string("device", d.get("device", "auto")).lower()
     if not DEVICE_PATTERN.match(device):
         raise c.fail("device", f"got {device!r} (allowed: auto, cpu, cuda, cuda:N)")
-    hardware = _hardware(c, d.get("hardware", "any"), backends)
+    hardware = check_hardware(c, d.get("hardware", "any"), backends)
     options = d.get("options") or {}
     if not isinstance(options, dict):
         raise c.fail("options", f"expected a mapping of backend knobs (e.g. ttft_s: 0.05), got {options!r}")
     for k, v in options.items():
         if not isinstance(k, str) or not (v is None or isinstance(v, str | int | float | bool)):
             raise c.fail(f"options.{k}", f"expected a string, number or boolean, got {v!r}")
-    _check_options(c, backends, options)
+    check_options(c, backends, options)
     workers = d.get("workers")
     job = Job(
         name=name,
@@ -304,8 +251,8 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
         kv_dtype=kv_dtype,
         device=device,
         hardware=hardware,
-        tensor_parallel=_tensor_parallel(c, d.get("tensor_parallel", [1]), models),
-        clients=_clients(c, d.get("clients", 1), backends),
+        tensor_parallel=check_tensor_parallel_degrees(c, d.get("tensor_parallel", [1]), models),
+        clients=check_clients_count(c, d.get("clients", 1), backends),
         warmup=c.int_("warmup", d.get("warmup", 1), 0),
         repeats=c.int_("repeats", d.get("repeats", 3), 1),
         experiment=c.string("experiment", d.get("experiment", ""), allow_empty=True),
@@ -329,70 +276,7 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
     return job
 
 
-def _check_options(c: _Checker, backends: list[str], options: dict[str, Any]) -> None:
-    """Each backend checks the form of the options it reads (openai needs base_url, ollama host, …)."""
-    from kvray.backends import validate_backend
-
-    for backend in backends:
-        try:
-            validate_backend(backend, {k: v for k, v in options.items() if v is not None})
-        except KvrayInputError as exc:
-            raise c.fail("options", str(exc)) from None
-
-
-def _tensor_parallel(c: _Checker, value: Any, models: list[str]) -> list[int]:
-    """TP degrees: positive, each once, and (for models kvray knows the geometry of) degrees vLLM accepts."""
-    from kvray.model.parallel import check_tensor_parallel
-    from kvray.model.resolve import resolve_geometry
-
-    degrees = list(c.ints("tensor_parallel", value))
-    if len(set(degrees)) != len(degrees):
-        raise c.fail("tensor_parallel", f"lists a degree twice: {degrees}")
-    if degrees == [1]:
-        return degrees
-    for i, model in enumerate(models):
-        try:
-            g = resolve_geometry(model)
-        except KvrayInputError:
-            continue  # an unknown model is reported by the length check, naming models[i]
-        for n in degrees:
-            try:
-                check_tensor_parallel(g, n)
-            except KvrayInputError as exc:
-                raise c.fail("tensor_parallel", f"models[{i}]: {exc}") from None
-    return degrees
-
-
-def _clients(c: _Checker, value: Any, backends: list[str]) -> int:
-    """Client actors per cell: a positive integer, above 1 only when every backend of the job is a server backend."""
-    from kvray.backends import check_clients
-
-    for backend in backends:
-        try:
-            check_clients(backend, value)
-        except KvrayInputError as exc:
-            raise c.fail("clients", str(exc)) from None
-    return int(value)
-
-
-def _hardware(c: _Checker, value: Any, backends: list[str]) -> str | list[str]:
-    from kvray.backends import backend_class
-
-    if isinstance(value, str) and value in HARDWARE_MODES:
-        return value
-    items = [c.string(f"hardware[{i}]", h) for i, h in enumerate(c.listed("hardware", value))]
-    for backend in backends:  # e.g. the simulator's hardware is a GPU from its table, not a Ray accelerator type
-        for i, h in enumerate(items):
-            try:
-                backend_class(backend).validate_hardware(h)
-            except KvrayInputError as exc:
-                raise c.fail(f"hardware[{i}]", str(exc)) from None
-    if len(set(items)) != len(items):
-        raise c.fail("hardware", f"lists a type twice: {items}")
-    return items
-
-
-def _grids(c: _Checker, value: Any) -> list[Grid]:
+def _grids(c: Checker, value: Any) -> list[Grid]:
     blocks = value if isinstance(value, list) else [value]
     if not blocks:
         raise c.fail("grid", "expected a mapping or a non-empty list of mappings")
@@ -441,7 +325,7 @@ def _grids(c: _Checker, value: Any) -> list[Grid]:
     return grids
 
 
-def _reuse(c: _Checker, key: str, g: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+def _reuse(c: Checker, key: str, g: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """A block's ``workload: shared_prefix | multi_turn`` and its keys, checked (() for a plain block)."""
     all_keys = {k for required, optional in REUSE_KEYS.values() for k in (*required, *optional)}
     kind = g.get("workload", "uniform")
@@ -469,7 +353,7 @@ def _reuse(c: _Checker, key: str, g: dict[str, Any]) -> tuple[tuple[str, Any], .
     return tuple(out)
 
 
-def _loads(c: _Checker, key: str, value: Any, concurrency: tuple[int, ...]) -> tuple[LoadSpec, ...]:
+def _loads(c: Checker, key: str, value: Any, concurrency: tuple[int, ...]) -> tuple[LoadSpec, ...]:
     """A grid's ``load`` mapping → one LoadSpec per rate (``rates`` list, or ``auto``: a search) and user count
     (``users``, a closed loop's; default: the grid's ``concurrency``)."""
     m = c.mapping(key, value, LOAD_KEYS)
@@ -513,14 +397,14 @@ def _loads(c: _Checker, key: str, value: Any, concurrency: tuple[int, ...]) -> t
     return tuple(specs)
 
 
-def _slo(c: _Checker, key: str, value: Any) -> dict[str, float]:
+def _slo(c: Checker, key: str, value: Any) -> dict[str, float]:
     try:
         return parse_slo(value, key)
     except KvrayInputError as exc:
         raise c.fail("", str(exc)) from None
 
 
-def _dist(c: _Checker, key: str, value: Any, side: str) -> tuple[tuple[str, Any], ...]:
+def _dist(c: Checker, key: str, value: Any, side: str) -> tuple[tuple[str, Any], ...]:
     try:
         params = length_params(value, key, side)
     except KvrayInputError as exc:
@@ -530,7 +414,7 @@ def _dist(c: _Checker, key: str, value: Any, side: str) -> tuple[tuple[str, Any]
     return tuple(sorted(params.items()))
 
 
-def _check_lengths(c: _Checker, job: Job) -> None:
+def _check_lengths(c: Checker, job: Job) -> None:
     """Every model must hold the longest prompt plus its generated tokens (positions P + G − 1)."""
     from kvray.model.kvmath import cached_positions
     from kvray.model.resolve import resolve_geometry
