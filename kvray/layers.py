@@ -26,6 +26,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("bench", "one cell in this process: the runner"),
     ("sweep", "Ray: scheduler, worker pool, driver, collector, launch"),
     ("analysis", "the Dataset (a results folder read once), views, findings, calibration"),
+    ("capacity", "the capacity planner: cheapest GPU × TP × replicas × KV choices within SLOs, prices, Pareto"),
     ("figures", "every figure, from a Dataset or its View"),
     ("document", "the report's blocks and their Markdown / HTML renderers (report, sections, compare)"),
     # after figures so a section can draw its experiment's, before the report so it composes from the registry
