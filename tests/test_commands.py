@@ -41,6 +41,7 @@ def test_run_in_process_writes_the_dataset(folder):
 def test_plot_report_compare_read_the_folder(folder, tmp_path):
     assert kvray("plot", str(folder)) == 0
     assert (folder / "figures" / "fig1_mem_vs_concurrency.png").is_file()
+    assert list((folder / "figures").glob("pareto_*.png"))  # exp9's Pareto figure, drawn for any folder
     assert kvray("report", str(folder)) == 0
     assert (folder / "report.html").is_file() and (folder / "report.md").is_file()
     assert kvray("compare", str(folder), str(folder), "--output", str(tmp_path / "cmp")) == 0
@@ -56,6 +57,7 @@ def test_plot_report_compare_read_the_folder(folder, tmp_path):
         ("predict", "kvray/tiny-llama", "--gpu", "H100-SXM", "-c", "1", "4", "--prompt-toks", "64", "--gen-toks", "8"),
         ("bench", "-m", "kvray/tiny-llama", "--backend", "sim", "--prompt-toks", "64", "--gen-toks", "8", "-c", "2"),
         *[(f"exp{n}", "--model", "kvray/tiny-llama", "--dry-run") for n in range(1, 8)],
+        ("exp9", "--model", "kvray/tiny-llama", "--dry-run"),
         (
             "plan",
             "-m",
