@@ -201,3 +201,34 @@ def test_prefix_caching_needs_prefixes_to_matter():
     assert shared.has_prefixes and shared.lengths[0][0] == 384  # the prefix, then the drawn prompt
     probe = shared.requests(1.0, 8)
     assert [r.prefix_group for r in probe] == [0, 1, 2, 3, 0, 1, 2, 3] and probe[0].shared_prefix_toks == 256
+
+
+def test_offload_pays_above_the_pool_when_a_transfer_beats_a_recompute():
+    """Llama-3-8B, bf16 KV: 2 (K, V) × 32 layers × 8 KV heads × 128 × 2 B = 131,072 B per token. Over an A100's
+    PCIe Gen4 x16 (16 GT/s × 16 lanes × 128/130 ÷ 8 = 31.5 GB/s one way) a token comes back in 4.16 µs; recomputing
+    it costs at least 2 × 6.98e9 matmul parameters ÷ 312 TFLOP/s = 44.7 µs even at peak. Offload pays, above the
+    working set W = the GPU pool's tokens."""
+    from kvray.capacity.whatif import offload_verdict
+    from kvray.hardware.gpus import get_gpu
+
+    g = resolve_geometry("meta-llama/Meta-Llama-3-8B")
+    traffic = traffic_from_flags(256, 32, groups=8, prefix_toks=1024)
+    v = offload_verdict(g, get_gpu("A100-80GB-SXM"), traffic, 400_000)
+    assert v.kv_bytes_per_token_per_gpu == 131_072
+    assert v.transfer_s_per_token == pytest.approx(131_072 / 31.5077e9, rel=1e-4)
+    assert v.prefill_s_per_token > 44.7e-6 and v.pays
+    assert v.working_set_threshold_tokens == 400_000 and "W = 400,000 tokens" in v.verdict
+    assert v.working_set_tokens == 8 * 1024 and "within W" in v.verdict
+
+
+def test_disaggregation_adds_the_prompt_kv_transfer_to_ttft():
+    """A 1000-token prompt of Llama-3-8B carries 1000 × 131,072 B = 131 MB of KV; over an H100's NVLink 4 (900 GB/s
+    both ways, 450 one way) that is 0.291 ms more TTFT."""
+    from kvray.capacity.whatif import disaggregation
+    from kvray.hardware.gpus import get_gpu
+
+    g = resolve_geometry("meta-llama/Meta-Llama-3-8B")
+    d = disaggregation(g, get_gpu("H100-SXM"), traffic_from_flags(1000, 100), 10.0, 50.0, pool_tokens=400_000)
+    assert d.kv_transfer_bytes_per_request == 1000 * 131_072
+    assert d.ttft_added_s == pytest.approx(131.072e6 / 450e9)
+    assert d.prefill_groups >= 1 and d.decode_groups >= 1 and d.gpus == d.prefill_groups + d.decode_groups

@@ -100,9 +100,11 @@ class Plan:
     elapsed_s: float
     searched: int
     notes: list[str] = field(default_factory=list)
+    what_ifs: dict[str, Any] = field(default_factory=dict)  # the best deployment's (kvray/capacity/whatif.py)
 
     def to_dict(self, probes: bool = False) -> dict[str, Any]:
         return {
+            "what_ifs": self.what_ifs,
             "model": self.model,
             "rate_rps": self.rate_rps,
             "slo": self.slo,
@@ -264,6 +266,7 @@ def plan_capacity(
             row.reason = _why_not_best(row, best)
     if best is None:
         notes.append("no candidate meets the SLOs: relax them, add GPU types or TP degrees")
+    what_ifs = _what_ifs(g, best, traffic, rate_rps, slo, dtype, calibration) if best is not None else {}
     used = {c.gpu for c in candidates}
     return Plan(
         model=g.name,
@@ -279,7 +282,28 @@ def plan_capacity(
         searched=searched,
         notes=notes,
         prices={n: asdict(p) for n, p in prices.items() if n in used},
+        what_ifs=what_ifs,
     )
+
+
+def _what_ifs(
+    g: ModelGeometry,
+    best: CandidateResult,
+    traffic: Traffic,
+    rate_rps: float,
+    slo: Mapping[str, float],
+    dtype: str,
+    calibration: str | Path | None,
+) -> dict[str, Any]:
+    """CPU offload's verdict and a disaggregated prefill/decode split of the best deployment's GPU and TP."""
+    from kvray.capacity.whatif import disaggregation, offload_verdict
+
+    spec = get_gpu(best.gpu)
+    eff = efficiency_for(spec, "paged", calibration)
+    kw: dict[str, Any] = {"dtype": dtype, "kv_dtype": best.kv_dtype, "tp": best.tp, "eff": eff}
+    offload = offload_verdict(g, spec, traffic, best.kv_pool_tokens, **kw)
+    split = disaggregation(g, spec, traffic, rate_rps, slo.get("tpot_ms"), pool_tokens=best.kv_pool_tokens, **kw)
+    return {"offload": offload.to_dict(), "disaggregation": split.to_dict()}
 
 
 def _row(c: Candidate, price: Price | None, ceiling: float) -> CandidateResult:
