@@ -200,7 +200,8 @@ def test_prefix_caching_needs_prefixes_to_matter():
     shared = traffic_from_flags(128, 16, groups=4, prefix_toks=256)
     assert shared.has_prefixes and shared.lengths[0][0] == 384  # the prefix, then the drawn prompt
     probe = shared.requests(1.0, 8)
-    assert [r.prefix_group for r in probe] == [0, 1, 2, 3, 0, 1, 2, 3] and probe[0].shared_prefix_toks == 256
+    assert {r.prefix_group for r in probe} <= {0, 1, 2, 3} and probe[0].shared_prefix_toks == 256
+    assert [r.prefix_group for r in shared.requests(1.0, 8)] == [r.prefix_group for r in probe]  # seeded
 
 
 def test_offload_pays_above_the_pool_when_a_transfer_beats_a_recompute():

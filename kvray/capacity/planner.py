@@ -78,6 +78,7 @@ class CandidateResult:
     # already decided (a plan refines no further than it needs; --exhaustive: to 5 %)
     max_rps_bracket: tuple[float, float | None] | None = None
     probes: list[Probe] = field(default_factory=list)
+    routing: dict[str, Any] | None = None  # replicas behind the router checked on the routed traffic (prefixes only)
 
     def to_dict(self, probes: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -168,6 +169,7 @@ def plan_capacity(
     calibration: str | Path | None = None,
     exhaustive: bool = False,
     seed: int = 0,
+    router: str = "prefix_affinity",
 ) -> Plan:
     """The plan (module docstring): every candidate's row, the cheapest meeting the SLOs first."""
     if not rate_rps > 0 or not math.isfinite(rate_rps):
@@ -258,7 +260,25 @@ def plan_capacity(
         row.cost_per_mtok_output = float(got["cost_per_mtok_output"])
         row.cost_per_mtok_total = float(got["cost_per_mtok_total"])
         row.meets_slo = True
-        best_cost = min(best_cost, row.cost_per_hour)
+        if c.prefix_caching and traffic.has_prefixes and row.replicas > 1:
+            _route_replicas(
+                row,
+                g,
+                specs[c.gpu],
+                traffic,
+                slo,
+                rate_rps,
+                router,
+                usd,
+                percentile=percentile,
+                dtype=dtype,
+                kv_dtype=c.kv_dtype,
+                eff=efficiency_for(specs[c.gpu], "paged", calibration),
+                tp=c.tp,
+                seed=seed,
+            )
+        if row.meets_slo and row.cost_per_hour is not None:
+            best_cost = min(best_cost, row.cost_per_hour)
     ranked = sorted(rows.values(), key=_rank)
     best = ranked[0] if ranked and ranked[0].meets_slo else None
     for row in ranked:
@@ -286,6 +306,50 @@ def plan_capacity(
     )
 
 
+MAX_EXTRA_REPLICAS = 3
+
+
+def _route_replicas(
+    row: CandidateResult,
+    g: ModelGeometry,
+    spec: GpuSpec,
+    traffic: Traffic,
+    slo: Mapping[str, float],
+    rate_rps: float,
+    router: str,
+    usd: float,
+    **kw: Any,
+) -> None:
+    """Replicas behind ``router`` see their share of each prefix (kvray/capacity/routing.py): serve the busiest
+    replica's share of the routed traffic and add replicas (up to MAX_EXTRA_REPLICAS) until it meets the SLOs."""
+    from kvray.capacity.search import routed_probe
+
+    assert row.replicas is not None
+    cfg = EngineConfig(prefix_caching=True)
+    for replicas in range(row.replicas, row.replicas + MAX_EXTRA_REPLICAS + 1):
+        probe = routed_probe(g, spec, traffic, slo, rate_rps, replicas, router, cfg=cfg, **kw)
+        row.routing = {
+            "policy": router,
+            "replicas": replicas,
+            "meets_slo": probe.meets_slo,
+            "prefix_hit_rate": probe.prefix_hit_rate,
+            "window_requests": probe.window_requests,
+        }
+        if probe.meets_slo:
+            if replicas != row.replicas:
+                got = costs(rate_rps, rate_rps / replicas, row.tp, usd, traffic.mean_prompt_toks, traffic.mean_gen_toks)
+                row.replicas, row.gpus = replicas, replicas * row.tp
+                row.cost_per_hour = float(got["cost_per_hour"])
+                row.cost_per_mtok_output = float(got["cost_per_mtok_output"])
+                row.cost_per_mtok_total = float(got["cost_per_mtok_total"])
+            return
+    row.meets_slo = False
+    row.reason = (
+        f"SLO missed behind the {router} router even at {row.replicas + MAX_EXTRA_REPLICAS} replicas "
+        f"(a replica sees only its share of each prefix)"
+    )
+
+
 def _what_ifs(
     g: ModelGeometry,
     best: CandidateResult,
@@ -303,7 +367,17 @@ def _what_ifs(
     kw: dict[str, Any] = {"dtype": dtype, "kv_dtype": best.kv_dtype, "tp": best.tp, "eff": eff}
     offload = offload_verdict(g, spec, traffic, best.kv_pool_tokens, **kw)
     split = disaggregation(g, spec, traffic, rate_rps, slo.get("tpot_ms"), pool_tokens=best.kv_pool_tokens, **kw)
-    return {"offload": offload.to_dict(), "disaggregation": split.to_dict()}
+    out = {"offload": offload.to_dict(), "disaggregation": split.to_dict()}
+    if traffic.has_prefixes and best.replicas:
+        from kvray.capacity.routing import predict_every_policy
+
+        sample = traffic.requests(rate_rps, min(1000, 64 * best.replicas))
+        out["routing_hit_rate_predicted"] = {
+            "replicas": best.replicas,
+            "requests": len(sample),
+            **predict_every_policy(sample, best.replicas),
+        }
+    return out
 
 
 def _row(c: Candidate, price: Price | None, ceiling: float) -> CandidateResult:

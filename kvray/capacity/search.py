@@ -246,3 +246,34 @@ def _estimate_rps(
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if batch(mid)[0] <= limit else (lo, mid)
     return lo / batch(lo)[1]
+
+
+def routed_probe(
+    g: ModelGeometry,
+    gpu: GpuSpec,
+    traffic: Traffic,
+    slo: Mapping[str, float],
+    rate_rps: float,
+    replicas: int,
+    policy: str,
+    *,
+    percentile: float = 99,
+    dtype: str = "bf16",
+    kv_dtype: str = "bf16",
+    cfg: EngineConfig | None = None,
+    eff: Efficiency | None = None,
+    tp: int = 1,
+    seed: int = 0,
+    min_requests: int = MIN_REQUESTS,
+) -> Probe:
+    """The whole traffic at ``rate_rps`` routed by ``policy`` (kvray/servers/router.py) over ``replicas``: the
+    busiest replica's share served and judged — what the prefix cache of one replica sees behind that router."""
+    from kvray.capacity.routing import route
+
+    n = min(MAX_REQUESTS, min_requests * replicas)
+    reqs = traffic.requests(rate_rps, n, seed)
+    shares = [list(s) for s in route(reqs, policy, replicas)]
+    share = max(shares, key=len)
+    mine = [r for r in reqs if r.id in {s.id for s in share}]
+    run = serve(g, gpu, mine, dtype, kv_dtype, cfg or EngineConfig(), eff or Efficiency(), tp=tp)
+    return judge(run, mine, rate_rps / replicas, slo, percentile)

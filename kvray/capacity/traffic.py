@@ -3,8 +3,9 @@ and how a probe of it at any rate is built.
 
 A plan's probe sends the same requests at every rate, only closer together: lengths are drawn once (seeded) and
 cycled, arrivals are Poisson at the probe's rate (seeded); a trace keeps its own arrival pattern, compressed or
-stretched to the probe's mean rate. With ``--prefix-toks S --groups K`` request i belongs to prefix group i mod K
-and its prompt is S shared tokens followed by its drawn prompt length (the unique suffix).
+stretched to the probe's mean rate. With ``--prefix-toks S --groups K`` each request belongs to one of K prefix
+groups drawn uniformly (seeded) and its prompt is S shared tokens followed by its drawn prompt length (the unique
+suffix).
 
 ``--trace FILE``: a minimal reader of its own (``read_trace``) until the trace readers of issue #28 land —
 Mooncake JSONL (``timestamp`` ms, ``input_length``, ``output_length``, ``hash_ids`` of 512-token blocks) and
@@ -96,11 +97,11 @@ class Traffic:
             return self._trace_requests(rate_rps, n)
         import random
 
-        rng = random.Random(seed)
+        rng, pick = random.Random(seed), random.Random(f"groups {seed}")  # arrivals apart from group draws
         out, t = [], 0.0
         for i in range(n):
             prompt, gen = self.lengths[i % len(self.lengths)]
-            group = i % self.groups if self.groups else None
+            group = pick.randrange(self.groups) if self.groups else None
             out.append(PlanRequest(i, prompt, gen, t, group, self.prefix_toks if self.groups else 0))
             t += rng.expovariate(rate_rps)
         return out

@@ -46,6 +46,10 @@ def plan(
     prefix_caching: Annotated[
         list[str] | None, typer.Option("--prefix-caching", help="on off (default: on with --groups/--trace, else off)")
     ] = None,
+    router: Annotated[
+        str,
+        typer.Option("--router", help="replicas behind: prefix_affinity (default) | round_robin | least_loaded"),
+    ] = "prefix_affinity",
     prices: Annotated[str | None, typer.Option("--prices", help="YAML: GPU type → $/GPU-hour (H100-SXM: 4.0)")] = None,
     calibration: Annotated[
         str | None, typer.Option("--calibration", help="calibration file from kvray calibrate (default: its own)")
@@ -69,7 +73,10 @@ def plan(
     from kvray.model.kvmath import normalize_dtype
     from kvray.model.resolve import resolve_geometry
     from kvray.plan.loads import parse_dist, parse_slo
+    from kvray.servers.router import POLICIES
 
+    if router not in POLICIES:
+        raise KvrayInputError(f"--router: unknown policy {router!r} (known: {', '.join(POLICIES)})")
     if not slo:
         raise KvrayInputError("--slo is required: thresholds like ttft_ms=500,tpot_ms=50")
     thresholds = parse_slo(slo, "--slo")
@@ -111,6 +118,7 @@ def plan(
         calibration=calibration,
         exhaustive=exhaustive,
         seed=seed,
+        router=router,
     )
     if output_dir is not None:
         _write(result, output_dir)
