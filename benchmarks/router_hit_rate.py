@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from kvray.backends.openai import OpenAIBackend
 from kvray.backends.vllm import VLLMBackend
@@ -45,26 +46,27 @@ def counts(base_url: str) -> dict[str, float]:
     return {k: float(v or 0) for k, v in got.items()}
 
 
-def requests() -> tuple[RequestSpec, ...]:
+def requests(
+    groups: int = GROUPS, per_group: int = PER_GROUP, prefix: int = PREFIX, suffix: int = SUFFIX, gen: int = GEN
+) -> tuple[RequestSpec, ...]:
     """Group by group, each request after the one before it (one user, no think time)."""
-    n = GROUPS * PER_GROUP
     return tuple(
         RequestSpec(
             i,
-            PREFIX + SUFFIX,
-            GEN,
+            prefix + suffix,
+            gen,
             0.0,
             after=i - 1 if i else None,
-            prefix_group=i // PER_GROUP,
-            shared_prefix_toks=PREFIX,
+            prefix_group=i // per_group,
+            shared_prefix_toks=prefix,
         )
-        for i in range(n)
+        for i in range(groups * per_group)
     )
 
 
-def main() -> None:
+def measure(reqs: tuple[RequestSpec, ...], policies: tuple[str, ...] = POLICIES, log: bool = True) -> dict[str, Any]:
+    """Two vLLM CPU replicas started, ``reqs`` sent through the router once per policy, the replicas stopped."""
     python = vllm_python()
-    reqs = requests()
     replicas = []
     for cpu in ("0", "1"):
         b = VLLMBackend()
@@ -78,12 +80,13 @@ def main() -> None:
         )
         t = time.perf_counter()
         b.load(cell)
-        print(f"replica on CPU {cpu}: {b.server.base_url} up in {time.perf_counter() - t:.0f} s", flush=True)
+        if log:
+            print(f"replica on CPU {cpu}: {b.server.base_url} up in {time.perf_counter() - t:.0f} s", flush=True)
         replicas.append(b)
     model_dir = replicas[0].model_path
     results = {}
     try:
-        for repeat, policy in enumerate(POLICIES):
+        for repeat, policy in enumerate(policies):
             urls = [b.server.base_url for b in replicas]
             with Router(urls, policy, prefix_chars=200) as router:
                 cell = Cell(
@@ -137,11 +140,16 @@ def main() -> None:
                 "n_expected_hits": len(hit_ttft),
                 "n_expected_misses": len(miss_ttft),
             }
-            print(policy, json.dumps(results[policy]), flush=True)
+            if log:
+                print(policy, json.dumps(results[policy]), flush=True)
     finally:
         for b in replicas:
             b.close()
-    print(json.dumps(results, indent=1))
+    return results
+
+
+def main() -> None:
+    print(json.dumps(measure(requests()), indent=1))
 
 
 if __name__ == "__main__":
