@@ -130,6 +130,9 @@ def test_every_bundled_price_says_where_and_when():
         (["--rate", "1", "--slo", "ttft_ms=100", "--prefix-caching", "maybe"], "--prefix-caching"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--tp", "0"], "--tp"),
         (["--slo", "ttft_ms=100"], "--rate is required"),
+        (["--rate", "1", "--slo", "ttft_ms=100", "--percentile", "101"], "--percentile"),
+        (["--rate", "1", "--slo", "ttft_ms=100", "--router", "random"], "--router"),
+        (["--rate", "1", "--slo", "ttft_ms=100", "--trace", "/nonexistent.jsonl"], "--trace"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):

@@ -33,7 +33,7 @@ def plan(
     prefix_toks: Annotated[
         int, typer.Option("--prefix-toks", help="shared prefix tokens per group (with --groups)")
     ] = 0,
-    groups: Annotated[int, typer.Option("--groups", help="shared-prefix groups: request i is in group i mod N")] = 0,
+    groups: Annotated[int, typer.Option("--groups", help="shared-prefix groups, one drawn per request (seeded)")] = 0,
     slo: Annotated[
         str, typer.Option("--slo", help="thresholds, e.g. ttft_ms=500,tpot_ms=50 (also itl_ms, e2e_ms)")
     ] = "",
@@ -80,6 +80,10 @@ def plan(
     if not slo:
         raise KvrayInputError("--slo is required: thresholds like ttft_ms=500,tpot_ms=50")
     thresholds = parse_slo(slo, "--slo")
+    if rate is not None and not (rate > 0 and rate != float("inf")):
+        raise KvrayInputError(f"--rate must be a positive number of requests/s, got {rate}")
+    if not 0 < percentile <= 100:
+        raise KvrayInputError(f"--percentile must be in (0, 100], got {percentile}")
     if trace and (prompt_dist or gen_dist or groups or prefix_toks):
         raise KvrayInputError("--trace brings its own lengths and prefixes: drop --prompt-dist/--gen-dist/--groups")
     gpu_names = split_values(gpus) or list(DEFAULT_GPUS)
