@@ -139,7 +139,7 @@ def draw(dataset: Dataset, out_dir: Path) -> list[Any]:
 
 
 def section(exp: Experiment, page: Page) -> list[Block]:
-    """The cells, then per model the plan's answer and its candidates, then the figures."""
+    """The cells, then per model the plan's answer and its candidates, then the figures (of an exp9 folder)."""
     from kvray.document import Block
     from kvray.experiments.sections import cells_blocks, figure_blocks
 
@@ -181,7 +181,8 @@ def section(exp: Experiment, page: Page) -> list[Block]:
                 rows=rows,
             )
         )
-    return blocks + figure_blocks(exp, page)
+    # the Pareto figure is drawn for any folder (kvray plot); the report embeds it where exp9 ran
+    return blocks + (figure_blocks(exp, page) if _exp9_records(page.dataset) else [])
 
 
 EXPERIMENT = Experiment(
