@@ -133,6 +133,8 @@ def test_every_bundled_price_says_where_and_when():
         (["--rate", "1", "--slo", "ttft_ms=100", "--percentile", "101"], "--percentile"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--router", "random"], "--router"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--trace", "/nonexistent.jsonl"], "--trace"),
+        (["--rate", "1", "--slo", "ttft_ms=100", "--calibration", "/nonexistent.json"], "--calibration"),
+        (["--rate", "1", "--slo", "ttft_ms=100", "--measured", "/tmp"], "--output"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):

@@ -3,8 +3,9 @@ SLOs, from the serving simulator and a price table — no GPU, no Ray (kvray/cap
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -59,6 +60,10 @@ def plan(
         bool, typer.Option("--exhaustive", help="search every candidate, even those whose ceiling costs more")
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="seed of the drawn lengths and arrivals")] = 0,
+    measured: Annotated[
+        str | None,
+        typer.Option("--measured", help="a results folder whose measured cells join the Pareto figure (--output)"),
+    ] = None,
     output: Annotated[
         str | None, typer.Option("--output", "--out", help="folder for plan.json and the Pareto figures")
     ] = None,
@@ -94,6 +99,10 @@ def plan(
     kv_dtypes = list(dict.fromkeys(normalize_dtype(k) for k in split_values(kv_dtype) or [dtype]))
     dtype = normalize_dtype(dtype)
     table = load_prices(prices)
+    _check_calibration(calibration)
+    if measured is not None and output is None:
+        raise KvrayInputError("--measured draws into the Pareto figure: give --output DIR too")
+    measured_records = _read_measured(measured) if measured is not None else []
     output_dir = _check_output(output)
     if trace:
         traffic = traffic_from_trace(trace)
@@ -125,7 +134,7 @@ def plan(
         router=router,
     )
     if output_dir is not None:
-        _write(result, output_dir)
+        _write(result, output_dir, measured_records, table)
     if as_json:
         render.print_json(result.to_dict())
     else:
@@ -155,14 +164,38 @@ def _check_output(output: str | None) -> Path | None:
     return Path(output)
 
 
-def _write(result: Plan, folder: Path) -> None:
+def _check_calibration(path: str | None) -> None:
+    """``--calibration FILE``: a calibration file ``kvray calibrate`` wrote, or one line and exit 2."""
+    if path is None:
+        return
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise KvrayInputError(f"--calibration {path}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError:
+        raise KvrayInputError(f"--calibration {path}: not JSON (a file from kvray calibrate)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        raise KvrayInputError(f"--calibration {path}: no 'entries' (a file from kvray calibrate)")
+
+
+def _read_measured(folder: str) -> list[dict[str, Any]]:
+    from kvray.cli.output_cmds import require_results
+
+    return require_results(folder)
+
+
+def _write(result: Plan, folder: Path, measured: list[dict[str, Any]], prices: Mapping[str, Any]) -> None:
     import json
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / PLAN_JSON).write_text(json.dumps(result.to_dict(probes=True), indent=2, default=str) + "\n")
+    from kvray.capacity.pareto import points_from_records
     from kvray.figures.pareto import plan_figures
 
-    plan_figures(result.to_dict(probes=True), folder / "figures")
+    mine = [r for r in measured if r["cell"].get("model") == result.model]
+    plan_figures(result.to_dict(probes=True), folder / "figures", extra=points_from_records(mine, prices))
 
 
 def _money(value: float | None) -> str:
@@ -184,7 +217,8 @@ def show(result: Plan) -> None:
         assert best.max_rps_per_replica is not None
         out.print(
             f"[bold green]Best[/]: {best.replicas} × {best.gpu} TP{best.tp} (KV {best.kv_dtype}"
-            f"{', prefix caching' if best.prefix_caching else ''}) = {best.gpus} GPUs, {_money(best.cost_per_hour)}/h, "
+            f"{', prefix caching' if best.prefix_caching else ''}) = {best.gpus} GPU{'s' if best.gpus != 1 else ''}, "
+            f"{_money(best.cost_per_hour)}/h, "
             f"{_money(best.cost_per_mtok_output)} per M output tokens ({_money(best.cost_per_mtok_total)} per M total); "
             f"one replica serves {best.max_rps_per_replica:.3g} req/s within the SLO"
         )
@@ -206,5 +240,19 @@ def show(result: Plan) -> None:
             "best" if c is best else c.reason,
         )
     out.print(table)
+    what = result.what_ifs
+    if "offload" in what:
+        out.print(f"CPU offload: {what['offload']['verdict']}")
+    if "disaggregation" in what:
+        d = what["disaggregation"]
+        out.print(
+            f"Disaggregated prefill/decode: {d['prefill_groups']} prefill + {d['decode_groups']} decode groups "
+            f"({d['gpus']} GPUs); each prompt's KV ({d['kv_transfer_bytes_per_request'] / 2**20:.1f} MiB) adds "
+            f"{d['ttft_added_s'] * 1e3:.2f} ms to TTFT over {d['link']}"
+        )
+    if "routing_hit_rate_predicted" in what:
+        r = what["routing_hit_rate_predicted"]
+        rates = ", ".join(f"{k} {v:.1%}" for k, v in r.items() if k not in ("replicas", "requests"))
+        out.print(f"Prefix-cache hit rate behind a router of {r['replicas']} replicas (predicted): {rates}")
     for note in result.notes:
         out.print(f"note: {note}")

@@ -102,13 +102,14 @@ def fig_pareto(points: Sequence[ParetoPoint], out_dir: Path, name: str, context:
     return d.result
 
 
-def plan_figures(plan: Mapping[str, Any], out_dir: Path) -> list[FigureResult]:
-    """The Pareto figure of a plan's probes (``Plan.to_dict(probes=True)``), ``pareto_plan``."""
+def plan_figures(plan: Mapping[str, Any], out_dir: Path, extra: Sequence[ParetoPoint] = ()) -> list[FigureResult]:
+    """The Pareto figure of a plan's probes (``Plan.to_dict(probes=True)``), ``pareto_plan``; ``extra``: points
+    drawn beside them (a results folder's measured cells, ``kvray plan --measured``)."""
     slo = ", ".join(f"{k} {v:g}" for k, v in plan.get("slo", {}).items())
     context = f"{plan.get('model', '')} · {plan.get('traffic', '')} · predicted (kvray plan, SLO {slo})"
     with style.styled():
         try:
-            return [fig_pareto(points_from_plan(plan), out_dir, "pareto_plan", context)]
+            return [fig_pareto([*points_from_plan(plan), *extra], out_dir, "pareto_plan", context)]
         except Exception as exc:  # a figure never costs the plan its answer
             return [failed_figure("pareto_plan", exc, out_dir)]
 
