@@ -238,3 +238,42 @@ def test_disaggregation_adds_the_prompt_kv_transfer_to_ttft():
     assert d.kv_transfer_bytes_per_request == 1000 * 131_072
     assert d.ttft_added_s == pytest.approx(131.072e6 / 450e9)
     assert d.prefill_groups >= 1 and d.decode_groups >= 1 and d.gpus == d.prefill_groups + d.decode_groups
+
+
+def record(gpu: str, tp: int, tpot_s: float, output_tps: float, simulated: bool) -> dict:
+    """A results row as cells.jsonl holds it, reduced to what the Pareto figure reads."""
+    return {
+        "status": "ok",
+        "simulated": simulated,
+        "hardware": {"name": gpu},
+        "metrics": {"tpot_s_p50": tpot_s, "output_tps": output_tps},
+        "cell": {
+            "model": "kvray/tiny-llama",
+            "tensor_parallel": tp,
+            "hardware": gpu,
+            "backend": "sim" if simulated else "vllm",
+        },
+    }
+
+
+def test_a_results_folder_gets_a_pareto_figure_across_deployments(tmp_path):
+    """Per GPU: output tok/s ÷ TP; per user: 1 ÷ TPOT p50. H100 TP 2 at 20 ms and 4000 tok/s → (50, 2000)."""
+    from types import SimpleNamespace
+
+    from kvray.capacity.pareto import points_from_records
+    from kvray.figures.pareto import has_pareto_data, pareto_figures
+
+    rows = [
+        record("H100", 2, 0.020, 4000, False),
+        record("H100-SXM", 2, 0.010, 1000, True),
+        record("NVIDIA L4", 1, 0.050, 500, True),
+    ]
+    points = points_from_records(rows, PRICES)
+    assert (points[0].gpu, points[0].tokens_per_s_per_user, points[0].tokens_per_s_per_gpu) == ("H100-SXM", 50, 2000)
+    assert points[0].measured and not points[1].measured
+    assert points[0].usd_per_mtok_output == pytest.approx(4.76 / (2000 * 3600) * 1e6)
+    assert not has_pareto_data(rows[:2]) and has_pareto_data(rows)  # one deployment is not a frontier
+    (fig,) = pareto_figures(SimpleNamespace(records=rows), tmp_path)
+    assert fig.name == "pareto_kvray--tiny-llama" and (tmp_path / f"{fig.name}.png").is_file()
+    assert "H100-SXM TP2 measured" in fig.series and "H100-SXM TP2 predicted" in fig.series
+    assert "H100-SXM TP2 (50 tok/s/user, 2000 tok/s/GPU)" in " ".join(fig.notes)

@@ -6,8 +6,9 @@ $/M-token panel) draws them with the frontier. Its report section then runs the 
 same as ``kvray plan``) for each model of the folder at ``EXP9_RATE`` under ``EXP9_SLO`` over the folder's GPU
 types and TP degrees, and shows the cheapest deployment, the table of candidates and why each loses.
 
-``draw`` makes the Pareto figure for any results folder with at least two cells that have a TPOT and a
-throughput (``kvray plot`` of an exp1 or exp7 folder gets one too), and the plan figures of exp9 folders.
+``draw`` makes the Pareto figure for any results folder whose cells with a TPOT and a throughput span at least two
+deployments (GPU type × TP: ``kvray plot`` of an exp6 or exp7 folder across GPUs gets one too), and the plan
+figures of exp9 folders.
 """
 
 from __future__ import annotations

@@ -115,8 +115,9 @@ def plan_figures(plan: Mapping[str, Any], out_dir: Path, extra: Sequence[ParetoP
 
 
 def has_pareto_data(records: Sequence[Mapping[str, Any]]) -> bool:
-    """At least two cells with a TPOT and an output throughput: a trade-off needs two points."""
-    return len(points_from_records(records, {})) >= 2
+    """Cells with a TPOT and an output throughput from at least two deployments (GPU type × TP): a frontier across
+    deployments needs two (one deployment's curve is fig2's and exp5's already)."""
+    return len({(p.gpu, p.tp) for p in points_from_records(records, {})}) >= 2
 
 
 def pareto_figures(dataset: Dataset, out_dir: Path, prices: Mapping[str, Any] | None = None) -> list[FigureResult]:
