@@ -28,6 +28,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("sweep", "Ray: scheduler, worker pool, driver, collector"),
     ("launch", "a job run elsewhere: Jobs API, cluster launcher, preflight, the dataset brought home"),
     ("analysis", "the Dataset (a results folder read once), views, findings, calibration"),
+    ("capacity", "the capacity planner: cheapest GPU × TP × replicas × KV choices within SLOs, prices, Pareto"),
     ("figures", "every figure, from a Dataset or its View"),
     ("document", "the report's blocks and their Markdown / HTML renderers (report, sections, compare)"),
     # after figures so a section can draw its experiment's, before the report so it composes from the registry

@@ -1,0 +1,180 @@
+"""KV what-ifs the plan answers beside its search (docs/capacity.md states the physics, with hand-worked numbers):
+
+**CPU offload of evicted prefix blocks.** A prefix the GPU pool still holds is a hit for free; one it evicted is
+either recomputed (its prefill: ``prefill_s_per_token`` × tokens, compute-bound) or, with offload, copied back
+from host memory over the GPU's host link (``transfer_s_per_token`` = KV bytes per token per GPU ÷ link
+bandwidth). Offload changes nothing while the prefixes' working set fits the GPU pool, so it **pays above a
+working set W = the KV pool's tokens** — and only if a transfer is faster than a recompute, up to W plus what
+host memory holds.
+
+**Disaggregated prefill and decode.** Separate pools: every request's prompt KV (prompt × KV bytes per token of
+the whole model) crosses from a prefill GPU group to a decode group, adding its transfer time to TTFT; the
+prefill pool is sized by its busy time, ⌈R × prefill(P) ÷ ρ⌉ groups at utilisation ρ (0.8: queueing headroom),
+the decode pool by the largest decode batch B whose TPOT meets the SLO: ⌈R ÷ (B ÷ (G × TPOT(B)))⌉ groups.
+
+fp8 KV (the pool ×2 per byte, the KV part of each decode step's bytes halved) and prefix caching are candidates
+of the search itself (``--kv-dtype``, ``--prefix-caching``): the simulator runs them. fp8's dequantisation cost
+is not a term of the simulator's step yet (its calibration would fit it per GPU: docs/capacity.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kvray.capacity.traffic import Traffic
+from kvray.hardware.gpus import GpuSpec
+from kvray.model.geometry import ModelGeometry
+from kvray.model.kvmath import kv_bytes_per_token
+from kvray.model.parallel import shard_geometry
+from kvray.sim.simulate import Efficiency, predict_cell
+
+# GPU ↔ host link per direction, GB/s. PCI-SIG: Gen4 16 GT/s, Gen5 32 GT/s per lane, × 16 lanes, 128b/130b
+# encoding → 31.5 and 63.0 GB/s each way. Every board in kvray's table sits on PCIe x16 to its host (SXM boards
+# too: NVLink joins GPUs, not the CPU); a Grace Hopper's NVLink-C2C (450 GB/s each way) would be its own row.
+PCIE_GEN4_X16_GBPS = 16 * 16 * 128 / 130 / 8
+PCIE_GEN5_X16_GBPS = 32 * 16 * 128 / 130 / 8
+HOST_LINK_GBPS = {
+    "H100-SXM": PCIE_GEN5_X16_GBPS,
+    "H100-PCIe": PCIE_GEN5_X16_GBPS,
+    "H100-NVL": PCIE_GEN5_X16_GBPS,
+    "H200": PCIE_GEN5_X16_GBPS,
+    "H200-NVL": PCIE_GEN5_X16_GBPS,
+}
+PREFILL_UTILISATION = 0.8
+DEFAULT_HOST_KV_GIB = 256.0  # host memory given to offloaded KV per GPU: a what-if's assumption, printed with it
+
+
+def host_link_gbps(gpu: GpuSpec) -> float:
+    """GB/s one way between this GPU and its host (PCIe Gen5 x16 on Hopper boards, Gen4 x16 on the rest)."""
+    return HOST_LINK_GBPS.get(gpu.name, PCIE_GEN4_X16_GBPS)
+
+
+@dataclass
+class OffloadVerdict:
+    kv_bytes_per_token_per_gpu: float
+    prefill_s_per_token: float  # recomputing a prefix, per token (a prefill of the prefix alone)
+    transfer_s_per_token: float  # copying it back from host memory, per token
+    host_link_gbps: float
+    working_set_threshold_tokens: int  # W: the GPU pool's tokens
+    host_capacity_tokens: int
+    working_set_tokens: int  # the traffic's distinct prefix tokens (0 without shared prefixes)
+    pays: bool  # transfer faster than recompute
+    verdict: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def offload_verdict(
+    g: ModelGeometry,
+    gpu: GpuSpec,
+    traffic: Traffic,
+    pool_tokens: int,
+    *,
+    dtype: str = "bf16",
+    kv_dtype: str = "bf16",
+    tp: int = 1,
+    eff: Efficiency | None = None,
+    host_kv_gib: float = DEFAULT_HOST_KV_GIB,
+) -> OffloadVerdict:
+    """Whether offloading evicted prefix blocks to host memory beats recomputing them (module docstring)."""
+    per_token = kv_bytes_per_token(shard_geometry(g, tp), kv_dtype, "paged")
+    prefix = max(traffic.prefix_toks, 512)
+    prefill = predict_cell(g, gpu, 1, prefix, 1, dtype=dtype, kv_dtype=kv_dtype, layout="paged", eff=eff, tp=tp)
+    prefill_per_token = prefill.ttft_s / prefix
+    link = host_link_gbps(gpu)
+    transfer_per_token = per_token / (link * 1e9)
+    host_tokens = int(host_kv_gib * 2**30 / per_token)
+    working = traffic.groups * traffic.prefix_toks
+    pays = transfer_per_token < prefill_per_token
+    ratio = prefill_per_token / transfer_per_token
+    if pays:
+        text = (
+            f"offload pays above working set W = {pool_tokens:,} tokens (the GPU pool): a host hit costs "
+            f"{transfer_per_token * 1e6:.2f} µs/token over {link:.1f} GB/s vs {prefill_per_token * 1e6:.2f} µs/token to "
+            f"recompute ({ratio:.1f}× faster), up to {pool_tokens + host_tokens:,} tokens with {host_kv_gib:g} GiB of host KV"
+        )
+    else:
+        text = (
+            f"offload does not pay: a host hit ({transfer_per_token * 1e6:.2f} µs/token over {link:.1f} GB/s) is "
+            f"slower than recomputing ({prefill_per_token * 1e6:.2f} µs/token)"
+        )
+    if working:
+        text += (
+            f"; this traffic's prefixes hold {working:,} tokens ({'above' if working > pool_tokens else 'within'} W)"
+        )
+    return OffloadVerdict(
+        per_token, prefill_per_token, transfer_per_token, link, pool_tokens, host_tokens, working, pays, text
+    )
+
+
+@dataclass
+class Disaggregation:
+    kv_transfer_bytes_per_request: float  # the mean prompt's KV, whole model
+    link: str
+    link_gbps: float
+    ttft_added_s: float
+    prefill_s: float  # one mean prompt's prefill on one group
+    prefill_groups: int
+    decode_batch: int  # the largest decode batch within the TPOT SLO
+    decode_rps_per_group: float
+    decode_groups: int
+    gpus: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def disaggregation(
+    g: ModelGeometry,
+    gpu: GpuSpec,
+    traffic: Traffic,
+    rate_rps: float,
+    tpot_ms: float | None,
+    *,
+    pool_tokens: int,
+    dtype: str = "bf16",
+    kv_dtype: str = "bf16",
+    tp: int = 1,
+    eff: Efficiency | None = None,
+    link_gbps: float | None = None,
+    max_batch: int = 256,
+) -> Disaggregation:
+    """Separate prefill and decode pools of ``tp``-GPU groups of ``gpu`` (module docstring). ``link_gbps``: the
+    one-way bandwidth between the pools (default the GPU's own GPU-to-GPU link: both pools in one node)."""
+    p, n = max(1, round(traffic.mean_prompt_toks)), max(2, round(traffic.mean_gen_toks))
+    kv_bytes = p * kv_bytes_per_token(g, kv_dtype, "paged")
+    link = link_gbps if link_gbps is not None else gpu.link_gbps_per_direction
+    added = kv_bytes / (link * 1e9)
+    kw: dict[str, Any] = {"dtype": dtype, "kv_dtype": kv_dtype, "layout": "paged", "eff": eff, "tp": tp}
+    prefill_s = predict_cell(g, gpu, 1, p, 1, **kw).ttft_s
+    prefill_groups = max(1, math.ceil(rate_rps * prefill_s / PREFILL_UTILISATION))
+    cap = max(1, min(max_batch, pool_tokens // (p + n)))
+
+    def tpot_ms_at(b: int) -> float:
+        return predict_cell(g, gpu, b, p, n, **kw).tpot_s * 1e3
+
+    limit = tpot_ms if tpot_ms is not None else math.inf
+    lo, hi = 1, cap
+    if tpot_ms_at(hi) <= limit:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if tpot_ms_at(mid) <= limit else (lo, mid)
+    decode_rps = lo / (n * tpot_ms_at(lo) / 1e3)
+    decode_groups = max(1, math.ceil(rate_rps / decode_rps))
+    name = "given link" if link_gbps is not None else gpu.interconnect
+    return Disaggregation(
+        kv_bytes,
+        name,
+        link,
+        added,
+        prefill_s,
+        prefill_groups,
+        lo,
+        decode_rps,
+        decode_groups,
+        (prefill_groups + decode_groups) * tp,
+    )
