@@ -21,12 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kvray.backends.http import OpenAIBackend
 from kvray.backends.vllm import VLLMBackend
-
-try:  # the HTTP streaming layer's package is kvray.backends.http on main (issue #26 renamed it)
-    from kvray.backends.http import OpenAIBackend
-except ImportError:
-    from kvray.backends.openai import OpenAIBackend  # type: ignore[no-redef]
 from kvray.capacity.routing import predict_routed_hits, route
 from kvray.measure.metrics import request_metrics
 from kvray.servers.prometheus import parse, prefix_cache_counts
