@@ -49,9 +49,10 @@ from kvray.sim.simulate import (
     DEFAULT_ETA_COMPUTE,
     DEFAULT_ETA_MEMORY,
     batch_passes,
+    batch_requests,
     calibration_path,
     load_calibration,
-    pass_roofs,
+    step_roofs,
 )
 
 # The flat rows do not carry cell options, so sim rows (only with include_simulated) count as "hf".
@@ -202,8 +203,10 @@ def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool =
             continue
         prompts = _prompts(row)
         gen = int(row["gen_toks"])
-        roofs = [pass_roofs(p, shard, gpu, dtype, tp)
-                 for p in batch_passes(shard, prompts, [gen] * len(prompts), dtype, kv_dtype, layout)]  # fmt: skip
+        gens = [gen] * len(prompts)
+        roofs = [step_roofs(p, shard, gpu, dtype, tp, requests=work)
+                 for p, work in zip(batch_passes(shard, prompts, gens, dtype, kv_dtype, layout),
+                                    batch_requests(prompts, gens, layout), strict=True)]  # fmt: skip
         pieces = np.array([r.pieces() for r in roofs])
         fixed = np.array([r.allreduce_s for r in roofs])
         tpot = _finite(row.get("tpot_s_p50"))
