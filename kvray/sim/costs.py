@@ -156,9 +156,9 @@ def allreduce_s(g: ModelGeometry, gpu: GpuSpec, tokens: int, dtype: str, tp: int
 class StepRequests(NamedTuple):
     """What the engine's CPU side does in a step: requests running (scheduled), admitted, finished."""
 
-    running: int = 0
-    admitted: int = 0
-    finished: int = 0
+    running: float = 0  # floats: a serving window's mean step (kvray/analysis/observations.py) has fractions
+    admitted: float = 0
+    finished: float = 0
 
 
 NO_REQUESTS = StepRequests()
