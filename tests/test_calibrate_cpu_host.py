@@ -58,6 +58,7 @@ def test_cpu_rows_are_skipped_without_a_host_and_fitted_on_tpot_alone_with_one()
     }
     assert (fit.eta_compute, fit.eta_memory, fit.layer_overhead_s) == pytest.approx((0.7, 0.9, 0.0))
     assert 0.0100 < fit.step_overhead_s < 0.0106  # 12 ms less the default roofs (weights + KV: 1.5–1.7 ms)
-    assert fit.median_abs_rel_error_after["tpot"] < 1e-3
+    # the default memory roof grows with the batch's KV where the rows stay flat: within the 1 % refit tolerance
+    assert fit.median_abs_rel_error_after["tpot"] < 0.01
     assert fit.host_peaks == HOST.to_dict() and "measured" in fit.host_peaks["method"]
     assert fit.skipped == {"TTFT not on the engine's clock (ttft_basis)": 1}
