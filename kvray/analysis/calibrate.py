@@ -237,11 +237,16 @@ def fit_group(obs: list[Observation]) -> tuple[np.ndarray, dict[str, bool]]:
     of the way."""
     problem = _Problem(obs)
     everything = list(range(7))
-    theta, loss = _fit(problem, everything)
+    n = len(problem.t)
+    # The launch floor last, and only when it fits materially better: a flat per-layer floor plus a per-request
+    # cost mimics a memory roof whose KV grows with the batch, so noise alone would otherwise pick it
+    theta, loss = _fit(problem, [0, 1, 3, 4, 5, 6])
+    with_floor, floor_loss = _fit(problem, everything)
+    if math.sqrt(floor_loss / n) < math.sqrt(loss / n) - REFIT_TOLERANCE / 2:
+        theta, loss = with_floor, floor_loss
     free = identifiable(problem, theta)
-    if free != everything:
+    if free != [k for k in everything if k != 2 or theta[2] > 0]:
         refit, refit_loss = _fit(problem, free)
-        n = len(problem.t)
         if math.sqrt(refit_loss / n) > math.sqrt(loss / n) + REFIT_TOLERANCE:
             held = DEFAULTS.copy()
             held[:2] = theta[:2]
