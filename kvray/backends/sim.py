@@ -145,8 +145,11 @@ class SimBackend(BackendBase):
         """The layout option chooses what the simulator predicts ("hf" unless ``layout: paged``)."""
         return "paged" if options.get("layout") == "paged" else "hf"
 
-    def __init__(self, calibration: str | Path | None = None):
+    def __init__(self, calibration: str | Path | None = None, *, device: GpuSpec | None = None):
         self.calibration = calibration  # a calibration file; None → $KVRAY_CALIBRATION or the default path
+        # a device outside the GPU table (this machine measured as ``cpu-host``, kvray/hardware/host.py) that
+        # every cell runs on, whatever its ``hardware``: kvray validate replays CPU rows on it
+        self.sim_device = device
         self.geometry: ModelGeometry | None = None
         self.gpu: GpuSpec = get_gpu(DEFAULT_GPU)
         self._timeline_cell: str | None = None  # the cell whose repeats the timeline holds
@@ -155,10 +158,13 @@ class SimBackend(BackendBase):
         self._reuse = ReuseAccount()  # simulated prefix-cache hits beside their prediction, pooled over repeats
         self._timeline: list[dict[str, Any]] = []
 
+    def _gpu_of(self, cell: Cell) -> GpuSpec:
+        return self.sim_device if self.sim_device is not None else gpu_of(cell)
+
     def load(self, cell: Cell) -> None:
         from kvray.model.resolve import resolve_geometry
 
-        self.gpu = gpu_of(cell)
+        self.gpu = self._gpu_of(cell)
         _layout(cell.option_dict)
         normalize_dtype(cell.dtype)
         if self.geometry is None or self.geometry.name != cell.model:
@@ -178,7 +184,7 @@ class SimBackend(BackendBase):
         return replace(base, **values, source="cell options")
 
     def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
-        if self.geometry is None or self.geometry.name != cell.model or self.gpu is not gpu_of(cell):
+        if self.geometry is None or self.geometry.name != cell.model or self.gpu is not self._gpu_of(cell):
             self.load(cell)
         assert self.geometry is not None
         layout, block_size = _layout(cell.option_dict)
