@@ -30,8 +30,11 @@ def calibration_cells(a: Any) -> list[Any]:
     prompt, gens = (16, (4, 8)) if a.smoke else (128, (16, 48))
     conc = (1, 4, 8) if a.smoke else (1, 8, 32, 64)
     common = {"dtype": a.dtype, "device": a.device, "backend": "hf-paged", "weights": "random", "warmup": a.warmup}
-    cells = [bench_cell(a.models[0], prompt_toks=prompt, gen_toks=n, concurrency=c, repeats=a.repeats, **common)
-             for n in gens for c in conc]  # fmt: skip
+    cells = [
+        bench_cell(a.models[0], prompt_toks=prompt, gen_toks=n, concurrency=c, repeats=a.repeats, **common)
+        for n in gens
+        for c in conc
+    ]
     users = 4 if a.smoke else 24
     closed = {"kind": "closed", "users": users, "requests": 4 * users}
     cells.append(bench_cell(a.models[0], prompt_toks=prompt, gen_toks=gens[0], load=closed, repeats=1, **common))
@@ -45,11 +48,18 @@ def held_out_cells(a: Any, closed_rps: float | None) -> list[Any]:
     common = {"dtype": a.dtype, "device": a.device, "backend": "hf-paged", "weights": "random", "warmup": a.warmup}
     users = 3 if a.smoke else 16
     cells = [
-        bench_cell(a.models[0], prompt_toks=prompt, gen_toks=gen, concurrency=4 if a.smoke else 16,
-                   repeats=a.repeats, **common),
-        bench_cell(a.models[0], prompt_toks=prompt, gen_toks=gen, repeats=1,
-                   load={"kind": "closed", "users": users, "requests": 4 * users}, **common),
-    ]  # fmt: skip
+        bench_cell(
+            a.models[0], prompt_toks=prompt, gen_toks=gen, concurrency=4 if a.smoke else 16, repeats=a.repeats, **common
+        ),
+        bench_cell(
+            a.models[0],
+            prompt_toks=prompt,
+            gen_toks=gen,
+            repeats=1,
+            load={"kind": "closed", "users": users, "requests": 4 * users},
+            **common,
+        ),
+    ]
     if closed_rps:
         requests = 12 if a.smoke else 48
         for k, factor in enumerate((0.5, 1.2)):
@@ -80,9 +90,11 @@ def stage_validate(check: Any, backend: Any, open_: Any) -> None:
             writer.append(result)
             rows.append(result.to_row())
             m = result.metrics or {}
-            print(f"  {cell.label()[:60]:60s} {result.status:7s} TTFT p50 {1e3 * m.get('ttft_s_p50', float('nan')):8.2f}"
-                  f" ms  TPOT p50 {1e3 * m.get('tpot_s_p50', float('nan')):7.2f} ms  ({time.monotonic() - t0:.1f} s)",
-                  flush=True)  # fmt: skip
+            print(
+                f"  {cell.label()[:60]:60s} {result.status:7s} TTFT p50 {1e3 * m.get('ttft_s_p50', float('nan')):8.2f}"
+                f" ms  TPOT p50 {1e3 * m.get('tpot_s_p50', float('nan')):7.2f} ms  ({time.monotonic() - t0:.1f} s)",
+                flush=True,
+            )
         writer.flush()
         return rows
 
@@ -96,18 +108,29 @@ def stage_validate(check: Any, backend: Any, open_: Any) -> None:
     fits, _ = calibrate(cal_dir, out=cal_path, host=host)
     summary["fits"] = [f.to_entry(str(cal_dir)) for f in fits]
     for f in fits:
-        print(f"  fit {f.gpu} {f.layout}: η_compute {f.eta_compute:.3g}, η_memory {f.eta_memory:.3g}, CPU "
-              f"{f.step_overhead_s * 1e3:.3g} ms/step + {f.request_step_s * 1e3:.3g} ms/running request; "
-              f"identified {[k for k, v in f.identified.items() if v]}", flush=True)  # fmt: skip
+        print(
+            f"  fit {f.gpu} {f.layout}: η_compute {f.eta_compute:.3g}, η_memory {f.eta_memory:.3g}, CPU "
+            f"{f.step_overhead_s * 1e3:.3g} ms/step + {f.request_step_s * 1e3:.3g} ms/running request; "
+            f"identified {[k for k, v in f.identified.items() if v]}",
+            flush=True,
+        )
     closed = [r for r in cal_rows if r.get("load") == "closed" and r["status"] == "ok"]
     rate = float(closed[0]["achieved_rps"]) if closed else None
     measure(held_dir, held_out_cells(a, rate))
     result = validate(held_dir, cal_path)
     record = result.to_dict()
     (check.out / "validate-heldout.json").write_text(json.dumps(record, indent=1))
-    draw_validation(result.rows, check.out, "Simulator vs hf-paged, held out", f"{a.models[0]} {a.dtype}",
-                    name="validation")  # fmt: skip
-    summary.update(cells=result.cells, skipped=result.skipped, median_abs_rel_error=result.median_abs_rel_error(),
-                   worst_abs_rel_error=result.worst_abs_rel_error(), closed_loop_rps=rate)  # fmt: skip
-    print("  held-out median |error|: " + ", ".join(f"{m} {e:.1%}" for m, e in result.median_abs_rel_error().items()),
-          flush=True)  # fmt: skip
+    draw_validation(
+        result.rows, check.out, "Simulator vs hf-paged, held out", f"{a.models[0]} {a.dtype}", name="validation"
+    )
+    summary.update(
+        cells=result.cells,
+        skipped=result.skipped,
+        median_abs_rel_error=result.median_abs_rel_error(),
+        worst_abs_rel_error=result.worst_abs_rel_error(),
+        closed_loop_rps=rate,
+    )
+    print(
+        "  held-out median |error|: " + ", ".join(f"{m} {e:.1%}" for m, e in result.median_abs_rel_error().items()),
+        flush=True,
+    )

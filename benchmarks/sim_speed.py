@@ -53,8 +53,10 @@ def main() -> int:
     for k in range(args.repeats):
         cpu_s, steps, served = run_once(args.requests, args.rate)
         times.append(cpu_s)
-        print(f"run {k + 1}: {served} requests, {steps} steps in {cpu_s:.2f} CPU s ({served / cpu_s:,.0f} req/s, "
-              f"{steps / cpu_s:,.0f} steps/s simulated); load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+        print(
+            f"run {k + 1}: {served} requests, {steps} steps in {cpu_s:.2f} CPU s ({served / cpu_s:,.0f} req/s, "
+            f"{steps / cpu_s:,.0f} steps/s simulated); load average {os.getloadavg()[0]:.2f}"
+        )
     best = min(times)
     verdict = "within" if best <= 10.0 else "NOT within"
     print(f"best of {len(times)}: {best:.2f} CPU s for {args.requests} requests → {verdict} the 10 s target")

@@ -17,8 +17,14 @@ from kvray.plan.loads import build_workload
 from kvray.sim.costs import CPU_TERMS
 from kvray.spec import Cell, LoadSpec, Workload, make_options
 
-TRUTH = {"eta_compute": 0.6, "eta_memory": 0.85, "step_overhead_s": 2e-3, "request_step_s": 50e-6,
-         "admit_s": 1e-3, "finish_s": 0.5e-3}  # fmt: skip
+TRUTH = {
+    "eta_compute": 0.6,
+    "eta_memory": 0.85,
+    "step_overhead_s": 2e-3,
+    "request_step_s": 50e-6,
+    "admit_s": 1e-3,
+    "finish_s": 0.5e-3,
+}
 
 
 def rows(noise: float, seed: int = 0, serving: bool = True) -> list[dict]:
@@ -28,8 +34,14 @@ def rows(noise: float, seed: int = 0, serving: bool = True) -> list[dict]:
     if serving:
         workloads += [build_workload(LoadSpec(kind="poisson", rate_rps=r, requests=150), 128, 32) for r in (5, 20, 40)]
     for wl in workloads:
-        cell = Cell(model="meta-llama/Meta-Llama-3-8B", backend="hf-paged", workload=wl, hardware="H100-SXM",
-                    warmup=0, options=make_options(layout="paged", **TRUTH))  # fmt: skip
+        cell = Cell(
+            model="meta-llama/Meta-Llama-3-8B",
+            backend="hf-paged",
+            workload=wl,
+            hardware="H100-SXM",
+            warmup=0,
+            options=make_options(layout="paged", **TRUTH),
+        )
         result = run_cell(backend, cell)
         result.simulated, result.hardware = False, {"name": "NVIDIA H100 80GB HBM3"}
         row = result.to_row()
@@ -58,9 +70,18 @@ def test_recovers_the_cpu_terms_and_eta_from_noisy_rows_and_predicts_a_held_out_
     fitted = {k: getattr(fit, k) for k in TRUTH}
     held_out = build_workload(LoadSpec(kind="poisson", rate_rps=30, requests=200, seed=7), 96, 24)
     truth, predicted = (
-        run_cell(SimBackend(), Cell(model="meta-llama/Meta-Llama-3-8B", backend="sim", workload=held_out,
-                                    hardware="H100-SXM", warmup=0, options=make_options(layout="paged", **eff)))
+        run_cell(
+            SimBackend(),
+            Cell(
+                model="meta-llama/Meta-Llama-3-8B",
+                backend="sim",
+                workload=held_out,
+                hardware="H100-SXM",
+                warmup=0,
+                options=make_options(layout="paged", **eff),
+            ),
+        )
         for eff in (TRUTH, fitted)
-    )  # fmt: skip
+    )
     for metric, tolerance in (("tpot_s_p50", 0.03), ("e2e_s_p50", 0.03), ("ttft_s_p50", 0.08)):
         assert predicted.metrics[metric] == pytest.approx(truth.metrics[metric], rel=tolerance)

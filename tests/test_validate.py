@@ -20,8 +20,14 @@ from kvray.plan.loads import build_workload
 from kvray.spec import Cell, LoadSpec, Workload, make_options
 
 TRUTH = {"eta_compute": 0.6, "eta_memory": 0.45}
-ENGINE = {"block_size": 16, "max_batch_tokens": 8192, "max_num_batched_tokens": 8192, "max_num_seqs": 256,
-          "kv_cache_memory_bytes": 64 * 2**20, "layout": "paged"}  # fmt: skip
+ENGINE = {
+    "block_size": 16,
+    "max_batch_tokens": 8192,
+    "max_num_batched_tokens": 8192,
+    "max_num_seqs": 256,
+    "kv_cache_memory_bytes": 64 * 2**20,
+    "layout": "paged",
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +39,15 @@ def measured(tmp_path_factory):
         build_workload(LoadSpec(kind="poisson", rate_rps=2000, requests=60), 64, 16),
     ]
     for wl in workloads:
-        cell = Cell(model="kvray/tiny-llama", backend="hf-paged", workload=wl, hardware="H100-SXM", warmup=0,
-                    dtype="bf16", options=make_options(**ENGINE, **TRUTH))  # fmt: skip
+        cell = Cell(
+            model="kvray/tiny-llama",
+            backend="hf-paged",
+            workload=wl,
+            hardware="H100-SXM",
+            warmup=0,
+            dtype="bf16",
+            options=make_options(**ENGINE, **TRUTH),
+        )
         result = run_cell(SimBackend(), cell)
         result.simulated, result.hardware = False, {"name": "NVIDIA H100 80GB HBM3"}
         writer.append(result)

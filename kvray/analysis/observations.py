@@ -53,9 +53,15 @@ class Observation:
 
 
 def observation(row: int, kind: str, measured_s: float, roofs: list[StepRoofs], weight: float) -> Observation:
-    return Observation(row, kind, measured_s, np.array([r.pieces() for r in roofs]),
-                       np.array([r.cpu_coefficients() for r in roofs]), np.array([r.allreduce_s for r in roofs]),
-                       np.full(len(roofs), weight))  # fmt: skip
+    return Observation(
+        row,
+        kind,
+        measured_s,
+        np.array([r.pieces() for r in roofs]),
+        np.array([r.cpu_coefficients() for r in roofs]),
+        np.array([r.allreduce_s for r in roofs]),
+        np.full(len(roofs), weight),
+    )
 
 
 def layout_of(backend: str) -> str | None:
@@ -104,17 +110,22 @@ def steady_step(g: Any, gpu: GpuSpec, dtype: str, kv_dtype: str, tp: int, row: d
     decode = step_cost(g, [(context - 1, 1)] * decodes, dtype, kv_dtype)
     fill = sequence_step_cost(g, 0, int(prompt), kv_dtype)
     tokens = decodes + admitted * prompt
-    cost = PassCost(decode.flops + admitted * fill.flops, decode.bytes + admitted * fill.prefill_attention_bytes,
-                    max(round(tokens), 1), decode.decode_attention_flops, decode.decode_attention_bytes,
-                    admitted * fill.prefill_attention_flops, admitted * fill.prefill_attention_bytes)  # fmt: skip
+    cost = PassCost(
+        decode.flops + admitted * fill.flops,
+        decode.bytes + admitted * fill.prefill_attention_bytes,
+        max(round(tokens), 1),
+        decode.decode_attention_flops,
+        decode.decode_attention_bytes,
+        admitted * fill.prefill_attention_flops,
+        admitted * fill.prefill_attention_bytes,
+    )
     work = StepRequests(running + admitted, admitted, admitted)
     return step_roofs(cost, g, gpu, dtype, tp, requests=work)
 
 
-def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool = False,
-                           host: GpuSpec | None = None) -> tuple[
-    dict[tuple[str, str], list[Observation]], dict[str, int]
-]:  # fmt: skip
+def observations_from_rows(
+    rows: list[dict[str, Any]], include_simulated: bool = False, host: GpuSpec | None = None
+) -> tuple[dict[tuple[str, str], list[Observation]], dict[str, int]]:
     """Group usable rows' observations by (GPU name, layout); count the skipped rows by reason.
 
     ``host``: CPU rows are fitted against it (its name, e.g. "cpu-host"); on the client's clock, TPOT only."""
@@ -195,9 +206,14 @@ def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool =
         prompts = prompts_of(row)
         gen = int(row["gen_toks"])
         gens = [gen] * len(prompts)
-        roofs = [step_roofs(p, shard, gpu, dtype, tp, requests=work)
-                 for p, work in zip(batch_passes(shard, prompts, gens, dtype, kv_dtype, layout),
-                                    batch_requests(prompts, gens, layout), strict=True)]  # fmt: skip
+        roofs = [
+            step_roofs(p, shard, gpu, dtype, tp, requests=work)
+            for p, work in zip(
+                batch_passes(shard, prompts, gens, dtype, kv_dtype, layout),
+                batch_requests(prompts, gens, layout),
+                strict=True,
+            )
+        ]
         tpot = finite(row.get("tpot_s_p50"))
         if tpot_only and (tpot is None or gen < 2):
             skip("TTFT not on the engine's clock (ttft_basis) and no TPOT")

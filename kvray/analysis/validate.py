@@ -30,8 +30,19 @@ from kvray.hardware.host import HOST_NAME, HostPeaks, is_cpu_hardware
 from kvray.sim.costs import calibration_path, load_calibration
 
 # metric → the row column it reads (measured and simulated rows share kvray.measure.metrics' names)
-METRICS = ("ttft_s_p50", "ttft_s_p99", "tpot_s_p50", "tpot_s_p99", "e2e_s_p50", "achieved_rps", "output_tps",
-           "kv_peak_bytes", "prefix_cache_hit_rate", "knee_rps", "saturation_rps")  # fmt: skip
+METRICS = (
+    "ttft_s_p50",
+    "ttft_s_p99",
+    "tpot_s_p50",
+    "tpot_s_p99",
+    "e2e_s_p50",
+    "achieved_rps",
+    "output_tps",
+    "kv_peak_bytes",
+    "prefix_cache_hit_rate",
+    "knee_rps",
+    "saturation_rps",
+)
 # vLLM's engine defaults the simulator needs: (max_num_seqs, max_num_batched_tokens, block_size), CPU and GPU
 # (vLLM 0.32.0 engine/arg_utils.py: the CPU platform's OpenAI server defaults; V1 on a GPU)
 VLLM_CPU, VLLM_GPU = (128, 2048, 128), (256, 8192, 16)
@@ -62,9 +73,14 @@ class Validation:
         return {m: out[m] for m in METRICS if m in out}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"median_abs_rel_error": self.median_abs_rel_error(), "worst_abs_rel_error": self.worst_abs_rel_error(),
-                "cells": self.cells, "skipped": self.skipped, "calibration": self.calibration,
-                "rows": self.rows}  # fmt: skip
+        return {
+            "median_abs_rel_error": self.median_abs_rel_error(),
+            "worst_abs_rel_error": self.worst_abs_rel_error(),
+            "cells": self.cells,
+            "skipped": self.skipped,
+            "calibration": self.calibration,
+            "rows": self.rows,
+        }
 
 
 def host_device(calibration: str | Path | None) -> GpuSpec | None:
@@ -76,8 +92,9 @@ def host_device(calibration: str | Path | None) -> GpuSpec | None:
     return None
 
 
-def engine_options(backend: str, on_cpu: bool, options: dict[str, Any], extra: dict[str, Any],
-                   kv_bytes_per_token: float) -> dict[str, Any]:  # fmt: skip
+def engine_options(
+    backend: str, on_cpu: bool, options: dict[str, Any], extra: dict[str, Any], kv_bytes_per_token: float
+) -> dict[str, Any]:
     """The sim backend's options that reproduce the measured engine: its layout, and for a paged engine its
     batch limits, block size, pool and prefix caching — the cell's options first, then what the engine reported
     in the row (``extra``: vLLM's ``server_cache``, hf-paged's ``paged_cache``), then the backend's defaults."""
@@ -97,8 +114,13 @@ def engine_options(backend: str, on_cpu: bool, options: dict[str, Any], extra: d
         batch, seqs = options.get("max_num_batched_tokens") or batch_d, options.get("max_num_seqs") or seqs_d
         blocks = cache.get("num_gpu_blocks")
         prefix = bool(options.get("enable_prefix_caching", True))
-    out: dict[str, Any] = {"layout": "paged", "block_size": block, "max_num_batched_tokens": int(batch),
-                           "max_num_seqs": int(seqs), "prefix_caching": prefix}  # fmt: skip
+    out: dict[str, Any] = {
+        "layout": "paged",
+        "block_size": block,
+        "max_num_batched_tokens": int(batch),
+        "max_num_seqs": int(seqs),
+        "prefix_caching": prefix,
+    }
     if blocks:
         out["kv_pool_bytes"] = int(int(blocks) * block * kv_bytes_per_token)
     elif options.get("kv_cache_memory_bytes") or on_cpu:
@@ -173,12 +195,23 @@ def validate(measured_dir: str | Path, calibration: str | Path | None = None) ->
         except Exception:  # a model kvray cannot resolve offline: nothing to simulate
             skip("model geometry unknown")
             continue
-        opts = engine_options(cell.backend, on_cpu, cell.option_dict, measured.extra or {},
-                              kv_bytes_per_token(g, kv_dtype, "paged"))  # fmt: skip
-        sim_cell = dataclasses.replace(cell, backend="sim", hardware=gpu.name if gpu else "any", warmup=0,
-                                       repeats=1, device="cpu", options=tuple(sorted(opts.items())))  # fmt: skip
-        predicted = (run_search(backend, sim_cell, lambda _: None, check_oom=False) if is_search(cell)
-                     else run_cell(backend, sim_cell, check_oom=False))  # fmt: skip
+        opts = engine_options(
+            cell.backend, on_cpu, cell.option_dict, measured.extra or {}, kv_bytes_per_token(g, kv_dtype, "paged")
+        )
+        sim_cell = dataclasses.replace(
+            cell,
+            backend="sim",
+            hardware=gpu.name if gpu else "any",
+            warmup=0,
+            repeats=1,
+            device="cpu",
+            options=tuple(sorted(opts.items())),
+        )
+        predicted = (
+            run_search(backend, sim_cell, lambda _: None, check_oom=False)
+            if is_search(cell)
+            else run_cell(backend, sim_cell, check_oom=False)
+        )
         if predicted.status != "ok":
             skip(f"simulator: {predicted.status}")
             continue

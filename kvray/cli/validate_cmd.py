@@ -36,8 +36,12 @@ def validate(
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "validation.json").write_text(json.dumps(record, indent=1))
-        draw_validation(result.rows, out, "Simulator vs measured: every cell replayed", f"{measured_dir} · "
-                        f"calibration {result.calibration}")  # fmt: skip
+        draw_validation(
+            result.rows,
+            out,
+            "Simulator vs measured: every cell replayed",
+            f"{measured_dir} · calibration {result.calibration}",
+        )
     if as_json:
         render.print_json(record)
         return
@@ -58,5 +62,6 @@ def _table(result: Any, measured_dir: str) -> None:
     median, worst = result.median_abs_rel_error(), result.worst_abs_rel_error()
     summary = "; ".join(f"{m} {median[m]:.1%} (worst {worst[m]:.1%})" for m in median) or "nothing compared"
     skipped = ", ".join(f"{n} {why}" for why, n in result.skipped.items())
-    render.line(f"{result.cells} cells; median |error| {summary}" + (f"; skipped {skipped}" if skipped else ""),
-                soft_wrap=True)  # fmt: skip
+    render.line(
+        f"{result.cells} cells; median |error| {summary}" + (f"; skipped {skipped}" if skipped else ""), soft_wrap=True
+    )

@@ -22,8 +22,9 @@ def _unit(metric: str) -> tuple[str, float]:
     return next((u for key, u in UNITS.items() if key in metric), ("", 1.0))
 
 
-def draw_validation(rows: list[dict[str, Any]], out_dir: Path, title: str, context: str,
-                    name: str = "validation") -> list[Path]:  # fmt: skip
+def draw_validation(
+    rows: list[dict[str, Any]], out_dir: Path, title: str, context: str, name: str = "validation"
+) -> list[Path]:
     """Predicted vs measured per metric (``rows``: Validation.rows); returns the files written."""
     import matplotlib.pyplot as plt
 
@@ -44,8 +45,14 @@ def draw_validation(rows: list[dict[str, Any]], out_dir: Path, title: str, conte
                 style.placeholder(ax, f"{metric}: no positive values")
                 continue
             lo, hi = min(min(p) for p in pts) / 1.5, max(max(p) for p in pts) * 1.5
-            ax.fill_between([lo, hi], [lo * (1 - BAND), hi * (1 - BAND)], [lo * (1 + BAND), hi * (1 + BAND)],
-                            color="#dddddd", linewidth=0, label=f"±{BAND:.0%}")  # fmt: skip
+            ax.fill_between(
+                [lo, hi],
+                [lo * (1 - BAND), hi * (1 - BAND)],
+                [lo * (1 + BAND), hi * (1 + BAND)],
+                color="#dddddd",
+                linewidth=0,
+                label=f"±{BAND:.0%}",
+            )
             ax.plot([lo, hi], [lo, hi], ":", color="grey", linewidth=0.8)
             ax.scatter([m for m, _ in pts], [p for _, p in pts], s=18, color=style.color(0), zorder=3)
             ax.set_xscale("log")
