@@ -9,13 +9,12 @@ bursts up to the engine's batch (1 … 64) at two output lengths and Poisson loa
 import random
 
 import pytest
+from sim_measured import simulated_as_measured
 
 from kvray.analysis.calibrate import calibrate_rows
-from kvray.backends.sim import SimBackend
-from kvray.bench.runner import run_cell
 from kvray.plan.loads import build_workload
 from kvray.sim.costs import CPU_TERMS
-from kvray.spec import Cell, LoadSpec, Workload, make_options
+from kvray.spec import LoadSpec, Workload
 
 TRUTH = {
     "eta_compute": 0.6,
@@ -29,21 +28,12 @@ TRUTH = {
 
 def rows(noise: float, seed: int = 0, serving: bool = True) -> list[dict]:
     rng = random.Random(seed)
-    backend, out = SimBackend(), []
+    out = []
     workloads = [Workload.uniform(c, 128, n) for c in (1, 2, 4, 8, 16, 32, 64) for n in (16, 48)]
     if serving:
         workloads += [build_workload(LoadSpec(kind="poisson", rate_rps=r, requests=150), 128, 32) for r in (5, 20, 40)]
     for wl in workloads:
-        cell = Cell(
-            model="meta-llama/Meta-Llama-3-8B",
-            backend="hf-paged",
-            workload=wl,
-            hardware="H100-SXM",
-            warmup=0,
-            options=make_options(layout="paged", **TRUTH),
-        )
-        result = run_cell(backend, cell)
-        result.simulated, result.hardware = False, {"name": "NVIDIA H100 80GB HBM3"}
+        result = simulated_as_measured("meta-llama/Meta-Llama-3-8B", wl, layout="paged", **TRUTH)
         row = result.to_row()
         for key in ("ttft_s_p50", "tpot_s_p50", "tpot_s_mean"):
             row[key] *= 1 + rng.gauss(0, noise)
@@ -69,19 +59,7 @@ def test_recovers_the_cpu_terms_and_eta_from_noisy_rows_and_predicts_a_held_out_
 
     fitted = {k: getattr(fit, k) for k in TRUTH}
     held_out = build_workload(LoadSpec(kind="poisson", rate_rps=30, requests=200, seed=7), 96, 24)
-    truth, predicted = (
-        run_cell(
-            SimBackend(),
-            Cell(
-                model="meta-llama/Meta-Llama-3-8B",
-                backend="sim",
-                workload=held_out,
-                hardware="H100-SXM",
-                warmup=0,
-                options=make_options(layout="paged", **eff),
-            ),
-        )
-        for eff in (TRUTH, fitted)
-    )
+    model = "meta-llama/Meta-Llama-3-8B"
+    truth, predicted = (simulated_as_measured(model, held_out, layout="paged", **eff) for eff in (TRUTH, fitted))
     for metric, tolerance in (("tpot_s_p50", 0.03), ("e2e_s_p50", 0.03), ("ttft_s_p50", 0.08)):
         assert predicted.metrics[metric] == pytest.approx(truth.metrics[metric], rel=tolerance)

@@ -10,14 +10,13 @@ kvray/tiny-llama on an H100 — bound by reading its 13.6 MB of weights — take
 import json
 
 import pytest
+from sim_measured import simulated_as_measured
 
 from kvray.analysis.validate import validate
-from kvray.backends.sim import SimBackend
-from kvray.bench.runner import run_cell
 from kvray.cli.app import main
 from kvray.data.store import DatasetWriter
 from kvray.plan.loads import build_workload
-from kvray.spec import Cell, LoadSpec, Workload, make_options
+from kvray.spec import LoadSpec, Workload
 
 TRUTH = {"eta_compute": 0.6, "eta_memory": 0.45}
 ENGINE = {
@@ -39,17 +38,7 @@ def measured(tmp_path_factory):
         build_workload(LoadSpec(kind="poisson", rate_rps=2000, requests=60), 64, 16),
     ]
     for wl in workloads:
-        cell = Cell(
-            model="kvray/tiny-llama",
-            backend="hf-paged",
-            workload=wl,
-            hardware="H100-SXM",
-            warmup=0,
-            dtype="bf16",
-            options=make_options(**ENGINE, **TRUTH),
-        )
-        result = run_cell(SimBackend(), cell)
-        result.simulated, result.hardware = False, {"name": "NVIDIA H100 80GB HBM3"}
+        result = simulated_as_measured("kvray/tiny-llama", wl, **ENGINE, **TRUTH)
         writer.append(result)
     writer.flush()
     return out

@@ -18,12 +18,12 @@ one to believe.
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvray.analysis.views import as_number
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, match_gpu
 from kvray.hardware.host import HOST_NAME, HostPeaks, is_cpu_hardware
@@ -134,23 +134,15 @@ def measured_value(metric: str, row: dict[str, Any], extra: dict[str, Any]) -> f
     """The value of ``metric`` in a (measured or simulated) row, None where the row has none."""
     if metric == "achieved_rps":
         value = row.get("achieved_rps")
-        value = value if _number(value) is not None else row.get("rps")
+        value = value if as_number(value) is not None else row.get("rps")
     elif metric == "kv_peak_bytes":
         value = row.get("kv_measured_bytes") if not row.get("simulated") else row.get("kv_predicted_bytes")
     elif metric == "prefix_cache_hit_rate":
-        hits, queries = _number(row.get("prefix_cache_hits")), _number(row.get("prefix_cache_queries"))
+        hits, queries = as_number(row.get("prefix_cache_hits")), as_number(row.get("prefix_cache_queries"))
         value = hits / queries if hits is not None and queries else None
     else:
         value = row.get(metric)
-    return _number(value)
-
-
-def _number(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+    return as_number(value)
 
 
 def validate(measured_dir: str | Path, calibration: str | Path | None = None) -> Validation:
