@@ -9,7 +9,8 @@ measured search's own criterion (kvray/bench/saturation.py), so knee and saturat
 The simulated cell goes through the runner and kvray.measure.metrics like the measured one, so the two rows'
 columns are computed by one piece of code.
 
-Metrics compared (``METRICS``): TTFT p50 / p99, TPOT p50 / p99, E2E p50, achieved req/s, output tokens/s, KV peak
+Beside each error, the spread of the measurement itself over its repeats (``repeat_spread``). Metrics compared
+(``METRICS``): TTFT p50 / p99, TPOT p50 / p99, E2E p50, achieved req/s, output tokens/s, KV peak
 (measured used bytes vs the simulator's blocks in use), prefix-cache hit rate, and knee / saturation of a search.
 The error is predicted / measured − 1. Calibrate on one folder, validate on another: that held-out error is the
 one to believe.
@@ -58,6 +59,8 @@ class Validation:
     skipped: dict[str, int] = field(default_factory=dict)
     calibration: str = ""
     labels: dict[str, str] = field(default_factory=dict)  # cell id → a readable label
+    # cell id → metric → (max − min) / median of that metric over the measured repeats (``repeat_spread``)
+    spread: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def median_abs_rel_error(self) -> dict[str, float]:
         return {m: statistics.median(errs) for m, errs in self._errors().items()}
@@ -145,6 +148,32 @@ def measured_value(metric: str, row: dict[str, Any], extra: dict[str, Any]) -> f
     return as_number(value)
 
 
+def repeat_spread(traces: list[Any]) -> dict[str, float]:
+    """(max − min) / median over the measured repeats of each latency percentile ``METRICS`` names, each repeat's
+    percentile over its own requests (all of them: a load's ramp-up and drain included); {} with one repeat. A
+    prediction cannot be judged more finely than this."""
+    import numpy as np
+
+    from kvray.measure.metrics import request_metrics
+
+    by_repeat: dict[int, list[dict[str, float]]] = {}
+    for t in traces:
+        by_repeat.setdefault(t.repeat, []).append(request_metrics(t))
+    if len(by_repeat) < 2:
+        return {}
+    out: dict[str, float] = {}
+    for metric in METRICS[:5]:  # the latency percentiles
+        key, q = metric.rsplit("_p", 1)
+        values = []
+        for requests in by_repeat.values():
+            own = [r[key] for r in requests if r[key] == r[key]]
+            if own:
+                values.append(float(np.percentile(own, int(q))))
+        if len(values) > 1 and statistics.median(values) > 0:
+            out[metric] = (max(values) - min(values)) / statistics.median(values)
+    return out
+
+
 def validate(measured_dir: str | Path, calibration: str | Path | None = None) -> Validation:
     """Replay every measured cell of ``measured_dir`` on the simulator (module docstring)."""
     from kvray.backends.sim import SimBackend
@@ -168,7 +197,7 @@ def validate(measured_dir: str | Path, calibration: str | Path | None = None) ->
     def skip(reason: str) -> None:
         out.skipped[reason] = out.skipped.get(reason, 0) + 1
 
-    for record in read_results(folder, traces=False):
+    for record in read_results(folder):
         measured = result_from_record(record)
         cell = measured.cell
         if measured.status != "ok" or measured.simulated or cell.backend == "sim":
@@ -210,6 +239,7 @@ def validate(measured_dir: str | Path, calibration: str | Path | None = None) ->
         out.cells += 1
         out.labels[cell.cell_id] = cell.label()
         m_row, p_row = measured.to_row(), predicted.to_row()
+        out.spread[cell.cell_id] = repeat_spread(measured.traces)
         for metric in METRICS:
             m = measured_value(metric, m_row, measured.extra or {})
             p = measured_value(metric, p_row, predicted.extra or {})

@@ -51,14 +51,17 @@ def validate(
 
 
 def _table(result: Any, measured_dir: str) -> None:
-    columns = ("cell", "metric", "measured", "predicted", "error")
+    columns = ("cell", "metric", "measured", "predicted", "error", "repeat spread")
     table = render.simple_table(f"Validation of {measured_dir}", columns, left=("cell", "metric"))
     for r in result.rows:
         err = "—" if r["rel_error"] is None else f"{r['rel_error']:+.1%}"
         label = result.labels.get(r["cell"], r["cell"])
-        table.add_row(label, r["metric"], f"{r['measured']:.4g}", f"{r['predicted']:.4g}", err)
+        spread = result.spread.get(r["cell"], {}).get(r["metric"])
+        shown = "—" if spread is None else f"{spread:.1%}"
+        table.add_row(label, r["metric"], f"{r['measured']:.4g}", f"{r['predicted']:.4g}", err, shown)
     out = render.console(min_width_when_piped=120)
     out.print(table)
+    render.note("error: predicted / measured − 1; repeat spread: (max − min) / median over the measured repeats")
     median, worst = result.median_abs_rel_error(), result.worst_abs_rel_error()
     summary = "; ".join(f"{m} {median[m]:.1%} (worst {worst[m]:.1%})" for m in median) or "nothing compared"
     skipped = ", ".join(f"{n} {why}" for why, n in result.skipped.items())
