@@ -237,7 +237,9 @@ def validate(measured_dir: str | Path, calibration: str | Path | None = None) ->
             skip(f"simulator: {predicted.status}")
             continue
         out.cells += 1
-        out.labels[cell.cell_id] = cell.label()
+        load = cell.workload.load
+        rate = "" if load is None else f" {load.kind}" + (f" {load.rate_rps:g}/s" if load.rate_rps else "")
+        out.labels[cell.cell_id] = cell.label() + rate + (" search" if is_search(cell) else "")
         m_row, p_row = measured.to_row(), predicted.to_row()
         out.spread[cell.cell_id] = repeat_spread(measured.traces)
         for metric in METRICS:
