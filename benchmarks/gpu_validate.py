@@ -28,7 +28,7 @@ def calibration_cells(a: Any) -> list[Any]:
     from kvray.bench.cell import bench_cell
 
     prompt, gens = (16, (4, 8)) if a.smoke else (128, (16, 48))
-    conc = (1, 4, 8) if a.smoke else (1, 8, 32, 64)
+    conc = (1, 4) if a.smoke else (1, 8, 32, 64)
     common = {"dtype": a.dtype, "device": a.device, "backend": "hf-paged", "weights": "random", "warmup": a.warmup}
     cells = [
         bench_cell(a.models[0], prompt_toks=prompt, gen_toks=n, concurrency=c, repeats=a.repeats, **common)
