@@ -90,3 +90,27 @@ def test_a_folder_without_cells_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["validate", str(tmp_path)])
     assert done.value.code == 2 and "is not a results folder" in capsys.readouterr().err
+
+
+def test_repeat_spread_is_the_range_over_repeats_of_each_percentile():
+    """Two repeats of two requests: TTFT 0.1 and 0.3 s in repeat 0 (p50 0.2), 0.3 and 0.5 s in repeat 1 (p50 0.4):
+    spread (0.4 − 0.2) / median(0.2, 0.4) = 0.2 / 0.3; one repeat alone has no spread."""
+    from kvray.analysis.validate import repeat_spread
+    from kvray.measure.trace import RunTrace
+
+    def trace(repeat: int, ttft: float) -> RunTrace:
+        return RunTrace(
+            request_id=0,
+            repeat=repeat,
+            arrival_s=0.0,
+            start_s=0.0,
+            token_times_s=[ttft, ttft + 0.01],
+            end_s=ttft + 0.01,
+            prompt_toks=8,
+            output_toks=2,
+        )
+
+    traces = [trace(0, 0.1), trace(0, 0.3), trace(1, 0.3), trace(1, 0.5)]
+    assert repeat_spread(traces)["ttft_s_p50"] == pytest.approx(0.2 / 0.3)
+    assert repeat_spread(traces)["tpot_s_p50"] == pytest.approx(0.0, abs=1e-9)
+    assert repeat_spread(traces[:2]) == {}
