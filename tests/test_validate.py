@@ -69,6 +69,7 @@ def test_cli_json_keys_and_summary_line(measured, tmp_path, capsys):
     record = json.loads(capsys.readouterr().out)
     assert set(record["rows"][0]) == {"cell", "metric", "measured", "predicted", "rel_error"}
     assert record["median_abs_rel_error"]["tpot_s_p50"] == pytest.approx(0.0, abs=1e-9)
+    assert set(record["repeat_spread"]) == {r["cell"] for r in record["rows"]}  # one repeat each: {} per cell
     with pytest.raises(SystemExit):
         main(["validate", str(measured), "--calibration", str(cal)])
     assert "2 cells; median |error| ttft_s_p50 0.0% (worst 0.0%)" in capsys.readouterr().out

@@ -82,6 +82,8 @@ class Validation:
             "cells": self.cells,
             "skipped": self.skipped,
             "calibration": self.calibration,
+            "repeat_spread": self.spread,
+            "labels": self.labels,
             "rows": self.rows,
         }
 
