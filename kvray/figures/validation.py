@@ -27,6 +27,7 @@ def draw_validation(
 ) -> list[Path]:
     """Predicted vs measured per metric (``rows``: Validation.rows); returns the files written."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     cols = min(4, max(len(metrics), 1))
@@ -57,6 +58,8 @@ def draw_validation(
             ax.scatter([m for m, _ in pts], [p for _, p in pts], s=18, color=style.color(0), zorder=3)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):  # decade labels only: minor labels collide on a narrow range
+                axis.set_minor_formatter(NullFormatter())
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
             err = statistics.median(abs(p / m - 1) for m, p in pts)
