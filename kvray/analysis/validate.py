@@ -156,11 +156,14 @@ def repeat_spread(traces: list[Any]) -> dict[str, float]:
     prediction cannot be judged more finely than this."""
     import numpy as np
 
-    from kvray.measure.metrics import request_metrics
+    from kvray.measure.metrics import request_metrics, tokens_bunched
 
     by_repeat: dict[int, list[dict[str, float]]] = {}
     for t in traces:
-        by_repeat.setdefault(t.repeat, []).append(request_metrics(t))
+        m = request_metrics(t)
+        if tokens_bunched(t):  # stamped by a stalled reader: no TPOT, as the row's own metrics count it
+            m["tpot_s"] = float("nan")
+        by_repeat.setdefault(t.repeat, []).append(m)
     if len(by_repeat) < 2:
         return {}
     out: dict[str, float] = {}
