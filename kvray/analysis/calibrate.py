@@ -9,10 +9,11 @@ costs it — one GPU's shard under tensor parallelism, plus its all-reduces) is
     max over the step's GPU pieces of (θ₁, θ₂, θ₃) · piece  +  (θ₄ … θ₇) · (1, running, admitted, finished)
     + all-reduce seconds
 
-— linear in θ once every step is assigned its piece. The fit minimises the squared relative error
-Σ (pred/measured − 1)²: a coarse grid over the GPU roofs picks a start (others start from each roof alone and from
-the CPU terms alone), then assignment and a non-negative least squares (numpy.linalg.lstsq over the active sets)
-alternate until the assignment stops changing.
+— linear in θ once every step is assigned its piece. The fit minimises Σ log²(pred/measured) (a factor too high
+costs what the same factor too low costs): a coarse grid over the GPU roofs picks a start (others start from each
+roof alone and from the CPU terms alone), then assignment and a Gauss–Newton step (a non-negative least squares,
+numpy.linalg.lstsq over the active sets, of the residuals linearised at the current prediction) alternate until the
+loss stops falling.
 
 **Identification.** A roof no step is assigned to, or a parameter whose column the data cannot tell apart from the
 columns before it (in the order of ``PARAMETERS``: the matrix rank does not grow when it joins — a zero column, or
@@ -56,6 +57,7 @@ KINDS = ("ttft", "tpot", "steady")
 # Unidentified parameters go back to their defaults when that costs at most this much RMS relative error; else an
 # η roof the data leaves unassigned keeps the value that keeps it out of the way (a default would bind).
 REFIT_TOLERANCE = 0.01
+VISIBLE = 0.01  # a parameter that makes less than this share of every observation's time is not seen by the data
 NAMES = ("compute", "memory", "overhead", *CPU_TERMS)  # θ's entries, in order
 
 
@@ -110,7 +112,12 @@ class _Problem:
         return self._sum((self.p @ theta[:3]).max(axis=1)) + self.cpu @ theta[3:] + self.fixed
 
     def loss(self, theta: np.ndarray) -> float:
-        return float(np.sum((self.predict(theta) / self.t - 1.0) ** 2))
+        """Σ log²(predicted / measured): a factor too high costs what the same factor too low costs (a squared
+        relative error would cap an underestimate at 1 and let one fast outlier pull every prediction to 0)."""
+        pred = self.predict(theta)
+        if np.any(pred <= 0):
+            return math.inf
+        return float(np.sum(np.log(pred / self.t) ** 2))
 
     def assignment(self, theta: np.ndarray) -> np.ndarray:
         """Per step, the piece that sets its GPU time."""
@@ -131,12 +138,13 @@ class _Problem:
         return [k for k in range(3) if np.any(chosen[:, k] > 0)] + [3, 4, 5, 6]
 
 
-def _nonneg_lstsq(features: np.ndarray, t: np.ndarray, active: list[int], fixed: np.ndarray | None = None
-                  ) -> np.ndarray | None:  # fmt: skip
-    """min Σ((f·θ + fixed)/t − 1)² with θ ≥ 0 over the ``active`` columns (the rest 0), by an active-set search:
-    least squares over the columns with a nonzero coefficient, dropping the most negative until none is."""
+def _nonneg_lstsq(features: np.ndarray, t: np.ndarray, active: list[int], fixed: np.ndarray | None = None,
+                  goal: np.ndarray | None = None) -> np.ndarray | None:  # fmt: skip
+    """min Σ((f·θ + fixed)/t − goal)² (goal 1: the relative error) with θ ≥ 0 over the ``active`` columns (the
+    rest 0), by an active-set search: small subsets, then the columns with a nonzero coefficient, dropping the most
+    negative until none is."""
     design = features / t[:, None]
-    target = np.ones(len(t)) - (fixed / t if fixed is not None else 0.0)
+    target = (np.ones(len(t)) if goal is None else goal) - (fixed / t if fixed is not None else 0.0)
     cols = [k for k in active if np.any(design[:, k] != 0)]
     best, best_res = None, math.inf
     for size in range(1, min(len(cols), 3) + 1):  # small subsets: an exact fit by few terms beats a blend
@@ -165,8 +173,9 @@ def _solve(design: np.ndarray, target: np.ndarray, cols: list[int]) -> np.ndarra
 
 
 def _descend(problem: _Problem, theta: np.ndarray, free: list[int]) -> tuple[np.ndarray, float]:
-    """Alternate roof assignment and non-negative least squares from ``theta`` until the loss stops falling.
-    Only the ``free`` parameters move; the others keep their value."""
+    """Alternate roof assignment and a Gauss–Newton step of the log loss (a non-negative least squares of the
+    residuals linearised at the current prediction p₀: log p ≈ log p₀ + (p − p₀) / p₀) from ``theta`` until the loss
+    stops falling; a step that overshoots is halved. Only the ``free`` parameters move; the others keep their value."""
     loss = problem.loss(theta)
     for _ in range(50):
         assign = problem.assignment(theta)
@@ -174,13 +183,20 @@ def _descend(problem: _Problem, theta: np.ndarray, free: list[int]) -> tuple[np.
         feats = problem.features(assign)
         held = [k for k in range(7) if k not in active]
         fixed = problem.fixed + feats[:, held] @ theta[held]
-        candidate = _nonneg_lstsq(feats, problem.t, active, fixed)
+        p0 = problem.predict(theta)
+        p0 = np.where(p0 > 0, p0, problem.t)
+        candidate = _nonneg_lstsq(feats, p0, active, fixed, 1.0 - np.log(p0 / problem.t))
         if candidate is None:
             break
         for k in range(7):  # an inactive roof keeps its value: it still bounds the steps from below
             if k not in active or (k < 2 and candidate[k] <= 0):  # and 1/η is never 0: a dropped η stays too
                 candidate[k] = theta[k]
         new_loss = problem.loss(candidate)
+        for _ in range(4):
+            if new_loss < loss - 1e-15:
+                break
+            candidate = (candidate + theta) / 2
+            new_loss = problem.loss(candidate)
         if new_loss >= loss - 1e-15:
             break
         theta, loss = candidate, new_loss
@@ -216,16 +232,20 @@ def _fit(problem: _Problem, free: list[int], held: np.ndarray = DEFAULTS) -> tup
 
 
 def identifiable(problem: _Problem, theta: np.ndarray) -> list[int]:
-    """The parameters the data identifies at ``theta`` (module docstring): assigned roofs and CPU terms whose
-    column raises the rank of the relative design matrix, taken in ``PARAMETERS`` order."""
+    """The parameters the data identifies at ``theta`` (module docstring): assigned roofs that make at least
+    ``VISIBLE`` of some observation's predicted time, and CPU terms, whose column raises the rank of the relative
+    design matrix, taken in ``PARAMETERS`` order."""
     assign = problem.assignment(theta)
-    feats = problem.features(assign) / problem.t[:, None]
+    raw = problem.features(assign)
+    share = raw * theta / np.maximum(problem.predict(theta), 1e-300)[:, None]  # each parameter's part of each time
+    feats = raw / problem.t[:, None]
     feats = feats / np.maximum(np.linalg.norm(feats, axis=0), 1e-300)
     active = problem.active(assign)
     kept: list[int] = []
     for name in PARAMETERS:
         k = NAMES.index(name)
-        if k in active and np.any(feats[:, k]) and np.linalg.matrix_rank(feats[:, [*kept, k]], tol=1e-6) > len(kept):
+        visible = k in active and (k >= 3 or np.max(share[:, k]) >= VISIBLE)  # a CPU term may be identified as 0
+        if visible and np.linalg.matrix_rank(feats[:, [*kept, k]], tol=1e-6) > len(kept):
             kept.append(k)
     return sorted(kept)
 
