@@ -1,14 +1,10 @@
 """A roofline predictor: latency, throughput and memory of a cell on any GPU in the table, without a GPU.
 
-Each forward pass takes the longest of three roofs (see docs/simulator.md):
-
-    compute  = FLOPs / (peak TFLOP/s × η_compute)
-    memory   = bytes moved / (bandwidth × η_memory)
-    overhead = num_layers × layer_overhead_s      (kernel launches and Python; 0 unless calibrated)
-
-— except that the decode tokens' attention (their KV read) is a kernel of its own, timed after the rest of the
-pass with the whole pass's roofline as a floor (``PassRoofs``), so a compute-bound prefill chunk in a mixed step
-does not hide it. The FLOPs and bytes of each pass come from kvray.sim.passes: prefill FLOPs are 2 × matmul
+Each forward pass is timed by the step-time model of kvray.sim.costs (docs/simulator.md): the linear layers,
+the prefill attention and the decode attention each on its own roof (compute at peak × η_compute, memory at
+bandwidth × η_memory), added, with the whole pass's roofline (and a per-layer launch floor) as the floor, plus the
+TP all-reduces and the engine's CPU work (per step, per running request, per admission, per finish: 0 unless
+calibrated). The FLOPs and bytes of each pass come from kvray.sim.passes: prefill FLOPs are 2 × matmul
 parameters × tokens plus causal attention (P(P+1)/2 query-key pairs per layer, a W-wide band on sliding layers);
 every pass reads the weights it touches — the shared ones and the LM head in full, the embedding rows its tokens look up, and
 in MoE layers only the experts its tokens route to — plus the KV it writes (prefill) or the whole KV cache at
