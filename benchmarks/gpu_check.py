@@ -4,7 +4,7 @@
     python3 benchmarks/gpu_check.py --smoke         # the same stages on a CPU with a tiny model, in about a minute
 
 It runs on the GPU machine's own stack (Python 3.12, torch 2.11, transformers 5.17, no Ray or vLLM); kvray is
-imported from this checkout. Four stages, in this order, each measured through `kvray bench`'s own code path
+imported from this checkout. Five stages, in this order, each measured through `kvray bench`'s own code path
 (random bf16 weights, the runner's memory tracker, the OOM pre-check, NVML telemetry):
 
   grid      the ``hf`` backend (static batches) over opt-1.3b and a Llama-3-8B geometry, concurrency 1–32 ×
@@ -15,6 +15,8 @@ imported from this checkout. Four stages, in this order, each measured through `
             bare ``model.generate``, alternating on one loaded model; the median of per-round ratios.
   paged     the ``hf-paged`` backend (transformers' continuous batching over a paged KV cache) on the first model:
             concurrency 8 and 32 at prompt 512, with the pool, the used-KV peak and the KV timeline.
+  validate  the simulator calibrated on hf-paged cells (bursts to 64, a closed loop) and validated on held-out
+            ones (other lengths, Poisson below and above the closed loop's rate): benchmarks/gpu_validate.py.
   serve     one serving load with the knee search (``kvray bench --backend hf-paged --load poisson --rate auto``
             without its curve): Poisson probes of 16+ requests at doubling then bisected rates until the knee is
             bracketed within 10 %; each probe is a row; the search's own row gives knee_rps and saturation_rps.
@@ -47,11 +49,11 @@ sys.path.insert(1, str(REPO / "benchmarks"))  # overhead.py's measure_overhead
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-STAGES = ("grid", "overhead", "paged", "serve")
+STAGES = ("grid", "overhead", "paged", "validate", "serve")
 # The latest moment (a fraction of --budget-s) each stage may start new work; work started runs to its end. The
 # grid usually ends far sooner (the later stages then start at once); the serve stage's last probe may start at
 # 92 % of 7 minutes and still end inside 8.
-STAGE_STARTS = {"grid": 0.45, "overhead": 0.55, "paged": 0.62, "serve": 0.92}
+STAGE_STARTS = {"grid": 0.45, "overhead": 0.55, "paged": 0.62, "validate": 0.8, "serve": 0.92}
 GIB = 2**30
 
 
@@ -216,12 +218,14 @@ def stage_paged_and_serve(check: Check) -> None:
     from kvray.backends import get_backend
 
     a = check.args
-    wanted = [s for s in ("paged", "serve") if s in a.stages]
+    wanted = [s for s in ("paged", "validate", "serve") if s in a.stages]
     if not any(check.budget.open(s) for s in wanted):
         if "paged" in wanted:
             check.not_run["paged"].extend(c.label() for c in paged_cells(check))
         if "serve" in wanted:
             check.not_run["serve"].append(serve_cell(check).label())
+        if "validate" in wanted:
+            check.not_run["validate"].append("validate: calibration and held-out cells")
         return
     backend = get_backend("hf-paged")
     try:
@@ -229,6 +233,12 @@ def stage_paged_and_serve(check: Check) -> None:
             begin(check, "paged")
             run_cells(check, "paged", backend, paged_cells(check))
             end(check, "paged")
+        if "validate" in wanted:
+            from gpu_validate import stage_validate
+
+            begin(check, "validate")
+            stage_validate(check, backend, lambda: check.budget.open("validate"))
+            end(check, "validate")
         if "serve" in wanted:
             begin(check, "serve")
             stage_serve(check, backend)

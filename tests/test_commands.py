@@ -47,6 +47,11 @@ def test_plot_report_compare_read_the_folder(folder, tmp_path):
     assert (tmp_path / "cmp" / "compare.md").is_file()
 
 
+def test_validate_reads_the_folder(folder, capsys):
+    assert kvray("validate", str(folder), "--json") == 0  # no simulated device for its rows: all skipped, exit 0
+    assert "median_abs_rel_error" in json.loads(capsys.readouterr().out)
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -1,31 +1,25 @@
-"""Fit the simulator's efficiencies to measured cells: η_compute, η_memory (and a per-layer overhead) per GPU.
+"""Fit the simulator's step-time model to measured cells: η_compute, η_memory, a per-layer launch floor and the
+engine's CPU costs (per step, per running request per step, per admission, per finish), per GPU and layout.
 
-Every measured TTFT is one prefill pass and every measured TPOT the mean of the decode steps, so with
-x = 1/η_compute, y = 1/η_memory and z = layer overhead (s) each prediction is the simulator's own pass time
-(kvray.sim.simulate ``PassRoofs``, costed the way the simulator costs it — one GPU's shard under tensor
-parallelism, plus its all-reduces):
+Every observation (kvray/analysis/observations.py: a burst's TTFT and TPOT, a serving window's steady TPOT) is a
+weighted sum of costed steps. With θ = (1/η_compute, 1/η_memory, layer overhead s, step_overhead_s,
+request_step_s, admit_s, finish_s), each step's time (kvray/sim/costs.py ``StepRoofs``, costed as the simulator
+costs it — one GPU's shard under tensor parallelism, plus its all-reduces) is
 
-    pred = mean over passes of (max over the pass's pieces of (x, y, z) · piece + all-reduce seconds)
+    max over the step's GPU pieces of (θ₁, θ₂, θ₃) · piece  +  (θ₄ … θ₇) · (1, running, admitted, finished)
+    + all-reduce seconds
 
-where the pieces are the roofline of the whole pass (x · FLOPs/peak, y · bytes/bandwidth, z · layers) and the
-rest of the pass on one roof followed by its decode attention on the other; each is linear in (x, y, z), so the prediction is too once
-each pass is assigned its piece. The fit minimises the squared relative error Σ (pred/measured − 1)²: a
-coarse grid picks a start, then assignment and a non-negative least squares (numpy.linalg.lstsq over the
-active sets) alternate until the assignment stops changing. A roof that no pass hits is not identified by the
-data and keeps its default, unless that makes the fit worse.
+— linear in θ once every step is assigned its piece. The fit minimises Σ log²(pred/measured) (a factor too high
+costs what the same factor too low costs): a coarse grid over the GPU roofs picks a start (others start from each
+roof alone and from the CPU terms alone), then assignment and a Gauss–Newton step (a non-negative least squares,
+numpy.linalg.lstsq over the active sets, of the residuals linearised at the current prediction) alternate until the
+loss stops falling.
 
-Tensor parallelism: a row's passes are costed on one rank's geometry (kvray.model.parallel ``shard_geometry``)
-at its ``tensor_parallel`` degree with the all-reduces the simulator adds (they do not depend on η); an hf
-row spread layer-wise over its GPUs is costed as one GPU (kvray.analysis.views ``sharded_tensor_parallel``).
-
-Rows used: status ok, measured (not simulated, unless asked), on a GPU of kvray/hardware/gpus.py (or, with
-``host`` — ``kvray calibrate --cpu-host`` — CPU rows against this machine's measured peaks, kvray/hardware/host.py),
-backend with a known KV layout (hf → "hf"; hf-paged, vllm, openai → "paged"), requests started together (queue ≈ 0, so
-TTFT is the prefill alone), TTFT on the engine's clock (``ttft_basis`` "engine": a server's client-side TTFT
-holds HTTP, tokenisation and queueing, which no roof explains, so vllm / openai / ollama rows are skipped; a CPU
-row against ``host`` gives its TPOT alone instead: streamed tokens leave one engine step apart, whatever the
-client's clock, and the CPU build of vLLM has no engine-clock twin to calibrate from).
-Results go to the calibration file that kvray.sim.simulate reads.
+**Identification.** A roof no step is assigned to, or a parameter whose column the data cannot tell apart from the
+columns before it (in the order of ``PARAMETERS``: the matrix rank does not grow when it joins — a zero column, or
+e.g. the cost per finish when every row generates the same number of tokens, since it is then the cost per running
+request scaled), is reported *not identified* and keeps its default (η 0.7 / 0.9, overheads 0); the others are
+fitted again without it. Results go to the calibration file that kvray.sim.simulate reads.
 """
 
 from __future__ import annotations
@@ -39,39 +33,32 @@ from typing import Any
 
 import numpy as np
 
-from kvray.analysis.views import sharded_tensor_parallel
+from kvray.analysis.observations import BACKEND_LAYOUTS, Observation, layout_of, observations_from_rows
 from kvray.errors import KvrayInputError
-from kvray.hardware.gpus import GpuSpec, match_gpu
-from kvray.hardware.host import is_cpu_hardware
-from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, normalize_dtype
-from kvray.model.parallel import shard_geometry
-from kvray.sim.simulate import (
-    DEFAULT_ETA_COMPUTE,
-    DEFAULT_ETA_MEMORY,
-    batch_passes,
-    calibration_path,
-    load_calibration,
-    pass_roofs,
-)
+from kvray.sim.costs import CPU_TERMS, DEFAULT_ETA_COMPUTE, DEFAULT_ETA_MEMORY, calibration_path, load_calibration
 
-# The flat rows do not carry cell options, so sim rows (only with include_simulated) count as "hf".
-BACKEND_LAYOUTS = {"hf": "hf", "hf-paged": "paged", "vllm": "paged", "openai": "paged", "sim": "hf"}
-QUEUE_TOLERANCE = 0.05  # a row whose requests queued more than this fraction of TTFT is not one batch
+__all__ = [
+    "BACKEND_LAYOUTS",
+    "Fit",
+    "Observation",
+    "calibrate",
+    "calibrate_rows",
+    "fit_group",
+    "layout_of",
+    "observations_from_rows",
+]
+
 ETA_GRID = np.geomspace(0.02, 2.0, 24)
 OVERHEAD_GRID = np.concatenate([[0.0], np.geomspace(1e-7, 1e-2, 16)])
 ROOFS = ("compute", "memory", "overhead")
-
-
-@dataclass
-class Observation:
-    """One measured latency and the passes it spans: each pass's pieces at η = 1 (kvray.sim.simulate
-    ``PassRoofs.pieces``: (compute, memory, overhead) coefficients) and its η-free all-reduce seconds."""
-
-    row: int
-    kind: str  # "ttft" | "tpot"
-    measured_s: float
-    pieces: np.ndarray  # (passes, pieces, 3)
-    fixed_s: np.ndarray  # (passes,)
+PARAMETERS = ("compute", "memory", *CPU_TERMS, "overhead")  # the order identification admits them in
+DEFAULTS = np.array([1 / DEFAULT_ETA_COMPUTE, 1 / DEFAULT_ETA_MEMORY, 0.0, 0.0, 0.0, 0.0, 0.0])
+KINDS = ("ttft", "tpot", "steady")
+# Unidentified parameters go back to their defaults when that costs at most this much RMS relative error; else an
+# η roof the data leaves unassigned keeps the value that keeps it out of the way (a default would bind).
+REFIT_TOLERANCE = 0.01
+VISIBLE = 0.01  # a parameter that makes less than this share of every observation's time is not seen by the data
+NAMES = ("compute", "memory", "overhead", *CPU_TERMS)  # θ's entries, in order
 
 
 @dataclass
@@ -84,11 +71,16 @@ class Fit:
     rows: int
     ttft_observations: int
     tpot_observations: int
-    identified: dict[str, bool]
-    median_abs_rel_error_before: dict[str, float]  # with default η, per kind
+    identified: dict[str, bool]  # per parameter: compute, memory, overhead and the CPU terms
+    median_abs_rel_error_before: dict[str, float]  # with the defaults, per kind
     median_abs_rel_error_after: dict[str, float]
     skipped: dict[str, int] = field(default_factory=dict)
     host_peaks: dict[str, Any] | None = None  # a CPU fit: the measured peaks η is relative to (hardware/host.py)
+    step_overhead_s: float = 0.0
+    request_step_s: float = 0.0
+    admit_s: float = 0.0
+    finish_s: float = 0.0
+    steady_observations: int = 0
 
     def to_entry(self, source: str) -> dict[str, Any]:
         entry = asdict(self)
@@ -96,255 +88,204 @@ class Fit:
         return entry
 
 
-def layout_of(row: dict[str, Any]) -> tuple[str | None, int]:
-    """The row's KV layout and block size as the runner recorded them (``kv_layout``, ``kv_block_size``); for a
-    dataset written before those columns, what its backend keeps by default."""
-    layout = row.get("kv_layout")
-    if layout not in ("hf", "paged"):
-        layout = BACKEND_LAYOUTS.get(str(row.get("backend")))
-    block = _finite(row.get("kv_block_size"))
-    return layout, int(block) if block else DEFAULT_BLOCK_SIZE
-
-
-def ttft_basis_of(row: dict[str, Any]) -> str | None:
-    """The row's ``ttft_basis``; for a dataset written before the column existed, what its backend declares."""
-    basis = row.get("ttft_basis")
-    if isinstance(basis, str) and basis:
-        return basis
-    from kvray.backends import backend_class
-
-    try:
-        return backend_class(str(row.get("backend"))).ttft_basis
-    except KvrayInputError:
-        return None
-
-
-def _prompts(row: dict[str, Any]) -> list[int]:
-    text = str(row.get("prompt_toks_list") or "")
-    prompts = [int(p) for p in text.split(",") if p.strip()]
-    return prompts or [int(row["prompt_toks"])] * int(row["concurrency"])
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) and v > 0 else None
-
-
-def observations_from_rows(rows: list[dict[str, Any]], include_simulated: bool = False,
-                           host: GpuSpec | None = None) -> tuple[
-    dict[tuple[str, str], list[Observation]], dict[str, int]
-]:  # fmt: skip
-    """Group usable rows' observations by (GPU name, layout); count the skipped rows by reason.
-
-    ``host``: CPU rows are fitted against it (its name, e.g. "cpu-host"); on the client's clock, TPOT only."""
-    from kvray.model.resolve import resolve_geometry
-
-    groups: dict[tuple[str, str], list[Observation]] = {}
-    skipped: dict[str, int] = {}
-
-    def skip(reason: str) -> None:
-        skipped[reason] = skipped.get(reason, 0) + 1
-
-    geometries: dict[str, Any] = {}
-    for index, row in enumerate(rows):
-        if row.get("status") != "ok":
-            skip("status not ok")
-            continue
-        if bool(row.get("simulated")) and not include_simulated:
-            skip("simulated")
-            continue
-        gpu = match_gpu(str(row.get("hardware") or ""))
-        on_host = gpu is None and host is not None and is_cpu_hardware(str(row.get("hardware") or ""))
-        gpu = host if on_host else gpu
-        if gpu is None:
-            skip("hardware not in the GPU table")
-            continue
-        tpot_only = ttft_basis_of(row) != "engine"  # a server's TTFT holds HTTP, tokenisation and queueing
-        if tpot_only and not on_host:
-            skip("TTFT not on the engine's clock (ttft_basis)")
-            continue
-        layout, block_size = layout_of(row)
-        if layout is None:
-            skip("backend without a known KV layout")
-            continue
-        ttft = _finite(row.get("ttft_s_p50"))
-        if ttft is None:
-            skip("no TTFT")
-            continue
-        if str(row.get("load") or "burst") not in ("burst", "nan"):  # an open or closed loop is no single batch
-            skip("not a burst (open or closed loop)")
-            continue
-        queue = _finite(row.get("queue_s_max")) or 0.0
-        # TTFT must be the prefill alone; TPOT alone only needs the batch to decode together: a request started
-        # within a twentieth of the decode span shares nearly every step with the others
-        span = ttft if not tpot_only else (_finite(row.get("tpot_s_p50")) or 0.0) * (int(row["gen_toks"]) - 1)
-        if queue > QUEUE_TOLERANCE * span:
-            skip("requests queued (more than one batch)")
-            continue
-        model = str(row.get("model"))
-        if model not in geometries:
-            try:
-                geometries[model] = resolve_geometry(model)
-            except Exception:
-                geometries[model] = None
-        g = geometries[model]
-        if g is None:
-            skip("model geometry unknown")
-            continue
-        try:
-            dtype = normalize_dtype(str(row.get("dtype") or "bf16"))
-            kv_dtype = normalize_dtype(str(row.get("kv_dtype") or dtype))
-        except KvrayInputError:
-            skip("unknown dtype")
-            continue
-        try:
-            tp = sharded_tensor_parallel(row)
-            shard = shard_geometry(g, tp)
-        except KvrayInputError:
-            skip("tensor_parallel not valid for the model")
-            continue
-        prompts = _prompts(row)
-        gen = int(row["gen_toks"])
-        roofs = [pass_roofs(p, shard, gpu, dtype, tp)
-                 for p in batch_passes(shard, prompts, [gen] * len(prompts), dtype, kv_dtype, layout, block_size)]  # fmt: skip
-        pieces = np.array([r.pieces() for r in roofs])
-        fixed = np.array([r.allreduce_s for r in roofs])
-        tpot = _finite(row.get("tpot_s_p50"))
-        if tpot_only and (tpot is None or gen < 2):
-            skip("TTFT not on the engine's clock (ttft_basis) and no TPOT")
-            continue
-        obs = groups.setdefault((gpu.name, layout), [])
-        if not tpot_only:
-            obs.append(Observation(index, "ttft", ttft, pieces[:1], fixed[:1]))
-        if tpot is not None and gen > 1:
-            obs.append(Observation(index, "tpot", tpot, pieces[1:], fixed[1:]))
-    return groups, skipped
-
-
 class _Problem:
-    """All passes of a group's observations, flattened for vectorised evaluation."""
+    """All steps of a group's observations, flattened for vectorised evaluation; θ has 7 entries (module doc)."""
 
     def __init__(self, obs: list[Observation]):
         self.obs = obs
-        self.p = np.concatenate([o.pieces for o in obs])  # (passes, pieces, 3)
-        self.f = np.concatenate([o.fixed_s for o in obs])
-        self.idx = np.concatenate([np.full(len(o.fixed_s), i) for i, o in enumerate(obs)])
-        self.n = np.array([len(o.fixed_s) for o in obs], dtype=float)
+        self.p = np.concatenate([o.pieces for o in obs])  # (steps, pieces, 3)
+        self.c = np.concatenate([o.cpu for o in obs])  # (steps, 4)
+        self.w = np.concatenate([o.weights for o in obs])
+        self.idx = np.concatenate([np.full(len(o.weights), i) for i, o in enumerate(obs)])
         self.t = np.array([o.measured_s for o in obs])
-        self.fixed = np.bincount(self.idx, weights=self.f, minlength=len(obs)) / self.n  # per observation
+        self.fixed = self._sum(np.concatenate([o.fixed_s for o in obs]))  # per observation
+        self.cpu = np.stack([self._sum(self.c[:, k]) for k in range(4)], axis=1)  # (obs, 4)
+
+    def _sum(self, per_step: np.ndarray) -> np.ndarray:
+        return np.bincount(self.idx, weights=self.w * per_step, minlength=len(self.obs))
 
     @property
-    def passes(self) -> int:
-        return len(self.f)
+    def steps(self) -> int:
+        return len(self.w)
 
     def predict(self, theta: np.ndarray) -> np.ndarray:
-        per_pass = (self.p @ theta).max(axis=1)
-        return np.bincount(self.idx, weights=per_pass, minlength=len(self.obs)) / self.n + self.fixed
+        return self._sum((self.p @ theta[:3]).max(axis=1)) + self.cpu @ theta[3:] + self.fixed
 
     def loss(self, theta: np.ndarray) -> float:
-        return float(np.sum((self.predict(theta) / self.t - 1.0) ** 2))
+        """Σ log²(predicted / measured): a factor too high costs what the same factor too low costs (a squared
+        relative error would cap an underestimate at 1 and let one fast outlier pull every prediction to 0)."""
+        pred = self.predict(theta)
+        if np.any(pred <= 0):
+            return math.inf
+        return float(np.sum(np.log(pred / self.t) ** 2))
 
     def assignment(self, theta: np.ndarray) -> np.ndarray:
-        """Per pass, the piece that sets its time."""
-        return np.argmax(self.p @ theta, axis=1)
+        """Per step, the piece that sets its GPU time."""
+        return np.argmax(self.p @ theta[:3], axis=1)
 
     def alone(self, roof: int) -> np.ndarray:
-        """Per pass, the piece of ``roof`` alone (pieces 0, 1, 2: the whole pass's compute, memory, overhead)."""
-        return np.full(self.passes, roof)
+        """Per step, the piece of ``roof`` alone (pieces 0, 1, 2: the whole pass's compute, memory, overhead)."""
+        return np.full(self.steps, roof)
 
     def features(self, assign: np.ndarray) -> np.ndarray:
-        """Per observation, mean over its passes of the assigned piece's (compute, memory, overhead) coefficients."""
-        chosen = self.p[np.arange(self.passes), assign]  # (passes, 3)
-        cols = [np.bincount(self.idx, weights=chosen[:, k], minlength=len(self.obs)) / self.n for k in range(3)]
-        return np.stack(cols, axis=1)
+        """Per observation, the coefficients of θ: Σ weight × the assigned piece's (3), then the CPU terms (4)."""
+        chosen = self.p[np.arange(self.steps), assign]  # (steps, 3)
+        return np.concatenate([np.stack([self._sum(chosen[:, k]) for k in range(3)], axis=1), self.cpu], axis=1)
 
     def active(self, assign: np.ndarray) -> list[int]:
-        """The roofs (0 compute, 1 memory, 2 overhead) some assigned piece uses."""
-        chosen = self.p[np.arange(self.passes), assign]
-        return [k for k in range(3) if np.any(chosen[:, k] > 0)]
+        """The roofs (0 compute, 1 memory, 2 overhead) some assigned piece uses, and every CPU term."""
+        chosen = self.p[np.arange(self.steps), assign]
+        return [k for k in range(3) if np.any(chosen[:, k] > 0)] + [3, 4, 5, 6]
 
 
-def _nonneg_lstsq(features: np.ndarray, t: np.ndarray, active: list[int], fixed: np.ndarray | None = None
-                  ) -> np.ndarray | None:  # fmt: skip
-    """min Σ((f·θ + fixed)/t − 1)² with θ ≥ 0 over the ``active`` columns, by trying every subset of them."""
+def _nonneg_lstsq(features: np.ndarray, t: np.ndarray, active: list[int], fixed: np.ndarray | None = None,
+                  goal: np.ndarray | None = None) -> np.ndarray | None:  # fmt: skip
+    """min Σ((f·θ + fixed)/t − goal)² (goal 1: the relative error) with θ ≥ 0 over the ``active`` columns (the
+    rest 0), by an active-set search: small subsets, then the columns with a nonzero coefficient, dropping the most
+    negative until none is."""
     design = features / t[:, None]
-    target = np.ones(len(t)) - (fixed / t if fixed is not None else 0.0)
+    target = (np.ones(len(t)) if goal is None else goal) - (fixed / t if fixed is not None else 0.0)
+    cols = [k for k in active if np.any(design[:, k] != 0)]
     best, best_res = None, math.inf
-    for r in range(1, len(active) + 1):
-        for cols in itertools.combinations(active, r):
-            sol, *_ = np.linalg.lstsq(design[:, cols], target, rcond=None)
-            if np.any(sol <= 0):
-                continue
-            res = float(np.sum((design[:, cols] @ sol - target) ** 2))
-            if res < best_res:
-                theta = np.zeros(3)
-                theta[list(cols)] = sol
-                best, best_res = theta, res
+    for size in range(1, min(len(cols), 3) + 1):  # small subsets: an exact fit by few terms beats a blend
+        for subset in itertools.combinations(cols, size):
+            cand = _solve(design, target, list(subset))
+            if cand is not None and (res := float(np.sum((design @ cand - target) ** 2))) < best_res - 1e-15:
+                best, best_res = cand, res
+    while cols:  # then the largest set that stays non-negative
+        cand = _solve(design, target, cols)
+        if cand is not None:
+            if (res := float(np.sum((design @ cand - target) ** 2))) < best_res - 1e-15:
+                best = cand
+            break
+        sol, *_ = np.linalg.lstsq(design[:, cols], target, rcond=None)
+        cols.pop(int(np.argmin(sol)))
     return best
 
 
-def _descend(problem: _Problem, theta: np.ndarray) -> tuple[np.ndarray, float]:
-    """Alternate roof assignment and non-negative least squares from ``theta`` until the loss stops falling."""
+def _solve(design: np.ndarray, target: np.ndarray, cols: list[int]) -> np.ndarray | None:
+    sol, *_ = np.linalg.lstsq(design[:, cols], target, rcond=None)
+    if np.any(sol <= 0):
+        return None
+    theta = np.zeros(design.shape[1])
+    theta[cols] = sol
+    return theta
+
+
+def _descend(problem: _Problem, theta: np.ndarray, free: list[int]) -> tuple[np.ndarray, float]:
+    """Alternate roof assignment and a Gauss–Newton step of the log loss (a non-negative least squares of the
+    residuals linearised at the current prediction p₀: log p ≈ log p₀ + (p − p₀) / p₀) from ``theta`` until the loss
+    stops falling; a step that overshoots is halved. Only the ``free`` parameters move; the others keep their value."""
     loss = problem.loss(theta)
     for _ in range(50):
         assign = problem.assignment(theta)
-        active = problem.active(assign)
-        candidate = _nonneg_lstsq(problem.features(assign), problem.t, active, problem.fixed)
+        active = [k for k in problem.active(assign) if k in free]
+        feats = problem.features(assign)
+        held = [k for k in range(7) if k not in active]
+        fixed = problem.fixed + feats[:, held] @ theta[held]
+        p0 = problem.predict(theta)
+        p0 = np.where(p0 > 0, p0, problem.t)
+        candidate = _nonneg_lstsq(feats, p0, active, fixed, 1.0 - np.log(p0 / problem.t))
         if candidate is None:
             break
-        for k in range(3):  # an inactive roof keeps its value: it still bounds the passes from below
+        for k in range(7):  # an inactive roof keeps its value: it still bounds the steps from below
             if k not in active or (k < 2 and candidate[k] <= 0):  # and 1/η is never 0: a dropped η stays too
                 candidate[k] = theta[k]
         new_loss = problem.loss(candidate)
+        for _ in range(4):
+            if new_loss < loss - 1e-15:
+                break
+            candidate = (candidate + theta) / 2
+            new_loss = problem.loss(candidate)
         if new_loss >= loss - 1e-15:
             break
         theta, loss = candidate, new_loss
     return theta, loss
 
 
-def fit_group(obs: list[Observation]) -> tuple[np.ndarray, dict[str, bool]]:
-    """θ = (1/η_compute, 1/η_memory, layer overhead s) minimising the squared relative error."""
-    problem = _Problem(obs)
+def _fit(problem: _Problem, free: list[int], held: np.ndarray = DEFAULTS) -> tuple[np.ndarray, float]:
+    """The best of several descents over the ``free`` parameters (the rest at their ``held`` values)."""
+
+    def start(theta: np.ndarray) -> np.ndarray:
+        out = held.copy()
+        out[free] = theta[free]
+        return out
+
     grid = itertools.product(1 / ETA_GRID, 1 / ETA_GRID, OVERHEAD_GRID)
-    starts = [min((np.array(g) for g in grid), key=problem.loss)]
+    starts = [min((start(np.array([*point, 0.0, 0.0, 0.0, 0.0])) for point in grid), key=problem.loss)]
     # The alternation below is a local search: a grid point between roofs can settle on the wrong one (a flat
-    # 12 ms step read as a slow memory roof). So it also starts from each roof alone, the others out of the way.
-    for k in range(3):
-        alone = _nonneg_lstsq(problem.features(problem.alone(k)), problem.t, [k], problem.fixed)
+    # 12 ms step read as a slow memory roof). So it also starts from each roof alone, the others out of the way,
+    # and from the CPU terms alone with the roofs out of the way.
+    out_of_way = np.array([1 / ETA_GRID[-1], 1 / ETA_GRID[-1], 0.0, 0.0, 0.0, 0.0, 0.0])
+    for k in [0, 1, 2, None]:
+        cols = [c for c in ([k] if k is not None else [3, 4, 5, 6]) if c in free]
+        feats = problem.features(problem.alone(k if k is not None else 0))
+        base = problem.fixed + (feats[:, :3] @ out_of_way[:3] if k is None else 0.0)
+        alone = _nonneg_lstsq(feats, problem.t, cols, base) if cols else None
         if alone is not None:
-            out_of_way = np.array([1 / ETA_GRID[-1], 1 / ETA_GRID[-1], 0.0])
-            out_of_way[k] = alone[k]
-            starts.append(out_of_way)
-    descents = [_descend(problem, start) for start in starts]
+            theta = out_of_way.copy()
+            theta[cols] = alone[cols]
+            starts.append(start(theta))
+    descents = [_descend(problem, s, free) for s in starts]
     best = min(loss for _, loss in descents)  # ties (an exact fit found twice) go to the grid's start
-    theta, loss = next((t, loss) for t, loss in descents if loss <= best * (1 + 1e-9) + 1e-15)
-    active = problem.active(problem.assignment(theta))
-    identified = {roof: k in active for k, roof in enumerate(ROOFS)}
-    defaults = (1 / DEFAULT_ETA_COMPUTE, 1 / DEFAULT_ETA_MEMORY, 0.0)
-    for k, roof in enumerate(ROOFS):
-        if not identified[roof]:
-            trial = theta.copy()
-            trial[k] = defaults[k]
-            if problem.loss(trial) <= loss * (1 + 1e-9) + 1e-15:
-                theta = trial
-    return theta, identified
+    return next((t, loss) for t, loss in descents if loss <= best * (1 + 1e-9) + 1e-15)
+
+
+def identifiable(problem: _Problem, theta: np.ndarray) -> list[int]:
+    """The parameters the data identifies at ``theta`` (module docstring): assigned roofs that make at least
+    ``VISIBLE`` of some observation's predicted time, and CPU terms, whose column raises the rank of the relative
+    design matrix, taken in ``PARAMETERS`` order."""
+    assign = problem.assignment(theta)
+    raw = problem.features(assign)
+    share = raw * theta / np.maximum(problem.predict(theta), 1e-300)[:, None]  # each parameter's part of each time
+    feats = raw / problem.t[:, None]
+    feats = feats / np.maximum(np.linalg.norm(feats, axis=0), 1e-300)
+    active = problem.active(assign)
+    kept: list[int] = []
+    for name in PARAMETERS:
+        k = NAMES.index(name)
+        visible = k in active and (k >= 3 or np.max(share[:, k]) >= VISIBLE)  # a CPU term may be identified as 0
+        if visible and np.linalg.matrix_rank(feats[:, [*kept, k]], tol=1e-6) > len(kept):
+            kept.append(k)
+    return sorted(kept)
+
+
+def fit_group(obs: list[Observation]) -> tuple[np.ndarray, dict[str, bool]]:
+    """θ (module docstring) minimising the squared relative error, and which parameters the data identified.
+    What it did not identify keeps its default — unless a default η would bind where the data says it does not
+    (RMS relative error worse by more than ``REFIT_TOLERANCE``): then that roof keeps the value that leaves it out
+    of the way."""
+    problem = _Problem(obs)
+    everything = list(range(7))
+    n = len(problem.t)
+    # The launch floor last, and only when it fits materially better: a flat per-layer floor plus a per-request
+    # cost mimics a memory roof whose KV grows with the batch, so noise alone would otherwise pick it
+    theta, loss = _fit(problem, [0, 1, 3, 4, 5, 6])
+    with_floor, floor_loss = _fit(problem, everything)
+    if math.sqrt(floor_loss / n) < math.sqrt(loss / n) - REFIT_TOLERANCE / 2:
+        theta, loss = with_floor, floor_loss
+    free = identifiable(problem, theta)
+    if free != [k for k in everything if k != 2 or theta[2] > 0]:
+        refit, refit_loss = _fit(problem, free)
+        if math.sqrt(refit_loss / n) > math.sqrt(loss / n) + REFIT_TOLERANCE:
+            held = DEFAULTS.copy()
+            held[:2] = theta[:2]
+            refit, refit_loss = _fit(problem, free, held)
+        theta = refit
+    return theta, {name: k in free for k, name in enumerate(NAMES)}
 
 
 def _median_errors(obs: list[Observation], theta: np.ndarray) -> dict[str, float]:
     problem = _Problem(obs)
     err = np.abs(problem.predict(theta) / problem.t - 1.0)
     kinds = np.array([o.kind for o in obs])
-    return {kind: float(np.median(err[kinds == kind])) for kind in ("ttft", "tpot") if np.any(kinds == kind)}
+    return {kind: float(np.median(err[kinds == kind])) for kind in KINDS if np.any(kinds == kind)}
 
 
 def calibrate_rows(rows: list[dict[str, Any]], include_simulated: bool = False, host: Any = None) -> list[Fit]:
     """``host``: a kvray.hardware.host.HostPeaks — CPU rows are fitted against its measured peaks."""
     groups, skipped = observations_from_rows(rows, include_simulated, host.spec() if host is not None else None)
     fits = []
-    default_theta = np.array([1 / DEFAULT_ETA_COMPUTE, 1 / DEFAULT_ETA_MEMORY, 0.0])
     for (gpu, layout), obs in sorted(groups.items()):
         theta, identified = fit_group(obs)
         fits.append(
@@ -357,11 +298,13 @@ def calibrate_rows(rows: list[dict[str, Any]], include_simulated: bool = False, 
                 rows=len({o.row for o in obs}),
                 ttft_observations=sum(o.kind == "ttft" for o in obs),
                 tpot_observations=sum(o.kind == "tpot" for o in obs),
+                steady_observations=sum(o.kind == "steady" for o in obs),
                 identified=identified,
-                median_abs_rel_error_before=_median_errors(obs, default_theta),
+                median_abs_rel_error_before=_median_errors(obs, DEFAULTS),
                 median_abs_rel_error_after=_median_errors(obs, theta),
                 skipped=skipped,
                 host_peaks=host.to_dict() if host is not None and gpu == host.spec().name else None,
+                **{name: float(v) for name, v in zip(CPU_TERMS, theta[3:], strict=True)},
             )
         )
     return fits
@@ -372,8 +315,7 @@ def calibrate(results_dir: str | Path, out: str | Path | None = None, include_si
     """Fit every (GPU, layout) found in a results folder and merge the fits into the calibration file.
 
     ``host`` (kvray.hardware.host.HostPeaks): also fit CPU rows, as the device ``cpu-host``, against it."""
-    from kvray.data.reader import load_dataset
-    from kvray.data.writer import write_json_atomic
+    from kvray.data.store import load_dataset, write_json_atomic
 
     cells, _, _ = load_dataset(results_dir)
     rows = cells.to_dict("records") if len(cells) else []

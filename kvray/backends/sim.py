@@ -17,7 +17,8 @@ records as status "oom": the OOM boundary is a result, not a crash.
 Cell fields: ``hardware`` is a GPU name from kvray/hardware/gpus.py ("any" → H100-SXM); ``tensor_parallel`` splits the
 model over that many of them (per-GPU memory, all-reduces over the GPU's link, docs/simulator.md); KV dtype is
 ``kv_dtype`` or ``dtype``. Cell options: ``layout`` ("hf" | "paged"), ``block_size`` (paged, 16), and ``eta_compute``,
-``eta_memory``, ``layer_overhead_s`` to override the calibrated or default efficiencies; for the continuous
+``eta_memory``, ``layer_overhead_s`` and the CPU costs ``step_overhead_s``, ``request_step_s``, ``admit_s``,
+``finish_s`` to override the calibrated or default ones, each on its own (kvray/sim/costs.py); for the continuous
 engine, vLLM's engine arguments ``max_num_seqs`` (256), ``max_num_batched_tokens`` (8192), ``chunked_prefill``
 (true), ``gpu_memory_utilization`` (0.9), ``kv_pool_bytes`` or ``kv_cache_memory_bytes`` (overrides the utilisation)
 and ``prefix_caching`` (true, as vLLM V1). The continuous engine serves ``layout: paged``, every load but a burst and
@@ -31,6 +32,7 @@ nor a bound.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,17 @@ from kvray.measure.trace import RunTrace
 from kvray.model.geometry import ModelGeometry
 from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, LAYOUTS, normalize_dtype
 from kvray.model.parallel import check_tensor_parallel
+from kvray.sim.costs import CPU_TERMS
 from kvray.sim.serving import EngineConfig, PoolTooSmall, ServedRequest, ServingRun, serve
-from kvray.sim.simulate import DEFAULT_GPU, Efficiency, MemoryPrediction, RequestTiming, efficiency_for, simulate
+from kvray.sim.simulate import (
+    DEFAULT_GPU,
+    Costing,
+    Efficiency,
+    MemoryPrediction,
+    RequestTiming,
+    efficiency_for,
+    simulate,
+)
 from kvray.spec import Cell, RequestSpec
 from kvray.units import GIB
 
@@ -65,6 +76,8 @@ def _layout(opts: Mapping[str, Any]) -> tuple[str, int]:
     return layout, block_size
 
 
+# Cell options that override the calibrated (or default) efficiencies and CPU costs (kvray/sim/costs.py)
+EFFICIENCY_OPTIONS = ("eta_compute", "eta_memory", "layer_overhead_s", *CPU_TERMS)
 _ENGINE_INTS = ("max_num_seqs", "max_num_batched_tokens", "kv_pool_bytes")
 _ENGINE_BOOLS = ("chunked_prefill", "prefix_caching")
 
@@ -132,18 +145,24 @@ class SimBackend(BackendBase):
         """The layout option chooses what the simulator predicts ("hf" unless ``layout: paged``)."""
         return "paged" if options.get("layout") == "paged" else "hf"
 
-    def __init__(self, calibration: str | Path | None = None):
+    def __init__(self, calibration: str | Path | None = None, *, device: GpuSpec | None = None):
         self.calibration = calibration  # a calibration file; None → $KVRAY_CALIBRATION or the default path
+        # a device outside the GPU table (this machine measured as ``cpu-host``, kvray/hardware/host.py) that
+        # every cell runs on, whatever its ``hardware``: kvray validate replays CPU rows on it
+        self.sim_device = device
         self.geometry: ModelGeometry | None = None
         self.gpu: GpuSpec = get_gpu(DEFAULT_GPU)
         from kvray.backends.kv_reuse import ReuseAccount
 
         self._reuse = ReuseAccount()  # simulated prefix-cache hits beside their prediction, pooled over repeats
 
+    def _gpu_of(self, cell: Cell) -> GpuSpec:
+        return self.sim_device if self.sim_device is not None else gpu_of(cell)
+
     def load(self, cell: Cell) -> None:
         from kvray.model.resolve import resolve_geometry
 
-        self.gpu = gpu_of(cell)
+        self.gpu = self._gpu_of(cell)
         _layout(cell.option_dict)
         normalize_dtype(cell.dtype)
         if self.geometry is None or self.geometry.name != cell.model:
@@ -151,17 +170,19 @@ class SimBackend(BackendBase):
         check_tensor_parallel(self.geometry, cell.tensor_parallel)
 
     def efficiency(self, cell: Cell, layout: str) -> Efficiency:
-        """Cell options over the calibration file over the defaults."""
+        """Cell options over the calibration file over the defaults (each of ``EFFICIENCY_OPTIONS`` on its own)."""
         base = efficiency_for(self.gpu, layout, self.calibration)
         opts = cell.option_dict
-        keys = ("eta_compute", "eta_memory", "layer_overhead_s")
-        if not any(k in opts for k in keys):
+        if not any(k in opts for k in EFFICIENCY_OPTIONS):
             return base
-        compute, memory, overhead = (float(opts.get(k, getattr(base, k))) for k in keys)
-        return Efficiency(compute, memory, overhead, source="cell options")
+        try:
+            values = {k: float(opts[k]) for k in EFFICIENCY_OPTIONS if k in opts}
+        except (TypeError, ValueError) as exc:
+            raise KvrayInputError(f"sim backend: efficiency options must be numbers: {exc}") from None
+        return replace(base, **values, source="cell options")
 
     def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:
-        if self.geometry is None or self.geometry.name != cell.model or self.gpu is not gpu_of(cell):
+        if self.geometry is None or self.geometry.name != cell.model or self.gpu is not self._gpu_of(cell):
             self.load(cell)
         assert self.geometry is not None
         layout, block_size = _layout(cell.option_dict)
@@ -171,17 +192,8 @@ class SimBackend(BackendBase):
         if serves_continuously(cell):
             return self._serve(cell, requests, repeat, dtype, kv_dtype, eff)
         tp = cell.tensor_parallel
-        schedule = simulate(
-            self.geometry,
-            self.gpu,
-            requests,
-            dtype=dtype,
-            kv_dtype=kv_dtype,
-            layout=layout,
-            block_size=block_size,
-            eff=eff,
-            tp=tp,
-        )
+        costing = Costing(dtype, kv_dtype, layout, block_size, eff, tp)
+        schedule = simulate(self.geometry, self.gpu, requests, costing=costing)
         peak = schedule.peak_memory
         if not peak.fits:
             raise SimulatedOutOfMemory(_oom_message(self.gpu, peak))
@@ -207,6 +219,7 @@ class SimBackend(BackendBase):
                 "eta_compute": eff.eta_compute,
                 "eta_memory": eff.eta_memory,
                 "layer_overhead_s": eff.layer_overhead_s,
+                **dict(zip(CPU_TERMS, eff.cpu, strict=True)),
                 "efficiency_source": eff.source,
                 "batches": len(schedule.batches),
                 "prefill_bound": schedule.prefill_bound,
@@ -264,6 +277,7 @@ class SimBackend(BackendBase):
             "eta_compute": eff.eta_compute,
             "eta_memory": eff.eta_memory,
             "layer_overhead_s": eff.layer_overhead_s,
+            **dict(zip(CPU_TERMS, eff.cpu, strict=True)),
             "efficiency_source": eff.source,
             "steps": sum(1 for s in run.steps if s.dt_s > 0),
             "step_bounds": run.bounds,

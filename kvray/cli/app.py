@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from kvray.cli import bench_cmd, compare_cmd, model_cmds, output_cmds, plan_cmd, run_cmds
+from kvray.cli import bench_cmd, compare_cmd, model_cmds, output_cmds, plan_cmd, run_cmds, validate_cmd
 from kvray.cli.options import Command, SpaceListCommand
 from kvray.errors import KvrayInputError
 
@@ -44,6 +44,7 @@ COMMANDS: tuple[tuple[Callable[..., Any], type[Command]], ...] = (
     # here: one command per registered experiment (kvray/experiments/), in registry order
     (model_cmds.predict, SpaceListCommand),
     (model_cmds.calibrate, Command),
+    (validate_cmd.validate, Command),
     (plan_cmd.plan, SpaceListCommand),
     (run_cmds.run, Command),
     (run_cmds.launch, Command),

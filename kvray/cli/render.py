@@ -274,6 +274,18 @@ def calibration(results_dir: str, fits: list[Any], path: Any) -> None:
     out = console(min_width_when_piped=120)
     out.print(table)
     out.print("µs/layer: fixed cost per layer per forward pass; err: median |relative error|, default η → fitted")
+    names = {
+        "step_overhead_s": "per step",
+        "request_step_s": "per running request per step",
+        "admit_s": "per admission",
+        "finish_s": "per finish",
+    }
+    for f in fits:
+        cpu = [
+            f"{getattr(f, k, 0.0) * 1e3:.3g} ms {name}" + ("" if f.identified.get(k, True) else " (not identified)")
+            for k, name in names.items()
+        ]
+        out.print(f"{f.gpu} {f.layout} CPU side: {', '.join(cpu)}")
     out.print(f"saved to {path}")
 
 

@@ -46,6 +46,10 @@ class PassCost:
     # already inside ``flops`` and ``bytes``: a kernel of its own, timed apart from the rest of the pass.
     decode_attention_flops: float = 0.0
     decode_attention_bytes: float = 0.0
+    # The prefill chunks' causal attention and the KV they read and write (past + new positions), also inside
+    # ``flops`` and ``bytes``: the step model's prefill-attention part (kvray.sim.costs).
+    prefill_attention_flops: float = 0.0
+    prefill_attention_bytes: float = 0.0
 
 
 # --- weights ---------------------------------------------------------------------------------------------
@@ -164,9 +168,11 @@ def prefill_cost(g: ModelGeometry, prompt_lengths: Sequence[int], dtype: str, kv
     """
     body, head = matmul_params(g)
     rows = [max(prompt_lengths)] * len(prompt_lengths) if layout == "hf" else list(prompt_lengths)
-    flops = sum(2.0 * body * p + 2.0 * head + attention_flops(g, 0, p) for p in rows)
+    attention = sum(attention_flops(g, 0, p) for p in rows)
+    flops = sum(2.0 * body * p + 2.0 * head for p in rows) + attention
     kv_written = sum(kv_bytes_sequence(g, p, kv_dtype, layout, block_size) for p in rows)
-    return PassCost(flops, weights_read_bytes(g, sum(rows), dtype) + kv_written, sum(rows))
+    weights = weights_read_bytes(g, sum(rows), dtype)
+    return PassCost(flops, weights + kv_written, sum(rows), 0.0, 0.0, attention, kv_written)
 
 
 def decode_step_cost(g: ModelGeometry, contexts: Sequence[int], dtype: str, kv_dtype: str, layout: str,
@@ -199,9 +205,10 @@ def sequence_step_cost(g: ModelGeometry, past: int, queries: int, kv_dtype: str,
     body, head = matmul_params(g)
     attention = attention_flops(g, past, queries)
     kv = float(kv_bytes_sequence(g, past + queries, kv_dtype, layout, block_size))
-    decode = queries == 1
-    return PassCost(2.0 * body * queries + 2.0 * head + attention, kv, queries, attention if decode else 0.0,
-                    kv if decode else 0.0)  # fmt: skip
+    flops = 2.0 * body * queries + 2.0 * head + attention
+    if queries == 1:
+        return PassCost(flops, kv, queries, attention, kv)
+    return PassCost(flops, kv, queries, prefill_attention_flops=attention, prefill_attention_bytes=kv)
 
 
 def step_cost(g: ModelGeometry, chunks: Sequence[tuple[int, int]], dtype: str, kv_dtype: str, layout: str = "paged",
@@ -221,15 +228,18 @@ def step_cost(g: ModelGeometry, chunks: Sequence[tuple[int, int]], dtype: str, k
         return sequence_step_cost(g, past, queries, kv_dtype, layout, block_size)
 
     cost = per_sequence or own
-    flops, kv, attention, attention_kv = 0.0, 0.0, 0.0, 0.0
+    flops, kv, attention, attention_kv, pre, pre_kv = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    tokens = 0
     for past, queries in chunks:
         c = cost(past, queries)
         flops += c.flops
         kv += c.bytes
         attention += c.decode_attention_flops
         attention_kv += c.decode_attention_bytes
-    tokens = sum(q for _, q in chunks)
-    return PassCost(flops, weights_read_bytes(g, tokens, dtype) + kv, tokens, attention, attention_kv)
+        pre += c.prefill_attention_flops
+        pre_kv += c.prefill_attention_bytes
+        tokens += queries
+    return PassCost(flops, weights_read_bytes(g, tokens, dtype) + kv, tokens, attention, attention_kv, pre, pre_kv)
 
 
 def batch_passes(g: ModelGeometry, prompts: Sequence[int], gens: Sequence[int], dtype: str, kv_dtype: str,

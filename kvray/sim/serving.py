@@ -11,8 +11,10 @@ never forms batches. Every engine step (docs/simulator.md, "Serving load"):
 2. **Then waiting requests, FCFS**, while the running set is below ``max_num_seqs``, the token budget
    (``max_num_batched_tokens``) lasts and the pool keeps vLLM's admission watermark free after their prompt
    blocks (1 % of the pool; vLLM's ``watermark=0.01``). Without chunked prefill a prompt is never split.
-3. The step's time is the roofline of the whole mixed batch (kvray/sim/passes.step_cost through
-   simulate.pass_time_s): every prefill chunk and decode token of the step read the weights once together.
+3. The step's time is the step-time model of kvray/sim/costs.py over the whole mixed batch (kvray/sim/passes
+   .step_cost): linear layers (every prefill chunk and decode token read the weights once together), prefill
+   attention and decode attention each on its own roof, plus the engine's CPU work — per step, per running
+   request, per request admitted (first time only) and per request finishing in the step.
    A request whose computed tokens reach its prompt (+ generated) length gets a token at the step's end.
 
 A closed-loop request (``after`` = another request's id) arrives ``think_s`` after that request's last token,
@@ -45,8 +47,9 @@ from kvray.model.geometry import ModelGeometry
 from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, dtype_bytes, kv_bytes_per_token, normalize_dtype, paged_blocks_in
 from kvray.model.oom import RUNTIME_OVERHEAD_BYTES, activation_bytes
 from kvray.model.parallel import shard_geometry
+from kvray.sim.costs import Efficiency, StepRequests, StepTimer
 from kvray.sim.passes import PassCost, sequence_step_cost, step_cost
-from kvray.sim.simulate import Efficiency, RequestLike, bound_of, pass_time_s
+from kvray.sim.simulate import RequestLike
 
 # vLLM's defaults (V1 engine, OpenAI server on a GPU): engine arguments max_num_seqs, max_num_batched_tokens
 # (chunked prefill on), gpu_memory_utilization, and the block manager's admission watermark.
@@ -213,6 +216,7 @@ class _Engine:
         self.preemptions = 0
         self.prefix_hits = 0
         self.decodes = 0  # decode tokens in the step just scheduled
+        self.admitted = 0  # requests admitted for the first time in the step just scheduled
         self.groups: dict[int, list[int]] = {}  # group → [prefix blocks resident, members running]
         # groups no member runs, whose prefix blocks stay cached (counted in ``free``) until an allocation needs
         # them — least recently used first, as vLLM's free-block queue evicts
@@ -257,7 +261,7 @@ class _Engine:
         chunks: list[tuple[_Live, int]] = []
         preempted = False
         i = 0
-        self.decodes = 0
+        self.decodes = self.admitted = 0
         running = self.running
         while i < len(running) and budget > 0:
             r = running[i]
@@ -301,6 +305,7 @@ class _Engine:
             self.prefix_hits += cached
             if r.start_s is None:
                 r.start_s = now
+                self.admitted += 1
             if r.group is not None and self.cfg.prefix_caching:
                 self.groups.setdefault(r.group, [0, 0])[1] += 1
             self.running.append(r)
@@ -358,6 +363,7 @@ def serve(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dtype
     engine = _Engine(pool, cfg)
     sharing = cfg.prefix_caching
     memo: dict[tuple[int, int], PassCost] = {}
+    timer = StepTimer(g, gpu, dtype, eff, tp)
 
     def per_sequence(past: int, queries: int) -> PassCost:
         cost = memo.get((past, queries))
@@ -387,8 +393,8 @@ def serve(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dtype
             raise PoolTooSmall(f"the engine cannot admit request {engine.waiting[0].index}: KV pool too small")
         cost = step_cost(g, [(r.computed, n) for r, n in chunks], dtype, kv_dtype, "paged", cfg.block_size,
                          per_sequence)  # fmt: skip
-        dt = pass_time_s(cost, g, gpu, dtype, eff, tp)
-        bound = bound_of(cost, g, gpu, dtype, eff, tp)
+        finishing = sum(1 for r, n in chunks if r.computed + n == r.target and len(r.tokens) + 1 == r.gen)
+        dt, bound = timer.time_s(cost, StepRequests(len(chunks), engine.admitted, finishing))
         bounds[bound] = bounds.get(bound, 0) + 1
         decodes = engine.decodes
         steps.append(StepRecord(now, dt, len(chunks), len(engine.waiting), pool.blocks - engine.free,

@@ -1,14 +1,10 @@
 """A roofline predictor: latency, throughput and memory of a cell on any GPU in the table, without a GPU.
 
-Each forward pass takes the longest of three roofs (see docs/simulator.md):
-
-    compute  = FLOPs / (peak TFLOP/s × η_compute)
-    memory   = bytes moved / (bandwidth × η_memory)
-    overhead = num_layers × layer_overhead_s      (kernel launches and Python; 0 unless calibrated)
-
-— except that the decode tokens' attention (their KV read) is a kernel of its own, timed after the rest of the
-pass with the whole pass's roofline as a floor (``PassRoofs``), so a compute-bound prefill chunk in a mixed step
-does not hide it. The FLOPs and bytes of each pass come from kvray.sim.passes: prefill FLOPs are 2 × matmul
+Each forward pass is timed by the step-time model of kvray.sim.costs (docs/simulator.md): the linear layers,
+the prefill attention and the decode attention each on its own roof (compute at peak × η_compute, memory at
+bandwidth × η_memory), added, with the whole pass's roofline (and a per-layer launch floor) as the floor, plus the
+TP all-reduces and the engine's CPU work (per step, per running request, per admission, per finish: 0 unless
+calibrated). The FLOPs and bytes of each pass come from kvray.sim.passes: prefill FLOPs are 2 × matmul
 parameters × tokens plus causal attention (P(P+1)/2 query-key pairs per layer, a W-wide band on sliding layers);
 every pass reads the weights it touches — the shared ones and the LM head in full, the embedding rows its tokens look up, and
 in MoE layers only the experts its tokens route to — plus the KV it writes (prefill) or the whole KV cache at
@@ -30,13 +26,10 @@ from measured cells and stores them in a JSON file this module reads (``KVRAY_CA
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import accumulate
-from pathlib import Path
 from typing import Any, Protocol
 
 from kvray.errors import KvrayInputError
@@ -45,17 +38,55 @@ from kvray.model.geometry import ModelGeometry
 from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, LAYOUTS, dtype_bytes, kv_bytes_sequence, normalize_dtype
 from kvray.model.oom import RUNTIME_OVERHEAD_BYTES, activation_bytes
 from kvray.model.parallel import shard_geometry
-from kvray.sim.passes import PassCost, batch_passes
+from kvray.sim.costs import (  # the step-time model; names re-exported (__all__)
+    ALLREDUCE_LATENCY_S,
+    ALLREDUCES_PER_LAYER,
+    CALIBRATION_ENV,
+    DEFAULT_ETA_COMPUTE,
+    DEFAULT_ETA_MEMORY,
+    Efficiency,
+    StepRequests,
+    allreduce_s,
+    bound_of,
+    calibration_path,
+    efficiency_for,
+    load_calibration,
+    pass_time_s,
+    roofs_s,
+    step_roofs,
+)
+from kvray.sim.passes import batch_passes
 
 DEFAULT_GPU = "H100-SXM"  # what hardware "any" simulates
-DEFAULT_ETA_COMPUTE = 0.7  # llm-analysis's default flops efficiency
-DEFAULT_ETA_MEMORY = 0.9  # llm-analysis's default memory efficiency
-CALIBRATION_ENV = "KVRAY_CALIBRATION"
-ALLREDUCES_PER_LAYER = 2  # Megatron-style TP: one after attention's row-parallel o_proj, one after the MLP's down
-# The fixed cost of one small all-reduce, whatever its size: vLLM's custom all-reduce on H100 measured 8.5–11.8 µs
-# for 512 B–32 KiB at TP 2/4/8 without CUDA graphs (sgl-project/sglang PR #2904's table); NCCL's NVLS tree
-# ~6 µs at TP 2 with CUDA graphs (NVIDIA/nccl issue #1259). 8 µs sits between; decode's all-reduces are this size.
-ALLREDUCE_LATENCY_S = 8e-6
+__all__ = [  # the step-time model lives in kvray.sim.costs; these names stay importable from here
+    "ALLREDUCE_LATENCY_S",
+    "ALLREDUCES_PER_LAYER",
+    "CALIBRATION_ENV",
+    "DEFAULT_ETA_COMPUTE",
+    "DEFAULT_ETA_MEMORY",
+    "Efficiency",
+    "StepRequests",
+    "allreduce_s",
+    "bound_of",
+    "calibration_path",
+    "efficiency_for",
+    "load_calibration",
+    "pass_time_s",
+    "roofs_s",
+    "step_roofs",
+    "Costing",
+    "MemoryPrediction",
+    "Prediction",
+    "RequestLike",
+    "RequestTiming",
+    "Schedule",
+    "batch_memory",
+    "batch_requests",
+    "form_batches",
+    "predict_cell",
+    "simulate",
+    "tdp_energy_estimate",
+]
 
 
 class RequestLike(Protocol):
@@ -70,176 +101,34 @@ class RequestLike(Protocol):
 
 
 @dataclass(frozen=True)
-class Efficiency:
-    """The fraction of peak a real engine reaches, plus a per-layer fixed cost per forward pass."""
+class Costing:
+    """How a static batch is costed: the keyword options ``simulate`` and ``predict_cell`` share.
 
-    eta_compute: float = DEFAULT_ETA_COMPUTE
-    eta_memory: float = DEFAULT_ETA_MEMORY
-    layer_overhead_s: float = 0.0
-    source: str = "defaults"
-
-    def __post_init__(self) -> None:
-        if not (self.eta_compute > 0 and self.eta_memory > 0 and self.layer_overhead_s >= 0):
-            raise KvrayInputError(
-                f"efficiencies must be positive and overhead >= 0, got η_compute {self.eta_compute}, "
-                f"η_memory {self.eta_memory}, layer overhead {self.layer_overhead_s}"
-            )
-
-    def describe(self) -> str:
-        text = f"η_compute {self.eta_compute:.3g}, η_memory {self.eta_memory:.3g}"
-        if self.layer_overhead_s:
-            text += f", layer overhead {self.layer_overhead_s * 1e6:.3g} µs"
-        return f"{text} ({self.source})"
-
-
-# --- calibration file (written by kvray.analysis.calibrate, read here) -----------------------------------------
-
-
-def calibration_path() -> Path:
-    env = os.environ.get(CALIBRATION_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvray" / "calibration.json"
-
-
-def load_calibration(path: str | Path | None = None) -> dict[str, Any]:
-    """The calibration file's content ({"entries": {gpu: {layout: {...}}}}), empty when absent or unreadable."""
-    p = Path(path) if path is not None else calibration_path()
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {"version": 1, "entries": {}}
-    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
-        return {"version": 1, "entries": {}}
-    return data
-
-
-def efficiency_for(gpu: GpuSpec, layout: str = "hf", path: str | Path | None = None) -> Efficiency:
-    """Calibrated efficiencies for this GPU and KV layout when the calibration file has them, else defaults."""
-    p = Path(path) if path is not None else calibration_path()
-    entry = load_calibration(p)["entries"].get(gpu.name, {}).get(layout)
-    if not entry:
-        return Efficiency()
-    try:
-        return Efficiency(
-            float(entry["eta_compute"]),
-            float(entry["eta_memory"]),
-            float(entry.get("layer_overhead_s", 0.0)),
-            source=f"calibrated from {entry.get('rows', '?')} rows, {p}",
-        )
-    except (KeyError, TypeError, ValueError, KvrayInputError):
-        return Efficiency()
-
-
-# --- the roofs ------------------------------------------------------------------------------------------
-
-
-def roofs_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency) -> tuple[float, float, float]:
-    """(compute, memory, overhead) seconds of one pass as a whole; the roofline is the largest."""
-    compute = cost.flops / (gpu.tflops(dtype) * 1e12 * eff.eta_compute)
-    memory = cost.bytes / (gpu.bandwidth_gbps * 1e9 * eff.eta_memory)
-    return compute, memory, g.num_layers * eff.layer_overhead_s
-
-
-def allreduce_s(g: ModelGeometry, gpu: GpuSpec, tokens: int, dtype: str, tp: int) -> float:
-    """Seconds one pass over ``tokens`` tokens spends in TP all-reduces (0 at tp 1).
-
-    Per layer ``ALLREDUCES_PER_LAYER`` all-reduces of tokens × hidden activations in ``dtype``; each costs
-    ``ALLREDUCE_LATENCY_S`` plus its data time: a ring all-reduce over N GPUs sends (and receives) 2(N − 1)/N of
-    the payload per GPU, at the link's per-direction bandwidth (kvray/hardware/gpus.py INTERCONNECT).
-    """
-    if tp <= 1 or tokens <= 0:
-        return 0.0
-    payload = tokens * g.hidden_size * dtype_bytes(dtype)
-    per_gpu = 2 * (tp - 1) / tp * payload
-    one = ALLREDUCE_LATENCY_S + per_gpu / (gpu.link_gbps_per_direction * 1e9)
-    return ALLREDUCES_PER_LAYER * g.num_layers * one
-
-
-# The linear pieces of a pass's time, as (compute, memory, overhead) coefficients of (1/η_compute, 1/η_memory,
-# layer overhead): the time is the largest piece. The first three are the roofline of the whole pass; the last two
-# the rest of the pass (less its decode attention) on one roof, then the decode attention on the other (the rest
-# and the attention on the same roof add up to the whole pass's piece).
-PIECES = ("compute", "memory", "overhead", "compute, then decode attention (memory)",
-          "memory, then decode attention (compute)")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class PassRoofs:
-    """One pass's roofs at 100 % of peak (seconds) on one GPU, and its TP all-reduce time.
-
-    The pass takes the largest of
-
-        the roofline of the whole pass   max(compute/η_c, memory/η_m, layers × overhead)
-        the rest, then decode attention  max(rest compute/η_c, rest memory/η_m)
-                                         + max(attention compute/η_c, attention memory/η_m)
-
-    plus ``allreduce_s`` (never overlapped). Decode attention is a kernel of its own between the layer's
-    matmuls: a mixed step's KV read is not hidden under its prefill's compute, and the roofline of the whole
-    pass stays a floor. A decode step bound by memory alone takes (weights + KV) / bandwidth either way.
-    ``pieces`` writes that maximum as linear pieces in (1/η_c, 1/η_m, overhead), the form calibration fits.
+    ``kv_dtype`` None: the weights' dtype. ``eff`` None: ``simulate`` uses the defaults, ``predict_cell`` the
+    calibration file's entry for the GPU and layout. ``tp``: the model split over that many GPUs (each pass costed
+    on one rank). ``communication`` False leaves the all-reduces out (a roofline floor: their latency is an
+    estimate, not a bound).
     """
 
-    compute_s: float
-    memory_s: float
-    layers: int
-    decode_compute_s: float = 0.0
-    decode_memory_s: float = 0.0
-    allreduce_s: float = 0.0
+    dtype: str = "bf16"
+    kv_dtype: str | None = None
+    layout: str = "hf"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    eff: Efficiency | None = None
+    tp: int = 1
+    communication: bool = True
 
-    def pieces(self) -> list[tuple[float, float, float]]:
-        """(compute, memory, overhead) coefficients of each piece of ``PIECES``, in that order."""
-        c, m, n = self.compute_s, self.memory_s, float(self.layers)
-        rc, rm, dc, dm = (
-            c - self.decode_compute_s,
-            m - self.decode_memory_s,
-            self.decode_compute_s,
-            self.decode_memory_s,
-        )
-        return [(c, 0.0, 0.0), (0.0, m, 0.0), (0.0, 0.0, n), (rc, dm, 0.0), (dc, rm, 0.0)]
-
-    def _values(self, eff: Efficiency) -> list[float]:
-        theta = (1 / eff.eta_compute, 1 / eff.eta_memory, eff.layer_overhead_s)
-        return [sum(k * t for k, t in zip(piece, theta, strict=True)) for piece in self.pieces()]
-
-    def time_s(self, eff: Efficiency) -> float:
-        return max(self._values(eff)) + self.allreduce_s
-
-    def bound(self, eff: Efficiency) -> str:
-        """Which term limits the pass: "compute", "memory", "overhead" or (TP) "communication"; of a rest-then-
-        attention piece, the roof of its larger part."""
-        values = self._values(eff)
-        if self.allreduce_s > max(values):
-            return "communication"
-        k = values.index(max(values))
-        if k < 3:
-            return PIECES[k]
-        x, y = 1 / eff.eta_compute, 1 / eff.eta_memory
-        rest_c, rest_m = (self.compute_s - self.decode_compute_s) * x, (self.memory_s - self.decode_memory_s) * y
-        if k == 3:  # the rest on compute, the attention on memory
-            return "compute" if rest_c >= self.decode_memory_s * y else "memory"
-        return "memory" if rest_m >= self.decode_compute_s * x else "compute"
-
-
-def pass_roofs(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, tp: int = 1,
-               communication: bool = True) -> PassRoofs:  # fmt: skip
-    """The roofs of ``cost`` (one rank's pass under TP) on ``gpu`` at 100 % of peak; its all-reduces unless
-    ``communication`` is False (a floor: the all-reduce latency is an estimate, not a bound)."""
-    peak_flops = gpu.tflops(dtype) * 1e12
-    bandwidth = gpu.bandwidth_gbps * 1e9
-    return PassRoofs(cost.flops / peak_flops, cost.bytes / bandwidth, g.num_layers,
-                     cost.decode_attention_flops / peak_flops, cost.decode_attention_bytes / bandwidth,
-                     allreduce_s(g, gpu, cost.tokens, dtype, tp) if communication else 0.0)  # fmt: skip
-
-
-def pass_time_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency, tp: int = 1,
-                communication: bool = True) -> float:  # fmt: skip
-    """The pass's time (``PassRoofs.time_s``): its roofs with decode attention timed apart, plus the TP
-    all-reduces (not overlapped with the matmuls they sit between)."""
-    return pass_roofs(cost, g, gpu, dtype, tp, communication).time_s(eff)
-
-
-def bound_of(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency, tp: int = 1) -> str:
-    """Which term limits the pass: "compute", "memory", "overhead" or (TP) "communication"."""
-    return pass_roofs(cost, g, gpu, dtype, tp).bound(eff)
+    @classmethod
+    def of(cls, costing: Costing | None, options: dict[str, Any]) -> Costing:
+        """``costing`` (or the defaults) with ``options`` replacing its fields; dtypes normalised, layout checked."""
+        try:
+            c = replace(costing or cls(), **options)
+        except TypeError as exc:
+            raise KvrayInputError(f"unknown costing option: {exc}") from None
+        if c.layout not in LAYOUTS:
+            raise KvrayInputError(f"unknown KV layout {c.layout!r} (known: {', '.join(LAYOUTS)})")
+        dtype = normalize_dtype(c.dtype)
+        return replace(c, dtype=dtype, kv_dtype=normalize_dtype(c.kv_dtype or dtype))
 
 
 # --- memory ----------------------------------------------------------------------------------------------
@@ -334,29 +223,30 @@ def form_batches(
     return out
 
 
+def batch_requests(prompts: Sequence[int], gens: Sequence[int], layout: str) -> list[StepRequests]:
+    """The engine's CPU work in each pass of ``kvray.sim.passes.batch_passes``: the prefill admits every row;
+    decode step k runs the rows still generating (hf: every row, padded to the longest generation) and finishes
+    those whose k + 1-th token is their last."""
+    rows = len(prompts)
+    out = [StepRequests(rows, rows, sum(1 for n in gens if n == 1))]
+    for k in range(1, max(gens)):
+        running = rows if layout == "hf" else sum(1 for n in gens if k < n)
+        out.append(StepRequests(running, 0, sum(1 for n in gens if n == k + 1)))
+    return out
+
+
 def simulate(
-    g: ModelGeometry,
-    gpu: GpuSpec,
-    requests: Sequence[RequestLike],
-    *,
-    dtype: str = "bf16",
-    kv_dtype: str | None = None,
-    layout: str = "hf",
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    eff: Efficiency | None = None,
-    tp: int = 1,
-    communication: bool = True,
+    g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], *, costing: Costing | None = None, **options: Any
 ) -> Schedule:
-    """Predicted per-request timestamps and per-batch memory of serving ``requests`` on ``gpu`` (per GPU of a
-    TP=``tp`` group: ``g`` is the whole model, each pass is costed on one rank). ``communication`` False leaves
-    the all-reduces out (a roofline floor: their latency is an estimate, not a bound)."""
+    """Predicted per-request timestamps and per-batch memory of serving ``requests`` on ``gpu`` as the HF
+    backend's static batches. ``costing`` (or its fields as keywords: dtype, kv_dtype, layout, block_size, eff,
+    tp, communication — ``Costing``) says how; under TP ``g`` is the whole model and each pass is costed on one
+    rank."""
     if not requests:
         raise KvrayInputError("nothing to simulate: no requests")
-    if layout not in LAYOUTS:
-        raise KvrayInputError(f"unknown KV layout {layout!r} (known: {', '.join(LAYOUTS)})")
-    dtype = normalize_dtype(dtype)
-    kv_dtype = normalize_dtype(kv_dtype or dtype)
-    eff = eff or Efficiency()
+    c = Costing.of(costing, options)
+    dtype, kv_dtype, layout, block_size, tp = c.dtype, c.kv_dtype or c.dtype, c.layout, c.block_size, c.tp
+    eff = c.eff or Efficiency()
     g = shard_geometry(g, tp)
     plans: dict[tuple[int, ...], tuple[list[float], str, str]] = {}
 
@@ -367,9 +257,12 @@ def simulate(
             prompts = [requests[i].prompt_toks for i in batch]
             gens = [requests[i].gen_toks for i in batch]
             passes = batch_passes(g, prompts, gens, dtype, kv_dtype, layout, block_size)
-            times = list(accumulate(pass_time_s(c, g, gpu, dtype, eff, tp, communication) for c in passes))
-            last = bound_of(passes[-1], g, gpu, dtype, eff, tp) if len(passes) > 1 else ""
-            plans[key] = (times, bound_of(passes[0], g, gpu, dtype, eff, tp), last)
+            roofs = [
+                step_roofs(p, g, gpu, dtype, tp, c.communication, work)
+                for p, work in zip(passes, batch_requests(prompts, gens, layout), strict=True)
+            ]
+            times = list(accumulate(r.time_s(eff) for r in roofs))
+            plans[key] = (times, roofs[0].bound(eff), roofs[-1].bound(eff) if len(roofs) > 1 else "")
         return plans[key]
 
     batches = form_batches(requests, lambda b: plan(b)[0][-1])
@@ -453,18 +346,13 @@ def predict_cell(
     prompt_toks: int,
     gen_toks: int,
     *,
-    dtype: str = "bf16",
-    kv_dtype: str | None = None,
-    layout: str = "hf",
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    eff: Efficiency | None = None,
-    tp: int = 1,
-    communication: bool = True,
+    costing: Costing | None = None,
+    **options: Any,
 ) -> Prediction:
     """TTFT, TPOT, E2E, output tokens/s and peak memory of ``concurrency`` equal requests on ``gpu``.
 
-    ``eff`` defaults to the calibrated values for this GPU and layout when present, else η defaults. ``tp``:
-    the model split over that many GPUs of this type (memory per GPU, ``output_tps_per_gpu`` per GPU).
+    ``costing`` or its fields as keywords (``Costing``); ``eff`` defaults to the calibrated values for this GPU and
+    layout when present, else the defaults. ``tp``: memory per GPU, ``output_tps_per_gpu`` per GPU.
     ``communication`` False: without the TP all-reduces (kvray.analysis.findings' roofline floor).
     """
     if concurrency <= 0 or prompt_toks <= 0 or gen_toks <= 0:
@@ -472,21 +360,11 @@ def predict_cell(
             f"concurrency, prompt and generated tokens must be positive, got {concurrency}, {prompt_toks}, {gen_toks}"
         )
     spec = gpu if isinstance(gpu, GpuSpec) else get_gpu(DEFAULT_GPU if gpu == "any" else gpu)
-    eff = eff or efficiency_for(spec, layout)
-    dtype = normalize_dtype(dtype)
-    kv_dtype = normalize_dtype(kv_dtype or dtype)
-    schedule = simulate(
-        g,
-        spec,
-        [_Req(prompt_toks, gen_toks)] * concurrency,
-        dtype=dtype,
-        kv_dtype=kv_dtype,
-        layout=layout,
-        block_size=block_size,
-        eff=eff,
-        tp=tp,
-        communication=communication,
-    )
+    c = Costing.of(costing, options)
+    eff = c.eff or efficiency_for(spec, c.layout)
+    c = replace(c, eff=eff)
+    dtype, kv_dtype, layout, tp, communication = c.dtype, c.kv_dtype or c.dtype, c.layout, c.tp, c.communication
+    schedule = simulate(g, spec, [_Req(prompt_toks, gen_toks)] * concurrency, costing=c)
     times = schedule.timings[0].token_times_s
     ttft, e2e = times[0], times[-1]
     tpot = (e2e - ttft) / (gen_toks - 1) if gen_toks > 1 else float("nan")

@@ -1,0 +1,117 @@
+"""`kvray validate`: a folder's measured cells replayed on the simulator, errors per cell and metric.
+
+The folder is crafted: cells of a paged engine 'measured' on an H100 are the simulator's own predictions at a known
+efficiency (η_memory 0.45, a CPU cost per running request), relabelled as measured. Validated against a
+calibration holding that truth, every error is 0; against the defaults (η_memory 0.9, no CPU cost) a decode step of
+kvray/tiny-llama on an H100 — bound by reading its 13.6 MB of weights — takes half as long, so TPOT is predicted
+50 % low.
+"""
+
+import json
+
+import pytest
+from sim_measured import simulated_as_measured
+
+from kvray.analysis.validate import validate
+from kvray.cli.app import main
+from kvray.data.store import DatasetWriter
+from kvray.plan.loads import build_workload
+from kvray.spec import LoadSpec, Workload
+
+TRUTH = {"eta_compute": 0.6, "eta_memory": 0.45}
+ENGINE = {
+    "block_size": 16,
+    "max_batch_tokens": 8192,
+    "max_num_batched_tokens": 8192,
+    "max_num_seqs": 256,
+    "kv_cache_memory_bytes": 64 * 2**20,
+    "layout": "paged",
+}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("measured")
+    writer = DatasetWriter(out, tables=False)
+    workloads = [
+        Workload.uniform(8, 64, 16),
+        build_workload(LoadSpec(kind="poisson", rate_rps=2000, requests=60), 64, 16),
+    ]
+    for wl in workloads:
+        result = simulated_as_measured("kvray/tiny-llama", wl, **ENGINE, **TRUTH)
+        writer.append(result)
+    writer.flush()
+    return out
+
+
+def calibration(path, **eff):
+    entry = {"eta_compute": 0.7, "eta_memory": 0.9, "layer_overhead_s": 0.0, "rows": 2, **eff}
+    path.write_text(json.dumps({"version": 1, "entries": {"H100-SXM": {"paged": entry}}}))
+    return path
+
+
+def test_the_truth_validates_to_zero_error_and_the_defaults_to_the_eta_ratio(measured, tmp_path):
+    exact = validate(measured, calibration(tmp_path / "truth.json", **TRUTH))
+    assert exact.cells == 2 and exact.skipped == {}
+    assert {r["metric"] for r in exact.rows} >= {"ttft_s_p50", "tpot_s_p50", "e2e_s_p50", "achieved_rps"}
+    assert all(abs(r["rel_error"]) < 1e-9 for r in exact.rows)
+
+    defaults = validate(measured, calibration(tmp_path / "defaults.json"))
+    (burst_tpot,) = [r for r in defaults.rows if r["metric"] == "tpot_s_p50" and "c8" in defaults.labels[r["cell"]]]
+    assert burst_tpot["rel_error"] == pytest.approx(0.45 / 0.9 - 1, abs=0.02)
+
+
+def test_cli_json_keys_and_summary_line(measured, tmp_path, capsys):
+    cal = calibration(tmp_path / "truth.json", **TRUTH)
+    with pytest.raises(SystemExit) as done:
+        main(["validate", str(measured), "--calibration", str(cal), "--json"])
+    assert done.value.code == 0
+    record = json.loads(capsys.readouterr().out)
+    assert set(record["rows"][0]) == {"cell", "metric", "measured", "predicted", "rel_error"}
+    assert record["median_abs_rel_error"]["tpot_s_p50"] == pytest.approx(0.0, abs=1e-9)
+    assert set(record["repeat_spread"]) == {r["cell"] for r in record["rows"]}  # one repeat each: {} per cell
+    with pytest.raises(SystemExit):
+        main(["validate", str(measured), "--calibration", str(cal)])
+    assert "2 cells; median |error| ttft_s_p50 0.0% (worst 0.0%)" in capsys.readouterr().out
+
+
+@pytest.mark.integration  # draws a figure (matplotlib: ~3 s)
+def test_output_folder_gets_the_json_and_the_figure_also_under_the_old_out_spelling(measured, tmp_path):
+    cal = calibration(tmp_path / "truth.json", **TRUTH)
+    for flag in ("--output", "--out"):
+        with pytest.raises(SystemExit) as done:
+            main(["validate", str(measured), "--calibration", str(cal), flag, str(tmp_path / flag)])
+        assert done.value.code == 0
+        assert (tmp_path / flag / "validation.png").is_file() and (tmp_path / flag / "validation.svg").is_file()
+        record = json.loads((tmp_path / flag / "validation.json").read_text())
+        assert record["cells"] == 2
+
+
+def test_a_folder_without_cells_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["validate", str(tmp_path)])
+    assert done.value.code == 2 and "is not a results folder" in capsys.readouterr().err
+
+
+def test_repeat_spread_is_the_range_over_repeats_of_each_percentile():
+    """Two repeats of two requests: TTFT 0.1 and 0.3 s in repeat 0 (p50 0.2), 0.3 and 0.5 s in repeat 1 (p50 0.4):
+    spread (0.4 − 0.2) / median(0.2, 0.4) = 0.2 / 0.3; one repeat alone has no spread."""
+    from kvray.analysis.validate import repeat_spread
+    from kvray.measure.trace import RunTrace
+
+    def trace(repeat: int, ttft: float) -> RunTrace:
+        return RunTrace(
+            request_id=0,
+            repeat=repeat,
+            arrival_s=0.0,
+            start_s=0.0,
+            token_times_s=[ttft, ttft + 0.01],
+            end_s=ttft + 0.01,
+            prompt_toks=8,
+            output_toks=2,
+        )
+
+    traces = [trace(0, 0.1), trace(0, 0.3), trace(1, 0.3), trace(1, 0.5)]
+    assert repeat_spread(traces)["ttft_s_p50"] == pytest.approx(0.2 / 0.3)
+    assert repeat_spread(traces)["tpot_s_p50"] == pytest.approx(0.0, abs=1e-9)
+    assert repeat_spread(traces[:2]) == {}
