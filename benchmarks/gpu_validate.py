@@ -72,9 +72,9 @@ def stage_validate(check: Any, backend: Any, open_: Any) -> None:
     """Calibrate, measure held-out cells, validate (module docstring). ``open_()``: may new work start?"""
     from kvray.analysis.calibrate import calibrate
     from kvray.analysis.validate import validate
-    from kvray.bench.runner import run_cell
-    from kvray.data.store import DatasetWriter
+    from kvray.data.writer import DatasetWriter
     from kvray.figures.validation import draw_validation
+    from kvray.runner.run import run_cell
 
     a, summary = check.args, check.stages["validate"]
     cal_dir, held_dir = check.out / "validate-calibration", check.out / "validate-heldout"

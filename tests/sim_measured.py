@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvray.backends.sim import SimBackend
-from kvray.bench.runner import run_cell
+from kvray.runner.run import run_cell
 from kvray.spec import Cell, make_options
 
 H100_NVML = "NVIDIA H100 80GB HBM3"

@@ -14,7 +14,7 @@ from sim_measured import simulated_as_measured
 
 from kvray.analysis.validate import validate
 from kvray.cli.app import main
-from kvray.data.store import DatasetWriter
+from kvray.data.writer import DatasetWriter
 from kvray.plan.loads import build_workload
 from kvray.spec import LoadSpec, Workload
 

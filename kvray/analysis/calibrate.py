@@ -315,7 +315,8 @@ def calibrate(results_dir: str | Path, out: str | Path | None = None, include_si
     """Fit every (GPU, layout) found in a results folder and merge the fits into the calibration file.
 
     ``host`` (kvray.hardware.host.HostPeaks): also fit CPU rows, as the device ``cpu-host``, against it."""
-    from kvray.data.store import load_dataset, write_json_atomic
+    from kvray.data.reader import load_dataset
+    from kvray.data.writer import write_json_atomic
 
     cells, _, _ = load_dataset(results_dir)
     rows = cells.to_dict("records") if len(cells) else []

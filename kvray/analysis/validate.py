@@ -5,7 +5,7 @@ requests, lengths, arrival schedule and seed as the measured cell recorded them 
 engine settings (``engine_options``: what the measured backend ran, from the cell's options and the engine's own
 report in the row), on the same device: a GPU of the table, or this machine measured as ``cpu-host`` for CPU rows
 (the peaks stored with the calibration's cpu-host fit). A rate search is searched again on the simulator with the
-measured search's own criterion (kvray/bench/saturation.py), so knee and saturation mean the same on both sides.
+measured search's own criterion (kvray/runner/saturation.py), so knee and saturation mean the same on both sides.
 The simulated cell goes through the runner and kvray.measure.metrics like the measured one, so the two rows'
 columns are computed by one piece of code.
 
@@ -182,12 +182,13 @@ def repeat_spread(traces: list[Any]) -> dict[str, float]:
 def validate(measured_dir: str | Path, calibration: str | Path | None = None) -> Validation:
     """Replay every measured cell of ``measured_dir`` on the simulator (module docstring)."""
     from kvray.backends.sim import SimBackend
-    from kvray.bench.runner import run_cell
-    from kvray.bench.saturation import is_search, run_search
-    from kvray.data.store import CELLS_JSONL, read_results, result_from_record
+    from kvray.data.layout import CELLS_JSONL
+    from kvray.data.reader import read_results, result_from_record
     from kvray.model.kvmath import kv_bytes_per_token, normalize_dtype
     from kvray.model.parallel import shard_geometry
     from kvray.model.resolve import resolve_geometry
+    from kvray.runner.run import run_cell
+    from kvray.runner.saturation import is_search, run_search
 
     folder = Path(measured_dir)
     if not (folder / CELLS_JSONL).is_file():
