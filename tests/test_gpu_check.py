@@ -29,11 +29,13 @@ def gpu_check():
 
 
 def test_each_stage_starts_new_work_only_before_its_share_of_the_budget(gpu_check):
-    # latest starts of a 100 s budget: grid 45 s, overhead 55 s, paged 62 s, serve 92 s
+    # latest starts of a 100 s budget: grid 45 s, overhead 55 s, paged 62 s, validate 80 s, serve 92 s
     at_50 = gpu_check.Budget(100.0, started=time.monotonic() - 50)
-    assert [at_50.open(s) for s in gpu_check.STAGES] == [False, True, True, True]
+    assert [at_50.open(s) for s in gpu_check.STAGES] == [False, True, True, True, True]
     at_60 = gpu_check.Budget(100.0, started=time.monotonic() - 60)
-    assert [at_60.open(s) for s in gpu_check.STAGES] == [False, False, True, True]
+    assert [at_60.open(s) for s in gpu_check.STAGES] == [False, False, True, True, True]
+    at_85 = gpu_check.Budget(100.0, started=time.monotonic() - 85)
+    assert [at_85.open(s) for s in gpu_check.STAGES] == [False, False, False, False, True]
     at_95 = gpu_check.Budget(100.0, started=time.monotonic() - 95)
     assert not any(at_95.open(s) for s in gpu_check.STAGES)
     # the default 420 s budget: the serve stage's last probe may start at 386.4 s, leaving 93.6 s of 8 minutes
@@ -46,8 +48,9 @@ def test_a_spent_budget_lists_every_cell_as_not_run_and_writes_no_row(gpu_check,
     out = tmp_path / "gpu-check-smoke"
     summary = json.loads((out / "check.json").read_text())
     assert summary["cells"] == 0 and summary["partial"] is False
-    # grid 3 concurrencies × 2 prompts, the overhead run, 2 paged cells, 1 knee search
-    assert len(summary["not_run"]) == 6 + 1 + 2 + 1
+    # grid 3 concurrencies × 2 prompts, the overhead run, 2 paged cells, the validate stage, 1 knee search
+    assert len(summary["not_run"]) == 6 + 1 + 2 + 1 + 1
+    assert "validate: calibration and held-out cells" in summary["not_run"]
     assert sum("hf-paged" in x and "c16" not in x for x in summary["not_run"]) == 2
     assert not (out / "cells.jsonl").exists() or (out / "cells.jsonl").read_text() == ""
 
