@@ -281,6 +281,7 @@ def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = N
         if submitted.remote_status is not None:
             render.line(f"remote job {submitted.remote_status} → {remote or out}")
         render.experiment_summary(job.name, status_counts(out, job), remote or out)
+        render.stragglers(submitted.run)
         if not flags.no_plots:
             make_all_after_run(out, shown=remote)
 

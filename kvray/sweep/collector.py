@@ -39,6 +39,7 @@ from kvray.data.manifest import read_manifest
 from kvray.data.store import DatasetWriter, EncodedRow, encode_row
 from kvray.measure.trace import CellResult
 from kvray.sweep.ray_env import import_ray
+from kvray.sweep.stragglers import run_stragglers
 from kvray.units import first_line
 
 MARK_EVERY = 50  # the collector notes the time every this many rows (a 10,000-row run: 200 marks)
@@ -219,6 +220,7 @@ class Collector:
         if self._dirty or not (self.out_dir / "cells.parquet").exists():
             self.write_tables()
         self.upload(final=True)  # the rows and tables first: the driver may not live to send them
+        summary = {**summary, "stragglers": run_stragglers(self.out_dir, self._run["workers"])}
         self._run.update(summary, finished_at=now_iso(), rows_appended=self.appended, duplicates=self.duplicates,
                          table_refreshes_deferred=self.deferred, collector=self.costs())  # fmt: skip
         self.writer.write_manifest(self.manifest)
