@@ -324,6 +324,8 @@ class Sweep:
     def worker_lost(self, slot: Slot, cell: Cell, why: str, retry: bool) -> None:
         """The slot's actor is gone (died, or hung: ``retry=False``): settle its cell, then replace it."""
         self.pool.kill(slot, ask=retry)  # a hung worker would not answer
+        with contextlib.suppress(Exception):  # its row, should it still come (a partition healing), is refused
+            self.ray.get(self.collector.disown.remote(slot.name), timeout=RPC_TIMEOUT_S)
         self.settle(cell, why, retry)
         self.scheduler.leave(slot.index)
         self.pool.replace(slot, needed=self.scheduler.has_work(slot.placement))
