@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 
 GCS_PORT = 6379  # Ray's default: the head's namespace has nothing else on it
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+START_TRIES = 3  # `ray start` gives a raylet 30 s to register: on a loaded 2-core machine it sometimes needs more
 
 
 def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -92,8 +94,12 @@ class PartitionLab:
         token = secrets.token_hex(2)
         tmp = Path(f"/tmp/kvp{token}")  # short: Ray's unix sockets live under it (108-byte path limit)
         tmp.mkdir()
-        env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-               "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+        env = {
+            **os.environ,
+            **RAY_ENV,
+            "RAY_TMPDIR": str(tmp),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
         lab = cls(token=token, folder=folder, bridge=f"kvpbr{token}", subnet=_free_subnet(), env=env)
         try:
             _ip("link", "add", lab.bridge, "type", "bridge")
@@ -129,28 +135,46 @@ class PartitionLab:
     def popen(self, node: str, cmd: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """``cmd`` in ``node``'s namespace, its own process group, output to ``log`` in the lab's folder."""
         out = open(self.folder / log, "a")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(["ip", "netns", "exec", self.nodes[node].netns, *cmd], stdout=out,
-                                stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, start_new_session=True)  # fmt: skip
+        cmd = ["ip", "netns", "exec", self.nodes[node].netns, *cmd]
+        env = {**self.env, **(env or {})}
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.nodes[node].procs.append(proc)
         return proc
 
-    def start_head(self, *, system_config: dict[str, object] | None = None, num_cpus: int = 1) -> None:
+    def start_head(self, *, env: dict[str, str] | None = None, num_cpus: int = 1) -> None:
+        """The head (GCS and a raylet with ``num_cpus`` CPUs, no GPU, no dashboard); returns once it is up."""
+        cmd = ["ray", "start", "--head", "--block", f"--node-ip-address={self.head.address}", f"--port={GCS_PORT}"]
+        cmd += [f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"]
+        self._start("head", cmd, env)
+
+    def start_worker(
+        self,
+        node: str,
+        *,
+        num_gpus: int = 1,
+        resources: dict[str, float] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """A worker node joining the head: one CPU, ``num_gpus`` logical GPUs; returns once it is up."""
         import json
 
-        cmd = ["ray", "start", "--head", "--block", f"--node-ip-address={self.head.address}", f"--port={GCS_PORT}",
-               f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
-        if system_config:
-            cmd.append(f"--system-config={json.dumps(system_config)}")
-        self.popen("head", cmd, "head.log")
+        cmd = ["ray", "start", "--block", f"--address={self.gcs_address}"]
+        cmd += [f"--node-ip-address={self.nodes[node].address}", "--num-cpus=1", f"--num-gpus={num_gpus}"]
+        cmd += ["--disable-usage-stats", *([f"--resources={json.dumps(resources)}"] if resources else [])]
+        self._start(node, cmd, env)
 
-    def start_worker(self, node: str, *, num_gpus: int = 1, resources: dict[str, float] | None = None) -> None:
-        import json
-
-        cmd = ["ray", "start", "--block", f"--address={self.gcs_address}", f"--node-ip-address={self.nodes[node].address}",
-               "--num-cpus=1", f"--num-gpus={num_gpus}", "--disable-usage-stats"]  # fmt: skip
-        if resources:
-            cmd.append(f"--resources={json.dumps(resources)}")
-        self.popen(node, cmd, f"{node}.log")
+    def _start(self, node: str, cmd: list[str], env: dict[str, str] | None) -> None:
+        log = self.folder / f"{node}.log"
+        for _ in range(START_TRIES):
+            start = log.stat().st_size if log.exists() else 0
+            proc = self.popen(node, cmd, log.name, env)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                if "Ray runtime started" in log.read_text()[start:]:
+                    return
+                time.sleep(0.5)
+            self.stop_node(node)  # timed out registering (a loaded machine), or exited: once more
+        raise RuntimeError(f"ray start on {node} failed {START_TRIES} times: {log.read_text()[-1500:]}")
 
     def stop_node(self, node: str) -> None:
         """Every process started on ``node`` (its Ray), by process group: SIGTERM, then SIGKILL."""

@@ -1,0 +1,126 @@
+"""Network partitions, not process deaths: a Ray cluster whose nodes live in their own network namespaces
+(tests/netns_fixtures.py), one worker node cut off mid-sweep by taking its link down and reconnected later.
+
+The head (GCS, the driver, so the collector) and two worker nodes of one logical A100 each; the sweep's cells
+are synthetic, about two seconds of real sleeps each. Ray's health checks are shortened (HEALTH_ENV, on every
+node) so the cut node is declared dead within seconds rather than Ray's default ~30 s; the times measured are
+printed and recorded in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+# Ray's GCS checks each raylet every period; after `threshold` misses in a row (each allowed `timeout`) the node
+# is dead. Ray's defaults: 3000 ms, 10000 ms, 5 — about 30 s before a cut node's work moves.
+HEALTH_ENV = {
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+CELLS = 10
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    import ray
+    from kvray.data.store import read_results
+    from kvray.plan.job import job_from_dict
+    from kvray.sweep import run_job
+
+    address, out, doomed_ip = sys.argv[1], sys.argv[2], sys.argv[3]
+    ray.init(address=address, log_to_driver=False)
+    job = job_from_dict({
+        "name": "partition", "models": ["kvray/tiny-llama"], "backends": ["synthetic"], "dtypes": ["fp32"],
+        "hardware": ["A100"], "warmup": 0, "repeats": 1, "options": {"ttft_s": 1.2, "tpot_s": 0.2},
+        "grid": {"prompt_toks": [8 + i for i in range(CELLS)], "gen_toks": [5], "concurrency": [1]},
+    })
+    seen = {}
+
+    def watch():  # when Ray's GCS declares the cut node dead, by this machine's clock
+        while "dead_at" not in seen:
+            with __import__("contextlib").suppress(Exception):
+                for n in ray.nodes():
+                    if n["NodeManagerAddress"] == doomed_ip:
+                        seen.setdefault("node_id", n["NodeID"])
+                        if not n["Alive"]:
+                            seen["dead_at"] = time.time()
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    t0 = time.time()
+    record = run_job(job, out, progress=False).run
+    print("RESULT " + json.dumps({"seen": seen, "t0": t0, "ended": time.time(), "run": record}), flush=True)
+    """
+).replace("CELLS", str(CELLS))
+
+
+def _rows(out: Path) -> list[dict]:
+    from kvray.data.store import read_results
+
+    return read_results(out, traces=False) if (out / "cells.jsonl").exists() else []
+
+
+@pytest.mark.cluster
+def test_a_cut_node_s_cells_run_again_elsewhere_and_its_late_row_is_refused(partition_lab, tmp_path):
+    lab = partition_lab
+    t_start = time.time()
+    lab.start_head(env=HEALTH_ENV)
+    for node in ("w1", "w2"):
+        lab.start_worker(node, num_gpus=1, resources={"accelerator_type:A100": 1}, env=HEALTH_ENV)
+    up_s = time.time() - t_start
+    out = tmp_path / "out"
+    doomed = lab.nodes["w1"]
+    command = [sys.executable, "-c", DRIVER, lab.gcs_address, str(out), doomed.address]
+    driver = lab.popen("head", command, "driver.log", env=HEALTH_ENV)
+    # cut w1 once both workers have written a row: w1's worker is then in the middle of its next cell
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None:
+        rows = _rows(out)
+        workers = {r["hardware"].get("node_id") for r in rows}
+        if len(workers) >= 2:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the sweep did not reach both workers: {(tmp_path / 'driver.log').read_text()[-3000:]}")
+    rows_before = len(_rows(out))
+    cut_at = lab.cut("w1")
+    time.sleep(15)  # past Ray's verdict (about 4 s with HEALTH_ENV): the cell is rerun meanwhile
+    reconnected_at = lab.reconnect("w1")
+    driver.wait(timeout=240)
+    log = (tmp_path / "driver.log").read_text()
+    lines = [ln for ln in log.splitlines() if ln.startswith("RESULT ")]
+    assert lines, log[-4000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    run, seen = result["run"], result["seen"]
+    rows = _rows(out)
+    ids = [json.loads(line)["cell_id"] for line in (out / "cells.jsonl").read_text().splitlines()]
+
+    assert "dead_at" in seen, "Ray never declared the cut node dead"
+    dead_after_s = seen["dead_at"] - cut_at
+    assert 0 < dead_after_s < 15
+    assert len(rows) == CELLS and Counter(r["status"] for r in rows) == {"ok": CELLS}, rows
+    assert len(ids) == len(set(ids)) == CELLS, "a row was written twice"
+    assert run["outcome"] == "finished" and run["cell_retries"] >= 1, run
+    cut_workers = {w["worker_id"] for w in run["workers"] if w.get("node_id") == seen["node_id"]}
+    assert cut_workers and all(w.get("ended") == "replaced" for w in run["workers"] if w["worker_id"] in cut_workers), (
+        run["workers"]
+    )
+    # every row written after the cut came from the node left; a late row of the cut worker was refused
+    on_cut = [r for r in rows if r["hardware"].get("node_id") == seen["node_id"]]
+    assert len(on_cut) <= rows_before
+    assert all(late["worker_id"] in cut_workers for late in run["late_rows_refused"])
+    print(
+        f"\nPARTITION cluster up {up_s:.1f} s; rows before the cut {rows_before}; Ray declared the node dead "
+        f"{dead_after_s:.1f} s after the cut; reconnected at +{reconnected_at - cut_at:.1f} s; sweep of {CELLS} "
+        f"cells {result['ended'] - result['t0']:.1f} s, {run['cell_retries']} retried; late rows refused: "
+        f"{len(run['late_rows_refused'])}"
+    )
