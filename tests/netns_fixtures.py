@@ -190,6 +190,18 @@ class PartitionLab:
                 proc.wait(timeout=5)
         self.nodes[node].procs.clear()
 
+    def crash_node(self, node: str) -> float:
+        """SIGKILL to the Ray started on ``node`` (its ``ray start`` process group; a driver started there runs
+        on): a machine's Ray gone at once, no drain. Returns when it happened (time.time())."""
+        at = time.time()
+        for proc in self.nodes[node].procs:
+            if proc.args[4:6] == ["ray", "start"]:  # ip netns exec NS ray start …: Ray's processes, not a driver
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        self.nodes[node].procs = [p for p in self.nodes[node].procs if p.poll() is None]
+        return at
+
     def cut(self, node: str) -> float:
         """The node's link down: a partition. Returns the time it happened (time.time())."""
         _ip("link", "set", self.nodes[node].veth, "down")

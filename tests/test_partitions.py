@@ -124,3 +124,54 @@ def test_a_cut_node_s_cells_run_again_elsewhere_and_its_late_row_is_refused(part
         f"cells {result['ended'] - result['t0']:.1f} s, {run['cell_retries']} retried; late rows refused: "
         f"{len(run['late_rows_refused'])}"
     )
+
+
+# Without GCS fault tolerance (as on most clusters) a restarted head is a new cluster: the driver and the raylets
+# of the old one give up on it after this long (Ray's default: 60 s).
+RECONNECT_ENV = {**HEALTH_ENV, "RAY_gcs_rpc_server_reconnect_timeout_s": "10"}
+
+
+@pytest.mark.cluster
+def test_a_head_restarted_mid_sweep_leaves_a_folder_the_rerun_finishes(partition_lab, tmp_path):
+    lab = partition_lab
+    lab.start_head(env=RECONNECT_ENV)
+    for node in ("w1", "w2"):
+        lab.start_worker(node, num_gpus=1, resources={"accelerator_type:A100": 1}, env=RECONNECT_ENV)
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", DRIVER, lab.gcs_address, str(out), "none"]
+    driver = lab.popen("head", command, "driver.log", env=RECONNECT_ENV)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None and len(_rows(out)) < 3:
+        time.sleep(0.1)
+    assert len(_rows(out)) >= 3, (tmp_path / "driver.log").read_text()[-3000:]
+    before = (out / "cells.jsonl").read_bytes()
+    crashed_at = lab.crash_node("head")
+    code = driver.wait(timeout=180)
+    driver_gone_s = time.time() - crashed_at
+    first_run_log = (tmp_path / "driver.log").read_text()
+    kept = (out / "cells.jsonl").read_bytes()
+    assert code != 0 and kept.startswith(before)  # the run ended; every row it had written is still there
+    rows_kept = len(_rows(out))
+    # a new head (a new cluster: no GCS fault tolerance), its workers started again, the same command again
+    for node in ("w1", "w2"):
+        lab.stop_node(node)
+    restarted = time.time()
+    lab.start_head(env=RECONNECT_ENV)
+    for node in ("w1", "w2"):
+        lab.start_worker(node, num_gpus=1, resources={"accelerator_type:A100": 1}, env=RECONNECT_ENV)
+    rerun = lab.popen("head", command, "rerun.log", env=RECONNECT_ENV)
+    assert rerun.wait(timeout=240) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    log = (tmp_path / "rerun.log").read_text()
+    run = json.loads([ln for ln in log.splitlines() if ln.startswith("RESULT ")][-1].removeprefix("RESULT "))["run"]
+    rows = _rows(out)
+    ids = [json.loads(line)["cell_id"] for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert (out / "cells.jsonl").read_bytes().startswith(kept)  # the first run's rows untouched
+    assert len(rows) == CELLS and Counter(r["status"] for r in rows) == {"ok": CELLS}
+    assert len(ids) == len(set(ids)) == CELLS, "a row was written twice"
+    assert run["cells_already_done"] == rows_kept and run["cells_to_run"] == CELLS - rows_kept
+    last = [ln for ln in first_run_log.strip().splitlines() if ln.strip()][-3:]
+    print(
+        f"\nHEAD RESTART rows kept {rows_kept}; the driver exited (code {code}) {driver_gone_s:.1f} s after the head "
+        f"was killed; its last lines: {last}; cluster back and rerun of {CELLS - rows_kept} cells "
+        f"{time.time() - restarted:.1f} s"
+    )
