@@ -111,6 +111,11 @@ class PartitionLab:
             raise
         return lab
 
+    def add_node(self, name: str) -> Node:
+        """One more namespace on the bridge (no Ray in it: a machine that only runs a driver, say)."""
+        self._add_node(name, len(self.nodes) + 1)
+        return self.nodes[name]
+
     def _add_node(self, name: str, index: int) -> None:
         netns, outer, inner = f"kvp{self.token}-{name}", f"kvp{self.token}{name}", f"kvp{self.token}{name}i"
         address = str(self.subnet.network_address + index)

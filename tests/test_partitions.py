@@ -175,3 +175,71 @@ def test_a_head_restarted_mid_sweep_leaves_a_folder_the_rerun_finishes(partition
         f"was killed; its last lines: {last}; cluster back and rerun of {CELLS - rows_kept} cells "
         f"{time.time() - restarted:.1f} s"
     )
+
+
+JOB_FILE = """
+name: partition-client
+models: [kvray/tiny-llama]
+backends: [synthetic]
+dtypes: [fp32]
+hardware: [A100]
+warmup: 0
+repeats: 1
+options: {ttft_s: 1.2, tpot_s: 0.2}
+grid: {prompt_toks: [8, 9, 10, 11, 12, 13, 14, 15, 16, 17], gen_toks: [5], concurrency: [1]}
+"""
+
+
+@pytest.mark.cluster
+def test_a_driver_cut_off_from_its_collector_stops_with_one_line_and_the_rerun_resumes(partition_lab, tmp_path):
+    """A Ray Client driver (`kvray run --address ray://HEAD:10001`) on a machine of its own: the collector is on
+    the cluster, so cutting the driver's link cuts it off from the collector (and from everything else)."""
+    lab = partition_lab
+    lab.add_node("d")  # the user's machine: no Ray node, only the driver
+    lab.start_head(env=HEALTH_ENV)
+    for node in ("w1", "w2"):
+        lab.start_worker(node, num_gpus=1, resources={"accelerator_type:A100": 1}, env=HEALTH_ENV)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(JOB_FILE)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "kvray.cli",
+        "run",
+        str(job_file),
+        "--address",
+        f"ray://{lab.head.address}:10001",
+        "--output",
+        str(out),
+        "--no-plots",
+    ]
+    client_env = {"RAY_CLIENT_RECONNECT_GRACE_PERIOD": "5", "HF_HUB_OFFLINE": "1"}
+    driver = lab.popen("d", command, "driver.log", env=client_env)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None and len(_rows(out)) < 3:
+        time.sleep(0.1)
+    assert len(_rows(out)) >= 3, (tmp_path / "driver.log").read_text()[-3000:]
+    cut_at = lab.cut("d")
+    code = driver.wait(timeout=180)
+    stopped_s = time.time() - cut_at
+    log = (tmp_path / "driver.log").read_text()
+    assert code == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    said = [ln for ln in log.splitlines() if ln.startswith("kvray: ")]
+    assert len(said) == 1 and said[0].startswith("kvray: sweep stopped: lost the connection to the Ray cluster"), log
+    lab.reconnect("d")
+    time.sleep(10)  # the cluster ends the cut client's session (its workers, its collector) after its grace period
+    rows_kept = len(_rows(out))
+    kept = (out / "cells.jsonl").read_bytes()
+    rerun = lab.popen("d", command, "rerun.log", env=client_env)
+    assert rerun.wait(timeout=240) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    rows = _rows(out)
+    ids = [json.loads(line)["cell_id"] for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert (out / "cells.jsonl").read_bytes().startswith(kept)
+    assert len(rows) == CELLS and Counter(r["status"] for r in rows) == {"ok": CELLS}
+    assert len(ids) == len(set(ids)) == CELLS, "a row was written twice"
+    print(
+        f"\nCLIENT CUT stopped {stopped_s:.1f} s after the cut with: {said[0]}; rows kept {rows_kept}; the rerun ran "
+        f"the other {CELLS - rows_kept}"
+    )
