@@ -190,3 +190,16 @@ def test_hardware_each_needs_the_types_listed(tmp_path):
     job_file = write_job_file(tmp_path, "j", backends=["hf"], hardware="each")
     with pytest.raises(KvrayInputError, match="list the types"):
         rayjob_manifests(load_job(job_file), job_file, "s3://b/p")
+
+
+def test_the_command_writes_the_file_and_says_how_to_apply_it(tmp_path, capsys):
+    from kvray.cli.app import main
+
+    job_file = write_job_file(tmp_path, "j", backends=["hf"], hardware=["H100"])
+    out = tmp_path / "rayjob.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["launch", "--job", str(job_file), "--kuberay", "--output", "s3://b/p", "--emit", str(out)])
+    assert exit_info.value.code in (0, None)
+    assert f"kubectl apply -f {out}" in capsys.readouterr().out.replace("\n", "")
+    kinds = [d["kind"] for d in yaml.safe_load_all(out.read_text())]
+    assert kinds == ["ConfigMap", "RayJob"]

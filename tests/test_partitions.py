@@ -1,10 +1,12 @@
 """Network partitions, not process deaths: a Ray cluster whose nodes live in their own network namespaces
-(tests/netns_fixtures.py), one worker node cut off mid-sweep by taking its link down and reconnected later.
+(tests/netns_fixtures.py), a node cut off mid-sweep by taking its link down and reconnected later.
 
 The head (GCS, the driver, so the collector) and two worker nodes of one logical A100 each; the sweep's cells
-are synthetic, about two seconds of real sleeps each. Ray's health checks are shortened (HEALTH_ENV, on every
-node) so the cut node is declared dead within seconds rather than Ray's default ~30 s; the times measured are
-printed and recorded in docs/reliability.md.
+are synthetic, about two seconds of real sleeps each. Three faults: a worker node cut (its cell runs again on the
+other node once Ray declares it dead; a row it delivers late is refused), the head killed and restarted (GCS
+fault tolerance off: the folder is resumable), and a Ray Client driver cut off from the cluster and so from its
+collector (one line; the rerun resumes). Ray's health checks are shortened (HEALTH_ENV, on every node) so a cut
+node is declared dead within seconds; the times measured are printed and recorded in docs/reliability.md.
 """
 
 from __future__ import annotations
