@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
 
-pytest_plugins = ["ray_fixtures", "storage_fixtures"]
+pytest_plugins = ["ray_fixtures", "storage_fixtures", "netns_fixtures"]
 
 # What a test starts decides its tier: a fixture that starts it marks every test that asks for it.
 TIER_OF_FIXTURE = {
@@ -32,6 +32,7 @@ TIER_OF_FIXTURE = {
     "ray_head": "cluster",  # tests/ray_fixtures.py: a real `ray start --head`, shared by the modules that ask
     "bare_head": "cluster",  # tests/test_launch_bare.py: a head without typer/rich
     "cluster_run": "cluster",  # tests/test_tp_placement.py: a multi-node ray.cluster_utils.Cluster
+    "partition_lab": "cluster",  # tests/netns_fixtures.py: Ray nodes in their own network namespaces
 }
 
 

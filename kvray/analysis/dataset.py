@@ -62,9 +62,16 @@ class Dataset:
         from kvray.data.parts import read_index
         from kvray.data.reader import frames_from_records, load_frames
 
-        if read_index(self.folder) is None:
-            return frames_from_records(self.records_with_traces)
-        return load_frames(self.folder)
+        cells, traces = (
+            frames_from_records(self.records_with_traces)
+            if read_index(self.folder) is None
+            else load_frames(self.folder)
+        )
+        if len(cells) and "cell_id" in cells:  # marked from the manifest: rows are written before the verdict
+            from kvray.data.manifest import straggler_cells
+
+            cells["straggler"] = cells["cell_id"].isin(straggler_cells(self.manifest))
+        return cells, traces
 
     @property
     def cells(self) -> Any:

@@ -13,11 +13,16 @@ every request whose id is k − 1 modulo k fails after half its tokens, as a req
 does — the cell is then ``partial``), timeout_s (None; the client's per-request timeout, as the HTTP backends'
 ``timeout_s``: a request not finished this long after it was sent fails with the tokens it got, and leaves its
 queue place or slot to the next, as a server aborts a request whose client hung up).
+
+A process whose environment sets ``KVRAY_SYNTHETIC_SLOWDOWN`` (a factor, default 1) serves every schedule that
+many times slower: a throttled or shared GPU, for the straggler tests (kvray/sweep/stragglers.py) — set in one
+worker's process only, it makes that worker the straggler of an otherwise uniform sweep.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +33,7 @@ from kvray.errors import KvrayInputError
 from kvray.measure.trace import RunTrace
 from kvray.spec import Cell, RequestSpec
 
+SLOWDOWN_ENV = "KVRAY_SYNTHETIC_SLOWDOWN"  # this process's schedules take this factor longer (a throttled GPU)
 DEFAULTS: dict[str, Any] = {
     "ttft_s": 0.05,
     "tpot_s": 0.01,
@@ -90,7 +96,8 @@ class SyntheticBackend(BackendBase):
 async def _serve(
     requests: list[RequestSpec], repeat: int, opts: dict[str, Any], schedule: ArrivalSchedule
 ) -> list[RunTrace]:
-    ttft_s, tpot_s, chunk = float(opts["ttft_s"]), float(opts["tpot_s"]), int(opts["chunk_toks"])
+    slowdown = float(os.environ.get(SLOWDOWN_ENV) or 1.0)
+    ttft_s, tpot_s, chunk = slowdown * float(opts["ttft_s"]), slowdown * float(opts["tpot_s"]), int(opts["chunk_toks"])
     fail_every = int(opts["fail_every"])
     timeout_s = None if opts["timeout_s"] is None else float(opts["timeout_s"])
     slots = asyncio.Semaphore(int(opts["max_batch"]) or len(requests) or 1)  # FIFO-fair since Python 3.11
@@ -147,3 +154,14 @@ async def _serve(
     ordered = sorted(requests, key=lambda r: (r.arrival_s, r.id))
     traces = await serve_on_schedule(schedule, ordered, t0, serve)
     return sorted(traces, key=lambda t: t.request_id)
+
+
+def throttle_first_worker(claim: str, factor: float) -> None:
+    """A sweep's ``worker_setup`` (kvray.sweep.driver.run_job) that throttles one worker: the first worker process
+    to create the file ``claim`` serves every schedule ``factor`` times slower (``SLOWDOWN_ENV``), the others
+    run as usual — one sick GPU among healthy ones of its type."""
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.environ[SLOWDOWN_ENV] = str(factor)

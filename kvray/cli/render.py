@@ -333,6 +333,15 @@ def run_summary(job_name: str, counts: dict[str, int], record: dict[str, Any], o
     )
     for r in failed:
         out.print(f"  {r['status']} {r['cell_id']}: {r.get('reason') or ''}", markup=False)
+    stragglers(record)
+
+
+def stragglers(record: dict[str, Any]) -> None:
+    """A line per worker the run named a straggler (kvray/sweep/stragglers.py), after the counts."""
+    from kvray.sweep.stragglers import Straggler
+
+    for s in record.get("stragglers") or []:
+        console().print(f"straggler: {Straggler(**s).describe()}", markup=False, highlight=False, soft_wrap=True)
 
 
 def experiment_summary(job_name: str, counts: dict[str, int], out_dir: Any) -> None:

@@ -145,9 +145,28 @@ def launch(
         bool,
         typer.Option("--shared-output", help="--output is on a filesystem the cluster shares: the job writes there"),
     ] = False,
+    kuberay: Annotated[
+        bool, typer.Option("--kuberay", help="write a KubeRay RayJob manifest (--emit FILE) instead of running")
+    ] = False,
+    namespace: Annotated[str, typer.Option("--namespace", help="--kuberay: the Kubernetes namespace")] = "default",
+    image: Annotated[str | None, typer.Option("--image", help="--kuberay: the Ray image with kvray installed")] = None,
+    emit_to: Annotated[
+        str | None, typer.Option("--emit", help="--kuberay: the manifest file to write (- for stdout)")
+    ] = None,
 ) -> int:
     """Run JOB on a Ray cluster through the Jobs API and bring its dataset back here (``kvray run --address
-    http://…`` with the remote-only flags)."""
+    http://…`` with the remote-only flags); with --kuberay, write the RayJob that runs it on Kubernetes."""
+    if kuberay or emit_to:
+        return _emit_kuberay(
+            job,
+            output,
+            emit_to,
+            namespace=namespace,
+            image=image,
+            timeout_s=timeout_s,
+            elsewhere=bool(cluster or address),
+            kuberay=kuberay,
+        )
     from kvray.data.location import is_uri, output_folder
     from kvray.data.status import default_output_dir
     from kvray.launch.remote import RemoteJobError
@@ -191,6 +210,30 @@ def launch(
     if not no_plots:
         make_all_after_run(out)
     return 0 if status.endswith("SUCCEEDED") else 1
+
+
+def _emit_kuberay(
+    job: str,
+    output: str | None,
+    emit_to: str | None,
+    *,
+    namespace: str,
+    image: str | None,
+    timeout_s: float,
+    elsewhere: bool,
+    kuberay: bool,
+) -> int:
+    """``launch --kuberay --emit FILE``: the manifests only (kvray/launch/kuberay.py); nothing is contacted."""
+    from kvray.launch.kuberay import DEFAULT_IMAGE, emit
+
+    if not (kuberay and emit_to):
+        raise KvrayInputError("--kuberay and --emit FILE go together: the RayJob manifest is written to FILE")
+    if elsewhere:
+        raise KvrayInputError("--kuberay writes a manifest for kubectl: leave out --cluster and --address")
+    emit(job, output, emit_to, namespace=namespace, image=image or DEFAULT_IMAGE, timeout_s=timeout_s)
+    if emit_to != "-":
+        render.line(f"RayJob written to {emit_to}: kubectl apply -f {emit_to}; the dataset goes to {output}")
+    return 0
 
 
 # --- exp1 … expN: a job built from flags (kvray/experiments/), then the same path as `kvray run` -----------
@@ -238,6 +281,7 @@ def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = N
         if submitted.remote_status is not None:
             render.line(f"remote job {submitted.remote_status} → {remote or out}")
         render.experiment_summary(job.name, status_counts(out, job), remote or out)
+        render.stragglers(submitted.run)
         if not flags.no_plots:
             make_all_after_run(out, shown=remote)
 

@@ -29,3 +29,14 @@ def last_run(output_dir: str | Path) -> dict[str, Any]:
     """The manifest's record of the latest run into ``output_dir`` ({} when none)."""
     runs = read_manifest(output_dir).get("runs", [])
     return dict(runs[-1]) if runs else {}
+
+
+def straggler_cells(manifest: dict[str, Any]) -> set[str]:
+    """Cell ids run by a worker some run named a straggler (kvray/sweep/stragglers.py): the dataset's
+    ``straggler`` column, so a figure or a finding can leave a sick GPU out of its type's numbers."""
+    return {
+        str(cid)
+        for run in manifest.get("runs", [])
+        for s in run.get("stragglers") or []
+        for cid in s.get("cell_ids", [])
+    }

@@ -227,6 +227,7 @@ class EncodedRow:
     row_line: bytes  # cells.jsonl: the record without its traces (``"traces": []`` when it has none)
     traces_line: bytes | None  # traces.jsonl, before the row
     timeline_line: bytes | None  # timeline.jsonl, before the row
+    worker_id: str | None = None  # the worker (one attempt of the cell) that ran it: kvray/sweep/late_rows.py
 
 
 @dataclass
@@ -254,6 +255,7 @@ def encode_row(result: CellResult) -> EncodedRow:
         row_line=_line(record),
         traces_line=_line({"cell_id": result.cell_id, "traces": traces}) if traces else None,
         timeline_line=_line({"cell_id": result.cell_id, **timeline}) if timeline else None,
+        worker_id=result.hardware.get("worker_id"),
     )
 
 

@@ -87,6 +87,12 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
     with common.new_figure("fig6_cross_hardware", out_dir, len(panels), 1, figsize=(7.0, 3.0 * len(panels)),
                            title=heading) as d:  # fmt: skip
         axes, result = d.axes, d.result
+        if "straggler" in sub and sub["straggler"].astype(bool).any():  # kvray/sweep/stragglers.py
+            slow = sorted({str(h) for h in sub.loc[sub["straggler"].astype(bool), "hardware_label"]})
+            result.notes.append(
+                f"{int(sub['straggler'].astype(bool).sum())} cells ran on a straggler worker of "
+                f"{', '.join(slow)} (column straggler): those bars are one slow GPU, not its type"
+            )
         sub = sub.assign(_tok_per_j=tok_per_j)
         first = sub.sort_values(["experiment", "concurrency", "prompt_toks"]).drop_duplicates("_shape")
         order = first["_shape"].tolist()

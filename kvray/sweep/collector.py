@@ -39,7 +39,9 @@ from kvray.data.manifest import read_manifest
 from kvray.data.object_store import parse_remote
 from kvray.data.writer import DatasetWriter, EncodedRow, encode_row
 from kvray.measure.trace import CellResult
+from kvray.sweep.late_rows import LateRows
 from kvray.sweep.ray_env import import_ray
+from kvray.sweep.stragglers import run_stragglers
 from kvray.units import first_line
 
 MARK_EVERY = 50  # the collector notes the time every this many rows (a 10,000-row run: 200 marks)
@@ -87,6 +89,7 @@ class Collector:
         self._thread = threading.Thread(target=self._refresh_tables, name="kvray-tables", daemon=True)
         self.appended = 0
         self.duplicates = 0
+        self.late = LateRows()
         # the collector's own seconds per row (decode, write, fsync, bookkeeping): the first and last 1,000
         self._append_s_first: list[float] = []
         self._append_s_last: deque[float] = deque(maxlen=1000)
@@ -123,6 +126,8 @@ class Collector:
         """Write one row encoded by the worker that ran it (``encode_row``); False when its cell already has a
         row. Called from many threads at once (the actor's ``max_concurrency``): rows that arrive together are
         written and fsync'ed together (``DatasetWriter.append_encoded``)."""
+        if self.late.refuse(row.cell_id, row.worker_id):  # its worker was given up and the cell retried
+            return False
         t0 = time.perf_counter()
         written = self.writer.append_encoded(row)
         took = time.perf_counter() - t0
@@ -138,6 +143,12 @@ class Collector:
             else:
                 self.duplicates += 1
         return written
+
+    def disown(self, worker_id: str) -> bool:
+        """The driver gave ``worker_id`` up (its node cut off, dead or hung) before retrying its cell: a row of
+        it that arrives from now on is refused (kvray/sweep/late_rows.py)."""
+        self.late.disown(worker_id)
+        return True
 
     def node(self) -> str | None:
         """The Ray node this collector runs on: a worker elsewhere need not tell it of its measured windows."""
@@ -220,6 +231,11 @@ class Collector:
         if self._dirty or not (self.out_dir / "cells.parquet").exists():
             self.write_tables()
         self.upload(final=True)  # the rows and tables first: the driver may not live to send them
+        summary = {
+            **summary,
+            "stragglers": run_stragglers(self.out_dir, self._run["workers"]),
+            "late_rows_refused": list(self.late.refused),
+        }
         self._run.update(summary, finished_at=now_iso(), rows_appended=self.appended, duplicates=self.duplicates,
                          table_refreshes_deferred=self.deferred, collector=self.costs())  # fmt: skip
         self.writer.write_manifest(self.manifest)

@@ -150,7 +150,7 @@ class Sweep:
             self.ray, self.cluster, self.sweep_id, self.collector, self.check_oom, self.worker_setup, self.t0
         )
         self.listener.on_start(self.job.name, len(cells), already)
-        outcome = "finished"
+        outcome, cut_off = "finished", False
         try:
             if todo:
                 self.start_workers()
@@ -166,10 +166,17 @@ class Sweep:
                     f"cells.jsonl and the tables were rebuilt from it; rerun the same command to resume ({first_line(exc)})"
                 ) from None
             outcome = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"stopped: {first_line(exc)}"
+            if isinstance(exc, ConnectionError):  # a Ray Client driver cut off from the cluster (and its collector)
+                cut_off = True  # nothing to close from here: any Ray call would try to reach the cluster again
+                raise SweepError(
+                    f"lost the connection to the Ray cluster ({first_line(exc)}); every row the collector wrote is in "
+                    f"{self.out_dir}; rerun the same command to resume"
+                ) from None
             raise
         finally:
             self.listener.on_close(outcome)
-            record = self.close(outcome, already=already, to_run=len(todo))
+            # cut off: the cluster ends this client's session (workers, collector) after its reconnect grace period
+            record = {} if cut_off else self.close(outcome, already=already, to_run=len(todo))
         return record
 
     def collector_lost(self, exc: BaseException) -> bool:
@@ -324,6 +331,8 @@ class Sweep:
     def worker_lost(self, slot: Slot, cell: Cell, why: str, retry: bool) -> None:
         """The slot's actor is gone (died, or hung: ``retry=False``): settle its cell, then replace it."""
         self.pool.kill(slot, ask=retry)  # a hung worker would not answer
+        with contextlib.suppress(Exception):  # its row, should it still come (a partition healing), is refused
+            self.ray.get(self.collector.disown.remote(slot.name), timeout=RPC_TIMEOUT_S)
         self.settle(cell, why, retry)
         self.scheduler.leave(slot.index)
         self.pool.replace(slot, needed=self.scheduler.has_work(slot.placement))
