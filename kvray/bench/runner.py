@@ -144,6 +144,10 @@ def run_cell(
         result.memory["weights_bytes"] = backend.weights_bytes
     for run in runs:
         result.extra.update(run.extra)
+    if cell.workload.load_kind == "replay" and result.memory.get("prefix_cache_hit_rate_predicted") is None:
+        from kvray.plan.replay import predicted_hit_rate  # every replayed row carries it (kvray/plan/replay.py)
+
+        result.memory["prefix_cache_hit_rate_predicted"] = predicted_hit_rate(cell)
     if cell.clients > 1 and traces:  # per-client lag and clock ties (kvray/measure/serving.py)
         result.metrics.update(client_columns(cell.clients, traces, result.extra.get("client_clocks") or []))
     result.extra["ttft_basis"] = backend.ttft_basis  # which clock TTFT is on (kvray/backends/base.py)

@@ -42,6 +42,7 @@ from typing import Any
 
 from kvray.errors import KvrayInputError
 from kvray.plan.loads import length_params, parse_slo, request_count
+from kvray.plan.replay import trace_grid, trace_grid_dict
 from kvray.spec import LOAD_KINDS, WEIGHTS, LoadSpec
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -128,6 +129,8 @@ class Job:
 
 
 def _grid_to_dict(g: Grid) -> dict[str, Any]:
+    if dict(g.reuse).get("workload") == "trace":
+        return trace_grid_dict(g)
     d: dict[str, Any] = {"gen_toks": list(g.gen_toks)} if g.gen_toks else {"gen_dist": dict(g.gen_dist)}
     d.update({k: list(v) if isinstance(v, tuple) else v for k, v in g.reuse})
     if g.reuse and dict(g.reuse)["workload"] == "shared_prefix":
@@ -158,6 +161,7 @@ JOB_KEYS = (
 GRID_KEYS = (
     "experiment", "prompt_toks", "gen_toks", "concurrency", "mixed", "arrival_gap_s", "load", "slo", "prompt_dist",
     "gen_dist", "workload", "prefix_toks", "suffix_toks", "groups", "conversations", "turns", "user_toks", "think_s",
+    "trace",
 )  # fmt: skip
 # workload kind → (its required list keys, its optional ones with defaults) — kvray/plan/reuse.py builds them
 REUSE_KEYS: dict[str, tuple[tuple[str, ...], dict[str, list[Any]]]] = {
@@ -400,6 +404,9 @@ def _grids(c: _Checker, value: Any) -> list[Grid]:
     for i, block in enumerate(blocks):
         key = f"grid[{i}]" if isinstance(value, list) else "grid"
         g = c.mapping(key, block, GRID_KEYS)
+        if "trace" in g:  # a replayed trace (kvray/plan/replay.py) sets the requests and their arrivals
+            grids.append(trace_grid(g, key, c.fail, Path(c.source).parent))
+            continue
         reuse = _reuse(c, key, g)
         if reuse:
             g = {**g, "prompt_toks": g.get("prompt_toks", [1])}  # the reuse builder sets the prompts

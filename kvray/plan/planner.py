@@ -121,6 +121,11 @@ def _reuse_workloads(grid: Any) -> Iterable[Workload]:
 
     reuse = dict(grid.reuse)
     slo = tuple(sorted(grid.slo))
+    if reuse["workload"] == "trace":  # a replayed trace: one workload (kvray/plan/replay.py)
+        from kvray.plan.replay import replay_workload
+
+        yield replay_workload(dict(reuse["trace"]), slo)
+        return
     if reuse["workload"] == "multi_turn":
         for conv, turns, user, gen, think in product(reuse["conversations"], reuse["turns"], reuse["user_toks"],
                                                      grid.gen_toks, reuse["think_s"]):  # fmt: skip
