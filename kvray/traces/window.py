@@ -23,8 +23,8 @@ from kvray.errors import KvrayInputError
 from kvray.traces.formats import Trace, TraceRequest
 
 STEADY_MIN_REQUESTS = 200  # fewer: bins too sparse to tell a ramp from noise; the window is left whole
-STEADY_BINS = 50
-STEADY_FRACTION = 0.2  # a bin below this share of the median bin's arrivals is ramp
+STEADY_SPAN = 10  # requests per stretch the pace is measured over
+STEADY_FRACTION = 0.2  # a stretch slower than 5× the typical one is ramp
 
 
 @dataclass(frozen=True)
@@ -75,19 +75,22 @@ class CutTrace:
 def steady_window(arrivals: list[float]) -> tuple[float, float] | None:
     """(start, end) trace seconds of the steady part of an arrival list, or None when nothing is ramp.
 
-    Arrivals are counted in ``STEADY_BINS`` equal bins; the window runs from the first bin holding at least
-    ``STEADY_FRACTION`` × the median bin's count to the last such bin — a slow opening (or tail) is cut, dips in
-    the middle stay (they are the trace)."""
-    if len(arrivals) < STEADY_MIN_REQUESTS or arrivals[-1] <= arrivals[0]:
+    The trace's typical pace is the median time ``STEADY_SPAN`` consecutive requests take (robust to a ramp that
+    lasts longer than the rest, as BurstGPT's does); the steady part runs from the first request whose next
+    ``STEADY_SPAN`` arrive within 1 / ``STEADY_FRACTION`` of that time to the last such stretch's end — a slow opening
+    (or tail) is cut, lulls in the middle stay (they are the trace)."""
+    n = len(arrivals)
+    if n < STEADY_MIN_REQUESTS:
         return None
-    bins = min(STEADY_BINS, len(arrivals) // 10)
-    counts, edges = np.histogram(arrivals, bins=bins, range=(arrivals[0], arrivals[-1]))
-    floor = STEADY_FRACTION * float(np.median(counts))
-    busy = np.nonzero(counts >= floor)[0]
-    first, last = int(busy[0]), int(busy[-1])
-    if first == 0 and last == bins - 1:
+    spans = [arrivals[i + STEADY_SPAN] - arrivals[i] for i in range(n - STEADY_SPAN)]
+    typical = float(np.median(spans))
+    if typical <= 0:
         return None
-    return float(edges[first]), float(edges[last + 1])
+    busy = [i for i, span in enumerate(spans) if span <= typical / STEADY_FRACTION]
+    first, last = busy[0], busy[-1] + STEADY_SPAN
+    if first == 0 and last == n - 1:
+        return None
+    return arrivals[first], arrivals[last]
 
 
 def cut(trace: Trace, opts: TraceOptions) -> CutTrace:
