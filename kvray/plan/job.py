@@ -405,7 +405,7 @@ def _grids(c: _Checker, value: Any) -> list[Grid]:
         key = f"grid[{i}]" if isinstance(value, list) else "grid"
         g = c.mapping(key, block, GRID_KEYS)
         if "trace" in g:  # a replayed trace (kvray/plan/replay.py) sets the requests and their arrivals
-            grids.append(trace_grid(g, key, c.fail, Path(c.source).parent))
+            grids.append(Grid(**trace_grid(g, key, c.fail, Path(c.source).parent)))
             continue
         reuse = _reuse(c, key, g)
         if reuse:

@@ -196,11 +196,10 @@ def think_rule(guessed: int) -> str:
 
 
 def trace_grid(
-    g: Mapping[str, Any], key: str, fail: Callable[[str, str], KvrayInputError], base_dir: str | None
-) -> Any:
-    """A job grid block with ``trace:`` → a Grid (kvray/plan/job.py's hook): only ``slo`` and ``experiment`` may go
-    beside it — the trace sets the requests, their lengths and their arrivals."""
-    from kvray.plan.job import Grid
+    g: Mapping[str, Any], key: str, fail: Callable[[str, str], KvrayInputError], base_dir: str | Path | None
+) -> dict[str, Any]:
+    """A job grid block with ``trace:`` → its Grid's fields (kvray/plan/job.py's hook): only ``slo`` and
+    ``experiment`` may go beside it — the trace sets the requests, their lengths and their arrivals."""
     from kvray.plan.loads import parse_slo
 
     stray = sorted(set(g) - {"trace", "slo", "experiment"})
@@ -212,7 +211,7 @@ def trace_grid(
     except KvrayInputError as exc:
         raise fail("", str(exc)) from None
     experiment = g.get("experiment")
-    return Grid(
+    return dict(
         gen_toks=(),
         reuse=(("workload", "trace"), ("trace", tuple(sorted(opts.items())))),
         slo=slo,

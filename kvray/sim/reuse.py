@@ -48,7 +48,9 @@ class ReuseRequest(RequestLike, Protocol):
 
 
 def has_shared_prefixes(requests: Sequence[ReuseRequest]) -> bool:
-    return any(r.prefix_group is not None and r.shared_prefix_toks > 0 or getattr(r, "block_ids", ()) for r in requests)
+    return any(
+        (r.prefix_group is not None and r.shared_prefix_toks > 0) or bool(getattr(r, "block_ids", ())) for r in requests
+    )
 
 
 def shared_token_ids(requests: Sequence[ReuseRequest], draw: Callable[[S, int], list[T]], seed: Callable[[str], S],
@@ -61,14 +63,14 @@ def shared_token_ids(requests: Sequence[ReuseRequest], draw: Callable[[S, int], 
     out: dict[int, list[T]] = {}
     for r in sorted(requests, key=lambda r: r.id):
         n = max(r.prompt_toks - overhead, 0)
-        if getattr(r, "block_ids", ()):  # a trace's blocks (kvray/traces/): block b is label "b<b>"'s tokens
-            ids = [
-                t for k, b in enumerate(r.block_ids) for t in draw(seed(f"b{b}"), r.block_toks - (k == 0) * overhead)
-            ]
+        blocks: tuple[int, ...] = getattr(r, "block_ids", ())
+        if blocks:  # a trace's blocks (kvray/traces/): block b is label "b<b>"'s tokens, the first after the overhead
+            size = int(getattr(r, "block_toks", 0))
+            ids = [t for k, b in enumerate(blocks) for t in draw(seed(f"b{b}"), size - (k == 0) * overhead)]
             out[r.id] = ids[:n] + draw(seed(str(r.id)), max(n - len(ids), 0))
         elif r.prefix_group is None or r.shared_prefix_toks <= 0:
             out[r.id] = draw(seed(str(r.id)), n)
-        if r.prefix_group is None or r.shared_prefix_toks <= 0 or getattr(r, "block_ids", ()):
+        if r.prefix_group is None or r.shared_prefix_toks <= 0 or blocks:
             if r.prefix_group is not None:  # a conversation's first turn: the history starts here
                 history[r.prefix_group] = out[r.id] + draw(seed(f"a{r.id}"), r.gen_toks)
             continue
