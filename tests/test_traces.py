@@ -192,3 +192,24 @@ def test_replay_workload_and_bad_keys(tmp_path: Path) -> None:
 def test_shipped_excerpts_read(name: str) -> None:
     trace = read_trace(REPO / "traces" / name)
     assert len(trace.requests) in (300, 500)
+
+
+def test_sessions_start_staggered_and_chain_after_the_answer() -> None:
+    from kvray.plan.sessions import sessions_workload
+
+    wl = sessions_workload(4, 3, user_toks=10, gen_toks=5, think_s=2.0)
+    first = [r for r in wl.requests if r.after is None]
+    assert [r.arrival_s for r in first] == [0.0, 0.5, 1.0, 1.5]  # think 2 s ÷ 4 sessions
+    turn2 = wl.requests[8]  # turn-major ids: turn 2 of session 0
+    assert (turn2.after, turn2.think_s, turn2.prompt_toks, turn2.shared_prefix_toks) == (4, 2.0, 40, 30)
+
+
+def test_sessions_search_doubles_then_bisects() -> None:
+    """p95 = 10 ms per session, SLO 155 ms: 1 2 4 8 meet it, 16 (160 ms) misses; bisection 12, 14, 15 meet → 15."""
+    from kvray.plan.sessions import most_sessions_under_slo
+
+    out = most_sessions_under_slo(lambda n: 0.01 * n, 0.155)
+    assert out.best == 15 and sorted(out.probes) == [1, 2, 4, 8, 12, 14, 15, 16] and not out.capped
+    capped = most_sessions_under_slo(lambda n: 0.0, 0.1, max_sessions=6)
+    assert capped.best == 6 and capped.capped
+    assert most_sessions_under_slo(lambda n: 1.0, 0.1).best == 0
