@@ -151,3 +151,26 @@ def test_replay_keeps_the_trace_schedule_on_the_synthetic_backend(fmt: str, tmp_
     assert lag <= 0.005 or (bare > 0.004 and lag <= bare + 0.001), runs
     assert m["achieved_rps"] == pytest.approx(m["offered_rps"], rel=0.25)
     assert result.memory["prefix_cache_hit_rate_predicted"] is not None
+
+
+def test_job_file_sessions_key_round_trips() -> None:
+    data = {
+        "name": "s",
+        "models": ["Qwen/Qwen2.5-0.5B"],
+        "backends": ["sim"],
+        "hardware": ["H100"],
+        "grid": [
+            {
+                "sessions": {"sessions": [2, 4], "turns": 3, "user_toks": 64, "gen_toks": 16, "think_s": 1.0},
+                "slo": {"ttft_ms": 300},
+            }
+        ],
+    }
+    job = job_from_dict(data)
+    assert job.validate().to_dict() == job.to_dict()
+    cells = plan_cells(job)
+    assert sorted(len(c.workload.requests) for c in cells) == [6, 12]
+    four = next(c for c in cells if len(c.workload.requests) == 12).workload
+    assert [r.arrival_s for r in four.requests if r.after is None] == [0.0, 0.25, 0.5, 0.75]  # think 1 s ÷ 4
+    with pytest.raises(KvrayInputError, match="turns"):
+        job_from_dict({**data, "grid": [{"sessions": {"sessions": 2, "user_toks": 1, "gen_toks": 1}}]})

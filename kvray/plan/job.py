@@ -129,7 +129,7 @@ class Job:
 
 
 def _grid_to_dict(g: Grid) -> dict[str, Any]:
-    if dict(g.reuse).get("workload") == "trace":
+    if dict(g.reuse).get("workload") in ("trace", "sessions"):
         return trace_grid_dict(g)
     d: dict[str, Any] = {"gen_toks": list(g.gen_toks)} if g.gen_toks else {"gen_dist": dict(g.gen_dist)}
     d.update({k: list(v) if isinstance(v, tuple) else v for k, v in g.reuse})
@@ -161,7 +161,7 @@ JOB_KEYS = (
 GRID_KEYS = (
     "experiment", "prompt_toks", "gen_toks", "concurrency", "mixed", "arrival_gap_s", "load", "slo", "prompt_dist",
     "gen_dist", "workload", "prefix_toks", "suffix_toks", "groups", "conversations", "turns", "user_toks", "think_s",
-    "trace",
+    "trace", "sessions",
 )  # fmt: skip
 # workload kind → (its required list keys, its optional ones with defaults) — kvray/plan/reuse.py builds them
 REUSE_KEYS: dict[str, tuple[tuple[str, ...], dict[str, list[Any]]]] = {
@@ -404,7 +404,7 @@ def _grids(c: _Checker, value: Any) -> list[Grid]:
     for i, block in enumerate(blocks):
         key = f"grid[{i}]" if isinstance(value, list) else "grid"
         g = c.mapping(key, block, GRID_KEYS)
-        if "trace" in g:  # a replayed trace (kvray/plan/replay.py) sets the requests and their arrivals
+        if "trace" in g or "sessions" in g:  # a replayed trace or sessions (kvray/plan/replay.py) set the requests
             grids.append(Grid(**trace_grid(g, key, c.fail, Path(c.source).parent)))
             continue
         reuse = _reuse(c, key, g)

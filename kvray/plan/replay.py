@@ -195,33 +195,50 @@ def think_rule(guessed: int) -> str:
     return "leaves the recorded think time after the previous turn's end"
 
 
+def grid_workloads(grid: Any) -> list[Workload]:
+    """The workloads of a ``trace:`` or ``sessions:`` grid block (kvray/plan/planner.py's hook)."""
+    from kvray.plan.sessions import sessions_workloads
+
+    reuse = dict(grid.reuse)
+    slo = tuple(sorted(grid.slo))
+    if reuse["workload"] == "trace":
+        return [replay_workload(dict(reuse["trace"]), slo)]
+    return sessions_workloads(dict(reuse["sessions"]), slo)
+
+
 def trace_grid(
     g: Mapping[str, Any], key: str, fail: Callable[[str, str], KvrayInputError], base_dir: str | Path | None
 ) -> dict[str, Any]:
     """A job grid block with ``trace:`` → its Grid's fields (kvray/plan/job.py's hook): only ``slo`` and
     ``experiment`` may go beside it — the trace sets the requests, their lengths and their arrivals."""
     from kvray.plan.loads import parse_slo
+    from kvray.plan.sessions import check_sessions_key
 
-    stray = sorted(set(g) - {"trace", "slo", "experiment"})
+    kind = "trace" if "trace" in g else "sessions"
+    stray = sorted(set(g) - {kind, "slo", "experiment"})
     if stray:
-        raise fail(f"{key}.{stray[0]}", "does not go with trace: (the trace sets the requests and their arrivals)")
+        raise fail(f"{key}.{stray[0]}", f"does not go with {kind}: (it sets the requests and their arrivals)")
     try:
-        opts = check_trace_key(g["trace"], f"{key}.trace", base_dir)
+        if kind == "trace":
+            opts = check_trace_key(g["trace"], f"{key}.trace", base_dir)
+        else:
+            opts = check_sessions_key(g["sessions"], f"{key}.sessions")
         slo = tuple(sorted(parse_slo(g["slo"], f"{key}.slo").items())) if "slo" in g else ()
     except KvrayInputError as exc:
         raise fail("", str(exc)) from None
     experiment = g.get("experiment")
     return dict(
         gen_toks=(),
-        reuse=(("workload", "trace"), ("trace", tuple(sorted(opts.items())))),
+        reuse=(("workload", kind), (kind, tuple(sorted(opts.items())))),
         slo=slo,
         experiment=None if experiment is None else str(experiment),
     )
 
 
 def trace_grid_dict(grid: Any) -> dict[str, Any]:
-    """A trace Grid back as its job-file block (round-trips through ``trace_grid``)."""
-    d: dict[str, Any] = {"trace": dict(dict(grid.reuse)["trace"])}
+    """A trace or sessions Grid back as its job-file block (round-trips through ``trace_grid``)."""
+    kind = dict(grid.reuse)["workload"]
+    d: dict[str, Any] = {kind: {k: list(v) if isinstance(v, tuple) else v for k, v in dict(grid.reuse)[kind]}}
     if grid.slo:
         d["slo"] = dict(grid.slo)
     if grid.experiment is not None:

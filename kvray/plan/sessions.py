@@ -13,8 +13,10 @@ between the last count that met it and the first that did not; every probe's p95
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvray.errors import KvrayInputError
 from kvray.plan.reuse import multi_turn_workload
@@ -75,3 +77,44 @@ def most_sessions_under_slo(
         good, bad = (mid, bad) if meets(mid) else (good, mid)
     out.best = good
     return out
+
+
+SESSIONS_KEYS = ("sessions", "turns", "user_toks", "gen_toks", "think_s", "stagger_s")
+
+
+def check_sessions_key(value: Any, key: str = "sessions") -> dict[str, Any]:
+    """A grid's ``sessions: {sessions: [1, 4, 16], turns: 4, user_toks: 256, gen_toks: 128, think_s: 2}`` →
+    checked options (``sessions`` a count or a list of counts; ``stagger_s`` default think_s ÷ sessions)."""
+    if not isinstance(value, Mapping):
+        raise KvrayInputError(f"{key}: expected a mapping with sessions, turns, user_toks, gen_toks (and think_s)")
+    stray = sorted(set(value) - set(SESSIONS_KEYS))
+    if stray:
+        raise KvrayInputError(f"{key}.{stray[0]}: unknown key (known: {', '.join(SESSIONS_KEYS)})")
+    out: dict[str, Any] = {}
+    for name in ("sessions", "turns", "user_toks", "gen_toks"):
+        if name not in value:
+            raise KvrayInputError(f"{key}.{name}: required")
+        values = value[name] if isinstance(value[name], list) and name == "sessions" else [value[name]]
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise KvrayInputError(f"{key}.{name}: expected positive integers, got {value[name]!r}")
+        out[name] = tuple(sorted(set(values))) if name == "sessions" else values[0]
+    for name in ("think_s", "stagger_s"):
+        if value.get(name) is not None:
+            v = value[name]
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise KvrayInputError(f"{key}.{name}: expected seconds >= 0, got {v!r}")
+            out[name] = float(v)
+    return out
+
+
+def sessions_workloads(opts: Mapping[str, Any], slo: tuple[tuple[str, float], ...] = ()) -> list[Workload]:
+    """One workload per session count of a checked ``sessions:`` key."""
+    return [
+        dataclasses.replace(
+            sessions_workload(
+                n, opts["turns"], opts["user_toks"], opts["gen_toks"], opts.get("think_s", 0.0), opts.get("stagger_s")
+            ),
+            slo=slo,
+        )
+        for n in opts["sessions"]
+    ]
