@@ -43,7 +43,7 @@ def has_replay_data(records: list[dict[str, Any]]) -> bool:
 def label(rec: dict[str, Any]) -> str:
     load = rec["cell"]["workload"].get("load") or {}
     hw = rec.get("hardware", {}).get("name") or rec["cell"].get("hardware")
-    speed = f" ×{load['rate_rps']:.3g} req/s" if load.get("rate_rps") else ""
+    speed = f" at {load['rate_rps']:.3g} req/s" if load.get("rate_rps") else ""
     return f"{rec['cell']['backend']} {hw}{speed}"
 
 

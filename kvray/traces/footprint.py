@@ -112,6 +112,11 @@ def block_keys(runs: Sequence[Run], block_toks: int, *, partial: bool = False) -
     fill, key = 0, 0
     for label, offset, length in runs:
         while length > 0:
+            if fill == 0 and length >= block_toks:  # a whole block of one sequence: its key without assembling
+                key = hash((key, ((label, offset, block_toks),)))
+                keys.append(key)
+                offset, length = offset + block_toks, length - block_toks
+                continue
             k = min(length, block_toks - fill)
             piece.append((label, offset, k))
             fill, offset, length = fill + k, offset + k, length - k
