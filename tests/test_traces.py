@@ -213,3 +213,12 @@ def test_sessions_search_doubles_then_bisects() -> None:
     capped = most_sessions_under_slo(lambda n: 0.0, 0.1, max_sessions=6)
     assert capped.best == 6 and capped.capped
     assert most_sessions_under_slo(lambda n: 1.0, 0.1).best == 0
+
+
+def test_mooncake_file_at_another_block_size(tmp_path: Path) -> None:
+    """A file written at 128 tokens per hash id (as AIPerf's --isl-block-size writes them): 3 ids make 257–384."""
+    path = write_mooncake(tmp_path / "m128.jsonl", [(0, 300, 4, [1, 2, 3]), (10, 256, 4, [1, 2])])
+    trace = read_trace(path, "mooncake", block_toks=128)
+    assert trace.block_toks == 128 and [r.prompt_toks for r in trace.requests] == [300, 256]
+    with pytest.raises(KvrayInputError, match="hash_ids of 512 tokens"):
+        read_trace(write_mooncake(tmp_path / "bad.jsonl", [(0, 2000, 4, [1, 2])]))

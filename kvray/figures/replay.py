@@ -167,11 +167,11 @@ def fig_hit_rate_pool(records: list[dict[str, Any]], out_dir: Path) -> FigureRes
         )
         ax.axhline(100 * full, color="grey", linestyle=":", label=f"unbounded cache {100 * full:.1f} %")
         d.result.series.append("predicted")
-        measured = [
+        found = [
             (find_value(r.get("extra") or {}, "num_gpu_blocks"), (r.get("memory") or {}).get("prefix_cache_hit_rate"))
             for r in rows
         ]
-        measured = [(b, h) for b, h in measured if b and h is not None]
+        measured = [(int(b), float(h)) for b, h in found if b and h is not None]
         if measured:
             ax.scatter(
                 [b for b, _ in measured],

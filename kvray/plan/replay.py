@@ -6,7 +6,8 @@
 Keys (kvray/traces/window.py says how each cuts the trace): ``path`` (required; relative to the working directory,
 else to the job file's folder), ``format`` (mooncake | azure | burstgpt | kvray; default: detected from the
 content), ``speedup``, ``limit``, ``start_s``, ``duration_s``, ``steady`` (default true), ``sample``, ``seed``,
-``block_toks``, ``cell`` (a kvray file's cell id), ``warmup_s`` / ``cooldown_s`` (the serving window, as for any
+``block_toks``, ``trace_block_toks`` (tokens per hash id the file was written at, default Mooncake's 512),
+``cell`` (a kvray file's cell id), ``warmup_s`` / ``cooldown_s`` (the serving window, as for any
 open loop), ``history`` (sessions: ``append`` — a turn's recorded prompt is its new message, sent after the whole
 conversation so far — or ``recorded``: the recorded prompt already holds it).
 
@@ -32,6 +33,7 @@ from kvray.traces.formats import FORMATS, Trace, read_trace
 from kvray.traces.window import CutTrace, TraceOptions, cut
 
 TRACE_KEYS = (
+    "trace_block_toks",
     "path",
     "format",
     "speedup",
@@ -72,7 +74,7 @@ def check_trace_key(value: Any, key: str = "trace", base_dir: str | Path | None 
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise KvrayInputError(f"{key}.{name}: expected a number >= 0, got {v!r}")
             out[name] = float(v)
-    for name in ("limit", "seed", "block_toks"):
+    for name in ("limit", "seed", "block_toks", "trace_block_toks"):
         if value.get(name) is not None:
             v = value[name]
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
@@ -110,8 +112,8 @@ def _options(opts: Mapping[str, Any]) -> TraceOptions:
 
 
 @lru_cache(maxsize=8)
-def _read(path: str, mtime_ns: int, fmt: str | None, cell: str | None) -> Trace:
-    return read_trace(path, fmt, cell=cell)
+def _read(path: str, mtime_ns: int, fmt: str | None, cell: str | None, block: int | None) -> Trace:
+    return read_trace(path, fmt, cell=cell, block_toks=block)
 
 
 def cut_trace(opts: Mapping[str, Any]) -> CutTrace:
@@ -121,7 +123,8 @@ def cut_trace(opts: Mapping[str, Any]) -> CutTrace:
         mtime = Path(path).stat().st_mtime_ns
     except OSError:
         raise KvrayInputError(f"trace file {path} does not exist") from None
-    return cut(_read(path, mtime, opts.get("format"), opts.get("cell")), _options(opts))
+    trace = _read(path, mtime, opts.get("format"), opts.get("cell"), opts.get("trace_block_toks"))
+    return cut(trace, _options(opts))
 
 
 def trace_label(opts: Mapping[str, Any], trace: CutTrace) -> str:

@@ -124,7 +124,7 @@ def block_keys(runs: Sequence[Run], block_toks: int, *, partial: bool = False) -
                 key = hash((key, tuple(_merge(piece))))
                 keys.append(key)
                 piece, fill = [], 0
-    if partial and piece:
+    if partial and piece:  # a partial block: keyed by content (the trace rule), or unique (the engine never hits it)
         keys.append(hash((key, tuple(_merge(piece)), "partial")))
     return keys
 
@@ -250,4 +250,26 @@ def engine_hits(requests: Sequence[FootprintRequest], block_size: int) -> dict[i
         keys = block_keys(prompt, block_size)
         hits[r.id] = _leading_hits(keys[:full], cached) * block_size
         cached.update(block_keys([*prompt, (("out", r.id), 0, max(r.gen_toks - 1, 0))], block_size))
+    return hits
+
+
+def engine_lru_hits(requests: Sequence[FootprintRequest], block_size: int, pool_blocks: int) -> dict[int, int]:
+    """``engine_hits`` with a pool of ``pool_blocks`` blocks that evicts (vLLM's free-block queue): requests one at a
+    time in id order; a request's leading cached full prompt blocks are hits (at most prompt − 1 tokens); then the
+    full blocks of its computed tokens (prompt + output − 1) are freed to the queue's tail, its last block first, and
+    the least recently used beyond the pool are evicted. A partial block has no hash: vLLM frees it to be reused
+    first (``BlockPool.free_blocks``, "evict first"), so it never displaces a cached block."""
+    runs = prompt_runs(requests)
+    lru: OrderedDict[int, None] = OrderedDict()
+    hits: dict[int, int] = {}
+    for r in sorted(requests, key=lambda r: r.id):
+        prompt = runs[r.id]
+        full = (r.prompt_toks - 1) // block_size
+        hits[r.id] = _leading_hits(block_keys(prompt, block_size)[:full], lru) * block_size
+        keys = block_keys([*prompt, (("out", r.id), 0, max(r.gen_toks - 1, 0))], block_size)
+        for key in reversed(keys):
+            lru[key] = None
+            lru.move_to_end(key)
+        while len(lru) > pool_blocks:
+            lru.popitem(last=False)
     return hits

@@ -85,8 +85,11 @@ def detect_format(path: Path) -> str:
     )
 
 
-def read_trace(path: str | Path, fmt: str | None = None, *, cell: str | None = None) -> Trace:
-    """The trace at ``path`` in ``fmt`` (None: detected from the content); ``cell``: a kvray file's cell id."""
+def read_trace(
+    path: str | Path, fmt: str | None = None, *, cell: str | None = None, block_toks: int | None = None
+) -> Trace:
+    """The trace at ``path`` in ``fmt`` (None: detected from the content); ``cell``: a kvray file's cell id;
+    ``block_toks``: tokens per hash id where a Mooncake-format file was written at another block size than 512."""
     p = Path(path)
     if not p.is_file():
         raise KvrayInputError(f"trace file {p} does not exist")
@@ -94,9 +97,10 @@ def read_trace(path: str | Path, fmt: str | None = None, *, cell: str | None = N
         fmt = detect_format(p)
     if fmt not in FORMATS:
         raise KvrayInputError(f"unknown trace format {fmt!r} (known: {', '.join(FORMATS)})")
-    trace = (
-        _kvray(p, cell) if fmt == "kvray" else {"mooncake": _mooncake, "azure": _azure, "burstgpt": _burstgpt}[fmt](p)
-    )
+    if fmt == "mooncake":
+        trace = _mooncake(p, block_toks or MOONCAKE_BLOCK_TOKS)
+    else:
+        trace = _kvray(p, cell) if fmt == "kvray" else {"azure": _azure, "burstgpt": _burstgpt}[fmt](p)
     if not trace.requests:
         raise KvrayInputError(f"{p}: no requests in this {fmt} trace")
     return trace
@@ -152,7 +156,7 @@ def _jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
-def _mooncake(path: Path) -> Trace:
+def _mooncake(path: Path, block: int) -> Trace:
     requests, zero = [], 0
     for i, obj in _jsonl(path):
         where = f"{path}:{i}"
@@ -166,14 +170,12 @@ def _mooncake(path: Path) -> Trace:
         if prompt == 0 or gen == 0:
             zero += 1
             continue
-        if ids and not (len(ids) - 1) * MOONCAKE_BLOCK_TOKS < prompt <= len(ids) * MOONCAKE_BLOCK_TOKS:
-            raise KvrayInputError(
-                f"{where}: {len(ids)} hash_ids of {MOONCAKE_BLOCK_TOKS} tokens do not make input_length {prompt}"
-            )
+        if ids and not (len(ids) - 1) * block < prompt <= len(ids) * block:
+            raise KvrayInputError(f"{where}: {len(ids)} hash_ids of {block} tokens do not make input_length {prompt}")
         session = obj.get("session_id", obj.get("chat_id"))
         ts = float(obj["timestamp"]) / 1000.0
         requests.append(TraceRequest(ts, prompt, gen, tuple(ids), None if session is None else str(session)))
-    trace = Trace(requests, "mooncake", str(path), MOONCAKE_BLOCK_TOKS if any(r.block_ids for r in requests) else 0)
+    trace = Trace(requests, "mooncake", str(path), block if any(r.block_ids for r in requests) else 0)
     if zero:
         trace.notes.append(f"{zero} requests with 0 input or output tokens dropped")
         trace.failed = zero
