@@ -222,3 +222,26 @@ def test_mooncake_file_at_another_block_size(tmp_path: Path) -> None:
     assert trace.block_toks == 128 and [r.prompt_toks for r in trace.requests] == [300, 256]
     with pytest.raises(KvrayInputError, match="hash_ids of 512 tokens"):
         read_trace(write_mooncake(tmp_path / "bad.jsonl", [(0, 2000, 4, [1, 2])]))
+
+
+def test_conversations_files_become_sessions(tmp_path: Path) -> None:
+    """Two ShareGPT chats (whitespace words: no tokenizer): chat 0 has turns of 3 and 2 words answered by 4 and 1
+    words, chat 1 one turn of 1 word. Sessions start 10 s apart, think 2 s: turn 1 of chat 0 is sent 2 s after turn
+    0's answer, its prompt the history (3 + 4) and its own 2 words = 9, of which 7 shared. The OpenAI messages form
+    reads the same."""
+    chats = [[("human", "a b c"), ("gpt", "d e f g"), ("human", "h i"), ("gpt", "j")], [("human", "k")]]
+    share = tmp_path / "sharegpt.json"
+    share.write_text(json.dumps([{"conversations": [{"from": f, "value": v} for f, v in c]} for c in chats]))
+    openai = tmp_path / "messages.jsonl"
+    roles = {"human": "user", "gpt": "assistant"}
+    openai.write_text(
+        "".join(json.dumps({"messages": [{"role": roles[f], "content": v} for f, v in c]}) + "\n" for c in chats)
+    )
+    for path in (share, openai):
+        assert detect_format(path) == "conversations"
+        opts = check_trace_key({"path": str(path), "think_s": 2, "stagger_s": 10})
+        wl = replay_workload(opts)
+        r0, r1, r2 = wl.requests
+        assert (r0.prompt_toks, r0.gen_toks, r0.arrival_s) == (3, 4, 0.0)
+        assert (r1.after, r1.think_s, r1.prompt_toks, r1.shared_prefix_toks, r1.gen_toks) == (0, 2.0, 9, 7, 1)
+        assert (r2.after, r2.arrival_s, r2.prompt_toks) == (None, 10.0, 1)

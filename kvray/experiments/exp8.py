@@ -89,7 +89,7 @@ def build(
         str | None, typer.Option("--trace", help="trace file (default: the shipped Mooncake excerpt)")
     ] = None,
     trace_format: Annotated[
-        str | None, typer.Option("--trace-format", help="mooncake | azure | burstgpt | kvray")
+        str | None, typer.Option("--trace-format", help="mooncake | azure | burstgpt | kvray | conversations")
     ] = None,
     speedup: Annotated[
         list[float] | None, typer.Option("--speedup", help="replay speedups: 0.25 0.5 1 (default; < 1 slows)")

@@ -4,10 +4,11 @@
       - trace: {path: traces/mooncake_conversation_first300.jsonl, format: mooncake, speedup: 2, limit: 100}
 
 Keys (kvray/traces/window.py says how each cuts the trace): ``path`` (required; relative to the working directory,
-else to the job file's folder), ``format`` (mooncake | azure | burstgpt | kvray; default: detected from the
+else to the job file's folder), ``format`` (mooncake | azure | burstgpt | kvray | conversations; default: detected from the
 content), ``speedup``, ``limit``, ``start_s``, ``duration_s``, ``steady`` (default true), ``sample``, ``seed``,
 ``block_toks``, ``trace_block_toks`` (tokens per hash id the file was written at, default Mooncake's 512),
-``cell`` (a kvray file's cell id), ``warmup_s`` / ``cooldown_s`` (the serving window, as for any
+``cell`` (a kvray file's cell id), ``tokenizer`` / ``think_s`` / ``stagger_s`` (a conversations file,
+kvray/traces/conversations.py), ``warmup_s`` / ``cooldown_s`` (the serving window, as for any
 open loop), ``history`` (sessions: ``append`` — a turn's recorded prompt is its new message, sent after the whole
 conversation so far — or ``recorded``: the recorded prompt already holds it).
 
@@ -33,6 +34,9 @@ from kvray.traces.formats import FORMATS, Trace, read_trace
 from kvray.traces.window import CutTrace, TraceOptions, cut
 
 TRACE_KEYS = (
+    "tokenizer",
+    "think_s",
+    "stagger_s",
     "trace_block_toks",
     "path",
     "format",
@@ -68,7 +72,7 @@ def check_trace_key(value: Any, key: str = "trace", base_dir: str | Path | None 
                 f"{key}.format: unknown trace format {value['format']!r} (known: {', '.join(FORMATS)})"
             )
         out["format"] = str(value["format"])
-    for name in ("speedup", "start_s", "duration_s", "sample", "warmup_s", "cooldown_s"):
+    for name in ("speedup", "start_s", "duration_s", "sample", "warmup_s", "cooldown_s", "think_s", "stagger_s"):
         if value.get(name) is not None:
             v = value[name]
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
@@ -84,8 +88,9 @@ def check_trace_key(value: Any, key: str = "trace", base_dir: str | Path | None 
         if not isinstance(value["steady"], bool):
             raise KvrayInputError(f"{key}.steady: expected true or false, got {value['steady']!r}")
         out["steady"] = value["steady"]
-    if value.get("cell") is not None:
-        out["cell"] = str(value["cell"])
+    for name in ("cell", "tokenizer"):
+        if value.get(name) is not None:
+            out[name] = str(value[name])
     if value.get("history") is not None:
         if value["history"] not in HISTORY_MODES:
             raise KvrayInputError(f"{key}.history: expected append or recorded, got {value['history']!r}")
@@ -112,8 +117,15 @@ def _options(opts: Mapping[str, Any]) -> TraceOptions:
 
 
 @lru_cache(maxsize=8)
-def _read(path: str, mtime_ns: int, fmt: str | None, cell: str | None, block: int | None) -> Trace:
-    return read_trace(path, fmt, cell=cell, block_toks=block)
+def _read(
+    path: str,
+    mtime_ns: int,
+    fmt: str | None,
+    cell: str | None,
+    block: int | None,
+    conversations: tuple[tuple[str, Any], ...],
+) -> Trace:
+    return read_trace(path, fmt, cell=cell, block_toks=block, conversations=dict(conversations))
 
 
 def cut_trace(opts: Mapping[str, Any]) -> CutTrace:
@@ -123,7 +135,8 @@ def cut_trace(opts: Mapping[str, Any]) -> CutTrace:
         mtime = Path(path).stat().st_mtime_ns
     except OSError:
         raise KvrayInputError(f"trace file {path} does not exist") from None
-    trace = _read(path, mtime, opts.get("format"), opts.get("cell"), opts.get("trace_block_toks"))
+    conv = tuple((k, opts[k]) for k in ("tokenizer", "think_s", "stagger_s") if k in opts)
+    trace = _read(path, mtime, opts.get("format"), opts.get("cell"), opts.get("trace_block_toks"), conv)
     return cut(trace, _options(opts))
 
 

@@ -19,52 +19,24 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.traces.records import Trace, TraceRequest
 
-FORMATS = ("mooncake", "azure", "burstgpt", "kvray")
+FORMATS = ("mooncake", "azure", "burstgpt", "kvray", "conversations")  # conversations: kvray/traces/conversations.py
 MOONCAKE_BLOCK_TOKS = 512  # FAST'25 release README: each hash id stands for a block of 512 tokens
-
-
-@dataclass(frozen=True)
-class TraceRequest:
-    """One recorded request: when it arrived (s since the trace's first), its lengths, its prompt's blocks."""
-
-    arrival_s: float
-    prompt_toks: int
-    gen_toks: int
-    block_ids: tuple[int, ...] = ()  # the prompt's blocks (trace block size), equal ids = equal tokens
-    session: str | None = None  # a conversation / agent session the request is a turn of
-    elapsed_s: float | None = None  # recorded submission → last token (BurstGPT), for think times
-
-
-@dataclass
-class Trace:
-    """A read trace: its requests in arrival order, the format, its block size and what reading it changed."""
-
-    requests: list[TraceRequest]
-    format: str
-    path: str
-    block_toks: int = 0  # tokens per block id (0: the trace names no blocks)
-    failed: int = 0  # requests the file records as failed, dropped
-    notes: list[str] = field(default_factory=list)  # each cut or drop, in words (reported with the trace)
-
-    @property
-    def duration_s(self) -> float:
-        return self.requests[-1].arrival_s - self.requests[0].arrival_s if self.requests else 0.0
-
-    @property
-    def sessions(self) -> int:
-        return len({r.session for r in self.requests if r.session is not None})
 
 
 def detect_format(path: Path) -> str:
     """The format of ``path`` from its first line (module docstring), or one line saying it is none of them."""
     first = _first_line(path)
+    from kvray.traces.conversations import looks_like_conversations
+
+    if looks_like_conversations(first):
+        return "conversations"
     if first.startswith("{"):
         try:
             obj = json.loads(first)
@@ -86,10 +58,16 @@ def detect_format(path: Path) -> str:
 
 
 def read_trace(
-    path: str | Path, fmt: str | None = None, *, cell: str | None = None, block_toks: int | None = None
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    cell: str | None = None,
+    block_toks: int | None = None,
+    conversations: dict[str, Any] | None = None,
 ) -> Trace:
     """The trace at ``path`` in ``fmt`` (None: detected from the content); ``cell``: a kvray file's cell id;
-    ``block_toks``: tokens per hash id where a Mooncake-format file was written at another block size than 512."""
+    ``block_toks``: tokens per hash id where a Mooncake-format file was written at another block size than 512;
+    ``conversations``: a conversations file's ``tokenizer``, ``think_s``, ``stagger_s``."""
     p = Path(path)
     if not p.is_file():
         raise KvrayInputError(f"trace file {p} does not exist")
@@ -97,7 +75,11 @@ def read_trace(
         fmt = detect_format(p)
     if fmt not in FORMATS:
         raise KvrayInputError(f"unknown trace format {fmt!r} (known: {', '.join(FORMATS)})")
-    if fmt == "mooncake":
+    if fmt == "conversations":
+        from kvray.traces.conversations import read_conversations
+
+        trace = read_conversations(p, **(conversations or {}))
+    elif fmt == "mooncake":
         trace = _mooncake(p, block_toks or MOONCAKE_BLOCK_TOKS)
     else:
         trace = _kvray(p, cell) if fmt == "kvray" else {"azure": _azure, "burstgpt": _burstgpt}[fmt](p)
