@@ -63,7 +63,8 @@ def bench(
     gen_dist: Annotated[str | None, typer.Option("--gen-dist", help="output lengths, same form")] = None,
     trace: Annotated[str | None, typer.Option("--trace", help="replay a trace file (docs/traces.md)")] = None,
     trace_format: Annotated[
-        str | None, typer.Option("--trace-format", help="mooncake | azure | burstgpt | kvray | conversations (default: detected)")
+        str | None,
+        typer.Option("--trace-format", help="mooncake | azure | burstgpt | kvray | conversations (default: detected)"),
     ] = None,
     speedup: Annotated[float | None, typer.Option("--speedup", help="replay the trace S times faster")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="replay the trace's first N requests")] = None,

@@ -15,7 +15,10 @@ def trace(
         str, typer.Argument(help="trace file: Mooncake JSONL, Azure CSV, BurstGPT CSV, kvray traces.jsonl")
     ],
     fmt: Annotated[
-        str | None, typer.Option("--format", help="mooncake | azure | burstgpt | kvray | conversations (default: from the content)")
+        str | None,
+        typer.Option(
+            "--format", help="mooncake | azure | burstgpt | kvray | conversations (default: from the content)"
+        ),
     ] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="give pools and the working set in bytes of this model's KV")
