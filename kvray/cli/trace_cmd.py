@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from kvray.cli.options import JsonOpt
+from kvray.errors import KvrayInputError
 
 
 def trace(
@@ -52,7 +53,12 @@ def trace(
         "duration_s": duration_s,
     }
     opts = check_trace_key({k: v for k, v in raw.items() if v is not None} | ({"steady": False} if no_steady else {}))
-    pools = comma_ints("--pool-blocks", pool_blocks) if pool_blocks else []
+    try:
+        pools = comma_ints("--pool-blocks", pool_blocks) if pool_blocks else []
+    except KvrayInputError:
+        raise KvrayInputError(
+            f"--pool-blocks expects comma-separated block counts, e.g. 16,64,256; got {pool_blocks!r}"
+        ) from None
     summary = describe_trace(opts, block_toks=block_tokens, pool_blocks=pools, model=model, kv_dtype=kv_dtype)
     if as_json:
         print_json(summary)
