@@ -16,6 +16,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("units", "byte and text formatting shared by every stage"),
     ("hardware", "the GPU table and this machine's environment"),
     ("model", "geometry from config.json, KV arithmetic, OOM risk"),
+    ("traces", "request traces read, cut and described: their KV footprint predicted from the trace alone"),
     ("sim", "the roofline predictor"),
     ("spec", "what one measurement is: RequestSpec, Workload, Cell"),
     ("measure", "what a measurement records, metrics, memory trackers, samplers"),

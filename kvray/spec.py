@@ -36,8 +36,21 @@ class RequestSpec:
     # ``prefix_group`` (a shared system prompt, a conversation's history); the rest is unique to the request.
     prefix_group: int | None = None
     shared_prefix_toks: int = 0
+    # A replayed trace's request (kvray/traces/): its prompt is these blocks of ``block_toks`` tokens in order — equal
+    # ids are equal tokens, different ids different ones (the trace's hash_ids, kvray/sim/reuse.py), then its own.
+    block_ids: tuple[int, ...] = ()
+    block_toks: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.block_ids, tuple):  # a list from JSON: a tuple, so the request stays hashable
+            object.__setattr__(self, "block_ids", tuple(self.block_ids))
+        if self.block_ids and not (
+            self.block_toks > 0 and self.block_toks * (len(self.block_ids) - 1) < self.prompt_toks
+        ):
+            raise KvrayInputError(
+                f"request {self.id}: {len(self.block_ids)} blocks of {self.block_toks} tokens do not fit a prompt of "
+                f"{self.prompt_toks} tokens (all but the last block must be whole)"
+            )
         if self.prompt_toks <= 0 or self.gen_toks <= 0:
             raise KvrayInputError(
                 f"request {self.id}: prompt and generated tokens must be positive, got "
@@ -55,9 +68,16 @@ class RequestSpec:
 
 
 _REQUEST_CORE = ("id", "prompt_toks", "gen_toks", "arrival_s", "temperature")
-_REQUEST_DEFAULTS = {"after": None, "think_s": 0.0, "prefix_group": None, "shared_prefix_toks": 0}
+_REQUEST_DEFAULTS = {
+    "after": None,
+    "think_s": 0.0,
+    "prefix_group": None,
+    "shared_prefix_toks": 0,
+    "block_ids": (),
+    "block_toks": 0,
+}
 
-LOAD_KINDS = ("burst", "closed", "poisson", "gamma", "constant")
+LOAD_KINDS = ("burst", "closed", "poisson", "gamma", "constant", "replay")
 OPEN_LOOPS = ("poisson", "gamma", "constant")
 
 
@@ -70,6 +90,8 @@ class LoadSpec:
     poisson    an open loop at ``rate_rps``: exponential gaps, seeded
     gamma      an open loop at ``rate_rps`` with gamma gaps of shape 1/``burstiness`` (1 = poisson)
     constant   an open loop at ``rate_rps``: equal gaps
+    replay     a trace's recorded arrivals (× speedup; kvray/traces/, kvray/plan/replay.py): an open loop whose
+               ``rate_rps`` is the trace's mean rate, ``trace`` says which trace and how it was cut
     ``warmup_s``/``cooldown_s`` trim the steady-state window (kvray/measure/serving.py); None = the default.
     """
 
@@ -85,6 +107,7 @@ class LoadSpec:
     # "saturation": no rate given — the cell is a search (kvray/runner/saturation.py) that probes rates up to
     # the highest sustainable one, then measures rates below it; each probe is a cell of its own
     search: str | None = None
+    trace: str | None = None  # replay: "format:file ×speedup …" (kvray/plan/replay.py), in the row's ``load``
 
     def __post_init__(self) -> None:
         if self.kind not in LOAD_KINDS:

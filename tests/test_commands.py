@@ -60,7 +60,7 @@ def test_validate_reads_the_folder(folder, capsys):
         ("check", "kvray/tiny-llama", "-c", "4", "--seq-len", "256", "--gpu", "H100-SXM"),
         ("predict", "kvray/tiny-llama", "--gpu", "H100-SXM", "-c", "1", "4", "--prompt-toks", "64", "--gen-toks", "8"),
         ("bench", "-m", "kvray/tiny-llama", "--backend", "sim", "--prompt-toks", "64", "--gen-toks", "8", "-c", "2"),
-        *[(f"exp{n}", "--model", "kvray/tiny-llama", "--dry-run") for n in range(1, 8)],
+        *[(f"exp{n}", "--model", "kvray/tiny-llama", "--dry-run") for n in range(1, 9)],
         ("exp9", "--model", "kvray/tiny-llama", "--dry-run"),
         (
             "plan",
@@ -77,6 +77,7 @@ def test_validate_reads_the_folder(folder, capsys):
             "--output",
             "plan_out",
         ),
+        ("trace", str(Path(__file__).resolve().parents[1] / "traces" / "azure_code_2023_first500.csv"), "--json"),
     ],
     ids=lambda a: a[0],
 )

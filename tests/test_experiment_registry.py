@@ -134,7 +134,7 @@ def test_without_registration_there_is_no_toy(tmp_path):
 def test_the_built_in_experiments_are_the_commands_and_the_job_files():
     from kvray.cli.app import app
 
-    builtin = [*(f"exp{i}" for i in range(1, 8)), "exp9"]
+    builtin = [*(f"exp{i}" for i in range(1, 9)), "exp9"]
     assert [e.name for e in experiments()] == builtin
     assert [name for name in command_names(app) if name.startswith("exp")] == builtin
     jobs = Path(__file__).parents[1] / "jobs"

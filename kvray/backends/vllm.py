@@ -308,7 +308,9 @@ class VLLMBackend(BackendBase):
         if cache:
             run.extra["kv_capacity"] = capacity_check(cell.model, cell.dtype, cache, cell.tensor_parallel)
             self._predict_from_timeline(cell, run, cache, repeat)
-            self.reuse.add(cell, requests, run, cache, run.extra.get("kv_timeline") or [], repeat)  # prefix-cache hits, preemptions, fill point
+            self.reuse.add(
+                cell, requests, run, cache, run.extra.get("kv_timeline") or [], repeat
+            )  # prefix-cache hits, preemptions, fill point
         return run
 
     def _explain_server_death(self, run: BackendRun) -> None:

@@ -41,6 +41,7 @@ def bench_cell(
     gen_dist: Mapping[str, Any] | None = None,
     tensor_parallel: int = 1,
     clients: int = 1,
+    trace: Mapping[str, Any] | None = None,
 ) -> Cell:
     """The Cell ``kvray bench`` measures: ``concurrency`` equal requests, or one request per ``mixed`` prompt
     length, on ``backend``; validated whole (the backend's own checks included) and returned as it will run.
@@ -60,7 +61,13 @@ def bench_cell(
     dtype = normalize_dtype(dtype, allow_fp8=False)
     if arrival_gap_s < 0:
         raise KvrayInputError(f"--arrival-gap-s must be >= 0, got {arrival_gap_s}")
-    if mixed:
+    if trace:  # a replayed trace (kvray/plan/replay.py): its requests, lengths and arrivals
+        from kvray.plan.replay import replay_workload
+
+        if mixed or load or prompt_dist or gen_dist:
+            raise KvrayInputError("--trace sets the requests and their arrivals: no --mixed, --load or distributions")
+        workload = replay_workload(trace, slo or {})
+    elif mixed:
         if load or slo or prompt_dist or gen_dist:
             raise KvrayInputError("--mixed sets its own requests: it takes no --load, --slo or length distribution")
         workload = Workload.mixed(list(mixed), gen_toks, arrival_gap_s)

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from kvray.cli import bench_cmd, compare_cmd, model_cmds, output_cmds, plan_cmd, run_cmds, validate_cmd
+from kvray.cli import bench_cmd, compare_cmd, model_cmds, output_cmds, plan_cmd, run_cmds, trace_cmd, validate_cmd
 from kvray.cli.options import Command, SpaceListCommand
 from kvray.errors import KvrayInputError
 
@@ -38,6 +38,7 @@ COMMANDS: tuple[tuple[Callable[..., Any], type[Command]], ...] = (
     (model_cmds.env, Command),
     (model_cmds.check, Command),
     (bench_cmd.bench, Command),
+    (trace_cmd.trace, Command),
     (output_cmds.plot, Command),
     (output_cmds.report, Command),
     (compare_cmd.compare, Command),

@@ -61,6 +61,13 @@ def bench(
         str | None, typer.Option("--prompt-dist", help="e.g. lognormal:median=256,sigma=0.8,max=2048 or sharegpt")
     ] = None,
     gen_dist: Annotated[str | None, typer.Option("--gen-dist", help="output lengths, same form")] = None,
+    trace: Annotated[str | None, typer.Option("--trace", help="replay a trace file (docs/traces.md)")] = None,
+    trace_format: Annotated[
+        str | None,
+        typer.Option("--trace-format", help="mooncake | azure | burstgpt | kvray | conversations (default: detected)"),
+    ] = None,
+    speedup: Annotated[float | None, typer.Option("--speedup", help="replay the trace S times faster")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="replay the trace's first N requests")] = None,
     dtype: DtypeOpt = "bf16",
     weights: WeightsOpt = "random",
     device: DeviceOpt = "auto",
@@ -100,6 +107,7 @@ def bench(
         slo=parse_slo(slo, "--slo") if slo else None,
         prompt_dist=parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else None,
         gen_dist=parse_dist(gen_dist, "--gen-dist") if gen_dist else None, tensor_parallel=tp, clients=clients,
+        trace=trace_flags(trace, trace_format, speedup, limit),
     )  # fmt: skip
     check_output(cell, output, replace)  # before the model loads
     started = join_ray(clients) if clients > 1 else False
@@ -116,6 +124,18 @@ def bench(
         render.bench_result(record)
     if record.result.status != "ok":
         raise typer.Exit(1)
+
+
+def trace_flags(path: str | None, fmt: str | None, speedup: float | None, limit: int | None) -> dict | None:
+    """``--trace FILE [--trace-format F] [--speedup S] [--limit N]`` → checked replay options (None: no trace)."""
+    if path is None:
+        if fmt is not None or speedup is not None or limit is not None:
+            raise KvrayInputError("--trace-format, --speedup and --limit replay a trace: they need --trace FILE")
+        return None
+    from kvray.plan.replay import check_trace_key
+
+    raw = {"path": path, "format": fmt, "speedup": speedup, "limit": limit}
+    return check_trace_key({k: v for k, v in raw.items() if v is not None}, "--trace")
 
 
 def closed_loop_users(load: str | None, users: int | None, concurrency: int) -> tuple[str | None, int]:

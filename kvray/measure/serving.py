@@ -10,6 +10,7 @@ choosing by end time keeps the fast requests and drops the slow ones exactly whe
                every request it sent; a request that times out ends as a failure), and every one counts —
                failures in failure_rate and as SLO misses, their TTFT, inter-token gaps and queue time where
                they got that far (their E2E and TPOT are undefined: they never completed)
+               — a trace's replay is one, its offered_rps the cut trace's mean rate (kvray/plan/replay.py)
   closed loop  ramp-up: each user's first request (the users start together on an idle engine: a burst) and
                any sent before the first end + warmup_s; drain: each user's last request (once one user is
                done, fewer keep the engine busy) and, with cooldown_s, any sent after the first user's last
@@ -59,7 +60,7 @@ LAG_FLOOR_S = 0.01  # … but below 10 ms it is a loaded machine's timer jitter,
 def lag_limit_s(workload: Workload) -> float:
     """The p99 client lag above which a loop is flagged ``client_behind`` (docs/metrics.md)."""
     load = workload.load
-    if load is not None and load.rate_rps and load.kind in ("poisson", "gamma", "constant"):
+    if load is not None and load.rate_rps and load.kind in ("poisson", "gamma", "constant", "replay"):
         return min(LAG_LIMIT_S, max(LAG_FLOOR_S, LAG_LIMIT_GAP_FRACTION / float(load.rate_rps)))
     return LAG_LIMIT_S
 
@@ -120,7 +121,7 @@ def _completion_rate(kind: str, ok: Sequence[RunTrace]) -> tuple[float, float]:
 
 def _arrival_rate(kind: str, steady: Sequence[RunTrace]) -> float:
     """Open loops: the rate the seeded schedule actually offered over the measured requests, mean over repeats."""
-    if kind not in ("poisson", "gamma", "constant"):
+    if kind not in ("poisson", "gamma", "constant", "replay"):
         return float("nan")
     by_repeat: dict[int, list[float]] = defaultdict(list)
     for t in steady:

@@ -49,6 +49,7 @@ from kvray.plan.job_checks import (
     check_tensor_parallel_degrees,
 )
 from kvray.plan.loads import length_params, parse_slo, request_count
+from kvray.plan.replay import trace_grid, trace_grid_dict
 from kvray.spec import LOAD_KINDS, WEIGHTS, LoadSpec
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -134,6 +135,8 @@ class Job:
 
 
 def _grid_to_dict(g: Grid) -> dict[str, Any]:
+    if dict(g.reuse).get("workload") in ("trace", "sessions"):
+        return trace_grid_dict(g)
     d: dict[str, Any] = {"gen_toks": list(g.gen_toks)} if g.gen_toks else {"gen_dist": dict(g.gen_dist)}
     d.update({k: list(v) if isinstance(v, tuple) else v for k, v in g.reuse})
     if g.reuse and dict(g.reuse)["workload"] == "shared_prefix":
@@ -164,6 +167,7 @@ JOB_KEYS = (
 GRID_KEYS = (
     "experiment", "prompt_toks", "gen_toks", "concurrency", "mixed", "arrival_gap_s", "load", "slo", "prompt_dist",
     "gen_dist", "workload", "prefix_toks", "suffix_toks", "groups", "conversations", "turns", "user_toks", "think_s",
+    "trace", "sessions",
 )  # fmt: skip
 # workload kind → (its required list keys, its optional ones with defaults) — kvray/plan/reuse.py builds them
 REUSE_KEYS: dict[str, tuple[tuple[str, ...], dict[str, list[Any]]]] = {
@@ -284,6 +288,9 @@ def _grids(c: Checker, value: Any) -> list[Grid]:
     for i, block in enumerate(blocks):
         key = f"grid[{i}]" if isinstance(value, list) else "grid"
         g = c.mapping(key, block, GRID_KEYS)
+        if "trace" in g or "sessions" in g:  # a replayed trace or sessions (kvray/plan/replay.py) set the requests
+            grids.append(Grid(**trace_grid(g, key, c.fail, Path(c.source).parent)))
+            continue
         reuse = _reuse(c, key, g)
         if reuse:
             g = {**g, "prompt_toks": g.get("prompt_toks", [1])}  # the reuse builder sets the prompts

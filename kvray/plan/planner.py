@@ -121,6 +121,11 @@ def _reuse_workloads(grid: Any) -> Iterable[Workload]:
 
     reuse = dict(grid.reuse)
     slo = tuple(sorted(grid.slo))
+    if reuse["workload"] in ("trace", "sessions"):  # a replayed trace, staggered sessions (kvray/plan/replay.py)
+        from kvray.plan.replay import grid_workloads
+
+        yield from grid_workloads(grid)
+        return
     if reuse["workload"] == "multi_turn":
         for conv, turns, user, gen, think in product(reuse["conversations"], reuse["turns"], reuse["user_toks"],
                                                      grid.gen_toks, reuse["think_s"]):  # fmt: skip

@@ -146,6 +146,10 @@ def run_cell(
         result.extra.update(run.extra)
     if any(run.extra.get("kv_timeline") for run in runs):  # each run holds its repeat's points; the cell, all of them
         result.extra["kv_timeline"] = [point for run in runs for point in run.extra.get("kv_timeline") or []]
+    if cell.workload.load_kind == "replay" and result.memory.get("prefix_cache_hit_rate_predicted") is None:
+        from kvray.plan.replay import predicted_hit_rate  # every replayed row carries it (kvray/plan/replay.py)
+
+        result.memory["prefix_cache_hit_rate_predicted"] = predicted_hit_rate(cell)
     if cell.clients > 1 and traces:  # per-client lag and clock ties (kvray/measure/serving.py)
         result.metrics.update(client_columns(cell.clients, traces, result.extra.get("client_clocks") or []))
     result.extra["ttft_basis"] = backend.ttft_basis  # which clock TTFT is on (kvray/backends/base.py)

@@ -48,7 +48,9 @@ class ReuseRequest(RequestLike, Protocol):
 
 
 def has_shared_prefixes(requests: Sequence[ReuseRequest]) -> bool:
-    return any(r.prefix_group is not None and r.shared_prefix_toks > 0 for r in requests)
+    return any(
+        (r.prefix_group is not None and r.shared_prefix_toks > 0) or bool(getattr(r, "block_ids", ())) for r in requests
+    )
 
 
 def shared_token_ids(requests: Sequence[ReuseRequest], draw: Callable[[S, int], list[T]], seed: Callable[[str], S],
@@ -61,8 +63,14 @@ def shared_token_ids(requests: Sequence[ReuseRequest], draw: Callable[[S, int], 
     out: dict[int, list[T]] = {}
     for r in sorted(requests, key=lambda r: r.id):
         n = max(r.prompt_toks - overhead, 0)
-        if r.prefix_group is None or r.shared_prefix_toks <= 0:
+        blocks: tuple[int, ...] = getattr(r, "block_ids", ())
+        if blocks:  # a trace's blocks (kvray/traces/): block b is label "b<b>"'s tokens, the first after the overhead
+            size = int(getattr(r, "block_toks", 0))
+            ids = [t for k, b in enumerate(blocks) for t in draw(seed(f"b{b}"), size - (k == 0) * overhead)]
+            out[r.id] = ids[:n] + draw(seed(str(r.id)), max(n - len(ids), 0))
+        elif r.prefix_group is None or r.shared_prefix_toks <= 0:
             out[r.id] = draw(seed(str(r.id)), n)
+        if r.prefix_group is None or r.shared_prefix_toks <= 0 or blocks:
             if r.prefix_group is not None:  # a conversation's first turn: the history starts here
                 history[r.prefix_group] = out[r.id] + draw(seed(f"a{r.id}"), r.gen_toks)
             continue
@@ -78,7 +86,9 @@ def shared_token_ids(requests: Sequence[ReuseRequest], draw: Callable[[S, int], 
 
 def salt_label(r: ReuseRequest) -> str:
     """The seed label of a request's prefix-cache salt (vLLM's ``cache_salt``): its group's — so a group's requests
-    can hit each other's blocks — or its own, so nothing else hits."""
+    can hit each other's blocks — or its own, so nothing else hits; a trace's requests share one (kvray/traces/)."""
+    if getattr(r, "block_ids", ()):
+        return "trace"
     return f"g{r.prefix_group}" if r.prefix_group is not None else str(r.id)
 
 
@@ -137,6 +147,10 @@ def predict_hits(requests: Sequence[ReuseRequest], block_size: int) -> dict[int,
     """Prompt tokens each request should find in an ideal block prefix cache (vLLM's rule; module docstring)."""
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
+    if any(getattr(r, "block_ids", ()) for r in requests):  # a trace: the same rule on chained block keys (fast)
+        from kvray.traces.footprint import engine_hits
+
+        return engine_hits(requests, block_size)  # type: ignore[arg-type]
     seqs = shared_token_ids(requests, lambda seed, n: [(seed, i) for i in range(n)], lambda label: label)
     cache: set[tuple[str, tuple[Any, ...]]] = set()
     hits: dict[int, int] = {}

@@ -1,0 +1,204 @@
+"""kvray vs AIPerf replaying ONE Mooncake-format trace against ONE vLLM CPU server: TTFT and ITL p50.
+
+Usage:  uv run python benchmarks/aiperf_trace_compare.py [--aiperf /tmp/aiperf-venv/bin/aiperf] [--rounds 2]
+
+The trace (written here, seeded): 40 requests, 128 tokens per hash id (AIPerf's ``--isl-block-size 128``, kvray's
+``trace_block_toks: 128``), 8 documents shared as prefixes, ~2 req/s, 8 output tokens each. The server: kvray's
+VLLMBackend serving kvray/tiny-llama (seeded random weights, fp32) from the CPU build. The tools run in interleaved
+rounds — AIPerf ``profile --custom-dataset-type mooncake_trace --fixed-schedule`` (prompts from
+its sonnet corpus read through the served tokenizer, unknown words as one ordinary token, prefix caching off on the
+server so content cannot matter) and kvray's ``replay`` load
+on the ``openai`` backend — and the medians over requests are printed with their counts.
+
+Definitions compared (per request, then the median): TTFT — first token − request start (AIPerf), first token −
+due time (kvray: the same when the client is not late, its lag printed); ITL — (last − first token) ÷ (tokens − 1)
+for both (kvray's TPOT). Skips (exit 0, one line) when AIPerf or the vLLM CPU venv is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from guidellm_compare import VLLM_VENV, _server_version  # noqa: E402
+
+BLOCK, OUTPUT, REQUESTS = 128, 8, 40
+
+
+def start_server() -> Any:
+    """kvray's VLLMBackend serving kvray/tiny-llama with prefix caching OFF: AIPerf's prompts are not kvray's (below),
+    so only the lengths and the schedule may decide the timings."""
+    from kvray.backends.vllm import VLLMBackend
+    from kvray.spec import Cell, Workload, make_options
+
+    cell = Cell(
+        model="kvray/tiny-llama",
+        workload=Workload.uniform(1, 32, 8),
+        backend="vllm",
+        dtype="fp32",
+        device="cpu",
+        options=make_options(enable_prefix_caching=False, extra_args="-O0"),
+    )
+    backend = VLLMBackend()
+    backend.load(cell)
+    return backend
+
+
+def aiperf_tokenizer(model_path: str, out: Path) -> Path:
+    """The served tokenizer with every unknown word read as ``w50``: AIPerf builds a trace's prompts from a text
+    corpus (sonnet), which the tiny word-level vocabulary does not hold; so its prompts become ``w50 w50 …`` of the
+    trace's lengths, one served token per word (the server's prefix caching is off: content does not matter)."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(model_path).glob("*token*"):
+        shutil.copy(f, out / f.name)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    spec["model"]["unk_token"] = "w50"
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return out
+
+
+def write_trace(path: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    t, lines = 0.0, []
+    for i in range(REQUESTS):
+        t += rng.exponential(0.5)
+        doc, length = int(rng.integers(8)), int(rng.integers(2, 7))
+        ids = [doc * 100 + j for j in range(length)] + [10_000 + i]
+        lines.append(
+            json.dumps(
+                {
+                    "timestamp": round(t * 1000),
+                    "input_length": length * BLOCK + 64,
+                    "output_length": OUTPUT,
+                    "hash_ids": ids,
+                }
+            )
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_aiperf(exe: str, url: str, model_path: str, trace: Path, out: Path) -> dict[str, Any]:
+    cmd = [
+        exe,
+        "profile",
+        "-m",
+        model_path,
+        "--url",
+        url.removesuffix("/v1"),
+        "--endpoint-type",
+        "completions",
+        "--streaming",
+        "--input-file",
+        str(trace),
+        "--custom-dataset-type",
+        "mooncake_trace",
+        "--fixed-schedule",
+        "--isl-block-size",
+        str(BLOCK),
+        "--tokenizer",
+        str(aiperf_tokenizer(model_path, out / "tok")),
+        "--extra-inputs",
+        "ignore_eos:true",
+        "--output-artifact-dir",
+        str(out),
+        "--no-gpu-telemetry",
+        "--no-server-metrics",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"aiperf failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-3000:]}")
+    found = sorted(out.rglob("*aiperf*.json"))
+    report = json.loads(next(p for p in found if "profile_export" in p.name).read_text())
+    return report
+
+
+def run_kvray(url: str, model_path: str, trace: Path) -> dict[str, Any]:
+    from kvray.backends import get_backend
+    from kvray.bench.cell import bench_cell
+    from kvray.plan.replay import check_trace_key
+    from kvray.runner.run import run_cell
+
+    opts = check_trace_key({"path": str(trace), "format": "mooncake", "trace_block_toks": BLOCK})
+    cell = bench_cell(model_path, backend="openai", options={"base_url": url}, warmup=0, repeats=1, trace=opts)
+    engine = get_backend("openai")
+    try:
+        return run_cell(engine, cell).metrics
+    finally:
+        engine.close()
+
+
+def stat(report: dict[str, Any], name: str) -> tuple[float, Any]:
+    entry = report.get(name) or next((m for m in report.get("records", []) if m.get("tag") == name), {})
+    return float(entry.get("p50")), entry.get("count", report.get("request_count", {}).get("avg"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--aiperf", default="/tmp/aiperf-venv/bin/aiperf")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if not Path(args.aiperf).is_file():
+        print(
+            f"skip: AIPerf not found at {args.aiperf} (uv venv /tmp/aiperf-venv && uv pip install --python "
+            "/tmp/aiperf-venv aiperf)"
+        )
+        return 0
+    if not os.environ.get("KVRAY_VLLM_PYTHON") and not VLLM_VENV.is_file():
+        print(f"skip: no vLLM CPU build (KVRAY_VLLM_PYTHON unset, {VLLM_VENV} absent)")
+        return 0
+    os.environ.setdefault("KVRAY_VLLM_PYTHON", str(VLLM_VENV))
+    version = subprocess.run([args.aiperf, "--version"], capture_output=True, text=True).stdout.strip()
+    backend = start_server()
+    url, model_path = backend.server.base_url, str(backend.model_path)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = write_trace(Path(tmp) / "trace.jsonl")
+            for rnd in range(args.rounds):
+                a = run_aiperf(args.aiperf, url, model_path, trace, Path(tmp) / f"a{rnd}")
+                (ttft, n_t), (itl, n_i) = stat(a, "time_to_first_token"), stat(a, "inter_token_latency")
+                rows.append((f"aiperf {version}", rnd + 1, ttft, n_t, itl, n_i, float("nan")))
+                m = run_kvray(url, model_path, trace)
+                rows.append(
+                    (
+                        f"kvray {importlib.metadata.version('kvray')}",
+                        rnd + 1,
+                        m["ttft_s_p50"] * 1e3,
+                        m["ttft_s_n"],
+                        m["tpot_s_p50"] * 1e3,
+                        m["tpot_s_n"],
+                        m["client_lag_s_p99"] * 1e3,
+                    )
+                )
+    finally:
+        backend.close()
+    print(
+        f"one vLLM {_server_version(url)} CPU server, kvray/tiny-llama fp32; a {REQUESTS}-request Mooncake-format "
+        f"trace ({BLOCK} tokens per hash id, {OUTPUT} output tokens), replayed at its timestamps"
+    )
+    print(f"{'tool':<22} {'round':>5} {'TTFT p50 ms':>12} {'n':>5} {'ITL p50 ms':>11} {'n':>5} {'lag p99 ms':>10}")
+    for tool, rnd, ttft, n_t, itl, n_i, lag in rows:
+        print(f"{tool:<22} {rnd:>5} {ttft:>12.1f} {n_t!s:>5} {itl:>11.2f} {n_i!s:>5} {lag:>10.1f}")
+    for label, col in (("TTFT", 2), ("ITL", 4)):
+        a_med = statistics.median(r[col] for r in rows if r[0].startswith("aiperf"))
+        k_med = statistics.median(r[col] for r in rows if r[0].startswith("kvray"))
+        print(f"{label}: kvray / aiperf = {k_med / a_med:.2f} (target: within 0.75–1.25)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
