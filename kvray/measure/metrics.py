@@ -272,6 +272,9 @@ def itl_gaps(token_times_s: Sequence[float]) -> list[float]:
     """Inter-token gaps, splitting multi-token chunks (equal timestamps) evenly."""
     if len(token_times_s) < 2:
         return []
+    gaps = [b - a for a, b in zip(token_times_s, token_times_s[1:], strict=False)]
+    if 0.0 not in gaps:  # every token stamped apart (no chunk of several): the gaps as they are
+        return gaps
     chunks: list[tuple[float, int]] = []
     for t in token_times_s:
         if chunks and t == chunks[-1][0]:
@@ -322,7 +325,8 @@ def request_metrics(trace: RunTrace) -> dict[str, float]:
 
 def describe(values: Iterable[float], prefix: str) -> dict[str, float]:
     """mean, std, min, max and p50/p90/p95/p99 of ``values`` as ``{prefix}_{stat}`` (NaN when empty)."""
-    arr = np.asarray([v for v in values if v == v], dtype=float)  # drop NaN
+    arr = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=float)
+    arr = arr[~np.isnan(arr)]
     stats = ("mean", "std", "min", "max", *(f"p{p}" for p in PERCENTILES))
     if arr.size == 0:
         return {f"{prefix}_{s}": float("nan") for s in stats}
@@ -337,18 +341,14 @@ def describe(values: Iterable[float], prefix: str) -> dict[str, float]:
     return out
 
 
-def sample_count(values: Iterable[float]) -> int:
-    """How many values a distribution of ``describe`` pools (NaN values are dropped there too)."""
-    return sum(1 for v in values if v == v)
-
-
 def describe_counted(groups: Sequence[Sequence[float]], prefix: str) -> dict[str, float]:
     """``describe`` of the pooled ``groups`` (one per repeat) plus ``{prefix}_n``, the number of values its
     statistics were computed from, and each percentile's 95 % bootstrap interval ``{prefix}_p{p}_ci_low`` /
     ``_ci_high`` (over repeats, then values: ``bootstrap_stats``; NaN where ``n`` cannot hold it)."""
-    kept = [v for g in groups for v in g]
-    out = {f"{prefix}_n": sample_count(kept), **describe(kept, prefix)}
-    for p, (low, high) in bootstrap_percentile_ci(groups, PERCENTILES).items():
+    arrays = [a[~np.isnan(a)] for a in (np.asarray(g, dtype=float) for g in groups)]
+    kept = np.concatenate(arrays) if arrays else np.empty(0)
+    out = {f"{prefix}_n": int(kept.size), **describe(kept, prefix)}
+    for p, (low, high) in bootstrap_percentile_ci(arrays, PERCENTILES).items():
         out[f"{prefix}_p{p}_ci_low"], out[f"{prefix}_p{p}_ci_high"] = low, high
     return out
 
