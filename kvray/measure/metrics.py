@@ -325,7 +325,7 @@ def request_metrics(trace: RunTrace) -> dict[str, float]:
 
 def describe(values: Iterable[float], prefix: str) -> dict[str, float]:
     """mean, std, min, max and p50/p90/p95/p99 of ``values`` as ``{prefix}_{stat}`` (NaN when empty)."""
-    arr = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=float)
+    arr = np.asarray(values if hasattr(values, "__array__") else list(values), dtype=float)
     arr = arr[~np.isnan(arr)]
     stats = ("mean", "std", "min", "max", *(f"p{p}" for p in PERCENTILES))
     if arr.size == 0:
