@@ -48,6 +48,7 @@ from kvray.analysis.views import (
     oom_rows,
     partial_rows,
     peak_column,
+    series_labels,
     sharded_tensor_parallel,
     simulated_mask,
     split_series,
@@ -133,7 +134,7 @@ def kv_errors(view: View) -> list[Finding]:
         return []
     out = []
     groups: list[tuple[str, Any]] = [("all cells", rows)]
-    labels = [view.series_label(r) for _, r in rows.iterrows()]
+    labels = series_labels(view, rows)
     if len(set(labels)) > 1:
         rows = rows.assign(_series=labels)
         groups += [(label, part) for label, part in rows.groupby("_series")]

@@ -223,8 +223,22 @@ def prepare(cells: Any, traces: Any = None) -> View:
     varying = tuple(k for k in SERIES_KEYS if df[k].astype(str).nunique() > 1) if len(df) else ()
     view = View(df, tr, missing, varying)
     if len(df):
-        view.labels = sorted({view.series_label(row) for _, row in df.iterrows()})
+        view.labels = sorted(set(series_labels(view, df)))
     return view
+
+
+def series_labels(view: View, rows: Any, extra: tuple[str, ...] = ()) -> list[str]:
+    """``view.series_label`` of every row, read column by column and labelled once per distinct combination: a
+    pandas row per cell (``iterrows``) cost seconds on a 10,000-cell folder."""
+    columns = list(dict.fromkeys([*view.series_keys, *extra, "hardware_label"]))
+    labels: dict[tuple[Any, ...], str] = {}
+    out = []
+    for values in zip(*(rows[c] for c in columns), strict=True):
+        key = tuple("nan" if v != v else v for v in values)  # NaN is one key, not one per row
+        if key not in labels:
+            labels[key] = view.series_label(dict(zip(columns, values, strict=True)), extra)
+        out.append(labels[key])
+    return out
 
 
 def _request_counts(df: Any) -> None:
@@ -256,7 +270,8 @@ def _infer_experiments(df: Any) -> list[str]:
         return labels
     sub = df.iloc[unlabelled]
     keys = [k for k in SERIES_KEYS if k in sub.columns]
-    series = sub[keys].astype(str).agg("|".join, axis=1) if keys else sub["workload"].map(lambda _: "")
+    text = [sub[k].astype(str) for k in keys]  # joined column by column: a row-wise join took seconds at 10,000
+    series = text[0].str.cat(text[1:], sep="|") if keys else sub["workload"].map(lambda _: "")
     # per series, among its uniform rows: how many concurrencies share a (prompt, gen) shape, and how many
     # prompt lengths a (concurrency, gen) one — grouped once, not a scan of every row per row (10,000 rows)
     uniform = sub.assign(_series=series)[sub["workload"] == "uniform"]
@@ -293,7 +308,7 @@ def split_series(view: View, rows: Any, x: str, extra: tuple[str, ...] = ()) -> 
     if not len(rows):
         return []
     extra = tuple(k for k in extra if rows[k].nunique() > 1)
-    labels = [view.series_label(row, extra) for _, row in rows.iterrows()]
+    labels = series_labels(view, rows, extra)
     rows = rows.assign(_series=labels)
     out = []
     for i, label in enumerate(sorted(set(labels))):
