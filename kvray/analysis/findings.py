@@ -41,6 +41,7 @@ from kvray.analysis.stats import linear_fit
 from kvray.analysis.stats import power_fit as power_fit  # fig3 draws the same power law
 from kvray.analysis.views import (
     OOM_LABELS,
+    SERIES_KEYS,
     SWEEPS,
     View,
     as_number,
@@ -202,6 +203,9 @@ def tpot_orderings(view: View) -> list[Finding]:
     cells = ok_rows(view.cells)
     cells = cells[(cells["workload"] == "uniform") & ~simulated_mask(cells) & cells["tpot_s_p50"].notna()]
     cells = cells[[_static_batch(str(b)) for b in cells["backend"]]] if len(cells) else cells
+    if len(cells):  # only the shapes measured at several concurrencies can be out of order
+        shape = [k for k in (*SERIES_KEYS, "prompt_toks", "gen_toks") if k in cells.columns]
+        cells = cells[cells.groupby(shape, dropna=False)["concurrency"].transform("nunique") > 1]
     out = []
     for s in split_series(view, cells, "concurrency", ("prompt_toks", "gen_toks")):
         rows = s.rows.sort_values("concurrency")

@@ -308,13 +308,11 @@ def split_series(view: View, rows: Any, x: str, extra: tuple[str, ...] = ()) -> 
     if not len(rows):
         return []
     extra = tuple(k for k in extra if rows[k].nunique() > 1)
-    labels = series_labels(view, rows, extra)
-    rows = rows.assign(_series=labels)
-    out = []
-    for i, label in enumerate(sorted(set(labels))):
-        part = rows[rows["_series"] == label].sort_values(x)
-        index = view.color_index(label) if not extra else i
-        out.append(Series(label, part, index))
+    rows = rows.assign(_series=series_labels(view, rows, extra)).sort_values(x, kind="stable")
+    out = []  # grouped once (a mask per label was O(labels × rows): seconds for 5,000 labels of 10,000 rows)
+    for i, (label, part) in enumerate(rows.groupby("_series", sort=True)):
+        index = view.color_index(str(label)) if not extra else i
+        out.append(Series(str(label), part, index))
     return out
 
 

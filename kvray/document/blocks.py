@@ -104,9 +104,8 @@ def cell_table(view: View, rows: Any, sort: tuple[str, ...], suspects: set[str] 
         _series=series_labels(view, rows),
         _suspect=rows["cell_id"].astype(str).isin(suspects or set()),
     )
-    for _, r in labelled.sort_values(["_series", *sort]).iterrows():
-        row = {k: r[k] for k in r.index}
-        body.append(([str(r["_series"])] if view.series_keys else []) + [fn(row) for _, fn in CELL_COLUMNS])
+    for row in labelled.sort_values(["_series", *sort]).to_dict("records"):  # dicts: a pandas row each cost ms
+        body.append(([str(row["_series"])] if view.series_keys else []) + [fn(row) for _, fn in CELL_COLUMNS])
     return Block("table", headers=headers, rows=body)
 
 

@@ -116,7 +116,9 @@ def log2_axis(ax: Any, values: Any, label: str) -> None:
     vals = sorted({float(v) for v in values if v == v and v > 0})
     if vals and vals[-1] / vals[0] >= 4:
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(FixedLocator(vals) if len(vals) <= MAX_TICKS else LogLocator(base=2, numticks=MAX_TICKS))
+        ax.xaxis.set_major_locator(
+            FixedLocator(vals) if len(vals) <= MAX_TICKS else LogLocator(base=2, numticks=MAX_TICKS)
+        )
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.set_xlim(vals[0] / 1.3, vals[-1] * 1.3)
