@@ -75,7 +75,8 @@ def main() -> None:
     types = args.types.split(",")
     job = build_job(args.cells, types, args.cell_s, args.requests, args.gen_toks)
     t_cluster = time.perf_counter()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    # no dashboard, as kvray's own local start (kvray/sweep/ray_env.py): a cluster kvray starts has none
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
     for i in range(args.nodes):
         gpu_type = types[i % len(types)]
         cluster.add_node(num_cpus=2, num_gpus=args.gpus_per_node, resources={f"accelerator_type:{gpu_type}": 1})
