@@ -32,6 +32,7 @@ def build_job(cells: int, types: list[str], cell_s: float, requests: int, gen_to
     from kvray.plan.job import job_from_dict
 
     per_type = max(cells // len(types), 1)
+    prompts = max(d for d in range(1, min(per_type, 1000) + 1) if per_type % d == 0)  # exactly ``cells`` cells
     tpot_s = cell_s / (gen_toks + 1) if cell_s > 0 else 0.0
     return job_from_dict(
         {
@@ -43,9 +44,9 @@ def build_job(cells: int, types: list[str], cell_s: float, requests: int, gen_to
             "warmup": 0,
             "repeats": 1,
             "options": {"ttft_s": tpot_s, "tpot_s": tpot_s},
-            # prompt lengths × a few generation lengths (the bundled model holds 4,096 positions)
-            "grid": {"prompt_toks": [8 + i for i in range(min(per_type, 200))],
-                     "gen_toks": [gen_toks + j for j in range(-(-per_type // 200))], "concurrency": [requests]},
+            # prompt lengths 8, 9, … × a few generation lengths from --gen-toks (the model holds 4,096 positions)
+            "grid": {"prompt_toks": [8 + i for i in range(prompts)],
+                     "gen_toks": [gen_toks + j for j in range(per_type // prompts)], "concurrency": [requests]},
         }
     )  # fmt: skip
 
@@ -74,7 +75,8 @@ def main() -> None:
     types = args.types.split(",")
     job = build_job(args.cells, types, args.cell_s, args.requests, args.gen_toks)
     t_cluster = time.perf_counter()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    # no dashboard, as kvray's own local start (kvray/sweep/ray_env.py): a cluster kvray starts has none
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
     for i in range(args.nodes):
         gpu_type = types[i % len(types)]
         cluster.add_node(num_cpus=2, num_gpus=args.gpus_per_node, resources={f"accelerator_type:{gpu_type}": 1})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kvray.errors import KvrayInputError
@@ -63,7 +63,7 @@ class RequestSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Fields at their defaults are left out, so cells planned before a field existed keep their ids."""
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}  # flat: no need for asdict's deep copies
         return {k: v for k, v in d.items() if k in _REQUEST_CORE or v != _REQUEST_DEFAULTS[k]}
 
 
@@ -280,7 +280,8 @@ class Cell:
         return self.workload.gen_toks
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # the fields one level deep: asdict would deep-copy every request of the workload, then be overwritten
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["workload"] = self.workload.to_dict()
         d["options"] = dict(self.options)
         if d["tensor_parallel"] == 1:

@@ -42,6 +42,7 @@ from kvray.analysis.stats import linear_fit
 from kvray.analysis.stats import power_fit as power_fit  # fig3 draws the same power law
 from kvray.analysis.views import (
     OOM_LABELS,
+    SERIES_KEYS,
     SWEEPS,
     View,
     as_number,
@@ -49,6 +50,7 @@ from kvray.analysis.views import (
     oom_rows,
     partial_rows,
     peak_column,
+    series_labels,
     sharded_tensor_parallel,
     simulated_mask,
     split_series,
@@ -134,7 +136,7 @@ def kv_errors(view: View) -> list[Finding]:
         return []
     out = []
     groups: list[tuple[str, Any]] = [("all cells", rows)]
-    labels = [view.series_label(r) for _, r in rows.iterrows()]
+    labels = series_labels(view, rows)
     if len(set(labels)) > 1:
         rows = rows.assign(_series=labels)
         groups += [(label, part) for label, part in rows.groupby("_series")]
@@ -202,6 +204,9 @@ def tpot_orderings(view: View) -> list[Finding]:
     cells = ok_rows(view.cells)
     cells = cells[(cells["workload"] == "uniform") & ~simulated_mask(cells) & cells["tpot_s_p50"].notna()]
     cells = cells[[_static_batch(str(b)) for b in cells["backend"]]] if len(cells) else cells
+    if len(cells):  # only the shapes measured at several concurrencies can be out of order
+        shape = [k for k in (*SERIES_KEYS, "prompt_toks", "gen_toks") if k in cells.columns]
+        cells = cells[cells.groupby(shape, dropna=False)["concurrency"].transform("nunique") > 1]
     out = []
     for s in split_series(view, cells, "concurrency", ("prompt_toks", "gen_toks")):
         rows = s.rows.sort_values("concurrency")

@@ -100,7 +100,7 @@ def read_parts(out_dir: Path, index: PartsIndex, kind: str) -> list[Any]:
         if path.is_file():
             frame = pd.read_parquet(path)
             if "token_times_s" in frame:
-                frame["token_times_s"] = [list(v) if v is not None else [] for v in frame["token_times_s"]]
+                frame["token_times_s"] = [v.tolist() if v is not None else [] for v in frame["token_times_s"]]
             frames.append(frame)
     return frames
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvray.analysis.views import View, as_number, peak_memory
+from kvray.analysis.views import View, as_number, peak_memory, series_labels
 from kvray.units import human_bytes
 
 
@@ -101,12 +101,11 @@ def cell_table(view: View, rows: Any, sort: tuple[str, ...], suspects: set[str] 
     headers = (["series"] if view.series_keys else []) + [name for name, _ in CELL_COLUMNS]
     body = []
     labelled = rows.assign(
-        _series=[view.series_label(r) for _, r in rows.iterrows()],
+        _series=series_labels(view, rows),
         _suspect=rows["cell_id"].astype(str).isin(suspects or set()),
     )
-    for _, r in labelled.sort_values(["_series", *sort]).iterrows():
-        row = {k: r[k] for k in r.index}
-        body.append(([str(r["_series"])] if view.series_keys else []) + [fn(row) for _, fn in CELL_COLUMNS])
+    for row in labelled.sort_values(["_series", *sort]).to_dict("records"):  # dicts: a pandas row each cost ms
+        body.append(([str(row["_series"])] if view.series_keys else []) + [fn(row) for _, fn in CELL_COLUMNS])
     return Block("table", headers=headers, rows=body)
 
 

@@ -23,6 +23,8 @@ from kvray.analysis.views import OOM_LABELS, OOM_STATUSES, Series, ok_rows, oom_
 from kvray.figures import style
 
 FIGURES_DIR = "figures"
+MAX_TICKS = 12  # x values ticked one by one up to this many (log2_axis)
+MAX_POINTS = 120  # a line drawn point by point up to this many x values; binned beyond (``binned``)
 OOM_MARKERS = {"oom": "X", "skipped_after_oom": "X", "refused": "v"}
 HOLLOW_OOM = ("skipped_after_oom",)  # drawn hollow: it did not run, it was judged by an OOM that did
 
@@ -105,16 +107,25 @@ def failed_figure(name: str, exc: Exception, out_dir: Path) -> FigureResult:
 
 
 def log2_axis(ax: Any, values: Any, label: str) -> None:
-    """A log2 x axis ticked at the swept values, when they span at least 4×; linear otherwise."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    """A log2 x axis ticked at the swept values, when they span at least 4×; linear otherwise. Past MAX_TICKS
+    distinct values (a sweep of 1,000 prompt lengths) the ticks are powers of two, or matplotlib's own on a
+    linear axis: a label per value would be unreadable, and laying out 1,000 labels per axis was most of
+    `kvray plot`'s time on a 10,000-cell folder (docs/benchmarks.md, issue #31)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
     vals = sorted({float(v) for v in values if v == v and v > 0})
     if vals and vals[-1] / vals[0] >= 4:
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(FixedLocator(vals))
+        ax.xaxis.set_major_locator(
+            FixedLocator(vals) if len(vals) <= MAX_TICKS else LogLocator(base=2, numticks=MAX_TICKS)
+        )
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.set_xlim(vals[0] / 1.3, vals[-1] * 1.3)
+    elif len(vals) > MAX_TICKS:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_TICKS, integer=True))
+        pad = max((vals[-1] - vals[0]) * 0.08, 0.5)
+        ax.set_xlim(vals[0] - pad, vals[-1] + pad)
     elif vals:
         ax.set_xticks(vals)
         pad = max((vals[-1] - vals[0]) * 0.08, 0.5)
@@ -155,6 +166,30 @@ def p50_line_p99_band(ax: Any, pts: Any, x: str, metric: str, series: Series, gi
     if len(band):
         ax.fill_between(band[x], band[p50] * 1e3, band[p99] * 1e3, color=colour, alpha=0.18, linewidth=0)
     return band
+
+
+def binned(pts: Any, x: str, max_points: int = MAX_POINTS) -> tuple[Any, int]:
+    """``pts`` as they are when they hold at most ``max_points`` distinct ``x`` values; beyond that, the median
+    of every column over ``max_points`` bins of consecutive x values (as many distinct values in each, so the
+    points follow the sweep's own spacing) — a 10,000-cell sweep of 1,000 prompt lengths is a line of 120
+    points, not 1,000 markers that overlap and cost seconds to lay out. Returns (the points, the most cells
+    one point stands for)."""
+    import numpy as np
+
+    if not len(pts) or pts[x].nunique() <= max_points:
+        return pts, 1
+    distinct = np.unique(pts[x].to_numpy(dtype=float))
+    rank = np.searchsorted(distinct, pts[x].to_numpy(dtype=float))
+    groups = pts.groupby(rank * max_points // len(distinct))
+    return groups.median(), int(groups.size().max())
+
+
+def binned_note(cells_per_point: int, x: str) -> list[str]:
+    """The caption line saying a figure's lines were binned (``binned``), or nothing when they were not."""
+    if cells_per_point <= 1:
+        return []
+    return [f"many {x.replace('_', ' ')} values: each point is the median of the cells in one of {MAX_POINTS} bins "
+            f"(up to {cells_per_point} cells a point); per-cell intervals not drawn"]  # fmt: skip
 
 
 def x_values(rows: Any, x: str) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kvray.analysis.views import ENERGY_TDP_ESTIMATE, OOM_STATUSES, View, ok_rows, tokens_per_joule
+from kvray.analysis.views import ENERGY_TDP_ESTIMATE, OOM_STATUSES, View, joined_keys, ok_rows, tokens_per_joule
 from kvray.figures import common, style
 from kvray.figures.common import FigureResult
 from kvray.measure.trace import MEASURED_STATUSES
@@ -65,7 +65,7 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
     cells = view.cells
     heading = ("fig6 · The same cells on each GPU type", view.context(cells))
     hardware = sorted({str(h) for h in cells["hardware_label"]}) if len(cells) else []
-    keyed = cells.assign(_shape=cells[list(SHAPE_KEYS)].astype(str).agg("|".join, axis=1)) if len(cells) else cells
+    keyed = cells.assign(_shape=joined_keys(cells, list(SHAPE_KEYS))) if len(cells) else cells
     shared, why = _shared_shapes(keyed, hardware)
     if not shared:  # one short panel with the message once, not three empty panels
         with common.new_figure("fig6_cross_hardware", out_dir, 1, 1, figsize=(7.0, 2.0), title=heading) as d:

@@ -54,6 +54,7 @@ def fig3_latency_vs_seqlen(view: View, out_dir: Path) -> FigureResult:
         fits: dict[str, list[tuple[str, str]]] = {metric: [] for metric, _ in FIG3_PANELS}
         plotted: dict[str, list[float]] = {metric: [] for metric, _ in FIG3_PANELS}
         slots = common.oom_slots(series)
+        per_point = 1  # the most cells one drawn point stands for (common.binned)
         for s in series:
             ok = ok_rows(s.rows)
             ringed = 0  # partial cells of this series, ringed on each panel that draws them
@@ -63,8 +64,11 @@ def fig3_latency_vs_seqlen(view: View, out_dir: Path) -> FigureResult:
                 pts = pts[pts[p50] > 0]
                 if not len(pts):
                     continue
-                band = common.p50_line_p99_band(ax, pts, "prompt_toks", metric, s, f"{metric}-{s.color_index}")
-                with_ci = _p50_interval(ax, ok, "prompt_toks", metric, s.color_index) or with_ci
+                drawn, cells = common.binned(pts, "prompt_toks")
+                per_point = max(per_point, cells)
+                band = common.p50_line_p99_band(ax, drawn, "prompt_toks", metric, s, f"{metric}-{s.color_index}")
+                if cells == 1:  # a binned point is a median of cells: their own intervals are not its interval
+                    with_ci = _p50_interval(ax, ok, "prompt_toks", metric, s.color_index) or with_ci
                 ringed = max(ringed, common.mark_partial(ax, s.rows, "prompt_toks", p50, scale=1e-3))
                 plotted[metric] += (pts[p50] * 1e3).tolist() + (band[p99] * 1e3).tolist()
                 if pts["prompt_toks"].nunique() >= 2 and metric != "tpot_s":
@@ -101,6 +105,7 @@ def fig3_latency_vs_seqlen(view: View, out_dir: Path) -> FigureResult:
         result.notes.append("line: p50 over all requests and repeats; band: p50–p99; dotted: log-log fit ∝ L^b")
         if with_ci:
             result.notes.append("error bars: the p50's 95 % bootstrap interval (over repeats, then requests)")
+        result.notes += common.binned_note(per_point, "prompt_toks")
         result.notes += common.caption_notes(rows)
     return result
 

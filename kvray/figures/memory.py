@@ -59,6 +59,7 @@ class _Drawn:
     statuses: set[str] = field(default_factory=set)  # OOM statuses marked
     capacities: dict[float, list[str]] = field(default_factory=dict)  # device bytes → hardware names
     sources: set[str] = field(default_factory=set)  # which column each quantity came from
+    cells_per_point: int = 1  # the most cells one drawn point stands for (common.binned)
 
 
 def _memory_figure(view: View, out_dir: Path, name: str, experiment: str, xlabel: str, headline: str) -> FigureResult:
@@ -106,6 +107,7 @@ def _memory_figure(view: View, out_dir: Path, name: str, experiment: str, xlabel
         ax.set_ylabel(f"memory ({unit}, log scale)")
         _legend(ax, drawn, series, simulated)
         _notes(result, drawn, simulated)
+        result.notes += common.binned_note(drawn.cells_per_point, x)
         result.notes += common.caption_notes(rows)
     return result
 
@@ -136,9 +138,10 @@ def _draw_series(
     lines.append(("kv_predicted", s.rows, "kv_predicted_bytes"))
     for role, part, col in lines:
         pts = part[[x, col]].dropna().astype(float)
-        pts = pts[pts[col] > 0]
+        pts, cells = common.binned(pts[pts[col] > 0], x)
         if not len(pts):
             continue
+        drawn.cells_per_point = max(drawn.cells_per_point, cells)
         kw = dict(style.ROLE_STYLES[role])
         if kw.get("marker"):  # the series' own marker, shrinking so identical series stay visible
             kw["marker"] = style.marker(s.color_index)

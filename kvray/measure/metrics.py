@@ -70,9 +70,95 @@ def bootstrap_percentile_ci(
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
 ) -> dict[float, tuple[float, float]]:
-    """Percentile-bootstrap interval of each percentile of the pooled ``groups`` (one group per repeat):
-    ``bootstrap_stats`` draws ``resamples`` pooled samples (seeded), the interval is the central ``level`` of
-    their percentiles. (NaN, NaN) for a percentile the pooled sample cannot hold (``min_samples``)."""
+    """Percentile-bootstrap interval of each percentile of the pooled ``groups`` (one group per repeat), at the
+    cost of sorting the values once: (NaN, NaN) for a percentile the pooled sample cannot hold (``min_samples``).
+
+    The bootstrap is the one ``resampled_percentile_ci`` draws — repeats with replacement, then values — but
+    a resample is never built: a percentile of a resample of W values needs only two of its order statistics
+    (numpy's linear interpolation: h = (W − 1)·p/100, the (⌊h⌋+1)-th and (⌊h⌋+2)-th smallest), and those are
+    drawn directly. The W values are W uniforms pushed through the inverse CDF of the drawn repeats' pooled
+    values, so with r = ⌊h⌋ the two are U ~ Beta(r + 1, W − r) and U' = U + (1 − U)·Beta(1, W − r − 1) (the
+    smallest of the W − r − 1 uniforms above U), pushed through that same inverse CDF (a binary search over
+    the sorted values, for every resample at once). Cost: one sort, then O(resamples · log n) per percentile
+    whatever n is — so every sample gets its full ``resamples`` (1,000), where resampling each value had to
+    draw fewer above BOOTSTRAP_MAX_N values.
+
+    One group: exactly the ordinary bootstrap's distribution of the percentile. Several: the second stage
+    draws the W = repeats × largest-repeat values from the equal-weight mixture of the drawn repeats instead of
+    exactly as many from each; the spread of any count below a threshold then grows by a factor under
+    (1 + 1/values-per-repeat), below the Monte-Carlo error of 1,000 resamples at a repeat's 20 values or more,
+    and by nothing when the repeats agree (tests/test_intervals.py checks both against the direct bootstrap)."""
+    clean = [a[~np.isnan(a)] for a in (np.asarray(g, dtype=float) for g in groups)]
+    arrays = [a for a in clean if a.size]
+    n = sum(a.size for a in arrays)
+    out: dict[float, tuple[float, float]] = {p: (math.nan, math.nan) for p in percentiles}
+    wanted = [p for p in percentiles if n >= max(min_samples(p), 2)]
+    if not wanted:
+        return out
+    rng = np.random.default_rng(seed)
+    sizes = np.asarray([a.size for a in arrays])
+    width = len(arrays) * int(sizes.max())  # the pooled resample's size, as resampled_percentile_ci draws it
+    h = (width - 1) * np.asarray(wanted, dtype=float) / 100
+    r = np.floor(h)
+    u = rng.beta(r + 1, width - r, size=(resamples, len(wanted)))
+    u_next = u + (1 - u) * rng.beta(1, width - r - 1, size=(resamples, len(wanted)))
+    if len(arrays) == 1:  # the inverse CDF of n sorted values: the ⌊u·n⌋-th
+        pooled = np.sort(arrays[0])
+        index = np.minimum((np.concatenate([u, u_next], axis=1) * n).astype(np.int64), n - 1)
+    else:  # stage one: each resample draws the repeats with replacement; a repeat weighs as often as drawn
+        picks = rng.integers(0, len(arrays), size=(resamples, len(arrays)))
+        drawn = (picks[:, :, None] == np.arange(len(arrays))).sum(axis=1)
+        pooled, index = _mixture_quantiles(arrays, drawn, np.concatenate([u, u_next], axis=1))
+    low_value = pooled[index[:, : len(wanted)]]
+    stats = low_value + (h - r) * (pooled[index[:, len(wanted) :]] - low_value)
+    tail = (1 - level) / 2 * 100
+    lows, highs = np.percentile(stats, [tail, 100 - tail], axis=0)
+    for p, lo, hi in zip(wanted, lows, highs, strict=True):
+        out[p] = (float(lo), float(hi))
+    return out
+
+
+def _mixture_quantiles(arrays: Sequence[np.ndarray], drawn: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, Any]:
+    """(the pooled values sorted, index): index[k, i] is the first pooled value at which the CDF of resample k's
+    mixture — repeat g weighing drawn[k, g] / repeats — exceeds u[k, i] (the discrete inverse CDF)."""
+    sizes = np.asarray([a.size for a in arrays])
+    values = np.concatenate(arrays)
+    order = np.argsort(values, kind="stable")
+    label = np.repeat(np.arange(len(arrays)), sizes)[order]
+    # cdf[g, j]: the fraction of repeat g's values among the j + 1 smallest pooled values
+    cdf = np.cumsum(label[None, :] == np.arange(len(arrays))[:, None], axis=1) / sizes[:, None]
+    weights = drawn / len(arrays)
+    first_rows: Any = range(65)
+    if len(arrays) <= 15:  # each draw of the repeats as one integer (base repeats + 1: fits int64)
+        keys = drawn @ (len(arrays) + 1) ** np.arange(len(arrays))
+        _, first_rows, which = np.unique(keys, return_index=True, return_inverse=True)
+    if len(first_rows) <= 64:  # few distinct draws of the repeats (10 for 3 repeats): one CDF each
+        index = np.empty(u.shape, dtype=np.int64)
+        for j, first in enumerate(first_rows):
+            rows = which == j
+            index[rows] = np.searchsorted(weights[first] @ cdf, u[rows], side="right")
+    else:  # many repeats: a binary search over the pooled values, for every resample at once
+        lo = np.zeros(u.shape, dtype=np.int64)
+        hi = np.full(u.shape, cdf.shape[1] - 1, dtype=np.int64)
+        while np.any(lo < hi):
+            mid = (lo + hi) // 2
+            below = (np.einsum("kg,gki->ki", weights, cdf[:, mid]) <= u) & (lo < hi)
+            lo, hi = np.where(below, mid + 1, lo), np.where(below, hi, mid)
+        index = lo
+    return values[order], np.minimum(index, values.size - 1)
+
+
+def resampled_percentile_ci(
+    groups: Sequence[Sequence[float] | np.ndarray],
+    percentiles: Sequence[float],
+    level: float = CI_LEVEL,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[float, tuple[float, float]]:
+    """The direct percentile bootstrap: ``bootstrap_stats`` builds ``resamples`` pooled samples (seeded), the
+    interval is the central ``level`` of their percentiles. What the dataset's intervals were before issue #31
+    (100 ms of CPU a 64 × 32 cell, 0.6 of it sorting resamples), kept as the definition ``bootstrap_percentile_ci``
+    is tested against (tests/test_intervals.py) and measured beside (benchmarks/cell_overhead.py)."""
     clean = [a[~np.isnan(a)] for a in (np.asarray(g, dtype=float) for g in groups)]
     n = sum(a.size for a in clean)
     out: dict[float, tuple[float, float]] = {p: (math.nan, math.nan) for p in percentiles}
@@ -186,6 +272,9 @@ def itl_gaps(token_times_s: Sequence[float]) -> list[float]:
     """Inter-token gaps, splitting multi-token chunks (equal timestamps) evenly."""
     if len(token_times_s) < 2:
         return []
+    gaps = [b - a for a, b in zip(token_times_s, token_times_s[1:], strict=False)]
+    if 0.0 not in gaps:  # every token stamped apart (no chunk of several): the gaps as they are
+        return gaps
     chunks: list[tuple[float, int]] = []
     for t in token_times_s:
         if chunks and t == chunks[-1][0]:
@@ -236,7 +325,8 @@ def request_metrics(trace: RunTrace) -> dict[str, float]:
 
 def describe(values: Iterable[float], prefix: str) -> dict[str, float]:
     """mean, std, min, max and p50/p90/p95/p99 of ``values`` as ``{prefix}_{stat}`` (NaN when empty)."""
-    arr = np.asarray([v for v in values if v == v], dtype=float)  # drop NaN
+    arr = np.asarray(values if hasattr(values, "__array__") else list(values), dtype=float)
+    arr = arr[~np.isnan(arr)]
     stats = ("mean", "std", "min", "max", *(f"p{p}" for p in PERCENTILES))
     if arr.size == 0:
         return {f"{prefix}_{s}": float("nan") for s in stats}
@@ -251,18 +341,14 @@ def describe(values: Iterable[float], prefix: str) -> dict[str, float]:
     return out
 
 
-def sample_count(values: Iterable[float]) -> int:
-    """How many values a distribution of ``describe`` pools (NaN values are dropped there too)."""
-    return sum(1 for v in values if v == v)
-
-
 def describe_counted(groups: Sequence[Sequence[float]], prefix: str) -> dict[str, float]:
     """``describe`` of the pooled ``groups`` (one per repeat) plus ``{prefix}_n``, the number of values its
     statistics were computed from, and each percentile's 95 % bootstrap interval ``{prefix}_p{p}_ci_low`` /
     ``_ci_high`` (over repeats, then values: ``bootstrap_stats``; NaN where ``n`` cannot hold it)."""
-    kept = [v for g in groups for v in g]
-    out = {f"{prefix}_n": sample_count(kept), **describe(kept, prefix)}
-    for p, (low, high) in bootstrap_percentile_ci(groups, PERCENTILES).items():
+    arrays = [a[~np.isnan(a)] for a in (np.asarray(g, dtype=float) for g in groups)]
+    kept = np.concatenate(arrays) if arrays else np.empty(0)
+    out = {f"{prefix}_n": int(kept.size), **describe(kept, prefix)}
+    for p, (low, high) in bootstrap_percentile_ci(arrays, PERCENTILES).items():
         out[f"{prefix}_p{p}_ci_low"], out[f"{prefix}_p{p}_ci_high"] = low, high
     return out
 

@@ -45,7 +45,8 @@ def predicted_kv_bytes(cell: Cell) -> int | None:
     try:
         g = resolve_geometry(cell.model)
         wl = cell.workload
-        positions = [cached_positions(r.prompt_toks, wl.gen_toks) for r in wl.requests]
+        gen_toks = wl.gen_toks  # the longest: a property over every request, so once, not once per request
+        positions = [cached_positions(r.prompt_toks, gen_toks) for r in wl.requests]
         return kv_bytes_batch(g, positions, cell.kv_dtype or cell.dtype, "hf")
     except Exception:
         return None
