@@ -10,7 +10,7 @@ import pytest
 from kvray.capacity.pareto import ParetoPoint, cost_frontier, frontier
 from kvray.capacity.planner import costs, plan_capacity
 from kvray.capacity.prices import PRICES, load_prices
-from kvray.capacity.traffic import read_trace, traffic_from_flags
+from kvray.capacity.traffic import traffic_from_flags, traffic_from_trace
 from kvray.cli import main
 from kvray.errors import KvrayInputError
 from kvray.model.resolve import resolve_geometry
@@ -133,6 +133,7 @@ def test_every_bundled_price_says_where_and_when():
         (["--rate", "1", "--slo", "ttft_ms=100", "--percentile", "101"], "--percentile"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--router", "random"], "--router"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--trace", "/nonexistent.jsonl"], "--trace"),
+        (["--rate", "1", "--slo", "ttft_ms=100", "--limit", "5"], "go with --trace"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--calibration", "/nonexistent.json"], "--calibration"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--measured", "/tmp"], "--output"),
     ],
@@ -174,8 +175,11 @@ def test_the_pareto_frontier_by_hand():
     assert cost_frontier(list(pts.values())) == [pts["a"], pts["c"]]
 
 
-def test_a_mooncake_trace_keeps_lengths_arrivals_and_shared_blocks(tmp_path):
-    """Equal leading hash_ids are shared 512-token blocks; the arrivals keep their gaps when scaled to a rate."""
+def test_a_mooncake_trace_keeps_lengths_arrivals_and_reuse_by_its_blocks(tmp_path):
+    """Equal leading hash_ids are equal 512-token blocks. By vLLM's rule at 16-token blocks: request 1 shares hash
+    ids 1, 2 with request 0 — its first 1024 tokens, 64 full blocks, all cached (1024 ≤ its 1200 − 1) — then its
+    block 9 differs from request 0's block 3: 1024 hit tokens; request 2 starts with another block: 0. Hit rate
+    1024 / (1100 + 1200 + 300) = 39.4 %. The arrivals keep their gaps when scaled to a rate."""
     trace = tmp_path / "t.jsonl"
     rows = [
         {"timestamp": 0, "input_length": 1100, "output_length": 10, "hash_ids": [1, 2, 3]},
@@ -183,20 +187,93 @@ def test_a_mooncake_trace_keeps_lengths_arrivals_and_shared_blocks(tmp_path):
         {"timestamp": 3000, "input_length": 300, "output_length": 5, "hash_ids": [7]},
     ]
     trace.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    reqs = read_trace(trace)
-    assert [(r.prompt_toks, r.gen_toks, r.arrival_s) for r in reqs] == [(1100, 10, 0), (1200, 20, 1), (300, 5, 3)]
-    assert reqs[1].prefix_group == reqs[0].prefix_group and reqs[1].shared_prefix_toks == 1024
-    assert reqs[2].prefix_group != reqs[0].prefix_group
-    from kvray.capacity.traffic import traffic_from_trace
-
     traffic = traffic_from_trace(trace)
+    reqs = traffic.trace
+    assert [(r.prompt_toks, r.gen_toks, r.arrival_s) for r in reqs] == [(1100, 10, 0), (1200, 20, 1), (300, 5, 3)]
+    assert [r.shared_prefix_toks for r in reqs] == [0, 1024, 0]
+    assert reqs[1].prefix_group == reqs[0].prefix_group != reqs[2].prefix_group  # grouped by the first block
+    assert traffic.has_prefixes and any("39.4%" in n for n in traffic.notes)
     assert traffic.trace_rate_rps == pytest.approx(2 / 3)  # 2 gaps over 3 s
-    probe = traffic.requests(rate_rps=4 / 3, n=3)  # twice the trace's rate: gaps halved
-    assert [r.arrival_s for r in probe] == pytest.approx([0, 0.5, 1.5])
-    with pytest.raises(KvrayInputError, match="not a Mooncake JSONL or Azure CSV"):
-        bad = tmp_path / "bad.csv"
-        bad.write_text("a,b\n1,2\n")
-        read_trace(bad)
+    probe = traffic.requests(rate_rps=4 / 3, n=5)  # twice the trace's rate: gaps halved
+    # the second lap starts one mean gap (0.75 s) after the first lap's last arrival, as new content
+    assert [r.arrival_s for r in probe] == pytest.approx([0, 0.5, 1.5, 2.25, 2.75])
+    assert probe[3].block_ids == (11, 12, 13) and probe[3].prefix_group not in {r.prefix_group for r in probe[:3]}
+    assert traffic_from_trace(trace, speedup=2).trace_rate_rps == pytest.approx(4 / 3)
+    assert len(traffic_from_trace(trace, limit=2).trace) == 2
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(KvrayInputError, match="not a trace kvray knows"):
+        traffic_from_trace(bad)
+
+
+def test_a_traces_reuse_behind_a_router_follows_its_blocks(tmp_path):
+    """4 prompts of 1024 tokens, hash ids [1, k]: their first 512 tokens (32 blocks of 16) are equal. One replica
+    (prefix affinity keys on that first block: all 4 on one) computes them once, 3 hit: 3 × 512 / 4096 = 0.375;
+    round-robin puts requests 0, 2 and 1, 3 on two replicas, each computes them once: 2 × 512 / 4096 = 0.25."""
+    from kvray.capacity.routing import predict_every_policy
+
+    trace = tmp_path / "t.jsonl"
+    rows = [{"timestamp": 100 * k, "input_length": 1024, "output_length": 2, "hash_ids": [1, k]} for k in range(2, 6)]
+    trace.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rates = predict_every_policy(traffic_from_trace(trace).requests(1.0, 4), replicas=2)
+    assert rates["prefix_affinity"] == pytest.approx(0.375) and rates["round_robin"] == pytest.approx(0.25)
+
+
+AZURE_2023 = """TIMESTAMP,ContextTokens,GeneratedTokens
+2023-11-16 18:15:46.0000000,200,10
+2023-11-16 18:15:46.5000000,300,20
+2023-11-16 18:15:47.0000000,400,30
+2023-11-16 18:15:47.5000000,500,40
+2023-11-16 18:15:48.0000000,600,50
+"""
+BURSTGPT = """Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type,Session ID,Elapsed time
+0,ChatGPT,100,20,120,Conversation log,s1,0.5
+1,ChatGPT,40,10,50,API log,,0.2
+2,ChatGPT,50,30,80,Conversation log,s1,0.5
+3,ChatGPT,60,0,60,API log,,0
+4,ChatGPT,80,16,96,API log,,0.3
+"""
+SMALL_PLAN = ["-m", "facebook/opt-125m", "--gpus", "H100-SXM", "--tp", "1", "--slo", "ttft_ms=1000,tpot_ms=100"]
+
+
+def test_an_azure_and_a_burstgpt_trace_plan(tmp_path, capsys):
+    """Azure 2023: 5 requests 0.5 s apart — 2 req/s, prompts 200…600 (mean 400), outputs 10…50 (mean 30), no
+    blocks: no reuse. BurstGPT: the 0-token response at 3 s is a failure, dropped; 4 requests over 4 s — 0.75 req/s,
+    × --speedup 2 = 1.5. Session s1's second turn sends the conversation so far: 50 + 100 + 20 = 170 tokens, of
+    which the first turn's prompt is cached in full blocks of 16 — 96 tokens (the answer it sends is not the one
+    the engine generated, so it does not hit); prompts 100, 40, 170, 80 (mean 97.5): 96 / 390 = 24.6 % hit."""
+    azure = tmp_path / "azure.csv"
+    azure.write_text(AZURE_2023)
+    d = run_json([*SMALL_PLAN, "--trace", str(azure)], capsys)
+    assert d["rate_rps"] == pytest.approx(2.0) and "azure trace" in d["traffic"]
+    assert (d["mean_prompt_toks"], d["mean_gen_toks"]) == (400, 30)
+    assert d["best"] is not None and not d["best"]["prefix_caching"]  # nothing shared: caching off by default
+
+    burst = tmp_path / "burst.csv"
+    burst.write_text(BURSTGPT)
+    d = run_json([*SMALL_PLAN, "--trace", str(burst), "--trace-format", "burstgpt", "--speedup", "2"], capsys)
+    assert d["rate_rps"] == pytest.approx(1.5) and "burstgpt trace" in d["traffic"]
+    assert (d["mean_prompt_toks"], d["mean_gen_toks"]) == (97.5, 19)
+    assert any("24.6%" in n for n in d["notes"]) and any("failed" in n for n in d["notes"])
+    assert d["best"] is not None and d["best"]["prefix_caching"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--trace-format", "parquet"], "unknown trace format"),
+        (["--speedup", "2", "--rate", "1"], "--speedup"),
+        (["--limit", "1"], "--limit"),
+        (["--speedup", "0"], "--speedup"),
+    ],
+)
+def test_bad_trace_flags_are_one_line_and_exit_2(tmp_path, extra, message, capsys):
+    azure = tmp_path / "azure.csv"
+    azure.write_text(AZURE_2023)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", *SMALL_PLAN, "--trace", str(azure), *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_prefix_caching_needs_prefixes_to_matter():

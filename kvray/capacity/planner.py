@@ -178,7 +178,7 @@ def plan_capacity(
         raise KvrayInputError(f"--percentile must be in (0, 100], got {percentile}")
     started = time.perf_counter()
     specs = {name: get_gpu(name) for name in gpus}
-    notes: list[str] = []
+    notes: list[str] = list(traffic.notes)
     candidates = [
         Candidate(spec.name, tp, kv, cache)
         for spec in specs.values()

@@ -7,26 +7,27 @@ stretched to the probe's mean rate. With ``--prefix-toks S --groups K`` each req
 groups drawn uniformly (seeded) and its prompt is S shared tokens followed by its drawn prompt length (the unique
 suffix).
 
-``--trace FILE``: a minimal reader of its own (``read_trace``) until the trace readers of issue #28 land —
-Mooncake JSONL (``timestamp`` ms, ``input_length``, ``output_length``, ``hash_ids`` of 512-token blocks) and
-CSV with Azure's columns (``TIMESTAMP``, ``ContextTokens``, ``GeneratedTokens``). Swap ``read_trace`` for
-#28's reader when it is on main; nothing else here changes.
+``--trace FILE`` (``traffic_from_trace``): any format kvray/traces/ reads (Mooncake, Azure 2023/2024, BurstGPT,
+kvray's traces.jsonl, conversations), cut as ``kvray trace`` and ``kvray bench --trace`` cut it (kvray/plan/
+replay.py: steady window, ``--limit``, ``--speedup``) and turned into requests as a replay sends them (block ids
+kept, a session's turn prepending the conversation so far) — but open loop: each turn at its recorded arrival,
+since a probe rescales arrivals to its rate. Prefix reuse comes from the trace's blocks and sessions by the engine
+rule (kvray/traces/footprint.py ``engine_hits``, the engine's block size): a request's hit tokens become its
+``shared_prefix_toks`` in the group of its first block (or its session) — the group the serving simulator shares
+blocks in and the router's prefix affinity keys on (a prompt's head) — and its block ids go with it, so
+kvray/capacity/routing.py predicts each replica's share by the same rule.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
 
-MOONCAKE_BLOCK_TOKS = 512  # Mooncake's hash_ids name blocks of 512 tokens (FAST'25 trace README)
 DEFAULT_SAMPLES = 256  # length pairs drawn once per plan
 
 
@@ -40,15 +41,8 @@ class PlanRequest:
     arrival_s: float
     prefix_group: int | None = None
     shared_prefix_toks: int = 0
-
-
-@dataclass(frozen=True)
-class TraceRequest:
-    arrival_s: float
-    prompt_toks: int
-    gen_toks: int
-    prefix_group: int | None = None
-    shared_prefix_toks: int = 0
+    block_ids: tuple[int, ...] = ()  # a trace's blocks (kvray/traces/): what the reuse rule keys on
+    block_toks: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,8 +52,9 @@ class Traffic:
     lengths: tuple[tuple[int, int], ...]  # (prompt, gen) per request, cycled; the prompt includes any prefix
     groups: int = 0  # shared-prefix groups (0: none)
     prefix_toks: int = 0
-    trace: tuple[TraceRequest, ...] = ()  # a trace's requests, by arrival
+    trace: tuple[PlanRequest, ...] = ()  # a trace's requests (one lap), by arrival, ids from 0
     source: str = ""
+    notes: tuple[str, ...] = ()  # what reading and cutting the trace did, and its predicted reuse
 
     @property
     def mean_prompt_toks(self) -> float:
@@ -71,7 +66,7 @@ class Traffic:
 
     @property
     def has_prefixes(self) -> bool:
-        return self.groups > 0 or any(r.prefix_group is not None for r in self.trace)
+        return self.groups > 0 or any(r.shared_prefix_toks > 0 for r in self.trace)
 
     @property
     def trace_rate_rps(self) -> float | None:
@@ -109,22 +104,21 @@ class Traffic:
     def _trace_requests(self, rate_rps: float, n: int) -> list[PlanRequest]:
         natural = self.trace_rate_rps or rate_rps
         scale = natural / rate_rps
-        t0 = self.trace[0].arrival_s
-        span = (self.trace[-1].arrival_s - t0) * scale + 1 / rate_rps
+        span = self.trace[-1].arrival_s * scale + 1 / rate_rps
         groups = 1 + max((r.prefix_group for r in self.trace if r.prefix_group is not None), default=-1)
+        blocks = 1 + max((b for r in self.trace for b in r.block_ids), default=-1)
         out = []
         for i in range(n):
-            lap, r = divmod(i, len(self.trace))
-            req = self.trace[r]
-            group = None if req.prefix_group is None else req.prefix_group + lap * groups  # a new lap: new content
+            lap, k = divmod(i, len(self.trace))
+            r = self.trace[k]
             out.append(
-                PlanRequest(
-                    i,
-                    req.prompt_toks,
-                    req.gen_toks,
-                    lap * span + (req.arrival_s - t0) * scale,
-                    group,
-                    req.shared_prefix_toks,
+                replace(
+                    r,
+                    id=i,
+                    arrival_s=lap * span + r.arrival_s * scale,
+                    # a new lap is new content: its groups and blocks hit nothing of the laps before
+                    prefix_group=None if r.prefix_group is None else r.prefix_group + lap * groups,
+                    block_ids=tuple(b + lap * blocks for b in r.block_ids),
                 )
             )
         return out
@@ -173,98 +167,59 @@ def _describe(params: Mapping[str, Any]) -> str:
     )
 
 
-def traffic_from_trace(path: str | Path, limit: int | None = None) -> Traffic:
-    """A trace file's requests as a Traffic (lengths and prefixes as recorded, arrivals kept for scaling)."""
-    reqs = read_trace(path, limit)
+def traffic_from_trace(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    limit: int | None = None,
+    speedup: float | None = None,
+    block_size: int | None = None,
+) -> Traffic:
+    """A trace file's requests as a Traffic (module docstring): ``fmt`` None detects the format; ``limit`` keeps the
+    first N requests, ``speedup`` divides the arrivals (its mean rate is the rate planned for without --rate);
+    ``block_size``: the engine's, which the reuse rule counts hits in. One line on anything bad."""
+    from kvray.model.kvmath import DEFAULT_BLOCK_SIZE
+    from kvray.plan.replay import check_trace_key, cut_trace, replay_requests
+    from kvray.traces.footprint import engine_hits
+    from kvray.traces.formats import FORMATS
+
+    if not Path(path).is_file():
+        raise KvrayInputError(f"--trace {path}: no such file")
+    if fmt is not None and fmt not in FORMATS:
+        raise KvrayInputError(f"--trace-format: unknown trace format {fmt!r} (known: {', '.join(FORMATS)})")
+    if limit is not None and limit < 2:
+        raise KvrayInputError(f"--limit must keep at least 2 requests of the trace (a rate needs 2), got {limit}")
+    if speedup is not None and not (math.isfinite(speedup) and speedup > 0):
+        raise KvrayInputError(f"--speedup must be a positive number, got {speedup}")
+    block = block_size or DEFAULT_BLOCK_SIZE
+    raw = {"path": str(path), "format": fmt, "limit": limit, "speedup": speedup}
+    cut = cut_trace(check_trace_key({k: v for k, v in raw.items() if v is not None}, "--trace"))
+    specs, _ = replay_requests(cut)  # its notes say how a replay chains sessions; a probe sends them open loop
+    hits = engine_hits(specs, block)
+    keys: dict[tuple[str, int], int] = {}  # a first block or a session → its prefix group
+    reqs = []
+    for s in specs:
+        key = ("b", s.block_ids[0]) if s.block_ids else None if s.prefix_group is None else ("s", s.prefix_group)
+        group = None if key is None else keys.setdefault(key, len(keys))
+        reqs.append(
+            PlanRequest(s.id, s.prompt_toks, s.gen_toks, s.arrival_s, group, hits[s.id], s.block_ids, s.block_toks)
+        )
+    prompt = sum(r.prompt_toks for r in reqs)
+    hit_rate = sum(hits.values()) / prompt if prompt else 0.0
+    sessions = len({r.prefix_group for r in specs if r.prefix_group is not None})
+    notes = [*cut.notes]
+    if sessions:
+        notes.append(
+            f"{sessions} sessions: each turn at its recorded arrival (open loop), after the conversation so far"
+        )
+    notes.append(
+        f"prefix reuse from the trace's blocks and sessions: {hit_rate:.1%} of prompt tokens hit an unbounded cache "
+        f"of {block}-token blocks (vLLM's rule, kvray/traces/footprint.py engine_hits)"
+    )
+    speed = f", arrivals ÷ {speedup:g}" if speedup and speedup != 1 else ""
     return Traffic(
         tuple((r.prompt_toks, r.gen_toks) for r in reqs),
         trace=tuple(reqs),
-        source=f"trace {Path(path).name} ({len(reqs)} requests)",
+        source=f"{cut.format} trace {Path(path).name} ({len(reqs)} requests{speed})",
+        notes=tuple(notes),
     )
-
-
-def read_trace(path: str | Path, limit: int | None = None) -> list[TraceRequest]:
-    """Mooncake JSONL or Azure-column CSV, by content; one line naming the file on anything else."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise KvrayInputError(f"--trace {p}: cannot read it ({exc.strerror or exc})") from None
-    head = text.lstrip()[:1]
-    reqs = _mooncake(text, p) if head == "{" else _azure_csv(text, p)
-    if limit is not None:
-        reqs = reqs[:limit]
-    if len(reqs) < 2:
-        raise KvrayInputError(f"--trace {p}: needs at least 2 requests, found {len(reqs)}")
-    return reqs
-
-
-def _mooncake(text: str, p: Path) -> list[TraceRequest]:
-    rows: list[dict[str, Any]] = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows.append(
-                {
-                    "t": float(row["timestamp"]) / 1000,
-                    "p": int(row["input_length"]),
-                    "g": int(row["output_length"]),
-                    "h": [int(h) for h in row.get("hash_ids", [])],
-                }
-            )
-        except (ValueError, KeyError, TypeError):
-            raise KvrayInputError(
-                f"--trace {p}: line {n} is not a Mooncake record (timestamp, input_length, output_length)"
-            ) from None
-    rows.sort(key=lambda r: r["t"])
-    # a request shares the leading blocks it has in common with the first request that began with its first block
-    firsts: dict[int, tuple[int, list[int]]] = {}
-    out = []
-    for r in rows:
-        group, shared = None, 0
-        if r["h"]:
-            gid, hashes = firsts.setdefault(r["h"][0], (len(firsts), r["h"]))
-            common = next(
-                (k for k, (a, b) in enumerate(zip(hashes, r["h"], strict=False)) if a != b),
-                min(len(hashes), len(r["h"])),
-            )
-            group, shared = gid, min(common * MOONCAKE_BLOCK_TOKS, r["p"])
-        out.append(TraceRequest(r["t"], max(r["p"], 1), max(r["g"], 1), group, shared))
-    return out
-
-
-def _azure_csv(text: str, p: Path) -> list[TraceRequest]:
-    reader = csv.DictReader(text.splitlines())
-    names = set(reader.fieldnames or [])
-    if not {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} <= names:
-        raise KvrayInputError(
-            f"--trace {p}: not a Mooncake JSONL or Azure CSV trace (needs TIMESTAMP, ContextTokens, GeneratedTokens "
-            f"columns; found {', '.join(sorted(names)) or 'none'})"
-        )
-    out = []
-    for n, row in enumerate(reader, 2):
-        try:
-            out.append(
-                TraceRequest(
-                    _seconds(row["TIMESTAMP"]), max(int(row["ContextTokens"]), 1), max(int(row["GeneratedTokens"]), 1)
-                )
-            )
-        except ValueError:
-            raise KvrayInputError(f"--trace {p}: line {n} has a bad TIMESTAMP or token count") from None
-    out.sort(key=lambda r: r.arrival_s)
-    return out
-
-
-def _seconds(stamp: str) -> float:
-    """Azure's TIMESTAMP ("2023-11-16 18:15:46.6805900") or a number of seconds."""
-    try:
-        return float(stamp)
-    except ValueError:
-        pass
-    text = stamp.strip()
-    if "." in text:  # Python parses at most 6 fraction digits
-        head, frac = text.split(".", 1)
-        text = f"{head}.{frac[:6]}"
-    return datetime.fromisoformat(text).timestamp()

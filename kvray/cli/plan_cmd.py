@@ -23,7 +23,16 @@ def plan(
     model: ModelOpt = "meta-llama/Meta-Llama-3-8B",
     rate: Annotated[float | None, typer.Option("--rate", help="requests/s the deployment must serve")] = None,
     trace: Annotated[
-        str | None, typer.Option("--trace", help="Mooncake JSONL or Azure CSV trace: lengths, prefixes, arrivals")
+        str | None,
+        typer.Option("--trace", help="a trace (Mooncake, Azure, BurstGPT, kvray, conversations): lengths, reuse, rate"),
+    ] = None,
+    trace_format: Annotated[
+        str | None,
+        typer.Option("--trace-format", help="mooncake | azure | burstgpt | kvray | conversations (default: detected)"),
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="the trace's first N requests")] = None,
+    speedup: Annotated[
+        float | None, typer.Option("--speedup", help="divide the trace's arrivals by S: plan for its mean rate × S")
     ] = None,
     prompt_dist: Annotated[
         str | None, typer.Option("--prompt-dist", help="e.g. lognormal:median=256,sigma=0.8,max=2048 or sharegpt")
@@ -91,6 +100,10 @@ def plan(
         raise KvrayInputError(f"--percentile must be in (0, 100], got {percentile}")
     if trace and (prompt_dist or gen_dist or groups or prefix_toks):
         raise KvrayInputError("--trace brings its own lengths and prefixes: drop --prompt-dist/--gen-dist/--groups")
+    if not trace and (trace_format or limit is not None or speedup is not None):
+        raise KvrayInputError("--trace-format, --limit and --speedup go with --trace FILE")
+    if speedup is not None and rate is not None:
+        raise KvrayInputError("--speedup sets the rate planned for (the trace's mean rate × S): give it or --rate")
     gpu_names = split_values(gpus) or list(DEFAULT_GPUS)
     gpu_names = list(GPUS) if any(n.lower() == "all" for n in gpu_names) else [get_gpu(n).name for n in gpu_names]
     degrees = sorted(set(tp or DEFAULT_TPS))
@@ -105,7 +118,7 @@ def plan(
     measured_records = _read_measured(measured) if measured is not None else []
     output_dir = _check_output(output)
     if trace:
-        traffic = traffic_from_trace(trace)
+        traffic = traffic_from_trace(trace, trace_format, limit=limit, speedup=speedup)
     else:
         prompt = parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else prompt_toks
         gen = parse_dist(gen_dist, "--gen-dist") if gen_dist else gen_toks
