@@ -25,8 +25,7 @@ from kvray.experiments.options import (
     HostOpt,
     PromptToksOpt,
     VllmPythonOpt,
-    require_server_flags,
-    server_options,
+    server_common,
 )
 from kvray.experiments.sections import every_cell_blocks, figure_blocks
 
@@ -129,9 +128,8 @@ def build(
     throughput, goodput, the knee (fig11, fig12). With only sim and no --hardware: H100-SXM, A100-80GB-SXM and L4."""
     from kvray.plan.loads import parse_dist, parse_slo
 
-    server_flags = server_options(vllm_python, base_url, api_key_env, host)
-    common = flags.common(backends, default_backends=("sim",), extra_options=server_flags)
-    require_server_flags(common)
+    servers = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
+    common = server_common(flags, backends, default_backends=("sim",), **servers)
     values = [v.strip() for item in rates or ["auto"] for v in item.split(",") if v.strip()]
     rate_list: list[float] | str = "auto"
     if values != ["auto"]:

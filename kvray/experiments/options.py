@@ -10,6 +10,9 @@ import typer
 from kvray.errors import KvrayInputError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from kvray.experiments.base import Flags
     from kvray.plan.experiments import Common
 
 PromptToksOpt = Annotated[int, typer.Option("--prompt-toks", help="prompt tokens per request")]
@@ -44,3 +47,21 @@ def require_server_flags(common: Common) -> None:
     for name, option, flag in (("openai", "base_url", "--base-url"), ("ollama", "host", "--host")):
         if name in common.backends and option not in common.options:
             raise KvrayInputError(f"--backends {name} needs {flag}")
+
+
+def server_common(
+    flags: Flags,
+    backends: list[str] | None,
+    *,
+    default_backends: Sequence[str],
+    vllm_python: str | None,
+    base_url: str | None,
+    api_key_env: str | None,
+    host: str | None,
+) -> Common:
+    """The experiment's ``Common`` with the server flags as backend options, a missing server flag named
+    (exp4, exp5: any of their backends may be a server)."""
+    server_flags = server_options(vllm_python, base_url, api_key_env, host)
+    common = flags.common(backends, default_backends=default_backends, extra_options=server_flags)
+    require_server_flags(common)
+    return common
