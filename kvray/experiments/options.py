@@ -21,6 +21,19 @@ BackendsOpt = Annotated[
     list[str] | None, typer.Option("--backend", help="backend(s), space-separated: hf | sim | synthetic … (default hf)")
 ]
 
+# The load and trace flags of kvray bench, kvray plan, exp5 and exp8.
+PromptDistOpt = Annotated[
+    str | None,
+    typer.Option("--prompt-dist", help="prompt lengths drawn: lognormal:median=256,sigma=0.8,max=2048 | sharegpt …"),
+]
+GenDistOpt = Annotated[str | None, typer.Option("--gen-dist", help="output lengths drawn, same form")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="seed of the arrivals and drawn lengths")]
+TraceFormatOpt = Annotated[
+    str | None,
+    typer.Option("--trace-format", help="mooncake | azure | burstgpt | kvray | conversations (default: detected)"),
+]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="the trace's first N requests")]
+
 # The server backends' flags (kvray bench, exp4, exp5, exp6); each becomes a backend option of the same name.
 VllmPythonOpt = Annotated[
     str | None, typer.Option("--vllm-python", help="Python of a vLLM install (default: $KVRAY_VLLM_PYTHON, this one)")
