@@ -34,6 +34,7 @@ from kvray.experiments.options import LimitOpt as LimitOpt
 from kvray.experiments.options import PromptDistOpt as PromptDistOpt
 from kvray.experiments.options import PromptToksOpt as PromptToksOpt
 from kvray.experiments.options import SeedOpt as SeedOpt
+from kvray.experiments.options import SpeedupOpt as SpeedupOpt
 from kvray.experiments.options import TraceFormatOpt as TraceFormatOpt
 from kvray.experiments.options import VllmPythonOpt as VllmPythonOpt
 from kvray.experiments.options import server_options as server_options

@@ -33,6 +33,9 @@ TraceFormatOpt = Annotated[
     typer.Option("--trace-format", help="mooncake | azure | burstgpt | kvray | conversations (default: detected)"),
 ]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="the trace's first N requests")]
+SpeedupOpt = Annotated[
+    float | None, typer.Option("--speedup", help="divide the trace's arrival times by S (S times faster)")
+]
 
 # The server backends' flags (kvray bench, exp4, exp5, exp6); each becomes a backend option of the same name.
 VllmPythonOpt = Annotated[
