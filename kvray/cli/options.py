@@ -27,9 +27,15 @@ from kvray.errors import KvrayInputError
 from kvray.experiments.options import ApiKeyEnvOpt as ApiKeyEnvOpt
 from kvray.experiments.options import BackendsOpt as BackendsOpt
 from kvray.experiments.options import BaseUrlOpt as BaseUrlOpt
+from kvray.experiments.options import GenDistOpt as GenDistOpt
 from kvray.experiments.options import GenOpt as GenOpt
 from kvray.experiments.options import HostOpt as HostOpt
+from kvray.experiments.options import LimitOpt as LimitOpt
+from kvray.experiments.options import PromptDistOpt as PromptDistOpt
 from kvray.experiments.options import PromptToksOpt as PromptToksOpt
+from kvray.experiments.options import SeedOpt as SeedOpt
+from kvray.experiments.options import SpeedupOpt as SpeedupOpt
+from kvray.experiments.options import TraceFormatOpt as TraceFormatOpt
 from kvray.experiments.options import VllmPythonOpt as VllmPythonOpt
 from kvray.experiments.options import server_options as server_options
 

@@ -10,7 +10,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from kvray.cli import render
-from kvray.cli.options import DtypeOpt, GenOpt, JsonOpt, ModelOpt, PromptToksOpt, split_values
+from kvray.cli.options import (
+    DtypeOpt,
+    GenDistOpt,
+    GenOpt,
+    JsonOpt,
+    LimitOpt,
+    ModelOpt,
+    PromptDistOpt,
+    PromptToksOpt,
+    SeedOpt,
+    TraceFormatOpt,
+    split_values,
+)
 from kvray.errors import KvrayInputError
 
 if TYPE_CHECKING:
@@ -26,18 +38,13 @@ def plan(
         str | None,
         typer.Option("--trace", help="a trace (Mooncake, Azure, BurstGPT, kvray, conversations): lengths, reuse, rate"),
     ] = None,
-    trace_format: Annotated[
-        str | None,
-        typer.Option("--trace-format", help="mooncake | azure | burstgpt | kvray | conversations (default: detected)"),
-    ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="the trace's first N requests")] = None,
+    trace_format: TraceFormatOpt = None,
+    limit: LimitOpt = None,
     speedup: Annotated[
         float | None, typer.Option("--speedup", help="divide the trace's arrivals by S: plan for its mean rate × S")
     ] = None,
-    prompt_dist: Annotated[
-        str | None, typer.Option("--prompt-dist", help="e.g. lognormal:median=256,sigma=0.8,max=2048 or sharegpt")
-    ] = None,
-    gen_dist: Annotated[str | None, typer.Option("--gen-dist", help="output lengths, same form")] = None,
+    prompt_dist: PromptDistOpt = None,
+    gen_dist: GenDistOpt = None,
     prompt_toks: PromptToksOpt = 512,
     gen_toks: GenOpt = 128,
     prefix_toks: Annotated[
@@ -68,7 +75,7 @@ def plan(
     exhaustive: Annotated[
         bool, typer.Option("--exhaustive", help="search every candidate, even those whose ceiling costs more")
     ] = False,
-    seed: Annotated[int, typer.Option("--seed", help="seed of the drawn lengths and arrivals")] = 0,
+    seed: SeedOpt = 0,
     measured: Annotated[
         str | None,
         typer.Option("--measured", help="a results folder whose measured cells join the Pareto figure (--output)"),

@@ -133,7 +133,7 @@ def launch(
     timeout_s: Annotated[
         float, typer.Option("--timeout-s", help="give up (and stop the job) after this long")
     ] = 3600.0,
-    no_plots: Annotated[bool, typer.Option("--no-plots", help="skip figures and report at the end")] = False,
+    no_plots: NoPlotsOpt = False,
     no_provision: Annotated[
         bool,
         typer.Option("--no-provision", help="don't add kvray's missing dependencies to the job; say what to install"),

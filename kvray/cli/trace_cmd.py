@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kvray.cli.options import JsonOpt
+from kvray.cli.options import JsonOpt, LimitOpt, SpeedupOpt
 from kvray.errors import KvrayInputError
 
 
@@ -30,8 +30,8 @@ def trace(
     pool_blocks: Annotated[
         str | None, typer.Option("--pool-blocks", help="LRU pool sizes in blocks, e.g. 16,64,256")
     ] = None,
-    speedup: Annotated[float | None, typer.Option("--speedup", help="divide the arrival times by S")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="the first N requests")] = None,
+    speedup: SpeedupOpt = None,
+    limit: LimitOpt = None,
     start_s: Annotated[float | None, typer.Option("--start-s", help="window start (trace seconds)")] = None,
     duration_s: Annotated[float | None, typer.Option("--duration-s", help="window length (seconds)")] = None,
     no_steady: Annotated[bool, typer.Option("--no-steady", help="keep a ramp (no automatic steady window)")] = False,

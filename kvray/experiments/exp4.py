@@ -18,8 +18,7 @@ from kvray.experiments.options import (
     HostOpt,
     PromptToksOpt,
     VllmPythonOpt,
-    require_server_flags,
-    server_options,
+    server_common,
 )
 
 if TYPE_CHECKING:
@@ -64,9 +63,8 @@ def build(
     host: HostOpt = None,
 ) -> tuple[Job, list[str]]:
     """Exp4, static vs paged KV: the same workload on hf, hf-paged and vLLM (or servers) — fig8, fig9."""
-    server_flags = server_options(vllm_python, base_url, api_key_env, host)
-    common = flags.common(backends, default_backends=("hf", "hf-paged", "vllm"), extra_options=server_flags)
-    require_server_flags(common)
+    servers = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
+    common = server_common(flags, backends, default_backends=("hf", "hf-paged", "vllm"), **servers)
     return exp4_job(common, prompt_toks, gen_toks, concurrency), []
 
 

@@ -21,12 +21,14 @@ from kvray.experiments.base import Experiment, Flags, Page
 from kvray.experiments.options import (
     ApiKeyEnvOpt,
     BaseUrlOpt,
+    GenDistOpt,
     GenOpt,
     HostOpt,
+    PromptDistOpt,
     PromptToksOpt,
+    SeedOpt,
     VllmPythonOpt,
-    require_server_flags,
-    server_options,
+    server_common,
 )
 from kvray.experiments.sections import every_cell_blocks, figure_blocks
 
@@ -114,12 +116,12 @@ def build(
     rates: Annotated[list[str] | None, typer.Option("--rates", "--rate", help="open-loop requests/s: auto (default: a saturation search) or 1 2 4 …")] = None,
     requests: Annotated[int, typer.Option("--requests", help="requests per open-loop rate (a search probe sends at least this many)")] = 100,
     burstiness: Annotated[float, typer.Option("--burstiness", help="gamma loads: 1 = poisson, > 1 burstier")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="seed of the arrivals and drawn lengths")] = 0,
+    seed: SeedOpt = 0,
     slo: Annotated[str, typer.Option("--slo", help="SLO thresholds in ms: ttft_ms, tpot_ms, itl_ms, e2e_ms")] = "ttft_ms=500,tpot_ms=50",
     prompt_toks: PromptToksOpt = 512,
     gen_toks: GenOpt = 64,
-    prompt_dist: Annotated[str | None, typer.Option("--prompt-dist", help="prompt lengths drawn: lognormal:median=256,sigma=0.8,max=2048 | sharegpt …")] = None,
-    gen_dist: Annotated[str | None, typer.Option("--gen-dist", help="output lengths drawn, same form")] = None,
+    prompt_dist: PromptDistOpt = None,
+    gen_dist: GenDistOpt = None,
     vllm_python: VllmPythonOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
@@ -129,9 +131,8 @@ def build(
     throughput, goodput, the knee (fig11, fig12). With only sim and no --hardware: H100-SXM, A100-80GB-SXM and L4."""
     from kvray.plan.loads import parse_dist, parse_slo
 
-    server_flags = server_options(vllm_python, base_url, api_key_env, host)
-    common = flags.common(backends, default_backends=("sim",), extra_options=server_flags)
-    require_server_flags(common)
+    servers = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
+    common = server_common(flags, backends, default_backends=("sim",), **servers)
     values = [v.strip() for item in rates or ["auto"] for v in item.split(",") if v.strip()]
     rate_list: list[float] | str = "auto"
     if values != ["auto"]:

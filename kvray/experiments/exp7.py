@@ -9,13 +9,11 @@ Degrees the model's heads do not allow (vLLM refuses them) are dropped with a no
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags
 from kvray.experiments.options import GenOpt, PromptToksOpt
 
@@ -33,34 +31,10 @@ def exp7_job(common: Common, prompt_toks: int = 1024, gen_toks: int = 128,
     """(the Job, notes): ``common.tensor_parallel`` degrees (TP 1/2/4/8 when left at [1]) × ``concurrency``
     (1 8 32) on each GPU type; the sim backend alone defaults to H100-SXM and A100-80GB-SXM, paged layout
     (vLLM's continuous batching)."""
-    from kvray.model.parallel import check_tensor_parallel
-    from kvray.model.resolve import resolve_geometry
-    from kvray.plan.experiments import job_from_grid_blocks
+    from kvray.plan.experiments import tp_sweep_job
 
-    concurrency = sorted(set(concurrency or [1, 8, 32]))
-    for flag, values in (("--concurrency", concurrency), ("--prompt-toks", [prompt_toks]), ("--gen-toks", [gen_toks])):
-        if any(v <= 0 for v in values):
-            raise KvrayInputError(f"{flag} values must be positive, got {' '.join(map(str, values))}")
-    degrees = list(common.tensor_parallel) if list(common.tensor_parallel) != [1] else list(EXP7_TP)
-    g = resolve_geometry(common.model)
-    notes, allowed = [], []
-    for n in degrees:
-        try:
-            check_tensor_parallel(g, n)
-            allowed.append(n)
-        except KvrayInputError as exc:
-            notes.append(f"TP {n} dropped: {exc}")
-    if not allowed:
-        raise KvrayInputError(f"no tensor parallel degree of {degrees} suits {common.model}")
-    options = dict(common.options)
-    hardware = common.hardware
-    if set(common.backends) == {"sim"}:
-        options.setdefault("layout", "paged")
-        if hardware == "any":
-            hardware = list(EXP7_GPUS)
-    common = dataclasses.replace(common, hardware=hardware, options=options, tensor_parallel=allowed)
-    grid = {"prompt_toks": [prompt_toks], "gen_toks": [gen_toks], "concurrency": concurrency}
-    return job_from_grid_blocks("exp7", common, grid), notes
+    concurrency = concurrency or [1, 8, 32]
+    return tp_sweep_job("exp7", common, prompt_toks, gen_toks, concurrency, default_tp=EXP7_TP, sim_gpus=EXP7_GPUS)
 
 
 def build(

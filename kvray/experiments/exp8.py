@@ -19,6 +19,7 @@ import typer
 
 from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
+from kvray.experiments.options import LimitOpt, TraceFormatOpt
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -88,13 +89,11 @@ def build(
     trace: Annotated[
         str | None, typer.Option("--trace", help="trace file (default: the shipped Mooncake excerpt)")
     ] = None,
-    trace_format: Annotated[
-        str | None, typer.Option("--trace-format", help="mooncake | azure | burstgpt | kvray | conversations")
-    ] = None,
+    trace_format: TraceFormatOpt = None,
     speedup: Annotated[
         list[float] | None, typer.Option("--speedup", help="replay speedups: 0.25 0.5 1 (default; < 1 slows)")
     ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="the trace's first N requests")] = None,
+    limit: LimitOpt = None,
     block_toks: Annotated[int | None, typer.Option("--block-toks", help="tokens one trace block becomes")] = None,
     slo_ttft_ms: Annotated[float, typer.Option("--slo-ttft-ms", help="the TTFT SLO (ms)")] = 2000.0,
     sessions: Annotated[

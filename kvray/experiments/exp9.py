@@ -13,7 +13,6 @@ figures of exp9 folders.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -41,33 +40,10 @@ def exp9_job(
 ) -> tuple[Job, list[str]]:
     """(the Job, notes): ``concurrency`` (1 8 32 128) × the TP degrees the model allows (1 2 4 8 by default) on
     each GPU type; the sim backend alone defaults to H100-SXM, A100-80GB-SXM and L4, paged layout."""
-    from kvray.errors import KvrayInputError
-    from kvray.model.parallel import check_tensor_parallel
-    from kvray.model.resolve import resolve_geometry
-    from kvray.plan.experiments import job_from_grid_blocks
+    from kvray.plan.experiments import tp_sweep_job
 
-    concurrency = sorted(set(concurrency or [1, 8, 32, 128]))
-    if any(v <= 0 for v in [*concurrency, prompt_toks, gen_toks]):
-        raise KvrayInputError("--concurrency, --prompt-toks and --gen-toks must be positive")
-    degrees = list(common.tensor_parallel) if list(common.tensor_parallel) != [1] else list(EXP9_TP)
-    g = resolve_geometry(common.model)
-    notes, allowed = [], []
-    for n in degrees:
-        try:
-            check_tensor_parallel(g, n)
-            allowed.append(n)
-        except KvrayInputError as exc:
-            notes.append(f"TP {n} dropped: {exc}")
-    if not allowed:
-        raise KvrayInputError(f"no tensor parallel degree of {degrees} suits {common.model}")
-    options, hardware = dict(common.options), common.hardware
-    if set(common.backends) == {"sim"}:
-        options.setdefault("layout", "paged")
-        if hardware == "any":
-            hardware = list(EXP9_GPUS)
-    common = dataclasses.replace(common, hardware=hardware, options=options, tensor_parallel=allowed)
-    grid = {"prompt_toks": [prompt_toks], "gen_toks": [gen_toks], "concurrency": concurrency}
-    return job_from_grid_blocks("exp9", common, grid), notes
+    concurrency = concurrency or [1, 8, 32, 128]
+    return tp_sweep_job("exp9", common, prompt_toks, gen_toks, concurrency, default_tp=EXP9_TP, sim_gpus=EXP9_GPUS)
 
 
 def build(

@@ -10,12 +10,31 @@ import typer
 from kvray.errors import KvrayInputError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from kvray.experiments.base import Flags
     from kvray.plan.experiments import Common
 
 PromptToksOpt = Annotated[int, typer.Option("--prompt-toks", help="prompt tokens per request")]
 GenOpt = Annotated[int, typer.Option("--gen-toks", help="generated tokens per request")]
 BackendsOpt = Annotated[
     list[str] | None, typer.Option("--backend", help="backend(s), space-separated: hf | sim | synthetic … (default hf)")
+]
+
+# The load and trace flags of kvray bench, kvray plan, exp5 and exp8.
+PromptDistOpt = Annotated[
+    str | None,
+    typer.Option("--prompt-dist", help="prompt lengths drawn: lognormal:median=256,sigma=0.8,max=2048 | sharegpt …"),
+]
+GenDistOpt = Annotated[str | None, typer.Option("--gen-dist", help="output lengths drawn, same form")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="seed of the arrivals and drawn lengths")]
+TraceFormatOpt = Annotated[
+    str | None,
+    typer.Option("--trace-format", help="mooncake | azure | burstgpt | kvray | conversations (default: detected)"),
+]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="the trace's first N requests")]
+SpeedupOpt = Annotated[
+    float | None, typer.Option("--speedup", help="divide the trace's arrival times by S (S times faster)")
 ]
 
 # The server backends' flags (kvray bench, exp4, exp5, exp6); each becomes a backend option of the same name.
@@ -44,3 +63,21 @@ def require_server_flags(common: Common) -> None:
     for name, option, flag in (("openai", "base_url", "--base-url"), ("ollama", "host", "--host")):
         if name in common.backends and option not in common.options:
             raise KvrayInputError(f"--backends {name} needs {flag}")
+
+
+def server_common(
+    flags: Flags,
+    backends: list[str] | None,
+    *,
+    default_backends: Sequence[str],
+    vllm_python: str | None,
+    base_url: str | None,
+    api_key_env: str | None,
+    host: str | None,
+) -> Common:
+    """The experiment's ``Common`` with the server flags as backend options, a missing server flag named
+    (exp4, exp5: any of their backends may be a server)."""
+    server_flags = server_options(vllm_python, base_url, api_key_env, host)
+    common = flags.common(backends, default_backends=default_backends, extra_options=server_flags)
+    require_server_flags(common)
+    return common

@@ -59,14 +59,7 @@ def fig_pareto(points: Sequence[ParetoPoint], out_dir: Path, name: str, context:
                         )
                     d.result.series.append(label)
         front = frontier(points)
-        ax.step(
-            [p.tokens_per_s_per_user for p in front],
-            [p.tokens_per_s_per_gpu for p in front],
-            where="post",
-            color="black",
-            linewidth=1.2,
-            label="Pareto frontier",
-        )
+        _frontier_line(ax, front, "tokens_per_s_per_gpu", where="post", label="Pareto frontier")
         d.result.notes.append(
             "frontier: "
             + ", ".join(
@@ -76,13 +69,7 @@ def fig_pareto(points: Sequence[ParetoPoint], out_dir: Path, name: str, context:
         )
         cheap = cost_frontier(points)
         if cheap:
-            ax_cost.step(
-                [p.tokens_per_s_per_user for p in cheap],
-                [p.usd_per_mtok_output for p in cheap],
-                where="pre",
-                color="black",
-                linewidth=1.2,
-            )
+            _frontier_line(ax_cost, cheap, "usd_per_mtok_output", where="pre")
             ax_cost.set_yscale("log")
         else:
             style.placeholder(ax_cost, "no GPU here has a price:\ngive them with --prices")
@@ -137,3 +124,9 @@ def pareto_figures(dataset: Dataset, out_dir: Path, prices: Mapping[str, Any] | 
             except Exception as exc:  # one bad figure must not cost the others
                 results.append(failed_figure(f"pareto_{slug}", exc, out_dir))
     return results
+
+
+def _frontier_line(ax: Any, front: Sequence[ParetoPoint], y: str, *, where: str, label: str | None = None) -> None:
+    """A frontier as a black step line: tokens/s per user across, the points' attribute ``y`` up."""
+    xs, ys = [p.tokens_per_s_per_user for p in front], [getattr(p, y) for p in front]
+    ax.step(xs, ys, where=where, color="black", linewidth=1.2, label=label)

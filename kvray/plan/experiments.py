@@ -7,7 +7,9 @@ module each in kvray/experiments/ (a later stage: the planner never imports them
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,3 +151,44 @@ def write_job_file(job: Job, directory: str | Path) -> Path:
     path = Path(directory) / f"{job.name}.yaml"
     path.write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
     return path
+
+
+def tp_sweep_job(
+    experiment: str,
+    common: Common,
+    prompt_toks: int,
+    gen_toks: int,
+    concurrency: list[int],
+    *,
+    default_tp: Sequence[int],
+    sim_gpus: Sequence[str],
+) -> tuple[Job, list[str]]:
+    """(the Job, notes) of exp7 and exp9: ``concurrency`` × the TP degrees of ``common`` (``default_tp`` when left
+    at [1]) that the model allows — a note for each degree dropped. With the sim backend alone the layout is
+    paged (vLLM's continuous batching) and ``sim_gpus`` stand in for ``--hardware any``."""
+    from kvray.model.parallel import check_tensor_parallel
+    from kvray.model.resolve import resolve_geometry
+
+    concurrency = sorted(set(concurrency))
+    for flag, values in (("--concurrency", concurrency), ("--prompt-toks", [prompt_toks]), ("--gen-toks", [gen_toks])):
+        if any(v <= 0 for v in values):
+            raise KvrayInputError(f"{flag} values must be positive, got {' '.join(map(str, values))}")
+    degrees = list(common.tensor_parallel) if list(common.tensor_parallel) != [1] else list(default_tp)
+    g = resolve_geometry(common.model)
+    notes, allowed = [], []
+    for n in degrees:
+        try:
+            check_tensor_parallel(g, n)
+            allowed.append(n)
+        except KvrayInputError as exc:
+            notes.append(f"TP {n} dropped: {exc}")
+    if not allowed:
+        raise KvrayInputError(f"no tensor parallel degree of {degrees} suits {common.model}")
+    options, hardware = dict(common.options), common.hardware
+    if set(common.backends) == {"sim"}:
+        options.setdefault("layout", "paged")
+        if hardware == "any":
+            hardware = list(sim_gpus)
+    common = dataclasses.replace(common, hardware=hardware, options=options, tensor_parallel=allowed)
+    grid = {"prompt_toks": [prompt_toks], "gen_toks": [gen_toks], "concurrency": concurrency}
+    return job_from_grid_blocks(experiment, common, grid), notes
