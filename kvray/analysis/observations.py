@@ -177,9 +177,11 @@ def observations_from_rows(
             continue
         queue = finite(row.get("queue_s_max")) or 0.0
         # TTFT must be the prefill alone; TPOT alone only needs the batch to decode together: a request started
-        # within a twentieth of the decode span shares nearly every step with the others
-        span = ttft if not tpot_only else (finite(row.get("tpot_s_p50")) or 0.0) * (int(row["gen_toks"]) - 1)
-        if not serving and queue > QUEUE_TOLERANCE * span:
+        # within a twentieth of the decode span shares nearly every step with the others. A burst whose requests
+        # queued past a twentieth of its TTFT but not of its decode span still gives its TPOT.
+        decode_span = (finite(row.get("tpot_s_p50")) or 0.0) * (int(row["gen_toks"]) - 1)
+        one_prefill = not tpot_only and queue <= QUEUE_TOLERANCE * ttft
+        if not serving and not one_prefill and queue > QUEUE_TOLERANCE * decode_span:
             skip("requests queued (more than one batch)")
             continue
         model = str(row.get("model"))
@@ -225,7 +227,7 @@ def observations_from_rows(
             skip("TTFT not on the engine's clock (ttft_basis) and no TPOT")
             continue
         obs = groups.setdefault((gpu.name, layout), [])
-        if not tpot_only:
+        if one_prefill:
             obs.append(observation(index, "ttft", ttft, roofs[:1], 1.0))
         if tpot is not None and gen > 1:
             obs.append(observation(index, "tpot", tpot, roofs[1:], 1 / (len(roofs) - 1)))

@@ -180,7 +180,7 @@ def calibrate(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fit η_compute, η_memory (and a per-layer overhead) per GPU from measured cells; predictions use them."""
+    """Fit the step model (η_compute, η_memory, CPU costs per step and per request) per GPU from measured cells."""
     from kvray.analysis.calibrate import calibrate as fit
 
     host = None
