@@ -62,9 +62,19 @@ def instant_backend() -> Any:
                 gaps = 0.010 * jitter
                 gaps[0] = 0.050 * jitter[0]  # TTFT 40–60 ms
                 times = np.cumsum(gaps).tolist()
-                traces.append(RunTrace(request_id=r.id, repeat=repeat, arrival_s=0.0, start_s=0.0,
-                                       token_times_s=times, end_s=times[-1], prompt_toks=r.prompt_toks,
-                                       output_toks=r.gen_toks, sent_s=0.0))  # fmt: skip
+                traces.append(
+                    RunTrace(
+                        request_id=r.id,
+                        repeat=repeat,
+                        arrival_s=0.0,
+                        start_s=0.0,
+                        token_times_s=times,
+                        end_s=times[-1],
+                        prompt_toks=r.prompt_toks,
+                        output_toks=r.gen_toks,
+                        sent_s=0.0,
+                    )
+                )
             return BackendRun(traces=traces)
 
     return InstantBackend()
@@ -116,9 +126,15 @@ def measure(shapes: Sequence[tuple[int, int]], cells: int, repeats: int) -> dict
                 for i in range(cells + 1):  # the first cell of each mode warms its caches, and is not counted
                     for mode, interval_fn in modes.items():
                         metrics.bootstrap_percentile_ci = clock.wrap("intervals", interval_fn)
-                        cell = Cell(model="kvray/tiny-llama", workload=Workload.uniform(requests, 8 + i, gen_toks),
-                                    backend="synthetic", dtype="fp32", warmup=0, repeats=repeats,
-                                    options=make_options(telemetry_interval_s=0.1))  # fmt: skip
+                        cell = Cell(
+                            model="kvray/tiny-llama",
+                            workload=Workload.uniform(requests, 8 + i, gen_toks),
+                            backend="synthetic",
+                            dtype="fp32",
+                            warmup=0,
+                            repeats=repeats,
+                            options=make_options(telemetry_interval_s=0.1),
+                        )
                         clock.spent.clear()
                         c0 = time.process_time()
                         result = runner.run_cell(backend, cell, check_oom=False)
@@ -165,8 +181,10 @@ def main() -> None:
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     import os
 
-    print(f"CPU ms a cell (process_time, median of {args.cells} cells; {args.repeats} repeat(s) a cell); "
-          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"CPU ms a cell (process_time, median of {args.cells} cells; {args.repeats} repeat(s) a cell); "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     medians = measure(shapes, args.cells, args.repeats)  # type: ignore[arg-type]
     print(f"{'shape':>9} {'mode':>6} " + " ".join(f"{s:>9}" for s in STAGES))
     for (shape, mode), m in medians.items():
@@ -174,8 +192,10 @@ def main() -> None:
     for shape in dict.fromkeys(s for s, _ in medians):
         if (shape, "before") in medians:
             b, n = medians[(shape, "before")], medians[(shape, "now")]
-            print(f"{shape:>9} before/now: intervals {b['intervals'] / max(n['intervals'], 1e-9):.1f}×, "
-                  f"after the backend {b['after'] / max(n['after'], 1e-9):.1f}×")  # fmt: skip
+            print(
+                f"{shape:>9} before/now: intervals {b['intervals'] / max(n['intervals'], 1e-9):.1f}×, "
+                f"after the backend {b['after'] / max(n['after'], 1e-9):.1f}×"
+            )
     print("target: 'after' ≤ 10 ms for 64x32")
 
 

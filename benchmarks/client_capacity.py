@@ -33,13 +33,18 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
             method, path, _ = lines[0].split(" ", 2)
-            length = next((int(v) for k, _, v in (line.partition(":") for line in lines[1:])
-                           if k.lower() == "content-length"), 0)  # fmt: skip
+            length = next(
+                (int(v) for k, _, v in (line.partition(":") for line in lines[1:]) if k.lower() == "content-length"), 0
+            )
             body = json.loads(await reader.readexactly(length)) if length else {}
             if path.startswith("/v1/models"):
                 payload = json.dumps({"object": "list", "data": [{"id": "stub", "object": "model"}]}).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                             + str(len(payload)).encode() + b"\r\n\r\n" + payload)  # fmt: skip
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(payload)).encode()
+                    + b"\r\n\r\n"
+                    + payload
+                )
             elif path.startswith("/v1/completions") and method == "POST":
                 n = int(body.get("max_tokens") or 8)
                 writer.write(
@@ -81,9 +86,16 @@ def measure(url: str, model_path: str, rate: float, seconds: float, gen_toks: in
     from kvray.runner.run import run_cell
 
     requests = max(int(rate * seconds), 20)
-    cell = bench_cell(model_path, prompt_toks=16, gen_toks=gen_toks, backend="openai", warmup=0, repeats=1,
-                      options={"base_url": url, "served_model": "stub", "tokenizer": model_path},
-                      load={"kind": "constant", "rate": rate, "requests": requests})  # fmt: skip
+    cell = bench_cell(
+        model_path,
+        prompt_toks=16,
+        gen_toks=gen_toks,
+        backend="openai",
+        warmup=0,
+        repeats=1,
+        options={"base_url": url, "served_model": "stub", "tokenizer": model_path},
+        load={"kind": "constant", "rate": rate, "requests": requests},
+    )
     engine = get_backend("openai")
     try:
         return run_cell(engine, cell, check_oom=False).metrics
@@ -121,10 +133,12 @@ def main() -> int:
         for rate in args.rates:
             m = measure(url, model_path, rate, args.seconds, args.gen_toks)
             behind = bool(m.get("client_behind"))
-            print(f"{rate:>9g} {m['achieved_rps']:>10.1f} {m['client_lag_s_p50'] * 1e3:>10.2f} "
-                  f"{m['client_lag_s_p99'] * 1e3:>10.2f} {m['client_lag_s_max'] * 1e3:>10.2f} "
-                  f"{m['client_lag_s_n']:>5} {m['client_lag_limit_s'] * 1e3:>8.2f}  {'yes' if behind else 'no'}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{rate:>9g} {m['achieved_rps']:>10.1f} {m['client_lag_s_p50'] * 1e3:>10.2f} "
+                f"{m['client_lag_s_p99'] * 1e3:>10.2f} {m['client_lag_s_max'] * 1e3:>10.2f} "
+                f"{m['client_lag_s_n']:>5} {m['client_lag_limit_s'] * 1e3:>8.2f}  {'yes' if behind else 'no'}",
+                flush=True,
+            )
             if not behind:
                 best = rate
     finally:

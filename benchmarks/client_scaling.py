@@ -30,17 +30,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client_capacity import serve  # noqa: E402
 
 
-def measure(engine: Any, url: str, tokenizer: str, rate: float, seconds: float, gen_toks: int,
-            clients: int) -> dict[str, Any]:  # fmt: skip
+def measure(
+    engine: Any, url: str, tokenizer: str, rate: float, seconds: float, gen_toks: int, clients: int
+) -> dict[str, Any]:
     """One constant-rate cell sent from ``clients`` processes; its row."""
     from kvray.bench.cell import bench_cell
     from kvray.runner.run import run_cell
 
     requests = max(int(rate * seconds), 20)
-    cell = bench_cell("kvray/tiny-llama", prompt_toks=16, gen_toks=gen_toks, backend="openai", warmup=0, repeats=1,
-                      options={"base_url": url, "served_model": "stub", "tokenizer": tokenizer,
-                               "server_flavor": "openai", "metrics_interval_s": 0},
-                      load={"kind": "constant", "rate": rate, "requests": requests}, clients=clients)  # fmt: skip
+    cell = bench_cell(
+        "kvray/tiny-llama",
+        prompt_toks=16,
+        gen_toks=gen_toks,
+        backend="openai",
+        warmup=0,
+        repeats=1,
+        options={
+            "base_url": url,
+            "served_model": "stub",
+            "tokenizer": tokenizer,
+            "server_flavor": "openai",
+            "metrics_interval_s": 0,
+        },
+        load={"kind": "constant", "rate": rate, "requests": requests},
+        clients=clients,
+    )
     result = run_cell(engine, cell, check_oom=False)
     row = result.to_row()
     row["failed"] = sum(t.status != "ok" for t in result.traces)
@@ -69,11 +83,15 @@ def main() -> int:
     print(f"Ray started in {time.time() - started:.0f} s", flush=True)
     url = f"http://127.0.0.1:{port}/v1"
     load_start = os.getloadavg()
-    print(f"stub server (pid {stub.pid}) + kvray caller (pid {os.getpid()}) + K client actors, all on this machine's "
-          f"{os.cpu_count()} CPUs; constant loads, {args.seconds:g} s each, {args.gen_toks} streamed tokens per "
-          f"request; load average {load_start[0]:.1f} / {load_start[1]:.1f} / {load_start[2]:.1f} at the start")  # fmt: skip
-    print("| K | offered req/s | achieved req/s | TTFT p50 ms | lag p99 ms | lag p99 per client ms | "
-          "clock offset max ms | failed | client_behind |")  # fmt: skip
+    print(
+        f"stub server (pid {stub.pid}) + kvray caller (pid {os.getpid()}) + K client actors, all on this machine's "
+        f"{os.cpu_count()} CPUs; constant loads, {args.seconds:g} s each, {args.gen_toks} streamed tokens per "
+        f"request; load average {load_start[0]:.1f} / {load_start[1]:.1f} / {load_start[2]:.1f} at the start"
+    )
+    print(
+        "| K | offered req/s | achieved req/s | TTFT p50 ms | lag p99 ms | lag p99 per client ms | "
+        "clock offset max ms | failed | client_behind |"
+    )
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     engine = OpenAIBackend()
     try:
@@ -86,9 +104,12 @@ def main() -> int:
                     lags = json.loads(m["client_lag_s_p99_by_client"])
                     per_client = ", ".join("—" if x is None else f"{x * 1e3:.1f}" for x in lags)
                 offset = m.get("client_offset_s_max", float("nan")) * 1e3
-                print(f"| {k} | {rate:g} | {m['achieved_rps']:.1f} | {m['ttft_s_p50'] * 1e3:.2f} | "
-                      f"{m['client_lag_s_p99'] * 1e3:.2f} | {per_client} | {offset:.3f} | {m['failed']} | "
-                      f"{'yes' if m['client_behind'] else 'no'} |", flush=True)  # fmt: skip
+                print(
+                    f"| {k} | {rate:g} | {m['achieved_rps']:.1f} | {m['ttft_s_p50'] * 1e3:.2f} | "
+                    f"{m['client_lag_s_p99'] * 1e3:.2f} | {per_client} | {offset:.3f} | {m['failed']} | "
+                    f"{'yes' if m['client_behind'] else 'no'} |",
+                    flush=True,
+                )
                 if not m["achieved_rps"] >= rate / 2:  # far past this K's limit: higher rates only take longer
                     break
     finally:

@@ -134,9 +134,11 @@ def ms(row: dict[str, Any], key: str, digits: int = 1) -> str:
 
 
 def cell_line(row: dict[str, Any], seconds: float) -> str:
-    return (f"  {row['cell_label'] if 'cell_label' in row else row['cell_id']:58s} {row['status']:8s} "
-            f"TTFT p50 {ms(row, 'ttft_s_p50'):>9s}  TPOT p50 {ms(row, 'tpot_s_p50', 2):>8s}  "
-            f"J/tok {num(row, 'j_per_output_tok', 1, '{:.3g}'):>6s}  ({seconds:.1f} s)")  # fmt: skip
+    return (
+        f"  {row['cell_label'] if 'cell_label' in row else row['cell_id']:58s} {row['status']:8s} "
+        f"TTFT p50 {ms(row, 'ttft_s_p50'):>9s}  TPOT p50 {ms(row, 'tpot_s_p50', 2):>8s}  "
+        f"J/tok {num(row, 'j_per_output_tok', 1, '{:.3g}'):>6s}  ({seconds:.1f} s)"
+    )
 
 
 def num(row: dict[str, Any], key: str, scale: float, fmt: str) -> str:
@@ -165,9 +167,21 @@ def stage_grid(check: Check) -> None:
 
     a = check.args
     for model in a.models:
-        cells = [bench_cell(model, prompt_toks=p, gen_toks=a.gen_toks, concurrency=c, dtype=a.dtype, device=a.device,
-                            weights="random", warmup=a.warmup, repeats=a.repeats)
-                 for p in sorted(a.prompts) for c in sorted(a.concurrency)]  # fmt: skip
+        cells = [
+            bench_cell(
+                model,
+                prompt_toks=p,
+                gen_toks=a.gen_toks,
+                concurrency=c,
+                dtype=a.dtype,
+                device=a.device,
+                weights="random",
+                warmup=a.warmup,
+                repeats=a.repeats,
+            )
+            for p in sorted(a.prompts)
+            for c in sorted(a.concurrency)
+        ]
         if not check.budget.open("grid"):
             check.not_run["grid"].extend(c.label() for c in cells)
             continue
@@ -184,8 +198,15 @@ def stage_overhead(check: Check) -> None:
 
     a = check.args
     prompt, gen = (16, 4) if a.smoke else (128, 16)
-    summary = measure_overhead(a.models[0], device=a.device, dtype=a.dtype, concurrency=4, prompt_toks=prompt,
-                               gen_toks=gen, rounds=a.overhead_rounds)  # fmt: skip
+    summary = measure_overhead(
+        a.models[0],
+        device=a.device,
+        dtype=a.dtype,
+        concurrency=4,
+        prompt_toks=prompt,
+        gen_toks=gen,
+        rounds=a.overhead_rounds,
+    )
     (check.out / "overhead.json").write_text(json.dumps(summary, indent=2))
     check.stages["overhead"].update(summary)
     print("\n".join(f"  {line}" for line in report_lines(summary)), flush=True)
@@ -195,9 +216,21 @@ def paged_cells(check: Check) -> list[Any]:
     from kvray.bench.cell import bench_cell
 
     a = check.args
-    return [bench_cell(a.models[0], prompt_toks=min(a.prompts), gen_toks=a.gen_toks, concurrency=c, dtype=a.dtype,
-                       device=a.device, backend="hf-paged", weights="random", warmup=a.warmup, repeats=a.repeats)
-            for c in sorted(a.paged_concurrency)]  # fmt: skip
+    return [
+        bench_cell(
+            a.models[0],
+            prompt_toks=min(a.prompts),
+            gen_toks=a.gen_toks,
+            concurrency=c,
+            dtype=a.dtype,
+            device=a.device,
+            backend="hf-paged",
+            weights="random",
+            warmup=a.warmup,
+            repeats=a.repeats,
+        )
+        for c in sorted(a.paged_concurrency)
+    ]
 
 
 def serve_cell(check: Check) -> Any:
@@ -205,8 +238,19 @@ def serve_cell(check: Check) -> Any:
 
     a = check.args
     load = {"kind": "poisson", "rate": "auto", "requests": a.serve_requests, "seed": 0}
-    return bench_cell(a.models[0], prompt_toks=a.serve_prompt, gen_toks=a.serve_gen, concurrency=1, dtype=a.dtype,
-                      device=a.device, backend="hf-paged", weights="random", warmup=0, repeats=1, load=load)  # fmt: skip
+    return bench_cell(
+        a.models[0],
+        prompt_toks=a.serve_prompt,
+        gen_toks=a.serve_gen,
+        concurrency=1,
+        dtype=a.dtype,
+        device=a.device,
+        backend="hf-paged",
+        weights="random",
+        warmup=0,
+        repeats=1,
+        load=load,
+    )
 
 
 class BudgetSpent(Exception):
@@ -271,10 +315,13 @@ def stage_serve(check: Check, backend: Any) -> None:
         row = check.record("serve", result)
         m = result.metrics or {}
         rate = probe.workload.load.rate_rps if probe.workload.load is not None else None
-        print(f"    probe {'alone' if rate is None else f'{rate:8.3g} req/s'}: {result.status:7s} "
-              f"achieved {m.get('achieved_rps', float('nan')):8.3g} req/s  n {len(result.traces):4d}  "
-              f"TTFT p50 {ms(row, 'ttft_s_p50'):>9s}  E2E p50 {ms(row, 'e2e_s_p50'):>9s}  "
-              f"({time.monotonic() - t:.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"    probe {'alone' if rate is None else f'{rate:8.3g} req/s'}: {result.status:7s} "
+            f"achieved {m.get('achieved_rps', float('nan')):8.3g} req/s  n {len(result.traces):4d}  "
+            f"TTFT p50 {ms(row, 'ttft_s_p50'):>9s}  E2E p50 {ms(row, 'e2e_s_p50'):>9s}  "
+            f"({time.monotonic() - t:.1f} s)",
+            flush=True,
+        )
         return result
 
     try:
@@ -285,8 +332,13 @@ def stage_serve(check: Check, backend: Any) -> None:
         print(f"  knee search stopped by the budget after {len(check.rows['serve'])} probes: no knee claimed")
         return
     row = check.record("serve", search_result(cell, outcome, started_at, time.perf_counter() - t0))
-    summary.update(cut_by_budget=False, probes_run=len(check.rows["serve"]) - 1, search_cell_id=row["cell_id"],
-                   search_status=row["status"], **outcome.summary())  # fmt: skip
+    summary.update(
+        cut_by_budget=False,
+        probes_run=len(check.rows["serve"]) - 1,
+        search_cell_id=row["cell_id"],
+        search_status=row["status"],
+        **outcome.summary(),
+    )
     print(
         f"  knee {outcome.knee_rps:.4g} req/s, saturation {outcome.saturation_rps:.4g} req/s achieved, "
         f"{len(outcome.probes)} probes ({outcome.stopped or 'bracketed'})",
@@ -316,12 +368,24 @@ def roofline_error(rows: list[dict], calib_prompt: int, cal_path: Path, assume_g
         if spec is None or fit is None:
             continue
         eff = Efficiency(fit.eta_compute, fit.eta_memory, fit.layer_overhead_s, source="gpu_check fit")
-        p = predict_cell(resolve_geometry(r["model"]), spec, int(r["concurrency"]), int(r["prompt_toks"]),
-                         int(r["gen_toks"]), dtype=r["dtype"], eff=eff)  # fmt: skip
-        out.append({
-            "model": r["model"], "concurrency": r["concurrency"], "prompt_toks": r["prompt_toks"],
-            "ttft_err": p.ttft_s / r["ttft_s_p50"] - 1, "tpot_err": p.tpot_s / r["tpot_s_p50"] - 1,
-        })  # fmt: skip
+        p = predict_cell(
+            resolve_geometry(r["model"]),
+            spec,
+            int(r["concurrency"]),
+            int(r["prompt_toks"]),
+            int(r["gen_toks"]),
+            dtype=r["dtype"],
+            eff=eff,
+        )
+        out.append(
+            {
+                "model": r["model"],
+                "concurrency": r["concurrency"],
+                "prompt_toks": r["prompt_toks"],
+                "ttft_err": p.ttft_s / r["ttft_s_p50"] - 1,
+                "tpot_err": p.tpot_s / r["tpot_s_p50"] - 1,
+            }
+        )
     return out
 
 
@@ -370,28 +434,37 @@ def print_table(title: str, rows: list[dict]) -> None:
     if not rows:
         return
     print(f"\n{title}")
-    print(f"{'model':24s} {'backend':8s} {'c':>3s} {'P':>5s} {'status':8s} {'TTFT p50':>9s} {'TPOT p50':>9s} "
-          f"{'tok/s':>7s} {'peak GiB':>8s} {'KV meas':>8s} {'KV err':>7s} {'J/tok':>7s} {'W avg':>6s} "
-          f"{'util%':>5s} {'n':>4s}")  # fmt: skip
+    print(
+        f"{'model':24s} {'backend':8s} {'c':>3s} {'P':>5s} {'status':8s} {'TTFT p50':>9s} {'TPOT p50':>9s} "
+        f"{'tok/s':>7s} {'peak GiB':>8s} {'KV meas':>8s} {'KV err':>7s} {'J/tok':>7s} {'W avg':>6s} "
+        f"{'util%':>5s} {'n':>4s}"
+    )
     for r in rows:
-        print(f"{r['model'][-24:]:24s} {r['backend']:8s} {r['concurrency']:>3d} {r['prompt_toks']:>5d} "
-              f"{r['status']:8s} {num(r, 'ttft_s_p50', 1e3, '{:.1f}ms'):>9s} {num(r, 'tpot_s_p50', 1e3, '{:.2f}ms'):>9s} "
-              f"{num(r, 'output_tps', 1, '{:.0f}'):>7s} {num(r, 'peak_allocated_bytes', 1 / GIB, '{:.2f}'):>8s} "
-              f"{num(r, 'kv_measured_bytes', 1 / GIB, '{:.3f}'):>8s} {num(r, 'kv_rel_error', 100, '{:+.1f}%'):>7s} "
-              f"{num(r, 'j_per_output_tok', 1, '{:.3g}'):>7s} {num(r, 'power_avg_w', 1, '{:.0f}'):>6s} "
-              f"{num(r, 'gpu_util_mean', 1, '{:.0f}'):>5s} {r.get('requests', r['concurrency'] * r.get('repeats', 1))!s:>4s}")  # fmt: skip
+        print(
+            f"{r['model'][-24:]:24s} {r['backend']:8s} {r['concurrency']:>3d} {r['prompt_toks']:>5d} "
+            f"{r['status']:8s} {num(r, 'ttft_s_p50', 1e3, '{:.1f}ms'):>9s} {num(r, 'tpot_s_p50', 1e3, '{:.2f}ms'):>9s} "
+            f"{num(r, 'output_tps', 1, '{:.0f}'):>7s} {num(r, 'peak_allocated_bytes', 1 / GIB, '{:.2f}'):>8s} "
+            f"{num(r, 'kv_measured_bytes', 1 / GIB, '{:.3f}'):>8s} {num(r, 'kv_rel_error', 100, '{:+.1f}%'):>7s} "
+            f"{num(r, 'j_per_output_tok', 1, '{:.3g}'):>7s} {num(r, 'power_avg_w', 1, '{:.0f}'):>6s} "
+            f"{num(r, 'gpu_util_mean', 1, '{:.0f}'):>5s} {r.get('requests', r['concurrency'] * r.get('repeats', 1))!s:>4s}"
+        )
 
 
 def begin(check: Check, stage: str) -> None:
-    check.stages[stage] = {"started_s": round(check.budget.elapsed_s(), 2),
-                           "latest_start_s": round(check.budget.deadline_s(stage), 2)}  # fmt: skip
-    print(f"\n[{stage}] at {check.budget.elapsed_s():.0f} s (starts new work until {check.budget.deadline_s(stage):.0f} s)",
-          flush=True)  # fmt: skip
+    check.stages[stage] = {
+        "started_s": round(check.budget.elapsed_s(), 2),
+        "latest_start_s": round(check.budget.deadline_s(stage), 2),
+    }
+    print(
+        f"\n[{stage}] at {check.budget.elapsed_s():.0f} s (starts new work until {check.budget.deadline_s(stage):.0f} s)",
+        flush=True,
+    )
 
 
 def end(check: Check, stage: str) -> None:
-    check.stages[stage].update(ended_s=round(check.budget.elapsed_s(), 2), rows=len(check.rows[stage]),
-                               not_run=check.not_run[stage])  # fmt: skip
+    check.stages[stage].update(
+        ended_s=round(check.budget.elapsed_s(), 2), rows=len(check.rows[stage]), not_run=check.not_run[stage]
+    )
     check.writer.write_tables()  # the parquet/csv tables, once a stage (its rows are on disk already)
     write_summary(check, partial=True)
 
@@ -410,11 +483,21 @@ def write_summary(check: Check, partial: bool, **extra: Any) -> dict[str, Any]:
 
     rows = check.all_rows()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    summary = {"gpu": gpu, **versions(), "device": check.args.device, "dtype": check.args.dtype,
-               "budget_s": check.args.budget_s, "wall_s": round(check.budget.elapsed_s(), 2), "partial": partial,
-               "cells": len(rows), "rows_by_stage": {s: len(check.rows[s]) for s in STAGES},
-               "not_run": [x for s in STAGES for x in check.not_run[s]], "stages": check.stages,
-               "telemetry": telemetry_of(rows), **extra}  # fmt: skip
+    summary = {
+        "gpu": gpu,
+        **versions(),
+        "device": check.args.device,
+        "dtype": check.args.dtype,
+        "budget_s": check.args.budget_s,
+        "wall_s": round(check.budget.elapsed_s(), 2),
+        "partial": partial,
+        "cells": len(rows),
+        "rows_by_stage": {s: len(check.rows[s]) for s in STAGES},
+        "not_run": [x for s in STAGES for x in check.not_run[s]],
+        "stages": check.stages,
+        "telemetry": telemetry_of(rows),
+        **extra,
+    }
     (check.out / "check.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -430,8 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / ("gpu-check-smoke" if args.smoke else "gpu-check")
     out.mkdir(parents=True, exist_ok=True)
     v = versions()
-    print(f"kvray GPU check — python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, {gpu}, "
-          f"device {args.device}, {args.dtype}, stages {' '.join(args.stages)}, budget {args.budget_s:.0f} s → {out}")  # fmt: skip
+    print(
+        f"kvray GPU check — python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, {gpu}, "
+        f"device {args.device}, {args.dtype}, stages {' '.join(args.stages)}, budget {args.budget_s:.0f} s → {out}"
+    )
     check = Check(args, out, budget, DatasetWriter(out, tables=False))
     energy0 = nvml_energy_mj(args.device)
     if "grid" in args.stages:
@@ -463,15 +548,24 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         print(f"\nroofline after calibrating on prompt {min(args.prompts)} (predicted / measured − 1, p50s):")
         for e in errors:
-            print(f"  {e['model'][-28:]:28s} c={e['concurrency']:<3d} P={e['prompt_toks']:<5d} "
-                  f"TTFT {e['ttft_err']:+.1%}  TPOT {e['tpot_err']:+.1%}")  # fmt: skip
+            print(
+                f"  {e['model'][-28:]:28s} c={e['concurrency']:<3d} P={e['prompt_toks']:<5d} "
+                f"TTFT {e['ttft_err']:+.1%}  TPOT {e['tpot_err']:+.1%}"
+            )
     not_run = [x for s in STAGES for x in check.not_run[s]]
     if not_run:
         print(f"\nnot run (time budget {args.budget_s:.0f} s): {len(not_run)} — {', '.join(not_run[:6])}…")
     check.writer.write_tables()
-    summary = write_summary(check, partial=False, roofline_errors=errors,
-                            energy={"lines": energy, "whole_run_nvml_j": whole_j,
-                                    "j_per_output_tok": {r["cell_id"]: r.get("j_per_output_tok") for r in rows}})  # fmt: skip
+    summary = write_summary(
+        check,
+        partial=False,
+        roofline_errors=errors,
+        energy={
+            "lines": energy,
+            "whole_run_nvml_j": whole_j,
+            "j_per_output_tok": {r["cell_id"]: r.get("j_per_output_tok") for r in rows},
+        },
+    )
     print(f"\n{len(rows)} rows in {summary['wall_s']:.0f} s; dataset and check.json in {out}")
     failed = [r["cell_id"] for r in rows if r["status"] not in ("ok", "oom", "refused")]
     if failed:

@@ -40,8 +40,14 @@ def start_server() -> Any:
     from kvray.backends.vllm import VLLMBackend
     from kvray.spec import Cell, Workload
 
-    cell = Cell(model="kvray/tiny-llama", workload=Workload.uniform(1, PROMPT, OUTPUT), backend="vllm",
-                dtype="fp32", device="cpu", weights="random")  # fmt: skip
+    cell = Cell(
+        model="kvray/tiny-llama",
+        workload=Workload.uniform(1, PROMPT, OUTPUT),
+        backend="vllm",
+        dtype="fp32",
+        device="cpu",
+        weights="random",
+    )
     backend = VLLMBackend()
     backend.load(cell)
     return backend
@@ -52,20 +58,38 @@ def prompts_file(path: Path) -> Path:
     token each; BOS makes ``PROMPT``) with ``output_tokens_count`` = OUTPUT (guidellm then sends max_tokens and
     ignore_eos). Not its ``synthetic_text``: that decodes a text corpus through the tokenizer, which for the tiny
     word-level vocabulary gives empty prompts (vLLM: "The decoder prompt cannot be empty")."""
-    lines = [json.dumps({"prompt": " ".join(f"w{50 + (i * 37 + j) % 4000}" for j in range(PROMPT - 1)),
-                         "output_tokens_count": OUTPUT}) for i in range(4 * REQUESTS)]  # fmt: skip
+    lines = [
+        json.dumps(
+            {
+                "prompt": " ".join(f"w{50 + (i * 37 + j) % 4000}" for j in range(PROMPT - 1)),
+                "output_tokens_count": OUTPUT,
+            }
+        )
+        for i in range(4 * REQUESTS)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def run_guidellm(exe: str, url: str, model_path: str, out: Path) -> dict[str, Any]:
     """One guidellm run; per-request TTFT and ITL (ms) from its JSON report."""
-    cmd = [exe, "run", "--backend", f"kind=openai_http,target={url},model=kvray/tiny-llama,"
-           "request_format=/v1/completions",
-           "--profile", f"kind=concurrent,streams={USERS}", "--constraint", f"kind=max_requests,count={REQUESTS}",
-           "--data", f"kind=json_file,path={prompts_file(out.with_suffix('.prompts.jsonl'))}",
-           "--tokenizer", f"kind=huggingface_auto,model={model_path}",
-           "--output", f"kind=json,path={out}", "--disable-console-interactive"]  # fmt: skip
+    cmd = [
+        exe,
+        "run",
+        "--backend",
+        f"kind=openai_http,target={url},model=kvray/tiny-llama,request_format=/v1/completions",
+        "--profile",
+        f"kind=concurrent,streams={USERS}",
+        "--constraint",
+        f"kind=max_requests,count={REQUESTS}",
+        "--data",
+        f"kind=json_file,path={prompts_file(out.with_suffix('.prompts.jsonl'))}",
+        "--tokenizer",
+        f"kind=huggingface_auto,model={model_path}",
+        "--output",
+        f"kind=json,path={out}",
+        "--disable-console-interactive",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"guidellm failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -81,9 +105,35 @@ def run_guidellm(exe: str, url: str, model_path: str, out: Path) -> dict[str, An
 
 def run_kvray(url: str, model_path: str, out: Path) -> dict[str, Any]:
     """One ``kvray bench`` closed loop; its steady-state TTFT/TPOT p50 and counts from --json."""
-    cmd = ["uv", "run", "kvray", "bench", "--backend", "openai", "--base-url", url, "--model", model_path,
-           "--load", "closed", "-c", str(USERS), "--requests", str(REQUESTS), "--prompt-toks", str(PROMPT),
-           "--gen-toks", str(OUTPUT), "--warmup", "0", "--repeats", "1", "--output", str(out), "--json"]  # fmt: skip
+    cmd = [
+        "uv",
+        "run",
+        "kvray",
+        "bench",
+        "--backend",
+        "openai",
+        "--base-url",
+        url,
+        "--model",
+        model_path,
+        "--load",
+        "closed",
+        "-c",
+        str(USERS),
+        "--requests",
+        str(REQUESTS),
+        "--prompt-toks",
+        str(PROMPT),
+        "--gen-toks",
+        str(OUTPUT),
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--output",
+        str(out),
+        "--json",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"kvray bench failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -108,8 +158,10 @@ def main() -> int:
     parser.add_argument("--model-path", help="with --base-url: the model folder it serves (its tokenizer)")
     args = parser.parse_args()
     if not Path(args.guidellm).is_file():
-        print(f"skip: guidellm not found at {args.guidellm} (uv venv /tmp/guidellm-venv && uv pip install "
-              "--python /tmp/guidellm-venv guidellm==0.8.1)")  # fmt: skip
+        print(
+            f"skip: guidellm not found at {args.guidellm} (uv venv /tmp/guidellm-venv && uv pip install "
+            "--python /tmp/guidellm-venv guidellm==0.8.1)"
+        )
         return 0
     if not args.base_url and not os.environ.get("KVRAY_VLLM_PYTHON") and not VLLM_VENV.is_file():
         print(f"skip: no vLLM CPU build (KVRAY_VLLM_PYTHON unset, {VLLM_VENV} absent)")
@@ -124,13 +176,22 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for rnd in range(args.rounds):  # interleaved: guidellm, kvray, guidellm, kvray …
                 g = run_guidellm(args.guidellm, url, model_path, Path(tmp) / f"g{rnd}.json")
-                rows.append(("guidellm " + version.split()[-1], rnd + 1, statistics.median(g["ttft_ms"]),
-                             len(g["ttft_ms"]), statistics.median(g["itl_ms"]), len(g["itl_ms"])))  # fmt: skip
+                rows.append(
+                    (
+                        "guidellm " + version.split()[-1],
+                        rnd + 1,
+                        statistics.median(g["ttft_ms"]),
+                        len(g["ttft_ms"]),
+                        statistics.median(g["itl_ms"]),
+                        len(g["itl_ms"]),
+                    )
+                )
                 k = run_kvray(url, model_path, Path(tmp) / f"k{rnd}")
                 m = k["metrics"]
                 kv = importlib.metadata.version("kvray")
-                rows.append((f"kvray {kv}", rnd + 1, m["ttft_s_p50"] * 1e3, m["ttft_s_n"], m["tpot_s_p50"] * 1e3,
-                             m["tpot_s_n"]))  # fmt: skip
+                rows.append(
+                    (f"kvray {kv}", rnd + 1, m["ttft_s_p50"] * 1e3, m["ttft_s_n"], m["tpot_s_p50"] * 1e3, m["tpot_s_n"])
+                )
     finally:
         if backend is not None:
             backend.close()

@@ -39,9 +39,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvray-bench-") as tmp:
         model_dir = build_tiny_model_dir(Path(tmp))
         # the server's cache: 64 blocks of 256 tokens, 256 tokens per batch — the same for the in-process engine
-        paged = Cell(model=str(model_dir), workload=workload, backend="hf-paged", dtype="fp32", device="cpu",
-                     warmup=args.warmup, repeats=args.repeats,
-                     options=make_options(num_blocks=64, max_batch_tokens=256))  # fmt: skip
+        paged = Cell(
+            model=str(model_dir),
+            workload=workload,
+            backend="hf-paged",
+            dtype="fp32",
+            device="cpu",
+            warmup=args.warmup,
+            repeats=args.repeats,
+            options=make_options(num_blocks=64, max_batch_tokens=256),
+        )
         engine = HFPagedBackend()
         try:
             inproc = run_cell(engine, paged, check_oom=False)
@@ -49,9 +56,15 @@ def main() -> None:
             engine.close()
         server = start_transformers_serve(model_dir, continuous_batching=True)
         try:
-            http_cell = Cell(model=str(model_dir), workload=workload, backend="openai", dtype="fp32",
-                             warmup=args.warmup, repeats=args.repeats,
-                             options=make_options(base_url=server.base_url))  # fmt: skip
+            http_cell = Cell(
+                model=str(model_dir),
+                workload=workload,
+                backend="openai",
+                dtype="fp32",
+                warmup=args.warmup,
+                repeats=args.repeats,
+                options=make_options(base_url=server.base_url),
+            )
             http = run_cell(OpenAIBackend(), http_cell)
         finally:
             server.stop()
@@ -61,8 +74,10 @@ def main() -> None:
     counts = [sorted((t.prompt_toks, t.output_toks) for t in r.traces) for r in (inproc, http)]
     if counts[0] != counts[1]:
         sys.exit(f"token counts differ: in-process {counts[0][:3]}… vs HTTP {counts[1][:3]}…")
-    print(f"tiny-llama fp32, {args.concurrency} × {args.prompt_toks} prompt + {args.gen_toks} generated, "
-          f"{args.warmup} warmup + {args.repeats} repeats; token counts identical ({len(counts[0])} requests)")  # fmt: skip
+    print(
+        f"tiny-llama fp32, {args.concurrency} × {args.prompt_toks} prompt + {args.gen_toks} generated, "
+        f"{args.warmup} warmup + {args.repeats} repeats; token counts identical ({len(counts[0])} requests)"
+    )
     print(f"{'metric':<12} {'in-process':>12} {'HTTP':>12} {'HTTP / in':>10} {'HTTP − in':>11}")
     for key in KEYS:
         a, b = inproc.metrics[key], http.metrics[key]

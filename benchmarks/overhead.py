@@ -21,9 +21,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kvray from this checkout, installed or not
 
 
-def measure_overhead(model_id: str = "facebook/opt-125m", *, device: str = "cpu", dtype: str = "fp32",
-                     concurrency: int = 4, prompt_toks: int = 128, gen_toks: int = 16,
-                     rounds: int = 15) -> dict[str, Any]:  # fmt: skip
+def measure_overhead(
+    model_id: str = "facebook/opt-125m",
+    *,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    concurrency: int = 4,
+    prompt_toks: int = 128,
+    gen_toks: int = 16,
+    rounds: int = 15,
+) -> dict[str, Any]:
     """Both paths on one loaded model, ``rounds`` alternating pairs after one warm-up of each: the medians of
     wall and CPU (this process's ``process_time``) seconds and the median of the per-round ratios."""
     import torch
@@ -51,8 +58,14 @@ def measure_overhead(model_id: str = "facebook/opt-125m", *, device: str = "cpu"
             sync()
             t, c = time.perf_counter(), time.process_time()
             with torch.inference_mode():
-                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=gen_toks,
-                                     min_new_tokens=gen_toks, do_sample=False, pad_token_id=backend._pad_id)  # fmt: skip
+                out = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=gen_toks,
+                    min_new_tokens=gen_toks,
+                    do_sample=False,
+                    pad_token_id=backend._pad_id,
+                )
             sync()
             assert out.shape[1] == prompt_toks + gen_toks
             return time.perf_counter() - t, time.process_time() - c
@@ -73,9 +86,16 @@ def measure_overhead(model_id: str = "facebook/opt-125m", *, device: str = "cpu"
                 times[name].append(fn())
     finally:
         backend.close()
-    summary: dict[str, Any] = {"model": model_id, "device": on, "dtype": backend.dtype, "concurrency": concurrency,
-                               "prompt_toks": prompt_toks, "gen_toks": gen_toks, "rounds": rounds,
-                               "cpu_threads": torch.get_num_threads()}  # fmt: skip
+    summary: dict[str, Any] = {
+        "model": model_id,
+        "device": on,
+        "dtype": backend.dtype,
+        "concurrency": concurrency,
+        "prompt_toks": prompt_toks,
+        "gen_toks": gen_toks,
+        "rounds": rounds,
+        "cpu_threads": torch.get_num_threads(),
+    }
     for k, label in ((0, "wall"), (1, "cpu")):
         b = [x[k] for x in times["bare"]]
         r = [x[k] for x in times["runner"]]
@@ -88,8 +108,10 @@ def measure_overhead(model_id: str = "facebook/opt-125m", *, device: str = "cpu"
 
 def report_lines(s: dict[str, Any]) -> list[str]:
     """The printed form: one header line, then wall and CPU."""
-    lines = [f"model {s['model']} on {s['device']} ({s['dtype']}, {s['cpu_threads']} CPU threads), "
-             f"{s['concurrency']} × {s['prompt_toks']} → {s['gen_toks']}, {s['rounds']} rounds"]  # fmt: skip
+    lines = [
+        f"model {s['model']} on {s['device']} ({s['dtype']}, {s['cpu_threads']} CPU threads), "
+        f"{s['concurrency']} × {s['prompt_toks']} → {s['gen_toks']}, {s['rounds']} rounds"
+    ]
     for label in ("wall", "cpu"):
         lines.append(
             f"{'wall' if label == 'wall' else 'CPU':>4}: bare median {s[f'{label}_bare_median_s'] * 1e3:8.1f} ms "
@@ -116,8 +138,15 @@ def main() -> None:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    summary = measure_overhead(args.model, device=args.device, dtype=args.dtype, concurrency=args.concurrency,
-                               prompt_toks=args.prompt_toks, gen_toks=args.gen_toks, rounds=args.rounds)  # fmt: skip
+    summary = measure_overhead(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        concurrency=args.concurrency,
+        prompt_toks=args.prompt_toks,
+        gen_toks=args.gen_toks,
+        rounds=args.rounds,
+    )
     print("\n".join(report_lines(summary)))
     print("target: run_cell / bare ≤ 1.03")
 

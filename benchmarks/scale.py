@@ -45,10 +45,13 @@ def build_job(cells: int, types: list[str], cell_s: float, requests: int, gen_to
             "repeats": 1,
             "options": {"ttft_s": tpot_s, "tpot_s": tpot_s},
             # prompt lengths 8, 9, … × a few generation lengths from --gen-toks (the model holds 4,096 positions)
-            "grid": {"prompt_toks": [8 + i for i in range(prompts)],
-                     "gen_toks": [gen_toks + j for j in range(per_type // prompts)], "concurrency": [requests]},
+            "grid": {
+                "prompt_toks": [8 + i for i in range(prompts)],
+                "gen_toks": [gen_toks + j for j in range(per_type // prompts)],
+                "concurrency": [requests],
+            },
         }
-    )  # fmt: skip
+    )
 
 
 def main() -> None:
@@ -82,8 +85,10 @@ def main() -> None:
         cluster.add_node(num_cpus=2, num_gpus=args.gpus_per_node, resources={f"accelerator_type:{gpu_type}": 1})
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
-    print(f"cluster: {args.nodes} nodes × {args.gpus_per_node} GPUs ({', '.join(types)}), "
-          f"up in {time.perf_counter() - t_cluster:.1f} s; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"cluster: {args.nodes} nodes × {args.gpus_per_node} GPUs ({', '.join(types)}), "
+        f"up in {time.perf_counter() - t_cluster:.1f} s; load average {os.getloadavg()[0]:.1f}"
+    )
     n_cells = len(plan_cells(job, types))  # type: ignore[arg-type]
     workers = args.nodes * args.gpus_per_node
     try:
@@ -105,23 +110,29 @@ def main() -> None:
     ready_s = run.get("workers_ready_s") or 0.0
     sum_cell_s = sum(r["duration_s"] for r in rows)
     costs = run.get("collector", {})
-    print(f"cells {n_cells} planned, {len(rows)} rows ({len(traces)} traces), {workers} workers, "
-          f"cell_s {args.cell_s:g}, {args.requests} requests × {args.gen_toks} tokens")  # fmt: skip
+    print(
+        f"cells {n_cells} planned, {len(rows)} rows ({len(traces)} traces), {workers} workers, "
+        f"cell_s {args.cell_s:g}, {args.requests} requests × {args.gen_toks} tokens"
+    )
     print(f"wall                    {wall_s:8.1f} s   (workers up after {ready_s:.1f} s)")
     marks = [(n, t) for n, t in costs.get("rows_at", []) if t >= started_wall + ready_s]
     if len(marks) >= 2:  # rows written per second from the first mark after every worker was up to the last
         (n0, t0_mark), (n1, t1_mark) = marks[0], marks[-1]
         steady = (n1 - n0) / max(t1_mark - t0_mark, 1e-9)
-        print(f"cells/s, all workers up {steady:8.1f}        goal ≥ 50 for instant cells "
-              f"(rows {n0}→{n1} in {t1_mark - t0_mark:.1f} s, the collector's clock)")  # fmt: skip
+        print(
+            f"cells/s, all workers up {steady:8.1f}        goal ≥ 50 for instant cells "
+            f"(rows {n0}→{n1} in {t1_mark - t0_mark:.1f} s, the collector's clock)"
+        )
     print(f"cells/s over the wall   {len(rows) / wall_s:8.1f}")
     if sum_cell_s > 0 and args.cell_s > 0:
         # Each worker's time from its own start-up to the end of the run, over the cells' own time: the
         # wall / (Σ cell / workers) of a sweep whose workers came up at once. Workers here start one after
         # another on this machine's two cores (minutes for 64), which a real cluster does in parallel.
         available_s = sum(run["wall_s"] - w["ready_s"] for w in run["workers"] if w.get("ready_s") is not None)
-        print(f"wall / ideal            {available_s / sum_cell_s:8.3f}        goal ≤ 1.15 "
-              f"(Σ worker time after its start-up {available_s:.0f} s / Σ cell time {sum_cell_s:.0f} s)")  # fmt: skip
+        print(
+            f"wall / ideal            {available_s / sum_cell_s:8.3f}        goal ≤ 1.15 "
+            f"(Σ worker time after its start-up {available_s:.0f} s / Σ cell time {sum_cell_s:.0f} s)"
+        )
     print(
         f"write ms/row            first 1000: {costs.get('write_ms_per_row_first_1000')}, last 1000: "
         f"{costs.get('write_ms_per_row_last_1000')}  ({costs.get('commit_batches')} batches of write + fsync)"
@@ -135,8 +146,10 @@ def main() -> None:
         f"last 1000: {costs.get('append_ms_last_1000')}  (queueing for the group commit included)"
     )
     print(f"CPU s                   driver {time.process_time() - cpu0:.1f}, collector {costs.get('cpu_s')}")
-    print(f"peak RSS MiB            driver {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}, "
-          f"collector {costs.get('peak_rss_mib')}")  # fmt: skip
+    print(
+        f"peak RSS MiB            driver {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}, "
+        f"collector {costs.get('peak_rss_mib')}"
+    )
     print(f"folder                  {size_mb:.1f} MB; dataset load {load_s:.2f} s")
 
 

@@ -36,8 +36,9 @@ def main() -> None:
     parser.add_argument("--prompt-toks", type=int, default=64)
     parser.add_argument("--gen-toks", type=int, default=64)
     parser.add_argument("--intervals", type=float, nargs="+", default=[0.5, 0.1])
-    parser.add_argument("--vllm-python", default=os.environ.get("KVRAY_VLLM_PYTHON")
-                        or str(DEFAULT_VLLM_VENV / "bin" / "python"))  # fmt: skip
+    parser.add_argument(
+        "--vllm-python", default=os.environ.get("KVRAY_VLLM_PYTHON") or str(DEFAULT_VLLM_VENV / "bin" / "python")
+    )
     args = parser.parse_args()
     modes = [0.0, *args.intervals]  # 0: no scraping during the run
     workload = Workload.uniform(args.concurrency, args.prompt_toks, args.gen_toks)
@@ -50,9 +51,17 @@ def main() -> None:
         try:
             for rnd in range(args.rounds):
                 for mode in modes:
-                    cell = Cell(model=str(model_dir), workload=workload, backend="vllm", dtype="fp32", device="cpu",
-                                warmup=1 if rnd == 0 else 0, repeats=1, experiment=f"scrape-{rnd}",
-                                options=make_options(vllm_python=args.vllm_python, metrics_interval_s=mode))  # fmt: skip
+                    cell = Cell(
+                        model=str(model_dir),
+                        workload=workload,
+                        backend="vllm",
+                        dtype="fp32",
+                        device="cpu",
+                        warmup=1 if rnd == 0 else 0,
+                        repeats=1,
+                        experiment=f"scrape-{rnd}",
+                        options=make_options(vllm_python=args.vllm_python, metrics_interval_s=mode),
+                    )
                     r = run_cell(backend, cell)
                     if r.status != "ok":
                         sys.exit(f"interval {mode}: {r.status} {r.reason}")
@@ -63,16 +72,24 @@ def main() -> None:
         finally:
             backend.close()
     off = statistics.median(tpot[0.0])
-    print(f"vLLM CPU build, tiny Llama fp32, {args.concurrency} × {args.prompt_toks} → {args.gen_toks} tokens, "
-          f"{args.rounds} interleaved rounds, median over rounds of each run's p50")  # fmt: skip
+    print(
+        f"vLLM CPU build, tiny Llama fp32, {args.concurrency} × {args.prompt_toks} → {args.gen_toks} tokens, "
+        f"{args.rounds} interleaved rounds, median over rounds of each run's p50"
+    )
     print(f"{'scrape interval':>16} | {'scrapes/run':>11} | {'TPOT p50':>9} | {'ITL p50':>8} | vs off")
     for mode in modes:
         med = statistics.median(tpot[mode])
         label = "off" if mode == 0 else f"{mode:g} s"
-        print(f"{label:>16} | {statistics.median(scrapes[mode]):>11.0f} | {med * 1e3:>6.2f} ms | "
-              f"{statistics.median(itl[mode]) * 1e3:>5.2f} ms | {(med / off - 1) * 100:+.1f} %")  # fmt: skip
-    print("per-run TPOT p50 (ms): " + "; ".join(
-        f"{'off' if m == 0 else f'{m:g} s'}: " + ", ".join(f"{v * 1e3:.1f}" for v in tpot[m]) for m in modes))  # fmt: skip
+        print(
+            f"{label:>16} | {statistics.median(scrapes[mode]):>11.0f} | {med * 1e3:>6.2f} ms | "
+            f"{statistics.median(itl[mode]) * 1e3:>5.2f} ms | {(med / off - 1) * 100:+.1f} %"
+        )
+    print(
+        "per-run TPOT p50 (ms): "
+        + "; ".join(
+            f"{'off' if m == 0 else f'{m:g} s'}: " + ", ".join(f"{v * 1e3:.1f}" for v in tpot[m]) for m in modes
+        )
+    )
 
 
 if __name__ == "__main__":

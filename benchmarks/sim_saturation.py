@@ -39,10 +39,12 @@ def predict(gpus: tuple[str, ...]) -> list[Any]:
         curve = find_saturation(g, gpu, MIX, eff=efficiency_for(gpu, "paged"), arrivals="poisson", seed=0)
         cpu_s = time.process_time() - start
         curves.append((curve, cpu_s))
-        print(f"{gpu.name:14s} saturation {curve.saturation_rps:7.2f} req/s achieved; knee {curve.knee_rps:7.2f} "
-              f"req/s offered ({curve.achieved_at_knee_rps:6.2f} achieved there); one request alone "
-              f"{curve.service_s:.3f} s; KV pool {curve.kv_pool_blocks} blocks; {curve.probes} simulated runs in "
-              f"{cpu_s:.1f} CPU s")  # fmt: skip
+        print(
+            f"{gpu.name:14s} saturation {curve.saturation_rps:7.2f} req/s achieved; knee {curve.knee_rps:7.2f} "
+            f"req/s offered ({curve.achieved_at_knee_rps:6.2f} achieved there); one request alone "
+            f"{curve.service_s:.3f} s; KV pool {curve.kv_pool_blocks} blocks; {curve.probes} simulated runs in "
+            f"{cpu_s:.1f} CPU s"
+        )
     return curves
 
 
@@ -59,8 +61,9 @@ def draw(curves: list[Any], out_dir: Path) -> list[Path]:
             for ax, key in zip(axes, ("ttft", "tpot"), strict=True):
                 for q, ls in (("p50", "-"), ("p99", "--")):
                     y = [1e3 * getattr(p, f"{key}_s_{q}") for p in pts]
-                    ax.plot(x, y, ls, color=style.color(i), marker=style.marker(i), markersize=3.5,
-                            label=f"{curve.gpu} {q}")  # fmt: skip
+                    ax.plot(
+                        x, y, ls, color=style.color(i), marker=style.marker(i), markersize=3.5, label=f"{curve.gpu} {q}"
+                    )
                 ax.axvline(curve.saturation_rps, color=style.color(i), linewidth=0.8, alpha=0.6)
         for ax, what in zip(axes, ("TTFT", "TPOT"), strict=True):
             ax.set_xscale("log")
@@ -68,9 +71,11 @@ def draw(curves: list[Any], out_dir: Path) -> list[Path]:
             ax.set_xlabel("achieved requests/s (log)")
             ax.set_ylabel(f"{what} (ms, log)")
         axes[0].legend(fontsize=6.5, ncol=1)
-        style.figure_title(fig, "Predicted latency vs achieved throughput (continuous batching, simulated)",
-                           f"{MODEL} bf16 · vLLM defaults · Poisson arrivals · mix {list(MIX)} · "
-                           "vertical lines: predicted saturation")  # fmt: skip
+        style.figure_title(
+            fig,
+            "Predicted latency vs achieved throughput (continuous batching, simulated)",
+            f"{MODEL} bf16 · vLLM defaults · Poisson arrivals · mix {list(MIX)} · vertical lines: predicted saturation",
+        )
         fig.tight_layout()
         return style.save(fig, out_dir, "sim_saturation")
 

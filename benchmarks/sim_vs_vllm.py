@@ -61,9 +61,17 @@ def loadavg() -> str:
 def vllm_cell(workload: Any, warmup: int, repeats: int) -> Any:
     from kvray.spec import Cell, make_options
 
-    return Cell(model=MODEL, workload=workload, backend="vllm", dtype="fp32", device="cpu", weights="random",
-                warmup=warmup, repeats=repeats,
-                options=make_options(kv_cache_memory_bytes=POOL_BYTES, vllm_python=vllm_python()))  # fmt: skip
+    return Cell(
+        model=MODEL,
+        workload=workload,
+        backend="vllm",
+        dtype="fp32",
+        device="cpu",
+        weights="random",
+        warmup=warmup,
+        repeats=repeats,
+        options=make_options(kv_cache_memory_bytes=POOL_BYTES, vllm_python=vllm_python()),
+    )
 
 
 def vllm_python() -> str:
@@ -95,9 +103,11 @@ def measure(out: Path, requests: int, concurrencies: tuple[int, ...] = CONCURREN
     from kvray.spec import LoadSpec, Workload
 
     peaks = measure_host()
-    print(f"host (measured, {peaks.threads} threads): fp32 {peaks.fp32_gflops:.1f} GFLOP/s (torch.mm "
-          f"{peaks.matmul_n}², best of {peaks.repeats}), copy {peaks.bandwidth_gbps:.2f} GB/s "
-          f"(read + write, {peaks.copy_mib} MiB, best of {peaks.repeats}); load average {loadavg()}")  # fmt: skip
+    print(
+        f"host (measured, {peaks.threads} threads): fp32 {peaks.fp32_gflops:.1f} GFLOP/s (torch.mm "
+        f"{peaks.matmul_n}², best of {peaks.repeats}), copy {peaks.bandwidth_gbps:.2f} GB/s "
+        f"(read + write, {peaks.copy_mib} MiB, best of {peaks.repeats}); load average {loadavg()}"
+    )
     writer = DatasetWriter(out)
     backend = VLLMBackend()
     t0 = time.perf_counter()
@@ -110,8 +120,15 @@ def measure(out: Path, requests: int, concurrencies: tuple[int, ...] = CONCURREN
             result = run_cell(backend, vllm_cell(Workload.uniform(c, PROMPT, GEN), 1, REPEATS))
             writer.append(result)
             m = result.metrics
-            bursts.append({"concurrency": c, "status": result.status, "ttft_s_p50": m.get("ttft_s_p50"),
-                           "tpot_s_p50": m.get("tpot_s_p50"), "samples": m.get("requests")})  # fmt: skip
+            bursts.append(
+                {
+                    "concurrency": c,
+                    "status": result.status,
+                    "ttft_s_p50": m.get("ttft_s_p50"),
+                    "tpot_s_p50": m.get("tpot_s_p50"),
+                    "samples": m.get("requests"),
+                }
+            )
             print(
                 f"burst c={c}: {result.status}, TTFT p50 {1e3 * m.get('ttft_s_p50', math.nan):.1f} ms, "
                 f"TPOT p50 {1e3 * m.get('tpot_s_p50', math.nan):.2f} ms (client clock; load {loadavg()})"
@@ -125,21 +142,33 @@ def measure(out: Path, requests: int, concurrencies: tuple[int, ...] = CONCURREN
             writer.append(result)
             probes.append(result)
             m = result.metrics or {}
-            print(f"  probe {m.get('offered_rps_realised', math.nan):.3g} req/s offered → "
-                  f"{m.get('achieved_rps', math.nan):.3g} achieved, client lag p99 "
-                  f"{1e3 * m.get('client_lag_s_p99', math.nan):.3g} ms, TPOT p50 "
-                  f"{1e3 * m.get('tpot_s_p50', math.nan):.3g} ms (load {loadavg()})")  # fmt: skip
+            print(
+                f"  probe {m.get('offered_rps_realised', math.nan):.3g} req/s offered → "
+                f"{m.get('achieved_rps', math.nan):.3g} achieved, client lag p99 "
+                f"{1e3 * m.get('client_lag_s_p99', math.nan):.3g} ms, TPOT p50 "
+                f"{1e3 * m.get('tpot_s_p50', math.nan):.3g} ms (load {loadavg()})"
+            )
 
         search = run_search(backend, search_cell, record)
         writer.append(search)
         print(f"measured search: {search.metrics} in {time.perf_counter() - t1:.0f} s")
     finally:
         backend.close()
-    keys = ("offered_rps", "offered_rps_realised", "achieved_rps", "tpot_s_p50", "ttft_s_p50", "client_lag_s_p99",
-            "requests_steady")  # fmt: skip
+    keys = (
+        "offered_rps",
+        "offered_rps_realised",
+        "achieved_rps",
+        "tpot_s_p50",
+        "ttft_s_p50",
+        "client_lag_s_p99",
+        "requests_steady",
+    )
     # open-loop probes only (the single request that sets the search's first rate has no load rate)
-    probe_rows = [{k: (r.metrics or {}).get(k) for k in keys} for r in probes
-                  if r.cell.workload.load is not None and r.cell.workload.load.rate_rps]  # fmt: skip
+    probe_rows = [
+        {k: (r.metrics or {}).get(k) for k in keys}
+        for r in probes
+        if r.cell.workload.load is not None and r.cell.workload.load.rate_rps
+    ]
     verdicts = {round(p["offered_rps"], 6): p["sustainable"] for p in search.extra["saturation_search"]["probes"]}
     for p in probe_rows:
         p["sustainable"] = verdicts.get(round(float(p["offered_rps"] or 0), 6))
@@ -167,21 +196,30 @@ def predict(measured: dict[str, Any], out: Path) -> dict[str, Any]:
     )
     g = resolve_geometry(MODEL)
     for b in measured["bursts"]:
-        p = predict_cell(g, spec, b["concurrency"], PROMPT, GEN, dtype="fp32", layout="paged", block_size=BLOCK_SIZE,
-                         eff=eff)  # fmt: skip
+        p = predict_cell(
+            g, spec, b["concurrency"], PROMPT, GEN, dtype="fp32", layout="paged", block_size=BLOCK_SIZE, eff=eff
+        )
         b["tpot_s_predicted"] = p.tpot_s
         print(
             f"  c={b['concurrency']}: TPOT measured {1e3 * b['tpot_s_p50']:.2f} ms, predicted {1e3 * p.tpot_s:.2f} "
             f"ms ({p.decode_bound} bound)"
         )
-    cfg = EngineConfig(max_num_seqs=settings["max_num_seqs"], max_num_batched_tokens=settings["max_num_batched_tokens"],
-                       chunked_prefill=settings["chunked_prefill"], block_size=BLOCK_SIZE, kv_pool_bytes=POOL_BYTES)  # fmt: skip
+    cfg = EngineConfig(
+        max_num_seqs=settings["max_num_seqs"],
+        max_num_batched_tokens=settings["max_num_batched_tokens"],
+        chunked_prefill=settings["chunked_prefill"],
+        block_size=BLOCK_SIZE,
+        kv_pool_bytes=POOL_BYTES,
+    )
     start = time.process_time()
-    curve = find_saturation(g, spec, [(PROMPT, GEN)], "fp32", cfg=cfg, eff=eff, arrivals="constant",
-                            follow=FOLLOW_FRACTION)  # fmt: skip
-    print(f"predicted: knee {curve.knee_rps:.3g} req/s, saturation {curve.saturation_rps:.3g} req/s "
-          f"({curve.probes} simulated runs, {time.process_time() - start:.1f} CPU s, pool {curve.kv_pool_blocks} "
-          f"blocks, running peak {max(p.running_peak for p in curve.points)})")  # fmt: skip
+    curve = find_saturation(
+        g, spec, [(PROMPT, GEN)], "fp32", cfg=cfg, eff=eff, arrivals="constant", follow=FOLLOW_FRACTION
+    )
+    print(
+        f"predicted: knee {curve.knee_rps:.3g} req/s, saturation {curve.saturation_rps:.3g} req/s "
+        f"({curve.probes} simulated runs, {time.process_time() - start:.1f} CPU s, pool {curve.kv_pool_blocks} "
+        f"blocks, running peak {max(p.running_peak for p in curve.points)})"
+    )
     short = f"η_compute {eff.eta_compute:.3g}, η_memory {eff.eta_memory:.3g}"
     if eff.layer_overhead_s:
         short += f", {eff.layer_overhead_s * 1e6:.3g} µs/layer"
@@ -199,14 +237,27 @@ def draw(measured: dict[str, Any], predicted: dict[str, Any], out_dir: Path, sum
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         ax = axes[0]
         pts = sorted(curve.points, key=lambda p: p.offered_rps)
-        ax.plot([p.offered_rps for p in pts], [p.achieved_rps for p in pts], "-", color=style.color(1),
-                marker=style.marker(1), markersize=3.5, label="simulator (calibrated cpu-host)")  # fmt: skip
+        ax.plot(
+            [p.offered_rps for p in pts],
+            [p.achieved_rps for p in pts],
+            "-",
+            color=style.color(1),
+            marker=style.marker(1),
+            markersize=3.5,
+            label="simulator (calibrated cpu-host)",
+        )
         probes = sorted(measured["probes"], key=lambda p: float(p["offered_rps_realised"] or p["offered_rps"]))
         for ok, face in ((True, style.color(0)), (False, "white")):
             sel = [p for p in probes if bool(p["sustainable"]) == ok]
-            ax.scatter([float(p["offered_rps_realised"] or p["offered_rps"]) for p in sel],
-                       [float(p["achieved_rps"]) for p in sel], s=28, facecolors=face, edgecolors=style.color(0),
-                       zorder=3, label=f"vLLM CPU probes ({'sustainable' if ok else 'not sustainable'})")  # fmt: skip
+            ax.scatter(
+                [float(p["offered_rps_realised"] or p["offered_rps"]) for p in sel],
+                [float(p["achieved_rps"]) for p in sel],
+                s=28,
+                facecolors=face,
+                edgecolors=style.color(0),
+                zorder=3,
+                label=f"vLLM CPU probes ({'sustainable' if ok else 'not sustainable'})",
+            )
         top = max([p.offered_rps for p in pts] + [float(p["offered_rps"]) for p in probes])
         ax.plot([0, top], [0, top], ":", color="grey", linewidth=0.8, label="achieved = offered")
         ax.axhline(summary["measured_saturation_rps"], color=style.color(0), linewidth=0.8, alpha=0.6)
@@ -215,25 +266,44 @@ def draw(measured: dict[str, Any], predicted: dict[str, Any], out_dir: Path, sum
         ax.set_ylabel("achieved requests/s")
         ax.legend(fontsize=6.5)
         ax = axes[1]
-        ax.plot([p.achieved_rps for p in pts], [1e3 * p.tpot_s_p50 for p in pts], "-", color=style.color(1),
-                marker=style.marker(1), markersize=3.5, label="simulator TPOT p50")  # fmt: skip
-        ax.scatter([float(p["achieved_rps"]) for p in probes], [1e3 * float(p["tpot_s_p50"]) for p in probes],
-                   s=28, color=style.color(0), zorder=3, label="vLLM CPU TPOT p50 (client clock)")  # fmt: skip
+        ax.plot(
+            [p.achieved_rps for p in pts],
+            [1e3 * p.tpot_s_p50 for p in pts],
+            "-",
+            color=style.color(1),
+            marker=style.marker(1),
+            markersize=3.5,
+            label="simulator TPOT p50",
+        )
+        ax.scatter(
+            [float(p["achieved_rps"]) for p in probes],
+            [1e3 * float(p["tpot_s_p50"]) for p in probes],
+            s=28,
+            color=style.color(0),
+            zorder=3,
+            label="vLLM CPU TPOT p50 (client clock)",
+        )
         ax.set_xlabel("achieved requests/s")
         ax.set_ylabel("TPOT p50 (ms)")
         ax.legend(fontsize=6.5)
         ratio = summary["saturation_ratio"]
         peaks = measured["peaks"]
-        style.figure_title(fig, f"Continuous batching, simulator vs vLLM CPU: saturation predicted / measured {ratio:.2f}",
-                           f"{MODEL} fp32 · {PROMPT}→{GEN} tokens · constant arrivals · 2 shared CPU cores")  # fmt: skip
-        style.footnote(fig, [
-            f"engine: max_num_seqs {measured['settings']['max_num_seqs']}, pool {POOL_BYTES >> 20} MiB, block "
-            f"{BLOCK_SIZE}; simulator on cpu-host (measured {peaks.fp32_gflops:.1f} GFLOP/s fp32, "
-            f"{peaks.bandwidth_gbps:.2f} GB/s copy), {predicted['efficiency_short']}",
-            f"horizontal lines: saturation rate (highest achieved), measured {summary['measured_saturation_rps']:.3g}"
-            f", predicted {curve.saturation_rps:.3g} req/s · load average (1/5/15 min) {summary['load_before']} → "
-            f"{summary['load_after']}",
-        ])  # fmt: skip
+        style.figure_title(
+            fig,
+            f"Continuous batching, simulator vs vLLM CPU: saturation predicted / measured {ratio:.2f}",
+            f"{MODEL} fp32 · {PROMPT}→{GEN} tokens · constant arrivals · 2 shared CPU cores",
+        )
+        style.footnote(
+            fig,
+            [
+                f"engine: max_num_seqs {measured['settings']['max_num_seqs']}, pool {POOL_BYTES >> 20} MiB, block "
+                f"{BLOCK_SIZE}; simulator on cpu-host (measured {peaks.fp32_gflops:.1f} GFLOP/s fp32, "
+                f"{peaks.bandwidth_gbps:.2f} GB/s copy), {predicted['efficiency_short']}",
+                f"horizontal lines: saturation rate (highest achieved), measured {summary['measured_saturation_rps']:.3g}"
+                f", predicted {curve.saturation_rps:.3g} req/s · load average (1/5/15 min) {summary['load_before']} → "
+                f"{summary['load_after']}",
+            ],
+        )
         fig.tight_layout()
         return style.save(fig, out_dir, "sim_vs_vllm")
 
@@ -281,9 +351,19 @@ def reused(out: Path) -> tuple[dict[str, Any]]:
         "knee_rps": summ["measured_knee_rps"],
         "saturation_rps": summ["measured_saturation_rps"],
     }
-    return ({"peaks": HostPeaks.from_dict(rec["peaks"]), "settings": rec["settings"], "bursts": rec["bursts"],
-             "probes": rec["measured_probes"], "search": search, "out": out, "load_before": summ["load_before"],
-             "load_after": summ["load_after"], "wall_s": summ["wall_s"]},)  # fmt: skip
+    return (
+        {
+            "peaks": HostPeaks.from_dict(rec["peaks"]),
+            "settings": rec["settings"],
+            "bursts": rec["bursts"],
+            "probes": rec["measured_probes"],
+            "search": search,
+            "out": out,
+            "load_before": summ["load_before"],
+            "load_after": summ["load_after"],
+            "wall_s": summ["wall_s"],
+        },
+    )
 
 
 def report(measured: dict[str, Any], args: Any) -> int:
@@ -306,15 +386,24 @@ def report(measured: dict[str, Any], args: Any) -> int:
     }
     print(f"\nmeasured  knee {knee:.3g} req/s, saturation {sat:.3g} req/s (vLLM CPU, kvray bench --rate auto)")
     print(f"predicted knee {curve.knee_rps:.3g} req/s, saturation {curve.saturation_rps:.3g} req/s (kvray.sim)")
-    print(f"ratio predicted/measured: knee {summary['knee_ratio']:.2f}, saturation {summary['saturation_ratio']:.2f}"
-          f" → {'within' if summary['within_25pct'] else 'NOT within'} 25 %; load average {before} → "
-          f"{summary['load_after']}; {summary['wall_s']:.0f} s")  # fmt: skip
+    print(
+        f"ratio predicted/measured: knee {summary['knee_ratio']:.2f}, saturation {summary['saturation_ratio']:.2f}"
+        f" → {'within' if summary['within_25pct'] else 'NOT within'} 25 %; load average {before} → "
+        f"{summary['load_after']}; {summary['wall_s']:.0f} s"
+    )
     for path in draw(measured, predicted, args.figures, summary):
         print(f"wrote {path}")
-    record = {"summary": summary, "settings": measured["settings"], "peaks": measured["peaks"].to_dict(),
-              "bursts": measured["bursts"], "measured_probes": measured["probes"], "fit": predicted["fit"],
-              "predicted_points": [p.to_dict() for p in curve.points], "search": measured["search"],
-              "predicted_at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+    record = {
+        "summary": summary,
+        "settings": measured["settings"],
+        "peaks": measured["peaks"].to_dict(),
+        "bursts": measured["bursts"],
+        "measured_probes": measured["probes"],
+        "fit": predicted["fit"],
+        "predicted_points": [p.to_dict() for p in curve.points],
+        "search": measured["search"],
+        "predicted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     (measured["out"] / "sim_vs_vllm.json").write_text(json.dumps(record, indent=1, default=str))
     if args.json:
         print(json.dumps(record, indent=1, default=str))

@@ -40,8 +40,15 @@ def main() -> None:
     workload = Workload.uniform(args.concurrency, args.prompt_toks, args.gen_toks)
 
     def cell(interval_s: float) -> Cell:
-        return Cell(model=args.model, workload=workload, dtype=args.dtype, device=args.device, warmup=0, repeats=1,
-                    options=make_options(telemetry_interval_s=interval_s))  # fmt: skip
+        return Cell(
+            model=args.model,
+            workload=workload,
+            dtype=args.dtype,
+            device=args.device,
+            warmup=0,
+            repeats=1,
+            options=make_options(telemetry_interval_s=interval_s),
+        )
 
     cells = {"off": cell(0.0), "on": cell(args.interval_s)}
     backend = HFBackend()
@@ -60,12 +67,16 @@ def main() -> None:
     backend.close()
     off, on = tpot["off"], tpot["on"]
     paired = statistics.median(a / b for a, b in zip(on, off, strict=True))
-    print(f"model {args.model} on {args.device} ({args.dtype}, {torch.get_num_threads()} CPU threads), "
-          f"{args.concurrency} × {args.prompt_toks} → {args.gen_toks}, {args.rounds} rounds, "
-          f"telemetry every {args.interval_s} s ({statistics.median(samples)} samples per cell, median)")  # fmt: skip
-    print(f"TPOT p50: off median {statistics.median(off) * 1e3:.2f} ms (min {min(off) * 1e3:.2f}), "
-          f"on median {statistics.median(on) * 1e3:.2f} ms (min {min(on) * 1e3:.2f}); "
-          f"on/off: paired median {paired:.3f}, min/min {min(on) / min(off):.3f}")  # fmt: skip
+    print(
+        f"model {args.model} on {args.device} ({args.dtype}, {torch.get_num_threads()} CPU threads), "
+        f"{args.concurrency} × {args.prompt_toks} → {args.gen_toks}, {args.rounds} rounds, "
+        f"telemetry every {args.interval_s} s ({statistics.median(samples)} samples per cell, median)"
+    )
+    print(
+        f"TPOT p50: off median {statistics.median(off) * 1e3:.2f} ms (min {min(off) * 1e3:.2f}), "
+        f"on median {statistics.median(on) * 1e3:.2f} ms (min {min(on) * 1e3:.2f}); "
+        f"on/off: paired median {paired:.3f}, min/min {min(on) / min(off):.3f}"
+    )
     print("goal: on / off ≤ 1.02")
 
 

@@ -177,7 +177,7 @@ class Workload:
                 tuple(sorted(lengths["prompt"].items())), tuple(sorted(lengths["gen"].items())), lengths.get("seed", 0)
             )
             if lengths
-            else None,  # fmt: skip
+            else None,
             slo=tuple(sorted((d.get("slo") or {}).items())),
         )
 

@@ -112,10 +112,21 @@ def ray_head_process(log_dir: Path, bin_dir: Path, env: dict[str, str] | None = 
     base.pop("VIRTUAL_ENV", None)  # the head's Python is bin_dir's, not the one running the tests
     env = {**base, "PATH": f"{bin_dir}{os.pathsep}{base['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     log = open(log_dir / "head.log", "w")  # noqa: SIM115 - lives as long as the head
-    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-           "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true",
-           *(f"{flag}={port}" for flag, port in ports.items())]  # fmt: skip
+    cmd = [
+        str(bin_dir / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--disable-usage-stats",
+        "--include-dashboard=true",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash_port}"
     try:

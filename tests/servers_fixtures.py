@@ -96,8 +96,16 @@ def vllm_cell(model_dir: Path | str, workload: Any, warmup: int = 1, repeats: in
     """A vLLM cell of the tiny model on CPU in fp32, served by the CPU build ``vllm_python`` finds."""
     from kvray.spec import Cell, make_options
 
-    return Cell(model=str(model_dir), workload=workload, backend="vllm", dtype="fp32", device="cpu", warmup=warmup,
-                repeats=repeats, options=make_options(**vllm_test_options(**options)))  # fmt: skip
+    return Cell(
+        model=str(model_dir),
+        workload=workload,
+        backend="vllm",
+        dtype="fp32",
+        device="cpu",
+        warmup=warmup,
+        repeats=repeats,
+        options=make_options(**vllm_test_options(**options)),
+    )
 
 
 # --- vLLM servers shared by settings ------------------------------------------------------------------------
@@ -142,8 +150,9 @@ class VllmServers:
             backend = self.backends[key] = VLLMBackend()
         options = {k: v for k, v in settings.items() if k not in ("tensor_parallel", "kv_dtype")}
         cell = vllm_cell(self.model_dir(tmp_path_factory), Workload.uniform(1, 8, 2), **options)
-        backend.load(replace(cell, tensor_parallel=settings.get("tensor_parallel", 1),
-                             kv_dtype=settings.get("kv_dtype")))  # fmt: skip
+        backend.load(
+            replace(cell, tensor_parallel=settings.get("tensor_parallel", 1), kv_dtype=settings.get("kv_dtype"))
+        )
         return backend
 
     def done(self, request: Any, key: tuple[tuple[str, Any], ...]) -> None:
@@ -166,8 +175,11 @@ def later_items(request: Any) -> list[Any]:
 
 def _wanted_after(request: Any, key: tuple[tuple[str, Any], ...]) -> bool:
     """Whether a test collected after ``request``'s module asks for a ``shared_vllm`` fixture of ``key``."""
-    return any(getattr(getattr(item.module, name, None), "vllm_server_key", None) == key
-               for item in later_items(request) for name in item.fixturenames)  # fmt: skip
+    return any(
+        getattr(getattr(item.module, name, None), "vllm_server_key", None) == key
+        for item in later_items(request)
+        for name in item.fixturenames
+    )
 
 
 def shared_vllm(**settings: Any) -> Any:
@@ -208,8 +220,9 @@ def start_transformers_serve(model_dir: Path, continuous_batching: bool = True) 
 
     port = free_port()
     extra = ["--cb-num-blocks", "64", "--cb-max-batch-tokens", "256"] if continuous_batching else []
-    cmd = transformers_serve_command(model_dir, port, continuous_batching=continuous_batching,
-                                     executable=transformers_cli(), extra=extra)  # fmt: skip
+    cmd = transformers_serve_command(
+        model_dir, port, continuous_batching=continuous_batching, executable=transformers_cli(), extra=extra
+    )
     return ServerProcess(cmd, f"http://127.0.0.1:{port}/health", name="transformers-serve").start(180)
 
 
@@ -383,13 +396,28 @@ class _OllamaHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         owner = self.server.owner  # type: ignore[attr-defined]
         if self.path == "/api/ps":
-            self._json(200, {"models": [{
-                "name": owner.model, "model": owner.model, "size": 5137025024, "digest": "2ae6f6dd7a3dd734",
-                "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B",
-                            "quantization_level": "Q4_0"},
-                "expires_at": "2024-06-04T14:38:31.83753-07:00", "size_vram": 5137025024,
-                "context_length": owner.context_length,
-            }]})  # fmt: skip
+            self._json(
+                200,
+                {
+                    "models": [
+                        {
+                            "name": owner.model,
+                            "model": owner.model,
+                            "size": 5137025024,
+                            "digest": "2ae6f6dd7a3dd734",
+                            "details": {
+                                "format": "gguf",
+                                "family": "llama",
+                                "parameter_size": "8.0B",
+                                "quantization_level": "Q4_0",
+                            },
+                            "expires_at": "2024-06-04T14:38:31.83753-07:00",
+                            "size_vram": 5137025024,
+                            "context_length": owner.context_length,
+                        }
+                    ]
+                },
+            )
         elif self.path == "/api/tags":
             self._json(200, {"models": [{"name": owner.model, "model": owner.model}]})
         else:
@@ -426,24 +454,40 @@ class _OllamaHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.close_connection = True
 
-    def _generate(self, owner: Any, body: dict[str, Any], n: int, n_out: int, prompt_count: int, send: Any,
-                  t_received: float) -> None:  # fmt: skip
+    def _generate(
+        self, owner: Any, body: dict[str, Any], n: int, n_out: int, prompt_count: int, send: Any, t_received: float
+    ) -> None:
         t_start = time.perf_counter()
         time.sleep(owner.prefill_s)
         prompt_done = time.perf_counter()
         for i in range(n_out):
             if i:
                 time.sleep(owner.token_s)
-            send({"model": owner.model, "created_at": "2023-08-04T08:52:19.385406455-07:00",
-                  "response": f" tok{i}", "done": False})  # fmt: skip
+            send(
+                {
+                    "model": owner.model,
+                    "created_at": "2023-08-04T08:52:19.385406455-07:00",
+                    "response": f" tok{i}",
+                    "done": False,
+                }
+            )
         end = time.perf_counter()
-        send({
-            "model": owner.model, "created_at": "2023-08-04T19:22:45.499127Z", "response": "", "done": True,
-            "done_reason": "stop" if n_out < n else "length", "context": [1, 2, 3],
-            "total_duration": int((end - t_received) * 1e9), "load_duration": 5_025_959,
-            "prompt_eval_count": prompt_count, "prompt_eval_duration": int((prompt_done - t_start) * 1e9),
-            "eval_count": n_out, "eval_duration": int((end - prompt_done) * 1e9),
-        })  # fmt: skip
+        send(
+            {
+                "model": owner.model,
+                "created_at": "2023-08-04T19:22:45.499127Z",
+                "response": "",
+                "done": True,
+                "done_reason": "stop" if n_out < n else "length",
+                "context": [1, 2, 3],
+                "total_duration": int((end - t_received) * 1e9),
+                "load_duration": 5_025_959,
+                "prompt_eval_count": prompt_count,
+                "prompt_eval_duration": int((prompt_done - t_start) * 1e9),
+                "eval_count": n_out,
+                "eval_duration": int((end - prompt_done) * 1e9),
+            }
+        )
 
 
 class OllamaContractServer(_Server):
@@ -451,8 +495,15 @@ class OllamaContractServer(_Server):
 
     handler = _OllamaHandler
 
-    def __init__(self, model: str = "llama3.2:1b", prefill_s: float = 0.05, token_s: float = 0.02,
-                 context_length: int = 4096, stop_after: int | None = None, parallel: int = 4) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: str = "llama3.2:1b",
+        prefill_s: float = 0.05,
+        token_s: float = 0.02,
+        context_length: int = 4096,
+        stop_after: int | None = None,
+        parallel: int = 4,
+    ) -> None:
         super().__init__()
         self.slots = threading.Semaphore(parallel)
         self.model, self.prefill_s, self.token_s = model, prefill_s, token_s
@@ -509,8 +560,14 @@ class PacedOpenAIServer:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
-                length = next((int(v) for k, _, v in (line.partition(":") for line in lines[1:])
-                               if k.strip().lower() == "content-length"), 0)  # fmt: skip
+                length = next(
+                    (
+                        int(v)
+                        for k, _, v in (line.partition(":") for line in lines[1:])
+                        if k.strip().lower() == "content-length"
+                    ),
+                    0,
+                )
                 body = json.loads(await reader.readexactly(length)) if length else {}
                 if path.startswith("/v1/models"):
                     self._json(writer, {"object": "list", "data": [{"id": "stub", "object": "model"}]})
@@ -530,8 +587,12 @@ class PacedOpenAIServer:
     @staticmethod
     def _json(writer: asyncio.StreamWriter, obj: Any) -> None:
         payload = json.dumps(obj).encode()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                     + str(len(payload)).encode() + b"\r\n\r\n" + payload)  # fmt: skip
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(payload)).encode()
+            + b"\r\n\r\n"
+            + payload
+        )
 
     async def _stream(self, writer: asyncio.StreamWriter, n: int) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")

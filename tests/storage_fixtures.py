@@ -32,8 +32,9 @@ class S3:
     def fs(self) -> Any:
         import pyarrow.fs as pafs
 
-        return pafs.S3FileSystem(access_key="test-key", secret_key=SECRET, region="us-east-1",
-                                 endpoint_override=self.endpoint, scheme="http")  # fmt: skip
+        return pafs.S3FileSystem(
+            access_key="test-key", secret_key=SECRET, region="us-east-1", endpoint_override=self.endpoint, scheme="http"
+        )
 
     def keys(self, prefix: str) -> list[str]:
         """Every object under ``BUCKET/prefix``, relative to it."""
@@ -60,8 +61,12 @@ def s3_endpoint() -> Iterator[str]:
     import pyarrow.fs as pafs
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -72,8 +77,14 @@ def s3_endpoint() -> Iterator[str]:
                 assert server.poll() is None and time.monotonic() < deadline, "moto's server did not start"
                 time.sleep(0.1)
         endpoint = f"http://127.0.0.1:{port}"
-        pafs.S3FileSystem(access_key="test-key", secret_key=SECRET, region="us-east-1", endpoint_override=endpoint,
-                          scheme="http", allow_bucket_creation=True).create_dir(BUCKET)  # fmt: skip
+        pafs.S3FileSystem(
+            access_key="test-key",
+            secret_key=SECRET,
+            region="us-east-1",
+            endpoint_override=endpoint,
+            scheme="http",
+            allow_bucket_creation=True,
+        ).create_dir(BUCKET)
         yield endpoint
     finally:
         os.killpg(server.pid, signal.SIGKILL)
@@ -85,6 +96,12 @@ def s3(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> S3:
     """The session's S3 server, with this module's own staging folder (tests count what is left in it)."""
     staging = tmp_path_factory.mktemp("staging")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KVRAY_STAGING"))}
-    env.update(HF_HUB_OFFLINE="1", AWS_ACCESS_KEY_ID="test-key", AWS_SECRET_ACCESS_KEY=SECRET,
-               AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=s3_endpoint, KVRAY_STAGING_DIR=str(staging))  # fmt: skip
+    env.update(
+        HF_HUB_OFFLINE="1",
+        AWS_ACCESS_KEY_ID="test-key",
+        AWS_SECRET_ACCESS_KEY=SECRET,
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=s3_endpoint,
+        KVRAY_STAGING_DIR=str(staging),
+    )
     return S3(s3_endpoint, env, staging)

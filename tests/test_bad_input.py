@@ -378,8 +378,25 @@ def test_bad_input_is_one_line_exit_2(args, needle, template, tmp_path, monkeypa
 
 def test_the_suite_covers_every_command_with_60_kinds():
     commands = {args[0] for _, args, _ in CASES}
-    every = {"info", "env", "check", "bench", "run", "exp1", "exp2", "exp3", "exp4", "exp5", "exp6", "predict", "calibrate",
-             "plot", "report", "compare", "launch"}  # fmt: skip
+    every = {
+        "info",
+        "env",
+        "check",
+        "bench",
+        "run",
+        "exp1",
+        "exp2",
+        "exp3",
+        "exp4",
+        "exp5",
+        "exp6",
+        "predict",
+        "calibrate",
+        "plot",
+        "report",
+        "compare",
+        "launch",
+    }
     assert commands == every and len(CASES) >= 60 and len({i for i, _, _ in CASES}) == len(CASES)
     backends = {a[a.index("--backend") + 1] for _, a, _ in CASES if a[0] == "bench" and "--backend" in a}
     assert {"hf-paged", "vllm", "openai", "ollama", "synthetic", "sim"} <= backends

@@ -62,8 +62,25 @@ def test_bench_runs_hf_without_ray_and_writes_the_dataset(tmp_path, opt_dir):
 @pytest.mark.integration  # a `kvray` child process
 def test_bench_mixed_workload_as_json(tmp_path, opt_dir):
     out = tmp_path / "r"
-    proc = run("--model", opt_dir, "--mixed", "4,4,20", "--gen-toks", "3", "--dtype", "fp32", "--device", "auto",
-               "--warmup", "0", "--repeats", "1", "--output", str(out), "--json")  # fmt: skip
+    proc = run(
+        "--model",
+        opt_dir,
+        "--mixed",
+        "4,4,20",
+        "--gen-toks",
+        "3",
+        "--dtype",
+        "fp32",
+        "--device",
+        "auto",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--output",
+        str(out),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(proc.stdout)
     assert data["status"] == "ok" and data["metrics"]["requests"] == 3
@@ -74,8 +91,18 @@ def test_bench_mixed_workload_as_json(tmp_path, opt_dir):
 
 @pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_refused_cell_exits_1_with_the_estimate(tmp_path):
-    proc = run("--model", "meta-llama/Llama-3.1-70B", "-c", "32", "--prompt-toks", "4096", "--device", "cpu",
-               "--output", str(tmp_path / "r"))  # fmt: skip
+    proc = run(
+        "--model",
+        "meta-llama/Llama-3.1-70B",
+        "-c",
+        "32",
+        "--prompt-toks",
+        "4096",
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp_path / "r"),
+    )
     assert proc.returncode == 1, proc.stderr
     assert "refused" in proc.stdout and "GiB" in proc.stdout
     assert json.loads((tmp_path / "r" / "cells.jsonl").read_text())["status"] == "refused"
@@ -136,8 +163,17 @@ def test_replace_measures_again_and_keeps_one_row(tmp_path):
     from kvray.errors import KvrayInputError
 
     out = tmp_path / "r"
-    cell = bench_cell("kvray/tiny-llama", prompt_toks=8, gen_toks=3, concurrency=2, backend="synthetic",
-                      dtype="fp32", warmup=0, repeats=1, options={"ttft_s": 0.01, "tpot_s": 0.01})  # fmt: skip
+    cell = bench_cell(
+        "kvray/tiny-llama",
+        prompt_toks=8,
+        gen_toks=3,
+        concurrency=2,
+        backend="synthetic",
+        dtype="fp32",
+        warmup=0,
+        repeats=1,
+        options={"ttft_s": 0.01, "tpot_s": 0.01},
+    )
     first = measure_and_record(cell, out)
     assert first.added
     with pytest.raises(KvrayInputError, match="--replace"):

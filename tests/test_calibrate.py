@@ -84,8 +84,15 @@ def test_recovers_noisy_eta_and_overhead_and_predictions_use_them(tmp_path, monk
     monkeypatch.setenv("KVRAY_CALIBRATION", str(cal))
     calibrated = predict_cell(g, "H100-SXM", 8, 2048, 32)
     assert calibrated.efficiency_source.startswith("calibrated from 18 rows")
-    truth = run_cell(SimBackend(), Cell(model=g.name, backend="sim", workload=Workload.uniform(8, 2048, 32),
-                                        options=make_options(eta_compute=0.55, eta_memory=0.8, layer_overhead_s=20e-6)))  # fmt: skip
+    truth = run_cell(
+        SimBackend(),
+        Cell(
+            model=g.name,
+            backend="sim",
+            workload=Workload.uniform(8, 2048, 32),
+            options=make_options(eta_compute=0.55, eta_memory=0.8, layer_overhead_s=20e-6),
+        ),
+    )
     assert calibrated.tpot_s == pytest.approx(truth.metrics["tpot_s_p50"], rel=0.05)
     assert calibrated.ttft_s == pytest.approx(truth.metrics["ttft_s_p50"], rel=0.05)
 

@@ -12,17 +12,30 @@ from kvray.hardware.host import HOST_NAME, HostPeaks, measure_host
 
 # A host with round figures, so the roofs are known: decode of kvray/tiny-llama (4 layers, 13.6 MB fp32 weights)
 # reads ≥ 13.6 MB a step, 1.4 ms at 10 GB/s — below the 12 ms steps the rows below inject.
-HOST = HostPeaks(fp32_gflops=50.0, bandwidth_gbps=10.0, threads=2, matmul_n=1024, copy_mib=256, repeats=5,
-                 memory_gib=16.0)  # fmt: skip
+HOST = HostPeaks(
+    fp32_gflops=50.0, bandwidth_gbps=10.0, threads=2, matmul_n=1024, copy_mib=256, repeats=5, memory_gib=16.0
+)
 STEP_S = 0.012  # every decode step, whatever the batch: a fixed per-step cost (Python, scheduling), no roof
 
 
 def cpu_row(concurrency: int, **extra):
-    base = {"status": "ok", "simulated": False, "hardware": "cpu", "backend": "vllm", "ttft_basis": "client-http",
-            "model": "kvray/tiny-llama", "dtype": "fp32", "kv_dtype": "fp32", "prompt_toks": 32, "gen_toks": 32,
-            "concurrency": concurrency, "prompt_toks_list": ",".join(["32"] * concurrency),
-            "ttft_s_p50": 5.0,  # on the client's clock, absurd on purpose: the fit must not use it
-            "tpot_s_p50": STEP_S, "queue_s_max": 0.0}  # fmt: skip
+    base = {
+        "status": "ok",
+        "simulated": False,
+        "hardware": "cpu",
+        "backend": "vllm",
+        "ttft_basis": "client-http",
+        "model": "kvray/tiny-llama",
+        "dtype": "fp32",
+        "kv_dtype": "fp32",
+        "prompt_toks": 32,
+        "gen_toks": 32,
+        "concurrency": concurrency,
+        "prompt_toks_list": ",".join(["32"] * concurrency),
+        "ttft_s_p50": 5.0,  # on the client's clock, absurd on purpose: the fit must not use it
+        "tpot_s_p50": STEP_S,
+        "queue_s_max": 0.0,
+    }
     return {**base, **extra}
 
 

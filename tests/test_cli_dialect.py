@@ -181,10 +181,26 @@ def test_check_oom_risk_is_a_dataclass_and_check_json_keeps_its_keys(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data == risk.to_dict()
     assert set(data) == {
-        "model", "tensor_parallel", "per_gpu", "concurrency", "seq_len", "dtype", "kv_dtype", "layout", "device",
-        "risk_level", "weights_gb", "kv_gb", "activation_gb", "overhead_gb", "total_estimated_gb", "available_gb",
-        "fraction_of_available", "max_concurrency", "recommendations",
-    }  # fmt: skip
+        "model",
+        "tensor_parallel",
+        "per_gpu",
+        "concurrency",
+        "seq_len",
+        "dtype",
+        "kv_dtype",
+        "layout",
+        "device",
+        "risk_level",
+        "weights_gb",
+        "kv_gb",
+        "activation_gb",
+        "overhead_gb",
+        "total_estimated_gb",
+        "available_gb",
+        "fraction_of_available",
+        "max_concurrency",
+        "recommendations",
+    }
 
 
 def test_many_parameter_functions_take_their_settings_by_keyword():

@@ -26,8 +26,9 @@ def kvray(*args: str) -> int:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("commands")
-    job = write_job_file(root, "every_command", repeats=3,
-                         grid={"prompt_toks": [16], "gen_toks": [4], "concurrency": [1, 2]})  # fmt: skip
+    job = write_job_file(
+        root, "every_command", repeats=3, grid={"prompt_toks": [16], "gen_toks": [4], "concurrency": [1, 2]}
+    )
     out = root / "out"
     assert kvray("run", str(job), "--address", "inprocess", "--output", str(out), "--no-plots") == 0
     return out

@@ -162,8 +162,16 @@ def test_one_repeat_is_not_testable_shows_the_change_and_never_fails_the_gate(tm
     line says how many and why, and --fail-on-regression 0 does not fail on them."""
 
     def one(tpot_s: float) -> list[Cell]:
-        return [Cell("kvray/tiny-llama", Workload.uniform(4, 32, 4), backend="synthetic", warmup=0, repeats=1,
-                     options=make_options(ttft_s=0.02, tpot_s=tpot_s))]  # fmt: skip
+        return [
+            Cell(
+                "kvray/tiny-llama",
+                Workload.uniform(4, 32, 4),
+                backend="synthetic",
+                warmup=0,
+                repeats=1,
+                options=make_options(ttft_s=0.02, tpot_s=tpot_s),
+            )
+        ]
 
     a, b = write_run(tmp_path / "a", one(0.050)), write_run(tmp_path / "b", one(0.053))
     c = compare_dirs(a, b)
@@ -302,8 +310,13 @@ def test_compare_uses_the_rows_steady_state_sample_not_all_traces():
 
 def crafted(hardware: str, speed: float, block_size: int, repeats: int = 3) -> CellResult:
     """A cell of 40 requests a repeat whose tokens come ``speed`` × 10 ms apart (± a deterministic 2 % wobble)."""
-    cell_ = Cell("kvray/tiny-llama", Workload.uniform(40, 64, 6), backend="hf-paged", repeats=repeats,
-                 options=make_options(block_size=block_size))  # fmt: skip
+    cell_ = Cell(
+        "kvray/tiny-llama",
+        Workload.uniform(40, 64, 6),
+        backend="hf-paged",
+        repeats=repeats,
+        options=make_options(block_size=block_size),
+    )
     traces = []
     for r in range(repeats):
         for i in range(40):

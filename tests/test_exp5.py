@@ -36,8 +36,12 @@ def exp5_folder(tmp_path_factory) -> Path:
 
 @pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_exp5_default_is_sim_on_three_gpus_from_the_command_line():
-    out = subprocess.run([sys.executable, "-m", "kvray.cli", "exp5", "--model", MODEL, "--dry-run", "--json"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "kvray.cli", "exp5", "--model", MODEL, "--dry-run", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     cells = json.loads(out.stdout)["cells"]
     assert {c["hardware"] for c in cells} == set(EXP5_GPUS) == {"H100-SXM", "A100-80GB-SXM", "L4"}

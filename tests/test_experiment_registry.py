@@ -71,8 +71,14 @@ class FlagsStub:
     def common(self, backends, default_backends=("hf",), extra_options=()):
         from kvray.plan.experiments import Common
 
-        return Common(model="kvray/tiny-llama", backends=list(default_backends), dtype="fp32", warmup=0, repeats=1,
-                      options={"ttft_s": 0.01, "tpot_s": 0.005})  # fmt: skip
+        return Common(
+            model="kvray/tiny-llama",
+            backends=list(default_backends),
+            dtype="fp32",
+            warmup=0,
+            repeats=1,
+            options={"ttft_s": 0.01, "tpot_s": 0.005},
+        )
 
 
 @pytest.fixture

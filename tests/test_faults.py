@@ -58,8 +58,9 @@ def as_from_a_terminal() -> None:
 
 def kvray_cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "kvray.cli", *args], env=env, text=True,
-                            preexec_fn=as_from_a_terminal, **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvray.cli", *args], env=env, text=True, preexec_fn=as_from_a_terminal, **kwargs
+    )
 
 
 def jsonl_ids(out: Path) -> list[str]:
@@ -84,16 +85,28 @@ def test_ctrl_c_stops_writes_tables_says_how_to_resume_and_a_second_run_is_refus
     out = tmp_path / "out"
     planned = {c.cell_id for c in plan_cells(load_job(job_file))}
     # Its own Ray in its own session: a terminal's Ctrl-C reaches the whole process group, Ray's processes too.
-    first = kvray_cli("run", str(job_file), "--output", str(out), "--no-plots", start_new_session=True,
-                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    first = kvray_cli(
+        "run",
+        str(job_file),
+        "--output",
+        str(out),
+        "--no-plots",
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_rows(out, first, 2)
         lock = json.loads((out / ".kvray-run.lock").read_text())
         assert lock["pid"] == first.pid
         # A second run into the same folder refuses at once, with one line, and writes nothing.
         t0 = time.monotonic()
-        second = subprocess.run([sys.executable, "-m", "kvray.cli", "run", str(job_file), "--output", str(out)],
-                                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        second = subprocess.run(
+            [sys.executable, "-m", "kvray.cli", "run", str(job_file), "--output", str(out)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert second.returncode == 2 and time.monotonic() - t0 < 30, second.stderr
         assert (
             second.stderr.strip().splitlines()
@@ -120,10 +133,23 @@ def test_ctrl_c_stops_writes_tables_says_how_to_resume_and_a_second_run_is_refus
     # Resume: only the missing cells run; the first run's rows are untouched.
     before = {r["cell_id"]: r["started_at"] for r in read_results(out)}
     resumed = subprocess.run(
-        [sys.executable, "-m", "kvray.cli", "run", str(job_file), "--output", str(out), "--no-plots",
-         "--address", session_address(ray_session)],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kvray.cli",
+            "run",
+            str(job_file),
+            "--output",
+            str(out),
+            "--no-plots",
+            "--address",
+            session_address(ray_session),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ids = jsonl_ids(out)
     assert set(ids) == planned and len(ids) == len(planned)  # nothing lost, nothing doubled
@@ -134,8 +160,17 @@ def test_ctrl_c_stops_writes_tables_says_how_to_resume_and_a_second_run_is_refus
 def test_a_second_ctrl_c_quits_at_once_and_keeps_every_row(ray_session, tmp_path):
     job_file = write_job(tmp_path / "faults.yaml")
     out = tmp_path / "out"
-    proc = kvray_cli("run", str(job_file), "--output", str(out), "--no-plots", "--address",
-                     session_address(ray_session), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = kvray_cli(
+        "run",
+        str(job_file),
+        "--output",
+        str(out),
+        "--no-plots",
+        "--address",
+        session_address(ray_session),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_rows(out, proc, 2)
         os.kill(proc.pid, signal.SIGINT)
@@ -164,12 +199,23 @@ def test_disk_full_stops_with_one_line_and_the_rerun_resumes_without_duplicates(
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        job_file = write_job(tmp_path / "faults.yaml", gen=200, **{"ttft_s: 0.2, tpot_s: 0.05": "ttft_s: 0.01, "
-                                                                   "tpot_s: 0.001"})  # fmt: skip
+        job_file = write_job(
+            tmp_path / "faults.yaml", gen=200, **{"ttft_s: 0.2, tpot_s: 0.05": "ttft_s: 0.01, tpot_s: 0.001"}
+        )
         out = disk / "out"
         planned = {c.cell_id for c in plan_cells(load_job(job_file))}
-        args = [sys.executable, "-m", "kvray.cli", "run", str(job_file), "--output", str(out), "--no-plots",
-                "--address", session_address(ray_session)]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "kvray.cli",
+            "run",
+            str(job_file),
+            "--output",
+            str(out),
+            "--no-plots",
+            "--address",
+            session_address(ray_session),
+        ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         full = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
         assert full.returncode == 1, full.stderr[-3000:]
@@ -188,8 +234,18 @@ def test_disk_full_stops_with_one_line_and_the_rerun_resumes_without_duplicates(
 def test_an_edited_job_says_which_cells_are_new_and_gone(ray_session, tmp_path):
     job_file = write_job(tmp_path / "faults.yaml", gen=2, **{"[8, 16, 32, 64]": "[8]", "[1, 2, 3]": "[1, 2]"})
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "kvray.cli", "run", str(job_file), "--output", str(out), "--no-plots",
-            "--address", session_address(ray_session)]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "kvray.cli",
+        "run",
+        str(job_file),
+        "--output",
+        str(out),
+        "--no-plots",
+        "--address",
+        session_address(ray_session),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0 and "job changed" not in first.stderr, first.stderr[-3000:]
@@ -212,9 +268,14 @@ def test_requested_gpu_on_a_cluster_without_gpus_stops_before_anything_starts(tm
     hardware_requested A100 beside hardware cpu. Now: one line naming what the cluster has, exit 2, no folder."""
     job_file = write_job(tmp_path / "faults.yaml", **{"warmup: 0": "warmup: 0\nhardware: [A100]"})
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "kvray.cli", "run", str(job_file), "--output", str(out)],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                          timeout=300, start_new_session=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvray.cli", "run", str(job_file), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+        start_new_session=True,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert "hardware A100 is not in this Ray cluster (present: none)" in lines[0] and "no GPUs at all" in lines[0]
@@ -234,14 +295,33 @@ def test_credentials_never_reach_any_output(tmp_path):
     printed = ""
     with FakeOpenAIServer(expected_key=secret) as fake:
         for args in (
-            ["bench", "--model", str(model_dir), "--backend", "openai", "--base-url", f"{fake.url}/auth",
-             "--api-key-env", "KVRAY_TEST_KEY", "--dtype", "fp32", "--prompt-toks", "8", "--gen-toks", "4",
-             "--repeats", "1", "--warmup", "0", "--output", str(out)],
+            [
+                "bench",
+                "--model",
+                str(model_dir),
+                "--backend",
+                "openai",
+                "--base-url",
+                f"{fake.url}/auth",
+                "--api-key-env",
+                "KVRAY_TEST_KEY",
+                "--dtype",
+                "fp32",
+                "--prompt-toks",
+                "8",
+                "--gen-toks",
+                "4",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--output",
+                str(out),
+            ],
             ["plot", str(out)],
             ["report", str(out)],
-        ):  # fmt: skip
-            done = subprocess.run([sys.executable, "-m", "kvray.cli", *args], capture_output=True, env=env,
-                                  timeout=300)  # fmt: skip
+        ):
+            done = subprocess.run([sys.executable, "-m", "kvray.cli", *args], capture_output=True, env=env, timeout=300)
             assert done.returncode == 0, done.stderr.decode()[-3000:]
             printed += done.stdout.decode() + done.stderr.decode()
         assert fake.seen_headers and fake.seen_headers[-1].get("Authorization") == f"Bearer {secret}"  # it was used
@@ -270,8 +350,15 @@ def test_kvray_binds_its_servers_and_dashboard_to_loopback():
 def _http_cell(model_dir: Path, url: str, n: int, gen: int, timeout_s: float):
     from kvray.spec import Cell, Workload, make_options
 
-    return Cell(model=str(model_dir), workload=Workload.uniform(n, 8, gen), backend="openai", dtype="fp32",
-                warmup=0, repeats=1, options=make_options(base_url=url, timeout_s=timeout_s))  # fmt: skip
+    return Cell(
+        model=str(model_dir),
+        workload=Workload.uniform(n, 8, gen),
+        backend="openai",
+        dtype="fp32",
+        warmup=0,
+        repeats=1,
+        options=make_options(base_url=url, timeout_s=timeout_s),
+    )
 
 
 def test_a_stalled_server_times_out_each_request_and_the_row_counts_them(tmp_path):

@@ -183,10 +183,23 @@ def exp1_frame(tps: dict[int, float], spread: float | None):
 
     rows = []
     for c, v in tps.items():
-        row = {"cell_id": f"c{c}", "experiment": "exp1", "model": MODEL, "backend": "hf", "dtype": "bf16",
-               "workload": "uniform", "status": "ok", "concurrency": c, "prompt_toks": 512, "gen_toks": 64,
-               "prompt_toks_list": ",".join(["512"] * c), "hardware": "cpu", "output_tps": v, "simulated": False,
-               "repeats": 1 if spread is None else 3}  # fmt: skip
+        row = {
+            "cell_id": f"c{c}",
+            "experiment": "exp1",
+            "model": MODEL,
+            "backend": "hf",
+            "dtype": "bf16",
+            "workload": "uniform",
+            "status": "ok",
+            "concurrency": c,
+            "prompt_toks": 512,
+            "gen_toks": 64,
+            "prompt_toks_list": ",".join(["512"] * c),
+            "hardware": "cpu",
+            "output_tps": v,
+            "simulated": False,
+            "repeats": 1 if spread is None else 3,
+        }
         if spread is not None:
             row.update(output_tps_ci_low=v * (1 - spread), output_tps_ci_high=v * (1 + spread))
         rows.append(row)
@@ -301,13 +314,26 @@ def exp2_frame(points: dict[int, float]):
 
     return pd.DataFrame(
         [
-            {"cell_id": f"p{p}", "experiment": "exp2", "model": MODEL, "backend": "hf", "dtype": "bf16",
-             "workload": "uniform", "status": "ok", "concurrency": 1, "prompt_toks": p, "gen_toks": 64,
-             "prompt_toks_list": str(p), "hardware": "cpu", "ttft_s_p50": v, "e2e_s_p50": v + 0.5,
-             "simulated": False}
+            {
+                "cell_id": f"p{p}",
+                "experiment": "exp2",
+                "model": MODEL,
+                "backend": "hf",
+                "dtype": "bf16",
+                "workload": "uniform",
+                "status": "ok",
+                "concurrency": 1,
+                "prompt_toks": p,
+                "gen_toks": 64,
+                "prompt_toks_list": str(p),
+                "hardware": "cpu",
+                "ttft_s_p50": v,
+                "e2e_s_p50": v + 0.5,
+                "simulated": False,
+            }
             for p, v in points.items()
         ]
-    )  # fmt: skip
+    )
 
 
 def test_two_lengths_give_no_exponent_verdict():

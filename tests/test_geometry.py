@@ -58,7 +58,7 @@ def _shrink(cfg: dict) -> dict:
         if small.get("sliding_window"):
             small["sliding_window"] = 16
     small.update(vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return small  # fmt: skip
+    return small
 
 
 @pytest.mark.parametrize("path", sorted(BUNDLED_DIR.glob("*.json")), ids=lambda p: p.stem)

@@ -30,22 +30,35 @@ ABSENT = ("ray", "vllm", "moto", "fastapi", "openai")  # the GPU machine has non
 def gpu_stack_python() -> str:
     """The virtualenv's python, built on first use; a failed build fails the test saying why, never a skip."""
     venv = Path(os.environ.get("KVRAY_GPU_STACK_VENV") or Path.home() / ".cache" / "kvray" / "gpu-stack-venv")
-    proc = subprocess.run(["bash", str(REPO / ".ci" / "gpu_stack_venv.sh")], stdout=subprocess.PIPE,
-                          stderr=sys.__stderr__, text=True, env={**os.environ, "KVRAY_GPU_STACK_VENV": str(venv)})  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(REPO / ".ci" / "gpu_stack_venv.sh")],
+        stdout=subprocess.PIPE,
+        stderr=sys.__stderr__,
+        text=True,
+        env={**os.environ, "KVRAY_GPU_STACK_VENV": str(venv)},
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines or not Path(lines[-1]).is_file():
-        pytest.fail(f"could not build the GPU-stack virtualenv at {venv} (exit {proc.returncode}); run "
-                    "`bash .ci/gpu_stack_venv.sh` to see why", pytrace=False)  # fmt: skip
+        pytest.fail(
+            f"could not build the GPU-stack virtualenv at {venv} (exit {proc.returncode}); run "
+            "`bash .ci/gpu_stack_venv.sh` to see why",
+            pytrace=False,
+        )
     return lines[-1]
 
 
 def run_in_stack(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     """A child process of the GPU-stack python with kvray (and the tests' helpers) from this checkout only."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               KVRAY_CACHE_DIR=str(cwd / "kvray-cache"))  # fmt: skip
-    return subprocess.run([gpu_stack_python(), *args], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=timeout)  # fmt: skip
+    env.update(
+        PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        KVRAY_CACHE_DIR=str(cwd / "kvray-cache"),
+    )
+    return subprocess.run(
+        [gpu_stack_python(), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
 
 
 def test_the_stack_is_the_gpu_machines_and_lacks_what_it_lacks(tmp_path: Path) -> None:
@@ -116,9 +129,35 @@ def test_gpu_check_smoke_runs_every_stage_on_the_gpu_machines_stack(tmp_path: Pa
 def test_kvray_bench_runs_without_ray_on_the_gpu_machines_stack(tmp_path: Path) -> None:
     """`kvray bench` is the GPU machine's path: the CLI, both HF backends and the dataset writer, no Ray."""
     for backend in ("hf", "hf-paged"):
-        proc = run_in_stack(["-m", "kvray.cli", "bench", "-m", "kvray/tiny-llama", "--backend", backend,
-                             "--device", "cpu", "--dtype", "fp32", "--prompt-toks", "16", "--gen-toks", "4", "-c", "2", "--warmup", "0",
-                             "--repeats", "1", "--output", str(tmp_path / backend), "--json"], tmp_path)  # fmt: skip
+        proc = run_in_stack(
+            [
+                "-m",
+                "kvray.cli",
+                "bench",
+                "-m",
+                "kvray/tiny-llama",
+                "--backend",
+                backend,
+                "--device",
+                "cpu",
+                "--dtype",
+                "fp32",
+                "--prompt-toks",
+                "16",
+                "--gen-toks",
+                "4",
+                "-c",
+                "2",
+                "--warmup",
+                "0",
+                "--repeats",
+                "1",
+                "--output",
+                str(tmp_path / backend),
+                "--json",
+            ],
+            tmp_path,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         rows = [json.loads(line) for line in (tmp_path / backend / "cells.jsonl").read_text().splitlines()]
         assert [(r["cell"]["backend"], r["status"], r["metrics"]["requests"]) for r in rows] == [(backend, "ok", 2)]
@@ -130,8 +169,23 @@ def test_kvray_bench_runs_without_ray_on_the_gpu_machines_stack(tmp_path: Path) 
 def test_the_hf_backends_own_tests_pass_on_transformers_5_17(tmp_path: Path) -> None:
     """The oldest transformers kvray supports (pyproject's floor): its generate output names the cache
     ``past_key_values`` and its paged cache keeps per-layer block tensors; kvray reads both layouts."""
-    proc = run_in_stack(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", "--rootdir", str(REPO),
-                         "-W", "ignore::DeprecationWarning", str(REPO / "tests" / "test_hf_backend.py"),
-                         str(REPO / "tests" / "test_hf_paged.py")], tmp_path, timeout=900)  # fmt: skip
+    proc = run_in_stack(
+        [
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--noconftest",
+            "--rootdir",
+            str(REPO),
+            "-W",
+            "ignore::DeprecationWarning",
+            str(REPO / "tests" / "test_hf_backend.py"),
+            str(REPO / "tests" / "test_hf_paged.py"),
+        ],
+        tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -85,9 +85,18 @@ def test_a_window_never_opens_during_a_rebuild(tmp_path, monkeypatch):
 
 
 def test_a_skipped_cell_names_the_simulated_gpu_it_ran_out_of_memory_on():
-    job = job_from_dict({"name": "sim", "models": ["meta-llama/Meta-Llama-3-8B"], "backends": ["sim"],
-                         "dtypes": ["bf16"], "hardware": ["RTX-4090"], "warmup": 0, "repeats": 1,
-                         "grid": {"prompt_toks": [512], "gen_toks": [16], "concurrency": [1, 2]}})  # fmt: skip
+    job = job_from_dict(
+        {
+            "name": "sim",
+            "models": ["meta-llama/Meta-Llama-3-8B"],
+            "backends": ["sim"],
+            "dtypes": ["bf16"],
+            "hardware": ["RTX-4090"],
+            "warmup": 0,
+            "repeats": 1,
+            "grid": {"prompt_toks": [512], "gen_toks": [16], "concurrency": [1, 2]},
+        }
+    )
     cells = plan_cells(job)
     verdicts: list[Verdict] = []
     s: Scheduler[str] = Scheduler(cells, where=lambda c: "cpu", max_attempts=1, write=verdicts.append)
@@ -144,13 +153,20 @@ def test_the_runner_announces_the_measured_window_after_warmup_and_closes_it():
     real_run = backend.run
     backend.run = lambda cell, requests, repeat: (repeats_seen.append(repeat), real_run(cell, requests, repeat))[1]  # type: ignore[method-assign]
     events: list[tuple[bool, list[int]]] = []
-    cell = Cell("kvray/tiny-llama", Workload.uniform(2, 8, 3), backend="synthetic", warmup=2, repeats=2,
-                options=make_options(ttft_s=0.0, tpot_s=0.0))  # fmt: skip
+    cell = Cell(
+        "kvray/tiny-llama",
+        Workload.uniform(2, 8, 3),
+        backend="synthetic",
+        warmup=2,
+        repeats=2,
+        options=make_options(ttft_s=0.0, tpot_s=0.0),
+    )
     result = run_cell(backend, cell, on_measure=lambda active: events.append((active, list(repeats_seen))))
     assert result.status == "ok"
     assert events == [(True, [-1, -2]), (False, [-1, -2, 0, 1])]  # opened after both warmups, closed after both repeats
-    failing = Cell("kvray/tiny-llama", Workload.uniform(2, 8, 3), backend="synthetic", warmup=0,
-                   options=make_options(fail="error"))  # fmt: skip
+    failing = Cell(
+        "kvray/tiny-llama", Workload.uniform(2, 8, 3), backend="synthetic", warmup=0, options=make_options(fail="error")
+    )
     events.clear()
     assert run_cell(backend, failing, on_measure=lambda active: events.append((active, []))).status == "error"
     assert [e[0] for e in events] == [True, False]  # closed even though the repeat raised

@@ -23,8 +23,16 @@ def backend():
 
 
 def paged_cell(workload, warmup=1, repeats=1, **options):
-    return Cell(model=MODEL, workload=workload, backend="hf-paged", dtype="fp32", device="cpu", warmup=warmup,
-                repeats=repeats, options=make_options(**options))  # fmt: skip
+    return Cell(
+        model=MODEL,
+        workload=workload,
+        backend="hf-paged",
+        dtype="fp32",
+        device="cpu",
+        warmup=warmup,
+        repeats=repeats,
+        options=make_options(**options),
+    )
 
 
 def test_exact_counts_admission_times_and_paged_kv_that_matches_the_prediction(backend):

@@ -9,8 +9,15 @@ from kvray.spec import Cell, Workload
 
 
 def test_a_tp2_cell_on_cpu_runs_and_its_row_says_it_was_not_tensor_parallel():
-    cell = Cell(model="kvray/tiny-llama", workload=Workload.uniform(1, 8, 3), dtype="fp32", device="cpu",
-                warmup=0, repeats=1, tensor_parallel=2)  # fmt: skip
+    cell = Cell(
+        model="kvray/tiny-llama",
+        workload=Workload.uniform(1, 8, 3),
+        dtype="fp32",
+        device="cpu",
+        warmup=0,
+        repeats=1,
+        tensor_parallel=2,
+    )
     backend = HFBackend()
     try:
         result = run_cell(backend, cell)

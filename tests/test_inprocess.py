@@ -63,8 +63,10 @@ def test_the_scheduler_policy_holds_oom_then_skips_only_cells_that_outgrow_it(tm
         grid={"prompt_toks": [8, 64], "gen_toks": [4], "concurrency": [1, 2, 4, 8]},
     )
     out = run_job(job, tmp_path / "out", address="inprocess", progress=False).output_dir
-    by_shape = {(len(r["cell"]["workload"]["requests"]), r["cell"]["workload"]["requests"][0]["prompt_toks"]): r
-                for r in read_results(out)}  # fmt: skip
+    by_shape = {
+        (len(r["cell"]["workload"]["requests"]), r["cell"]["workload"]["requests"][0]["prompt_toks"]): r
+        for r in read_results(out)
+    }
     assert len(by_shape) == 8
     assert by_shape[(4, 64)]["status"] == "oom"  # 4 × (64 + 4) = 272 tokens > 200
     assert by_shape[(8, 64)]["status"] == "skipped_after_oom"  # never run: it needs more than the OOM cell
@@ -73,9 +75,17 @@ def test_the_scheduler_policy_holds_oom_then_skips_only_cells_that_outgrow_it(tm
 
 
 def test_a_simulated_sweep_runs_here_in_seconds(tmp_path):
-    job = job_from_dict({"name": "sim", "models": ["kvray/tiny-llama"], "backends": ["sim"], "dtypes": ["bf16"],
-                         "warmup": 0, "repeats": 1,
-                         "grid": {"prompt_toks": [64, 128], "gen_toks": [8], "concurrency": [1, 2]}})  # fmt: skip
+    job = job_from_dict(
+        {
+            "name": "sim",
+            "models": ["kvray/tiny-llama"],
+            "backends": ["sim"],
+            "dtypes": ["bf16"],
+            "warmup": 0,
+            "repeats": 1,
+            "grid": {"prompt_toks": [64, 128], "gen_toks": [8], "concurrency": [1, 2]},
+        }
+    )
     out = run_job(job, tmp_path / "out", address="inprocess", progress=False).output_dir
     assert status_counts(out, job)["ok"] == 4 and last_run(out)["address"] == "inprocess"
 

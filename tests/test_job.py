@@ -179,14 +179,25 @@ def test_reuse_workloads_in_a_job_grid_work_under_loads_and_round_trip():
     from kvray.plan.job import job_from_dict
     from kvray.plan.planner import plan_cells
 
-    job = job_from_dict({
-        "name": "reuse", "models": ["kvray/tiny-llama"], "backends": ["synthetic"], "dtypes": ["fp32"],
-        "grid": [
-            {"workload": "shared_prefix", "prefix_toks": [64], "suffix_toks": [16], "groups": [2], "gen_toks": [4],
-             "load": {"kind": "closed", "users": [2], "requests": 6}},
-            {"workload": "multi_turn", "conversations": [2], "turns": [3], "user_toks": [10], "gen_toks": [5]},
-        ],
-    })  # fmt: skip
+    job = job_from_dict(
+        {
+            "name": "reuse",
+            "models": ["kvray/tiny-llama"],
+            "backends": ["synthetic"],
+            "dtypes": ["fp32"],
+            "grid": [
+                {
+                    "workload": "shared_prefix",
+                    "prefix_toks": [64],
+                    "suffix_toks": [16],
+                    "groups": [2],
+                    "gen_toks": [4],
+                    "load": {"kind": "closed", "users": [2], "requests": 6},
+                },
+                {"workload": "multi_turn", "conversations": [2], "turns": [3], "user_toks": [10], "gen_toks": [5]},
+            ],
+        }
+    )
     shared, chat = plan_cells(job)
     reqs = shared.workload.requests
     assert [r.prefix_group for r in reqs] == [0, 1, 0, 1, 0, 1] and {r.shared_prefix_toks for r in reqs} == {64}
@@ -213,13 +224,13 @@ def test_reuse_workloads_in_a_job_grid_work_under_loads_and_round_trip():
                 "load": {"kind": "poisson", "rate": 2, "requests": 4},
             },
             "own arrivals",
-        ),  # fmt: skip
+        ),
         ({"prompt_toks": [8], "gen_toks": [2], "groups": [2]}, "belongs to workload"),
         ({"workload": "ring", "prompt_toks": [8], "gen_toks": [2]}, "ring"),
         (
             {"workload": "shared_prefix", "prefix_toks": [999999], "suffix_toks": [8], "gen_toks": [2]},
             "max_position_embeddings",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_bad_reuse_blocks_are_one_line_naming_the_key(block, needle):

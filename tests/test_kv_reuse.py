@@ -125,8 +125,16 @@ def test_the_simulator_serves_shared_prefixes_and_chats_with_the_hits_arithmetic
 
     def sim(workload: Workload) -> Any:
         options = make_options(block_size=BLOCK, kv_cache_memory_bytes=POOL)
-        cell = Cell(model="kvray/tiny-llama", workload=workload, backend="sim", dtype="fp32", hardware="H100-SXM",
-                    warmup=0, repeats=1, options=options)  # fmt: skip
+        cell = Cell(
+            model="kvray/tiny-llama",
+            workload=workload,
+            backend="sim",
+            dtype="fp32",
+            hardware="H100-SXM",
+            warmup=0,
+            repeats=1,
+            options=options,
+        )
         result = run_cell(SimBackend(), cell)
         assert result.status == "ok", result.reason
         return result
@@ -181,8 +189,15 @@ def test_hf_and_hf_paged_prompts_share_the_prefix_and_run_token_exact():
     backend = HFPagedBackend()
     try:
         wl = shared_prefix_workload(4, 2, 48, 16, 6)
-        cell = Cell(model="kvray/tiny-llama", workload=wl, backend="hf-paged", dtype="fp32", device="cpu", warmup=0,
-                    options=make_options(block_size=16))  # fmt: skip
+        cell = Cell(
+            model="kvray/tiny-llama",
+            workload=wl,
+            backend="hf-paged",
+            dtype="fp32",
+            device="cpu",
+            warmup=0,
+            options=make_options(block_size=16),
+        )
         result = run_cell(backend, cell)
         assert result.status == "ok", result.reason
         assert sorted((t.prompt_toks, t.output_toks) for t in result.traces) == [(64, 6)] * 4
@@ -190,8 +205,15 @@ def test_hf_and_hf_paged_prompts_share_the_prefix_and_run_token_exact():
         assert _shared_len(ids[0], ids[2]) >= 48 and ids[0][:48] == ids[2][:48] and ids[0][48:] != ids[2][48:]
         assert ids[0][:48] != ids[1][:48]
         mt = multi_turn_workload(2, 3, 12, 6)
-        cell = Cell(model="kvray/tiny-llama", workload=mt, backend="hf-paged", dtype="fp32", device="cpu", warmup=0,
-                    options=make_options(block_size=16))  # fmt: skip
+        cell = Cell(
+            model="kvray/tiny-llama",
+            workload=mt,
+            backend="hf-paged",
+            dtype="fp32",
+            device="cpu",
+            warmup=0,
+            options=make_options(block_size=16),
+        )
         result = run_cell(backend, cell)
         assert result.status == "ok", result.reason
         traces = {t.request_id: t for t in result.traces}
@@ -262,8 +284,13 @@ def test_vllm_shared_prefix_hits_what_kvray_predicts(measured):
     per_request = result.extra["prefix_cache"]["per_request"]  # each answer's own cached_tokens
     assert sorted(p["cached_toks"] for p in per_request) == sorted(p["cached_toks_predicted"] for p in per_request)
     row = result.to_row()
-    for col in ("prefix_cache_hit_rate", "prefix_cache_hit_rate_predicted", "kv_not_recomputed_bytes",
-                "kv_not_recomputed_bytes_predicted", "preemptions"):  # fmt: skip
+    for col in (
+        "prefix_cache_hit_rate",
+        "prefix_cache_hit_rate_predicted",
+        "kv_not_recomputed_bytes",
+        "kv_not_recomputed_bytes_predicted",
+        "preemptions",
+    ):
         assert row[col] is not None, col
     assert row["preemptions"] == 0
 
@@ -318,8 +345,7 @@ def test_exp6_report_section_and_figures_from_the_vllm_cells(measured):
     from kvray.figures.reuse import reuse_figures
 
     figures = {f.name: f for f in reuse_figures(Dataset.load(measured.folder), measured.folder / "figures")}
-    for name in ("exp6_hit_rate", "exp6_ttft_vs_shared_prefix", "exp6_multi_turn", "exp6_kv_pressure",
-                 "exp6_kv_dtype"):  # fmt: skip
+    for name in ("exp6_hit_rate", "exp6_ttft_vs_shared_prefix", "exp6_multi_turn", "exp6_kv_pressure", "exp6_kv_dtype"):
         assert f"![{name}](figures/{name}.png)" in exp6, name
         assert not figures[name].empty and all(p.is_file() and p.stat().st_size > 0 for p in figures[name].paths)
     assert figures["exp6_hit_rate"].series == ["multi_turn", "shared_prefix", "uniform"]

@@ -76,14 +76,17 @@ def test_the_prediction_at_the_measured_peak_is_within_one_block_per_running_req
 
 
 def test_timeline_points_get_the_prediction_beside_the_measurement_and_the_basis_is_stated():
-    points = [{"t_s": 3.0, "kv_used_bytes": 2 * BLOCK, "running": 1.0},  # Prometheus gauges are floats
-              {"t_s": 7.5, "kv_used_bytes": 4 * BLOCK, "running": 2.0}]  # fmt: skip
+    points = [
+        {"t_s": 3.0, "kv_used_bytes": 2 * BLOCK, "running": 1.0},  # Prometheus gauges are floats
+        {"t_s": 7.5, "kv_used_bytes": 4 * BLOCK, "running": 2.0},
+    ]
     memory = timeline_prediction(points, [A, B], G, "fp32", 16, all_resident_bytes=5 * BLOCK)
     assert [p["kv_predicted_bytes"] for p in points] == [2 * BLOCK, 4 * BLOCK]
     assert memory["kv_predicted_bytes"] == 4 * BLOCK and memory["kv_predicted_basis"] == BASIS_TIMELINE
     assert memory["kv_predicted_all_resident_bytes"] == 5 * BLOCK and memory["kv_peak_running"] == 2
-    none_caught = timeline_prediction([{"t_s": 30.0, "kv_used_bytes": 0, "running": 0}], [A, B], G, "fp32", 16,
-                                      all_resident_bytes=5 * BLOCK)  # fmt: skip
+    none_caught = timeline_prediction(
+        [{"t_s": 30.0, "kv_used_bytes": 0, "running": 0}], [A, B], G, "fp32", 16, all_resident_bytes=5 * BLOCK
+    )
     assert none_caught["kv_predicted_bytes"] == 5 * BLOCK and none_caught["kv_predicted_basis"] == BASIS_ALL_RESIDENT
 
 

@@ -31,9 +31,14 @@ def test_formula_equals_real_cache_after_generate(kind, batch, prompt, gen):
     ids = torch.randint(3, cfg["vocab_size"] - 1, (batch, prompt))
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen, min_new_tokens=gen,
-            do_sample=False, return_dict_in_generate=True, pad_token_id=0,
-        )  # fmt: skip
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=gen,
+            min_new_tokens=gen,
+            do_sample=False,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
     assert out.sequences.shape[1] == prompt + gen
     g = geometry_from_config(cfg)
     predicted = kv_bytes_batch(g, [cached_positions(prompt, gen)] * batch, "fp32", "hf")

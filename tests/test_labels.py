@@ -66,9 +66,27 @@ def test_bench_openai_with_a_bundled_id_against_a_live_server(tmp_path, monkeypa
     with PacedOpenAIServer(first_token_s=0.02, token_s=0.005) as stub:
         t0 = time.monotonic()
         with pytest.raises(SystemExit) as exc:
-            main(["bench", "--backend", "openai", "-m", "kvray/tiny-llama", "--base-url", stub.url,
-                  "--prompt-toks", "8", "--gen-toks", "6", "--repeats", "1", "--warmup", "0",
-                  "--output", str(tmp_path / "out")])  # fmt: skip
+            main(
+                [
+                    "bench",
+                    "--backend",
+                    "openai",
+                    "-m",
+                    "kvray/tiny-llama",
+                    "--base-url",
+                    stub.url,
+                    "--prompt-toks",
+                    "8",
+                    "--gen-toks",
+                    "6",
+                    "--repeats",
+                    "1",
+                    "--warmup",
+                    "0",
+                    "--output",
+                    str(tmp_path / "out"),
+                ]
+            )
         elapsed = time.monotonic() - t0
     out = capsys.readouterr()
     assert exc.value.code in (0, None), out.err
@@ -161,12 +179,34 @@ def test_bench_prints_n_and_no_spread_for_one_repeat(tmp_path, monkeypatch, caps
 
     monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "-m", "kvray/tiny-llama", "--backend", "synthetic", "--prompt-toks", "8", "--gen-toks", "4",
-              "-c", "4", "--repeats", "1", "--warmup", "0", "--output", str(tmp_path / "out")])  # fmt: skip
+        main(
+            [
+                "bench",
+                "-m",
+                "kvray/tiny-llama",
+                "--backend",
+                "synthetic",
+                "--prompt-toks",
+                "8",
+                "--gen-toks",
+                "4",
+                "-c",
+                "4",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
     out = capsys.readouterr().out
     assert exc.value.code in (0, None), out
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in out.splitlines()
-            if line.count("│") == 8}  # fmt: skip
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+        for line in out.splitlines()
+        if line.count("│") == 8
+    }
     assert rows["TTFT"][0] == "4" and rows["TTFT"][3:5] == ["max of 4", "max of 4"]
     assert rows["ITL"][0] == "12" and rows["ITL"][4] == "max of 12" and "max" not in rows["ITL"][3]
     assert "± 0.0" not in out and "1 repeat, no spread" in out
@@ -185,11 +225,28 @@ def _vllm_gpu_rows():
     rows = []
     for c in (1, 2, 4, 8):
         gpu = 20 * GIB + c * 100 * MIB
-        rows.append({"cell_id": f"c{c}", "experiment": "exp1", "model": "m", "backend": "vllm", "dtype": "bf16",
-                     "hardware": "NVIDIA H100 80GB HBM3", "status": "ok", "workload": "uniform", "concurrency": c,
-                     "prompt_toks": 128, "gen_toks": 16, "simulated": False, "server_gpu_peak_bytes": gpu, "server_rss_peak_bytes": 3 * GIB,
-                     "rss_peak_bytes": 3 * GIB, "nvml_peak_used_bytes": gpu + GIB // 2,
-                     "kv_predicted_bytes": c * MIB, "kv_measured_bytes": c * MIB})  # fmt: skip
+        rows.append(
+            {
+                "cell_id": f"c{c}",
+                "experiment": "exp1",
+                "model": "m",
+                "backend": "vllm",
+                "dtype": "bf16",
+                "hardware": "NVIDIA H100 80GB HBM3",
+                "status": "ok",
+                "workload": "uniform",
+                "concurrency": c,
+                "prompt_toks": 128,
+                "gen_toks": 16,
+                "simulated": False,
+                "server_gpu_peak_bytes": gpu,
+                "server_rss_peak_bytes": 3 * GIB,
+                "rss_peak_bytes": 3 * GIB,
+                "nvml_peak_used_bytes": gpu + GIB // 2,
+                "kv_predicted_bytes": c * MIB,
+                "kv_measured_bytes": c * MIB,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -232,8 +289,14 @@ def test_in_process_and_cpu_rows_keep_their_own_columns():
 
 def _reuse_record(cell_id, prefix_caching, peak_kv, status="ok", backend="sim", key="prefix_caching"):
     options = {} if prefix_caching is None else {key: prefix_caching}
-    cell = {"model": "kvray/tiny-llama", "backend": backend, "dtype": "bf16", "workload": {"kind": "multi_turn"},
-            "options": options, "experiment": "exp6"}  # fmt: skip
+    cell = {
+        "model": "kvray/tiny-llama",
+        "backend": backend,
+        "dtype": "bf16",
+        "workload": {"kind": "multi_turn"},
+        "options": options,
+        "experiment": "exp6",
+    }
     return {"cell_id": cell_id, "status": status, "cell": cell, "memory": {"kv_predicted_bytes": peak_kv}}
 
 

@@ -63,8 +63,9 @@ def test_a_200_mb_result_comes_home_through_ray_intact(ray_head, tmp_path):
     holder = new_holder_name()
     client = JobSubmissionClient(ray_head, headers=ray_auth_headers())
     env = {**job_runtime_env([]), "working_dir": str(tmp_path)}
-    job_id = submit_when_agent_ready(client, entrypoint=f"python make.py && python -m kvray.launch.transfer hold big {holder}",
-                                     runtime_env=env)  # fmt: skip
+    job_id = submit_when_agent_ready(
+        client, entrypoint=f"python make.py && python -m kvray.launch.transfer hold big {holder}", runtime_env=env
+    )
     deadline = time.monotonic() + 300
     while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.monotonic() < deadline
@@ -77,16 +78,23 @@ def test_a_200_mb_result_comes_home_through_ray_intact(ray_head, tmp_path):
     started = time.monotonic()
     names = fetch(_client(ray_head), held, tmp_path / "home")
     took_s = time.monotonic() - started
-    got = {str(p.relative_to(tmp_path / "home")): hashlib.sha256(p.read_bytes()).hexdigest()
-           for p in (tmp_path / "home").rglob("*") if p.is_file()}  # fmt: skip
+    got = {
+        str(p.relative_to(tmp_path / "home")): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (tmp_path / "home").rglob("*")
+        if p.is_file()
+    }
     assert got == sums and len(got) == 25, (sorted(got), sorted(sums))
     assert "cells.jsonl" in names
     print(f"200 MiB home in {took_s:.1f} s")
     import httpx
 
     for _ in range(50):  # the actor ends itself once released (the State API, over the dashboard)
-        answer = httpx.get(f"{ray_head}/api/v0/actors", headers=ray_auth_headers(), timeout=10,
-                           params={"filter_keys": "name", "filter_predicates": "=", "filter_values": held.actor})  # fmt: skip
+        answer = httpx.get(
+            f"{ray_head}/api/v0/actors",
+            headers=ray_auth_headers(),
+            timeout=10,
+            params={"filter_keys": "name", "filter_predicates": "=", "filter_values": held.actor},
+        )
         states = [a["state"] for a in answer.json()["data"]["result"]["result"]]
         if states == ["DEAD"]:
             break
@@ -106,8 +114,11 @@ def test_a_dataset_that_does_not_add_up_is_not_unpacked(ray_head, tmp_path):
     (tmp_path / "small" / "cells.jsonl").write_text('{"cell_id": "a"}\n')
     holder = new_holder_name()
     client = JobSubmissionClient(ray_head, headers=ray_auth_headers())
-    job_id = submit_when_agent_ready(client, entrypoint=f"python -m kvray.launch.transfer hold small {holder} 60",
-                                     runtime_env={**job_runtime_env([]), "working_dir": str(tmp_path)})  # fmt: skip
+    job_id = submit_when_agent_ready(
+        client,
+        entrypoint=f"python -m kvray.launch.transfer hold small {holder} 60",
+        runtime_env={**job_runtime_env([]), "working_dir": str(tmp_path)},
+    )
     while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         time.sleep(1)
     held = Held.from_logs(client.get_job_logs(job_id))
@@ -124,10 +135,27 @@ def test_launch_against_a_real_head_returns_the_dataset(ray_head, tmp_path):
     out = tmp_path / "results"
     env = {**os.environ, "HF_TOKEN": "hf_secret_do_not_store"}
     run = subprocess.run(
-        [sys.executable, "-m", "kvray.cli", "launch", "--address", ray_head, "--job", str(job), "--output", str(out),
-         "--timeout-s", "300", "--ray-client-port", str(ray_head.ports["--ray-client-server-port"])],
-        capture_output=True, text=True, env=env, timeout=400,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kvray.cli",
+            "launch",
+            "--address",
+            ray_head,
+            "--job",
+            str(job),
+            "--output",
+            str(out),
+            "--timeout-s",
+            "300",
+            "--ray-client-port",
+            str(ray_head.ports["--ray-client-server-port"]),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "dataset home over Ray Client" in run.stdout and "SHA-256 checked" in run.stdout
     from kvray.data.reader import load_dataset
@@ -151,15 +179,17 @@ def test_launch_rejects_bad_targets(tmp_path):
     assert both.returncode == 2 and "exactly one of" in both.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "kvray.cli", "launch", "--job", str(job), "--address", "127.0.0.1:8265"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "http" in bad.stderr
     cluster = tmp_path / "c.yaml"
     cluster.write_text("cluster_name: x\nprovider: {type: aws, region: us-west-2}\nkvray: {}\n")
     rejected = subprocess.run(
         [sys.executable, "-m", "kvray.cli", "launch", "--job", str(job), "--cluster", str(cluster)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert (
         rejected.returncode == 2 and "validator" in rejected.stderr and len(rejected.stderr.strip().splitlines()) == 1
     )
@@ -197,10 +227,26 @@ def test_submit_retries_only_while_the_job_agent_is_starting(monkeypatch):
 
 def _launch(ray_head, job, out, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "kvray.cli", "launch", "--address", ray_head, "--job", str(job), "--output", str(out),
-         "--timeout-s", "300", "--no-plots", *extra],
-        capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kvray.cli",
+            "launch",
+            "--address",
+            ray_head,
+            "--job",
+            str(job),
+            "--output",
+            str(out),
+            "--timeout-s",
+            "300",
+            "--no-plots",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def test_preflight_reads_the_clusters_python_packages_and_gpus(ray_head):
@@ -257,8 +303,19 @@ def test_missing_light_dependencies_are_pinned_into_the_job_or_named_in_one_line
     mine = local_versions()
     packages = {**mine, "typer": None, "rich": "12.0.0"}
     report = ClusterReport(python=(3, 11, 9), packages=packages, nodes=[("10.0.0.1", "A100", 8.0, 96.0)])
-    job = job_from_dict(json.loads(json.dumps({"name": "j", "models": ["kvray/tiny-llama"], "backends": ["hf"],
-                                               "hardware": "A100", "grid": {"prompt_toks": [16], "gen_toks": [4]}})))  # fmt: skip
+    job = job_from_dict(
+        json.loads(
+            json.dumps(
+                {
+                    "name": "j",
+                    "models": ["kvray/tiny-llama"],
+                    "backends": ["hf"],
+                    "hardware": "A100",
+                    "grid": {"prompt_toks": [16], "gen_toks": [4]},
+                }
+            )
+        )
+    )
     assert pip_packages(report, job, provision=True) == [f"typer=={mine['typer']}", f"rich=={mine['rich']}"]
     with pytest.raises(KvrayInputError, match=r"lacks kvray's dependencies \(typer missing, rich 12.0.0\)") as exc:
         pip_packages(report, job, provision=False)
@@ -286,8 +343,9 @@ def test_without_ray_client_the_dataset_comes_home_through_a_jobs_log(ray_head, 
     job = tmp_path / "launch_smoke.yaml"
     job.write_text(SIM_JOB)
     said: list[str] = []
-    status, files = launch(str(job), str(tmp_path / "out"), address=ray_head, timeout_s=300, log=said.append,
-                           ray_client_port=free_port())  # fmt: skip
+    status, files = launch(
+        str(job), str(tmp_path / "out"), address=ray_head, timeout_s=300, log=said.append, ray_client_port=free_port()
+    )
     text = "".join(said)
     assert status.endswith("SUCCEEDED") and "cells.jsonl" in files
     assert "through a job's log instead" in text and "Ray Client at ray://127.0.0.1:" in text, text[-2000:]
@@ -304,8 +362,9 @@ def test_a_shared_output_path_is_written_by_the_job_itself(ray_head, tmp_path):
     job = tmp_path / "launch_smoke.yaml"
     job.write_text(SIM_JOB)
     said: list[str] = []
-    status, files = launch(str(job), str(tmp_path / "shared"), address=ray_head, timeout_s=300, log=said.append,
-                           shared_output=True)  # fmt: skip
+    status, files = launch(
+        str(job), str(tmp_path / "shared"), address=ray_head, timeout_s=300, log=said.append, shared_output=True
+    )
     assert status.endswith("SUCCEEDED") and "cells.jsonl" in files
     assert "Ray Client" not in "".join(said)
     cells, _, manifest = load_dataset(tmp_path / "shared")
@@ -321,10 +380,25 @@ def test_launch_with_an_s3_output_writes_the_bucket_from_the_cluster(ray_head, s
     job = tmp_path / "launch_smoke.yaml"
     job.write_text(SIM_JOB)
     run = subprocess.run(
-        [sys.executable, "-m", "kvray.cli", "launch", "--address", ray_head, "--job", str(job), "--output",
-         f"s3://{BUCKET}/launched", "--timeout-s", "300"],
-        capture_output=True, text=True, env=s3.env, timeout=400,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kvray.cli",
+            "launch",
+            "--address",
+            ray_head,
+            "--job",
+            str(job),
+            "--output",
+            f"s3://{BUCKET}/launched",
+            "--timeout-s",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        env=s3.env,
+        timeout=400,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"the dataset is in s3://{BUCKET}/launched" in run.stdout and "Ray Client" not in run.stdout
     keys = s3.keys("launched")

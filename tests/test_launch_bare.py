@@ -41,8 +41,12 @@ def bare_bin(tmp_path_factory) -> Path:
     ray = bin_dir / "ray"
     ray.write_text(f"#!{bin_dir / 'python'}\nimport sys\nfrom ray.scripts.scripts import main\nsys.exit(main())\n")
     ray.chmod(0o755)
-    check = subprocess.run([str(bin_dir / "python"), "-c", "import ray, torch, transformers, pyarrow; import typer"],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    check = subprocess.run(
+        [str(bin_dir / "python"), "-c", "import ray, torch, transformers, pyarrow; import typer"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "No module named 'typer'" in check.stderr, check.stderr[-2000:]  # everything else imports
     return bin_dir
 
@@ -56,10 +60,28 @@ def bare_head(tmp_path_factory, bare_bin):
 def _launch(head, job: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     url, ports = head
     return subprocess.run(
-        [sys.executable, "-m", "kvray.cli", "launch", "--address", url, "--job", str(job), "--output", str(out),
-         "--timeout-s", "600", "--no-plots", "--ray-client-port", str(ports["--ray-client-server-port"]), *extra],
-        capture_output=True, text=True, timeout=700,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kvray.cli",
+            "launch",
+            "--address",
+            url,
+            "--job",
+            str(job),
+            "--output",
+            str(out),
+            "--timeout-s",
+            "600",
+            "--no-plots",
+            "--ray-client-port",
+            str(ports["--ray-client-server-port"]),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=700,
+    )
 
 
 def test_without_provisioning_one_line_names_what_to_install(bare_head, tmp_path):

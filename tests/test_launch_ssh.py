@@ -139,9 +139,25 @@ class Node:
 
     def ssh(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """``command`` on the node, in a login shell like Ray's runner (the node's PATH and token)."""
-        cmd = ["ssh", "-i", str(self.key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-               "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
-               "-o", f"ProxyCommand={self.proxy}", f"{getpass.getuser()}@127.0.0.1", f"bash --login -c {command!r}"]  # fmt: skip
+        cmd = [
+            "ssh",
+            "-i",
+            str(self.key),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            f"ProxyCommand={self.proxy}",
+            f"{getpass.getuser()}@127.0.0.1",
+            f"bash --login -c {command!r}",
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def logs(self) -> str:
@@ -195,8 +211,12 @@ def node(tmp_path_factory):
     log = open(d / "sshd.log", "w")  # noqa: SIM115 - lives as long as the node
     # --kill-child: when unshare dies (SIGKILL at the end, or pytest interrupted), sshd — the namespace's PID 1 —
     # is killed, and with it every process in the namespace.
-    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", str(d / "init.sh")],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", str(d / "init.sh")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     n = Node(d, port, d / "client_key", f"{sys.executable} {d / 'relay.py'} 127.0.0.1 {port}", token, tmp_ray, proc)
     home_files = {p: (p.read_bytes() if p.exists() else None) for p in _bootstrap_files()}
     try:
@@ -230,17 +250,35 @@ def _cluster_file(node: Node, path: Path, **auth) -> tuple[Path, dict]:
     command, a unique name, free ports for everything the head binds (the suite's own Ray holds the defaults),
     and no file_mounts/setup_commands (same machine: the checkout and its virtualenv are already there)."""
     cfg = yaml.safe_load((REPO / "cluster" / "local.yaml").read_text())
-    ports = {flag: _free_port() for flag in ("--port", "--dashboard-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
-             "--ray-client-server-port", "--node-manager-port", "--object-manager-port")}  # fmt: skip
+    ports = {
+        flag: _free_port()
+        for flag in (
+            "--port",
+            "--dashboard-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+            "--ray-client-server-port",
+            "--node-manager-port",
+            "--object-manager-port",
+        )
+    }
     cfg["cluster_name"] = f"kvray-ssh-test-{uuid.uuid4().hex[:8]}"
     cfg["provider"].update(head_ip="127.0.0.1", worker_ips=[])
-    cfg["auth"] = {"ssh_user": getpass.getuser(), "ssh_private_key": str(node.key), "ssh_proxy_command": node.proxy,
-                   **auth}  # fmt: skip
+    cfg["auth"] = {
+        "ssh_user": getpass.getuser(),
+        "ssh_private_key": str(node.key),
+        "ssh_proxy_command": node.proxy,
+        **auth,
+    }
     cfg["file_mounts"], cfg["setup_commands"] = {}, []
-    start = ["ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --num-cpus=2 --num-gpus=0",
-             "--disable-usage-stats", *(f"{flag}={port}" for flag, port in ports.items()),
-             "--autoscaling-config=~/ray_bootstrap_config.yaml"]  # fmt: skip
+    start = [
+        "ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --num-cpus=2 --num-gpus=0",
+        "--disable-usage-stats",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+        "--autoscaling-config=~/ray_bootstrap_config.yaml",
+    ]
     cfg["head_start_ray_commands"] = ["ray stop", " ".join(start)]
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path, {"name": cfg["cluster_name"], **ports}
@@ -262,14 +300,37 @@ def _forget_cluster(name: str) -> None:
 
 
 def _launch(cluster: Path, node: Node, job: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-           "RAY_AUTH_TOKEN_PATH": str(node.token), "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "RAY_AUTH_TOKEN_PATH": str(node.token),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env.pop("RAY_AUTH_TOKEN", None)
     return subprocess.run(
-        [sys.executable, "-m", "kvray.cli", "launch", "--cluster", str(cluster), "--job", str(job), "--output",
-         str(out), "--no-plots", "--timeout-s", "300", *extra],
-        capture_output=True, text=True, env=env, timeout=420, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kvray.cli",
+            "launch",
+            "--cluster",
+            str(cluster),
+            "--job",
+            str(job),
+            "--output",
+            str(out),
+            "--no-plots",
+            "--timeout-s",
+            "300",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=420,
+        cwd=REPO,
+    )
 
 
 def _explain(run: subprocess.CompletedProcess, node: Node) -> str:
@@ -363,8 +424,9 @@ def _check_tunnel(node: Node, cluster: Path, ports: dict) -> None:
     cfg = yaml.safe_load(cluster.read_text())
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(node.token)  # what the launcher would send
     try:
-        reached = cluster_up._dashboard_tunnel(cfg["auth"], "127.0.0.1", ports["--dashboard-port"],
-                                           ports["--ray-client-server-port"])  # fmt: skip
+        reached = cluster_up._dashboard_tunnel(
+            cfg["auth"], "127.0.0.1", ports["--dashboard-port"], ports["--ray-client-server-port"]
+        )
         url, client_port, tunnel = reached
         try:
             deadline = time.monotonic() + 30
@@ -373,14 +435,17 @@ def _check_tunnel(node: Node, cluster: Path, ports: dict) -> None:
                 assert time.monotonic() < deadline, "the dashboard did not answer through the tunnel"
                 time.sleep(0.5)
             assert url != f"http://127.0.0.1:{ports['--dashboard-port']}"
-            code = ("from ray._private.authentication.authentication_token_setup import "
-                    "maybe_enable_token_auth_if_token_available as f; f(warn_if_disabled=False); import ray; "
-                    f"ray.init('ray://127.0.0.1:{client_port}', logging_level='ERROR'); "
-                    "print('CPUS', ray.cluster_resources().get('CPU'))")  # fmt: skip
+            code = (
+                "from ray._private.authentication.authentication_token_setup import "
+                "maybe_enable_token_auth_if_token_available as f; f(warn_if_disabled=False); import ray; "
+                f"ray.init('ray://127.0.0.1:{client_port}', logging_level='ERROR'); "
+                "print('CPUS', ray.cluster_resources().get('CPU'))"
+            )
             env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}  # else Ray Client's server runs `uv run`
             for _ in range(2):  # a second try for Ray Client's occasional lost server (see _came_home)
-                client = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                                        env=env)  # fmt: skip
+                client = subprocess.run(
+                    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+                )
                 if "CPUS 2.0" in client.stdout:
                     break
             assert "CPUS 2.0" in client.stdout, client.stdout[-2000:] + client.stderr[-2000:]
@@ -399,11 +464,10 @@ def test_bring_up_failures_are_one_line(node, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     closed = _free_port()
     cases = {
-        "refused": ({"ssh_proxy_command": f"{sys.executable} {node.dir / 'relay.py'} 127.0.0.1 {closed}"},
-                    "refused"),
+        "refused": ({"ssh_proxy_command": f"{sys.executable} {node.dir / 'relay.py'} 127.0.0.1 {closed}"}, "refused"),
         "bad key": ({"ssh_private_key": str(stranger)}, "Permission denied"),
         "no key file": ({"ssh_private_key": str(tmp_path / "missing_key")}, "does not exist"),
-    }  # fmt: skip
+    }
     for case, (auth, expected) in cases.items():
         cluster, ports = _cluster_file(node, tmp_path / f"{case.replace(' ', '_')}.yaml", **auth)
         try:

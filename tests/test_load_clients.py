@@ -54,10 +54,18 @@ def backend():
 
 
 def cell_for(stub, tokenizer_dir, clients, load, warmup=0, repeats=1, concurrency=1):
-    return bench_cell("kvray/tiny-llama", prompt_toks=8, gen_toks=GEN, concurrency=concurrency, backend="openai",
-                      warmup=warmup, repeats=repeats, load=load, clients=clients,
-                      options={"base_url": stub.url, "served_model": "stub", "tokenizer": tokenizer_dir,
-                               "server_flavor": "openai"})  # fmt: skip
+    return bench_cell(
+        "kvray/tiny-llama",
+        prompt_toks=8,
+        gen_toks=GEN,
+        concurrency=concurrency,
+        backend="openai",
+        warmup=warmup,
+        repeats=repeats,
+        load=load,
+        clients=clients,
+        options={"base_url": stub.url, "served_model": "stub", "tokenizer": tokenizer_dir, "server_flavor": "openai"},
+    )
 
 
 # --- without Ray ---------------------------------------------------------------------------------------------
@@ -102,8 +110,14 @@ def test_clients_is_validated_and_leaves_existing_cell_ids_alone(tmp_path):
         bench_cell("kvray/tiny-llama", prompt_toks=8, gen_toks=2, backend="synthetic", clients=2)
     with pytest.raises(KvrayInputError, match=r"^--clients: expected a positive integer"):
         bench_cell("kvray/tiny-llama", prompt_toks=8, gen_toks=2, backend="synthetic", clients=0)
-    job = {"name": "j", "models": ["kvray/tiny-llama"], "backends": ["openai"], "dtypes": ["fp32"],
-           "options": {"base_url": "http://127.0.0.1:9"}, "grid": {"prompt_toks": [8], "gen_toks": [2]}}  # fmt: skip
+    job = {
+        "name": "j",
+        "models": ["kvray/tiny-llama"],
+        "backends": ["openai"],
+        "dtypes": ["fp32"],
+        "options": {"base_url": "http://127.0.0.1:9"},
+        "grid": {"prompt_toks": [8], "gen_toks": [2]},
+    }
     assert "clients" not in job_from_dict(job).to_dict()
     assert [c.clients for c in plan_cells(job_from_dict(job))] == [1]
     spread_job = job_from_dict({**job, "clients": 3})
@@ -124,11 +138,34 @@ def test_bench_clients_without_ray_installed_is_one_line_exit_2(stub, tokenizer_
         "from kvray.cli import main\n"
         "main(sys.argv[1:])\n"
     )
-    args = ["bench", "--backend", "openai", "--base-url", stub.url, "--option", f"tokenizer={tokenizer_dir}",
-            "--model", "kvray/tiny-llama", "--load", "constant", "--rate", "5", "--requests", "4", "--clients", "2",
-            "--output", str(tmp_path / "out")]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", block, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    args = [
+        "bench",
+        "--backend",
+        "openai",
+        "--base-url",
+        stub.url,
+        "--option",
+        f"tokenizer={tokenizer_dir}",
+        "--model",
+        "kvray/tiny-llama",
+        "--load",
+        "constant",
+        "--rate",
+        "5",
+        "--requests",
+        "4",
+        "--clients",
+        "2",
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", block, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--clients 2" in lines[0] and "Ray is not installed" in lines[0], proc.stderr

@@ -65,8 +65,9 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.cluster
 def test_a_node_lost_mid_sweep_loses_no_row_and_its_cells_run_again_elsewhere(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out")], capture_output=True, text=True,
-                          timeout=400)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "out")], capture_output=True, text=True, timeout=400
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))

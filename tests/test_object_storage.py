@@ -43,8 +43,9 @@ grid:
 
 
 def kvray(s3: S3, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kvray.cli", *args], env=s3.env, capture_output=True, text=True,
-                          timeout=timeout_s)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "kvray.cli", *args], env=s3.env, capture_output=True, text=True, timeout=timeout_s
+    )
 
 
 def job_file(tmp_path: Path, text: str) -> Path:
@@ -55,13 +56,29 @@ def job_file(tmp_path: Path, text: str) -> Path:
 
 def test_run_plot_report_round_trip_through_the_bucket(s3: S3, ray_session: Any, tmp_path: Path) -> None:
     address = ray_session.get_runtime_context().gcs_address
-    run = kvray(s3, "run", str(job_file(tmp_path, SIM_JOB)), "--output", f"s3://{BUCKET}/run1", "--address", address,
-                "--no-plots")  # fmt: skip
+    run = kvray(
+        s3,
+        "run",
+        str(job_file(tmp_path, SIM_JOB)),
+        "--output",
+        f"s3://{BUCKET}/run1",
+        "--address",
+        address,
+        "--no-plots",
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"s3://{BUCKET}/run1" in run.stdout
     keys = s3.keys("run1")
-    for name in ("cells.jsonl", "traces.jsonl", "manifest.json", "cells.parquet", "cells.csv", "traces.parquet",
-                 "parts/index.json", "parts/cells-000001.parquet"):  # fmt: skip
+    for name in (
+        "cells.jsonl",
+        "traces.jsonl",
+        "manifest.json",
+        "cells.parquet",
+        "cells.csv",
+        "traces.parquet",
+        "parts/index.json",
+        "parts/cells-000001.parquet",
+    ):
         assert name in keys, keys
     assert not [k for k in keys if any(p.startswith(".") for p in k.split("/"))], keys  # no lock, temp or record
     cells, traces, manifest = load_dataset(s3.download("run1", tmp_path / "copy"))
@@ -112,10 +129,25 @@ def test_rows_reach_the_bucket_while_the_run_goes(s3: S3, ray_session: Any, tmp_
     """The collector uploads after each parts flush: the bucket holds a loadable dataset before the run ends,
     and still does after the driver is killed (SIGKILL: no exit handler runs, only the collector's uploads)."""
     address = ray_session.get_runtime_context().gcs_address
-    proc = subprocess.Popen([sys.executable, "-m", "kvray.cli", "run", str(job_file(tmp_path, SLOW_JOB)), "--output",
-                             f"s3://{BUCKET}/killed", "--address", address, "--no-plots"],
-                            env=s3.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvray.cli",
+            "run",
+            str(job_file(tmp_path, SLOW_JOB)),
+            "--output",
+            f"s3://{BUCKET}/killed",
+            "--address",
+            address,
+            "--no-plots",
+        ],
+        env=s3.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None and "parts/index.json" not in s3.keys("killed"):
@@ -155,13 +187,18 @@ def test_bad_uris_are_one_line_and_exit_2(s3: S3, tmp_path: Path, uri: str, need
 
 def test_unreachable_endpoint_is_one_line(s3: S3, tmp_path: Path) -> None:
     env = {**s3.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
-    out = subprocess.run([sys.executable, "-m", "kvray.cli", "plot", f"s3://{BUCKET}/run1"], env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "kvray.cli", "plot", f"s3://{BUCKET}/run1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "cannot reach" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_sync_sends_what_changed_once(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_sync_sends_what_changed_once(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In process, against the same server: a mid-run sync sends the parts and the JSONL cut at the index's
     offsets (the bucket loads exactly the flushed rows); nothing unchanged is sent twice, downloaded files
     included; the final sync sends the rest; a file removed here is removed there."""
@@ -174,13 +211,27 @@ def test_sync_sends_what_changed_once(s3: S3, tmp_path: Path, monkeypatch: pytes
     from kvray.plan.planner import plan_cells
     from kvray.runner.run import run_cell
 
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-                "KVRAY_STAGING_DIR"):  # fmt: skip
+    for key in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "KVRAY_STAGING_DIR",
+    ):
         monkeypatch.setenv(key, s3.env[key])
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    job = job_from_dict({"name": "unit", "models": ["kvray/tiny-llama"], "backends": ["synthetic"],
-                         "dtypes": ["fp32"], "warmup": 0, "repeats": 1, "options": {"ttft_s": 0.0, "tpot_s": 0.0},
-                         "grid": {"prompt_toks": [8, 9, 10, 11, 12], "gen_toks": [2], "concurrency": [1]}})  # fmt: skip
+    job = job_from_dict(
+        {
+            "name": "unit",
+            "models": ["kvray/tiny-llama"],
+            "backends": ["synthetic"],
+            "dtypes": ["fp32"],
+            "warmup": 0,
+            "repeats": 1,
+            "options": {"ttft_s": 0.0, "tpot_s": 0.0},
+            "grid": {"prompt_toks": [8, 9, 10, 11, 12], "gen_toks": [2], "concurrency": [1]},
+        }
+    )
     results = [run_cell(get_backend("synthetic"), cell) for cell in plan_cells(job)]
     stage = Stage.create(f"s3://{BUCKET}/unit")
     try:
@@ -223,8 +274,13 @@ def test_an_interrupted_command_still_uploads(s3: S3, monkeypatch: pytest.Monkey
     """Ctrl-C inside the block: what the command wrote reaches the bucket, and the interrupt goes on."""
     from kvray.data.location import output_folder
 
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-                "KVRAY_STAGING_DIR"):  # fmt: skip
+    for key in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "KVRAY_STAGING_DIR",
+    ):
         monkeypatch.setenv(key, s3.env[key])
     with pytest.raises(KeyboardInterrupt), output_folder(f"s3://{BUCKET}/interrupted") as folder:
         (folder / "cells.jsonl").write_text('{"cell_id": "a"}\n')

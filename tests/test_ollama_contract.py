@@ -22,8 +22,14 @@ def backend():
 
 
 def ollama_cell(host, workload, **options):
-    return Cell(model=MODEL, workload=workload, backend="ollama", warmup=0, repeats=1,
-                options=make_options(host=host, **options))  # fmt: skip
+    return Cell(
+        model=MODEL,
+        workload=workload,
+        backend="ollama",
+        warmup=0,
+        repeats=1,
+        options=make_options(host=host, **options),
+    )
 
 
 def test_counts_and_timings_follow_ollamas_own_fields(backend):

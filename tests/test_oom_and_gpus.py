@@ -79,8 +79,15 @@ def test_no_gpu_falls_back_to_ram(monkeypatch):
 # reserves 1/16 of GDDR6 (24,576 × 15/16 = 23,040; 49,152 × 15/16 = 46,080) and a few MiB more.
 @pytest.mark.parametrize(
     ("gpu", "mib"),
-    [("L4", 23_034), ("L40S", 46_068), ("H100-SXM", 81_559), ("H200", 143_771), ("RTX-4090", 24_564),
-     ("A100-80GB-SXM", 81_920), ("A100-40GB-SXM", 40_960)],
-)  # fmt: skip
+    [
+        ("L4", 23_034),
+        ("L40S", 46_068),
+        ("H100-SXM", 81_559),
+        ("H200", 143_771),
+        ("RTX-4090", 24_564),
+        ("A100-80GB-SXM", 81_920),
+        ("A100-40GB-SXM", 40_960),
+    ],
+)
 def test_gpu_memory_is_what_the_driver_reports(gpu, mib):
     assert get_gpu(gpu).memory_bytes == mib * 2**20

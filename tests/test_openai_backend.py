@@ -40,8 +40,15 @@ def backend():
 
 
 def http_cell(model_dir, url, workload, warmup=1, repeats=1, **options):
-    return Cell(model=str(model_dir), workload=workload, backend="openai", dtype="fp32", warmup=warmup,
-                repeats=repeats, options=make_options(base_url=url, **options))  # fmt: skip
+    return Cell(
+        model=str(model_dir),
+        workload=workload,
+        backend="openai",
+        dtype="fp32",
+        warmup=warmup,
+        repeats=repeats,
+        options=make_options(base_url=url, **options),
+    )
 
 
 def test_streams_exact_counts_from_a_real_transformers_serve(backend, model_dir, transformers_server):
@@ -121,8 +128,9 @@ def test_token_counts_match_the_in_process_backends_and_timings_differ_by_http_o
     http = run_cell(backend, http_cell(model_dir, transformers_server.base_url, workload, repeats=2))
     results = {"openai": http}
     for name, engine in (("hf", HFBackend()), ("hf-paged", HFPagedBackend())):
-        cell = Cell(model=str(model_dir), workload=workload, backend=name, dtype="fp32", device="cpu", warmup=1,
-                    repeats=2)  # fmt: skip
+        cell = Cell(
+            model=str(model_dir), workload=workload, backend=name, dtype="fp32", device="cpu", warmup=1, repeats=2
+        )
         try:
             results[name] = run_cell(engine, cell, check_oom=False)
         finally:
@@ -164,8 +172,14 @@ def test_a_refused_connection_is_a_recorded_error_per_request(backend, model_dir
 
 
 def test_a_request_past_its_timeout_is_a_recorded_error(backend, model_dir, transformers_server):
-    cell = http_cell(model_dir, transformers_server.base_url, Workload.uniform(2, 8, 100), warmup=0, timeout_s=0.05,
-                     server_flavor="transformers")  # fmt: skip
+    cell = http_cell(
+        model_dir,
+        transformers_server.base_url,
+        Workload.uniform(2, 8, 100),
+        warmup=0,
+        timeout_s=0.05,
+        server_flavor="transformers",
+    )
     result = run_cell(backend, cell)
     assert result.status == "error"
     assert all(t.status == "error" and t.error.startswith("timeout after 0.05 s") for t in result.traces)
@@ -176,8 +190,14 @@ def test_a_real_http_error_status_is_recorded_with_the_servers_reason(backend, m
     cell = http_cell(model_dir, transformers_server.base_url, Workload.uniform(1, 8, 4), warmup=0, server_flavor="vllm")
     trace = run_cell(backend, cell).traces[0]
     assert trace.status == "error" and trace.error.startswith("HTTP 422") and "ignore_eos" in trace.error
-    cell = http_cell(model_dir, transformers_server.base_url, Workload.uniform(1, 8, 4), warmup=0, server_flavor="transformers",
-                     extra_body='{"kvray_bogus_field": 1}')  # fmt: skip
+    cell = http_cell(
+        model_dir,
+        transformers_server.base_url,
+        Workload.uniform(1, 8, 4),
+        warmup=0,
+        server_flavor="transformers",
+        extra_body='{"kvray_bogus_field": 1}',
+    )
     trace = run_cell(backend, cell).traces[0]
     assert trace.status == "error" and "kvray_bogus_field" in trace.error
 
@@ -226,11 +246,15 @@ def test_the_api_key_is_sent_from_the_environment_and_never_stored(backend, mode
     secret = "sk-kvray-test-1234567890"
     monkeypatch.setenv("KVRAY_TEST_KEY", secret)
     with FakeOpenAIServer(expected_key=secret) as fake:
-        ok = run_cell(backend, http_cell(model_dir, f"{fake.url}/auth", Workload.uniform(1, 8, 3), warmup=0,
-                                         api_key_env="KVRAY_TEST_KEY"))  # fmt: skip
+        ok = run_cell(
+            backend,
+            http_cell(model_dir, f"{fake.url}/auth", Workload.uniform(1, 8, 3), warmup=0, api_key_env="KVRAY_TEST_KEY"),
+        )
         monkeypatch.setenv("KVRAY_TEST_KEY", "wrong")
-        denied = run_cell(backend, http_cell(model_dir, f"{fake.url}/auth", Workload.uniform(1, 8, 3), warmup=0,
-                                             api_key_env="KVRAY_TEST_KEY"))  # fmt: skip
+        denied = run_cell(
+            backend,
+            http_cell(model_dir, f"{fake.url}/auth", Workload.uniform(1, 8, 3), warmup=0, api_key_env="KVRAY_TEST_KEY"),
+        )
         seen = [h.get("Authorization") for h in fake.seen_headers]
     assert ok.status == "ok" and f"Bearer {secret}" in seen
     assert denied.traces[0].status == "error" and denied.traces[0].error.startswith("HTTP 401")
@@ -241,8 +265,9 @@ def test_the_api_key_is_sent_from_the_environment_and_never_stored(backend, mode
             assert secret not in path.read_bytes().decode(errors="replace"), path
     assert secret not in json.dumps(ok.to_dict())
     monkeypatch.delenv("KVRAY_TEST_KEY")
-    missing = run_cell(backend, http_cell(model_dir, fake.url, Workload.uniform(1, 8, 3), warmup=0,
-                                          api_key_env="KVRAY_TEST_KEY"))  # fmt: skip
+    missing = run_cell(
+        backend, http_cell(model_dir, fake.url, Workload.uniform(1, 8, 3), warmup=0, api_key_env="KVRAY_TEST_KEY")
+    )
     assert missing.status == "error" and "KVRAY_TEST_KEY" in (missing.reason or "")
 
 
@@ -333,15 +358,40 @@ def kvray(*args, env=None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-c", NO_RAY, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", NO_RAY, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
 
 
 def test_bench_measures_a_server_over_http_without_ray(model_dir, transformers_server, tmp_path):
     out = tmp_path / "bench"
-    proc = kvray("bench", "--backend", "openai", "--base-url", transformers_server.base_url, "--api-key-env", "KVRAY_BENCH_KEY",
-                 "--model", str(model_dir), "-c", "2", "--prompt-toks", "16", "--gen-toks", "6", "--repeats", "1",
-                 "--output", str(out), "--json", env={"KVRAY_BENCH_KEY": "sk-never-stored-42"})  # fmt: skip
+    proc = kvray(
+        "bench",
+        "--backend",
+        "openai",
+        "--base-url",
+        transformers_server.base_url,
+        "--api-key-env",
+        "KVRAY_BENCH_KEY",
+        "--model",
+        str(model_dir),
+        "-c",
+        "2",
+        "--prompt-toks",
+        "16",
+        "--gen-toks",
+        "6",
+        "--repeats",
+        "1",
+        "--output",
+        str(out),
+        "--json",
+        env={"KVRAY_BENCH_KEY": "sk-never-stored-42"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(proc.stdout)
     assert record["status"] == "ok" and record["metrics"]["requests_ok"] == 2
@@ -373,8 +423,22 @@ def test_bad_server_flags_exit_2_with_one_line(args, message):
 
 @pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_exp4_dry_run_lists_every_backend_and_concurrency():
-    proc = kvray("exp4", "--model", "kvray/tiny-llama", "--dtype", "fp32", "--prompt-toks", "32", "--gen-toks",
-                 "8", "-c", "1", "4", "--dry-run", "--json")  # fmt: skip
+    proc = kvray(
+        "exp4",
+        "--model",
+        "kvray/tiny-llama",
+        "--dtype",
+        "fp32",
+        "--prompt-toks",
+        "32",
+        "--gen-toks",
+        "8",
+        "-c",
+        "1",
+        "4",
+        "--dry-run",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     cells = json.loads(proc.stdout)["cells"]
     assert sorted((c["backend"], c["concurrency"]) for c in cells) == sorted(

@@ -22,9 +22,15 @@ from kvray.spec import Cell, Workload, make_options
 
 
 def synthetic_cell(c: int, fail_every: int = 0, repeats: int = 2) -> Cell:
-    return Cell(model="kvray/tiny-llama", backend="synthetic", workload=Workload.uniform(c, 64, 6), warmup=0,
-                repeats=repeats, experiment="exp1",
-                options=make_options(ttft_s=0.01, tpot_s=0.002, fail_every=fail_every))  # fmt: skip
+    return Cell(
+        model="kvray/tiny-llama",
+        backend="synthetic",
+        workload=Workload.uniform(c, 64, 6),
+        warmup=0,
+        repeats=repeats,
+        experiment="exp1",
+        options=make_options(ttft_s=0.01, tpot_s=0.002, fail_every=fail_every),
+    )
 
 
 def test_a_cell_with_some_failed_requests_is_partial_with_counts():
@@ -79,10 +85,24 @@ def test_partial_is_final_for_resume_and_shown_wherever_latencies_are(tmp_path):
 
 
 def rows(*cells: dict) -> pd.DataFrame:
-    base = {"experiment": "exp1", "model": "facebook/opt-1.3b", "dtype": "bf16", "kv_dtype": "bf16",
-            "weights": "random", "workload": "uniform", "status": "ok", "reason": "", "simulated": False,
-            "prompt_toks": 128, "gen_toks": 64, "hardware": "cpu", "backend": "hf", "requests": 4,
-            "requests_ok": 4, "requests_failed": 0}  # fmt: skip
+    base = {
+        "experiment": "exp1",
+        "model": "facebook/opt-1.3b",
+        "dtype": "bf16",
+        "kv_dtype": "bf16",
+        "weights": "random",
+        "workload": "uniform",
+        "status": "ok",
+        "reason": "",
+        "simulated": False,
+        "prompt_toks": 128,
+        "gen_toks": 64,
+        "hardware": "cpu",
+        "backend": "hf",
+        "requests": 4,
+        "requests_ok": 4,
+        "requests_failed": 0,
+    }
     out = []
     for i, c in enumerate(cells):
         row = {**base, **c}
@@ -94,9 +114,13 @@ def rows(*cells: dict) -> pd.DataFrame:
 
 def test_tpot_falling_with_concurrency_on_a_static_batch_is_a_warning():
     # The quickstart's disturbed first cell: 18.7 ms at c=1 where c=2 measured 6.4 ms.
-    view = prepare(rows({"cell_id": "c1", "concurrency": 1, "tpot_s_p50": 0.0187},
-                        {"cell_id": "c2", "concurrency": 2, "tpot_s_p50": 0.0064},
-                        {"cell_id": "c4", "concurrency": 4, "tpot_s_p50": 0.0071}))  # fmt: skip
+    view = prepare(
+        rows(
+            {"cell_id": "c1", "concurrency": 1, "tpot_s_p50": 0.0187},
+            {"cell_id": "c2", "concurrency": 2, "tpot_s_p50": 0.0064},
+            {"cell_id": "c4", "concurrency": 4, "tpot_s_p50": 0.0071},
+        )
+    )
     (warning,) = sanity_warnings(view)
     assert warning.key == "sanity" and warning.values["suspect_cell_id"] == "c1"
     assert warning.values["concurrency"] == [1, 2]
@@ -125,9 +149,13 @@ def test_latency_below_the_gpus_roofline_floor_is_a_warning():
     floor_low = weights_read / 3.35e12
     kv_high = (128 + 64) * 196_608 / 3.35e12  # at most every cached position's KV on top
     h100 = "NVIDIA H100 80GB HBM3"
-    view = prepare(rows({"cell_id": "fast", "concurrency": 1, "tpot_s_p50": 0.0005, "hardware": h100},
-                        {"cell_id": "real", "concurrency": 2, "tpot_s_p50": 0.0012, "hardware": h100},
-                        {"cell_id": "cpu", "concurrency": 1, "tpot_s_p50": 0.0001}))  # fmt: skip
+    view = prepare(
+        rows(
+            {"cell_id": "fast", "concurrency": 1, "tpot_s_p50": 0.0005, "hardware": h100},
+            {"cell_id": "real", "concurrency": 2, "tpot_s_p50": 0.0012, "hardware": h100},
+            {"cell_id": "cpu", "concurrency": 1, "tpot_s_p50": 0.0001},
+        )
+    )
     (warning,) = [w for w in sanity_warnings(view) if w.values["check"] == "below_roofline_floor"]
     assert warning.values["suspect_cell_id"] == "fast" and warning.values["metric"] == "tpot_s_p50"
     assert floor_low <= warning.values["floor_s"] <= floor_low + kv_high
@@ -139,8 +167,13 @@ def test_the_report_puts_sanity_warnings_first_and_marks_the_suspect_cell(tmp_pa
     from kvray.document import render_markdown
     from kvray.report import build_blocks
 
-    dataset = Dataset.from_frames(tmp_path, rows({"cell_id": "c1", "concurrency": 1, "tpot_s_p50": 0.0187},
-                                                 {"cell_id": "c2", "concurrency": 2, "tpot_s_p50": 0.0064}))  # fmt: skip
+    dataset = Dataset.from_frames(
+        tmp_path,
+        rows(
+            {"cell_id": "c1", "concurrency": 1, "tpot_s_p50": 0.0187},
+            {"cell_id": "c2", "concurrency": 2, "tpot_s_p50": 0.0064},
+        ),
+    )
     md = render_markdown(build_blocks(dataset, compute_findings(dataset.view), []), tmp_path)
     assert md.index("## Findings") < md.index("Implausible measurements") < md.index("Exp1 — concurrency sweep")
     assert "| ok ⚠ |" in md and md.count("⚠ |") == 1

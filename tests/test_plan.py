@@ -64,7 +64,9 @@ def test_skip_reason_names_the_cell_and_hardware():
 
 
 def test_experiment_labels_follow_grid_then_job():
-    j = job(experiment="expX", grid=[{"prompt_toks": [8], "gen_toks": [2]},
-                                     {"prompt_toks": [8], "gen_toks": [2], "experiment": "exp3"}])  # fmt: skip
+    j = job(
+        experiment="expX",
+        grid=[{"prompt_toks": [8], "gen_toks": [2]}, {"prompt_toks": [8], "gen_toks": [2], "experiment": "exp3"}],
+    )
     labels = sorted({c.experiment for c in plan_cells(j)})
     assert labels == ["exp3", "expX"]

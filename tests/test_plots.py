@@ -244,8 +244,15 @@ def test_energy_panels_appear_where_energy_exists_and_say_tdp_estimate(tmp_path)
     writer = DatasetWriter(tmp_path)
     for gpu in ("H100-SXM", "A100-80GB-SXM"):
         for c in (1, 4):
-            cell = Cell(model="meta-llama/Meta-Llama-3-8B", workload=Workload.uniform(c, 512, 32), backend="sim",
-                        hardware=gpu, warmup=0, repeats=1, experiment="exp1")  # fmt: skip
+            cell = Cell(
+                model="meta-llama/Meta-Llama-3-8B",
+                workload=Workload.uniform(c, 512, 32),
+                backend="sim",
+                hardware=gpu,
+                warmup=0,
+                repeats=1,
+                experiment="exp1",
+            )
             result = run_cell(SimBackend(), cell)
             row = result.to_row()
             e2e_run = max(t.end_s for t in result.traces)

@@ -48,9 +48,22 @@ def test_a_numeric_list_never_swallows_the_positional_after_it(capsys):
 @pytest.mark.integration  # a `kvray` child process: the command as a user runs it
 def test_predict_sweep_json_matches_the_predictor(kvray):
     out = kvray(
-        "predict", "meta-llama/Meta-Llama-3-8B", "--gpu", "H100-SXM,L4",
-        "--concurrency", "1", "2", "4", "8", "--prompt-toks", "512", "1024", "--gen-toks", "64", "--json",
-    )  # fmt: skip
+        "predict",
+        "meta-llama/Meta-Llama-3-8B",
+        "--gpu",
+        "H100-SXM,L4",
+        "--concurrency",
+        "1",
+        "2",
+        "4",
+        "8",
+        "--prompt-toks",
+        "512",
+        "1024",
+        "--gen-toks",
+        "64",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     preds = data["predictions"]
@@ -95,8 +108,13 @@ def test_calibrate_command_writes_the_file_predict_reads(kvray, tmp_path):
     writer = DatasetWriter(tmp_path / "res", tables=False)
     for c in (1, 8):
         for p in (256, 4096):
-            cell = Cell(model="meta-llama/Meta-Llama-3-8B", backend="hf", workload=Workload.uniform(c, p, 8),
-                        warmup=0, options=make_options(eta_compute=0.5, eta_memory=0.6))  # fmt: skip
+            cell = Cell(
+                model="meta-llama/Meta-Llama-3-8B",
+                backend="hf",
+                workload=Workload.uniform(c, p, 8),
+                warmup=0,
+                options=make_options(eta_compute=0.5, eta_memory=0.6),
+            )
             result = run_cell(SimBackend(), cell)
             result.simulated, result.hardware = False, {"name": "NVIDIA H100 80GB HBM3"}
             writer.append(result)

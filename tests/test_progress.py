@@ -14,9 +14,17 @@ def _fleet() -> list[WorkerRow]:
         for gpu in range(8):
             index = node * 8 + gpu
             state = "busy" if gpu < 5 else ("idle" if gpu < 7 else "starting")
-            rows.append(WorkerRow(f"w{index}.1", "A100" if node % 2 == 0 else "H100", cells=index % 3, now=state,
-                                  node=f"node{node:04d}" if state != "starting" else "", state=state,
-                                  busy_s=float(gpu) if state == "busy" else 0.0))  # fmt: skip
+            rows.append(
+                WorkerRow(
+                    f"w{index}.1",
+                    "A100" if node % 2 == 0 else "H100",
+                    cells=index % 3,
+                    now=state,
+                    node=f"node{node:04d}" if state != "starting" else "",
+                    state=state,
+                    busy_s=float(gpu) if state == "busy" else 0.0,
+                )
+            )
     return rows
 
 

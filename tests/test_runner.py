@@ -167,8 +167,14 @@ class _PagedEngine(_Engine):
 
 def _opt_cell() -> Cell:
     """256 requests of 1984 + 64 = 2048 tokens of opt-1.3b in fp16."""
-    return Cell(model="facebook/opt-1.3b", backend="synthetic", workload=Workload.uniform(256, 1984, 64),
-                dtype="fp16", warmup=0, options=make_options(ttft_s=0.0, tpot_s=0.0))  # fmt: skip
+    return Cell(
+        model="facebook/opt-1.3b",
+        backend="synthetic",
+        workload=Workload.uniform(256, 1984, 64),
+        dtype="fp16",
+        warmup=0,
+        options=make_options(ttft_s=0.0, tpot_s=0.0),
+    )
 
 
 def test_oom_precheck_follows_the_backends_layout_and_admission():
@@ -237,8 +243,12 @@ def test_option_form_is_checked_anywhere_the_environment_only_where_the_cell_run
     cell = Cell(model="x", backend="openai", workload=Workload.uniform(1, 4, 2), options=make_options(**options))
     with pytest.raises(KvrayInputError, match="KVRAY_NO_SUCH_KEY"):
         check_cell(cell)  # kvray bench sends from here: the key must be here
-    vllm_cell = Cell(model="x", backend="vllm", workload=Workload.uniform(1, 4, 2),
-                     options=make_options(vllm_python="/nonexistent/python"))  # fmt: skip
+    vllm_cell = Cell(
+        model="x",
+        backend="vllm",
+        workload=Workload.uniform(1, 4, 2),
+        options=make_options(vllm_python="/nonexistent/python"),
+    )
     validate_backend("vllm", vllm_cell.option_dict)
     with pytest.raises(KvrayInputError, match="not an executable file"):
         check_cell(vllm_cell)

@@ -24,10 +24,18 @@ TINY, GPT2, OPT = "kvray/tiny-llama", "gpt2", "facebook/opt-125m"
 
 
 def make_cells(model: str = TINY, prompt_toks=(8, 64), concurrency=(1, 2, 4, 8), hardware: Any = "any") -> list[Cell]:
-    job = job_from_dict({"name": "sched", "models": [model], "backends": ["synthetic"], "dtypes": ["fp32"],
-                         "hardware": hardware, "warmup": 0, "repeats": 1,
-                         "grid": {"prompt_toks": list(prompt_toks), "gen_toks": [4],
-                                  "concurrency": list(concurrency)}})  # fmt: skip
+    job = job_from_dict(
+        {
+            "name": "sched",
+            "models": [model],
+            "backends": ["synthetic"],
+            "dtypes": ["fp32"],
+            "hardware": hardware,
+            "warmup": 0,
+            "repeats": 1,
+            "grid": {"prompt_toks": list(prompt_toks), "gen_toks": [4], "concurrency": list(concurrency)},
+        }
+    )
     return plan_cells(job)
 
 
@@ -48,8 +56,13 @@ class Recorder:
         self.settled: list[tuple[str, str]] = []
 
     def scheduler(self, cells: list[Cell], max_attempts: int = 2) -> Scheduler[str]:
-        return Scheduler(cells, where=where, max_attempts=max_attempts, write=self.verdicts.append,
-                         on_settled=lambda cell, status: self.settled.append((cell.cell_id, status)))  # fmt: skip
+        return Scheduler(
+            cells,
+            where=where,
+            max_attempts=max_attempts,
+            write=self.verdicts.append,
+            on_settled=lambda cell, status: self.settled.append((cell.cell_id, status)),
+        )
 
 
 def run_rounds(s: Scheduler[str], workers: list[str], status=lambda worker, cell: "ok") -> dict[str, list[Cell]]:
@@ -161,8 +174,11 @@ def test_an_oom_on_one_gpu_type_does_not_skip_cells_on_another() -> None:
     # (4, 64), (8, 64) all outgrowing its OOM and skips them.
     assert [shape(c) for c in ran["l4"]] == [(1, 8), (4, 8), (8, 8)]
     assert [shape(c) for c in ran["a100"]] == [(2, 8), (1, 64)]
-    assert [(shape(v.cell), v.hardware["name"]) for v in rec.verdicts] == [((2, 64), "A100"), ((4, 64), "A100"),
-                                                                          ((8, 64), "A100")]  # fmt: skip
+    assert [(shape(v.cell), v.hardware["name"]) for v in rec.verdicts] == [
+        ((2, 64), "A100"),
+        ((4, 64), "A100"),
+        ((8, 64), "A100"),
+    ]
     assert s.all_settled
 
 

@@ -118,7 +118,7 @@ class FakeNVML(types.ModuleType):
                 usedGpuMemory=None if pid in self.hidden else self._used(pid),
                 gpuInstanceId=0xFFFFFFFF,
                 computeInstanceId=0xFFFFFFFF,
-            )  # fmt: skip
+            )
             for pid in self.schedule
         ]
 
@@ -148,11 +148,13 @@ def no_cuda_context(monkeypatch):
 def test_nvml_contract_the_servers_processes_not_the_device_nor_kvray(tree, monkeypatch, no_cuda_context):
     proc, child = tree
     other = 4_000_000  # another tenant's process on the same GPU: not the server's
-    fake = FakeNVML({
-        proc.pid: [(0.0, 1 * GIB)],  # the API server: a CUDA context and little else
-        child: [(0.0, 3 * GIB), (0.3, 5 * GIB)],  # the engine core: weights + KV pool, then activations
-        other: [(0.0, 7 * GIB)],
-    })  # fmt: skip
+    fake = FakeNVML(
+        {
+            proc.pid: [(0.0, 1 * GIB)],  # the API server: a CUDA context and little else
+            child: [(0.0, 3 * GIB), (0.3, 5 * GIB)],  # the engine core: weights + KV pool, then activations
+            other: [(0.0, 7 * GIB)],
+        }
+    )
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     with ServerMemoryTracker(lambda: tree_pids(proc), "cuda:0", interval_s=0.02) as mem:

@@ -51,13 +51,15 @@ def test_open_loop_arrivals_follow_their_distribution_and_are_seeded():
 
 def test_length_distributions_hold_their_parameters_and_bounds():
     rng = np.random.default_rng(0)
-    lognormal = sample_lengths(length_params({"kind": "lognormal", "median": 200, "sigma": 0.5}, "p", "prompt"),
-                               4000, rng)  # fmt: skip
+    lognormal = sample_lengths(
+        length_params({"kind": "lognormal", "median": 200, "sigma": 0.5}, "p", "prompt"), 4000, rng
+    )
     assert abs(np.median(lognormal) - 200) < 10
     uniform = sample_lengths(length_params({"kind": "uniform", "min": 10, "max": 20}, "p", "prompt"), 2000, rng)
     assert min(uniform) == 10 and max(uniform) == 20
-    clipped = sample_lengths(length_params({"kind": "normal", "mean": 50, "std": 40, "min": 30, "max": 60}, "p",
-                                           "prompt"), 2000, rng)  # fmt: skip
+    clipped = sample_lengths(
+        length_params({"kind": "normal", "mean": 50, "std": 40, "min": 30, "max": 60}, "p", "prompt"), 2000, rng
+    )
     assert min(clipped) == 30 and max(clipped) == 60
     # a bundled workload: the published mean (Kwon et al. 2023: ShareGPT output 337.99) is the lognormal's mean
     params = length_params("sharegpt", "g", "gen")
@@ -67,8 +69,9 @@ def test_length_distributions_hold_their_parameters_and_bounds():
 
 
 def test_a_workload_keeps_its_distribution_and_realised_lengths_and_a_plain_burst_keeps_its_id():
-    wl = build_workload(LoadSpec("poisson", rate_rps=4, requests=6, seed=3),
-                        {"kind": "uniform", "min": 8, "max": 64}, 4)  # fmt: skip
+    wl = build_workload(
+        LoadSpec("poisson", rate_rps=4, requests=6, seed=3), {"kind": "uniform", "min": 8, "max": 64}, 4
+    )
     d = wl.to_dict()
     assert d["lengths"]["prompt"] == {"kind": "uniform", "min": 8, "max": 64} and d["load"]["rate_rps"] == 4
     assert [r["prompt_toks"] for r in d["requests"]] == [r.prompt_toks for r in wl.requests]
@@ -173,9 +176,32 @@ def test_bench_json_carries_the_serving_columns(tmp_path):
 
     from kvray.cli import app
 
-    args = ["bench", "--model", "kvray/tiny-llama", "--backend", "synthetic", "--load", "poisson", "--rate", "20",
-            "--requests", "20", "--prompt-toks", "16", "--gen-toks", "4", "--slo", "ttft_ms=500,tpot_ms=50",
-            "--warmup", "0", "--repeats", "1", "--output", str(tmp_path / "out"), "--json"]  # fmt: skip
+    args = [
+        "bench",
+        "--model",
+        "kvray/tiny-llama",
+        "--backend",
+        "synthetic",
+        "--load",
+        "poisson",
+        "--rate",
+        "20",
+        "--requests",
+        "20",
+        "--prompt-toks",
+        "16",
+        "--gen-toks",
+        "4",
+        "--slo",
+        "ttft_ms=500,tpot_ms=50",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--output",
+        str(tmp_path / "out"),
+        "--json",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["metrics"]
@@ -226,16 +252,32 @@ def test_a_job_with_loads_and_a_rate_search_runs_on_ray_and_every_probe_is_a_row
     from kvray.sweep import run_job
 
     options = {"ttft_s": TTFT_S, "tpot_s": TPOT_S, "max_batch": 4}
-    job = job_from_dict({
-        "name": "serving", "models": ["kvray/tiny-llama"], "backends": ["synthetic"], "dtypes": ["fp32"],
-        "warmup": 0, "repeats": 1, "options": options,
-        "grid": [
-            {"experiment": "exp5", "prompt_toks": [16], "gen_toks": [GEN], "load": {"kind": "closed", "users": [1, 4],
-             "requests": 16}, "slo": {"ttft_ms": 500}},
-            {"experiment": "exp5", "prompt_toks": [16], "gen_toks": [GEN],
-             "load": {"kind": "constant", "rates": [10, "auto"], "requests": 40}},
-        ],
-    })  # fmt: skip
+    job = job_from_dict(
+        {
+            "name": "serving",
+            "models": ["kvray/tiny-llama"],
+            "backends": ["synthetic"],
+            "dtypes": ["fp32"],
+            "warmup": 0,
+            "repeats": 1,
+            "options": options,
+            "grid": [
+                {
+                    "experiment": "exp5",
+                    "prompt_toks": [16],
+                    "gen_toks": [GEN],
+                    "load": {"kind": "closed", "users": [1, 4], "requests": 16},
+                    "slo": {"ttft_ms": 500},
+                },
+                {
+                    "experiment": "exp5",
+                    "prompt_toks": [16],
+                    "gen_toks": [GEN],
+                    "load": {"kind": "constant", "rates": [10, "auto"], "requests": 40},
+                },
+            ],
+        }
+    )
     planned = plan_cells(job)
     assert len(planned) == 4
     out = run_job(job, tmp_path / "out", progress=False).output_dir

@@ -27,8 +27,14 @@ from kvray.spec import Cell, LoadSpec, Workload, make_options
 
 
 def synthetic(workload: Workload, **options) -> Cell:
-    return Cell(model="kvray/tiny-llama", workload=workload, backend="synthetic", warmup=0, repeats=1,
-                options=make_options(**options))  # fmt: skip
+    return Cell(
+        model="kvray/tiny-llama",
+        workload=workload,
+        backend="synthetic",
+        warmup=0,
+        repeats=1,
+        options=make_options(**options),
+    )
 
 
 def fifo_ends(arrivals: list[float], slots: int, services: list[float]) -> list[float]:
@@ -130,10 +136,24 @@ def test_a_closed_loop_cooldown_keeps_a_slow_request_sent_inside_the_window():
     cooldown 0.2 s the window closes at 0.7 s. Request 4 was sent at 0.5 s and was slow (ended 1.4 s): sent inside
     the window, it is measured — chosen by end time it fell out, the same bias as the open loops'."""
     wl = build_workload(LoadSpec("closed", users=2, requests=8, cooldown_s=0.2), 16, 1)
-    assert [(r.id, r.after) for r in wl.requests if r.after is not None] == [(2, 0), (3, 1), (4, 2), (5, 3), (6, 4),
-                                                                            (7, 5)]  # fmt: skip
-    times = {0: (0.0, 0.25), 2: (0.25, 0.5), 4: (0.5, 1.4), 6: (1.4, 1.6),  # user 0: request 4 is slow
-             1: (0.0, 0.3), 3: (0.3, 0.6), 5: (0.6, 0.9), 7: (0.9, 1.2)}  # fmt: skip
+    assert [(r.id, r.after) for r in wl.requests if r.after is not None] == [
+        (2, 0),
+        (3, 1),
+        (4, 2),
+        (5, 3),
+        (6, 4),
+        (7, 5),
+    ]
+    times = {
+        0: (0.0, 0.25),
+        2: (0.25, 0.5),
+        4: (0.5, 1.4),
+        6: (1.4, 1.6),  # user 0: request 4 is slow
+        1: (0.0, 0.3),
+        3: (0.3, 0.6),
+        5: (0.6, 0.9),
+        7: (0.9, 1.2),
+    }
     traces = [closed_trace(rid, *times[rid]) for rid in range(8)]
     m = serving_summary(wl, traces)
     # ramp-up: each user's first (0, 1); drain: each user's last (6, 7) — nothing else was sent after 0.7 s
@@ -149,16 +169,34 @@ def bench(tmp_path, *extra: str):
 
     from kvray.cli import app
 
-    args = ["bench", "--model", "kvray/tiny-llama", "--backend", "synthetic", "--prompt-toks", "16", "--gen-toks",
-            "2", "--warmup", "0", "--repeats", "1", "--output", str(tmp_path / "out"), "--json", *extra]  # fmt: skip
+    args = [
+        "bench",
+        "--model",
+        "kvray/tiny-llama",
+        "--backend",
+        "synthetic",
+        "--prompt-toks",
+        "16",
+        "--gen-toks",
+        "2",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--output",
+        str(tmp_path / "out"),
+        "--json",
+        *extra,
+    ]
     return CliRunner().invoke(app, args)
 
 
 def test_bench_warmup_and_cooldown_flags_trim_an_open_loop(tmp_path):
     """20 requests 20 ms apart (0 … 0.38 s): --warmup-s 0.09 leaves out 0, 0.02 … 0.08 (5), --cooldown-s 0.09
     those after 0.29 s (0.30 … 0.38: 5); 10 are measured."""
-    result = bench(tmp_path, "--load", "constant", "--rate", "50", "--requests", "20", "--warmup-s", "0.09",
-                   "--cooldown-s", "0.09")  # fmt: skip
+    result = bench(
+        tmp_path, "--load", "constant", "--rate", "50", "--requests", "20", "--warmup-s", "0.09", "--cooldown-s", "0.09"
+    )
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)["metrics"]
     assert (m["requests_excluded_rampup"], m["requests_steady"], m["requests_excluded_drain"]) == (5, 10, 5)
@@ -237,8 +275,9 @@ def http_result(ttft_slope_s: float, waiting: list[float] | None = None) -> Cell
     result = CellResult(cell=synthetic(wl), status="ok", traces=traces, metrics=serving_summary(wl, traces))
     result.extra["ttft_basis"] = "client-http"
     if waiting is not None:
-        result.extra["kv_timeline"] = [{"repeat": 0, "t_s": 0.1 * (k + 1), "waiting": w, "running": 4}
-                                       for k, w in enumerate(waiting)]  # fmt: skip
+        result.extra["kv_timeline"] = [
+            {"repeat": 0, "t_s": 0.1 * (k + 1), "waiting": w, "running": 4} for k, w in enumerate(waiting)
+        ]
     return result
 
 

@@ -91,8 +91,15 @@ def test_serial_engine_saturates_at_one_over_service_time():
     search's definition: within 4 % of μ here."""
     prefill, decode = hand_single("H100-SXM", 512, 16)
     mu = 1 / (prefill + sum(decode))
-    curve = find_saturation(LLAMA, get_gpu("H100-SXM"), [(512, 16)], cfg=EngineConfig(max_num_seqs=1), eff=EFF,
-                            arrivals="constant", curve=(0.5,))  # fmt: skip
+    curve = find_saturation(
+        LLAMA,
+        get_gpu("H100-SXM"),
+        [(512, 16)],
+        cfg=EngineConfig(max_num_seqs=1),
+        eff=EFF,
+        arrivals="constant",
+        curve=(0.5,),
+    )
     assert curve.knee_rps == pytest.approx(mu, rel=0.04)
     assert curve.saturation_rps == pytest.approx(mu, rel=0.01)
     assert curve.service_s == pytest.approx(1 / mu, rel=1e-9)
@@ -105,15 +112,25 @@ def test_serial_engine_saturates_at_one_over_service_time():
 def test_pool_of_n_requests_runs_at_most_n_and_a_small_pool_preempts():
     block_bytes = BLOCK * KV_PER_TOKEN  # 2 MiB
     # 20 + 8 − 1 = 27 positions: 2 blocks from admission to the end, so a 3-request pool runs exactly 3 at a time.
-    fits = serve(LLAMA, get_gpu("H100-SXM"), [Req(i, 20, 8) for i in range(10)], eff=EFF,
-                 cfg=EngineConfig(kv_pool_bytes=3 * 2 * block_bytes))  # fmt: skip
+    fits = serve(
+        LLAMA,
+        get_gpu("H100-SXM"),
+        [Req(i, 20, 8) for i in range(10)],
+        eff=EFF,
+        cfg=EngineConfig(kv_pool_bytes=3 * 2 * block_bytes),
+    )
     assert fits.pool.blocks == 6 and fits.running_peak == 3 and fits.preemptions == 0
     assert max(s.kv_blocks_used for s in fits.steps) == 6
     assert all(len(t.token_times_s) == 8 for t in fits.timings)
     # 16-token prompts (1 block) growing to 55 positions (4 blocks) in an 8-block pool: 8 are admitted, they
     # cannot all grow, so the engine preempts, recomputes, and still finishes every request in full.
-    tight = serve(LLAMA, get_gpu("H100-SXM"), [Req(i, 16, 40) for i in range(8)], eff=EFF,
-                  cfg=EngineConfig(kv_pool_bytes=8 * block_bytes))  # fmt: skip
+    tight = serve(
+        LLAMA,
+        get_gpu("H100-SXM"),
+        [Req(i, 16, 40) for i in range(8)],
+        eff=EFF,
+        cfg=EngineConfig(kv_pool_bytes=8 * block_bytes),
+    )
     assert tight.running_peak == 8 and tight.preemptions > 0
     assert max(s.kv_blocks_used for s in tight.steps) <= 8
     assert all(len(t.token_times_s) == 40 for t in tight.timings)
@@ -127,8 +144,11 @@ def test_closed_loop_keeps_exactly_u_requests_in_the_system():
     """U users, think time 0: each request is sent when its predecessor ends, so U are in the system at every
     step; Little's law: throughput × mean E2E = U."""
     users, per_user = 4, 25
-    reqs = [Req(k * users + u, 128, 32, after=None if k == 0 else (k - 1) * users + u) for k in range(per_user)
-            for u in range(users)]  # fmt: skip
+    reqs = [
+        Req(k * users + u, 128, 32, after=None if k == 0 else (k - 1) * users + u)
+        for k in range(per_user)
+        for u in range(users)
+    ]
     run = serve(LLAMA, get_gpu("H100-SXM"), reqs, eff=EFF)
     assert len(run.timings) == users * per_user and not run.unsent
     ends = {reqs[t.index].id: t.end_s for t in run.timings}
@@ -155,10 +175,16 @@ def test_duration_stops_sending_and_think_time_delays():
 
 
 def test_chunked_prefill_splits_a_long_prompt_over_steps():
-    chunked = serve(LLAMA, get_gpu("H100-SXM"), [Req(0, 4096, 2)], eff=EFF,
-                    cfg=EngineConfig(max_num_batched_tokens=1024))  # fmt: skip
-    whole = serve(LLAMA, get_gpu("H100-SXM"), [Req(0, 4096, 2)], eff=EFF,
-                  cfg=EngineConfig(max_num_batched_tokens=1024, chunked_prefill=False))  # fmt: skip
+    chunked = serve(
+        LLAMA, get_gpu("H100-SXM"), [Req(0, 4096, 2)], eff=EFF, cfg=EngineConfig(max_num_batched_tokens=1024)
+    )
+    whole = serve(
+        LLAMA,
+        get_gpu("H100-SXM"),
+        [Req(0, 4096, 2)],
+        eff=EFF,
+        cfg=EngineConfig(max_num_batched_tokens=1024, chunked_prefill=False),
+    )
     assert [s.prefill_tokens for s in chunked.steps[:4]] == [1024] * 4
     assert [s.prefill_tokens for s in whole.steps[:1]] == [4096]
     # the same FLOPs either way, but every chunk reads the weights again: chunking costs 3 more weight reads
@@ -173,8 +199,18 @@ def test_saturation_orders_gpus_by_bandwidth_for_a_decode_bound_mix():
     step_bytes = (PARAMS - (VOCAB - 32) * HIDDEN) * 2 + 32 * ctx * KV_PER_TOKEN
     found = {}
     for gpu in ("H100-SXM", "A100-80GB-SXM", "L4"):
-        curve = find_saturation(LLAMA, get_gpu(gpu), [(64, 128)], cfg=EngineConfig(max_num_seqs=32), eff=EFF,
-                                arrivals="constant", span_s=20, min_requests=200, precision=0.03, curve=())  # fmt: skip
+        curve = find_saturation(
+            LLAMA,
+            get_gpu(gpu),
+            [(64, 128)],
+            cfg=EngineConfig(max_num_seqs=32),
+            eff=EFF,
+            arrivals="constant",
+            span_s=20,
+            min_requests=200,
+            precision=0.03,
+            curve=(),
+        )
         hand = 32 / (128 * step_bytes / (BANDWIDTH[gpu] * 0.9))
         assert curve.saturation_rps == pytest.approx(hand, rel=0.06), gpu
         found[gpu] = curve.knee_rps
@@ -228,8 +264,12 @@ def test_poisson_cell_traces_keep_the_schedule(backend):
 
 
 def test_closed_loop_cell_arrives_after_its_predecessor(backend):
-    requests = (RequestSpec(0, 128, 8), RequestSpec(1, 128, 8), RequestSpec(2, 128, 8, after=0, think_s=0.25),
-                RequestSpec(3, 128, 8, after=1, think_s=0.25))  # fmt: skip
+    requests = (
+        RequestSpec(0, 128, 8),
+        RequestSpec(1, 128, 8),
+        RequestSpec(2, 128, 8, after=0, think_s=0.25),
+        RequestSpec(3, 128, 8, after=1, think_s=0.25),
+    )
     wl = Workload("uniform", requests, load=LoadSpec(kind="closed", users=2, requests=4))
     result = run_cell(backend, Cell(model=MODEL, backend="sim", workload=wl, hardware="L4"))
     assert result.status == "ok", result.reason
@@ -239,16 +279,40 @@ def test_closed_loop_cell_arrives_after_its_predecessor(backend):
 
 def test_engine_options_and_oom(backend):
     wl = Workload.uniform(4, 512, 16)
-    small = run_cell(backend, Cell(model=MODEL, backend="sim", workload=wl, hardware="H100-SXM",
-                                   options=make_options(layout="paged", max_num_seqs=1)))  # fmt: skip
+    small = run_cell(
+        backend,
+        Cell(
+            model=MODEL,
+            backend="sim",
+            workload=wl,
+            hardware="H100-SXM",
+            options=make_options(layout="paged", max_num_seqs=1),
+        ),
+    )
     assert small.status == "ok" and small.extra["sim"]["max_num_seqs"] == 1 and small.extra["sim"]["running_peak"] == 1
     assert small.metrics["queue_s_max"] > 0
-    oom = run_cell(backend, Cell(model=MODEL, backend="sim", workload=wl, hardware="L4",
-                                 options=make_options(layout="paged", gpu_memory_utilization=0.5)))  # fmt: skip
+    oom = run_cell(
+        backend,
+        Cell(
+            model=MODEL,
+            backend="sim",
+            workload=wl,
+            hardware="L4",
+            options=make_options(layout="paged", gpu_memory_utilization=0.5),
+        ),
+    )
     assert oom.status == "oom" and "no KV pool left on L4" in oom.reason
     # the 8-block pool of the preemption test above, through the runner: the count reaches the row and the timeline
-    tight = run_cell(backend, Cell(model=MODEL, backend="sim", workload=Workload.uniform(8, 16, 40), hardware="H100-SXM",
-                                   options=make_options(layout="paged", kv_pool_bytes=8 * BLOCK * KV_PER_TOKEN)))  # fmt: skip
+    tight = run_cell(
+        backend,
+        Cell(
+            model=MODEL,
+            backend="sim",
+            workload=Workload.uniform(8, 16, 40),
+            hardware="H100-SXM",
+            options=make_options(layout="paged", kv_pool_bytes=8 * BLOCK * KV_PER_TOKEN),
+        ),
+    )
     assert tight.status == "ok" and tight.metrics["preemptions"] == tight.extra["sim"]["preemptions"] > 0
     points = tight.extra["kv_timeline"]
     assert max(p["preemptions"] for p in points) == tight.extra["sim"]["preemptions"]

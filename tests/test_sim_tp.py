@@ -124,8 +124,14 @@ def test_sim_backend_honours_the_cells_tp():
         row = result.to_row()
         assert row["tensor_parallel"] == 4 and "tensor parallel 4" in row["parallelism"]
         # The continuous engine: each GPU's pool holds the same blocks of its own KV heads.
-        paged = Cell(model=MODEL, backend="sim", workload=workload, hardware="H100-SXM", tensor_parallel=8,
-                     options=make_options(layout="paged"))  # fmt: skip
+        paged = Cell(
+            model=MODEL,
+            backend="sim",
+            workload=workload,
+            hardware="H100-SXM",
+            tensor_parallel=8,
+            options=make_options(layout="paged"),
+        )
         served = run_cell(backend, paged)
         assert served.status == "ok"
         assert served.memory["kv_reserved_bytes"] % (16 * 40_960) == 0  # blocks of 16 tokens × 40,960 B per GPU

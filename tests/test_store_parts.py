@@ -26,8 +26,11 @@ from kvray.runner.run import run_cell
 @pytest.fixture(scope="module")
 def results():
     """24 measured cells: 3 requests × 4 tokens each, one repeat."""
-    job = synthetic_job("parts", options={"ttft_s": 0.0, "tpot_s": 0.0},
-                        grid={"prompt_toks": [8 + i for i in range(24)], "gen_toks": [4], "concurrency": [3]})  # fmt: skip
+    job = synthetic_job(
+        "parts",
+        options={"ttft_s": 0.0, "tpot_s": 0.0},
+        grid={"prompt_toks": [8 + i for i in range(24)], "gen_toks": [4], "concurrency": [3]},
+    )
     backend = get_backend("synthetic")
     return [run_cell(backend, cell) for cell in plan_cells(job)]
 

@@ -73,8 +73,10 @@ def test_oom_skips_only_cells_that_outgrow_it(ray_session, tmp_path):
         grid={"prompt_toks": [8, 64], "gen_toks": [4], "concurrency": [1, 2, 4, 8]},
     )
     out = run_job(job, tmp_path / "out", progress=False).output_dir
-    by_shape = {(r["cell"]["workload"]["requests"].__len__(), r["cell"]["workload"]["requests"][0]["prompt_toks"]):
-                r for r in read_results(out)}  # fmt: skip
+    by_shape = {
+        (r["cell"]["workload"]["requests"].__len__(), r["cell"]["workload"]["requests"][0]["prompt_toks"]): r
+        for r in read_results(out)
+    }
     assert len(by_shape) == 8
     assert by_shape[(4, 64)]["status"] == "oom"  # 4 × 68 tokens > 200
     assert by_shape[(8, 64)]["status"] == "skipped_after_oom"
@@ -151,8 +153,9 @@ def _run_catching(errors, job, out):
 
 def test_real_allocation_failure_is_an_oom_row_and_the_sweep_goes_on(ray_session, tmp_path):
     # Eager attention materialises 8 × 4 heads × 4096² fp32 scores (2 GiB): beyond a 1 GiB address-space cap.
-    model = write_model_dir(tmp_path / "opt-eager", tiny_config("opt", max_position_embeddings=8192,
-                                                                 attn_implementation="eager"))  # fmt: skip
+    model = write_model_dir(
+        tmp_path / "opt-eager", tiny_config("opt", max_position_embeddings=8192, attn_implementation="eager")
+    )
     job = job_from_dict(
         {
             "name": "realoom",
@@ -169,10 +172,17 @@ def test_real_allocation_failure_is_an_oom_row_and_the_sweep_goes_on(ray_session
             ],
         }
     )
-    out = run_job(job, tmp_path / "out", progress=False, check_oom=False,
-                  worker_setup=functools.partial(limit_memory, 2**30)).output_dir  # fmt: skip
-    rows = {(len(r["cell"]["workload"]["requests"]), r["cell"]["workload"]["requests"][0]["prompt_toks"],
-             r["cell"]["workload"]["requests"][0]["gen_toks"]): r for r in read_results(out)}  # fmt: skip
+    out = run_job(
+        job, tmp_path / "out", progress=False, check_oom=False, worker_setup=functools.partial(limit_memory, 2**30)
+    ).output_dir
+    rows = {
+        (
+            len(r["cell"]["workload"]["requests"]),
+            r["cell"]["workload"]["requests"][0]["prompt_toks"],
+            r["cell"]["workload"]["requests"][0]["gen_toks"],
+        ): r
+        for r in read_results(out)
+    }
     assert rows[(8, 4096, 2)]["status"] == "oom", rows[(8, 4096, 2)]["reason"]
     assert "can't allocate memory" in rows[(8, 4096, 2)]["reason"]
     assert rows[(8, 4096, 3)]["status"] == "skipped_after_oom"
@@ -217,8 +227,15 @@ def test_killed_driver_then_resume_runs_only_the_missing_cells(ray_session, tmp_
     job_file.write_text(textwrap.dedent(DRIVER_JOB))
     out = tmp_path / "out"
     # Its own Ray (no GPUs: CPU workers), in its own session so the kill takes Ray's processes with it.
-    first = kvray_cli("run", str(job_file), "--output", str(out), start_new_session=True,
-                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    first = kvray_cli(
+        "run",
+        str(job_file),
+        "--output",
+        str(out),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and first.poll() is None:
@@ -233,8 +250,19 @@ def test_killed_driver_then_resume_runs_only_the_missing_cells(ray_session, tmp_
     assert 3 <= len(before) < 12
     # The rerun joins the session's Ray by address (starting another would cost 10–20 s on 2 cores).
     address = ray_session.get_runtime_context().gcs_address
-    second = kvray_cli("run", str(job_file), "--output", str(out), "--resume", "--address", address, "--no-plots",
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    second = kvray_cli(
+        "run",
+        str(job_file),
+        "--output",
+        str(out),
+        "--resume",
+        "--address",
+        address,
+        "--no-plots",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stdout, stderr = second.communicate(timeout=300)
     assert second.returncode == 0, stderr[-2000:]
     ids = jsonl_ids(out)

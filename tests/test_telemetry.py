@@ -75,8 +75,17 @@ def test_nvml_contract_energy_from_the_counter_of_a_steady_250_w_gpu(monkeypatch
     assert "NVML total-energy counter" in f["energy_basis"] and f["energy_reason"] is None
     rows = sampler.timeline({0: sampler.marks[0][0]})
     metrics = {m for _, _, source, m, _ in rows if source == "gpu:0"}
-    assert metrics == {"gpu_util_pct", "mem_util_pct", "mem_used_bytes", "power_w", "energy_j", "sm_clock_mhz",
-                       "mem_clock_mhz", "temp_c", "throttle_mask"}  # fmt: skip
+    assert metrics == {
+        "gpu_util_pct",
+        "mem_util_pct",
+        "mem_used_bytes",
+        "power_w",
+        "energy_j",
+        "sm_clock_mhz",
+        "mem_clock_mhz",
+        "temp_c",
+        "throttle_mask",
+    }
     energy = [v for _, _, s, m, v in rows if (s, m) == ("gpu:0", "energy_j")]
     assert energy[0] == 0 and energy == sorted(energy)  # joules since the window opened, never decreasing
 
@@ -172,11 +181,18 @@ def test_a_sweep_leaves_cpu_samples_for_every_cell_on_the_traces_clock_and_a_fig
     from kvray.report import make_all
     from kvray.sweep import run_job
 
-    job = job_from_dict({
-        "name": "timeline", "models": ["kvray/tiny-llama"], "backends": ["synthetic"], "dtypes": ["fp32"],
-        "warmup": 0, "repeats": 2, "options": {"ttft_s": 0.05, "tpot_s": 0.02, "max_batch": 2},
-        "grid": {"prompt_toks": [8], "gen_toks": [12], "concurrency": [1, 4]},
-    })  # fmt: skip
+    job = job_from_dict(
+        {
+            "name": "timeline",
+            "models": ["kvray/tiny-llama"],
+            "backends": ["synthetic"],
+            "dtypes": ["fp32"],
+            "warmup": 0,
+            "repeats": 2,
+            "options": {"ttft_s": 0.05, "tpot_s": 0.02, "max_batch": 2},
+            "grid": {"prompt_toks": [8], "gen_toks": [12], "concurrency": [1, 4]},
+        }
+    )
     out = run_job(job, tmp_path / "out", progress=False).output_dir
     cells = pd.read_parquet(out / "cells.parquet")
     timeline = pd.read_parquet(out / "timeline.parquet")
@@ -218,8 +234,9 @@ def test_the_simulator_estimates_energy_as_tdp_times_time_named_as_such():
     assert p4.tdp_power_w == 4 * 700 and p4.energy_j_tdp_estimate == pytest.approx(4 * 700 * p4.e2e_s)
 
 
-def fake_pynvml_group(power_w: tuple[float, ...], used_bytes: tuple[int, ...], start_mj: tuple[int, ...]
-                      ) -> types.ModuleType:  # fmt: skip
+def fake_pynvml_group(
+    power_w: tuple[float, ...], used_bytes: tuple[int, ...], start_mj: tuple[int, ...]
+) -> types.ModuleType:
     """A pynvml with one GPU per entry: GPU i draws ``power_w[i]`` from the moment the fake is created (its energy
     counter, mJ, starts at ``start_mj[i]`` and grows at that rate) and holds ``used_bytes[i]`` of device memory."""
     m = fake_pynvml()
@@ -285,8 +302,16 @@ def test_hf_paged_engine_gauges_join_the_cpu_samples_on_the_traces_clock(tmp_pat
 
     backend = HFPagedBackend()
     try:
-        cell = Cell(model="kvray/tiny-llama", workload=Workload.uniform(4, 32, 24), backend="hf-paged", dtype="fp32",
-                    device="cpu", warmup=1, repeats=1, options=make_options(telemetry_interval_s=0.05))  # fmt: skip
+        cell = Cell(
+            model="kvray/tiny-llama",
+            workload=Workload.uniform(4, 32, 24),
+            backend="hf-paged",
+            dtype="fp32",
+            device="cpu",
+            warmup=1,
+            repeats=1,
+            options=make_options(telemetry_interval_s=0.05),
+        )
         result = run_cell(backend, cell)
     finally:
         backend.close()

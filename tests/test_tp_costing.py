@@ -42,9 +42,15 @@ def sim_rows_at_tp(out, tp: int, eta_compute: float, eta_memory: float):
     for model in ("meta-llama/Llama-3.1-70B", "meta-llama/Meta-Llama-3-8B"):
         for concurrency in (1, 16):
             for prompt in (256, 4096):
-                cell = Cell(model=model, backend="sim", workload=Workload.uniform(concurrency, prompt, 8),
-                            hardware="H100-SXM", warmup=0, tensor_parallel=tp,
-                            options=make_options(eta_compute=eta_compute, eta_memory=eta_memory))  # fmt: skip
+                cell = Cell(
+                    model=model,
+                    backend="sim",
+                    workload=Workload.uniform(concurrency, prompt, 8),
+                    hardware="H100-SXM",
+                    warmup=0,
+                    tensor_parallel=tp,
+                    options=make_options(eta_compute=eta_compute, eta_memory=eta_memory),
+                )
                 writer.append(run_cell(backend, cell))  # an OOM cell (70B, TP 2, 16 × 4096) is skipped by calibrate
     return out
 
@@ -65,10 +71,25 @@ def test_tp_rows_calibrate_back_to_the_eta_they_were_made_with(tmp_path, tp, eta
 
 
 def rows(*cells: dict) -> pd.DataFrame:
-    base = {"experiment": "exp1", "model": "meta-llama/Llama-3.1-70B", "dtype": "bf16", "kv_dtype": "bf16",
-            "weights": "pretrained", "workload": "uniform", "status": "ok", "reason": "", "simulated": False,
-            "prompt_toks": 512, "gen_toks": 64, "hardware": "NVIDIA H100 80GB HBM3", "backend": "vllm",
-            "requests": 1, "requests_ok": 1, "requests_failed": 0, "concurrency": 1}  # fmt: skip
+    base = {
+        "experiment": "exp1",
+        "model": "meta-llama/Llama-3.1-70B",
+        "dtype": "bf16",
+        "kv_dtype": "bf16",
+        "weights": "pretrained",
+        "workload": "uniform",
+        "status": "ok",
+        "reason": "",
+        "simulated": False,
+        "prompt_toks": 512,
+        "gen_toks": 64,
+        "hardware": "NVIDIA H100 80GB HBM3",
+        "backend": "vllm",
+        "requests": 1,
+        "requests_ok": 1,
+        "requests_failed": 0,
+        "concurrency": 1,
+    }
     out = []
     for i, c in enumerate(cells):
         row = {**base, **c}
@@ -93,9 +114,13 @@ def test_a_tp8_row_is_floored_per_gpu_of_its_group():
     floor_low = (70_553_706_496 - 1_050_673_152) / 8 * 2 / H100_BW
     slack = (161 * 8_192 * 7 / 8 * 2 + 576 * 40_960) / H100_BW
     assert floor_low == pytest.approx(5.187e-3, rel=1e-3)
-    view = prepare(rows({"cell_id": "sim-equal", "tensor_parallel": 8, "tpot_s_p50": 7.1e-3},
-                        {"cell_id": "too-fast", "tensor_parallel": 8, "tpot_s_p50": 4.0e-3},
-                        {"cell_id": "hf-spread", "tensor_parallel": 8, "tpot_s_p50": 7.1e-3, "backend": "hf"}))  # fmt: skip
+    view = prepare(
+        rows(
+            {"cell_id": "sim-equal", "tensor_parallel": 8, "tpot_s_p50": 7.1e-3},
+            {"cell_id": "too-fast", "tensor_parallel": 8, "tpot_s_p50": 4.0e-3},
+            {"cell_id": "hf-spread", "tensor_parallel": 8, "tpot_s_p50": 7.1e-3, "backend": "hf"},
+        )
+    )
     found = floor_warnings(view)
     assert "sim-equal" not in found  # the simulator's own TP 8 prediction is possible
     fast = found["too-fast"]

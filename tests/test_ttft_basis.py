@@ -7,16 +7,36 @@ from kvray.backends import REGISTRY, backend_class
 
 
 def row(backend: str, **extra):
-    base = {"status": "ok", "simulated": False, "hardware": "NVIDIA H100 80GB HBM3", "backend": backend,
-            "model": "facebook/opt-125m", "dtype": "bf16", "kv_dtype": "bf16", "prompt_toks": 512, "gen_toks": 16,
-            "concurrency": 1, "prompt_toks_list": "512", "ttft_s_p50": 0.01, "tpot_s_p50": 0.002, "queue_s_max": 0.0}  # fmt: skip
+    base = {
+        "status": "ok",
+        "simulated": False,
+        "hardware": "NVIDIA H100 80GB HBM3",
+        "backend": backend,
+        "model": "facebook/opt-125m",
+        "dtype": "bf16",
+        "kv_dtype": "bf16",
+        "prompt_toks": 512,
+        "gen_toks": 16,
+        "concurrency": 1,
+        "prompt_toks_list": "512",
+        "ttft_s_p50": 0.01,
+        "tpot_s_p50": 0.002,
+        "queue_s_max": 0.0,
+    }
     return {**base, **extra}
 
 
 def test_every_backend_declares_its_ttft_clock():
     bases = {name: backend_class(name).ttft_basis for name in REGISTRY}
-    assert bases == {"hf": "engine", "synthetic": "engine", "sim": "engine", "hf-paged": "engine",
-                     "vllm": "client-http", "openai": "client-http", "ollama": "client-http"}  # fmt: skip
+    assert bases == {
+        "hf": "engine",
+        "synthetic": "engine",
+        "sim": "engine",
+        "hf-paged": "engine",
+        "vllm": "client-http",
+        "openai": "client-http",
+        "ollama": "client-http",
+    }
 
 
 def test_calibration_skips_client_side_ttft_including_rows_written_before_the_column():

@@ -157,8 +157,15 @@ def test_no_prefix_cache_hit_in_a_normal_cell_and_the_counter_sees_real_ones(vll
     assert cache_config(parse(text))["enable_prefix_caching"] == "True"
     http = OpenAIBackend()
     try:
-        cell = Cell(model=str(model_dir), workload=Workload.uniform(2, 320, 4), backend="openai", dtype="fp32",
-                    warmup=0, repeats=2, options=make_options(base_url=vllm.server.base_url))  # fmt: skip
+        cell = Cell(
+            model=str(model_dir),
+            workload=Workload.uniform(2, 320, 4),
+            backend="openai",
+            dtype="fp32",
+            warmup=0,
+            repeats=2,
+            options=make_options(base_url=vllm.server.base_url),
+        )
         result = run_cell(http, cell)
     finally:
         http.close()
@@ -186,8 +193,16 @@ def test_prometheus_text_of_a_real_vllm(vllm):
 def test_the_openai_backend_on_vllm_counts_what_the_in_process_backend_counts(vllm, model_dir):
     workload = Workload.uniform(3, 40, 12)
     http = OpenAIBackend()
-    http_result = run_cell(http, Cell(model=str(model_dir), workload=workload, backend="openai", dtype="fp32",
-                                      options=make_options(base_url=vllm.server.base_url)))  # fmt: skip
+    http_result = run_cell(
+        http,
+        Cell(
+            model=str(model_dir),
+            workload=workload,
+            backend="openai",
+            dtype="fp32",
+            options=make_options(base_url=vllm.server.base_url),
+        ),
+    )
     hf = HFBackend()
     try:
         hf_result = run_cell(hf, Cell(model=str(model_dir), workload=workload, dtype="fp32", device="cpu"))
@@ -204,8 +219,15 @@ def test_exp4_runs_hf_hf_paged_and_vllm_and_draws_fig8(vllm, model_dir, tmp_path
     from kvray.analysis.dataset import Dataset
     from kvray.figures.server import has_server_data, server_figures
 
-    common = Common(model=str(model_dir), backends=["hf", "hf-paged", "vllm"], dtype="fp32", device="cpu",
-                    warmup=1, repeats=1, options=vllm_test_options(metrics_interval_s=0.02))  # fmt: skip
+    common = Common(
+        model=str(model_dir),
+        backends=["hf", "hf-paged", "vllm"],
+        dtype="fp32",
+        device="cpu",
+        warmup=1,
+        repeats=1,
+        options=vllm_test_options(metrics_interval_s=0.02),
+    )
     # 64 generated tokens: a run long enough for /metrics scrapes to land while requests run
     job = exp4_job(common, prompt_toks=32, gen_toks=64, concurrency=[1, 4])
     cells = plan_cells(job)
@@ -264,8 +286,9 @@ def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(
     block = 128 * 4096
     # warmup=1: the restarted server's first batch compiles and holds its event loop for seconds (CI saw a 2.15 s
     # first /metrics round trip that outlasted the whole repeat, so no sample caught it busy)
-    cell = vllm_cell(model_dir, Workload.uniform(6, 20, 100), warmup=1, repeats=1, max_num_seqs=2,
-                     metrics_interval_s=0.02)  # fmt: skip
+    cell = vllm_cell(
+        model_dir, Workload.uniform(6, 20, 100), warmup=1, repeats=1, max_num_seqs=2, metrics_interval_s=0.02
+    )
     result = run_cell(own_vllm, cell)
     assert result.status == "ok", result.reason
     assert "--max-num-seqs 2" in result.extra["vllm"]["command"]

@@ -32,9 +32,17 @@ def test_tp2_on_cpu_holds_half_the_kv_per_rank(model_dir, vllm_tp2):
     assert (g.num_layers, g.num_attention_heads, g.num_kv_heads, g.head_dim) == (4, 4, 2, 64)
     assert kv_bytes_per_token(g, "fp32", "paged") == 2 * 4 * 2 * 64 * 4 == 4_096
     assert kv_bytes_per_token_per_gpu(g, "fp32", "paged", tp=2) == 2 * 4 * 1 * 64 * 4 == 2_048
-    cell = Cell(model=str(model_dir), workload=Workload.uniform(2, 16, 4), backend="vllm", dtype="fp32",
-                device="cpu", warmup=0, repeats=1, tensor_parallel=2,
-                options=make_options(**vllm_test_options()))  # fmt: skip
+    cell = Cell(
+        model=str(model_dir),
+        workload=Workload.uniform(2, 16, 4),
+        backend="vllm",
+        dtype="fp32",
+        device="cpu",
+        warmup=0,
+        repeats=1,
+        tensor_parallel=2,
+        options=make_options(**vllm_test_options()),
+    )
     result = run_cell(vllm_tp2, cell)
     assert result.status == "ok", result.reason
     assert "--tensor-parallel-size 2" in result.extra["vllm"]["command"]

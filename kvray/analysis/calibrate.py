@@ -138,8 +138,13 @@ class _Problem:
         return [k for k in range(3) if np.any(chosen[:, k] > 0)] + [3, 4, 5, 6]
 
 
-def _nonneg_lstsq(features: np.ndarray, t: np.ndarray, active: list[int], fixed: np.ndarray | None = None,
-                  goal: np.ndarray | None = None) -> np.ndarray | None:  # fmt: skip
+def _nonneg_lstsq(
+    features: np.ndarray,
+    t: np.ndarray,
+    active: list[int],
+    fixed: np.ndarray | None = None,
+    goal: np.ndarray | None = None,
+) -> np.ndarray | None:
     """min Σ((f·θ + fixed)/t − goal)² (goal 1: the relative error) with θ ≥ 0 over the ``active`` columns (the
     rest 0), by an active-set search: small subsets, then the columns with a nonzero coefficient, dropping the most
     negative until none is."""
@@ -310,8 +315,9 @@ def calibrate_rows(rows: list[dict[str, Any]], include_simulated: bool = False, 
     return fits
 
 
-def calibrate(results_dir: str | Path, out: str | Path | None = None, include_simulated: bool = False,
-              host: Any = None) -> tuple[list[Fit], Path]:  # fmt: skip
+def calibrate(
+    results_dir: str | Path, out: str | Path | None = None, include_simulated: bool = False, host: Any = None
+) -> tuple[list[Fit], Path]:
     """Fit every (GPU, layout) found in a results folder and merge the fits into the calibration file.
 
     ``host`` (kvray.hardware.host.HostPeaks): also fit CPU rows, as the device ``cpu-host``, against it."""

@@ -255,8 +255,22 @@ def _repeat_tps(traces: list[RunTrace]) -> list[float]:
 
 
 def _row(label: str, metric: str, stat: str, unit: str, ch: Change, p: float, n: tuple[int, int], test: str) -> Row:
-    return Row(label, metric, stat, unit, ch.base, ch.new, n[0], n[1], ch.rel_change, ch.ci_low - 1,
-               ch.ci_high - 1, p, math.nan, test)  # fmt: skip
+    return Row(
+        label,
+        metric,
+        stat,
+        unit,
+        ch.base,
+        ch.new,
+        n[0],
+        n[1],
+        ch.rel_change,
+        ch.ci_low - 1,
+        ch.ci_high - 1,
+        p,
+        math.nan,
+        test,
+    )
 
 
 def too_few_repeats(reps: tuple[int, int]) -> str:
@@ -288,9 +302,27 @@ def compare_pair(pair: Pair) -> list[Row]:
         x, y = [g for g in a[metric] if g], [g for g in b[metric] if g]
         n, reps = (sum(len(g) for g in x), sum(len(g) for g in y)), (len(x), len(y))
         if min(n) < 2:
-            rows.append(Row(pair.label, metric, "p50", "s", math.nan, math.nan, *n, math.nan, math.nan, math.nan,
-                            math.nan, math.nan, "", UNTESTED, "fewer than 2 samples on a side", *reps,
-                            "fewer than 2 samples on a side"))  # fmt: skip
+            rows.append(
+                Row(
+                    pair.label,
+                    metric,
+                    "p50",
+                    "s",
+                    math.nan,
+                    math.nan,
+                    *n,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    "",
+                    UNTESTED,
+                    "fewer than 2 samples on a side",
+                    *reps,
+                    "fewer than 2 samples on a side",
+                )
+            )
             continue
         # the tail every repeat holds: the test takes each repeat's own percentile
         for p in (50, supported_percentile(min(len(g) for g in x + y))):
@@ -354,11 +386,19 @@ def compare_results(
             r.note = r.why_untested = "no test: a side has only zeros or too few values"
     changed, per_cell = _what_changed(pairs)
     comparison = Comparison(
-        base_dir, new_dir, alpha, min_change, changed, per_cell, rows,
+        base_dir,
+        new_dir,
+        alpha,
+        min_change,
+        changed,
+        per_cell,
+        rows,
         sorted(cell_label(r) + f" ({r.status})" for r in only_base),
         sorted(cell_label(r) + f" ({r.status})" for r in only_new),
-        not_measured, len(ttft_of), cross,
-    )  # fmt: skip
+        not_measured,
+        len(ttft_of),
+        cross,
+    )
     comparison.advice = _advice(comparison, pairs)
     return comparison
 

@@ -39,8 +39,14 @@ class Dataset:
         return dataset
 
     @classmethod
-    def from_frames(cls, folder: str | Path, cells: Any, traces: Any = None, manifest: dict[str, Any] | None = None,
-                    records: list[dict[str, Any]] | None = None) -> Dataset:  # fmt: skip
+    def from_frames(
+        cls,
+        folder: str | Path,
+        cells: Any,
+        traces: Any = None,
+        manifest: dict[str, Any] | None = None,
+        records: list[dict[str, Any]] | None = None,
+    ) -> Dataset:
         """A dataset of tables (and rows) already in memory, e.g. rows crafted or edited in a test."""
         dataset = cls(Path(folder))
         dataset.__dict__.update(tables=(cells, traces), manifest=manifest or {})

@@ -130,8 +130,9 @@ def latency_exponents(view: View) -> list[Finding]:
                 parts.append(f"{name} ∝ L^{b:.2f} — undetermined ({evidence})")
                 lengths = sorted({int(v) for v in pts["prompt_toks"]})
                 # Halve below the shortest and double past the longest (exp2 drops what the model cannot hold).
-                wanted = sorted({*lengths, *(lengths[0] // 2**k for k in (1, 2) if lengths[0] // 2**k >= 16),
-                                 lengths[-1] * 2})  # fmt: skip
+                wanted = sorted(
+                    {*lengths, *(lengths[0] // 2**k for k in (1, 2) if lengths[0] // 2**k >= 16), lengths[-1] * 2}
+                )
                 advice = (
                     f" A verdict needs ≥ {MIN_FIT_LENGTHS} lengths and an interval that excludes the other verdicts"
                     f" (superlinear: above 1; about linear: inside {LINEAR_BAND[0]}–{LINEAR_BAND[1]}): run `"
@@ -141,7 +142,7 @@ def latency_exponents(view: View) -> list[Finding]:
                         seqlens=wanted,
                         gen_toks=int(ok.iloc[0]["gen_toks"]),
                         repeats=SUGGESTED_REPEATS,
-                    )  # fmt: skip
+                    )
                     + "`"
                 )
             else:
@@ -197,8 +198,7 @@ def throughput_plateaus(view: View) -> list[Finding]:
         plateau_c = next(c for c, h in zip(conc, highs, strict=True) if h >= PLATEAU_FRACTION * best)
         rising = best_i == len(tps) - 1 and c_max != conc[0]
         still_rising = rising and spread_known and lows[-1] > highs[-2]
-        degrades = (best_c < c_max and tps_last < DEGRADE_FRACTION * best and spread_known
-                    and highs[-1] < lows[best_i])  # fmt: skip
+        degrades = best_c < c_max and tps_last < DEGRADE_FRACTION * best and spread_known and highs[-1] < lows[best_i]
         values: dict[str, Any] = {
             "plateau_concurrency": plateau_c,
             "best_output_tps": best,
@@ -226,7 +226,7 @@ def throughput_plateaus(view: View) -> list[Finding]:
                     gen_toks=int(row["gen_toks"]),
                     concurrency=conc,
                     repeats=SUGGESTED_REPEATS,
-                )  # fmt: skip
+                )
                 + "`"
             )
         elif still_rising:
@@ -350,11 +350,14 @@ def mixed_penalties(view: View) -> list[Finding]:
                     n_short=p.n_short,
                     n_long=p.n_long,
                     repeats=short_repeats,
-                )  # fmt: skip
+                )
                 + "` (the short requests alone at the same concurrency, ≥ 100 of them a side)"
             )
-        out.append(Finding("mixed_penalty", "exp3", p.series, values, text + ". " + "; ".join(advice)
-                           + ("." if advice else "")))  # fmt: skip
+        out.append(
+            Finding(
+                "mixed_penalty", "exp3", p.series, values, text + ". " + "; ".join(advice) + ("." if advice else "")
+            )
+        )
     return out
 
 

@@ -178,7 +178,7 @@ def failures(view: View) -> list[Finding]:
                 f"{int(values['requests_failed'] or 0)} of {int(values['requests'] or 0)} requests failed ({rate:.1%}); "
                 if rate is not None
                 else "some requests failed; "
-            )  # fmt: skip
+            )
             + f"its latency percentiles pool only the {int(values['ttft_s_n'] or 0)} that succeeded"
             + (f" — {str(r['reason'])[:160]}" if r["reason"] else "")
         )
@@ -269,17 +269,34 @@ def roofline_floors(view: View) -> list[Finding]:
             # One request alone is the floor for any scheduler: a step reads the weights at least once, a
             # prefill computes at least its own prompt.
             tp = sharded_tensor_parallel(r)
-            floor = predict_cell(g, gpu, 1, int(r["prompt_toks"]), int(r["gen_toks"]), dtype=str(r["dtype"]),
-                                 kv_dtype=str(r["kv_dtype"]), eff=floor_eff, tp=tp, communication=False)  # fmt: skip
+            floor = predict_cell(
+                g,
+                gpu,
+                1,
+                int(r["prompt_toks"]),
+                int(r["gen_toks"]),
+                dtype=str(r["dtype"]),
+                kv_dtype=str(r["kv_dtype"]),
+                eff=floor_eff,
+                tp=tp,
+                communication=False,
+            )
         except Exception:  # a model kvray cannot resolve, a dtype the table lacks: no floor to compare with
             continue
         for metric, name, bound in (("tpot_s_p50", "TPOT p50", floor.tpot_s), ("ttft_s_p50", "TTFT p50", floor.ttft_s)):
             measured = as_number(r[metric])
             if measured is None or bound != bound or measured >= (1 - FLOOR_SLACK) * bound:
                 continue
-            values = {"check": "below_roofline_floor", "cell_ids": [str(r["cell_id"])],
-                      "suspect_cell_id": str(r["cell_id"]), "metric": metric, "measured_s": measured,
-                      "floor_s": bound, "gpu": gpu.name, "tensor_parallel": tp}  # fmt: skip
+            values = {
+                "check": "below_roofline_floor",
+                "cell_ids": [str(r["cell_id"])],
+                "suspect_cell_id": str(r["cell_id"]),
+                "metric": metric,
+                "measured_s": measured,
+                "floor_s": bound,
+                "gpu": gpu.name,
+                "tensor_parallel": tp,
+            }
             text = (
                 f"{view.series_label(r)} c={int(r['concurrency'])} × prompt {int(r['prompt_toks'])}: {name} "
                 f"{human_seconds(measured)} is below the roofline floor of {gpu.name}"

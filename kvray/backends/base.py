@@ -180,9 +180,17 @@ class BackendBase:
 
     # keys of the points a backend samples from its engine (a server's /metrics, hf-paged's cache) that the
     # cell's timeline keeps as source "engine"; a backend without such points has none to give
-    engine_gauges: tuple[str, ...] = ("kv_usage", "kv_used_bytes", "running", "waiting", "preemptions",
-                                      "prefix_cache_hits", "prefix_cache_queries", "prompt_tokens",
-                                      "generation_tokens")  # fmt: skip
+    engine_gauges: tuple[str, ...] = (
+        "kv_usage",
+        "kv_used_bytes",
+        "running",
+        "waiting",
+        "preemptions",
+        "prefix_cache_hits",
+        "prefix_cache_queries",
+        "prompt_tokens",
+        "generation_tokens",
+    )
 
     def telemetry_sources(self, gpus: int = 1) -> Any:
         """What a cell's telemetry samples (``kvray.measure.telemetry.TelemetrySources``): by default this

@@ -326,8 +326,10 @@ def hf_parallelism(cell: Cell, device: str) -> str:
     """The row's ``parallelism`` for a TP>1 cell: what transformers did, said plainly (its latency is not TP's)."""
     n = cell.tensor_parallel
     if device.startswith("cuda"):
-        return (f"layer-wise placement over {n} GPUs (transformers device_map), not tensor parallelism: "
-                "one GPU computes at a time")  # fmt: skip
+        return (
+            f"layer-wise placement over {n} GPUs (transformers device_map), not tensor parallelism: "
+            "one GPU computes at a time"
+        )
     return f"tensor_parallel {n} requested; hf ran on one {device} device (no split): not tensor parallelism"
 
 

@@ -155,9 +155,15 @@ class KVSampler(PeriodicSampler):
         except (RuntimeError, AttributeError, KeyError, IndexError):
             return
         self.peak_used = max(self.peak_used, used)
-        point = {"repeat": self.repeat, "t_s": round(self.elapsed_s(), 6), "kv_used_bytes": used,
-                 "kv_usage": used / usable if usable else None, "running": running, "waiting": waiting,
-                 "preemptions": None}  # fmt: skip
+        point = {
+            "repeat": self.repeat,
+            "t_s": round(self.elapsed_s(), 6),
+            "kv_used_bytes": used,
+            "kv_usage": used / usable if usable else None,
+            "running": running,
+            "waiting": waiting,
+            "preemptions": None,
+        }
         last = self.points[-1] if self.points else None
         if last is None or any(last[k] != point[k] for k in ("kv_usage", "running", "waiting")):
             self.points.append(point)  # changes only: a 5 ms sampler would otherwise flood the dataset
@@ -230,8 +236,16 @@ class HFPagedBackend(HFBackend):
         page_size = int(opts["block_size"] or _DEFAULT_PAGE_SIZE)
         num_blocks = self._num_blocks(opts, page_size)
         max_batch_tokens = opts["max_batch_tokens"] or (CPU_MAX_BATCH_TOKENS if self.device == "cpu" else None)
-        key = (self._key, page_size, num_blocks, opts["max_memory_percent"], max_batch_tokens,
-               opts["max_num_seqs"], bool(opts["prefix_sharing"]), temperature)  # fmt: skip
+        key = (
+            self._key,
+            page_size,
+            num_blocks,
+            opts["max_memory_percent"],
+            max_batch_tokens,
+            opts["max_num_seqs"],
+            bool(opts["prefix_sharing"]),
+            temperature,
+        )
         if key == self._manager_key and self.manager is not None and self.manager.is_running():
             return self.manager
         self._stop_manager()
@@ -239,9 +253,12 @@ class HFPagedBackend(HFBackend):
             page_size_field(ContinuousBatchingConfig): page_size,
             "allow_block_sharing": bool(opts["prefix_sharing"]),
         }
-        for name, value in (("num_blocks", num_blocks), ("max_memory_percent", opts["max_memory_percent"]),
-                            ("max_batch_tokens", max_batch_tokens),
-                            ("max_requests_per_batch", opts["max_num_seqs"])):  # fmt: skip
+        for name, value in (
+            ("num_blocks", num_blocks),
+            ("max_memory_percent", opts["max_memory_percent"]),
+            ("max_batch_tokens", max_batch_tokens),
+            ("max_requests_per_batch", opts["max_num_seqs"]),
+        ):
             if value is not None:
                 cb_kwargs[name] = value
         sampling: dict[str, Any] = {"do_sample": temperature > 0}
@@ -318,8 +335,13 @@ class HFPagedBackend(HFBackend):
                 now = time.perf_counter() - t0
                 for due_s, r in schedule.pop_due(now):
                     sent[names[r.id]] = (due_s, now)
-                    manager.add_request(prompts[r.id].tolist(), request_id=names[r.id], max_new_tokens=r.gen_toks,
-                                        record_timestamps=True, eos_token_id=-1)  # fmt: skip
+                    manager.add_request(
+                        prompts[r.id].tolist(),
+                        request_id=names[r.id],
+                        max_new_tokens=r.gen_toks,
+                        record_timestamps=True,
+                        eos_token_id=-1,
+                    )
                 if len(outputs) == len(sent) and schedule.next_due_s() is None and schedule.pending:
                     break  # nothing in flight and nothing the schedule will still send
                 next_s = schedule.next_due_s()
@@ -335,8 +357,9 @@ class HFPagedBackend(HFBackend):
                     raise RuntimeError(f"hf-paged: the generation loop stopped: {error}")
                 if time.monotonic() > deadline:
                     self._stop_manager()
-                    raise RuntimeError(f"hf-paged: {len(sent) - len(outputs)} requests unfinished after "
-                                       f"{opts['timeout_s']} s")  # fmt: skip
+                    raise RuntimeError(
+                        f"hf-paged: {len(sent) - len(outputs)} requests unfinished after {opts['timeout_s']} s"
+                    )
         traces = [self._trace(by_name[name], out, t0, repeat, *sent[name]) for name, out in outputs.items()]
         memory: dict[str, int | float | None] = {
             "weights_bytes": self.weights_bytes,
@@ -350,8 +373,9 @@ class HFPagedBackend(HFBackend):
 
             positions = [cached_positions(r.prompt_toks, r.gen_toks) for r in requests]
             all_resident = kv_bytes_batch(self.geometry, positions, self.dtype, "paged", info["block_size"])
-            memory.update(timeline_prediction(sampler.points, traces, self.geometry, self.dtype,
-                                              info["block_size"], all_resident))  # fmt: skip
+            memory.update(
+                timeline_prediction(sampler.points, traces, self.geometry, self.dtype, info["block_size"], all_resident)
+            )
         extra: dict[str, Any] = {"paged_cache": info}
         if repeat >= 0:
             extra["kv_timeline"] = list(sampler.points)  # this repeat's; the runner joins a cell's repeats

@@ -28,16 +28,19 @@ from kvray.backends.base import BackendRun
 from kvray.spec import Cell, RequestSpec
 
 
-def fill_concurrency(requests: Sequence[RequestSpec], num_blocks: int, block_size: int,
-                     hit_toks: Mapping[int, int] | None = None) -> int | None:  # fmt: skip
+def fill_concurrency(
+    requests: Sequence[RequestSpec], num_blocks: int, block_size: int, hit_toks: Mapping[int, int] | None = None
+) -> int | None:
     """The fewest of the workload's requests (smallest first, at full length) whose blocks overfill a pool of
     ``num_blocks`` (one of them the engine's null block); None when all of them fit. ``hit_toks`` (request id →
     prompt tokens a prefix cache serves, kvray/sim/reuse.py) are blocks shared with a request already resident."""
     from kvray.model.kvmath import cached_positions
 
     hits = hit_toks or {}
-    needs = sorted(math.ceil(cached_positions(r.prompt_toks, r.gen_toks) / block_size) - hits.get(r.id, 0) // block_size
-                   for r in requests)  # fmt: skip
+    needs = sorted(
+        math.ceil(cached_positions(r.prompt_toks, r.gen_toks) / block_size) - hits.get(r.id, 0) // block_size
+        for r in requests
+    )
     free = num_blocks - 1
     for n, need in enumerate(needs, start=1):
         free -= need
@@ -73,8 +76,15 @@ class ReuseAccount:
         self.per_request: list[dict[str, Any]] = []
         self.fills: list[dict[str, Any]] = []
 
-    def add(self, cell: Cell, requests: Sequence[RequestSpec], run: BackendRun, cache: dict[str, Any],
-            points: list[dict[str, Any]], repeat: int) -> None:  # fmt: skip
+    def add(
+        self,
+        cell: Cell,
+        requests: Sequence[RequestSpec],
+        run: BackendRun,
+        cache: dict[str, Any],
+        points: list[dict[str, Any]],
+        repeat: int,
+    ) -> None:
         """Put this repeat's figures (and the pooled ones so far) in ``run.memory`` / ``run.extra``."""
         block, blocks = cache.get("block_size"), cache.get("num_gpu_blocks")
         if repeat < 0 or not block:
@@ -108,9 +118,15 @@ class ReuseAccount:
             memory["prefix_cache_hit_rate_predicted"] = round(self.hits_predicted / self.queries_predicted, 6)
         memory["kv_not_recomputed_bytes_predicted"] = pred.kv_not_recomputed_bytes
         for t in run.traces:
-            self.per_request.append({"repeat": repeat, "request_id": t.request_id, "prompt_toks": t.prompt_toks,
-                                     "cached_toks": t.cached_prompt_toks,
-                                     "cached_toks_predicted": pred.hit_toks.get(t.request_id)})  # fmt: skip
+            self.per_request.append(
+                {
+                    "repeat": repeat,
+                    "request_id": t.request_id,
+                    "prompt_toks": t.prompt_toks,
+                    "cached_toks": t.cached_prompt_toks,
+                    "cached_toks_predicted": pred.hit_toks.get(t.request_id),
+                }
+            )
         if blocks:  # a closed loop (requests chained by ``after``) never has them all in flight: no such figure
             chained = any(r.after is not None for r in requests)
             memory["kv_fill_concurrency_predicted"] = (

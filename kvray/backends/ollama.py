@@ -141,16 +141,20 @@ class OllamaBackend(BackendBase):
         assert self.settings is not None
         prompts = {r.id: self._prompt(r.prompt_toks, request_seed(cell, repeat, r.id)) for r in requests}
         model = self.settings.served_model or cell.model
-        client = await self.session.client((cell.cell_id, self.settings.root), len(requests) + 2,
-                                           self.settings.timeout_s)  # fmt: skip
+        client = await self.session.client(
+            (cell.cell_id, self.settings.root), len(requests) + 2, self.settings.timeout_s
+        )
         await self.session.warm(client, f"{self.settings.root}/api/version", len(requests))  # untimed
         t0 = time.perf_counter()
         results = await serve_on_schedule(
-            ArrivalSchedule.for_cell(cell, requests), requests, t0,
-            lambda r, sent_s: self._request(client, model, r, prompts[r.id], t0, repeat,
-                                            request_seed(cell, repeat, r.id) % 2**31, sent_s),
+            ArrivalSchedule.for_cell(cell, requests),
+            requests,
+            t0,
+            lambda r, sent_s: self._request(
+                client, model, r, prompts[r.id], t0, repeat, request_seed(cell, repeat, r.id) % 2**31, sent_s
+            ),
             trace_of=lambda result: result[0],
-        )  # fmt: skip
+        )
         ps = await self._ps(client, model)
         extra: dict[str, Any] = {
             "served_model": model,
@@ -180,8 +184,9 @@ class OllamaBackend(BackendBase):
             pass
         return {}
 
-    async def _request(self, client: Any, model: str, r: RequestSpec, prompt: str, t0: float, repeat: int,
-                       seed: int, sent_s: float) -> tuple[RunTrace, dict[str, Any] | None]:  # fmt: skip
+    async def _request(
+        self, client: Any, model: str, r: RequestSpec, prompt: str, t0: float, repeat: int, seed: int, sent_s: float
+    ) -> tuple[RunTrace, dict[str, Any] | None]:
         assert self.settings is not None
         settings = self.settings
         chunks: list[Chunk] = []
@@ -229,8 +234,16 @@ class OllamaBackend(BackendBase):
         busy_s = sum(float(final.get(k) or 0) for k in ("prompt_eval_duration", "eval_duration")) * _NS
         start_s = min(max(sent_s, end_s - busy_s), times[0] if times else end_s)
         prompt_toks = final.get("prompt_eval_count")
-        trace = RunTrace(r.id, repeat, r.arrival_s, start_s, times, times[-1] if times else end_s,
-                         int(prompt_toks) if isinstance(prompt_toks, int) else r.prompt_toks, n_out)  # fmt: skip
+        trace = RunTrace(
+            r.id,
+            repeat,
+            r.arrival_s,
+            start_s,
+            times,
+            times[-1] if times else end_s,
+            int(prompt_toks) if isinstance(prompt_toks, int) else r.prompt_toks,
+            n_out,
+        )
         if n_out != r.gen_toks and not (settings.allow_short_output and 0 < n_out < r.gen_toks):
             trace.status = "error"
             trace.error = f"ollama returned {n_out} of {r.gen_toks} tokens (done_reason {final.get('done_reason')!r})"
@@ -240,11 +253,14 @@ class OllamaBackend(BackendBase):
             "done_reason": final.get("done_reason"),
             "prompt_eval_count": final.get("prompt_eval_count"),
             "eval_count": n_out,
-            **{f"{k}_s": float(final[k]) * _NS for k in ("total_duration", "load_duration", "prompt_eval_duration",
-                                                          "eval_duration") if isinstance(final.get(k), int | float)},
+            **{
+                f"{k}_s": float(final[k]) * _NS
+                for k in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+                if isinstance(final.get(k), int | float)
+            },
             "client_ttft_s": (times[0] - r.arrival_s) if times else None,
             "client_e2e_s": end_s - r.arrival_s,
-        }  # fmt: skip
+        }
         return trace, timing
 
     def device_info(self) -> dict[str, Any]:

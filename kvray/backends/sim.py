@@ -232,15 +232,25 @@ class SimBackend(BackendBase):
         ordered = sorted(traces, key=lambda t: t.request_id)
         return BackendRun(traces=ordered, kv_measured_bytes=None, memory=memory, simulated=True, extra=extra)
 
-    def _serve(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int, dtype: str, kv_dtype: str,
-               eff: Efficiency) -> BackendRun:  # fmt: skip
+    def _serve(
+        self, cell: Cell, requests: Sequence[RequestSpec], repeat: int, dtype: str, kv_dtype: str, eff: Efficiency
+    ) -> BackendRun:
         """The continuous-batching engine: traces as the engine served them, the KV pool and its timeline."""
         assert self.geometry is not None
         cfg = engine_config(cell.option_dict)
         load = cell.workload.load
         try:
-            run = serve(self.geometry, self.gpu, requests, dtype, kv_dtype, cfg, eff,
-                        load.duration_s if load is not None else None, cell.tensor_parallel)  # fmt: skip
+            run = serve(
+                self.geometry,
+                self.gpu,
+                requests,
+                dtype,
+                kv_dtype,
+                cfg,
+                eff,
+                load.duration_s if load is not None else None,
+                cell.tensor_parallel,
+            )
         except PoolTooSmall as exc:
             raise SimulatedOutOfMemory(f"sim: predicted out of memory on {self.gpu.name}: {exc}") from None
         traces = _traces(requests, run.timings, repeat)
@@ -296,8 +306,9 @@ class SimBackend(BackendBase):
         if repeat >= 0:
             extra["kv_timeline"] = points  # this repeat's; the runner joins a cell's repeats
         ordered = sorted(traces, key=lambda t: t.request_id)
-        out = BackendRun(traces=ordered, kv_measured_bytes=None, memory=memory, simulated=True, extra=extra,
-                         counters=counters)  # fmt: skip
+        out = BackendRun(
+            traces=ordered, kv_measured_bytes=None, memory=memory, simulated=True, extra=extra, counters=counters
+        )
         if cfg.prefix_caching and any(r.prefix_group is not None for r in requests):
             cache = {"block_size": cfg.block_size, "num_gpu_blocks": pool.blocks}
             self._reuse.add(cell, requests, out, cache, points, repeat)
@@ -327,8 +338,9 @@ def _energy(gpu: GpuSpec, traces: Sequence[RunTrace], tp: int) -> dict[str, Any]
     return tdp_energy_estimate(gpu, busy, sum(t.output_toks for t in traces), tp)
 
 
-def _traces(requests: Sequence[RequestSpec], timings: Sequence[RequestTiming | ServedRequest],
-            repeat: int) -> list[RunTrace]:  # fmt: skip
+def _traces(
+    requests: Sequence[RequestSpec], timings: Sequence[RequestTiming | ServedRequest], repeat: int
+) -> list[RunTrace]:
     """RunTraces of the predicted timings; sent = arrival, since a simulated client never lags."""
     return [
         RunTrace(
@@ -365,10 +377,17 @@ def kv_timeline(run: ServingRun, repeat: int, max_points: int = 500) -> list[dic
             and step.t_s - last["t_s"] < spacing
         ):
             continue
-        points.append({"repeat": repeat, "t_s": round(step.t_s, 6),
-                       "kv_used_bytes": step.kv_blocks_used * pool.block_bytes,
-                       "kv_usage": step.kv_blocks_used / pool.blocks, "running": step.running,
-                       "waiting": step.waiting, "preemptions": step.preemptions})  # fmt: skip
+        points.append(
+            {
+                "repeat": repeat,
+                "t_s": round(step.t_s, 6),
+                "kv_used_bytes": step.kv_blocks_used * pool.block_bytes,
+                "kv_usage": step.kv_blocks_used / pool.blocks,
+                "running": step.running,
+                "waiting": step.waiting,
+                "preemptions": step.preemptions,
+            }
+        )
     return points
 
 

@@ -107,14 +107,25 @@ def rank_cpu_ids(tp: int) -> str:
     return "|".join(",".join(map(str, ids[i * size : (i + 1) * size])) for i in range(tp))
 
 
-def server_command(launcher: list[str], model_path: str, served_name: str, port: int, dtype: str,
-                   knobs: dict[str, Any], device: str) -> list[str]:  # fmt: skip
+def server_command(
+    launcher: list[str], model_path: str, served_name: str, port: int, dtype: str, knobs: dict[str, Any], device: str
+) -> list[str]:
     """The full vLLM command line for one model and set of knobs."""
     cmd = [*launcher]
     cmd += [model_path] if launcher[-1] == "serve" else ["--model", model_path]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
-            "--dtype", _VLLM_DTYPES[dtype], "--seed", "0",
-            "--enable-prompt-tokens-details"]  # fmt: skip
+    cmd += [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        served_name,
+        "--dtype",
+        _VLLM_DTYPES[dtype],
+        "--seed",
+        "0",
+        "--enable-prompt-tokens-details",
+    ]
     # --enable-prompt-tokens-details: each answer's usage says how many prompt tokens its prefix cache served
     flags = {
         "gpu_memory_utilization": "--gpu-memory-utilization",
@@ -166,8 +177,10 @@ def capacity_check(model: str, dtype: str, server_cache: dict[str, Any], tp: int
         out["agrees"] = tokens == predicted
     else:  # the GPU case: vLLM sized the pool itself and publishes only blocks
         out["agrees"] = None
-        out["note"] = ("vLLM published no kv_cache_memory_bytes: the pool is derived from num_gpu_blocks × "
-                       "block_size × bytes per token, so there is no independent figure to check it against")  # fmt: skip
+        out["note"] = (
+            "vLLM published no kv_cache_memory_bytes: the pool is derived from num_gpu_blocks × "
+            "block_size × bytes per token, so there is no independent figure to check it against"
+        )
     return out
 
 
@@ -243,8 +256,9 @@ class VLLMBackend(BackendBase):
         key = (tuple(launcher), model_path, cell.model, dtype, device, tuple(sorted(knobs.items())))
         if key != self._key or self.server is None or not self.server.running:
             self._stop_server()
-            self._start_server(launcher, model_path, cell.model, dtype, device, knobs,
-                               float(opts.get("startup_timeout_s", 600)))  # fmt: skip
+            self._start_server(
+                launcher, model_path, cell.model, dtype, device, knobs, float(opts.get("startup_timeout_s", 600))
+            )
             self._key, self.model_path, self.device = key, model_path, device
         settings = HTTPSettings(
             base_url=self.server.base_url,
@@ -257,8 +271,16 @@ class VLLMBackend(BackendBase):
         )
         self.http.configure(settings, cell.model if cell.weights != "random" else model_path)
 
-    def _start_server(self, launcher: list[str], model_path: str, served_name: str, dtype: str, device: str,
-                      knobs: dict[str, Any], timeout_s: float) -> None:  # fmt: skip
+    def _start_server(
+        self,
+        launcher: list[str],
+        model_path: str,
+        served_name: str,
+        dtype: str,
+        device: str,
+        knobs: dict[str, Any],
+        timeout_s: float,
+    ) -> None:
         from kvray.servers.process import ServerProcess, ServerStartError, free_port
 
         port = free_port()
@@ -364,9 +386,12 @@ class VLLMBackend(BackendBase):
         here)."""
         from kvray.measure.telemetry import TelemetrySources, group_devices
 
-        return TelemetrySources(gpus=group_devices(self.device, gpus), cuda_context=False,
-                                pids=lambda: self.server.pids() if self.server is not None else [],
-                                scope=self.memory_scope())  # fmt: skip
+        return TelemetrySources(
+            gpus=group_devices(self.device, gpus),
+            cuda_context=False,
+            pids=lambda: self.server.pids() if self.server is not None else [],
+            scope=self.memory_scope(),
+        )
 
     def memory_scope(self) -> str:
         pid = self.server.proc.pid if self.server is not None and self.server.proc is not None else None

@@ -72,8 +72,9 @@ def bench_cell(
             raise KvrayInputError("--mixed sets its own requests: it takes no --load, --slo or length distribution")
         workload = Workload.mixed(list(mixed), gen_toks, arrival_gap_s)
     elif load or slo or prompt_dist or gen_dist:
-        workload = serving_workload(concurrency, prompt_dist or prompt_toks, gen_dist or gen_toks, arrival_gap_s,
-                                    load or {}, slo)  # fmt: skip
+        workload = serving_workload(
+            concurrency, prompt_dist or prompt_toks, gen_dist or gen_toks, arrival_gap_s, load or {}, slo
+        )
     else:
         workload = Workload.uniform(concurrency, prompt_toks, gen_toks, arrival_gap_s)
     try:
@@ -100,15 +101,24 @@ def bench_cell(
             f"max_position_embeddings ({g.max_position_embeddings})"
         )
     cell = Cell(
-        model=model, workload=workload, backend=backend, dtype=dtype, weights=weights, device=device,
-        warmup=warmup, repeats=repeats, options=make_options(**dict(options or {})), tensor_parallel=tensor_parallel,
+        model=model,
+        workload=workload,
+        backend=backend,
+        dtype=dtype,
+        weights=weights,
+        device=device,
+        warmup=warmup,
+        repeats=repeats,
+        options=make_options(**dict(options or {})),
+        tensor_parallel=tensor_parallel,
         clients=clients,
-    )  # fmt: skip
+    )
     return validate_backend_options(cell)
 
 
-def check_dist_max(model: str, positions: int, workload: Any, prompt_dist: Mapping[str, Any] | None,
-                   gen_dist: Mapping[str, Any] | None) -> None:  # fmt: skip
+def check_dist_max(
+    model: str, positions: int, workload: Any, prompt_dist: Mapping[str, Any] | None, gen_dist: Mapping[str, Any] | None
+) -> None:
     """A length distribution's ``max`` is the longest request it may draw: refused, like ``--prompt-toks``,
     when that prompt plus the longest output would exceed the model's positions — whatever the seed drew this
     time (a median of 16 rarely draws near its max, so the drawn workload alone would let 99999999 through)."""
@@ -132,8 +142,14 @@ def check_dist_max(model: str, positions: int, workload: Any, prompt_dist: Mappi
     )
 
 
-def serving_workload(concurrency: int, prompt: Any, gen: Any, arrival_gap_s: float, load: Mapping[str, Any],
-                     slo: Mapping[str, float] | None) -> Any:  # fmt: skip
+def serving_workload(
+    concurrency: int,
+    prompt: Any,
+    gen: Any,
+    arrival_gap_s: float,
+    load: Mapping[str, Any],
+    slo: Mapping[str, float] | None,
+) -> Any:
     """``kvray bench --load KIND --rate R --requests N …``: the flags as a LoadSpec, its workload built.
 
     For a closed loop ``-c`` is the number of users; for a burst, the burst's size."""
@@ -161,8 +177,10 @@ def serving_workload(concurrency: int, prompt: Any, gen: Any, arrival_gap_s: flo
     if trim and kind in OPEN_LOOPS and search is None:  # the arrivals are known now: the window must hold some
         arrivals = [r.arrival_s for r in workload.requests]
         if trim >= max(arrivals) - min(arrivals):
-            raise KvrayInputError(f"--warmup-s + --cooldown-s ({trim:g} s) leave no window: this load's arrivals "
-                                  f"span {max(arrivals) - min(arrivals):.3g} s")  # fmt: skip
+            raise KvrayInputError(
+                f"--warmup-s + --cooldown-s ({trim:g} s) leave no window: this load's arrivals "
+                f"span {max(arrivals) - min(arrivals):.3g} s"
+            )
     return workload
 
 
@@ -209,8 +227,9 @@ class BenchRecord:
     added: bool  # True: a new row; False: it replaced the cell's earlier row (--replace)
 
 
-def measure_and_record(cell: Cell, output_dir: str | Path, check_oom: bool = True,
-                       replace: bool = False) -> BenchRecord:  # fmt: skip
+def measure_and_record(
+    cell: Cell, output_dir: str | Path, check_oom: bool = True, replace: bool = False
+) -> BenchRecord:
     """Run ``cell`` on a fresh backend in this process (no Ray, unless the cell's clients > 1: then the caller has
     joined Ray, kvray/cli/bench_cmd.py), append its row to the dataset in
     ``output_dir`` and write ``cell_<id>.json`` beside it. The folder must not hold the cell's row already

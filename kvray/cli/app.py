@@ -24,8 +24,11 @@ class _Group(typer.core.TyperGroup):
     """Lists each command with its whole first docstring line (click would cut it at 45 characters)."""
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
-        rows = [(name, cmd.get_short_help_str(limit=200)) for name in self.list_commands(ctx)
-                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]  # fmt: skip
+        rows = [
+            (name, cmd.get_short_help_str(limit=200))
+            for name in self.list_commands(ctx)
+            if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden
+        ]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)

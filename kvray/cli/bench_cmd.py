@@ -101,15 +101,27 @@ def bench(
     load, concurrency = closed_loop_users(load, users, concurrency)
     options = parse_option_pairs([*(option or []), *server_options(vllm_python, base_url, api_key_env, host)])
     cell = bench_cell(
-        model, prompt_toks=prompt_toks, gen_toks=gen_toks, concurrency=concurrency,
-        mixed=comma_ints("--mixed", mixed) if mixed else None, arrival_gap_s=arrival_gap_s, dtype=dtype,
-        weights=weights, device=device, backend=backend, warmup=warmup, repeats=repeats, options=options,
+        model,
+        prompt_toks=prompt_toks,
+        gen_toks=gen_toks,
+        concurrency=concurrency,
+        mixed=comma_ints("--mixed", mixed) if mixed else None,
+        arrival_gap_s=arrival_gap_s,
+        dtype=dtype,
+        weights=weights,
+        device=device,
+        backend=backend,
+        warmup=warmup,
+        repeats=repeats,
+        options=options,
         load=parse_load_flags(load, rate, requests, duration_s, seed, warmup_s=warmup_s, cooldown_s=cooldown_s),
         slo=parse_slo(slo, "--slo") if slo else None,
         prompt_dist=parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else None,
-        gen_dist=parse_dist(gen_dist, "--gen-dist") if gen_dist else None, tensor_parallel=tp, clients=clients,
+        gen_dist=parse_dist(gen_dist, "--gen-dist") if gen_dist else None,
+        tensor_parallel=tp,
+        clients=clients,
         trace=trace_flags(trace, trace_format, speedup, limit),
-    )  # fmt: skip
+    )
     check_output(cell, output, replace)  # before the model loads
     started = join_ray(clients) if clients > 1 else False
     try:

@@ -31,7 +31,7 @@ def compare(
             "--fail-on-regression",
             metavar="PCT",
             help="exit 1 when any metric is significantly worse by more than PCT per cent",
-        ),  # fmt: skip
+        ),
     ] = None,
     output: Annotated[
         str | None,
@@ -71,8 +71,17 @@ def compare(
         )
 
 
-def _compare(base_dir: Path, new_dir: Path, out_dir: Path, *, json_out: bool, fail_on_regression: float | None,
-             min_change: float, names: tuple[str, str], shown_out: str | None) -> int:  # fmt: skip
+def _compare(
+    base_dir: Path,
+    new_dir: Path,
+    out_dir: Path,
+    *,
+    json_out: bool,
+    fail_on_regression: float | None,
+    min_change: float,
+    names: tuple[str, str],
+    shown_out: str | None,
+) -> int:
     """``compare`` on local folders (staging copies of URIs); ``names``: base and new as the user named them;
     ``shown_out``: the URI the outputs are uploaded to, if they are."""
     import dataclasses
@@ -98,8 +107,11 @@ def _compare(base_dir: Path, new_dir: Path, out_dir: Path, *, json_out: bool, fa
         from kvray.cli import render
 
         data = comparison.to_json()
-        data.update(outputs={"markdown": str(md), "html": str(html_path)}, fail_on_regression=fail_on_regression,
-                    regressions=len(regressions))  # fmt: skip
+        data.update(
+            outputs={"markdown": str(md), "html": str(html_path)},
+            fail_on_regression=fail_on_regression,
+            regressions=len(regressions),
+        )
         render.print_json(data)
     else:
         _summary(comparison, md, html_path, fail_on_regression, regressions)
@@ -119,8 +131,11 @@ def _summary(comparison: Any, md: Path | str, html_path: Path | str, pct: float 
         render.line(soft_wrap=True, text=comparison.untestable_line())
     for r in [r for r in comparison.rows if r.verdict in ("slower", "faster")][:20]:
         render.line(soft_wrap=True, text=f"  {r.verdict:7s} {r.label:16s} {_fmt_change(r)}  {r.cell}")
-    for text, items in (("only in base", comparison.only_base), ("only in new", comparison.only_new),
-                        ("not measured on a side", comparison.not_measured)):  # fmt: skip
+    for text, items in (
+        ("only in base", comparison.only_base),
+        ("only in new", comparison.only_new),
+        ("not measured on a side", comparison.not_measured),
+    ):
         if items:
             render.line(
                 soft_wrap=True,
@@ -177,13 +192,18 @@ def write_compare(comparison: Any, out_dir: Path, fail_pct: float | None) -> tup
     c = comparison
     blocks = [Block("h1", "kvray compare"), Block("p", f"Base `{c.base_dir}` → new `{c.new_dir}`.")]
     counts = c.to_json()["counts"]
-    blocks.append(Block("p", (
-        f"{c.cells_compared} shared cell(s) compared: **{counts['slower']} slower, {counts['faster']} faster**, "
-        f"{counts['no significant change']} no significant change, {counts['not testable']} not testable. A verdict "
-        f"is faster/slower only when the Holm-adjusted p-value (over all {len(c.rows)} rows) is below {c.alpha:g} "
-        f"and the change is at least {c.min_change:.0%}; intervals are {c.ci_level:.0%} (docs/metrics.md). A "
-        f"verdict needs {MIN_REPEATS} repeats a side: the repeats are the test's units."
-    )))  # fmt: skip
+    blocks.append(
+        Block(
+            "p",
+            (
+                f"{c.cells_compared} shared cell(s) compared: **{counts['slower']} slower, {counts['faster']} faster**, "
+                f"{counts['no significant change']} no significant change, {counts['not testable']} not testable. A verdict "
+                f"is faster/slower only when the Holm-adjusted p-value (over all {len(c.rows)} rows) is below {c.alpha:g} "
+                f"and the change is at least {c.min_change:.0%}; intervals are {c.ci_level:.0%} (docs/metrics.md). A "
+                f"verdict needs {MIN_REPEATS} repeats a side: the repeats are the test's units."
+            ),
+        )
+    )
     if c.untestable_line():
         blocks.append(Block("p", c.untestable_line() + "."))
     if fail_pct is not None:
@@ -199,22 +219,45 @@ def write_compare(comparison: Any, out_dir: Path, fail_pct: float | None) -> tup
     common, short = short_labels([r.cell for r in c.rows])
     if common:
         blocks.append(Block("p", f"Every compared cell: {common}."))
-    headers = ["cell", "metric", "base", "new", "n base / new", "repeats", "change [95 % CI]", "p (Holm)", "test",
-               "verdict"]  # fmt: skip
+    headers = [
+        "cell",
+        "metric",
+        "base",
+        "new",
+        "n base / new",
+        "repeats",
+        "change [95 % CI]",
+        "p (Holm)",
+        "test",
+        "verdict",
+    ]
     body = [
-        [short[r.cell], r.label, _fmt_value(r.base, r.unit), _fmt_value(r.new, r.unit), f"{r.n_base} / {r.n_new}",
-         f"{r.repeats_base} / {r.repeats_new}", _fmt_change(r), _fmt_p(r.p_adjusted), r.test,
-         r.verdict + (f" ({r.note})" if r.note else "")]
+        [
+            short[r.cell],
+            r.label,
+            _fmt_value(r.base, r.unit),
+            _fmt_value(r.new, r.unit),
+            f"{r.n_base} / {r.n_new}",
+            f"{r.repeats_base} / {r.repeats_new}",
+            _fmt_change(r),
+            _fmt_p(r.p_adjusted),
+            r.test,
+            r.verdict + (f" ({r.note})" if r.note else ""),
+        ]
         for r in c.rows
-    ]  # fmt: skip
+    ]
     blocks.append(Block("table", headers=headers, rows=body) if body else Block("p", "No shared measured cell."))
     png = out_dir / "figures" / "compare_changes.png"
     if png.is_file():
         svg = png.with_suffix(".svg")
-        blocks.append(Block("figure", "compare_changes: " + "; ".join(figure.notes), path=png,
-                            svg=svg if svg.is_file() else None))  # fmt: skip
-    for title, items in (("Only in base (not compared)", c.only_base), ("Only in new (not compared)", c.only_new),
-                         ("Shared but not measured on a side", c.not_measured)):  # fmt: skip
+        blocks.append(
+            Block("figure", "compare_changes: " + "; ".join(figure.notes), path=png, svg=svg if svg.is_file() else None)
+        )
+    for title, items in (
+        ("Only in base (not compared)", c.only_base),
+        ("Only in new (not compared)", c.only_new),
+        ("Shared but not measured on a side", c.not_measured),
+    ):
         if items:
             blocks += [Block("h2", title), Block("ul", items=list(items))]
     if c.advice:

@@ -160,8 +160,13 @@ def predict(
         for c in concurrency
     ]
     if as_json:
-        render.print_json({"model": g.name, "efficiency": {card: eff.describe() for card, eff in effs.items()},
-                           "predictions": [p.to_dict() for p in rows]})  # fmt: skip
+        render.print_json(
+            {
+                "model": g.name,
+                "efficiency": {card: eff.describe() for card, eff in effs.items()},
+                "predictions": [p.to_dict() for p in rows],
+            }
+        )
     else:
         render.predictions(f"Predicted: {g.name}, {dtype} (KV {kv_dtype}, {layout} layout)", rows, effs)
 

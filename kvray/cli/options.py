@@ -244,18 +244,29 @@ class ExperimentFlags:
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log what each stage does")] = False
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="live progress table")] = True
 
-    def common(self, backends: Sequence[str] | None, default_backends: Sequence[str] = ("hf",),
-               extra_options: Sequence[str] = ()) -> Common:  # fmt: skip
+    def common(
+        self,
+        backends: Sequence[str] | None,
+        default_backends: Sequence[str] = ("hf",),
+        extra_options: Sequence[str] = (),
+    ) -> Common:
         """What every experiment's job is built from: these flags, the command's backends and any options
         its own flags add (exp4's server flags)."""
         from kvray.plan.experiments import Common, hardware_arg
 
         return Common(
-            model=self.model, backends=split_values(backends) or list(default_backends), dtype=self.dtype,
-            kv_dtype=self.kv_dtype, weights=self.weights, device=self.device, hardware=hardware_arg(self.hardware),
-            warmup=self.warmup, repeats=self.repeats, options=parse_option_pairs([*(self.option or []), *extra_options]),
+            model=self.model,
+            backends=split_values(backends) or list(default_backends),
+            dtype=self.dtype,
+            kv_dtype=self.kv_dtype,
+            weights=self.weights,
+            device=self.device,
+            hardware=hardware_arg(self.hardware),
+            warmup=self.warmup,
+            repeats=self.repeats,
+            options=parse_option_pairs([*(self.option or []), *extra_options]),
             tensor_parallel=sorted(set(self.tp or [1])),
-        )  # fmt: skip
+        )
 
     @property
     def output_folder(self) -> str | None:
@@ -268,8 +279,13 @@ class ExperimentFlags:
         """Where the job runs and where its dataset goes."""
         from kvray.launch.submit import RunSettings
 
-        return RunSettings(output_dir=self.output_folder, address=self.address, cluster=self.cluster,
-                           check_oom=not self.no_check_oom, progress=self.progress)  # fmt: skip
+        return RunSettings(
+            output_dir=self.output_folder,
+            address=self.address,
+            cluster=self.cluster,
+            check_oom=not self.no_check_oom,
+            progress=self.progress,
+        )
 
 
 def experiment_command(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -277,8 +293,9 @@ def experiment_command(func: Callable[..., Any]) -> Callable[..., Any]:
     beside its own: Typer reads the returned function's signature, which lists both."""
     hints = typing.get_type_hints(ExperimentFlags, include_extras=True)
     keyword = inspect.Parameter.KEYWORD_ONLY
-    shared = [inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name])
-              for f in fields(ExperimentFlags)]  # fmt: skip
+    shared = [
+        inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name]) for f in fields(ExperimentFlags)
+    ]
     own = [p.replace(kind=keyword) for p in list(inspect.signature(func, eval_str=True).parameters.values())[1:]]
     if clash := {p.name for p in own} & {p.name for p in shared}:
         raise TypeError(f"{func.__name__} redeclares shared experiment flags: {', '.join(sorted(clash))}")

@@ -120,5 +120,8 @@ def report(
         render.figures(paths.figures)
         render.findings(paths.findings)
         shown = results_dir.rstrip("/") if is_uri(results_dir) else None
-        render.line(f"wrote {shown}/{paths.markdown.name} and {shown}/{paths.html.name}" if shown
-                    else f"wrote {paths.markdown} and {paths.html}")  # fmt: skip
+        render.line(
+            f"wrote {shown}/{paths.markdown.name} and {shown}/{paths.html.name}"
+            if shown
+            else f"wrote {paths.markdown} and {paths.html}"
+        )

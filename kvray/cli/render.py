@@ -78,9 +78,11 @@ def model_info(g: Any, summary: dict[str, Any]) -> None:
     if tp > 1:
         rows += [
             (f"weights per GPU (TP {tp})", human_bytes(summary["weights_bytes_per_gpu"])),
-            (f"KV per token per GPU (TP {tp})",
-             f"{human_bytes(summary['kv_bytes_per_token_per_gpu'])} ({summary['kv_heads_per_gpu']} KV heads per GPU)"),
-        ]  # fmt: skip
+            (
+                f"KV per token per GPU (TP {tp})",
+                f"{human_bytes(summary['kv_bytes_per_token_per_gpu'])} ({summary['kv_heads_per_gpu']} KV heads per GPU)",
+            ),
+        ]
     if g.kv_lora_rank is not None:
         rows.insert(3, ("MLA latent", f"kv_lora_rank {g.kv_lora_rank} + rope {g.qk_rope_head_dim}"))
     if g.is_moe:
@@ -111,9 +113,12 @@ def _tp_table(per_tp: list[dict[str, Any]]) -> Any:
     for row in per_tp:
         fits = row["kv_tokens_fitting_per_gpu"]
         table.add_row(
-            str(row["tensor_parallel"]), str(row["kv_heads_per_gpu"]), human_bytes(row["weights_bytes_per_gpu"]),
-            human_bytes(row["kv_bytes_per_token_per_gpu"]), *(f"{fits[n]:,}" if fits[n] else "-" for n in gpus),
-        )  # fmt: skip
+            str(row["tensor_parallel"]),
+            str(row["kv_heads_per_gpu"]),
+            human_bytes(row["weights_bytes_per_gpu"]),
+            human_bytes(row["kv_bytes_per_token_per_gpu"]),
+            *(f"{fits[n]:,}" if fits[n] else "-" for n in gpus),
+        )
     return table
 
 
@@ -193,8 +198,11 @@ def _bench_tables(result: Any) -> tuple[Any, Any]:
     for name in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s"):
         if f"{name}_mean" in m:
             n = m.get(f"{name}_n")
-            table.add_row(name.removesuffix("_s").upper(), "-" if n is None or n != n else f"{int(n):,}",
-                          *(bench_stat(m, name, s) for s in stats))  # fmt: skip
+            table.add_row(
+                name.removesuffix("_s").upper(),
+                "-" if n is None or n != n else f"{int(n):,}",
+                *(bench_stat(m, name, s) for s in stats),
+            )
     facts = Table(show_header=False, title="throughput and memory")
     if m:
         facts.add_row("output tokens/s", bench_throughput(m))
@@ -206,8 +214,16 @@ def _bench_tables(result: Any) -> tuple[Any, Any]:
     if m.get("client_lag_s_p99_by_client"):  # the load came from K client actors
         lags = ", ".join("-" if x is None else f"{x * 1e3:.1f}" for x in json.loads(m["client_lag_s_p99_by_client"]))
         facts.add_row(f"client lag p99 ms, {result.cell.clients} clients", lags)
-    for key in ("weights_bytes", "baseline_bytes", "peak_allocated_bytes", "peak_reserved_bytes",
-                "nvml_peak_used_bytes", "rss_peak_bytes", "kv_measured_bytes", "kv_predicted_bytes"):  # fmt: skip
+    for key in (
+        "weights_bytes",
+        "baseline_bytes",
+        "peak_allocated_bytes",
+        "peak_reserved_bytes",
+        "nvml_peak_used_bytes",
+        "rss_peak_bytes",
+        "kv_measured_bytes",
+        "kv_predicted_bytes",
+    ):
         if mem.get(key) is not None:
             facts.add_row(key.removesuffix("_bytes").replace("_", " "), human_bytes(mem[key]))
     if mem.get("kv_rel_error") is not None:
@@ -230,17 +246,38 @@ def predictions(title: str, rows: list[Any], efficiencies: dict[str, Any]) -> No
     from kvray.hardware.gpus import get_gpu
 
     with_tp = any(p.tensor_parallel > 1 for p in rows)
-    columns = ("GPU", *(("TP",) if with_tp else ()), "c", "prompt", "gen", "TTFT", "TPOT", "E2E", "tok/s", "GiB",
-               "fits", "bound")  # fmt: skip
+    columns = (
+        "GPU",
+        *(("TP",) if with_tp else ()),
+        "c",
+        "prompt",
+        "gen",
+        "TTFT",
+        "TPOT",
+        "E2E",
+        "tok/s",
+        "GiB",
+        "fits",
+        "bound",
+    )
     table = simple_table(title, columns, left=("GPU", "fits", "bound"))
     table.collapse_padding = True
     roof = {"compute": "C", "memory": "M", "overhead": "O", "communication": "N", "": "-"}
     for p in rows:
         table.add_row(
-            p.gpu, *((str(p.tensor_parallel),) if with_tp else ()), str(p.concurrency), str(p.prompt_toks), str(p.gen_toks), _ms(p.ttft_s), _ms(p.tpot_s),
-            f"{p.e2e_s:.3g}", f"{p.output_tps:,.0f}", f"{p.total_bytes / 2**30:.1f}", "yes" if p.fits else "[red]OOM[/]",
+            p.gpu,
+            *((str(p.tensor_parallel),) if with_tp else ()),
+            str(p.concurrency),
+            str(p.prompt_toks),
+            str(p.gen_toks),
+            _ms(p.ttft_s),
+            _ms(p.tpot_s),
+            f"{p.e2e_s:.3g}",
+            f"{p.output_tps:,.0f}",
+            f"{p.total_bytes / 2**30:.1f}",
+            "yes" if p.fits else "[red]OOM[/]",
             f"{roof[p.prefill_bound]}/{roof[p.decode_bound]}",
-        )  # fmt: skip
+        )
     out = console(min_width_when_piped=120)
     out.print(table)
     for name, eff in efficiencies.items():
@@ -298,15 +335,38 @@ def dry_run(job_name: str, rows: list[dict[str, Any]]) -> None:
 
     table = Table(title=f"{job_name}: {len(rows)} cells (dry run — predicted memory, nothing runs)")
     with_tp = any(r.get("tensor_parallel", 1) > 1 for r in rows)
-    for col in ("cell", "backend", "hardware", *(("TP",) if with_tp else ()), "c", "prompt", "gen", "weights GiB",
-                "KV GiB", "act GiB", "total GiB", "of GiB", "risk"):  # fmt: skip
+    for col in (
+        "cell",
+        "backend",
+        "hardware",
+        *(("TP",) if with_tp else ()),
+        "c",
+        "prompt",
+        "gen",
+        "weights GiB",
+        "KV GiB",
+        "act GiB",
+        "total GiB",
+        "of GiB",
+        "risk",
+    ):
         table.add_column(col, justify="left" if col in ("cell", "backend", "hardware", "risk") else "right")
     for r in rows:
-        table.add_row(r["cell_id"], r["backend"], r["hardware"] if r["hardware"] != "any" else r["device"],
-                      *((str(r.get("tensor_parallel", 1)),) if with_tp else ()),
-                      str(r["concurrency"]), str(r["prompt_toks"]), str(r["gen_toks"]), f"{r['weights_gb']:.2f}",
-                      f"{r['kv_gb']:.3f}", f"{r['activation_gb']:.3f}", f"{r['total_estimated_gb']:.2f}",
-                      f"{r['available_gb']:.1f}", f"[{RISK_COLOURS[r['risk_level']]}]{r['risk_level']}[/]")  # fmt: skip
+        table.add_row(
+            r["cell_id"],
+            r["backend"],
+            r["hardware"] if r["hardware"] != "any" else r["device"],
+            *((str(r.get("tensor_parallel", 1)),) if with_tp else ()),
+            str(r["concurrency"]),
+            str(r["prompt_toks"]),
+            str(r["gen_toks"]),
+            f"{r['weights_gb']:.2f}",
+            f"{r['kv_gb']:.3f}",
+            f"{r['activation_gb']:.3f}",
+            f"{r['total_estimated_gb']:.2f}",
+            f"{r['available_gb']:.1f}",
+            f"[{RISK_COLOURS[r['risk_level']]}]{r['risk_level']}[/]",
+        )
     out = console(min_width_when_piped=130)
     out.print(table)
     out.print("high risk cells are refused at run time unless --no-check-oom (the pre-flight check)")
@@ -314,8 +374,9 @@ def dry_run(job_name: str, rows: list[dict[str, Any]]) -> None:
         out.print("TP > 1: the memory columns are one GPU's of the cell's tensor-parallel group")
 
 
-def run_summary(job_name: str, counts: dict[str, int], record: dict[str, Any], out_dir: Any,
-                failed: list[dict[str, Any]]) -> None:  # fmt: skip
+def run_summary(
+    job_name: str, counts: dict[str, int], record: dict[str, Any], out_dir: Any, failed: list[dict[str, Any]]
+) -> None:
     """``kvray run``: cells per status, what ran now, and the first failures' reasons."""
     from rich.table import Table
 

@@ -41,8 +41,9 @@ def make_all_after_run(output_dir: str | Path, shown: str | None = None) -> None
         return
     render.findings(paths.findings)
     if shown:
-        render.line(f"figures in {shown}/figures; report {shown}/{paths.markdown.name} and {paths.html.name}",
-                    soft_wrap=True)  # fmt: skip
+        render.line(
+            f"figures in {shown}/figures; report {shown}/{paths.markdown.name} and {paths.html.name}", soft_wrap=True
+        )
         return
     render.line(
         f"figures in {paths.markdown.parent / 'figures'}; report {paths.markdown} and {paths.html}", soft_wrap=True
@@ -105,8 +106,9 @@ def _run_into(job: Job, job_file: str, settings: RunSettings, shown: str, no_plo
     except KeyboardInterrupt:
         assert settings.output_dir is not None
         rows = len(read_results(settings.output_dir, traces=False))
-        sys.stderr.write(f"kvray: interrupted: {rows} rows kept in {shown}; resume with: "
-                         f"kvray run {job_file} --output {shown}\n")  # fmt: skip
+        sys.stderr.write(
+            f"kvray: interrupted: {rows} rows kept in {shown}; resume with: kvray run {job_file} --output {shown}\n"
+        )
         return 130
     if record.remote_status is not None:
         render.line(f"remote job {record.remote_status}: {len(record.files)} files → {shown}")
@@ -299,8 +301,10 @@ def _options_signature(build: Callable[..., Any]) -> inspect.Signature:
     experiment names its Job type only for type checkers, so the CLI need not import the planner to start."""
     params = list(inspect.signature(build).parameters.values())
     namespace = build.__globals__
-    own = [p.replace(annotation=eval(p.annotation, namespace) if isinstance(p.annotation, str) else p.annotation)
-           for p in params[1:]]  # fmt: skip
+    own = [
+        p.replace(annotation=eval(p.annotation, namespace) if isinstance(p.annotation, str) else p.annotation)
+        for p in params[1:]
+    ]
     return inspect.Signature([params[0].replace(annotation=inspect.Parameter.empty), *own])
 
 

@@ -383,8 +383,10 @@ def output_folder(where: str | Path, upload: bool = True, must_exist: bool = Fal
                 stage.sync(final=True)
             except Exception as exc:
                 kept = True
-                text = (f"could not upload to {stage.remote.uri}: {first_line(exc)}; everything is kept in "
-                        f"{stage.local}: copy it there, or rerun with --output {stage.local}")  # fmt: skip
+                text = (
+                    f"could not upload to {stage.remote.uri}: {first_line(exc)}; everything is kept in "
+                    f"{stage.local}: copy it there, or rerun with --output {stage.local}"
+                )
                 if not failed:
                     raise StorageError(text) from None
                 sys.stderr.write(f"kvray: error: {text}\n")  # the block's own failure is the one raised

@@ -105,8 +105,11 @@ def open_filesystem(remote: Remote) -> Any:
         }
         if endpoint:
             scheme, sep, host = endpoint.partition("://")
-            options.update(endpoint_override=host.rstrip("/") if sep else endpoint,
-                           scheme=scheme if sep else "https", region=region or "us-east-1")  # fmt: skip
+            options.update(
+                endpoint_override=host.rstrip("/") if sep else endpoint,
+                scheme=scheme if sep else "https",
+                region=region or "us-east-1",
+            )
         else:
             if not region:
                 try:  # AWS answers a request in the wrong region with a redirect pyarrow does not follow

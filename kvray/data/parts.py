@@ -56,8 +56,11 @@ def read_index(out_dir: Path) -> PartsIndex | None:
     """The folder's parts index, or None when there is none or it no longer fits the JSONL files."""
     try:
         raw = json.loads((out_dir / PARTS_DIR / INDEX_NAME).read_text())
-        index = PartsIndex(parts=[int(n) for n in raw["parts"]], offsets={k: int(raw["offsets"][k]) for k in KINDS},
-                           rows=int(raw.get("rows", 0)))  # fmt: skip
+        index = PartsIndex(
+            parts=[int(n) for n in raw["parts"]],
+            offsets={k: int(raw["offsets"][k]) for k in KINDS},
+            rows=int(raw.get("rows", 0)),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     sizes = jsonl_sizes(out_dir)

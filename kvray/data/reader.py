@@ -73,8 +73,10 @@ def load_timeline(out_dir: str | Path) -> Any:
     out = Path(out_dir)
     index = parts.read_index(out)
     start = index.offsets["timeline"] if index else 0
-    frames = [*(parts.read_parts(out, index, "timeline") if index else []),
-              timeline_frame(jsonl_last_wins(out / TIMELINE_JSONL, start))]  # fmt: skip
+    frames = [
+        *(parts.read_parts(out, index, "timeline") if index else []),
+        timeline_frame(jsonl_last_wins(out / TIMELINE_JSONL, start)),
+    ]
     frames = [f.assign(_chunk=i) for i, f in enumerate(frames) if len(f)]
     if not frames:
         return timeline_frame({})
@@ -143,8 +145,10 @@ def load_frames(out_dir: str | Path) -> tuple[Any, Any]:
     tail_cells, tail_traces = frames_from_records([upgrade_record(r) for r in records_between(out, index.offsets)])
     cells = [f.rename(columns=RENAMED_COLUMNS) for f in (*parts.read_parts(out, index, "cells"), tail_cells) if len(f)]
     traces = [f for f in (*parts.read_parts(out, index, "traces"), tail_traces) if len(f)]
-    return (pd.concat(cells, ignore_index=True) if cells else tail_cells,
-            pd.concat(traces, ignore_index=True) if traces else tail_traces)  # fmt: skip
+    return (
+        pd.concat(cells, ignore_index=True) if cells else tail_cells,
+        pd.concat(traces, ignore_index=True) if traces else tail_traces,
+    )
 
 
 def load_dataset(out_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:

@@ -174,10 +174,12 @@ class DatasetWriter:
         t0 = time.perf_counter()
         records = records_between(self.out_dir, index.offsets, sizes)
         cells, traces = frames_from_records(records)
-        timeline = timeline_frame(jsonl_last_wins(self.out_dir / TIMELINE_JSONL, index.offsets["timeline"],
-                                                    end=sizes["timeline"]))  # fmt: skip
-        parts.write_part(self.out_dir, index, {"cells": cells, "traces": traces, "timeline": timeline}, sizes,
-                         rows=len(records))  # fmt: skip
+        timeline = timeline_frame(
+            jsonl_last_wins(self.out_dir / TIMELINE_JSONL, index.offsets["timeline"], end=sizes["timeline"])
+        )
+        parts.write_part(
+            self.out_dir, index, {"cells": cells, "traces": traces, "timeline": timeline}, sizes, rows=len(records)
+        )
         self.flushes.append((len(records), time.perf_counter() - t0))
         return len(records)
 

@@ -32,8 +32,12 @@ if TYPE_CHECKING:
 class Flags(Protocol):
     """What ``build`` receives first: the flags every exp command shares (kvray/cli/options.py ExperimentFlags)."""
 
-    def common(self, backends: Sequence[str] | None, default_backends: Sequence[str] = ("hf",),
-               extra_options: Sequence[str] = ()) -> Common: ...  # fmt: skip
+    def common(
+        self,
+        backends: Sequence[str] | None,
+        default_backends: Sequence[str] = ("hf",),
+        extra_options: Sequence[str] = (),
+    ) -> Common: ...
 
 
 @dataclass

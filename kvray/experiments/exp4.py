@@ -34,8 +34,7 @@ ConcurrencyOpt = Annotated[
 ]
 
 
-def exp4_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64,
-             concurrency: list[int] | None = None) -> Job:  # fmt: skip
+def exp4_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64, concurrency: list[int] | None = None) -> Job:
     from kvray.errors import KvrayInputError
     from kvray.plan.experiments import experiment_job, max_positions, positive
     from kvray.plan.job import Grid
@@ -45,8 +44,9 @@ def exp4_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64,
     positive("--prompt-toks", [prompt_toks])
     positive("--gen-toks", [gen_toks])
     if prompt_toks + gen_toks - 1 > (limit := max_positions(common.model)):
-        raise KvrayInputError(f"--prompt-toks {prompt_toks} + {gen_toks} generated tokens exceed {common.model}'s "
-                              f"{limit} positions")  # fmt: skip
+        raise KvrayInputError(
+            f"--prompt-toks {prompt_toks} + {gen_toks} generated tokens exceed {common.model}'s {limit} positions"
+        )
     grid = Grid(gen_toks=(gen_toks,), prompt_toks=(prompt_toks,), concurrency=tuple(concurrency))
     return experiment_job("exp4", common, [grid]).validate()
 

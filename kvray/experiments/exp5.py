@@ -68,8 +68,10 @@ def exp5_job(
     positive("--requests-per-user", [requests_per_user])
     positive("--requests", [requests])
     if requests_per_user < 3:
-        raise KvrayInputError(f"--requests-per-user must be >= 3 (each user's first and last request are not "
-                              f"steady state), got {requests_per_user}")  # fmt: skip
+        raise KvrayInputError(
+            f"--requests-per-user must be >= 3 (each user's first and last request are not "
+            f"steady state), got {requests_per_user}"
+        )
     if open_load is not None and open_load not in OPEN_LOOPS:
         raise KvrayInputError(f"--open-load: expected one of {', '.join(OPEN_LOOPS)}, got {open_load!r}")
     if not users and open_load is None:
@@ -89,8 +91,9 @@ def exp5_job(
             lengths[f"{side}_dist"] = dict(value)
     longest = [int(v[0]) if isinstance(v, list) else int(v.get("max", v.get("value", 0))) for v in lengths.values()]
     if sum(longest) - 1 > (limit := max_positions(common.model)):
-        raise KvrayInputError(f"prompt {longest[0]} + {longest[1]} generated tokens exceed {common.model}'s "
-                              f"{limit} positions")  # fmt: skip
+        raise KvrayInputError(
+            f"prompt {longest[0]} + {longest[1]} generated tokens exceed {common.model}'s {limit} positions"
+        )
     slo = dict(EXP5_SLO if slo is None else slo)
     blocks: list[dict[str, Any]] = [
         {**lengths, "load": {"kind": "closed", "users": u, "requests": u * requests_per_user, "seed": seed}, "slo": slo}
@@ -109,15 +112,31 @@ def exp5_job(
 
 def build(
     flags: Flags,
-    backends: Annotated[list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | hf hf-paged vllm openai ollama synthetic")] = None,
-    users: Annotated[list[int] | None, typer.Option("--users", help="closed-loop users: 1 4 16 64 (default); 0: no closed loop")] = None,
-    requests_per_user: Annotated[int, typer.Option("--requests-per-user", help="requests each closed-loop user sends (>= 3)")] = 8,
-    open_load: Annotated[str, typer.Option("--open-load", help="poisson (default) | gamma | constant | none")] = "poisson",
-    rates: Annotated[list[str] | None, typer.Option("--rates", "--rate", help="open-loop requests/s: auto (default: a saturation search) or 1 2 4 …")] = None,
-    requests: Annotated[int, typer.Option("--requests", help="requests per open-loop rate (a search probe sends at least this many)")] = 100,
+    backends: Annotated[
+        list[str] | None,
+        typer.Option("--backends", "--backend", help="sim (default) | hf hf-paged vllm openai ollama synthetic"),
+    ] = None,
+    users: Annotated[
+        list[int] | None, typer.Option("--users", help="closed-loop users: 1 4 16 64 (default); 0: no closed loop")
+    ] = None,
+    requests_per_user: Annotated[
+        int, typer.Option("--requests-per-user", help="requests each closed-loop user sends (>= 3)")
+    ] = 8,
+    open_load: Annotated[
+        str, typer.Option("--open-load", help="poisson (default) | gamma | constant | none")
+    ] = "poisson",
+    rates: Annotated[
+        list[str] | None,
+        typer.Option("--rates", "--rate", help="open-loop requests/s: auto (default: a saturation search) or 1 2 4 …"),
+    ] = None,
+    requests: Annotated[
+        int, typer.Option("--requests", help="requests per open-loop rate (a search probe sends at least this many)")
+    ] = 100,
     burstiness: Annotated[float, typer.Option("--burstiness", help="gamma loads: 1 = poisson, > 1 burstier")] = 1.0,
     seed: SeedOpt = 0,
-    slo: Annotated[str, typer.Option("--slo", help="SLO thresholds in ms: ttft_ms, tpot_ms, itl_ms, e2e_ms")] = "ttft_ms=500,tpot_ms=50",
+    slo: Annotated[
+        str, typer.Option("--slo", help="SLO thresholds in ms: ttft_ms, tpot_ms, itl_ms, e2e_ms")
+    ] = "ttft_ms=500,tpot_ms=50",
     prompt_toks: PromptToksOpt = 512,
     gen_toks: GenOpt = 64,
     prompt_dist: PromptDistOpt = None,
@@ -126,7 +145,7 @@ def build(
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     host: HostOpt = None,
-) -> tuple[Job, list[str]]:  # fmt: skip
+) -> tuple[Job, list[str]]:
     """Exp5, serving load: closed-loop users and open-loop rates (auto: up to saturation) under SLOs — latency vs
     throughput, goodput, the knee (fig11, fig12). With only sim and no --hardware: H100-SXM, A100-80GB-SXM and L4."""
     from kvray.plan.loads import parse_dist, parse_slo
@@ -144,9 +163,15 @@ def build(
         common,
         parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else prompt_toks,
         parse_dist(gen_dist, "--gen-dist") if gen_dist else gen_toks,
-        [u for u in users if u != 0] if users is not None else None, requests_per_user,
-        None if open_load == "none" else open_load, rate_list, requests, parse_slo(slo, "--slo"), seed, burstiness,
-    )  # fmt: skip
+        [u for u in users if u != 0] if users is not None else None,
+        requests_per_user,
+        None if open_load == "none" else open_load,
+        rate_list,
+        requests,
+        parse_slo(slo, "--slo"),
+        seed,
+        burstiness,
+    )
     return job, []
 
 
@@ -176,25 +201,63 @@ def section(exp: Experiment, page: Page) -> list[Block]:
         good = part["goodput_rps"].astype(float)
         best = part.loc[good.idxmax()] if good.notna().any() and good.max() > 0 else None  # None: SLO never met
         mine = searches[(searches[keys[:3]].astype(str) == list(config[:3])).all(axis=1)] if len(searches) else searches
-        at = ("no SLO given" if config[3] == "—" else "SLO met at no load") if best is None else (f"{int(best['users'])} users" if best["load"] == "closed"
-                                       else f"{float(best['offered_rps']):.3g} req/s {best['load']}")  # fmt: skip
+        at = (
+            ("no SLO given" if config[3] == "—" else "SLO met at no load")
+            if best is None
+            else (
+                f"{int(best['users'])} users"
+                if best["load"] == "closed"
+                else f"{float(best['offered_rps']):.3g} req/s {best['load']}"
+            )
+        )
         behind = int(part["client_behind"].fillna(False).astype(bool).sum()) if "client_behind" in part else 0
-        table.append([*config[:3], fmt_num((None if config[3] == "—" else 0.0) if best is None else best["goodput_rps"], 2), at,
-                      "—" if best is None or as_number(best["slo_attainment"]) is None
-                      else f"{float(best['slo_attainment']):.1%}",
-                      fmt_num(mine["knee_rps"].max() if len(mine) else None, 2),
-                      fmt_num(mine["saturation_rps"].max() if len(mine) else None, 2),
-                      fmt_num(part["achieved_rps"].astype(float).max(), 2), config[3], str(len(part)),
-                      str(int(part["requests_steady"].sum())), str(behind)])  # fmt: skip
-    blocks = [Block("h2", exp.title),
-              Block("table", headers=["backend", "hardware", "model", "max goodput req/s", "at", "SLO met",
-                                      "knee req/s", "saturation req/s", "max achieved req/s", "SLO", "rows",
-                                      "steady requests", "client behind"], rows=table),
-              Block("p", "Goodput: achieved requests/s × the fraction of steady-state requests meeting every SLO "
-                         "threshold (ramp-up and drain excluded; docs/metrics.md, Serving load). Knee: the highest "
-                         "offered rate a saturation search found sustainable; saturation: the highest achieved "
-                         "rate any of its probes measured. Rows whose client fell behind its schedule did not "
-                         "offer the rate they name.")]  # fmt: skip
+        table.append(
+            [
+                *config[:3],
+                fmt_num((None if config[3] == "—" else 0.0) if best is None else best["goodput_rps"], 2),
+                at,
+                "—"
+                if best is None or as_number(best["slo_attainment"]) is None
+                else f"{float(best['slo_attainment']):.1%}",
+                fmt_num(mine["knee_rps"].max() if len(mine) else None, 2),
+                fmt_num(mine["saturation_rps"].max() if len(mine) else None, 2),
+                fmt_num(part["achieved_rps"].astype(float).max(), 2),
+                config[3],
+                str(len(part)),
+                str(int(part["requests_steady"].sum())),
+                str(behind),
+            ]
+        )
+    blocks = [
+        Block("h2", exp.title),
+        Block(
+            "table",
+            headers=[
+                "backend",
+                "hardware",
+                "model",
+                "max goodput req/s",
+                "at",
+                "SLO met",
+                "knee req/s",
+                "saturation req/s",
+                "max achieved req/s",
+                "SLO",
+                "rows",
+                "steady requests",
+                "client behind",
+            ],
+            rows=table,
+        ),
+        Block(
+            "p",
+            "Goodput: achieved requests/s × the fraction of steady-state requests meeting every SLO "
+            "threshold (ramp-up and drain excluded; docs/metrics.md, Serving load). Knee: the highest "
+            "offered rate a saturation search found sustainable; saturation: the highest achieved "
+            "rate any of its probes measured. Rows whose client fell behind its schedule did not "
+            "offer the rate they name.",
+        ),
+    ]
     blocks += figure_blocks(exp, page)
     return blocks + every_cell_blocks(exp, page)
 

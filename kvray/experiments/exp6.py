@@ -25,9 +25,19 @@ if TYPE_CHECKING:
 REUSE_KEYS = ("prefix_cache_hit_rate", "prefix_cache_hit_rate_predicted", "kv_not_recomputed_bytes", "preemptions")
 
 
-def exp6_grid(shared_prefix_toks: list[int], total_prompt_toks: int, concurrency: int, gen_toks: int,
-              conversations: int, turns: int, user_toks: int, turn_gen_toks: int,
-              pressure_concurrency: list[int], pressure_prompt_toks: int, pressure_gen_toks: int) -> list[dict[str, Any]]:  # fmt: skip
+def exp6_grid(
+    shared_prefix_toks: list[int],
+    total_prompt_toks: int,
+    concurrency: int,
+    gen_toks: int,
+    conversations: int,
+    turns: int,
+    user_toks: int,
+    turn_gen_toks: int,
+    pressure_concurrency: list[int],
+    pressure_prompt_toks: int,
+    pressure_gen_toks: int,
+) -> list[dict[str, Any]]:
     """exp6's grid blocks, in the job file's own keys (``workload: shared_prefix`` / ``multi_turn``):
 
     - the same total prompt with a shared prefix of each of ``shared_prefix_toks`` (and 0: a uniform block), so
@@ -38,10 +48,17 @@ def exp6_grid(shared_prefix_toks: list[int], total_prompt_toks: int, concurrency
     """
     from kvray.plan.experiments import positive
 
-    for flag, value in (("--prompt-toks", total_prompt_toks), ("--concurrency", concurrency), ("--gen-toks", gen_toks),
-                        ("--conversations", conversations), ("--turns", turns), ("--user-toks", user_toks),
-                        ("--turn-gen-toks", turn_gen_toks), ("--pressure-prompt-toks", pressure_prompt_toks),
-                        ("--pressure-gen-toks", pressure_gen_toks)):  # fmt: skip
+    for flag, value in (
+        ("--prompt-toks", total_prompt_toks),
+        ("--concurrency", concurrency),
+        ("--gen-toks", gen_toks),
+        ("--conversations", conversations),
+        ("--turns", turns),
+        ("--user-toks", user_toks),
+        ("--turn-gen-toks", turn_gen_toks),
+        ("--pressure-prompt-toks", pressure_prompt_toks),
+        ("--pressure-gen-toks", pressure_gen_toks),
+    ):
         positive(flag, [value])
     if pressure_concurrency:
         positive("--pressure-concurrency", list(pressure_concurrency))
@@ -61,14 +78,26 @@ def exp6_grid(shared_prefix_toks: list[int], total_prompt_toks: int, concurrency
             "groups": [1],
             "gen_toks": [gen_toks],
             "concurrency": [concurrency],
-        }  # fmt: skip
+        }
         for p in sorted(set(shared_prefix_toks))
     ]
-    blocks.append({"workload": "multi_turn", "conversations": [conversations], "turns": [turns],
-                   "user_toks": [user_toks], "gen_toks": [turn_gen_toks]})  # fmt: skip
+    blocks.append(
+        {
+            "workload": "multi_turn",
+            "conversations": [conversations],
+            "turns": [turns],
+            "user_toks": [user_toks],
+            "gen_toks": [turn_gen_toks],
+        }
+    )
     if pressure_concurrency:
-        blocks.append({"prompt_toks": [pressure_prompt_toks], "gen_toks": [pressure_gen_toks],
-                       "concurrency": sorted(set(pressure_concurrency))})  # fmt: skip
+        blocks.append(
+            {
+                "prompt_toks": [pressure_prompt_toks],
+                "gen_toks": [pressure_gen_toks],
+                "concurrency": sorted(set(pressure_concurrency)),
+            }
+        )
     return blocks
 
 
@@ -81,29 +110,51 @@ def exp6_job(common: Common, grid: list[dict[str, Any]]) -> Job:
 
 def build(
     flags: Flags,
-    backends: Annotated[list[str] | None, typer.Option("--backends", "--backend", help="vllm hf-paged (default) | sim")] = None,
-    prefix_toks: Annotated[list[int] | None, typer.Option("--prefix-toks", help="shared prefixes: 128 256 384 512 (default)")] = None,
-    prompt_toks: Annotated[int, typer.Option("--prompt-toks", help="total prompt tokens of the shared-prefix cells")] = 544,
+    backends: Annotated[
+        list[str] | None, typer.Option("--backends", "--backend", help="vllm hf-paged (default) | sim")
+    ] = None,
+    prefix_toks: Annotated[
+        list[int] | None, typer.Option("--prefix-toks", help="shared prefixes: 128 256 384 512 (default)")
+    ] = None,
+    prompt_toks: Annotated[
+        int, typer.Option("--prompt-toks", help="total prompt tokens of the shared-prefix cells")
+    ] = 544,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests per shared-prefix cell")] = 16,
     gen_toks: GenOpt = 16,
     conversations: Annotated[int, typer.Option("--conversations", help="multi-turn chats, interleaved")] = 4,
     turns: Annotated[int, typer.Option("--turns", help="turns per chat")] = 6,
     user_toks: Annotated[int, typer.Option("--user-toks", help="tokens of each new user message")] = 100,
     turn_gen_toks: Annotated[int, typer.Option("--turn-gen-toks", help="tokens of each answer")] = 30,
-    pressure_concurrency: Annotated[list[int] | None, typer.Option("--pressure-concurrency", help="KV-pressure cells: 4 8 16 (default)")] = None,
-    pressure_gen_toks: Annotated[int, typer.Option("--pressure-gen-toks", help="generated tokens of a pressure request")] = 400,
-    kv_pool_mib: Annotated[int, typer.Option("--kv-pool-mib", help="the KV pool of vllm / hf-paged (small: pressure)")] = 24,
+    pressure_concurrency: Annotated[
+        list[int] | None, typer.Option("--pressure-concurrency", help="KV-pressure cells: 4 8 16 (default)")
+    ] = None,
+    pressure_gen_toks: Annotated[
+        int, typer.Option("--pressure-gen-toks", help="generated tokens of a pressure request")
+    ] = 400,
+    kv_pool_mib: Annotated[
+        int, typer.Option("--kv-pool-mib", help="the KV pool of vllm / hf-paged (small: pressure)")
+    ] = 24,
     vllm_python: VllmPythonOpt = None,
-) -> tuple[Job, list[str]]:  # fmt: skip
+) -> tuple[Job, list[str]]:
     """Exp6, KV reuse and pressure: shared prefixes, multi-turn chats and a small pool that preempts — hit rate
     predicted vs measured, TTFT vs shared fraction, per-turn hits, the fill point (docs/kv_reuse.md)."""
     if kv_pool_mib < 1:
         raise KvrayInputError(f"--kv-pool-mib must be >= 1, got {kv_pool_mib}")
     server_flags = [*server_options(vllm_python, None, None, None), f"kv_cache_memory_bytes={kv_pool_mib * 2**20}"]
     common = flags.common(backends, default_backends=("vllm", "hf-paged"), extra_options=server_flags)
-    grid = exp6_grid(prefix_toks or [128, 256, 384, 512], prompt_toks, concurrency, gen_toks, conversations, turns,
-                     user_toks, turn_gen_toks, [4, 8, 16] if pressure_concurrency is None else pressure_concurrency,
-                     32, pressure_gen_toks)  # fmt: skip
+    grid = exp6_grid(
+        prefix_toks or [128, 256, 384, 512],
+        prompt_toks,
+        concurrency,
+        gen_toks,
+        conversations,
+        turns,
+        user_toks,
+        turn_gen_toks,
+        [4, 8, 16] if pressure_concurrency is None else pressure_concurrency,
+        32,
+        pressure_gen_toks,
+    )
     return exp6_job(common, grid), []
 
 
@@ -134,27 +185,69 @@ def section(exp: Experiment, page: Page) -> list[Block]:
         if not any(m.get(k) is not None for k in REUSE_KEYS) and r["cell"].get("experiment") != "exp6":
             continue
         wl = r["cell"]["workload"]
-        rows.append([r["cell_id"], r["cell"]["backend"], str(wl.get("kind")), str(len(wl["requests"])), r["status"],
-                     *(f"{float(m[k]):.1%}" if as_number(m.get(k)) is not None else "—"
-                       for k in ("prefix_cache_hit_rate", "prefix_cache_hit_rate_predicted")),
-                     fmt_bytes(m.get("kv_not_recomputed_bytes")), fmt_bytes(m.get("kv_not_recomputed_bytes_predicted")),
-                     fmt_bytes(saved.get(r["cell_id"])),
-                     fmt_num((r.get("metrics") or {}).get("preemptions"), 0), fmt_num(m.get("pool_full_at_s"), 2),
-                     fmt_num(m.get("kv_fill_concurrency_predicted"), 0)])  # fmt: skip
-    blocks.append(Block("table", headers=["cell", "backend", "workload", "requests", "status", "hit rate",
-                                          "predicted", "KV not recomputed", "predicted", "KV memory saved per GPU",
-                                          "preemptions", "pool full at s",
-                                          "fills from (kvmath)"], rows=rows))  # fmt: skip
-    blocks.append(Block("p", "Hit rate: the engine's prefix-cache hits / prompt tokens over the measured repeats "
-                             "(vLLM /metrics); predicted: a block prefix cache replayed on the prompts kvray sent "
-                             "(docs/kv_reuse.md). KV not recomputed: hit tokens × KV bytes per token per GPU, per repeat — "
-                             "the prefill the cache skipped, not memory. KV memory saved per GPU: peak KV of the same "
-                             "cell with the prefix cache off − with it on; — where the dataset has only one arm."))  # fmt: skip
+        rows.append(
+            [
+                r["cell_id"],
+                r["cell"]["backend"],
+                str(wl.get("kind")),
+                str(len(wl["requests"])),
+                r["status"],
+                *(
+                    f"{float(m[k]):.1%}" if as_number(m.get(k)) is not None else "—"
+                    for k in ("prefix_cache_hit_rate", "prefix_cache_hit_rate_predicted")
+                ),
+                fmt_bytes(m.get("kv_not_recomputed_bytes")),
+                fmt_bytes(m.get("kv_not_recomputed_bytes_predicted")),
+                fmt_bytes(saved.get(r["cell_id"])),
+                fmt_num((r.get("metrics") or {}).get("preemptions"), 0),
+                fmt_num(m.get("pool_full_at_s"), 2),
+                fmt_num(m.get("kv_fill_concurrency_predicted"), 0),
+            ]
+        )
+    blocks.append(
+        Block(
+            "table",
+            headers=[
+                "cell",
+                "backend",
+                "workload",
+                "requests",
+                "status",
+                "hit rate",
+                "predicted",
+                "KV not recomputed",
+                "predicted",
+                "KV memory saved per GPU",
+                "preemptions",
+                "pool full at s",
+                "fills from (kvmath)",
+            ],
+            rows=rows,
+        )
+    )
+    blocks.append(
+        Block(
+            "p",
+            "Hit rate: the engine's prefix-cache hits / prompt tokens over the measured repeats "
+            "(vLLM /metrics); predicted: a block prefix cache replayed on the prompts kvray sent "
+            "(docs/kv_reuse.md). KV not recomputed: hit tokens × KV bytes per token per GPU, per repeat — "
+            "the prefill the cache skipped, not memory. KV memory saved per GPU: peak KV of the same "
+            "cell with the prefix cache off − with it on; — where the dataset has only one arm.",
+        )
+    )
     failed = [r for r in records if r["status"] not in ("ok", "partial") and r["cell"].get("experiment") == "exp6"]
     if failed:  # e.g. a KV dtype this engine's build refuses on this hardware, in the engine's own words
-        blocks.append(Block("ul", items=[f"{r['cell_id']} ({r['cell']['backend']}, kv_dtype "
-                                         f"{r['cell'].get('kv_dtype') or r['cell']['dtype']}): {r['status']} — "
-                                         f"{str(r.get('reason'))[:300]}" for r in failed]))  # fmt: skip
+        blocks.append(
+            Block(
+                "ul",
+                items=[
+                    f"{r['cell_id']} ({r['cell']['backend']}, kv_dtype "
+                    f"{r['cell'].get('kv_dtype') or r['cell']['dtype']}): {r['status']} — "
+                    f"{str(r.get('reason'))[:300]}"
+                    for r in failed
+                ],
+            )
+        )
     for name in exp.figures:
         blocks += page.figure(name)
     return blocks + every_cell_blocks(exp, page)

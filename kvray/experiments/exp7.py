@@ -26,8 +26,9 @@ EXP7_TP = (1, 2, 4, 8)
 EXP7_GPUS = ("H100-SXM", "A100-80GB-SXM")  # sim's default hardware for exp7: NVLink 4 vs NVLink 3
 
 
-def exp7_job(common: Common, prompt_toks: int = 1024, gen_toks: int = 128,
-             concurrency: list[int] | None = None) -> tuple[Job, list[str]]:  # fmt: skip
+def exp7_job(
+    common: Common, prompt_toks: int = 1024, gen_toks: int = 128, concurrency: list[int] | None = None
+) -> tuple[Job, list[str]]:
     """(the Job, notes): ``common.tensor_parallel`` degrees (TP 1/2/4/8 when left at [1]) × ``concurrency``
     (1 8 32) on each GPU type; the sim backend alone defaults to H100-SXM and A100-80GB-SXM, paged layout
     (vLLM's continuous batching)."""
@@ -39,11 +40,15 @@ def exp7_job(common: Common, prompt_toks: int = 1024, gen_toks: int = 128,
 
 def build(
     flags: Flags,
-    backends: Annotated[list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | vllm | hf")] = None,
+    backends: Annotated[
+        list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | vllm | hf")
+    ] = None,
     prompt_toks: PromptToksOpt = 1024,
     gen_toks: GenOpt = 128,
-    concurrency: Annotated[list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 8 32 (default)")] = None,
-) -> tuple[Job, list[str]]:  # fmt: skip
+    concurrency: Annotated[
+        list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 8 32 (default)")
+    ] = None,
+) -> tuple[Job, list[str]]:
     """Exp7, tensor parallelism: TTFT, TPOT, throughput per GPU and KV per GPU at --tp 1 2 4 8 (default), measured
     vs predicted, and where TP stops paying. With only sim and no --hardware: H100-SXM and A100-80GB-SXM."""
     return exp7_job(flags.common(backends, default_backends=("sim",)), prompt_toks, gen_toks, concurrency)

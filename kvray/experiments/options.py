@@ -50,8 +50,9 @@ ApiKeyEnvOpt = Annotated[
 HostOpt = Annotated[str | None, typer.Option("--host", help="ollama backend: server URL, e.g. http://127.0.0.1:11434")]
 
 
-def server_options(vllm_python: str | None, base_url: str | None, api_key_env: str | None,
-                   host: str | None) -> list[str]:  # fmt: skip
+def server_options(
+    vllm_python: str | None, base_url: str | None, api_key_env: str | None, host: str | None
+) -> list[str]:
     """The server flags as --option KEY=VALUE pairs (the API key's *name* only; its value never leaves the env)."""
     pairs = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
     return [f"{k}={v}" for k, v in pairs.items() if v]

@@ -188,8 +188,10 @@ def binned_note(cells_per_point: int, x: str) -> list[str]:
     """The caption line saying a figure's lines were binned (``binned``), or nothing when they were not."""
     if cells_per_point <= 1:
         return []
-    return [f"many {x.replace('_', ' ')} values: each point is the median of the cells in one of {MAX_POINTS} bins "
-            f"(up to {cells_per_point} cells a point); per-cell intervals not drawn"]  # fmt: skip
+    return [
+        f"many {x.replace('_', ' ')} values: each point is the median of the cells in one of {MAX_POINTS} bins "
+        f"(up to {cells_per_point} cells a point); per-cell intervals not drawn"
+    ]
 
 
 def x_values(rows: Any, x: str) -> Any:

@@ -51,8 +51,13 @@ def draw_changes(comparison: Comparison, out_dir: Path, fail_pct: float | None =
         ax.axvspan(-band, band, color="#EEEEEE", zorder=0, label=f"±{band:g} %: below the smallest change called one")
         ax.axvline(0, color="#444444", linewidth=0.8)
         if fail_pct is not None and math.isfinite(fail_pct):
-            ax.axvline(fail_pct, color=VERDICT_COLORS[SLOWER], linestyle="--", linewidth=1.0,
-                       label=f"--fail-on-regression {fail_pct:g} %")  # fmt: skip
+            ax.axvline(
+                fail_pct,
+                color=VERDICT_COLORS[SLOWER],
+                linestyle="--",
+                linewidth=1.0,
+                label=f"--fail-on-regression {fail_pct:g} %",
+            )
         ax.set_xlabel("slower by (%): latency change; throughput change with its sign flipped")
         ax.set_ylim(-0.8, len(rows) - 0.2)
         ax.legend(loc="lower right", fontsize=7)

@@ -84,8 +84,9 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
         "(d) energy: TDP × time estimate (simulator), not measured" if estimate else ENERGY_PANEL[2],
     )
     panels = PANELS + ((energy_panel,) if energy_kind is not None else ())
-    with common.new_figure("fig6_cross_hardware", out_dir, len(panels), 1, figsize=(7.0, 3.0 * len(panels)),
-                           title=heading) as d:  # fmt: skip
+    with common.new_figure(
+        "fig6_cross_hardware", out_dir, len(panels), 1, figsize=(7.0, 3.0 * len(panels)), title=heading
+    ) as d:
         axes, result = d.axes, d.result
         if "straggler" in sub and sub["straggler"].astype(bool).any():  # kvray/sweep/stragglers.py
             slow = sorted({str(h) for h in sub.loc[sub["straggler"].astype(bool), "hardware_label"]})
@@ -126,11 +127,15 @@ def fig6_cross_hardware(view: View, out_dir: Path) -> FigureResult:
             result.notes.append("panel (c) needs kv_measured_bytes or kv_predicted_bytes: not in the dataset")
         result.notes.append(f"panel (c) per GiB (2^30 bytes) of {basis}; OOM: the cell did not fit that GPU")
         if estimate:
-            result.notes.append("panel (d): no cell measured energy; the simulator's TDP × time estimate (the GPUs "
-                                "at datasheet TDP for the predicted run: an estimate, not a bound)")  # fmt: skip
+            result.notes.append(
+                "panel (d): no cell measured energy; the simulator's TDP × time estimate (the GPUs "
+                "at datasheet TDP for the predicted run: an estimate, not a bound)"
+            )
         elif energy_kind is not None:
-            result.notes.append("panel (d): measured energy (NVML counter / RAPL), summed over each cell's GPUs; "
-                                "cells without a reading have no bar (no estimate is mixed in)")  # fmt: skip
+            result.notes.append(
+                "panel (d): measured energy (NVML counter / RAPL), summed over each cell's GPUs; "
+                "cells without a reading have no bar (no estimate is mixed in)"
+            )
         if result.partial_markers:
             result.notes.append("hatched xx: partial cell, some requests failed (successful requests only)")
     return result

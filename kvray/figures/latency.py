@@ -36,8 +36,16 @@ def _p50_interval(ax: Any, rows: Any, x: str, metric: str, color_index: int) -> 
         return False
     mid = pts[p50] * 1e3
     below, above = (mid - pts[lo] * 1e3).clip(lower=0), (pts[hi] * 1e3 - mid).clip(lower=0)
-    ax.errorbar(pts[x], mid, yerr=[below, above], fmt="none", ecolor=style.color(color_index), capsize=2,
-                linewidth=1.0, gid=f"ci-{metric}-{color_index}")  # fmt: skip
+    ax.errorbar(
+        pts[x],
+        mid,
+        yerr=[below, above],
+        fmt="none",
+        ecolor=style.color(color_index),
+        capsize=2,
+        linewidth=1.0,
+        gid=f"ci-{metric}-{color_index}",
+    )
     return True
 
 

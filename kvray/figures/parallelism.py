@@ -73,8 +73,14 @@ def _kv_capacity(model: str, hardware: str, dtype: str, tp: int) -> int | None:
 def fig_tp_scaling(model: str, records: list[dict[str, Any]], out_dir: Path) -> FigureResult:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.strip("/").replace("/", "--")).strip("-.") or "model"
     ran = [r for r in records if r["cell"]["model"] == model]
-    with new_figure(f"exp7_tp_scaling_{slug}", out_dir, 1, 3, figsize=(13, 4),
-                    title=(f"exp7 · Tensor-parallel scaling: {model}", "TPOT, throughput per GPU, KV per GPU")) as d:  # fmt: skip
+    with new_figure(
+        f"exp7_tp_scaling_{slug}",
+        out_dir,
+        1,
+        3,
+        figsize=(13, 4),
+        title=(f"exp7 · Tensor-parallel scaling: {model}", "TPOT, throughput per GPU, KV per GPU"),
+    ) as d:
         ok = [r for r in ran if r.get("status") in ("ok", "partial") and (r.get("metrics") or {}).get("tpot_s_p50")]
         if not ok:
             return d.missing(f"no cell of {model} with a TPOT (kvray exp7)", "no TP cells")
@@ -109,14 +115,27 @@ def fig_tp_scaling(model: str, records: list[dict[str, Any]], out_dir: Path) -> 
             predicted = [(n, _kv_capacity(model, hardware, dtype, n)) for n in degrees]
             shown = [(n, c) for n, c in predicted if c is not None]
             if shown:
-                ax_kv.plot([n for n, _ in shown], [c for _, c in shown], "--", marker=style.marker(j),
-                           color=style.color(j), label=f"{hardware} kvmath")  # fmt: skip
-            reported = [(_tp(r), r["extra"]["kv_capacity"]["reported"].get("kv_cache_size_tokens")) for r in ok
-                        if _series_key(r)[0] == hardware and (r.get("extra") or {}).get("kv_capacity")]  # fmt: skip
+                ax_kv.plot(
+                    [n for n, _ in shown],
+                    [c for _, c in shown],
+                    "--",
+                    marker=style.marker(j),
+                    color=style.color(j),
+                    label=f"{hardware} kvmath",
+                )
+            reported = [
+                (_tp(r), r["extra"]["kv_capacity"]["reported"].get("kv_cache_size_tokens"))
+                for r in ok
+                if _series_key(r)[0] == hardware and (r.get("extra") or {}).get("kv_capacity")
+            ]
             reported = [(n, c) for n, c in reported if c]
             if reported:
-                ax_kv.scatter([n for n, _ in reported], [c for _, c in reported], color=style.color(j),
-                              label=f"{hardware} engine pool")  # fmt: skip
+                ax_kv.scatter(
+                    [n for n, _ in reported],
+                    [c for _, c in reported],
+                    color=style.color(j),
+                    label=f"{hardware} engine pool",
+                )
         for ax, ylabel, title in (
             (ax_tpot, "TPOT p50 (ms)", "(a) TPOT"),
             (ax_tps, "output tokens/s per GPU", "(b) throughput per GPU"),

@@ -41,9 +41,11 @@ def _kind(rec: dict[str, Any]) -> str:
 def has_reuse_data(records: list[dict[str, Any]]) -> bool:
     """True when any record is an exp6 cell or carries prefix-cache figures."""
     return any(
-        r["cell"].get("experiment") == "exp6" or "prefix_cache" in (r.get("extra") or {}) or _kind(r) in
-        ("shared_prefix", "multi_turn") for r in records
-    )  # fmt: skip
+        r["cell"].get("experiment") == "exp6"
+        or "prefix_cache" in (r.get("extra") or {})
+        or _kind(r) in ("shared_prefix", "multi_turn")
+        for r in records
+    )
 
 
 def shared_fraction(rec: dict[str, Any]) -> float:
@@ -61,9 +63,13 @@ def fig_hit_rate(records: list[dict[str, Any]], out_dir: Path) -> FigureResult:
         ax = d.axes
         for i, kind in enumerate(sorted({_kind(r) for r in rows})):
             part = [r for r in rows if _kind(r) == kind]
-            ax.scatter([100 * r["memory"]["prefix_cache_hit_rate_predicted"] for r in part],
-                       [100 * r["memory"]["prefix_cache_hit_rate"] for r in part], color=style.color(i),
-                       marker=style.marker(i), label=kind)  # fmt: skip
+            ax.scatter(
+                [100 * r["memory"]["prefix_cache_hit_rate_predicted"] for r in part],
+                [100 * r["memory"]["prefix_cache_hit_rate"] for r in part],
+                color=style.color(i),
+                marker=style.marker(i),
+                label=kind,
+            )
             d.result.series.append(kind)
         ax.plot([0, 100], [0, 100], color="grey", linewidth=0.8, linestyle=":", label="y = x")
         ax.set_xlabel("predicted hit rate (%)")
@@ -85,8 +91,13 @@ def fig_ttft_vs_shared(records: list[dict[str, Any]], out_dir: Path) -> FigureRe
         ax = d.axes
         for i, backend in enumerate(sorted({r["cell"]["backend"] for r in rows})):
             part = sorted((r for r in rows if r["cell"]["backend"] == backend), key=shared_fraction)
-            ax.plot([100 * shared_fraction(r) for r in part], [1e3 * r["metrics"]["ttft_s_p50"] for r in part],
-                    color=style.color(i), marker=style.marker(i), label=backend)  # fmt: skip
+            ax.plot(
+                [100 * shared_fraction(r) for r in part],
+                [1e3 * r["metrics"]["ttft_s_p50"] for r in part],
+                color=style.color(i),
+                marker=style.marker(i),
+                label=backend,
+            )
             d.result.series.append(backend)
         ax.set_xlabel("shared prefix (% of prompt tokens)")
         ax.set_ylabel("p50 TTFT (ms)")
@@ -100,8 +111,10 @@ def per_turn(rec: dict[str, Any]) -> list[dict[str, float]]:
     """Per turn of a multi_turn record: mean TTFT (s), prompt tokens, cached tokens measured and predicted."""
     reqs = rec["cell"]["workload"]["requests"]
     conversations = len({r.get("prefix_group") for r in reqs}) or 1
-    cached = {(p["repeat"], p["request_id"]): p for p in (rec.get("extra") or {}).get("prefix_cache", {}).get(
-        "per_request", [])}  # fmt: skip
+    cached = {
+        (p["repeat"], p["request_id"]): p
+        for p in (rec.get("extra") or {}).get("prefix_cache", {}).get("per_request", [])
+    }
     turns: dict[int, dict[str, list[float]]] = {}
     for t in rec.get("traces") or []:
         if t.get("status") != "ok" or not t.get("token_times_s"):
@@ -133,10 +146,21 @@ def fig_multi_turn(records: list[dict[str, Any]], out_dir: Path) -> FigureResult
             label = rec["cell"]["backend"]
             ax_t.plot(x, [1e3 * t["ttft"] for t in turns], color=style.color(i), marker=style.marker(i), label=label)
             ax_c.plot(x, [t["prompt"] for t in turns], color=style.color(i), linestyle=":", label=f"{label} prompt")
-            ax_c.plot(x, [t["cached"] for t in turns], color=style.color(i), marker=style.marker(i),
-                      label=f"{label} cached (measured)")  # fmt: skip
-            ax_c.plot(x, [t["predicted"] for t in turns], color=style.color(i), linestyle="--", marker="x",
-                      label=f"{label} cached (predicted)")  # fmt: skip
+            ax_c.plot(
+                x,
+                [t["cached"] for t in turns],
+                color=style.color(i),
+                marker=style.marker(i),
+                label=f"{label} cached (measured)",
+            )
+            ax_c.plot(
+                x,
+                [t["predicted"] for t in turns],
+                color=style.color(i),
+                linestyle="--",
+                marker="x",
+                label=f"{label} cached (predicted)",
+            )
             d.result.series.append(label)
         ax_t.set(xlabel="turn", ylabel="mean TTFT (ms)", title="TTFT per turn")
         ax_c.set(xlabel="turn", ylabel="tokens", title="prompt tokens per turn, and those served from cache")
@@ -160,15 +184,26 @@ def fig_kv_pressure(records: list[dict[str, Any]], out_dir: Path) -> FigureResul
         first = min(p.get("repeat", 0) for p in rec["extra"]["kv_timeline"])
         points = [p for p in rec["extra"]["kv_timeline"] if p.get("repeat", 0) == first]
         t = [p["t_s"] for p in points]
-        ax.step(t, [100 * (p.get("kv_usage") or 0) for p in points], where="post", color=style.color(0),
-                label="KV usage %")  # fmt: skip
+        ax.step(
+            t, [100 * (p.get("kv_usage") or 0) for p in points], where="post", color=style.color(0), label="KV usage %"
+        )
         twin = ax.twinx()
         base = points[0].get("preemptions") or 0 if points else 0
-        for j, (key, values) in enumerate((("running", [p.get("running") for p in points]),
-                                           ("waiting", [p.get("waiting") for p in points]),
-                                           ("preemptions", [(p.get("preemptions") or 0) - base for p in points]))):  # fmt: skip
-            twin.step(t, [v if v is not None else math.nan for v in values], where="post", color=style.color(j + 1),
-                      linestyle="--", label=key)  # fmt: skip
+        for j, (key, values) in enumerate(
+            (
+                ("running", [p.get("running") for p in points]),
+                ("waiting", [p.get("waiting") for p in points]),
+                ("preemptions", [(p.get("preemptions") or 0) - base for p in points]),
+            )
+        ):
+            twin.step(
+                t,
+                [v if v is not None else math.nan for v in values],
+                where="post",
+                color=style.color(j + 1),
+                linestyle="--",
+                label=key,
+            )
         twin.set_ylabel("requests / preemptions")
         twin.grid(False)
         fills = (rec["extra"].get("prefix_cache") or {}).get("pool_fills") or []
@@ -180,8 +215,10 @@ def fig_kv_pressure(records: list[dict[str, Any]], out_dir: Path) -> FigureResul
         ax.legend(handles, [str(h.get_label()) for h in handles], fontsize=6.5, loc="center right")
         fill = (rec.get("memory") or {}).get("kv_fill_concurrency_predicted")
         conc = len(rec["cell"]["workload"]["requests"])
-        ax.set_title(f"{rec['cell']['backend']}: {conc} requests, {int(preempted(rec))} preemptions; "
-                     f"kvmath: the pool overfills from {fill} requests")  # fmt: skip
+        ax.set_title(
+            f"{rec['cell']['backend']}: {conc} requests, {int(preempted(rec))} preemptions; "
+            f"kvmath: the pool overfills from {fill} requests"
+        )
         d.result.series.append(rec["cell"]["backend"])
         d.result.caption = "When the running set outgrows the KV pool the engine preempts (and later recomputes)."
     return d.result
@@ -197,8 +234,10 @@ def fig_kv_dtype(records: list[dict[str, Any]], out_dir: Path) -> FigureResult:
         for r in rows:
             cap = r["extra"]["kv_capacity"]
             reported = (cap.get("reported") or {}).get("kv_cache_size_tokens")
-            seen[f"{r['cell']['backend']} {cap['kv_dtype']}"] = (reported or math.nan,
-                                                                 cap.get("predicted_tokens") or math.nan)  # fmt: skip
+            seen[f"{r['cell']['backend']} {cap['kv_dtype']}"] = (
+                reported or math.nan,
+                cap.get("predicted_tokens") or math.nan,
+            )
         names = sorted(seen)
         x = range(len(names))
         ax.bar([i - 0.2 for i in x], [seen[n][0] for n in names], width=0.4, color=style.color(0), label="reported")

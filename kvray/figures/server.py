@@ -81,16 +81,33 @@ def fig8_backend_compare(cells: Any, out_dir: Path) -> FigureResult:
             ax_tps.plot(x, part["output_tps"].astype(float), color=colour, marker=mark, label=backend)
             # TTFT means different things per backend: the engine's clock in-process, the client's over HTTP.
             basis = str(part["ttft_basis"].iloc[0]) if "ttft_basis" in part.columns else "engine"
-            ax_lat.plot(x, part["ttft_s_p99"].astype(float) * 1e3, color=colour, marker=mark,
-                        label=f"{backend} TTFT ({basis})")  # fmt: skip
-            ax_lat.plot(x, part["e2e_s_p99"].astype(float) * 1e3, color=colour, marker=mark, linestyle="--",
-                        markerfacecolor="white", label=f"{backend} E2E")  # fmt: skip
+            ax_lat.plot(
+                x, part["ttft_s_p99"].astype(float) * 1e3, color=colour, marker=mark, label=f"{backend} TTFT ({basis})"
+            )
+            ax_lat.plot(
+                x,
+                part["e2e_s_p99"].astype(float) * 1e3,
+                color=colour,
+                marker=mark,
+                linestyle="--",
+                markerfacecolor="white",
+                label=f"{backend} E2E",
+            )
             kv = [kv_reserved_used(r) for _, r in part.iterrows()]
             if any(r for r, _ in kv):  # hollow markers, staggered sizes: equal pools stay visible as rings
-                ax_kv.plot(x, [(r or math.nan) / 2**20 for r, _ in kv], color=colour, linestyle="--", marker=mark,
-                           markerfacecolor="none", markersize=5 + 3 * i, label=f"{backend} reserved")  # fmt: skip
-                ax_kv.plot(x, [(u or math.nan) / 2**20 for _, u in kv], color=colour, marker=mark,
-                           label=f"{backend} used")  # fmt: skip
+                ax_kv.plot(
+                    x,
+                    [(r or math.nan) / 2**20 for r, _ in kv],
+                    color=colour,
+                    linestyle="--",
+                    marker=mark,
+                    markerfacecolor="none",
+                    markersize=5 + 3 * i,
+                    label=f"{backend} reserved",
+                )
+                ax_kv.plot(
+                    x, [(u or math.nan) / 2**20 for _, u in kv], color=colour, marker=mark, label=f"{backend} used"
+                )
             result.series.append(backend)
         ticks = sorted({float(c) for c in ok["concurrency"]})
         for ax, title, ylabel in (
@@ -111,16 +128,23 @@ def fig8_backend_compare(cells: Any, out_dir: Path) -> FigureResult:
             ax.set_yscale("log")
         first = ok.iloc[0]
         model = Path(str(first["model"])).name if Path(str(first["model"])).is_absolute() else first["model"]
-        style.figure_title(d.fig, "Static vs paged KV, in-process vs server",
-                           f"{model} · {first['dtype']} · prompt {first['prompt_toks']} · gen {first['gen_toks']}")  # fmt: skip
+        style.figure_title(
+            d.fig,
+            "Static vs paged KV, in-process vs server",
+            f"{model} · {first['dtype']} · prompt {first['prompt_toks']} · gen {first['gen_toks']}",
+        )
         d.fig.subplots_adjust(top=0.78, wspace=0.32)
         result.notes = [f"memory of {b}: {desc}" for b, desc in sources.items()]
-        result.notes.append("KV used: peak of the samples taken during the run (vLLM's /metrics, hf-paged's cache); "
-                            "a run shorter than a scrape may have none")  # fmt: skip
+        result.notes.append(
+            "KV used: peak of the samples taken during the run (vLLM's /metrics, hf-paged's cache); "
+            "a run shorter than a scrape may have none"
+        )
         failed = rows[rows["status"] != "ok"]
         if len(failed):
-            result.notes.append(f"{len(failed)} cells not ok (not drawn): "
-                                + ", ".join(sorted({f"{r.backend} c{r.concurrency} {r.status}" for r in failed.itertuples()})))  # fmt: skip
+            result.notes.append(
+                f"{len(failed)} cells not ok (not drawn): "
+                + ", ".join(sorted({f"{r.backend} c{r.concurrency} {r.status}" for r in failed.itertuples()}))
+            )
         result.caption = "Same workload per backend: memory, throughput, tail latency and KV reserved vs used."
     return result
 

@@ -134,25 +134,62 @@ def fig11_latency_vs_throughput(cells: Any, out_dir: Path) -> FigureResult:
                     n = _n_range(sub, f"{metric}_s_n")
                     if loop == "open":  # overloaded probes: faded markers off the line, which follows the rate
                         over = sub[~following(sub)]
-                        ax.plot(over["achieved_rps"].astype(float), over[f"{metric}_s_p99"].astype(float) * 1e3,
-                                color=colour, marker="o", markersize=3, linestyle="none", alpha=0.35)  # fmt: skip
+                        ax.plot(
+                            over["achieved_rps"].astype(float),
+                            over[f"{metric}_s_p99"].astype(float) * 1e3,
+                            color=colour,
+                            marker="o",
+                            markersize=3,
+                            linestyle="none",
+                            alpha=0.35,
+                        )
                         overloaded += len(over) if metric == "ttft" else 0
                         sub = sub[following(sub)]
                     x = sub["achieved_rps"].astype(float)
-                    ax.plot(x, sub[f"{metric}_s_p50"].astype(float) * 1e3, color=colour, marker=mark, markersize=4,
-                            label=f"{label} {loop} p50 ({n}/point)", **hollow)  # fmt: skip
-                    ax.plot(x, sub[f"{metric}_s_p99"].astype(float) * 1e3, color=colour, marker=mark, markersize=3,
-                            linestyle="--", alpha=0.8, **hollow)  # fmt: skip
+                    ax.plot(
+                        x,
+                        sub[f"{metric}_s_p50"].astype(float) * 1e3,
+                        color=colour,
+                        marker=mark,
+                        markersize=4,
+                        label=f"{label} {loop} p50 ({n}/point)",
+                        **hollow,
+                    )
+                    ax.plot(
+                        x,
+                        sub[f"{metric}_s_p99"].astype(float) * 1e3,
+                        color=colour,
+                        marker=mark,
+                        markersize=3,
+                        linestyle="--",
+                        alpha=0.8,
+                        **hollow,
+                    )
                     behind = (
                         sub[sub["client_behind"].fillna(False).astype(bool)] if "client_behind" in sub else sub[0:0]
                     )
                     if len(behind):
-                        ax.scatter(behind["achieved_rps"].astype(float), behind[f"{metric}_s_p99"].astype(float) * 1e3,
-                                   s=120, facecolors="none", edgecolors=BEHIND_COLOR, linewidths=1.6, zorder=5)  # fmt: skip
+                        ax.scatter(
+                            behind["achieved_rps"].astype(float),
+                            behind[f"{metric}_s_p99"].astype(float) * 1e3,
+                            s=120,
+                            facecolors="none",
+                            edgecolors=BEHIND_COLOR,
+                            linewidths=1.6,
+                            zorder=5,
+                        )
                         behind_total += len(behind) if metric == "ttft" else 0
                 if knee is not None:
-                    ax.plot([float(knee["achieved_rps"])], [float(knee[f"{metric}_s_p99"]) * 1e3], marker="*",
-                            markersize=14, color=colour, markeredgecolor="black", linestyle="none", zorder=6)  # fmt: skip
+                    ax.plot(
+                        [float(knee["achieved_rps"])],
+                        [float(knee[f"{metric}_s_p99"]) * 1e3],
+                        marker="*",
+                        markersize=14,
+                        color=colour,
+                        markeredgecolor="black",
+                        linestyle="none",
+                        zorder=6,
+                    )
             if knee is not None:
                 # offered as the probe realised it (the search's knee_rps), the rate the search asked for beside it
                 nominal, realised = float(knee["offered_rps"]), as_number(knee.get("offered_rps_realised"))
@@ -163,8 +200,13 @@ def fig11_latency_vs_throughput(cells: Any, out_dir: Path) -> FigureResult:
             result.series.append(label)
         for ax, (_, slo_key, title) in zip(d.axes, SLO_PANELS, strict=True):
             if slo_key in slos:
-                ax.axhline(slos[slo_key], color=style.CAPACITY_COLOR, linestyle=":", linewidth=1.4,
-                           label=f"SLO {title} {slos[slo_key]:g} ms")  # fmt: skip
+                ax.axhline(
+                    slos[slo_key],
+                    color=style.CAPACITY_COLOR,
+                    linestyle=":",
+                    linewidth=1.4,
+                    label=f"SLO {title} {slos[slo_key]:g} ms",
+                )
             ax.set_title(f"{title}: p50 (—), p99 (--); ★ knee")
             ax.set_xlabel("achieved requests/s (steady state)")
             ax.set_ylabel(f"{title} (ms)")
@@ -175,18 +217,31 @@ def fig11_latency_vs_throughput(cells: Any, out_dir: Path) -> FigureResult:
         if behind_total:
             d.axes[0].scatter([], [], s=120, facecolors="none", edgecolors=BEHIND_COLOR, label="client behind")
         handles = list({str(h.get_label()): h for ax in d.axes for h in ax.get_legend_handles_labels()[0]}.items())
-        d.fig.legend([h for _, h in handles], [label for label, _ in handles], fontsize=6.5, loc="upper left",
-                     bbox_to_anchor=(0.78, 0.8), frameon=False)  # fmt: skip
+        d.fig.legend(
+            [h for _, h in handles],
+            [label for label, _ in handles],
+            fontsize=6.5,
+            loc="upper left",
+            bbox_to_anchor=(0.78, 0.8),
+            frameon=False,
+        )
         if overloaded:
-            result.notes.append(f"{overloaded} overloaded open-loop rows (achieved < {FOLLOW_FRACTION:.0%} of the "
-                                "offered rate): faded p99 markers, off the lines")  # fmt: skip
+            result.notes.append(
+                f"{overloaded} overloaded open-loop rows (achieved < {FOLLOW_FRACTION:.0%} of the "
+                "offered rate): faded p99 markers, off the lines"
+            )
         if behind_total:
-            result.notes.append(f"{behind_total} rows whose client fell behind its schedule (p99 lag above the "
-                                "limit): ringed red, their offered rate was not what the client sent")  # fmt: skip
+            result.notes.append(
+                f"{behind_total} rows whose client fell behind its schedule (p99 lag above the "
+                "limit): ringed red, their offered rate was not what the client sent"
+            )
         result.notes.append("n/point: requests behind each percentile (those that arrived in the measured window)")
         first = rows.iloc[0]
-        style.figure_title(d.fig, "Latency vs throughput under load",
-                           f"{first['model']} · {first['dtype']} · prompt {first['prompt_toks']} · gen {first['gen_toks']}")  # fmt: skip
+        style.figure_title(
+            d.fig,
+            "Latency vs throughput under load",
+            f"{first['model']} · {first['dtype']} · prompt {first['prompt_toks']} · gen {first['gen_toks']}",
+        )
         d.fig.subplots_adjust(top=0.8, bottom=0.24, right=0.77, wspace=0.25)
         result.caption = "What latency users see as the rate grows, per configuration; SLO lines and the knee marked."
     return result
@@ -218,8 +273,15 @@ def fig12_pareto(cells: Any, out_dir: Path) -> FigureResult:
             if not pts:
                 continue
             colour = style.color(i)
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colour, marker=style.marker(i), s=18,
-                       alpha=0.6, label=f"{label} ({len(pts)} rows, {_n_range(part, 'tpot_s_n')} req/row)")  # fmt: skip
+            ax.scatter(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                color=colour,
+                marker=style.marker(i),
+                s=18,
+                alpha=0.6,
+                label=f"{label} ({len(pts)} rows, {_n_range(part, 'tpot_s_n')} req/row)",
+            )
             front = pareto_front(pts)
             ax.plot([p[0] for p in front], [p[1] for p in front], color=colour, linewidth=1.6)
             result.series.append(label)

@@ -31,8 +31,9 @@ def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
     heading = ("fig2 · Throughput and per-token latency vs concurrency", view.context(rows))
     energy = tokens_per_joule(ok_rows(rows))[1] if len(rows) else None  # one kind for the whole panel
     panels = 3 if energy else 2
-    with common.new_figure("fig2_tps_vs_concurrency", out_dir, 1, panels, figsize=(4.75 * panels, 4.0),
-                           title=heading) as d:  # fmt: skip
+    with common.new_figure(
+        "fig2_tps_vs_concurrency", out_dir, 1, panels, figsize=(4.75 * panels, 4.0), title=heading
+    ) as d:
         ax_tps, ax_tpot, result = d.axes[0], d.axes[1], d.result
         series = sweep_series(view, "exp1")
         if not series or not len(ok_rows(rows)):
@@ -73,11 +74,13 @@ def fig2_tps_vs_concurrency(view: View, out_dir: Path) -> FigureResult:
             result.notes.append("light wide bars: 95 % interval of the mean over repeats (Student's t)")
         if energy:
             _energy_panel(d.axes[2], series, energy)
-            result.notes.append("(c) the simulator's TDP × time estimate (no cell measured energy): the GPUs at "
-                                "datasheet TDP for the predicted run, an estimate, not a bound"
-                                if energy == ENERGY_TDP_ESTIMATE else
-                                "(c) measured energy (NVML counter / RAPL, summed over each cell's GPUs); cells "
-                                "without a reading are left out, never filled with an estimate")  # fmt: skip
+            result.notes.append(
+                "(c) the simulator's TDP × time estimate (no cell measured energy): the GPUs at "
+                "datasheet TDP for the predicted run, an estimate, not a bound"
+                if energy == ENERGY_TDP_ESTIMATE
+                else "(c) measured energy (NVML counter / RAPL, summed over each cell's GPUs); cells "
+                "without a reading are left out, never filled with an estimate"
+            )
         result.notes += common.caption_notes(rows)
     return result
 
@@ -92,9 +95,15 @@ def _energy_panel(ax: Any, series: list[Series], kind: str) -> None:
         per_j, _ = tokens_per_joule(ok, kind)
         pts = ok.assign(_per_j=per_j).dropna(subset=["_per_j"]).sort_values("concurrency")
         face = "none" if hollow else style.color(s.color_index)
-        ax.plot(pts["concurrency"].astype(float), pts["_per_j"].astype(float), color=style.color(s.color_index),
-                marker=style.marker(s.color_index), markerfacecolor=face,
-                linestyle="--" if hollow else "-", gid=f"tok-per-j-{s.color_index}")  # fmt: skip
+        ax.plot(
+            pts["concurrency"].astype(float),
+            pts["_per_j"].astype(float),
+            color=style.color(s.color_index),
+            marker=style.marker(s.color_index),
+            markerfacecolor=face,
+            linestyle="--" if hollow else "-",
+            gid=f"tok-per-j-{s.color_index}",
+        )
         xs += pts["concurrency"].astype(float).tolist()
     common.log2_axis(ax, sorted(set(xs)), "concurrent requests (log scale)")
     ax.set_ylabel(f"output tokens per joule ({kind})")
@@ -112,9 +121,16 @@ def _throughput_interval(ax: Any, s: Series) -> bool:
     if not len(pts):
         return False
     mean = pts["output_tps"]
-    ax.errorbar(pts["concurrency"], mean, fmt="none", ecolor=style.color(s.color_index), alpha=0.35, elinewidth=4,
-                yerr=[(mean - pts["output_tps_ci_low"]).clip(lower=0), (pts["output_tps_ci_high"] - mean).clip(lower=0)],
-                gid=f"tps-ci-{s.color_index}")  # fmt: skip
+    ax.errorbar(
+        pts["concurrency"],
+        mean,
+        fmt="none",
+        ecolor=style.color(s.color_index),
+        alpha=0.35,
+        elinewidth=4,
+        yerr=[(mean - pts["output_tps_ci_low"]).clip(lower=0), (pts["output_tps_ci_high"] - mean).clip(lower=0)],
+        gid=f"tps-ci-{s.color_index}",
+    )
     return True
 
 

@@ -76,9 +76,16 @@ def fig10_timeline(record: dict[str, Any], timeline: Any, out_dir: Path, repeat:
     tl = timeline[(timeline["cell_id"] == cell_id) & (timeline["repeat"] == repeat)] if len(timeline) else timeline
     c = record["cell"]
     context = f"{c['model']} · {c['backend']} · {record.get('hardware', {}).get('name', '?')} · cell {cell_id}"
-    with new_figure(figure_name(cell_id), out_dir, 4, 1, figsize=(10, 8.5), sharex=True,
-                    gridspec_kw={"height_ratios": [3, 1.3, 1.3, 1.3]},
-                    title=(f"One cell on one clock: requests, hardware and engine (repeat {repeat})", context)) as d:  # fmt: skip
+    with new_figure(
+        figure_name(cell_id),
+        out_dir,
+        4,
+        1,
+        figsize=(10, 8.5),
+        sharex=True,
+        gridspec_kw={"height_ratios": [3, 1.3, 1.3, 1.3]},
+        title=(f"One cell on one clock: requests, hardware and engine (repeat {repeat})", context),
+    ) as d:
         result = d.result
         ax_req, ax_hw, ax_kv, ax_q = d.axes
         if not traces:
@@ -110,8 +117,15 @@ def fig10_timeline(record: dict[str, Any], timeline: Any, out_dir: Path, repeat:
                 result.notes.append("no telemetry samples for this cell (telemetry_interval_s = 0, or an old dataset)")
         handles = ax_hw.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
         if handles:
-            ax_hw.legend(handles, [str(h.get_label()) for h in handles], fontsize=6.5, loc="lower right",
-                         bbox_to_anchor=(1.0, 1.0), ncols=4, frameon=False)  # fmt: skip
+            ax_hw.legend(
+                handles,
+                [str(h.get_label()) for h in handles],
+                fontsize=6.5,
+                loc="lower right",
+                bbox_to_anchor=(1.0, 1.0),
+                ncols=4,
+                frameon=False,
+            )
         scope = record.get("extra", {}).get("energy", {}).get("telemetry_scope") or "kvray process"
         ax_hw.set_title(f"hardware ({'NVML' if gpus else 'CPU: ' + scope})", fontsize=8.5, loc="left")
 
@@ -121,8 +135,16 @@ def fig10_timeline(record: dict[str, Any], timeline: Any, out_dir: Path, repeat:
             ax_kv.set_ylabel("KV usage %")
             result.series.append("engine kv_usage")
         else:
-            ax_kv.text(0.5, 0.5, f"{c['backend']} exports no KV-usage gauge", ha="center", va="center",
-                       transform=ax_kv.transAxes, fontsize=8, color="#555555")  # fmt: skip
+            ax_kv.text(
+                0.5,
+                0.5,
+                f"{c['backend']} exports no KV-usage gauge",
+                ha="center",
+                va="center",
+                transform=ax_kv.transAxes,
+                fontsize=8,
+                color="#555555",
+            )
         ax_kv.set_title("KV cache (engine)", fontsize=8.5, loc="left")
 
         t_run, running = _series(tl, "engine", "running") if len(tl) else ([], [])
@@ -143,8 +165,10 @@ def fig10_timeline(record: dict[str, Any], timeline: Any, out_dir: Path, repeat:
         ax_q.legend(fontsize=6.5, loc="upper right")
         ax_q.set_xlabel("seconds since the repeat's t0 (time.perf_counter: the traces' clock)")
         n = int((tl["source"] != "engine").sum()) if len(tl) else 0
-        result.notes.append(f"{n} telemetry values, {int((tl['source'] == 'engine').sum()) if len(tl) else 0} engine "
-                            f"values in repeat {repeat}; {_energy_note(record)}")  # fmt: skip
+        result.notes.append(
+            f"{n} telemetry values, {int((tl['source'] == 'engine').sum()) if len(tl) else 0} engine "
+            f"values in repeat {repeat}; {_energy_note(record)}"
+        )
         result.caption = "Requests, hardware and engine gauges of one cell on the traces' clock."
     return result
 

@@ -142,8 +142,9 @@ def check_ssh(auth: dict[str, Any], host: str, timeout_s: float = 60.0) -> None:
         raise KvrayInputError(f"the cluster file's auth.ssh_private_key {key} does not exist")
     target = f"{user}@{host}{f' with {key}' if key else ''}"
     try:
-        run = subprocess.run(_ssh(auth, host, [], ["true"]), capture_output=True, text=True, timeout=timeout_s,
-                             stdin=subprocess.DEVNULL)  # fmt: skip
+        run = subprocess.run(
+            _ssh(auth, host, [], ["true"]), capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
+        )
     except FileNotFoundError:
         raise KvrayInputError("ssh is not installed here: Ray's cluster launcher needs it") from None
     except subprocess.TimeoutExpired:
@@ -155,9 +156,25 @@ def check_ssh(auth: dict[str, Any], host: str, timeout_s: float = 60.0) -> None:
 def _ssh(auth: dict[str, Any], host: str, options: list[str], command: list[str]) -> list[str]:
     """An ssh command line with the file's user, key and proxy command, and the host-key settings of Ray's own
     command runner (nodes come and go under reused addresses, so their host keys are not pinned)."""
-    cmd = ["ssh", "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={os.devnull}", "-o", "IdentitiesOnly=yes",
-           "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
-           "-o", "LogLevel=ERROR"]  # fmt: skip
+    cmd = [
+        "ssh",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        f"UserKnownHostsFile={os.devnull}",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=20",
+        "-o",
+        "ServerAliveInterval=5",
+        "-o",
+        "ServerAliveCountMax=3",
+        "-o",
+        "LogLevel=ERROR",
+    ]
     if auth.get("ssh_private_key"):
         cmd += ["-i", str(Path(auth["ssh_private_key"]).expanduser())]
     if auth.get("ssh_proxy_command"):
@@ -264,10 +281,22 @@ def _dashboard_tunnel(auth: dict[str, Any], head: str, dash_port: int, client_po
     from kvray.servers.process import free_port
 
     local_dash, local_client = free_port(), free_port()
-    forwards = ["-N", "-o", "ExitOnForwardFailure=yes", "-L", f"127.0.0.1:{local_dash}:127.0.0.1:{dash_port}",
-                "-L", f"127.0.0.1:{local_client}:127.0.0.1:{client_port}"]  # fmt: skip
-    proc = subprocess.Popen(_ssh(auth, head, forwards, []), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    forwards = [
+        "-N",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-L",
+        f"127.0.0.1:{local_dash}:127.0.0.1:{dash_port}",
+        "-L",
+        f"127.0.0.1:{local_client}:127.0.0.1:{client_port}",
+    ]
+    proc = subprocess.Popen(
+        _ssh(auth, head, forwards, []),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return f"http://127.0.0.1:{local_dash}", local_client, proc
 
 

@@ -109,8 +109,10 @@ def submit(
     say = log or (lambda text: None)
     say(f"kvray: cluster at {address}: {report.describe()}\n")
     if pins:
-        say(f"kvray: the cluster's Python lacks {', '.join(pins)}: added to the job's environment (--no-provision: "
-            "don't)\n")  # fmt: skip
+        say(
+            f"kvray: the cluster's Python lacks {', '.join(pins)}: added to the job's environment (--no-provision: "
+            "don't)\n"
+        )
     runtime_env = job_runtime_env(pins, output)
     with tempfile.TemporaryDirectory(prefix="kvray-job-") as workdir:
         (Path(workdir) / job_path.name).write_bytes(job_path.read_bytes())
@@ -171,12 +173,16 @@ def bring_home(address: str, held: Any, output: str, client_port: int, log: Any 
     started = time.monotonic()
     try:
         names = transfer.fetch(transfer.client_address(address, client_port), held, output)
-        say(f"kvray: dataset home over Ray Client: {held.size_bytes / 2**20:.1f} MiB in {held.chunks} chunk(s), "
-            f"{time.monotonic() - started:.1f} s, SHA-256 checked\n")  # fmt: skip
+        say(
+            f"kvray: dataset home over Ray Client: {held.size_bytes / 2**20:.1f} MiB in {held.chunks} chunk(s), "
+            f"{time.monotonic() - started:.1f} s, SHA-256 checked\n"
+        )
         return names
     except ConnectionError as exc:
-        say(f"kvray: {exc}; bringing the {held.size_bytes / 2**20:.1f} MiB dataset through a job's log instead "
-            f"(open port {client_port} to the head for large results)\n")  # fmt: skip
+        say(
+            f"kvray: {exc}; bringing the {held.size_bytes / 2**20:.1f} MiB dataset through a job's log instead "
+            f"(open port {client_port} to the head for large results)\n"
+        )
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from kvray.launch.preflight import submit_when_agent_ready

@@ -152,8 +152,9 @@ def fetch(address: str, held: Held, out_dir: str | Path, timeout_s: float = 60.0
 
     child = subprocess.run(
         [sys.executable, "-m", "kvray.launch.transfer", "fetch", address, held.marker(), str(out_dir), str(timeout_s)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     last = (child.stderr.strip().splitlines() or [f"exit code {child.returncode}"])[-1]
     if child.returncode == FETCH_UNREACHABLE:
         raise ConnectionError(last)
@@ -278,8 +279,10 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "emit":
         emit(argv[1])
         return 0
-    print("usage: python -m kvray.launch.transfer hold DIR NAME [TTL_S] | emit NAME | fetch ADDRESS MARKER DIR TIMEOUT_S",
-          file=sys.stderr)  # fmt: skip
+    print(
+        "usage: python -m kvray.launch.transfer hold DIR NAME [TTL_S] | emit NAME | fetch ADDRESS MARKER DIR TIMEOUT_S",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -69,9 +69,13 @@ class KVAtPeak:
 
     def memory(self) -> dict[str, int | float | str]:
         """The run-memory keys the runner and the dataset row read (PEAK_KEYS)."""
-        return {"kv_predicted_bytes": self.predicted_bytes, "kv_predicted_basis": BASIS_TIMELINE,
-                "kv_peak_t_s": self.t_s, "kv_peak_running": self.running,
-                "kv_prediction_tolerance_bytes": self.tolerance_bytes}  # fmt: skip
+        return {
+            "kv_predicted_bytes": self.predicted_bytes,
+            "kv_predicted_basis": BASIS_TIMELINE,
+            "kv_peak_t_s": self.t_s,
+            "kv_peak_running": self.running,
+            "kv_prediction_tolerance_bytes": self.tolerance_bytes,
+        }
 
 
 def _last_s(trace: RunTrace) -> float:
@@ -98,15 +102,17 @@ def running_set(traces: Sequence[RunTrace], t_s: float, running: int | None = No
     return held + [(t, cached_positions(t.prompt_toks, len(t.token_times_s))) for t in ended[: running - len(held)]]
 
 
-def predicted_used_bytes(traces: Sequence[RunTrace], sample: KVSample, g: ModelGeometry, dtype: str,
-                         block_size: int) -> int:  # fmt: skip
+def predicted_used_bytes(
+    traces: Sequence[RunTrace], sample: KVSample, g: ModelGeometry, dtype: str, block_size: int
+) -> int:
     """Paged KV bytes of the requests the engine held at ``sample``, each block-rounded at its own length."""
     held = running_set(traces, sample.t_s, sample.running)
     return kv_bytes_batch(g, [n for _, n in held], dtype, "paged", block_size)
 
 
-def kv_at_peak(traces: Sequence[RunTrace], samples: Sequence[KVSample], g: ModelGeometry, dtype: str,
-               block_size: int) -> KVAtPeak | None:  # fmt: skip
+def kv_at_peak(
+    traces: Sequence[RunTrace], samples: Sequence[KVSample], g: ModelGeometry, dtype: str, block_size: int
+) -> KVAtPeak | None:
     """The prediction at the sample where measured used KV peaked; None when no sample measured any KV."""
     # a sample of an engine running nothing says nothing about the workload's KV (vLLM: not the measured peak)
     measured = [s for s in samples if s.used_bytes and (s.running is None or s.running > 0)]
@@ -126,8 +132,14 @@ def kv_at_peak(traces: Sequence[RunTrace], samples: Sequence[KVSample], g: Model
     )
 
 
-def timeline_prediction(points: list[dict[str, Any]], traces: Sequence[RunTrace], g: ModelGeometry, dtype: str,
-                        block_size: int, all_resident_bytes: int) -> dict[str, Any]:  # fmt: skip
+def timeline_prediction(
+    points: list[dict[str, Any]],
+    traces: Sequence[RunTrace],
+    g: ModelGeometry,
+    dtype: str,
+    block_size: int,
+    all_resident_bytes: int,
+) -> dict[str, Any]:
     """A run's KV-prediction memory keys from its timeline points ({t_s, kv_used_bytes, running, …}).
 
     Each point gets ``kv_predicted_bytes`` (the running set's paged KV at that instant) beside its measured
@@ -137,8 +149,9 @@ def timeline_prediction(points: list[dict[str, Any]], traces: Sequence[RunTrace]
     samples = []
     for p in points:
         running, used = p.get("running"), p.get("kv_used_bytes")  # a Prometheus gauge is a float: 2.0 requests
-        sample = KVSample(float(p["t_s"]), int(used) if used is not None else None,
-                          int(running) if running is not None else None)  # fmt: skip
+        sample = KVSample(
+            float(p["t_s"]), int(used) if used is not None else None, int(running) if running is not None else None
+        )
         p["kv_predicted_bytes"] = predicted_used_bytes(traces, sample, g, dtype, block_size)
         samples.append(sample)
     peak = kv_at_peak(traces, samples, g, dtype, block_size)

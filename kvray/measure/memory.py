@@ -201,8 +201,9 @@ class ServerMemoryTracker:
 
     is_cuda = False  # no allocator of this process to read: the runner derives no activation peak from it
 
-    def __init__(self, pids: Callable[[], Sequence[int]], device: str = "cpu",
-                 interval_s: float = SERVER_SAMPLE_INTERVAL_S):  # fmt: skip
+    def __init__(
+        self, pids: Callable[[], Sequence[int]], device: str = "cpu", interval_s: float = SERVER_SAMPLE_INTERVAL_S
+    ):
         self.pids = pids
         self.device = device
         self.interval_s = interval_s

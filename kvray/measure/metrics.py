@@ -391,8 +391,9 @@ def repeat_samples(
                     if m[name] == m[name] and (ok or not completed_only) and (timed or name != "tpot_s")
                 ]
             )
-        out["itl_s"].append([g for t, (_, timed, _) in zip(ts, per_request, strict=True) if timed
-                             for g in itl_gaps(t.token_times_s)])  # fmt: skip
+        out["itl_s"].append(
+            [g for t, (_, timed, _) in zip(ts, per_request, strict=True) if timed for g in itl_gaps(t.token_times_s)]
+        )
     return out
 
 

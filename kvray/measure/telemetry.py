@@ -315,8 +315,11 @@ class TelemetrySampler(PeriodicSampler):
             i = max(bisect.bisect_right(starts, t) - 1, 0)  # the entry sample belongs to the first repeat
             repeat = self.marks[i][1]
             t_s = round(t - t0s.get(repeat, starts[i]), 6)
-            rows += [(repeat, t_s, source, metric, value) for source, values in tick.items()
-                     for metric, value in values.items()]  # fmt: skip
+            rows += [
+                (repeat, t_s, source, metric, value)
+                for source, values in tick.items()
+                for metric, value in values.items()
+            ]
         return rows
 
     def _series(self, source: str, metric: str) -> list[tuple[float, float]]:
@@ -342,12 +345,16 @@ class TelemetrySampler(PeriodicSampler):
     def _gpu_memory(self) -> dict[str, float]:
         """{gpu_mem_peak_bytes: the largest sum over the GPUs of NVML's device memory used at one sample,
         gpu_mem_peak_bytes_per_gpu_max: the largest one GPU reached}; NaN without readings."""
-        used = [[tick[g.source]["mem_used_bytes"] for g in self.gpus if "mem_used_bytes" in tick.get(g.source, {})]
-                for _, tick in self.ticks]  # fmt: skip
+        used = [
+            [tick[g.source]["mem_used_bytes"] for g in self.gpus if "mem_used_bytes" in tick.get(g.source, {})]
+            for _, tick in self.ticks
+        ]
         whole = [sum(u) for u in used if len(u) == len(self.gpus)]
         each = [v for u in used for v in u]
-        return {"gpu_mem_peak_bytes": max(whole) if whole else float("nan"),
-                "gpu_mem_peak_bytes_per_gpu_max": max(each) if each else float("nan")}  # fmt: skip
+        return {
+            "gpu_mem_peak_bytes": max(whole) if whole else float("nan"),
+            "gpu_mem_peak_bytes_per_gpu_max": max(each) if each else float("nan"),
+        }
 
     def figures(self, output_toks: int, requests: int) -> dict[str, Any]:
         """The cell's energy columns over the measured window (the first to the last tick)."""

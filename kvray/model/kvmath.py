@@ -82,8 +82,9 @@ def cached_positions(prompt_toks: int, gen_toks: int) -> int:
     return prompt_toks + max(gen_toks, 1) - 1
 
 
-def kv_bytes_sequence(g: ModelGeometry, tokens: int, dtype: str = "bf16", layout: str = "hf",
-                      block_size: int = DEFAULT_BLOCK_SIZE) -> int:  # fmt: skip
+def kv_bytes_sequence(
+    g: ModelGeometry, tokens: int, dtype: str = "bf16", layout: str = "hf", block_size: int = DEFAULT_BLOCK_SIZE
+) -> int:
     """KV bytes of one sequence holding ``tokens`` positions."""
     if tokens < 0:
         raise KvrayInputError(f"token count must be >= 0, got {tokens}")
@@ -99,8 +100,13 @@ def kv_bytes_sequence(g: ModelGeometry, tokens: int, dtype: str = "bf16", layout
     return int(total)
 
 
-def kv_bytes_batch(g: ModelGeometry, sequence_tokens: Iterable[int], dtype: str = "bf16", layout: str = "hf",
-                   block_size: int = DEFAULT_BLOCK_SIZE) -> int:  # fmt: skip
+def kv_bytes_batch(
+    g: ModelGeometry,
+    sequence_tokens: Iterable[int],
+    dtype: str = "bf16",
+    layout: str = "hf",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> int:
     """KV bytes of several sequences.
 
     For the hf layout a static batch is padded to its longest member, so every row holds the

@@ -78,10 +78,17 @@ def experiment_job(experiment: str, common: Common, grids: list[Grid]) -> Job:
     }
     return Job(
         name=common.name or job_name(experiment, common.model),
-        models=[common.model], backends=list(common.backends), dtypes=[common.dtype], grids=grids,
-        experiment=experiment, options=dict(common.options), tensor_parallel=list(common.tensor_parallel), **same_name,
-        description=f"kvray {experiment}", source=f"kvray {experiment}",
-    )  # fmt: skip
+        models=[common.model],
+        backends=list(common.backends),
+        dtypes=[common.dtype],
+        grids=grids,
+        experiment=experiment,
+        options=dict(common.options),
+        tensor_parallel=list(common.tensor_parallel),
+        **same_name,
+        description=f"kvray {experiment}",
+        source=f"kvray {experiment}",
+    )
 
 
 def job_from_grid_blocks(experiment: str, common: Common, blocks: Any, **settings: Any) -> Job:

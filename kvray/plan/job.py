@@ -347,8 +347,10 @@ def _reuse(c: Checker, key: str, g: dict[str, Any]) -> tuple[tuple[str, Any], ..
         if k in g:
             raise c.fail(f"{key}.{k}", f"does not apply to workload: {kind} (it sets the prompts itself)")
     if kind == "multi_turn" and ("load" in g or "concurrency" in g):
-        raise c.fail(f"{key}.{'load' if 'load' in g else 'concurrency'}",
-                     "multi_turn sets its own arrivals: each turn is sent when the previous one ends")  # fmt: skip
+        raise c.fail(
+            f"{key}.{'load' if 'load' in g else 'concurrency'}",
+            "multi_turn sets its own arrivals: each turn is sent when the previous one ends",
+        )
     out: list[tuple[str, Any]] = [("workload", kind)]
     for k in required:
         if k not in g:

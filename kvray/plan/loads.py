@@ -183,8 +183,11 @@ def build_workload(
         arrival = round(i * arrival_gap_s, 6) if load.kind == "burst" else offsets[i]
         requests.append(RequestSpec(i, prompts[i], gens[i], arrival, after=after))
     fixed = prompt_params["kind"] == gen_params["kind"] == "fixed"
-    lengths = None if fixed else LengthSpec(tuple(sorted(prompt_params.items())), tuple(sorted(gen_params.items())),
-                                            load.seed)  # fmt: skip
+    lengths = (
+        None
+        if fixed
+        else LengthSpec(tuple(sorted(prompt_params.items())), tuple(sorted(gen_params.items())), load.seed)
+    )
     plain = load == LoadSpec(requests=load.requests) and load.requests in (None, concurrency)
     return Workload(
         "uniform" if fixed else "distribution",
@@ -260,16 +263,24 @@ def parse_dist(text: str, flag: str) -> dict[str, Any]:
     return params
 
 
-def parse_load_flags(kind: str | None, rate: str | None, requests: int | None, duration_s: float | None,
-                     seed: int, *, warmup_s: float | None = None,
-                     cooldown_s: float | None = None) -> dict[str, Any] | None:  # fmt: skip
+def parse_load_flags(
+    kind: str | None,
+    rate: str | None,
+    requests: int | None,
+    duration_s: float | None,
+    seed: int,
+    *,
+    warmup_s: float | None = None,
+    cooldown_s: float | None = None,
+) -> dict[str, Any] | None:
     """``kvray bench``'s load flags → the mapping ``bench_cell`` takes (None: no load flag given, a burst)."""
     if kind is None:
         if rate is not None or requests is not None or duration_s is not None:
             raise KvrayInputError("--rate, --requests and --duration-s need --load (closed, poisson, gamma, constant)")
         if warmup_s is not None or cooldown_s is not None:
-            raise KvrayInputError("--warmup-s and --cooldown-s trim a load's window: they need --load (closed, "
-                                  "poisson, gamma, constant)")  # fmt: skip
+            raise KvrayInputError(
+                "--warmup-s and --cooldown-s trim a load's window: they need --load (closed, poisson, gamma, constant)"
+            )
         return None
     if kind not in LOAD_KINDS_ALL:
         raise KvrayInputError(f"--load: unknown load kind {kind!r} (known: {', '.join(LOAD_KINDS_ALL)})")

@@ -36,8 +36,9 @@ class GroupKey:
 
 
 def group_key(cell: Cell) -> GroupKey:
-    return GroupKey(cell.model, cell.backend, cell.dtype, cell.weights, cell.device, cell.hardware,
-                    cell.tensor_parallel)  # fmt: skip
+    return GroupKey(
+        cell.model, cell.backend, cell.dtype, cell.weights, cell.device, cell.hardware, cell.tensor_parallel
+    )
 
 
 def hardware_targets(job: Job, hardware_types: Sequence[str] | None = None) -> list[str]:
@@ -70,9 +71,16 @@ def plan_cells(job: Job, hardware_types: Sequence[str] | None = None) -> list[Ce
                             experiment = job.experiment if grid.experiment is None else grid.experiment
                             for workload in _workloads(grid):
                                 cell = Cell(
-                                    model=model, workload=workload, backend=backend, dtype=dtype, hardware=hardware,
-                                    experiment=experiment, options=options, tensor_parallel=tp, **per_job,
-                                )  # fmt: skip
+                                    model=model,
+                                    workload=workload,
+                                    backend=backend,
+                                    dtype=dtype,
+                                    hardware=hardware,
+                                    experiment=experiment,
+                                    options=options,
+                                    tensor_parallel=tp,
+                                    **per_job,
+                                )
                                 cells.setdefault(cell.cell_id, cell)
     return list(cells.values())
 
@@ -127,14 +135,16 @@ def _reuse_workloads(grid: Any) -> Iterable[Workload]:
         yield from grid_workloads(grid)
         return
     if reuse["workload"] == "multi_turn":
-        for conv, turns, user, gen, think in product(reuse["conversations"], reuse["turns"], reuse["user_toks"],
-                                                     grid.gen_toks, reuse["think_s"]):  # fmt: skip
+        for conv, turns, user, gen, think in product(
+            reuse["conversations"], reuse["turns"], reuse["user_toks"], grid.gen_toks, reuse["think_s"]
+        ):
             yield dataclasses.replace(multi_turn_workload(conv, turns, user, gen, think), slo=slo)
         return
     for load in grid.loads or (LoadSpec(),):
         sizes = grid.concurrency if load.kind == "burst" else (1,)
-        for prefix, suffix, groups, gen, size in product(reuse["prefix_toks"], reuse["suffix_toks"],
-                                                         reuse["groups"], grid.gen_toks, sizes):  # fmt: skip
+        for prefix, suffix, groups, gen, size in product(
+            reuse["prefix_toks"], reuse["suffix_toks"], reuse["groups"], grid.gen_toks, sizes
+        ):
             n = request_count(load, size)
             gap = grid.arrival_gap_s[0] if load.kind == "burst" else 0.0
             base = shared_prefix_workload(n, min(groups, n), prefix, suffix, gen, arrival_gap_s=gap)

@@ -18,8 +18,9 @@ def _positive(**values: int) -> None:
             raise KvrayInputError(f"{name} must be a positive integer, got {value!r}")
 
 
-def shared_prefix_workload(requests: int, groups: int, prefix_toks: int, suffix_toks: int, gen_toks: int,
-                           arrival_gap_s: float = 0.0) -> Workload:  # fmt: skip
+def shared_prefix_workload(
+    requests: int, groups: int, prefix_toks: int, suffix_toks: int, gen_toks: int, arrival_gap_s: float = 0.0
+) -> Workload:
     """``requests`` requests spread round-robin over ``groups`` groups; each prompt is its group's
     ``prefix_toks`` shared tokens then ``suffix_toks`` of its own (kind "shared_prefix"). All arrive at once
     unless ``arrival_gap_s`` spaces them."""
@@ -38,14 +39,15 @@ def shared_prefix_workload(requests: int, groups: int, prefix_toks: int, suffix_
                 round(i * arrival_gap_s, 6),
                 prefix_group=i % groups,
                 shared_prefix_toks=prefix_toks,
-            )  # fmt: skip
+            )
             for i in range(requests)
         ),
     )
 
 
-def multi_turn_workload(conversations: int, turns: int, user_toks: int, gen_toks: int,
-                        think_s: float = 0.0) -> Workload:  # fmt: skip
+def multi_turn_workload(
+    conversations: int, turns: int, user_toks: int, gen_toks: int, think_s: float = 0.0
+) -> Workload:
     """``conversations`` chats of ``turns`` turns, interleaved (kind "multi_turn"): turn k of a conversation is sent
     ``think_s`` after turn k−1 ends, with the whole history as its prompt — turn k−1's prompt, its ``gen_toks``
     answer (synthetic: kvray/sim/reuse.py) and a new ``user_toks`` message — so turn k's prompt is
@@ -67,7 +69,7 @@ def multi_turn_workload(conversations: int, turns: int, user_toks: int, gen_toks
                     think_s=think_s if k else 0.0,
                     prefix_group=c,
                     shared_prefix_toks=k * (user_toks + gen_toks),
-                )  # fmt: skip
+                )
             )
     load = LoadSpec("closed", users=conversations, requests=conversations * turns)
     return Workload("multi_turn", tuple(reqs), load=load)

@@ -86,8 +86,9 @@ def build_blocks(dataset: Dataset, findings: list[Finding], figures: list[Figure
     others = cells[~cells["experiment"].isin(names)] if len(cells) else cells
     if len(others):
         blocks.append(Block("h2", "Other cells"))
-        blocks.append(cell_table(dataset.view, others, ("experiment", "workload", "concurrency", "prompt_toks"),
-                                 page.suspects))  # fmt: skip
+        blocks.append(
+            cell_table(dataset.view, others, ("experiment", "workload", "concurrency", "prompt_toks"), page.suspects)
+        )
     blocks.append(Block("h2", "Across hardware and KV prediction"))
     for name in GENERAL_FIGURES:
         blocks += figure(name)
@@ -138,10 +139,17 @@ def environment_blocks(dataset: Dataset) -> list[Block]:
         cap = part["capacity_bytes"].dropna()
         acc = part["accelerator_type"].dropna() if "accelerator_type" in part else part["hardware"].iloc[:0]
         sim = simulated_mask(part)
-        rows.append([str(hw), str(part["hardware_label"].iloc[0]), fmt_bytes(cap.iloc[0]) if len(cap) else "—",
-                     str(acc.iloc[0]) if len(acc) else "—", str(len(part)),
-                     ", ".join(sorted({str(b) for b in part["backend"]})),
-                     "yes" if sim.all() else "partly" if sim.any() else "no"])  # fmt: skip
+        rows.append(
+            [
+                str(hw),
+                str(part["hardware_label"].iloc[0]),
+                fmt_bytes(cap.iloc[0]) if len(cap) else "—",
+                str(acc.iloc[0]) if len(acc) else "—",
+                str(len(part)),
+                ", ".join(sorted({str(b) for b in part["backend"]})),
+                "yes" if sim.all() else "partly" if sim.any() else "no",
+            ]
+        )
     headers = ["hardware", "short name", "memory", "Ray accelerator type", "cells", "backends", "simulated"]
     blocks.append(Block("table", headers=headers, rows=rows))
     facts = []
@@ -166,9 +174,16 @@ def environment_blocks(dataset: Dataset) -> list[Block]:
                 f"{k} {v}" for k, v in libs.items() if v and k in ("torch", "transformers", "ray", "vllm")
             )
             gpus = ", ".join(str(g.get("name")) for g in env.get("gpus") or []) or "no GPU"
-            envs.append([str(w.get("worker_id", "?")), str(w.get("name", "?")), str(env.get("hostname", "?")),
-                         f"{env.get('platform', '?')}; Python {env.get('python', '?')}",
-                         f"{gpus}; driver {env.get('cuda_driver') or '—'}", lib_text or "—"])  # fmt: skip
+            envs.append(
+                [
+                    str(w.get("worker_id", "?")),
+                    str(w.get("name", "?")),
+                    str(env.get("hostname", "?")),
+                    f"{env.get('platform', '?')}; Python {env.get('python', '?')}",
+                    f"{gpus}; driver {env.get('cuda_driver') or '—'}",
+                    lib_text or "—",
+                ]
+            )
     if envs:
         blocks.append(Block("h3", "Workers"))
         blocks.append(Block("table", headers=["worker", "device", "host", "platform", "GPUs", "libraries"], rows=envs))
@@ -219,6 +234,12 @@ def timeline_blocks(dataset: Dataset) -> list[Block]:
         png = out / FIGURES_DIR / f"{figure_name(cell_id)}.png"
         blocks.append(Block("p", f"Cell {cell_id}: {reason} (`kvray plot {out} --cell {cell_id}`)."))
         if png.is_file():
-            blocks.append(Block("figure", f"{figure_name(cell_id)}: requests, hardware and engine on one clock",
-                                path=png, svg=png.with_suffix(".svg")))  # fmt: skip
+            blocks.append(
+                Block(
+                    "figure",
+                    f"{figure_name(cell_id)}: requests, hardware and engine on one clock",
+                    path=png,
+                    svg=png.with_suffix(".svg"),
+                )
+            )
     return blocks

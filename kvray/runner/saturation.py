@@ -105,8 +105,10 @@ class QueueGrowth:
         return self.growth_s > self.limit_s
 
     def phrase(self) -> str:
-        return (f"queue grew {self.growth_s * 1e3:.3g} ms through the run (on {self.signal}; limit "
-                f"{self.limit_s * 1e3:.3g} ms)")  # fmt: skip
+        return (
+            f"queue grew {self.growth_s * 1e3:.3g} ms through the run (on {self.signal}; limit "
+            f"{self.limit_s * 1e3:.3g} ms)"
+        )
 
 
 def queue_growth(result: CellResult, service_s: float | None = None) -> QueueGrowth | None:
@@ -169,8 +171,11 @@ def _gauge_growth(result: CellResult, by_repeat: dict[int, list[Any]], measured:
         if not arrivals:
             continue
         lo, hi = min(arrivals), max(arrivals)
-        waiting = [float(p["waiting"]) for p in sorted(points, key=lambda p: p["t_s"])
-                   if p.get("repeat", repeat) == repeat and lo <= p["t_s"] <= hi]  # fmt: skip
+        waiting = [
+            float(p["waiting"])
+            for p in sorted(points, key=lambda p: p["t_s"])
+            if p.get("repeat", repeat) == repeat and lo <= p["t_s"] <= hi
+        ]
         quarter = len(waiting) // 4
         if quarter < 2:
             continue
@@ -284,9 +289,12 @@ def search_result(cell: Cell, outcome: SearchOutcome, started_at: str, duration_
 
 
 def run_search(
-    backend: Any, cell: Cell, record: Callable[[CellResult], object], check_oom: bool = True,
+    backend: Any,
+    cell: Cell,
+    record: Callable[[CellResult], object],
+    check_oom: bool = True,
     on_measure: Callable[[bool], None] | None = None,
-) -> CellResult:  # fmt: skip
+) -> CellResult:
     """Run a search cell on a loaded ``backend``: each probe is measured, then ``record``-ed (a dataset append)
     as soon as it ends; returns the search's own row. The caller records that row last, so a search cut short
     is run again on resume (its probes already written are kept, not measured twice by a resumed sweep)."""

@@ -79,8 +79,9 @@ def bundled_word_tokenizer(model: str) -> Any:
     from kvray.model.resolve import load_config
 
     config = load_config(model)
-    pad_id, bos_id, eos_id = special_ids(config.get("pad_token_id"), config.get("bos_token_id"),
-                                         config.get("eos_token_id"))  # fmt: skip
+    pad_id, bos_id, eos_id = special_ids(
+        config.get("pad_token_id"), config.get("bos_token_id"), config.get("eos_token_id")
+    )
     return build_word_tokenizer(int(config["vocab_size"]), bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
 
 

@@ -114,8 +114,15 @@ class ServerProcess:
         read_fd, write_fd = os.pipe()
         os.set_inheritable(write_fd, False)
         try:
-            subprocess.run([sys.executable, "-c", _GUARDIAN, str(pgid)], stdin=read_fd, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True, check=True, timeout=30)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-c", _GUARDIAN, str(pgid)],
+                stdin=read_fd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                check=True,
+                timeout=30,
+            )
         finally:
             os.close(read_fd)
         self._guard_fd = write_fd

@@ -211,8 +211,16 @@ class MetricsPoller:
         answered_s = time.perf_counter() - self.t0
         snap = kv_snapshot(samples)
         if any(v is not None for v in snap.values()):
-            self.points.append({"repeat": self.repeat, "t_s": round(answered_s, 6), "sent_s": round(sent_s, 6),
-                                "rtt_s": round(answered_s - sent_s, 6), **snap, **engine_counters(samples)})  # fmt: skip
+            self.points.append(
+                {
+                    "repeat": self.repeat,
+                    "t_s": round(answered_s, 6),
+                    "sent_s": round(sent_s, 6),
+                    "rtt_s": round(answered_s - sent_s, 6),
+                    **snap,
+                    **engine_counters(samples),
+                }
+            )
 
     async def _loop(self) -> None:
         while not self._stopping:

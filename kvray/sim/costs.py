@@ -231,8 +231,15 @@ class StepRoofs:
         return "compute" if compute >= memory else "memory"
 
 
-def step_roofs(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, tp: int = 1, communication: bool = True,
-               requests: StepRequests = NO_REQUESTS) -> StepRoofs:  # fmt: skip
+def step_roofs(
+    cost: PassCost,
+    g: ModelGeometry,
+    gpu: GpuSpec,
+    dtype: str,
+    tp: int = 1,
+    communication: bool = True,
+    requests: StepRequests = NO_REQUESTS,
+) -> StepRoofs:
     """The parts of ``cost`` (one rank's pass under TP) on ``gpu`` at 100 % of peak; its all-reduces unless
     ``communication`` is False (a floor: the all-reduce latency is an estimate, not a bound)."""
     peak, bandwidth = gpu.tflops(dtype) * 1e12, gpu.bandwidth_gbps * 1e9
@@ -244,8 +251,17 @@ def step_roofs(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, tp: i
     return StepRoofs(parts, g.num_layers, comm, requests)
 
 
-def pass_time_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency, tp: int = 1,
-                communication: bool = True, *, requests: StepRequests = NO_REQUESTS) -> float:  # fmt: skip
+def pass_time_s(
+    cost: PassCost,
+    g: ModelGeometry,
+    gpu: GpuSpec,
+    dtype: str,
+    eff: Efficiency,
+    tp: int = 1,
+    communication: bool = True,
+    *,
+    requests: StepRequests = NO_REQUESTS,
+) -> float:
     """The pass's time (``StepRoofs.time_s``): its parts on their roofs (the whole pass's roofline a floor), plus
     the TP all-reduces and the engine's CPU work for ``requests``."""
     return step_roofs(cost, g, gpu, dtype, tp, communication, requests).time_s(eff)

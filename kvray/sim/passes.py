@@ -159,8 +159,14 @@ def attention_flops(g: ModelGeometry, past: int, queries: int) -> float:
 # --- passes ----------------------------------------------------------------------------------------------
 
 
-def prefill_cost(g: ModelGeometry, prompt_lengths: Sequence[int], dtype: str, kv_dtype: str, layout: str,
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> PassCost:  # fmt: skip
+def prefill_cost(
+    g: ModelGeometry,
+    prompt_lengths: Sequence[int],
+    dtype: str,
+    kv_dtype: str,
+    layout: str,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> PassCost:
     """One prefill pass over a batch: hf pads every row to the longest prompt, paged runs each as it is.
 
     Padding tokens go through every layer (and the router) like real ones, so an hf batch of B rows
@@ -175,8 +181,14 @@ def prefill_cost(g: ModelGeometry, prompt_lengths: Sequence[int], dtype: str, kv
     return PassCost(flops, weights + kv_written, sum(rows), 0.0, 0.0, attention, kv_written)
 
 
-def decode_step_cost(g: ModelGeometry, contexts: Sequence[int], dtype: str, kv_dtype: str, layout: str,
-                     block_size: int = DEFAULT_BLOCK_SIZE) -> PassCost:  # fmt: skip
+def decode_step_cost(
+    g: ModelGeometry,
+    contexts: Sequence[int],
+    dtype: str,
+    kv_dtype: str,
+    layout: str,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> PassCost:
     """One decode step: every row adds one token at context ``contexts[i]`` (positions after the write).
 
     Bytes are the weights this step's B tokens read (``weights_read_bytes``) plus the whole KV cache read at
@@ -192,8 +204,14 @@ def decode_step_cost(g: ModelGeometry, contexts: Sequence[int], dtype: str, kv_d
     return PassCost(matmul + attention, weights + kv_read, len(contexts), attention, kv_read)
 
 
-def sequence_step_cost(g: ModelGeometry, past: int, queries: int, kv_dtype: str, layout: str = "paged",
-                       block_size: int = DEFAULT_BLOCK_SIZE) -> PassCost:  # fmt: skip
+def sequence_step_cost(
+    g: ModelGeometry,
+    past: int,
+    queries: int,
+    kv_dtype: str,
+    layout: str = "paged",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> PassCost:
     """One sequence's share of a step, weights excluded: ``queries`` new tokens after ``past`` cached ones.
 
     A prefill (chunk) and a decode token are the same thing here: FLOPs 2 × body params per token, the LM head
@@ -211,9 +229,15 @@ def sequence_step_cost(g: ModelGeometry, past: int, queries: int, kv_dtype: str,
     return PassCost(flops, kv, queries, prefill_attention_flops=attention, prefill_attention_bytes=kv)
 
 
-def step_cost(g: ModelGeometry, chunks: Sequence[tuple[int, int]], dtype: str, kv_dtype: str, layout: str = "paged",
-              block_size: int = DEFAULT_BLOCK_SIZE,
-              per_sequence: Callable[[int, int], PassCost] | None = None) -> PassCost:  # fmt: skip
+def step_cost(
+    g: ModelGeometry,
+    chunks: Sequence[tuple[int, int]],
+    dtype: str,
+    kv_dtype: str,
+    layout: str = "paged",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    per_sequence: Callable[[int, int], PassCost] | None = None,
+) -> PassCost:
     """One step of a continuous-batching engine: prefill chunks and decode tokens of many sequences together.
 
     ``chunks`` holds (past, queries) per scheduled sequence: a prefill chunk is (tokens already computed, chunk
@@ -242,8 +266,15 @@ def step_cost(g: ModelGeometry, chunks: Sequence[tuple[int, int]], dtype: str, k
     return PassCost(flops, weights_read_bytes(g, tokens, dtype) + kv, tokens, attention, attention_kv, pre, pre_kv)
 
 
-def batch_passes(g: ModelGeometry, prompts: Sequence[int], gens: Sequence[int], dtype: str, kv_dtype: str,
-                 layout: str, block_size: int = DEFAULT_BLOCK_SIZE) -> list[PassCost]:  # fmt: skip
+def batch_passes(
+    g: ModelGeometry,
+    prompts: Sequence[int],
+    gens: Sequence[int],
+    dtype: str,
+    kv_dtype: str,
+    layout: str,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> list[PassCost]:
     """The forward passes of one static batch: the prefill, then max(gens) − 1 decode steps.
 
     The prefill yields every row's first token; decode step k yields token k + 1. An hf batch keeps every

@@ -53,8 +53,9 @@ def has_shared_prefixes(requests: Sequence[ReuseRequest]) -> bool:
     )
 
 
-def shared_token_ids(requests: Sequence[ReuseRequest], draw: Callable[[S, int], list[T]], seed: Callable[[str], S],
-                     overhead: int = 0) -> dict[int, list[T]]:  # fmt: skip
+def shared_token_ids(
+    requests: Sequence[ReuseRequest], draw: Callable[[S, int], list[T]], seed: Callable[[str], S], overhead: int = 0
+) -> dict[int, list[T]]:
     """Each request's prompt content (``prompt_toks − overhead`` ids; ``overhead`` is what the engine puts in
     front, e.g. BOS — the same for every prompt, so it counts towards S). ``draw(seed, n)`` gives n ids from a
     seed; ``seed(label)`` names it: ``"<id>"`` a request's own tokens (what an unshared prompt uses), ``"g<g>@<k>"``
@@ -168,8 +169,14 @@ def predict_hits(requests: Sequence[ReuseRequest], block_size: int) -> dict[int,
     return hits
 
 
-def predict_reuse(requests: Sequence[ReuseRequest], block_size: int, g: ModelGeometry | None = None,
-                  kv_dtype: str = "bf16", dtype: str | None = None, gpu: str | None = None) -> ReusePrediction:  # fmt: skip
+def predict_reuse(
+    requests: Sequence[ReuseRequest],
+    block_size: int,
+    g: ModelGeometry | None = None,
+    kv_dtype: str = "bf16",
+    dtype: str | None = None,
+    gpu: str | None = None,
+) -> ReusePrediction:
     """Hits, hit rate and the KV not recomputed (``g`` given: paged bytes per token of ``g`` — a TP rank's shard gives
     it per GPU), the prefill FLOPs a cache skips and, on a
     named GPU, the roofline TTFT each request saves (one prefill of the uncached tokens after the cached ones,
@@ -182,8 +189,9 @@ def predict_reuse(requests: Sequence[ReuseRequest], block_size: int, g: ModelGeo
     from kvray.sim.passes import sequence_step_cost, step_cost
 
     pred.kv_bytes_per_token = kv_bytes_per_token(g, kv_dtype, "paged")
-    pred.prefill_flops = sum(sequence_step_cost(g, 0, r.prompt_toks, kv_dtype, "paged", block_size).flops
-                             for r in requests)  # fmt: skip
+    pred.prefill_flops = sum(
+        sequence_step_cost(g, 0, r.prompt_toks, kv_dtype, "paged", block_size).flops for r in requests
+    )
     pred.prefill_flops_cached = sum(
         sequence_step_cost(g, hits[r.id], r.prompt_toks - hits[r.id], kv_dtype, "paged", block_size).flops
         for r in requests

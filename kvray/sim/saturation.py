@@ -53,8 +53,9 @@ class OpenLoopRequest:
     arrival_s: float
 
 
-def open_loop(rate_rps: float, span_s: float, mix: Sequence[tuple[int, int]], kind: str = "poisson",
-              seed: int = 0) -> list[OpenLoopRequest]:  # fmt: skip
+def open_loop(
+    rate_rps: float, span_s: float, mix: Sequence[tuple[int, int]], kind: str = "poisson", seed: int = 0
+) -> list[OpenLoopRequest]:
     """Arrivals in [0, span_s] at ``rate_rps`` (exponential or equal gaps), lengths drawn from ``mix`` (seeded)."""
     if kind not in ARRIVALS:
         raise KvrayInputError(f"unknown arrival kind {kind!r} (known: {', '.join(ARRIVALS)})")
@@ -100,8 +101,7 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else math.nan
 
 
-def measure_point(run: ServingRun, requests: Sequence[OpenLoopRequest], offered_rps: float,
-                  follow: float) -> LoadPoint:  # fmt: skip
+def measure_point(run: ServingRun, requests: Sequence[OpenLoopRequest], offered_rps: float, follow: float) -> LoadPoint:
     """Rates and latencies of one simulated open loop over the second half of its arrival window."""
     first, last = requests[0].arrival_s, requests[-1].arrival_s
     lo = first + (last - first) / 2
@@ -174,11 +174,23 @@ class SaturationCurve:
         return d
 
 
-def find_saturation(g: ModelGeometry, gpu: GpuSpec, mix: Sequence[tuple[int, int]], dtype: str = "bf16",
-                    kv_dtype: str | None = None, cfg: EngineConfig | None = None, eff: Efficiency | None = None,
-                    arrivals: str = "poisson", seed: int = 0, span_s: float | None = None, follow: float = 0.97,
-                    precision: float = 0.02, curve: Sequence[float] = CURVE_FRACTIONS,
-                    min_requests: int = 400, max_probes: int = 40) -> SaturationCurve:  # fmt: skip
+def find_saturation(
+    g: ModelGeometry,
+    gpu: GpuSpec,
+    mix: Sequence[tuple[int, int]],
+    dtype: str = "bf16",
+    kv_dtype: str | None = None,
+    cfg: EngineConfig | None = None,
+    eff: Efficiency | None = None,
+    arrivals: str = "poisson",
+    seed: int = 0,
+    span_s: float | None = None,
+    follow: float = 0.97,
+    precision: float = 0.02,
+    curve: Sequence[float] = CURVE_FRACTIONS,
+    min_requests: int = 400,
+    max_probes: int = 40,
+) -> SaturationCurve:
     """The predicted saturation rate of ``g`` on ``gpu`` for a length ``mix`` and its latency curve.
 
     ``span_s`` (seconds of arrivals per probe) defaults to 40 single-request service times, at least 20 s, and a
@@ -222,8 +234,9 @@ def find_saturation(g: ModelGeometry, gpu: GpuSpec, mix: Sequence[tuple[int, int
     )
 
 
-def knee_search(sustainable: Callable[[float], bool], start: float, precision: float,
-                max_steps: int | None = None) -> tuple[float | None, float | None]:  # fmt: skip
+def knee_search(
+    sustainable: Callable[[float], bool], start: float, precision: float, max_steps: int | None = None
+) -> tuple[float | None, float | None]:
     """The bracketing search both the simulator and ``kvray bench --rate auto`` run (kvray/runner/saturation.py).
 
     Steps from ``start`` by factors of 2 (up while sustainable, down while not) to a (sustainable, not

@@ -340,9 +340,17 @@ class _Engine:
             r.shared_blocks = full
 
 
-def serve(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dtype: str = "bf16",
-          kv_dtype: str | None = None, cfg: EngineConfig | None = None, eff: Efficiency | None = None,
-          duration_s: float | None = None, tp: int = 1) -> ServingRun:  # fmt: skip
+def serve(
+    g: ModelGeometry,
+    gpu: GpuSpec,
+    requests: Sequence[RequestLike],
+    dtype: str = "bf16",
+    kv_dtype: str | None = None,
+    cfg: EngineConfig | None = None,
+    eff: Efficiency | None = None,
+    duration_s: float | None = None,
+    tp: int = 1,
+) -> ServingRun:
     """Predicted per-request timings and per-step engine state of serving ``requests`` on ``gpu``.
 
     ``tp`` > 1: one rank of a tensor-parallel group (kvray.model.parallel) — its weights, its KV heads in the
@@ -381,8 +389,16 @@ def serve(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dtype
             if duration_s is not None and arrival > duration_s:
                 continue  # not sent, and nothing that follows it is either
             req = requests[i]
-            engine.waiting.append(_Live(i, req.prompt_toks, req.gen_toks, getattr(req, "prefix_group", None),
-                                        getattr(req, "shared_prefix_toks", 0), arrival))  # fmt: skip
+            engine.waiting.append(
+                _Live(
+                    i,
+                    req.prompt_toks,
+                    req.gen_toks,
+                    getattr(req, "prefix_group", None),
+                    getattr(req, "shared_prefix_toks", 0),
+                    arrival,
+                )
+            )
         if not engine.waiting and not engine.running:
             if not pending:
                 break  # the rest was never sent
@@ -391,14 +407,25 @@ def serve(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dtype
         chunks = engine.schedule(now)
         if not chunks:
             raise PoolTooSmall(f"the engine cannot admit request {engine.waiting[0].index}: KV pool too small")
-        cost = step_cost(g, [(r.computed, n) for r, n in chunks], dtype, kv_dtype, "paged", cfg.block_size,
-                         per_sequence)  # fmt: skip
+        cost = step_cost(
+            g, [(r.computed, n) for r, n in chunks], dtype, kv_dtype, "paged", cfg.block_size, per_sequence
+        )
         finishing = sum(1 for r, n in chunks if r.computed + n == r.target and len(r.tokens) + 1 == r.gen)
         dt, bound = timer.time_s(cost, StepRequests(len(chunks), engine.admitted, finishing))
         bounds[bound] = bounds.get(bound, 0) + 1
         decodes = engine.decodes
-        steps.append(StepRecord(now, dt, len(chunks), len(engine.waiting), pool.blocks - engine.free,
-                                engine.preemptions, sum(n for _, n in chunks) - decodes, decodes))  # fmt: skip
+        steps.append(
+            StepRecord(
+                now,
+                dt,
+                len(chunks),
+                len(engine.waiting),
+                pool.blocks - engine.free,
+                engine.preemptions,
+                sum(n for _, n in chunks) - decodes,
+                decodes,
+            )
+        )
         now += dt
         finished = False
         for r, n in chunks:
@@ -424,8 +451,9 @@ def serve(g: ModelGeometry, gpu: GpuSpec, requests: Sequence[RequestLike], dtype
     return ServingRun(timings, unsent, steps, pool, engine.preemptions, engine.prefix_hits, bounds)
 
 
-def _arrivals(requests: Sequence[RequestLike], pool: KvPool, block_size: int
-              ) -> tuple[list[tuple[float, int]], dict[int, list[int]]]:  # fmt: skip
+def _arrivals(
+    requests: Sequence[RequestLike], pool: KvPool, block_size: int
+) -> tuple[list[tuple[float, int]], dict[int, list[int]]]:
     """(heap of (arrival, index) of the requests due at a fixed time, index → the closed-loop requests after it).
 
     Refuses, before anything runs, a request that cannot fit the pool alone and an ``after`` naming no request.

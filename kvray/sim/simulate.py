@@ -156,8 +156,15 @@ class MemoryPrediction:
         return self.total_bytes <= self.capacity_bytes
 
 
-def batch_memory(g: ModelGeometry, gpu: GpuSpec, batch: Sequence[RequestLike], dtype: str, kv_dtype: str,
-                 layout: str, block_size: int = DEFAULT_BLOCK_SIZE) -> MemoryPrediction:  # fmt: skip
+def batch_memory(
+    g: ModelGeometry,
+    gpu: GpuSpec,
+    batch: Sequence[RequestLike],
+    dtype: str,
+    kv_dtype: str,
+    layout: str,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> MemoryPrediction:
     """Weights + KV of the batch at its end + the prefill activation peak, against the GPU's memory.
 
     hf: every row is padded to the longest prompt and runs the longest generation, so each holds

@@ -236,8 +236,14 @@ class Collector:
             "stragglers": run_stragglers(self.out_dir, self._run["workers"]),
             "late_rows_refused": list(self.late.refused),
         }
-        self._run.update(summary, finished_at=now_iso(), rows_appended=self.appended, duplicates=self.duplicates,
-                         table_refreshes_deferred=self.deferred, collector=self.costs())  # fmt: skip
+        self._run.update(
+            summary,
+            finished_at=now_iso(),
+            rows_appended=self.appended,
+            duplicates=self.duplicates,
+            table_refreshes_deferred=self.deferred,
+            collector=self.costs(),
+        )
         self.writer.write_manifest(self.manifest)
         self.upload(final=True)  # the manifest with this run's record
         return dict(self._run)
@@ -286,5 +292,5 @@ class Collector:
                 }
                 if self.stage is not None
                 else {}
-            ),  # fmt: skip
+            ),
         }

@@ -211,13 +211,21 @@ class Sweep:
 
         from kvray.sweep.collector import Collector
 
-        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "name": COLLECTOR_NAME_PREFIX + self.sweep_id,
-                                   "max_concurrency": COLLECTOR_THREADS}  # fmt: skip
+        options: dict[str, Any] = {
+            "num_cpus": 0,
+            "max_restarts": 0,
+            "name": COLLECTOR_NAME_PREFIX + self.sweep_id,
+            "max_concurrency": COLLECTOR_THREADS,
+        }
         with contextlib.suppress(Exception):  # a Ray-client driver has no node: write wherever it lands
             node_id = self.ray.get_runtime_context().get_node_id()
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
-        job_record = {"name": self.job.name, "source": self.job.source, "text": self.job.text,
-                      "spec": self.job.to_dict()}  # fmt: skip
+        job_record = {
+            "name": self.job.name,
+            "source": self.job.source,
+            "text": self.job.text,
+            "spec": self.job.to_dict(),
+        }
         run_record = {
             "address": self.ray.get_runtime_context().gcs_address,
             "ray_version": self.ray.__version__,
@@ -235,8 +243,11 @@ class Sweep:
             env_vars = {k: os.environ[k] for k in STORAGE_ENV_VARS if os.environ.get(k)}
             if env_vars:
                 options["runtime_env"] = {"env_vars": env_vars}
-        return self.ray.remote(Collector).options(**options).remote(str(self.out_dir), job_record, run_record,
-                                                                     sync_to=self.sync_to)  # fmt: skip
+        return (
+            self.ray.remote(Collector)
+            .options(**options)
+            .remote(str(self.out_dir), job_record, run_record, sync_to=self.sync_to)
+        )
 
     def done_ids(self) -> set[str]:
         """Cells with a row. Read here (the collector shares this node), so workers start beside the collector."""

@@ -55,8 +55,14 @@ class InProcessWorker(Worker):
         from kvray.hardware.env import nvml_gpus
 
         gpus = nvml_gpus()[0]
-        identity: dict[str, Any] = {"worker_id": self.worker_id, "node_id": HERE, "gpu_ids": [],
-                                    "accelerator_type": None, "name": "cpu", "memory_bytes": None}  # fmt: skip
+        identity: dict[str, Any] = {
+            "worker_id": self.worker_id,
+            "node_id": HERE,
+            "gpu_ids": [],
+            "accelerator_type": None,
+            "name": "cpu",
+            "memory_bytes": None,
+        }
         if gpus:
             identity.update(gpu_ids=[str(gpus[0].index)], name=gpus[0].name, memory_bytes=gpus[0].memory_bytes)
         return identity
@@ -65,14 +71,20 @@ class InProcessWorker(Worker):
         from kvray.hardware.env import collect_environment
 
         self.collector_node = HERE
-        return {**self.identity, "pid": os.getpid(), "threads": self.threads,
-                "environment": collect_environment().to_dict()}  # fmt: skip
+        return {
+            **self.identity,
+            "pid": os.getpid(),
+            "threads": self.threads,
+            "environment": collect_environment().to_dict(),
+        }
 
     def _record(self, result: Any) -> bool:
         from kvray.data.writer import encode_row
 
-        result.hardware = {**result.hardware, **{k: v for k, v in self.identity.items() if k not in ("name",
-                           "memory_bytes")}}  # fmt: skip
+        result.hardware = {
+            **result.hardware,
+            **{k: v for k, v in self.identity.items() if k not in ("name", "memory_bytes")},
+        }
         if result.hardware.get("name") in (None, "", "cpu") and self.identity["name"] != "cpu":
             result.hardware["name"] = self.identity["name"]
             result.hardware["memory_bytes"] = self.identity["memory_bytes"]
@@ -91,8 +103,14 @@ def run_in_process(
     cells = plan_cells(job, sorted(cluster.gpus_by_type))
     check_hardware(cells, cluster, where="this machine (--address inprocess)")
     job_record = {"name": job.name, "source": job.source, "text": job.text, "spec": job.to_dict()}
-    run_record = {"address": "inprocess", "ray_version": None, "cluster": cluster.to_dict(), "check_oom": check_oom,
-                  "cells_planned": len(cells), "job_sha256": job_sha256(job)}  # fmt: skip
+    run_record = {
+        "address": "inprocess",
+        "ray_version": None,
+        "cluster": cluster.to_dict(),
+        "check_oom": check_oom,
+        "cells_planned": len(cells),
+        "job_sha256": job_sha256(job),
+    }
     if sync_to:
         run_record["output"] = sync_to
     collector = Collector(str(out_dir), job_record, run_record, node_id=HERE, sync_to=sync_to)
@@ -103,9 +121,13 @@ def run_in_process(
         result = CellResult(cell=verdict.cell, status=verdict.status, reason=verdict.reason, hardware=verdict.hardware)
         collector.append(result.to_dict())
 
-    scheduler: Scheduler[Placement] = Scheduler(todo, where=lambda cell: placement(cell, cluster),
-                                                max_attempts=job.max_attempts, write=write,
-                                                on_settled=listener.on_cell_done)  # fmt: skip
+    scheduler: Scheduler[Placement] = Scheduler(
+        todo,
+        where=lambda cell: placement(cell, cluster),
+        max_attempts=job.max_attempts,
+        write=write,
+        on_settled=listener.on_cell_done,
+    )
     listener.on_start(job.name, len(cells), len(cells) - len(todo))
     outcome = "finished"
     worker: InProcessWorker | None = None
@@ -129,10 +151,15 @@ def run_in_process(
         if worker is not None:
             worker.close()
             collector.update_worker(WORKER_ID, worker.stats())
-        summary = {"outcome": outcome, "cells_already_done": len(cells) - len(todo), "cells_to_run": len(todo),
-                   "statuses_this_run": dict(scheduler.statuses),
-                   "cell_retries": sum(scheduler.attempts.values()) - len(scheduler.attempts),
-                   "wall_s": round(time.monotonic() - t0, 3), "workers_planned": 1 if todo else 0}  # fmt: skip
+        summary = {
+            "outcome": outcome,
+            "cells_already_done": len(cells) - len(todo),
+            "cells_to_run": len(todo),
+            "statuses_this_run": dict(scheduler.statuses),
+            "cell_retries": sum(scheduler.attempts.values()) - len(scheduler.attempts),
+            "wall_s": round(time.monotonic() - t0, 3),
+            "workers_planned": 1 if todo else 0,
+        }
         record = collector.finish(summary)
     return record
 
@@ -143,8 +170,9 @@ def run_one(worker: InProcessWorker, scheduler: Scheduler[Placement], cell: Cell
     try:
         answer = worker.run(cell)
     except Exception as exc:
-        scheduler.settle(cell, f"{type(exc).__name__}: {first_line(exc)}", retry=True,
-                         recorded=worker.collector.status(cell.cell_id))  # fmt: skip
+        scheduler.settle(
+            cell, f"{type(exc).__name__}: {first_line(exc)}", retry=True, recorded=worker.collector.status(cell.cell_id)
+        )
         return
     scheduler.done(WORKER_ID, answer["status"])
 

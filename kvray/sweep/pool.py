@@ -72,8 +72,15 @@ class Slot:
         hardware = self.hardware_name  # a logical GPU (a CPU machine told it has GPUs) shows its accelerator type
         if hardware == "cpu" and self.placement.gpu:
             hardware = self.info.get("accelerator_type") or self.placement.accelerator_type or "gpu"
-        return WorkerRow(f"w{self.index}.{self.incarnation}", hardware, self.done, now,
-                         node=str(self.info.get("node_id") or "")[:8], state=self.state.value, busy_s=busy_s)  # fmt: skip
+        return WorkerRow(
+            f"w{self.index}.{self.incarnation}",
+            hardware,
+            self.done,
+            now,
+            node=str(self.info.get("node_id") or "")[:8],
+            state=self.state.value,
+            busy_s=busy_s,
+        )
 
 
 @dataclass(frozen=True)

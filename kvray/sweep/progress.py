@@ -62,8 +62,9 @@ def group_rows(workers: list[WorkerRow]) -> list[GroupRow]:
         for w in members:
             states[w.state or "?"] = states.get(w.state or "?", 0) + 1
         busy = [w.busy_s for w in members if w.state == "busy"]
-        rows.append(GroupRow(node, hardware, len(members), states, sum(w.cells for w in members),
-                             max(busy, default=0.0)))  # fmt: skip
+        rows.append(
+            GroupRow(node, hardware, len(members), states, sum(w.cells for w in members), max(busy, default=0.0))
+        )
     return rows
 
 

@@ -66,8 +66,12 @@ class Cluster:
 
     def to_dict(self) -> dict[str, Any]:
         """For the manifest's run record."""
-        return {"cpus": self.cpus, "gpus": self.gpus, "gpus_by_type": self.gpus_by_type,
-                "gpu_nodes": [list(n) for n in self.nodes]}  # fmt: skip
+        return {
+            "cpus": self.cpus,
+            "gpus": self.gpus,
+            "gpus_by_type": self.gpus_by_type,
+            "gpu_nodes": [list(n) for n in self.nodes],
+        }
 
 
 def start_local_ray(**kwargs: Any) -> None:

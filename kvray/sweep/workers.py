@@ -239,8 +239,12 @@ class Worker:
 
     def stats(self) -> dict[str, Any]:
         """Model loads (per model key) and load seconds, cells run: what benchmarks and tests check."""
-        return {"worker_id": self.worker_id, "model_loads": dict(self.loads), "load_s": dict(self.load_s),
-                "cells_run": self.cells_run}  # fmt: skip
+        return {
+            "worker_id": self.worker_id,
+            "model_loads": dict(self.loads),
+            "load_s": dict(self.load_s),
+            "cells_run": self.cells_run,
+        }
 
     def close(self) -> None:
         for backend in self._backends.values():

@@ -164,8 +164,9 @@ class OpenAIBackend(BackendBase):
         traces = await self.send_async(ready, t0)
         return await self.finish_async(cell, traces, poller, before, repeat, t0)
 
-    async def prepare_async(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int,
-                            prompts: Mapping[int, str] | None = None) -> Prepared:  # fmt: skip
+    async def prepare_async(
+        self, cell: Cell, requests: Sequence[RequestSpec], repeat: int, prompts: Mapping[int, str] | None = None
+    ) -> Prepared:
         """Everything before t0, untimed: the prompts (built here unless given), the cell's client with its
         connections open, the server's flavor probed."""
         assert self.settings is not None
@@ -198,8 +199,9 @@ class OpenAIBackend(BackendBase):
         """The run's /metrics poller and the counters before it (None: no /metrics here, or none now)."""
         assert self.settings is not None
         settings = self.settings
-        poller = MetricsPoller(client, settings.metrics_url or f"{settings.root}/metrics", 0.0,
-                               settings.metrics_interval_s or 1.0, repeat)  # fmt: skip
+        poller = MetricsPoller(
+            client, settings.metrics_url or f"{settings.root}/metrics", 0.0, settings.metrics_interval_s or 1.0, repeat
+        )
         before = await poller.scrape()  # counters before the run (prefix-cache hits), outside the timed window
         if before is None:  # no /metrics here (or none now): no timeline for this run
             poller.available = False
@@ -217,8 +219,9 @@ class OpenAIBackend(BackendBase):
         )
         return list(traces)
 
-    async def finish_async(self, cell: Cell, traces: list[RunTrace], poller: MetricsPoller, before: Any, repeat: int,
-                           t0: float) -> BackendRun:  # fmt: skip
+    async def finish_async(
+        self, cell: Cell, traces: list[RunTrace], poller: MetricsPoller, before: Any, repeat: int, t0: float
+    ) -> BackendRun:
         """Stop the poller, read the server's cache config once, and wrap the traces as the run's result."""
         await poller.stop()
         if before is not None and not self.server_cache:
@@ -229,8 +232,9 @@ class OpenAIBackend(BackendBase):
         run.t0_s = t0  # the traces' and the /metrics points' origin, for the cell's telemetry
         return run
 
-    def _backend_run(self, cell: Cell, traces: list[RunTrace], poller: MetricsPoller, counters: dict[str, int],
-                     repeat: int) -> BackendRun:  # fmt: skip
+    def _backend_run(
+        self, cell: Cell, traces: list[RunTrace], poller: MetricsPoller, counters: dict[str, int], repeat: int
+    ) -> BackendRun:
         extra: dict[str, Any] = {"server_flavor": self.flavor, "served_model": self.model_name}
         memory: dict[str, int | float | None] = {}
         if repeat >= 0 and poller.points:  # warmups are not part of the cell's timeline
@@ -293,8 +297,9 @@ class OpenAIBackend(BackendBase):
                 return "openai"
         return "openai"
 
-    async def _request(self, client: Any, cell: Cell, r: RequestSpec, prompt: str, t0: float, repeat: int,
-                       start_s: float) -> RunTrace:  # fmt: skip
+    async def _request(
+        self, client: Any, cell: Cell, r: RequestSpec, prompt: str, t0: float, repeat: int, start_s: float
+    ) -> RunTrace:
         """One request, sent now (``start_s``, seconds since ``t0``): its stream read into a RunTrace."""
         assert self.settings is not None and self.counter is not None
         chunks: list[Chunk] = []
@@ -330,8 +335,9 @@ class OpenAIBackend(BackendBase):
             )
         return trace
 
-    async def _stream(self, client: Any, r: RequestSpec, prompt: str, t0: float, chunks: list[Chunk],
-                      state: dict[str, Any], salt: str) -> None:  # fmt: skip
+    async def _stream(
+        self, client: Any, r: RequestSpec, prompt: str, t0: float, chunks: list[Chunk], state: dict[str, Any], salt: str
+    ) -> None:
         assert self.settings is not None
         chat = self.settings.endpoint == "chat"
         body = self._body(prompt, r, self.flavor or "openai", salt=salt)

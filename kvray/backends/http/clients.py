@@ -137,8 +137,9 @@ def _actor_error(exc: BaseException) -> Exception:
 class ClientPool:
     """K ``LoadClient`` actors against one server; ``key`` says which settings they were made for."""
 
-    def __init__(self, backend_class: type, k: int, settings: HTTPSettings, model: str, counter: str | None,
-                 key: tuple[Any, ...]) -> None:  # fmt: skip
+    def __init__(
+        self, backend_class: type, k: int, settings: HTTPSettings, model: str, counter: str | None, key: tuple[Any, ...]
+    ) -> None:
         ray = joined_ray()
         self.ray = ray
         self.key = key
@@ -198,8 +199,9 @@ def pool_for(backend: Any, cell: Cell) -> ClientPool:
     backend.client_pool = None
     if pool is not None:
         pool.close()
-    actor_settings = dataclasses.replace(settings, served_model=backend.model_name, tokenizer=tokenizer,
-                                         server_flavor=flavor)  # fmt: skip
+    actor_settings = dataclasses.replace(
+        settings, served_model=backend.model_name, tokenizer=tokenizer, server_flavor=flavor
+    )
     counter = counter_json(backend.prompts)
     backend.client_pool = ClientPool(type(backend), cell.clients, actor_settings, backend.model_name, counter, key)
     return backend.client_pool
@@ -215,8 +217,10 @@ def run_spread(backend: Any, cell: Cell, requests: Sequence[RequestSpec], repeat
     try:
         shares = split_chains(requests, cell.clients)
         prompts = workload_prompts(backend.prompts, cell, requests, repeat)  # the texts one client would send
-        refs = [a.prepare.remote(cell, share, {r.id: prompts[r.id] for r in share}, repeat)
-                for a, share in zip(pool.actors, shares, strict=True)]  # fmt: skip
+        refs = [
+            a.prepare.remote(cell, share, {r.id: prompts[r.id] for r in share}, repeat)
+            for a, share in zip(pool.actors, shares, strict=True)
+        ]
         pool.call(refs)
         clocks = pool.clocks()  # just before the start: the actors are idle, the probes quick
         order = {r.id: i for i, r in enumerate(requests)}
@@ -255,8 +259,9 @@ async def _probe_flavor(backend: Any, cell: Cell) -> None:
     await backend.probe_flavor(cell, await _metrics_client(backend, cell))
 
 
-async def _run_async(backend: Any, pool: ClientPool, cell: Cell, clocks: list[ClientClock], repeat: int,
-                     order: Mapping[int, int]) -> BackendRun:  # fmt: skip
+async def _run_async(
+    backend: Any, pool: ClientPool, cell: Cell, clocks: list[ClientClock], repeat: int, order: Mapping[int, int]
+) -> BackendRun:
     """On the backend's session loop: the caller's /metrics poller around the actors' common start."""
     settings = backend.settings
     assert settings is not None

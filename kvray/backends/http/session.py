@@ -47,8 +47,9 @@ class ClientSession:
         """Run ``coro`` on the session's loop and wait for it (from any thread, an async Ray actor's included)."""
         return asyncio.run_coroutine_threadsafe(coro, self._ensure_loop()).result()
 
-    async def client(self, key: tuple[Any, ...], connections: int, timeout_s: float,
-                     headers: Mapping[str, str] | None = None) -> Any:  # fmt: skip
+    async def client(
+        self, key: tuple[Any, ...], connections: int, timeout_s: float, headers: Mapping[str, str] | None = None
+    ) -> Any:
         """The client for ``key`` (call on the session's loop); the previous cell's client is closed."""
         import httpx
 
@@ -57,8 +58,9 @@ class ClientSession:
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose()
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
-                              keepalive_expiry=KEEPALIVE_S)  # fmt: skip
+        limits = httpx.Limits(
+            max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=KEEPALIVE_S
+        )
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0))
         self._client = httpx.AsyncClient(limits=limits, timeout=timeout, headers=dict(headers or {}))
         self._key = key
@@ -69,8 +71,9 @@ class ClientSession:
     async def warm(client: Any, url: str, connections: int) -> None:
         """Open ``connections`` connections at once with untimed GETs of ``url`` (any answer will do; a server
         that cannot be reached is left for the timed requests to report)."""
-        await asyncio.gather(*(client.get(url, timeout=WARM_TIMEOUT_S) for _ in range(connections)),
-                             return_exceptions=True)  # fmt: skip
+        await asyncio.gather(
+            *(client.get(url, timeout=WARM_TIMEOUT_S) for _ in range(connections)), return_exceptions=True
+        )
 
     def close(self) -> None:
         """Close the client and stop the loop."""

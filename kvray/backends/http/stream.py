@@ -62,8 +62,15 @@ async def stream_failure(stream: Coroutine[Any, Any, None], timeout_s: float) ->
     return None
 
 
-def error_trace(r: RequestSpec, repeat: int, start_s: float, chunks: Sequence[Chunk], t0: float,
-                reason: str, counts: Sequence[int] | None = None) -> RunTrace:  # fmt: skip
+def error_trace(
+    r: RequestSpec,
+    repeat: int,
+    start_s: float,
+    chunks: Sequence[Chunk],
+    t0: float,
+    reason: str,
+    counts: Sequence[int] | None = None,
+) -> RunTrace:
     """The trace of a request that failed: the tokens it got, ending now, with the reason.
 
     ``counts`` are the tokens each chunk carried (one each when not given, as Ollama streams them): a failed
@@ -72,8 +79,9 @@ def error_trace(r: RequestSpec, repeat: int, start_s: float, chunks: Sequence[Ch
     end = time.perf_counter() - t0
     counts = list(counts) if counts is not None else [1] * len(chunks)
     times = [c.t_s for c, k in zip(chunks, counts, strict=True) for _ in range(k)]
-    return RunTrace(r.id, repeat, r.arrival_s, start_s, times, end, r.prompt_toks, len(times),
-                    status="error", error=reason)  # fmt: skip
+    return RunTrace(
+        r.id, repeat, r.arrival_s, start_s, times, end, r.prompt_toks, len(times), status="error", error=reason
+    )
 
 
 def json_object(text: str, unit: str) -> dict[str, Any]:
