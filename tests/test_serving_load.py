@@ -146,11 +146,11 @@ def test_open_loop_below_capacity_achieves_what_it_offers_and_slo_goodput_follow
 
 
 def test_a_client_that_cannot_keep_up_with_its_rate_is_flagged():
-    """20,000 requests/s is a 50 µs gap: one Python event loop sends 3,000 requests far later than due (its
-    tasks alone take longer than the 0.15 s the schedule spans), and the row says so."""
-    fast = synthetic(build_workload(LoadSpec("constant", rate_rps=20000, requests=3000), 16, 2))
+    """40,000 requests/s is a 25 µs gap: one Python event loop sends 8,000 requests far later than due (its
+    tasks alone take longer than the 0.2 s the schedule spans), and the row says so."""
+    fast = synthetic(build_workload(LoadSpec("constant", rate_rps=40000, requests=8000), 16, 2))
     m = run_cell(SyntheticBackend(), fast).metrics
-    assert m["client_lag_limit_s"] == 0.01  # 10 % of a 50 µs gap is below the 10 ms floor
+    assert m["client_lag_limit_s"] == 0.01  # 10 % of a 25 µs gap is below the 10 ms floor
     assert m["client_lag_s_p99"] > m["client_lag_limit_s"] and m["client_behind"] is True
     slow = synthetic(build_workload(LoadSpec("constant", rate_rps=20, requests=8), 16, 2))
     # at 20 requests/s the lag is timer jitter (a few ms, more on a loaded machine), far below the flood's

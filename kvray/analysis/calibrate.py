@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from kvray.analysis.observations import BACKEND_LAYOUTS, Observation, layout_of, observations_from_rows
+from kvray.data.reader import load_dataset
+from kvray.data.writer import write_json_atomic
 from kvray.errors import KvrayInputError
 from kvray.sim.costs import CPU_TERMS, DEFAULT_ETA_COMPUTE, DEFAULT_ETA_MEMORY, calibration_path, load_calibration
 
@@ -321,9 +323,6 @@ def calibrate(
     """Fit every (GPU, layout) found in a results folder and merge the fits into the calibration file.
 
     ``host`` (kvray.hardware.host.HostPeaks): also fit CPU rows, as the device ``cpu-host``, against it."""
-    from kvray.data.reader import load_dataset
-    from kvray.data.writer import write_json_atomic
-
     cells, _, _ = load_dataset(results_dir)
     rows = cells.to_dict("records") if len(cells) else []
     fits = calibrate_rows(rows, include_simulated, host)

@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from kvray.analysis.views import View, prepare
+from kvray.data.layout import MANIFEST
+from kvray.data.parts import read_index
+from kvray.data.reader import (
+    attach_traces,
+    frames_from_records,
+    load_frames,
+    load_timeline,
+    read_results,
+    read_timeline,
+)
 from kvray.errors import KvrayInputError
+from kvray.measure.trace import CellResult
 
 
 @dataclass
@@ -57,17 +68,12 @@ class Dataset:
     @classmethod
     def from_records(cls, records: list[dict[str, Any]], folder: str | Path = ".") -> Dataset:
         """A dataset of rows already in memory (CellResult dicts with their traces)."""
-        from kvray.data.reader import frames_from_records
-
         return cls.from_frames(folder, *frames_from_records(records), records=records)
 
     @cached_property
     def tables(self) -> tuple[Any, Any]:
         """(cells, traces): the parts, then the rows appended after them (kvray.data.reader.load_frames); a folder
         without parts (``kvray bench``'s, or older) from its rows, which are then read once for both."""
-        from kvray.data.parts import read_index
-        from kvray.data.reader import frames_from_records, load_frames
-
         cells, traces = (
             frames_from_records(self.records_with_traces)
             if read_index(self.folder) is None
@@ -94,8 +100,6 @@ class Dataset:
         """manifest.json: the job, kvray's version, the runs and their workers ({} where there is none)."""
         import json
 
-        from kvray.data.layout import MANIFEST
-
         path = self.folder / MANIFEST
         return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -107,15 +111,11 @@ class Dataset:
     @cached_property
     def records(self) -> list[dict[str, Any]]:
         """Every row as written (cells.jsonl dicts, last per cell id), without traces."""
-        from kvray.data.reader import read_results
-
         return read_results(self.folder, traces=False)
 
     @cached_property
     def records_with_traces(self) -> list[dict[str, Any]]:
         """``records`` with each one's ``traces`` (read from traces.jsonl once, for every record)."""
-        from kvray.data.reader import attach_traces
-
         records = self.records
         attach_traces(self.folder, records)
         return records
@@ -123,21 +123,15 @@ class Dataset:
     @cached_property
     def timeline(self) -> Any:
         """Every cell's telemetry and engine samples (TIMELINE_COLUMNS), as a pandas DataFrame."""
-        from kvray.data.reader import load_timeline
-
         return load_timeline(self.folder)
 
     def results(self) -> list[Any]:
         """The rows as CellResults, traces included (what ``kvray compare`` tests)."""
-        from kvray.measure.trace import CellResult
-
         return [CellResult.from_dict(r) for r in self.records_with_traces]
 
     def records_with_traces_of(self, cell_ids: list[str]) -> list[dict[str, Any]]:
         """The records of ``cell_ids`` with their traces: only their lines of traces.jsonl are parsed unless every
         record's traces are already read."""
-        from kvray.data.reader import attach_traces
-
         wanted = [r for r in self.records if r["cell_id"] in set(cell_ids)]
         attach_traces(self.folder, wanted)
         return wanted
@@ -146,8 +140,6 @@ class Dataset:
         """One cell's timeline samples: from ``timeline`` when it is read, else only that cell's line."""
         if "timeline" in self.__dict__:
             return self.timeline[self.timeline["cell_id"] == cell_id]
-        from kvray.data.reader import read_timeline
-
         return read_timeline(self.folder, cell_id)
 
     @cached_property

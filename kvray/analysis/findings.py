@@ -56,6 +56,11 @@ from kvray.analysis.views import (
     split_series,
     sweep_series,
 )
+from kvray.backends import backend_class
+from kvray.errors import KvrayInputError
+from kvray.hardware.gpus import match_gpu
+from kvray.model.resolve import resolve_geometry
+from kvray.sim.simulate import Efficiency, predict_cell
 from kvray.units import human_bytes, human_seconds
 
 # A static batch's TPOT p50 may fall by this much as concurrency grows before it is called implausible: repeats
@@ -189,9 +194,6 @@ def failures(view: View) -> list[Finding]:
 def _static_batch(backend: str) -> bool:
     """A measured backend that runs each batch to its end before the next (hf ``generate``): its per-step
     time cannot fall as the batch grows."""
-    from kvray.backends import backend_class
-    from kvray.errors import KvrayInputError
-
     try:
         cls = backend_class(backend)
     except KvrayInputError:
@@ -252,10 +254,6 @@ def roofline_floors(view: View) -> list[Finding]:
     The floor is one GPU's of the row's TP group (``sharded_tensor_parallel``): its shard of the weights and of
     the KV read per step at the GPU's peak bandwidth and FLOP/s, no all-reduce (its latency is an estimate, not a
     bound). A layer-wise hf row reads every weight in turn, so its floor is one GPU's with all of them."""
-    from kvray.hardware.gpus import match_gpu
-    from kvray.model.resolve import resolve_geometry
-    from kvray.sim.simulate import Efficiency, predict_cell
-
     floor_eff = Efficiency(1.0, 1.0, 0.0, source="roofline floor: 100 % of peak, no overhead")
     cells = ok_rows(view.cells)
     cells = cells[(cells["workload"] == "uniform") & ~simulated_mask(cells)]

@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from kvray.backends import backend_class
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, match_gpu
 from kvray.hardware.host import is_cpu_hardware
 from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, normalize_dtype
 from kvray.model.parallel import shard_geometry
+from kvray.model.resolve import resolve_geometry
 from kvray.sim.costs import StepRequests, StepRoofs, step_roofs
 from kvray.sim.passes import PassCost, sequence_step_cost, step_cost
 from kvray.sim.simulate import batch_passes, batch_requests
@@ -79,8 +81,6 @@ def ttft_basis_of(row: dict[str, Any]) -> str | None:
     basis = row.get("ttft_basis")
     if isinstance(basis, str) and basis:
         return basis
-    from kvray.backends import backend_class
-
     try:
         return backend_class(str(row.get("backend"))).ttft_basis
     except KvrayInputError:
@@ -136,7 +136,6 @@ def observations_from_rows(
 
     ``host``: CPU rows are fitted against it (its name, e.g. "cpu-host"); on the client's clock, TPOT only."""
     from kvray.analysis.views import sharded_tensor_parallel
-    from kvray.model.resolve import resolve_geometry
 
     groups: dict[tuple[str, str], list[Observation]] = {}
     skipped: dict[str, int] = {}

@@ -25,9 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from kvray.analysis.views import as_number
+from kvray.backends.sim import SimBackend
+from kvray.data.layout import CELLS_JSONL
+from kvray.data.reader import read_results, result_from_record
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, match_gpu
 from kvray.hardware.host import HOST_NAME, HostPeaks, is_cpu_hardware
+from kvray.model.kvmath import kv_bytes_per_token, normalize_dtype
+from kvray.model.parallel import shard_geometry
+from kvray.model.resolve import resolve_geometry
 from kvray.sim.costs import calibration_path, load_calibration
 
 # metric → the row column it reads (measured and simulated rows share kvray.measure.metrics' names)
@@ -181,12 +187,6 @@ def repeat_spread(traces: list[Any]) -> dict[str, float]:
 
 def validate(measured_dir: str | Path, calibration: str | Path | None = None) -> Validation:
     """Replay every measured cell of ``measured_dir`` on the simulator (module docstring)."""
-    from kvray.backends.sim import SimBackend
-    from kvray.data.layout import CELLS_JSONL
-    from kvray.data.reader import read_results, result_from_record
-    from kvray.model.kvmath import kv_bytes_per_token, normalize_dtype
-    from kvray.model.parallel import shard_geometry
-    from kvray.model.resolve import resolve_geometry
     from kvray.runner.run import run_cell
     from kvray.runner.saturation import is_search, run_search
 

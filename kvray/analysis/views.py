@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from kvray.data.layout import LABEL_COLUMNS, MEMORY_COLUMNS, TEXT_COLUMNS
+from kvray.hardware.gpus import match_gpu
 from kvray.measure.metrics import LATENCY_METRICS
-from kvray.measure.trace import MEASURED_STATUSES
+from kvray.measure.trace import MEASURED_STATUSES, RunTrace
 
 ENERGY_TDP_ESTIMATE = "TDP × time estimate"  # the simulator's energy: the GPUs at TDP for the predicted time
 OOM_STATUSES = ("oom", "skipped_after_oom", "refused")
@@ -77,8 +78,6 @@ def as_number(value: Any) -> float | None:
 
 def short_hardware(name: Any) -> str:
     """ "NVIDIA H100 80GB HBM3" → "H100-SXM" (kvray's GPU table name); unknown names pass through."""
-    from kvray.hardware.gpus import match_gpu
-
     text = str(name) if name is not None and name == name else "unknown"
     if text.lower() in ("cpu", "unknown", "any", ""):
         return text or "unknown"
@@ -90,8 +89,6 @@ def capacity_bytes(hardware: Any, memory_bytes: Any) -> float:
     """The device's memory: what the worker reported, else the GPU table's figure; NaN for a CPU."""
     if memory_bytes is not None and memory_bytes == memory_bytes and float(memory_bytes) > 0:
         return float(memory_bytes)
-    from kvray.hardware.gpus import match_gpu
-
     text = str(hardware) if hardware is not None and hardware == hardware else ""
     spec = match_gpu(text) if text and text.lower() != "cpu" else None
     return float(spec.memory_bytes) if spec else math.nan
@@ -391,7 +388,6 @@ def peak_column(rows: Any) -> tuple[str, str] | None:
 def repeat_throughput(view: View, cell_id: str) -> list[float]:
     """Output tokens/s of each measured repeat of a cell, from its traces (kvray.measure.metrics.throughput)."""
     from kvray.measure.metrics import throughput
-    from kvray.measure.trace import RunTrace
 
     tr = view.traces
     if not len(tr) or "cell_id" not in tr.columns or "repeat" not in tr.columns:

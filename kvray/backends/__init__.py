@@ -14,6 +14,7 @@ from typing import Any
 
 from kvray.backends.base import BackendBase
 from kvray.errors import KvrayInputError
+from kvray.measure.telemetry import interval_from_options
 from kvray.spec import Cell
 from kvray.units import first_line
 
@@ -50,8 +51,6 @@ def validate_backend(name: str, options: Mapping[str, Any] | None = None) -> typ
     base_url, ollama's host), a value out of range or of the wrong type.
     """
     cls = backend_class(name)
-    from kvray.measure.telemetry import interval_from_options
-
     interval_from_options(dict(options or {}))  # telemetry_interval_s: an option of every backend (the runner's)
     try:
         cls.validate_options(dict(options or {}))

@@ -45,6 +45,9 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from kvray.hardware.devices import device_info
+from kvray.measure.memory import MemoryTracker
+from kvray.measure.telemetry import TelemetrySources, group_devices
 from kvray.measure.trace import RunTrace
 from kvray.spec import Cell, RequestSpec
 
@@ -170,8 +173,6 @@ class BackendBase:
     def memory_tracker(self) -> Any:
         """A fresh context manager with ``figures()`` and ``is_cuda`` that measures memory around the measured
         repeats, or None when nothing here can see the memory that matters (a remote server)."""
-        from kvray.measure.memory import MemoryTracker
-
         return MemoryTracker(self.device or "cpu")
 
     def memory_scope(self) -> str:
@@ -195,14 +196,10 @@ class BackendBase:
     def telemetry_sources(self, gpus: int = 1) -> Any:
         """What a cell's telemetry samples (``kvray.measure.telemetry.TelemetrySources``): by default this
         process's tree and, on a GPU, the ``gpus`` GPUs of the cell's group from ``device`` on, through NVML."""
-        from kvray.measure.telemetry import TelemetrySources, group_devices
-
         return TelemetrySources(gpus=group_devices(self.device or "cpu", gpus))
 
     def device_info(self) -> dict[str, Any]:
         """Hardware identity: {"name": …, "memory_bytes": …, "driver": …} or {"name": "cpu"}."""
-        from kvray.hardware.devices import device_info
-
         return device_info(self.device)
 
     def close(self) -> None:

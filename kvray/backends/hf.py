@@ -26,8 +26,12 @@ from kvray.backends.arrivals import ArrivalSchedule
 from kvray.backends.base import BackendBase, BackendRun
 from kvray.errors import KvrayInputError
 from kvray.hardware.devices import resolve_device
+from kvray.measure.memory import free_memory
 from kvray.measure.trace import RunTrace
+from kvray.model.geometry import geometry_from_config
 from kvray.model.kvmath import cached_positions, kv_bytes_batch, normalize_dtype
+from kvray.model.resolve import load_config
+from kvray.sim.reuse import has_shared_prefixes, shared_token_ids
 from kvray.spec import Cell, RequestSpec
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -120,9 +124,6 @@ class HFBackend(BackendBase):
         import torch
         import transformers
 
-        from kvray.model.geometry import geometry_from_config
-        from kvray.model.resolve import load_config
-
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
         model: Any
         if cell.weights == "random":
@@ -180,22 +181,16 @@ class HFBackend(BackendBase):
         device = self.device
         self.model = None
         self._key = None
-        from kvray.measure.memory import free_memory
-
         free_memory(device)
 
     def free_memory(self) -> None:
         """After an OOM: drop what the failed run left and keep the model for the next cell."""
-        from kvray.measure.memory import free_memory
-
         free_memory(self.device)
 
     # --- serving -------------------------------------------------------------------------------------
 
     def _prompts(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> dict[int, Any]:
         import torch
-
-        from kvray.sim.reuse import has_shared_prefixes, shared_token_ids
 
         n = len(self._allowed_ids)
         if has_shared_prefixes(requests):  # a prefix group's requests share its first tokens, id for id

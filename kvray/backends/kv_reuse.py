@@ -25,6 +25,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvray.backends.base import BackendRun
+from kvray.model.kvmath import cached_positions, kv_bytes_per_token
+from kvray.model.parallel import shard_geometry
+from kvray.model.resolve import resolve_geometry
+from kvray.servers.prometheus import cache_dtype
+from kvray.sim.reuse import predict_reuse
 from kvray.spec import Cell, RequestSpec
 
 
@@ -34,8 +39,6 @@ def fill_concurrency(
     """The fewest of the workload's requests (smallest first, at full length) whose blocks overfill a pool of
     ``num_blocks`` (one of them the engine's null block); None when all of them fit. ``hit_toks`` (request id →
     prompt tokens a prefix cache serves, kvray/sim/reuse.py) are blocks shared with a request already resident."""
-    from kvray.model.kvmath import cached_positions
-
     hits = hit_toks or {}
     needs = sorted(
         math.ceil(cached_positions(r.prompt_toks, r.gen_toks) / block_size) - hits.get(r.id, 0) // block_size
@@ -91,12 +94,6 @@ class ReuseAccount:
             return
         if cell.cell_id != self.cell_id:
             self.reset(cell.cell_id)
-        from kvray.model.kvmath import kv_bytes_per_token
-        from kvray.model.parallel import shard_geometry
-        from kvray.model.resolve import resolve_geometry
-        from kvray.servers.prometheus import cache_dtype
-        from kvray.sim.reuse import predict_reuse
-
         try:  # a rank's shard under TP: bytes per token (and so every byte figure here) per GPU
             g = shard_geometry(resolve_geometry(cell.model), cell.tensor_parallel)
         except Exception:

@@ -37,12 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from kvray.backends.base import BackendBase, BackendRun
+from kvray.backends.kv_reuse import ReuseAccount
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, get_gpu
 from kvray.measure.trace import RunTrace
 from kvray.model.geometry import ModelGeometry
 from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, LAYOUTS, normalize_dtype
 from kvray.model.parallel import check_tensor_parallel
+from kvray.model.resolve import resolve_geometry
 from kvray.sim.costs import CPU_TERMS
 from kvray.sim.serving import EngineConfig, PoolTooSmall, ServedRequest, ServingRun, serve
 from kvray.sim.simulate import (
@@ -53,6 +55,7 @@ from kvray.sim.simulate import (
     RequestTiming,
     efficiency_for,
     simulate,
+    tdp_energy_estimate,
 )
 from kvray.spec import Cell, RequestSpec
 from kvray.units import GIB
@@ -152,16 +155,12 @@ class SimBackend(BackendBase):
         self.sim_device = device
         self.geometry: ModelGeometry | None = None
         self.gpu: GpuSpec = get_gpu(DEFAULT_GPU)
-        from kvray.backends.kv_reuse import ReuseAccount
-
         self._reuse = ReuseAccount()  # simulated prefix-cache hits beside their prediction, pooled over repeats
 
     def _gpu_of(self, cell: Cell) -> GpuSpec:
         return self.sim_device if self.sim_device is not None else gpu_of(cell)
 
     def load(self, cell: Cell) -> None:
-        from kvray.model.resolve import resolve_geometry
-
         self.gpu = self._gpu_of(cell)
         _layout(cell.option_dict)
         normalize_dtype(cell.dtype)
@@ -332,8 +331,6 @@ class SimBackend(BackendBase):
 
 def _energy(gpu: GpuSpec, traces: Sequence[RunTrace], tp: int) -> dict[str, Any]:
     """The run's TDP × time estimate: ``tp`` GPUs at TDP from the first arrival to the last token."""
-    from kvray.sim.simulate import tdp_energy_estimate
-
     busy = max(t.end_s for t in traces) - min(t.arrival_s for t in traces) if traces else 0.0
     return tdp_energy_estimate(gpu, busy, sum(t.output_toks for t in traces), tp)
 

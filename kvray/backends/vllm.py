@@ -46,8 +46,15 @@ from kvray.backends.base import BackendBase, BackendRun
 from kvray.backends.http import HTTPSettings, OpenAIBackend
 from kvray.backends.kv_reuse import ReuseAccount
 from kvray.errors import KvrayInputError
-from kvray.hardware.devices import resolve_device
-from kvray.servers.prometheus import cache_dtype
+from kvray.hardware.devices import device_info, resolve_device
+from kvray.measure.kv_timeline import timeline_prediction
+from kvray.measure.memory import ServerMemoryTracker
+from kvray.measure.telemetry import TelemetrySources, group_devices
+from kvray.model.kvmath import kv_bytes_per_token, normalize_dtype, paged_blocks_in
+from kvray.model.parallel import shard_geometry
+from kvray.model.resolve import resolve_geometry
+from kvray.servers.process import ServerProcess, ServerStartError, free_port
+from kvray.servers.prometheus import cache_dtype, used_kv_bytes
 from kvray.spec import Cell, RequestSpec
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -154,10 +161,6 @@ def capacity_check(model: str, dtype: str, server_cache: dict[str, Any], tp: int
     are one rank's pool (``--kv-cache-memory-bytes`` is per worker) and the bytes per token one rank's
     (kvray.model.parallel: its KV heads), while the token count is the same on every rank.
     """
-    from kvray.model.kvmath import kv_bytes_per_token, paged_blocks_in
-    from kvray.model.parallel import shard_geometry
-    from kvray.model.resolve import resolve_geometry
-
     out: dict[str, Any] = {"reported": dict(server_cache)}
     memory, tokens, block = (
         server_cache.get(k) for k in ("kv_cache_memory_bytes", "kv_cache_size_tokens", "block_size")
@@ -236,8 +239,6 @@ class VLLMBackend(BackendBase):
         return knobs
 
     def load(self, cell: Cell) -> None:
-        from kvray.model.kvmath import normalize_dtype
-
         dtype = normalize_dtype(cell.dtype, allow_fp8=False)
         device = resolve_device(cell.device)
         knobs = self._knobs(cell)
@@ -281,8 +282,6 @@ class VLLMBackend(BackendBase):
         knobs: dict[str, Any],
         timeout_s: float,
     ) -> None:
-        from kvray.servers.process import ServerProcess, ServerStartError, free_port
-
         port = free_port()
         env: dict[str, str] = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         if device == "cpu":
@@ -354,11 +353,6 @@ class VLLMBackend(BackendBase):
         t0, the answer's arrival): from a request's send to its last token, trimmed to the sample's
         ``vllm:num_requests_running`` (kvray/measure/kv_timeline.py). Each point of this repeat gets its used
         bytes (usage × the pool, as kv_used_peak_bytes) and the prediction beside it."""
-        from kvray.measure.kv_timeline import timeline_prediction
-        from kvray.model.parallel import shard_geometry
-        from kvray.model.resolve import resolve_geometry
-        from kvray.servers.prometheus import used_kv_bytes
-
         all_resident, reserved = run.memory.get("kv_predicted_bytes"), run.memory.get("kv_reserved_bytes")
         if all_resident is None or not cache.get("block_size"):
             return
@@ -377,15 +371,11 @@ class VLLMBackend(BackendBase):
 
     def memory_tracker(self) -> Any:
         """The server's process tree (RSS; on a GPU, NVML per process and device): kvray holds no tensors."""
-        from kvray.measure.memory import ServerMemoryTracker
-
         return ServerMemoryTracker(lambda: self.server.pids() if self.server is not None else [], self.device)
 
     def telemetry_sources(self, gpus: int = 1) -> Any:
         """The server's process tree and, on a GPU, every GPU of its TP group through NVML alone (no CUDA context
         here)."""
-        from kvray.measure.telemetry import TelemetrySources, group_devices
-
         return TelemetrySources(
             gpus=group_devices(self.device, gpus),
             cuda_context=False,
@@ -399,8 +389,6 @@ class VLLMBackend(BackendBase):
 
     def device_info(self) -> dict[str, Any]:
         """The server's device, read through NVML alone: no CUDA context in kvray's process."""
-        from kvray.hardware.devices import device_info
-
         try:
             return device_info(self.device, cuda_context=False)
         except Exception:  # no NVML: name the device without touching CUDA

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvray.backends import backend_class, check_cell, check_clients, get_backend
+from kvray.data.layout import LOCK_NAME
+from kvray.data.reader import read_results
+from kvray.data.writer import DatasetWriter, drop_row, write_json_atomic
 from kvray.errors import KvrayInputError
+from kvray.model.kvmath import normalize_dtype
+from kvray.model.resolve import resolve_geometry
+from kvray.spec import OPEN_LOOPS, WEIGHTS, Cell, LoadSpec, Workload, make_options
 
 if TYPE_CHECKING:
     from kvray.measure.trace import CellResult
@@ -46,11 +53,6 @@ def bench_cell(
     """The Cell ``kvray bench`` measures: ``concurrency`` equal requests, or one request per ``mixed`` prompt
     length, on ``backend``; validated whole (the backend's own checks included) and returned as it will run.
     ``clients`` > 1 (server backends) sends the load from that many Ray actors (kvray/backends/http/clients.py)."""
-    from kvray.backends import backend_class, check_clients
-    from kvray.model.kvmath import normalize_dtype
-    from kvray.model.resolve import resolve_geometry
-    from kvray.spec import WEIGHTS, Cell, Workload, make_options
-
     engine = backend_class(backend)  # an unknown name is one line listing the known ones
     try:
         check_clients(backend, clients)
@@ -154,7 +156,6 @@ def serving_workload(
 
     For a closed loop ``-c`` is the number of users; for a burst, the burst's size."""
     from kvray.plan.loads import build_workload
-    from kvray.spec import OPEN_LOOPS, LoadSpec
 
     kind = str(load.get("kind") or "burst")
     rate = load.get("rate")
@@ -189,8 +190,6 @@ def validate_backend_options(cell: Cell) -> Cell:
     form, plus what this machine must have for it (a server URL, a vLLM python, an API key's variable, a
     device). Each backend class answers for itself (``check_cell``); returns the cell as it will run (the
     hf backend pins ``device="auto"`` to the device it resolves to)."""
-    from kvray.backends import check_cell
-
     return check_cell(cell)
 
 
@@ -198,9 +197,6 @@ def check_output(cell: Cell, output_dir: str | Path, replace: bool = False) -> N
     """A bench is a new measurement each time: a folder that already holds this cell's row is refused before
     anything loads, unless ``replace`` (the new row then takes the earlier one's place). A folder another
     kvray run holds (its lock) is refused too."""
-    from kvray.data.layout import LOCK_NAME
-    from kvray.data.reader import read_results
-
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise KvrayInputError(f"--output {out} is a file, not a folder")
@@ -234,8 +230,6 @@ def measure_and_record(
     joined Ray, kvray/cli/bench_cmd.py), append its row to the dataset in
     ``output_dir`` and write ``cell_<id>.json`` beside it. The folder must not hold the cell's row already
     unless ``replace`` (checked before the model loads: ``check_output``)."""
-    from kvray.backends import get_backend
-    from kvray.data.writer import DatasetWriter, drop_row, write_json_atomic
     from kvray.runner.run import run_cell
     from kvray.runner.saturation import is_search, run_search
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kvray.capacity.prices import Price
+from kvray.hardware.gpus import match_gpu
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,6 @@ def points_from_plan(plan: Mapping[str, Any]) -> list[ParetoPoint]:
 
 def points_from_records(records: Iterable[Mapping[str, Any]], prices: Mapping[str, Price]) -> list[ParetoPoint]:
     """One point per ok cell with a TPOT and an output throughput (a results folder's rows)."""
-    from kvray.hardware.gpus import match_gpu
-
     out = []
     for r in records:
         metrics = r.get("metrics") or {}

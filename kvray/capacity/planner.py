@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from kvray.capacity.prices import Price
-from kvray.capacity.search import Probe, ReplicaCapacity, slo_capacity, weight_read_s
+from kvray.capacity.search import Probe, ReplicaCapacity, routed_probe, slo_capacity, weight_read_s
 from kvray.capacity.traffic import Traffic
+from kvray.capacity.whatif import disaggregation, offload_verdict
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, get_gpu
 from kvray.model.geometry import ModelGeometry
@@ -322,8 +323,6 @@ def _route_replicas(
 ) -> None:
     """Replicas behind ``router`` see their share of each prefix (kvray/capacity/routing.py): serve the busiest
     replica's share of the routed traffic and add replicas (up to MAX_EXTRA_REPLICAS) until it meets the SLOs."""
-    from kvray.capacity.search import routed_probe
-
     assert row.replicas is not None
     cfg = EngineConfig(prefix_caching=True)
     for replicas in range(row.replicas, row.replicas + MAX_EXTRA_REPLICAS + 1):
@@ -360,8 +359,6 @@ def _what_ifs(
     calibration: str | Path | None,
 ) -> dict[str, Any]:
     """CPU offload's verdict and a disaggregated prefill/decode split of the best deployment's GPU and TP."""
-    from kvray.capacity.whatif import disaggregation, offload_verdict
-
     spec = get_gpu(best.gpu)
     eff = efficiency_for(spec, "paged", calibration)
     kw: dict[str, Any] = {"dtype": dtype, "kv_dtype": best.kv_dtype, "tp": best.tp, "eff": eff}

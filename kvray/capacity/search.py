@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+from kvray.capacity.routing import route
 from kvray.capacity.traffic import PlanRequest, Traffic
 from kvray.hardware.gpus import GpuSpec
 from kvray.model.geometry import ModelGeometry
@@ -268,8 +269,6 @@ def routed_probe(
 ) -> Probe:
     """The whole traffic at ``rate_rps`` routed by ``policy`` (kvray/servers/router.py) over ``replicas``: the
     busiest replica's share served and judged — what the prefix cache of one replica sees behind that router."""
-    from kvray.capacity.routing import route
-
     n = min(MAX_REQUESTS, min_requests * replicas)
     reqs = traffic.requests(rate_rps, n, seed)
     shares = [list(s) for s in route(reqs, policy, replicas)]

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.model.kvmath import DEFAULT_BLOCK_SIZE
+from kvray.traces.footprint import engine_hits
+from kvray.traces.formats import FORMATS
 
 DEFAULT_SAMPLES = 256  # length pairs drawn once per plan
 
@@ -178,10 +181,7 @@ def traffic_from_trace(
     """A trace file's requests as a Traffic (module docstring): ``fmt`` None detects the format; ``limit`` keeps the
     first N requests, ``speedup`` divides the arrivals (its mean rate is the rate planned for without --rate);
     ``block_size``: the engine's, which the reuse rule counts hits in. One line on anything bad."""
-    from kvray.model.kvmath import DEFAULT_BLOCK_SIZE
     from kvray.plan.replay import check_trace_key, cut_trace, replay_requests
-    from kvray.traces.footprint import engine_hits
-    from kvray.traces.formats import FORMATS
 
     if not Path(path).is_file():
         raise KvrayInputError(f"--trace {path}: no such file")

@@ -21,6 +21,7 @@ from kvray.cli.options import (
     experiment_command,
 )
 from kvray.errors import KvrayInputError
+from kvray.experiments import experiments
 
 if TYPE_CHECKING:
     from kvray.experiments import Experiment
@@ -291,8 +292,6 @@ def run_experiment(job: Job, flags: ExperimentFlags, notes: list[str] | None = N
 def experiment_commands() -> list[tuple[str, Callable[..., None]]]:
     """(name, Typer command) of every registered experiment (kvray/experiments/), in registry order: its own
     options are its ``build``'s parameters, beside ExperimentFlags'."""
-    from kvray.experiments import experiments
-
     return [(exp.name, _command(exp)) for exp in experiments()]
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags
 from kvray.experiments.options import BackendsOpt, GenOpt
 from kvray.experiments.sections import view_drawn
@@ -30,7 +31,6 @@ def exp2_job(
     common: Common, seqlens: list[int] | None = None, gen_toks: int = 64, concurrency: int = 1
 ) -> tuple[Job, list[str]]:
     """The job and notes (prompt lengths dropped because the model cannot hold them)."""
-    from kvray.errors import KvrayInputError
     from kvray.plan.experiments import experiment_job, max_positions, positive
     from kvray.plan.job import Grid
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
 from kvray.experiments.options import BackendsOpt, GenOpt
 from kvray.experiments.sections import cells_blocks, figure_blocks, view_drawn
@@ -30,7 +31,6 @@ def exp3_job(
     A ``long`` the model cannot hold becomes the longest prompt it can (with a note): the seed's
     ``--long 4096`` on a 2048-position OPT still measures "long beside short". Beyond twice the model's
     positions it is a mistake (``--long 999999``), an error naming the largest possible prompt."""
-    from kvray.errors import KvrayInputError
     from kvray.plan.experiments import experiment_job, max_positions, positive
     from kvray.plan.job import Grid
 

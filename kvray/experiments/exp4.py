@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags
 from kvray.experiments.options import (
     ApiKeyEnvOpt,
@@ -35,7 +36,6 @@ ConcurrencyOpt = Annotated[
 
 
 def exp4_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64, concurrency: list[int] | None = None) -> Job:
-    from kvray.errors import KvrayInputError
     from kvray.plan.experiments import experiment_job, max_positions, positive
     from kvray.plan.job import Grid
 

@@ -20,6 +20,7 @@ import typer
 from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
 from kvray.experiments.options import LimitOpt, TraceFormatOpt
+from kvray.experiments.sections import cell_rows_blocks
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -141,7 +142,6 @@ def section(exp: Experiment, page: Page) -> list[Block]:
     sessions sweep; then the exp8 figures and cells. None without replayed or exp8 cells."""
     from kvray.document import Block
     from kvray.document.blocks import fmt_num
-    from kvray.experiments.sections import cell_rows_blocks
     from kvray.figures.replay import has_replay_data, is_replay, label
 
     records = page.dataset.records

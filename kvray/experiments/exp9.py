@@ -21,6 +21,7 @@ import typer
 
 from kvray.experiments.base import Experiment, Flags
 from kvray.experiments.options import GenOpt, PromptToksOpt
+from kvray.experiments.sections import cells_blocks, figure_blocks
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -118,7 +119,6 @@ def draw(dataset: Dataset, out_dir: Path) -> list[Any]:
 def section(exp: Experiment, page: Page) -> list[Block]:
     """The cells, then per model the plan's answer and its candidates, then the figures (of an exp9 folder)."""
     from kvray.document import Block
-    from kvray.experiments.sections import cells_blocks, figure_blocks
 
     blocks = cells_blocks(exp, page)
     for path in sorted(page.figure.fig_dir.glob("exp9_plan_*.json")):

@@ -16,8 +16,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvray.errors import KvrayInputError
 from kvray.figures import style
 from kvray.figures.common import FigureResult, new_figure
+from kvray.hardware.gpus import match_gpu
+from kvray.model.oom import kv_tokens_that_fit
+from kvray.model.resolve import resolve_geometry
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -56,11 +60,6 @@ def stops_paying(points: list[tuple[int, float]]) -> int | None:
 
 def _kv_capacity(model: str, hardware: str, dtype: str, tp: int) -> int | None:
     """kvmath's KV tokens that fit per GPU beside the rank's weights (None for a GPU or model kvray lacks)."""
-    from kvray.errors import KvrayInputError
-    from kvray.hardware.gpus import match_gpu
-    from kvray.model.oom import kv_tokens_that_fit
-    from kvray.model.resolve import resolve_geometry
-
     spec = match_gpu(hardware)
     if spec is None:
         return None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvray.capacity.pareto import ParetoPoint, cost_frontier, frontier, points_from_plan, points_from_records
+from kvray.capacity.prices import PRICES
 from kvray.figures import style
 from kvray.figures.common import FigureResult, failed_figure, new_figure
 
@@ -110,8 +111,6 @@ def has_pareto_data(records: Sequence[Mapping[str, Any]]) -> bool:
 def pareto_figures(dataset: Dataset, out_dir: Path, prices: Mapping[str, Any] | None = None) -> list[FigureResult]:
     """One Pareto figure per model of a results folder (``pareto_<model>``), bundled prices unless ``prices``."""
     import re
-
-    from kvray.capacity.prices import PRICES
 
     points = points_from_records(dataset.records, prices if prices is not None else PRICES)
     results = []

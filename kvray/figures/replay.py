@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from kvray.figures import style
 from kvray.figures.common import FigureResult, new_figure
+from kvray.spec import RequestSpec
+from kvray.traces import footprint as fp
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -133,9 +135,6 @@ def find_value(obj: Any, key: str) -> Any:
 
 def pool_curve(rec: dict[str, Any], pools: list[int]) -> tuple[float, list[float], int]:
     """(unbounded rate, LRU rate per pool, block size) of a replayed record's requests, at the engine's block."""
-    from kvray.spec import RequestSpec
-    from kvray.traces import footprint as fp
-
     requests = [RequestSpec(**r) for r in rec["cell"]["workload"]["requests"]]
     block = int(
         find_value(rec.get("extra") or {}, "block_size")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvray.errors import KvrayInputError
 from kvray.figures import style
 from kvray.figures.common import FigureResult, new_figure
 
@@ -184,7 +185,6 @@ def _energy_note(record: dict[str, Any]) -> str:
 def cell_timelines(dataset: Dataset, cell_ids: list[str], out_dir: Path) -> list[FigureResult]:
     """fig10 of each of ``cell_ids`` of a Dataset (kvray.analysis.dataset); an input error naming the known cells
     for an id the folder lacks. A figure that fails is replaced by one saying why."""
-    from kvray.errors import KvrayInputError
     from kvray.figures.common import failed_figure
 
     records = {r["cell_id"]: r for r in dataset.records_with_traces_of(cell_ids)}

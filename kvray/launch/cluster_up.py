@@ -18,6 +18,7 @@ from typing import Any
 
 from kvray.errors import KvrayInputError
 from kvray.launch.remote import RAY_CLIENT_PORT, RemoteJobError, ray_auth_headers
+from kvray.servers.process import free_port
 from kvray.units import first_line
 
 
@@ -278,8 +279,6 @@ def _dashboard_tunnel(auth: dict[str, Any], head: str, dash_port: int, client_po
     """``ssh -N -L`` from two free ports here to the head's dashboard and Ray Client ports (on its 127.0.0.1).
     Free local ports rather than ``ray attach -p 8265``'s same-port forward: with a local Ray holding 8265 here
     (``kvray run --dashboard``) that forward fails and the job would be submitted to the local Ray instead."""
-    from kvray.servers.process import free_port
-
     local_dash, local_client = free_port(), free_port()
     forwards = [
         "-N",

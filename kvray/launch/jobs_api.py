@@ -31,6 +31,7 @@ from typing import Any
 from kvray.data.location import is_uri
 from kvray.errors import KvrayInputError
 from kvray.launch.remote import RAY_CLIENT_PORT, RemoteJobError, ray_auth_headers
+from kvray.launch.transfer import HELD
 from kvray.units import first_line
 
 FORWARDED_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -71,8 +72,6 @@ def entrypoint(job_name: str, extra_args: list[str], holder: str, output: str = 
 
 def log_tail(logs: str, lines: int = 15) -> str:
     """The last ``lines`` lines of a job's log, without kvray's dataset marker."""
-    from kvray.launch.transfer import HELD
-
     kept = [ln for ln in logs.rstrip().splitlines() if ln.strip() and not ln.startswith(HELD)][-lines:]
     return "\n".join(f"  | {ln}" for ln in kept) or "  | (the job printed nothing)"
 

@@ -30,6 +30,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from kvray.backends import backend_class
 from kvray.data.location import is_uri
 from kvray.errors import KvrayInputError
 from kvray.plan.job import Job
@@ -62,8 +63,6 @@ def worker_groups(job: Job, image: str) -> list[dict[str, Any]]:
     """One worker group per GPU type the job lists (``hardware: [A100, H100]``), one untyped GPU group for
     ``hardware: any``, one CPU group when no cell needs a GPU (simulated backends, ``device: cpu``). A pod
     holds as many GPUs as the job's largest tensor-parallel degree: a TP worker's GPUs are on one node."""
-    from kvray.backends import backend_class
-
     if all(backend_class(b).simulated for b in job.backends) or job.device == "cpu":
         return [_group("cpu", image, gpus=0, accelerator_type=None)]
     if job.hardware == "each":

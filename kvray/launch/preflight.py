@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.hardware.env import library_versions
 from kvray.plan.job import Job
 from kvray.sweep.placement import check_hardware
 from kvray.sweep.ray_env import Cluster
@@ -100,8 +101,6 @@ class ClusterReport:
 
 def local_versions() -> dict[str, str | None]:
     """This machine's version of each dependency (what a provisioned job is pinned to)."""
-    from kvray.hardware.env import library_versions
-
     return library_versions(DEPENDENCIES)
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvray.data.location import is_uri
+from kvray.data.manifest import last_run
+from kvray.data.status import default_output_dir
 from kvray.errors import KvrayInputError
 from kvray.launch.remote import RAY_CLIENT_PORT
 
@@ -71,7 +73,6 @@ def submit_job(
     dataset ends in ``settings.output_dir`` (default ``results/<job name>``) either way. ``job_file``: the file
     the job was read from, shipped as it is to a remote cluster (else the job is written out as one). ``log``
     receives the remote job's log text as it arrives; ``notice`` a local run's one-line notes."""
-    from kvray.data.status import default_output_dir
     from kvray.sweep.driver import RunRecord, run_job
 
     if not settings.remote:
@@ -118,6 +119,4 @@ def submit_job(
         )
     if is_uri(out):
         return RunRecord(out, {}, remote_status=status, files=tuple(files))
-    from kvray.data.manifest import last_run
-
     return RunRecord(Path(out), last_run(out), remote_status=status, files=tuple(files))

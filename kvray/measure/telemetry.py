@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.hardware.devices import nvml_handle, nvml_handle_without_cuda
 from kvray.measure.sampler import PeriodicSampler
 
 OPTION = "telemetry_interval_s"  # the cell option that sets the interval (0 turns telemetry off)
@@ -99,8 +100,6 @@ class _GpuReader:
 
     def __init__(self, device: str, cuda_context: bool):
         import pynvml
-
-        from kvray.hardware.devices import nvml_handle, nvml_handle_without_cuda
 
         self.nvml = pynvml
         self.handle = nvml_handle(device) if cuda_context else nvml_handle_without_cuda(device)

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.hardware.gpus import match_gpu
+from kvray.model.oom import check_oom_risk
+from kvray.model.parallel import check_tensor_parallel
+from kvray.model.resolve import resolve_geometry
 from kvray.plan.job import Grid, Job
 
 
@@ -57,8 +61,6 @@ def hardware_arg(values: list[str] | tuple[str, ...] | str | None) -> str | list
 
 def max_positions(model: str) -> int:
     """The positions ``model`` holds (prompt + generated tokens of one request)."""
-    from kvray.model.resolve import resolve_geometry
-
     return int(resolve_geometry(model).max_position_embeddings)
 
 
@@ -103,8 +105,6 @@ def job_from_grid_blocks(experiment: str, common: Common, blocks: Any, **setting
 
 def dry_run_rows(job: Job) -> list[dict[str, Any]]:
     """Each cell the job would run, with the memory the pre-flight OOM check predicts for it."""
-    from kvray.hardware.gpus import match_gpu
-    from kvray.model.oom import check_oom_risk
     from kvray.plan.planner import plan_cells
 
     rows = []
@@ -173,9 +173,6 @@ def tp_sweep_job(
     """(the Job, notes) of exp7 and exp9: ``concurrency`` × the TP degrees of ``common`` (``default_tp`` when left
     at [1]) that the model allows — a note for each degree dropped. With the sim backend alone the layout is
     paged (vLLM's continuous batching) and ``sim_gpus`` stand in for ``--hardware any``."""
-    from kvray.model.parallel import check_tensor_parallel
-    from kvray.model.resolve import resolve_geometry
-
     concurrency = sorted(set(concurrency))
     for flag, values in (("--concurrency", concurrency), ("--prompt-toks", [prompt_toks]), ("--gen-toks", [gen_toks])):
         if any(v <= 0 for v in values):

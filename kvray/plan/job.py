@@ -40,7 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvray.backends import backend_names
 from kvray.errors import KvrayInputError
+from kvray.model.kvmath import cached_positions, normalize_dtype
+from kvray.model.resolve import resolve_geometry
 from kvray.plan.job_checks import (
     Checker,
     check_clients_count,
@@ -202,9 +205,6 @@ def load_job(path: str | Path) -> Job:
 
 def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
     """Validate a job mapping (as read from YAML) into a Job."""
-    from kvray.backends import backend_names
-    from kvray.model.kvmath import normalize_dtype
-
     c = Checker(source)
     d = c.mapping("", data, JOB_KEYS)
     for required in ("models", "grid"):
@@ -425,9 +425,6 @@ def _dist(c: Checker, key: str, value: Any, side: str) -> tuple[tuple[str, Any],
 
 def _check_lengths(c: Checker, job: Job) -> None:
     """Every model must hold the longest prompt plus its generated tokens (positions P + G − 1)."""
-    from kvray.model.kvmath import cached_positions
-    from kvray.model.resolve import resolve_geometry
-
     for i, model in enumerate(job.models):
         try:
             limit = resolve_geometry(model).max_position_embeddings

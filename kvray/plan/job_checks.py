@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvray.backends import backend_class, check_clients, validate_backend
 from kvray.errors import KvrayInputError
+from kvray.model.parallel import check_tensor_parallel
+from kvray.model.resolve import resolve_geometry
 
 HARDWARE_MODES = ("any", "each")
 
@@ -73,8 +76,6 @@ class Checker:
 
 def check_options(c: Checker, backends: list[str], options: dict[str, Any]) -> None:
     """Each backend checks the form of the options it reads (openai needs base_url, ollama host, …)."""
-    from kvray.backends import validate_backend
-
     for backend in backends:
         try:
             validate_backend(backend, {k: v for k, v in options.items() if v is not None})
@@ -84,9 +85,6 @@ def check_options(c: Checker, backends: list[str], options: dict[str, Any]) -> N
 
 def check_tensor_parallel_degrees(c: Checker, value: Any, models: list[str]) -> list[int]:
     """TP degrees: positive, each once, and (for models kvray knows the geometry of) degrees vLLM accepts."""
-    from kvray.model.parallel import check_tensor_parallel
-    from kvray.model.resolve import resolve_geometry
-
     degrees = list(c.ints("tensor_parallel", value))
     if len(set(degrees)) != len(degrees):
         raise c.fail("tensor_parallel", f"lists a degree twice: {degrees}")
@@ -107,8 +105,6 @@ def check_tensor_parallel_degrees(c: Checker, value: Any, models: list[str]) -> 
 
 def check_clients_count(c: Checker, value: Any, backends: list[str]) -> int:
     """Client actors per cell: a positive integer, above 1 only when every backend of the job is a server backend."""
-    from kvray.backends import check_clients
-
     for backend in backends:
         try:
             check_clients(backend, value)
@@ -118,8 +114,6 @@ def check_clients_count(c: Checker, value: Any, backends: list[str]) -> int:
 
 
 def check_hardware(c: Checker, value: Any, backends: list[str]) -> str | list[str]:
-    from kvray.backends import backend_class
-
     if isinstance(value, str) and value in HARDWARE_MODES:
         return value
     items = [c.string(f"hardware[{i}]", h) for i, h in enumerate(c.listed("hardware", value))]

@@ -13,8 +13,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from kvray.backends import kv_layout
+from kvray.model.kvmath import cached_positions, kv_bytes_batch
+from kvray.model.oom import activation_bytes
+from kvray.model.resolve import resolve_geometry
 from kvray.plan.job import Job
-from kvray.spec import Cell, Workload, make_options
+from kvray.plan.reuse import multi_turn_workload, shared_prefix_workload
+from kvray.spec import Cell, LoadSpec, Workload, make_options
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,6 @@ def _workloads(grid: Any) -> Iterable[Workload]:
 def _serving_workloads(grid: Any) -> Iterable[Workload]:
     """A grid with a load, an SLO or length distributions: built by kvray/plan/loads.py (seeded)."""
     from kvray.plan.loads import build_workload
-    from kvray.spec import LoadSpec
 
     prompts = [dict(grid.prompt_dist)] if grid.prompt_dist else list(grid.prompt_toks)
     gens = [dict(grid.gen_dist)] if grid.gen_dist else list(grid.gen_toks)
@@ -124,8 +128,6 @@ def _reuse_workloads(grid: Any) -> Iterable[Workload]:
     from itertools import product
 
     from kvray.plan.loads import apply_load, request_count
-    from kvray.plan.reuse import multi_turn_workload, shared_prefix_workload
-    from kvray.spec import LoadSpec
 
     reuse = dict(grid.reuse)
     slo = tuple(sorted(grid.slo))
@@ -153,8 +155,6 @@ def _reuse_workloads(grid: Any) -> Iterable[Workload]:
 
 @lru_cache(maxsize=64)
 def _geometry(model: str) -> Any:
-    from kvray.model.resolve import resolve_geometry
-
     return resolve_geometry(model)
 
 
@@ -163,10 +163,6 @@ def predicted_bytes(cell: Cell) -> int:
 
     Falls back to tokens in flight when the model's geometry is unknown, which orders the same way.
     """
-    from kvray.backends import kv_layout
-    from kvray.model.kvmath import cached_positions, kv_bytes_batch
-    from kvray.model.oom import activation_bytes
-
     wl = cell.workload
     try:
         g = _geometry(cell.model)

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.plan.sessions import check_sessions_key, sessions_workloads
+from kvray.sim.reuse import predict_hits
 from kvray.spec import LoadSpec, RequestSpec, Workload
 from kvray.traces.formats import FORMATS, Trace, read_trace
 from kvray.traces.window import CutTrace, TraceOptions, cut
@@ -213,8 +215,6 @@ def think_rule(guessed: int) -> str:
 
 def grid_workloads(grid: Any) -> list[Workload]:
     """The workloads of a ``trace:`` or ``sessions:`` grid block (kvray/plan/planner.py's hook)."""
-    from kvray.plan.sessions import sessions_workloads
-
     reuse = dict(grid.reuse)
     slo = tuple(sorted(grid.slo))
     if reuse["workload"] == "trace":
@@ -228,7 +228,6 @@ def trace_grid(
     """A job grid block with ``trace:`` → its Grid's fields (kvray/plan/job.py's hook): only ``slo`` and
     ``experiment`` may go beside it — the trace sets the requests, their lengths and their arrivals."""
     from kvray.plan.loads import parse_slo
-    from kvray.plan.sessions import check_sessions_key
 
     kind = "trace" if "trace" in g else "sessions"
     stray = sorted(set(g) - {kind, "slo", "experiment"})
@@ -266,8 +265,6 @@ def predicted_hit_rate(cell: Any) -> float | None:
     """A replayed cell's ``prefix_cache_hit_rate_predicted`` where its backend gave none: hit tokens ÷ prompt tokens
     of one repeat in an unbounded prefix cache of the cell's ``block_size`` (default 16, vLLM's), by vLLM's rule
     (kvray/sim/reuse.py ``predict_hits``)."""
-    from kvray.sim.reuse import predict_hits
-
     requests = cell.workload.requests
     block = int(cell.option_dict.get("block_size") or 16)
     queries = sum(r.prompt_toks for r in requests)

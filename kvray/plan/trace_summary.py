@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.model.kvmath import kv_bytes_per_token, normalize_dtype
+from kvray.model.resolve import resolve_geometry
 from kvray.plan.replay import cut_trace, replay_requests
 from kvray.traces import footprint as fp
 
@@ -84,7 +86,4 @@ def describe_trace(
 
 
 def _bytes_per_token(model: str, kv_dtype: str) -> float:
-    from kvray.model.kvmath import kv_bytes_per_token, normalize_dtype
-    from kvray.model.resolve import resolve_geometry
-
     return kv_bytes_per_token(resolve_geometry(model), normalize_dtype(kv_dtype), "paged")

@@ -18,9 +18,13 @@ from typing import Any
 
 from kvray.backends.base import Backend, BackendRun
 from kvray.data.layout import MEMORY_COLUMNS
+from kvray.hardware.env import library_versions
 from kvray.measure.memory import attempted_bytes, is_oom_error
 from kvray.measure.serving import client_columns, serving_summary
 from kvray.measure.trace import CellResult, RunTrace
+from kvray.model.kvmath import cached_positions, kv_bytes_batch
+from kvray.model.oom import check_oom_risk
+from kvray.model.resolve import resolve_geometry
 from kvray.runner.timeline import CellTelemetry
 from kvray.spec import Cell
 from kvray.units import first_line, human_bytes
@@ -32,16 +36,11 @@ MEMORY_KEYS = MEMORY_COLUMNS
 @lru_cache(maxsize=1)
 def _library_versions() -> dict[str, str | None]:
     """Package metadata scans take milliseconds each; versions cannot change within a process."""
-    from kvray.hardware.env import library_versions
-
     return library_versions()
 
 
 def predicted_kv_bytes(cell: Cell) -> int | None:
     """KV bytes of the cell's workload as one static hf batch (None when the model's geometry is unknown)."""
-    from kvray.model.kvmath import cached_positions, kv_bytes_batch
-    from kvray.model.resolve import resolve_geometry
-
     try:
         g = resolve_geometry(cell.model)
         wl = cell.workload
@@ -60,8 +59,6 @@ def oom_refusal(backend: Backend, cell: Cell) -> str | None:
     does not fit (``queues_when_full``, a paged engine) runs any concurrency in turns, so only one request
     that cannot fit even alone is a reason to refuse.
     """
-    from kvray.model.oom import check_oom_risk
-
     available = backend.memory_available_bytes(cell)
     gpu = cell.hardware if cell.hardware not in ("any", "", "cpu") and available is None else None
     queues = backend.queues_when_full

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvray.backends import get_backend
 from kvray.plan.sessions import SessionsSearch, most_sessions_under_slo, sessions_workload
 from kvray.spec import Cell, make_options
 
@@ -26,7 +27,6 @@ def sessions_under_slo(
 ) -> SessionsSearch:
     """The most concurrent sessions whose p95 TTFT (the steady turns: each session's first turn is its ramp-up,
     kvray/measure/serving.py) stays within ``slo_ttft_ms`` on ``backend``."""
-    from kvray.backends import get_backend
     from kvray.runner.run import run_cell
 
     engine = get_backend(backend)

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.model.kvmath import normalize_dtype
+from kvray.model.resolve import load_config
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 # Used by servers for /v1/chat/completions; plain concatenation keeps prompt lengths predictable.
@@ -76,8 +78,6 @@ def bundled_word_tokenizer(model: str) -> Any:
     """The tokenizer of a model kvray bundles as a geometry alone (``kvray/tiny-llama``): such an id is on no hub,
     and a server kvray starts for it serves the directory ``servable_model_dir`` writes, whose tokenizer is this
     one — the same vocabulary and special ids, built offline."""
-    from kvray.model.resolve import load_config
-
     config = load_config(model)
     pad_id, bos_id, eos_id = special_ids(
         config.get("pad_token_id"), config.get("bos_token_id"), config.get("eos_token_id")
@@ -107,9 +107,6 @@ def servable_model_dir(model: str, dtype: str = "fp32", seed: int = 0, root: Pat
     local = Path(model).expanduser()
     if local.is_dir() and is_servable_dir(local):
         return local.resolve()
-    from kvray.model.kvmath import normalize_dtype
-    from kvray.model.resolve import load_config
-
     dtype = normalize_dtype(dtype, allow_fp8=False)
     config = {k: v for k, v in load_config(model).items() if not k.startswith("_kvray")}
     out = (

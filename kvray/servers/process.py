@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.measure.memory import tree_rss_bytes
 
 # Runs detached (double fork: not a child of kvray, so a Ray worker's exit cannot take it down first) and blocks
 # on a pipe whose write end only kvray holds; when kvray exits by any means, even SIGKILL, the read returns and
@@ -168,8 +169,6 @@ class ServerProcess:
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the whole server process tree (None once it has gone)."""
-        from kvray.measure.memory import tree_rss_bytes
-
         return tree_rss_bytes(self.pids())
 
     def stop(self, grace_s: float = 15.0) -> None:

@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from kvray.errors import KvrayInputError
+from kvray.model.kvmath import normalize_dtype
+
 # vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; the first name present wins.
 KV_USAGE_NAMES = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 RUNNING = "vllm:num_requests_running"
@@ -151,9 +154,6 @@ def used_kv_bytes(blocks: int | None, reserved: int | None, usage: float | None)
 
 def cache_dtype(server_dtype: str | None, model_dtype: str) -> str:
     """The KV dtype a server reports in ``cache_config_info`` ("auto" means the model's dtype)."""
-    from kvray.errors import KvrayInputError
-    from kvray.model.kvmath import normalize_dtype
-
     if not server_dtype or server_dtype == "auto":
         return normalize_dtype(model_dtype)
     try:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from kvray.model.geometry import ModelGeometry
+from kvray.model.kvmath import kv_bytes_per_token
+from kvray.sim.passes import sequence_step_cost, step_cost
 from kvray.sim.simulate import RequestLike
 
 S = TypeVar("S")
@@ -185,9 +187,6 @@ def predict_reuse(
     pred = ReusePrediction(block_size, hits, {r.id: r.prompt_toks for r in requests})
     if g is None:
         return pred
-    from kvray.model.kvmath import kv_bytes_per_token
-    from kvray.sim.passes import sequence_step_cost, step_cost
-
     pred.kv_bytes_per_token = kv_bytes_per_token(g, kv_dtype, "paged")
     pred.prefill_flops = sum(
         sequence_step_cost(g, 0, r.prompt_toks, kv_dtype, "paged", block_size).flops for r in requests

@@ -32,12 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvray.data.reader import read_results
 from kvray.data.status import default_output_dir
+from kvray.data.writer import DatasetWriter
 from kvray.errors import KvrayInputError
 from kvray.measure.trace import CellResult
 from kvray.plan.job import Job
 from kvray.plan.planner import plan_cells
 from kvray.spec import Cell
+from kvray.sweep.collector import Collector
 from kvray.sweep.folder import FolderLock, disk_full, job_changes, job_sha256
 from kvray.sweep.placement import Placement, capacity, check_hardware, placement
 from kvray.sweep.pool import RPC_TIMEOUT_S, WORKER_NAME_PREFIX, Slot, SlotState, WorkerPool
@@ -209,8 +212,6 @@ class Sweep:
         """The collector actor, pinned to this node so the folder is written where the driver runs."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from kvray.sweep.collector import Collector
-
         options: dict[str, Any] = {
             "num_cpus": 0,
             "max_restarts": 0,
@@ -255,8 +256,6 @@ class Sweep:
 
         if client.is_connected():  # a Ray-client driver: the folder lives on the cluster
             return set(self.ray.get(self.collector.done_ids.remote(), timeout=RPC_TIMEOUT_S))
-        from kvray.data.reader import read_results
-
         return {r["cell_id"] for r in read_results(self.out_dir, traces=False)}
 
     def start_workers(self) -> None:
@@ -450,8 +449,6 @@ def run_job(
 
 def write_tables_here(out: Path) -> None:
     """The flat tables from cells.jsonl, written by this process: after Ctrl-C the collector may be gone."""
-    from kvray.data.writer import DatasetWriter
-
     with contextlib.suppress(Exception):
         if (out / "cells.jsonl").is_file():
             DatasetWriter(out, tables=False).write_tables()

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvray.data import status
 from kvray.data.layout import LOCK_NAME
+from kvray.data.manifest import read_manifest
+from kvray.data.reader import read_results
 from kvray.errors import KvrayInputError
 from kvray.plan.job import Job
 
@@ -128,9 +131,6 @@ def job_sha256(job: Job) -> str:
 
 def job_changes(job: Job, out_dir: Path) -> JobChanges | None:
     """None when the folder is new or its last job planned the same cells; else what changed."""
-    from kvray.data import status
-    from kvray.data.manifest import read_manifest
-    from kvray.data.reader import read_results
     from kvray.plan.job import job_from_dict
     from kvray.plan.planner import plan_cells
 

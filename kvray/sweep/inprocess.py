@@ -21,6 +21,8 @@ import os
 import time
 from typing import Any
 
+from kvray.data.writer import encode_row
+from kvray.hardware.env import collect_environment
 from kvray.measure.trace import CellResult
 from kvray.plan.job import Job
 from kvray.plan.planner import plan_cells
@@ -68,8 +70,6 @@ class InProcessWorker(Worker):
         return identity
 
     def ready(self) -> dict[str, Any]:
-        from kvray.hardware.env import collect_environment
-
         self.collector_node = HERE
         return {
             **self.identity,
@@ -79,8 +79,6 @@ class InProcessWorker(Worker):
         }
 
     def _record(self, result: Any) -> bool:
-        from kvray.data.writer import encode_row
-
         result.hardware = {
             **result.hardware,
             **{k: v for k, v in self.identity.items() if k not in ("name", "memory_bytes")},

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kvray.backends import backend_class
 from kvray.errors import KvrayInputError
 from kvray.plan.job import Job
 from kvray.spec import Cell
@@ -40,8 +41,6 @@ class Placement:
 def placement(cell: Cell, cluster: Cluster) -> Placement:
     """A simulated backend and device: cpu need no GPU; on a GPU-less cluster everything runs on CPU workers
     (a TP cell there runs its ranks as CPU processes, as vLLM's CPU build does)."""
-    from kvray.backends import backend_class
-
     if backend_class(cell.backend).simulated or cell.device == "cpu" or cluster.gpus < 1:
         return Placement(gpu=False)
     gpu_type = None if cell.hardware == "any" else cell.hardware
@@ -103,8 +102,6 @@ def tp_placement_group(ray: Any, p: Placement, num_cpus: float, name: str) -> tu
 def requested_types(cells: list[Cell]) -> set[str]:
     """Accelerator types the cells ask for by name: every measured cell whose hardware is not ``any``
     (a simulated backend's hardware is a GPU from its table, not something the cluster must have)."""
-    from kvray.backends import backend_class
-
     return {c.hardware for c in cells if c.hardware != "any" and not backend_class(c.backend).simulated}
 
 

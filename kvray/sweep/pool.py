@@ -21,6 +21,7 @@ from kvray.spec import Cell
 from kvray.sweep.placement import Placement, actor_options, tp_placement_group
 from kvray.sweep.progress import WorkerRow
 from kvray.sweep.ray_env import Cluster
+from kvray.sweep.workers import Worker
 from kvray.units import first_line
 
 WORKER_START_TIMEOUT_S = 600.0  # process start + imports; a pending placement also ends here
@@ -122,8 +123,6 @@ class WorkerPool:
 
     def start(self, slot: Slot) -> None:
         """A new actor for the slot, sized from the cluster and the number of slots."""
-        from kvray.sweep.workers import Worker
-
         slot.incarnation += 1
         slot.name = f"{WORKER_NAME_PREFIX}-{self.sweep_id}-{slot.index}-{slot.incarnation}"
         n_workers = max(len(self.slots), 1)

@@ -23,6 +23,8 @@ from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from kvray.backends import backend_class
+from kvray.errors import KvrayInputError
 from kvray.plan.planner import GroupKey, group_cells, group_key, skip_reason
 from kvray.spec import Cell
 
@@ -58,9 +60,6 @@ class Seat(Generic[Where]):
 def row_hardware(cell: Cell, worker: dict[str, Any]) -> dict[str, Any]:
     """The hardware a verdict's row names: what the cell's backend decides (the simulator's GPU), else the
     worker's device — so a skipped cell names the GPU its OOM happened on, not the CPU worker that simulated it."""
-    from kvray.backends import backend_class
-    from kvray.errors import KvrayInputError
-
     try:
         decided = backend_class(cell.backend).cell_hardware(cell)
     except KvrayInputError:

@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kvray.data.reader import read_results
+
 THRESHOLD = 1.5  # measured / predicted at which a worker is a straggler
 MIN_CELLS = 3  # cells a worker must have (whose family its peers ran) before it is judged
 SLOW_SHARE = 2 / 3  # of those cells, the share that must each be THRESHOLD× slower
@@ -187,8 +189,6 @@ def run_stragglers(out_dir: Any, workers: list[dict[str, Any]]) -> list[dict[str
     """The stragglers among a run's ``workers`` (the manifest's records of them), judged against every row of
     the folder ``out_dir``: what the collector puts in the run's record. Never raises: a verdict that cannot be
     reached is no reason to lose a run's record."""
-    from kvray.data.reader import read_results
-
     try:
         judge = {str(w["worker_id"]) for w in workers if w.get("worker_id")}
         return [s.to_dict() for s in find_stragglers(read_results(out_dir, traces=False), judge=judge)]

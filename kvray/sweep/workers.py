@@ -24,6 +24,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kvray.backends import get_backend
+from kvray.data.writer import encode_row
+from kvray.hardware.env import collect_environment
+from kvray.measure.trace import CellResult
 from kvray.spec import Cell
 from kvray.sweep.ray_env import import_ray
 
@@ -161,7 +165,6 @@ class Worker:
         """
         import kvray.runner.run  # noqa: F401
         import kvray.runner.saturation  # noqa: F401
-        from kvray.hardware.env import collect_environment
 
         ray = import_ray()
         with contextlib.suppress(Exception):  # an older collector, or none answering: tell it every window
@@ -175,8 +178,6 @@ class Worker:
 
     def _backend_for(self, cell: Cell) -> CountingBackend:
         """The backend for this cell; switching backends closes the previous one to free its memory."""
-        from kvray.backends import get_backend
-
         if self._current is not None and self._current != cell.backend:
             self._backends[self._current].close()
         if cell.backend not in self._backends:
@@ -186,7 +187,6 @@ class Worker:
 
     def run(self, cell: Cell | dict[str, Any]) -> dict[str, Any]:
         """Run one cell, hand its result to the collector, return a short summary for the driver."""
-        from kvray.measure.trace import CellResult
         from kvray.runner.run import run_cell
         from kvray.runner.saturation import is_search, run_search
 
@@ -218,8 +218,6 @@ class Worker:
         if hardware.get("name") in (None, "", "cpu") and self.identity["name"] != "cpu":
             hardware["name"], hardware["memory_bytes"] = self.identity["name"], self.identity["memory_bytes"]
         result.hardware = hardware
-        from kvray.data.writer import encode_row
-
         ray = import_ray()  # encoded here, so the sweep's one writer only writes (kvray/sweep/collector.py)
         row = encode_row(result)
         return bool(ray.get(self.collector.append_encoded.remote(row), timeout=COLLECTOR_ACK_TIMEOUT_S))

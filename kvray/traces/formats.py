@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.traces.conversations import looks_like_conversations
 from kvray.traces.records import Trace, TraceRequest
 
 FORMATS = ("mooncake", "azure", "burstgpt", "kvray", "conversations")  # conversations: kvray/traces/conversations.py
@@ -33,8 +34,6 @@ MOONCAKE_BLOCK_TOKS = 512  # FAST'25 release README: each hash id stands for a b
 def detect_format(path: Path) -> str:
     """The format of ``path`` from its first line (module docstring), or one line saying it is none of them."""
     first = _first_line(path)
-    from kvray.traces.conversations import looks_like_conversations
-
     if looks_like_conversations(first):
         return "conversations"
     if first.startswith("{"):

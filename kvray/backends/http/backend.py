@@ -29,6 +29,9 @@ from kvray.backends.http.stream import (
     token_times,
 )
 from kvray.measure.trace import RunTrace
+from kvray.model.kvmath import cached_positions, kv_bytes_batch, kv_bytes_per_token
+from kvray.model.parallel import shard_geometry
+from kvray.model.resolve import resolve_geometry
 from kvray.servers.prometheus import MetricsPoller, cache_config, cache_dtype, counter_deltas, peak, used_kv_bytes
 from kvray.spec import Cell, RequestSpec
 
@@ -379,10 +382,6 @@ class OpenAIBackend(BackendBase):
 
 def predicted_paged_bytes(cell: Cell, cache: dict[str, Any]) -> int | None:
     """kvray's paged-layout prediction for the cell's workload with the server's block size and KV dtype."""
-    from kvray.model.kvmath import cached_positions, kv_bytes_batch
-    from kvray.model.parallel import shard_geometry
-    from kvray.model.resolve import resolve_geometry
-
     block_size = cache.get("block_size")
     if not block_size:
         return None
@@ -403,10 +402,6 @@ def reserved_kv_bytes(cell: Cell, cache: dict[str, Any]) -> tuple[int | None, st
     derived from what vLLM does publish: num_gpu_blocks × block_size × kvmath's bytes per token for the model
     and the reported KV dtype (paged layout). On the CPU build both routes exist and agree exactly.
     """
-    from kvray.model.kvmath import kv_bytes_per_token
-    from kvray.model.parallel import shard_geometry
-    from kvray.model.resolve import resolve_geometry
-
     if cache.get("kv_cache_memory_bytes"):
         return int(cache["kv_cache_memory_bytes"]), "vllm:cache_config_info kv_cache_memory_bytes"
     blocks, block = cache.get("num_gpu_blocks"), cache.get("block_size")

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvray.errors import KvrayInputError
+from kvray.model.resolve import is_bundled
+from kvray.sim.reuse import has_shared_prefixes, salt_label, shared_token_ids
 from kvray.spec import Cell, RequestSpec
 
 
@@ -69,8 +71,6 @@ def load_tokenizer(name: str) -> Any:
     """``AutoTokenizer`` for a local directory or hub id; failures become one clear input error. A geometry
     kvray bundles (``kvray/…``) is on no hub: its word-level tokenizer is built offline instead — the one a
     server kvray starts for it serves (kvray/servers/model_dirs.py)."""
-    from kvray.model.resolve import is_bundled
-
     if name.startswith("kvray/"):  # kvray's own namespace: never looked up on the hub
         if not is_bundled(name):
             from kvray.model.resolve import bundled_models
@@ -102,8 +102,6 @@ def workload_prompts(
     builder: PromptBuilder, cell: Cell, requests: Sequence[RequestSpec], repeat: int
 ) -> dict[int, str]:
     """Every request's prompt text: unique per request, or sharing its group's prefix token for token."""
-    from kvray.sim.reuse import has_shared_prefixes, shared_token_ids
-
     if not has_shared_prefixes(requests):
         return {r.id: builder.make(r.prompt_toks, request_seed(cell, repeat, r.id)) for r in requests}
     ids = shared_token_ids(requests, builder.draw, lambda label: request_seed(cell, repeat, label), builder.count(""))
@@ -115,8 +113,6 @@ def workload_prompts(
 
 def request_salt(cell: Cell, repeat: int, r: RequestSpec) -> str:
     """vLLM's ``cache_salt`` for a request: per request, or per prefix group (kvray/sim/reuse.py)."""
-    from kvray.sim.reuse import salt_label
-
     return f"kvray-{request_seed(cell, repeat, salt_label(r)):x}"
 
 
