@@ -223,7 +223,10 @@ def test_plot_command_needs_neither_ray_nor_torch(crafted, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     assert "fig1_mem_vs_concurrency: 2 series, 3 OOM cell(s) marked" in proc.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.{e}" for n in FIGURES for e in ("png", "svg"))
+    # fig1–fig7, and the Pareto frontier (exp9's draw): the folder holds two deployments, A100-40GB and H100
+    pareto = "pareto_" + MODEL.replace("/", "--")
+    names = (*FIGURES, pareto)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.{e}" for n in names for e in ("png", "svg"))
 
 
 def test_plot_command_on_a_missing_folder_is_one_line(tmp_path):
