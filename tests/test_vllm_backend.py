@@ -295,7 +295,9 @@ def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(
     assert "--max-num-seqs 2" in result.extra["vllm"]["command"]
     timeline = result.extra["kv_timeline"]
     busy = [p for p in timeline if p["running"] > 0]
-    assert busy and max(p["running"] for p in busy) == 2 and any(p["waiting"] for p in busy), [(p["t_s"], p.get("running"), p.get("waiting"), p.get("kv_usage")) for p in timeline]
+    assert busy and max(p["running"] for p in busy) == 2 and any(p["waiting"] for p in busy), [
+        (p["t_s"], p.get("running"), p.get("waiting"), p.get("kv_usage")) for p in timeline
+    ]
     memory = result.memory
     assert memory["kv_measured_bytes"] == 2 * block
     assert memory["kv_predicted_all_resident_bytes"] == 10 * block == 5 * memory["kv_measured_bytes"]
