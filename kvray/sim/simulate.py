@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import accumulate
-from typing import Any, Protocol
+from typing import Any
 
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, get_gpu
@@ -56,6 +56,7 @@ from kvray.sim.costs import (  # the step-time model; names re-exported (__all__
     step_roofs,
 )
 from kvray.sim.passes import batch_passes
+from kvray.traces.footprint import TimedRequest
 
 DEFAULT_GPU = "H100-SXM"  # what hardware "any" simulates
 __all__ = [  # the step-time model lives in kvray.sim.costs; these names stay importable from here
@@ -89,15 +90,7 @@ __all__ = [  # the step-time model lives in kvray.sim.costs; these names stay im
 ]
 
 
-class RequestLike(Protocol):
-    """What the scheduler needs of a request (kvray.spec.RequestSpec fits)."""
-
-    @property
-    def prompt_toks(self) -> int: ...
-    @property
-    def gen_toks(self) -> int: ...
-    @property
-    def arrival_s(self) -> float: ...
+RequestLike = TimedRequest  # what the scheduler needs of a request (kvray.spec.RequestSpec fits)
 
 
 @dataclass(frozen=True)

@@ -33,17 +33,23 @@ from typing import Any, Protocol
 Run = tuple[Any, int, int]  # (label, offset, length)
 
 
-class FootprintRequest(Protocol):
-    """What the rule reads of a request (kvray.spec.RequestSpec is one)."""
+class TimedRequest(Protocol):
+    """A request's lengths and arrival: what a scheduler needs of it (kvray.spec.RequestSpec fits; the simulator
+    reads requests through this too, as ``kvray.sim.simulate.RequestLike``)."""
 
-    @property
-    def id(self) -> int: ...
     @property
     def prompt_toks(self) -> int: ...
     @property
     def gen_toks(self) -> int: ...
     @property
     def arrival_s(self) -> float: ...
+
+
+class FootprintRequest(TimedRequest, Protocol):
+    """What the rule reads of a request (kvray.spec.RequestSpec is one)."""
+
+    @property
+    def id(self) -> int: ...
     @property
     def prefix_group(self) -> int | None: ...
     @property
