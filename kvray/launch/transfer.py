@@ -170,7 +170,6 @@ FETCH_UNREACHABLE, FETCH_MISMATCH = 3, 4  # the child's exit codes for fetch's t
 
 def _fetch_here(address: str, held: Held, out_dir: str | Path, timeout_s: float) -> list[str]:
     """:func:`fetch`'s work, in the process that runs it."""
-    import ray
 
     with contextlib.suppress(ImportError):  # Ray Client sends the cluster's token only in token mode, which a
         # driver outside the cluster enters when it has a token (RAY_AUTH_TOKEN, ~/.ray/auth_token): Ray's own
@@ -180,15 +179,44 @@ def _fetch_here(address: str, held: Held, out_dir: str | Path, timeout_s: float)
         )
 
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    try:
-        ctx = ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, allow_multiple=True)
-    except Exception as exc:  # grpc errors, version mismatch (RuntimeError), timeouts
-        raise ConnectionError(f"Ray Client at {address}: {str(exc).splitlines()[0][:200]}") from None
+    ctx = _connect(address)
     try:
         with ctx:
             return _pull(held, out_dir, timeout_s)
     finally:
         ctx.disconnect()
+
+
+CONNECT_TRIES = 3
+
+
+def _connect(address: str) -> Any:
+    """``ray.init`` over Ray Client, tried up to CONNECT_TRIES times when the server's side fails to start.
+
+    Each Ray Client connection gets its own server process on the head, which must answer within 30 s
+    (``RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S``); on a busy head it sometimes does not, and the client sees
+    "Initialization failure from server" — a failure of that one try, not of the cluster. Other failures (the
+    port unreachable, after Ray's own retries; a Ray/Python mismatch) are final at once."""
+    import ray
+
+    for attempt in range(1, CONNECT_TRIES + 1):
+        try:
+            return ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, allow_multiple=True)
+        except Exception as exc:  # grpc errors, version mismatch (RuntimeError), timeouts
+            transient = isinstance(exc, ConnectionAbortedError) and "Initialization failure" in str(exc)
+            if not transient or attempt == CONNECT_TRIES:
+                raise ConnectionError(f"Ray Client at {address}: {_reason(exc)}") from None
+            print(f"Ray Client at {address}: try {attempt} failed ({_reason(exc)}); trying again", file=sys.stderr)
+            time.sleep(2.0 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of ``exc`` and, for a server-side traceback, its last line (the error itself)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    return (lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}")[:300]
 
 
 def _pull(held: Held, out_dir: str | Path, timeout_s: float) -> list[str]:
