@@ -331,3 +331,19 @@ def test_the_knee_is_the_rate_its_probe_realised():
     summary = outcome.summary()
     assert summary["knee_rps_nominal"] == outcome.knee_rps_nominal
     assert len(summary["probe_offered_rps_realised"].split(",")) == len(outcome.probes)
+
+
+def test_a_search_whose_client_falls_behind_reports_a_client_bound_knee():
+    """An engine of 100,000 slots × 10 ms (capacity 10⁷ req/s) cannot be the bound: probes of 2,000 requests from
+    20,000 req/s double until one Python event loop sends far later than due (a few µs a request: well below
+    10⁶ req/s), the achieved rate falls short of the schedule's, and the search brackets the client's limit.
+    The rate above that knee was never offered — the row says the knee is the client's (a lower bound for the
+    engine's), and why."""
+    wl = build_workload(LoadSpec("constant", requests=2000, search="saturation"), 16, 2)
+    cell = synthetic(wl, ttft_s=0.005, tpot_s=0.005, max_batch=100_000)
+    outcome = find_saturation(cell, lambda c: run_cell(SyntheticBackend(), c), start_rps=20_000, curve=False)
+    assert outcome.knee_rps < 1e6, outcome.summary()  # a tenth of the engine's capacity: the client's limit
+    high = min(p.offered_rps for p in outcome.probes if not p.sustainable and p.offered_rps > outcome.knee_rps_nominal)
+    assert [p.client_behind for p in outcome.probes if p.offered_rps == high] == [True]
+    assert outcome.knee_client_bound is True and outcome.summary()["knee_client_bound"] is True
+    assert "the client fell behind its schedule" in outcome.stopped

@@ -115,3 +115,23 @@ def test_repeat_spread_is_the_range_over_repeats_of_each_percentile():
     assert repeat_spread(traces)["ttft_s_p50"] == pytest.approx(0.2 / 0.3)
     assert repeat_spread(traces)["tpot_s_p50"] == pytest.approx(0.0, abs=1e-9)
     assert repeat_spread(traces[:2]) == {}
+
+
+def test_a_rate_the_client_could_not_offer_is_kept_but_left_out_of_the_summary():
+    """A rate measured while the client fell behind its schedule is the client's; a knee bracketed by such a probe
+    is a lower bound. Both stay in the rows (marked), neither moves the median: two judged achieved rates at
+    +10 % and −30 % give 20 %, whatever the excluded +500 % says."""
+    from kvray.analysis.validate import Validation, not_the_engines
+
+    assert "client fell behind" in not_the_engines("achieved_rps", {"client_behind": True})
+    assert not_the_engines("achieved_rps", {"client_behind": False}) is None
+    assert not_the_engines("tpot_s_p50", {"client_behind": True}) is None  # latencies stay judged
+    assert "lower bound" in not_the_engines("knee_rps", {"knee_client_bound": True})
+    rows = [
+        {"cell": "a", "metric": "achieved_rps", "measured": 10.0, "predicted": 11.0, "rel_error": 0.1},
+        {"cell": "b", "metric": "achieved_rps", "measured": 10.0, "predicted": 7.0, "rel_error": -0.3},
+        {"cell": "c", "metric": "achieved_rps", "measured": 2.0, "predicted": 12.0, "rel_error": 5.0, "excluded": "x"},
+    ]
+    v = Validation(rows, 3)
+    assert v.median_abs_rel_error()["achieved_rps"] == pytest.approx(0.2)
+    assert v.worst_abs_rel_error()["achieved_rps"] == pytest.approx(0.3)

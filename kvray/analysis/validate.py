@@ -77,7 +77,7 @@ class Validation:
     def _errors(self) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}
         for r in self.rows:
-            if r["rel_error"] is not None:
+            if r["rel_error"] is not None and not r.get("excluded"):
                 out.setdefault(r["metric"], []).append(abs(r["rel_error"]))
         return {m: out[m] for m in METRICS if m in out}
 
@@ -154,6 +154,18 @@ def measured_value(metric: str, row: dict[str, Any], extra: dict[str, Any]) -> f
     else:
         value = row.get(metric)
     return as_number(value)
+
+
+def not_the_engines(metric: str, row: dict[str, Any]) -> str | None:
+    """Why a measured value is not the engine's to predict (kept in the rows, left out of the summary), or None.
+
+    A rate measured while the client fell behind its schedule is the client's (the simulator sends on time), and
+    a search whose knee was bounded by such a probe measured a lower bound, not the engine's knee."""
+    if metric in ("knee_rps", "saturation_rps") and row.get("knee_client_bound"):
+        return "search bounded by the client: it fell behind its schedule above the knee (a lower bound)"
+    if metric in ("achieved_rps", "output_tps") and row.get("client_behind"):
+        return "the client fell behind its schedule: the rate offered was the client's, not the schedule's"
+    return None
 
 
 def repeat_spread(traces: list[Any]) -> dict[str, float]:
@@ -254,5 +266,9 @@ def validate(measured_dir: str | Path, calibration: str | Path | None = None) ->
             if m is None or p is None:
                 continue
             rel = p / m - 1 if m else None
-            out.rows.append({"cell": cell.cell_id, "metric": metric, "measured": m, "predicted": p, "rel_error": rel})
+            row = {"cell": cell.cell_id, "metric": metric, "measured": m, "predicted": p, "rel_error": rel}
+            why = not_the_engines(metric, m_row)
+            if why:
+                row["excluded"] = why
+            out.rows.append(row)
     return out

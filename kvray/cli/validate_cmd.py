@@ -54,7 +54,7 @@ def _table(result: Any, measured_dir: str) -> None:
     columns = ("cell", "metric", "measured", "predicted", "error", "repeat spread")
     table = render.simple_table(f"Validation of {measured_dir}", columns, left=("cell", "metric"))
     for r in result.rows:
-        err = "—" if r["rel_error"] is None else f"{r['rel_error']:+.1%}"
+        err = "—" if r["rel_error"] is None else f"{r['rel_error']:+.1%}" + (" (left out)" if r.get("excluded") else "")
         label = result.labels.get(r["cell"], r["cell"])
         spread = result.spread.get(r["cell"], {}).get(r["metric"])
         shown = "—" if spread is None else f"{spread:.1%}"
@@ -62,6 +62,9 @@ def _table(result: Any, measured_dir: str) -> None:
     out = render.console(min_width_when_piped=120)
     out.print(table)
     render.note("error: predicted / measured − 1; repeat spread: (max − min) / median over the measured repeats")
+    reasons = sorted({r["excluded"] for r in result.rows if r.get("excluded")})
+    for why in reasons:
+        render.note(f"left out of the summary: {why}")
     median, worst = result.median_abs_rel_error(), result.worst_abs_rel_error()
     summary = "; ".join(f"{m} {median[m]:.1%} (worst {worst[m]:.1%})" for m in median) or "nothing compared"
     skipped = ", ".join(f"{n} {why}" for why, n in result.skipped.items())

@@ -40,12 +40,13 @@ def draw_validation(
             style.placeholder(axes.flat[0], "no cell could be compared: nothing measured and predicted")
         for ax, metric in zip(axes.flat, metrics, strict=False):
             unit, scale = _unit(metric)
-            pts = [(r["measured"] * scale, r["predicted"] * scale) for r in rows if r["metric"] == metric]
-            pts = [(m, p) for m, p in pts if m > 0 and p > 0]
-            if not pts:
+            mine = [r for r in rows if r["metric"] == metric and r["measured"] > 0 and r["predicted"] > 0]
+            pts = [(r["measured"] * scale, r["predicted"] * scale) for r in mine if not r.get("excluded")]
+            out = [(r["measured"] * scale, r["predicted"] * scale) for r in mine if r.get("excluded")]
+            if not pts and not out:
                 style.placeholder(ax, f"{metric}: no positive values")
                 continue
-            lo, hi = min(min(p) for p in pts) / 1.5, max(max(p) for p in pts) * 1.5
+            lo, hi = min(min(p) for p in pts + out) / 1.5, max(max(p) for p in pts + out) * 1.5
             ax.fill_between(
                 [lo, hi],
                 [lo * (1 - BAND), hi * (1 - BAND)],
@@ -56,17 +57,23 @@ def draw_validation(
             )
             ax.plot([lo, hi], [lo, hi], ":", color="grey", linewidth=0.8)
             ax.scatter([m for m, _ in pts], [p for _, p in pts], s=18, color=style.color(0), zorder=3)
+            if out:  # not the engine's to predict (the client fell behind): drawn hollow, left out of the median
+                ax.scatter([m for m, _ in out], [p for _, p in out], s=18, facecolors="none", edgecolors="grey")
             ax.set_xscale("log")
             ax.set_yscale("log")
             for axis in (ax.xaxis, ax.yaxis):  # decade labels only: minor labels collide on a narrow range
                 axis.set_minor_formatter(NullFormatter())
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
-            err = statistics.median(abs(p / m - 1) for m, p in pts)
-            ax.set_title(f"{metric} ({len(pts)} cells, median |err| {err:.0%})", fontsize=8)
+            err = f"median |err| {statistics.median(abs(p / m - 1) for m, p in pts):.0%}" if pts else "none judged"
+            left_out = f", {len(out)} left out" if out else ""
+            ax.set_title(f"{metric} ({len(pts)} cells{left_out}, {err})", fontsize=8)
             ax.set_xlabel(f"measured ({unit})" if unit else "measured")
             ax.set_ylabel(f"predicted ({unit})" if unit else "predicted")
         style.figure_title(fig, title, context)
-        style.footnote(fig, [f"grey band: predicted within ±{BAND:.0%} of measured; dotted: predicted = measured"])
+        notes = [f"grey band: predicted within ±{BAND:.0%} of measured; dotted: predicted = measured"]
+        if any(r.get("excluded") for r in rows):
+            notes.append("hollow: measured while the client fell behind its schedule (the client's rate), left out")
+        style.footnote(fig, notes)
         fig.tight_layout()
         return style.save(fig, out_dir, name)

@@ -11,7 +11,10 @@ rate one request alone sustains (1 ÷ its E2E), doubles until a rate is not sust
 space) between the last sustainable and the first unsustainable rate until they are within 10 % — the same
 search as the simulator's (``kvray.sim.saturation.knee_search``), on measured probes. The **knee** is the
 highest sustainable rate found, reported as the rate that probe's schedule realised (``knee_rps``, the rate its
-verdict was judged against; the nominal rate the search asked for is ``knee_rps_nominal``); the **saturation
+verdict was judged against; the nominal rate the search asked for is ``knee_rps_nominal``). Where the probe just
+above the knee was judged on a client that fell behind its schedule (``client_behind``: on a 2-core host, vLLM's
+CPU threads starve the load generator), the rate was never offered and the knee is the client's, a lower bound
+for the engine's: ``knee_client_bound`` says so and ``search_stopped`` names the lag. The **saturation
 rate** the highest achieved rate any probe measured (what the engine delivers when pushed). Then
 ``CURVE_FRACTIONS`` of the nominal knee are measured, so a latency-vs-throughput curve has points below it.
 
@@ -191,6 +194,7 @@ class Probe:
     offered_rps_realised: float  # (measured arrivals − 1) ÷ their span: what the seeded schedule really offered
     achieved_rps: float
     sustainable: bool
+    client_behind: bool = False  # the client's p99 send lag passed its limit: the rate it judged was not offered
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,6 +210,7 @@ class SearchOutcome:
     knee_rps: float
     saturation_rps: float
     knee_rps_nominal: float = math.nan
+    knee_client_bound: bool = False  # the first rate above the knee was judged on a client that fell behind
     probes: list[Probe] = field(default_factory=list)
     results: list[CellResult] = field(default_factory=list)
     stopped: str = ""
@@ -214,6 +219,7 @@ class SearchOutcome:
         return {
             "knee_rps": self.knee_rps,
             "knee_rps_nominal": self.knee_rps_nominal,
+            "knee_client_bound": self.knee_client_bound,
             "saturation_rps": self.saturation_rps,
             "probes": len(self.probes),
             "probe_offered_rps": ",".join(f"{p.offered_rps:.4g}" for p in self.probes),
@@ -238,10 +244,16 @@ def find_saturation(
         ok, why = sustainable(result, service[0] if service else None)
         m = result.metrics or {}
         realised = float(m.get("offered_rps_realised", math.nan))
-        outcome.probes.append(Probe(rate, realised, float(m.get("achieved_rps", math.nan)), ok))
+        behind = bool(m.get("client_behind"))
+        outcome.probes.append(Probe(rate, realised, float(m.get("achieved_rps", math.nan)), ok, behind))
         judged.append(m.get("requests_steady", 0) >= MIN_STEADY)
         if not ok:
             outcome.stopped = f"{rate:.4g} req/s ({realised:.4g} realised): {why}"
+            if behind:
+                outcome.stopped += (
+                    f"; the client fell behind its schedule (p99 send lag {m.get('client_lag_s_p99', math.nan):.3g} s"
+                    f" > {m.get('client_lag_limit_s', math.nan):.3g} s), so the engine's knee may be higher"
+                )
         return ok
 
     if start_rps is None:
@@ -260,6 +272,9 @@ def find_saturation(
         knee = next((p.offered_rps_realised for p in outcome.probes if p.offered_rps == low and p.sustainable), low)
         outcome.knee_rps_nominal = low
         outcome.knee_rps = knee if knee == knee else low  # NaN realised (cannot be: it was judged sustainable)
+        # the knee's upper bracket: judged on a client that did not offer its rate, the knee is a lower bound
+        above = [p for p in outcome.probes if high is not None and p.offered_rps == high and not p.sustainable]
+        outcome.knee_client_bound = any(p.client_behind for p in above)
     achieved = [
         p.achieved_rps for p, ok in zip(outcome.probes, judged, strict=True) if ok and p.achieved_rps == p.achieved_rps
     ]
