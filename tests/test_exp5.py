@@ -128,3 +128,16 @@ def test_no_serving_rows_no_serving_figures_nor_section(tmp_path):
     make_all(tmp_path)
     assert not (tmp_path / "figures" / "fig11_latency_vs_throughput.png").exists()
     assert "Serving" not in (tmp_path / "report.md").read_text()
+
+
+def test_a_client_bound_knee_reads_as_a_lower_bound_in_the_table():
+    """Two searches of one configuration: the higher knee (12 req/s) was bounded by the client, so the table
+    says "≥ 12.00"; the same rows without the flag read "12.00"."""
+    import pandas as pd
+
+    from kvray.experiments.exp5 import knee_cell
+
+    rows = pd.DataFrame({"knee_rps": [8.0, 12.0], "knee_client_bound": [False, True]})
+    assert knee_cell(rows) == "≥ 12.00"
+    assert knee_cell(rows.assign(knee_client_bound=[True, False])) == "12.00"
+    assert knee_cell(rows.drop(columns="knee_client_bound")) == "12.00"
