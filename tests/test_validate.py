@@ -135,3 +135,31 @@ def test_a_rate_the_client_could_not_offer_is_kept_but_left_out_of_the_summary()
     v = Validation(rows, 3)
     assert v.median_abs_rel_error()["achieved_rps"] == pytest.approx(0.2)
     assert v.worst_abs_rel_error()["achieved_rps"] == pytest.approx(0.3)
+
+
+def test_rounds_of_one_job_are_judged_on_their_median_with_the_range_beside_it(measured, tmp_path):
+    """Two rounds of the same cells, the second on a machine whose memory roof fell from η 0.45 to 0.30: a decode
+    step bound by reading the weights takes 0.45 / 0.30 = 1.5 × as long. Against the truth of the first round, the
+    median over the rounds is 1.25 × its TPOT, so the error is 1 / 1.25 − 1 = −20 %, and the spread (1.5 − 1) /
+    1.25 = 40 %; each round's own value stays in the row."""
+    import dataclasses
+
+    slower = tmp_path / "round2"
+    writer = DatasetWriter(slower, tables=False)
+    wl = Workload.uniform(8, 64, 16)
+    first = simulated_as_measured("kvray/tiny-llama", wl, **ENGINE, **TRUTH)
+    second = simulated_as_measured("kvray/tiny-llama", wl, **ENGINE, **{**TRUTH, "eta_memory": 0.30})
+    second.cell = first.cell  # the same cell, measured again later
+    writer.append(second)
+    writer.flush()
+    truth = calibration(tmp_path / "truth.json", **TRUTH)
+    both = validate([measured, slower], truth)
+    assert both.rounds == 2 and both.cells == 2  # the Poisson cell has one round: judged on it alone
+    (tpot,) = [r for r in both.rows if r["metric"] == "tpot_s_p50" and r["cell"] == first.cell.cell_id]
+    assert tpot["rel_error"] == pytest.approx(-0.2, abs=0.02)
+    assert len(tpot["measured_rounds"]) == 2 and tpot["measured"] == pytest.approx(sum(tpot["measured_rounds"]) / 2)
+    assert both.spread[first.cell.cell_id]["tpot_s_p50"] == pytest.approx(0.4, abs=0.03)
+    assert validate(measured, truth).rounds == 1
+    with pytest.raises(SystemExit) as done:
+        main(["validate", str(measured), str(slower), "--calibration", str(truth)])
+    assert done.value.code == 0

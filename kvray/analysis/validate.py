@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,10 @@ class Validation:
     skipped: dict[str, int] = field(default_factory=dict)
     calibration: str = ""
     labels: dict[str, str] = field(default_factory=dict)  # cell id → a readable label
-    # cell id → metric → (max − min) / median of that metric over the measured repeats (``repeat_spread``)
+    # cell id → metric → (max − min) / median of that metric over the measured repeats (``repeat_spread``), or
+    # over the rounds when several folders were given
     spread: dict[str, dict[str, float]] = field(default_factory=dict)
+    rounds: int = 1  # measured folders: rounds of one held-out job
 
     def median_abs_rel_error(self) -> dict[str, float]:
         return {m: statistics.median(errs) for m, errs in self._errors().items()}
@@ -88,6 +91,7 @@ class Validation:
             "cells": self.cells,
             "skipped": self.skipped,
             "calibration": self.calibration,
+            "rounds": self.rounds,
             "repeat_spread": self.spread,
             "labels": self.labels,
             "rows": self.rows,
@@ -197,30 +201,41 @@ def repeat_spread(traces: list[Any]) -> dict[str, float]:
     return out
 
 
-def validate(measured_dir: str | Path, calibration: str | Path | None = None) -> Validation:
-    """Replay every measured cell of ``measured_dir`` on the simulator (module docstring)."""
+def validate(measured_dir: str | Path | Sequence[str | Path], calibration: str | Path | None = None) -> Validation:
+    """Replay every measured cell of ``measured_dir`` on the simulator (module docstring).
+
+    Several folders are **rounds** of one held-out job (the same cells run again later: repeats interleaved across
+    the whole job, so a drift of the machine touches every cell alike): each cell is predicted once, its measured
+    value is the median over the rounds that judged it, and its spread is the range over rounds."""
     from kvray.runner.run import run_cell
     from kvray.runner.saturation import is_search, run_search
 
-    folder = Path(measured_dir)
-    if not (folder / CELLS_JSONL).is_file():
-        raise KvrayInputError(f"{measured_dir} is not a results folder (no {CELLS_JSONL})")
+    folders = [Path(measured_dir)] if isinstance(measured_dir, str | Path) else [Path(d) for d in measured_dir]
+    for folder in folders:
+        if not (folder / CELLS_JSONL).is_file():
+            raise KvrayInputError(f"{folder} is not a results folder (no {CELLS_JSONL})")
     cal = Path(calibration).expanduser() if calibration is not None else calibration_path()
     if calibration is not None and not cal.is_file():
         raise KvrayInputError(f"no calibration file {calibration}")
     host = host_device(cal)
     backends = {"gpu": SimBackend(cal), "host": SimBackend(cal, device=host) if host else None}
-    out = Validation([], 0, calibration=str(cal))
+    out = Validation([], 0, calibration=str(cal), rounds=len(folders))
 
     def skip(reason: str) -> None:
         out.skipped[reason] = out.skipped.get(reason, 0) + 1
 
-    for record in read_results(folder):
-        measured = result_from_record(record)
-        cell = measured.cell
-        if measured.status != "ok" or measured.simulated or cell.backend == "sim":
-            skip("not ok" if measured.status != "ok" else "simulated")
+    by_cell: dict[str, list[Any]] = {}  # cell id → its measured results, one per round, in round order
+    for folder in folders:
+        for record in read_results(folder):
+            result = result_from_record(record)
+            by_cell.setdefault(result.cell.cell_id, []).append(result)
+    for results in by_cell.values():
+        rounds = [r for r in results if r.status == "ok" and not r.simulated and r.cell.backend != "sim"]
+        if not rounds:
+            skip("not ok" if all(r.status != "ok" for r in results) else "simulated")
             continue
+        measured = rounds[0]
+        cell = measured.cell
         hardware = str((measured.hardware or {}).get("name") or cell.hardware or "")
         gpu = match_gpu(hardware)
         on_cpu = gpu is None and (is_cpu_hardware(hardware) or cell.device == "cpu")
@@ -258,17 +273,24 @@ def validate(measured_dir: str | Path, calibration: str | Path | None = None) ->
         load = cell.workload.load
         rate = "" if load is None else f" {load.kind}" + (f" {load.rate_rps:g}/s" if load.rate_rps else "")
         out.labels[cell.cell_id] = cell.label() + rate + (" search" if is_search(cell) else "")
-        m_row, p_row = measured.to_row(), predicted.to_row()
-        out.spread[cell.cell_id] = repeat_spread(measured.traces)
+        p_row = predicted.to_row()
+        m_rows = [(r.to_row(), r.extra or {}) for r in rounds]
+        out.spread[cell.cell_id] = {} if len(rounds) > 1 else repeat_spread(measured.traces)
         for metric in METRICS:
-            m = measured_value(metric, m_row, measured.extra or {})
             p = measured_value(metric, p_row, predicted.extra or {})
-            if m is None or p is None:
+            judged = [(measured_value(metric, row, extra), not_the_engines(metric, row)) for row, extra in m_rows]
+            kept = [v for v, why in judged if v is not None and not why]
+            seen = [v for v, _ in judged if v is not None]
+            if p is None or not seen:
                 continue
+            m = statistics.median(kept or seen)
             rel = p / m - 1 if m else None
             row = {"cell": cell.cell_id, "metric": metric, "measured": m, "predicted": p, "rel_error": rel}
-            why = not_the_engines(metric, m_row)
-            if why:
-                row["excluded"] = why
+            if len(rounds) > 1:
+                row["measured_rounds"] = [v for v, _ in judged]
+                if len(kept) > 1 and m:
+                    out.spread[cell.cell_id][metric] = (max(kept) - min(kept)) / abs(m)
+            if not kept:
+                row["excluded"] = next(why for _, why in judged if why)
             out.rows.append(row)
     return out

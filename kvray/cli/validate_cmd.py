@@ -12,7 +12,14 @@ from kvray.cli.options import JsonOpt
 
 
 def validate(
-    measured_dir: Annotated[str, typer.Argument(help="a results folder with measured cells (cells.jsonl)")],
+    measured_dirs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="MEASURED_DIR...",
+            help="a results folder with measured cells (cells.jsonl); several: rounds of one held-out job "
+            "(each cell's median over rounds, the range over rounds beside it)",
+        ),
+    ],
     calibration: Annotated[
         str | None,
         typer.Option("--calibration", metavar="FILE", help="calibration file (default $KVRAY_CALIBRATION)"),
@@ -26,7 +33,8 @@ def validate(
     """Predict every measured cell of a folder with the simulator: measured, predicted, error per metric."""
     from kvray.analysis.validate import validate as run
 
-    result = run(measured_dir, calibration)
+    measured_dir = " + ".join(measured_dirs)
+    result = run(measured_dirs, calibration)
     record = result.to_dict()
     if output is not None:
         import json
@@ -51,7 +59,7 @@ def validate(
 
 
 def _table(result: Any, measured_dir: str) -> None:
-    columns = ("cell", "metric", "measured", "predicted", "error", "repeat spread")
+    columns = ("cell", "metric", "measured", "predicted", "error", "spread")
     table = render.simple_table(f"Validation of {measured_dir}", columns, left=("cell", "metric"))
     for r in result.rows:
         err = "—" if r["rel_error"] is None else f"{r['rel_error']:+.1%}" + (" (left out)" if r.get("excluded") else "")
@@ -61,7 +69,13 @@ def _table(result: Any, measured_dir: str) -> None:
         table.add_row(label, r["metric"], f"{r['measured']:.4g}", f"{r['predicted']:.4g}", err, shown)
     out = render.console(min_width_when_piped=120)
     out.print(table)
-    render.note("error: predicted / measured − 1; repeat spread: (max − min) / median over the measured repeats")
+    if result.rounds > 1:
+        render.note(
+            f"error: predicted / measured − 1, measured the median over {result.rounds} rounds; "
+            "spread: (max − min) / median over the rounds"
+        )
+    else:
+        render.note("error: predicted / measured − 1; spread: (max − min) / median over the measured repeats")
     reasons = sorted({r["excluded"] for r in result.rows if r.get("excluded")})
     for why in reasons:
         render.note(f"left out of the summary: {why}")
