@@ -120,7 +120,7 @@ def test_refused_cell_exits_1_with_the_estimate(tmp_path):
         (["--dtype", "int4"], "unknown dtype"),
         (["--device", "tpu"], "unknown device"),
         (["--backend", "nope"], "unknown backend"),
-        (["--weights", "half"], "unknown --weights"),
+        (["--weights", "half"], "--weights: unknown weights"),
         (["--mixed", "8,x"], "--mixed"),
     ],
 )
