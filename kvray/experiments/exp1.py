@@ -47,7 +47,7 @@ def build(
     return exp1_job(flags.common(backend), prompt_toks, gen_toks, concurrency), []
 
 
-def _findings() -> tuple[FindingRule, ...]:
+def findings() -> tuple[FindingRule, ...]:
     from kvray.analysis.evidence import throughput_plateaus
     from kvray.analysis.findings import FindingRule, memory_slopes, oom_rule
 
@@ -58,10 +58,6 @@ def _findings() -> tuple[FindingRule, ...]:
     )
 
 
-EXPERIMENT = Experiment(
-    name="exp1",
-    title="Exp1 — concurrency sweep",
-    build=build,
-    **view_drawn("fig1_mem_vs_concurrency", "fig2_tps_vs_concurrency"),
-    findings=_findings,
+EXPERIMENT = Experiment.of_module(
+    globals(), "Exp1 — concurrency sweep", **view_drawn("fig1_mem_vs_concurrency", "fig2_tps_vs_concurrency")
 )

@@ -67,7 +67,7 @@ def build(
     return exp2_job(flags.common(backend), seqlens, gen_toks, concurrency)
 
 
-def _findings() -> tuple[FindingRule, ...]:
+def findings() -> tuple[FindingRule, ...]:
     from kvray.analysis.evidence import latency_exponents
     from kvray.analysis.findings import FindingRule, oom_rule
 
@@ -77,11 +77,9 @@ def _findings() -> tuple[FindingRule, ...]:
     )
 
 
-EXPERIMENT = Experiment(
-    name="exp2",
-    title="Exp2 — sequence-length sweep",
-    build=build,
+EXPERIMENT = Experiment.of_module(
+    globals(),
+    "Exp2 — sequence-length sweep",
     **view_drawn("fig3_latency_vs_seqlen", "fig4_mem_vs_seqlen"),
-    findings=_findings,
     table_sort=("prompt_toks", "concurrency"),
 )

@@ -135,18 +135,13 @@ def section(exp: Experiment, page: Page) -> list[Block]:
     return blocks + figure_blocks(exp, page)
 
 
-def _findings() -> tuple[FindingRule, ...]:
+def findings() -> tuple[FindingRule, ...]:
     from kvray.analysis.evidence import mixed_penalties
     from kvray.analysis.findings import FindingRule
 
     return (FindingRule("mixed_penalty", "Tail-latency penalty of short requests in mixed batches", mixed_penalties),)
 
 
-EXPERIMENT = Experiment(
-    name="exp3",
-    title="Exp3 — mixed lengths (tail latency)",
-    build=build,
-    **view_drawn("fig5_mixed_lengths_latency"),
-    section=section,
-    findings=_findings,
+EXPERIMENT = Experiment.of_module(
+    globals(), "Exp3 — mixed lengths (tail latency)", **view_drawn("fig5_mixed_lengths_latency")
 )

@@ -76,11 +76,9 @@ def draw(dataset: Dataset, out_dir: Path) -> list[Any]:
     return server_figures(dataset, out_dir) if has_server_data(dataset.records) else []
 
 
-EXPERIMENT = Experiment(
-    name="exp4",
-    title="Exp4 — static vs paged KV, in-process vs server",
-    build=build,
+EXPERIMENT = Experiment.of_module(
+    globals(),
+    "Exp4 — static vs paged KV, in-process vs server",
     figures=("fig8_backend_compare", "fig9_kv_timeline"),
-    draw=draw,
     table_sort=("backend", "concurrency", "prompt_toks"),
 )

@@ -262,11 +262,6 @@ def section(exp: Experiment, page: Page) -> list[Block]:
     return blocks + every_cell_blocks(exp, page)
 
 
-EXPERIMENT = Experiment(
-    name="exp5",
-    title="Serving — goodput under SLOs",
-    build=build,
-    figures=("fig11_latency_vs_throughput", "fig12_pareto"),
-    draw=draw,
-    section=section,
+EXPERIMENT = Experiment.of_module(
+    globals(), "Serving — goodput under SLOs", figures=("fig11_latency_vs_throughput", "fig12_pareto")
 )

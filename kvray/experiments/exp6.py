@@ -253,11 +253,8 @@ def section(exp: Experiment, page: Page) -> list[Block]:
     return blocks + every_cell_blocks(exp, page)
 
 
-EXPERIMENT = Experiment(
-    name="exp6",
-    title="Exp6 — KV reuse and pressure",
-    build=build,
+EXPERIMENT = Experiment.of_module(
+    globals(),
+    "Exp6 — KV reuse and pressure",
     figures=("exp6_hit_rate", "exp6_ttft_vs_shared_prefix", "exp6_multi_turn", "exp6_kv_pressure", "exp6_kv_dtype"),
-    draw=draw,
-    section=section,
 )

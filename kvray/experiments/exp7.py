@@ -61,10 +61,5 @@ def draw(dataset: Dataset, out_dir: Path) -> list[Any]:
     return tp_figures(dataset, out_dir) if has_tp_data(dataset.records) else []
 
 
-EXPERIMENT = Experiment(
-    name="exp7",
-    title="Exp7 — tensor-parallel scaling",
-    build=build,
-    figures=("exp7_tp_scaling_*",),  # one per model, named after it
-    draw=draw,
-)
+# one figure per model, named after it
+EXPERIMENT = Experiment.of_module(globals(), "Exp7 — tensor-parallel scaling", figures=("exp7_tp_scaling_*",))

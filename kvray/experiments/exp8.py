@@ -211,11 +211,8 @@ def section(exp: Experiment, page: Page) -> list[Block]:
     return blocks
 
 
-EXPERIMENT = Experiment(
-    name="exp8",
-    title="Exp8 — real traffic: trace replay and sessions",
-    build=build,
+EXPERIMENT = Experiment.of_module(
+    globals(),
+    "Exp8 — real traffic: trace replay and sessions",
     figures=("exp8_arrivals", "exp8_ttft_over_time", "exp8_hit_rate_pool", "exp8_sessions_slo"),
-    draw=draw,
-    section=section,
 )

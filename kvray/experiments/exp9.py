@@ -162,12 +162,9 @@ def section(exp: Experiment, page: Page) -> list[Block]:
     return blocks + (figure_blocks(exp, page) if _exp9_records(page.dataset) else [])
 
 
-EXPERIMENT = Experiment(
-    name="exp9",
-    title="Exp9 — capacity planning: GPU × TP × replicas, priced, and the Pareto frontier",
-    build=build,
+EXPERIMENT = Experiment.of_module(
+    globals(),
+    "Exp9 — capacity planning: GPU × TP × replicas, priced, and the Pareto frontier",
     figures=("pareto_*", "exp9_plan_*"),
-    draw=draw,
-    section=section,
     table_sort=("hardware", "tensor_parallel", "concurrency"),
 )
