@@ -227,13 +227,13 @@ def _emit_kuberay(
     kuberay: bool,
 ) -> int:
     """``launch --kuberay --emit FILE``: the manifests only (kvray/launch/kuberay.py); nothing is contacted."""
-    from kvray.launch.kuberay import DEFAULT_IMAGE, emit
+    from kvray.launch.kuberay import DEFAULT_IMAGE, RayJobSettings, emit
 
     if not (kuberay and emit_to):
         raise KvrayInputError("--kuberay and --emit FILE go together: the RayJob manifest is written to FILE")
     if elsewhere:
         raise KvrayInputError("--kuberay writes a manifest for kubectl: leave out --cluster and --address")
-    emit(job, output, emit_to, namespace=namespace, image=image or DEFAULT_IMAGE, timeout_s=timeout_s)
+    emit(job, output, emit_to, RayJobSettings(namespace=namespace, image=image or DEFAULT_IMAGE, timeout_s=timeout_s))
     if emit_to != "-":
         render.line(f"RayJob written to {emit_to}: kubectl apply -f {emit_to}; the dataset goes to {output}")
     return 0
