@@ -61,7 +61,7 @@ def build(
     seqlens: SeqlensOpt = None,
     gen_toks: GenOpt = 64,
     concurrency: ConcurrencyOpt = 1,
-    backend: BackendsOpt = None,
+    backend: BackendsOpt = ["hf"],  # noqa: B006 - typer reads a list default, never mutates it
 ) -> tuple[Job, list[str]]:
     """Exp2, sequence-length sweep: latency (log-log exponent) and memory as prompts grow (fig3, fig4)."""
     return exp2_job(flags.common(backend), seqlens, gen_toks, concurrency)

@@ -73,7 +73,7 @@ def build(
     gen_toks: GenOpt = 64,
     n_short: Annotated[int, typer.Option("--n-short", help="short requests per batch")] = 3,
     n_long: Annotated[int, typer.Option("--n-long", help="long requests in the mixed batch")] = 1,
-    backend: BackendsOpt = None,
+    backend: BackendsOpt = ["hf"],  # noqa: B006 - typer reads a list default, never mutates it
 ) -> tuple[Job, list[str]]:
     """Exp3, mixed lengths: short requests alone vs batched with long ones — the tail-latency penalty (fig5)."""
     return exp3_job(flags.common(backend), short, long, gen_toks, n_short, n_long)

@@ -6,15 +6,14 @@ used per backend; fig9 draws the KV timeline of each backend that records one (k
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
-
-from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags
 from kvray.experiments.options import (
     ApiKeyEnvOpt,
+    BackendsOpt,
     BaseUrlOpt,
+    ConcurrencyListOpt,
     GenOpt,
     HostOpt,
     PromptToksOpt,
@@ -27,36 +26,20 @@ if TYPE_CHECKING:
     from kvray.plan.experiments import Common
     from kvray.plan.job import Job
 
-BackendsOpt = Annotated[
-    list[str] | None, typer.Option("--backends", "--backend", help="hf hf-paged vllm (default) | openai | ollama")
-]
-ConcurrencyOpt = Annotated[
-    list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 4 16 64 (default)")
-]
-
 
 def exp4_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64, concurrency: list[int] | None = None) -> Job:
-    from kvray.plan.experiments import experiment_job, max_positions, positive
-    from kvray.plan.job import Grid
+    from kvray.plan.experiments import experiment_job, uniform_grid
 
-    concurrency = sorted(set(concurrency or [1, 4, 16, 64]))
-    positive("--concurrency", concurrency)
-    positive("--prompt-toks", [prompt_toks])
-    positive("--gen-toks", [gen_toks])
-    if prompt_toks + gen_toks - 1 > (limit := max_positions(common.model)):
-        raise KvrayInputError(
-            f"--prompt-toks {prompt_toks} + {gen_toks} generated tokens exceed {common.model}'s {limit} positions"
-        )
-    grid = Grid(gen_toks=(gen_toks,), prompt_toks=(prompt_toks,), concurrency=tuple(concurrency))
+    grid = uniform_grid(common, prompt_toks, gen_toks, concurrency or [1, 4, 16, 64])
     return experiment_job("exp4", common, [grid]).validate()
 
 
 def build(
     flags: Flags,
-    backends: BackendsOpt = None,
+    backends: BackendsOpt = ["hf", "hf-paged", "vllm"],  # noqa: B006 - typer reads a list default, never mutates it
     prompt_toks: PromptToksOpt = 512,
     gen_toks: GenOpt = 64,
-    concurrency: ConcurrencyOpt = None,
+    concurrency: ConcurrencyListOpt = [1, 4, 16, 64],  # noqa: B006 - typer reads a list default, never mutates it
     vllm_python: VllmPythonOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,

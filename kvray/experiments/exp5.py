@@ -20,6 +20,7 @@ from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
 from kvray.experiments.options import (
     ApiKeyEnvOpt,
+    BackendsOpt,
     BaseUrlOpt,
     GenDistOpt,
     GenOpt,
@@ -112,10 +113,7 @@ def exp5_job(
 
 def build(
     flags: Flags,
-    backends: Annotated[
-        list[str] | None,
-        typer.Option("--backends", "--backend", help="sim (default) | hf hf-paged vllm openai ollama synthetic"),
-    ] = None,
+    backends: BackendsOpt = ["sim"],  # noqa: B006 - typer reads a list default, never mutates it
     users: Annotated[
         list[int] | None, typer.Option("--users", help="closed-loop users: 1 4 16 64 (default); 0: no closed loop")
     ] = None,

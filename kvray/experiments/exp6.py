@@ -13,7 +13,7 @@ import typer
 
 from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
-from kvray.experiments.options import GenOpt, VllmPythonOpt, server_options
+from kvray.experiments.options import BackendsOpt, GenOpt, VllmPythonOpt, server_options
 from kvray.experiments.sections import every_cell_blocks
 
 if TYPE_CHECKING:
@@ -110,9 +110,7 @@ def exp6_job(common: Common, grid: list[dict[str, Any]]) -> Job:
 
 def build(
     flags: Flags,
-    backends: Annotated[
-        list[str] | None, typer.Option("--backends", "--backend", help="vllm hf-paged (default) | sim")
-    ] = None,
+    backends: BackendsOpt = ["vllm", "hf-paged"],  # noqa: B006 - typer reads a list default, never mutates it
     prefix_toks: Annotated[
         list[int] | None, typer.Option("--prefix-toks", help="shared prefixes: 128 256 384 512 (default)")
     ] = None,

@@ -10,12 +10,10 @@ Degrees the model's heads do not allow (vLLM refuses them) are dropped with a no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from kvray.experiments.base import Experiment, Flags
-from kvray.experiments.options import GenOpt, PromptToksOpt
+from kvray.experiments.options import BackendsOpt, ConcurrencyListOpt, GenOpt, PromptToksOpt
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -40,14 +38,10 @@ def exp7_job(
 
 def build(
     flags: Flags,
-    backends: Annotated[
-        list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | vllm | hf")
-    ] = None,
+    backends: BackendsOpt = ["sim"],  # noqa: B006 - typer reads a list default, never mutates it
     prompt_toks: PromptToksOpt = 1024,
     gen_toks: GenOpt = 128,
-    concurrency: Annotated[
-        list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 8 32 (default)")
-    ] = None,
+    concurrency: ConcurrencyListOpt = [1, 8, 32],  # noqa: B006 - typer reads a list default, never mutates it
 ) -> tuple[Job, list[str]]:
     """Exp7, tensor parallelism: TTFT, TPOT, throughput per GPU and KV per GPU at --tp 1 2 4 8 (default), measured
     vs predicted, and where TP stops paying. With only sim and no --hardware: H100-SXM and A100-80GB-SXM."""

@@ -19,7 +19,7 @@ import typer
 
 from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
-from kvray.experiments.options import LimitOpt, TraceFormatOpt
+from kvray.experiments.options import BackendsOpt, LimitOpt, TraceFormatOpt
 from kvray.experiments.sections import cell_rows_blocks
 
 if TYPE_CHECKING:
@@ -84,9 +84,7 @@ def exp8_blocks(
 
 def build(
     flags: Flags,
-    backends: Annotated[
-        list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | vllm | …")
-    ] = None,
+    backends: BackendsOpt = ["sim"],  # noqa: B006 - typer reads a list default, never mutates it
     trace: Annotated[
         str | None, typer.Option("--trace", help="trace file (default: the shipped Mooncake excerpt)")
     ] = None,

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from kvray.experiments.base import Experiment, Flags
-from kvray.experiments.options import GenOpt, PromptToksOpt
+from kvray.experiments.options import BackendsOpt, ConcurrencyListOpt, GenOpt, PromptToksOpt
 from kvray.experiments.sections import cells_blocks, figure_blocks
 
 if TYPE_CHECKING:
@@ -49,14 +47,10 @@ def exp9_job(
 
 def build(
     flags: Flags,
-    backends: Annotated[
-        list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | vllm | hf")
-    ] = None,
+    backends: BackendsOpt = ["sim"],  # noqa: B006 - typer reads a list default, never mutates it
     prompt_toks: PromptToksOpt = 512,
     gen_toks: GenOpt = 128,
-    concurrency: Annotated[
-        list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 8 32 128 (default)")
-    ] = None,
+    concurrency: ConcurrencyListOpt = [1, 8, 32, 128],  # noqa: B006 - typer reads a list default, never mutates it
 ) -> tuple[Job, list[str]]:
     """Exp9, capacity planning: operating points of each GPU type × TP (Pareto figure, $/M tokens) and the cheapest
     deployment for 20 req/s under p99 TTFT 1 s, TPOT 100 ms. With only sim and no --hardware: H100, A100, L4."""

@@ -17,8 +17,15 @@ if TYPE_CHECKING:
 
 PromptToksOpt = Annotated[int, typer.Option("--prompt-toks", help="prompt tokens per request")]
 GenOpt = Annotated[int, typer.Option("--gen-toks", help="generated tokens per request")]
+# An experiment's backends and concurrency levels: each declares its defaults in its signature (shown by --help).
 BackendsOpt = Annotated[
-    list[str] | None, typer.Option("--backend", help="backend(s), space-separated: hf | sim | synthetic … (default hf)")
+    list[str],
+    typer.Option(
+        "--backends", "--backend", help="backends, space-separated: hf hf-paged vllm openai ollama synthetic sim"
+    ),
+]
+ConcurrencyListOpt = Annotated[
+    list[int], typer.Option("--concurrency", "-c", help="concurrent requests, space-separated")
 ]
 
 # The load and trace flags of kvray bench, kvray plan, exp5 and exp8.
