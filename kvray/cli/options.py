@@ -34,7 +34,9 @@ from kvray.experiments.options import LimitOpt as LimitOpt
 from kvray.experiments.options import PromptDistOpt as PromptDistOpt
 from kvray.experiments.options import PromptToksOpt as PromptToksOpt
 from kvray.experiments.options import SeedOpt as SeedOpt
+from kvray.experiments.options import SloOpt as SloOpt
 from kvray.experiments.options import SpeedupOpt as SpeedupOpt
+from kvray.experiments.options import TraceFileOpt as TraceFileOpt
 from kvray.experiments.options import TraceFormatOpt as TraceFormatOpt
 from kvray.experiments.options import VllmPythonOpt as VllmPythonOpt
 from kvray.experiments.options import server_options as server_options
@@ -64,6 +66,22 @@ WeightsOpt = Annotated[str, typer.Option("--weights", help="random (no download)
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 OptionOpt = Annotated[list[str] | None, typer.Option("--option", help="backend option KEY=VALUE (repeatable)")]
 NoPlotsOpt = Annotated[bool, typer.Option("--no-plots", help="skip the figures and report at the end")]
+WarmupOpt = Annotated[int, typer.Option("--warmup", help="unmeasured runs of each cell first")]
+RepeatsOpt = Annotated[int, typer.Option("--repeats", help="measured runs of each cell")]
+NoCheckOomOpt = Annotated[bool, typer.Option("--no-check-oom", help="run cells even when OOM risk is high")]
+# A job's results folder (run, launch): a local folder or object storage.
+JobOutputOpt = Annotated[
+    str | None,
+    typer.Option("--output", help="results folder or s3://bucket/prefix, gs://… (default results/<job name>)"),
+]
+
+
+def output_option(help: str, *, metavar: str | None = None) -> Any:
+    """``--output`` of a command that writes what ``help`` says; ``--out``, its old spelling, still parses
+    (OLD_SPELLINGS: not listed in help)."""
+    return typer.Option("--output", "--out", help=help, metavar=metavar)
+
+
 ResultsDirArg = Annotated[
     str,
     typer.Argument(help="a results folder (cells.jsonl from kvray run / exp / bench) or s3://bucket/prefix, gs://…"),
@@ -228,8 +246,8 @@ class ExperimentFlags:
     tp: Annotated[
         list[int] | None, typer.Option("--tp", help="tensor parallel degrees: --tp 1 2 4 8 (GPUs per model)")
     ] = None
-    warmup: Annotated[int, typer.Option("--warmup", help="unmeasured runs per cell first")] = 1
-    repeats: Annotated[int, typer.Option("--repeats", help="measured runs per cell")] = 3
+    warmup: WarmupOpt = 1
+    repeats: RepeatsOpt = 3
     option: OptionOpt = None
     output: OutputOpt = None
     output_dir: OutputDirAliasOpt = None  # hidden: --output's name before issue 26
@@ -240,7 +258,7 @@ class ExperimentFlags:
     ] = False
     as_json: JsonOpt = False
     no_plots: NoPlotsOpt = False
-    no_check_oom: Annotated[bool, typer.Option("--no-check-oom", help="run cells even when OOM risk is high")] = False
+    no_check_oom: NoCheckOomOpt = False
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log what each stage does")] = False
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="live progress table")] = True
 

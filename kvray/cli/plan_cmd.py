@@ -20,7 +20,10 @@ from kvray.cli.options import (
     PromptDistOpt,
     PromptToksOpt,
     SeedOpt,
+    SloOpt,
+    TraceFileOpt,
     TraceFormatOpt,
+    output_option,
     split_values,
 )
 from kvray.errors import KvrayInputError
@@ -34,10 +37,7 @@ PLAN_JSON = "plan.json"
 def plan(
     model: ModelOpt = "meta-llama/Meta-Llama-3-8B",
     rate: Annotated[float | None, typer.Option("--rate", help="requests/s the deployment must serve")] = None,
-    trace: Annotated[
-        str | None,
-        typer.Option("--trace", help="a trace (Mooncake, Azure, BurstGPT, kvray, conversations): lengths, reuse, rate"),
-    ] = None,
+    trace: TraceFileOpt = None,
     trace_format: TraceFormatOpt = None,
     limit: LimitOpt = None,
     speedup: Annotated[
@@ -51,9 +51,7 @@ def plan(
         int, typer.Option("--prefix-toks", help="shared prefix tokens per group (with --groups)")
     ] = 0,
     groups: Annotated[int, typer.Option("--groups", help="shared-prefix groups, one drawn per request (seeded)")] = 0,
-    slo: Annotated[
-        str, typer.Option("--slo", help="thresholds, e.g. ttft_ms=500,tpot_ms=50 (also itl_ms, e2e_ms)")
-    ] = "",
+    slo: SloOpt = None,
     percentile: Annotated[float, typer.Option("--percentile", help="the SLOs hold at this percentile")] = 99,
     gpus: Annotated[
         list[str] | None, typer.Option("--gpus", help="GPU types: H100-SXM A100-80GB-SXM L4 (default) | all")
@@ -80,9 +78,7 @@ def plan(
         str | None,
         typer.Option("--measured", help="a results folder whose measured cells join the Pareto figure (--output)"),
     ] = None,
-    output: Annotated[
-        str | None, typer.Option("--output", "--out", help="folder for plan.json and the Pareto figures")
-    ] = None,
+    output: Annotated[str | None, output_option("folder for plan.json and the Pareto figures")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The cheapest GPU type × TP × replicas × KV choice that serves --rate within --slo, priced, and why the

@@ -17,6 +17,7 @@ from kvray.cli.options import (
     AddressOpt,
     ClusterOpt,
     ExperimentFlags,
+    JobOutputOpt,
     NoPlotsOpt,
     experiment_command,
 )
@@ -55,10 +56,7 @@ def run(
     job_file: Annotated[str, typer.Argument(help="job file, e.g. jobs/quickstart.yaml")],
     address: AddressOpt = "local",
     cluster: ClusterOpt = None,
-    output: Annotated[
-        str | None,
-        typer.Option("--output", help="results folder or s3://bucket/prefix, gs://… (default results/<job name>)"),
-    ] = None,
+    output: JobOutputOpt = None,
     resume: Annotated[
         bool,
         typer.Option("--resume/--no-resume", help="skip cells already in the folder (default); --no-resume refuses it"),
@@ -123,15 +121,11 @@ def _run_into(job: Job, job_file: str, settings: RunSettings, shown: str, no_plo
 
 def launch(
     job: Annotated[str, typer.Option("--job", help="job file to run on the cluster")],
-    cluster: Annotated[
-        str | None, typer.Option("--cluster", help="Ray cluster-launcher file: brought up (idempotent) first")
-    ] = None,
+    cluster: ClusterOpt = None,
     address: Annotated[
         str | None, typer.Option("--address", help="dashboard URL of an existing cluster, http://HOST:8265")
     ] = None,
-    output: Annotated[
-        str | None, typer.Option("--output", help="local results folder or s3://… (default results/<job name>)")
-    ] = None,
+    output: JobOutputOpt = None,
     down: Annotated[bool, typer.Option("--down", help="tear the --cluster down afterwards")] = False,
     timeout_s: Annotated[
         float, typer.Option("--timeout-s", help="give up (and stop the job) after this long")

@@ -19,10 +19,9 @@ if TYPE_CHECKING:
 
 
 def exp1_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64, concurrency: list[int] | None = None) -> Job:
-    from kvray.plan.experiments import experiment_job, uniform_grid
+    from kvray.plan.experiments import uniform_job
 
-    grid = uniform_grid(common, prompt_toks, gen_toks, concurrency or [1, 2, 4, 8])
-    return experiment_job("exp1", common, [grid]).validate()
+    return uniform_job("exp1", common, prompt_toks, gen_toks, concurrency or [1, 2, 4, 8])
 
 
 def build(

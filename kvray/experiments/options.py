@@ -44,6 +44,14 @@ SpeedupOpt = Annotated[
     float | None, typer.Option("--speedup", help="divide the trace's arrival times by S (S times faster)")
 ]
 
+SloOpt = Annotated[
+    str | None, typer.Option("--slo", help="SLO thresholds in ms, e.g. ttft_ms=500,tpot_ms=50 (also itl_ms, e2e_ms)")
+]
+TraceFileOpt = Annotated[
+    str | None,
+    typer.Option("--trace", help="a trace file: Mooncake JSONL, Azure or BurstGPT CSV, kvray, conversations"),
+]
+
 # The server backends' flags (kvray bench, exp4, exp5, exp6); each becomes a backend option of the same name.
 VllmPythonOpt = Annotated[
     str | None, typer.Option("--vllm-python", help="Python of a vLLM install (default: $KVRAY_VLLM_PYTHON, this one)")

@@ -86,6 +86,11 @@ def uniform_grid(common: Common, prompt_toks: int, gen_toks: int, concurrency: l
     return Grid(gen_toks=(gen_toks,), prompt_toks=(prompt_toks,), concurrency=tuple(concurrency))
 
 
+def uniform_job(experiment: str, common: Common, prompt_toks: int, gen_toks: int, concurrency: list[int]) -> Job:
+    """The validated Job of one ``uniform_grid`` (exp1, exp4)."""
+    return experiment_job(experiment, common, [uniform_grid(common, prompt_toks, gen_toks, concurrency)]).validate()
+
+
 def experiment_job(experiment: str, common: Common, grids: list[Grid]) -> Job:
     """A Job of ``grids`` with ``common``'s settings, named and described after ``experiment``; not validated."""
     same_name = {
