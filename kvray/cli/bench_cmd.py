@@ -10,13 +10,10 @@ import typer
 
 from kvray.cli import render
 from kvray.cli.options import (
-    ApiKeyEnvOpt,
-    BaseUrlOpt,
     DeviceOpt,
     DtypeOpt,
     GenDistOpt,
     GenOpt,
-    HostOpt,
     JsonOpt,
     LimitOpt,
     ModelOpt,
@@ -26,21 +23,22 @@ from kvray.cli.options import (
     PromptToksOpt,
     RepeatsOpt,
     SeedOpt,
+    ServerFlags,
     SloOpt,
     SpeedupOpt,
     TpOpt,
     TraceFileOpt,
     TraceFormatOpt,
-    VllmPythonOpt,
     WarmupOpt,
     WeightsOpt,
     comma_ints,
+    flag_groups,
     parse_option_pairs,
-    server_options,
 )
 from kvray.errors import KvrayInputError
 
 
+@flag_groups
 def bench(
     model: ModelOpt = "facebook/opt-1.3b",
     prompt_toks: PromptToksOpt = 512,
@@ -87,10 +85,7 @@ def bench(
     warmup: WarmupOpt = 1,
     repeats: RepeatsOpt = 3,
     option: OptionOpt = None,
-    vllm_python: VllmPythonOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    host: HostOpt = None,
+    servers: ServerFlags = ServerFlags(),
     no_check_oom: NoCheckOomOpt = False,
     output: Annotated[str, typer.Option("--output", help="results folder")] = "results",
     replace: Annotated[
@@ -104,7 +99,7 @@ def bench(
     from kvray.plan.loads import parse_dist, parse_load_flags, parse_slo
 
     load, concurrency = closed_loop_users(load, users, concurrency)
-    options = parse_option_pairs([*(option or []), *server_options(vllm_python, base_url, api_key_env, host)])
+    options = parse_option_pairs([*(option or []), *servers.option_pairs()])
     cell = bench_cell(
         model,
         prompt_toks=prompt_toks,

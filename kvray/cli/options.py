@@ -34,12 +34,12 @@ from kvray.experiments.options import LimitOpt as LimitOpt
 from kvray.experiments.options import PromptDistOpt as PromptDistOpt
 from kvray.experiments.options import PromptToksOpt as PromptToksOpt
 from kvray.experiments.options import SeedOpt as SeedOpt
+from kvray.experiments.options import ServerFlags as ServerFlags
 from kvray.experiments.options import SloOpt as SloOpt
 from kvray.experiments.options import SpeedupOpt as SpeedupOpt
 from kvray.experiments.options import TraceFileOpt as TraceFileOpt
 from kvray.experiments.options import TraceFormatOpt as TraceFormatOpt
 from kvray.experiments.options import VllmPythonOpt as VllmPythonOpt
-from kvray.experiments.options import server_options as server_options
 
 if TYPE_CHECKING:
     from kvray.launch.submit import RunSettings
@@ -205,6 +205,8 @@ class SpaceListCommand(Command):
         return super().parse_args(ctx, expand_space_lists(self, list(args)))
 
 
+FLAG_GROUPS: tuple[type, ...] = (ServerFlags,)  # dataclasses a command parameter may stand for (flag_groups)
+
 # --- the exp commands' shared flags ---------------------------------------------------------------------
 
 HardwareOpt = Annotated[
@@ -306,25 +308,63 @@ class ExperimentFlags:
         )
 
 
-def experiment_command(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``func(flags: ExperimentFlags, **own_options)`` as a Typer command taking ExperimentFlags' options
-    beside its own: Typer reads the returned function's signature, which lists both."""
-    hints = typing.get_type_hints(ExperimentFlags, include_extras=True)
+def _group_options(group: type) -> list[inspect.Parameter]:
+    """A flag group's fields (a dataclass whose fields are Typer options) as keyword parameters."""
+    hints = typing.get_type_hints(group, include_extras=True)
     keyword = inspect.Parameter.KEYWORD_ONLY
-    shared = [
-        inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name]) for f in fields(ExperimentFlags)
-    ]
-    own = [p.replace(kind=keyword) for p in list(inspect.signature(func, eval_str=True).parameters.values())[1:]]
-    if clash := {p.name for p in own} & {p.name for p in shared}:
-        raise TypeError(f"{func.__name__} redeclares shared experiment flags: {', '.join(sorted(clash))}")
-    params = [shared[0], *own, *shared[1:]]  # --model leads, as it always has
-    shared_names = [p.name for p in shared]
+    return [inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name]) for f in fields(group)]
+
+
+def _as_command(
+    func: Callable[..., Any], params: list[inspect.Parameter], groups: dict[str, type]
+) -> Callable[..., Any]:
+    """``func`` as a Typer command over ``params``: the options of each flag group ``groups`` (parameter name →
+    dataclass) are gathered back into one instance of it, passed as that parameter."""
+    names = {name: [f.name for f in fields(group)] for name, group in groups.items()}
+    if len(clash := [p.name for p in params]) != len(set(clash)):
+        raise TypeError(f"{func.__name__} declares a flag twice: {sorted(n for n in clash if clash.count(n) > 1)}")
 
     @functools.wraps(func)
     def command(**kwargs: Any) -> Any:
-        flags = ExperimentFlags(**{name: kwargs.pop(name) for name in shared_names})
-        return func(flags, **kwargs)
+        for name, group in groups.items():
+            kwargs[name] = group(**{field: kwargs.pop(field) for field in names[name]})
+        return func(**kwargs)
 
     command.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
+
+
+def _expand_groups(params: list[inspect.Parameter]) -> tuple[list[inspect.Parameter], dict[str, type]]:
+    """Each parameter typed as a flag group (``ServerFlags``) replaced by the group's options, in its place."""
+    out: list[inspect.Parameter] = []
+    groups: dict[str, type] = {}
+    for p in params:
+        if isinstance(p.annotation, type) and p.annotation in FLAG_GROUPS:
+            groups[p.name] = p.annotation
+            out += _group_options(p.annotation)
+        else:
+            out.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    return out, groups
+
+
+def flag_groups(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A command whose parameters may be flag groups (``servers: ServerFlags``): each stands for its options."""
+    params, groups = _expand_groups(list(inspect.signature(func, eval_str=True).parameters.values()))
+    return _as_command(func, params, groups)
+
+
+def experiment_command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func(flags: ExperimentFlags, **own_options)`` as a Typer command taking ExperimentFlags' options
+    beside its own (flag groups among them expanded): Typer reads the returned function's signature."""
+    shared = _group_options(ExperimentFlags)
+    own, groups = _expand_groups(list(inspect.signature(func, eval_str=True).parameters.values())[1:])
+    if clash := {p.name for p in own} & {p.name for p in shared}:
+        raise TypeError(f"{func.__name__} redeclares shared experiment flags: {', '.join(sorted(clash))}")
+    params = [shared[0], *own, *shared[1:]]  # --model leads, as it always has
+
+    def with_flags(**kwargs: Any) -> Any:
+        flags = ExperimentFlags(**{p.name: kwargs.pop(p.name) for p in shared})
+        return func(flags, **kwargs)
+
+    return _as_command(functools.wraps(func)(with_flags), params, groups)

@@ -10,14 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from kvray.experiments.base import Experiment, Flags
 from kvray.experiments.options import (
-    ApiKeyEnvOpt,
     BackendsOpt,
-    BaseUrlOpt,
     ConcurrencyListOpt,
     GenOpt,
-    HostOpt,
     PromptToksOpt,
-    VllmPythonOpt,
+    ServerFlags,
     server_common,
 )
 
@@ -39,14 +36,10 @@ def build(
     prompt_toks: PromptToksOpt = 512,
     gen_toks: GenOpt = 64,
     concurrency: ConcurrencyListOpt = [1, 4, 16, 64],  # noqa: B006 - typer reads a list default, never mutates it
-    vllm_python: VllmPythonOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    host: HostOpt = None,
+    servers: ServerFlags = ServerFlags(),
 ) -> tuple[Job, list[str]]:
     """Exp4, static vs paged KV: the same workload on hf, hf-paged and vLLM (or servers) — fig8, fig9."""
-    servers = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
-    common = server_common(flags, backends, default_backends=("hf", "hf-paged", "vllm"), **servers)
+    common = server_common(flags, backends, servers, default_backends=("hf", "hf-paged", "vllm"))
     return exp4_job(common, prompt_toks, gen_toks, concurrency), []
 
 

@@ -19,16 +19,13 @@ import typer
 from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
 from kvray.experiments.options import (
-    ApiKeyEnvOpt,
     BackendsOpt,
-    BaseUrlOpt,
     GenDistOpt,
     GenOpt,
-    HostOpt,
     PromptDistOpt,
     PromptToksOpt,
     SeedOpt,
-    VllmPythonOpt,
+    ServerFlags,
     server_common,
 )
 from kvray.experiments.sections import every_cell_blocks, figure_blocks
@@ -139,17 +136,13 @@ def build(
     gen_toks: GenOpt = 64,
     prompt_dist: PromptDistOpt = None,
     gen_dist: GenDistOpt = None,
-    vllm_python: VllmPythonOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    host: HostOpt = None,
+    servers: ServerFlags = ServerFlags(),
 ) -> tuple[Job, list[str]]:
     """Exp5, serving load: closed-loop users and open-loop rates (auto: up to saturation) under SLOs — latency vs
     throughput, goodput, the knee (fig11, fig12). With only sim and no --hardware: H100-SXM, A100-80GB-SXM and L4."""
     from kvray.plan.loads import parse_dist, parse_slo
 
-    servers = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
-    common = server_common(flags, backends, default_backends=("sim",), **servers)
+    common = server_common(flags, backends, servers, default_backends=("sim",))
     values = [v.strip() for item in rates or ["auto"] for v in item.split(",") if v.strip()]
     rate_list: list[float] | str = "auto"
     if values != ["auto"]:

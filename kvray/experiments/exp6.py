@@ -13,7 +13,7 @@ import typer
 
 from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
-from kvray.experiments.options import BackendsOpt, GenOpt, VllmPythonOpt, server_options
+from kvray.experiments.options import BackendsOpt, GenOpt, ServerFlags, VllmPythonOpt
 from kvray.experiments.sections import every_cell_blocks
 
 if TYPE_CHECKING:
@@ -138,7 +138,10 @@ def build(
     predicted vs measured, TTFT vs shared fraction, per-turn hits, the fill point (docs/kv_reuse.md)."""
     if kv_pool_mib < 1:
         raise KvrayInputError(f"--kv-pool-mib must be >= 1, got {kv_pool_mib}")
-    server_flags = [*server_options(vllm_python, None, None, None), f"kv_cache_memory_bytes={kv_pool_mib * 2**20}"]
+    server_flags = [
+        *ServerFlags(vllm_python=vllm_python).option_pairs(),
+        f"kv_cache_memory_bytes={kv_pool_mib * 2**20}",
+    ]
     common = flags.common(backends, default_backends=("vllm", "hf-paged"), extra_options=server_flags)
     grid = exp6_grid(
         prefix_toks or [128, 256, 384, 512],

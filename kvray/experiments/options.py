@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -65,12 +66,20 @@ ApiKeyEnvOpt = Annotated[
 HostOpt = Annotated[str | None, typer.Option("--host", help="ollama backend: server URL, e.g. http://127.0.0.1:11434")]
 
 
-def server_options(
-    vllm_python: str | None, base_url: str | None, api_key_env: str | None, host: str | None
-) -> list[str]:
-    """The server flags as --option KEY=VALUE pairs (the API key's *name* only; its value never leaves the env)."""
-    pairs = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
-    return [f"{k}={v}" for k, v in pairs.items() if v]
+@dataclass(frozen=True)
+class ServerFlags:
+    """The server backends' flags, declared once (``kvray bench``, exp4, exp5): a command parameter of this type
+    stands for all four (kvray/cli/options.py ``flag_groups``); each becomes the backend option of its name."""
+
+    vllm_python: VllmPythonOpt = None
+    base_url: BaseUrlOpt = None
+    api_key_env: ApiKeyEnvOpt = None
+    host: HostOpt = None
+
+    def option_pairs(self) -> list[str]:
+        """The flags given, as --option KEY=VALUE pairs (the API key's *name* only; its value never leaves the
+        environment)."""
+        return [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name)]
 
 
 def require_server_flags(common: Common) -> None:
@@ -82,18 +91,10 @@ def require_server_flags(common: Common) -> None:
 
 
 def server_common(
-    flags: Flags,
-    backends: list[str] | None,
-    *,
-    default_backends: Sequence[str],
-    vllm_python: str | None,
-    base_url: str | None,
-    api_key_env: str | None,
-    host: str | None,
+    flags: Flags, backends: list[str] | None, servers: ServerFlags, *, default_backends: Sequence[str]
 ) -> Common:
     """The experiment's ``Common`` with the server flags as backend options, a missing server flag named
     (exp4, exp5: any of their backends may be a server)."""
-    server_flags = server_options(vllm_python, base_url, api_key_env, host)
-    common = flags.common(backends, default_backends=default_backends, extra_options=server_flags)
+    common = flags.common(backends, default_backends=default_backends, extra_options=servers.option_pairs())
     require_server_flags(common)
     return common
