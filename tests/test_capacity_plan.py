@@ -133,7 +133,7 @@ def test_every_bundled_price_says_where_and_when():
         (["--rate", "1", "--slo", "ttft_ms=100", "--percentile", "101"], "--percentile"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--router", "random"], "--router"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--trace", "/nonexistent.jsonl"], "--trace"),
-        (["--rate", "1", "--slo", "ttft_ms=100", "--limit", "5"], "go with --trace"),
+        (["--rate", "1", "--slo", "ttft_ms=100", "--limit", "5"], "need --trace FILE"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--calibration", "/nonexistent.json"], "--calibration"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--measured", "/tmp"], "--output"),
     ],

@@ -15,7 +15,6 @@ from kvray.cli.options import (
     GenDistOpt,
     GenOpt,
     JsonOpt,
-    LimitOpt,
     ModelOpt,
     NoCheckOomOpt,
     OptionOpt,
@@ -25,10 +24,8 @@ from kvray.cli.options import (
     SeedOpt,
     ServerFlags,
     SloOpt,
-    SpeedupOpt,
     TpOpt,
-    TraceFileOpt,
-    TraceFormatOpt,
+    TraceFlags,
     WarmupOpt,
     WeightsOpt,
     comma_ints,
@@ -68,10 +65,7 @@ def bench(
     slo: SloOpt = None,
     prompt_dist: PromptDistOpt = None,
     gen_dist: GenDistOpt = None,
-    trace: TraceFileOpt = None,
-    trace_format: TraceFormatOpt = None,
-    speedup: SpeedupOpt = None,
-    limit: LimitOpt = None,
+    traces: TraceFlags = TraceFlags(),
     dtype: DtypeOpt = "bf16",
     weights: WeightsOpt = "random",
     device: DeviceOpt = "auto",
@@ -120,7 +114,7 @@ def bench(
         gen_dist=parse_dist(gen_dist, "--gen-dist") if gen_dist else None,
         tensor_parallel=tp,
         clients=clients,
-        trace=trace_flags(trace, trace_format, speedup, limit),
+        trace=traces.replay_options(),
     )
     check_output(cell, output, replace)  # before the model loads
     started = join_ray(clients) if clients > 1 else False
@@ -137,18 +131,6 @@ def bench(
         render.bench_result(record)
     if record.result.status != "ok":
         raise typer.Exit(1)
-
-
-def trace_flags(path: str | None, fmt: str | None, speedup: float | None, limit: int | None) -> dict | None:
-    """``--trace FILE [--trace-format F] [--speedup S] [--limit N]`` → checked replay options (None: no trace)."""
-    if path is None:
-        if fmt is not None or speedup is not None or limit is not None:
-            raise KvrayInputError("--trace-format, --speedup and --limit replay a trace: they need --trace FILE")
-        return None
-    from kvray.plan.replay import check_trace_key
-
-    raw = {"path": path, "format": fmt, "speedup": speedup, "limit": limit}
-    return check_trace_key({k: v for k, v in raw.items() if v is not None}, "--trace")
 
 
 def closed_loop_users(load: str | None, users: int | None, concurrency: int) -> tuple[str | None, int]:

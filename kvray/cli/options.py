@@ -205,7 +205,29 @@ class SpaceListCommand(Command):
         return super().parse_args(ctx, expand_space_lists(self, list(args)))
 
 
-FLAG_GROUPS: tuple[type, ...] = (ServerFlags,)  # dataclasses a command parameter may stand for (flag_groups)
+@dataclass(frozen=True)
+class TraceFlags:
+    """A trace to replay or plan for, and how to cut it (``kvray bench``, ``kvray plan``)."""
+
+    trace: TraceFileOpt = None
+    trace_format: TraceFormatOpt = None
+    limit: LimitOpt = None
+    speedup: SpeedupOpt = None
+
+    def replay_options(self) -> dict[str, Any] | None:
+        """The trace's checked replay options (kvray/plan/replay.py), None without ``--trace``; the flags that cut
+        a trace without one are an input error."""
+        if self.trace is None:
+            if self.trace_format is not None or self.speedup is not None or self.limit is not None:
+                raise KvrayInputError("--trace-format, --speedup and --limit replay a trace: they need --trace FILE")
+            return None
+        from kvray.plan.replay import check_trace_key
+
+        raw = {"path": self.trace, "format": self.trace_format, "speedup": self.speedup, "limit": self.limit}
+        return check_trace_key({k: v for k, v in raw.items() if v is not None}, "--trace")
+
+
+FLAG_GROUPS: tuple[type, ...] = (ServerFlags, TraceFlags)  # what a command parameter may stand for (flag_groups)
 
 # --- the exp commands' shared flags ---------------------------------------------------------------------
 

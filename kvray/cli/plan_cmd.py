@@ -15,14 +15,13 @@ from kvray.cli.options import (
     GenDistOpt,
     GenOpt,
     JsonOpt,
-    LimitOpt,
     ModelOpt,
     PromptDistOpt,
     PromptToksOpt,
     SeedOpt,
     SloOpt,
-    TraceFileOpt,
-    TraceFormatOpt,
+    TraceFlags,
+    flag_groups,
     output_option,
     split_values,
 )
@@ -34,15 +33,11 @@ if TYPE_CHECKING:
 PLAN_JSON = "plan.json"
 
 
+@flag_groups
 def plan(
     model: ModelOpt = "meta-llama/Meta-Llama-3-8B",
     rate: Annotated[float | None, typer.Option("--rate", help="requests/s the deployment must serve")] = None,
-    trace: TraceFileOpt = None,
-    trace_format: TraceFormatOpt = None,
-    limit: LimitOpt = None,
-    speedup: Annotated[
-        float | None, typer.Option("--speedup", help="divide the trace's arrivals by S: plan for its mean rate × S")
-    ] = None,
+    traces: TraceFlags = TraceFlags(),
     prompt_dist: PromptDistOpt = None,
     gen_dist: GenDistOpt = None,
     prompt_toks: PromptToksOpt = 512,
@@ -101,10 +96,11 @@ def plan(
         raise KvrayInputError(f"--rate must be a positive number of requests/s, got {rate}")
     if not 0 < percentile <= 100:
         raise KvrayInputError(f"--percentile must be in (0, 100], got {percentile}")
+    trace, speedup = traces.trace, traces.speedup
     if trace and (prompt_dist or gen_dist or groups or prefix_toks):
         raise KvrayInputError("--trace brings its own lengths and prefixes: drop --prompt-dist/--gen-dist/--groups")
-    if not trace and (trace_format or limit is not None or speedup is not None):
-        raise KvrayInputError("--trace-format, --limit and --speedup go with --trace FILE")
+    if not trace:
+        traces.replay_options()  # None, or one line: the flags that cut a trace need --trace
     if speedup is not None and rate is not None:
         raise KvrayInputError("--speedup sets the rate planned for (the trace's mean rate × S): give it or --rate")
     gpu_names = split_values(gpus) or list(DEFAULT_GPUS)
@@ -121,7 +117,7 @@ def plan(
     measured_records = _read_measured(measured) if measured is not None else []
     output_dir = _check_output(output)
     if trace:
-        traffic = traffic_from_trace(trace, trace_format, limit=limit, speedup=speedup)
+        traffic = traffic_from_trace(trace, traces.trace_format, limit=traces.limit, speedup=speedup)
     else:
         prompt = parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else prompt_toks
         gen = parse_dist(gen_dist, "--gen-dist") if gen_dist else gen_toks
