@@ -10,6 +10,7 @@ Nothing here imports rich, pandas, torch or ray: this module is read on every ``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -227,8 +228,6 @@ class TraceFlags:
         return check_trace_key({k: v for k, v in raw.items() if v is not None}, "--trace")
 
 
-FLAG_GROUPS: tuple[type, ...] = (ServerFlags, TraceFlags)  # what a command parameter may stand for (flag_groups)
-
 # --- the exp commands' shared flags ---------------------------------------------------------------------
 
 HardwareOpt = Annotated[
@@ -330,11 +329,15 @@ class ExperimentFlags:
         )
 
 
-def _group_options(group: type) -> list[inspect.Parameter]:
-    """A flag group's fields (a dataclass whose fields are Typer options) as keyword parameters."""
+def _group_options(group: type, defaults: Any = None) -> list[inspect.Parameter]:
+    """A flag group's fields (a dataclass whose fields are Typer options) as keyword parameters, with the values
+    of ``defaults`` (an instance: a command's own defaults) or else the fields' as their defaults."""
     hints = typing.get_type_hints(group, include_extras=True)
     keyword = inspect.Parameter.KEYWORD_ONLY
-    return [inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name]) for f in fields(group)]
+    return [
+        inspect.Parameter(f.name, keyword, default=getattr(defaults, f.name, f.default), annotation=hints[f.name])
+        for f in fields(group)
+    ]
 
 
 def _as_command(
@@ -358,13 +361,14 @@ def _as_command(
 
 
 def _expand_groups(params: list[inspect.Parameter]) -> tuple[list[inspect.Parameter], dict[str, type]]:
-    """Each parameter typed as a flag group (``ServerFlags``) replaced by the group's options, in its place."""
+    """Each parameter typed as a flag group — a dataclass whose fields are Typer options (``ServerFlags``) —
+    replaced by the group's options, in its place, its default instance giving theirs."""
     out: list[inspect.Parameter] = []
     groups: dict[str, type] = {}
     for p in params:
-        if isinstance(p.annotation, type) and p.annotation in FLAG_GROUPS:
+        if isinstance(p.annotation, type) and dataclasses.is_dataclass(p.annotation):
             groups[p.name] = p.annotation
-            out += _group_options(p.annotation)
+            out += _group_options(p.annotation, p.default if isinstance(p.default, p.annotation) else None)
         else:
             out.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
     return out, groups

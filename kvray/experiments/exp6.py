@@ -6,6 +6,7 @@ Its workloads are built by the planner from the job file's keys (kvray/plan/reus
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,7 +14,7 @@ import typer
 
 from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
-from kvray.experiments.options import BackendsOpt, GenOpt, ServerFlags, VllmPythonOpt
+from kvray.experiments.options import BackendsOpt, GenOpt, ServerFlags, TurnFlags, VllmPythonOpt
 from kvray.experiments.sections import every_cell_blocks
 
 if TYPE_CHECKING:
@@ -108,6 +109,21 @@ def exp6_job(common: Common, grid: list[dict[str, Any]]) -> Job:
     return job_from_grid_blocks("exp6", common, grid)
 
 
+@dataclass(frozen=True)
+class PressureFlags:
+    """The KV-pressure cells: a small pool that long outputs overrun (preemptions)."""
+
+    pressure_concurrency: Annotated[
+        list[int] | None, typer.Option("--pressure-concurrency", help="KV-pressure cells: 4 8 16 (default)")
+    ] = None
+    pressure_gen_toks: Annotated[
+        int, typer.Option("--pressure-gen-toks", help="generated tokens of a pressure request")
+    ] = 400
+    kv_pool_mib: Annotated[
+        int, typer.Option("--kv-pool-mib", help="the KV pool of vllm / hf-paged (small: pressure)")
+    ] = 24
+
+
 def build(
     flags: Flags,
     backends: BackendsOpt = ["vllm", "hf-paged"],  # noqa: B006 - typer reads a list default, never mutates it
@@ -120,27 +136,17 @@ def build(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests per shared-prefix cell")] = 16,
     gen_toks: GenOpt = 16,
     conversations: Annotated[int, typer.Option("--conversations", help="multi-turn chats, interleaved")] = 4,
-    turns: Annotated[int, typer.Option("--turns", help="turns per chat")] = 6,
-    user_toks: Annotated[int, typer.Option("--user-toks", help="tokens of each new user message")] = 100,
-    turn_gen_toks: Annotated[int, typer.Option("--turn-gen-toks", help="tokens of each answer")] = 30,
-    pressure_concurrency: Annotated[
-        list[int] | None, typer.Option("--pressure-concurrency", help="KV-pressure cells: 4 8 16 (default)")
-    ] = None,
-    pressure_gen_toks: Annotated[
-        int, typer.Option("--pressure-gen-toks", help="generated tokens of a pressure request")
-    ] = 400,
-    kv_pool_mib: Annotated[
-        int, typer.Option("--kv-pool-mib", help="the KV pool of vllm / hf-paged (small: pressure)")
-    ] = 24,
+    chat: TurnFlags = TurnFlags(turns=6, user_toks=100, turn_gen_toks=30),
+    pressure: PressureFlags = PressureFlags(),
     vllm_python: VllmPythonOpt = None,
 ) -> tuple[Job, list[str]]:
     """Exp6, KV reuse and pressure: shared prefixes, multi-turn chats and a small pool that preempts — hit rate
     predicted vs measured, TTFT vs shared fraction, per-turn hits, the fill point (docs/kv_reuse.md)."""
-    if kv_pool_mib < 1:
-        raise KvrayInputError(f"--kv-pool-mib must be >= 1, got {kv_pool_mib}")
+    if pressure.kv_pool_mib < 1:
+        raise KvrayInputError(f"--kv-pool-mib must be >= 1, got {pressure.kv_pool_mib}")
     server_flags = [
         *ServerFlags(vllm_python=vllm_python).option_pairs(),
-        f"kv_cache_memory_bytes={kv_pool_mib * 2**20}",
+        f"kv_cache_memory_bytes={pressure.kv_pool_mib * 2**20}",
     ]
     common = flags.common(backends, default_backends=("vllm", "hf-paged"), extra_options=server_flags)
     grid = exp6_grid(
@@ -149,12 +155,12 @@ def build(
         concurrency,
         gen_toks,
         conversations,
-        turns,
-        user_toks,
-        turn_gen_toks,
-        [4, 8, 16] if pressure_concurrency is None else pressure_concurrency,
+        chat.turns,
+        chat.user_toks,
+        chat.turn_gen_toks,
+        [4, 8, 16] if pressure.pressure_concurrency is None else pressure.pressure_concurrency,
         32,
-        pressure_gen_toks,
+        pressure.pressure_gen_toks,
     )
     return exp6_job(common, grid), []
 

@@ -67,6 +67,15 @@ HostOpt = Annotated[str | None, typer.Option("--host", help="ollama backend: ser
 
 
 @dataclass(frozen=True)
+class TurnFlags:
+    """A multi-turn chat's shape (exp6's chats, exp8's sessions): each experiment gives its defaults as an instance."""
+
+    turns: Annotated[int, typer.Option("--turns", help="turns per chat")] = 4
+    user_toks: Annotated[int, typer.Option("--user-toks", help="tokens of each new user message")] = 100
+    turn_gen_toks: Annotated[int, typer.Option("--turn-gen-toks", help="tokens of each answer")] = 30
+
+
+@dataclass(frozen=True)
 class ServerFlags:
     """The server backends' flags, declared once (``kvray bench``, exp4, exp5): a command parameter of this type
     stands for all four (kvray/cli/options.py ``flag_groups``); each becomes the backend option of its name."""
