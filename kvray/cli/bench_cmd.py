@@ -15,13 +15,13 @@ from kvray.cli.options import (
     GenDistOpt,
     GenOpt,
     JsonOpt,
+    LoadFlags,
     ModelOpt,
     NoCheckOomOpt,
     OptionOpt,
     PromptDistOpt,
     PromptToksOpt,
     RepeatsOpt,
-    SeedOpt,
     ServerFlags,
     SloOpt,
     TpOpt,
@@ -45,23 +45,7 @@ def bench(
     ] = 1,
     mixed: Annotated[str | None, typer.Option("--mixed", help="mixed prompt lengths, e.g. 128,128,4096")] = None,
     arrival_gap_s: Annotated[float, typer.Option("--arrival-gap-s", help="seconds between arrivals")] = 0.0,
-    load: Annotated[
-        str | None, typer.Option("--load", help="burst | closed (--users N) | poisson | gamma | constant")
-    ] = None,
-    users: Annotated[
-        int | None, typer.Option("--users", help="a closed loop of N users, each sending its next request at once")
-    ] = None,
-    rate: Annotated[str | None, typer.Option("--rate", help="requests/s of an open loop, or auto (search)")] = None,
-    requests: Annotated[int | None, typer.Option("--requests", help="requests a load sends")] = None,
-    duration_s: Annotated[float | None, typer.Option("--duration-s", help="stop sending after this")] = None,
-    seed: SeedOpt = 0,
-    warmup_s: Annotated[
-        float | None,
-        typer.Option("--warmup-s", help="a load's ramp-up: requests sent in its first S s are not measured"),
-    ] = None,
-    cooldown_s: Annotated[
-        float | None, typer.Option("--cooldown-s", help="a load's tail: requests sent in its last S s are not measured")
-    ] = None,
+    serving: LoadFlags = LoadFlags(),
     slo: SloOpt = None,
     prompt_dist: PromptDistOpt = None,
     gen_dist: GenDistOpt = None,
@@ -90,9 +74,9 @@ def bench(
     """Measure one cell in-process (no Ray unless --clients > 1): latency, throughput, memory and KV; writes the
     dataset."""
     from kvray.bench.cell import bench_cell, check_output, measure_and_record
-    from kvray.plan.loads import parse_dist, parse_load_flags, parse_slo
+    from kvray.plan.loads import parse_dist, parse_slo
 
-    load, concurrency = closed_loop_users(load, users, concurrency)
+    load, concurrency = serving.load_and_concurrency(concurrency)
     options = parse_option_pairs([*(option or []), *servers.option_pairs()])
     cell = bench_cell(
         model,
@@ -108,7 +92,7 @@ def bench(
         warmup=warmup,
         repeats=repeats,
         options=options,
-        load=parse_load_flags(load, rate, requests, duration_s, seed, warmup_s=warmup_s, cooldown_s=cooldown_s),
+        load=load,
         slo=parse_slo(slo, "--slo") if slo else None,
         prompt_dist=parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else None,
         gen_dist=parse_dist(gen_dist, "--gen-dist") if gen_dist else None,
@@ -131,20 +115,6 @@ def bench(
         render.bench_result(record)
     if record.result.status != "ok":
         raise typer.Exit(1)
-
-
-def closed_loop_users(load: str | None, users: int | None, concurrency: int) -> tuple[str | None, int]:
-    """``--users N``: a closed loop of N users (``--load closed`` implied), whose concurrency is N; the
-    ``--load closed -c N`` of older scripts means the same."""
-    if users is None:
-        return load, concurrency
-    if load not in (None, "closed"):
-        raise KvrayInputError(f"--users makes a closed loop; --load {load} is not one (use -c for its concurrency)")
-    if concurrency not in (1, users):
-        raise KvrayInputError(
-            f"--users {users} and -c {concurrency}: a closed loop's users are its concurrency, give one"
-        )
-    return "closed", users
 
 
 def join_ray(clients: int) -> bool:

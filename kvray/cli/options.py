@@ -207,8 +207,53 @@ class SpaceListCommand(Command):
 
 
 @dataclass(frozen=True)
+class LoadFlags:
+    """``kvray bench``'s serving load instead of one burst: a closed loop of users or an open loop at a rate
+    (kvray/plan/loads.py), how long it sends and which of its requests are measured."""
+
+    load: Annotated[
+        str | None, typer.Option("--load", help="burst | closed (--users N) | poisson | gamma | constant")
+    ] = None
+    users: Annotated[
+        int | None, typer.Option("--users", help="a closed loop of N users, each sending its next request at once")
+    ] = None
+    rate: Annotated[str | None, typer.Option("--rate", help="requests/s of an open loop, or auto (search)")] = None
+    requests: Annotated[int | None, typer.Option("--requests", help="requests a load sends")] = None
+    duration_s: Annotated[float | None, typer.Option("--duration-s", help="stop sending after this")] = None
+    seed: SeedOpt = 0
+    warmup_s: Annotated[
+        float | None,
+        typer.Option("--warmup-s", help="a load's ramp-up: requests sent in its first S s are not measured"),
+    ] = None
+    cooldown_s: Annotated[
+        float | None, typer.Option("--cooldown-s", help="a load's tail: requests sent in its last S s are not measured")
+    ] = None
+
+    def load_and_concurrency(self, concurrency: int) -> tuple[dict[str, Any] | None, int]:
+        """The load as ``bench_cell`` takes it (None: a burst) and the cell's concurrency. ``--users N`` is a
+        closed loop of N users (``--load closed`` implied) whose concurrency is N; the ``--load closed -c N`` of
+        older scripts means the same."""
+        from kvray.plan.loads import parse_load_flags
+
+        kind, users = self.load, self.users
+        if users is not None:
+            if kind not in (None, "closed"):
+                raise KvrayInputError(
+                    f"--users makes a closed loop; --load {kind} is not one (use -c for its concurrency)"
+                )
+            if concurrency not in (1, users):
+                raise KvrayInputError(
+                    f"--users {users} and -c {concurrency}: a closed loop's users are its concurrency, give one"
+                )
+            kind, concurrency = "closed", users
+        trims = {"warmup_s": self.warmup_s, "cooldown_s": self.cooldown_s}
+        return parse_load_flags(kind, self.rate, self.requests, self.duration_s, self.seed, **trims), concurrency
+
+
+@dataclass(frozen=True)
 class TraceFlags:
-    """A trace to replay or plan for, and how to cut it (``kvray bench``, ``kvray plan``)."""
+    """A trace to replay (``kvray bench``) or plan for (``kvray plan``), and how to cut it: the first N requests,
+    its arrivals sped up S times."""
 
     trace: TraceFileOpt = None
     trace_format: TraceFormatOpt = None

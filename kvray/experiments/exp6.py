@@ -110,6 +110,19 @@ def exp6_job(common: Common, grid: list[dict[str, Any]]) -> Job:
 
 
 @dataclass(frozen=True)
+class SharedPrefixFlags:
+    """exp6's shared-prefix cells: the prefixes swept, each cell's whole prompt and how many requests share it."""
+
+    prefix_toks: Annotated[
+        list[int] | None, typer.Option("--prefix-toks", help="shared prefixes: 128 256 384 512 (default)")
+    ] = None
+    prompt_toks: Annotated[
+        int, typer.Option("--prompt-toks", help="total prompt tokens of the shared-prefix cells")
+    ] = 544
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests per shared-prefix cell")] = 16
+
+
+@dataclass(frozen=True)
 class PressureFlags:
     """The KV-pressure cells: a small pool that long outputs overrun (preemptions)."""
 
@@ -127,13 +140,7 @@ class PressureFlags:
 def build(
     flags: Flags,
     backends: BackendsOpt = ["vllm", "hf-paged"],  # noqa: B006 - typer reads a list default, never mutates it
-    prefix_toks: Annotated[
-        list[int] | None, typer.Option("--prefix-toks", help="shared prefixes: 128 256 384 512 (default)")
-    ] = None,
-    prompt_toks: Annotated[
-        int, typer.Option("--prompt-toks", help="total prompt tokens of the shared-prefix cells")
-    ] = 544,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests per shared-prefix cell")] = 16,
+    shared: SharedPrefixFlags = SharedPrefixFlags(),
     gen_toks: GenOpt = 16,
     conversations: Annotated[int, typer.Option("--conversations", help="multi-turn chats, interleaved")] = 4,
     chat: TurnFlags = TurnFlags(turns=6, user_toks=100, turn_gen_toks=30),
@@ -150,9 +157,9 @@ def build(
     ]
     common = flags.common(backends, default_backends=("vllm", "hf-paged"), extra_options=server_flags)
     grid = exp6_grid(
-        prefix_toks or [128, 256, 384, 512],
-        prompt_toks,
-        concurrency,
+        shared.prefix_toks or [128, 256, 384, 512],
+        shared.prompt_toks,
+        shared.concurrency,
         gen_toks,
         conversations,
         chat.turns,
