@@ -117,9 +117,7 @@ class ClosedLoopFlags:
     users: Annotated[
         list[int] | None, typer.Option("--users", help="closed-loop users: 1 4 16 64 (default); 0: no closed loop")
     ] = None
-    requests_per_user: Annotated[
-        int, typer.Option("--requests-per-user", help="requests each closed-loop user sends (>= 3)")
-    ] = 8
+    requests_per_user: Annotated[int, typer.Option("--requests-per-user", help="requests per user (>= 3)")] = 8
 
 
 @dataclass(frozen=True)

@@ -116,9 +116,7 @@ class SharedPrefixFlags:
     prefix_toks: Annotated[
         list[int] | None, typer.Option("--prefix-toks", help="shared prefixes: 128 256 384 512 (default)")
     ] = None
-    prompt_toks: Annotated[
-        int, typer.Option("--prompt-toks", help="total prompt tokens of the shared-prefix cells")
-    ] = 544
+    prompt_toks: Annotated[int, typer.Option("--prompt-toks", help="prompt tokens of each shared-prefix cell")] = 544
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests per shared-prefix cell")] = 16
 
 
@@ -130,11 +128,9 @@ class PressureFlags:
         list[int] | None, typer.Option("--pressure-concurrency", help="KV-pressure cells: 4 8 16 (default)")
     ] = None
     pressure_gen_toks: Annotated[
-        int, typer.Option("--pressure-gen-toks", help="generated tokens of a pressure request")
+        int, typer.Option("--pressure-gen-toks", help="output tokens of a pressure request")
     ] = 400
-    kv_pool_mib: Annotated[
-        int, typer.Option("--kv-pool-mib", help="the KV pool of vllm / hf-paged (small: pressure)")
-    ] = 24
+    kv_pool_mib: Annotated[int, typer.Option("--kv-pool-mib", help="KV pool of vllm / hf-paged (small: pressure)")] = 24
 
 
 def build(

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvray.experiments.base import Experiment, Flags
-from kvray.experiments.options import BackendsOpt, ConcurrencyListOpt, GenOpt, PromptToksOpt
+from kvray.experiments.base import Experiment
+from kvray.experiments.tp_sweep import tp_sweep_build
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -24,28 +24,29 @@ EXP7_TP = (1, 2, 4, 8)
 EXP7_GPUS = ("H100-SXM", "A100-80GB-SXM")  # sim's default hardware for exp7: NVLink 4 vs NVLink 3
 
 
-def exp7_job(
-    common: Common, prompt_toks: int = 1024, gen_toks: int = 128, concurrency: list[int] | None = None
-) -> tuple[Job, list[str]]:
-    """(the Job, notes): ``common.tensor_parallel`` degrees (TP 1/2/4/8 when left at [1]) × ``concurrency``
-    (1 8 32) on each GPU type; the sim backend alone defaults to H100-SXM and A100-80GB-SXM, paged layout
-    (vLLM's continuous batching)."""
+EXP7_SUMMARY = (
+    "Exp7, tensor parallelism: TTFT, TPOT, throughput per GPU and KV per GPU at --tp 1 2 4 8 (default), measured "
+    "vs predicted, and where TP stops paying. With only sim and no --hardware: H100-SXM and A100-80GB-SXM."
+)
+build = tp_sweep_build(
+    "exp7",
+    EXP7_SUMMARY,
+    default_prompt_toks=1024,
+    default_gen_toks=128,
+    default_concurrency=(1, 8, 32),
+    default_tp=EXP7_TP,
+    sim_gpus=EXP7_GPUS,
+)
+
+
+def exp7_job(common: Common, concurrency: list[int] | None = None) -> tuple[Job, list[str]]:
+    """(the Job, notes) of ``kvray exp7`` at its defaults (1024-token prompts, 128 generated) for ``common``:
+    ``common.tensor_parallel`` degrees (TP 1/2/4/8 when left at [1]) × ``concurrency`` (1 8 32) on each GPU type;
+    the sim backend alone defaults to H100-SXM and A100-80GB-SXM, paged layout (vLLM's continuous batching)."""
     from kvray.plan.experiments import tp_sweep_job
 
     concurrency = concurrency or [1, 8, 32]
-    return tp_sweep_job("exp7", common, prompt_toks, gen_toks, concurrency, default_tp=EXP7_TP, sim_gpus=EXP7_GPUS)
-
-
-def build(
-    flags: Flags,
-    backends: BackendsOpt = ["sim"],  # noqa: B006 - typer reads a list default, never mutates it
-    prompt_toks: PromptToksOpt = 1024,
-    gen_toks: GenOpt = 128,
-    concurrency: ConcurrencyListOpt = [1, 8, 32],  # noqa: B006 - typer reads a list default, never mutates it
-) -> tuple[Job, list[str]]:
-    """Exp7, tensor parallelism: TTFT, TPOT, throughput per GPU and KV per GPU at --tp 1 2 4 8 (default), measured
-    vs predicted, and where TP stops paying. With only sim and no --hardware: H100-SXM and A100-80GB-SXM."""
-    return exp7_job(flags.common(backends, default_backends=("sim",)), prompt_toks, gen_toks, concurrency)
+    return tp_sweep_job("exp7", common, 1024, 128, concurrency, default_tp=EXP7_TP, sim_gpus=EXP7_GPUS)
 
 
 def draw(dataset: Dataset, out_dir: Path) -> list[Any]:
