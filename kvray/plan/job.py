@@ -429,7 +429,9 @@ def _dist(c: Checker, key: str, value: Any, side: str) -> tuple[tuple[str, Any],
     except KvrayInputError as exc:
         raise c.fail("", str(exc)) from None
     if "max" not in params and params["kind"] != "fixed":
-        raise c.fail(key, "a length distribution in a job needs max (the model's positions are checked against it)")
+        raise c.fail(
+            key, "a drawn length distribution needs max: the model's positions are checked against it (…,max=2048)"
+        )
     return tuple(sorted(params.items()))
 
 

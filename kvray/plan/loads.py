@@ -81,6 +81,8 @@ def length_params(value: Any, key: str, side: str) -> dict[str, Any]:
         "lognormal": ("median", "sigma", "min", "max"),
     }.get(kind, ("min", "max", "sigma"))
     extra = set(value) - {"kind", *allowed}
+    if kind in DATASETS:  # the median and source this function sets for a bundled dataset, read back (a job's grid)
+        extra -= {"median", "source"}
     if extra:
         raise KvrayInputError(f"{key}: unknown key(s) {sorted(extra)} for kind {kind} (allowed: {', '.join(allowed)})")
     params: dict[str, Any] = {"kind": kind}
