@@ -222,7 +222,7 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "", *, flags: Ma
         raise c.fail("name", f"{name!r} must be letters, digits, '.', '_' or '-' (it names the results folder)")
     models = [c.string(f"models[{i}]", m) for i, m in enumerate(c.listed("models", d["models"]))]
     backends = [
-        c.choice(f"backends[{i}]", b, backend_names(), what="backend")
+        c.choice(f"backends[{i}]", b, backend_names())
         for i, b in enumerate(c.listed("backends", d.get("backends", ["hf"])))
     ]
     dtypes = []
@@ -470,6 +470,6 @@ def _check_lengths(c: Checker, job: Job) -> None:
                 )
                 raise c.fail(
                     key,
-                    f"{lengths} need {needed} positions but {model} allows {limit} (max_position_embeddings); "
+                    f"{lengths} need {needed} positions, more than {model}'s max_position_embeddings ({limit}); "
                     f"allowed: prompt + gen − 1 <= {limit}",
                 )

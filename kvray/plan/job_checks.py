@@ -73,7 +73,8 @@ class Checker:
         items = self.listed(key, value)
         bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int) or v < minimum]
         if bad:
-            raise self.fail(key, f"expected integers >= {minimum}, got {bad[0]!r}")
+            positive = "must be positive: " if minimum == 1 else ""
+            raise self.fail(key, f"{positive}expected integers >= {minimum}, got {bad[0]!r}")
         return tuple(items)
 
     def numbers(self, key: str, value: Any) -> tuple[float, ...]:
