@@ -104,7 +104,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-negative-gen", [*SYN_BENCH, "--gen-toks", "-1"], "gen"),
     ("bench-zero-concurrency", [*SYN_BENCH, "-c", "0"], "concurrency"),
     ("bench-tp-not-dividing-heads", [*SYN_BENCH, "--tp", "3"], "not divisible by tensor parallel size 3"),
-    ("bench-zero-tp", [*SYN_BENCH, "--tp", "0"], "--tp must be a positive integer"),
+    ("bench-zero-tp", [*SYN_BENCH, "--tp", "0"], "--tp: must be positive: expected integers >= 1, got 0"),
     ("bench-huge-prompt", [*BENCH, "--prompt-toks", "999999"], "max_position_embeddings"),
     ("bench-mixed-text", [*BENCH, "--mixed", "8,x"], "--mixed"),
     ("bench-negative-gap", [*BENCH, "--arrival-gap-s", "-1"], "--arrival-gap-s"),
@@ -135,10 +135,12 @@ CASES: list[tuple[str, list[str], str]] = [
     (
         "bench-dist-max-beyond-positions",
         [*SYN_BENCH, "--prompt-dist", "lognormal:median=16,max=99999999"],
-        "--prompt-dist max 99999999 + 2 gen tokens exceed kvray/tiny-llama's max_position_embeddings (4096)",
+        "--prompt-dist max 99999999 + --gen-toks 2 need 100000000 positions, more than kvray/tiny-llama's "
+        "max_position_embeddings (4096)",
     ),
-    ("bench-dist-max-one-over", [*SYN_BENCH, "--prompt-dist", "uniform:min=8,max=4095"], "(4096)"),  # 4095 + 2
-    ("bench-gen-dist-max-beyond", [*SYN_BENCH, "--gen-dist", "uniform:min=1,max=4089"], "--gen-dist max 4089"),
+    # positions P + G − 1, as a job file's lengths are checked: 4096 + 2 − 1 is one over
+    ("bench-dist-max-one-over", [*SYN_BENCH, "--prompt-dist", "uniform:min=8,max=4096"], "need 4097 positions"),
+    ("bench-gen-dist-max-beyond", [*SYN_BENCH, "--gen-dist", "uniform:min=1,max=4090"], "--gen-dist max 4090"),
     ("bench-mixed-load", [*SYN_BENCH, "--mixed", "8,8", "--load", "closed", "--requests", "4"], "--mixed"),
     ("bench-openai-no-url", [*BENCH, "--backend", "openai"], "--base-url"),
     ("bench-openai-ftp", [*BENCH, "--backend", "openai", "--base-url", "ftp://x"], "http://"),

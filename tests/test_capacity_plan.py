@@ -133,7 +133,7 @@ def test_every_bundled_price_says_where_and_when():
         (["--rate", "1", "--slo", "ttft_ms=100", "--percentile", "101"], "--percentile"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--router", "random"], "--router"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--trace", "/nonexistent.jsonl"], "--trace"),
-        (["--rate", "1", "--slo", "ttft_ms=100", "--limit", "5"], "go with --trace"),
+        (["--rate", "1", "--slo", "ttft_ms=100", "--limit", "5"], "need --trace FILE"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--calibration", "/nonexistent.json"], "--calibration"),
         (["--rate", "1", "--slo", "ttft_ms=100", "--measured", "/tmp"], "--output"),
     ],
@@ -291,12 +291,13 @@ def test_offload_pays_above_the_pool_when_a_transfer_beats_a_recompute():
     PCIe Gen4 x16 (16 GT/s × 16 lanes × 128/130 ÷ 8 = 31.5 GB/s one way) a token comes back in 4.16 µs; recomputing
     it costs at least 2 × 6.98e9 matmul parameters ÷ 312 TFLOP/s = 44.7 µs even at peak. Offload pays, above the
     working set W = the GPU pool's tokens."""
+    from kvray.capacity.search import Replica
     from kvray.capacity.whatif import offload_verdict
     from kvray.hardware.gpus import get_gpu
 
     g = resolve_geometry("meta-llama/Meta-Llama-3-8B")
     traffic = traffic_from_flags(256, 32, groups=8, prefix_toks=1024)
-    v = offload_verdict(g, get_gpu("A100-80GB-SXM"), traffic, 400_000)
+    v = offload_verdict(Replica(g, get_gpu("A100-80GB-SXM")), traffic, 400_000)
     assert v.kv_bytes_per_token_per_gpu == 131_072
     assert v.transfer_s_per_token == pytest.approx(131_072 / 31.5077e9, rel=1e-4)
     assert v.prefill_s_per_token > 44.7e-6 and v.pays
@@ -307,11 +308,12 @@ def test_offload_pays_above_the_pool_when_a_transfer_beats_a_recompute():
 def test_disaggregation_adds_the_prompt_kv_transfer_to_ttft():
     """A 1000-token prompt of Llama-3-8B carries 1000 × 131,072 B = 131 MB of KV; over an H100's NVLink 4 (900 GB/s
     both ways, 450 one way) that is 0.291 ms more TTFT."""
+    from kvray.capacity.search import Replica
     from kvray.capacity.whatif import disaggregation
     from kvray.hardware.gpus import get_gpu
 
     g = resolve_geometry("meta-llama/Meta-Llama-3-8B")
-    d = disaggregation(g, get_gpu("H100-SXM"), traffic_from_flags(1000, 100), 10.0, 50.0, pool_tokens=400_000)
+    d = disaggregation(Replica(g, get_gpu("H100-SXM")), traffic_from_flags(1000, 100), 10.0, 50.0, pool_tokens=400_000)
     assert d.kv_transfer_bytes_per_request == 1000 * 131_072
     assert d.ttft_added_s == pytest.approx(131.072e6 / 450e9)
     assert d.prefill_groups >= 1 and d.decode_groups >= 1 and d.gpus == d.prefill_groups + d.decode_groups

@@ -111,11 +111,12 @@ JOBS = {
 
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_the_emitted_rayjob_validates_and_runs_the_job_into_object_storage(validators, tmp_path, name):
-    from kvray.launch.kuberay import DNS_LABEL, JOB_MOUNT, emit
+    from kvray.launch.kuberay import DNS_LABEL, JOB_MOUNT, RayJobSettings, emit
 
     job_file = write_job_file(tmp_path, name, **JOBS[name])
     out = tmp_path / "rayjob.yaml"
-    emit(str(job_file), "s3://bench/runs/x", str(out), namespace="ml-bench", image="reg.example/kvray:0.1.0")
+    settings = RayJobSettings(namespace="ml-bench", image="reg.example/kvray:0.1.0")
+    emit(str(job_file), "s3://bench/runs/x", str(out), settings)
     config_map, rayjob = yaml.safe_load_all(out.read_text())
     assert _errors(validators, rayjob) == []
     assert config_map["kind"] == "ConfigMap" and config_map["apiVersion"] == "v1"

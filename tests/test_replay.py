@@ -79,12 +79,12 @@ def test_job_file_trace_key_round_trips(tmp_path: Path) -> None:
 
 
 def test_bench_trace_flags_checked_before_anything_loads(tmp_path: Path) -> None:
-    from kvray.cli.bench_cmd import trace_flags
+    from kvray.cli.options import TraceFlags
 
     with pytest.raises(KvrayInputError, match="need --trace"):
-        trace_flags(None, None, 2.0, None)
+        TraceFlags(speedup=2.0).replay_options()
     with pytest.raises(KvrayInputError, match="--trace.speedup"):
-        trace_flags(str(write_trace("azure", tmp_path)), None, -1.0, None)
+        TraceFlags(str(write_trace("azure", tmp_path)), speedup=-1.0).replay_options()
     with pytest.raises(KvrayInputError, match="max_position_embeddings"):  # a 2000-token prompt, 1024 positions
         bench_cell("gpt2", backend="synthetic", trace={"path": str(_long_trace(tmp_path))})
 

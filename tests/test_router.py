@@ -100,7 +100,7 @@ def test_a_replica_behind_round_robin_computes_every_prefix_once():
     groups (512 shared + 64 own tokens) over 4 replicas. Round-robin gives a replica 100 requests of all 16 groups:
     16 misses, (100 − 16)/100 × 512/576 = 0.747 of its prompt tokens hit; prefix affinity gives it whole groups, so
     its share hits more."""
-    from kvray.capacity.search import routed_probe
+    from kvray.capacity.search import Replica, routed_probe
     from kvray.capacity.traffic import traffic_from_flags
     from kvray.hardware.gpus import get_gpu
     from kvray.model.resolve import resolve_geometry
@@ -108,8 +108,8 @@ def test_a_replica_behind_round_robin_computes_every_prefix_once():
 
     g, gpu = resolve_geometry("facebook/opt-125m"), get_gpu("L4")
     traffic = traffic_from_flags(64, 4, groups=16, prefix_toks=512)
-    kw = {"cfg": EngineConfig(prefix_caching=True), "min_requests": 100}
-    rr = routed_probe(g, gpu, traffic, {"ttft_ms": 1000}, 20.0, 4, "round_robin", **kw)
-    affinity = routed_probe(g, gpu, traffic, {"ttft_ms": 1000}, 20.0, 4, "prefix_affinity", **kw)
+    replica = Replica(g, gpu, cfg=EngineConfig(prefix_caching=True))
+    rr = routed_probe(replica, traffic, {"ttft_ms": 1000}, 20.0, 4, "round_robin", min_requests=100)
+    affinity = routed_probe(replica, traffic, {"ttft_ms": 1000}, 20.0, 4, "prefix_affinity", min_requests=100)
     assert rr.prefix_hit_rate == pytest.approx((100 - 16) / 100 * 512 / 576)
     assert affinity.prefix_hit_rate > rr.prefix_hit_rate and rr.meets_slo and affinity.meets_slo

@@ -13,18 +13,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvray.backends import backend_class, check_cell, check_clients, get_backend
+from kvray.backends import check_cell, get_backend
 from kvray.data.layout import LOCK_NAME
 from kvray.data.reader import read_results
 from kvray.data.writer import DatasetWriter, drop_row, write_json_atomic
 from kvray.errors import KvrayInputError
-from kvray.model.kvmath import normalize_dtype
-from kvray.model.resolve import resolve_geometry
-from kvray.spec import OPEN_LOOPS, WEIGHTS, Cell, LoadSpec, Workload, make_options
+from kvray.model.resolve import check_pretrained_weights
+from kvray.plan.job import job_from_dict, loads_weights
+from kvray.plan.planner import plan_cells
 
 if TYPE_CHECKING:
     from kvray.measure.trace import CellResult
     from kvray.spec import Cell
+
+
+# The job keys ``kvray bench``'s flags set (kvray/cli/bench_cmd.py): an error names the flag, not the key.
+BENCH_FLAGS = {
+    "models": "--model",
+    "backends": "--backend",
+    "dtypes": "--dtype",
+    "weights": "--weights",
+    "device": "--device",
+    "tensor_parallel": "--tp",
+    "clients": "--clients",
+    "warmup": "--warmup",
+    "repeats": "--repeats",
+    "options": "--option",
+    "grid": "",  # a check of the whole workload says which flags it is about
+    "grid.prompt_toks": "--prompt-toks",
+    "grid.gen_toks": "--gen-toks",
+    "grid.concurrency": "-c/--concurrency",
+    "grid.mixed": "--mixed",
+    "grid.arrival_gap_s": "--arrival-gap-s",
+    "grid.prompt_dist": "--prompt-dist",
+    "grid.gen_dist": "--gen-dist",
+    "grid.slo": "--slo",
+    "grid.trace": "--trace",
+    "grid.load": "--load",
+    "grid.load.rate": "--rate",
+    "grid.load.users": "--users",
+    "grid.load.requests": "--requests",
+    "grid.load.duration_s": "--duration-s",
+    "grid.load.seed": "--seed",
+    "grid.load.warmup_s": "--warmup-s",
+    "grid.load.cooldown_s": "--cooldown-s",
+}
 
 
 def bench_cell(
@@ -51,146 +84,91 @@ def bench_cell(
     trace: Mapping[str, Any] | None = None,
 ) -> Cell:
     """The Cell ``kvray bench`` measures: ``concurrency`` equal requests, or one request per ``mixed`` prompt
-    length, on ``backend``; validated whole (the backend's own checks included) and returned as it will run.
+    length, on ``backend``; returned as it will run. The flags become a one-cell job (``bench_job``) checked by
+    the job files' own validator (kvray/plan/job.py: one set of rules, errors naming the flags), then what this
+    machine must have for it (``check_cell``: a server URL that answers, a vLLM python, a device).
     ``clients`` > 1 (server backends) sends the load from that many Ray actors (kvray/backends/http/clients.py)."""
-    engine = backend_class(backend)  # an unknown name is one line listing the known ones
-    try:
-        check_clients(backend, clients)
-    except KvrayInputError as exc:
-        raise KvrayInputError(f"--clients: {exc}") from None
-    if weights not in WEIGHTS:
-        raise KvrayInputError(f"unknown --weights {weights!r} (known: {', '.join(WEIGHTS)})")
-    dtype = normalize_dtype(dtype, allow_fp8=False)
-    if arrival_gap_s < 0:
-        raise KvrayInputError(f"--arrival-gap-s must be >= 0, got {arrival_gap_s}")
-    if trace:  # a replayed trace (kvray/plan/replay.py): its requests, lengths and arrivals
-        from kvray.plan.replay import replay_workload
-
-        if mixed or load or prompt_dist or gen_dist:
-            raise KvrayInputError("--trace sets the requests and their arrivals: no --mixed, --load or distributions")
-        workload = replay_workload(trace, slo or {})
-    elif mixed:
-        if load or slo or prompt_dist or gen_dist:
-            raise KvrayInputError("--mixed sets its own requests: it takes no --load, --slo or length distribution")
-        workload = Workload.mixed(list(mixed), gen_toks, arrival_gap_s)
-    elif load or slo or prompt_dist or gen_dist:
-        workload = serving_workload(
-            concurrency, prompt_dist or prompt_toks, gen_dist or gen_toks, arrival_gap_s, load or {}, slo
-        )
-    else:
-        workload = Workload.uniform(concurrency, prompt_toks, gen_toks, arrival_gap_s)
-    try:
-        g = resolve_geometry(model)
-    except KvrayInputError:
-        if engine.needs_model_geometry:  # a server may serve a model kvray cannot resolve
-            raise
-        g = None
-    if weights == "pretrained" and engine.needs_model_geometry and not engine.simulated:
-        from kvray.model.resolve import check_pretrained_weights
-
-        check_pretrained_weights(model)  # offline, or a bundled geometry: one line now, not 30 s of retries
-    if tensor_parallel < 1:
-        raise KvrayInputError(f"--tp must be a positive integer, got {tensor_parallel}")
-    if g is not None and tensor_parallel > 1:
-        from kvray.model.parallel import check_tensor_parallel
-
-        check_tensor_parallel(g, tensor_parallel)  # vLLM's divisibility rules, before anything loads
-    if g is not None and (prompt_dist or gen_dist):
-        check_dist_max(model, g.max_position_embeddings, workload, prompt_dist, gen_dist)
-    if g is not None and workload.max_seq_len > g.max_position_embeddings:
-        raise KvrayInputError(
-            f"prompt + generated tokens ({workload.max_seq_len}) exceed {model}'s "
-            f"max_position_embeddings ({g.max_position_embeddings})"
-        )
-    cell = Cell(
-        model=model,
-        workload=workload,
+    job = bench_job(
+        model,
+        {
+            "prompt_toks": prompt_toks,
+            "gen_toks": gen_toks,
+            "concurrency": concurrency,
+            "mixed": mixed,
+            "arrival_gap_s": arrival_gap_s,
+            "load": load,
+            "slo": slo,
+            "prompt_dist": prompt_dist,
+            "gen_dist": gen_dist,
+            "trace": trace,
+        },
         backend=backend,
         dtype=dtype,
         weights=weights,
         device=device,
         warmup=warmup,
         repeats=repeats,
-        options=make_options(**dict(options or {})),
+        options=options,
         tensor_parallel=tensor_parallel,
         clients=clients,
     )
-    return validate_backend_options(cell)
-
-
-def check_dist_max(
-    model: str, positions: int, workload: Any, prompt_dist: Mapping[str, Any] | None, gen_dist: Mapping[str, Any] | None
-) -> None:
-    """A length distribution's ``max`` is the longest request it may draw: refused, like ``--prompt-toks``,
-    when that prompt plus the longest output would exceed the model's positions — whatever the seed drew this
-    time (a median of 16 rarely draws near its max, so the drawn workload alone would let 99999999 through)."""
-
-    def longest(dist: Mapping[str, Any] | None, drawn: int) -> tuple[int, str | None]:
-        if dist and dist.get("max") is not None:
-            return int(dist["max"]), "max"
-        return drawn, None
-
-    prompt, p_src = longest(prompt_dist, max(r.prompt_toks for r in workload.requests))
-    gen, g_src = longest(gen_dist, max(r.gen_toks for r in workload.requests))
-    if p_src is None and g_src is None or prompt + gen <= positions:
-        return
-    what = " + ".join(
-        f"--{side}-dist max {n}" if src else f"{n} {side} tokens"
-        for side, n, src in (("prompt", prompt, p_src), ("gen", gen, g_src))
-    )
-    raise KvrayInputError(
-        f"{what} exceed {model}'s max_position_embeddings ({positions}); lower the distribution's max so that "
-        f"prompt + generated tokens <= {positions}"
-    )
-
-
-def serving_workload(
-    concurrency: int,
-    prompt: Any,
-    gen: Any,
-    arrival_gap_s: float,
-    load: Mapping[str, Any],
-    slo: Mapping[str, float] | None,
-) -> Any:
-    """``kvray bench --load KIND --rate R --requests N …``: the flags as a LoadSpec, its workload built.
-
-    For a closed loop ``-c`` is the number of users; for a burst, the burst's size."""
-    from kvray.plan.loads import build_workload
-
-    kind = str(load.get("kind") or "burst")
-    rate = load.get("rate")
-    search = "saturation" if rate == "auto" else None
-    spec = LoadSpec(
-        kind=kind,
-        rate_rps=None if rate in (None, "auto") else float(rate),
-        users=concurrency if kind == "closed" else None,
-        requests=load.get("requests"),
-        duration_s=load.get("duration_s"),
-        seed=int(load.get("seed") or 0),
-        search=search,
-        warmup_s=load.get("warmup_s"),
-        cooldown_s=load.get("cooldown_s"),
-    )
-    if kind != "burst" and arrival_gap_s:
-        raise KvrayInputError("--arrival-gap-s spaces a burst's requests; a load sets its own arrivals")
-    workload = build_workload(spec, prompt, gen, concurrency=concurrency, slo=slo, arrival_gap_s=arrival_gap_s)
-    trim = (spec.warmup_s or 0.0) + (spec.cooldown_s or 0.0)
-    if trim and kind in OPEN_LOOPS and search is None:  # the arrivals are known now: the window must hold some
-        arrivals = [r.arrival_s for r in workload.requests]
-        if trim >= max(arrivals) - min(arrivals):
-            raise KvrayInputError(
-                f"--warmup-s + --cooldown-s ({trim:g} s) leave no window: this load's arrivals "
-                f"span {max(arrivals) - min(arrivals):.3g} s"
-            )
-    return workload
-
-
-def validate_backend_options(cell: Cell) -> Cell:
-    """THE call site for per-backend checks of a cell run in this process (``kvray bench``): its options'
-    form, plus what this machine must have for it (a server URL, a vLLM python, an API key's variable, a
-    device). Each backend class answers for itself (``check_cell``); returns the cell as it will run (the
-    hf backend pins ``device="auto"`` to the device it resolves to)."""
+    (cell,) = plan_cells(job_from_dict(job, source="", flags=BENCH_FLAGS))
+    if cell.weights == "pretrained" and loads_weights(backend):
+        check_pretrained_weights(model)  # the job checked the files; this machine loads them: the hub now, too
     return check_cell(cell)
+
+
+def bench_job(
+    model: str,
+    workload: Mapping[str, Any],
+    *,
+    backend: str,
+    dtype: str,
+    tensor_parallel: int,
+    options: Mapping[str, Any] | None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """``kvray bench``'s flags as the job file that measures the same one cell. ``workload`` holds the flags that
+    shape the requests; a trace or ``mixed`` sets the requests itself, and any length-shaping flag given beside it
+    goes in too, so that the job's own checks refuse the pair."""
+    shaping = ("trace", "mixed", "prompt_dist", "gen_dist", "load", "slo")
+    given = {key: workload[key] for key in shaping if workload.get(key)}
+    block: dict[str, Any] = {}
+    if "trace" not in given:
+        block["arrival_gap_s"] = [workload["arrival_gap_s"]]
+        if "gen_dist" not in given:
+            block["gen_toks"] = [workload["gen_toks"]]
+        if "mixed" not in given:
+            block["concurrency"] = [workload["concurrency"]]
+            if "prompt_dist" not in given:
+                block["prompt_toks"] = [workload["prompt_toks"]]
+    for key, value in given.items():  # as a job file writes them
+        if key == "mixed":
+            block[key] = [list(value)]
+        elif key == "load":
+            block[key] = load_block(value, workload["concurrency"])
+        else:
+            block[key] = dict(value)
+    return {
+        "name": "bench",
+        "models": [model],
+        "backends": [backend],
+        "dtypes": [dtype],
+        "tensor_parallel": [tensor_parallel],
+        "options": dict(options or {}),
+        **settings,
+        "grid": block,
+    }
+
+
+def load_block(load: Mapping[str, Any], concurrency: int) -> dict[str, Any]:
+    """``--load KIND --rate R …`` (kvray/plan/loads.py ``parse_load_flags``) as a job grid's ``load``: a closed
+    loop's users are ``-c``; for a burst ``-c`` is its size (the grid's concurrency)."""
+    block = {key: value for key, value in load.items() if value is not None}
+    block.setdefault("kind", "burst")
+    if block["kind"] == "closed":
+        block["users"] = concurrency
+    return block
 
 
 def check_output(cell: Cell, output_dir: str | Path, replace: bool = False) -> None:

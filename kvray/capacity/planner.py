@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kvray.capacity.prices import Price
-from kvray.capacity.search import Probe, ReplicaCapacity, routed_probe, slo_capacity, weight_read_s
+from kvray.capacity.search import Probe, Replica, ReplicaCapacity, routed_probe, slo_capacity, weight_read_s
 from kvray.capacity.traffic import Traffic
 from kvray.capacity.whatif import disaggregation, offload_verdict
 from kvray.errors import KvrayInputError
@@ -228,22 +228,18 @@ def plan_capacity(
             )
             continue
         key = (c.gpu, c.tp, c.kv_dtype, c.prefix_caching and traffic.has_prefixes)
+        replica = Replica(
+            g,
+            specs[c.gpu],
+            tp=c.tp,
+            dtype=dtype,
+            kv_dtype=c.kv_dtype,
+            cfg=EngineConfig(prefix_caching=c.prefix_caching),
+            eff=efficiency_for(specs[c.gpu], "paged", calibration),
+        )
         if key not in answers:
-            spec = specs[c.gpu]
-            answers[key] = slo_capacity(
-                g,
-                spec,
-                traffic,
-                slo,
-                percentile=percentile,
-                dtype=dtype,
-                kv_dtype=c.kv_dtype,
-                cfg=EngineConfig(prefix_caching=c.prefix_caching),
-                eff=efficiency_for(spec, "paged", calibration),
-                tp=c.tp,
-                seed=seed,
-                target_rps=None if exhaustive else rate_rps,
-            )
+            target_rps = None if exhaustive else rate_rps
+            answers[key] = slo_capacity(replica, traffic, slo, percentile=percentile, seed=seed, target_rps=target_rps)
             searched += 1
         cap = answers[key]
         row.searched, row.probes, row.kv_pool_tokens = True, cap.probes, cap.kv_pool_tokens
@@ -262,22 +258,7 @@ def plan_capacity(
         row.cost_per_mtok_total = float(got["cost_per_mtok_total"])
         row.meets_slo = True
         if c.prefix_caching and traffic.has_prefixes and row.replicas > 1:
-            _route_replicas(
-                row,
-                g,
-                specs[c.gpu],
-                traffic,
-                slo,
-                rate_rps,
-                router,
-                usd,
-                percentile=percentile,
-                dtype=dtype,
-                kv_dtype=c.kv_dtype,
-                eff=efficiency_for(specs[c.gpu], "paged", calibration),
-                tp=c.tp,
-                seed=seed,
-            )
+            _route_replicas(row, replica, traffic, slo, rate_rps, router, usd, percentile=percentile, seed=seed)
         if row.meets_slo and row.cost_per_hour is not None:
             best_cost = min(best_cost, row.cost_per_hour)
     ranked = sorted(rows.values(), key=_rank)
@@ -312,8 +293,7 @@ MAX_EXTRA_REPLICAS = 3
 
 def _route_replicas(
     row: CandidateResult,
-    g: ModelGeometry,
-    spec: GpuSpec,
+    replica: Replica,
     traffic: Traffic,
     slo: Mapping[str, float],
     rate_rps: float,
@@ -324,9 +304,8 @@ def _route_replicas(
     """Replicas behind ``router`` see their share of each prefix (kvray/capacity/routing.py): serve the busiest
     replica's share of the routed traffic and add replicas (up to MAX_EXTRA_REPLICAS) until it meets the SLOs."""
     assert row.replicas is not None
-    cfg = EngineConfig(prefix_caching=True)
     for replicas in range(row.replicas, row.replicas + MAX_EXTRA_REPLICAS + 1):
-        probe = routed_probe(g, spec, traffic, slo, rate_rps, replicas, router, cfg=cfg, **kw)
+        probe = routed_probe(replica, traffic, slo, rate_rps, replicas, router, **kw)
         row.routing = {
             "policy": router,
             "replicas": replicas,
@@ -361,9 +340,9 @@ def _what_ifs(
     """CPU offload's verdict and a disaggregated prefill/decode split of the best deployment's GPU and TP."""
     spec = get_gpu(best.gpu)
     eff = efficiency_for(spec, "paged", calibration)
-    kw: dict[str, Any] = {"dtype": dtype, "kv_dtype": best.kv_dtype, "tp": best.tp, "eff": eff}
-    offload = offload_verdict(g, spec, traffic, best.kv_pool_tokens, **kw)
-    split = disaggregation(g, spec, traffic, rate_rps, slo.get("tpot_ms"), pool_tokens=best.kv_pool_tokens, **kw)
+    replica = Replica(g, spec, tp=best.tp, dtype=dtype, kv_dtype=best.kv_dtype, eff=eff)
+    offload = offload_verdict(replica, traffic, best.kv_pool_tokens)
+    split = disaggregation(replica, traffic, rate_rps, slo.get("tpot_ms"), pool_tokens=best.kv_pool_tokens)
     out = {"offload": offload.to_dict(), "disaggregation": split.to_dict()}
     if traffic.has_prefixes and best.replicas:
         from kvray.capacity.routing import predict_every_policy

@@ -129,18 +129,30 @@ def weight_read_s(g: ModelGeometry, gpu: GpuSpec, dtype: str, tp: int) -> float:
     return shard_geometry(g, tp).weights_bytes(dtype_bytes(dtype)) / (gpu.bandwidth_gbps * 1e9)
 
 
+@dataclass(frozen=True)
+class Replica:
+    """One replica as the simulator serves it: the model on ``tp`` × ``gpu``, its weight and KV dtypes, the
+    engine's config (prefix caching) and the efficiency its steps run at."""
+
+    g: ModelGeometry
+    gpu: GpuSpec
+    tp: int = 1
+    dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+    cfg: EngineConfig = field(default_factory=EngineConfig)
+    eff: Efficiency | None = None  # None: Efficiency()'s defaults (the serving model), the GPU's (predict_cell)
+
+    def serve(self, requests: list[PlanRequest]) -> ServingRun:
+        eff = self.eff or Efficiency()
+        return serve(self.g, self.gpu, requests, self.dtype, self.kv_dtype, self.cfg, eff, tp=self.tp)
+
+
 def slo_capacity(
-    g: ModelGeometry,
-    gpu: GpuSpec,
+    replica: Replica,
     traffic: Traffic,
     slo: Mapping[str, float],
     *,
     percentile: float = 99,
-    dtype: str = "bf16",
-    kv_dtype: str = "bf16",
-    cfg: EngineConfig | None = None,
-    eff: Efficiency | None = None,
-    tp: int = 1,
     precision: float = PRECISION,
     min_requests: int = MIN_REQUESTS,
     seed: int = 0,
@@ -151,8 +163,7 @@ def slo_capacity(
 
     ``target_rps``: a plan's rate. The search then stops bisecting once the bracket decides ⌈target ÷ rate⌉, the
     replicas the plan needs (``bracket_rps`` says how wide it stayed); without it, to ``precision``."""
-    cfg = cfg or EngineConfig()
-    eff = eff or Efficiency()
+    g, gpu, tp, dtype, kv_dtype, cfg = replica.g, replica.gpu, replica.tp, replica.dtype, replica.kv_dtype, replica.cfg
     floor = weight_read_s(g, gpu, dtype, tp)
     try:
         pool = kv_pool(shard_geometry(g, tp), gpu, dtype, kv_dtype, cfg)
@@ -169,7 +180,7 @@ def slo_capacity(
         cap.reason = f"does not fit (a {longest}-token request exceeds the {pool.tokens}-token KV pool)"
         return cap
     prompt, gen = traffic.percentile_pair(percentile)
-    alone = serve(g, gpu, [PlanRequest(0, prompt, max(gen, 2), 0.0)], dtype, kv_dtype, cfg, eff, tp=tp).timings[0]
+    alone = replica.serve([PlanRequest(0, prompt, max(gen, 2), 0.0)]).timings[0]
     times = alone.token_times_s
     cap.alone = {"ttft_ms": times[0] * 1e3, "tpot_ms": (times[-1] - times[0]) / (len(times) - 1) * 1e3}
     if "tpot_ms" in slo and slo["tpot_ms"] < floor * 1e3:
@@ -191,11 +202,10 @@ def slo_capacity(
         if rate not in probes:
             n = min(max(min_requests, math.ceil(rate * SPAN_E2E * alone.end_s)), MAX_REQUESTS)
             reqs = traffic.requests(rate, n, seed)
-            run = serve(g, gpu, reqs, dtype, kv_dtype, cfg, eff, tp=tp)
-            probes[rate] = judge(run, reqs, rate, slo, percentile)
+            probes[rate] = judge(replica.serve(reqs), reqs, rate, slo, percentile)
         return probes[rate].meets_slo
 
-    start = _estimate_rps(g, gpu, traffic, slo, pool.tokens, cfg, dtype, kv_dtype, eff, tp)
+    start = _estimate_rps(g, gpu, traffic, slo, pool.tokens, cfg, dtype, kv_dtype, replica.eff or Efficiency(), tp)
     coarse = precision if target_rps is None else max(precision, COARSE)
     lo, hi = knee_search(passes, start, coarse, max_steps=MAX_STEPS)
     if lo is not None and hi is not None:  # refine until the replica count is decided, or to ``precision``
@@ -250,8 +260,7 @@ def _estimate_rps(
 
 
 def routed_probe(
-    g: ModelGeometry,
-    gpu: GpuSpec,
+    replica: Replica,
     traffic: Traffic,
     slo: Mapping[str, float],
     rate_rps: float,
@@ -259,11 +268,6 @@ def routed_probe(
     policy: str,
     *,
     percentile: float = 99,
-    dtype: str = "bf16",
-    kv_dtype: str = "bf16",
-    cfg: EngineConfig | None = None,
-    eff: Efficiency | None = None,
-    tp: int = 1,
     seed: int = 0,
     min_requests: int = MIN_REQUESTS,
 ) -> Probe:
@@ -274,5 +278,4 @@ def routed_probe(
     shares = [list(s) for s in route(reqs, policy, replicas)]
     share = max(shares, key=len)
     mine = [r for r in reqs if r.id in {s.id for s in share}]
-    run = serve(g, gpu, mine, dtype, kv_dtype, cfg or EngineConfig(), eff or Efficiency(), tp=tp)
-    return judge(run, mine, rate_rps / replicas, slo, percentile)
+    return judge(replica.serve(mine), mine, rate_rps / replicas, slo, percentile)

@@ -23,12 +23,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kvray.capacity.search import Replica
 from kvray.capacity.traffic import Traffic
 from kvray.hardware.gpus import GpuSpec
-from kvray.model.geometry import ModelGeometry
 from kvray.model.kvmath import kv_bytes_per_token
 from kvray.model.parallel import shard_geometry
-from kvray.sim.simulate import Efficiency, predict_cell
+from kvray.sim.simulate import Costing, Prediction, predict_cell
 
 # GPU ↔ host link per direction, GB/s. PCI-SIG: Gen4 16 GT/s, Gen5 32 GT/s per lane, × 16 lanes, 128b/130b
 # encoding → 31.5 and 63.0 GB/s each way. Every board in kvray's table sits on PCIe x16 to its host (SXM boards
@@ -68,23 +68,13 @@ class OffloadVerdict:
 
 
 def offload_verdict(
-    g: ModelGeometry,
-    gpu: GpuSpec,
-    traffic: Traffic,
-    pool_tokens: int,
-    *,
-    dtype: str = "bf16",
-    kv_dtype: str = "bf16",
-    tp: int = 1,
-    eff: Efficiency | None = None,
-    host_kv_gib: float = DEFAULT_HOST_KV_GIB,
+    replica: Replica, traffic: Traffic, pool_tokens: int, *, host_kv_gib: float = DEFAULT_HOST_KV_GIB
 ) -> OffloadVerdict:
     """Whether offloading evicted prefix blocks to host memory beats recomputing them (module docstring)."""
-    per_token = kv_bytes_per_token(shard_geometry(g, tp), kv_dtype, "paged")
+    per_token = kv_bytes_per_token(shard_geometry(replica.g, replica.tp), replica.kv_dtype, "paged")
     prefix = max(traffic.prefix_toks, 512)
-    prefill = predict_cell(g, gpu, 1, prefix, 1, dtype=dtype, kv_dtype=kv_dtype, layout="paged", eff=eff, tp=tp)
-    prefill_per_token = prefill.ttft_s / prefix
-    link = host_link_gbps(gpu)
+    prefill_per_token = _predict(replica, 1, prefix, 1).ttft_s / prefix
+    link = host_link_gbps(replica.gpu)
     transfer_per_token = per_token / (link * 1e9)
     host_tokens = int(host_kv_gib * 2**30 / per_token)
     working = traffic.groups * traffic.prefix_toks
@@ -127,34 +117,35 @@ class Disaggregation:
         return asdict(self)
 
 
+def _predict(replica: Replica, concurrency: int, prompt_toks: int, gen_toks: int) -> Prediction:
+    """The simulator's prediction of one cell on ``replica`` (paged KV, as the engines these plans assume)."""
+    r = replica
+    costing = Costing(dtype=r.dtype, kv_dtype=r.kv_dtype, layout="paged", eff=r.eff, tp=r.tp)
+    return predict_cell(r.g, r.gpu, concurrency, prompt_toks, gen_toks, costing=costing)
+
+
 def disaggregation(
-    g: ModelGeometry,
-    gpu: GpuSpec,
+    replica: Replica,
     traffic: Traffic,
     rate_rps: float,
     tpot_ms: float | None,
     *,
     pool_tokens: int,
-    dtype: str = "bf16",
-    kv_dtype: str = "bf16",
-    tp: int = 1,
-    eff: Efficiency | None = None,
     link_gbps: float | None = None,
     max_batch: int = 256,
 ) -> Disaggregation:
     """Separate prefill and decode pools of ``tp``-GPU groups of ``gpu`` (module docstring). ``link_gbps``: the
     one-way bandwidth between the pools (default the GPU's own GPU-to-GPU link: both pools in one node)."""
     p, n = max(1, round(traffic.mean_prompt_toks)), max(2, round(traffic.mean_gen_toks))
-    kv_bytes = p * kv_bytes_per_token(g, kv_dtype, "paged")
-    link = link_gbps if link_gbps is not None else gpu.link_gbps_per_direction
+    kv_bytes = p * kv_bytes_per_token(replica.g, replica.kv_dtype, "paged")
+    link = link_gbps if link_gbps is not None else replica.gpu.link_gbps_per_direction
     added = kv_bytes / (link * 1e9)
-    kw: dict[str, Any] = {"dtype": dtype, "kv_dtype": kv_dtype, "layout": "paged", "eff": eff, "tp": tp}
-    prefill_s = predict_cell(g, gpu, 1, p, 1, **kw).ttft_s
+    prefill_s = _predict(replica, 1, p, 1).ttft_s
     prefill_groups = max(1, math.ceil(rate_rps * prefill_s / PREFILL_UTILISATION))
     cap = max(1, min(max_batch, pool_tokens // (p + n)))
 
     def tpot_ms_at(b: int) -> float:
-        return predict_cell(g, gpu, b, p, n, **kw).tpot_s * 1e3
+        return _predict(replica, b, p, n).tpot_s * 1e3
 
     limit = tpot_ms if tpot_ms is not None else math.inf
     lo, hi = 1, cap
@@ -165,7 +156,7 @@ def disaggregation(
         lo, hi = (mid, hi) if tpot_ms_at(mid) <= limit else (lo, mid)
     decode_rps = lo / (n * tpot_ms_at(lo) / 1e3)
     decode_groups = max(1, math.ceil(rate_rps / decode_rps))
-    name = "given link" if link_gbps is not None else gpu.interconnect
+    name = "given link" if link_gbps is not None else replica.gpu.interconnect
     return Disaggregation(
         kv_bytes,
         name,
@@ -176,5 +167,5 @@ def disaggregation(
         lo,
         decode_rps,
         decode_groups,
-        (prefill_groups + decode_groups) * tp,
+        (prefill_groups + decode_groups) * replica.tp,
     )

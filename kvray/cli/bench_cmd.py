@@ -10,32 +10,32 @@ import typer
 
 from kvray.cli import render
 from kvray.cli.options import (
-    ApiKeyEnvOpt,
-    BaseUrlOpt,
     DeviceOpt,
     DtypeOpt,
     GenDistOpt,
     GenOpt,
-    HostOpt,
     JsonOpt,
-    LimitOpt,
+    LoadFlags,
     ModelOpt,
+    NoCheckOomOpt,
     OptionOpt,
     PromptDistOpt,
     PromptToksOpt,
-    SeedOpt,
-    SpeedupOpt,
+    RepeatsOpt,
+    ServerFlags,
+    SloOpt,
     TpOpt,
-    TraceFormatOpt,
-    VllmPythonOpt,
+    TraceFlags,
+    WarmupOpt,
     WeightsOpt,
     comma_ints,
+    flag_groups,
     parse_option_pairs,
-    server_options,
 )
 from kvray.errors import KvrayInputError
 
 
+@flag_groups
 def bench(
     model: ModelOpt = "facebook/opt-1.3b",
     prompt_toks: PromptToksOpt = 512,
@@ -45,30 +45,11 @@ def bench(
     ] = 1,
     mixed: Annotated[str | None, typer.Option("--mixed", help="mixed prompt lengths, e.g. 128,128,4096")] = None,
     arrival_gap_s: Annotated[float, typer.Option("--arrival-gap-s", help="seconds between arrivals")] = 0.0,
-    load: Annotated[
-        str | None, typer.Option("--load", help="burst | closed (--users N) | poisson | gamma | constant")
-    ] = None,
-    users: Annotated[
-        int | None, typer.Option("--users", help="a closed loop of N users, each sending its next request at once")
-    ] = None,
-    rate: Annotated[str | None, typer.Option("--rate", help="requests/s of an open loop, or auto (search)")] = None,
-    requests: Annotated[int | None, typer.Option("--requests", help="requests a load sends")] = None,
-    duration_s: Annotated[float | None, typer.Option("--duration-s", help="stop sending after this")] = None,
-    seed: SeedOpt = 0,
-    warmup_s: Annotated[
-        float | None,
-        typer.Option("--warmup-s", help="a load's ramp-up: requests sent in its first S s are not measured"),
-    ] = None,
-    cooldown_s: Annotated[
-        float | None, typer.Option("--cooldown-s", help="a load's tail: requests sent in its last S s are not measured")
-    ] = None,
-    slo: Annotated[str | None, typer.Option("--slo", help="SLO thresholds, e.g. ttft_ms=500,tpot_ms=50")] = None,
+    serving: LoadFlags = LoadFlags(),
+    slo: SloOpt = None,
     prompt_dist: PromptDistOpt = None,
     gen_dist: GenDistOpt = None,
-    trace: Annotated[str | None, typer.Option("--trace", help="replay a trace file (docs/traces.md)")] = None,
-    trace_format: TraceFormatOpt = None,
-    speedup: SpeedupOpt = None,
-    limit: LimitOpt = None,
+    traces: TraceFlags = TraceFlags(),
     dtype: DtypeOpt = "bf16",
     weights: WeightsOpt = "random",
     device: DeviceOpt = "auto",
@@ -79,14 +60,11 @@ def bench(
     backend: Annotated[
         str, typer.Option("--backend", help="hf | hf-paged | vllm | openai | ollama | synthetic | sim")
     ] = "hf",
-    warmup: Annotated[int, typer.Option("--warmup", help="unmeasured runs first")] = 1,
-    repeats: Annotated[int, typer.Option("--repeats", help="measured runs")] = 3,
+    warmup: WarmupOpt = 1,
+    repeats: RepeatsOpt = 3,
     option: OptionOpt = None,
-    vllm_python: VllmPythonOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    host: HostOpt = None,
-    no_check_oom: Annotated[bool, typer.Option("--no-check-oom", help="run even when OOM risk is high")] = False,
+    servers: ServerFlags = ServerFlags(),
+    no_check_oom: NoCheckOomOpt = False,
     output: Annotated[str, typer.Option("--output", help="results folder")] = "results",
     replace: Annotated[
         bool, typer.Option("--replace", help="measure a cell the folder already has again, replacing its row")
@@ -96,10 +74,10 @@ def bench(
     """Measure one cell in-process (no Ray unless --clients > 1): latency, throughput, memory and KV; writes the
     dataset."""
     from kvray.bench.cell import bench_cell, check_output, measure_and_record
-    from kvray.plan.loads import parse_dist, parse_load_flags, parse_slo
+    from kvray.plan.loads import parse_dist, parse_slo
 
-    load, concurrency = closed_loop_users(load, users, concurrency)
-    options = parse_option_pairs([*(option or []), *server_options(vllm_python, base_url, api_key_env, host)])
+    load, concurrency = serving.load_and_concurrency(concurrency)
+    options = parse_option_pairs([*(option or []), *servers.option_pairs()])
     cell = bench_cell(
         model,
         prompt_toks=prompt_toks,
@@ -114,13 +92,13 @@ def bench(
         warmup=warmup,
         repeats=repeats,
         options=options,
-        load=parse_load_flags(load, rate, requests, duration_s, seed, warmup_s=warmup_s, cooldown_s=cooldown_s),
+        load=load,
         slo=parse_slo(slo, "--slo") if slo else None,
         prompt_dist=parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else None,
         gen_dist=parse_dist(gen_dist, "--gen-dist") if gen_dist else None,
         tensor_parallel=tp,
         clients=clients,
-        trace=trace_flags(trace, trace_format, speedup, limit),
+        trace=traces.replay_options(),
     )
     check_output(cell, output, replace)  # before the model loads
     started = join_ray(clients) if clients > 1 else False
@@ -137,32 +115,6 @@ def bench(
         render.bench_result(record)
     if record.result.status != "ok":
         raise typer.Exit(1)
-
-
-def trace_flags(path: str | None, fmt: str | None, speedup: float | None, limit: int | None) -> dict | None:
-    """``--trace FILE [--trace-format F] [--speedup S] [--limit N]`` → checked replay options (None: no trace)."""
-    if path is None:
-        if fmt is not None or speedup is not None or limit is not None:
-            raise KvrayInputError("--trace-format, --speedup and --limit replay a trace: they need --trace FILE")
-        return None
-    from kvray.plan.replay import check_trace_key
-
-    raw = {"path": path, "format": fmt, "speedup": speedup, "limit": limit}
-    return check_trace_key({k: v for k, v in raw.items() if v is not None}, "--trace")
-
-
-def closed_loop_users(load: str | None, users: int | None, concurrency: int) -> tuple[str | None, int]:
-    """``--users N``: a closed loop of N users (``--load closed`` implied), whose concurrency is N; the
-    ``--load closed -c N`` of older scripts means the same."""
-    if users is None:
-        return load, concurrency
-    if load not in (None, "closed"):
-        raise KvrayInputError(f"--users makes a closed loop; --load {load} is not one (use -c for its concurrency)")
-    if concurrency not in (1, users):
-        raise KvrayInputError(
-            f"--users {users} and -c {concurrency}: a closed loop's users are its concurrency, give one"
-        )
-    return "closed", users
 
 
 def join_ray(clients: int) -> bool:

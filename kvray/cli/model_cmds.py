@@ -10,7 +10,16 @@ from typing import Annotated
 import typer
 
 from kvray.cli import render
-from kvray.cli.options import DtypeOpt, JsonOpt, KvDtypeOpt, ModelNamedOpt, ModelPositional, TpOpt, one_model
+from kvray.cli.options import (
+    DtypeOpt,
+    JsonOpt,
+    KvDtypeOpt,
+    ModelNamedOpt,
+    ModelPositional,
+    TpOpt,
+    one_model,
+    output_option,
+)
 from kvray.errors import KvrayInputError
 
 
@@ -174,8 +183,7 @@ def predict(
 def calibrate(
     results_dir: Annotated[str, typer.Argument(help="a results folder with measured cells (cells.jsonl)")],
     output: Annotated[
-        str | None,
-        typer.Option("--output", "--out", metavar="FILE", help="calibration file written (default $KVRAY_CALIBRATION)"),
+        str | None, output_option("calibration file written (default $KVRAY_CALIBRATION)", metavar="FILE")
     ] = None,
     include_simulated: Annotated[
         bool, typer.Option("--include-simulated", help="also fit rows from the sim backend")

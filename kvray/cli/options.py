@@ -10,6 +10,7 @@ Nothing here imports rich, pandas, torch or ray: this module is read on every ``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -34,10 +35,12 @@ from kvray.experiments.options import LimitOpt as LimitOpt
 from kvray.experiments.options import PromptDistOpt as PromptDistOpt
 from kvray.experiments.options import PromptToksOpt as PromptToksOpt
 from kvray.experiments.options import SeedOpt as SeedOpt
+from kvray.experiments.options import ServerFlags as ServerFlags
+from kvray.experiments.options import SloOpt as SloOpt
 from kvray.experiments.options import SpeedupOpt as SpeedupOpt
+from kvray.experiments.options import TraceFileOpt as TraceFileOpt
 from kvray.experiments.options import TraceFormatOpt as TraceFormatOpt
 from kvray.experiments.options import VllmPythonOpt as VllmPythonOpt
-from kvray.experiments.options import server_options as server_options
 
 if TYPE_CHECKING:
     from kvray.launch.submit import RunSettings
@@ -64,6 +67,22 @@ WeightsOpt = Annotated[str, typer.Option("--weights", help="random (no download)
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 OptionOpt = Annotated[list[str] | None, typer.Option("--option", help="backend option KEY=VALUE (repeatable)")]
 NoPlotsOpt = Annotated[bool, typer.Option("--no-plots", help="skip the figures and report at the end")]
+WarmupOpt = Annotated[int, typer.Option("--warmup", help="unmeasured runs of each cell first")]
+RepeatsOpt = Annotated[int, typer.Option("--repeats", help="measured runs of each cell")]
+NoCheckOomOpt = Annotated[bool, typer.Option("--no-check-oom", help="run cells even when OOM risk is high")]
+# A job's results folder (run, launch): a local folder or object storage.
+JobOutputOpt = Annotated[
+    str | None,
+    typer.Option("--output", help="results folder or s3://bucket/prefix, gs://… (default results/<job name>)"),
+]
+
+
+def output_option(help: str, *, metavar: str | None = None) -> Any:
+    """``--output`` of a command that writes what ``help`` says; ``--out``, its old spelling, still parses
+    (OLD_SPELLINGS: not listed in help)."""
+    return typer.Option("--output", "--out", help=help, metavar=metavar)
+
+
 ResultsDirArg = Annotated[
     str,
     typer.Argument(help="a results folder (cells.jsonl from kvray run / exp / bench) or s3://bucket/prefix, gs://…"),
@@ -187,6 +206,73 @@ class SpaceListCommand(Command):
         return super().parse_args(ctx, expand_space_lists(self, list(args)))
 
 
+@dataclass(frozen=True)
+class LoadFlags:
+    """``kvray bench``'s serving load instead of one burst: a closed loop of users or an open loop at a rate
+    (kvray/plan/loads.py), how long it sends and which of its requests are measured."""
+
+    load: Annotated[
+        str | None, typer.Option("--load", help="burst | closed (--users N) | poisson | gamma | constant")
+    ] = None
+    users: Annotated[
+        int | None, typer.Option("--users", help="a closed loop of N users, each sending its next request at once")
+    ] = None
+    rate: Annotated[str | None, typer.Option("--rate", help="requests/s of an open loop, or auto (search)")] = None
+    requests: Annotated[int | None, typer.Option("--requests", help="requests a load sends")] = None
+    duration_s: Annotated[float | None, typer.Option("--duration-s", help="stop sending after this")] = None
+    seed: SeedOpt = 0
+    warmup_s: Annotated[
+        float | None,
+        typer.Option("--warmup-s", help="a load's ramp-up: requests sent in its first S s are not measured"),
+    ] = None
+    cooldown_s: Annotated[
+        float | None, typer.Option("--cooldown-s", help="a load's tail: requests sent in its last S s are not measured")
+    ] = None
+
+    def load_and_concurrency(self, concurrency: int) -> tuple[dict[str, Any] | None, int]:
+        """The load as ``bench_cell`` takes it (None: a burst) and the cell's concurrency. ``--users N`` is a
+        closed loop of N users (``--load closed`` implied) whose concurrency is N; the ``--load closed -c N`` of
+        older scripts means the same."""
+        from kvray.plan.loads import parse_load_flags
+
+        kind, users = self.load, self.users
+        if users is not None:
+            if kind not in (None, "closed"):
+                raise KvrayInputError(
+                    f"--users makes a closed loop; --load {kind} is not one (use -c for its concurrency)"
+                )
+            if concurrency not in (1, users):
+                raise KvrayInputError(
+                    f"--users {users} and -c {concurrency}: a closed loop's users are its concurrency, give one"
+                )
+            kind, concurrency = "closed", users
+        trims = {"warmup_s": self.warmup_s, "cooldown_s": self.cooldown_s}
+        return parse_load_flags(kind, self.rate, self.requests, self.duration_s, self.seed, **trims), concurrency
+
+
+@dataclass(frozen=True)
+class TraceFlags:
+    """A trace to replay (``kvray bench``) or plan for (``kvray plan``), and how to cut it: the first N requests,
+    its arrivals sped up S times."""
+
+    trace: TraceFileOpt = None
+    trace_format: TraceFormatOpt = None
+    limit: LimitOpt = None
+    speedup: SpeedupOpt = None
+
+    def replay_options(self) -> dict[str, Any] | None:
+        """The trace's checked replay options (kvray/plan/replay.py), None without ``--trace``; the flags that cut
+        a trace without one are an input error."""
+        if self.trace is None:
+            if self.trace_format is not None or self.speedup is not None or self.limit is not None:
+                raise KvrayInputError("--trace-format, --speedup and --limit replay a trace: they need --trace FILE")
+            return None
+        from kvray.plan.replay import check_trace_key
+
+        raw = {"path": self.trace, "format": self.trace_format, "speedup": self.speedup, "limit": self.limit}
+        return check_trace_key({k: v for k, v in raw.items() if v is not None}, "--trace")
+
+
 # --- the exp commands' shared flags ---------------------------------------------------------------------
 
 HardwareOpt = Annotated[
@@ -228,8 +314,8 @@ class ExperimentFlags:
     tp: Annotated[
         list[int] | None, typer.Option("--tp", help="tensor parallel degrees: --tp 1 2 4 8 (GPUs per model)")
     ] = None
-    warmup: Annotated[int, typer.Option("--warmup", help="unmeasured runs per cell first")] = 1
-    repeats: Annotated[int, typer.Option("--repeats", help="measured runs per cell")] = 3
+    warmup: WarmupOpt = 1
+    repeats: RepeatsOpt = 3
     option: OptionOpt = None
     output: OutputOpt = None
     output_dir: OutputDirAliasOpt = None  # hidden: --output's name before issue 26
@@ -240,7 +326,7 @@ class ExperimentFlags:
     ] = False
     as_json: JsonOpt = False
     no_plots: NoPlotsOpt = False
-    no_check_oom: Annotated[bool, typer.Option("--no-check-oom", help="run cells even when OOM risk is high")] = False
+    no_check_oom: NoCheckOomOpt = False
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log what each stage does")] = False
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="live progress table")] = True
 
@@ -288,25 +374,68 @@ class ExperimentFlags:
         )
 
 
-def experiment_command(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``func(flags: ExperimentFlags, **own_options)`` as a Typer command taking ExperimentFlags' options
-    beside its own: Typer reads the returned function's signature, which lists both."""
-    hints = typing.get_type_hints(ExperimentFlags, include_extras=True)
+def _group_options(group: type, defaults: Any = None) -> list[inspect.Parameter]:
+    """A flag group's fields (a dataclass whose fields are Typer options) as keyword parameters, with the values
+    of ``defaults`` (an instance: a command's own defaults) or else the fields' as their defaults."""
+    hints = typing.get_type_hints(group, include_extras=True)
     keyword = inspect.Parameter.KEYWORD_ONLY
-    shared = [
-        inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name]) for f in fields(ExperimentFlags)
+    return [
+        inspect.Parameter(f.name, keyword, default=getattr(defaults, f.name, f.default), annotation=hints[f.name])
+        for f in fields(group)
     ]
-    own = [p.replace(kind=keyword) for p in list(inspect.signature(func, eval_str=True).parameters.values())[1:]]
-    if clash := {p.name for p in own} & {p.name for p in shared}:
-        raise TypeError(f"{func.__name__} redeclares shared experiment flags: {', '.join(sorted(clash))}")
-    params = [shared[0], *own, *shared[1:]]  # --model leads, as it always has
-    shared_names = [p.name for p in shared]
+
+
+def _as_command(
+    func: Callable[..., Any], params: list[inspect.Parameter], groups: dict[str, type]
+) -> Callable[..., Any]:
+    """``func`` as a Typer command over ``params``: the options of each flag group ``groups`` (parameter name →
+    dataclass) are gathered back into one instance of it, passed as that parameter."""
+    names = {name: [f.name for f in fields(group)] for name, group in groups.items()}
+    if len(clash := [p.name for p in params]) != len(set(clash)):
+        raise TypeError(f"{func.__name__} declares a flag twice: {sorted(n for n in clash if clash.count(n) > 1)}")
 
     @functools.wraps(func)
     def command(**kwargs: Any) -> Any:
-        flags = ExperimentFlags(**{name: kwargs.pop(name) for name in shared_names})
-        return func(flags, **kwargs)
+        for name, group in groups.items():
+            kwargs[name] = group(**{field: kwargs.pop(field) for field in names[name]})
+        return func(**kwargs)
 
     command.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
+
+
+def _expand_groups(params: list[inspect.Parameter]) -> tuple[list[inspect.Parameter], dict[str, type]]:
+    """Each parameter typed as a flag group — a dataclass whose fields are Typer options (``ServerFlags``) —
+    replaced by the group's options, in its place, its default instance giving theirs."""
+    out: list[inspect.Parameter] = []
+    groups: dict[str, type] = {}
+    for p in params:
+        if isinstance(p.annotation, type) and dataclasses.is_dataclass(p.annotation):
+            groups[p.name] = p.annotation
+            out += _group_options(p.annotation, p.default if isinstance(p.default, p.annotation) else None)
+        else:
+            out.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    return out, groups
+
+
+def flag_groups(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A command whose parameters may be flag groups (``servers: ServerFlags``): each stands for its options."""
+    params, groups = _expand_groups(list(inspect.signature(func, eval_str=True).parameters.values()))
+    return _as_command(func, params, groups)
+
+
+def experiment_command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func(flags: ExperimentFlags, **own_options)`` as a Typer command taking ExperimentFlags' options
+    beside its own (flag groups among them expanded): Typer reads the returned function's signature."""
+    shared = _group_options(ExperimentFlags)
+    own, groups = _expand_groups(list(inspect.signature(func, eval_str=True).parameters.values())[1:])
+    if clash := {p.name for p in own} & {p.name for p in shared}:
+        raise TypeError(f"{func.__name__} redeclares shared experiment flags: {', '.join(sorted(clash))}")
+    params = [shared[0], *own, *shared[1:]]  # --model leads, as it always has
+
+    def with_flags(**kwargs: Any) -> Any:
+        flags = ExperimentFlags(**{p.name: kwargs.pop(p.name) for p in shared})
+        return func(flags, **kwargs)
+
+    return _as_command(functools.wraps(func)(with_flags), params, groups)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from kvray.cli import render
-from kvray.cli.options import ResultsDirArg
+from kvray.cli.options import ResultsDirArg, output_option
 from kvray.errors import KvrayInputError
 
 
@@ -54,9 +54,7 @@ def require_results(results_dir: str) -> list[dict[str, Any]]:
 
 def plot(
     results_dir: ResultsDirArg,
-    output: Annotated[
-        str | None, typer.Option("--output", "--out", help="figures folder or s3://… (default RESULTS_DIR/figures)")
-    ] = None,
+    output: Annotated[str | None, output_option("figures folder or s3://… (default RESULTS_DIR/figures)")] = None,
     cell: Annotated[
         str | None, typer.Option("--cell", help="draw only this cell's timeline (fig10): requests, hardware, engine")
     ] = None,

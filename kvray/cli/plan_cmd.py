@@ -15,12 +15,14 @@ from kvray.cli.options import (
     GenDistOpt,
     GenOpt,
     JsonOpt,
-    LimitOpt,
     ModelOpt,
     PromptDistOpt,
     PromptToksOpt,
     SeedOpt,
-    TraceFormatOpt,
+    SloOpt,
+    TraceFlags,
+    flag_groups,
+    output_option,
     split_values,
 )
 from kvray.errors import KvrayInputError
@@ -31,18 +33,11 @@ if TYPE_CHECKING:
 PLAN_JSON = "plan.json"
 
 
+@flag_groups
 def plan(
     model: ModelOpt = "meta-llama/Meta-Llama-3-8B",
     rate: Annotated[float | None, typer.Option("--rate", help="requests/s the deployment must serve")] = None,
-    trace: Annotated[
-        str | None,
-        typer.Option("--trace", help="a trace (Mooncake, Azure, BurstGPT, kvray, conversations): lengths, reuse, rate"),
-    ] = None,
-    trace_format: TraceFormatOpt = None,
-    limit: LimitOpt = None,
-    speedup: Annotated[
-        float | None, typer.Option("--speedup", help="divide the trace's arrivals by S: plan for its mean rate × S")
-    ] = None,
+    traces: TraceFlags = TraceFlags(),
     prompt_dist: PromptDistOpt = None,
     gen_dist: GenDistOpt = None,
     prompt_toks: PromptToksOpt = 512,
@@ -51,9 +46,7 @@ def plan(
         int, typer.Option("--prefix-toks", help="shared prefix tokens per group (with --groups)")
     ] = 0,
     groups: Annotated[int, typer.Option("--groups", help="shared-prefix groups, one drawn per request (seeded)")] = 0,
-    slo: Annotated[
-        str, typer.Option("--slo", help="thresholds, e.g. ttft_ms=500,tpot_ms=50 (also itl_ms, e2e_ms)")
-    ] = "",
+    slo: SloOpt = None,
     percentile: Annotated[float, typer.Option("--percentile", help="the SLOs hold at this percentile")] = 99,
     gpus: Annotated[
         list[str] | None, typer.Option("--gpus", help="GPU types: H100-SXM A100-80GB-SXM L4 (default) | all")
@@ -80,9 +73,7 @@ def plan(
         str | None,
         typer.Option("--measured", help="a results folder whose measured cells join the Pareto figure (--output)"),
     ] = None,
-    output: Annotated[
-        str | None, typer.Option("--output", "--out", help="folder for plan.json and the Pareto figures")
-    ] = None,
+    output: Annotated[str | None, output_option("folder for plan.json and the Pareto figures")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The cheapest GPU type × TP × replicas × KV choice that serves --rate within --slo, priced, and why the
@@ -105,10 +96,11 @@ def plan(
         raise KvrayInputError(f"--rate must be a positive number of requests/s, got {rate}")
     if not 0 < percentile <= 100:
         raise KvrayInputError(f"--percentile must be in (0, 100], got {percentile}")
+    trace, speedup = traces.trace, traces.speedup
     if trace and (prompt_dist or gen_dist or groups or prefix_toks):
         raise KvrayInputError("--trace brings its own lengths and prefixes: drop --prompt-dist/--gen-dist/--groups")
-    if not trace and (trace_format or limit is not None or speedup is not None):
-        raise KvrayInputError("--trace-format, --limit and --speedup go with --trace FILE")
+    if not trace:
+        traces.replay_options()  # None, or one line: the flags that cut a trace need --trace
     if speedup is not None and rate is not None:
         raise KvrayInputError("--speedup sets the rate planned for (the trace's mean rate × S): give it or --rate")
     gpu_names = split_values(gpus) or list(DEFAULT_GPUS)
@@ -125,7 +117,7 @@ def plan(
     measured_records = _read_measured(measured) if measured is not None else []
     output_dir = _check_output(output)
     if trace:
-        traffic = traffic_from_trace(trace, trace_format, limit=limit, speedup=speedup)
+        traffic = traffic_from_trace(trace, traces.trace_format, limit=traces.limit, speedup=speedup)
     else:
         prompt = parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else prompt_toks
         gen = parse_dist(gen_dist, "--gen-dist") if gen_dist else gen_toks

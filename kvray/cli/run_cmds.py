@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,8 +18,10 @@ from kvray.cli.options import (
     AddressOpt,
     ClusterOpt,
     ExperimentFlags,
+    JobOutputOpt,
     NoPlotsOpt,
     experiment_command,
+    flag_groups,
 )
 from kvray.errors import KvrayInputError
 from kvray.experiments import experiments
@@ -55,10 +58,7 @@ def run(
     job_file: Annotated[str, typer.Argument(help="job file, e.g. jobs/quickstart.yaml")],
     address: AddressOpt = "local",
     cluster: ClusterOpt = None,
-    output: Annotated[
-        str | None,
-        typer.Option("--output", help="results folder or s3://bucket/prefix, gs://… (default results/<job name>)"),
-    ] = None,
+    output: JobOutputOpt = None,
     resume: Annotated[
         bool,
         typer.Option("--resume/--no-resume", help="skip cells already in the folder (default); --no-resume refuses it"),
@@ -121,17 +121,28 @@ def _run_into(job: Job, job_file: str, settings: RunSettings, shown: str, no_plo
     return 1 if counts.get("error") else 0
 
 
+@dataclass(frozen=True)
+class KubeRayFlags:
+    """``launch --kuberay --emit FILE``: a KubeRay RayJob manifest written instead of a run, and where it runs."""
+
+    kuberay: Annotated[
+        bool, typer.Option("--kuberay", help="write a KubeRay RayJob manifest (--emit FILE) instead of running")
+    ] = False
+    namespace: Annotated[str, typer.Option("--namespace", help="--kuberay: the Kubernetes namespace")] = "default"
+    image: Annotated[str | None, typer.Option("--image", help="--kuberay: the Ray image with kvray installed")] = None
+    emit_to: Annotated[
+        str | None, typer.Option("--emit", help="--kuberay: the manifest file to write (- for stdout)")
+    ] = None
+
+
+@flag_groups
 def launch(
     job: Annotated[str, typer.Option("--job", help="job file to run on the cluster")],
-    cluster: Annotated[
-        str | None, typer.Option("--cluster", help="Ray cluster-launcher file: brought up (idempotent) first")
-    ] = None,
+    cluster: ClusterOpt = None,
     address: Annotated[
         str | None, typer.Option("--address", help="dashboard URL of an existing cluster, http://HOST:8265")
     ] = None,
-    output: Annotated[
-        str | None, typer.Option("--output", help="local results folder or s3://… (default results/<job name>)")
-    ] = None,
+    output: JobOutputOpt = None,
     down: Annotated[bool, typer.Option("--down", help="tear the --cluster down afterwards")] = False,
     timeout_s: Annotated[
         float, typer.Option("--timeout-s", help="give up (and stop the job) after this long")
@@ -148,28 +159,12 @@ def launch(
         bool,
         typer.Option("--shared-output", help="--output is on a filesystem the cluster shares: the job writes there"),
     ] = False,
-    kuberay: Annotated[
-        bool, typer.Option("--kuberay", help="write a KubeRay RayJob manifest (--emit FILE) instead of running")
-    ] = False,
-    namespace: Annotated[str, typer.Option("--namespace", help="--kuberay: the Kubernetes namespace")] = "default",
-    image: Annotated[str | None, typer.Option("--image", help="--kuberay: the Ray image with kvray installed")] = None,
-    emit_to: Annotated[
-        str | None, typer.Option("--emit", help="--kuberay: the manifest file to write (- for stdout)")
-    ] = None,
+    kuberay: KubeRayFlags = KubeRayFlags(),
 ) -> int:
     """Run JOB on a Ray cluster through the Jobs API and bring its dataset back here (``kvray run --address
     http://…`` with the remote-only flags); with --kuberay, write the RayJob that runs it on Kubernetes."""
-    if kuberay or emit_to:
-        return _emit_kuberay(
-            job,
-            output,
-            emit_to,
-            namespace=namespace,
-            image=image,
-            timeout_s=timeout_s,
-            elsewhere=bool(cluster or address),
-            kuberay=kuberay,
-        )
+    if kuberay.kuberay or kuberay.emit_to:
+        return _emit_kuberay(job, output, kuberay, timeout_s=timeout_s, elsewhere=bool(cluster or address))
     from kvray.data.location import is_uri, output_folder
     from kvray.data.status import default_output_dir
     from kvray.launch.remote import RemoteJobError
@@ -215,25 +210,17 @@ def launch(
     return 0 if status.endswith("SUCCEEDED") else 1
 
 
-def _emit_kuberay(
-    job: str,
-    output: str | None,
-    emit_to: str | None,
-    *,
-    namespace: str,
-    image: str | None,
-    timeout_s: float,
-    elsewhere: bool,
-    kuberay: bool,
-) -> int:
+def _emit_kuberay(job: str, output: str | None, flags: KubeRayFlags, *, timeout_s: float, elsewhere: bool) -> int:
     """``launch --kuberay --emit FILE``: the manifests only (kvray/launch/kuberay.py); nothing is contacted."""
-    from kvray.launch.kuberay import DEFAULT_IMAGE, emit
+    from kvray.launch.kuberay import DEFAULT_IMAGE, RayJobSettings, emit
 
-    if not (kuberay and emit_to):
+    emit_to = flags.emit_to
+    if not (flags.kuberay and emit_to):
         raise KvrayInputError("--kuberay and --emit FILE go together: the RayJob manifest is written to FILE")
     if elsewhere:
         raise KvrayInputError("--kuberay writes a manifest for kubectl: leave out --cluster and --address")
-    emit(job, output, emit_to, namespace=namespace, image=image or DEFAULT_IMAGE, timeout_s=timeout_s)
+    image = flags.image or DEFAULT_IMAGE
+    emit(job, output, emit_to, RayJobSettings(namespace=flags.namespace, image=image, timeout_s=timeout_s))
     if emit_to != "-":
         render.line(f"RayJob written to {emit_to}: kubectl apply -f {emit_to}; the dataset goes to {output}")
     return 0

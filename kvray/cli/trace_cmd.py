@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kvray.cli.options import JsonOpt, LimitOpt, SpeedupOpt
+from kvray.cli.options import JsonOpt, LimitOpt, ModelNamedOpt, SpeedupOpt
 from kvray.errors import KvrayInputError
 
 
@@ -21,9 +21,7 @@ def trace(
             "--format", help="mooncake | azure | burstgpt | kvray | conversations (default: from the content)"
         ),
     ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="give pools and the working set in bytes of this model's KV")
-    ] = None,
+    model: ModelNamedOpt = None,
     block_tokens: Annotated[
         int | None, typer.Option("--block-tokens", help="cache block size in tokens (default: the trace's, else 16)")
     ] = None,

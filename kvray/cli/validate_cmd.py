@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from kvray.cli import render
-from kvray.cli.options import JsonOpt
+from kvray.cli.options import JsonOpt, output_option
 
 
 def validate(
@@ -26,8 +26,7 @@ def validate(
     ] = None,
     as_json: JsonOpt = False,
     output: Annotated[
-        str | None,
-        typer.Option("--output", "--out", metavar="DIR", help="also write validation.json and the figure here"),
+        str | None, output_option("also write validation.json and the figure here", metavar="DIR")
     ] = None,
 ) -> None:
     """Predict every measured cell of a folder with the simulator: measured, predicted, error per metric."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -68,6 +68,15 @@ class Experiment:
     # import the analysis stage (numpy), which a `kvray --help` must not.
     findings: Callable[[], Sequence[FindingRule]] | None = None
     table_sort: tuple[str, ...] = ("workload", "concurrency", "prompt_toks")  # its cell table's order, after series
+
+    @classmethod
+    def of_module(cls, module: Mapping[str, Any], title: str, **declared: Any) -> Experiment:
+        """The experiment a module ``kvray/experiments/expN.py`` declares by its names: ``expN`` (the module's),
+        its ``build``, and its ``draw``, ``section`` and ``findings`` where it defines them; ``declared`` adds the
+        rest (figures, table_sort). ``EXPERIMENT = Experiment.of_module(globals(), "Exp1 — …", figures=(…))``."""
+        own = {key: module[key] for key in ("draw", "section", "findings") if key in module}
+        name = str(module["__name__"]).rpartition(".")[2]
+        return cls(name=name, title=title, build=module["build"], **{**own, **declared})
 
     @property
     def summary(self) -> str:

@@ -61,13 +61,13 @@ def build(
     seqlens: SeqlensOpt = None,
     gen_toks: GenOpt = 64,
     concurrency: ConcurrencyOpt = 1,
-    backend: BackendsOpt = None,
+    backend: BackendsOpt = ["hf"],  # noqa: B006 - typer reads a list default, never mutates it
 ) -> tuple[Job, list[str]]:
     """Exp2, sequence-length sweep: latency (log-log exponent) and memory as prompts grow (fig3, fig4)."""
     return exp2_job(flags.common(backend), seqlens, gen_toks, concurrency)
 
 
-def _findings() -> tuple[FindingRule, ...]:
+def findings() -> tuple[FindingRule, ...]:
     from kvray.analysis.evidence import latency_exponents
     from kvray.analysis.findings import FindingRule, oom_rule
 
@@ -77,11 +77,9 @@ def _findings() -> tuple[FindingRule, ...]:
     )
 
 
-EXPERIMENT = Experiment(
-    name="exp2",
-    title="Exp2 — sequence-length sweep",
-    build=build,
+EXPERIMENT = Experiment.of_module(
+    globals(),
+    "Exp2 — sequence-length sweep",
     **view_drawn("fig3_latency_vs_seqlen", "fig4_mem_vs_seqlen"),
-    findings=_findings,
     table_sort=("prompt_toks", "concurrency"),
 )

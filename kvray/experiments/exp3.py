@@ -73,7 +73,7 @@ def build(
     gen_toks: GenOpt = 64,
     n_short: Annotated[int, typer.Option("--n-short", help="short requests per batch")] = 3,
     n_long: Annotated[int, typer.Option("--n-long", help="long requests in the mixed batch")] = 1,
-    backend: BackendsOpt = None,
+    backend: BackendsOpt = ["hf"],  # noqa: B006 - typer reads a list default, never mutates it
 ) -> tuple[Job, list[str]]:
     """Exp3, mixed lengths: short requests alone vs batched with long ones — the tail-latency penalty (fig5)."""
     return exp3_job(flags.common(backend), short, long, gen_toks, n_short, n_long)
@@ -135,18 +135,13 @@ def section(exp: Experiment, page: Page) -> list[Block]:
     return blocks + figure_blocks(exp, page)
 
 
-def _findings() -> tuple[FindingRule, ...]:
+def findings() -> tuple[FindingRule, ...]:
     from kvray.analysis.evidence import mixed_penalties
     from kvray.analysis.findings import FindingRule
 
     return (FindingRule("mixed_penalty", "Tail-latency penalty of short requests in mixed batches", mixed_penalties),)
 
 
-EXPERIMENT = Experiment(
-    name="exp3",
-    title="Exp3 — mixed lengths (tail latency)",
-    build=build,
-    **view_drawn("fig5_mixed_lengths_latency"),
-    section=section,
-    findings=_findings,
+EXPERIMENT = Experiment.of_module(
+    globals(), "Exp3 — mixed lengths (tail latency)", **view_drawn("fig5_mixed_lengths_latency")
 )

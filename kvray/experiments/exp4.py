@@ -6,19 +6,15 @@ used per backend; fig9 draws the KV timeline of each backend that records one (k
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
-
-from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags
 from kvray.experiments.options import (
-    ApiKeyEnvOpt,
-    BaseUrlOpt,
+    BackendsOpt,
+    ConcurrencyListOpt,
     GenOpt,
-    HostOpt,
     PromptToksOpt,
-    VllmPythonOpt,
+    ServerFlags,
     server_common,
 )
 
@@ -27,44 +23,23 @@ if TYPE_CHECKING:
     from kvray.plan.experiments import Common
     from kvray.plan.job import Job
 
-BackendsOpt = Annotated[
-    list[str] | None, typer.Option("--backends", "--backend", help="hf hf-paged vllm (default) | openai | ollama")
-]
-ConcurrencyOpt = Annotated[
-    list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 4 16 64 (default)")
-]
-
 
 def exp4_job(common: Common, prompt_toks: int = 512, gen_toks: int = 64, concurrency: list[int] | None = None) -> Job:
-    from kvray.plan.experiments import experiment_job, max_positions, positive
-    from kvray.plan.job import Grid
+    from kvray.plan.experiments import uniform_job
 
-    concurrency = sorted(set(concurrency or [1, 4, 16, 64]))
-    positive("--concurrency", concurrency)
-    positive("--prompt-toks", [prompt_toks])
-    positive("--gen-toks", [gen_toks])
-    if prompt_toks + gen_toks - 1 > (limit := max_positions(common.model)):
-        raise KvrayInputError(
-            f"--prompt-toks {prompt_toks} + {gen_toks} generated tokens exceed {common.model}'s {limit} positions"
-        )
-    grid = Grid(gen_toks=(gen_toks,), prompt_toks=(prompt_toks,), concurrency=tuple(concurrency))
-    return experiment_job("exp4", common, [grid]).validate()
+    return uniform_job("exp4", common, prompt_toks, gen_toks, concurrency or [1, 4, 16, 64])
 
 
 def build(
     flags: Flags,
-    backends: BackendsOpt = None,
+    backends: BackendsOpt = ["hf", "hf-paged", "vllm"],  # noqa: B006 - typer reads a list default, never mutates it
     prompt_toks: PromptToksOpt = 512,
     gen_toks: GenOpt = 64,
-    concurrency: ConcurrencyOpt = None,
-    vllm_python: VllmPythonOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    host: HostOpt = None,
+    concurrency: ConcurrencyListOpt = [1, 4, 16, 64],  # noqa: B006 - typer reads a list default, never mutates it
+    servers: ServerFlags = ServerFlags(),
 ) -> tuple[Job, list[str]]:
     """Exp4, static vs paged KV: the same workload on hf, hf-paged and vLLM (or servers) — fig8, fig9."""
-    servers = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
-    common = server_common(flags, backends, default_backends=("hf", "hf-paged", "vllm"), **servers)
+    common = server_common(flags, backends, servers, default_backends=("hf", "hf-paged", "vllm"))
     return exp4_job(common, prompt_toks, gen_toks, concurrency), []
 
 
@@ -76,11 +51,9 @@ def draw(dataset: Dataset, out_dir: Path) -> list[Any]:
     return server_figures(dataset, out_dir) if has_server_data(dataset.records) else []
 
 
-EXPERIMENT = Experiment(
-    name="exp4",
-    title="Exp4 — static vs paged KV, in-process vs server",
-    build=build,
+EXPERIMENT = Experiment.of_module(
+    globals(),
+    "Exp4 — static vs paged KV, in-process vs server",
     figures=("fig8_backend_compare", "fig9_kv_timeline"),
-    draw=draw,
     table_sort=("backend", "concurrency", "prompt_toks"),
 )

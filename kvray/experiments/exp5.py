@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,15 +20,14 @@ import typer
 from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
 from kvray.experiments.options import (
-    ApiKeyEnvOpt,
-    BaseUrlOpt,
+    BackendsOpt,
     GenDistOpt,
     GenOpt,
-    HostOpt,
     PromptDistOpt,
     PromptToksOpt,
     SeedOpt,
-    VllmPythonOpt,
+    ServerFlags,
+    SloOpt,
     server_common,
 )
 from kvray.experiments.sections import every_cell_blocks, figure_blocks
@@ -110,67 +110,74 @@ def exp5_job(
     return job_from_grid_blocks("exp5", common, blocks)  # as a job file writes them: loads and SLOs checked there
 
 
-def build(
-    flags: Flags,
-    backends: Annotated[
-        list[str] | None,
-        typer.Option("--backends", "--backend", help="sim (default) | hf hf-paged vllm openai ollama synthetic"),
-    ] = None,
+@dataclass(frozen=True)
+class ClosedLoopFlags:
+    """exp5's closed loops: how many users (one cell each) and how many requests each user sends."""
+
     users: Annotated[
         list[int] | None, typer.Option("--users", help="closed-loop users: 1 4 16 64 (default); 0: no closed loop")
-    ] = None,
-    requests_per_user: Annotated[
-        int, typer.Option("--requests-per-user", help="requests each closed-loop user sends (>= 3)")
-    ] = 8,
-    open_load: Annotated[
-        str, typer.Option("--open-load", help="poisson (default) | gamma | constant | none")
-    ] = "poisson",
+    ] = None
+    requests_per_user: Annotated[int, typer.Option("--requests-per-user", help="requests per user (>= 3)")] = 8
+
+
+@dataclass(frozen=True)
+class OpenLoopFlags:
+    """exp5's open loops: the arrival process, its rates (or a saturation search) and how many requests each
+    sends."""
+
+    open_load: Annotated[str, typer.Option("--open-load", help="poisson (default) | gamma | constant | none")] = (
+        "poisson"
+    )
     rates: Annotated[
         list[str] | None,
         typer.Option("--rates", "--rate", help="open-loop requests/s: auto (default: a saturation search) or 1 2 4 …"),
-    ] = None,
+    ] = None
     requests: Annotated[
         int, typer.Option("--requests", help="requests per open-loop rate (a search probe sends at least this many)")
-    ] = 100,
-    burstiness: Annotated[float, typer.Option("--burstiness", help="gamma loads: 1 = poisson, > 1 burstier")] = 1.0,
+    ] = 100
+    burstiness: Annotated[float, typer.Option("--burstiness", help="gamma loads: 1 = poisson, > 1 burstier")] = 1.0
+
+    def rate_list(self) -> list[float] | str:
+        """The rates as requests/s, or "auto" (a saturation search)."""
+        values = [v.strip() for item in self.rates or ["auto"] for v in item.split(",") if v.strip()]
+        if values == ["auto"]:
+            return "auto"
+        try:
+            return [float(v) for v in values]
+        except ValueError:
+            raise KvrayInputError(f"--rates: expected requests/s or auto, got {' '.join(values)}") from None
+
+
+def build(
+    flags: Flags,
+    backends: BackendsOpt = ["sim"],  # noqa: B006 - typer reads a list default, never mutates it
+    closed_loop: ClosedLoopFlags = ClosedLoopFlags(),
+    open_loop: OpenLoopFlags = OpenLoopFlags(),
     seed: SeedOpt = 0,
-    slo: Annotated[
-        str, typer.Option("--slo", help="SLO thresholds in ms: ttft_ms, tpot_ms, itl_ms, e2e_ms")
-    ] = "ttft_ms=500,tpot_ms=50",
+    slo: SloOpt = "ttft_ms=500,tpot_ms=50",
     prompt_toks: PromptToksOpt = 512,
     gen_toks: GenOpt = 64,
     prompt_dist: PromptDistOpt = None,
     gen_dist: GenDistOpt = None,
-    vllm_python: VllmPythonOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    host: HostOpt = None,
+    servers: ServerFlags = ServerFlags(),
 ) -> tuple[Job, list[str]]:
     """Exp5, serving load: closed-loop users and open-loop rates (auto: up to saturation) under SLOs — latency vs
     throughput, goodput, the knee (fig11, fig12). With only sim and no --hardware: H100-SXM, A100-80GB-SXM and L4."""
     from kvray.plan.loads import parse_dist, parse_slo
 
-    servers = {"vllm_python": vllm_python, "base_url": base_url, "api_key_env": api_key_env, "host": host}
-    common = server_common(flags, backends, default_backends=("sim",), **servers)
-    values = [v.strip() for item in rates or ["auto"] for v in item.split(",") if v.strip()]
-    rate_list: list[float] | str = "auto"
-    if values != ["auto"]:
-        try:
-            rate_list = [float(v) for v in values]
-        except ValueError:
-            raise KvrayInputError(f"--rates: expected requests/s or auto, got {' '.join(values)}") from None
+    common = server_common(flags, backends, servers, default_backends=("sim",))
     job = exp5_job(
         common,
         parse_dist(prompt_dist, "--prompt-dist") if prompt_dist else prompt_toks,
         parse_dist(gen_dist, "--gen-dist") if gen_dist else gen_toks,
-        [u for u in users if u != 0] if users is not None else None,
-        requests_per_user,
-        None if open_load == "none" else open_load,
-        rate_list,
-        requests,
+        [u for u in closed_loop.users if u != 0] if closed_loop.users is not None else None,
+        closed_loop.requests_per_user,
+        None if open_loop.open_load == "none" else open_loop.open_load,
+        open_loop.rate_list(),
+        open_loop.requests,
         parse_slo(slo, "--slo"),
         seed,
-        burstiness,
+        open_loop.burstiness,
     )
     return job, []
 
@@ -275,11 +282,6 @@ def section(exp: Experiment, page: Page) -> list[Block]:
     return blocks + every_cell_blocks(exp, page)
 
 
-EXPERIMENT = Experiment(
-    name="exp5",
-    title="Serving — goodput under SLOs",
-    build=build,
-    figures=("fig11_latency_vs_throughput", "fig12_pareto"),
-    draw=draw,
-    section=section,
+EXPERIMENT = Experiment.of_module(
+    globals(), "Serving — goodput under SLOs", figures=("fig11_latency_vs_throughput", "fig12_pareto")
 )

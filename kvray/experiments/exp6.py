@@ -6,6 +6,7 @@ Its workloads are built by the planner from the job file's keys (kvray/plan/reus
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,7 +14,7 @@ import typer
 
 from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
-from kvray.experiments.options import GenOpt, VllmPythonOpt, server_options
+from kvray.experiments.options import BackendsOpt, GenOpt, ServerFlags, TurnFlags, VllmPythonOpt
 from kvray.experiments.sections import every_cell_blocks
 
 if TYPE_CHECKING:
@@ -108,52 +109,61 @@ def exp6_job(common: Common, grid: list[dict[str, Any]]) -> Job:
     return job_from_grid_blocks("exp6", common, grid)
 
 
-def build(
-    flags: Flags,
-    backends: Annotated[
-        list[str] | None, typer.Option("--backends", "--backend", help="vllm hf-paged (default) | sim")
-    ] = None,
+@dataclass(frozen=True)
+class SharedPrefixFlags:
+    """exp6's shared-prefix cells: the prefixes swept, each cell's whole prompt and how many requests share it."""
+
     prefix_toks: Annotated[
         list[int] | None, typer.Option("--prefix-toks", help="shared prefixes: 128 256 384 512 (default)")
-    ] = None,
-    prompt_toks: Annotated[
-        int, typer.Option("--prompt-toks", help="total prompt tokens of the shared-prefix cells")
-    ] = 544,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests per shared-prefix cell")] = 16,
-    gen_toks: GenOpt = 16,
-    conversations: Annotated[int, typer.Option("--conversations", help="multi-turn chats, interleaved")] = 4,
-    turns: Annotated[int, typer.Option("--turns", help="turns per chat")] = 6,
-    user_toks: Annotated[int, typer.Option("--user-toks", help="tokens of each new user message")] = 100,
-    turn_gen_toks: Annotated[int, typer.Option("--turn-gen-toks", help="tokens of each answer")] = 30,
+    ] = None
+    prompt_toks: Annotated[int, typer.Option("--prompt-toks", help="prompt tokens of each shared-prefix cell")] = 544
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="requests per shared-prefix cell")] = 16
+
+
+@dataclass(frozen=True)
+class PressureFlags:
+    """The KV-pressure cells: a small pool that long outputs overrun (preemptions)."""
+
     pressure_concurrency: Annotated[
         list[int] | None, typer.Option("--pressure-concurrency", help="KV-pressure cells: 4 8 16 (default)")
-    ] = None,
+    ] = None
     pressure_gen_toks: Annotated[
-        int, typer.Option("--pressure-gen-toks", help="generated tokens of a pressure request")
-    ] = 400,
-    kv_pool_mib: Annotated[
-        int, typer.Option("--kv-pool-mib", help="the KV pool of vllm / hf-paged (small: pressure)")
-    ] = 24,
+        int, typer.Option("--pressure-gen-toks", help="output tokens of a pressure request")
+    ] = 400
+    kv_pool_mib: Annotated[int, typer.Option("--kv-pool-mib", help="KV pool of vllm / hf-paged (small: pressure)")] = 24
+
+
+def build(
+    flags: Flags,
+    backends: BackendsOpt = ["vllm", "hf-paged"],  # noqa: B006 - typer reads a list default, never mutates it
+    shared: SharedPrefixFlags = SharedPrefixFlags(),
+    gen_toks: GenOpt = 16,
+    conversations: Annotated[int, typer.Option("--conversations", help="multi-turn chats, interleaved")] = 4,
+    chat: TurnFlags = TurnFlags(turns=6, user_toks=100, turn_gen_toks=30),
+    pressure: PressureFlags = PressureFlags(),
     vllm_python: VllmPythonOpt = None,
 ) -> tuple[Job, list[str]]:
     """Exp6, KV reuse and pressure: shared prefixes, multi-turn chats and a small pool that preempts — hit rate
     predicted vs measured, TTFT vs shared fraction, per-turn hits, the fill point (docs/kv_reuse.md)."""
-    if kv_pool_mib < 1:
-        raise KvrayInputError(f"--kv-pool-mib must be >= 1, got {kv_pool_mib}")
-    server_flags = [*server_options(vllm_python, None, None, None), f"kv_cache_memory_bytes={kv_pool_mib * 2**20}"]
+    if pressure.kv_pool_mib < 1:
+        raise KvrayInputError(f"--kv-pool-mib must be >= 1, got {pressure.kv_pool_mib}")
+    server_flags = [
+        *ServerFlags(vllm_python=vllm_python).option_pairs(),
+        f"kv_cache_memory_bytes={pressure.kv_pool_mib * 2**20}",
+    ]
     common = flags.common(backends, default_backends=("vllm", "hf-paged"), extra_options=server_flags)
     grid = exp6_grid(
-        prefix_toks or [128, 256, 384, 512],
-        prompt_toks,
-        concurrency,
+        shared.prefix_toks or [128, 256, 384, 512],
+        shared.prompt_toks,
+        shared.concurrency,
         gen_toks,
         conversations,
-        turns,
-        user_toks,
-        turn_gen_toks,
-        [4, 8, 16] if pressure_concurrency is None else pressure_concurrency,
+        chat.turns,
+        chat.user_toks,
+        chat.turn_gen_toks,
+        [4, 8, 16] if pressure.pressure_concurrency is None else pressure.pressure_concurrency,
         32,
-        pressure_gen_toks,
+        pressure.pressure_gen_toks,
     )
     return exp6_job(common, grid), []
 
@@ -253,11 +263,8 @@ def section(exp: Experiment, page: Page) -> list[Block]:
     return blocks + every_cell_blocks(exp, page)
 
 
-EXPERIMENT = Experiment(
-    name="exp6",
-    title="Exp6 — KV reuse and pressure",
-    build=build,
+EXPERIMENT = Experiment.of_module(
+    globals(),
+    "Exp6 — KV reuse and pressure",
     figures=("exp6_hit_rate", "exp6_ttft_vs_shared_prefix", "exp6_multi_turn", "exp6_kv_pressure", "exp6_kv_dtype"),
-    draw=draw,
-    section=section,
 )

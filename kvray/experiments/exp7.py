@@ -10,12 +10,10 @@ Degrees the model's heads do not allow (vLLM refuses them) are dropped with a no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
-
-from kvray.experiments.base import Experiment, Flags
-from kvray.experiments.options import GenOpt, PromptToksOpt
+from kvray.experiments.base import Experiment
+from kvray.experiments.tp_sweep import tp_sweep_build
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -26,32 +24,29 @@ EXP7_TP = (1, 2, 4, 8)
 EXP7_GPUS = ("H100-SXM", "A100-80GB-SXM")  # sim's default hardware for exp7: NVLink 4 vs NVLink 3
 
 
-def exp7_job(
-    common: Common, prompt_toks: int = 1024, gen_toks: int = 128, concurrency: list[int] | None = None
-) -> tuple[Job, list[str]]:
-    """(the Job, notes): ``common.tensor_parallel`` degrees (TP 1/2/4/8 when left at [1]) × ``concurrency``
-    (1 8 32) on each GPU type; the sim backend alone defaults to H100-SXM and A100-80GB-SXM, paged layout
-    (vLLM's continuous batching)."""
+EXP7_SUMMARY = (
+    "Exp7, tensor parallelism: TTFT, TPOT, throughput per GPU and KV per GPU at --tp 1 2 4 8 (default), measured "
+    "vs predicted, and where TP stops paying. With only sim and no --hardware: H100-SXM and A100-80GB-SXM."
+)
+build = tp_sweep_build(
+    "exp7",
+    EXP7_SUMMARY,
+    default_prompt_toks=1024,
+    default_gen_toks=128,
+    default_concurrency=(1, 8, 32),
+    default_tp=EXP7_TP,
+    sim_gpus=EXP7_GPUS,
+)
+
+
+def exp7_job(common: Common, concurrency: list[int] | None = None) -> tuple[Job, list[str]]:
+    """(the Job, notes) of ``kvray exp7`` at its defaults (1024-token prompts, 128 generated) for ``common``:
+    ``common.tensor_parallel`` degrees (TP 1/2/4/8 when left at [1]) × ``concurrency`` (1 8 32) on each GPU type;
+    the sim backend alone defaults to H100-SXM and A100-80GB-SXM, paged layout (vLLM's continuous batching)."""
     from kvray.plan.experiments import tp_sweep_job
 
     concurrency = concurrency or [1, 8, 32]
-    return tp_sweep_job("exp7", common, prompt_toks, gen_toks, concurrency, default_tp=EXP7_TP, sim_gpus=EXP7_GPUS)
-
-
-def build(
-    flags: Flags,
-    backends: Annotated[
-        list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | vllm | hf")
-    ] = None,
-    prompt_toks: PromptToksOpt = 1024,
-    gen_toks: GenOpt = 128,
-    concurrency: Annotated[
-        list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 8 32 (default)")
-    ] = None,
-) -> tuple[Job, list[str]]:
-    """Exp7, tensor parallelism: TTFT, TPOT, throughput per GPU and KV per GPU at --tp 1 2 4 8 (default), measured
-    vs predicted, and where TP stops paying. With only sim and no --hardware: H100-SXM and A100-80GB-SXM."""
-    return exp7_job(flags.common(backends, default_backends=("sim",)), prompt_toks, gen_toks, concurrency)
+    return tp_sweep_job("exp7", common, 1024, 128, concurrency, default_tp=EXP7_TP, sim_gpus=EXP7_GPUS)
 
 
 def draw(dataset: Dataset, out_dir: Path) -> list[Any]:
@@ -61,10 +56,5 @@ def draw(dataset: Dataset, out_dir: Path) -> list[Any]:
     return tp_figures(dataset, out_dir) if has_tp_data(dataset.records) else []
 
 
-EXPERIMENT = Experiment(
-    name="exp7",
-    title="Exp7 — tensor-parallel scaling",
-    build=build,
-    figures=("exp7_tp_scaling_*",),  # one per model, named after it
-    draw=draw,
-)
+# one figure per model, named after it
+EXPERIMENT = Experiment.of_module(globals(), "Exp7 — tensor-parallel scaling", figures=("exp7_tp_scaling_*",))

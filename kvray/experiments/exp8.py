@@ -19,7 +19,7 @@ import typer
 
 from kvray.errors import KvrayInputError
 from kvray.experiments.base import Experiment, Flags, Page
-from kvray.experiments.options import LimitOpt, TraceFormatOpt
+from kvray.experiments.options import BackendsOpt, LimitOpt, TraceFormatOpt, TurnFlags
 from kvray.experiments.sections import cell_rows_blocks
 
 if TYPE_CHECKING:
@@ -84,9 +84,7 @@ def exp8_blocks(
 
 def build(
     flags: Flags,
-    backends: Annotated[
-        list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | vllm | …")
-    ] = None,
+    backends: BackendsOpt = ["sim"],  # noqa: B006 - typer reads a list default, never mutates it
     trace: Annotated[
         str | None, typer.Option("--trace", help="trace file (default: the shipped Mooncake excerpt)")
     ] = None,
@@ -100,9 +98,7 @@ def build(
     sessions: Annotated[
         list[int] | None, typer.Option("--sessions", help="concurrent sessions: 1 4 16 64 256 (default)")
     ] = None,
-    turns: Annotated[int, typer.Option("--turns", help="turns per session")] = 4,
-    user_toks: Annotated[int, typer.Option("--user-toks", help="tokens of each new message")] = 256,
-    turn_gen_toks: Annotated[int, typer.Option("--turn-gen-toks", help="tokens of each answer")] = 128,
+    session: TurnFlags = TurnFlags(turns=4, user_toks=256, turn_gen_toks=128),
     think_s: Annotated[float, typer.Option("--think-s", help="think time after each answer (s)")] = 2.0,
 ) -> tuple[Job, list[str]]:
     """Exp8, real traffic: a trace replayed (TTFT over time vs the SLO, arrivals, in flight, client lag), its prefix
@@ -115,7 +111,7 @@ def build(
         raise KvrayInputError("--speedup and --slo-ttft-ms must be positive, --think-s >= 0")
     session_counts = [1, 4, 16, 64, 256] if sessions is None else sessions
     positive("--sessions", session_counts or [1])
-    positive("--turns", [turns])
+    positive("--turns", [session.turns])
     raw = {"path": trace or str(DEFAULT_TRACE), "format": trace_format, "limit": limit, "block_toks": block_toks}
     opts = check_trace_key({k: v for k, v in raw.items() if v is not None}, "--trace")
     common = flags.common(backends, default_backends=("sim",))
@@ -126,7 +122,9 @@ def build(
             opts["block_toks"], notes = fitted, [str(note)]
     if set(common.backends) == {"sim"} and common.hardware == "any":
         common.hardware = list(EXP8_GPUS)
-    blocks = exp8_blocks(opts, speedups, slo_ttft_ms, session_counts, turns, user_toks, turn_gen_toks, think_s)
+    blocks = exp8_blocks(
+        opts, speedups, slo_ttft_ms, session_counts, session.turns, session.user_toks, session.turn_gen_toks, think_s
+    )
     return job_from_grid_blocks("exp8", common, blocks), notes
 
 
@@ -211,11 +209,8 @@ def section(exp: Experiment, page: Page) -> list[Block]:
     return blocks
 
 
-EXPERIMENT = Experiment(
-    name="exp8",
-    title="Exp8 — real traffic: trace replay and sessions",
-    build=build,
+EXPERIMENT = Experiment.of_module(
+    globals(),
+    "Exp8 — real traffic: trace replay and sessions",
     figures=("exp8_arrivals", "exp8_ttft_over_time", "exp8_hit_rate_pool", "exp8_sessions_slo"),
-    draw=draw,
-    section=section,
 )

@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
-
-from kvray.experiments.base import Experiment, Flags
-from kvray.experiments.options import GenOpt, PromptToksOpt
+from kvray.experiments.base import Experiment
 from kvray.experiments.sections import cells_blocks, figure_blocks
+from kvray.experiments.tp_sweep import tp_sweep_build
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
     from kvray.document import Block
     from kvray.experiments.base import Page
-    from kvray.plan.experiments import Common
-    from kvray.plan.job import Job
 
 EXP9_GPUS = ("H100-SXM", "A100-80GB-SXM", "L4")
 EXP9_TP = (1, 2, 4, 8)
@@ -36,31 +32,16 @@ EXP9_RATE = 20.0  # requests/s the section's plan serves
 EXP9_SLO = {"ttft_ms": 1000.0, "tpot_ms": 100.0}  # at the 99th percentile
 
 
-def exp9_job(
-    common: Common, prompt_toks: int = 512, gen_toks: int = 128, concurrency: list[int] | None = None
-) -> tuple[Job, list[str]]:
-    """(the Job, notes): ``concurrency`` (1 8 32 128) × the TP degrees the model allows (1 2 4 8 by default) on
-    each GPU type; the sim backend alone defaults to H100-SXM, A100-80GB-SXM and L4, paged layout."""
-    from kvray.plan.experiments import tp_sweep_job
-
-    concurrency = concurrency or [1, 8, 32, 128]
-    return tp_sweep_job("exp9", common, prompt_toks, gen_toks, concurrency, default_tp=EXP9_TP, sim_gpus=EXP9_GPUS)
-
-
-def build(
-    flags: Flags,
-    backends: Annotated[
-        list[str] | None, typer.Option("--backends", "--backend", help="sim (default) | vllm | hf")
-    ] = None,
-    prompt_toks: PromptToksOpt = 512,
-    gen_toks: GenOpt = 128,
-    concurrency: Annotated[
-        list[int] | None, typer.Option("--concurrency", "-c", help="concurrent requests: 1 8 32 128 (default)")
-    ] = None,
-) -> tuple[Job, list[str]]:
-    """Exp9, capacity planning: operating points of each GPU type × TP (Pareto figure, $/M tokens) and the cheapest
-    deployment for 20 req/s under p99 TTFT 1 s, TPOT 100 ms. With only sim and no --hardware: H100, A100, L4."""
-    return exp9_job(flags.common(backends, default_backends=("sim",)), prompt_toks, gen_toks, concurrency)
+build = tp_sweep_build(
+    "exp9",
+    "Exp9, capacity planning: operating points of each GPU type × TP (Pareto figure, $/M tokens) and the cheapest "
+    "deployment for 20 req/s under p99 TTFT 1 s, TPOT 100 ms. With only sim and no --hardware: H100, A100, L4.",
+    default_prompt_toks=512,
+    default_gen_toks=128,
+    default_concurrency=(1, 8, 32, 128),
+    default_tp=EXP9_TP,
+    sim_gpus=EXP9_GPUS,
+)
 
 
 def _slug(model: str) -> str:
@@ -162,12 +143,9 @@ def section(exp: Experiment, page: Page) -> list[Block]:
     return blocks + (figure_blocks(exp, page) if _exp9_records(page.dataset) else [])
 
 
-EXPERIMENT = Experiment(
-    name="exp9",
-    title="Exp9 — capacity planning: GPU × TP × replicas, priced, and the Pareto frontier",
-    build=build,
+EXPERIMENT = Experiment.of_module(
+    globals(),
+    "Exp9 — capacity planning: GPU × TP × replicas, priced, and the Pareto frontier",
     figures=("pareto_*", "exp9_plan_*"),
-    draw=draw,
-    section=section,
     table_sort=("hardware", "tensor_parallel", "concurrency"),
 )

@@ -13,14 +13,18 @@ both.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvray.analysis.views import OOM_LABELS, OOM_STATUSES, Series, ok_rows, oom_rows, partial_rows
 from kvray.figures import style
+
+log = logging.getLogger(__name__)
 
 FIGURES_DIR = "figures"
 MAX_TICKS = 12  # x values ticked one by one up to this many (log2_axis)
@@ -103,7 +107,36 @@ def failed_figure(name: str, exc: Exception, out_dir: Path) -> FigureResult:
     return d.result
 
 
+def each_figure(out_dir: Path, drawers: Iterable[tuple[str, Callable[[], FigureResult]]]) -> list[FigureResult]:
+    """Each ``(name, draw)`` drawn in the kvray style, in order; one that raises is logged and replaced by a
+    ``failed_figure`` saying why — one bad figure must not cost the others, nor the report."""
+    results = []
+    with style.styled():
+        for name, draw in drawers:
+            try:
+                results.append(draw())
+            except Exception as exc:
+                log.warning("%s failed: %s", name, exc, exc_info=True)
+                results.append(failed_figure(name, exc, out_dir))
+    return results
+
+
+def figures_of(data: Any, out_dir: Path, drawn: Iterable[tuple[str, Callable[[Any, Path], FigureResult]]]) -> list[Any]:
+    """``draw(data, out_dir)`` of each ``(name, draw)`` of ``drawn``, through ``each_figure``."""
+    return each_figure(out_dir, ((name, functools.partial(draw, data, out_dir)) for name, draw in drawn))
+
+
 # ---------------------------------------------------------------- axes
+
+
+def label_axes(ax: Any, x: str, y: str, title: str = "", *, legend_size: float | None = 7, **legend: Any) -> None:
+    """An axes' labels and title, and its legend (``legend_size`` None: none; ``legend``: matplotlib's keywords)."""
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if title:
+        ax.set_title(title)
+    if legend_size is not None:
+        ax.legend(fontsize=legend_size, **legend)
 
 
 def log2_axis(ax: Any, values: Any, label: str) -> None:

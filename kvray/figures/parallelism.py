@@ -12,13 +12,14 @@ marked on panel (a) and listed in the notes (``FigureResult.notes``), which the 
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvray.errors import KvrayInputError
 from kvray.figures import style
-from kvray.figures.common import FigureResult, new_figure
+from kvray.figures.common import FigureResult, each_figure, label_axes, new_figure
 from kvray.hardware.gpus import match_gpu
 from kvray.model.oom import kv_tokens_that_fit
 from kvray.model.resolve import resolve_geometry
@@ -142,9 +143,7 @@ def fig_tp_scaling(model: str, records: list[dict[str, Any]], out_dir: Path) -> 
         ):
             ax.set_xscale("log", base=2)
             ax.set_xticks(degrees, [str(n) for n in degrees])
-            ax.set_xlabel("tensor parallel degree")
-            ax.set_ylabel(ylabel)
-            ax.set_title(title)
+            label_axes(ax, "tensor parallel degree", ylabel, title, legend_size=None)
         ax_tpot.legend(fontsize=6)
         if ax_kv.has_data():
             ax_kv.legend(fontsize=6)
@@ -157,14 +156,12 @@ def fig_tp_scaling(model: str, records: list[dict[str, Any]], out_dir: Path) -> 
 
 def tp_figures(dataset: Dataset, out_dir: Path) -> list[FigureResult]:
     """One exp7 figure per model of a Dataset (kvray.analysis.dataset)."""
-    from kvray.figures.common import failed_figure
-
     records = dataset.records
-    results = []
-    with style.styled():
-        for model in sorted({r["cell"]["model"] for r in records}):
-            try:
-                results.append(fig_tp_scaling(model, records, out_dir))
-            except Exception as exc:  # one bad figure must not cost the others
-                results.append(failed_figure(f"exp7_tp_scaling_{model.replace('/', '--')}", exc, out_dir))
-    return results
+    models = sorted({r["cell"]["model"] for r in records})
+    return each_figure(
+        out_dir,
+        (
+            (f"exp7_tp_scaling_{m.replace('/', '--')}", functools.partial(fig_tp_scaling, m, records, out_dir))
+            for m in models
+        ),
+    )

@@ -10,6 +10,7 @@ Points and their axes are kvray/capacity/pareto.py's.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kvray.capacity.pareto import ParetoPoint, cost_frontier, frontier, points_from_plan, points_from_records
 from kvray.capacity.prices import PRICES
 from kvray.figures import style
-from kvray.figures.common import FigureResult, failed_figure, new_figure
+from kvray.figures.common import FigureResult, each_figure, failed_figure, label_axes, new_figure
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -79,9 +80,7 @@ def fig_pareto(points: Sequence[ParetoPoint], out_dir: Path, name: str, context:
             (ax, "output tokens/s per GPU", "(a) throughput per GPU"),
             (ax_cost, "$ per M output tokens", "(b) cost (lower is better)"),
         ):
-            a.set_xlabel("tokens/s per user (1 / TPOT)")
-            a.set_ylabel(ylabel)
-            a.set_title(title)
+            label_axes(a, "tokens/s per user (1 / TPOT)", ylabel, title, legend_size=None)
         ax.legend(fontsize=6, ncol=2)
         d.result.caption = (
             "Each point is one deployment at one load: right is more interactive, up is more throughput per GPU. "
@@ -113,16 +112,12 @@ def pareto_figures(dataset: Dataset, out_dir: Path, prices: Mapping[str, Any] | 
     import re
 
     points = points_from_records(dataset.records, prices if prices is not None else PRICES)
-    results = []
-    with style.styled():
-        for model in sorted({p.model for p in points}):
-            slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.replace("/", "--")).strip("-.") or "model"
-            mine = [p for p in points if p.model == model]
-            try:
-                results.append(fig_pareto(mine, out_dir, f"pareto_{slug}", f"{model} · {len(mine)} cells"))
-            except Exception as exc:  # one bad figure must not cost the others
-                results.append(failed_figure(f"pareto_{slug}", exc, out_dir))
-    return results
+    drawers = []
+    for model in sorted({p.model for p in points}):
+        name = "pareto_" + (re.sub(r"[^A-Za-z0-9._-]+", "-", model.replace("/", "--")).strip("-.") or "model")
+        mine = [p for p in points if p.model == model]
+        drawers.append((name, functools.partial(fig_pareto, mine, out_dir, name, f"{model} · {len(mine)} cells")))
+    return each_figure(out_dir, drawers)
 
 
 def _frontier_line(ax: Any, front: Sequence[ParetoPoint], y: str, *, where: str, label: str | None = None) -> None:

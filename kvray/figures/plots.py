@@ -19,19 +19,15 @@ notes), which the tests check.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from kvray.analysis.views import View
-from kvray.figures import style
-from kvray.figures.common import FIGURES_DIR, FigureResult, failed_figure
+from kvray.figures.common import FIGURES_DIR, FigureResult, figures_of
 from kvray.figures.hardware import fig6_cross_hardware
 from kvray.figures.kv import fig7_kv_predicted_vs_measured
 from kvray.figures.latency import fig3_latency_vs_seqlen, fig5_mixed_lengths_latency
 from kvray.figures.memory import fig1_mem_vs_concurrency, fig4_mem_vs_seqlen
 from kvray.figures.throughput import fig2_tps_vs_concurrency
-
-log = logging.getLogger(__name__)
 
 # The figures in report order; each is written to a file named as its function, by which plot_view finds it.
 FIGURES = tuple(
@@ -60,13 +56,6 @@ def make_figures(results_dir: str | Path, out_dir: str | Path | None = None) -> 
 def plot_view(view: View, out_dir: Path, names: tuple[str, ...] = FIGURES) -> list[FigureResult]:
     """The figures ``names`` (of FIGURES; all by default) from a prepared View; a figure that fails is replaced
     by one saying why."""
-    results = []
-    with style.styled():
-        for name in names:
-            draw = globals()[name]  # looked up by name: the figure's file and its function share it
-            try:
-                results.append(draw(view, out_dir))
-            except Exception as exc:  # one bad figure must not cost the others
-                log.warning("%s failed: %s", name, exc, exc_info=True)
-                results.append(failed_figure(name, exc, out_dir))
-    return results
+    return figures_of(
+        view, out_dir, ((name, globals()[name]) for name in names)
+    )  # a figure's file is its function's name

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvray.figures import style
-from kvray.figures.common import FigureResult, new_figure
+from kvray.figures.common import FigureResult, figures_of, label_axes, new_figure
 from kvray.spec import RequestSpec
 from kvray.traces import footprint as fp
 
@@ -114,10 +114,7 @@ def fig_ttft_over_time(records: list[dict[str, Any]], out_dir: Path) -> FigureRe
         if slo is not None:
             ax.axhline(slo, color="crimson", linestyle="--", linewidth=1, label=f"SLO {slo:g} ms")
         ax.set_yscale("log")
-        ax.set_xlabel("sent at (s since the repeat's start)")
-        ax.set_ylabel("TTFT (ms)")
-        ax.legend(fontsize=7, markerscale=2)
-        ax.set_title("TTFT over the trace")
+        label_axes(ax, "sent at (s since the repeat's start)", "TTFT (ms)", "TTFT over the trace", markerscale=2)
         d.result.caption = "Each request's TTFT (first token − due time) against when it was sent; repeat 0."
     return d.result
 
@@ -183,10 +180,13 @@ def fig_hit_rate_pool(records: list[dict[str, Any]], out_dir: Path) -> FigureRes
         else:
             d.result.notes.append("no measured hit rate: the backends replayed do not count prefix-cache hits")
         ax.set_xscale("log")
-        ax.set_xlabel("KV pool (blocks)")
-        ax.set_ylabel("prefix hit rate (% of prompt blocks)")
-        ax.legend(fontsize=7)
-        ax.set_title(f"Hit rate vs pool size — {len(rec['cell']['workload']['requests'])} requests")
+        requests = len(rec["cell"]["workload"]["requests"])
+        label_axes(
+            ax,
+            "KV pool (blocks)",
+            "prefix hit rate (% of prompt blocks)",
+            f"Hit rate vs pool size — {requests} requests",
+        )
         d.result.caption = (
             "Trace rule (kvray/traces/footprint.py): leading blocks found, a request's blocks then most "
             "recent; measured points at the engine's pool, its hits ÷ prompt tokens."
@@ -234,10 +234,7 @@ def fig_sessions_slo(records: list[dict[str, Any]], out_dir: Path) -> FigureResu
             ax.axhline(slo, color="crimson", linestyle="--", linewidth=1, label=f"SLO {slo:g} ms")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("concurrent sessions")
-        ax.set_ylabel("p95 TTFT (ms), steady turns")
-        ax.legend(fontsize=7)
-        ax.set_title("Sessions under the TTFT SLO")
+        label_axes(ax, "concurrent sessions", "p95 TTFT (ms), steady turns", "Sessions under the TTFT SLO")
         d.result.caption = (
             "p95 TTFT of the turns after each session's first, against concurrent sessions; each "
             "turn leaves think_s after the previous answer."
@@ -246,10 +243,6 @@ def fig_sessions_slo(records: list[dict[str, Any]], out_dir: Path) -> FigureResu
 
 
 def replay_figures(dataset: Dataset, out_dir: Path) -> list[FigureResult]:
-    records = dataset.records_with_traces
-    return [
-        fig_arrivals(records, out_dir),
-        fig_ttft_over_time(records, out_dir),
-        fig_hit_rate_pool(records, out_dir),
-        fig_sessions_slo(records, out_dir),
-    ]
+    """Every exp8 figure of a Dataset, its rows with their traces; one that fails is replaced by one saying why."""
+    draws = (fig_arrivals, fig_ttft_over_time, fig_hit_rate_pool, fig_sessions_slo)
+    return figures_of(dataset.records_with_traces, out_dir, zip(REPLAY_FIGURES, draws, strict=True))

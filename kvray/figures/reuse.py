@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvray.figures import style
-from kvray.figures.common import FigureResult, new_figure
+from kvray.figures.common import FigureResult, figures_of, label_axes, new_figure
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -72,10 +72,7 @@ def fig_hit_rate(records: list[dict[str, Any]], out_dir: Path) -> FigureResult:
             )
             d.result.series.append(kind)
         ax.plot([0, 100], [0, 100], color="grey", linewidth=0.8, linestyle=":", label="y = x")
-        ax.set_xlabel("predicted hit rate (%)")
-        ax.set_ylabel("measured hit rate (%)")
-        ax.legend(fontsize=7)
-        ax.set_title("Prefix-cache hit rate")
+        label_axes(ax, "predicted hit rate (%)", "measured hit rate (%)", "Prefix-cache hit rate")
         d.result.caption = (
             "Prefix-cache hits / prompt tokens: kvray's block-aligned prediction vs the engine's counters."
         )
@@ -99,10 +96,7 @@ def fig_ttft_vs_shared(records: list[dict[str, Any]], out_dir: Path) -> FigureRe
                 label=backend,
             )
             d.result.series.append(backend)
-        ax.set_xlabel("shared prefix (% of prompt tokens)")
-        ax.set_ylabel("p50 TTFT (ms)")
-        ax.legend(fontsize=7)
-        ax.set_title("TTFT vs shared-prefix fraction")
+        label_axes(ax, "shared prefix (% of prompt tokens)", "p50 TTFT (ms)", "TTFT vs shared-prefix fraction")
         d.result.caption = "The larger the shared prefix, the less prefill a prefix cache leaves to do."
     return d.result
 
@@ -253,15 +247,5 @@ def fig_kv_dtype(records: list[dict[str, Any]], out_dir: Path) -> FigureResult:
 
 def reuse_figures(dataset: Dataset, out_dir: Path) -> list[FigureResult]:
     """Every exp6 figure of a Dataset (kvray.analysis.dataset): its rows with their traces (the per-turn figure)."""
-    from kvray.figures.common import failed_figure
-
-    records = dataset.records_with_traces
-    results = []
     draws = (fig_hit_rate, fig_ttft_vs_shared, fig_multi_turn, fig_kv_pressure, fig_kv_dtype)
-    with style.styled():
-        for name, draw in zip(REUSE_FIGURES, draws, strict=True):
-            try:
-                results.append(draw(records, out_dir))
-            except Exception as exc:  # one bad figure must not cost the others
-                results.append(failed_figure(name, exc, out_dir))
-    return results
+    return figures_of(dataset.records_with_traces, out_dir, zip(REUSE_FIGURES, draws, strict=True))

@@ -11,12 +11,13 @@ can be read against a saturated GPU, a full KV pool or a growing queue at the sa
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvray.errors import KvrayInputError
 from kvray.figures import style
-from kvray.figures.common import FigureResult, new_figure
+from kvray.figures.common import FigureResult, each_figure, new_figure
 
 if TYPE_CHECKING:
     from kvray.analysis.dataset import Dataset
@@ -185,18 +186,13 @@ def _energy_note(record: dict[str, Any]) -> str:
 def cell_timelines(dataset: Dataset, cell_ids: list[str], out_dir: Path) -> list[FigureResult]:
     """fig10 of each of ``cell_ids`` of a Dataset (kvray.analysis.dataset); an input error naming the known cells
     for an id the folder lacks. A figure that fails is replaced by one saying why."""
-    from kvray.figures.common import failed_figure
-
     records = {r["cell_id"]: r for r in dataset.records_with_traces_of(cell_ids)}
     if unknown := [c for c in cell_ids if c not in records]:
         known = sorted(r["cell_id"] for r in dataset.records)
         listed = ", ".join(known[:8]) + (" …" if len(known) > 8 else "")
         raise KvrayInputError(f"no cell {unknown[0]!r} in {dataset.folder} (cells: {listed})")
-    results = []
-    with style.styled():
-        for cell_id in cell_ids:
-            try:
-                results.append(fig10_timeline(records[cell_id], dataset.timeline_of(cell_id), out_dir))
-            except Exception as exc:  # one figure must not cost the others, nor the report
-                results.append(failed_figure(figure_name(cell_id), exc, out_dir))
-    return results
+
+    def draw(cell_id: str) -> FigureResult:
+        return fig10_timeline(records[cell_id], dataset.timeline_of(cell_id), out_dir)
+
+    return each_figure(out_dir, ((figure_name(c), functools.partial(draw, c)) for c in cell_ids))

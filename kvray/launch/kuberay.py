@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,19 +138,25 @@ def head_group(image: str, config_map: str) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class RayJobSettings:
+    """Where and how the RayJob runs: its namespace, the image its pods run, its deadline, and flags added to
+    its ``kvray run`` entrypoint."""
+
+    namespace: str = "default"
+    image: str = DEFAULT_IMAGE
+    timeout_s: float = 3600.0
+    extra_args: tuple[str, ...] = ()
+
+
 def rayjob_manifests(
-    job: Job,
-    job_file: str | Path,
-    output: str,
-    *,
-    namespace: str = "default",
-    image: str = DEFAULT_IMAGE,
-    timeout_s: float = 3600.0,
-    extra_args: list[str] | None = None,
+    job: Job, job_file: str | Path, output: str, settings: RayJobSettings = RayJobSettings()
 ) -> list[dict[str, Any]]:
     """[ConfigMap, RayJob] that run ``job`` (read from ``job_file``) in a KubeRay cluster of its own, writing
     its dataset to the object-storage URI ``output``; the cluster is deleted ten minutes after the job ends."""
     import ray
+
+    namespace, image = settings.namespace, settings.image
 
     if not is_uri(output):
         raise KvrayInputError(
@@ -172,7 +179,7 @@ def rayjob_manifests(
         "--output",
         output,
         "--no-plots",
-        *(extra_args or []),
+        *settings.extra_args,
     ]
     labels = {"app.kubernetes.io/name": "kvray", "app.kubernetes.io/part-of": "kvray"}
     config_map = {
@@ -194,7 +201,7 @@ def rayjob_manifests(
             "entrypoint": shlex.join(run),
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,  # the cluster (and its logs) stay ten minutes after the job
-            "activeDeadlineSeconds": max(1, int(timeout_s)),
+            "activeDeadlineSeconds": max(1, int(settings.timeout_s)),
             "backoffLimit": 0,  # a sweep is resumable: rerun it yourself rather than twice behind your back
             "rayClusterSpec": {
                 "rayVersion": ray.__version__,
@@ -223,16 +230,7 @@ def _dumper() -> Any:
     return Dumper
 
 
-def emit(
-    job_file: str,
-    output: str | None,
-    emit_to: str,
-    *,
-    namespace: str = "default",
-    image: str = DEFAULT_IMAGE,
-    timeout_s: float = 3600.0,
-    extra_args: list[str] | None = None,
-) -> str:
+def emit(job_file: str, output: str | None, emit_to: str, settings: RayJobSettings = RayJobSettings()) -> str:
     """Write the manifests to ``emit_to`` (``-``: stdout); returns the text. Bad input is one line, nothing written."""
     import yaml
 
@@ -245,12 +243,10 @@ def emit(
         from kvray.data.object_store import parse_remote
 
         output = parse_remote(output).uri  # a URI kvray cannot use (credentials, query, no bucket): one line here
-    docs = rayjob_manifests(
-        job, job_file, output, namespace=namespace, image=image, timeout_s=timeout_s, extra_args=extra_args
-    )
+    docs = rayjob_manifests(job, job_file, output, settings)
     head = (
         f"# kvray job {job.name} as a KubeRay RayJob (written by `kvray launch --kuberay`).\n"
-        f"# kubectl apply -f THIS_FILE; kubectl -n {namespace} get rayjob {docs[1]['metadata']['name']} -w\n"
+        f"# kubectl apply -f THIS_FILE; kubectl -n {settings.namespace} get rayjob {docs[1]['metadata']['name']} -w\n"
         f"# The dataset goes to {output}; then: kvray plot {output}\n"
     )
     text = head + yaml.dump_all(docs, Dumper=_dumper(), sort_keys=False, width=120)

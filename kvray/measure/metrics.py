@@ -151,12 +151,12 @@ def _mixture_quantiles(arrays: Sequence[np.ndarray], drawn: np.ndarray, u: np.nd
 def resampled_percentile_ci(
     groups: Sequence[Sequence[float] | np.ndarray],
     percentiles: Sequence[float],
-    level: float = CI_LEVEL,
-    resamples: int = BOOTSTRAP_RESAMPLES,
+    *,
     seed: int = BOOTSTRAP_SEED,
+    resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> dict[float, tuple[float, float]]:
     """The direct percentile bootstrap: ``bootstrap_stats`` builds ``resamples`` pooled samples (seeded), the
-    interval is the central ``level`` of their percentiles. What the dataset's intervals were before issue #31
+    interval is the central ``CI_LEVEL`` of their percentiles. What the dataset's intervals were before issue #31
     (100 ms of CPU a 64 × 32 cell, 0.6 of it sorting resamples), kept as the definition ``bootstrap_percentile_ci``
     is tested against (tests/test_intervals.py) and measured beside (benchmarks/cell_overhead.py)."""
     clean = [a[~np.isnan(a)] for a in (np.asarray(g, dtype=float) for g in groups)]
@@ -166,7 +166,7 @@ def resampled_percentile_ci(
     if not wanted:
         return out
     stats = bootstrap_stats(clean, lambda sample: np.percentile(sample, wanted, axis=1).T, resamples, seed)
-    tail = (1 - level) / 2 * 100
+    tail = (1 - CI_LEVEL) / 2 * 100
     lows, highs = np.percentile(stats, [tail, 100 - tail], axis=0)
     for p, lo, hi in zip(wanted, lows, highs, strict=True):
         out[p] = (float(lo), float(hi))

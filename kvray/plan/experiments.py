@@ -73,6 +73,24 @@ def positive(flag: str, values: list[int]) -> None:
         raise KvrayInputError(f"{flag} values must be positive, got {bad[0]}")
 
 
+def uniform_grid(common: Common, prompt_toks: int, gen_toks: int, concurrency: list[int]) -> Grid:
+    """One grid of ``concurrency`` levels × one prompt and one output length (exp1, exp4, the TP sweeps), each
+    positive and prompt + output − 1 within the model's positions — else one line naming the flag."""
+    concurrency = sorted(set(concurrency))
+    for flag, values in (("--concurrency", concurrency), ("--prompt-toks", [prompt_toks]), ("--gen-toks", [gen_toks])):
+        positive(flag, values)
+    if prompt_toks + gen_toks - 1 > (limit := max_positions(common.model)):
+        raise KvrayInputError(
+            f"--prompt-toks {prompt_toks} + {gen_toks} generated tokens exceed {common.model}'s {limit} positions"
+        )
+    return Grid(gen_toks=(gen_toks,), prompt_toks=(prompt_toks,), concurrency=tuple(concurrency))
+
+
+def uniform_job(experiment: str, common: Common, prompt_toks: int, gen_toks: int, concurrency: list[int]) -> Job:
+    """The validated Job of one ``uniform_grid`` (exp1, exp4)."""
+    return experiment_job(experiment, common, [uniform_grid(common, prompt_toks, gen_toks, concurrency)]).validate()
+
+
 def experiment_job(experiment: str, common: Common, grids: list[Grid]) -> Job:
     """A Job of ``grids`` with ``common``'s settings, named and described after ``experiment``; not validated."""
     same_name = {
@@ -173,10 +191,7 @@ def tp_sweep_job(
     """(the Job, notes) of exp7 and exp9: ``concurrency`` × the TP degrees of ``common`` (``default_tp`` when left
     at [1]) that the model allows — a note for each degree dropped. With the sim backend alone the layout is
     paged (vLLM's continuous batching) and ``sim_gpus`` stand in for ``--hardware any``."""
-    concurrency = sorted(set(concurrency))
-    for flag, values in (("--concurrency", concurrency), ("--prompt-toks", [prompt_toks]), ("--gen-toks", [gen_toks])):
-        if any(v <= 0 for v in values):
-            raise KvrayInputError(f"{flag} values must be positive, got {' '.join(map(str, values))}")
+    grid = uniform_grid(common, prompt_toks, gen_toks, concurrency)
     degrees = list(common.tensor_parallel) if list(common.tensor_parallel) != [1] else list(default_tp)
     g = resolve_geometry(common.model)
     notes, allowed = [], []
@@ -194,5 +209,4 @@ def tp_sweep_job(
         if hardware == "any":
             hardware = list(sim_gpus)
     common = dataclasses.replace(common, hardware=hardware, options=options, tensor_parallel=allowed)
-    grid = {"prompt_toks": [prompt_toks], "gen_toks": [gen_toks], "concurrency": concurrency}
-    return job_from_grid_blocks(experiment, common, grid), notes
+    return experiment_job(experiment, common, [grid]).validate(), notes

@@ -36,11 +36,12 @@ key path, and the whole schema above is checked in one pass, so the complete set
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvray.backends import backend_names
+from kvray.backends import backend_class, backend_names
 from kvray.errors import KvrayInputError
 from kvray.model.kvmath import cached_positions, normalize_dtype
 from kvray.model.resolve import resolve_geometry
@@ -52,7 +53,7 @@ from kvray.plan.job_checks import (
     check_tensor_parallel_degrees,
 )
 from kvray.plan.loads import length_params, parse_slo, request_count
-from kvray.plan.replay import trace_grid, trace_grid_dict
+from kvray.plan.replay import grid_workloads, trace_grid, trace_grid_dict
 from kvray.spec import LOAD_KINDS, WEIGHTS, LoadSpec
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -177,7 +178,10 @@ REUSE_KEYS: dict[str, tuple[tuple[str, ...], dict[str, list[Any]]]] = {
     "shared_prefix": (("prefix_toks", "suffix_toks"), {"groups": [1]}),
     "multi_turn": (("conversations", "turns", "user_toks"), {"think_s": [0.0]}),
 }
+SERVING_KEYS = ("load", "slo", "prompt_dist", "gen_dist")
 LOAD_KEYS = ("kind", "rate", "rates", "users", "requests", "duration_s", "burstiness", "seed", "warmup_s", "cooldown_s")
+# keys a block takes one of: a mixed block sets its own requests (no load, SLO or drawn lengths beside it)
+CONFLICTS = (("prompt_toks", "prompt_dist"), ("gen_toks", "gen_dist"), *(("mixed", k) for k in SERVING_KEYS))
 
 
 def load_job(path: str | Path) -> Job:
@@ -203,9 +207,10 @@ def load_job(path: str | Path) -> Job:
     return job_from_dict(data, source=str(p), text=text)
 
 
-def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
-    """Validate a job mapping (as read from YAML) into a Job."""
-    c = Checker(source)
+def job_from_dict(data: Any, source: str = "<job>", text: str = "", *, flags: Mapping[str, str] | None = None) -> Job:
+    """Validate a job mapping (as read from YAML) into a Job. ``flags``: the job was built from a command's flags
+    (key path → flag, kvray/bench/cell.py), and its errors name those flags instead of the keys."""
+    c = Checker(source, flags)
     d = c.mapping("", data, JOB_KEYS)
     for required in ("models", "grid"):
         if required not in d:
@@ -232,10 +237,10 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
             kv_dtype = normalize_dtype(c.string("kv_dtype", kv_dtype))
         except KvrayInputError as exc:
             raise c.fail("kv_dtype", str(exc)) from None
-    weights = c.choice("weights", d.get("weights", "random"), WEIGHTS)
+    weights = c.choice("weights", d.get("weights", "random"), WEIGHTS, what="weights")
     device = c.string("device", d.get("device", "auto")).lower()
     if not DEVICE_PATTERN.match(device):
-        raise c.fail("device", f"got {device!r} (allowed: auto, cpu, cuda, cuda:N)")
+        raise c.fail("device", f"unknown device {device!r} (allowed: auto, cpu, cuda, cuda:N)")
     hardware = check_hardware(c, d.get("hardware", "any"), backends)
     options = d.get("options") or {}
     if not isinstance(options, dict):
@@ -269,7 +274,7 @@ def job_from_dict(data: Any, source: str = "<job>", text: str = "") -> Job:
         text=text,
     )
     _check_lengths(c, job)
-    if weights == "pretrained":
+    if weights == "pretrained" and any(loads_weights(b) for b in backends):
         from kvray.model.resolve import check_pretrained_weights
 
         for i, model in enumerate(models):
@@ -298,9 +303,10 @@ def _grids(c: Checker, value: Any) -> list[Grid]:
             raise c.fail(f"{key}.gen_toks", "required key is missing")
         if "prompt_toks" not in g and "mixed" not in g and "prompt_dist" not in g:
             raise c.fail(key, "needs prompt_toks (uniform workloads), prompt_dist or mixed (lists of prompt lengths)")
-        for a, b in (("prompt_toks", "prompt_dist"), ("gen_toks", "gen_dist"), ("mixed", "load")):
+        for a, b in CONFLICTS:
             if a in g and b in g:
-                raise c.fail(f"{key}.{b}", f"give {a} or {b}, not both")
+                names = (a, b) if not c.flags else (c.name(f"{key}.{a}"), c.name(f"{key}.{b}"))
+                raise c.fail(f"{key}.{b}", f"give {names[0]} or {names[1]}, not both")
         if "concurrency" in g and "prompt_toks" not in g and "prompt_dist" not in g:
             raise c.fail(f"{key}.concurrency", "needs prompt_toks beside it (mixed workloads set their own size)")
         mixed: tuple[tuple[int, ...], ...] = ()
@@ -313,10 +319,14 @@ def _grids(c: Checker, value: Any) -> list[Grid]:
             mixed = tuple(c.ints(f"{key}.mixed[{j}]", m) for j, m in enumerate(entries))
         experiment = g.get("experiment")
         concurrency = c.ints(f"{key}.concurrency", g.get("concurrency", [1]))
+        gaps = c.numbers(f"{key}.arrival_gap_s", g.get("arrival_gap_s", [0.0]))
+        loads = _loads(c, f"{key}.load", g["load"], concurrency) if "load" in g else ()
+        if any(gaps) and any(spec.kind != "burst" for spec in loads):
+            raise c.fail(f"{key}.arrival_gap_s", "spaces a burst's requests; a load sets its own arrivals")
         grids.append(
             Grid(
                 reuse=reuse,
-                loads=_loads(c, f"{key}.load", g["load"], concurrency) if "load" in g else (),
+                loads=loads,
                 load_source=tuple(sorted(g["load"].items())) if isinstance(g.get("load"), dict) else (),
                 slo=tuple(sorted(_slo(c, f"{key}.slo", g["slo"]).items())) if "slo" in g else (),
                 prompt_dist=_dist(c, f"{key}.prompt_dist", g["prompt_dist"], "prompt") if "prompt_dist" in g else (),
@@ -325,7 +335,7 @@ def _grids(c: Checker, value: Any) -> list[Grid]:
                 prompt_toks=c.ints(f"{key}.prompt_toks", g["prompt_toks"]) if "prompt_toks" in g and not reuse else (),
                 concurrency=concurrency,
                 mixed=mixed,
-                arrival_gap_s=c.numbers(f"{key}.arrival_gap_s", g.get("arrival_gap_s", [0.0])),
+                arrival_gap_s=gaps,
                 experiment=None if experiment is None else c.string(f"{key}.experiment", experiment, True),
             )
         )
@@ -408,35 +418,58 @@ def _loads(c: Checker, key: str, value: Any, concurrency: tuple[int, ...]) -> tu
 
 def _slo(c: Checker, key: str, value: Any) -> dict[str, float]:
     try:
-        return parse_slo(value, key)
+        return parse_slo(value, c.name(key))
     except KvrayInputError as exc:
         raise c.fail("", str(exc)) from None
 
 
 def _dist(c: Checker, key: str, value: Any, side: str) -> tuple[tuple[str, Any], ...]:
     try:
-        params = length_params(value, key, side)
+        params = length_params(value, c.name(key), side)
     except KvrayInputError as exc:
         raise c.fail("", str(exc)) from None
     if "max" not in params and params["kind"] != "fixed":
-        raise c.fail(key, "a length distribution in a job needs max (the model's positions are checked against it)")
+        raise c.fail(
+            key, "a drawn length distribution needs max: the model's positions are checked against it (…,max=2048)"
+        )
     return tuple(sorted(params.items()))
 
 
+def loads_weights(backend: str) -> bool:
+    """The backend loads the model here (not a server's, not simulated): its geometry and weights must exist."""
+    engine = backend_class(backend)
+    return engine.needs_model_geometry and not engine.simulated
+
+
+def _longest(grid: Grid) -> tuple[int, int]:
+    """The longest prompt and output a block sends; a replayed trace's (or sessions') as the planner builds them."""
+    if dict(grid.reuse).get("workload") in ("trace", "sessions"):
+        requests = [r for workload in grid_workloads(grid) for r in workload.requests]
+        return max(r.prompt_toks for r in requests), max(r.gen_toks for r in requests)
+    return grid.longest_prompt_toks, grid.longest_gen_toks
+
+
 def _check_lengths(c: Checker, job: Job) -> None:
-    """Every model must hold the longest prompt plus its generated tokens (positions P + G − 1)."""
+    """Every model must hold the longest prompt plus its generated tokens (positions P + G − 1). A model kvray
+    cannot resolve passes only when every backend is a server's (it may serve a model kvray does not know)."""
     for i, model in enumerate(job.models):
         try:
             limit = resolve_geometry(model).max_position_embeddings
         except KvrayInputError as exc:
+            if not any(backend_class(b).needs_model_geometry for b in job.backends):
+                continue
             raise c.fail(f"models[{i}]", str(exc)) from None
         for j, g in enumerate(job.grids):
-            prompt, gen = g.longest_prompt_toks, g.longest_gen_toks
+            prompt, gen = _longest(g)
             needed = cached_positions(prompt, gen)
             if needed > limit:
                 key = f"grid[{j}]" if len(job.grids) > 1 else "grid"
+                lengths = " + ".join(
+                    f"{c.name(f'{key}.{side}_dist')} max {n}" if dist else f"{c.name(f'{key}.{side}_toks')} {n}"
+                    for side, n, dist in (("prompt", prompt, g.prompt_dist), ("gen", gen, g.gen_dist))
+                )
                 raise c.fail(
                     key,
-                    f"prompt_toks {prompt} + gen_toks {gen} needs {needed} positions but {model} allows "
-                    f"{limit} (max_position_embeddings); allowed: prompt + gen − 1 <= {limit}",
+                    f"{lengths} need {needed} positions, more than {model}'s max_position_embeddings ({limit}); "
+                    f"allowed: prompt + gen − 1 <= {limit}",
                 )

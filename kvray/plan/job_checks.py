@@ -5,6 +5,8 @@ reports through, naming the file and the key path (kvray/plan/job.py reads the s
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from kvray.backends import backend_class, check_clients, validate_backend
@@ -16,23 +18,37 @@ HARDWARE_MODES = ("any", "each")
 
 
 class Checker:
-    """Builds one-line errors that name the file and the key."""
+    """Builds one-line errors that name the file and the key — or, for a job built from a command's flags
+    (``kvray bench``, kvray/bench/cell.py), the flag: ``flags`` maps key paths (``grid.load.rate``, indices
+    left out) to the flag that set them, and a key with no flag of its own is named by its nearest parent's."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, flags: Mapping[str, str] | None = None):
         self.source = source
+        self.flags = dict(flags or {})
+
+    def name(self, key: str) -> str:
+        """``key`` as the user wrote it: the key path in a file, the flag on a command line."""
+        if not self.flags:
+            return key
+        path = re.sub(r"\[\d+\]", "", key)
+        while path and path not in self.flags:
+            path = path.rpartition(".")[0]
+        return self.flags.get(path, key)
 
     def fail(self, key: str, message: str) -> KvrayInputError:
-        where = f"{self.source}: {key}: " if key else f"{self.source}: "
-        return KvrayInputError(where + message)
+        named = self.name(key) if key else ""
+        where = [part for part in (self.source, named) if part]
+        return KvrayInputError(": ".join([*where, message]))
 
     def string(self, key: str, value: Any, allow_empty: bool = False) -> str:
         if not isinstance(value, str) or (not allow_empty and not value.strip()):
             raise self.fail(key, f"expected a {'' if allow_empty else 'non-empty '}string, got {value!r}")
         return value.strip()
 
-    def choice(self, key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> str:
+    def choice(self, key: str, value: Any, allowed: tuple[str, ...] | list[str], what: str = "") -> str:
         if value not in allowed:
-            raise self.fail(key, f"got {value!r} (allowed: {', '.join(allowed)})")
+            got = f"unknown {what} {value!r}" if what else f"got {value!r}"
+            raise self.fail(key, f"{got} (allowed: {', '.join(allowed)})")
         return str(value)
 
     def int_(self, key: str, value: Any, minimum: int) -> int:
@@ -57,7 +73,8 @@ class Checker:
         items = self.listed(key, value)
         bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int) or v < minimum]
         if bad:
-            raise self.fail(key, f"expected integers >= {minimum}, got {bad[0]!r}")
+            positive = "must be positive: " if minimum == 1 else ""
+            raise self.fail(key, f"{positive}expected integers >= {minimum}, got {bad[0]!r}")
         return tuple(items)
 
     def numbers(self, key: str, value: Any) -> tuple[float, ...]:
@@ -90,7 +107,7 @@ def check_tensor_parallel_degrees(c: Checker, value: Any, models: list[str]) -> 
         raise c.fail("tensor_parallel", f"lists a degree twice: {degrees}")
     if degrees == [1]:
         return degrees
-    for i, model in enumerate(models):
+    for model in models:
         try:
             g = resolve_geometry(model)
         except KvrayInputError:
@@ -99,7 +116,7 @@ def check_tensor_parallel_degrees(c: Checker, value: Any, models: list[str]) -> 
             try:
                 check_tensor_parallel(g, n)
             except KvrayInputError as exc:
-                raise c.fail("tensor_parallel", f"models[{i}]: {exc}") from None
+                raise c.fail("tensor_parallel", str(exc)) from None
     return degrees
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from kvray.errors import KvrayInputError
 from kvray.spec import LOAD_KINDS as LOAD_KINDS_ALL
-from kvray.spec import LengthSpec, LoadSpec, RequestSpec, Workload
+from kvray.spec import OPEN_LOOPS, LengthSpec, LoadSpec, RequestSpec, Workload
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ def length_params(value: Any, key: str, side: str) -> dict[str, Any]:
         "lognormal": ("median", "sigma", "min", "max"),
     }.get(kind, ("min", "max", "sigma"))
     extra = set(value) - {"kind", *allowed}
+    if kind in DATASETS:  # the median and source this function sets for a bundled dataset, read back (a job's grid)
+        extra -= {"median", "source"}
     if extra:
         raise KvrayInputError(f"{key}: unknown key(s) {sorted(extra)} for kind {kind} (allowed: {', '.join(allowed)})")
     params: dict[str, Any] = {"kind": kind}
@@ -182,6 +184,7 @@ def build_workload(
         after = i - users if load.kind == "closed" and i >= users else None
         arrival = round(i * arrival_gap_s, 6) if load.kind == "burst" else offsets[i]
         requests.append(RequestSpec(i, prompts[i], gens[i], arrival, after=after))
+    check_window(load, [r.arrival_s for r in requests])
     fixed = prompt_params["kind"] == gen_params["kind"] == "fixed"
     lengths = (
         None
@@ -261,6 +264,19 @@ def parse_dist(text: str, flag: str) -> dict[str, Any]:
             raise KvrayInputError(f"{flag}: expected name=number pairs after the kind, got {part!r}")
     length_params(params, flag, "prompt")  # checked now: one line before anything loads
     return params
+
+
+def check_window(load: LoadSpec, arrivals: list[float]) -> None:
+    """An open loop's ``warmup_s`` + ``cooldown_s`` must leave some of its arrivals measured (known once drawn;
+    a rate search sets its probes' windows itself)."""
+    trim = (load.warmup_s or 0.0) + (load.cooldown_s or 0.0)
+    if not trim or load.kind not in OPEN_LOOPS or load.search is not None or not arrivals:
+        return
+    span = max(arrivals) - min(arrivals)
+    if trim >= span:
+        raise KvrayInputError(
+            f"warmup_s + cooldown_s ({trim:g} s) leave no window: this load's arrivals span {span:.3g} s"
+        )
 
 
 def parse_load_flags(

@@ -251,34 +251,10 @@ def step_roofs(
     return StepRoofs(parts, g.num_layers, comm, requests)
 
 
-def pass_time_s(
-    cost: PassCost,
-    g: ModelGeometry,
-    gpu: GpuSpec,
-    dtype: str,
-    eff: Efficiency,
-    tp: int = 1,
-    communication: bool = True,
-    *,
-    requests: StepRequests = NO_REQUESTS,
-) -> float:
-    """The pass's time (``StepRoofs.time_s``): its parts on their roofs (the whole pass's roofline a floor), plus
-    the TP all-reduces and the engine's CPU work for ``requests``."""
-    return step_roofs(cost, g, gpu, dtype, tp, communication, requests).time_s(eff)
-
-
-def bound_of(
-    cost: PassCost,
-    g: ModelGeometry,
-    gpu: GpuSpec,
-    dtype: str,
-    eff: Efficiency,
-    tp: int = 1,
-    *,
-    requests: StepRequests = NO_REQUESTS,
-) -> str:
-    """Which term limits the pass: "compute", "memory", "overhead", "communication" (TP) or "cpu"."""
-    return step_roofs(cost, g, gpu, dtype, tp, requests=requests).bound(eff)
+def pass_time_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency) -> float:
+    """The pass's time on one GPU (``StepRoofs.time_s``): its parts on their roofs (the whole pass's roofline a
+    floor); ``step_roofs(…).time_s(eff)`` for TP's all-reduces and the engine's CPU work for its requests."""
+    return step_roofs(cost, g, gpu, dtype).time_s(eff)
 
 
 class StepTimer:

@@ -27,26 +27,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from kvray.model.geometry import ModelGeometry
 from kvray.model.kvmath import kv_bytes_per_token
 from kvray.sim.passes import sequence_step_cost, step_cost
-from kvray.sim.simulate import RequestLike
+from kvray.traces.footprint import PrefixRequest
 
 S = TypeVar("S")
 T = TypeVar("T")
 
 
-class ReuseRequest(RequestLike, Protocol):
-    """What the rule needs of a request beyond its lengths (kvray.spec.RequestSpec is one)."""
-
-    @property
-    def id(self) -> int: ...
-    @property
-    def prefix_group(self) -> int | None: ...
-    @property
-    def shared_prefix_toks(self) -> int: ...
+ReuseRequest = PrefixRequest  # what the rule needs of a request beyond its lengths (kvray.spec.RequestSpec is one)
 
 
 def has_shared_prefixes(requests: Sequence[ReuseRequest]) -> bool:

@@ -45,8 +45,9 @@ class TimedRequest(Protocol):
     def arrival_s(self) -> float: ...
 
 
-class FootprintRequest(TimedRequest, Protocol):
-    """What the rule reads of a request (kvray.spec.RequestSpec is one)."""
+class PrefixRequest(TimedRequest, Protocol):
+    """A request that may share a prompt prefix with others: its group and the group's prefix length (the
+    simulator's reuse rule reads requests through this too, as ``kvray.sim.reuse.ReuseRequest``)."""
 
     @property
     def id(self) -> int: ...
@@ -54,6 +55,11 @@ class FootprintRequest(TimedRequest, Protocol):
     def prefix_group(self) -> int | None: ...
     @property
     def shared_prefix_toks(self) -> int: ...
+
+
+class FootprintRequest(PrefixRequest, Protocol):
+    """What the rule reads of a request (kvray.spec.RequestSpec is one): a trace request's blocks too."""
+
     @property
     def block_ids(self) -> tuple[int, ...]: ...
     @property
