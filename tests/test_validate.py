@@ -142,7 +142,6 @@ def test_rounds_of_one_job_are_judged_on_their_median_with_the_range_beside_it(m
     step bound by reading the weights takes 0.45 / 0.30 = 1.5 × as long. Against the truth of the first round, the
     median over the rounds is 1.25 × its TPOT, so the error is 1 / 1.25 − 1 = −20 %, and the spread (1.5 − 1) /
     1.25 = 40 %; each round's own value stays in the row."""
-    import dataclasses
 
     slower = tmp_path / "round2"
     writer = DatasetWriter(slower, tables=False)
