@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guidellm_compare import VLLM_VENV, _server_version  # noqa: E402
 
 BLOCK, OUTPUT, REQUESTS = 128, 8, 40
+SERVED_NAME = "kvray/tiny-llama"  # the name the server answers to (--served-model-name: the cell's model)
 
 
 def start_server() -> Any:
@@ -43,7 +44,7 @@ def start_server() -> Any:
     from kvray.spec import Cell, Workload, make_options
 
     cell = Cell(
-        model="kvray/tiny-llama",
+        model=SERVED_NAME,
         workload=Workload.uniform(1, 32, 8),
         backend="vllm",
         dtype="fp32",
@@ -55,19 +56,28 @@ def start_server() -> Any:
     return backend
 
 
-def aiperf_tokenizer(model_path: str, out: Path) -> Path:
-    """The served tokenizer with every unknown word read as ``w50``: AIPerf builds a trace's prompts from a text
-    corpus (sonnet), which the tiny word-level vocabulary does not hold; so its prompts become ``w50 w50 …`` of the
-    trace's lengths, one served token per word (the server's prefix caching is off: content does not matter)."""
+def aiperf_tokenizer(model_path: str, out: Path) -> tuple[Path, str]:
+    """(HF_HOME, repo id) of the served tokenizer with every unknown word read as ``w50``, laid out as a Hugging Face
+    cache entry. AIPerf builds a trace's prompts from a text corpus (sonnet), which the tiny word-level vocabulary does
+    not hold; so its prompts become ``w50 w50 …`` of the trace's lengths, one served token per word (the server's
+    prefix caching is off: content does not matter). Why a cache entry and not a directory: AIPerf 0.13's
+    prompt-building workers load the tokenizer in offline mode, where a local path goes to ``snapshot_download`` and
+    fails (``HFValidationError``; the run dies with ``BrokenProcessPool`` in "Configure Profiling"); a repo id found
+    in ``$HF_HOME`` with ``HF_HUB_OFFLINE=1`` loads in every process, and nothing is downloaded."""
     import shutil
 
-    out.mkdir(parents=True, exist_ok=True)
+    revision = "0" * 40
+    entry = out / "hub" / "models--kvray--tiny-llama-words"
+    snapshot = entry / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (entry / "refs").mkdir(exist_ok=True)
+    (entry / "refs" / "main").write_text(revision)
     for f in Path(model_path).glob("*token*"):
-        shutil.copy(f, out / f.name)
-    spec = json.loads((out / "tokenizer.json").read_text())
+        shutil.copy(f, snapshot / f.name)
+    spec = json.loads((snapshot / "tokenizer.json").read_text())
     spec["model"]["unk_token"] = "w50"
-    (out / "tokenizer.json").write_text(json.dumps(spec))
-    return out
+    (snapshot / "tokenizer.json").write_text(json.dumps(spec))
+    return out, "kvray/tiny-llama-words"
 
 
 def write_trace(path: Path, seed: int = 0) -> Path:
@@ -92,11 +102,12 @@ def write_trace(path: Path, seed: int = 0) -> Path:
 
 
 def run_aiperf(exe: str, url: str, model_path: str, trace: Path, out: Path) -> dict[str, Any]:
+    hf_home, tokenizer = aiperf_tokenizer(model_path, out / "hf")
     cmd = [
         exe,
         "profile",
         "-m",
-        model_path,
+        SERVED_NAME,
         "--url",
         url.removesuffix("/v1"),
         "--endpoint-type",
@@ -110,7 +121,8 @@ def run_aiperf(exe: str, url: str, model_path: str, trace: Path, out: Path) -> d
         "--isl-block-size",
         str(BLOCK),
         "--tokenizer",
-        str(aiperf_tokenizer(model_path, out / "tok")),
+        tokenizer,
+        "--use-server-token-count",
         "--extra-inputs",
         "ignore_eos:true",
         "--output-artifact-dir",
@@ -118,9 +130,12 @@ def run_aiperf(exe: str, url: str, model_path: str, trace: Path, out: Path) -> d
         "--no-gpu-telemetry",
         "--no-server-metrics",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"aiperf failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-3000:]}")
+        log = out / "logs" / "aiperf.log"
+        errors = [line for line in log.read_text().splitlines() if " ERROR " in line][:3] if log.is_file() else []
+        raise RuntimeError(f"aiperf failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}\n" + "\n".join(errors))
     found = sorted(out.rglob("*aiperf*.json"))
     report = json.loads(next(p for p in found if "profile_export" in p.name).read_text())
     return report
