@@ -102,9 +102,9 @@ def measure(shapes: Sequence[tuple[int, int]], cells: int, repeats: int) -> dict
     import pandas  # noqa: F401 - the collector imports these at its start, before any row (kvray/sweep/collector.py)
     import pyarrow.parquet  # noqa: F401
 
-    from kvray.runner import run as runner
     from kvray.data.writer import DatasetWriter, encode_row
     from kvray.measure import metrics, serving
+    from kvray.runner import run as runner
     from kvray.spec import Cell, Workload, make_options
 
     clock = StageClock()

@@ -4,14 +4,17 @@ its replay on the sim backend (one H100), timed in this process.
 Target (issue #28): the sim replays 10,000 requests "in seconds". The trace is generated here, seeded: conversations
 whose turns re-send the conversation's blocks so far (chained hash ids, as Mooncake's), 4 000-token prompts on
 average, Poisson arrivals at 20 req/s. Prints wall and CPU seconds of each step and the load average (the machine
-may be shared). Run: uv run python benchmarks/trace_replay.py [REQUESTS]
+may be shared); then, ``--repeats`` times, the sim replay interleaved with benchmarks/sim_speed.py's plain Poisson
+run of as many requests (Llama-3-8B, 40 req/s) and the ratio of their CPU seconds (one process, one run: the
+machine's load cancels out of it). Target: ≤ 5 CPU s for the 10,000-request replay.
+Run: uv run python benchmarks/trace_replay.py [REQUESTS] [--repeats 2]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,7 +57,13 @@ def timed(label: str, fn):  # type: ignore[no-untyped-def]
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("requests", type=int, nargs="?", default=10_000)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    n = args.requests
+    from sim_speed import run_once
+
     from kvray.backends import get_backend
     from kvray.plan.replay import check_trace_key, replay_workload
     from kvray.plan.trace_summary import describe_trace
@@ -82,6 +91,16 @@ def main() -> int:
             f"  status {r.status}; offered {m['offered_rps']:.1f} req/s, achieved {m['achieved_rps']:.1f}; "
             f"TTFT p50 {m['ttft_s_p50']:.3f} s; predicted hit rate {r.memory['prefix_cache_hit_rate_predicted']}"
         )
+        for k in range(args.repeats):  # interleaved: the replay, then the plain Poisson run, in this process
+            c = time.process_time()
+            run_cell(get_backend("sim"), cell)
+            replay_s = time.process_time() - c
+            poisson_s, steps, served = run_once(n, 40.0)
+            print(
+                f"repeat {k + 1}: sim replay {replay_s:.2f} CPU s; plain Poisson {served} requests ({steps} steps, "
+                f"serve alone) {poisson_s:.2f} CPU s; ratio {replay_s / poisson_s:.1f}; "
+                f"load average {os.getloadavg()[0]:.2f}"
+            )
     print(f"load average {os.getloadavg()[0]:.2f}")
     return 0
 

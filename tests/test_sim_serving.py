@@ -140,6 +140,39 @@ def test_pool_of_n_requests_runs_at_most_n_and_a_small_pool_preempts():
         serve(LLAMA, get_gpu("H100-SXM"), [Req(0, 16, 40)], cfg=EngineConfig(kv_pool_bytes=3 * block_bytes))
 
 
+def test_the_running_set_at_once_schedules_as_request_by_request(monkeypatch):
+    """The engine passes over its running requests with array operations when no preemption can come
+    (kvray/sim/engine.py) and request by request otherwise. Forced request by request every step, the same loads —
+    an open loop that never runs short of blocks and one that preempts — give the same run, step for step."""
+    from dataclasses import asdict
+
+    from kvray.sim.engine import Engine
+
+    block_bytes = BLOCK * KV_PER_TOKEN
+    loads = [
+        # an 8,193-token prompt alone (its last position a one-token prefill chunk), then prompts up to 20,000
+        # tokens: running prefills that use up the step's token budget
+        (
+            [Req(0, 8193, 4)]
+            + [Req(i, 20_000 if i % 9 == 0 else 100 + 37 * i, 5 + i % 7, 0.5 + 0.01 * i) for i in range(1, 40)],
+            EngineConfig(),
+        ),
+        ([Req(i, 16, 40, arrival_s=0.002 * i) for i in range(12)], EngineConfig(kv_pool_bytes=8 * block_bytes)),
+    ]
+
+    def runs():
+        out = []
+        for reqs, cfg in loads:
+            run = serve(LLAMA, get_gpu("H100-SXM"), reqs, eff=EFF, cfg=cfg)
+            out.append(([asdict(t) for t in run.timings], [asdict(s) for s in run.steps], run.preemptions))
+        return out
+
+    at_once = runs()
+    assert at_once[1][2] > 0  # the second load does preempt
+    monkeypatch.setattr(Engine, "_running_at_once", lambda self: None)
+    assert runs() == at_once
+
+
 def test_closed_loop_keeps_exactly_u_requests_in_the_system():
     """U users, think time 0: each request is sent when its predecessor ends, so U are in the system at every
     step; Little's law: throughput × mean E2E = U."""

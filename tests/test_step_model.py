@@ -129,3 +129,27 @@ def test_simulate_takes_one_costing_or_its_fields(llama):
     a = simulate(llama, H100, reqs, costing=Costing(layout="paged", eff=EFF))
     b = simulate(llama, H100, reqs, layout="paged", eff=EFF)
     assert a.timings[0].token_times_s == b.timings[0].token_times_s
+
+
+@pytest.mark.parametrize(
+    "model", ["meta-llama/Meta-Llama-3-8B", "google/gemma-2-2b", "deepseek-ai/DeepSeek-V2-Lite", "facebook/opt-125m"]
+)
+def test_the_serving_engines_step_costs_are_step_cost(model):
+    """The serving engine prices a step with ``StepCosts`` (one-token chunks from tables over the context, built per
+    layer with NumPy). It must be ``step_cost`` exactly — full attention, a sliding window (Gemma 2: 4,096, both sides
+    of it), MLA (DeepSeek-V2-Lite), learned positions (OPT) — for decodes, prefill chunks and a mix; the tables grow
+    when a context passes their end."""
+    import random
+
+    import numpy as np
+
+    from kvray.sim.passes import StepCosts
+
+    g = resolve_geometry(model)
+    costs = StepCosts(g, "bf16", "fp8", "paged", 16)
+    rng = random.Random(0)
+    for size in (1, 7, 256):
+        chunks = [(rng.randrange(0, 9000), 1 if rng.random() < 0.8 else rng.randrange(2, 3000)) for _ in range(size)]
+        pasts, queries = (np.array(c, dtype=np.int64) for c in zip(*chunks, strict=True))
+        assert costs.step(pasts, queries) == step_cost(g, chunks, "bf16", "fp8", "paged", 16)
+    assert len(costs.attention) >= 9000  # grown past the first 4,096 contexts

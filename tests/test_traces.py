@@ -79,6 +79,39 @@ def test_engine_rule_is_vllms_on_trace_blocks() -> None:
     assert predict_hits(reqs, 2) == {0: 0, 1: 4, 2: 6}
 
 
+@pytest.mark.parametrize("engine_block", [2, 5, 8, 16])
+def test_engine_rule_by_segments_is_the_block_by_block_rule(engine_block: int) -> None:
+    """``engine_hits`` walks whole runs of blocks (``block_segments``); ``engine_lru_hits`` looks up every block key.
+    With a pool nothing overflows they are one rule, so they agree request by request — on trace blocks of 12
+    tokens (engine blocks that divide them and ones that straddle two), chats whose history is the previous turn,
+    and shared system prompts; and the segments name exactly the full blocks ``block_keys`` names."""
+    import random
+
+    rng = random.Random(engine_block)
+    reqs: list[RequestSpec] = []
+    for i in range(120):
+        kind = rng.random()
+        if kind < 0.5:  # a trace request: a document's first blocks, or blocks of 4 ids in any order; then its own
+            doc, n = rng.randrange(3), rng.randrange(1, 6)
+            ids = tuple(doc * 100 + j for j in range(n)) if kind < 0.25 else tuple(rng.randrange(4) for _ in range(n))
+            prompt = 12 * (len(ids) - 1) + rng.randrange(1, 13)
+            reqs.append(RequestSpec(i, prompt, rng.randrange(1, 20), block_ids=ids, block_toks=12))
+        else:  # a conversation turn (history grows) or a shared system prompt
+            group = rng.randrange(3)
+            shared = rng.randrange(0, 40)
+            reqs.append(
+                RequestSpec(i, shared + rng.randrange(1, 30), rng.randrange(1, 20), 0.0, 0.0, None, 0.0, group, shared)
+            )
+    by_segments = fp.engine_hits(reqs, engine_block)
+    assert by_segments == fp.engine_lru_hits(reqs, engine_block, pool_blocks=10**9)
+    assert sum(by_segments.values()) > 0  # the workload does hit
+    runs = fp.prompt_runs(reqs)
+    for r in reqs:
+        assert sum(n for _, n in fp.block_segments(runs[r.id], engine_block)) == len(
+            fp.block_keys(runs[r.id], engine_block)
+        )
+
+
 def test_equal_block_ids_are_equal_tokens() -> None:
     reqs = [RequestSpec(0, 7, 1, block_ids=(1, 2), block_toks=4), RequestSpec(1, 8, 1, block_ids=(1, 3), block_toks=4)]
     ids = shared_token_ids(reqs, lambda seed, n: [(seed, i) for i in range(n)], lambda label: label, overhead=1)

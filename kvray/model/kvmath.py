@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 from kvray.errors import KvrayInputError
 from kvray.model.geometry import ModelGeometry
@@ -98,6 +99,22 @@ def kv_bytes_sequence(
             kept = math.ceil(kept / block_size) * block_size
         total += kept * per_layer
     return int(total)
+
+
+def layer_positions_array(
+    g: ModelGeometry, layer: int, tokens: Any, layout: str = "hf", block_size: int = DEFAULT_BLOCK_SIZE
+) -> Any:
+    """The positions ``kv_bytes_sequence`` charges layer ``layer`` for each of a NumPy array of sequence lengths (the
+    same rules, block rounding included): the simulator's cost tables over every context at once."""
+    import numpy as np
+
+    window = g.sliding_window if g.layer_types[layer] == "sliding_attention" else None
+    kept = np.minimum(tokens, window - 1) if window else tokens  # layer_positions
+    if layout == "paged":
+        if window:
+            kept = np.minimum(tokens, window)  # vLLM keeps the whole window
+        kept = -(-kept // block_size) * block_size
+    return kept
 
 
 def kv_bytes_batch(

@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec
@@ -48,7 +48,7 @@ from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, dtype_bytes, kv_bytes_per_tok
 from kvray.model.oom import RUNTIME_OVERHEAD_BYTES, activation_bytes
 from kvray.model.parallel import shard_geometry
 from kvray.sim.costs import Efficiency, StepRequests, StepTimer
-from kvray.sim.passes import PassCost, sequence_step_cost, step_cost
+from kvray.sim.passes import StepCosts
 from kvray.sim.simulate import RequestLike
 
 # vLLM's defaults (V1 engine, OpenAI server on a GPU): engine arguments max_num_seqs, max_num_batched_tokens
@@ -182,164 +182,6 @@ class ServingRun:
         return max((s.running for s in self.steps), default=0)
 
 
-@dataclass(slots=True)
-class _Live:
-    """A request inside the engine: computed tokens (KV positions), tokens generated, blocks held."""
-
-    index: int
-    prompt: int
-    gen: int
-    group: int | None
-    shared: int
-    arrival_s: float
-    start_s: float | None = None
-    computed: int = 0
-    target: int = 0  # positions computed before its next token: the prompt plus every token generated so far
-    shared_blocks: int = 0  # blocks of its group's prefix it uses but does not own
-    blocks: int = 0  # blocks it owns
-    tokens: list[float] = field(default_factory=list)
-    preempted: int = 0
-
-    def __post_init__(self) -> None:
-        self.target = self.prompt
-
-
-class _Engine:
-    """The scheduler's state between steps (module docstring for the rules)."""
-
-    def __init__(self, pool: KvPool, cfg: EngineConfig):
-        self.pool, self.cfg = pool, cfg
-        self.free = pool.blocks
-        self.watermark = int(cfg.watermark * pool.blocks)
-        self.waiting: deque[_Live] = deque()
-        self.running: list[_Live] = []
-        self.preemptions = 0
-        self.prefix_hits = 0
-        self.decodes = 0  # decode tokens in the step just scheduled
-        self.admitted = 0  # requests admitted for the first time in the step just scheduled
-        self.groups: dict[int, list[int]] = {}  # group → [prefix blocks resident, members running]
-        # groups no member runs, whose prefix blocks stay cached (counted in ``free``) until an allocation needs
-        # them — least recently used first, as vLLM's free-block queue evicts
-        self.evictable: dict[int, int] = {}
-
-    def release(self, r: _Live) -> None:
-        """Free ``r``'s own blocks (and its group's, when it was the last member running); the caller unlists it."""
-        self.free += r.blocks
-        r.blocks = 0
-        if r.group is not None and self.cfg.prefix_caching:
-            state = self.groups[r.group]
-            state[1] -= 1
-            if state[1] == 0 and state[0]:  # the last member left: its blocks are free, and still cached
-                self.free += state[0]
-                self.evictable[r.group] = state[0]
-
-    def take(self, need: int) -> None:
-        """Allocate ``need`` blocks, evicting cached prefixes (least recently used first) that they overwrite."""
-        while self.free - need < sum(self.evictable.values()) and self.evictable:
-            group = next(iter(self.evictable))
-            self.evictable.pop(group)
-            self.groups[group][0] = 0
-        self.free -= need
-
-    def reclaim(self, r: _Live) -> int:
-        """Blocks a cached (evictable) prefix of ``r``'s group takes back from the free pool when ``r`` joins."""
-        return self.evictable.get(r.group, 0) if r.group is not None and self.cfg.prefix_caching else 0
-
-    def preempt(self) -> _Live:
-        """Recompute preemption of the request admitted last: its KV is freed, it waits at the queue's head."""
-        victim = self.running.pop()
-        self.release(victim)
-        victim.computed, victim.shared_blocks = 0, 0
-        victim.preempted += 1
-        self.preemptions += 1
-        self.waiting.appendleft(victim)
-        return victim
-
-    def schedule(self, now: float) -> list[tuple[_Live, int]]:
-        """This step's (request, new tokens), running requests first, then admissions."""
-        budget, size = self.cfg.max_num_batched_tokens, self.cfg.block_size
-        chunks: list[tuple[_Live, int]] = []
-        preempted = False
-        i = 0
-        self.decodes = self.admitted = 0
-        running = self.running
-        while i < len(running) and budget > 0:
-            r = running[i]
-            new = r.target - r.computed
-            if new > budget:
-                new = budget
-            need = -(-(r.computed + new) // size) - r.shared_blocks - r.blocks  # blocks to add (ceil division)
-            while need > self.free:
-                preempted = True
-                if self.preempt() is r:
-                    break
-            if i == len(running):
-                break  # r was the last running request and preempted itself
-            if new == 1 and r.tokens and r.target - r.computed == 1:
-                self.decodes += 1
-            self.take(need)
-            r.blocks += need
-            chunks.append((r, new))
-            budget -= new
-            i += 1
-        while not preempted and self.waiting and len(self.running) < self.cfg.max_num_seqs and budget > 0:
-            r = self.waiting[0]
-            cached = self._cached(r)
-            new = r.target - cached
-            if self.cfg.chunked_prefill:
-                new = min(new, budget)
-            elif new > budget and chunks:
-                break  # a whole prompt waits for a step with room (an empty step takes it whatever its size)
-            shared = cached // self.cfg.block_size
-            need = max(math.ceil((cached + new) / self.cfg.block_size) - shared, 0)
-            back = self.reclaim(r) if cached else 0
-            if self.free - back - need < (self.watermark if self.running else 0):
-                break
-            self.waiting.popleft()
-            if back:  # the cached prefix is in use again: no longer free, no longer evictable
-                assert r.group is not None
-                self.evictable.pop(r.group)
-                self.free -= back
-            r.computed, r.shared_blocks, r.blocks = cached, shared, need
-            self.take(need)
-            self.prefix_hits += cached
-            if r.start_s is None:
-                r.start_s = now
-                self.admitted += 1
-            if r.group is not None and self.cfg.prefix_caching:
-                self.groups.setdefault(r.group, [0, 0])[1] += 1
-            self.running.append(r)
-            # vLLM V1 caches a block when it allocates it (KVCacheManager.allocate_slots → cache_blocks), so a
-            # later admission in this same step already hits the prefix this one is about to compute
-            self.share_prefix(r, cached + new)
-            chunks.append((r, new))
-            budget -= new
-        return chunks
-
-    def _cached(self, r: _Live) -> int:
-        """Prompt positions already resident for ``r``'s prefix group (full blocks; at least one token to run)."""
-        if not self.cfg.prefix_caching or r.group is None:
-            return 0
-        resident = self.groups.get(r.group, [0, 0])[0]
-        full = min(r.shared // self.cfg.block_size, resident, (r.target - 1) // self.cfg.block_size)
-        return full * self.cfg.block_size
-
-    def share_prefix(self, r: _Live, scheduled: int | None = None) -> None:
-        """The full prefix blocks ``r`` has computed (or, ``scheduled``, will have computed by the end of this
-        step) become its group's (owned once, by the group)."""
-        if not self.cfg.prefix_caching or r.group is None:
-            return
-        state = self.groups[r.group]
-        # its whole prompt, not only the prefix it shares: a later member may share more of it (a chat's next
-        # turn sends this turn's prompt as its history); a lookup never takes more than its own shared prefix
-        full = min(r.prompt, r.computed if scheduled is None else scheduled) // self.cfg.block_size
-        if full > state[0]:
-            moved = full - max(state[0], r.shared_blocks)
-            state[0] = full
-            r.blocks -= moved
-            r.shared_blocks = full
-
-
 def serve(
     g: ModelGeometry,
     gpu: GpuSpec,
@@ -368,18 +210,17 @@ def serve(
     g = shard_geometry(g, tp)
     pool = kv_pool(g, gpu, dtype, kv_dtype, cfg)
     pending, followers = _arrivals(requests, pool, cfg.block_size)
-    engine = _Engine(pool, cfg)
-    sharing = cfg.prefix_caching
-    memo: dict[tuple[int, int], PassCost] = {}
+    import numpy as np  # imported when a run starts, not with the CLI
+
+    from kvray.sim.engine import Engine
+
+    engine = Engine(requests, pool.blocks, cfg)
+    costs = StepCosts(g, dtype, kv_dtype, "paged", cfg.block_size)
     timer = StepTimer(g, gpu, dtype, eff, tp)
-
-    def per_sequence(past: int, queries: int) -> PassCost:
-        cost = memo.get((past, queries))
-        if cost is None:
-            cost = memo[past, queries] = sequence_step_cost(g, past, queries, kv_dtype, "paged", cfg.block_size)
-        return cost
-
-    done: dict[int, ServedRequest] = {}
+    computed, target, tokens, gen = engine.computed, engine.target, engine.tokens, engine.gen
+    arrivals: dict[int, float] = {}
+    ended: dict[int, float] = {}  # request → when its last token came
+    token_events: list[tuple[Any, float]] = []  # (requests that got a token, when): gathered per request at the end
     steps: list[StepRecord] = []
     bounds: dict[str, int] = {}
     now = 0.0
@@ -388,67 +229,75 @@ def serve(
             arrival, i = heapq.heappop(pending)
             if duration_s is not None and arrival > duration_s:
                 continue  # not sent, and nothing that follows it is either
-            req = requests[i]
-            engine.waiting.append(
-                _Live(
-                    i,
-                    req.prompt_toks,
-                    req.gen_toks,
-                    getattr(req, "prefix_group", None),
-                    getattr(req, "shared_prefix_toks", 0),
-                    arrival,
-                )
-            )
+            arrivals[i] = arrival
+            engine.waiting.append(i)
         if not engine.waiting and not engine.running:
             if not pending:
                 break  # the rest was never sent
             now = pending[0][0]
             continue
-        chunks = engine.schedule(now)
-        if not chunks:
-            raise PoolTooSmall(f"the engine cannot admit request {engine.waiting[0].index}: KV pool too small")
-        cost = step_cost(
-            g, [(r.computed, n) for r, n in chunks], dtype, kv_dtype, "paged", cfg.block_size, per_sequence
-        )
-        finishing = sum(1 for r, n in chunks if r.computed + n == r.target and len(r.tokens) + 1 == r.gen)
-        dt, bound = timer.time_s(cost, StepRequests(len(chunks), engine.admitted, finishing))
+        idx, new = engine.schedule(now)
+        if not len(idx):
+            raise PoolTooSmall(f"the engine cannot admit request {engine.waiting[0]}: KV pool too small")
+        past = computed[idx]
+        cost = costs.step(past, new)
+        due = past + new == target[idx]  # these get a token at the step's end
+        finishing = int(np.count_nonzero(due & (tokens[idx] + 1 == gen[idx])))
+        dt, bound = timer.time_s(cost, StepRequests(len(idx), engine.admitted, finishing))
         bounds[bound] = bounds.get(bound, 0) + 1
-        decodes = engine.decodes
+        scheduled_toks = int(new.sum())
         steps.append(
             StepRecord(
                 now,
                 dt,
-                len(chunks),
+                len(idx),
                 len(engine.waiting),
                 pool.blocks - engine.free,
                 engine.preemptions,
-                sum(n for _, n in chunks) - decodes,
-                decodes,
+                scheduled_toks - engine.decodes,
+                engine.decodes,
             )
         )
         now += dt
-        finished = False
-        for r, n in chunks:
-            r.computed += n
-            if sharing:
-                engine.share_prefix(r)
-            if r.computed == r.target:
-                r.tokens.append(now)
-                r.target += 1
-                if len(r.tokens) == r.gen:
-                    finished = True
-                    engine.release(r)
-                    assert r.start_s is not None
-                    done[r.index] = ServedRequest(r.index, r.arrival_s, r.start_s, r.tokens, now, r.preempted)
-                    for j in followers.get(r.index, []):
-                        heapq.heappush(pending, (now + getattr(requests[j], "think_s", 0.0), j))
-        if finished:
-            engine.running = [r for r in engine.running if r.index not in done]
+        computed[idx] = past + new
+        if engine.grouped:
+            for i in idx.tolist():
+                engine.share_prefix(i)
+        got = idx[due]
+        target[got] += 1
+        tokens[got] += 1
+        token_events.append((got, now))
+        if finishing:
+            for i in got[tokens[got] == gen[got]].tolist():
+                engine.release(i)
+                ended[i] = now
+                for j in followers.get(i, []):
+                    heapq.heappush(pending, (now + getattr(requests[j], "think_s", 0.0), j))
+            engine.running = [i for i in engine.running if i not in ended]
         if not engine.running and not engine.waiting:
             steps.append(StepRecord(now, 0.0, 0, 0, pool.blocks - engine.free, engine.preemptions, 0, 0))
-    unsent = [i for i in range(len(requests)) if i not in done]
-    timings = [done[i] for i in sorted(done)]
+    times = _token_times(token_events, len(requests))
+    timings = []
+    for i in sorted(ended):
+        start = engine.start_s[i]
+        assert start is not None
+        timings.append(ServedRequest(i, arrivals[i], start, times[i], ended[i], engine.preempted[i]))
+    unsent = [i for i in range(len(requests)) if i not in ended]
     return ServingRun(timings, unsent, steps, pool, engine.preemptions, engine.prefix_hits, bounds)
+
+
+def _token_times(events: list[tuple[Any, float]], n: int) -> list[list[float]]:
+    """Each request's token times from the steps' (requests that got a token, when), in step order."""
+    import numpy as np
+
+    if not events:
+        return [[] for _ in range(n)]
+    who = np.concatenate([e[0] for e in events])
+    when = np.repeat([e[1] for e in events], [len(e[0]) for e in events])
+    order = np.argsort(who, kind="stable")  # stable: each request's tokens stay in time order
+    ends = np.cumsum(np.bincount(who, minlength=n))
+    flat = when[order].tolist()
+    return [flat[(ends[i - 1] if i else 0) : ends[i]] for i in range(n)]
 
 
 def _arrivals(

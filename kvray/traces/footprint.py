@@ -251,17 +251,60 @@ def percentiles(values: Sequence[int]) -> dict[str, float]:
     }
 
 
+def block_segments(runs: Sequence[Run], block_toks: int) -> list[tuple[int, int]]:
+    """The full blocks of ``runs`` as segments ``(key, blocks)``: block j (1 … blocks) of a segment is ``(key, j)``.
+
+    The same blocks as ``block_keys`` (a block's identity is everything up to its end), named per run instead of per
+    block: the whole blocks of one run that starts on a block boundary are one segment (its key hashes the boundary
+    and the run's label and offset, so block j holds that run's tokens up to j blocks in), and a block straddling two
+    runs is a segment of one. A 512-token trace block is one segment of 32 blocks of 16, not 32 hashes."""
+    segments: list[tuple[int, int]] = []
+    boundary: Any = 0  # identity of everything before the current block boundary
+    piece: list[Run] = []
+    fill = 0
+    for label, offset, length in _merge(runs):
+        if fill:  # finish the block the previous run left partial
+            k = min(length, block_toks - fill)
+            piece.append((label, offset, k))
+            fill, offset, length = fill + k, offset + k, length - k
+            if fill < block_toks:
+                continue
+            key = hash((boundary, tuple(piece)))
+            segments.append((key, 1))
+            boundary, piece, fill = (key, 1), [], 0
+        whole = length // block_toks
+        if whole:
+            key = hash((boundary, label, offset))
+            segments.append((key, whole))
+            boundary = (key, whole)
+        if length % block_toks:
+            piece, fill = [(label, offset + whole * block_toks, length % block_toks)], length % block_toks
+    return segments
+
+
 def engine_hits(requests: Sequence[FootprintRequest], block_size: int) -> dict[int, int]:
-    """Prompt tokens each request should find in vLLM's prefix cache (engine rule, module docstring)."""
+    """Prompt tokens each request should find in vLLM's prefix cache (engine rule, module docstring).
+
+    Nothing is evicted and every request caches all the blocks before a point, so the cache holds, for each segment
+    (``block_segments``), a prefix of its blocks: it is kept as segment → blocks cached, and a lookup walks segments,
+    not blocks (``engine_lru_hits`` with an unbounded pool is the same rule, block by block)."""
     runs = prompt_runs(requests)
-    cached: set[int] = set()
+    cached: dict[int, int] = {}
     hits: dict[int, int] = {}
     for r in sorted(requests, key=lambda r: r.id):
         prompt = runs[r.id]
-        full = (r.prompt_toks - 1) // block_size
-        keys = block_keys(prompt, block_size)
-        hits[r.id] = _leading_hits(keys[:full], cached) * block_size
-        cached.update(block_keys([*prompt, (("out", r.id), 0, max(r.gen_toks - 1, 0))], block_size))
+        left = (r.prompt_toks - 1) // block_size  # a hit stops at prompt − 1 tokens
+        hit = 0
+        for key, blocks in block_segments(prompt, block_size):
+            want = min(blocks, left)
+            have = min(cached.get(key, 0), want)
+            hit, left = hit + have, left - have
+            if have < want or left <= 0:
+                break
+        hits[r.id] = hit * block_size
+        for key, blocks in block_segments([*prompt, (("out", r.id), 0, max(r.gen_toks - 1, 0))], block_size):
+            if cached.get(key, 0) < blocks:
+                cached[key] = blocks
     return hits
 
 
