@@ -113,7 +113,8 @@ def test_the_cell_timeline_has_the_running_gauge_rising_while_its_requests_are_i
     scrape catches requests so, and the scrape after the run says 0. Same knobs as the module's server: no restart."""
     from kvray.data.reader import read_timeline
 
-    cell = vllm_cell(model_dir, Workload.uniform(4, 20, 100), warmup=1, repeats=1, metrics_interval_s=0.02)
+    # 300 tokens each: a repeat of ~1 s, not ~0.3 s (a fresh machine's run once caught 2 CPU samples in 0.33 s)
+    cell = vllm_cell(model_dir, Workload.uniform(4, 20, 300), warmup=1, repeats=1, metrics_interval_s=0.02)
     result = run_cell(vllm, cell)
     assert result.status == "ok", result.reason
     DatasetWriter(tmp_path).append(result)
@@ -277,18 +278,18 @@ def test_a_missing_vllm_python_is_an_input_error(tmp_path):
 
 
 def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(own_vllm, model_dir):
-    """max_num_seqs=2 with 10 requests (a knob of the server: the module's own backend, started for it here — after
+    """max_num_seqs=2 with 30 requests (a knob of the server: the module's own backend, started for it here — after
     every test that needs the default server). 20 + 100 − 1 = 119 positions fit one 128-token CPU block
     (128 × 4,096 B = 512 KiB), so vLLM holds 2 blocks at its peak, and every request resident at once (the old
-    prediction) would be 10 — five times what ran. The prediction follows the /metrics samples' running set.
-    Ten requests, not four: four pairs wait behind the first, so the waiting gauge is up for four pairs' decode,
-    long enough that a /metrics round trip the server answers late (CI once saw 0.92 s) still samples it, on a
-    fast quiet machine too (six requests were done waiting 0.5 s in, before the first late answer)."""
+    prediction) would be 30 — fifteen times what ran. The prediction follows the /metrics samples' running set.
+    Thirty requests: fourteen pairs wait behind the first, so the waiting gauge is up for ~3 s of decode, longer
+    than any late /metrics answer seen (CI 0.92 s; a fresh machine 1.19 s, after ten requests — five pairs — had
+    all finished, so no sample caught one waiting)."""
     block = 128 * 4096
     # warmup=1: the restarted server's first batch compiles and holds its event loop for seconds (CI saw a 2.15 s
     # first /metrics round trip that outlasted the whole repeat, so no sample caught it busy)
     cell = vllm_cell(
-        model_dir, Workload.uniform(10, 20, 100), warmup=1, repeats=1, max_num_seqs=2, metrics_interval_s=0.02
+        model_dir, Workload.uniform(30, 20, 100), warmup=1, repeats=1, max_num_seqs=2, metrics_interval_s=0.02
     )
     result = run_cell(own_vllm, cell)
     assert result.status == "ok", result.reason
@@ -300,7 +301,7 @@ def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(
     ]
     memory = result.memory
     assert memory["kv_measured_bytes"] == 2 * block
-    assert memory["kv_predicted_all_resident_bytes"] == 10 * block == 5 * memory["kv_measured_bytes"]
+    assert memory["kv_predicted_all_resident_bytes"] == 30 * block == 15 * memory["kv_measured_bytes"]
     assert memory["kv_predicted_basis"] == "running set at the measured peak sample"
     assert memory["kv_peak_running"] == 2 and memory["kv_prediction_tolerance_bytes"] == 2 * block
     # every position of a request stays in its one block, so the 2 running requests are 2 blocks whichever 2 the
