@@ -291,14 +291,21 @@ def test_kv_is_predicted_from_what_vllm_ran_with_max_num_seqs_below_concurrency(
     cell = vllm_cell(
         model_dir, Workload.uniform(30, 20, 100), warmup=1, repeats=1, max_num_seqs=2, metrics_interval_s=0.02
     )
-    result = run_cell(own_vllm, cell)
-    assert result.status == "ok", result.reason
+    # What is judged needs one /metrics sample taken while requests wait in the engine. On 2 busy cores vLLM's API
+    # process sometimes answers no scrape for seconds and feeds the engine one request at a time (a clean clone's
+    # CI: 3.5 s without an answer; after exp4's engines: samples of 1 running, 0 waiting mid-run), so no sample
+    # sees the engine's queue. Such a run is measured again, up to 3 runs; one that sees it is judged in full.
+    seen = []
+    for _ in range(3):
+        result = run_cell(own_vllm, cell)
+        assert result.status == "ok", result.reason
+        timeline = result.extra["kv_timeline"]
+        seen.append([(p["t_s"], p.get("running"), p.get("waiting"), p.get("kv_usage")) for p in timeline])
+        if any(p["running"] > 0 and p["waiting"] for p in timeline):
+            break
     assert "--max-num-seqs 2" in result.extra["vllm"]["command"]
-    timeline = result.extra["kv_timeline"]
     busy = [p for p in timeline if p["running"] > 0]
-    assert busy and max(p["running"] for p in busy) == 2 and any(p["waiting"] for p in busy), [
-        (p["t_s"], p.get("running"), p.get("waiting"), p.get("kv_usage")) for p in timeline
-    ]
+    assert busy and max(p["running"] for p in busy) == 2 and any(p["waiting"] for p in busy), seen
     memory = result.memory
     assert memory["kv_measured_bytes"] == 2 * block
     assert memory["kv_predicted_all_resident_bytes"] == 30 * block == 15 * memory["kv_measured_bytes"]
