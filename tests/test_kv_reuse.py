@@ -90,6 +90,25 @@ def test_the_pool_fill_concurrency_from_kvmath_counts_shared_blocks_once():
     assert fill_concurrency(wl.requests, 48, BLOCK, predict_reuse(wl.requests, BLOCK).hit_toks) is None
 
 
+def test_the_pool_fill_moment_is_bracketed_by_the_scrapes_around_it():
+    """A 48-block pool (47 usable, one the null block) is full at 46 of 47 in use: kv_usage 46/47 = 0.9787.
+    Samples (asked, answered): (0.0, 0.1) at 50 %, (1.0, 1.1) at 97 % (45.6 of 47: not full), then one asked at
+    2.0 and answered 9.5 s later showing 98 % — the pool filled after 1.0 s (the last not-full sample was read no
+    earlier than it was asked) and by 11.5 s. A preemption counter's growth counts as full though usage never
+    reads it; a run that never fills has no bracket."""
+    from kvray.backends.kv_reuse import pool_full_at
+
+    def sample(sent_s, t_s, kv_usage, preemptions=0):
+        return {"sent_s": sent_s, "t_s": t_s, "kv_usage": kv_usage, "preemptions": preemptions}
+
+    late = [sample(0.0, 0.1, 0.50), sample(1.0, 1.1, 0.97), sample(2.0, 11.5, 0.98), sample(12.0, 12.1, 0.0)]
+    assert pool_full_at(late, 48) == (1.0, 11.5)
+    preempted = [sample(0.0, 0.1, 0.2), sample(0.5, 0.6, 0.9, preemptions=2), sample(1.0, 1.1, 0.99)]
+    assert pool_full_at(preempted, 48) == (0.0, 0.6)
+    assert pool_full_at([sample(0.0, 0.1, 0.2), sample(0.5, 0.6, 0.97)], 48) is None
+    assert pool_full_at([], 48) is None
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -327,10 +346,12 @@ def test_vllm_kv_pressure_preempts_and_the_fill_point_is_on_the_timeline(measure
     assert result.extra["server_cache"]["num_gpu_blocks"] == 48
     assert result.memory["kv_fill_concurrency_predicted"] == 16
     assert result.metrics["preemptions"] > 0
-    full_at = result.memory["pool_full_at_s"]
-    assert full_at is not None and 0 < full_at < max(t.end_s for t in result.traces)
+    full_at, after = result.memory["pool_full_at_s"], result.memory["pool_full_after_s"]
+    # the scrapes bracket the moment the pool filled: (after, at]; a late answer may put `at` past the run's end
+    assert full_at is not None and 0 <= after < full_at and after < max(t.end_s for t in result.traces)
     timeline = result.extra["kv_timeline"]
     assert any(p["t_s"] == full_at for p in timeline)
+    assert any(p["sent_s"] == after for p in timeline) or after == 0
 
 
 @pytest.mark.vllm

@@ -333,17 +333,41 @@ def test_the_knee_is_the_rate_its_probe_realised():
     assert len(summary["probe_offered_rps_realised"].split(",")) == len(outcome.probes)
 
 
-def test_a_search_whose_client_falls_behind_reports_a_client_bound_knee():
-    """An engine of 100,000 slots × 10 ms (capacity 10⁷ req/s) cannot be the bound: probes of 2,000 requests from
-    20,000 req/s double until one Python event loop sends far later than due (a few µs a request: well below
-    10⁶ req/s), the achieved rate falls short of the schedule's, and the search brackets the client's limit.
-    The rate above that knee was never offered — the row says the knee is the client's (a lower bound for the
-    engine's), and why."""
-    wl = build_workload(LoadSpec("constant", requests=2000, search="saturation"), 16, 2)
-    cell = synthetic(wl, ttft_s=0.005, tpot_s=0.005, max_batch=100_000)
-    outcome = find_saturation(cell, lambda c: run_cell(SyntheticBackend(), c), start_rps=20_000, curve=False)
-    assert outcome.knee_rps < 1e6, outcome.summary()  # a tenth of the engine's capacity: the client's limit
+def test_a_search_whose_client_falls_behind_reports_a_client_bound_knee(monkeypatch):
+    """A client that sends its requests one at a time, 2 ms apart at the least (an injected limit: a client busy
+    building each request's body), can offer at most 500 req/s, whatever the machine; the engine — 100,000 slots ×
+    40 ms — could take 2.5 million. The search from 250 req/s doubles into the client's limit, where the schedule
+    runs late and the achieved rate falls short; the rate above the knee was never offered, and the row says the
+    knee is the client's (a lower bound for the engine's), and why.
+
+    Why no probe here can be judged unsustainable with the client on time: past 500 req/s the client is late by
+    n ÷ 500 − n ÷ rate at its last request, so a queue growth past half the 40 ms service (20 ms) or an achieved
+    rate below 90 % of the offered one comes with a p99 send lag above the 10 ms limit."""
+    import asyncio
+
+    import kvray.backends.synthetic as synthetic_backend
+
+    send_gap_s = 0.002
+    serve_on_schedule = synthetic_backend.serve_on_schedule
+
+    async def one_send_at_a_time(schedule, requests, t0, serve, *args):
+        send, turn = schedule.send, asyncio.Lock()  # FIFO: the requests queue for the client in arrival order
+
+        async def send_in_turn(r, t0_):
+            async with turn:
+                sent = await send(r, t0_)
+                await asyncio.sleep(send_gap_s)  # the engine's timers run meanwhile: only the client is slow
+            return sent
+
+        schedule.send = send_in_turn
+        return await serve_on_schedule(schedule, requests, t0, serve, *args)
+
+    monkeypatch.setattr(synthetic_backend, "serve_on_schedule", one_send_at_a_time)
+    wl = build_workload(LoadSpec("constant", requests=300, search="saturation"), 16, 2)
+    cell = synthetic(wl, ttft_s=0.02, tpot_s=0.02, max_batch=100_000)
+    outcome = find_saturation(cell, lambda c: run_cell(SyntheticBackend(), c), start_rps=250, curve=False)
+    assert outcome.knee_rps <= 1 / send_gap_s, outcome.summary()  # the client's limit, not the engine's
     high = min(p.offered_rps for p in outcome.probes if not p.sustainable and p.offered_rps > outcome.knee_rps_nominal)
-    assert [p.client_behind for p in outcome.probes if p.offered_rps == high] == [True]
+    assert [p.client_behind for p in outcome.probes if p.offered_rps == high] == [True], outcome.summary()
     assert outcome.knee_client_bound is True and outcome.summary()["knee_client_bound"] is True
     assert "the client fell behind its schedule" in outcome.stopped

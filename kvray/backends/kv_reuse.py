@@ -15,7 +15,9 @@ kvmath for the concurrency at which the pool fills. Row columns (docs/kv_reuse.m
   kv_fill_concurrency_predicted       the fewest requests of this workload, at full length, that overfill the pool
                                       (None for closed loops, whose requests are never all in flight)
   pool_full_at_s                      the first /metrics sample of a repeat with at most one free block, or whose
-                                      preemption counter had grown (seconds since the repeat's t0), else None
+                                      preemption counter had grown (when it was answered: seconds since the
+                                      repeat's t0), else None
+  pool_full_after_s                   when the sample before it was asked: the pool filled in (after, at]
 """
 
 from __future__ import annotations
@@ -52,18 +54,25 @@ def fill_concurrency(
     return None
 
 
-def pool_full_at(points: list[dict[str, Any]], num_blocks: int) -> float | None:
-    """The first sample (its ``t_s``) with at most one free block, or with more preemptions than the first."""
+def pool_full_at(points: list[dict[str, Any]], num_blocks: int) -> tuple[float, float] | None:
+    """When the pool filled, as a bracket (after_s, at_s): ``at_s`` is the answer (``t_s``) of the first sample
+    with at most one free block, or with more preemptions than the first; ``after_s`` is when the sample before
+    it was asked (``sent_s``: it read a pool not yet full, no earlier than that), 0 when there is none.
+
+    A scrape answered late (vLLM's API process on busy cores can hold one for seconds) moves ``at_s`` late,
+    even past the run's end, while ``after_s`` stays: the pool filled in (after_s, at_s]."""
     if not points:
         return None
     full_usage = (num_blocks - 2) / max(num_blocks - 1, 1)
     first_pre = points[0].get("preemptions")
+    asked_before = 0.0
     for p in points:
         pre = p.get("preemptions")
         if (p.get("kv_usage") or 0.0) >= full_usage - 1e-9 or (
             pre is not None and first_pre is not None and pre > first_pre
         ):
-            return float(p["t_s"])
+            return asked_before, float(p["t_s"])
+        asked_before = float(p.get("sent_s", p["t_s"]))
     return None
 
 
@@ -129,9 +138,11 @@ class ReuseAccount:
             memory["kv_fill_concurrency_predicted"] = (
                 None if chained else fill_concurrency(requests, int(blocks), int(block), pred.hit_toks)
             )
-            full_at = pool_full_at(points, int(blocks))
-            self.fills.append({"repeat": repeat, "pool_full_at_s": full_at})
-            memory["pool_full_at_s"] = next((f["pool_full_at_s"] for f in self.fills if f["pool_full_at_s"]), None)
+            after_s, full_at = pool_full_at(points, int(blocks)) or (None, None)
+            self.fills.append({"repeat": repeat, "pool_full_at_s": full_at, "pool_full_after_s": after_s})
+            first_fill = next((f for f in self.fills if f["pool_full_at_s"]), {})
+            memory["pool_full_at_s"] = first_fill.get("pool_full_at_s")
+            memory["pool_full_after_s"] = first_fill.get("pool_full_after_s")
         run.memory.update(memory)
         run.extra["prefix_cache"] = {
             "block_size": int(block),

@@ -201,17 +201,20 @@ def fig_kv_pressure(records: list[dict[str, Any]], out_dir: Path) -> FigureResul
         twin.set_ylabel("requests / preemptions")
         twin.grid(False)
         fills = (rec["extra"].get("prefix_cache") or {}).get("pool_fills") or []
-        full_at = next((f["pool_full_at_s"] for f in fills if f.get("repeat") == first), None)
+        fill: dict[str, Any] = next((f for f in fills if f.get("repeat") == first), {})
+        full_at, after = fill.get("pool_full_at_s"), fill.get("pool_full_after_s")
         if full_at is not None:
-            ax.axvline(full_at, color="black", linewidth=0.9, linestyle=":", label=f"pool full at {full_at:.2f} s")
+            ax.axvline(full_at, color="black", linewidth=0.9, linestyle=":", label=f"pool full by {full_at:.2f} s")
+            if after is not None and after < full_at:  # the scrapes bracket the moment: (after, at]
+                ax.axvspan(after, full_at, color="black", alpha=0.08, label=f"filled after {after:.2f} s")
         ax.set(xlabel="seconds into the run", ylabel="KV usage (% of pool)")
         handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
         ax.legend(handles, [str(h.get_label()) for h in handles], fontsize=6.5, loc="center right")
-        fill = (rec.get("memory") or {}).get("kv_fill_concurrency_predicted")
+        overfill = (rec.get("memory") or {}).get("kv_fill_concurrency_predicted")
         conc = len(rec["cell"]["workload"]["requests"])
         ax.set_title(
             f"{rec['cell']['backend']}: {conc} requests, {int(preempted(rec))} preemptions; "
-            f"kvmath: the pool overfills from {fill} requests"
+            f"kvmath: the pool overfills from {overfill} requests"
         )
         d.result.series.append(rec["cell"]["backend"])
         d.result.caption = "When the running set outgrows the KV pool the engine preempts (and later recomputes)."
