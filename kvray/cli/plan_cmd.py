@@ -145,13 +145,14 @@ def plan(
         seed=seed,
         router=router,
     )
-    if output_dir is not None:
-        _write(result, output_dir, measured_records, table)
+    written = _write(result, output_dir, measured_records, table) if output_dir is not None else []
     if as_json:
         render.print_json(result.to_dict())
     else:
         show(result)
     if output_dir is not None and not as_json:
+        for note in written:
+            render.line(f"note: {note}")
         render.line(f"wrote {output_dir / PLAN_JSON} and the Pareto figures in {output_dir / 'figures'}")
 
 
@@ -198,16 +199,34 @@ def _read_measured(folder: str) -> list[dict[str, Any]]:
     return require_results(folder)
 
 
-def _write(result: Plan, folder: Path, measured: list[dict[str, Any]], prices: Mapping[str, Any]) -> None:
+def _write(result: Plan, folder: Path, measured: list[dict[str, Any]], prices: Mapping[str, Any]) -> list[str]:
+    """plan.json and figures/pareto_plan (its predicted probes and ``measured``'s cells of the plan's model);
+    plan.json's ``pareto`` says what the figure drew. Returns notes for the terminal."""
     import json
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / PLAN_JSON).write_text(json.dumps(result.to_dict(probes=True), indent=2, default=str) + "\n")
-    from kvray.capacity.pareto import points_from_records
+    from kvray.capacity.pareto import points_from_plan, points_from_records
     from kvray.figures.pareto import plan_figures
 
+    folder.mkdir(parents=True, exist_ok=True)
+    data = result.to_dict(probes=True)
     mine = [r for r in measured if r["cell"].get("model") == result.model]
-    plan_figures(result.to_dict(probes=True), folder / "figures", extra=points_from_records(mine, prices))
+    extra = points_from_records(mine, prices)
+    figures = plan_figures(data, folder / "figures", extra=extra)
+    data["pareto"] = {
+        "figures": [str(p.relative_to(folder)) for f in figures for p in f.paths],
+        "series": [s for f in figures for s in f.series],
+        "predicted_points": len(points_from_plan(data)),
+        "measured_points": [p.to_dict() for p in extra],
+    }
+    (folder / PLAN_JSON).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    notes = []
+    if measured and not extra:
+        models = sorted({str(r["cell"].get("model")) for r in measured})
+        notes.append(
+            f"--measured: no ok cell of {result.model} with a TPOT and a throughput there (its models: "
+            f"{', '.join(models)}); the figure shows predictions only"
+        )
+    return notes
 
 
 def _money(value: float | None) -> str:
