@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from kvray.capacity.prices import Price
-from kvray.capacity.search import Probe, Replica, ReplicaCapacity, routed_probe, slo_capacity, weight_read_s
+from kvray.capacity.search import (
+    PRECISION,
+    Probe,
+    Replica,
+    ReplicaCapacity,
+    routed_probe,
+    slo_capacity,
+    weight_read_s,
+)
 from kvray.capacity.traffic import Traffic
 from kvray.capacity.whatif import disaggregation, offload_verdict
 from kvray.errors import KvrayInputError
@@ -75,8 +83,9 @@ class CandidateResult:
     at_max: dict[str, Any] | None = None  # the probe at the highest passing rate: its latencies and sample size
     weight_read_ms: float = 0.0
     kv_pool_tokens: int = 0
-    # the search's last bracket (highest passing, lowest failing offered rate): wide where the replica count was
-    # already decided (a plan refines no further than it needs; --exhaustive: to 5 %)
+    # the search's last bracket (highest passing, lowest failing offered rate): up to 25 % wide where the replica
+    # count was decided (a plan refines no further than it needs), to 5 % for candidates tied on cost and GPUs
+    # (their headroom ranks them) and with --exhaustive
     max_rps_bracket: tuple[float, float | None] | None = None
     probes: list[Probe] = field(default_factory=list)
     routing: dict[str, Any] | None = None  # replicas behind the router checked on the routed traffic (prefixes only)
@@ -261,6 +270,7 @@ def plan_capacity(
             _route_replicas(row, replica, traffic, slo, rate_rps, router, usd, percentile=percentile, seed=seed)
         if row.meets_slo and row.cost_per_hour is not None:
             best_cost = min(best_cost, row.cost_per_hour)
+    _narrow_ties([r for r in rows.values() if r.meets_slo], answers, traffic.has_prefixes)
     ranked = sorted(rows.values(), key=_rank)
     best = ranked[0] if ranked and ranked[0].meets_slo else None
     for row in ranked:
@@ -289,6 +299,27 @@ def plan_capacity(
 
 
 MAX_EXTRA_REPLICAS = 3
+
+
+def _narrow_ties(
+    meeting: list[CandidateResult], answers: Mapping[tuple[str, int, str, bool], ReplicaCapacity], shared: bool
+) -> None:
+    """Candidates of equal cost on as many GPUs are ranked by headroom — but a plan's search stops once the
+    replica count is decided, so their rates are lower bounds up to 25 % below the top: each tied candidate's
+    bracket is bisected on to PRECISION first, so the ranking compares bounds known equally well."""
+    groups: dict[tuple[float, int], list[CandidateResult]] = {}
+    for row in meeting:
+        if row.cost_per_hour is not None:
+            groups.setdefault((round(row.cost_per_hour, 6), row.gpus or 0), []).append(row)
+    for tied in groups.values():
+        if len(tied) < 2:
+            continue
+        for row in tied:
+            cap = answers[(row.gpu, row.tp, row.kv_dtype, row.prefix_caching and shared)]
+            cap.refine(PRECISION)
+            row.max_rps_per_replica, row.max_rps_bracket, row.probes = cap.max_rps, cap.bracket_rps, cap.probes
+            top = cap.at_max
+            row.at_max = _at_max(top) if top else None
 
 
 def _route_replicas(
@@ -427,6 +458,21 @@ def _why_not_best(row: CandidateResult, best: CandidateResult) -> str:
         return f"more expensive (${row.cost_per_hour:.2f}/h, +{extra:.0f} % over the best)"
     if (row.gpus or 0) > (best.gpus or 0):
         return f"as cheap as the best, on more GPUs ({row.gpus} vs {best.gpus})"
-    if _headroom_rps(row) < _headroom_rps(best) - 1e-9:
-        return f"as cheap as the best, less headroom ({_headroom_rps(row):.3g} vs {_headroom_rps(best):.3g} req/s)"
+    mine, theirs = _headroom_span(row), _headroom_span(best)
+    if mine[0] < theirs[0] - 1e-9:
+        known = f"{_span(mine)} vs {_span(theirs)} req/s in all, each bracket within {PRECISION:.0%}"
+        if mine[1] is not None and mine[1] > theirs[0]:  # the brackets overlap: not shown to be less
+            return f"as cheap as the best; headroom alike within the search's precision ({known}): ranked after it"
+        return f"as cheap as the best, less headroom ({known})"
     return "as cheap as the best (a tie, ranked after it)"
+
+
+def _headroom_span(row: CandidateResult) -> tuple[float, float | None]:
+    """The deployment's headroom as its search knows it: replicas × (highest passing, lowest failing) rate."""
+    n = row.replicas or 0
+    top = row.max_rps_bracket[1] if row.max_rps_bracket else None
+    return _headroom_rps(row), None if top is None else n * top
+
+
+def _span(span: tuple[float, float | None]) -> str:
+    return f"≥ {span[0]:.3g}" if span[1] is None else f"{span[0]:.3g}–{span[1]:.3g}"
