@@ -36,15 +36,12 @@ def test_a_plan_bisects_only_to_the_replica_count_and_refines_on_demand():
     assert seen == pytest.approx([10, 11.180, 10.574, 10.283], abs=0.001)
 
 
-def test_equal_cost_candidates_are_ranked_on_brackets_narrowed_alike():
-    """Llama-3-8B on one H100 at 20 req/s, 512 prompt + 128 output tokens, p99 TTFT 1 s and TPOT 100 ms: bf16 and
-    fp8 KV both serve it on one replica, $4.76/h each — a tie the headroom breaks. Each one's search stopped once
-    one replica was known to suffice (a bracket up to 25 % wide); before ranking both are bisected to 5 %. fp8 KV
-    reads half the KV bytes per decode step with the same weights and the same prefill FLOPs, so a step is never
-    slower: its highest rate is no lower than bf16's."""
-    g = resolve_geometry(LLAMA3_8B)
-    plan = plan_capacity(
-        g,
+@pytest.fixture(scope="module")
+def h100_plan():
+    """Llama-3-8B on one H100 at 20 req/s, 512 prompt + 128 output tokens, p99 TTFT 1 s and TPOT 100 ms, KV bf16
+    and fp8."""
+    return plan_capacity(
+        resolve_geometry(LLAMA3_8B),
         traffic_from_flags(512, 128),
         20.0,
         {"ttft_ms": 1000, "tpot_ms": 100},
@@ -53,6 +50,15 @@ def test_equal_cost_candidates_are_ranked_on_brackets_narrowed_alike():
         kv_dtypes=["bf16", "fp8"],
         prices=PRICES,
     )
+
+
+def test_equal_cost_candidates_are_ranked_on_brackets_narrowed_alike(h100_plan):
+    """The plan of ``h100_plan``: bf16 and fp8 KV both serve it on one replica, $4.76/h each — a tie the headroom
+    breaks. Each one's search stopped once one replica was known to suffice (a bracket up to 25 % wide); before
+    ranking both are bisected to 5 %. fp8 KV
+    reads half the KV bytes per decode step with the same weights and the same prefill FLOPs, so a step is never
+    slower: its highest rate is no lower than bf16's."""
+    plan = h100_plan
     by_kv = {c.kv_dtype: c for c in plan.candidates}
     assert {c.replicas for c in plan.candidates} == {1} and {c.cost_per_hour for c in plan.candidates} == {4.76}
     for c in plan.candidates:
@@ -65,3 +71,15 @@ def test_equal_cost_candidates_are_ranked_on_brackets_narrowed_alike():
     assert fp8.max_rps_bracket[1] >= bf16.max_rps_per_replica  # type: ignore[index]
     assert plan.best is fp8 and plan.candidates[1] is bf16
     assert bf16.reason.startswith("as cheap as the best") and "within 5%" in bf16.reason
+
+
+def test_fp8_kv_doubles_the_pool_of_the_same_gpu_and_tp(h100_plan):
+    """One H100 (85,520,809,984 B) at vLLM's gpu_memory_utilization 0.9 holds 76,968,728,985.6 B; less Llama-3-8B's
+    weights (8.03 × 10⁹ parameters × 2 B = 16,060,522,496 B), the profiling pass's activation peak (738,710,528 B)
+    and the runtime's 512 MiB (536,870,912 B) leaves 59,632,625,049.6 B for KV. A token of Llama-3-8B holds
+    K and V for 32 layers × 8 KV heads × 128 dims: 2 × 32 × 8 × 128 × 2 B = 131,072 B in bf16, 65,536 B in fp8;
+    a 16-token block 2,097,152 B or 1,048,576 B. The pool: ⌊59,632,625,049.6 ÷ 2,097,152⌋ = 28,435 blocks =
+    454,960 tokens in bf16; ⌊… ÷ 1,048,576⌋ = 56,870 blocks = 909,920 tokens in fp8 — twice as many."""
+    by_kv = {c.kv_dtype: c for c in h100_plan.candidates}
+    assert by_kv["bf16"].kv_pool_tokens == 454_960
+    assert by_kv["fp8"].kv_pool_tokens == 909_920 == 2 * by_kv["bf16"].kv_pool_tokens
