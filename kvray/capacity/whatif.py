@@ -13,8 +13,8 @@ prefill pool is sized by its busy time, ⌈R × prefill(P) ÷ ρ⌉ groups at ut
 the decode pool by the largest decode batch B whose TPOT meets the SLO: ⌈R ÷ (B ÷ (G × TPOT(B)))⌉ groups.
 
 fp8 KV (the pool ×2 per byte, the KV part of each decode step's bytes halved) and prefix caching are candidates
-of the search itself (``--kv-dtype``, ``--prefix-caching``): the simulator runs them. fp8's dequantisation cost
-is not a term of the simulator's step yet (its calibration would fit it per GPU: docs/capacity.md).
+of the search itself (``--kv-dtype``, ``--prefix-caching``): the simulator runs them, fp8's dequantisation as
+its step's ``kv_dequant_s_per_gb`` term (0 unless a calibration entry sets it: docs/simulator.md).
 """
 
 from __future__ import annotations
