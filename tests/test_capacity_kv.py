@@ -83,3 +83,46 @@ def test_fp8_kv_doubles_the_pool_of_the_same_gpu_and_tp(h100_plan):
     by_kv = {c.kv_dtype: c for c in h100_plan.candidates}
     assert by_kv["bf16"].kv_pool_tokens == 454_960
     assert by_kv["fp8"].kv_pool_tokens == 909_920 == 2 * by_kv["bf16"].kv_pool_tokens
+
+
+def test_offload_over_nvlink_c2c_and_the_host_memory_given():
+    """Llama-3-8B in bf16 KV: 131,072 B per token. Over a GH200's NVLink-C2C (900 GB/s both ways, 450 one way) a
+    token comes back in 131,072 ÷ 450 × 10⁹ = 0.291 µs, 7.1× faster than over PCIe Gen5 x16 (63.0 GB/s: 2.08 µs);
+    64 GiB of host memory hold 64 × 2³⁰ ÷ 2¹⁷ = 524,288 tokens."""
+    from kvray.capacity.search import Replica
+    from kvray.capacity.whatif import HostMemory, offload_verdict
+    from kvray.hardware.gpus import get_gpu
+
+    replica = Replica(resolve_geometry(LLAMA3_8B), get_gpu("H100-SXM"))
+    traffic = traffic_from_flags(256, 32, groups=8, prefix_toks=1024)
+    c2c = offload_verdict(replica, traffic, 400_000, host=HostMemory(64, "nvlink-c2c"))
+    assert c2c.transfer_s_per_token == pytest.approx(131_072 / 450e9) and c2c.host_link == "NVLink-C2C"
+    assert c2c.host_capacity_tokens == 524_288 and "up to 924,288 tokens with 64 GiB" in c2c.verdict
+    pcie = offload_verdict(replica, traffic, 400_000)
+    assert pcie.transfer_s_per_token == pytest.approx(131_072 / 63.0154e9, rel=1e-4) and pcie.host_kv_gib == 256
+    assert pcie.transfer_s_per_token / c2c.transfer_s_per_token == pytest.approx(450 / 63.0154, rel=1e-4)
+
+
+@pytest.mark.parametrize(("gib", "link", "message"), [(0, "pcie", "--host-memory-gib"), (1, "usb", "--host-link")])
+def test_bad_host_memory_is_one_line_and_exit_2(gib, link, message, capsys):
+    from kvray.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        args = ["--rate", "1", "--slo", "ttft_ms=100", "--host-memory-gib", str(gib), "--host-link", link]
+        main(["plan", "-m", "facebook/opt-125m", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_disaggregated_split_is_priced_against_the_colocated_best(h100_plan):
+    """The best of ``h100_plan``: one H100 at $4.76/h. The split's prefill and decode groups of TP 1 are priced
+    at the same $4.76 per GPU-hour: G GPUs cost G × 4.76 $/h; at 20 req/s × 128 output tokens × 3600 s = 9.216 M
+    output tokens an hour, G × 4.76 ÷ 9.216 $ per M."""
+    d = h100_plan.what_ifs["disaggregation"]
+    assert d["gpus"] == d["prefill_groups"] + d["decode_groups"] >= 2  # a pool each: never fewer than 2 GPUs
+    assert d["cost_per_hour"] == pytest.approx(d["gpus"] * 4.76)
+    assert d["cost_per_mtok_output"] == pytest.approx(d["gpus"] * 4.76 / 9.216)
+    assert (d["colocated_gpus"], d["colocated_cost_per_hour"]) == (1, 4.76)
+    extra = (d["gpus"] - 1) * 100
+    assert f"${d['gpus'] * 4.76:.2f}/h — {extra} % more than co-located (1 GPU, $4.76/h)" in d["verdict"]
+    assert d["ttft_alone_ms"] > d["ttft_added_s"] * 1e3 > 0

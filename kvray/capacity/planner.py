@@ -36,7 +36,7 @@ from kvray.capacity.search import (
     weight_read_s,
 )
 from kvray.capacity.traffic import Traffic
-from kvray.capacity.whatif import disaggregation, offload_verdict
+from kvray.capacity.whatif import Deployment, HostMemory, best_what_ifs
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, get_gpu
 from kvray.model.geometry import ModelGeometry
@@ -180,6 +180,7 @@ def plan_capacity(
     exhaustive: bool = False,
     seed: int = 0,
     router: str = "prefix_affinity",
+    host: HostMemory = HostMemory(),
 ) -> Plan:
     """The plan (module docstring): every candidate's row, the cheapest meeting the SLOs first."""
     if not rate_rps > 0 or not math.isfinite(rate_rps):
@@ -278,7 +279,20 @@ def plan_capacity(
             row.reason = _why_not_best(row, best)
     if best is None:
         notes.append("no candidate meets the SLOs: relax them, add GPU types or TP degrees")
-    what_ifs = _what_ifs(g, best, traffic, rate_rps, slo, dtype, calibration) if best is not None else {}
+    what_ifs = {}
+    if best is not None:
+        assert best.cost_per_hour is not None and best.replicas is not None and best.price_per_gpu_hour is not None
+        deployment = Deployment(
+            best.gpu,
+            best.tp,
+            best.kv_dtype,
+            best.kv_pool_tokens,
+            best.replicas,
+            best.cost_per_hour,
+            best.price_per_gpu_hour,
+            dtype,
+        )
+        what_ifs = best_what_ifs(g, deployment, traffic, rate_rps, slo, calibration=calibration, host=host)
     used = {c.gpu for c in candidates}
     return Plan(
         model=g.name,
@@ -357,34 +371,6 @@ def _route_replicas(
         f"SLO missed behind the {router} router even at {row.replicas + MAX_EXTRA_REPLICAS} replicas "
         f"(a replica sees only its share of each prefix)"
     )
-
-
-def _what_ifs(
-    g: ModelGeometry,
-    best: CandidateResult,
-    traffic: Traffic,
-    rate_rps: float,
-    slo: Mapping[str, float],
-    dtype: str,
-    calibration: str | Path | None,
-) -> dict[str, Any]:
-    """CPU offload's verdict and a disaggregated prefill/decode split of the best deployment's GPU and TP."""
-    spec = get_gpu(best.gpu)
-    eff = efficiency_for(spec, "paged", calibration)
-    replica = Replica(g, spec, tp=best.tp, dtype=dtype, kv_dtype=best.kv_dtype, eff=eff)
-    offload = offload_verdict(replica, traffic, best.kv_pool_tokens)
-    split = disaggregation(replica, traffic, rate_rps, slo.get("tpot_ms"), pool_tokens=best.kv_pool_tokens)
-    out = {"offload": offload.to_dict(), "disaggregation": split.to_dict()}
-    if traffic.has_prefixes and best.replicas:
-        from kvray.capacity.routing import predict_every_policy
-
-        sample = traffic.requests(rate_rps, min(1000, 64 * best.replicas))
-        out["routing_hit_rate_predicted"] = {
-            "replicas": best.replicas,
-            "requests": len(sample),
-            **predict_every_policy(sample, best.replicas),
-        }
-    return out
 
 
 def _row(c: Candidate, price: Price | None, ceiling: float) -> CandidateResult:

@@ -69,6 +69,12 @@ def plan(
         bool, typer.Option("--exhaustive", help="search every candidate, even those whose ceiling costs more")
     ] = False,
     seed: SeedOpt = 0,
+    host_memory_gib: Annotated[
+        float, typer.Option("--host-memory-gib", help="host memory per GPU given to offloaded KV (CPU offload what-if)")
+    ] = 256.0,
+    host_link: Annotated[
+        str, typer.Option("--host-link", help="the GPU's link to host memory: pcie (default) | nvlink-c2c (GH200)")
+    ] = "pcie",
     measured: Annotated[
         str | None,
         typer.Option("--measured", help="a results folder whose measured cells join the Pareto figure (--output)"),
@@ -81,6 +87,7 @@ def plan(
     from kvray.capacity.planner import DEFAULT_GPUS, DEFAULT_TPS, plan_capacity
     from kvray.capacity.prices import load_prices
     from kvray.capacity.traffic import traffic_from_flags, traffic_from_trace
+    from kvray.capacity.whatif import HostMemory
     from kvray.hardware.gpus import GPUS, get_gpu
     from kvray.model.kvmath import normalize_dtype
     from kvray.model.resolve import resolve_geometry
@@ -92,6 +99,7 @@ def plan(
     if not slo:
         raise KvrayInputError("--slo is required: thresholds like ttft_ms=500,tpot_ms=50")
     thresholds = parse_slo(slo, "--slo")
+    host = HostMemory(host_memory_gib, host_link.lower())
     if rate is not None and not (rate > 0 and rate != float("inf")):
         raise KvrayInputError(f"--rate must be a positive number of requests/s, got {rate}")
     if not 0 < percentile <= 100:
@@ -144,6 +152,7 @@ def plan(
         exhaustive=exhaustive,
         seed=seed,
         router=router,
+        host=host,
     )
     written = _write(result, output_dir, measured_records, table) if output_dir is not None else []
     if as_json:
@@ -277,9 +286,9 @@ def show(result: Plan) -> None:
     if "disaggregation" in what:
         d = what["disaggregation"]
         out.print(
-            f"Disaggregated prefill/decode: {d['prefill_groups']} prefill + {d['decode_groups']} decode groups "
-            f"({d['gpus']} GPUs); each prompt's KV ({d['kv_transfer_bytes_per_request'] / 2**20:.1f} MiB) adds "
-            f"{d['ttft_added_s'] * 1e3:.2f} ms to TTFT over {d['link']}"
+            f"Disaggregated prefill/decode: {d['verdict']}; each prompt's KV "
+            f"({d['kv_transfer_bytes_per_request'] / 2**20:.1f} MiB) adds {d['ttft_added_s'] * 1e3:.2f} ms to TTFT over "
+            f"{d['link']} (a mean prompt alone: {d['ttft_alone_ms']:.1f} ms, no queueing)"
         )
     if "routing_hit_rate_predicted" in what:
         r = what["routing_hit_rate_predicted"]
