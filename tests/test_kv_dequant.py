@@ -48,3 +48,34 @@ def test_the_term_comes_from_a_calibration_entry_and_is_never_negative(tmp_path)
     assert efficiency_for(get_gpu("A100-80GB-SXM"), "paged", path).kv_dequant_s_per_gb == 0.0  # the default
     with pytest.raises(Exception, match="KV dequantisation"):
         Efficiency(kv_dequant_s_per_gb=-1)
+
+
+def test_a_refit_keeps_the_term_set_by_hand(tmp_path):
+    """``kvray calibrate`` does not fit the term (that takes fp8-KV rows measured on the GPU): a refit of an entry
+    replaces its η and CPU terms and keeps the dequantisation rate its user set."""
+    from kvray.analysis.calibrate import calibrate
+    from kvray.backends.sim import SimBackend
+    from kvray.data.writer import DatasetWriter
+    from kvray.runner.run import run_cell
+    from kvray.spec import Cell, Workload, make_options
+
+    writer, backend = DatasetWriter(tmp_path / "rows", tables=False), SimBackend()
+    for concurrency in (1, 8):
+        for prompt in (128, 2048):
+            cell = Cell(
+                model="facebook/opt-125m",
+                backend="hf",
+                workload=Workload.uniform(concurrency, prompt, 8),
+                hardware="H100-SXM",
+                warmup=0,
+                options=make_options(eta_compute=0.5, eta_memory=0.8),
+            )
+            result = run_cell(backend, cell)
+            result.simulated, result.hardware = False, {"name": "NVIDIA H100 80GB HBM3"}  # "measured" at known η
+            writer.append(result)
+    path = tmp_path / "calibration.json"
+    entry = {"eta_compute": 0.9, "eta_memory": 0.9, "kv_dequant_s_per_gb": 0.02}
+    path.write_text(json.dumps({"version": 1, "entries": {"H100-SXM": {"hf": entry}}}))
+    calibrate(tmp_path / "rows", out=path)
+    refit = json.loads(path.read_text())["entries"]["H100-SXM"]["hf"]
+    assert refit["eta_memory"] == pytest.approx(0.8, rel=1e-3) and refit["kv_dequant_s_per_gb"] == 0.02
