@@ -54,6 +54,8 @@ def test_exp9_on_sim_leaves_pareto_and_plan_figures_and_a_plan_section(tmp_path)
     report = (tmp_path / "report.md").read_text()
     section = report.split("### Plan: kvray/tiny-llama at 20 req/s", 1)[1].split("\n## ", 1)[0]
     assert f"Cheapest: {best['replicas']} × {best['gpu']} TP1" in section
+    assert "What-ifs for the cheapest (predicted): CPU offload — offload" in section
+    assert f"Disaggregated prefill/decode — {plan['what_ifs']['disaggregation']['verdict']}" in section
     assert "| GPU | TP | req/s per replica |" in section and "](figures/exp9_plan_kvray--tiny-llama.png)" in report
     assert "](figures/pareto_kvray--tiny-llama.png)" in report
 
