@@ -334,7 +334,10 @@ def calibrate(
     data = load_calibration(path)
     data["version"] = 1
     for fit in fits:
-        data["entries"].setdefault(fit.gpu, {})[fit.layout] = fit.to_entry(str(Path(results_dir).resolve()))
+        entries = data["entries"].setdefault(fit.gpu, {})
+        entry = fit.to_entry(str(Path(results_dir).resolve()))
+        kept = (entries.get(fit.layout) or {}).get("kv_dequant_s_per_gb")  # set by hand: no fit of it yet
+        entries[fit.layout] = entry if kept is None else {**entry, "kv_dequant_s_per_gb": kept}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
     return fits, path

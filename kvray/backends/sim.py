@@ -18,8 +18,8 @@ Cell fields: ``hardware`` is a GPU name from kvray/hardware/gpus.py ("any" → H
 model over that many of them (per-GPU memory, all-reduces over the GPU's link, docs/simulator.md); KV dtype is
 ``kv_dtype`` or ``dtype``. Cell options: ``layout`` ("hf" | "paged"), ``block_size`` (paged, 16), and ``eta_compute``,
 ``eta_memory``, ``layer_overhead_s`` and the CPU costs ``step_overhead_s``, ``request_step_s``, ``admit_s``,
-``finish_s`` to override the calibrated or default ones, each on its own (kvray/sim/costs.py); for the continuous
-engine, vLLM's engine arguments ``max_num_seqs`` (256), ``max_num_batched_tokens`` (8192), ``chunked_prefill``
+``finish_s`` and fp8 KV's ``kv_dequant_s_per_gb`` to override the calibrated or default ones, each on its own
+(kvray/sim/costs.py); for the continuous engine, vLLM's engine arguments ``max_num_seqs`` (256), ``max_num_batched_tokens`` (8192), ``chunked_prefill``
 (true), ``gpu_memory_utilization`` (0.9), ``kv_pool_bytes`` or ``kv_cache_memory_bytes`` (overrides the utilisation)
 and ``prefix_caching`` (true, as vLLM V1). The continuous engine serves ``layout: paged``, every load but a burst and
 every workload with shared prefixes; its prefix-cache hits go through the same account as vLLM's
@@ -80,7 +80,7 @@ def _layout(opts: Mapping[str, Any]) -> tuple[str, int]:
 
 
 # Cell options that override the calibrated (or default) efficiencies and CPU costs (kvray/sim/costs.py)
-EFFICIENCY_OPTIONS = ("eta_compute", "eta_memory", "layer_overhead_s", *CPU_TERMS)
+EFFICIENCY_OPTIONS = ("eta_compute", "eta_memory", "layer_overhead_s", *CPU_TERMS, "kv_dequant_s_per_gb")
 _ENGINE_INTS = ("max_num_seqs", "max_num_batched_tokens", "kv_pool_bytes")
 _ENGINE_BOOLS = ("chunked_prefill", "prefix_caching")
 
@@ -219,6 +219,7 @@ class SimBackend(BackendBase):
                 "eta_memory": eff.eta_memory,
                 "layer_overhead_s": eff.layer_overhead_s,
                 **dict(zip(CPU_TERMS, eff.cpu, strict=True)),
+                "kv_dequant_s_per_gb": eff.kv_dequant_s_per_gb,
                 "efficiency_source": eff.source,
                 "batches": len(schedule.batches),
                 "prefill_bound": schedule.prefill_bound,
@@ -287,6 +288,7 @@ class SimBackend(BackendBase):
             "eta_memory": eff.eta_memory,
             "layer_overhead_s": eff.layer_overhead_s,
             **dict(zip(CPU_TERMS, eff.cpu, strict=True)),
+            "kv_dequant_s_per_gb": eff.kv_dequant_s_per_gb,
             "efficiency_source": eff.source,
             "steps": sum(1 for s in run.steps if s.dt_s > 0),
             "step_bounds": run.bounds,

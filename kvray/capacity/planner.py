@@ -26,9 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from kvray.capacity.prices import Price
-from kvray.capacity.search import Probe, Replica, ReplicaCapacity, routed_probe, slo_capacity, weight_read_s
+from kvray.capacity.search import (
+    PRECISION,
+    Probe,
+    Replica,
+    ReplicaCapacity,
+    routed_probe,
+    slo_capacity,
+    weight_read_s,
+)
 from kvray.capacity.traffic import Traffic
-from kvray.capacity.whatif import disaggregation, offload_verdict
+from kvray.capacity.whatif import Deployment, HostMemory, best_what_ifs
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec, get_gpu
 from kvray.model.geometry import ModelGeometry
@@ -75,8 +83,9 @@ class CandidateResult:
     at_max: dict[str, Any] | None = None  # the probe at the highest passing rate: its latencies and sample size
     weight_read_ms: float = 0.0
     kv_pool_tokens: int = 0
-    # the search's last bracket (highest passing, lowest failing offered rate): wide where the replica count was
-    # already decided (a plan refines no further than it needs; --exhaustive: to 5 %)
+    # the search's last bracket (highest passing, lowest failing offered rate): up to 25 % wide where the replica
+    # count was decided (a plan refines no further than it needs), to 5 % for candidates tied on cost and GPUs
+    # (their headroom ranks them) and with --exhaustive
     max_rps_bracket: tuple[float, float | None] | None = None
     probes: list[Probe] = field(default_factory=list)
     routing: dict[str, Any] | None = None  # replicas behind the router checked on the routed traffic (prefixes only)
@@ -171,6 +180,7 @@ def plan_capacity(
     exhaustive: bool = False,
     seed: int = 0,
     router: str = "prefix_affinity",
+    host: HostMemory = HostMemory(),
 ) -> Plan:
     """The plan (module docstring): every candidate's row, the cheapest meeting the SLOs first."""
     if not rate_rps > 0 or not math.isfinite(rate_rps):
@@ -261,6 +271,7 @@ def plan_capacity(
             _route_replicas(row, replica, traffic, slo, rate_rps, router, usd, percentile=percentile, seed=seed)
         if row.meets_slo and row.cost_per_hour is not None:
             best_cost = min(best_cost, row.cost_per_hour)
+    _narrow_ties([r for r in rows.values() if r.meets_slo], answers, traffic.has_prefixes)
     ranked = sorted(rows.values(), key=_rank)
     best = ranked[0] if ranked and ranked[0].meets_slo else None
     for row in ranked:
@@ -268,7 +279,20 @@ def plan_capacity(
             row.reason = _why_not_best(row, best)
     if best is None:
         notes.append("no candidate meets the SLOs: relax them, add GPU types or TP degrees")
-    what_ifs = _what_ifs(g, best, traffic, rate_rps, slo, dtype, calibration) if best is not None else {}
+    what_ifs = {}
+    if best is not None:
+        assert best.cost_per_hour is not None and best.replicas is not None and best.price_per_gpu_hour is not None
+        deployment = Deployment(
+            best.gpu,
+            best.tp,
+            best.kv_dtype,
+            best.kv_pool_tokens,
+            best.replicas,
+            best.cost_per_hour,
+            best.price_per_gpu_hour,
+            dtype,
+        )
+        what_ifs = best_what_ifs(g, deployment, traffic, rate_rps, slo, calibration=calibration, host=host)
     used = {c.gpu for c in candidates}
     return Plan(
         model=g.name,
@@ -289,6 +313,27 @@ def plan_capacity(
 
 
 MAX_EXTRA_REPLICAS = 3
+
+
+def _narrow_ties(
+    meeting: list[CandidateResult], answers: Mapping[tuple[str, int, str, bool], ReplicaCapacity], shared: bool
+) -> None:
+    """Candidates of equal cost on as many GPUs are ranked by headroom — but a plan's search stops once the
+    replica count is decided, so their rates are lower bounds up to 25 % below the top: each tied candidate's
+    bracket is bisected on to PRECISION first, so the ranking compares bounds known equally well."""
+    groups: dict[tuple[float, int], list[CandidateResult]] = {}
+    for row in meeting:
+        if row.cost_per_hour is not None:
+            groups.setdefault((round(row.cost_per_hour, 6), row.gpus or 0), []).append(row)
+    for tied in groups.values():
+        if len(tied) < 2:
+            continue
+        for row in tied:
+            cap = answers[(row.gpu, row.tp, row.kv_dtype, row.prefix_caching and shared)]
+            cap.refine(PRECISION)
+            row.max_rps_per_replica, row.max_rps_bracket, row.probes = cap.max_rps, cap.bracket_rps, cap.probes
+            top = cap.at_max
+            row.at_max = _at_max(top) if top else None
 
 
 def _route_replicas(
@@ -326,34 +371,6 @@ def _route_replicas(
         f"SLO missed behind the {router} router even at {row.replicas + MAX_EXTRA_REPLICAS} replicas "
         f"(a replica sees only its share of each prefix)"
     )
-
-
-def _what_ifs(
-    g: ModelGeometry,
-    best: CandidateResult,
-    traffic: Traffic,
-    rate_rps: float,
-    slo: Mapping[str, float],
-    dtype: str,
-    calibration: str | Path | None,
-) -> dict[str, Any]:
-    """CPU offload's verdict and a disaggregated prefill/decode split of the best deployment's GPU and TP."""
-    spec = get_gpu(best.gpu)
-    eff = efficiency_for(spec, "paged", calibration)
-    replica = Replica(g, spec, tp=best.tp, dtype=dtype, kv_dtype=best.kv_dtype, eff=eff)
-    offload = offload_verdict(replica, traffic, best.kv_pool_tokens)
-    split = disaggregation(replica, traffic, rate_rps, slo.get("tpot_ms"), pool_tokens=best.kv_pool_tokens)
-    out = {"offload": offload.to_dict(), "disaggregation": split.to_dict()}
-    if traffic.has_prefixes and best.replicas:
-        from kvray.capacity.routing import predict_every_policy
-
-        sample = traffic.requests(rate_rps, min(1000, 64 * best.replicas))
-        out["routing_hit_rate_predicted"] = {
-            "replicas": best.replicas,
-            "requests": len(sample),
-            **predict_every_policy(sample, best.replicas),
-        }
-    return out
 
 
 def _row(c: Candidate, price: Price | None, ceiling: float) -> CandidateResult:
@@ -427,6 +444,21 @@ def _why_not_best(row: CandidateResult, best: CandidateResult) -> str:
         return f"more expensive (${row.cost_per_hour:.2f}/h, +{extra:.0f} % over the best)"
     if (row.gpus or 0) > (best.gpus or 0):
         return f"as cheap as the best, on more GPUs ({row.gpus} vs {best.gpus})"
-    if _headroom_rps(row) < _headroom_rps(best) - 1e-9:
-        return f"as cheap as the best, less headroom ({_headroom_rps(row):.3g} vs {_headroom_rps(best):.3g} req/s)"
+    mine, theirs = _headroom_span(row), _headroom_span(best)
+    if mine[0] < theirs[0] - 1e-9:
+        known = f"{_span(mine)} vs {_span(theirs)} req/s in all, each bracket within {PRECISION:.0%}"
+        if mine[1] is not None and mine[1] > theirs[0]:  # the brackets overlap: not shown to be less
+            return f"as cheap as the best; headroom alike within the search's precision ({known}): ranked after it"
+        return f"as cheap as the best, less headroom ({known})"
     return "as cheap as the best (a tie, ranked after it)"
+
+
+def _headroom_span(row: CandidateResult) -> tuple[float, float | None]:
+    """The deployment's headroom as its search knows it: replicas × (highest passing, lowest failing) rate."""
+    n = row.replicas or 0
+    top = row.max_rps_bracket[1] if row.max_rps_bracket else None
+    return _headroom_rps(row), None if top is None else n * top
+
+
+def _span(span: tuple[float, float | None]) -> str:
+    return f"≥ {span[0]:.3g}" if span[1] is None else f"{span[0]:.3g}–{span[1]:.3g}"

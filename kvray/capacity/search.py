@@ -21,7 +21,7 @@ per token (``weight_read_s``, bytes ÷ bandwidth), its TTFT floor the prefill of
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -78,6 +78,18 @@ class ReplicaCapacity:
     alone: dict[str, float] = field(default_factory=dict)  # one request alone: ttft_ms, tpot_ms (the floors)
     kv_pool_tokens: int = 0
     bracket_rps: tuple[float, float | None] | None = None  # (highest passing, lowest failing) offered rates
+    # the search's verdict at one rate, kept so a plan can narrow the bracket later (``refine``)
+    passes: _Prober | None = field(default=None, repr=False, compare=False)
+
+    def refine(self, precision: float = PRECISION) -> None:
+        """Bisect the bracket on until it is within ``precision``: a plan's search stops once the replica count is
+        decided, so ``max_rps`` is then only a lower bound up to 25 % below the top — too loose to rank two
+        candidates of equal cost by headroom."""
+        if self.passes is None or self.bracket_rps is None or self.bracket_rps[1] is None:
+            return
+        lo, hi = bisect_rate(self.passes, self.bracket_rps[0], self.bracket_rps[1], precision)
+        self.max_rps, self.bracket_rps = lo, (lo, hi)
+        self.probes = sorted(self.passes.probes.values(), key=_rate)
 
     @property
     def at_max(self) -> Probe | None:
@@ -196,31 +208,59 @@ def slo_capacity(
                 f"{cap.alone[key]:.1f} ms > {slo[key]:g} ms; one weight read {floor * 1e3:.1f} ms)"
             )
             return cap
-    probes: dict[float, Probe] = {}
-
-    def passes(rate: float) -> bool:
-        if rate not in probes:
-            n = min(max(min_requests, math.ceil(rate * SPAN_E2E * alone.end_s)), MAX_REQUESTS)
-            reqs = traffic.requests(rate, n, seed)
-            probes[rate] = judge(replica.serve(reqs), reqs, rate, slo, percentile)
-        return probes[rate].meets_slo
-
+    passes = _Prober(replica, traffic, slo, percentile, seed, min_requests, alone.end_s)
     start = _estimate_rps(g, gpu, traffic, slo, pool.tokens, cfg, dtype, kv_dtype, replica.eff or Efficiency(), tp)
     coarse = precision if target_rps is None else max(precision, COARSE)
     lo, hi = knee_search(passes, start, coarse, max_steps=MAX_STEPS)
     if lo is not None and hi is not None:  # refine until the replica count is decided, or to ``precision``
-        while hi / lo > 1 + precision and (
-            target_rps is None or _replicas(target_rps, lo) != _replicas(target_rps, hi)
-        ):
-            mid = math.sqrt(lo * hi)
-            lo, hi = (mid, hi) if passes(mid) else (lo, mid)
-    cap.probes = [probes[r] for r in sorted(probes)]
+        lo, hi = bisect_rate(passes, lo, hi, precision, target_rps)
+    cap.probes, cap.passes = sorted(passes.probes.values(), key=_rate), passes
     if lo is None:
         cap.reason = f"SLO unreachable on one replica (missed at every rate down to {start / 2**MAX_STEPS:.3g} req/s)"
         return cap
     cap.max_rps = lo  # the offered rate the verdict passed (its probe's realised rate is in ``at_max``)
     cap.bracket_rps = (lo, hi)
     return cap
+
+
+class _Prober:
+    """A probe's verdict at one offered rate (``judge`` of a simulated open loop), each rate served once."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        traffic: Traffic,
+        slo: Mapping[str, float],
+        percentile: float,
+        seed: int,
+        min_requests: int,
+        alone_e2e_s: float,
+    ) -> None:
+        self.replica, self.traffic, self.slo, self.percentile = replica, traffic, slo, percentile
+        self.seed, self.min_requests, self.alone_e2e_s = seed, min_requests, alone_e2e_s
+        self.probes: dict[float, Probe] = {}
+
+    def __call__(self, rate: float) -> bool:
+        if rate not in self.probes:
+            n = min(max(self.min_requests, math.ceil(rate * SPAN_E2E * self.alone_e2e_s)), MAX_REQUESTS)
+            reqs = self.traffic.requests(rate, n, self.seed)
+            self.probes[rate] = judge(self.replica.serve(reqs), reqs, rate, self.slo, self.percentile)
+        return self.probes[rate].meets_slo
+
+
+def _rate(p: Probe) -> float:
+    return p.rate_rps
+
+
+def bisect_rate(
+    passes: Callable[[float], bool], lo: float, hi: float, precision: float, target_rps: float | None = None
+) -> tuple[float, float]:
+    """Geometric bisection of (passing ``lo``, failing ``hi``) until ``hi ÷ lo ≤ 1 + precision`` — or, given
+    ``target_rps``, until ⌈target ÷ rate⌉ is the same at both ends."""
+    while hi / lo > 1 + precision and (target_rps is None or _replicas(target_rps, lo) != _replicas(target_rps, hi)):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if passes(mid) else (lo, mid)
+    return lo, hi
 
 
 def _replicas(target_rps: float, per_replica_rps: float) -> int:

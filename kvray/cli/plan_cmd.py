@@ -69,6 +69,12 @@ def plan(
         bool, typer.Option("--exhaustive", help="search every candidate, even those whose ceiling costs more")
     ] = False,
     seed: SeedOpt = 0,
+    host_memory_gib: Annotated[
+        float, typer.Option("--host-memory-gib", help="host memory per GPU given to offloaded KV (CPU offload what-if)")
+    ] = 256.0,
+    host_link: Annotated[
+        str, typer.Option("--host-link", help="the GPU's link to host memory: pcie (default) | nvlink-c2c (GH200)")
+    ] = "pcie",
     measured: Annotated[
         str | None,
         typer.Option("--measured", help="a results folder whose measured cells join the Pareto figure (--output)"),
@@ -81,6 +87,7 @@ def plan(
     from kvray.capacity.planner import DEFAULT_GPUS, DEFAULT_TPS, plan_capacity
     from kvray.capacity.prices import load_prices
     from kvray.capacity.traffic import traffic_from_flags, traffic_from_trace
+    from kvray.capacity.whatif import HostMemory
     from kvray.hardware.gpus import GPUS, get_gpu
     from kvray.model.kvmath import normalize_dtype
     from kvray.model.resolve import resolve_geometry
@@ -92,6 +99,7 @@ def plan(
     if not slo:
         raise KvrayInputError("--slo is required: thresholds like ttft_ms=500,tpot_ms=50")
     thresholds = parse_slo(slo, "--slo")
+    host = HostMemory(host_memory_gib, host_link.lower())
     if rate is not None and not (rate > 0 and rate != float("inf")):
         raise KvrayInputError(f"--rate must be a positive number of requests/s, got {rate}")
     if not 0 < percentile <= 100:
@@ -144,14 +152,16 @@ def plan(
         exhaustive=exhaustive,
         seed=seed,
         router=router,
+        host=host,
     )
-    if output_dir is not None:
-        _write(result, output_dir, measured_records, table)
+    written = _write(result, output_dir, measured_records, table) if output_dir is not None else []
     if as_json:
         render.print_json(result.to_dict())
     else:
         show(result)
     if output_dir is not None and not as_json:
+        for note in written:
+            render.line(f"note: {note}")
         render.line(f"wrote {output_dir / PLAN_JSON} and the Pareto figures in {output_dir / 'figures'}")
 
 
@@ -198,16 +208,34 @@ def _read_measured(folder: str) -> list[dict[str, Any]]:
     return require_results(folder)
 
 
-def _write(result: Plan, folder: Path, measured: list[dict[str, Any]], prices: Mapping[str, Any]) -> None:
+def _write(result: Plan, folder: Path, measured: list[dict[str, Any]], prices: Mapping[str, Any]) -> list[str]:
+    """plan.json and figures/pareto_plan (its predicted probes and ``measured``'s cells of the plan's model);
+    plan.json's ``pareto`` says what the figure drew. Returns notes for the terminal."""
     import json
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / PLAN_JSON).write_text(json.dumps(result.to_dict(probes=True), indent=2, default=str) + "\n")
-    from kvray.capacity.pareto import points_from_records
+    from kvray.capacity.pareto import points_from_plan, points_from_records
     from kvray.figures.pareto import plan_figures
 
+    folder.mkdir(parents=True, exist_ok=True)
+    data = result.to_dict(probes=True)
     mine = [r for r in measured if r["cell"].get("model") == result.model]
-    plan_figures(result.to_dict(probes=True), folder / "figures", extra=points_from_records(mine, prices))
+    extra = points_from_records(mine, prices)
+    figures = plan_figures(data, folder / "figures", extra=extra)
+    data["pareto"] = {
+        "figures": [str(p.relative_to(folder)) for f in figures for p in f.paths],
+        "series": [s for f in figures for s in f.series],
+        "predicted_points": len(points_from_plan(data)),
+        "measured_points": [p.to_dict() for p in extra],
+    }
+    (folder / PLAN_JSON).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    notes = []
+    if measured and not extra:
+        models = sorted({str(r["cell"].get("model")) for r in measured})
+        notes.append(
+            f"--measured: no ok cell of {result.model} with a TPOT and a throughput there (its models: "
+            f"{', '.join(models)}); the figure shows predictions only"
+        )
+    return notes
 
 
 def _money(value: float | None) -> str:
@@ -258,9 +286,9 @@ def show(result: Plan) -> None:
     if "disaggregation" in what:
         d = what["disaggregation"]
         out.print(
-            f"Disaggregated prefill/decode: {d['prefill_groups']} prefill + {d['decode_groups']} decode groups "
-            f"({d['gpus']} GPUs); each prompt's KV ({d['kv_transfer_bytes_per_request'] / 2**20:.1f} MiB) adds "
-            f"{d['ttft_added_s'] * 1e3:.2f} ms to TTFT over {d['link']}"
+            f"Disaggregated prefill/decode: {d['verdict']}; each prompt's KV "
+            f"({d['kv_transfer_bytes_per_request'] / 2**20:.1f} MiB) adds {d['ttft_added_s'] * 1e3:.2f} ms to TTFT over "
+            f"{d['link']} (a mean prompt alone: {d['ttft_alone_ms']:.1f} ms, no queueing)"
         )
     if "routing_hit_rate_predicted" in what:
         r = what["routing_hit_rate_predicted"]

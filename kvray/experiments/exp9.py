@@ -120,6 +120,16 @@ def section(exp: Experiment, page: Page) -> list[Block]:
                 f"the SLOs (predicted; bundled prices, kvray/capacity/prices.py).",
             )
         )
+        what = plan.get("what_ifs") or {}
+        if "offload" in what and "disaggregation" in what:
+            blocks.append(
+                Block(
+                    "p",
+                    f"What-ifs for the cheapest (predicted): CPU offload — {what['offload']['verdict']}. "
+                    f"Disaggregated prefill/decode — {what['disaggregation']['verdict']} (docs/simulator.md, "
+                    f'"KV what-ifs").',
+                )
+            )
         rows = [
             [
                 c["gpu"],

@@ -9,7 +9,8 @@ A step of a continuous-batching engine — or one pass of a static batch — is 
                       their KV (past read, new written)           / (bandwidth × η_m))
     decode attn   max(the decode tokens' attention FLOPs          / (peak × η_c),
                       the KV of every decoding sequence           / (bandwidth × η_m))
-    GPU           max(roofline of the whole pass, linear + prefill attn + decode attn)
+    GPU           max(roofline of the whole pass, linear + prefill attn + decode attn) + dequant
+    dequant       kv_dequant_s_per_gb × GB of fp8 KV the attention parts read and write (0 for bf16 KV)
     step          GPU + all-reduces (TP) + CPU
 
     roofline      max(Σ FLOPs / (peak × η_c), Σ bytes / (bandwidth × η_m), layers × layer_overhead_s)
@@ -37,7 +38,7 @@ from typing import Any, NamedTuple
 from kvray.errors import KvrayInputError
 from kvray.hardware.gpus import GpuSpec
 from kvray.model.geometry import ModelGeometry
-from kvray.model.kvmath import dtype_bytes
+from kvray.model.kvmath import dtype_bytes, normalize_dtype
 from kvray.sim.passes import PassCost
 
 DEFAULT_ETA_COMPUTE = 0.7  # llm-analysis's default flops efficiency
@@ -52,6 +53,11 @@ ALLREDUCE_LATENCY_S = 8e-6
 # finished. 0 by default (a pure roofline) — no published per-step figure transfers between engines, versions and
 # host CPUs; ``kvray calibrate`` fits them from a short run (docs/simulator.md).
 CPU_TERMS = ("step_overhead_s", "request_step_s", "admit_s", "finish_s")
+# fp8 KV's (de)quantisation: the attention kernels convert every fp8 KV element they load to bf16 (and quantise
+# what they write), work the byte roofs do not see. Seconds per GB of fp8 KV the attention parts touch; 0 by
+# default — no published per-byte figure (vLLM's docs and issues report fp8 KV decode from slightly faster to
+# slower than bf16 depending on the attention backend, never a rate): set it in a calibration entry.
+QUANTISED_KV_DTYPES = ("fp8",)
 
 
 @dataclass(frozen=True)
@@ -66,13 +72,16 @@ class Efficiency:
     request_step_s: float = 0.0  # per running request per step (sampling, output processing, streaming a token)
     admit_s: float = 0.0  # per request admitted (tokenisation, request setup)
     finish_s: float = 0.0  # per request finished (detokenisation of the end, freeing, the final response)
+    kv_dequant_s_per_gb: float = 0.0  # per GB of fp8 KV the attention reads or writes (QUANTISED_KV_DTYPES)
 
     def __post_init__(self) -> None:
         cpu = [getattr(self, k) for k in CPU_TERMS]
-        if not (self.eta_compute > 0 and self.eta_memory > 0 and self.layer_overhead_s >= 0 and min(cpu) >= 0):
+        overheads = (self.layer_overhead_s, self.kv_dequant_s_per_gb, *cpu)
+        if not (self.eta_compute > 0 and self.eta_memory > 0 and min(overheads) >= 0):
             raise KvrayInputError(
                 f"efficiencies must be positive and overheads >= 0, got η_compute {self.eta_compute}, "
-                f"η_memory {self.eta_memory}, layer overhead {self.layer_overhead_s}, CPU {cpu}"
+                f"η_memory {self.eta_memory}, layer overhead {self.layer_overhead_s}, CPU {cpu}, "
+                f"KV dequantisation {self.kv_dequant_s_per_gb} s/GB"
             )
 
     @property
@@ -87,6 +96,8 @@ class Efficiency:
         for name, value in zip(names, self.cpu, strict=True):
             if value:
                 text += f", CPU {value * 1e3:.3g} ms {name}"
+        if self.kv_dequant_s_per_gb:
+            text += f", fp8 KV dequantisation {self.kv_dequant_s_per_gb * 1e3:.3g} ms/GB"
         return f"{text} ({self.source})"
 
     @classmethod
@@ -183,6 +194,7 @@ class StepRoofs:
     layers: int
     allreduce_s: float = 0.0
     requests: StepRequests = NO_REQUESTS
+    quantised_kv_bytes: float = 0.0  # fp8 KV the attention parts read and write: ``kv_dequant_s_per_gb`` applies
 
     @property
     def compute_s(self) -> float:
@@ -208,7 +220,8 @@ class StepRoofs:
     def gpu_s(self, eff: Efficiency) -> float:
         x, y = 1 / eff.eta_compute, 1 / eff.eta_memory
         parts = sum(max(c * x, m * y) for c, m in self.parts)
-        return max(self.compute_s * x, self.memory_s * y, self.layers * eff.layer_overhead_s, parts)
+        roofs = max(self.compute_s * x, self.memory_s * y, self.layers * eff.layer_overhead_s, parts)
+        return roofs + self.quantised_kv_bytes / 1e9 * eff.kv_dequant_s_per_gb
 
     def cpu_s(self, eff: Efficiency) -> float:
         return sum(k * v for k, v in zip(self.cpu_coefficients(), eff.cpu, strict=True))
@@ -239,16 +252,27 @@ def step_roofs(
     tp: int = 1,
     communication: bool = True,
     requests: StepRequests = NO_REQUESTS,
+    kv_dtype: str | None = None,
 ) -> StepRoofs:
     """The parts of ``cost`` (one rank's pass under TP) on ``gpu`` at 100 % of peak; its all-reduces unless
-    ``communication`` is False (a floor: the all-reduce latency is an estimate, not a bound)."""
+    ``communication`` is False (a floor: the all-reduce latency is an estimate, not a bound); with an fp8
+    ``kv_dtype`` the attention's KV bytes for the dequantisation term."""
     peak, bandwidth = gpu.tflops(dtype) * 1e12, gpu.bandwidth_gbps * 1e9
     pre_c, pre_m = cost.prefill_attention_flops, cost.prefill_attention_bytes
     dec_c, dec_m = cost.decode_attention_flops, cost.decode_attention_bytes
     linear = ((cost.flops - pre_c - dec_c) / peak, (cost.bytes - pre_m - dec_m) / bandwidth)
     parts = (linear, (pre_c / peak, pre_m / bandwidth), (dec_c / peak, dec_m / bandwidth))
     comm = allreduce_s(g, gpu, cost.tokens, dtype, tp) if communication else 0.0
-    return StepRoofs(parts, g.num_layers, comm, requests)
+    return StepRoofs(parts, g.num_layers, comm, requests, quantised_kv_bytes(cost, kv_dtype))
+
+
+def quantised_kv_bytes(cost: PassCost, kv_dtype: str | None) -> float:
+    """The KV bytes of ``cost``'s attention parts when the KV is fp8 (what dequantisation costs scale with)."""
+    return cost.prefill_attention_bytes + cost.decode_attention_bytes if is_quantised_kv(kv_dtype) else 0.0
+
+
+def is_quantised_kv(kv_dtype: str | None) -> bool:
+    return kv_dtype is not None and normalize_dtype(kv_dtype) in QUANTISED_KV_DTYPES
 
 
 def pass_time_s(cost: PassCost, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency) -> float:
@@ -261,11 +285,14 @@ class StepTimer:
     """``StepRoofs.time_s`` and ``bound`` for one (model, GPU, dtype, efficiency, TP), with the rates divided
     once: the serving model times every one of tens of thousands of steps through it."""
 
-    def __init__(self, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency, tp: int = 1):
-        self.g, self.gpu, self.dtype, self.eff, self.tp = g, gpu, dtype, eff, tp
+    def __init__(
+        self, g: ModelGeometry, gpu: GpuSpec, dtype: str, eff: Efficiency, tp: int = 1, kv_dtype: str | None = None
+    ):
+        self.g, self.gpu, self.dtype, self.eff, self.tp, self.kv_dtype = g, gpu, dtype, eff, tp, kv_dtype
         self.per_flop = 1 / (gpu.tflops(dtype) * 1e12 * eff.eta_compute)
         self.per_byte = 1 / (gpu.bandwidth_gbps * 1e9 * eff.eta_memory)
         self.launch = g.num_layers * eff.layer_overhead_s
+        self.dequant_per_byte = eff.kv_dequant_s_per_gb / 1e9 if is_quantised_kv(kv_dtype) else 0.0
 
     def time_s(self, cost: PassCost, requests: StepRequests) -> tuple[float, str]:
         """(seconds, bound) of a step: the same arithmetic as ``StepRoofs`` (tests compare them)."""
@@ -275,6 +302,8 @@ class StepTimer:
         lc, lm = cost.flops * x - pc - dc, cost.bytes * y - pm - dm
         parts = max(lc, lm) + max(pc, pm) + max(dc, dm)
         gpu = max(cost.flops * x, cost.bytes * y, self.launch, parts)
+        if self.dequant_per_byte:
+            gpu += (cost.prefill_attention_bytes + cost.decode_attention_bytes) * self.dequant_per_byte
         e = self.eff
         cpu = e.step_overhead_s + e.request_step_s * requests.running + e.admit_s * requests.admitted
         cpu += e.finish_s * requests.finished

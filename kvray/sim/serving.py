@@ -216,7 +216,7 @@ def serve(
 
     engine = Engine(requests, pool.blocks, cfg)
     costs = StepCosts(g, dtype, kv_dtype, "paged", cfg.block_size)
-    timer = StepTimer(g, gpu, dtype, eff, tp)
+    timer = StepTimer(g, gpu, dtype, eff, tp, kv_dtype)
     computed, target, tokens, gen = engine.computed, engine.target, engine.tokens, engine.gen
     arrivals: dict[int, float] = {}
     ended: dict[int, float] = {}  # request → when its last token came

@@ -256,7 +256,7 @@ def simulate(
             gens = [requests[i].gen_toks for i in batch]
             passes = batch_passes(g, prompts, gens, dtype, kv_dtype, layout, block_size)
             roofs = [
-                step_roofs(p, g, gpu, dtype, tp, c.communication, work)
+                step_roofs(p, g, gpu, dtype, tp, c.communication, work, kv_dtype)
                 for p, work in zip(passes, batch_requests(prompts, gens, layout), strict=True)
             ]
             times = list(accumulate(r.time_s(eff) for r in roofs))
