@@ -374,7 +374,7 @@ def describe(values: Iterable[float], prefix: str) -> dict[str, float]:
 def describe_counted(groups: Sequence[Sequence[float]], prefix: str) -> dict[str, float]:
     """``describe`` of the pooled ``groups`` (one per repeat) plus ``{prefix}_n``, the number of values its
     statistics were computed from, and each percentile's 95 % bootstrap interval ``{prefix}_p{p}_ci_low`` /
-    ``_ci_high`` (over repeats, then values: ``bootstrap_stats``; NaN where ``n`` cannot hold it)."""
+    ``_ci_high`` (over repeats, then values: ``bootstrap_percentile_ci``; NaN where ``n`` cannot hold it)."""
     arrays = [a[~np.isnan(a)] for a in (np.asarray(g, dtype=float) for g in groups)]
     kept = np.concatenate(arrays) if arrays else np.empty(0)
     out = {f"{prefix}_n": int(kept.size), **describe(kept, prefix)}
