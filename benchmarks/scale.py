@@ -16,6 +16,8 @@ real sleeps, for wall / (Σ cell time / workers). Prints, all measured in this o
                     its acknowledgement (queueing behind other rows included)
   peak RSS          the driver process and the collector actor (ru_maxrss)
   load              `kvray plot`'s dataset load of the finished folder, seconds
+  plot, report      with --plot-report: `kvray plot` and `kvray report` on the finished folder, each its own
+                    process, wall and CPU, after the cluster is shut down (benchmarks/plot_report_speed.py)
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ import time
 from pathlib import Path
 
 
-def build_job(cells: int, types: list[str], cell_s: float, requests: int, gen_toks: int) -> object:
+def build_job(
+    cells: int, types: list[str], cell_s: float, requests: int, gen_toks: int, *, hardware: str = "each"
+) -> object:
+    """``cells`` synthetic cells split evenly over ``types`` (``hardware: each``); with ``hardware="any"`` and
+    one type, all on whatever runs them (benchmarks/plot_report_speed.py builds its folder in-process so)."""
     from kvray.plan.job import job_from_dict
 
     per_type = max(cells // len(types), 1)
@@ -40,7 +46,7 @@ def build_job(cells: int, types: list[str], cell_s: float, requests: int, gen_to
             "models": ["kvray/tiny-llama"],
             "backends": ["synthetic"],
             "dtypes": ["fp32"],
-            "hardware": "each",
+            "hardware": hardware,
             "warmup": 0,
             "repeats": 1,
             "options": {"ttft_s": tpot_s, "tpot_s": tpot_s},
@@ -64,6 +70,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per cell (one burst)")
     parser.add_argument("--gen-toks", type=int, default=32)
     parser.add_argument("--out", default=None, help="keep the results folder here (default: a temporary one)")
+    parser.add_argument(
+        "--plot-report", action="store_true", help="then time `kvray plot` and `kvray report` on the folder"
+    )
     args = parser.parse_args()
 
     from kvray.sweep.ray_env import import_ray
@@ -91,18 +100,18 @@ def main() -> None:
     )
     n_cells = len(plan_cells(job, types))  # type: ignore[arg-type]
     workers = args.nodes * args.gpus_per_node
+    tmp = tempfile.TemporaryDirectory()
+    out = Path(args.out) if args.out else Path(tmp.name) / "out"
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(args.out) if args.out else Path(tmp) / "out"
-            t0, cpu0, started_wall = time.perf_counter(), time.process_time(), time.time()
-            run_job(job, out, progress=False)  # type: ignore[arg-type]
-            wall_s = time.perf_counter() - t0
-            run = last_run(out)
-            rows = read_results(out, traces=False)
-            t_load = time.perf_counter()
-            cells, traces, _ = load_dataset(out)
-            load_s = time.perf_counter() - t_load
-            size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
+        t0, cpu0, started_wall = time.perf_counter(), time.process_time(), time.time()
+        run_job(job, out, progress=False)  # type: ignore[arg-type]
+        wall_s = time.perf_counter() - t0
+        run = last_run(out)
+        rows = read_results(out, traces=False)
+        t_load = time.perf_counter()
+        cells, traces, _ = load_dataset(out)
+        load_s = time.perf_counter() - t_load
+        size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -151,6 +160,12 @@ def main() -> None:
         f"collector {costs.get('peak_rss_mib')}"
     )
     print(f"folder                  {size_mb:.1f} MB; dataset load {load_s:.2f} s")
+    if args.plot_report:
+        from plot_report_speed import time_outputs  # benchmarks/, beside this script
+
+        del cells, traces  # the benchmark's own 2 GB of frames, not what the timed commands hold
+        time_outputs(out, repeats=1)
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

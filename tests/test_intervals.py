@@ -16,10 +16,10 @@ PERCENTILES = (50, 90, 95, 99)
 SEEDS = 8
 
 
-def mean_endpoints(fn: object, groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Each percentile's (low, high) averaged over SEEDS seeds, and their standard errors."""
-    runs = np.array([[fn(groups, PERCENTILES, seed=s)[p] for p in PERCENTILES] for s in range(SEEDS)])  # type: ignore[operator]
-    return runs.mean(axis=0), runs.std(axis=0, ddof=1) / math.sqrt(SEEDS)
+def mean_endpoints(fn: object, groups: list[np.ndarray], seeds: int = SEEDS) -> tuple[np.ndarray, np.ndarray]:
+    """Each percentile's (low, high) averaged over ``seeds`` seeds, and their standard errors."""
+    runs = np.array([[fn(groups, PERCENTILES, seed=s)[p] for p in PERCENTILES] for s in range(seeds)])  # type: ignore[operator]
+    return runs.mean(axis=0), runs.std(axis=0, ddof=1) / math.sqrt(seeds)
 
 
 @pytest.mark.parametrize(
@@ -82,11 +82,32 @@ def test_intervals_are_seeded_and_skip_what_the_sample_cannot_hold() -> None:
 
 
 def test_many_repeats_take_the_binary_search_and_agree_with_the_table_path() -> None:
-    """Above 64 distinct draws of the repeats (here 10 repeats) the inverse CDF is a binary search; the same
-    bootstrap as the per-draw table, so the interval agrees with the direct bootstrap's as well."""
+    """Above 64 distinct draws of the repeats (here 10 repeats, of more than EXACT_RESAMPLE_MAX_VALUES values each:
+    the mixture path) the inverse CDF is a binary search; the same bootstrap as the per-draw table, so the
+    interval agrees with the direct bootstrap's as well."""
+    from kvray.measure.metrics import EXACT_RESAMPLE_MAX_VALUES
+
     rng = np.random.default_rng(11)
-    groups = [rng.exponential(1.0, 12) + 0.02 * i for i in range(10)]
+    groups = [rng.exponential(1.0, EXACT_RESAMPLE_MAX_VALUES + 4) + 0.02 * i for i in range(10)]
     new, new_se = mean_endpoints(bootstrap_percentile_ci, groups)
     old, old_se = mean_endpoints(resampled_percentile_ci, groups)
     held = ~np.isnan(old)
     assert np.all(np.abs(new - old)[held] <= 4 * np.sqrt(new_se**2 + old_se**2)[held] + 1e-12)
+
+
+@pytest.mark.parametrize("values", [4, 10])
+def test_three_small_repeats_that_disagree_get_the_resampling_bootstraps_interval(values: int) -> None:
+    """3 repeats of 4–10 values, 0.1 apart at a spread of 0.05 — where drawing the values from the mixture of the
+    drawn repeats was furthest off (the p50's lower end 7 standard errors from the direct bootstrap's over 40
+    seeds) — are resampled outright: the same two-stage draws as the direct bootstrap, in the same order from
+    the same seed, so every endpoint is the direct bootstrap's on every seed (up to rounding)."""
+    rng = np.random.default_rng(300 + values)
+    groups = [rng.normal(1.0 + shift, 0.05, values) for shift in (0.0, 0.1, 0.2)]
+    for seed in range(8):
+        new = bootstrap_percentile_ci(groups, PERCENTILES, seed=seed)
+        old = resampled_percentile_ci(groups, PERCENTILES, seed=seed)
+        for p in PERCENTILES:
+            if math.isnan(old[p][0]):  # 12 values hold no p95, 30 no p99
+                assert all(math.isnan(v) for v in new[p])
+            else:
+                assert new[p] == pytest.approx(old[p], rel=1e-12, abs=0), (seed, p)

@@ -204,3 +204,20 @@ def test_the_command_writes_the_file_and_says_how_to_apply_it(tmp_path, capsys):
     assert f"kubectl apply -f {out}" in capsys.readouterr().out.replace("\n", "")
     kinds = [d["kind"] for d in yaml.safe_load_all(out.read_text())]
     assert kinds == ["ConfigMap", "RayJob"]
+
+
+def test_a_job_file_with_non_ascii_text_stays_a_readable_literal_block(tmp_path):
+    """The ConfigMap holds the job file as written: a "→" in a comment keeps the literal block (PyYAML escapes
+    it into a double-quoted "\\u2192" line without allow_unicode) and the data reads back byte for byte."""
+    from kvray.launch.kuberay import emit
+
+    job_file = write_job_file(tmp_path, "arrows", backends=["hf"], hardware=["H100"])
+    text = "# prompt → decode, 8–32 tokens (µs-level TTFT budget)\n" + job_file.read_text()
+    job_file.write_text(text, encoding="utf-8")
+    out = tmp_path / "rayjob.yaml"
+    emit(str(job_file), "s3://bench/runs/x", str(out))
+    written = out.read_text(encoding="utf-8")
+    assert f"  {job_file.name}: |\n    # prompt → decode, 8–32 tokens" in written
+    assert "\\u2192" not in written and "\\u" not in written
+    config_map, _ = yaml.safe_load_all(written)
+    assert config_map["data"] == {job_file.name: text}

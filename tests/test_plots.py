@@ -286,3 +286,55 @@ def test_fig10_request_axis_has_integer_ticks_for_one_request():
     shown = [t for t in ax.get_yticks() if low <= t <= high]
     plt.close(fig)
     assert shown == [0.0]
+
+
+def straggler_cells(straggler_on_h100: bool):
+    """Two cell shapes on an A100 and on two H100 workers, one of which (h1) the run named a straggler."""
+    import pandas as pd
+
+    rows = []
+    for hardware, worker, speed in (
+        ("NVIDIA A100-SXM4-40GB", "a0", 1.0),
+        ("NVIDIA H100 80GB HBM3", "h0", 2.0),
+        ("NVIDIA H100 80GB HBM3", "h1", 0.6),
+    ):
+        for c in (1, 4):
+            rows.append(
+                {
+                    "cell_id": f"{worker}-c{c}",
+                    "experiment": "exp1",
+                    "model": MODEL,
+                    "backend": "hf",
+                    "dtype": "bf16",
+                    "workload": "uniform",
+                    "prompt_toks": 512,
+                    "prompt_toks_list": "512",
+                    "gen_toks": 64,
+                    "concurrency": c,
+                    "hardware": hardware,
+                    "simulated": False,
+                    "status": "ok",
+                    "output_tps": 100.0 * c * speed,
+                    "e2e_s_p50": 1.0 / speed,
+                    "kv_predicted_bytes": c * 576 * 196_608,
+                    "straggler": straggler_on_h100 and worker == "h1",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_fig6_says_how_many_of_its_cells_ran_on_a_straggler(tmp_path, marked):
+    """The two cells of the H100 worker named a straggler: fig6 counts them in its notes, printed under the
+    figure, and names their GPU type; with no straggler in the run there is no such note."""
+    from kvray.analysis.views import prepare
+    from kvray.figures import style
+    from kvray.figures.hardware import fig6_cross_hardware
+
+    with style.styled():  # as `kvray plot` draws it: text stays text in the SVG
+        fig = fig6_cross_hardware(prepare(straggler_cells(marked)), tmp_path)
+    assert fig.series == ["A100-40GB-SXM", "H100-SXM"]
+    note = "2 cells ran on a straggler worker of H100-SXM (column straggler): those bars are one slow GPU, not its type"
+    assert (note in fig.notes) is marked
+    text = svg_text(fig.paths[1])
+    assert "H100-SXM" in text and ("2 cells ran on a straggler worker" in text) is marked

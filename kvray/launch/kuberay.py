@@ -165,7 +165,7 @@ def rayjob_manifests(
         )
     if not DNS_LABEL.match(namespace):
         raise KvrayInputError(f"--namespace {namespace!r} is not a Kubernetes namespace name (lowercase, digits, -)")
-    text = Path(job_file).read_text()
+    text = Path(job_file).read_text(encoding="utf-8")
     name = object_name(job, text)
     file_name = Path(job_file).name if CONFIG_KEY.match(Path(job_file).name) else "job.yaml"
     run = [
@@ -214,7 +214,9 @@ def rayjob_manifests(
 
 
 def _block_strings(dumper: Any, value: str) -> Any:
-    """Multi-line strings (the job file in the ConfigMap) as YAML literal blocks, readable as written."""
+    """Multi-line strings (the job file in the ConfigMap) as YAML literal blocks, readable as written (with
+    ``allow_unicode`` in `emit`: PyYAML refuses a literal block for text it would have to escape, so without it a
+    job file with one "→" in a comment would come out double-quoted with ``\\u`` escapes)."""
     style = "|" if "\n" in value else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
@@ -249,11 +251,11 @@ def emit(job_file: str, output: str | None, emit_to: str, settings: RayJobSettin
         f"# kubectl apply -f THIS_FILE; kubectl -n {settings.namespace} get rayjob {docs[1]['metadata']['name']} -w\n"
         f"# The dataset goes to {output}; then: kvray plot {output}\n"
     )
-    text = head + yaml.dump_all(docs, Dumper=_dumper(), sort_keys=False, width=120)
+    text = head + yaml.dump_all(docs, Dumper=_dumper(), sort_keys=False, width=120, allow_unicode=True)
     if emit_to == "-":
         import sys
 
         sys.stdout.write(text)
     else:
-        Path(emit_to).write_text(text)
+        Path(emit_to).write_text(text, encoding="utf-8")
     return text

@@ -46,6 +46,10 @@ BOOTSTRAP_SEED = 20260  # fixed: the same values always give the same interval
 # Above this many pooled values the bootstrap draws proportionally fewer resamples (bootstrap_stats): a c=64 ×
 # 512-token cell pools 32,704 ITL gaps, ~1 s per metric at 1,000 resamples.
 BOOTSTRAP_MAX_N = 5000
+# Several repeats of at most this many values each are resampled outright (1,000 sorted rows of a few tens of
+# integers) instead of drawn from the mixture of the drawn repeats: exact where the mixture's error is largest
+# (a few values a repeat), and no dearer there (bootstrap_percentile_ci).
+EXACT_RESAMPLE_MAX_VALUES = 32
 _BOOTSTRAP_CHUNK = 2_000_000  # values resampled at once (memory bound: 16 MB of indices)
 
 
@@ -74,7 +78,7 @@ def bootstrap_percentile_ci(
     cost of sorting the values once: (NaN, NaN) for a percentile the pooled sample cannot hold (``min_samples``).
 
     The bootstrap is the one ``resampled_percentile_ci`` draws — repeats with replacement, then values — but
-    a resample is never built: a percentile of a resample of W values needs only two of its order statistics
+    a resample is never built (but for a few small repeats, below): a percentile of a resample of W values needs only two of its order statistics
     (numpy's linear interpolation: h = (W − 1)·p/100, the (⌊h⌋+1)-th and (⌊h⌋+2)-th smallest), and those are
     drawn directly. The W values are W uniforms pushed through the inverse CDF of the drawn repeats' pooled
     values, so with r = ⌊h⌋ the two are U ~ Beta(r + 1, W − r) and U' = U + (1 − U)·Beta(1, W − r − 1) (the
@@ -83,11 +87,15 @@ def bootstrap_percentile_ci(
     whatever n is — so every sample gets its full ``resamples`` (1,000), where resampling each value had to
     draw fewer above BOOTSTRAP_MAX_N values.
 
-    One group: exactly the ordinary bootstrap's distribution of the percentile. Several: the second stage
-    draws the W = repeats × largest-repeat values from the equal-weight mixture of the drawn repeats instead of
-    exactly as many from each; the spread of any count below a threshold then grows by a factor under
-    (1 + 1/values-per-repeat), below the Monte-Carlo error of 1,000 resamples at a repeat's 20 values or more,
-    and by nothing when the repeats agree (tests/test_intervals.py checks both against the direct bootstrap)."""
+    One group: exactly the ordinary bootstrap's distribution of the percentile. Several repeats of at most
+    EXACT_RESAMPLE_MAX_VALUES (32) values each: exactly the two-stage bootstrap's, each resample built and sorted
+    (``_resampled_order_statistics``). Several larger ones: the second stage draws the W = repeats ×
+    largest-repeat values from the equal-weight mixture of the drawn repeats instead of exactly as many from
+    each; the spread of any count below a threshold then grows by a factor under (1 + 1/values-per-repeat):
+    for 3 repeats of 4–10 values that disagree it moved the p50's lower end by up to 7 Monte-Carlo standard
+    errors (0.9 % of the value at most), which is why those are resampled outright; past 32 values a repeat it
+    is within the Monte-Carlo error of 1,000 resamples, and nothing when the repeats agree
+    (tests/test_intervals.py checks every path against the direct bootstrap)."""
     clean = [a[~np.isnan(a)] for a in (np.asarray(g, dtype=float) for g in groups)]
     arrays = [a for a in clean if a.size]
     n = sum(a.size for a in arrays)
@@ -100,15 +108,19 @@ def bootstrap_percentile_ci(
     width = len(arrays) * int(sizes.max())  # the pooled resample's size, as resampled_percentile_ci draws it
     h = (width - 1) * np.asarray(wanted, dtype=float) / 100
     r = np.floor(h)
-    u = rng.beta(r + 1, width - r, size=(resamples, len(wanted)))
-    u_next = u + (1 - u) * rng.beta(1, width - r - 1, size=(resamples, len(wanted)))
-    if len(arrays) == 1:  # the inverse CDF of n sorted values: the ⌊u·n⌋-th
-        pooled = np.sort(arrays[0])
-        index = np.minimum((np.concatenate([u, u_next], axis=1) * n).astype(np.int64), n - 1)
-    else:  # stage one: each resample draws the repeats with replacement; a repeat weighs as often as drawn
+    if len(arrays) > 1 and sizes.max() <= EXACT_RESAMPLE_MAX_VALUES:  # a few small repeats: resampled outright
         picks = rng.integers(0, len(arrays), size=(resamples, len(arrays)))
-        drawn = (picks[:, :, None] == np.arange(len(arrays))).sum(axis=1)
-        pooled, index = _mixture_quantiles(arrays, drawn, np.concatenate([u, u_next], axis=1))
+        pooled, index = _resampled_order_statistics(arrays, picks, np.concatenate([r, r + 1]).astype(np.int64), rng)
+    else:
+        u = rng.beta(r + 1, width - r, size=(resamples, len(wanted)))
+        u_next = u + (1 - u) * rng.beta(1, width - r - 1, size=(resamples, len(wanted)))
+        if len(arrays) == 1:  # the inverse CDF of n sorted values: the ⌊u·n⌋-th
+            pooled = np.sort(arrays[0])
+            index = np.minimum((np.concatenate([u, u_next], axis=1) * n).astype(np.int64), n - 1)
+        else:  # stage one: each resample draws the repeats with replacement; a repeat weighs as often as drawn
+            picks = rng.integers(0, len(arrays), size=(resamples, len(arrays)))
+            drawn = (picks[:, :, None] == np.arange(len(arrays))).sum(axis=1)
+            pooled, index = _mixture_quantiles(arrays, drawn, np.concatenate([u, u_next], axis=1))
     low_value = pooled[index[:, : len(wanted)]]
     stats = low_value + (h - r) * (pooled[index[:, len(wanted) :]] - low_value)
     tail = (1 - level) / 2 * 100
@@ -116,6 +128,24 @@ def bootstrap_percentile_ci(
     for p, lo, hi in zip(wanted, lows, highs, strict=True):
         out[p] = (float(lo), float(hi))
     return out
+
+
+def _resampled_order_statistics(
+    arrays: Sequence[np.ndarray], picks: np.ndarray, ranks: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, Any]:
+    """(the pooled values sorted, index): index[k, i] is the position among them of the ranks[i]-th smallest
+    (from 0) value of resample k, drawn as ``bootstrap_stats`` draws it — the repeats ``picks[k]``, and from each
+    as many of its values, with replacement, as the largest repeat holds. Each resample is built (as positions
+    among the sorted values, so sorting them sorts the values) and sorted: a few repeats of a few values make
+    1,000 rows of tens of integers, cheaper to sort than the mixture's Beta draws are to make."""
+    sizes = np.asarray([a.size for a in arrays])
+    values = np.concatenate(arrays)
+    order = np.argsort(values, kind="stable")
+    position = np.empty(values.size, dtype=np.int64)
+    position[order] = np.arange(values.size)
+    within = (rng.random((*picks.shape, int(sizes.max()))) * sizes[picks][..., None]).astype(np.int64)
+    drawn = position[(np.cumsum(sizes) - sizes)[picks][..., None] + within].reshape(picks.shape[0], -1)
+    return values[order], np.sort(drawn, axis=1)[:, ranks]
 
 
 def _mixture_quantiles(arrays: Sequence[np.ndarray], drawn: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, Any]:
@@ -344,7 +374,7 @@ def describe(values: Iterable[float], prefix: str) -> dict[str, float]:
 def describe_counted(groups: Sequence[Sequence[float]], prefix: str) -> dict[str, float]:
     """``describe`` of the pooled ``groups`` (one per repeat) plus ``{prefix}_n``, the number of values its
     statistics were computed from, and each percentile's 95 % bootstrap interval ``{prefix}_p{p}_ci_low`` /
-    ``_ci_high`` (over repeats, then values: ``bootstrap_stats``; NaN where ``n`` cannot hold it)."""
+    ``_ci_high`` (over repeats, then values: ``bootstrap_percentile_ci``; NaN where ``n`` cannot hold it)."""
     arrays = [a[~np.isnan(a)] for a in (np.asarray(g, dtype=float) for g in groups)]
     kept = np.concatenate(arrays) if arrays else np.empty(0)
     out = {f"{prefix}_n": int(kept.size), **describe(kept, prefix)}
