@@ -14,7 +14,10 @@ H100_NVML = "NVIDIA H100 80GB HBM3"
 
 def simulated_as_measured(model: str, workload: Any, backend: str = "hf-paged", **options: Any) -> Any:
     """The sim backend's CellResult for ``workload`` on an H100 with ``options`` (the truth), relabelled as a
-    measured ``backend`` row (simulated False, the H100's NVML name)."""
+    measured ``backend`` row (simulated False, the H100's NVML name). An hf-paged row is simulated as that engine
+    attends — one masked attention over the flattened batch (kvray/sim/passes.py) — unless ``attention`` says."""
+    if backend == "hf-paged" and options.get("layout") == "paged":
+        options.setdefault("attention", "masked")
     cell = Cell(
         model=model, backend=backend, workload=workload, hardware="H100-SXM", warmup=0, options=make_options(**options)
     )

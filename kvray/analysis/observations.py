@@ -31,11 +31,27 @@ from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, normalize_dtype
 from kvray.model.parallel import shard_geometry
 from kvray.model.resolve import resolve_geometry
 from kvray.sim.costs import StepRequests, StepRoofs, step_roofs
-from kvray.sim.passes import PassCost, sequence_step_cost, step_cost
+from kvray.sim.passes import PassCost, masked_attention, sequence_step_cost, step_cost
 from kvray.sim.simulate import batch_passes, batch_requests
 
 # The flat rows do not carry cell options, so sim rows (only with include_simulated) count as "hf".
 BACKEND_LAYOUTS = {"hf": "hf", "hf-paged": "paged", "vllm": "paged", "openai": "paged", "sim": "hf"}
+# The attention each backend's engine runs (kvray/sim/passes.py, ATTENTIONS): transformers' continuous batching
+# runs sdpa or eager as one masked attention over the flattened batch; a flash implementation (GPU) is varlen
+MASKED_ATTENTION_BACKENDS = ("hf-paged",)
+
+
+def engine_attention(backend: str, record: dict[str, Any] | None = None) -> str:
+    """ "masked" or "varlen" for a measured row of ``backend``: its recorded ``attn_implementation`` (hf-paged's
+    ``extra.paged_cache``) when there is one, else the backend's default (sdpa for hf-paged: masked)."""
+    if backend not in MASKED_ATTENTION_BACKENDS:
+        return "varlen"
+    record = record or {}
+    implementation = str((record.get("paged_cache") or {}).get("attn_implementation") or "")
+    implementation = implementation or str(record.get("attn_implementation") or "")
+    return "varlen" if "flash" in implementation else "masked"
+
+
 QUEUE_TOLERANCE = 0.05  # a burst whose requests queued more than this fraction of TTFT is not one batch
 SERVING_LOADS = ("poisson", "gamma", "constant", "closed")
 
@@ -101,7 +117,9 @@ def finite(value: Any) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def steady_step(g: Any, gpu: GpuSpec, dtype: str, kv_dtype: str, tp: int, row: dict[str, Any]) -> StepRoofs | None:
+def steady_step(
+    g: Any, gpu: GpuSpec, dtype: str, kv_dtype: str, tp: int, row: dict[str, Any], attention: str = "varlen"
+) -> StepRoofs | None:
     """The mean step of a serving window (module docstring), or None when the row lacks what it takes."""
     rate, tpot = finite(row.get("achieved_rps")), finite(row.get("tpot_s_mean")) or finite(row.get("tpot_s_p50"))
     e2e, ttft = finite(row.get("e2e_s_mean")), finite(row.get("ttft_s_mean"))
@@ -125,6 +143,8 @@ def steady_step(g: Any, gpu: GpuSpec, dtype: str, kv_dtype: str, tp: int, row: d
         admitted * fill.prefill_attention_flops,
         admitted * fill.prefill_attention_bytes,
     )
+    if attention == "masked":  # one attention over the step's decodes and admitted prompts (kvray/sim/passes.py)
+        cost = masked_attention(cost, g, tokens, decodes * context + admitted * prompt, decodes)
     work = StepRequests(running + admitted, admitted, admitted)
     return step_roofs(cost, g, gpu, dtype, tp, requests=work)
 
@@ -201,8 +221,9 @@ def observations_from_rows(
         except KvrayInputError:
             skip("unknown dtype or tensor_parallel not valid for the model")
             continue
+        attention = engine_attention(str(row.get("backend")), row)
         if serving:
-            step = steady_step(shard, gpu, dtype, kv_dtype, tp, row)
+            step = steady_step(shard, gpu, dtype, kv_dtype, tp, row, attention)
             if step is None:
                 skip("serving row without achieved rate, TPOT, E2E or TTFT")
                 continue
@@ -216,7 +237,7 @@ def observations_from_rows(
         roofs = [
             step_roofs(p, shard, gpu, dtype, tp, requests=work)
             for p, work in zip(
-                batch_passes(shard, prompts, gens, dtype, kv_dtype, layout, block_size),
+                batch_passes(shard, prompts, gens, dtype, kv_dtype, layout, block_size, attention),
                 batch_requests(prompts, gens, layout),
                 strict=True,
             )

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvray.analysis.observations import engine_attention
 from kvray.analysis.views import as_number
 from kvray.backends.sim import SimBackend
 from kvray.data.layout import CELLS_JSONL
@@ -122,6 +123,7 @@ def engine_options(
         seqs = options.get("max_num_seqs") or VLLM_GPU[0]
         blocks = cache.get("num_blocks")
         prefix = bool(options.get("prefix_sharing", False))
+        attention = engine_attention(backend, extra)
     else:
         cache = extra.get("server_cache") or {}
         seqs_d, batch_d, block_d = VLLM_CPU if on_cpu else VLLM_GPU
@@ -129,12 +131,14 @@ def engine_options(
         batch, seqs = options.get("max_num_batched_tokens") or batch_d, options.get("max_num_seqs") or seqs_d
         blocks = cache.get("num_gpu_blocks")
         prefix = bool(options.get("enable_prefix_caching", True))
+        attention = "varlen"
     out: dict[str, Any] = {
         "layout": "paged",
         "block_size": block,
         "max_num_batched_tokens": int(batch),
         "max_num_seqs": int(seqs),
         "prefix_caching": prefix,
+        "attention": attention,
     }
     if blocks:
         out["kv_pool_bytes"] = int(int(blocks) * block * kv_bytes_per_token)

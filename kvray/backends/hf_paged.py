@@ -17,7 +17,7 @@ What is recorded beyond the traces:
   kv_allocated_in_window_bytes  the pool bytes this run allocated (the pool, when the manager was created in
                      it; 0 when it already existed): the runner subtracts it, not the used KV, from
                      peak − baseline for ``activation_peak_bytes`` (docs/metrics.md)
-  extra["paged_cache"]  block size, block count, bytes per block, capacity in tokens
+  extra["paged_cache"]  block size, block count, bytes per block, capacity in tokens, attention implementation
   extra["kv_timeline"]  usage / running / waiting over time, as for servers
 
 The manager (and its cache) persists across runs of cells with the same model and knobs, so warmup
@@ -301,6 +301,9 @@ class HFPagedBackend(HFBackend):
             "kv_cache_size_tokens": int(cache.num_blocks) * page_size,
             "max_batch_tokens": int(cache.max_batch_tokens),
             "cache_dtype": self.dtype,
+            # "sdpa" / "paged|eager": one masked attention over the flattened batch; a flash one: varlen
+            # (kvray/sim/passes.py, ATTENTIONS) — what the simulator replays this engine with
+            "attn_implementation": str(getattr(self.model.config, "_attn_implementation", None) or "sdpa"),
         }
 
     def run(self, cell: Cell, requests: Sequence[RequestSpec], repeat: int) -> BackendRun:

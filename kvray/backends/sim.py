@@ -21,7 +21,8 @@ model over that many of them (per-GPU memory, all-reduces over the GPU's link, d
 ``finish_s`` and fp8 KV's ``kv_dequant_s_per_gb`` to override the calibrated or default ones, each on its own
 (kvray/sim/costs.py); for the continuous engine, vLLM's engine arguments ``max_num_seqs`` (256), ``max_num_batched_tokens`` (8192), ``chunked_prefill``
 (true), ``gpu_memory_utilization`` (0.9), ``kv_pool_bytes`` or ``kv_cache_memory_bytes`` (overrides the utilisation)
-and ``prefix_caching`` (true, as vLLM V1). The continuous engine serves ``layout: paged``, every load but a burst and
+``prefix_caching`` (true, as vLLM V1) and ``attention`` ("varlen", or "masked": one attention over the flattened
+batch, as transformers' continuous batching runs it with sdpa — kvray/sim/passes.py). The continuous engine serves ``layout: paged``, every load but a burst and
 every workload with shared prefixes; its prefix-cache hits go through the same account as vLLM's
 (kvray/backends/kv_reuse.py), so a row's ``prefix_cache_hit_rate`` (simulated) sits beside its prediction.
 Every row carries ``energy_j_tdp_estimate``, ``tdp_power_w`` and ``j_per_output_tok_tdp_estimate``: the GPU(s) at
@@ -115,6 +116,8 @@ def engine_config(opts: Mapping[str, Any]) -> EngineConfig:
     for key in _ENGINE_BOOLS:
         if opts.get(key) is not None:
             kwargs[key] = _flag(key, opts[key])
+    if opts.get("attention") is not None:
+        kwargs["attention"] = str(opts["attention"])
     try:
         return EngineConfig(**kwargs)
     except KvrayInputError as exc:

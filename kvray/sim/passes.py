@@ -19,6 +19,12 @@ Two facts decide the numbers (docs/simulator.md, "The model"):
   hidden under a compute-bound prefill chunk of the same step. ``PassCost.decode_attention_flops`` and
   ``decode_attention_bytes`` carry that part (it is inside ``flops`` and ``bytes`` too); kvray.sim.simulate
   adds its time to the rest of the step.
+- **Attention over a flattened batch** (``attention="masked"``). vLLM's kernels and flash-attention's varlen path
+  score each query against its own sequence's keys (``"varlen"``, the default). Transformers' continuous batching
+  with ``sdpa`` or ``eager`` attention instead concatenates the step's sequences and runs one dense attention over
+  all of them with a block-diagonal mask: every one of the step's Q query tokens scores every one of its K key
+  positions (Σ past + new over the scheduled sequences), the mask only zeroing the other sequences' scores — Q × K
+  pairs per layer, so a step of B decodes at context L costs B²L where its own keys would cost BL.
 - **MLA decodes in the latent space.** DeepSeek-V2/V3 cache one latent of ``kv_lora_rank + qk_rope_head_dim``
   per token and layer; a decode step reads that latent and scores it with the query absorbed into the latent
   (W_UK folded into the query, W_UV into the output, as vLLM's and SGLang's MLA decode kernels do): per head
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvray.model.geometry import ModelGeometry
@@ -157,6 +163,30 @@ def attention_flops(g: ModelGeometry, past: int, queries: int) -> float:
     return float(total)
 
 
+ATTENTIONS = ("varlen", "masked")  # each query over its own sequence's keys | one masked attention over the batch
+
+
+def masked_attention(cost: PassCost, g: ModelGeometry, queries: float, keys: float, decodes: float) -> PassCost:
+    """``cost`` (its attention costed per sequence) with the attention of an engine that runs one dense, masked
+    attention over the whole step (module docstring): ``queries`` × ``keys`` pairs on every layer, at the
+    expanded width (what SDPA computes, MLA included), the masked pairs too. The decode queries' share of it is
+    the step's decode attention, the rest its prefill attention; bytes are unchanged (the cache read and written)."""
+    pairs = float(queries) * float(keys)
+    total = 2.0 * _attention_width(g) * pairs * len(g.layer_types)
+    decode = total * float(decodes) / float(queries) if queries else 0.0
+    flops = cost.flops - cost.decode_attention_flops - cost.prefill_attention_flops + total
+    return replace(cost, flops=flops, decode_attention_flops=decode, prefill_attention_flops=total - decode)
+
+
+def with_attention(cost: PassCost, g: ModelGeometry, chunks: Sequence[tuple[int, int]], attention: str) -> PassCost:
+    """``cost`` of the step ``chunks`` ((past, queries) per sequence) under the engine's ``attention``."""
+    if attention == "varlen":
+        return cost
+    queries = sum(q for _, q in chunks)
+    keys = sum(p + q for p, q in chunks)
+    return masked_attention(cost, g, queries, keys, sum(1 for _, q in chunks if q == 1))
+
+
 # --- passes ----------------------------------------------------------------------------------------------
 
 
@@ -275,21 +305,24 @@ def batch_passes(
     kv_dtype: str,
     layout: str,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    attention: str = "varlen",
 ) -> list[PassCost]:
     """The forward passes of one static batch: the prefill, then max(gens) − 1 decode steps.
 
     The prefill yields every row's first token; decode step k yields token k + 1. An hf batch keeps every
     row (padded to the longest prompt) until the longest generation ends; a paged request leaves the batch
-    once it has its own tokens.
+    once it has its own tokens. ``attention`` "masked": a paged engine's one attention over the flattened batch.
     """
-    passes = [prefill_cost(g, prompts, dtype, kv_dtype, layout, block_size)]
+    prefill = prefill_cost(g, prompts, dtype, kv_dtype, layout, block_size)
+    passes = [with_attention(prefill, g, [(0, p) for p in prompts], attention)]
     p_max = max(prompts)
     for k in range(1, max(gens)):
         if layout == "hf":
             contexts = [p_max + k] * len(prompts)
         else:
             contexts = [p + k for p, n in zip(prompts, gens, strict=True) if k < n]
-        passes.append(decode_step_cost(g, contexts, dtype, kv_dtype, layout, block_size))
+        step = decode_step_cost(g, contexts, dtype, kv_dtype, layout, block_size)
+        passes.append(with_attention(step, g, [(c - 1, 1) for c in contexts], attention))
     return passes
 
 
@@ -302,8 +335,17 @@ class StepCosts:
     same numbers) and grown as a run's contexts do. Longer chunks are memoised ``sequence_step_cost`` calls. The sums
     are of whole numbers of FLOPs and bytes, exact in floating point below 2⁵³, so their order does not matter."""
 
-    def __init__(self, g: ModelGeometry, dtype: str, kv_dtype: str, layout: str = "paged", block_size: int = 16):
+    def __init__(
+        self,
+        g: ModelGeometry,
+        dtype: str,
+        kv_dtype: str,
+        layout: str = "paged",
+        block_size: int = 16,
+        attention: str = "varlen",
+    ):
         self.g, self.dtype, self.kv_dtype, self.layout, self.block_size = g, dtype, kv_dtype, layout, block_size
+        self.attention_kind = attention
         body, head = matmul_params(g)
         self.one_token_flops = 2.0 * body * 1 + 2.0 * head  # a one-token chunk's matmuls (its LM head included)
         self.attention: Any = None  # attention FLOPs of one query after ``past`` cached positions, by past
@@ -350,4 +392,8 @@ class StepCosts:
             pre_kv += c.prefill_attention_bytes
         tokens = int(queries.sum())
         weights = weights_read_bytes(self.g, tokens, self.dtype)
-        return PassCost(flops, weights + kv, tokens, attention, attention_kv, pre, pre_kv)
+        cost = PassCost(flops, weights + kv, tokens, attention, attention_kv, pre, pre_kv)
+        if self.attention_kind == "masked":
+            keys = int(pasts.sum()) + tokens
+            return masked_attention(cost, self.g, tokens, keys, len(ones))
+        return cost

@@ -48,7 +48,7 @@ from kvray.model.kvmath import DEFAULT_BLOCK_SIZE, dtype_bytes, kv_bytes_per_tok
 from kvray.model.oom import RUNTIME_OVERHEAD_BYTES, activation_bytes
 from kvray.model.parallel import shard_geometry
 from kvray.sim.costs import Efficiency, StepRequests, StepTimer
-from kvray.sim.passes import StepCosts
+from kvray.sim.passes import ATTENTIONS, StepCosts
 from kvray.sim.simulate import RequestLike
 
 # vLLM's defaults (V1 engine, OpenAI server on a GPU): engine arguments max_num_seqs, max_num_batched_tokens
@@ -75,8 +75,11 @@ class EngineConfig:
     gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION
     watermark: float = VLLM_WATERMARK
     prefix_caching: bool = False
+    attention: str = "varlen"  # kvray.sim.passes.ATTENTIONS: "masked" for transformers' sdpa/eager batching
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise KvrayInputError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:
             raise KvrayInputError(
                 f"max_num_seqs, max_num_batched_tokens and block_size must be >= 1, got {self.max_num_seqs}, "
@@ -215,7 +218,7 @@ def serve(
     from kvray.sim.engine import Engine
 
     engine = Engine(requests, pool.blocks, cfg)
-    costs = StepCosts(g, dtype, kv_dtype, "paged", cfg.block_size)
+    costs = StepCosts(g, dtype, kv_dtype, "paged", cfg.block_size, cfg.attention)
     timer = StepTimer(g, gpu, dtype, eff, tp, kv_dtype)
     computed, target, tokens, gen = engine.computed, engine.target, engine.tokens, engine.gen
     arrivals: dict[int, float] = {}
