@@ -82,6 +82,8 @@ def route(
         raise KvrayInputError(f"--policies: {exc}") from None
     if order not in ORDERS:
         raise KvrayInputError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if block_size < 1:
+        raise KvrayInputError(f"--block-size must be positive, got {block_size}")
     if prefix_chars < 1:
         raise KvrayInputError(f"--prefix-chars must be positive, got {prefix_chars}")
     for flag, value in (("--groups", groups), ("--per-group", per_group)):

@@ -14,6 +14,7 @@ token). kvray/capacity/replicas.py sets these against each policy's predicted hi
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -34,7 +35,16 @@ def replica_cpu_binds(replicas: int) -> list[str]:
     and exit 2 when there are fewer CPUs than replicas (replicas sharing a core measure each other)."""
     if replicas < 1:
         raise KvrayInputError(f"replicas must be at least 1, got {replicas}")
-    return rank_cpu_ids(replicas).split("|") if replicas > 1 else [cpu_ids()]
+    if replicas == 1:
+        return [cpu_ids()]
+    try:
+        return rank_cpu_ids(replicas).split("|")
+    except KvrayInputError:
+        have = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        raise KvrayInputError(
+            f"{replicas} vLLM replicas need at least {replicas} CPUs (one each), this process has {have}; "
+            "to share them, bind each replica yourself (--cpu-binds)"
+        ) from None
 
 
 @dataclass(frozen=True)
