@@ -78,3 +78,42 @@ def test_the_ttft_difference_is_against_round_robin_when_measured():
     results = {"prefix_affinity": {"ttft_ms_p50": 40.0}, "round_robin": {"ttft_ms_p50": 70.0}}
     assert ttft_differences(results) == ("round_robin", {"prefix_affinity": -30.0, "round_robin": 0.0})
     assert ttft_differences({"least_loaded": {"ttft_ms_p50": 50.0}}) == ("least_loaded", {"least_loaded": 0.0})
+
+
+def _result(p50: float, hit_rate: float) -> dict:
+    return {
+        "requests_sent": 64,
+        "requests_ok": 64,
+        "forwarded_per_replica": [32, 32],
+        "hit_rate_measured": hit_rate,
+        "hit_rate_predicted": hit_rate,
+        "ttft_ms_p50": p50,
+        "ttft_ms_p90": 2 * p50,
+        "n_ttft": 64,
+        "ttft_ms_p50_expected_hits": p50 - 5,
+        "n_expected_hits": 56,
+        "ttft_ms_p50_expected_misses": p50 + 40,
+        "n_expected_misses": 8,
+    }
+
+
+def test_the_table_gives_each_policy_and_the_ttft_difference(capsys):
+    from kvray.cli.route_cmd import show
+
+    record = {
+        "model": "kvray/tiny-llama",
+        "replicas": 2,
+        "block_size": 32,
+        "workload": {"groups": 8, "requests": 64},
+        "policies": {"round_robin": _result(70.0, 0.667), "prefix_affinity": _result(40.0, 0.778)},
+        "ttft_baseline": "round_robin",
+        "ttft_p50_difference_ms": {"round_robin": 0.0, "prefix_affinity": -30.0},
+    }
+    show(record)
+    out = capsys.readouterr().out
+    assert "prefix_affinity" in out and "0.778" in out and "32 / 32" in out
+    # by hand: 30 ms less than round-robin's 70 ms is 43 % less
+    assert "TTFT p50 prefix_affinity − round_robin: -30.0 ms (-43% of round_robin's 70.0 ms)" in out
+    record["policies"]["least_loaded"] = {"error": "ConnectionRefusedError: [Errno 111] Connection refused"}
+    show(record)
+    assert "error: ConnectionRefusedError" in capsys.readouterr().out

@@ -88,14 +88,11 @@ def policy_result(run: PolicyRun, requests: Sequence[RequestSpec], replicas: int
 
 def ttft_differences(results: dict[str, dict[str, Any]]) -> tuple[str | None, dict[str, float | None]]:
     """(the baseline policy, each policy's TTFT p50 less the baseline's, ms); negative: faster than it."""
-    if not results:
+    measured = {p: r["ttft_ms_p50"] for p, r in results.items() if r.get("ttft_ms_p50") is not None}
+    if not measured:
         return None, {}
-    baseline = BASELINE if BASELINE in results else next(iter(results))
-    base = results[baseline]["ttft_ms_p50"]
-    return baseline, {
-        p: (r["ttft_ms_p50"] - base if r["ttft_ms_p50"] is not None and base is not None else None)
-        for p, r in results.items()
-    }
+    baseline = BASELINE if BASELINE in measured else next(iter(measured))
+    return baseline, {p: v - measured[baseline] for p, v in measured.items()}
 
 
 def describe_requests(requests: Sequence[RequestSpec]) -> dict[str, Any]:
@@ -123,7 +120,9 @@ def measure_routing(
     """Start ``settings.replicas`` vLLM replicas, send ``requests`` through the router once per policy (each its own
     repeat: cold caches), stop them; the record: the setup, each policy's result, the TTFT differences.
 
-    ``on_policy`` gets the record so far after each policy, so a caller can write it as results arrive."""
+    ``on_policy`` gets the record so far after each policy, so a caller can write it as results arrive. A replica
+    that stops answering ends the run: that policy's entry is its ``error``, ``stopped`` says where, and the
+    policies measured before it are kept."""
     check_policies(policies)
     if not requests:
         raise KvrayInputError("no requests to send through the router")
@@ -144,7 +143,14 @@ def measure_routing(
     with VLLMReplicas(settings, log) as replicas:
         record["replica_startup_s"] = replicas.startup_s
         for repeat, policy in enumerate(policies):
-            run = replicas.run(policy, requests, repeat, prefix_chars)
+            try:
+                run = replicas.run(policy, requests, repeat, prefix_chars)
+            except OSError as exc:  # a replica stopped answering (its /metrics): keep what the others measured
+                record["policies"][policy] = {"error": f"{type(exc).__name__}: {exc}"}
+                record["stopped"] = f"during {policy}: {exc}"
+                if on_policy is not None:
+                    on_policy(record)
+                break
             record["policies"][policy] = policy_result(run, requests, settings.replicas, settings.block_size)
             record["ttft_baseline"], record["ttft_p50_difference_ms"] = ttft_differences(record["policies"])
             if on_policy is not None:

@@ -71,6 +71,7 @@ def route(
     from kvray.model.resolve import resolve_geometry
     from kvray.plan.reuse import shared_prefix_workload
     from kvray.runner.routed import ReplicaSettings
+    from kvray.servers.process import ServerStartError
     from kvray.servers.router import POLICIES
 
     if replicas < 1:
@@ -132,13 +133,22 @@ def route(
         sys.stderr.write(f"kvray route: {line}\n")
         sys.stderr.flush()
 
-    record = measure_routing(settings, workload.requests, chosen, prefix_chars=prefix_chars, log=log, on_policy=write)
+    try:
+        record = measure_routing(
+            settings, workload.requests, chosen, prefix_chars=prefix_chars, log=log, on_policy=write
+        )
+    except ServerStartError as exc:  # not the user's input: vLLM's own reason, from its log, and exit 1
+        sys.stderr.write(f"kvray route: a vLLM replica did not start: {exc}\n")
+        raise typer.Exit(1) from None
     if as_json:
         render.print_json(record)
     else:
         show(record)
     if out_dir is not None and not as_json:
         render.line(f"wrote {out_dir / ROUTE_JSON}", soft_wrap=True)
+    if "stopped" in record:
+        sys.stderr.write(f"kvray route: stopped {record['stopped']}\n")
+        raise typer.Exit(1)
 
 
 def _ms(value: float | None) -> str:
@@ -163,6 +173,9 @@ def show(record: dict[str, Any]) -> None:
         ["policy", "per replica"],
     )
     for policy, r in record["policies"].items():
+        if "error" in r:
+            table.add_row(policy, f"error: {r['error']}")
+            continue
         table.add_row(
             policy,
             f"{r['requests_ok']}/{r['requests_sent']}",
