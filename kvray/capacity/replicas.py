@@ -74,7 +74,8 @@ def policy_result(run: PolicyRun, requests: Sequence[RequestSpec], replicas: int
         "queries": run.queries,
         "prefix_cache_per_replica": run.prefix_cache,  # each replica's counter growth, in replica order
         "hit_rate_predicted": predicted.hit_rate,
-        "requests_per_replica_predicted": predicted.requests_per_replica,
+        # prefix affinity: the prediction knows a group stays on one replica, not which (the prompt's hash): None
+        "requests_per_replica_predicted": None if run.policy == "prefix_affinity" else predicted.requests_per_replica,
         "ttft_ms_p50": _p50(ttft),  # client clock, over n_ttft ok requests
         "ttft_ms_p90": _p90(ttft),
         "n_ttft": len(ttft),
