@@ -24,7 +24,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("servers", "server processes, /metrics, servable model dirs"),
     ("backends", "the backend contract and one module per backend"),
     ("plan", "job files, experiments and the planner: a Job's cells"),
-    ("runner", "one cell in this process: run_cell, the saturation search, the cell's telemetry"),
+    ("runner", "one cell in this process: run_cell, the saturation search, the cell's telemetry, routed replicas"),
     ("bench", "`kvray bench`'s cell: built from flags, checked whole, measured through the runner"),
     ("sweep", "Ray: scheduler, worker pool, driver, collector"),
     ("launch", "a job run elsewhere: Jobs API, cluster launcher, preflight, the dataset brought home"),

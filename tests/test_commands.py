@@ -79,6 +79,7 @@ def test_validate_reads_the_folder(folder, capsys):
             "plan_out",
         ),
         ("trace", str(Path(__file__).resolve().parents[1] / "traces" / "azure_code_2023_first500.csv"), "--json"),
+        ("route", "--help"),  # its measured run starts two vLLM replicas: tests/test_router_vllm.py (vllm tier)
     ],
     ids=lambda a: a[0],
 )

@@ -17,6 +17,7 @@ import typer
 
 from kvray.cli import bench_cmd, compare_cmd, model_cmds, output_cmds, plan_cmd, run_cmds, trace_cmd, validate_cmd
 from kvray.cli.options import Command, SpaceListCommand
+from kvray.cli.route_cmd import route
 from kvray.errors import KvrayInputError
 
 
@@ -50,6 +51,7 @@ COMMANDS: tuple[tuple[Callable[..., Any], type[Command]], ...] = (
     (model_cmds.calibrate, Command),
     (validate_cmd.validate, Command),
     (plan_cmd.plan, SpaceListCommand),
+    (route, SpaceListCommand),
     (run_cmds.run, Command),
     (run_cmds.launch, Command),
 )

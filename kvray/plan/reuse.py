@@ -19,11 +19,23 @@ def _positive(**values: int) -> None:
 
 
 def shared_prefix_workload(
-    requests: int, groups: int, prefix_toks: int, suffix_toks: int, gen_toks: int, arrival_gap_s: float = 0.0
+    requests: int,
+    groups: int,
+    prefix_toks: int,
+    suffix_toks: int,
+    gen_toks: int,
+    arrival_gap_s: float = 0.0,
+    *,
+    grouped: bool = False,
+    one_at_a_time: bool = False,
 ) -> Workload:
     """``requests`` requests spread round-robin over ``groups`` groups; each prompt is its group's
     ``prefix_toks`` shared tokens then ``suffix_toks`` of its own (kind "shared_prefix"). All arrive at once
-    unless ``arrival_gap_s`` spaces them."""
+    unless ``arrival_gap_s`` spaces them.
+
+    ``grouped``: the groups one after another instead (request i in group ⌊i · groups ÷ requests⌋), as a router
+    sees a prefix's requests arrive together; ``one_at_a_time``: each request sent when the one before it ends (a
+    closed loop of one user), so the order is the order a cache and a router see."""
     _positive(requests=requests, groups=groups, prefix_toks=prefix_toks, suffix_toks=suffix_toks, gen_toks=gen_toks)
     if groups > requests:
         raise KvrayInputError(f"groups ({groups}) cannot exceed requests ({requests})")
@@ -37,7 +49,8 @@ def shared_prefix_workload(
                 prefix_toks + suffix_toks,
                 gen_toks,
                 round(i * arrival_gap_s, 6),
-                prefix_group=i % groups,
+                after=i - 1 if one_at_a_time and i else None,
+                prefix_group=i * groups // requests if grouped else i % groups,
                 shared_prefix_toks=prefix_toks,
             )
             for i in range(requests)

@@ -5,7 +5,7 @@ With round-robin each replica sees every prefix, so each replica computes each s
 affinity (a hash of the prompt's first ``prefix_chars`` characters) a prefix lives on one replica and is computed
 once in all. ``least_loaded`` sends to the replica with the fewest requests in flight (ties rotate, so a
 one-at-a-time load alternates as round-robin does). kvray/capacity/routing.py predicts each policy's hit rate
-from the workload; benchmarks/router_hit_rate.py checks it on two vLLM CPU replicas.
+from the workload; ``kvray route`` (kvray/capacity/replicas.py) checks it on N vLLM replicas.
 
 The router is a threaded ``http.server`` in this process on a free port: a POST's body is read, its prompt (or its
 chat messages' text) picked for the policy, and the request forwarded unchanged to the chosen replica; the
