@@ -120,7 +120,35 @@ def connect(address: str = "local", dashboard: bool = False) -> bool:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError) as exc:
         raise KvrayInputError(f"cannot reach Ray at {address!r}: {str(exc).splitlines()[0]}") from None
+    if address.startswith("ray://"):
+        quiet_grpc_threads()
     return True
+
+
+def quiet_grpc_threads() -> None:
+    """Silence what dies in grpc's own threads (a Ray Client driver's channel), leave every other thread's to the
+    previous hook.
+
+    A Ray Client driver cut off from its cluster stops with one kvray line (kvray/sweep/driver.py, "lost the
+    connection"), but grpc's connectivity-poll thread dies first with "Cannot monitor channel state: Channel
+    closed!" and Python prints its traceback beside that line. A thread whose every frame but threading's own is
+    grpc's is grpc's; its end is what the driver already reports."""
+    import threading
+    import traceback
+
+    previous = threading.excepthook
+    if getattr(previous, "kvray_quiet_grpc", False):
+        return
+
+    def hook(args: Any) -> None:
+        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback is not None else []
+        inner = [f for f in frames if not f.filename.endswith("threading.py")]
+        if inner and all("grpc" in f.filename.replace("\\", "/").split("/") for f in inner):
+            return
+        previous(args)
+
+    hook.kvray_quiet_grpc = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def shutdown() -> None:
