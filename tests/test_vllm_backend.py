@@ -113,8 +113,10 @@ def test_the_cell_timeline_has_the_running_gauge_rising_while_its_requests_are_i
     scrape catches requests so, and the scrape after the run says 0. Same knobs as the module's server: no restart."""
     from kvray.data.reader import read_timeline
 
-    # 300 tokens each: a repeat of ~1 s, not ~0.3 s (a fresh machine's run once caught 2 CPU samples in 0.33 s)
-    cell = vllm_cell(model_dir, Workload.uniform(4, 20, 300), warmup=1, repeats=1, metrics_interval_s=0.02)
+    # 1,000 tokens each: a repeat of ~3 s. A scrape counts here only if it was asked and answered within the streams,
+    # and vLLM's API process on 2 busy cores can take ~0.5 s to answer one: 300 tokens (~1 s) once left 3 scrapes,
+    # none inside (CI); 20 tokens (~0.3 s) once caught 2 CPU samples
+    cell = vllm_cell(model_dir, Workload.uniform(4, 20, 1000), warmup=1, repeats=1, metrics_interval_s=0.02)
     result = run_cell(vllm, cell)
     assert result.status == "ok", result.reason
     DatasetWriter(tmp_path).append(result)
