@@ -266,7 +266,7 @@ vllm = shared_vllm(kv_cache_memory_bytes=POOL, max_model_len=2048)  # reuse_cell
 WORKLOADS = {
     "shared_prefix": (lambda: shared_prefix_workload(16, 1, 256, 32, 8), 1),
     "multi_turn": (lambda: multi_turn_workload(4, 6, 100, 30), 0),  # the shared-prefix cell's warmup compiled
-    "pressure": (lambda: Workload.uniform(32, 32, 328), 0),
+    "pressure": (lambda: Workload.uniform(8, 32, 1000), 0),
 }
 
 
@@ -335,16 +335,17 @@ def test_vllm_multi_turn_hits_the_previous_turn_turn_by_turn(measured):
 
 @pytest.mark.vllm
 def test_vllm_kv_pressure_preempts_and_the_fill_point_is_on_the_timeline(measured):
-    """32 requests of 32 + 328 tokens: 359 positions is 3 blocks each, and the pool's 47 usable blocks hold 15 of
-    them (kvmath: the 16th overfills). The server admits the 32 over a few hundred ms, not in one step, so the
-    demand is made to overrun the pool twice over — 64 blocks wanted at position 129, 96 at position 257 — and
-    vLLM preempts (counted when a preempted request resumes) however the admissions are spread. With 200 output
-    tokens (64 blocks at most) a spread-out admission once left the pool just short of full: 0 preemptions."""
+    """8 requests of 32 + 1,000 tokens: 1,031 positions is 9 blocks each, and the pool's 47 usable blocks hold 5 of
+    them (kvmath: the 6th overfills). All 8 are admitted with their 1-block prompts and grow together: at position
+    641 they want 6 blocks each, 48 in all, and vLLM preempts (counted when a preempted request resumes). Each runs
+    1,000 steps, so however late a starved API process hands some of them to the engine, 6 still overlap. Shorter
+    cells failed on 2 busy cores: 32 requests of 328 tokens (3 blocks each) were once admitted so spread out that
+    the pool never overflowed — 0 preemptions on CI."""
     result = measured("pressure")
     assert result.status == "ok", result.reason
-    assert all(t.output_toks == 328 for t in result.traces)
+    assert all(t.output_toks == 1000 for t in result.traces)
     assert result.extra["server_cache"]["num_gpu_blocks"] == 48
-    assert result.memory["kv_fill_concurrency_predicted"] == 16
+    assert result.memory["kv_fill_concurrency_predicted"] == 6
     assert result.metrics["preemptions"] > 0
     full_at, after = result.memory["pool_full_at_s"], result.memory["pool_full_after_s"]
     # the scrapes bracket the moment the pool filled: (after, at]; a late answer may put `at` past the run's end
