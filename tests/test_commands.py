@@ -10,17 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_calls import kvray
 from job_files import write_job_file
-
-from kvray.cli import main
-
-
-def kvray(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

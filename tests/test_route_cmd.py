@@ -5,20 +5,12 @@ itself (two vLLM CPU replicas) is tests/test_router_vllm.py, vllm tier."""
 from __future__ import annotations
 
 import pytest
+from cli_calls import kvray
 
 from kvray.capacity.replicas import expected_misses, ttft_differences
 from kvray.capacity.routing import predict_routed_hits
-from kvray.cli import main
 from kvray.plan.reuse import shared_prefix_workload
 from kvray.runner.routed import VLLMReplicas
-
-
-def kvray(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.fixture
